@@ -1,0 +1,112 @@
+"""The one exception hierarchy. Each edge maps these to HTTP or gRPC status with a
+single table (thaw.gateway.errors, thaw.core.grpcutil); third-party errors are
+translated where they are caught, with `raise ... from exc`."""
+
+from __future__ import annotations
+
+
+class ThawError(Exception):
+    """Base of every error thaw raises on purpose."""
+
+    code = "internal"
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+
+class InvalidArgument(ThawError):
+    """The caller sent something malformed; `field` names the part at fault."""
+
+    code = "invalid_argument"
+
+
+class InvalidBundle(InvalidArgument):
+    """An uploaded bundle is not a readable tarball with a valid thaw.toml."""
+
+    code = "invalid_bundle"
+
+
+class NotFound(ThawError):
+    """The named function, instance, snapshot, chunk or node does not exist."""
+
+    code = "not_found"
+
+
+class AlreadyExists(ThawError):
+    """Creating something whose name is taken."""
+
+    code = "already_exists"
+
+
+class Unauthenticated(ThawError):
+    """No API key, or one that is unknown, revoked or expired."""
+
+    code = "unauthenticated"
+
+
+class PermissionDenied(ThawError):
+    """The key is valid but lacks the scope for this action."""
+
+    code = "permission_denied"
+
+
+class FunctionUnavailable(ThawError):
+    """The function exists but cannot run: its build failed or it is being deleted."""
+
+    code = "function_unavailable"
+
+
+class NoCapacity(ThawError):
+    """No node can place an instance right now (nothing fits, nothing to evict)."""
+
+    code = "no_capacity"
+
+
+class DeadlineExceeded(ThawError):
+    """An invocation, placement or build ran past its deadline."""
+
+    code = "deadline_exceeded"
+
+
+class InstanceFailed(ThawError):
+    """An instance died or failed while serving a request (crash, OOM, timeout)."""
+
+    code = "instance_failed"
+
+
+class SnapshotError(ThawError):
+    """A snapshot could not be captured, stored or restored."""
+
+    code = "snapshot_error"
+
+
+class FingerprintMismatch(SnapshotError):
+    """A snapshot was taken on a different python/torch/device/driver/version."""
+
+    code = "fingerprint_mismatch"
+
+
+class ChunkNotFound(NotFound):
+    """A chunk the manifest names is in no tier of this node."""
+
+    code = "chunk_not_found"
+
+
+class CorruptChunk(SnapshotError):
+    """A chunk's bytes do not match its SHA-256 digest."""
+
+    code = "corrupt_chunk"
+
+
+class OutOfMemory(ThawError):
+    """A slice or pinned-tier request does not fit in the capacity left."""
+
+    code = "out_of_memory"
+
+
+class Unavailable(ThawError):
+    """A peer service (scheduler, agent, instance) cannot be reached."""
+
+    code = "unavailable"

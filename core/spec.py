@@ -1,0 +1,202 @@
+"""The function contract (DESIGN.md §3): thaw.toml, parsed and validated.
+
+Every problem names the key at fault (`resources.gpu_memory`, `handler`, ...).
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import tarfile
+import tomllib
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from thaw.core.errors import InvalidBundle
+from thaw.core.units import parse_duration, parse_size
+
+# Names become URL path segments and directory names on nodes.
+NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+HANDLER_PATTERN = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+# Upload bound: bundles carry code, not weights (weights come from packages/images).
+MAX_BUNDLE_BYTES = 64 * 1024 * 1024
+MAX_BUNDLE_FILES = 10_000
+
+
+@dataclass(frozen=True)
+class Resources:
+    gpu_memory: int = 0
+    """Slice size in bytes; 0 = CPU-only function."""
+    gpu_compute: int = 0
+    """Percent of SMs (MPS), 0 = unspecified."""
+
+
+@dataclass(frozen=True)
+class Scaling:
+    min_instances: int = 0
+    max_instances: int = 4
+    target_concurrency: int = 4
+    max_concurrency: int = 8
+    scaledown_window: float = 60.0
+    timeout: float = 300.0
+
+
+@dataclass(frozen=True)
+class FunctionSpec:
+    name: str
+    handler: str
+    resources: Resources = field(default_factory=Resources)
+    scaling: Scaling = field(default_factory=Scaling)
+    snapshot: bool = True
+    """False: every cold start is a fresh start (setup() runs each time)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FunctionSpec:
+        return cls(
+            name=data["name"],
+            handler=data["handler"],
+            resources=Resources(**data.get("resources", {})),
+            scaling=Scaling(**data.get("scaling", {})),
+            snapshot=data.get("snapshot", True),
+        )
+
+
+def _int(table: dict[str, Any], key: str, where: str, default: int, lo: int, hi: int) -> int:
+    value = table.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise InvalidBundle(f"{where}.{key} must be an integer in [{lo}, {hi}], got {value!r}",
+                            field=f"{where}.{key}")
+    return value
+
+
+def parse_spec(text: str) -> FunctionSpec:
+    """Parse and validate a thaw.toml document."""
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise InvalidBundle(f"thaw.toml is not valid TOML: {exc}", field="thaw.toml") from exc
+    known = {"name", "handler", "resources", "scaling", "snapshot"}
+    unknown = sorted(set(doc) - known)
+    if unknown:
+        raise InvalidBundle(f"thaw.toml has unknown key {unknown[0]!r}", field=unknown[0])
+    name = doc.get("name")
+    if not isinstance(name, str) or not NAME_PATTERN.match(name):
+        raise InvalidBundle(
+            f"name must be 1-63 lower-case letters, digits or '-', got {name!r}", field="name")
+    handler = doc.get("handler")
+    if not isinstance(handler, str) or not HANDLER_PATTERN.match(handler):
+        raise InvalidBundle(f"handler must look like 'module:Class', got {handler!r}",
+                            field="handler")
+
+    res = doc.get("resources", {})
+    if not isinstance(res, dict):
+        raise InvalidBundle("resources must be a table", field="resources")
+    try:
+        gpu_memory = parse_size(res.get("gpu_memory", 0))
+    except ValueError as exc:
+        raise InvalidBundle(f"resources.gpu_memory: {exc}", field="resources.gpu_memory") from exc
+    resources = Resources(gpu_memory=gpu_memory,
+                          gpu_compute=_int(res, "gpu_compute", "resources", 0, 0, 100))
+
+    sc = doc.get("scaling", {})
+    if not isinstance(sc, dict):
+        raise InvalidBundle("scaling must be a table", field="scaling")
+    durations = {}
+    for key, default in (("scaledown_window", 60.0), ("timeout", 300.0)):
+        try:
+            durations[key] = parse_duration(sc.get(key, default))
+        except ValueError as exc:
+            raise InvalidBundle(f"scaling.{key}: {exc}", field=f"scaling.{key}") from exc
+    if durations["timeout"] <= 0:
+        raise InvalidBundle("scaling.timeout must be positive", field="scaling.timeout")
+    scaling = Scaling(
+        min_instances=_int(sc, "min_instances", "scaling", 0, 0, 1000),
+        max_instances=_int(sc, "max_instances", "scaling", 4, 1, 1000),
+        target_concurrency=_int(sc, "target_concurrency", "scaling", 4, 1, 10_000),
+        max_concurrency=_int(sc, "max_concurrency", "scaling", 8, 1, 10_000),
+        **durations,
+    )
+    if scaling.min_instances > scaling.max_instances:
+        raise InvalidBundle("scaling.min_instances must not exceed scaling.max_instances",
+                            field="scaling.min_instances")
+    if scaling.target_concurrency > scaling.max_concurrency:
+        raise InvalidBundle("scaling.target_concurrency must not exceed max_concurrency",
+                            field="scaling.target_concurrency")
+
+    snap = doc.get("snapshot", {})
+    if not isinstance(snap, dict) or not isinstance(snap.get("enabled", True), bool):
+        raise InvalidBundle("snapshot must be a table with a boolean 'enabled'",
+                            field="snapshot.enabled")
+    return FunctionSpec(name=name, handler=handler, resources=resources, scaling=scaling,
+                        snapshot=snap.get("enabled", True))
+
+
+def read_bundle(data: bytes) -> FunctionSpec:
+    """Validate an uploaded bundle (a tar, optionally gzip'd) and return its spec.
+
+    Rejects what could escape the extraction folder (absolute paths, `..`, links,
+    devices) so that a node can unpack it safely.
+    """
+    if not data:
+        raise InvalidBundle("the bundle is empty", field="bundle")
+    if len(data) > MAX_BUNDLE_BYTES:
+        raise InvalidBundle(f"the bundle is larger than {MAX_BUNDLE_BYTES} bytes",
+                            field="bundle")
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
+            members = tar.getmembers()
+            if len(members) > MAX_BUNDLE_FILES:
+                raise InvalidBundle(f"the bundle has more than {MAX_BUNDLE_FILES} files",
+                                    field="bundle")
+            toml_member = None
+            for member in members:
+                name = member.name.removeprefix("./")
+                if name.startswith("/") or ".." in name.split("/"):
+                    raise InvalidBundle(f"unsafe path in bundle: {member.name!r}",
+                                        field="bundle")
+                if not (member.isfile() or member.isdir()):
+                    raise InvalidBundle(
+                        f"bundle may hold only files and folders: {member.name!r}",
+                        field="bundle")
+                if name == "thaw.toml":
+                    toml_member = member
+            if toml_member is None:
+                raise InvalidBundle("the bundle has no thaw.toml at its root",
+                                    field="thaw.toml")
+            handle = tar.extractfile(toml_member)
+            assert handle is not None
+            raw = handle.read()
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise InvalidBundle(f"the bundle is not a readable tar archive: {exc}",
+                            field="bundle") from exc
+    try:
+        text = raw.decode()
+    except UnicodeDecodeError as exc:
+        raise InvalidBundle("thaw.toml is not UTF-8", field="thaw.toml") from exc
+    return parse_spec(text)
+
+
+def extract_bundle(data: bytes, dest: str) -> None:
+    """Unpack a bundle already accepted by read_bundle."""
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
+        tar.extractall(dest, filter="data")
+
+
+def pack_bundle(folder: str) -> bytes:
+    """A gzip'd tarball of a bundle folder, thaw.toml at its root (used by CLI and tests)."""
+    import os
+
+    buf = io.BytesIO()
+    skip = {"__pycache__", ".git", ".venv", ".thaw"}
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for root, dirs, files in os.walk(folder):
+            dirs[:] = sorted(d for d in dirs if d not in skip)
+            for fname in sorted(files):
+                if fname.endswith(".pyc"):
+                    continue
+                path = os.path.join(root, fname)
+                tar.add(path, arcname=os.path.relpath(path, folder), recursive=False)
+    return buf.getvalue()

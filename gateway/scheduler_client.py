@@ -1,0 +1,65 @@
+"""The gateway's client of the scheduler; failed calls raise ThawError."""
+
+from __future__ import annotations
+
+import grpc
+
+from thaw.core.grpcutil import CHANNEL_OPTIONS, call
+from thaw.proto import scheduler_pb2, scheduler_pb2_grpc
+
+# Metadata calls are quick; Acquire may wait for a cold start (its own deadline).
+META_TIMEOUT = 30.0
+CREATE_TIMEOUT = 1800.0
+
+
+class SchedulerClient:
+    def __init__(self, address: str) -> None:
+        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._stub = scheduler_pb2_grpc.SchedulerStub(self._channel)
+
+    async def authenticate(self, key_sha256: str) -> scheduler_pb2.Principal:
+        resp = await call(self._stub.Authenticate(
+            scheduler_pb2.AuthenticateRequest(key_sha256=key_sha256), timeout=META_TIMEOUT))
+        return resp.principal
+
+    async def create_function(self, tenant: str, bundle: bytes, wait: bool
+                              ) -> scheduler_pb2.FunctionInfo:
+        return await call(self._stub.CreateFunction(
+            scheduler_pb2.CreateFunctionRequest(tenant=tenant, bundle=bundle, wait=wait),
+            timeout=CREATE_TIMEOUT))
+
+    async def get_function(self, tenant: str, name: str) -> scheduler_pb2.FunctionInfo:
+        return await call(self._stub.GetFunction(
+            scheduler_pb2.FunctionRequest(tenant=tenant, name=name), timeout=META_TIMEOUT))
+
+    async def list_functions(self, tenant: str) -> list[scheduler_pb2.FunctionInfo]:
+        resp = await call(self._stub.ListFunctions(
+            scheduler_pb2.ListFunctionsRequest(tenant=tenant), timeout=META_TIMEOUT))
+        return list(resp.functions)
+
+    async def delete_function(self, tenant: str, name: str) -> None:
+        await call(self._stub.DeleteFunction(
+            scheduler_pb2.FunctionRequest(tenant=tenant, name=name), timeout=META_TIMEOUT))
+
+    async def acquire(self, tenant: str, name: str, wait: float) -> scheduler_pb2.Lease:
+        return await call(self._stub.Acquire(
+            scheduler_pb2.AcquireRequest(tenant=tenant, name=name, wait_seconds=wait),
+            timeout=wait + 30.0))
+
+    async def release(self, lease_id: str, failed: bool = False, reason: str = "") -> None:
+        await call(self._stub.Release(
+            scheduler_pb2.ReleaseRequest(lease_id=lease_id, instance_failed=failed,
+                                         reason=reason), timeout=META_TIMEOUT))
+
+    async def ready(self) -> bool:
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        stub = health_pb2_grpc.HealthStub(self._channel)
+        try:
+            resp = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
+        except grpc.RpcError:
+            return False
+        return resp.status == health_pb2.HealthCheckResponse.SERVING
+
+    async def close(self) -> None:
+        await self._channel.close()

@@ -1,0 +1,3 @@
+from thaw.ops.cli import main
+
+main()

@@ -1,0 +1,37 @@
+"""`thaw bench …`: benchmarks printing one JSON object (DESIGN.md §10)."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from thaw.core.units import parse_size
+
+
+@click.group()
+def bench() -> None:
+    """Measure restore bandwidth and cold starts (figures side by side, one run)."""
+
+
+@bench.command()
+@click.option("--size", default="2GiB", show_default=True, help="State size to restore.")
+@click.option("--workers", type=int, default=None, help="Copy threads (default: all cores).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (the only format for now).")
+def restore(size: str, workers: int | None, as_json: bool) -> None:
+    """Restore a state from the pinned tier into a host slice vs a plain memcpy."""
+    from thaw.bench.restore import run_restore_bench
+
+    click.echo(json.dumps(run_restore_bench(parse_size(size), workers)))
+
+
+@bench.command()
+@click.option("--function", "function", default="examples/embed", show_default=True,
+              type=click.Path(exists=True, file_okay=False), help="Bundle folder to measure.")
+@click.option("--rounds", default=3, show_default=True, help="Cold starts of each kind.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (the only format for now).")
+def coldstart(function: str, rounds: int, as_json: bool) -> None:
+    """Request-to-response latency through the gateway: restore vs fresh vs warm."""
+    from thaw.bench.coldstart import run_coldstart_bench
+
+    click.echo(json.dumps(run_coldstart_bench(function, rounds)))

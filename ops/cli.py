@@ -1,0 +1,42 @@
+"""The `thaw` command: one group, one module per command group."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from thaw.core.errors import ThawError
+from thaw.ops.bench import bench
+from thaw.ops.functions import deploy, fn, invoke
+from thaw.ops.services import agent, gateway, scheduler, up
+
+# Exit codes: 1 = the platform said no (a ThawError), 2 = bad usage (click's own).
+EXIT_ERROR = 1
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="thaw")
+def cli() -> None:
+    """thaw: serverless GPU functions whose cold start is a snapshot restore."""
+
+
+for command in (up, scheduler, gateway, agent, deploy, invoke, fn, bench):
+    cli.add_command(command)
+
+
+def main() -> None:
+    try:
+        cli(standalone_mode=False)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except ThawError as exc:
+        click.echo(f"error: {exc.message}", err=True)
+        sys.exit(EXIT_ERROR)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""`thaw deploy`, `thaw invoke`, `thaw fn ...`: what a tenant does."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from thaw.ops.client import Client, read_bundle_dir
+
+console = Console()
+
+
+def print_table(rows: list[dict[str, object]], columns: list[str], as_json: bool) -> None:
+    """The one table printer of list commands (or JSON with --json)."""
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(*columns, box=None, header_style="bold")
+    for row in rows:
+        table.add_row(*(str(row.get(c, "")) for c in columns))
+    console.print(table)
+
+
+@click.command()
+@click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--no-wait", is_flag=True, help="Return once uploaded, before the snapshot build.")
+def deploy(path: Path, no_wait: bool) -> None:
+    """Upload the bundle in PATH (a folder with thaw.toml) and print its URL."""
+    bundle = read_bundle_dir(path)
+    with console.status(f"uploading {len(bundle)} bytes and building the snapshot…"):
+        fn = Client().deploy(bundle, wait=not no_wait)
+    console.print(f"[bold]{fn['name']}[/] v{fn['version']}: {fn['state']} "
+                  f"({fn['start_mode']} starts)")
+    if fn.get("reason"):
+        console.print(f"  {fn['reason']}")
+    click.echo(fn["url"])
+    if fn["state"] == "failed":
+        sys.exit(1)
+
+
+@click.command()
+@click.argument("name")
+@click.option("--data", "-d", default="{}", help="JSON body to send.")
+@click.option("--stream", is_flag=True, help="Ask for Server-Sent Events and print them.")
+def invoke(name: str, data: str, stream: bool) -> None:
+    """Call function NAME of your tenant with a JSON body."""
+    client = Client(timeout=600)
+    fns = {f["name"]: f for f in client.request("GET", "/v1/functions").json()["functions"]}
+    if name not in fns:
+        raise click.ClickException(f"no function named {name!r}")
+    path = "/fn/" + fns[name]["url"].split("/fn/", 1)[1]
+    headers = {"Content-Type": "application/json"}
+    if stream:
+        headers["Accept"] = "text/event-stream"
+    resp = client.request("POST", path, content=data.encode(), headers=headers)
+    click.echo(resp.text.rstrip("\n"))
+    click.echo(f"# start={resp.headers.get('X-Thaw-Start')} "
+               f"timing={resp.headers.get('Server-Timing')}", err=True)
+
+
+@click.group()
+def fn() -> None:
+    """List and remove functions."""
+
+
+@fn.command("ls")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def fn_ls(as_json: bool) -> None:
+    """List your functions."""
+    rows = Client().request("GET", "/v1/functions").json()["functions"]
+    print_table(rows, ["name", "version", "state", "start_mode", "warm_instances", "url"],
+                as_json)
+
+
+@fn.command("rm")
+@click.argument("name")
+def fn_rm(name: str) -> None:
+    """Delete function NAME and stop its instances."""
+    Client().request("DELETE", f"/v1/functions/{name}")
+    click.echo(f"deleted {name}")

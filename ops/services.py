@@ -1,0 +1,199 @@
+"""`thaw up`, `thaw scheduler`, `thaw gateway`, `thaw agent`: the services."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import httpx
+
+from thaw.core.config import AgentConfig, GatewayConfig, SchedulerConfig, default_home
+from thaw.core.logs import configure_logging
+
+# How long `thaw up` waits for each service to come up before giving up.
+SERVICE_START_SECONDS = 60.0
+# Between SIGTERM and SIGKILL when `thaw up` shuts its services down; must cover the
+# agent's drain (platform/server.py DRAIN_SECONDS) of short requests.
+SHUTDOWN_GRACE_SECONDS = 40.0
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def _logging(component: str, config: SchedulerConfig | GatewayConfig | AgentConfig) -> None:
+    configure_logging(component, config.log_level, config.log_json)
+
+
+@click.command()
+@click.option("--port-file", type=click.Path(path_type=Path), help="Write the bound port here.")
+@click.option("--dev-key-file", type=click.Path(path_type=Path),
+              help="Create the development API key once and keep it in this file.")
+def scheduler(port_file: Path | None, dev_key_file: Path | None) -> None:
+    """Run the scheduler (gRPC, owns the metadata DB). Settings: THAW_* env, $THAW_CONFIG."""
+    from thaw.scheduler.server import serve
+
+    config = SchedulerConfig.load()
+    _logging("scheduler", config)
+    asyncio.run(serve(config, dev_key_file, port_file))
+
+
+@click.command()
+@click.option("--port-file", type=click.Path(path_type=Path), help="Write the bound port here.")
+def gateway(port_file: Path | None) -> None:
+    """Run the HTTP gateway. Settings: THAW_* env, $THAW_CONFIG."""
+    from thaw.gateway.server import serve
+
+    config = GatewayConfig.load()
+    _logging("gateway", config)
+    asyncio.run(serve(config, port_file))
+
+
+@click.command()
+@click.option("--port-file", type=click.Path(path_type=Path),
+              help="Write 'CONTROL_PORT DATA_PORT' here once bound.")
+def agent(port_file: Path | None) -> None:
+    """Run a node agent (gRPC control + HTTP data plane). Settings: THAW_* env."""
+    from thaw.platform.server import serve
+
+    config = AgentConfig.load()
+    _logging("agent", config)
+    asyncio.run(serve(config, port_file))
+
+
+def _wait_for_file(path: Path, proc: subprocess.Popen[bytes], what: str) -> str:
+    deadline = time.monotonic() + SERVICE_START_SECONDS
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise click.ClickException(f"the {what} exited with code {proc.returncode}; "
+                                       "see its log above")
+        if path.exists() and path.read_text().strip():
+            return path.read_text().strip()
+        time.sleep(0.05)
+    raise click.ClickException(f"the {what} did not start within {SERVICE_START_SECONDS:.0f}s")
+
+
+def _die_with_parent() -> None:
+    import ctypes
+
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+
+
+class LocalPlatform:
+    """The scheduler, an agent and the gateway as child processes of `thaw up`."""
+
+    def __init__(self, home: Path, gateway_port: int, host_devices: str | None) -> None:
+        self.home = home
+        self.gateway_port = gateway_port
+        self.host_devices = host_devices
+        self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self.url = ""
+        self.key = ""
+
+    def _start(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen([sys.executable, "-m", "thaw.ops", *args],
+                                env={**os.environ, **env}, preexec_fn=_die_with_parent)
+        self.procs.append((name, proc))
+        return proc
+
+    def start(self) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+        env = {"THAW_HOME": str(self.home)}
+        with tempfile.TemporaryDirectory() as tmp:
+            ports = Path(tmp)
+            sched = self._start("scheduler", [
+                "scheduler", "--port-file", str(ports / "scheduler"),
+                "--dev-key-file", str(self.home / "dev-key")],
+                {**env, "THAW_SCHEDULER_LISTEN": "127.0.0.1:0"})
+            address = f"127.0.0.1:{_wait_for_file(ports / 'scheduler', sched, 'scheduler')}"
+            agent_env = {**env, "THAW_SCHEDULER_ADDRESS": address, "THAW_AGENT_PORT": "0",
+                         "THAW_DATA_PORT": "0", "THAW_NODE_ID": "local"}
+            if self.host_devices:
+                agent_env["THAW_HOST_DEVICES"] = self.host_devices
+            agent_proc = self._start("agent", ["agent", "--port-file", str(ports / "agent")],
+                                     agent_env)
+            _wait_for_file(ports / "agent", agent_proc, "agent")
+            gw = self._start("gateway", ["gateway", "--port-file", str(ports / "gateway")], {
+                **env, "THAW_SCHEDULER_ADDRESS": address,
+                "THAW_GATEWAY_PORT": str(self.gateway_port)})
+            port = _wait_for_file(ports / "gateway", gw, "gateway")
+        self.url = f"http://127.0.0.1:{port}"
+        self.key = (self.home / "dev-key").read_text().strip()
+
+    def stop(self) -> None:
+        # Front to back: stop taking requests, drain the node, then the control plane.
+        for name, proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(SHUTDOWN_GRACE_SECONDS)
+                except subprocess.TimeoutExpired:
+                    click.echo(f"{name} did not stop in time; killing it", err=True)
+                    proc.kill()
+                    proc.wait()
+        self.procs.clear()
+
+
+@click.command()
+@click.option("--port", default=8000, show_default=True, help="Gateway port (0 = any free).")
+@click.option("--examples/--no-examples", default=True, show_default=True,
+              help="Deploy examples/echo and examples/embed.")
+@click.option("--host-devices", default=None, help="Virtual devices, e.g. 2x8GiB.")
+def up(port: int, examples: bool, host_devices: str | None) -> None:
+    """Start the whole local platform (SQLite, process runtime, host device, data in
+    $THAW_HOME or ./.thaw), deploy the examples, print their URLs; Ctrl-C stops it."""
+    from thaw.ops.client import Client, read_bundle_dir
+
+    home = default_home()
+    platform = LocalPlatform(home, port, host_devices)
+    stopping = False
+
+    def on_signal(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        if stopping:
+            return
+        stopping = True
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        platform.start()
+        click.echo(f"\nthaw is up (data in {home})\n")
+        click.echo(f"  dashboard     {platform.url}/")
+        click.echo(f"  API key       {platform.key}")
+        click.echo(f"  metrics       {platform.url}/metrics\n")
+        if examples:
+            client = Client(platform.url, platform.key, timeout=30)
+            for name in ("echo", "embed"):
+                folder = EXAMPLES / name
+                if not folder.exists():
+                    click.echo(f"  (examples/{name} not found next to the package; skipped)")
+                    continue
+                click.echo(f"  deploying examples/{name} (snapshot build)…")
+                try:
+                    fn = client.deploy(read_bundle_dir(folder), wait=True)
+                except (httpx.HTTPError, Exception) as exc:  # keep the platform up
+                    click.echo(f"    failed: {exc}")
+                    continue
+                note = f" — {fn['reason']}" if fn.get("reason") else ""
+                click.echo(f"  {name:<8} {fn['url']}   [{fn['state']}, "
+                           f"{fn['start_mode']} starts]{note}")
+            click.echo("\ntry:\n  curl -s -H 'Authorization: Bearer "
+                       f"{platform.key}' -d '{{\"texts\": [\"hello world\"]}}' "
+                       f"{platform.url}/fn/dev/embed | head -c 300\n")
+        click.echo("Ctrl-C stops everything.")
+        while all(proc.poll() is None for _n, proc in platform.procs):
+            time.sleep(0.5)
+        dead = [n for n, p in platform.procs if p.poll() is not None]
+        click.echo(f"{', '.join(dead)} exited; shutting down", err=True)
+    except KeyboardInterrupt:
+        click.echo("\nstopping…")
+    finally:
+        with contextlib.suppress(KeyboardInterrupt):
+            platform.stop()
+    click.echo("stopped.")

@@ -1,0 +1,334 @@
+"""The node agent's bookkeeping: bundles, snapshot builds, templates, instances.
+
+Edges call into this (control.py for gRPC, dataplane.py for HTTP); the processes
+themselves are run by the process runtime (process.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.metadata
+import os
+import shutil
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from thaw.core.errors import (
+    FingerprintMismatch,
+    InstanceFailed,
+    NotFound,
+    SnapshotError,
+    ThawError,
+)
+from thaw.core.spec import extract_bundle
+from thaw.platform.devices import DeviceBackend, gpu_info
+from thaw.platform.instances import Instance, InstanceState
+from thaw.platform.process import (
+    ProcessRuntime,
+    ProcessWatch,
+    RuntimeProcess,
+    log_tail,
+    spawn_from_template,
+    terminate,
+)
+from thaw.platform.snapshots import Materialized, NodeSnapshots
+from thaw.proto import agent_pb2, manifest_pb2, scheduler_pb2
+from thaw.snapshotter.manifest import check_fingerprint
+
+log = structlog.get_logger()
+
+
+@dataclass
+class Template:
+    """A zygote that imported a snapshot's modules; restores fork from it."""
+
+    key: str
+    process: RuntimeProcess
+    control: str
+    import_seconds: float
+
+
+def local_fingerprint(device_type: str) -> dict[str, str]:
+    def version(dist: str) -> str:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return ""
+
+    model, driver = gpu_info() if device_type == "cuda" else ("", "")
+    return {"python": ".".join(map(str, sys.version_info[:3])), "torch": version("torch"),
+            "numpy": version("numpy"), "device_type": device_type, "gpu_model": model,
+            "driver": driver}
+
+
+class Agent:
+    def __init__(self, *, node_id: str, home: Path, run_dir: Path, devices: DeviceBackend,
+                 runtime: ProcessRuntime, snapshots: NodeSnapshots,
+                 fetch_bundle: Callable[[str], Awaitable[bytes]], start_timeout: float,
+                 fingerprint: dict[str, str] | None = None) -> None:
+        self.node_id = node_id
+        self.home = home
+        self.run_dir = run_dir
+        self.devices = devices
+        self.runtime = runtime
+        self.snapshots = snapshots
+        self.fetch_bundle = fetch_bundle
+        self.start_timeout = start_timeout
+        self.fingerprint = fingerprint or local_fingerprint(devices.kind)
+        self.instances: dict[str, Instance] = {}
+        self.templates: dict[str, Template] = {}
+        self._template_starts: dict[str, asyncio.Task[Template]] = {}
+        self.exited: list[scheduler_pb2.InstanceExit] = []
+        self._watchers: set[asyncio.Task[None]] = set()
+        self.draining = False
+        for sub in ("bundles", "builds", "logs"):
+            (home / sub).mkdir(parents=True, exist_ok=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
+
+    # ---- bundles ----------------------------------------------------------------
+
+    async def ensure_bundle(self, digest: str, data: bytes | None = None) -> Path:
+        target = self.home / "bundles" / digest
+        if target.exists():
+            return target
+        if data is None:
+            data = await self.fetch_bundle(digest)
+        staging = self.home / "bundles" / f".{digest}-{uuid.uuid4().hex[:8]}"
+        await asyncio.to_thread(extract_bundle, data, str(staging))
+        try:
+            os.replace(staging, target)
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)  # another start won the race
+        return target
+
+    # ---- builds ------------------------------------------------------------------
+
+    async def build_snapshot(self, req: agent_pb2.BuildSnapshotRequest
+                             ) -> agent_pb2.BuildSnapshotResponse:
+        spec = req.function
+        name = f"{spec.tenant}/{spec.name}"
+        bundle = await self.ensure_bundle(spec.bundle_digest, req.bundle or None)
+        out = self.home / "builds" / f"{spec.tenant}-{spec.name}-{spec.version}-{uuid.uuid4().hex[:6]}"
+        out.mkdir(parents=True)
+        log_path = str(self.home / "logs" / f"build-{spec.tenant}-{spec.name}-{spec.version}.log")
+        try:
+            proc = await self.runtime.launch(
+                "build", ["--bundle", str(bundle), "--handler", spec.handler, "--out", str(out),
+                          "--function-version", spec.version], log_path, cwd=str(bundle))
+            try:
+                event = await proc.next_event(self.start_timeout)
+            except ThawError as exc:
+                return agent_pb2.BuildSnapshotResponse(ok=False, stage="setup", reason=str(exc))
+            finally:
+                await proc.proc.wait()
+            if event.get("event") != "captured":
+                return agent_pb2.BuildSnapshotResponse(
+                    ok=False, stage=event.get("stage", "setup"),
+                    reason=event.get("reason", "unknown"),
+                    attribute_path=event.get("attribute_path") or "")
+            try:
+                manifest, stored = await asyncio.to_thread(
+                    self.snapshots.store_capture, out, function=name, version=spec.version)
+            except (OSError, ThawError) as exc:
+                return agent_pb2.BuildSnapshotResponse(ok=False, stage="store", reason=str(exc))
+            log.info("snapshot built", function=name, version=spec.version,
+                     host_bytes=manifest.host.size, stored_bytes=stored,
+                     setup_s=round(manifest.setup_seconds, 3))
+            return agent_pb2.BuildSnapshotResponse(ok=True, manifest=manifest,
+                                                   stored_bytes=stored)
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+
+    # ---- templates -----------------------------------------------------------------
+
+    async def ensure_template(self, spec: agent_pb2.FunctionSpec,
+                              manifest: manifest_pb2.SnapshotManifest,
+                              mat: Materialized) -> Template:
+        template = self.templates.get(mat.key)
+        if template is not None and template.process.proc.returncode is None:
+            return template
+        task = self._template_starts.get(mat.key)
+        if task is None:
+            task = asyncio.create_task(self._start_template(spec, mat))
+            self._template_starts[mat.key] = task
+            task.add_done_callback(lambda _t: self._template_starts.pop(mat.key, None))
+        return await asyncio.shield(task)
+
+    async def _start_template(self, spec: agent_pb2.FunctionSpec, mat: Materialized) -> Template:
+        bundle = await self.ensure_bundle(spec.bundle_digest)
+        control = str(self.run_dir / f"t-{mat.key[:16]}.sock")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(control)
+        log_path = str(self.home / "logs" / f"template-{spec.tenant}-{spec.name}.log")
+        proc = await self.runtime.launch(
+            "template", ["--bundle", str(bundle), "--handler", spec.handler,
+                         "--snapshot-json", mat.snapshot_json, "--control", control],
+            log_path, cwd=str(bundle))
+        event = await proc.next_event(self.start_timeout)
+        if event.get("event") != "template_ready":
+            await proc.kill()
+            raise InstanceFailed(f"template failed: {event.get('reason', event)}")
+        seconds = float(event.get("timings", {}).get("import", 0.0))
+        template = Template(mat.key, proc, control, seconds)
+        self.templates[mat.key] = template
+        log.info("template ready", function=f"{spec.tenant}/{spec.name}", pid=proc.pid,
+                 import_s=round(seconds, 3))
+        return template
+
+    async def prepare_template(self, spec: agent_pb2.FunctionSpec,
+                               manifest: manifest_pb2.SnapshotManifest) -> float:
+        started = time.perf_counter()
+        mat = await asyncio.to_thread(self.snapshots.materialize, manifest)
+        await self.ensure_template(spec, manifest, mat)
+        return time.perf_counter() - started
+
+    # ---- instances -------------------------------------------------------------------
+
+    def _new_instance(self, instance_id: str, spec: agent_pb2.FunctionSpec,
+                      state: InstanceState) -> Instance:
+        if instance_id in self.instances:
+            raise InstanceFailed(f"instance {instance_id} already exists")
+        inst = Instance(
+            id=instance_id, function=f"{spec.tenant}/{spec.name}", version=spec.version,
+            socket=str(self.run_dir / f"{instance_id}.sock"),
+            max_concurrency=max(1, spec.max_concurrency), timeout=spec.timeout_seconds or 300.0,
+            state=state, log_path=str(self.home / "logs" / f"{instance_id}.log"))
+        inst.slots = asyncio.Semaphore(inst.max_concurrency)
+        self.instances[instance_id] = inst
+        return inst
+
+    async def start_instance(self, req: agent_pb2.StartInstanceRequest
+                             ) -> agent_pb2.StartInstanceResponse:
+        if self.draining:
+            raise InstanceFailed(f"node {self.node_id} is draining")
+        spec = req.function
+        restore = req.kind == agent_pb2.START_RESTORE
+        inst = self._new_instance(req.instance_id, spec,
+                                  InstanceState.RESTORING if restore else InstanceState.STARTING)
+        try:
+            if spec.gpu_memory_bytes:
+                inst.slice_id = self.devices.allocate(spec.gpu_memory_bytes, inst.id).id
+            if restore:
+                timings = await self._restore(inst, spec, req.manifest)
+            else:
+                timings = await self._start_fresh(inst, spec)
+        except BaseException as exc:
+            await self._discard(inst, f"start failed: {exc}")
+            if restore and isinstance(exc, ThawError) and not isinstance(exc, SnapshotError):
+                raise SnapshotError(f"restore failed: {exc}") from exc
+            raise
+        inst.move(InstanceState.READY)
+        self._watch(inst)
+        log.info("instance ready", instance=inst.id, function=inst.function,
+                 start="restore" if restore else "fresh", pid=inst.pid,
+                 timings={k: round(v, 4) for k, v in timings})
+        return agent_pb2.StartInstanceResponse(
+            instance_id=inst.id, kind=req.kind, pid=inst.pid,
+            timings=[agent_pb2.Timing(stage=k, seconds=v) for k, v in timings])
+
+    async def _start_fresh(self, inst: Instance, spec: agent_pb2.FunctionSpec
+                           ) -> list[tuple[str, float]]:
+        bundle = await self.ensure_bundle(spec.bundle_digest)
+        proc = await self.runtime.launch(
+            "fresh", ["--bundle", str(bundle), "--handler", spec.handler,
+                      "--socket", inst.socket], inst.log_path, cwd=str(bundle))
+        inst.pid = proc.pid
+        event = await proc.next_event(self.start_timeout)
+        if event.get("event") != "ready":
+            await proc.kill()
+            inst.move(InstanceState.SETUP_FAILED)
+            raise InstanceFailed(
+                f"{event.get('stage', 'start')} failed: {event.get('reason', 'unknown')}")
+        t = event.get("timings", {})
+        return [("import", float(t.get("import", 0.0))), ("setup", float(t.get("setup", 0.0)))]
+
+    async def _restore(self, inst: Instance, spec: agent_pb2.FunctionSpec,
+                       manifest: manifest_pb2.SnapshotManifest) -> list[tuple[str, float]]:
+        if manifest.fingerprint.function_version not in ("", spec.version):
+            raise FingerprintMismatch(
+                f"snapshot is of version {manifest.fingerprint.function_version}, "
+                f"not {spec.version}", field="fingerprint.function_version")
+        check_fingerprint(manifest, self.fingerprint)
+        mat = await asyncio.to_thread(self.snapshots.materialize, manifest)
+        started = time.perf_counter()
+        template = await self.ensure_template(spec, manifest, mat)
+        template_s = time.perf_counter() - started
+        started = time.perf_counter()
+        pid, event = await spawn_from_template(template.control, {
+            "instance_id": inst.id, "socket": inst.socket, "pickle": mat.pickle,
+            "host_arena": mat.host_arena, "device_arena": mat.device_arena,
+            "snapshot_json": mat.snapshot_json, "log": inst.log_path,
+        }, self.start_timeout)
+        inst.pid = pid
+        return [("fetch", mat.seconds), ("template", template_s),
+                ("restore", time.perf_counter() - started)]
+
+    def _watch(self, inst: Instance) -> None:
+        async def watch() -> None:
+            watcher = ProcessWatch(inst.pid)
+            try:
+                await watcher.done.wait()
+            finally:
+                watcher.close()
+            if inst.state is not InstanceState.DEFUNCT:
+                tail = log_tail(inst.log_path, 5)
+                reason = "instance process exited" + (f"; last output:\n{tail}" if tail else "")
+                await self._discard(inst, reason)
+                self.exited.append(scheduler_pb2.InstanceExit(instance_id=inst.id,
+                                                              reason=reason))
+                log.warning("instance exited", instance=inst.id, function=inst.function)
+
+        task = asyncio.create_task(watch())
+        self._watchers.add(task)
+        task.add_done_callback(self._watchers.discard)
+
+    async def _discard(self, inst: Instance, reason: str) -> None:
+        if inst.state is not InstanceState.DEFUNCT:
+            if inst.state is InstanceState.READY:
+                inst.move(InstanceState.DRAINING)
+            inst.state = InstanceState.DEFUNCT
+        inst.exit_reason = inst.exit_reason or reason
+        inst.exited.set()
+        if inst.pid:
+            await terminate(inst.pid)
+        if inst.slice_id:
+            with contextlib.suppress(NotFound):
+                self.devices.release(inst.slice_id)
+            inst.slice_id = None
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(inst.socket)
+        self.instances.pop(inst.id, None)
+
+    async def stop_instance(self, instance_id: str, reason: str) -> None:
+        inst = self.instances.get(instance_id)
+        if inst is None:
+            return
+        if inst.state is InstanceState.READY:
+            inst.move(InstanceState.DRAINING)
+        await self._discard(inst, reason or "stopped")
+        log.info("instance stopped", instance=instance_id, reason=reason)
+
+    def take_exited(self) -> list[scheduler_pb2.InstanceExit]:
+        exited, self.exited = self.exited, []
+        return exited
+
+    async def close(self) -> None:
+        """Stop every instance and template: no process outlives the agent."""
+        self.draining = True
+        await asyncio.gather(*(self.stop_instance(i, "agent shutting down")
+                               for i in list(self.instances)), return_exceptions=True)
+        for task in list(self._watchers):
+            task.cancel()
+        for template in self.templates.values():
+            await template.process.kill()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(template.control)
+        self.templates.clear()
+        self.devices.close()

@@ -1,0 +1,120 @@
+"""The node's HTTP data plane: the gateway forwards invocations here and they are
+proxied to the instance's unix socket, streamed both ways."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import aiohttp
+from aiohttp import web
+
+from thaw.platform.agent import Agent
+from thaw.platform.instances import Instance, InstanceState
+
+AGENT_KEY = web.AppKey("agent", Agent)
+SESSIONS_KEY = web.AppKey("sessions", dict)
+# Headers passed from the client to the handler and back.
+FORWARDED_REQUEST_HEADERS = ("Content-Type", "Accept", "X-Request-ID")
+HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length",
+              "server", "date"}
+
+
+def error_response(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"error": {"code": code, "message": message}}, status=status)
+
+
+def _session(app: web.Application, inst: Instance) -> aiohttp.ClientSession:
+    sessions: dict[str, aiohttp.ClientSession] = app[SESSIONS_KEY]
+    session = sessions.get(inst.id)
+    if session is None or session.closed:
+        # Keep-alive connections to the instance: the hot path never reconnects.
+        connector = aiohttp.UnixConnector(path=inst.socket, limit=0)
+        session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
+                                        timeout=aiohttp.ClientTimeout(total=None))
+        sessions[inst.id] = session
+    return session
+
+
+async def invoke(request: web.Request) -> web.StreamResponse:
+    agent = request.app[AGENT_KEY]
+    instance_id = request.match_info["instance"]
+    inst = agent.instances.get(instance_id)
+    if inst is None or inst.state is not InstanceState.READY:
+        return error_response(503, "instance_unavailable",
+                              f"instance {instance_id} is not serving on this node")
+    if inst.slots.locked():
+        return error_response(429, "instance_busy",
+                              f"instance {instance_id} is at max_concurrency "
+                              f"({inst.max_concurrency})")
+    tail = request.match_info.get("tail", "")
+    headers = {h: request.headers[h] for h in FORWARDED_REQUEST_HEADERS if h in request.headers}
+    body = await request.read()
+    session = _session(request.app, inst)
+    async with inst.slots:
+        inst.inflight += 1
+        started = time.perf_counter()
+        try:
+            return await asyncio.wait_for(
+                _forward(request, session, inst, tail, headers, body), inst.timeout)
+        except TimeoutError:
+            return error_response(504, "timeout",
+                                  f"the handler ran past its timeout of {inst.timeout:.0f}s")
+        except (aiohttp.ClientError, ConnectionError) as exc:
+            await asyncio.sleep(0)  # let the exit watcher record why the instance died
+            reason = inst.exit_reason or f"connection to the instance failed: {exc}"
+            return error_response(502, "instance_failed", reason)
+        finally:
+            inst.inflight -= 1
+            request["run_s"] = time.perf_counter() - started
+
+
+async def _forward(request: web.Request, session: aiohttp.ClientSession, inst: Instance,
+                   tail: str, headers: dict[str, str], body: bytes) -> web.StreamResponse:
+    path = "/invoke" + (f"/{tail}" if tail else "")
+    async with session.post(f"http://instance{path}", data=body, headers=headers) as upstream:
+        out_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
+        out_headers["X-Thaw-Instance"] = inst.id
+        if upstream.content_length is not None and "chunked" not in upstream.headers.get(
+                "Transfer-Encoding", ""):
+            payload = await upstream.read()
+            return web.Response(status=upstream.status, body=payload, headers=out_headers)
+        response = web.StreamResponse(status=upstream.status, headers=out_headers)
+        await response.prepare(request)
+        async for chunk in upstream.content.iter_any():
+            await response.write(chunk)
+        await response.write_eof()
+        return response
+
+
+async def healthz(request: web.Request) -> web.Response:
+    agent = request.app[AGENT_KEY]
+    return web.json_response({"status": "ok", "node": agent.node_id,
+                              "instances": len(agent.instances)})
+
+
+async def list_instances(request: web.Request) -> web.Response:
+    agent = request.app[AGENT_KEY]
+    return web.json_response({"instances": [
+        {"id": i.id, "function": i.function, "version": i.version, "state": i.state.value,
+         "pid": i.pid, "inflight": i.inflight} for i in agent.instances.values()]},
+        dumps=json.dumps)
+
+
+async def _close_sessions(app: web.Application):  # type: ignore[no-untyped-def]
+    yield
+    for session in app[SESSIONS_KEY].values():
+        await session.close()
+
+
+def make_app(agent: Agent) -> web.Application:
+    app = web.Application(client_max_size=256 * 1024 * 1024)
+    app[AGENT_KEY] = agent
+    app[SESSIONS_KEY] = {}
+    app.cleanup_ctx.append(_close_sessions)
+    app.router.add_post("/v1/instances/{instance}/invoke", invoke)
+    app.router.add_post("/v1/instances/{instance}/invoke/{tail:.*}", invoke)
+    app.router.add_get("/v1/instances", list_instances)
+    app.router.add_get("/healthz", healthz)
+    return app

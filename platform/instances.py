@@ -1,0 +1,59 @@
+"""An instance's lifecycle on a node: one Enum, one table of legal moves."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from dataclasses import dataclass, field
+
+from thaw.core.errors import ThawError
+
+
+class InstanceState(str, enum.Enum):
+    STARTING = "starting"
+    RESTORING = "restoring"
+    READY = "ready"
+    DRAINING = "draining"
+    SETUP_FAILED = "setup_failed"
+    DEFUNCT = "defunct"
+
+
+_MOVES: dict[InstanceState, set[InstanceState]] = {
+    InstanceState.STARTING: {InstanceState.READY, InstanceState.SETUP_FAILED,
+                             InstanceState.DEFUNCT},
+    InstanceState.RESTORING: {InstanceState.READY, InstanceState.DEFUNCT},
+    InstanceState.READY: {InstanceState.DRAINING, InstanceState.DEFUNCT},
+    InstanceState.DRAINING: {InstanceState.DEFUNCT},
+    InstanceState.SETUP_FAILED: set(),
+    InstanceState.DEFUNCT: set(),
+}
+
+
+class IllegalInstanceTransition(ThawError):
+    """An instance was asked to move along an edge its lifecycle does not have."""
+
+    code = "illegal_transition"
+
+
+@dataclass
+class Instance:
+    id: str
+    function: str  # tenant/name
+    version: str
+    socket: str
+    max_concurrency: int
+    timeout: float
+    state: InstanceState
+    pid: int = 0
+    slice_id: str | None = None
+    log_path: str = ""
+    exit_reason: str = ""
+    inflight: int = 0
+    slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(1))
+    exited: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def move(self, target: InstanceState) -> None:
+        if target not in _MOVES[self.state]:
+            raise IllegalInstanceTransition(
+                f"instance {self.id} cannot move from {self.state.value} to {target.value}")
+        self.state = target

@@ -1,0 +1,166 @@
+"""`thaw agent`: one per machine. gRPC control service, HTTP data plane, and the
+registration/heartbeat loop to the scheduler."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import signal
+import socket
+from pathlib import Path
+
+import grpc
+import structlog
+from aiohttp import web
+
+from thaw.blobstore import DiskTier, PinnedTier
+from thaw.core.config import AgentConfig, parse_host_devices
+from thaw.core.errors import ThawError
+from thaw.core.grpcutil import CHANNEL_OPTIONS, add_health, call, mark_serving
+from thaw.core.units import parse_size
+from thaw.platform.agent import Agent
+from thaw.platform.control import AgentService
+from thaw.platform.dataplane import make_app
+from thaw.platform.devices import HostDevices, shm_root
+from thaw.platform.process import ProcessRuntime
+from thaw.platform.snapshots import NodeSnapshots
+from thaw.proto import agent_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+
+log = structlog.get_logger()
+# How long to wait between attempts to reach a scheduler that is not up yet.
+REGISTER_RETRY_SECONDS = 0.5
+# In-flight requests get this long to finish on SIGTERM before instances are stopped.
+DRAIN_SECONDS = 30.0
+
+
+class AgentServer:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.node_id = config.node_id or socket.gethostname()
+        self.control_port = 0
+        self.data_port = 0
+        self.agent: Agent | None = None
+        self._grpc: grpc.aio.Server | None = None
+        self._runner: web.AppRunner | None = None
+        self._channel: grpc.aio.Channel | None = None
+        self._registry: scheduler_pb2_grpc.NodeRegistryStub | None = None
+        self._heartbeat: asyncio.Task[None] | None = None
+
+    async def _fetch_bundle(self, digest: str) -> bytes:
+        assert self._registry is not None
+        parts = []
+        try:
+            async for piece in self._registry.GetBundle(
+                    scheduler_pb2.GetBundleRequest(digest=digest), timeout=120):
+                parts.append(piece.data)
+        except grpc.RpcError as exc:
+            from thaw.core.grpcutil import decode_error
+            raise decode_error(exc) from exc
+        return b"".join(parts)
+
+    async def start(self) -> None:
+        cfg = self.config
+        home = cfg.home / "agent" / self.node_id
+        # Unix socket paths must stay under 108 bytes: keep them short, in tmpfs.
+        short = hashlib.sha256(f"{self.node_id}:{home}".encode()).hexdigest()[:10]
+        shm = shm_root(cfg.shm_dir, short)
+        devices = HostDevices(parse_host_devices(cfg.host_devices), shm / "slices")
+        snapshots = NodeSnapshots(DiskTier(home / "chunks"),
+                                  PinnedTier(parse_size(cfg.pinned_capacity)), shm / "snapshots")
+        self._channel = grpc.aio.insecure_channel(cfg.scheduler_address, options=CHANNEL_OPTIONS)
+        self._registry = scheduler_pb2_grpc.NodeRegistryStub(self._channel)
+        self.agent = Agent(node_id=self.node_id, home=home, run_dir=shm / "run",
+                           devices=devices, runtime=ProcessRuntime(cfg.instance_python or None),
+                           snapshots=snapshots, fetch_bundle=self._fetch_bundle,
+                           start_timeout=cfg.start_timeout)
+
+        server = grpc.aio.server(options=CHANNEL_OPTIONS)
+        agent_pb2_grpc.add_AgentServicer_to_server(AgentService(self.agent), server)
+        health = add_health(server)
+        self.control_port = server.add_insecure_port(f"{cfg.agent_host}:{cfg.agent_port}")
+        await server.start()
+        await mark_serving(health, "thaw.v1.Agent")
+        self._grpc = server
+
+        self._runner = web.AppRunner(make_app(self.agent), access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, cfg.agent_host, cfg.data_port)
+        await site.start()
+        self.data_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        await self._register()
+        self._heartbeat = asyncio.create_task(self._heartbeat_loop())
+        log.info("agent ready", node=self.node_id, control_port=self.control_port,
+                 data_port=self.data_port)
+
+    def _devices(self) -> list[scheduler_pb2.DeviceInfo]:
+        assert self.agent is not None
+        return [scheduler_pb2.DeviceInfo(id=d.id, kind=d.kind, capacity_bytes=d.capacity,
+                                         used_bytes=d.used)
+                for d in self.agent.devices.usage()]
+
+    async def _register(self) -> float:
+        assert self._registry is not None and self.agent is not None
+        cfg = self.config
+        request = scheduler_pb2.RegisterRequest(
+            node_id=self.node_id, control_address=f"{cfg.agent_host}:{self.control_port}",
+            data_url=f"http://{cfg.agent_host}:{self.data_port}", devices=self._devices(),
+            instance_ids=list(self.agent.instances))
+        while True:
+            try:
+                resp = await call(self._registry.Register(request, timeout=10))
+                return resp.heartbeat_interval_seconds or 2.0
+            except ThawError as exc:
+                log.debug("scheduler not reachable yet", error=str(exc))
+                await asyncio.sleep(REGISTER_RETRY_SECONDS)
+
+    async def _heartbeat_loop(self) -> None:
+        assert self._registry is not None and self.agent is not None
+        interval = 2.0
+        while True:
+            await asyncio.sleep(interval)
+            exited = self.agent.take_exited()
+            try:
+                resp = await call(self._registry.Heartbeat(scheduler_pb2.HeartbeatRequest(
+                    node_id=self.node_id, devices=self._devices(),
+                    instance_ids=list(self.agent.instances), exited=exited), timeout=10))
+                if resp.reregister:
+                    interval = await self._register()
+            except ThawError as exc:
+                self.agent.exited[:0] = exited  # report them next time
+                log.warning("heartbeat failed", error=str(exc))
+
+    async def stop(self) -> None:
+        if self.agent is not None:
+            self.agent.draining = True
+            deadline = asyncio.get_running_loop().time() + DRAIN_SECONDS
+            while (any(i.inflight for i in self.agent.instances.values())
+                   and asyncio.get_running_loop().time() < deadline):
+                await asyncio.sleep(0.05)
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self._grpc is not None:
+            await self._grpc.stop(grace=1)
+        if self.agent is not None:
+            await self.agent.close()
+            self.agent.snapshots.close()
+        if self._channel is not None:
+            await self._channel.close()
+
+
+async def serve(config: AgentConfig, port_file: Path | None = None) -> None:
+    server = AgentServer(config)
+    await server.start()
+    if port_file is not None:
+        port_file.write_text(f"{server.control_port} {server.data_port}")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("agent draining")
+    await server.stop()

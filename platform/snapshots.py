@@ -1,0 +1,121 @@
+"""Snapshots on a node: a build's captured files go into the blobstore as chunks and
+come out as a manifest; for a restore, a snapshot's arenas are materialized once into
+tmpfs files that every instance of it maps copy-on-write."""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import shutil
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from thaw.blobstore import ChunkRef, DiskTier, PinnedTier, restore_arena, store_arena
+from thaw.core.errors import SnapshotError
+from thaw.proto import manifest_pb2
+from thaw.snapshotter.manifest import (
+    arena_message,
+    build_manifest,
+    capture_json,
+    chunk_dicts,
+    manifest_key,
+)
+
+
+@dataclass(frozen=True)
+class Materialized:
+    """A snapshot's files, ready for the runtime's restore."""
+
+    key: str
+    snapshot_json: str
+    pickle: str
+    host_arena: str
+    device_arena: str | None
+    seconds: float
+    """Time spent materializing now; 0 when the files were already there."""
+
+
+def _store_file(disk: DiskTier, path: Path) -> tuple[int, list[ChunkRef]]:
+    size = path.stat().st_size if path.exists() else 0
+    if size == 0:
+        return 0, []
+    with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0,
+                                               access=mmap.ACCESS_READ) as mm:
+        return size, store_arena(disk, mm)
+
+
+class NodeSnapshots:
+    def __init__(self, disk: DiskTier, pinned: PinnedTier, shm_dir: Path) -> None:
+        self.disk = disk
+        self.pinned = pinned
+        self.shm_dir = shm_dir
+        shm_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._materializing: dict[str, threading.Lock] = {}
+
+    def store_capture(self, out_dir: Path, *, function: str, version: str
+                      ) -> tuple[manifest_pb2.SnapshotManifest, int]:
+        """Chunk a build's output into the disk tier; returns (manifest, stored bytes)."""
+        capture: dict[str, Any] = json.loads((out_dir / "snapshot.json").read_text())
+        before = self.disk.stored_bytes()
+        arenas = {}
+        for name, filename in (("pickle", "state.pickle"), ("host", "host.arena"),
+                               ("device", "device.arena")):
+            size, chunks = _store_file(self.disk, out_dir / filename)
+            arenas[name] = arena_message(size, chunks)
+        manifest = build_manifest(capture, function=function, version=version, **arenas)
+        return manifest, max(0, self.disk.stored_bytes() - before)
+
+    def materialize(self, manifest: manifest_pb2.SnapshotManifest) -> Materialized:
+        """Write the snapshot's arenas into tmpfs files (once per snapshot per node)."""
+        key = manifest_key(manifest)
+        with self._lock:
+            lock = self._materializing.setdefault(key, threading.Lock())
+        with lock:
+            final = self.shm_dir / key
+            started = time.perf_counter()
+            fresh = not (final / "snapshot.json").exists()
+            if fresh:
+                staging = self.shm_dir / f".{key}-{uuid.uuid4().hex[:8]}"
+                staging.mkdir(parents=True)
+                try:
+                    for name, arena in (("state.pickle", manifest.pickle),
+                                        ("host.arena", manifest.host),
+                                        ("device.arena", manifest.device)):
+                        self._materialize_arena(arena, staging / name)
+                    (staging / "snapshot.json").write_text(json.dumps(capture_json(manifest)))
+                    os.replace(staging, final)
+                except BaseException:
+                    shutil.rmtree(staging, ignore_errors=True)
+                    raise
+            seconds = time.perf_counter() - started if fresh else 0.0
+        device = final / "device.arena"
+        return Materialized(
+            key=key, snapshot_json=str(final / "snapshot.json"),
+            pickle=str(final / "state.pickle"), host_arena=str(final / "host.arena"),
+            device_arena=str(device) if manifest.device.size else None, seconds=seconds)
+
+    def _materialize_arena(self, arena: manifest_pb2.Arena, path: Path) -> None:
+        with open(path, "w+b") as handle:
+            if arena.size == 0:
+                return
+            handle.truncate(arena.size)
+            with mmap.mmap(handle.fileno(), arena.size) as mm:
+                refs = [ChunkRef.from_dict(d) for d in chunk_dicts(arena)]
+                try:
+                    restore_arena(refs, memoryview(mm), disk=self.disk, pinned=self.pinned)
+                except SnapshotError:
+                    raise
+                except (OSError, KeyError) as exc:
+                    raise SnapshotError(f"cannot read snapshot chunks: {exc}") from exc
+
+    def drop(self, manifest: manifest_pb2.SnapshotManifest) -> None:
+        shutil.rmtree(self.shm_dir / manifest_key(manifest), ignore_errors=True)
+
+    def close(self) -> None:
+        shutil.rmtree(self.shm_dir, ignore_errors=True)

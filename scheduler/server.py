@@ -1,0 +1,101 @@
+"""`thaw scheduler`: the gRPC server that owns the metadata DB."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from pathlib import Path
+
+import grpc
+import structlog
+
+from thaw.core.config import SchedulerConfig
+from thaw.core.grpcutil import CHANNEL_OPTIONS, add_health, mark_serving
+from thaw.proto import scheduler_pb2_grpc
+from thaw.scheduler.bundles import BundleStore
+from thaw.scheduler.control import ControlPlane
+from thaw.scheduler.db import make_engine, upgrade
+from thaw.scheduler.service import NodeRegistryService, SchedulerService
+from thaw.scheduler.store import Store
+
+log = structlog.get_logger()
+DEV_TENANT = "dev"
+
+
+def ensure_dev_key(store: Store, path: Path) -> str:
+    """The development API key: created once, kept in `path` (mode 0600)."""
+    if path.exists():
+        key = path.read_text().strip()
+        if key and store.key_exists(key):
+            return key
+    _key_id, key = store.create_key(DEV_TENANT, name="development key")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(key + "\n")
+    path.chmod(0o600)
+    return key
+
+
+class SchedulerServer:
+    def __init__(self, config: SchedulerConfig, dev_key_file: Path | None = None) -> None:
+        self.config = config
+        self.dev_key_file = dev_key_file
+        self.port = 0
+        self._server: grpc.aio.Server | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self.control: ControlPlane | None = None
+        self.store: Store | None = None
+
+    async def start(self) -> int:
+        cfg = self.config
+        engine = make_engine(cfg.db_url())
+        await asyncio.to_thread(upgrade, engine)
+        self.store = Store(engine)
+        if self.dev_key_file is not None:
+            await self.store.run(ensure_dev_key, self.store, self.dev_key_file)
+        self.control = ControlPlane(
+            self.store, BundleStore(cfg.home / "scheduler" / "bundles"),
+            heartbeat_interval=cfg.heartbeat_interval, node_timeout=cfg.node_timeout,
+            build_timeout=cfg.build_timeout, acquire_wait=cfg.acquire_wait)
+        await self.control.recover()
+        server = grpc.aio.server(options=CHANNEL_OPTIONS)
+        scheduler_pb2_grpc.add_SchedulerServicer_to_server(SchedulerService(self.control), server)
+        scheduler_pb2_grpc.add_NodeRegistryServicer_to_server(
+            NodeRegistryService(self.control), server)
+        health = add_health(server)
+        self.port = server.add_insecure_port(cfg.scheduler_listen)
+        await server.start()
+        await mark_serving(health, "thaw.v1.Scheduler", "thaw.v1.NodeRegistry")
+        self._server = server
+        self._tasks.append(asyncio.create_task(
+            self.control.reconcile_forever(cfg.reconcile_interval)))
+        log.info("scheduler listening", port=self.port, db=cfg.db_url().split("@")[-1])
+        return self.port
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._server is not None:
+            await self._server.stop(grace=2)
+        if self.control is not None:
+            await self.control.close()
+        if self.store is not None:
+            self.store.close()
+
+
+async def serve(config: SchedulerConfig, dev_key_file: Path | None = None,
+                port_file: Path | None = None) -> None:
+    server = SchedulerServer(config, dev_key_file)
+    port = await server.start()
+    if port_file is not None:
+        port_file.write_text(str(port))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("scheduler stopping")
+    await server.stop()

@@ -1,0 +1,114 @@
+"""gRPC edge of the scheduler: Scheduler (for gateways) and NodeRegistry (for agents)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+import grpc
+
+from thaw.core.grpcutil import servicer_method
+from thaw.proto import agent_pb2, scheduler_pb2, scheduler_pb2_grpc
+from thaw.scheduler.control import ControlPlane
+from thaw.scheduler.store import FunctionRecord
+
+# Bundles stream to agents in pieces well under the message limit.
+BUNDLE_PIECE_BYTES = 1024 * 1024
+
+
+async def function_info(control: ControlPlane, fn: FunctionRecord) -> scheduler_pb2.FunctionInfo:
+    return scheduler_pb2.FunctionInfo(
+        tenant=fn.tenant, name=fn.name, version=str(fn.version), state=fn.state.value,
+        reason=fn.reason, start_mode=fn.start_mode, handler=fn.handler,
+        bundle_digest=fn.bundle_digest, snapshot_bytes=await control.snapshot_bytes(fn),
+        config_json=json.dumps(fn.spec.to_dict()), created_at=fn.created_at,
+        updated_at=fn.updated_at, warm_instances=control.warm_count(fn.id))
+
+
+class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
+    def __init__(self, control: ControlPlane) -> None:
+        self.control = control
+
+    @servicer_method
+    async def Authenticate(self, request: scheduler_pb2.AuthenticateRequest,
+                           context: grpc.aio.ServicerContext) -> scheduler_pb2.AuthenticateResponse:
+        store = self.control.store
+        key = await store.run(store.authenticate, request.key_sha256)
+        return scheduler_pb2.AuthenticateResponse(principal=scheduler_pb2.Principal(
+            tenant=key.tenant, key_id=key.id, scopes=list(key.scopes)))
+
+    @servicer_method
+    async def CreateFunction(self, request: scheduler_pb2.CreateFunctionRequest,
+                             context: grpc.aio.ServicerContext) -> scheduler_pb2.FunctionInfo:
+        fn = await self.control.create_function(request.tenant, request.bundle, request.wait)
+        return await function_info(self.control, fn)
+
+    @servicer_method
+    async def GetFunction(self, request: scheduler_pb2.FunctionRequest,
+                          context: grpc.aio.ServicerContext) -> scheduler_pb2.FunctionInfo:
+        fn = await self.control.get_function(request.tenant, request.name)
+        return await function_info(self.control, fn)
+
+    @servicer_method
+    async def ListFunctions(self, request: scheduler_pb2.ListFunctionsRequest,
+                            context: grpc.aio.ServicerContext
+                            ) -> scheduler_pb2.ListFunctionsResponse:
+        fns = await self.control.list_functions(request.tenant)
+        return scheduler_pb2.ListFunctionsResponse(
+            functions=[await function_info(self.control, fn) for fn in fns])
+
+    @servicer_method
+    async def DeleteFunction(self, request: scheduler_pb2.FunctionRequest,
+                             context: grpc.aio.ServicerContext
+                             ) -> scheduler_pb2.DeleteFunctionResponse:
+        await self.control.delete_function(request.tenant, request.name)
+        return scheduler_pb2.DeleteFunctionResponse()
+
+    @servicer_method
+    async def Acquire(self, request: scheduler_pb2.AcquireRequest,
+                      context: grpc.aio.ServicerContext) -> scheduler_pb2.Lease:
+        grant = await self.control.acquire(request.tenant, request.name, request.wait_seconds)
+        start = {"warm": agent_pb2.START_UNSPECIFIED, "restore": agent_pb2.START_RESTORE,
+                 "fresh": agent_pb2.START_FRESH}[grant.start]
+        return scheduler_pb2.Lease(
+            lease_id=grant.lease_id, node_id=grant.instance.node_id, data_url=grant.data_url,
+            instance_id=grant.instance.id, start=start, timeout_seconds=grant.timeout,
+            timings=[agent_pb2.Timing(stage=s, seconds=v) for s, v in grant.timings])
+
+    @servicer_method
+    async def Release(self, request: scheduler_pb2.ReleaseRequest,
+                      context: grpc.aio.ServicerContext) -> scheduler_pb2.ReleaseResponse:
+        await self.control.release(request.lease_id, request.instance_failed, request.reason)
+        return scheduler_pb2.ReleaseResponse()
+
+
+class NodeRegistryService(scheduler_pb2_grpc.NodeRegistryServicer):
+    def __init__(self, control: ControlPlane) -> None:
+        self.control = control
+
+    @servicer_method
+    async def Register(self, request: scheduler_pb2.RegisterRequest,
+                       context: grpc.aio.ServicerContext) -> scheduler_pb2.RegisterResponse:
+        await self.control.register(request)
+        return scheduler_pb2.RegisterResponse(
+            heartbeat_interval_seconds=self.control.heartbeat_interval)
+
+    @servicer_method
+    async def Heartbeat(self, request: scheduler_pb2.HeartbeatRequest,
+                        context: grpc.aio.ServicerContext) -> scheduler_pb2.HeartbeatResponse:
+        known = await self.control.heartbeat(request)
+        return scheduler_pb2.HeartbeatResponse(reregister=not known)
+
+    async def GetBundle(self, request: scheduler_pb2.GetBundleRequest,
+                        context: grpc.aio.ServicerContext
+                        ) -> AsyncIterator[scheduler_pb2.BundleChunk]:
+        from thaw.core.errors import ThawError
+        from thaw.core.grpcutil import encode_error, status_for
+
+        try:
+            data = self.control.bundles.get(request.digest)
+        except ThawError as exc:
+            await context.abort(status_for(exc), encode_error(exc))
+            return
+        for start in range(0, len(data), BUNDLE_PIECE_BYTES):
+            yield scheduler_pb2.BundleChunk(data=data[start:start + BUNDLE_PIECE_BYTES])
