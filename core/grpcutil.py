@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
+import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from thaw.core import errors
@@ -88,6 +89,15 @@ def servicer_method(
         except errors.ThawError as exc:
             await context.abort(status_for(exc), encode_error(exc))
             raise  # unreachable: abort raises
+        except Exception as exc:
+            if isinstance(exc, grpc.aio.AbortError):
+                raise
+            structlog.get_logger().exception("unexpected error in servicer",
+                                             method=fn.__name__)
+            internal = errors.ThawError(f"internal error in {fn.__name__}: "
+                                        f"{type(exc).__name__}: {exc}")
+            await context.abort(grpc.StatusCode.INTERNAL, encode_error(internal))
+            raise
 
     wrapper.__name__ = fn.__name__
     wrapper.__doc__ = fn.__doc__

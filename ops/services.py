@@ -59,6 +59,9 @@ def gateway(port_file: Path | None) -> None:
               help="Write 'CONTROL_PORT DATA_PORT' here once bound.")
 def agent(port_file: Path | None) -> None:
     """Run a node agent (gRPC control + HTTP data plane). Settings: THAW_* env."""
+    # The agent forks instance processes; gRPC's fork handlers are not needed there
+    # (children exec or never touch gRPC) and only log warnings.
+    os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
     from thaw.platform.server import serve
 
     config = AgentConfig.load()

@@ -18,7 +18,7 @@ from typing import Any
 
 import structlog
 
-from thaw.core.errors import DeadlineExceeded, InstanceFailed
+from thaw.core.errors import DeadlineExceeded, InstanceFailed, SnapshotError
 
 log = structlog.get_logger()
 
@@ -146,7 +146,7 @@ async def spawn_from_template(control_socket: str, request: dict[str, Any],
             elif event.get("event") == "ready":
                 return pid, event
             elif event.get("event") == "failed":
-                raise InstanceFailed(f"restore failed: {event.get('reason', 'unknown')}")
+                raise SnapshotError(f"restore failed: {event.get('reason', 'unknown')}")
     finally:
         writer.close()
         with contextlib.suppress(OSError):

@@ -4,6 +4,7 @@ calls it through a bounded thread pool (Store.run) so the event loop never block
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import secrets
@@ -95,10 +96,10 @@ class Store:
         self._sessions = sessionmaker(engine, expire_on_commit=False)
         self._pool = ThreadPoolExecutor(DB_THREADS, thread_name_prefix="thaw-db")
 
-    async def run(self, fn: Callable[..., T], *args: object) -> T:
+    async def run(self, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
         """Run a store method in the DB thread pool."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, fn, *args)
+        return await loop.run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)

@@ -65,7 +65,7 @@ def capture_json(manifest: manifest_pb2.SnapshotManifest) -> dict[str, Any]:
                       "nbytes": s.nbytes, "kind": s.kind, "dtype": s.dtype or None,
                       "device": s.device or None} for s in manifest.storages],
         "modules": list(manifest.modules),
-        "fingerprint": {k: getattr(fp, k) for k in FINGERPRINT_FIELDS},
+        "fingerprint": {k: getattr(fp, k) or None for k in FINGERPRINT_FIELDS},
         "host_size": manifest.host.size,
         "device_size": manifest.device.size,
         "timings": {"import": manifest.import_seconds, "setup": manifest.setup_seconds,
@@ -86,7 +86,8 @@ def check_fingerprint(manifest: manifest_pb2.SnapshotManifest,
         if key == "function_version":
             continue  # checked by the caller against the function it starts
         want, have = getattr(taken, key), local.get(key, "")
-        if want != have:
+        # Empty: the function never imported it (e.g. no torch), so it cannot matter.
+        if want and want != have:
             raise FingerprintMismatch(
                 f"snapshot fingerprint mismatch on {key}: taken with {want or 'none'!r}, "
                 f"this node has {have or 'none'!r}", field=f"fingerprint.{key}")

@@ -46,7 +46,7 @@ def test_echo_deploy_then_cold_restore_then_warm(platform: RunningPlatform) -> N
     assert "run" in server_timing(warm.headers["Server-Timing"])
 
     sub = platform.http.post("/fn/dev/echo/some/path", json={})
-    assert sub.json()["path"] == "some/path"
+    assert sub.json()["path"] == "/some/path"
 
 
 @pytest.mark.slow
