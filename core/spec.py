@@ -8,9 +8,10 @@ from __future__ import annotations
 import io
 import re
 import tarfile
-import tomllib
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+import tomllib
 
 from thaw.core.errors import InvalidBundle
 from thaw.core.units import parse_duration, parse_size

@@ -167,6 +167,49 @@ async def delete_function(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
+async def prewarm_function(request: web.Request) -> web.Response:
+    p = await principal(request)
+    require(p, "deploy")
+    reply = await request.app[SCHEDULER_KEY].prewarm(
+        p.tenant, request.match_info["name"], request.query.get("node", ""))
+    return web.json_response({"nodes": list(reply.node_ids), "bytes": reply.bytes,
+                              "seconds": reply.seconds})
+
+
+async def evict_function(request: web.Request) -> web.Response:
+    p = await principal(request)
+    require(p, "deploy")
+    reply = await request.app[SCHEDULER_KEY].evict(
+        p.tenant, request.match_info["name"], request.query.get("node", ""))
+    return web.json_response({"nodes": list(reply.node_ids), "bytes": reply.bytes})
+
+
+def node_json(node: scheduler_pb2.NodeInfo) -> dict[str, Any]:
+    return {
+        "id": node.id, "state": node.state, "instances": node.instances,
+        "data_url": node.data_url, "disk_bytes": node.disk_bytes,
+        "last_heartbeat_age_seconds": round(node.last_heartbeat_age_seconds, 3),
+        "devices": [{"id": d.id, "kind": d.kind, "capacity_bytes": d.capacity_bytes,
+                     "used_bytes": d.used_bytes} for d in node.devices],
+        "pinned": {"capacity_bytes": node.pinned.capacity_bytes,
+                   "used_bytes": node.pinned.used_bytes, "chunks": node.pinned.chunks,
+                   "snapshots": len(node.pinned.snapshot_keys)},
+    }
+
+
+async def list_nodes(request: web.Request) -> web.Response:
+    require(await principal(request), "admin")
+    nodes = await request.app[SCHEDULER_KEY].list_nodes()
+    return web.json_response({"nodes": [node_json(n) for n in nodes]})
+
+
+async def cordon_node(request: web.Request) -> web.Response:
+    require(await principal(request), "admin")
+    cordoned = request.match_info["action"] == "cordon"
+    node = await request.app[SCHEDULER_KEY].cordon(request.match_info["node"], cordoned)
+    return web.json_response(node_json(node))
+
+
 # ---- invocation ------------------------------------------------------------------------
 
 def server_timing(stages: list[tuple[str, float]], upstream: str | None) -> str:
@@ -216,6 +259,7 @@ async def invoke(request: web.Request) -> web.StreamResponse:
                     if h in upstream.headers:
                         out.headers[h] = upstream.headers[h]
                 out.headers["X-Thaw-Start"] = start
+                out.headers["X-Thaw-Node"] = lease.node_id
                 out.headers["X-Request-ID"] = request["request_id"]
                 upstream_timing = upstream.headers.get("Server-Timing")
                 if upstream.content_length is not None:
@@ -295,6 +339,10 @@ def make_app(config: GatewayConfig, metrics: GatewayMetrics | None = None) -> we
     r.add_get("/v1/functions", list_functions)
     r.add_get("/v1/functions/{name}", get_function)
     r.add_delete("/v1/functions/{name}", delete_function)
+    r.add_post("/v1/functions/{name}/prewarm", prewarm_function)
+    r.add_post("/v1/functions/{name}/evict", evict_function)
+    r.add_get("/v1/nodes", list_nodes)
+    r.add_post("/v1/nodes/{node}/{action:cordon|uncordon}", cordon_node)
     r.add_post("/fn/{tenant}/{name}", invoke)
     r.add_post("/fn/{tenant}/{name}/{tail:.*}", invoke)
     return app

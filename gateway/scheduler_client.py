@@ -51,6 +51,26 @@ class SchedulerClient:
             scheduler_pb2.ReleaseRequest(lease_id=lease_id, instance_failed=failed,
                                          reason=reason), timeout=META_TIMEOUT))
 
+    async def list_nodes(self) -> list[scheduler_pb2.NodeInfo]:
+        resp = await call(self._stub.ListNodes(scheduler_pb2.ListNodesRequest(),
+                                               timeout=META_TIMEOUT))
+        return list(resp.nodes)
+
+    async def cordon(self, node_id: str, cordoned: bool) -> scheduler_pb2.NodeInfo:
+        return await call(self._stub.Cordon(
+            scheduler_pb2.CordonRequest(node_id=node_id, cordoned=cordoned),
+            timeout=META_TIMEOUT))
+
+    async def prewarm(self, tenant: str, name: str, node_id: str = "") -> scheduler_pb2.TierReply:
+        return await call(self._stub.Prewarm(
+            scheduler_pb2.PrewarmRequest(tenant=tenant, name=name, node_id=node_id),
+            timeout=CREATE_TIMEOUT))
+
+    async def evict(self, tenant: str, name: str, node_id: str = "") -> scheduler_pb2.TierReply:
+        return await call(self._stub.Evict(
+            scheduler_pb2.PrewarmRequest(tenant=tenant, name=name, node_id=node_id),
+            timeout=META_TIMEOUT))
+
     async def ready(self) -> bool:
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 

@@ -9,7 +9,9 @@ import click
 from thaw.core.errors import ThawError
 from thaw.ops.bench import bench
 from thaw.ops.functions import deploy, fn, invoke
+from thaw.ops.nodes import node
 from thaw.ops.services import agent, gateway, scheduler, up
+from thaw.ops.snapshots import snapshot
 
 # Exit codes: 1 = the platform said no (a ThawError), 2 = bad usage (click's own).
 EXIT_ERROR = 1
@@ -21,7 +23,7 @@ def cli() -> None:
     """thaw: serverless GPU functions whose cold start is a snapshot restore."""
 
 
-for command in (up, scheduler, gateway, agent, deploy, invoke, fn, bench):
+for command in (up, scheduler, gateway, agent, deploy, invoke, fn, snapshot, node, bench):
     cli.add_command(command)
 
 

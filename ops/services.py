@@ -90,17 +90,22 @@ def _die_with_parent() -> None:
 class LocalPlatform:
     """The scheduler, an agent and the gateway as child processes of `thaw up`."""
 
-    def __init__(self, home: Path, gateway_port: int, host_devices: str | None) -> None:
+    def __init__(self, home: Path, gateway_port: int, host_devices: str | None,
+                 agents: int = 1) -> None:
         self.home = home
         self.gateway_port = gateway_port
         self.host_devices = host_devices
+        self.agents = agents
         self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
         self.url = ""
         self.key = ""
 
     def _start(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        # Own session: a terminal's Ctrl-C reaches only `thaw up`, which then stops the
+        # services in order; PDEATHSIG covers `thaw up` itself being killed.
         proc = subprocess.Popen([sys.executable, "-m", "thaw.ops", *args],
-                                env={**os.environ, **env}, preexec_fn=_die_with_parent)
+                                env={**os.environ, **env}, preexec_fn=_die_with_parent,
+                                start_new_session=True)
         self.procs.append((name, proc))
         return proc
 
@@ -114,13 +119,15 @@ class LocalPlatform:
                 "--dev-key-file", str(self.home / "dev-key")],
                 {**env, "THAW_SCHEDULER_LISTEN": "127.0.0.1:0"})
             address = f"127.0.0.1:{_wait_for_file(ports / 'scheduler', sched, 'scheduler')}"
-            agent_env = {**env, "THAW_SCHEDULER_ADDRESS": address, "THAW_AGENT_PORT": "0",
-                         "THAW_DATA_PORT": "0", "THAW_NODE_ID": "local"}
-            if self.host_devices:
-                agent_env["THAW_HOST_DEVICES"] = self.host_devices
-            agent_proc = self._start("agent", ["agent", "--port-file", str(ports / "agent")],
-                                     agent_env)
-            _wait_for_file(ports / "agent", agent_proc, "agent")
+            for index in range(self.agents):
+                node_id = "local" if self.agents == 1 else f"node{index}"
+                agent_env = {**env, "THAW_SCHEDULER_ADDRESS": address, "THAW_AGENT_PORT": "0",
+                             "THAW_DATA_PORT": "0", "THAW_NODE_ID": node_id}
+                if self.host_devices:
+                    agent_env["THAW_HOST_DEVICES"] = self.host_devices
+                agent_proc = self._start(f"agent {node_id}", [
+                    "agent", "--port-file", str(ports / f"agent-{node_id}")], agent_env)
+                _wait_for_file(ports / f"agent-{node_id}", agent_proc, f"agent {node_id}")
             gw = self._start("gateway", ["gateway", "--port-file", str(ports / "gateway")], {
                 **env, "THAW_SCHEDULER_ADDRESS": address,
                 "THAW_GATEWAY_PORT": str(self.gateway_port)})

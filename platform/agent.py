@@ -21,6 +21,7 @@ from pathlib import Path
 import structlog
 
 from thaw.core.errors import (
+    ChunkNotFound,
     FingerprintMismatch,
     InstanceFailed,
     NotFound,
@@ -30,6 +31,7 @@ from thaw.core.errors import (
 from thaw.core.spec import extract_bundle
 from thaw.platform.devices import DeviceBackend, gpu_info
 from thaw.platform.instances import Instance, InstanceState
+from thaw.platform.peers import PeerChunks
 from thaw.platform.process import (
     ProcessRuntime,
     ProcessWatch,
@@ -79,6 +81,7 @@ class Agent:
         self.devices = devices
         self.runtime = runtime
         self.snapshots = snapshots
+        self.chunks = PeerChunks(snapshots)
         self.fetch_bundle = fetch_bundle
         self.start_timeout = start_timeout
         self.fingerprint = fingerprint or local_fingerprint(devices.kind)
@@ -115,7 +118,8 @@ class Agent:
         spec = req.function
         name = f"{spec.tenant}/{spec.name}"
         bundle = await self.ensure_bundle(spec.bundle_digest, req.bundle or None)
-        out = self.home / "builds" / f"{spec.tenant}-{spec.name}-{spec.version}-{uuid.uuid4().hex[:6]}"
+        build_id = f"{spec.tenant}-{spec.name}-{spec.version}-{uuid.uuid4().hex[:6]}"
+        out = self.home / "builds" / build_id
         out.mkdir(parents=True)
         log_path = str(self.home / "logs" / f"build-{spec.tenant}-{spec.name}-{spec.version}.log")
         try:
@@ -185,6 +189,7 @@ class Agent:
     async def prepare_template(self, spec: agent_pb2.FunctionSpec,
                                manifest: manifest_pb2.SnapshotManifest) -> float:
         started = time.perf_counter()
+        await self.chunks.ensure(manifest, [])
         mat = await asyncio.to_thread(self.snapshots.materialize, manifest)
         await self.ensure_template(spec, manifest, mat)
         return time.perf_counter() - started
@@ -216,12 +221,13 @@ class Agent:
             if spec.gpu_memory_bytes:
                 inst.slice_id = self.devices.allocate(spec.gpu_memory_bytes, inst.id).id
             if restore:
-                timings = await self._restore(inst, spec, req.manifest)
+                timings = await self._restore(inst, spec, req.manifest, list(req.peers))
             else:
                 timings = await self._start_fresh(inst, spec)
         except BaseException as exc:
             await self._discard(inst, f"start failed: {exc}")
-            if restore and isinstance(exc, ThawError) and not isinstance(exc, SnapshotError):
+            if (restore and isinstance(exc, ThawError)
+                    and not isinstance(exc, (SnapshotError, ChunkNotFound))):
                 raise SnapshotError(f"restore failed: {exc}") from exc
             raise
         inst.move(InstanceState.READY)
@@ -250,12 +256,14 @@ class Agent:
         return [("import", float(t.get("import", 0.0))), ("setup", float(t.get("setup", 0.0)))]
 
     async def _restore(self, inst: Instance, spec: agent_pb2.FunctionSpec,
-                       manifest: manifest_pb2.SnapshotManifest) -> list[tuple[str, float]]:
+                       manifest: manifest_pb2.SnapshotManifest,
+                       peers: list[str]) -> list[tuple[str, float]]:
         if manifest.fingerprint.function_version not in ("", spec.version):
             raise FingerprintMismatch(
                 f"snapshot is of version {manifest.fingerprint.function_version}, "
                 f"not {spec.version}", field="fingerprint.function_version")
         check_fingerprint(manifest, self.fingerprint)
+        await self.chunks.ensure(manifest, peers)
         mat = await asyncio.to_thread(self.snapshots.materialize, manifest)
         started = time.perf_counter()
         template = await self.ensure_template(spec, manifest, mat)
@@ -315,6 +323,22 @@ class Agent:
         await self._discard(inst, reason or "stopped")
         log.info("instance stopped", instance=instance_id, reason=reason)
 
+    # ---- tiers ---------------------------------------------------------------------
+
+    async def prewarm(self, manifest: manifest_pb2.SnapshotManifest,
+                      peers: list[str]) -> tuple[int, float]:
+        """Move a snapshot's chunks into the pinned tier (no GPU memory is used)."""
+        started = time.perf_counter()
+        await self.chunks.ensure(manifest, peers)
+        nbytes = await asyncio.to_thread(self.snapshots.prewarm, manifest)
+        return nbytes, time.perf_counter() - started
+
+    async def evict(self, manifest: manifest_pb2.SnapshotManifest) -> int:
+        return await asyncio.to_thread(self.snapshots.evict, manifest)
+
+    async def collect_garbage(self, keep: list[manifest_pb2.SnapshotManifest]) -> tuple[int, int]:
+        return await asyncio.to_thread(self.snapshots.collect_garbage, keep)
+
     def take_exited(self) -> list[scheduler_pb2.InstanceExit]:
         exited, self.exited = self.exited, []
         return exited
@@ -332,3 +356,4 @@ class Agent:
                 os.unlink(template.control)
         self.templates.clear()
         self.devices.close()
+        await self.chunks.close()

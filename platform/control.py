@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
+
 import grpc
 
-from thaw.core.grpcutil import servicer_method
+from thaw.core.errors import ThawError
+from thaw.core.grpcutil import encode_error, servicer_method, status_for
 from thaw.platform.agent import Agent
+from thaw.platform.peers import read_chunks
 from thaw.proto import agent_pb2, agent_pb2_grpc
 
 
@@ -37,3 +42,35 @@ class AgentService(agent_pb2_grpc.AgentServicer):
                               ) -> agent_pb2.PrepareTemplateResponse:
         seconds = await self.agent.prepare_template(request.function, request.manifest)
         return agent_pb2.PrepareTemplateResponse(seconds=seconds)
+
+    async def FetchChunks(self, request: agent_pb2.FetchChunksRequest,
+                          context: grpc.aio.ServicerContext
+                          ) -> AsyncIterator[agent_pb2.ChunkData]:
+        chunks = read_chunks(self.agent.snapshots, list(request.digests))
+        while True:
+            try:
+                item = await asyncio.to_thread(next, chunks, None)
+            except ThawError as exc:
+                await context.abort(status_for(exc), encode_error(exc))
+                return
+            if item is None:
+                return
+            yield agent_pb2.ChunkData(digest=item[0], data=item[1])
+
+    @servicer_method
+    async def Prewarm(self, request: agent_pb2.SnapshotRequest,
+                      context: grpc.aio.ServicerContext) -> agent_pb2.PrewarmResponse:
+        nbytes, seconds = await self.agent.prewarm(request.manifest, list(request.peers))
+        return agent_pb2.PrewarmResponse(bytes=nbytes, seconds=seconds)
+
+    @servicer_method
+    async def Evict(self, request: agent_pb2.SnapshotRequest,
+                    context: grpc.aio.ServicerContext) -> agent_pb2.EvictResponse:
+        return agent_pb2.EvictResponse(bytes=await self.agent.evict(request.manifest))
+
+    @servicer_method
+    async def CollectGarbage(self, request: agent_pb2.CollectGarbageRequest,
+                             context: grpc.aio.ServicerContext
+                             ) -> agent_pb2.CollectGarbageResponse:
+        removed, freed = await self.agent.collect_garbage(list(request.keep))
+        return agent_pb2.CollectGarbageResponse(removed_chunks=removed, freed_bytes=freed)

@@ -99,6 +99,14 @@ class AgentServer:
                                          used_bytes=d.used)
                 for d in self.agent.devices.usage()]
 
+    def _pinned_info(self) -> scheduler_pb2.PinnedTierInfo:
+        assert self.agent is not None
+        snaps = self.agent.snapshots
+        u = snaps.pinned.usage()
+        return scheduler_pb2.PinnedTierInfo(
+            capacity_bytes=u.capacity, used_bytes=u.used, chunks=u.chunks, hits=u.hits,
+            misses=u.misses, evictions=u.evictions, snapshot_keys=snaps.pinned_keys())
+
     async def _register(self) -> float:
         assert self._registry is not None and self.agent is not None
         cfg = self.config
@@ -121,9 +129,11 @@ class AgentServer:
             await asyncio.sleep(interval)
             exited = self.agent.take_exited()
             try:
+                pinned = await asyncio.to_thread(self._pinned_info)
                 resp = await call(self._registry.Heartbeat(scheduler_pb2.HeartbeatRequest(
                     node_id=self.node_id, devices=self._devices(),
-                    instance_ids=list(self.agent.instances), exited=exited), timeout=10))
+                    instance_ids=list(self.agent.instances), exited=exited, pinned=pinned,
+                    disk_bytes=self.agent.snapshots.disk.stored_bytes()), timeout=10))
                 if resp.reregister:
                     interval = await self._register()
             except ThawError as exc:

@@ -49,6 +49,11 @@ def _store_file(disk: DiskTier, path: Path) -> tuple[int, list[ChunkRef]]:
         return size, store_arena(disk, mm)
 
 
+def all_refs(manifest: manifest_pb2.SnapshotManifest) -> list[ChunkRef]:
+    return [ChunkRef.from_dict(d) for arena in (manifest.pickle, manifest.host, manifest.device)
+            for d in chunk_dicts(arena)]
+
+
 class NodeSnapshots:
     def __init__(self, disk: DiskTier, pinned: PinnedTier, shm_dir: Path) -> None:
         self.disk = disk
@@ -57,6 +62,7 @@ class NodeSnapshots:
         shm_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._materializing: dict[str, threading.Lock] = {}
+        self.prewarmed: dict[str, manifest_pb2.SnapshotManifest] = {}
 
     def store_capture(self, out_dir: Path, *, function: str, version: str
                       ) -> tuple[manifest_pb2.SnapshotManifest, int]:
@@ -105,17 +111,48 @@ class NodeSnapshots:
             if arena.size == 0:
                 return
             handle.truncate(arena.size)
-            with mmap.mmap(handle.fileno(), arena.size) as mm:
-                refs = [ChunkRef.from_dict(d) for d in chunk_dicts(arena)]
+            refs = [ChunkRef.from_dict(d) for d in chunk_dicts(arena)]
+            with mmap.mmap(handle.fileno(), arena.size) as mm, memoryview(mm) as view:
                 try:
-                    restore_arena(refs, memoryview(mm), disk=self.disk, pinned=self.pinned)
-                except SnapshotError:
-                    raise
-                except (OSError, KeyError) as exc:
+                    restore_arena(refs, view, disk=self.disk, pinned=self.pinned)
+                except OSError as exc:
                     raise SnapshotError(f"cannot read snapshot chunks: {exc}") from exc
 
     def drop(self, manifest: manifest_pb2.SnapshotManifest) -> None:
         shutil.rmtree(self.shm_dir / manifest_key(manifest), ignore_errors=True)
+
+    def prewarm(self, manifest: manifest_pb2.SnapshotManifest) -> int:
+        """Load every chunk of the snapshot into the pinned tier; returns bytes loaded."""
+        refs = all_refs(manifest)
+        before = self.pinned.usage().used
+        self.pinned.prewarm(refs, self.disk)
+        with self._lock:
+            self.prewarmed[manifest_key(manifest)] = manifest
+        return max(0, self.pinned.usage().used - before)
+
+    def evict(self, manifest: manifest_pb2.SnapshotManifest) -> int:
+        """Drop the snapshot from host memory: its pinned chunks and materialized files
+        (running instances keep their private mappings)."""
+        with self._lock:
+            self.prewarmed.pop(manifest_key(manifest), None)
+            still_wanted = {r.digest for m in self.prewarmed.values() for r in all_refs(m)}
+        freed = self.pinned.evict(r.digest for r in all_refs(manifest)
+                                  if r.digest not in still_wanted)
+        self.drop(manifest)
+        return freed
+
+    def pinned_keys(self) -> list[str]:
+        """Snapshots whose chunks are all in the pinned tier."""
+        with self._lock:
+            prewarmed = list(self.prewarmed.items())
+        return [key for key, m in prewarmed
+                if all(self.pinned.has(r.digest) for r in all_refs(m))]
+
+    def collect_garbage(self, keep: list[manifest_pb2.SnapshotManifest]) -> tuple[int, int]:
+        """Delete disk chunks that no kept manifest references."""
+        referenced = {r.digest for m in keep for r in all_refs(m)}
+        result = self.disk.gc(referenced)
+        return result.removed, result.freed_bytes
 
     def close(self) -> None:
         shutil.rmtree(self.shm_dir, ignore_errors=True)

@@ -7,6 +7,7 @@ rebuilt from agents' registrations and heartbeats.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import time
@@ -17,10 +18,11 @@ from dataclasses import dataclass, field
 import structlog
 
 from thaw.core.errors import (
+    ChunkNotFound,
     DeadlineExceeded,
     FunctionUnavailable,
-    InstanceFailed,
     NoCapacity,
+    NotFound,
     SnapshotError,
     ThawError,
 )
@@ -29,8 +31,15 @@ from thaw.proto import agent_pb2, manifest_pb2, scheduler_pb2
 from thaw.scheduler.bundles import BundleStore
 from thaw.scheduler.nodes import AgentClient, NodeView
 from thaw.scheduler.placement import Candidate, choose_node
-from thaw.scheduler.states import FunctionState, InstanceState, NodeState, SnapshotState
+from thaw.scheduler.states import (
+    FunctionState,
+    InstanceState,
+    NodeState,
+    SnapshotState,
+    check_transition,
+)
 from thaw.scheduler.store import FunctionRecord, Store, new_id
+from thaw.snapshotter.manifest import manifest_key
 
 log = structlog.get_logger()
 
@@ -122,6 +131,8 @@ class ControlPlane:
         self.pools: dict[str, FunctionPool] = {}
         self.leases: dict[str, tuple[FunctionPool, InstanceView]] = {}
         self._builds: dict[str, asyncio.Task[FunctionRecord]] = {}
+        self.holders: dict[str, set[str]] = {}
+        """Snapshot id -> nodes whose disk tier holds its chunks."""
         self._background: set[asyncio.Task[object]] = set()
 
     # ---- nodes ----------------------------------------------------------------
@@ -135,7 +146,8 @@ class ControlPlane:
                                data_url=req.data_url,
                                client=self._agent_client(req.control_address))
         node.data_url, node.devices = req.data_url, list(req.devices)
-        node.state, node.last_heartbeat = NodeState.READY, self._clock()
+        node.state = NodeState.CORDONED if node.cordoned else NodeState.READY
+        node.last_heartbeat = self._clock()
         self.nodes[req.node_id] = node
         await self.store.run(self.store.upsert_node, req.node_id, req.control_address,
                              req.data_url, json.dumps([d.id for d in req.devices]))
@@ -157,9 +169,11 @@ class ControlPlane:
             return False
         node.last_heartbeat = self._clock()
         node.devices = list(req.devices)
+        node.pinned = req.pinned
+        node.disk_bytes = req.disk_bytes
         if node.state is NodeState.LOST:
-            node.state = NodeState.READY
-            await self.store.run(self.store.set_node_state, node.id, NodeState.READY.value)
+            node.state = NodeState.CORDONED if node.cordoned else NodeState.READY
+            await self.store.run(self.store.set_node_state, node.id, node.state.value)
         for exited in req.exited:
             await self._forget_instance(exited.instance_id, f"exited: {exited.reason}")
         return True
@@ -178,6 +192,78 @@ class ControlPlane:
                 await asyncio.wait_for(self._nodes_changed.wait(), remaining)
             except TimeoutError:
                 continue
+
+    async def cordon(self, node_id: str, cordoned: bool) -> NodeView:
+        node = self.nodes.get(node_id)
+        if node is None:
+            raise NotFound(f"no node {node_id!r}", field="node_id")
+        node.cordoned = cordoned
+        if node.state is not NodeState.LOST:
+            target = NodeState.CORDONED if cordoned else NodeState.READY
+            check_transition(node.state, target)
+            node.state = target
+            await self.store.run(self.store.set_node_state, node.id, target.value)
+        log.info("node cordoned" if cordoned else "node uncordoned", node=node_id)
+        return node
+
+    def node_instances(self, node_id: str) -> int:
+        return sum(1 for p in self.pools.values() for i in p.instances.values()
+                   if i.node_id == node_id)
+
+    async def _snapshot_of(self, tenant: str, name: str
+                           ) -> tuple[FunctionRecord, str, manifest_pb2.SnapshotManifest]:
+        fn = await self.store.run(self.store.get_function, tenant, name)
+        if not fn.snapshot_id:
+            raise FunctionUnavailable(
+                f"{tenant}/{name} has no snapshot ({fn.reason or fn.state.value})")
+        snap = await self.store.run(self.store.get_snapshot, fn.snapshot_id)
+        if snap.state is not SnapshotState.READY or not snap.manifest:
+            raise FunctionUnavailable(f"{tenant}/{name}'s snapshot is {snap.state.value}")
+        self.holders.setdefault(snap.id, {snap.node_id})
+        return fn, snap.id, manifest_pb2.SnapshotManifest.FromString(snap.manifest)
+
+    def _tier_targets(self, snapshot_id: str, node_id: str) -> list[NodeView]:
+        if node_id:
+            node = self.nodes.get(node_id)
+            if node is None:
+                raise NotFound(f"no node {node_id!r}", field="node_id")
+            return [node]
+        return [self.nodes[h] for h in sorted(self.holders.get(snapshot_id, ()))
+                if h in self.nodes and self.nodes[h].state is not NodeState.LOST]
+
+    async def prewarm(self, tenant: str, name: str, node_id: str = ""
+                      ) -> tuple[list[str], int, float]:
+        """Move a function's snapshot into nodes' pinned tiers (no GPU memory)."""
+        _fn, snap_id, manifest = await self._snapshot_of(tenant, name)
+        targets = self._tier_targets(snap_id, node_id)
+        holders = self.holders[snap_id]
+        total, seconds = 0, 0.0
+        for node in targets:
+            peers = [self.nodes[h].control_address for h in sorted(holders)
+                     if h != node.id and h in self.nodes]
+            resp = await node.client.prewarm(manifest, peers)
+            holders.add(node.id)
+            total += resp.bytes
+            seconds = max(seconds, resp.seconds)
+            key = manifest_key(manifest)
+            if key not in node.pinned.snapshot_keys:
+                node.pinned.snapshot_keys.append(key)
+        log.info("snapshot prewarmed", function=f"{tenant}/{name}",
+                 nodes=[n.id for n in targets], bytes=total)
+        return [n.id for n in targets], total, seconds
+
+    async def evict(self, tenant: str, name: str, node_id: str = "") -> tuple[list[str], int]:
+        _fn, snap_id, manifest = await self._snapshot_of(tenant, name)
+        targets = self._tier_targets(snap_id, node_id)
+        total = 0
+        key = manifest_key(manifest)
+        for node in targets:
+            total += (await node.client.evict(manifest)).bytes
+            if key in node.pinned.snapshot_keys:
+                node.pinned.snapshot_keys.remove(key)
+        log.info("snapshot evicted", function=f"{tenant}/{name}",
+                 nodes=[n.id for n in targets], bytes=total)
+        return [n.id for n in targets], total
 
     # ---- functions -------------------------------------------------------------
 
@@ -276,14 +362,15 @@ class ControlPlane:
             await self.store.run(self.store.finish_snapshot, snapshot_id, SnapshotState.READY,
                                  manifest=resp.manifest.SerializeToString(),
                                  stored_bytes=resp.stored_bytes)
+            self.holders.setdefault(snapshot_id, set()).add(node.id)
             updated = await self.store.run(
                 self.store.set_function_state, fn.id, fn.version, FunctionState.READY, "",
                 "restore", snapshot_id)
             log.info("snapshot ready", function=name, snapshot=snapshot_id,
                      bytes=resp.stored_bytes, setup_s=round(resp.manifest.setup_seconds, 3))
             # Keep a template with the function's modules imported, so that the first
-            # restore does not pay for imports.
-            self._spawn(self._prepare_template(node, fn, resp.manifest))
+            # restore does not pay for imports; a deploy that waits, waits for it too.
+            await self._prepare_template(node, fn, resp.manifest)
         elif resp.stage == "capture":
             where = f" at {resp.attribute_path}" if resp.attribute_path else ""
             reason = (f"state cannot be snapshotted{where}: {resp.reason}; "
@@ -354,10 +441,8 @@ class ControlPlane:
                         if remaining <= 0:
                             raise DeadlineExceeded(
                                 f"no instance of {tenant}/{name} became free in time")
-                        try:
+                        with contextlib.suppress(TimeoutError):
                             await asyncio.wait_for(pool.changed.wait(), remaining)
-                        except TimeoutError:
-                            pass
                         continue
                 queued = self._clock() - started
                 try:
@@ -405,26 +490,29 @@ class ControlPlane:
                               ) -> tuple[InstanceView, tuple[tuple[str, float], ...]]:
         await self._wait_for_node()
         manifest = None
-        holder = ""
+        holders: set[str] = set()
+        key = ""
         if fn.start_mode == "restore" and fn.snapshot_id:
             snap = await self.store.run(self.store.get_snapshot, fn.snapshot_id)
             if snap.state is SnapshotState.READY and snap.manifest:
                 manifest = manifest_pb2.SnapshotManifest.FromString(snap.manifest)
-                holder = snap.node_id
+                key = manifest_key(manifest)
+                holders = self.holders.setdefault(snap.id, {snap.node_id})
         need = fn.spec.resources.gpu_memory
         candidates = [
-            Candidate(node_id=n.id,
-                      device_free=[max(0, n.capacity_bytes - n.reserved_bytes)],
-                      snapshot_on_disk=n.id == holder, starts_in_flight=n.starts_in_flight)
+            Candidate(node_id=n.id, device_free=n.device_free(),
+                      snapshot_pinned=bool(key) and key in n.pinned.snapshot_keys,
+                      snapshot_on_disk=n.id in holders, starts_in_flight=n.starts_in_flight)
             for n in self._ready_nodes()]
         chosen = choose_node(candidates, need)
         if chosen is None:
             raise NoCapacity(f"no node has {need} bytes of slice memory free for "
                              f"{fn.tenant}/{fn.name}")
         node = self.nodes[chosen.node_id]
-        # Until peer fetch exists, only the node that built the snapshot holds its chunks.
-        kind = agent_pb2.START_RESTORE if manifest is not None and node.id == holder \
-            else agent_pb2.START_FRESH
+        kind = agent_pb2.START_RESTORE if manifest is not None else agent_pb2.START_FRESH
+        peers = [self.nodes[h].control_address for h in sorted(holders)
+                 if h != node.id and h in self.nodes
+                 and self.nodes[h].state is not NodeState.LOST]
         instance_id = new_id("inst")
         node.starts_in_flight += 1
         node.reserved_bytes += need
@@ -432,11 +520,17 @@ class ControlPlane:
             try:
                 resp = await node.client.start_instance(agent_pb2.StartInstanceRequest(
                     instance_id=instance_id, function=spec_message(fn), kind=kind,
-                    manifest=manifest), timeout=START_RPC_TIMEOUT)
-            except SnapshotError as exc:
+                    manifest=manifest, peers=peers), timeout=START_RPC_TIMEOUT)
+            except (SnapshotError, ChunkNotFound) as exc:
                 if fn.snapshot_id is None:
                     raise
-                await self._quarantine(fn, str(exc))
+                if isinstance(exc, ChunkNotFound):
+                    # The data is out of reach (its nodes are down), not broken: start
+                    # fresh this time and keep the snapshot.
+                    log.warning("snapshot chunks unreachable; starting fresh",
+                                function=f"{fn.tenant}/{fn.name}", error=str(exc))
+                else:
+                    await self._quarantine(fn, str(exc))
                 resp = await node.client.start_instance(agent_pb2.StartInstanceRequest(
                     instance_id=instance_id, function=spec_message(fn),
                     kind=agent_pb2.START_FRESH), timeout=START_RPC_TIMEOUT)
@@ -446,6 +540,8 @@ class ControlPlane:
         finally:
             node.starts_in_flight -= 1
         start = "restore" if resp.kind == agent_pb2.START_RESTORE else "fresh"
+        if start == "restore" and fn.snapshot_id:
+            holders.add(node.id)  # it fetched the chunks it lacked
         await self.store.run(self.store.add_instance, instance_id, fn.id, fn.version, node.id,
                              start)
         inst = InstanceView(id=instance_id, function_id=fn.id, version=fn.version,
@@ -503,7 +599,8 @@ class ControlPlane:
         """Scale idle instances to zero; mark silent nodes lost."""
         now = self._clock()
         for node in list(self.nodes.values()):
-            if node.state is NodeState.READY and now - node.last_heartbeat > self.node_timeout:
+            if (node.state is not NodeState.LOST
+                    and now - node.last_heartbeat > self.node_timeout):
                 node.state = NodeState.LOST
                 await self.store.run(self.store.set_node_state, node.id, NodeState.LOST.value)
                 log.error("node lost", node=node.id)

@@ -37,6 +37,15 @@ class AgentClient:
                                timeout: float) -> agent_pb2.PrepareTemplateResponse:
         return await call(self._stub.PrepareTemplate(request, timeout=timeout))
 
+    async def prewarm(self, manifest: object, peers: list[str],
+                      timeout: float = 600.0) -> agent_pb2.PrewarmResponse:
+        return await call(self._stub.Prewarm(
+            agent_pb2.SnapshotRequest(manifest=manifest, peers=peers), timeout=timeout))
+
+    async def evict(self, manifest: object, timeout: float = 60.0) -> agent_pb2.EvictResponse:
+        return await call(self._stub.Evict(agent_pb2.SnapshotRequest(manifest=manifest),
+                                           timeout=timeout))
+
     async def close(self) -> None:
         await self._channel.close()
 
@@ -53,7 +62,24 @@ class NodeView:
     reserved_bytes: int = 0
     """Slice memory of the instances the scheduler placed here."""
     starts_in_flight: int = 0
+    cordoned: bool = False
+    disk_bytes: int = 0
+    pinned: scheduler_pb2.PinnedTierInfo = field(default_factory=scheduler_pb2.PinnedTierInfo)
+    """The node's pinned-tier accounting, from its last heartbeat."""
 
     @property
     def capacity_bytes(self) -> int:
         return sum(d.capacity_bytes for d in self.devices)
+
+    def device_free(self) -> list[int]:
+        """Free slice memory per device, as the node last reported it, less what the
+        scheduler has placed there since (a start in flight is not reported yet)."""
+        reported_used = sum(d.used_bytes for d in self.devices)
+        unreported = max(0, self.reserved_bytes - reported_used)
+        free = [max(0, d.capacity_bytes - d.used_bytes) for d in self.devices]
+        # Charge the not-yet-reported reservations to the roomiest devices first.
+        for i in sorted(range(len(free)), key=lambda j: -free[j]):
+            take = min(free[i], unreported)
+            free[i] -= take
+            unreported -= take
+        return free

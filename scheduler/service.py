@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -10,6 +11,7 @@ import grpc
 from thaw.core.grpcutil import servicer_method
 from thaw.proto import agent_pb2, scheduler_pb2, scheduler_pb2_grpc
 from thaw.scheduler.control import ControlPlane
+from thaw.scheduler.nodes import NodeView
 from thaw.scheduler.store import FunctionRecord
 
 # Bundles stream to agents in pieces well under the message limit.
@@ -80,6 +82,39 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
                       context: grpc.aio.ServicerContext) -> scheduler_pb2.ReleaseResponse:
         await self.control.release(request.lease_id, request.instance_failed, request.reason)
         return scheduler_pb2.ReleaseResponse()
+
+
+    @servicer_method
+    async def ListNodes(self, request: scheduler_pb2.ListNodesRequest,
+                        context: grpc.aio.ServicerContext) -> scheduler_pb2.ListNodesResponse:
+        return scheduler_pb2.ListNodesResponse(
+            nodes=[self._node_info(n) for n in sorted(self.control.nodes.values(),
+                                                       key=lambda n: n.id)])
+
+    @servicer_method
+    async def Cordon(self, request: scheduler_pb2.CordonRequest,
+                     context: grpc.aio.ServicerContext) -> scheduler_pb2.NodeInfo:
+        return self._node_info(await self.control.cordon(request.node_id, request.cordoned))
+
+    @servicer_method
+    async def Prewarm(self, request: scheduler_pb2.PrewarmRequest,
+                      context: grpc.aio.ServicerContext) -> scheduler_pb2.TierReply:
+        nodes, nbytes, seconds = await self.control.prewarm(request.tenant, request.name,
+                                                            request.node_id)
+        return scheduler_pb2.TierReply(node_ids=nodes, bytes=nbytes, seconds=seconds)
+
+    @servicer_method
+    async def Evict(self, request: scheduler_pb2.PrewarmRequest,
+                    context: grpc.aio.ServicerContext) -> scheduler_pb2.TierReply:
+        nodes, nbytes = await self.control.evict(request.tenant, request.name, request.node_id)
+        return scheduler_pb2.TierReply(node_ids=nodes, bytes=nbytes)
+
+    def _node_info(self, node: NodeView) -> scheduler_pb2.NodeInfo:
+        return scheduler_pb2.NodeInfo(
+            id=node.id, state=node.state.value, control_address=node.control_address,
+            data_url=node.data_url, devices=node.devices, pinned=node.pinned,
+            instances=self.control.node_instances(node.id), disk_bytes=node.disk_bytes,
+            last_heartbeat_age_seconds=max(0.0, time.monotonic() - node.last_heartbeat))
 
 
 class NodeRegistryService(scheduler_pb2_grpc.NodeRegistryServicer):

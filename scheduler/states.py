@@ -29,6 +29,7 @@ class SnapshotState(str, enum.Enum):
 
 class NodeState(str, enum.Enum):
     READY = "ready"
+    CORDONED = "cordoned"  # serves its instances, gets no new ones
     LOST = "lost"
 
 
@@ -53,8 +54,9 @@ _SNAPSHOT_MOVES = {
     SnapshotState.QUARANTINED: set(),
 }
 _NODE_MOVES = {
-    NodeState.READY: {NodeState.LOST, NodeState.READY},
-    NodeState.LOST: {NodeState.READY},
+    NodeState.READY: {NodeState.LOST, NodeState.READY, NodeState.CORDONED},
+    NodeState.CORDONED: {NodeState.READY, NodeState.LOST, NodeState.CORDONED},
+    NodeState.LOST: {NodeState.READY, NodeState.CORDONED},
 }
 _INSTANCE_MOVES = {
     InstanceState.STARTING: {InstanceState.READY, InstanceState.GONE},

@@ -1,0 +1,126 @@
+"""Snapshots across nodes and tiers: peer fetch, prewarm/evict, templates that skip
+imports, and quarantine of a snapshot whose restore fails (issue 3)."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import FIXTURES, RunningPlatform
+from thaw.ops.services import LocalPlatform
+
+HEARTBEAT_WAIT = 15.0
+
+
+def expected_checksum() -> str:
+    rng = np.random.default_rng(1234)
+    return hashlib.sha256(rng.standard_normal(4 * 1024 * 1024, dtype=np.float32)
+                          .tobytes()).hexdigest()
+
+
+def nodes(p: RunningPlatform) -> dict[str, dict]:
+    return {n["id"]: n for n in p.http.get("/v1/nodes").json()["nodes"]}
+
+
+def wait_for(predicate, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + HEARTBEAT_WAIT
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+@pytest.fixture
+def two_nodes(tmp_path: Path) -> Iterator[RunningPlatform]:
+    local = LocalPlatform(tmp_path / "home", gateway_port=0, host_devices="1x2GiB", agents=2)
+    try:
+        local.start()
+        wait_for(lambda: len(nodes(RunningPlatform(local))) == 2, "two nodes")
+        yield RunningPlatform(local)
+    finally:
+        local.stop()
+
+
+def test_restore_on_a_node_that_fetches_chunks_from_its_peer(two_nodes: RunningPlatform) -> None:
+    p = two_nodes
+    fn = p.deploy(FIXTURES / "weights").json()
+    assert fn["state"] == "ready" and fn["start_mode"] == "restore", fn
+    wait_for(lambda: sum(1 for n in nodes(p).values() if n["disk_bytes"] > 0) == 1,
+             "the builder's heartbeat")
+    holder = next(n for n, info in nodes(p).items() if info["disk_bytes"] > 0)
+    other = next(n for n in nodes(p) if n != holder)
+
+    assert p.http.post(f"/v1/nodes/{holder}/cordon").json()["state"] == "cordoned"
+    resp = p.invoke("weights")
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["X-Thaw-Start"] == "restore"
+    assert resp.headers["X-Thaw-Node"] == other
+    body = resp.json()
+    assert body["checksum"] == expected_checksum()
+    assert body["setup_pid"] != body["pid"]
+    # The chunks now sit on the other node's disk too: it fetched them over gRPC.
+    wait_for(lambda: nodes(p)[other]["disk_bytes"] >= 16 * 1024 * 1024, "fetched chunks")
+    assert p.http.post(f"/v1/nodes/{holder}/uncordon").json()["state"] == "ready"
+
+
+def test_prewarm_and_evict_move_the_snapshot_through_host_memory(
+        two_nodes: RunningPlatform) -> None:
+    p = two_nodes
+    assert p.deploy(FIXTURES / "weights").json()["state"] == "ready"
+    reply = p.http.post("/v1/functions/weights/prewarm").json()
+    assert len(reply["nodes"]) == 1 and reply["bytes"] >= 16 * 1024 * 1024
+    node = reply["nodes"][0]
+    wait_for(lambda: nodes(p)[node]["pinned"]["used_bytes"] >= 16 * 1024 * 1024, "pinned")
+    assert nodes(p)[node]["pinned"]["snapshots"] == 1
+    # No GPU (slice) memory is used by a prewarm.
+    assert all(d["used_bytes"] == 0 for d in nodes(p)[node]["devices"])
+    evicted = p.http.post("/v1/functions/weights/evict").json()
+    assert evicted["bytes"] >= 16 * 1024 * 1024
+    wait_for(lambda: nodes(p)[node]["pinned"]["used_bytes"] == 0, "evicted")
+    # Still restorable from disk.
+    resp = p.invoke("weights")
+    assert resp.headers["X-Thaw-Start"] == "restore"
+    assert resp.json()["checksum"] == expected_checksum()
+
+
+def test_restored_instance_was_forked_from_a_template_that_imported_the_modules(
+        platform: RunningPlatform) -> None:
+    assert platform.deploy(FIXTURES / "weights").json()["state"] == "ready"
+    body = platform.invoke("weights").json()
+    # The module was imported by the template before the fork, not by the instance,
+    # and setup() ran in the build process: a restore skips both.
+    assert body["imported_in_pid"] != body["pid"]
+    assert body["setup_pid"] not in (body["pid"], body["imported_in_pid"])
+
+
+def test_a_snapshot_whose_restore_fails_is_quarantined_and_runs_fresh(
+        tmp_path: Path) -> None:
+    local = LocalPlatform(tmp_path / "home", gateway_port=0, host_devices="1x2GiB")
+    local.start()
+    try:
+        p = RunningPlatform(local)
+        assert p.deploy(FIXTURES / "weights").json()["start_mode"] == "restore"
+        # Drop the host-memory copies, then flip a byte in every chunk on disk.
+        p.http.post("/v1/functions/weights/evict").raise_for_status()
+        chunks = [f for f in (tmp_path / "home" / "agent").rglob("chunks/*/*") if f.is_file()]
+        assert chunks
+        for path in chunks:
+            data = bytearray(path.read_bytes())
+            data[len(data) // 2] ^= 0xFF
+            path.write_bytes(data)
+
+        resp = p.invoke("weights")
+        assert resp.status_code == 200, resp.text
+        assert resp.headers["X-Thaw-Start"] == "fresh"
+        assert resp.json()["checksum"] == expected_checksum()
+        fn = p.http.get("/v1/functions/weights").json()
+        assert fn["start_mode"] == "fresh" and "quarantined" in fn["reason"]
+        assert fn["version"] == "1"  # no rebuild loop
+        stop = p.http.post("/v1/functions/weights/evict")
+        assert stop.status_code == 503  # the quarantined snapshot is no longer offered
+    finally:
+        local.stop()

@@ -1,0 +1,65 @@
+"""`thaw up` (what `make up` runs): starts everything, deploys the examples, prints
+their URLs and the dev key, serves, and Ctrl-C leaves no process behind."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from tests.conftest import REPO
+
+UP_TIMEOUT = 240.0
+
+
+@pytest.mark.slow
+def test_thaw_up_deploys_examples_and_stops_cleanly(tmp_path: Path) -> None:
+    env = {**os.environ, "THAW_HOME": str(tmp_path / "home")}
+    proc = subprocess.Popen([sys.executable, "-m", "thaw.ops", "up", "--port", "0"],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    lines: list[str] = []
+    try:
+        deadline = time.monotonic() + UP_TIMEOUT
+        assert proc.stdout is not None
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "Ctrl-C stops everything" in line:
+                break
+        out = "".join(lines)
+        assert "Ctrl-C stops everything" in out, out
+        dashboard = re.search(r"dashboard\s+(http://127\.0\.0\.1:\d+)/", out)
+        key = re.search(r"API key\s+(thaw_\S+)", out)
+        echo = re.search(r"echo\s+(http://\S+/fn/dev/echo)\s+\[ready, restore starts\]", out)
+        embed = re.search(r"embed\s+(http://\S+/fn/dev/embed)\s+\[ready, restore starts\]",
+                          out)
+        assert dashboard and key and echo and embed, out
+        assert (tmp_path / "home" / "dev-key").read_text().strip() == key.group(1)
+        headers = {"Authorization": f"Bearer {key.group(1)}"}
+        resp = httpx.post(echo.group(1), json={"hi": 1}, headers=headers, timeout=60)
+        assert resp.status_code == 200 and resp.json()["echo"] == {"hi": 1}
+        assert resp.headers["X-Thaw-Start"] == "restore"
+        page = httpx.get(dashboard.group(1) + "/", timeout=10)
+        assert page.status_code == 200 and "thaw" in page.text
+
+        descendants = psutil.Process(proc.pid).children(recursive=True)
+        assert len(descendants) >= 4  # scheduler, agent, gateway, templates, instance
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+        _gone, alive = psutil.wait_procs(descendants, timeout=10)
+        assert not alive, f"orphans left behind: {[p.cmdline() for p in alive]}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
