@@ -42,7 +42,7 @@ from thaw.platform.process import (
 )
 from thaw.platform.snapshots import Materialized, NodeSnapshots
 from thaw.proto import agent_pb2, manifest_pb2, scheduler_pb2
-from thaw.snapshotter.manifest import check_fingerprint
+from thaw.snapshotter.manifest import check_fingerprint, manifest_key
 
 log = structlog.get_logger()
 
@@ -337,6 +337,14 @@ class Agent:
         return await asyncio.to_thread(self.snapshots.evict, manifest)
 
     async def collect_garbage(self, keep: list[manifest_pb2.SnapshotManifest]) -> tuple[int, int]:
+        """Forget every snapshot not in `keep`: its template, host-memory copies and
+        the disk chunks no kept manifest shares."""
+        keys = {manifest_key(m) for m in keep}
+        for key in [k for k in self.templates if k not in keys]:
+            template = self.templates.pop(key)
+            await template.process.kill()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(template.control)
         return await asyncio.to_thread(self.snapshots.collect_garbage, keep)
 
     def take_exited(self) -> list[scheduler_pb2.InstanceExit]:

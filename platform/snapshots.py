@@ -149,7 +149,16 @@ class NodeSnapshots:
                 if all(self.pinned.has(r.digest) for r in all_refs(m))]
 
     def collect_garbage(self, keep: list[manifest_pb2.SnapshotManifest]) -> tuple[int, int]:
-        """Delete disk chunks that no kept manifest references."""
+        """Drop other snapshots' host-memory copies, then delete disk chunks that no
+        kept manifest references."""
+        keys = {manifest_key(m) for m in keep}
+        with self._lock:
+            gone = [m for k, m in self.prewarmed.items() if k not in keys]
+        for manifest in gone:
+            self.evict(manifest)
+        for entry in self.shm_dir.iterdir():
+            if entry.is_dir() and entry.name not in keys and not entry.name.startswith("."):
+                shutil.rmtree(entry, ignore_errors=True)
         referenced = {r.digest for m in keep for r in all_refs(m)}
         result = self.disk.gc(referenced)
         return result.removed, result.freed_bytes

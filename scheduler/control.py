@@ -318,6 +318,24 @@ class ControlPlane:
                 else:
                     inst.state = InstanceState.STOPPING
         log.info("function deleted", function=f"{tenant}/{name}")
+        self._spawn(self.collect_garbage())
+
+    async def collect_garbage(self) -> int:
+        """Tell every node which snapshots are still in use; the rest of their chunks,
+        templates and host-memory copies go. Skipped while a build is writing chunks
+        that no manifest names yet."""
+        if self._builds:
+            return 0
+        keep = [manifest_pb2.SnapshotManifest.FromString(m)
+                for m in await self.store.run(self.store.live_manifests)]
+        freed = 0
+        for node in [n for n in self.nodes.values() if n.state is not NodeState.LOST]:
+            try:
+                freed += (await node.client.collect_garbage(keep)).freed_bytes
+            except ThawError as exc:
+                log.warning("garbage collection failed", node=node.id, error=str(exc))
+        log.info("garbage collected", freed_bytes=freed, kept_snapshots=len(keep))
+        return freed
 
     def _retire_old_versions(self, fn: FunctionRecord) -> None:
         pool = self.pools.get(fn.id)
@@ -371,6 +389,8 @@ class ControlPlane:
             # Keep a template with the function's modules imported, so that the first
             # restore does not pay for imports; a deploy that waits, waits for it too.
             await self._prepare_template(node, fn, resp.manifest)
+            if fn.version > 1:
+                self._spawn(self.collect_garbage())  # the old version's snapshot
         elif resp.stage == "capture":
             where = f" at {resp.attribute_path}" if resp.attribute_path else ""
             reason = (f"state cannot be snapshotted{where}: {resp.reason}; "

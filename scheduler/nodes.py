@@ -46,6 +46,11 @@ class AgentClient:
         return await call(self._stub.Evict(agent_pb2.SnapshotRequest(manifest=manifest),
                                            timeout=timeout))
 
+    async def collect_garbage(self, keep: list[object], timeout: float = 300.0
+                              ) -> agent_pb2.CollectGarbageResponse:
+        return await call(self._stub.CollectGarbage(
+            agent_pb2.CollectGarbageRequest(keep=keep), timeout=timeout))
+
     async def close(self) -> None:
         await self._channel.close()
 

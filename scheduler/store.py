@@ -298,6 +298,18 @@ class Store:
                 row.state, row.ended_at, row.end_reason = "gone", time.time(), reason
         self._tx(tx)
 
+    def live_manifests(self) -> list[bytes]:
+        """Manifests of the snapshots that current functions use: everything a node
+        must keep; chunks of any other snapshot may be collected."""
+        def tx(s: Session) -> list[bytes]:
+            rows = s.execute(
+                select(models.Snapshot.manifest)
+                .join(models.Function, models.Function.snapshot_id == models.Snapshot.id)
+                .where(models.Function.state != FunctionState.DELETED.value,
+                       models.Snapshot.state == SnapshotState.READY.value))
+            return [r[0] for r in rows if r[0]]
+        return self._tx(tx)
+
     def live_instances(self) -> list[tuple[str, str, str]]:
         """(instance id, function id, node id) of instances not known to have ended."""
         def tx(s: Session) -> list[tuple[str, str, str]]:

@@ -124,3 +124,14 @@ def test_a_snapshot_whose_restore_fails_is_quarantined_and_runs_fresh(
         assert stop.status_code == 503  # the quarantined snapshot is no longer offered
     finally:
         local.stop()
+
+
+def test_deleting_a_function_collects_its_chunks(two_nodes: RunningPlatform) -> None:
+    p = two_nodes
+    assert p.deploy(FIXTURES / "weights").json()["state"] == "ready"
+    wait_for(lambda: sum(n["disk_bytes"] for n in nodes(p).values()) >= 16 * 1024 * 1024,
+             "chunks on disk")
+    assert p.http.delete("/v1/functions/weights").status_code == 204
+    wait_for(lambda: sum(n["disk_bytes"] for n in nodes(p).values()) == 0,
+             "garbage collection")
+    assert p.invoke("weights").status_code == 404
