@@ -30,6 +30,8 @@ class Resources:
     """Slice size in bytes; 0 = CPU-only function."""
     gpu_compute: int = 0
     """Percent of SMs (MPS), 0 = unspecified."""
+    memory: int = 0
+    """Host memory an instance may allocate beyond its restored state; 0 = no limit."""
 
 
 @dataclass(frozen=True)
@@ -99,8 +101,17 @@ def parse_spec(text: str) -> FunctionSpec:
         gpu_memory = parse_size(res.get("gpu_memory", 0))
     except ValueError as exc:
         raise InvalidBundle(f"resources.gpu_memory: {exc}", field="resources.gpu_memory") from exc
+    try:
+        memory = parse_size(res.get("memory", 0))
+    except ValueError as exc:
+        raise InvalidBundle(f"resources.memory: {exc}", field="resources.memory") from exc
+    unknown_res = sorted(set(res) - {"gpu_memory", "gpu_compute", "memory"})
+    if unknown_res:
+        raise InvalidBundle(f"resources has unknown key {unknown_res[0]!r}",
+                            field=f"resources.{unknown_res[0]}")
     resources = Resources(gpu_memory=gpu_memory,
-                          gpu_compute=_int(res, "gpu_compute", "resources", 0, 0, 100))
+                          gpu_compute=_int(res, "gpu_compute", "resources", 0, 0, 100),
+                          memory=memory)
 
     sc = doc.get("scaling", {})
     if not isinstance(sc, dict):

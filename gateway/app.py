@@ -47,6 +47,9 @@ ACQUIRE_WAIT_SECONDS = 600.0
 STATIC = Path(__file__).parent / "static"
 START_NAMES = {agent_pb2.START_UNSPECIFIED: "warm", agent_pb2.START_RESTORE: "restore",
                agent_pb2.START_FRESH: "fresh"}
+# Data-plane answers after which the instance is gone (crashed, hung and killed, out of
+# memory and exited): the lease is released as failed so it is never reused.
+INSTANCE_LOST_STATUSES = (502, 504, 507)
 PASSTHROUGH_RESPONSE_HEADERS = ("Content-Type", "X-Thaw-Instance")
 
 
@@ -252,8 +255,8 @@ async def invoke(request: web.Request) -> web.StreamResponse:
         try:
             async with request.app[HTTP_KEY].post(url, data=body, headers=headers) as upstream:
                 status = upstream.status
-                if status == 502:
-                    failed, reason = True, "instance failed while serving"
+                if status in INSTANCE_LOST_STATUSES:
+                    failed, reason = True, f"instance failed while serving ({status})"
                 out = web.StreamResponse(status=status)
                 for h in PASSTHROUGH_RESPONSE_HEADERS:
                     if h in upstream.headers:

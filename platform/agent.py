@@ -9,14 +9,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.metadata
+import json
 import os
+import resource
 import shutil
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -37,6 +40,7 @@ from thaw.platform.process import (
     ProcessWatch,
     RuntimeProcess,
     log_tail,
+    describe_exit,
     spawn_from_template,
     terminate,
 )
@@ -45,6 +49,9 @@ from thaw.proto import agent_pb2, manifest_pb2, scheduler_pb2
 from thaw.snapshotter.manifest import check_fingerprint, manifest_key
 
 log = structlog.get_logger()
+# After an instance's process ends, how long to wait for its template to report the
+# exit status (it reaps the child and writes a line on its status pipe).
+EXIT_STATUS_WAIT_SECONDS = 0.5
 
 
 @dataclass
@@ -70,6 +77,23 @@ def local_fingerprint(device_type: str) -> dict[str, str]:
             "driver": driver}
 
 
+def limit_memory(pid: int, extra_bytes: int) -> None:
+    """Cap what the instance may allocate from now on: RLIMIT_DATA counts private
+    writable memory (heap, anonymous and copy-on-write mappings), so the cap is what
+    it holds after its restore plus the function's `resources.memory`. Past it,
+    allocations fail with MemoryError and the runtime answers 5xx and exits (it is
+    then replaced). Portable: needs no cgroup."""
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            data_kb = next(int(line.split()[1]) for line in handle
+                           if line.startswith("VmData:"))
+    except (OSError, StopIteration, ValueError):
+        return
+    limit = data_kb * 1024 + extra_bytes
+    with contextlib.suppress(OSError):
+        resource.prlimit(pid, resource.RLIMIT_DATA, (limit, limit))
+
+
 class Agent:
     def __init__(self, *, node_id: str, home: Path, run_dir: Path, devices: DeviceBackend,
                  runtime: ProcessRuntime, snapshots: NodeSnapshots,
@@ -90,6 +114,8 @@ class Agent:
         self._template_starts: dict[str, asyncio.Task[Template]] = {}
         self.exited: list[scheduler_pb2.InstanceExit] = []
         self._watchers: set[asyncio.Task[None]] = set()
+        self._exit_codes: dict[int, int] = {}
+        self._exit_waiters: dict[int, asyncio.Future[int]] = {}
         self.draining = False
         for sub in ("bundles", "builds", "logs"):
             (home / sub).mkdir(parents=True, exist_ok=True)
@@ -181,10 +207,50 @@ class Agent:
             raise InstanceFailed(f"template failed: {event.get('reason', event)}")
         seconds = float(event.get("timings", {}).get("import", 0.0))
         template = Template(mat.key, proc, control, seconds)
+        self._spawn_task(self._follow_template(template))
         self.templates[mat.key] = template
         log.info("template ready", function=f"{spec.tenant}/{spec.name}", pid=proc.pid,
                  import_s=round(seconds, 3))
         return template
+
+    async def _follow_template(self, template: Template) -> None:
+        """Exit statuses of the template's instances arrive on its status pipe."""
+        while True:
+            line = await template.process.events.readline()
+            if not line:
+                return
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if event.get("event") == "child_exited":
+                pid, code = int(event["pid"]), int(event["returncode"])
+                self._exit_codes[pid] = code
+                waiter = self._exit_waiters.pop(pid, None)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(code)
+
+    async def _exit_code(self, inst: Instance) -> int | None:
+        """How the instance's process ended, if its parent can tell us."""
+        if inst.process is not None:
+            return await inst.process.proc.wait()
+        code = self._exit_codes.pop(inst.pid, None)
+        if code is not None:
+            return code
+        waiter = self._exit_waiters.setdefault(
+            inst.pid, asyncio.get_running_loop().create_future())
+        try:
+            return await asyncio.wait_for(waiter, EXIT_STATUS_WAIT_SECONDS)
+        except TimeoutError:
+            return None
+        finally:
+            self._exit_waiters.pop(inst.pid, None)
+            self._exit_codes.pop(inst.pid, None)
+
+    def _spawn_task(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._watchers.add(task)
+        task.add_done_callback(self._watchers.discard)
 
     async def prepare_template(self, spec: agent_pb2.FunctionSpec,
                                manifest: manifest_pb2.SnapshotManifest) -> float:
@@ -230,6 +296,8 @@ class Agent:
                     and not isinstance(exc, (SnapshotError, ChunkNotFound))):
                 raise SnapshotError(f"restore failed: {exc}") from exc
             raise
+        if spec.memory_limit_bytes:
+            limit_memory(inst.pid, spec.memory_limit_bytes)
         inst.move(InstanceState.READY)
         self._watch(inst)
         log.info("instance ready", instance=inst.id, function=inst.function,
@@ -246,6 +314,7 @@ class Agent:
             "fresh", ["--bundle", str(bundle), "--handler", spec.handler,
                       "--socket", inst.socket], inst.log_path, cwd=str(bundle))
         inst.pid = proc.pid
+        inst.process = proc
         event = await proc.next_event(self.start_timeout)
         if event.get("event") != "ready":
             await proc.kill()
@@ -286,16 +355,14 @@ class Agent:
             finally:
                 watcher.close()
             if inst.state is not InstanceState.DEFUNCT:
+                code = await self._exit_code(inst)
+                how = f" ({describe_exit(code)})" if code is not None else ""
                 tail = log_tail(inst.log_path, 5)
-                reason = "instance process exited" + (f"; last output:\n{tail}" if tail else "")
-                await self._discard(inst, reason)
-                self.exited.append(scheduler_pb2.InstanceExit(instance_id=inst.id,
-                                                              reason=reason))
-                log.warning("instance exited", instance=inst.id, function=inst.function)
+                reason = f"the instance process exited{how}" + (
+                    f"; its last output:\n{tail}" if tail else "")
+                await self.fail_instance(inst, reason)
 
-        task = asyncio.create_task(watch())
-        self._watchers.add(task)
-        task.add_done_callback(self._watchers.discard)
+        self._spawn_task(watch())
 
     async def _discard(self, inst: Instance, reason: str) -> None:
         if inst.state is not InstanceState.DEFUNCT:
@@ -313,6 +380,16 @@ class Agent:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(inst.socket)
         self.instances.pop(inst.id, None)
+
+    async def fail_instance(self, inst: Instance, reason: str) -> None:
+        """An instance broke while serving (hung past its timeout, ...): stop it and
+        tell the scheduler, which places the next request elsewhere."""
+        if inst.state is InstanceState.DEFUNCT:
+            return
+        inst.exit_reason = reason
+        await self._discard(inst, reason)
+        self.exited.append(scheduler_pb2.InstanceExit(instance_id=inst.id, reason=reason))
+        log.warning("instance failed", instance=inst.id, function=inst.function, reason=reason)
 
     async def stop_instance(self, instance_id: str, reason: str) -> None:
         inst = self.instances.get(instance_id)

@@ -4,6 +4,7 @@ proxied to the instance's unix socket, streamed both ways."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 
@@ -17,6 +18,8 @@ AGENT_KEY = web.AppKey("agent", Agent)
 SESSIONS_KEY = web.AppKey("sessions", dict)
 # Headers passed from the client to the handler and back.
 FORWARDED_REQUEST_HEADERS = ("Content-Type", "Accept", "X-Request-ID")
+# After a broken connection, how long to wait for the exit watcher's reason.
+EXIT_REASON_WAIT_SECONDS = 1.0
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length",
               "server", "date"}
 
@@ -59,10 +62,14 @@ async def invoke(request: web.Request) -> web.StreamResponse:
             return await asyncio.wait_for(
                 _forward(request, session, inst, tail, headers, body), inst.timeout)
         except TimeoutError:
-            return error_response(504, "timeout",
-                                  f"the handler ran past its timeout of {inst.timeout:.0f}s")
+            # The handler may never return: the instance is replaced, not reused.
+            reason = f"the handler ran past its timeout of {inst.timeout:g}s"
+            await agent.fail_instance(inst, reason)
+            return error_response(504, "timeout", reason)
         except (aiohttp.ClientError, ConnectionError) as exc:
-            await asyncio.sleep(0)  # let the exit watcher record why the instance died
+            # Give the exit watcher a moment to record why the instance died.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(inst.exited.wait(), EXIT_REASON_WAIT_SECONDS)
             reason = inst.exit_reason or f"connection to the instance failed: {exc}"
             return error_response(502, "instance_failed", reason)
         finally:

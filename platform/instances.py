@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 from thaw.core.errors import ThawError
 
@@ -51,6 +52,8 @@ class Instance:
     inflight: int = 0
     slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(1))
     exited: asyncio.Event = field(default_factory=asyncio.Event)
+    process: Any = None
+    """The RuntimeProcess when the agent started it itself (fresh starts)."""
 
     def move(self, target: InstanceState) -> None:
         if target not in _MOVES[self.state]:

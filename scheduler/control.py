@@ -110,7 +110,8 @@ def spec_message(fn: FunctionRecord) -> agent_pb2.FunctionSpec:
         tenant=fn.tenant, name=fn.name, version=str(fn.version), handler=s.handler,
         bundle_digest=fn.bundle_digest, gpu_memory_bytes=s.resources.gpu_memory,
         gpu_compute=s.resources.gpu_compute, max_concurrency=s.scaling.max_concurrency,
-        timeout_seconds=s.scaling.timeout, snapshot_enabled=s.snapshot)
+        timeout_seconds=s.scaling.timeout, snapshot_enabled=s.snapshot,
+        memory_limit_bytes=s.resources.memory)
 
 
 class ControlPlane:

@@ -1,0 +1,53 @@
+"""The in-instance runtime: runs inside every function instance (DESIGN.md §3, §4).
+
+It imports only the standard library (plus torch/NumPy when the function itself imported
+them), so any Python >= 3.10 environment can run it from a read-only mount. All imports
+inside the package are relative: it works under whatever name it is mounted as.
+
+Entry point: `python -m thaw.snapshotter.runtime {fresh,build,template,restore} ...`.
+The agent side uses the records re-exported here to talk to it.
+"""
+
+from .capture import CaptureError, capture
+from .events import (
+    Captured,
+    Event,
+    ExitCode,
+    Failed,
+    Ready,
+    Spawned,
+    SpawnRequest,
+    Stage,
+    StatusChannel,
+    TemplateReady,
+    event_to_line,
+    parse_event,
+)
+from .handler import HandlerRef, Invoker, Request
+from .restore import RestoreError, restore_handler
+from .snapshot import Fingerprint, SnapshotMeta, StorageEntry
+
+__all__ = [
+    "CaptureError",
+    "Captured",
+    "Event",
+    "ExitCode",
+    "Failed",
+    "Fingerprint",
+    "HandlerRef",
+    "Invoker",
+    "Ready",
+    "Request",
+    "RestoreError",
+    "SnapshotMeta",
+    "Spawned",
+    "SpawnRequest",
+    "Stage",
+    "StatusChannel",
+    "StorageEntry",
+    "TemplateReady",
+    "capture",
+    "event_to_line",
+    "parse_event",
+    "restore_handler",
+]

@@ -1,0 +1,232 @@
+"""`python -m thaw.snapshotter.runtime <mode> ...`: the process inside every instance.
+
+Modes: fresh (import, setup, serve), build (import, setup, capture, exit), template
+(import, then fork restored instances on request) and restore (one restore in this
+process). Progress goes out as status events on --status-fd (events.py); stdout and
+stderr are the tenant's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import faulthandler
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+from .capture import CaptureError, capture
+from .events import (
+    Captured,
+    ExitCode,
+    Failed,
+    Ready,
+    Stage,
+    StatusChannel,
+    describe_exception,
+)
+from .handler import (
+    HandlerRef,
+    Invoker,
+    activate_bundle,
+    create_handler,
+    import_handler_class,
+)
+from .restore import restore_handler
+from .server import UnixHTTPServer, bind_server, serve_until_stopped
+from .snapshot import SnapshotMeta
+from .template import run_template
+
+
+class StageFailed(Exception):
+    """Ends a mode with a `failed` event and the stage's exit code."""
+
+    def __init__(self, stage: Stage, reason: str, attribute_path: str | None = None) -> None:
+        super().__init__(reason)
+        self.stage = stage
+        self.reason = reason
+        self.attribute_path = attribute_path
+
+
+@contextlib.contextmanager
+def stage(name: Stage) -> Iterator[None]:
+    """Attribute any failure inside to one stage. SystemExit counts: a tenant's setup()
+    calling sys.exit() is a failed setup, not a clean exit."""
+    try:
+        yield
+    except CaptureError as exc:
+        where = f" at {exc.attribute_path}" if exc.attribute_path else ""
+        print(
+            f"thaw: cannot snapshot the handler{where}: {exc.reason}\n"
+            "thaw: create such state in on_restore() (it runs after every restore)",
+            file=sys.stderr,
+        )
+        raise StageFailed(name, exc.reason, exc.attribute_path) from exc
+    except (Exception, SystemExit) as exc:
+        traceback.print_exc()
+        raise StageFailed(name, describe_exception(exc)) from exc
+
+
+T = TypeVar("T")
+
+
+def _timed(timings: dict[str, float], key: str, work: Callable[[], T]) -> T:
+    started = time.perf_counter()
+    result = work()
+    timings[key] = time.perf_counter() - started
+    return result
+
+
+def _import_and_setup(ref: HandlerRef, timings: dict[str, float]) -> object:
+    with stage(Stage.IMPORT):
+        cls = _timed(timings, "import", lambda: import_handler_class(ref))
+    with stage(Stage.SETUP):
+        return _timed(timings, "setup", lambda: create_handler(cls))
+
+
+def _bind(socket_path: str, invoker: Invoker) -> UnixHTTPServer:
+    with stage(Stage.SERVE):
+        return bind_server(socket_path, invoker)
+
+
+def run_fresh(args: argparse.Namespace, ref: HandlerRef, status: StatusChannel) -> ExitCode:
+    activate_bundle(ref)
+    timings: dict[str, float] = {}
+    handler = _import_and_setup(ref, timings)
+    with stage(Stage.SETUP):
+        invoker = Invoker(handler)
+    server = _bind(args.socket, invoker)
+    serve_until_stopped(server, lambda: status.emit(Ready(os.getpid(), timings)))
+    return ExitCode.OK
+
+
+def run_build(args: argparse.Namespace, ref: HandlerRef, status: StatusChannel) -> ExitCode:
+    before = set(sys.modules)
+    activate_bundle(ref)
+    timings: dict[str, float] = {}
+    handler = _import_and_setup(ref, timings)
+    # sys.modules keeps insertion order: this is the order the function imported them.
+    modules = [name for name in sys.modules if name not in before]
+    with stage(Stage.CAPTURE):
+        meta = capture(
+            handler,
+            Path(args.out),
+            modules=modules,
+            timings=timings,
+            function_version=args.function_version,
+        )
+    status.emit(Captured(timings, meta.host_size, meta.device_size))
+    return ExitCode.OK
+
+
+def run_template_mode(
+    args: argparse.Namespace, ref: HandlerRef, status: StatusChannel
+) -> ExitCode:
+    activate_bundle(ref)
+    return run_template(args.snapshot_json, args.control, status, lambda: import_handler_class(ref))
+
+
+def run_restore(args: argparse.Namespace, ref: HandlerRef, status: StatusChannel) -> ExitCode:
+    activate_bundle(ref)
+    timings: dict[str, float] = {}
+    with stage(Stage.IMPORT):
+        _timed(timings, "import", lambda: import_handler_class(ref))
+    with stage(Stage.RESTORE):
+        meta = SnapshotMeta.load(args.snapshot_json)
+        restored = restore_handler(meta, args.pickle, args.host_arena, args.device_arena)
+        invoker = Invoker(restored.handler)
+    timings.update(restored.timings)
+    server = _bind(args.socket, invoker)
+    serve_until_stopped(server, lambda: status.emit(Ready(os.getpid(), timings)))
+    return ExitCode.OK
+
+
+_MODES: dict[str, Callable[[argparse.Namespace, HandlerRef, StatusChannel], ExitCode]] = {
+    "fresh": run_fresh,
+    "build": run_build,
+    "template": run_template_mode,
+    "restore": run_restore,
+}
+
+# Options holding paths: made absolute before the runtime changes into the bundle.
+_PATH_OPTIONS = (
+    "bundle", "socket", "out", "snapshot_json", "control", "pickle", "host_arena", "device_arena"
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m thaw.snapshotter.runtime")
+    modes = parser.add_subparsers(dest="mode", required=True)
+
+    def add_mode(name: str, help_text: str) -> argparse.ArgumentParser:
+        mode = modes.add_parser(name, help=help_text)
+        mode.add_argument("--bundle", required=True, help="the function's bundle folder")
+        mode.add_argument("--handler", required=True, help="module:Class")
+        mode.add_argument(
+            "--status-fd", type=int, default=None,
+            help="inherited fd for JSON-line status events (default: stderr)",
+        )
+        return mode
+
+    fresh = add_mode("fresh", "import, setup() and serve")
+    fresh.add_argument("--socket", required=True, help="unix socket to serve on")
+
+    build = add_mode("build", "import, setup() and write a snapshot")
+    build.add_argument("--out", required=True, help="folder for the snapshot files")
+    build.add_argument("--function-version", default=None)
+
+    template = add_mode("template", "pre-import, then fork restored instances on request")
+    template.add_argument("--snapshot-json", required=True)
+    template.add_argument("--control", required=True, help="unix socket for spawn requests")
+
+    restore = add_mode("restore", "restore a snapshot in this process and serve")
+    restore.add_argument("--snapshot-json", required=True)
+    restore.add_argument("--pickle", required=True)
+    restore.add_argument("--host-arena", required=True)
+    restore.add_argument("--device-arena", default=None)
+    restore.add_argument("--socket", required=True, help="unix socket to serve on")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name in _PATH_OPTIONS:
+        value = getattr(args, name, None)
+        if value is not None:
+            setattr(args, name, os.path.abspath(value))
+    try:
+        ref = HandlerRef.parse(args.bundle, args.handler)
+    except ValueError as exc:
+        parser.error(str(exc))  # exits with ExitCode.USAGE
+    # A segfault in tenant code leaves a traceback in the instance's log, which the
+    # agent quotes in the error its caller gets.
+    faulthandler.enable()
+    # The tenant's code sees a bare command line, not ours (some libraries parse argv).
+    sys.argv = sys.argv[:1]
+    status = (
+        StatusChannel.for_fd(args.status_fd)
+        if args.status_fd is not None
+        else StatusChannel.to_stderr()
+    )
+    try:
+        code = _MODES[args.mode](args, ref, status)
+    except StageFailed as exc:
+        status.emit(Failed(exc.stage, exc.reason, exc.attribute_path))
+        code = exc.stage.exit_code
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    if args.mode == "build" or code != ExitCode.OK:
+        # Nothing of the tenant's is worth waiting for now: a non-daemon thread started
+        # by setup() would otherwise keep a finished build (or a failed start) alive.
+        os._exit(code)
+    return int(code)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

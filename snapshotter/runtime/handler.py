@@ -1,0 +1,200 @@
+"""Loading the tenant's handler class and calling it (DESIGN.md §3).
+
+The handler needs no import from thaw: a class with `setup()`, then `predict(**inputs)`
+or `__call__(request)`, optionally `on_restore()`. This module turns an HTTP request
+into that call and the return value into a reply; the server writes the reply.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import itertools
+import json
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+JSON_CONTENT_TYPE = "application/json"
+BYTES_CONTENT_TYPE = "application/octet-stream"
+
+
+class InvalidInput(ValueError):
+    """The caller sent a body the handler cannot take (answered with 400)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class HandlerRef:
+    """Where a handler lives: a bundle folder and `module:Class`."""
+
+    bundle: Path
+    module: str
+    qualname: str
+
+    @classmethod
+    def parse(cls, bundle: str | os.PathLike[str], spec: str) -> HandlerRef:
+        module, sep, qualname = spec.partition(":")
+        if not sep or not module or not qualname:
+            raise ValueError(f"handler must look like module:Class, got {spec!r}")
+        return cls(Path(bundle).resolve(), module, qualname)
+
+    def __str__(self) -> str:
+        return f"{self.module}:{self.qualname}"
+
+
+def activate_bundle(ref: HandlerRef) -> None:
+    """Make the bundle the function's home: first on sys.path, and the working
+    directory, so tenant code can open its own files by relative path. Every path the
+    runtime itself uses is resolved before this."""
+    sys.path.insert(0, str(ref.bundle))
+    os.chdir(ref.bundle)
+
+
+def import_handler_class(ref: HandlerRef) -> type:
+    """Import the handler's module and return the class (the "import" stage)."""
+    target: Any = importlib.import_module(ref.module)
+    for part in ref.qualname.split("."):
+        target = getattr(target, part)
+    if not isinstance(target, type):
+        raise TypeError(f"{ref} is not a class")
+    if not callable(getattr(target, "predict", None)) and "__call__" not in dir(target):
+        raise TypeError(f"{ref} defines neither predict() nor __call__()")
+    return target
+
+
+def create_handler(cls: type) -> object:
+    """Instantiate with no arguments and run setup() (the "setup" stage)."""
+    handler = cls()
+    setup = getattr(handler, "setup", None)
+    if callable(setup):
+        setup()
+    return handler
+
+
+class Request:
+    """What `__call__(request)` receives."""
+
+    __slots__ = ("method", "path", "query", "headers", "body")
+
+    def __init__(
+        self, method: str, path: str, query: str, headers: dict[str, str], body: bytes
+    ) -> None:
+        self.method = method
+        # The sub-path after /invoke, with its leading slash ("/v1/embeddings"); "" for
+        # a plain /invoke.
+        self.path = path
+        self.query = query
+        # Lower-case names; repeated headers joined with ", " as HTTP allows.
+        self.headers = headers
+        self.body = body
+
+    def json(self) -> Any:
+        try:
+            return json.loads(self.body)
+        except ValueError as exc:
+            raise InvalidInput(f"request body is not valid JSON: {exc}") from exc
+
+    def __repr__(self) -> str:
+        return f"<Request {self.method} {self.path!r} {len(self.body)} bytes>"
+
+
+@dataclasses.dataclass(frozen=True)
+class Payload:
+    """A complete reply body."""
+
+    content_type: str
+    body: bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class Stream:
+    """Items of a generator result, the first already produced (so a handler that
+    fails before its first item still gets a plain 500)."""
+
+    items: Iterator[Any]
+    close: Any  # the generator's close(), or None: run on client disconnect
+
+
+Reply = Payload | Stream
+
+
+def _jsonable(value: Any) -> Any:
+    # NumPy arrays and scalars and torch tensors all offer tolist(); only called for
+    # values the json module cannot encode itself, so the common path pays nothing.
+    tolist = getattr(value, "tolist", None)
+    if callable(tolist):
+        return tolist()
+    if isinstance(value, (set, frozenset)):
+        return list(value)
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=_jsonable)
+
+
+def encode_json(value: Any) -> bytes:
+    return _encoder.encode(value).encode()
+
+
+_JSON_TYPES = (dict, list, str, int, float, bool, tuple, type(None))
+_BYTES_TYPES = (bytes, bytearray, memoryview)
+_NOTHING = object()
+
+
+def to_reply(result: Any) -> Reply:
+    """Map a handler's return value to a reply (the table in DESIGN.md §3)."""
+    if isinstance(result, _JSON_TYPES):
+        return Payload(JSON_CONTENT_TYPE, encode_json(result))
+    if isinstance(result, _BYTES_TYPES):
+        return Payload(BYTES_CONTENT_TYPE, bytes(result))
+    if isinstance(result, Iterator):
+        first = next(result, _NOTHING)
+        items = iter(()) if first is _NOTHING else itertools.chain((first,), result)
+        return Stream(items, getattr(result, "close", None))
+    return Payload(JSON_CONTENT_TYPE, encode_json(result))
+
+
+class Invoker:
+    """Calls one handler object; chosen once, so each call is a straight dispatch."""
+
+    def __init__(self, handler: object) -> None:
+        self.handler = handler
+        predict = getattr(handler, "predict", None)
+        self._predict = predict if callable(predict) else None
+        self._signature: inspect.Signature | None = None
+        if self._predict is not None:
+            try:
+                self._signature = inspect.signature(self._predict)
+            except (TypeError, ValueError):  # builtins without a signature: skip checks
+                self._signature = None
+        elif not callable(handler):
+            raise TypeError(f"{type(handler).__name__} defines neither predict() nor __call__()")
+
+    def invoke(self, request: Request) -> Reply:
+        """Raises InvalidInput for a bad request; anything else is the handler's."""
+        if self._predict is None:
+            return to_reply(self.handler(request))  # type: ignore[operator]
+        inputs = self._parse_inputs(request.body)
+        if self._signature is not None:
+            try:
+                self._signature.bind(**inputs)
+            except TypeError as exc:
+                raise InvalidInput(f"predict(): {exc}") from exc
+        return to_reply(self._predict(**inputs))
+
+    @staticmethod
+    def _parse_inputs(body: bytes) -> dict[str, Any]:
+        if not body.strip():
+            return {}
+        try:
+            inputs = json.loads(body)
+        except ValueError as exc:
+            raise InvalidInput(f"request body is not valid JSON: {exc}") from exc
+        if not isinstance(inputs, dict):
+            raise InvalidInput(
+                f"predict() takes a JSON object of keyword arguments, got {type(inputs).__name__}"
+            )
+        return inputs

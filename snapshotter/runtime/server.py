@@ -1,0 +1,347 @@
+"""HTTP/1.1 over a unix socket: how the node agent reaches an instance.
+
+Routes: `GET /healthz`, `POST /invoke[/<sub/path>]`. Connections are kept alive so the
+agent reuses them, and each connection gets a thread (ThreadingHTTPServer), so an
+instance serves several invocations at once; the agent enforces max_concurrency.
+
+The request path is hand-rolled on purpose: BaseHTTPRequestHandler parses headers with
+the email package (tens of microseconds a request) and writes status line, headers and
+body in separate syscalls; the platform's added latency budget is well under 1 ms, so
+we read the few headers we need directly and answer with one write.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.server
+import os
+import signal
+import socket
+import socketserver
+import stat
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from types import FrameType
+from typing import Any, NoReturn
+from urllib.parse import unquote
+
+from .events import ExitCode, describe_exception
+from .handler import InvalidInput, Invoker, Payload, Request, Stream, encode_json
+
+# Limits on what a client may send before we give up on the connection; the same
+# bounds as http.client uses for responses.
+MAX_LINE_BYTES = 65536
+MAX_HEADERS = 100
+
+# Below this a response is sent as one buffer (one syscall); above it, head and body go
+# in two writes so a large bytes result is not copied just to prepend the head.
+SINGLE_WRITE_MAX_BYTES = 256 * 1024
+
+SSE_CONTENT_TYPE = "text/event-stream"
+NDJSON_CONTENT_TYPE = "application/x-ndjson"
+
+_REASONS = {status.value: status.phrase for status in http.HTTPStatus}
+
+# One table from exception to (status, error code); everything not listed is the
+# handler's own failure.
+_ERROR_TABLE: dict[type[Exception], tuple[int, str]] = {
+    InvalidInput: (400, "invalid_argument"),
+    MemoryError: (507, "out_of_memory"),
+}
+_HANDLER_ERROR = (500, "handler_error")
+
+_HEALTHY = encode_json({"status": "ok"})
+_SSE_DONE = b"event: done\ndata: {}\n\n"
+
+
+def error_body(code: str, message: str) -> bytes:
+    return encode_json({"error": {"code": code, "message": message}})
+
+
+class _BadRequest(Exception):
+    """The bytes on the wire are not HTTP we accept; the connection is closed."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class UnixHTTPServer(http.server.ThreadingHTTPServer):
+    """ThreadingHTTPServer bound to a unix socket path."""
+
+    address_family = socket.AF_UNIX
+    # Reuse flags are TCP notions; a stale socket file is unlinked instead (below).
+    allow_reuse_address = False
+    allow_reuse_port = False
+    # Connection threads must not keep an instance alive after it is told to stop.
+    daemon_threads = True
+    block_on_close = False
+    request_queue_size = 128
+
+    def __init__(self, path: str, invoker: Invoker) -> None:
+        self.invoker = invoker
+        _remove_stale_socket(path)
+        super().__init__(path, InvokeRequestHandler)  # type: ignore[arg-type]
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind looks up a host name and port, which AF_UNIX lacks.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name = "localhost"
+        self.server_port = 0
+
+
+def _remove_stale_socket(path: str) -> None:
+    try:
+        if stat.S_ISSOCK(os.stat(path).st_mode):
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+class InvokeRequestHandler(http.server.BaseHTTPRequestHandler):
+    """One connection; handle() loops over keep-alive requests."""
+
+    protocol_version = "HTTP/1.1"
+    server: UnixHTTPServer
+
+    def address_string(self) -> str:  # the peer of a unix socket has no address
+        return "unix"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        # stderr is the tenant's log; the agent records requests itself.
+        pass
+
+    def handle_one_request(self) -> None:
+        try:
+            self._handle_one_request()
+        except (ConnectionError, TimeoutError):
+            self.close_connection = True
+        except _BadRequest as exc:
+            self.close_connection = True
+            with contextlib.suppress(ConnectionError, TimeoutError):
+                self._send(exc.status, "application/json", error_body("invalid_request", str(exc)))
+
+    def _handle_one_request(self) -> None:
+        line = self.rfile.readline(MAX_LINE_BYTES + 1)
+        if not line:
+            self.close_connection = True
+            return
+        if len(line) > MAX_LINE_BYTES:
+            raise _BadRequest(414, "request line too long")
+        parts = line.split()
+        if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
+            raise _BadRequest(400, "malformed request line")
+        method, target, version = parts
+        headers = self._read_headers()
+        connection = headers.get("connection", "").lower()
+        if version == b"HTTP/1.1":
+            self.close_connection = "close" in connection
+        else:
+            self.close_connection = "keep-alive" not in connection
+        self.request_version = version.decode("latin-1")
+        body = self._read_body(headers)
+
+        raw_path, _, raw_query = target.partition(b"?")
+        if raw_path == b"/invoke" or raw_path.startswith(b"/invoke/"):
+            if method != b"POST":
+                self._send_error(405, "method_not_allowed", "use POST to invoke")
+                return
+            request = Request(
+                "POST",
+                unquote(raw_path[7:].decode("latin-1")),
+                raw_query.decode("latin-1"),
+                headers,
+                body,
+            )
+            self._invoke(request)
+        elif raw_path == b"/healthz":
+            if method != b"GET":
+                self._send_error(405, "method_not_allowed", "use GET for /healthz")
+                return
+            self._send(200, "application/json", _HEALTHY)
+        else:
+            self._send_error(404, "not_found", f"no route for {raw_path.decode('latin-1')}")
+
+    def _read_headers(self) -> dict[str, str]:
+        headers: dict[str, str] = {}
+        for _ in range(MAX_HEADERS):
+            line = self.rfile.readline(MAX_LINE_BYTES + 1)
+            if line in (b"\r\n", b"\n", b""):
+                return headers
+            if len(line) > MAX_LINE_BYTES:
+                raise _BadRequest(431, "header line too long")
+            name, sep, value = line.partition(b":")
+            if not sep:
+                raise _BadRequest(400, "malformed header line")
+            key = name.strip().lower().decode("latin-1")
+            text = value.strip().decode("latin-1")
+            headers[key] = f"{headers[key]}, {text}" if key in headers else text
+        raise _BadRequest(431, "too many headers")
+
+    def _read_body(self, headers: dict[str, str]) -> bytes:
+        if headers.get("expect", "").lower() == "100-continue":
+            # curl waits for this before sending a body over 1 KiB.
+            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        if "chunked" in headers.get("transfer-encoding", "").lower():
+            return self._read_chunked()
+        length_text = headers.get("content-length")
+        if not length_text:
+            return b""
+        try:
+            length = int(length_text)
+        except ValueError:
+            raise _BadRequest(400, "bad Content-Length") from None
+        if length < 0:
+            raise _BadRequest(400, "bad Content-Length")
+        body = self.rfile.read(length)
+        if len(body) != length:
+            raise ConnectionResetError("client closed mid-body")
+        return body
+
+    def _read_chunked(self) -> bytes:
+        chunks = []
+        while True:
+            size_line = self.rfile.readline(MAX_LINE_BYTES + 1)
+            try:
+                size = int(size_line.split(b";", 1)[0], 16)
+            except ValueError:
+                raise _BadRequest(400, "bad chunk size") from None
+            if size == 0:
+                break
+            chunks.append(self.rfile.read(size))
+            self.rfile.readline(MAX_LINE_BYTES + 1)  # CRLF after the chunk
+        while self.rfile.readline(MAX_LINE_BYTES + 1) not in (b"\r\n", b"\n", b""):
+            pass  # trailers: none we use
+        return b"".join(chunks)
+
+    def _invoke(self, request: Request) -> None:
+        started = time.perf_counter()
+        try:
+            reply = self.server.invoker.invoke(request)
+        except Exception as exc:
+            status, code = next(
+                (mapped for kind, mapped in _ERROR_TABLE.items() if isinstance(exc, kind)),
+                _HANDLER_ERROR,
+            )
+            if isinstance(exc, MemoryError):
+                self._out_of_memory(exc)
+            if status >= 500:
+                traceback.print_exc()
+            self._send(status, "application/json", error_body(code, describe_exception(exc)))
+            return
+        if isinstance(reply, Payload):
+            elapsed_ms = (time.perf_counter() - started) * 1000.0
+            self._send(
+                200, reply.content_type, reply.body, f"Server-Timing: run;dur={elapsed_ms:.3f}\r\n"
+            )
+        else:
+            sse = SSE_CONTENT_TYPE in request.headers.get("accept", "")
+            self._stream(reply, sse)
+
+    def _out_of_memory(self, exc: MemoryError) -> NoReturn:
+        """Past its memory limit the instance answers 507 and exits: the agent
+        replaces it rather than trust a process whose allocations fail."""
+        message = ("the instance exceeded its memory limit (resources.memory): "
+                   f"{describe_exception(exc)}")
+        print(f"thaw runtime: {message}; exiting", file=sys.stderr)
+        try:
+            self.close_connection = True
+            self._send(507, "application/json", error_body("out_of_memory", message))
+            self.wfile.flush()
+        finally:
+            sys.stderr.flush()
+            os._exit(ExitCode.OUT_OF_MEMORY)
+
+    def _send_error(self, status: int, code: str, message: str) -> None:
+        self._send(status, "application/json", error_body(code, message))
+
+    def _send(self, status: int, content_type: str, body: bytes, extra_headers: str = "") -> None:
+        connection = "Connection: close\r\n" if self.close_connection else ""
+        head = (
+            f"HTTP/1.1 {status} {_REASONS.get(status, '')}\r\n"
+            f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
+            f"{extra_headers}{connection}\r\n"
+        ).encode("latin-1")
+        if len(body) <= SINGLE_WRITE_MAX_BYTES:
+            self.wfile.write(head + body)
+        else:
+            self.wfile.write(head)
+            self.wfile.write(body)
+
+    def _stream(self, reply: Stream, sse: bool) -> None:
+        # HTTP/1.0 has no chunked encoding: such a client reads until we close.
+        chunked = self.request_version == "HTTP/1.1"
+        if not chunked:
+            self.close_connection = True
+        content_type = SSE_CONTENT_TYPE if sse else NDJSON_CONTENT_TYPE
+        head = f"HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nCache-Control: no-cache\r\n"
+        if chunked:
+            head += "Transfer-Encoding: chunked\r\n"
+        if self.close_connection:
+            head += "Connection: close\r\n"
+        write = self._chunk_writer(chunked)
+        try:
+            self.wfile.write((head + "\r\n").encode("latin-1"))
+            try:
+                for item in reply.items:
+                    data = encode_json(item)
+                    write(b"data: " + data + b"\n\n" if sse else data + b"\n")
+            except (ConnectionError, TimeoutError):
+                raise
+            except Exception as exc:
+                # Headers are gone; the failure becomes the stream's last item.
+                traceback.print_exc()
+                error = error_body(_HANDLER_ERROR[1], describe_exception(exc))
+                write(b"event: error\ndata: " + error + b"\n\n" if sse else error + b"\n")
+            else:
+                if sse:
+                    write(_SSE_DONE)
+            if chunked:
+                self.wfile.write(b"0\r\n\r\n")
+        except (ConnectionError, TimeoutError):
+            # The client went away: stop the generator so its finally blocks run.
+            self.close_connection = True
+            if reply.close is not None:
+                reply.close()
+
+    def _chunk_writer(self, chunked: bool) -> Callable[[bytes], object]:
+        wfile = self.wfile
+        if not chunked:
+            return wfile.write
+        return lambda data: wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+
+
+def bind_server(path: str, invoker: Invoker) -> UnixHTTPServer:
+    """Bind and listen, so the caller can announce readiness before serving."""
+    return UnixHTTPServer(path, invoker)
+
+
+def _stop_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)
+
+
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit in the main thread, so `finally` blocks (removing
+    socket files) run on the agent's polite stop."""
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+
+
+def serve_until_stopped(server: UnixHTTPServer, announce: Callable[[], object]) -> None:
+    """Announce readiness, serve until SIGTERM or SIGINT, then remove the socket file.
+
+    The SIGTERM handler goes in before the announcement: an agent may stop an instance
+    the moment it hears "ready"."""
+    try:
+        exit_on_sigterm()
+        announce()
+        server.serve_forever(poll_interval=1.0)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+        with contextlib.suppress(OSError):
+            os.unlink(server.server_address)  # type: ignore[arg-type]
+        sys.stdout.flush()
+        sys.stderr.flush()

@@ -1,0 +1,277 @@
+"""A template (zygote): a process that has imported a function's modules and forks
+instances that restore from a snapshot, so no instance pays for the imports.
+
+The template must stay single-threaded and must not run torch ops: forking a process
+with running threads (an OpenMP pool, a tokenizer's rayon pool) can leave the child
+holding locks no thread will ever release. It only imports.
+
+Control protocol, one connection per spawn on the --control unix socket:
+  agent -> template   {"op":"spawn", ...SpawnRequest}\\n
+  template -> agent   {"event":"spawned","pid":N}\\n         (from the template)
+  child -> agent      {"event":"ready",...}\\n or failed      (from the instance)
+and the connection closes; the instance then serves on its own socket.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import importlib
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterable
+from typing import NoReturn
+
+from .events import (
+    ChildExited,
+    ExitCode,
+    Failed,
+    Ready,
+    Spawned,
+    SpawnRequest,
+    Stage,
+    StatusChannel,
+    TemplateReady,
+    describe_exception,
+    event_to_line,
+)
+from .handler import Invoker
+from .restore import restore_handler
+from .server import bind_server, exit_on_sigterm, serve_until_stopped
+from .snapshot import SnapshotMeta
+
+# From <linux/prctl.h>.
+PR_SET_PDEATHSIG = 1
+
+# How long a connection may take to send its spawn line. The template serves spawns one
+# at a time, so a silent client must not stall it for longer than this.
+SPAWN_READ_TIMEOUT_S = 10.0
+MAX_SPAWN_REQUEST_BYTES = 64 * 1024
+CONTROL_BACKLOG = 128
+
+# Module names that are never importable by name.
+_NOT_IMPORTABLE = ("__main__", "__mp_main__")
+
+
+def set_parent_death_signal(signum: int) -> None:
+    """Have the kernel send `signum` when our parent exits (Linux only; elsewhere the
+    supervisor must clean up). Note the kernel ties this to the parent *thread*."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"prctl(PR_SET_PDEATHSIG): {os.strerror(errno)}")
+
+
+def preimport_modules(names: Iterable[str]) -> list[str]:
+    """Import what the function imported, in the same order; returns the names that
+    failed (some recorded modules only import as a side effect of another)."""
+    failed = []
+    for name in names:
+        if name in sys.modules or name in _NOT_IMPORTABLE:
+            continue
+        try:
+            importlib.import_module(name)
+        except (Exception, SystemExit):
+            failed.append(name)
+    return failed
+
+
+def bind_control_socket(path: str) -> socket.socket:
+    if os.path.exists(path):
+        os.unlink(path)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(CONTROL_BACKLOG)
+    return listener
+
+
+def _read_line(conn: socket.socket) -> bytes:
+    data = b""
+    while b"\n" not in data:
+        chunk = conn.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+        if len(data) > MAX_SPAWN_REQUEST_BYTES:
+            raise ValueError("spawn request too long")
+    return data.partition(b"\n")[0]
+
+
+class Template:
+    """The fork loop. Children never return into it: they end with os._exit."""
+
+    def __init__(self, listener: socket.socket, status: StatusChannel) -> None:
+        self._listener = listener
+        self._status = status
+        self._pid = os.getpid()
+
+    def serve_forever(self) -> None:
+        if threading.active_count() > 1:
+            print(
+                f"thaw template: {threading.active_count()} threads running at fork time; "
+                "an import started threads, forked instances may deadlock",
+                file=sys.stderr,
+            )
+        while True:
+            conn, _ = self._listener.accept()
+            try:
+                self._spawn(conn)
+            except OSError:
+                traceback.print_exc()
+            finally:
+                conn.close()
+
+    def _spawn(self, conn: socket.socket) -> None:
+        conn.settimeout(SPAWN_READ_TIMEOUT_S)
+        try:
+            request = SpawnRequest.from_line(_read_line(conn))
+        except (ValueError, TimeoutError) as exc:
+            conn.sendall(event_to_line(Failed(Stage.SPAWN, describe_exception(exc))))
+            return
+        conn.settimeout(None)
+        # The child reports "ready" on this connection only after we sent "spawned";
+        # the pipe is how it waits for that (it reads EOF once we close our end).
+        go_read, go_write = os.pipe()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            os.close(go_read)
+            os.close(go_write)
+            conn.sendall(event_to_line(Failed(Stage.SPAWN, describe_exception(exc))))
+            return
+        if pid == 0:
+            os.close(go_write)
+            self._run_child(request, conn, go_read)
+        os.close(go_read)
+        try:
+            conn.sendall(event_to_line(Spawned(pid)))
+        finally:
+            os.close(go_write)
+
+    def _run_child(self, request: SpawnRequest, conn: socket.socket, go_read: int) -> NoReturn:
+        code = ExitCode.RESTORE_FAILED
+        try:
+            self._listener.close()
+            if self._status.fd is not None and self._status.fd > 2:
+                os.close(self._status.fd)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the tenant may wait() on children
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.setsid()
+            set_parent_death_signal(signal.SIGKILL)
+            if os.getppid() != self._pid:  # the template died before prctl took effect
+                os._exit(code)
+            code = _restore_and_serve(request, StatusChannel(conn.sendall), conn, go_read)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+
+
+def _reap_children(status: StatusChannel) -> None:
+    while True:
+        try:
+            pid, wait_status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        with contextlib.suppress(OSError):
+            status.emit(ChildExited(pid, os.waitstatus_to_exitcode(wait_status)))
+
+
+def _redirect_output(log_path: str) -> None:
+    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.close(log)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    # The log is a file now; line buffering keeps the tenant's prints timely in it.
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure: Callable[..., None] | None = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(line_buffering=True)
+
+
+def _wait_for_template(go_read: int) -> None:
+    os.read(go_read, 1)
+    os.close(go_read)
+
+
+def _restore_and_serve(
+    request: SpawnRequest, channel: StatusChannel, conn: socket.socket, go_read: int
+) -> ExitCode:
+    stage = Stage.RESTORE
+    try:
+        _redirect_output(request.log)
+        meta = SnapshotMeta.load(request.snapshot_json)
+        restored = restore_handler(meta, request.pickle, request.host_arena, request.device_arena)
+        invoker = Invoker(restored.handler)
+        stage = Stage.SERVE
+        server = bind_server(request.socket, invoker)
+    except Exception as exc:
+        traceback.print_exc()
+        _wait_for_template(go_read)
+        channel.emit(Failed(stage, describe_exception(exc)))
+        return stage.exit_code
+
+    def announce() -> None:
+        _wait_for_template(go_read)
+        channel.emit(Ready(os.getpid(), restored.timings))
+        conn.close()
+
+    serve_until_stopped(server, announce)
+    return ExitCode.OK
+
+
+def run_template(snapshot_json: str, control: str, status: StatusChannel,
+                 import_handler: Callable[[], object]) -> ExitCode:
+    """Import, announce, fork on request; returns only on SIGTERM/SIGINT."""
+    set_parent_death_signal(signal.SIGKILL)
+    # Instances are reaped by the kernel; the agent watches them by pid.
+    # Reap forked instances as they end and tell the agent how each ended.
+    signal.signal(signal.SIGCHLD, lambda _signum, _frame: _reap_children(status))
+    exit_on_sigterm()
+    started = time.perf_counter()
+    try:
+        meta = SnapshotMeta.load(snapshot_json)
+        preimport_modules(meta.modules)
+        import_handler()
+    except Exception as exc:
+        traceback.print_exc()
+        status.emit(Failed(Stage.IMPORT, describe_exception(exc)))
+        return ExitCode.IMPORT_FAILED
+    elapsed = time.perf_counter() - started
+    # Move everything imported so far out of the collector's reach: a collection in an
+    # instance would otherwise walk (and write to, so copy) every object of the
+    # template, unsharing pages of the whole import graph in each instance.
+    gc.collect()
+    gc.freeze()
+    try:
+        listener = bind_control_socket(control)
+    except OSError as exc:
+        status.emit(Failed(Stage.SERVE, describe_exception(exc)))
+        return ExitCode.SERVE_FAILED
+    status.emit(TemplateReady(os.getpid(), {"import": elapsed}))
+    try:
+        Template(listener, status).serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        listener.close()
+        with contextlib.suppress(OSError):
+            os.unlink(control)
+    return ExitCode.OK
