@@ -131,6 +131,8 @@ class AgentConfig(_ComponentConfig):
     """Host-memory (pinned) tier capacity."""
     shm_dir: Path = Path("/dev/shm")
     """tmpfs where slices and restored arenas live."""
+    runtime: str = Field("process", pattern="^(process|docker)$")
+    """Where instances run: processes on this machine, or docker containers."""
     instance_python: str = ""
     """Interpreter for instances; empty = the agent's own."""
     start_timeout: float = Field(600.0, gt=0)

@@ -39,9 +39,8 @@ from thaw.platform.process import (
     ProcessRuntime,
     ProcessWatch,
     RuntimeProcess,
-    log_tail,
     describe_exit,
-    spawn_from_template,
+    log_tail,
     terminate,
 )
 from thaw.platform.snapshots import Materialized, NodeSnapshots
@@ -338,7 +337,7 @@ class Agent:
         template = await self.ensure_template(spec, manifest, mat)
         template_s = time.perf_counter() - started
         started = time.perf_counter()
-        pid, event = await spawn_from_template(template.control, {
+        pid, event = await self.runtime.spawn(template.control, {
             "instance_id": inst.id, "socket": inst.socket, "pickle": mat.pickle,
             "host_arena": mat.host_arena, "device_arena": mat.device_arena,
             "snapshot_json": mat.snapshot_json, "log": inst.log_path,
@@ -442,3 +441,4 @@ class Agent:
         self.templates.clear()
         self.devices.close()
         await self.chunks.close()
+        await self.runtime.close()

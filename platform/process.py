@@ -92,9 +92,22 @@ def describe_exit(code: int | None) -> str:
 
 
 class ProcessRuntime:
+    """Instances are processes on this machine. The docker runtime
+    (docker_runtime.py) has the same three methods."""
+
+    name = "process"
+
     def __init__(self, python: str | None = None, env: dict[str, str] | None = None) -> None:
         self.python = python or sys.executable
         self.env = {**os.environ, **(env or {})}
+
+    async def spawn(self, control_socket: str, request: dict[str, Any],
+                    timeout: float) -> tuple[int, dict[str, Any]]:
+        """Fork a restored instance from a template: (host pid, ready event)."""
+        return await spawn_from_template(control_socket, request, timeout)
+
+    async def close(self) -> None:
+        """Nothing to release: instances and templates are stopped by the agent."""
 
     async def launch(self, mode: str, args: Sequence[str], log_path: str,
                      cwd: str | None = None) -> RuntimeProcess:

@@ -34,6 +34,14 @@ REGISTER_RETRY_SECONDS = 0.5
 DRAIN_SECONDS = 30.0
 
 
+def make_runtime(cfg: AgentConfig) -> ProcessRuntime:
+    if cfg.runtime == "docker":
+        from thaw.platform.docker_runtime import DockerRuntime
+
+        return DockerRuntime.from_config(cfg)  # type: ignore[return-value]
+    return ProcessRuntime(cfg.instance_python or None)
+
+
 class AgentServer:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
@@ -71,7 +79,7 @@ class AgentServer:
         self._channel = grpc.aio.insecure_channel(cfg.scheduler_address, options=CHANNEL_OPTIONS)
         self._registry = scheduler_pb2_grpc.NodeRegistryStub(self._channel)
         self.agent = Agent(node_id=self.node_id, home=home, run_dir=shm / "run",
-                           devices=devices, runtime=ProcessRuntime(cfg.instance_python or None),
+                           devices=devices, runtime=make_runtime(cfg),
                            snapshots=snapshots, fetch_bundle=self._fetch_bundle,
                            start_timeout=cfg.start_timeout)
 

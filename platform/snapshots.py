@@ -27,7 +27,6 @@ from thaw.snapshotter.manifest import (
     manifest_key,
 )
 
-
 # Linux 5.14+; the mmap module gained the constant only in Python 3.13.
 MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
 
