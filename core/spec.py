@@ -45,6 +45,14 @@ class Scaling:
 
 
 @dataclass(frozen=True)
+class Batching:
+    max_batch_size: int = 1
+    """Concurrent calls handed to the handler as one list; 1 = no batching."""
+    max_batch_wait_ms: float = 0.0
+    """How long the first call of a batch waits for more."""
+
+
+@dataclass(frozen=True)
 class FunctionSpec:
     name: str
     handler: str
@@ -52,6 +60,7 @@ class FunctionSpec:
     scaling: Scaling = field(default_factory=Scaling)
     snapshot: bool = True
     """False: every cold start is a fresh start (setup() runs each time)."""
+    batching: Batching = field(default_factory=Batching)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -64,6 +73,7 @@ class FunctionSpec:
             resources=Resources(**data.get("resources", {})),
             scaling=Scaling(**data.get("scaling", {})),
             snapshot=data.get("snapshot", True),
+            batching=Batching(**data.get("batching", {})),
         )
 
 
@@ -81,7 +91,7 @@ def parse_spec(text: str) -> FunctionSpec:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise InvalidBundle(f"thaw.toml is not valid TOML: {exc}", field="thaw.toml") from exc
-    known = {"name", "handler", "resources", "scaling", "snapshot"}
+    known = {"name", "handler", "resources", "scaling", "snapshot", "batching"}
     unknown = sorted(set(doc) - known)
     if unknown:
         raise InvalidBundle(f"thaw.toml has unknown key {unknown[0]!r}", field=unknown[0])
@@ -142,8 +152,21 @@ def parse_spec(text: str) -> FunctionSpec:
     if not isinstance(snap, dict) or not isinstance(snap.get("enabled", True), bool):
         raise InvalidBundle("snapshot must be a table with a boolean 'enabled'",
                             field="snapshot.enabled")
+    bt = doc.get("batching", {})
+    if not isinstance(bt, dict):
+        raise InvalidBundle("batching must be a table", field="batching")
+    wait = bt.get("max_batch_wait_ms", 0)
+    if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not 0 <= wait <= 10_000:
+        raise InvalidBundle(f"batching.max_batch_wait_ms must be a number in [0, 10000], "
+                            f"got {wait!r}", field="batching.max_batch_wait_ms")
+    batching = Batching(max_batch_size=_int(bt, "max_batch_size", "batching", 1, 1, 1024),
+                        max_batch_wait_ms=float(wait))
+    if batching.max_batch_size > scaling.max_concurrency:
+        raise InvalidBundle("batching.max_batch_size must not exceed scaling.max_concurrency "
+                            "(a batch is made of concurrent calls)",
+                            field="batching.max_batch_size")
     return FunctionSpec(name=name, handler=handler, resources=resources, scaling=scaling,
-                        snapshot=snap.get("enabled", True))
+                        snapshot=snap.get("enabled", True), batching=batching)
 
 
 def read_bundle(data: bytes) -> FunctionSpec:

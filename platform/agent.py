@@ -76,6 +76,16 @@ def local_fingerprint(device_type: str) -> dict[str, str]:
             "driver": driver}
 
 
+def instance_env(spec: agent_pb2.FunctionSpec) -> dict[str, str]:
+    """What the in-instance runtime reads from its environment (templates pass it on
+    to the instances they fork)."""
+    env = {"THAW_FUNCTION": f"{spec.tenant}/{spec.name}", "THAW_FUNCTION_VERSION": spec.version}
+    if spec.max_batch_size > 1:
+        env["THAW_MAX_BATCH_SIZE"] = str(spec.max_batch_size)
+        env["THAW_MAX_BATCH_WAIT_MS"] = f"{spec.max_batch_wait_ms:g}"
+    return env
+
+
 def limit_memory(pid: int, extra_bytes: int) -> None:
     """Cap what the instance may allocate from now on: RLIMIT_DATA counts private
     writable memory (heap, anonymous and copy-on-write mappings), so the cap is what
@@ -150,7 +160,8 @@ class Agent:
         try:
             proc = await self.runtime.launch(
                 "build", ["--bundle", str(bundle), "--handler", spec.handler, "--out", str(out),
-                          "--function-version", spec.version], log_path, cwd=str(bundle))
+                          "--function-version", spec.version], log_path, cwd=str(bundle),
+                env=instance_env(spec))
             try:
                 event = await proc.next_event(self.start_timeout)
             except ThawError as exc:
@@ -199,7 +210,7 @@ class Agent:
         proc = await self.runtime.launch(
             "template", ["--bundle", str(bundle), "--handler", spec.handler,
                          "--snapshot-json", mat.snapshot_json, "--control", control],
-            log_path, cwd=str(bundle))
+            log_path, cwd=str(bundle), env=instance_env(spec))
         event = await proc.next_event(self.start_timeout)
         if event.get("event") != "template_ready":
             await proc.kill()
@@ -311,7 +322,8 @@ class Agent:
         bundle = await self.ensure_bundle(spec.bundle_digest)
         proc = await self.runtime.launch(
             "fresh", ["--bundle", str(bundle), "--handler", spec.handler,
-                      "--socket", inst.socket], inst.log_path, cwd=str(bundle))
+                      "--socket", inst.socket], inst.log_path, cwd=str(bundle),
+            env=instance_env(spec))
         inst.pid = proc.pid
         inst.process = proc
         event = await proc.next_event(self.start_timeout)

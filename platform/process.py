@@ -110,7 +110,8 @@ class ProcessRuntime:
         """Nothing to release: instances and templates are stopped by the agent."""
 
     async def launch(self, mode: str, args: Sequence[str], log_path: str,
-                     cwd: str | None = None) -> RuntimeProcess:
+                     cwd: str | None = None,
+                     env: dict[str, str] | None = None) -> RuntimeProcess:
         read_fd, write_fd = os.pipe()
         os.set_inheritable(write_fd, True)
         logfile = open(log_path, "ab")  # noqa: SIM115 - handed to the child
@@ -119,7 +120,7 @@ class ProcessRuntime:
                 self.python, "-m", RUNTIME_MODULE, mode, *args, "--status-fd", str(write_fd),
                 stdin=asyncio.subprocess.DEVNULL, stdout=logfile, stderr=logfile,
                 pass_fds=(write_fd,), start_new_session=True, preexec_fn=_die_with_parent,
-                env=self.env, cwd=cwd)
+                env={**self.env, **(env or {})}, cwd=cwd)
         finally:
             os.close(write_fd)
             logfile.close()

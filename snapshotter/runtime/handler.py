@@ -18,6 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from .batching import Batcher
+
 JSON_CONTENT_TYPE = "application/json"
 BYTES_CONTENT_TYPE = "application/octet-stream"
 
@@ -172,9 +174,16 @@ class Invoker:
                 self._signature = None
         elif not callable(handler):
             raise TypeError(f"{type(handler).__name__} defines neither predict() nor __call__()")
+        # With batching on, the handler takes one list (of input dicts for predict(),
+        # of Requests for __call__) and returns a list of results.
+        target = self._predict if self._predict is not None else handler
+        self._batcher = Batcher.from_env(target)  # type: ignore[arg-type]
 
     def invoke(self, request: Request) -> Reply:
         """Raises InvalidInput for a bad request; anything else is the handler's."""
+        if self._batcher is not None:
+            value = request if self._predict is None else self._parse_inputs(request.body)
+            return to_reply(self._batcher.submit(value))
         if self._predict is None:
             return to_reply(self.handler(request))  # type: ignore[operator]
         inputs = self._parse_inputs(request.body)

@@ -83,7 +83,8 @@ def test_embed_restore_matches_fresh(platform: RunningPlatform, tmp_path: Path) 
     fresh_body = fresh.json()
     assert fresh_body["setup_pid"] == fresh_body["pid"]
     for a, b in zip(restored["embeddings"], fresh_body["embeddings"], strict=True):
-        assert all(math.isclose(x, y, rel_tol=1e-5, abs_tol=1e-6) for x, y in zip(a, b, strict=True))
+        assert all(math.isclose(x, y, rel_tol=1e-5, abs_tol=1e-6)
+                   for x, y in zip(a, b, strict=True))
 
 
 def test_bad_uploads_are_clear_4xx(platform: RunningPlatform) -> None:

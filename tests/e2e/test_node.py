@@ -1,0 +1,62 @@
+"""Node agent behaviour seen from outside: batching, max_concurrency, graceful drain."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+
+from tests.conftest import FIXTURES, RunningPlatform
+from thaw.ops.services import LocalPlatform
+
+
+def test_concurrent_calls_reach_a_batched_handler_as_one_list(
+        platform: RunningPlatform) -> None:
+    assert platform.deploy(FIXTURES / "batched").json()["state"] == "ready"
+    platform.invoke("batched", {"x": 0}).raise_for_status()  # warm it
+    with ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(lambda x: platform.invoke("batched", {"x": x}), range(8)))
+    bodies = [r.json() for r in replies]
+    assert [b["doubled"] for b in bodies] == [2 * x for x in range(8)]
+    assert max(b["batch_size"] for b in bodies) >= 2
+
+
+def test_agent_enforces_max_concurrency(platform: RunningPlatform) -> None:
+    assert platform.deploy(FIXTURES / "sleep").json()["state"] == "ready"
+    first = platform.invoke("sleep", {"seconds": 0})
+    instance = first.headers["X-Thaw-Instance"]
+    node = platform.http.get("/v1/nodes").json()["nodes"][0]
+    url = f"{node['data_url']}/v1/instances/{instance}/invoke"
+    with ThreadPoolExecutor(3) as pool:
+        calls = [pool.submit(httpx.post, url, json={"seconds": 1.5}, timeout=30)
+                 for _ in range(3)]
+        statuses = sorted(c.result().status_code for c in calls)
+    # max_concurrency = 2: the third concurrent call is refused, not queued inside.
+    assert statuses == [200, 200, 429]
+
+
+def test_sigterm_on_the_agent_finishes_in_flight_requests(tmp_path: Path) -> None:
+    local = LocalPlatform(tmp_path / "home", gateway_port=0, host_devices="1x2GiB")
+    local.start()
+    try:
+        p = RunningPlatform(local)
+        assert p.deploy(FIXTURES / "sleep").json()["state"] == "ready"
+        p.invoke("sleep", {"seconds": 0}).raise_for_status()
+        results: list[httpx.Response] = []
+        caller = threading.Thread(
+            target=lambda: results.append(p.invoke("sleep", {"seconds": 2})))
+        caller.start()
+        agent = next(proc for name, proc in local.procs if name.startswith("agent"))
+        import time
+
+        time.sleep(0.7)  # the call is in flight on the instance
+        agent.send_signal(signal.SIGTERM)
+        caller.join(30)
+        assert results and results[0].status_code == 200, results
+        assert results[0].json()["slept"] == 2
+        assert agent.wait(30) == 0
+    finally:
+        local.stop()
