@@ -111,7 +111,8 @@ def spec_message(fn: FunctionRecord) -> agent_pb2.FunctionSpec:
         bundle_digest=fn.bundle_digest, gpu_memory_bytes=s.resources.gpu_memory,
         gpu_compute=s.resources.gpu_compute, max_concurrency=s.scaling.max_concurrency,
         timeout_seconds=s.scaling.timeout, snapshot_enabled=s.snapshot,
-        memory_limit_bytes=s.resources.memory)
+        memory_limit_bytes=s.resources.memory, max_batch_size=s.batching.max_batch_size,
+        max_batch_wait_ms=s.batching.max_batch_wait_ms)
 
 
 class ControlPlane:
