@@ -44,6 +44,7 @@ from thaw.platform.process import (
     terminate,
 )
 from thaw.platform.snapshots import Materialized, NodeSnapshots
+from thaw.platform.telemetry import NodeSample, Telemetry
 from thaw.proto import agent_pb2, manifest_pb2, scheduler_pb2
 from thaw.snapshotter.manifest import check_fingerprint, manifest_key
 
@@ -115,6 +116,7 @@ class Agent:
         self.runtime = runtime
         self.snapshots = snapshots
         self.chunks = PeerChunks(snapshots)
+        self.telemetry = Telemetry()
         self.fetch_bundle = fetch_bundle
         self.start_timeout = start_timeout
         self.fingerprint = fingerprint or local_fingerprint(devices.kind)
@@ -434,6 +436,12 @@ class Agent:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(template.control)
         return await asyncio.to_thread(self.snapshots.collect_garbage, keep)
+
+    def sample_telemetry(self) -> NodeSample:
+        """Blocking (psutil): call from a thread."""
+        return self.telemetry.sample(
+            [(i.id, i.function, i.pid) for i in list(self.instances.values())],
+            self.devices.usage())
 
     def take_exited(self) -> list[scheduler_pb2.InstanceExit]:
         exited, self.exited = self.exited, []

@@ -10,12 +10,15 @@ import time
 
 import aiohttp
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from thaw.platform.agent import Agent
 from thaw.platform.instances import Instance, InstanceState
+from thaw.platform.telemetry import TelemetryCollector
 
 AGENT_KEY = web.AppKey("agent", Agent)
 SESSIONS_KEY = web.AppKey("sessions", dict)
+REGISTRY_KEY = web.AppKey("registry", CollectorRegistry)
 # Headers passed from the client to the handler and back.
 FORWARDED_REQUEST_HEADERS = ("Content-Type", "Accept", "X-Request-ID")
 # After a broken connection, how long to wait for the exit watcher's reason.
@@ -95,6 +98,13 @@ async def _forward(request: web.Request, session: aiohttp.ClientSession, inst: I
         return response
 
 
+async def metrics(request: web.Request) -> web.Response:
+    agent = request.app[AGENT_KEY]
+    await asyncio.to_thread(agent.sample_telemetry)
+    body = generate_latest(request.app[REGISTRY_KEY])
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
 async def healthz(request: web.Request) -> web.Response:
     agent = request.app[AGENT_KEY]
     return web.json_response({"status": "ok", "node": agent.node_id,
@@ -119,9 +129,13 @@ def make_app(agent: Agent) -> web.Application:
     app = web.Application(client_max_size=256 * 1024 * 1024)
     app[AGENT_KEY] = agent
     app[SESSIONS_KEY] = {}
+    registry = CollectorRegistry()
+    registry.register(TelemetryCollector(agent.telemetry, agent.node_id))
+    app[REGISTRY_KEY] = registry
     app.cleanup_ctx.append(_close_sessions)
     app.router.add_post("/v1/instances/{instance}/invoke", invoke)
     app.router.add_post("/v1/instances/{instance}/invoke/{tail:.*}", invoke)
     app.router.add_get("/v1/instances", list_instances)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
     return app

@@ -60,3 +60,16 @@ def test_sigterm_on_the_agent_finishes_in_flight_requests(tmp_path: Path) -> Non
         assert agent.wait(30) == 0
     finally:
         local.stop()
+
+
+def test_node_telemetry_as_prometheus_metrics(platform: RunningPlatform) -> None:
+    assert platform.deploy(FIXTURES / "sleep").json()["state"] == "ready"
+    instance = platform.invoke("sleep", {"seconds": 0}).headers["X-Thaw-Instance"]
+    node = platform.http.get("/v1/nodes").json()["nodes"][0]
+    text = httpx.get(f"{node['data_url']}/metrics", timeout=30).text
+    assert "thaw_node_cpu_percent" in text and "thaw_node_memory_used_bytes" in text
+    assert 'thaw_device_memory_capacity_bytes{device="host0"' in text
+    rss = [line for line in text.splitlines()
+           if line.startswith("thaw_instance_rss_bytes") and instance in line]
+    assert rss and float(rss[0].rsplit(" ", 1)[1]) > 1_000_000
+    assert f'thaw_instance_unique_bytes{{function="dev/sleep",instance="{instance}"' in text
