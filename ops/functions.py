@@ -12,7 +12,7 @@ from rich.table import Table
 
 from thaw.ops.client import Client, read_bundle_dir
 
-console = Console()
+console = Console(width=200) if not sys.stdout.isatty() else Console()
 
 
 def print_table(rows: list[dict[str, object]], columns: list[str], as_json: bool) -> None:
@@ -20,7 +20,10 @@ def print_table(rows: list[dict[str, object]], columns: list[str], as_json: bool
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    table = Table(*columns, box=None, header_style="bold")
+    table = Table(box=None, header_style="bold")
+    for column in columns:
+        # URLs and ids are copied from here: never cut them short.
+        table.add_column(column, overflow="fold", no_wrap=column in ("url", "id"))
     for row in rows:
         table.add_row(*(str(row.get(c, "")) for c in columns))
     console.print(table)

@@ -170,7 +170,10 @@ def up(port: int, examples: bool, host_devices: str | None) -> None:
         stopping = True
         raise KeyboardInterrupt
 
+    # Installed explicitly: a shell that starts us in the background leaves SIGINT
+    # ignored, and Ctrl-C must still stop everything.
     signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     try:
         platform.start()
         click.echo(f"\nthaw is up (data in {home})\n")
