@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -77,10 +78,23 @@ def local_fingerprint(device_type: str) -> dict[str, str]:
             "driver": driver}
 
 
-def instance_env(spec: agent_pb2.FunctionSpec) -> dict[str, str]:
+def code_digest(bundle: Path) -> str:
+    """SHA-256 over a bundle's files, thaw.toml excluded (names and settings differ
+    between copies of one model; the code they import does not)."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in bundle.rglob("*") if p.is_file()):
+        rel = path.relative_to(bundle).as_posix()
+        if rel == "thaw.toml" or "__pycache__" in rel:
+            continue
+        h.update(rel.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def instance_env(spec: agent_pb2.FunctionSpec, per_function: bool = True) -> dict[str, str]:
     """What the in-instance runtime reads from its environment (templates pass it on
-    to the instances they fork)."""
-    env = {"THAW_FUNCTION": f"{spec.tenant}/{spec.name}", "THAW_FUNCTION_VERSION": spec.version}
+    to the instances they fork, so a shared template gets no per-function names)."""
+    env = {"THAW_FUNCTION": f"{spec.tenant}/{spec.name}",
+           "THAW_FUNCTION_VERSION": spec.version} if per_function else {}
     if spec.max_batch_size > 1:
         env["THAW_MAX_BATCH_SIZE"] = str(spec.max_batch_size)
         env["THAW_MAX_BATCH_WAIT_MS"] = f"{spec.max_batch_wait_ms:g}"
@@ -126,6 +140,9 @@ class Agent:
         self.exited: list[scheduler_pb2.InstanceExit] = []
         self._watchers: set[asyncio.Task[None]] = set()
         self._exit_codes: dict[int, int] = {}
+        self._code_digests: dict[str, str] = {}
+        self._template_users: dict[str, set[str]] = {}
+        """Template key -> the snapshots (manifest keys) restored from it."""
         self._exit_waiters: dict[int, asyncio.Future[int]] = {}
         self.draining = False
         for sub in ("bundles", "builds", "logs"):
@@ -190,37 +207,55 @@ class Agent:
 
     # ---- templates -----------------------------------------------------------------
 
+    async def template_key(self, spec: agent_pb2.FunctionSpec,
+                           manifest: manifest_pb2.SnapshotManifest) -> str:
+        """Templates are per environment, not per function: bundles with the same code
+        (thaw.toml aside) and the same imported modules share one template, so many
+        copies of a model cost one set of imports in memory."""
+        code = self._code_digests.get(spec.bundle_digest)
+        if code is None:
+            bundle = await self.ensure_bundle(spec.bundle_digest)
+            code = await asyncio.to_thread(code_digest, bundle)
+            self._code_digests[spec.bundle_digest] = code
+        h = hashlib.sha256(f"{code}\n{spec.handler}\n".encode())
+        h.update("\n".join(manifest.modules).encode())
+        h.update(json.dumps(instance_env(spec, per_function=False), sort_keys=True).encode())
+        return h.hexdigest()[:24]
+
     async def ensure_template(self, spec: agent_pb2.FunctionSpec,
                               manifest: manifest_pb2.SnapshotManifest,
                               mat: Materialized) -> Template:
-        template = self.templates.get(mat.key)
+        key = await self.template_key(spec, manifest)
+        self._template_users.setdefault(key, set()).add(mat.key)
+        template = self.templates.get(key)
         if template is not None and template.process.proc.returncode is None:
             return template
-        task = self._template_starts.get(mat.key)
+        task = self._template_starts.get(key)
         if task is None:
-            task = asyncio.create_task(self._start_template(spec, mat))
-            self._template_starts[mat.key] = task
-            task.add_done_callback(lambda _t: self._template_starts.pop(mat.key, None))
+            task = asyncio.create_task(self._start_template(key, spec, mat))
+            self._template_starts[key] = task
+            task.add_done_callback(lambda _t: self._template_starts.pop(key, None))
         return await asyncio.shield(task)
 
-    async def _start_template(self, spec: agent_pb2.FunctionSpec, mat: Materialized) -> Template:
+    async def _start_template(self, key: str, spec: agent_pb2.FunctionSpec,
+                              mat: Materialized) -> Template:
         bundle = await self.ensure_bundle(spec.bundle_digest)
-        control = str(self.run_dir / f"t-{mat.key[:16]}.sock")
+        control = str(self.run_dir / f"t-{key[:16]}.sock")
         with contextlib.suppress(FileNotFoundError):
             os.unlink(control)
         log_path = str(self.home / "logs" / f"template-{spec.tenant}-{spec.name}.log")
         proc = await self.runtime.launch(
             "template", ["--bundle", str(bundle), "--handler", spec.handler,
                          "--snapshot-json", mat.snapshot_json, "--control", control],
-            log_path, cwd=str(bundle), env=instance_env(spec))
+            log_path, cwd=str(bundle), env=instance_env(spec, per_function=False))
         event = await proc.next_event(self.start_timeout)
         if event.get("event") != "template_ready":
             await proc.kill()
             raise InstanceFailed(f"template failed: {event.get('reason', event)}")
         seconds = float(event.get("timings", {}).get("import", 0.0))
-        template = Template(mat.key, proc, control, seconds)
+        template = Template(key, proc, control, seconds)
         self._spawn_task(self._follow_template(template))
-        self.templates[mat.key] = template
+        self.templates[key] = template
         log.info("template ready", function=f"{spec.tenant}/{spec.name}", pid=proc.pid,
                  import_s=round(seconds, 3))
         return template
@@ -430,8 +465,10 @@ class Agent:
         """Forget every snapshot not in `keep`: its template, host-memory copies and
         the disk chunks no kept manifest shares."""
         keys = {manifest_key(m) for m in keep}
-        for key in [k for k in self.templates if k not in keys]:
+        for key in [k for k in self.templates
+                    if not self._template_users.get(k, set()) & keys]:
             template = self.templates.pop(key)
+            self._template_users.pop(key, None)
             await template.process.kill()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(template.control)

@@ -5,6 +5,7 @@ tmpfs files that every instance of it maps copy-on-write."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import mmap
 import os
@@ -53,6 +54,18 @@ def _store_file(disk: DiskTier, path: Path) -> tuple[int, list[ChunkRef]]:
         return size, store_arena(disk, mm)
 
 
+# Subfolder of the tmpfs snapshot folder where arenas live, named by content.
+ARENAS = "arenas"
+
+
+def arena_key(arena: manifest_pb2.Arena) -> str:
+    """Same chunks at the same offsets, same bytes: a name for an arena's content."""
+    h = hashlib.sha256(str(arena.size).encode())
+    for chunk in arena.chunks:
+        h.update(f"{chunk.offset}:{chunk.digest};".encode())
+    return h.hexdigest()[:32]
+
+
 def all_refs(manifest: manifest_pb2.SnapshotManifest) -> list[ChunkRef]:
     return [ChunkRef.from_dict(d) for arena in (manifest.pickle, manifest.host, manifest.device)
             for d in chunk_dicts(arena)]
@@ -82,33 +95,53 @@ class NodeSnapshots:
         return manifest, max(0, self.disk.stored_bytes() - before)
 
     def materialize(self, manifest: manifest_pb2.SnapshotManifest) -> Materialized:
-        """Write the snapshot's arenas into tmpfs files (once per snapshot per node)."""
+        """Write the snapshot's files into tmpfs, once per node. Arenas are named by
+        their content, so snapshots with the same weights (copies of one model under
+        several names) share one file, and every instance maps it copy-on-write."""
         key = manifest_key(manifest)
-        with self._lock:
-            lock = self._materializing.setdefault(key, threading.Lock())
-        with lock:
+        started = time.perf_counter()
+        created = False
+        with self._lock_for(key):
             final = self.shm_dir / key
-            started = time.perf_counter()
-            fresh = not (final / "snapshot.json").exists()
-            if fresh:
+            if not (final / "snapshot.json").exists():
                 staging = self.shm_dir / f".{key}-{uuid.uuid4().hex[:8]}"
                 staging.mkdir(parents=True)
                 try:
-                    for name, arena in (("state.pickle", manifest.pickle),
-                                        ("host.arena", manifest.host),
-                                        ("device.arena", manifest.device)):
-                        self._materialize_arena(arena, staging / name)
+                    self._materialize_arena(manifest.pickle, staging / "state.pickle")
                     (staging / "snapshot.json").write_text(json.dumps(capture_json(manifest)))
                     os.replace(staging, final)
                 except BaseException:
                     shutil.rmtree(staging, ignore_errors=True)
                     raise
-            seconds = time.perf_counter() - started if fresh else 0.0
-        device = final / "device.arena"
+                created = True
+        host, host_created = self._shared_arena(manifest.host)
+        device, device_created = self._shared_arena(manifest.device)
+        created = created or host_created or device_created
         return Materialized(
             key=key, snapshot_json=str(final / "snapshot.json"),
-            pickle=str(final / "state.pickle"), host_arena=str(final / "host.arena"),
-            device_arena=str(device) if manifest.device.size else None, seconds=seconds)
+            pickle=str(final / "state.pickle"), host_arena=str(host),
+            device_arena=str(device) if manifest.device.size else None,
+            seconds=time.perf_counter() - started if created else 0.0)
+
+    def _lock_for(self, key: str) -> threading.Lock:
+        with self._lock:
+            return self._materializing.setdefault(key, threading.Lock())
+
+    def _shared_arena(self, arena: manifest_pb2.Arena) -> tuple[Path, bool]:
+        """The tmpfs file holding this arena's bytes, made if missing: (path, made)."""
+        path = self.shm_dir / ARENAS / arena_key(arena)
+        with self._lock_for(path.name):
+            if path.exists():
+                return path, False
+            path.parent.mkdir(exist_ok=True)
+            staging = path.with_name(f".{path.name}-{uuid.uuid4().hex[:8]}")
+            try:
+                self._materialize_arena(arena, staging)
+                os.replace(staging, path)
+            except BaseException:
+                staging.unlink(missing_ok=True)
+                raise
+            return path, True
 
     def _materialize_arena(self, arena: manifest_pb2.Arena, path: Path) -> None:
         with open(path, "w+b") as handle:
@@ -127,7 +160,10 @@ class NodeSnapshots:
                     raise SnapshotError(f"cannot read snapshot chunks: {exc}") from exc
 
     def drop(self, manifest: manifest_pb2.SnapshotManifest) -> None:
+        """Forget the materialized files (running instances keep their mappings)."""
         shutil.rmtree(self.shm_dir / manifest_key(manifest), ignore_errors=True)
+        for arena in (manifest.host, manifest.device):
+            (self.shm_dir / ARENAS / arena_key(arena)).unlink(missing_ok=True)
 
     def prewarm(self, manifest: manifest_pb2.SnapshotManifest) -> int:
         """Load every chunk of the snapshot into the pinned tier; returns bytes loaded."""
@@ -164,9 +200,16 @@ class NodeSnapshots:
             gone = [m for k, m in self.prewarmed.items() if k not in keys]
         for manifest in gone:
             self.evict(manifest)
+        arena_keys = {arena_key(a) for m in keep for a in (m.host, m.device)}
         for entry in self.shm_dir.iterdir():
-            if entry.is_dir() and entry.name not in keys and not entry.name.startswith("."):
+            if (entry.is_dir() and entry.name not in keys and entry.name != ARENAS
+                    and not entry.name.startswith(".")):
                 shutil.rmtree(entry, ignore_errors=True)
+        arenas = self.shm_dir / ARENAS
+        if arenas.exists():
+            for entry in arenas.iterdir():
+                if entry.name not in arena_keys and not entry.name.startswith("."):
+                    entry.unlink(missing_ok=True)
         referenced = {r.digest for m in keep for r in all_refs(m)}
         result = self.disk.gc(referenced)
         return result.removed, result.freed_bytes
