@@ -127,6 +127,12 @@ class AgentConfig(_ComponentConfig):
     """Device backend: host (virtual devices) or cuda."""
     host_devices: str = "1x8GiB"
     """Virtual devices for the host backend: COUNTxSIZE, e.g. 2x8GiB."""
+    cuda_reserve: str = "1GiB"
+    """cuda backend: memory kept out of slices on each GPU (agent context, driver)."""
+    cuda_instance_overhead: str = "512MiB"
+    """cuda backend: memory booked beside each slice for its instance's CUDA context."""
+    cuda_mps: str = Field("auto", pattern="^(auto|on|off)$")
+    """cuda backend: apply gpu_compute shares through MPS (auto = if its daemon runs)."""
     pinned_capacity: str = "4GiB"
     """Host-memory (pinned) tier capacity."""
     shm_dir: Path = Path("/dev/shm")
@@ -144,7 +150,7 @@ class AgentConfig(_ComponentConfig):
         parse_host_devices(value)
         return value
 
-    @field_validator("pinned_capacity")
+    @field_validator("pinned_capacity", "cuda_reserve", "cuda_instance_overhead")
     @classmethod
     def _check_pinned(cls, value: str) -> str:
         parse_size(value)

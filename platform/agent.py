@@ -422,8 +422,13 @@ class Agent:
         if inst.pid:
             await terminate(inst.pid)
         if inst.slice_id:
-            with contextlib.suppress(NotFound):
-                self.devices.release(inst.slice_id)
+            # A GPU release zeroes the slice and waits for it: off the event loop.
+            try:
+                await asyncio.to_thread(self.devices.release, inst.slice_id)
+            except NotFound:
+                pass
+            except ThawError as exc:  # e.g. a slice that could not be zeroed: kept out
+                log.error("slice not released", instance=inst.id, error=str(exc))
             inst.slice_id = None
         with contextlib.suppress(FileNotFoundError):
             os.unlink(inst.socket)

@@ -13,15 +13,15 @@ The instance's end (open the handle, view ranges as torch tensors) is
 in-instance runtime.
 
 Containers. Legacy CUDA IPC (cudaIpcGetMemHandle / cudaIpcOpenMemHandle) only opens in a
-process that can see the exporter's PID in its own PID namespace; from a container with
-a private one the open fails ("invalid device context"). So the docker runtime must start
-a cuda instance with the GPU of its slice visible (a DeviceRequest naming the slice's
-`device_uuid`) and in the agent's PID namespace: `pid_mode="host"` when the agent runs
-on the host, `pid_mode="container:<agent container>"` when it runs in one. That lets the
-tenant see (not signal: it runs as another user with every capability dropped) the
-node's process list. The way out is the VMM API (cuMemCreate exported as a POSIX file
-descriptor and passed over the instance's unix socket with SCM_RIGHTS), which needs no
-shared PID namespace; CuPy does not wrap it, so it is left for later.
+process that sees the exporter's PID namespace; from a container with a private one the
+open fails ("invalid device context"). So the docker runtime (platform/docker_runtime.py)
+starts cuda instances in the host PID namespace (`pid_mode="host"`, or
+`"container:<agent>"` were the agent itself in a container) with the GPU requested by a
+DeviceRequest; naming the slice's `device_uuid` there, rather than every GPU, keeps an
+instance off GPUs it has no slice on. `open_slice` finds the GPU by PCI bus id, so the
+container's own numbering does not matter. The way out of the shared PID namespace is
+the VMM API (cuMemCreate exported as a POSIX file descriptor, passed over the instance's
+unix socket with SCM_RIGHTS); CuPy does not wrap it, so it is left for later.
 
 MPS. Where an MPS control daemon runs, a function's `gpu_compute` percent is applied by
 starting its instance with CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=<percent> in its
@@ -56,10 +56,10 @@ log = structlog.get_logger()
 MiB = 1024 * 1024
 GiB = 1024 * MiB
 
-# cudaMalloc hands out large allocations in 2 MiB pages on every GPU CUDA 12 supports. A
-# slice is allocated (and zeroed, and booked) rounded up to this, so the books match what
-# the device loses and the padding the instance can reach through its handle is scrubbed
-# with the rest.
+# cudaMalloc maps device memory in 2 MiB pages and may pack smaller allocations into a
+# shared page (which an IPC handle would then expose). A slice is allocated (and zeroed,
+# and booked) rounded up to this: it owns whole pages, the books match what the device
+# loses, and any padding the instance can reach through its handle is scrubbed too.
 ALLOCATION_GRANULARITY = 2 * MiB
 
 # Kept back from each device's total: the agent's own CUDA context (300-500 MiB on CUDA
@@ -71,9 +71,9 @@ DEFAULT_RESERVE_BYTES = 1 * GiB
 # an MPS client). Leaving it out would pack slices into memory the instances then need.
 DEFAULT_INSTANCE_OVERHEAD_BYTES = 512 * MiB
 
-# Host-to-device copies of a restore: several streams let the copy engines overlap the
-# pieces (two H2D engines on most datacenter GPUs); beyond four nothing more was expected
-# to overlap, and each stream costs a little to create per restore.
+# Host-to-device copies of a restore: several streams let the copy engines (one or two
+# for H2D on datacenter GPUs) overlap the pieces. Four is a guess, not a measurement (no
+# GPU where this was written): enough to keep two engines fed; tune it on a GPU node.
 DEFAULT_COPY_STREAMS = 4
 
 # Streams split the bytes at page multiples: the pinned tier's runs start page-aligned, so
@@ -84,7 +84,6 @@ COPY_SPLIT_ALIGNMENT = 4096
 CUDA_MEMCPY_HOST_TO_DEVICE = 1
 CUDA_STREAM_NON_BLOCKING = 0x01
 CUDA_ERROR_MEMORY_ALLOCATION = 2
-CUDA_IPC_MEM_LAZY_ENABLE_PEER_ACCESS = 0x01
 CUDA_IPC_HANDLE_BYTES = 64
 
 # Where nvidia-cuda-mps-control listens unless CUDA_MPS_PIPE_DIRECTORY says otherwise.
@@ -98,7 +97,8 @@ class CudaUnavailable(ThawError):
 
 
 class SliceNotZeroed(ThawError):
-    """A slice's memory could not be zeroed: it stays booked and is never handed out."""
+    """A slice's memory could not be zeroed (or, once zeroed, freed): it stays booked and
+    is never handed out again."""
 
     code = "slice_not_zeroed"
 
@@ -197,27 +197,33 @@ class CupyCudaApi:  # pragma: no cover - needs CuPy and a GPU (tests/gpu)
         self._count = count
 
     @contextlib.contextmanager
-    def _on(self, device: int, what: str) -> Iterator[None]:
-        """Run with `device` current in this thread, translating CuPy's errors."""
-        cupy, rt = self._cupy, self._rt
-        oom = getattr(getattr(cupy.cuda, "memory", None), "OutOfMemoryError", ())
+    def _translated(self, what: str, device: int) -> Iterator[None]:
+        """Turn CuPy's errors into thaw's: OutOfMemory for an allocation failure."""
+        oom = getattr(getattr(self._cupy.cuda, "memory", None), "OutOfMemoryError", ())
         try:
-            with cupy.cuda.Device(device):
-                yield
+            yield
         except ThawError:
             raise
         except oom as exc:
             raise OutOfMemory(f"{what} on cuda{device}: {exc}") from exc
-        except rt.CUDARuntimeError as exc:
+        except self._rt.CUDARuntimeError as exc:
             if getattr(exc, "status", None) == CUDA_ERROR_MEMORY_ALLOCATION:
                 raise OutOfMemory(f"{what} on cuda{device}: {exc}") from exc
             raise ThawError(f"{what} on cuda{device} failed: {exc}") from exc
+
+    @contextlib.contextmanager
+    def _on(self, device: int, what: str) -> Iterator[None]:
+        """Run with `device` current in this thread (CUDA's current device is per
+        thread, and the agent calls from a thread pool), translating errors."""
+        with self._translated(what, device), self._cupy.cuda.Device(device):
+            yield
 
     def devices(self) -> list[CudaDeviceInfo]:
         infos = []
         with _Nvml() as nvml:
             for index in range(self._count):
-                with self._on(index, "reading device properties"):
+                # Without making the device current: on CUDA 12 that creates its context.
+                with self._translated("reading device properties", index):
                     props = self._rt.getDeviceProperties(index)
                     bus = str(self._rt.deviceGetPCIBusId(index))
                 name = props.get("name", b"")
@@ -660,31 +666,32 @@ class CopyStats:
 
 def plan_stream_copies(pieces: Sequence[tuple[int, int]], streams: int,
                        alignment: int = COPY_SPLIT_ALIGNMENT) -> list[list[CopyOp]]:
-    """Split `pieces` ((slice offset, length) each) into one run of copies per stream,
-    as even as `alignment` allows: stream k copies the k-th share of the bytes in slice
-    order. Every byte is in exactly one op; empty streams are left out."""
-    if not isinstance(streams, int) or streams < 1:
+    """Split `pieces` ((slice offset, length) each) into one run of copies per stream:
+    taken in slice order, the bytes are cut at the multiples of `alignment` nearest
+    below each k/streams of the total, so stream k copies the k-th share and no share
+    is `alignment` bytes or more off the mean. Every byte is in exactly one op; empty
+    streams are left out."""
+    if isinstance(streams, bool) or not isinstance(streams, int) or streams < 1:
         raise InvalidArgument(f"streams must be an integer >= 1, got {streams!r}",
                               field="streams")
     order = sorted(range(len(pieces)), key=lambda i: pieces[i][0])
     total = sum(pieces[i][1] for i in order)
-    if total == 0:
-        return []
-    share = -(-total // streams)
-    share = -(-share // alignment) * alignment
-    plan: list[list[CopyOp]] = [[]]
-    room = share
+    cuts = sorted({0, total} | {k * total // streams // alignment * alignment
+                                for k in range(1, streams)})
+    ends = cuts[1:]  # distinct and sorted: every share is non-empty
+    plan: list[list[CopyOp]] = [[] for _ in ends]
+    share = 0  # index into `ends` of the share being filled
+    position = 0  # bytes planned so far
     for index in order:
         length = pieces[index][1]
         done = 0
         while done < length:
-            if room == 0:
-                plan.append([])
-                room = share
-            take = min(room, length - done)
-            plan[-1].append(CopyOp(index, done, take))
+            if position == ends[share]:
+                share += 1
+            take = min(ends[share] - position, length - done)
+            plan[share].append(CopyOp(index, done, take))
             done += take
-            room -= take
+            position += take
     return plan
 
 
@@ -976,11 +983,12 @@ class CudaDevices:
 def _check_pieces(views: list[tuple[int, memoryview]], size: int) -> None:
     """Pieces must land inside the slice and not on each other: two streams writing one
     byte would race."""
-    end = 0
-    for offset, view in sorted(views, key=lambda piece: piece[0]):
+    for offset, _ in views:
         if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
             raise InvalidArgument(f"piece offset must be an integer >= 0, got {offset!r}",
                                   field="pieces")
+    end = 0
+    for offset, view in sorted(views, key=lambda piece: piece[0]):
         if offset + view.nbytes > size:
             raise InvalidArgument(f"{view.nbytes} bytes at offset {offset} overrun a "
                                   f"{size}-byte slice", field="pieces")

@@ -14,7 +14,7 @@ import grpc
 import structlog
 from aiohttp import web
 
-from thaw.blobstore import DiskTier, PinnedTier
+from thaw.blobstore import CudaPinnedAllocator, DiskTier, HostMemoryAllocator, PinnedTier
 from thaw.core.config import AgentConfig, parse_host_devices
 from thaw.core.errors import ThawError
 from thaw.core.grpcutil import CHANNEL_OPTIONS, add_health, call, mark_serving
@@ -22,7 +22,7 @@ from thaw.core.units import parse_size
 from thaw.platform.agent import Agent
 from thaw.platform.control import AgentService
 from thaw.platform.dataplane import make_app
-from thaw.platform.devices import HostDevices, shm_root
+from thaw.platform.devices import DeviceBackend, HostDevices, shm_root
 from thaw.platform.process import ProcessRuntime
 from thaw.platform.snapshots import NodeSnapshots
 from thaw.proto import agent_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
@@ -73,9 +73,21 @@ class AgentServer:
         # Unix socket paths must stay under 108 bytes: keep them short, in tmpfs.
         short = hashlib.sha256(f"{self.node_id}:{home}".encode()).hexdigest()[:10]
         shm = shm_root(cfg.shm_dir, short)
-        devices = HostDevices(parse_host_devices(cfg.host_devices), shm / "slices")
+        devices: DeviceBackend
+        allocator: HostMemoryAllocator | None = None
+        if cfg.device == "cuda":
+            from thaw.platform.cuda import CudaDevices
+
+            devices = CudaDevices(
+                reserve_bytes=parse_size(cfg.cuda_reserve),
+                instance_overhead_bytes=parse_size(cfg.cuda_instance_overhead),
+                mps={"auto": None, "on": True, "off": False}[cfg.cuda_mps])
+            allocator = CudaPinnedAllocator()  # page-locked: H2D copies at PCIe speed
+        else:
+            devices = HostDevices(parse_host_devices(cfg.host_devices), shm / "slices")
         snapshots = NodeSnapshots(DiskTier(home / "chunks"),
-                                  PinnedTier(parse_size(cfg.pinned_capacity)), shm / "snapshots")
+                                  PinnedTier(parse_size(cfg.pinned_capacity),
+                                             allocator=allocator), shm / "snapshots")
         self._channel = grpc.aio.insecure_channel(cfg.scheduler_address, options=CHANNEL_OPTIONS)
         self._registry = scheduler_pb2_grpc.NodeRegistryStub(self._channel)
         self.agent = Agent(node_id=self.node_id, home=home, run_dir=shm / "run",
