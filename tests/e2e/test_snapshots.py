@@ -135,3 +135,14 @@ def test_deleting_a_function_collects_its_chunks(two_nodes: RunningPlatform) -> 
     wait_for(lambda: sum(n["disk_bytes"] for n in nodes(p).values()) == 0,
              "garbage collection")
     assert p.invoke("weights").status_code == 404
+
+
+def test_state_that_cannot_be_snapshotted_runs_fresh_and_says_where(
+        platform: RunningPlatform) -> None:
+    fn = platform.deploy(FIXTURES / "holds_socket").json()
+    assert fn["state"] == "ready" and fn["start_mode"] == "fresh", fn
+    assert "self.client._sock" in fn["reason"] and "fresh starts" in fn["reason"]
+    resp = platform.invoke("holds-socket")
+    assert resp.status_code == 200 and resp.headers["X-Thaw-Start"] == "fresh"
+    body = resp.json()
+    assert body["setup_pid"] == body["pid"]  # setup() ran in this very instance
