@@ -142,6 +142,7 @@ class Agent:
         self._exit_codes: dict[int, int] = {}
         self._code_digests: dict[str, str] = {}
         self._template_users: dict[str, set[str]] = {}
+        self._templates_by_code: dict[tuple[str, str], str] = {}
         """Template key -> the snapshots (manifest keys) restored from it."""
         self._exit_waiters: dict[int, asyncio.Future[int]] = {}
         self.draining = False
@@ -177,16 +178,19 @@ class Agent:
         out.mkdir(parents=True)
         log_path = str(self.home / "logs" / f"build-{spec.tenant}-{spec.name}-{spec.version}.log")
         try:
-            proc = await self.runtime.launch(
-                "build", ["--bundle", str(bundle), "--handler", spec.handler, "--out", str(out),
-                          "--function-version", spec.version], log_path, cwd=str(bundle),
-                env=instance_env(spec))
-            try:
-                event = await proc.next_event(self.start_timeout)
-            except ThawError as exc:
-                return agent_pb2.BuildSnapshotResponse(ok=False, stage="setup", reason=str(exc))
-            finally:
-                await proc.proc.wait()
+            template = await self._template_with_code(spec)
+            build_in_template = getattr(self.runtime, "build_in_template", None)
+            if template is not None and build_in_template is not None:
+                # Same code as a running template: fork it, skip the imports.
+                try:
+                    event = await build_in_template(template.control, {
+                        "out": str(out), "log": log_path,
+                        "function_version": spec.version}, self.start_timeout)
+                except ThawError as exc:
+                    return agent_pb2.BuildSnapshotResponse(ok=False, stage="setup",
+                                                           reason=str(exc))
+            else:
+                event = await self._build_fresh(spec, bundle, out, log_path)
             if event.get("event") != "captured":
                 return agent_pb2.BuildSnapshotResponse(
                     ok=False, stage=event.get("stage", "setup"),
@@ -205,6 +209,36 @@ class Agent:
         finally:
             shutil.rmtree(out, ignore_errors=True)
 
+    async def _build_fresh(self, spec: agent_pb2.FunctionSpec, bundle: Path, out: Path,
+                           log_path: str) -> dict[str, Any]:
+        proc = await self.runtime.launch(
+            "build", ["--bundle", str(bundle), "--handler", spec.handler, "--out", str(out),
+                      "--function-version", spec.version], log_path, cwd=str(bundle),
+            env=instance_env(spec))
+        try:
+            return await proc.next_event(self.start_timeout)
+        except ThawError as exc:
+            return {"event": "failed", "stage": "setup", "reason": str(exc)}
+        finally:
+            await proc.proc.wait()
+
+    async def _template_with_code(self, spec: agent_pb2.FunctionSpec) -> Template | None:
+        """A running template that imported exactly this bundle's code and handler."""
+        code = await self._code_digest(spec)
+        key = self._templates_by_code.get((code, spec.handler))
+        template = self.templates.get(key) if key else None
+        if template is None or template.process.proc.returncode is not None:
+            return None
+        return template
+
+    async def _code_digest(self, spec: agent_pb2.FunctionSpec) -> str:
+        code = self._code_digests.get(spec.bundle_digest)
+        if code is None:
+            bundle = await self.ensure_bundle(spec.bundle_digest)
+            code = await asyncio.to_thread(code_digest, bundle)
+            self._code_digests[spec.bundle_digest] = code
+        return code
+
     # ---- templates -----------------------------------------------------------------
 
     async def template_key(self, spec: agent_pb2.FunctionSpec,
@@ -212,11 +246,7 @@ class Agent:
         """Templates are per environment, not per function: bundles with the same code
         (thaw.toml aside) and the same imported modules share one template, so many
         copies of a model cost one set of imports in memory."""
-        code = self._code_digests.get(spec.bundle_digest)
-        if code is None:
-            bundle = await self.ensure_bundle(spec.bundle_digest)
-            code = await asyncio.to_thread(code_digest, bundle)
-            self._code_digests[spec.bundle_digest] = code
+        code = await self._code_digest(spec)
         h = hashlib.sha256(f"{code}\n{spec.handler}\n".encode())
         h.update("\n".join(manifest.modules).encode())
         h.update(json.dumps(instance_env(spec, per_function=False), sort_keys=True).encode())
@@ -256,6 +286,7 @@ class Agent:
         template = Template(key, proc, control, seconds)
         self._spawn_task(self._follow_template(template))
         self.templates[key] = template
+        self._templates_by_code[(await self._code_digest(spec), spec.handler)] = key
         log.info("template ready", function=f"{spec.tenant}/{spec.name}", pid=proc.pid,
                  import_s=round(seconds, 3))
         return template

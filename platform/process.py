@@ -106,6 +106,12 @@ class ProcessRuntime:
         """Fork a restored instance from a template: (host pid, ready event)."""
         return await spawn_from_template(control_socket, request, timeout)
 
+    async def build_in_template(self, control_socket: str, request: dict[str, Any],
+                                timeout: float) -> dict[str, Any]:
+        """Have a template fork a child that runs setup() and captures a snapshot:
+        returns its `captured` or `failed` event."""
+        return await template_build(control_socket, request, timeout)
+
     async def close(self) -> None:
         """Nothing to release: instances and templates are stopped by the agent."""
 
@@ -161,6 +167,40 @@ async def spawn_from_template(control_socket: str, request: dict[str, Any],
                 return pid, event
             elif event.get("event") == "failed":
                 raise SnapshotError(f"restore failed: {event.get('reason', 'unknown')}")
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+async def template_build(control_socket: str, request: dict[str, Any],
+                         timeout: float) -> dict[str, Any]:
+    try:
+        reader, writer = await asyncio.open_unix_connection(control_socket, limit=1 << 20)
+    except OSError as exc:
+        raise InstanceFailed(f"template is not reachable: {exc}") from exc
+    pid = 0
+    try:
+        writer.write(json.dumps({"op": "build", **request}).encode() + b"\n")
+        await writer.drain()
+        while True:
+            try:
+                line = await asyncio.wait_for(reader.readline(), timeout)
+            except TimeoutError as exc:
+                if pid:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                raise DeadlineExceeded(f"build did not finish within {timeout:.0f}s") from exc
+            if not line:
+                tail = log_tail(request.get("log", ""))
+                return {"event": "failed", "stage": "setup",
+                        "reason": "the build process exited before capturing"
+                                  + (f"; last output:\n{tail}" if tail else "")}
+            event: dict[str, Any] = json.loads(line)
+            if event.get("event") == "spawned":
+                pid = int(event["pid"])
+                continue
+            return event
     finally:
         writer.close()
         with contextlib.suppress(OSError):

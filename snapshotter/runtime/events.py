@@ -229,3 +229,25 @@ class SpawnRequest:
     def to_line(self) -> bytes:
         record = {"op": self.op, **dataclasses.asdict(self)}
         return json.dumps(record, separators=(",", ":")).encode() + b"\n"
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildRequest:
+    """A line on a template's control socket: fork, run setup() in the child and
+    capture a snapshot into `out` (a new version or copy of code the template already
+    imported builds without paying for imports again)."""
+
+    op: ClassVar[str] = "build"
+    out: str
+    log: str
+    function_version: str = ""
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> BuildRequest:
+        try:
+            request = cls(**{k: v for k, v in record.items() if k != "op"})
+        except TypeError as exc:
+            raise ValueError(f"malformed build request: {exc}") from exc
+        if not isinstance(request.out, str) or not isinstance(request.log, str):
+            raise ValueError("build request fields 'out' and 'log' must be path strings")
+        return request

@@ -18,6 +18,7 @@ import contextlib
 import ctypes
 import gc
 import importlib
+import json
 import os
 import signal
 import socket
@@ -26,9 +27,13 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import NoReturn
 
+from .capture import CaptureError, capture
 from .events import (
+    BuildRequest,
+    Captured,
     ChildExited,
     ExitCode,
     Failed,
@@ -41,7 +46,7 @@ from .events import (
     describe_exception,
     event_to_line,
 )
-from .handler import Invoker
+from .handler import Invoker, create_handler
 from .restore import restore_handler
 from .server import bind_server, exit_on_sigterm, serve_until_stopped
 from .snapshot import SnapshotMeta
@@ -108,10 +113,13 @@ def _read_line(conn: socket.socket) -> bytes:
 class Template:
     """The fork loop. Children never return into it: they end with os._exit."""
 
-    def __init__(self, listener: socket.socket, status: StatusChannel) -> None:
+    def __init__(self, listener: socket.socket, status: StatusChannel,
+                 handler_class: type | None = None, modules: Iterable[str] = ()) -> None:
         self._listener = listener
         self._status = status
         self._pid = os.getpid()
+        self._handler_class = handler_class
+        self._modules = list(modules)
 
     def serve_forever(self) -> None:
         if threading.active_count() > 1:
@@ -131,8 +139,15 @@ class Template:
 
     def _spawn(self, conn: socket.socket) -> None:
         conn.settimeout(SPAWN_READ_TIMEOUT_S)
+        request: SpawnRequest | BuildRequest
         try:
-            request = SpawnRequest.from_line(_read_line(conn))
+            line = _read_line(conn)
+            record = json.loads(line) if line.strip() else None
+            if (isinstance(record, dict) and record.get("op") == BuildRequest.op
+                    and self._handler_class is not None):
+                request = BuildRequest.from_record(record)
+            else:
+                request = SpawnRequest.from_line(line)
         except (ValueError, TimeoutError) as exc:
             conn.sendall(event_to_line(Failed(Stage.SPAWN, describe_exception(exc))))
             return
@@ -151,12 +166,37 @@ class Template:
             return
         if pid == 0:
             os.close(go_write)
+            if isinstance(request, BuildRequest):
+                self._run_build_child(request, conn, go_read)
             self._run_child(request, conn, go_read)
         os.close(go_read)
         try:
             conn.sendall(event_to_line(Spawned(pid)))
         finally:
             os.close(go_write)
+
+    def _run_build_child(self, request: BuildRequest, conn: socket.socket,
+                         go_read: int) -> NoReturn:
+        code = ExitCode.SETUP_FAILED
+        try:
+            self._listener.close()
+            if self._status.fd is not None and self._status.fd > 2:
+                os.close(self._status.fd)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.setsid()
+            set_parent_death_signal(signal.SIGKILL)
+            if os.getppid() != self._pid:
+                os._exit(code)
+            assert self._handler_class is not None
+            code = _build_in_child(request, self._handler_class, self._modules,
+                                   StatusChannel(conn.sendall), go_read)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
 
     def _run_child(self, request: SpawnRequest, conn: socket.socket, go_read: int) -> NoReturn:
         code = ExitCode.RESTORE_FAILED
@@ -189,6 +229,35 @@ def _reap_children(status: StatusChannel) -> None:
             return
         with contextlib.suppress(OSError):
             status.emit(ChildExited(pid, os.waitstatus_to_exitcode(wait_status)))
+
+
+def _build_in_child(request: BuildRequest, handler_class: type, modules: list[str],
+                    channel: StatusChannel, go_read: int) -> ExitCode:
+    """setup() and capture in a child of the template: imports are already done."""
+    before = set(sys.modules)
+    timings: dict[str, float] = {"import": 0.0}
+    stage_now = Stage.SETUP
+    try:
+        _redirect_output(request.log)
+        started = time.perf_counter()
+        handler = create_handler(handler_class)
+        timings["setup"] = time.perf_counter() - started
+        stage_now = Stage.CAPTURE
+        new = [name for name in sys.modules if name not in before]
+        meta = capture(handler, Path(request.out), modules=modules + new, timings=timings,
+                       function_version=request.function_version)
+    except CaptureError as exc:
+        _wait_for_template(go_read)
+        channel.emit(Failed(Stage.CAPTURE, exc.reason, exc.attribute_path))
+        return Stage.CAPTURE.exit_code
+    except BaseException as exc:  # setup() may even sys.exit(): a failed setup
+        traceback.print_exc()
+        _wait_for_template(go_read)
+        channel.emit(Failed(stage_now, describe_exception(exc)))
+        return stage_now.exit_code
+    _wait_for_template(go_read)
+    channel.emit(Captured(timings, meta.host_size, meta.device_size))
+    return ExitCode.OK
 
 
 def _redirect_output(log_path: str) -> None:
@@ -249,7 +318,7 @@ def run_template(snapshot_json: str, control: str, status: StatusChannel,
     try:
         meta = SnapshotMeta.load(snapshot_json)
         preimport_modules(meta.modules)
-        import_handler()
+        handler_class = import_handler()
     except Exception as exc:
         traceback.print_exc()
         status.emit(Failed(Stage.IMPORT, describe_exception(exc)))
@@ -267,7 +336,8 @@ def run_template(snapshot_json: str, control: str, status: StatusChannel,
         return ExitCode.SERVE_FAILED
     status.emit(TemplateReady(os.getpid(), {"import": elapsed}))
     try:
-        Template(listener, status).serve_forever()
+        Template(listener, status, handler_class if isinstance(handler_class, type) else None,
+                 meta.modules).serve_forever()
     except KeyboardInterrupt:
         pass
     finally:

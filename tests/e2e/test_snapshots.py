@@ -146,3 +146,22 @@ def test_state_that_cannot_be_snapshotted_runs_fresh_and_says_where(
     assert resp.status_code == 200 and resp.headers["X-Thaw-Start"] == "fresh"
     body = resp.json()
     assert body["setup_pid"] == body["pid"]  # setup() ran in this very instance
+
+
+def test_a_copy_of_running_code_builds_in_its_template_without_imports(
+        platform: RunningPlatform, tmp_path: Path) -> None:
+    import shutil
+
+    first = platform.deploy(FIXTURES / "weights").json()
+    assert first["state"] == "ready"
+    original = platform.invoke("weights").json()
+    copy = tmp_path / "weights-copy"
+    shutil.copytree(FIXTURES / "weights", copy)
+    toml = (copy / "thaw.toml").read_text().replace('name = "weights"', 'name = "weights-copy"')
+    (copy / "thaw.toml").write_text(toml)
+    assert platform.deploy(copy).json()["state"] == "ready"
+    body = platform.invoke("weights-copy").json()
+    assert body["checksum"] == original["checksum"]
+    # setup() of the copy ran in a child forked from the template that had already
+    # imported the module, not in a process that imported it itself.
+    assert body["imported_at_setup"] != body["setup_pid"]

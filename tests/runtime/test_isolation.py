@@ -12,7 +12,7 @@ import pytest
 
 from .conftest import subprocess_env
 
-RUNTIME_MODULES = ["__main__", "capture", "events", "handler", "restore", "server",
+RUNTIME_MODULES = ["__main__", "batching", "capture", "events", "handler", "restore", "server",
                    "snapshot", "template"]
 
 PROBE = """
