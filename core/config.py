@@ -141,6 +141,11 @@ class AgentConfig(_ComponentConfig):
     """Where instances run: processes on this machine, or docker containers."""
     instance_python: str = ""
     """Interpreter for instances; empty = the agent's own."""
+    docker_image: str = ""
+    """Base image of the docker runtime; empty = thaw/base:<this machine's apt suite>."""
+    docker_site_packages: str = ""
+    """Host package folders the docker runtime mounts read-only into instances
+    (os.pathsep-separated, e.g. a virtualenv's site-packages); empty = none."""
     start_timeout: float = Field(600.0, gt=0)
     """Longest a fresh start, restore or template may take to become ready."""
 

@@ -9,6 +9,7 @@ import click
 from thaw.core.errors import ThawError
 from thaw.ops.bench import bench
 from thaw.ops.functions import deploy, fn, invoke
+from thaw.ops.images import image
 from thaw.ops.nodes import node
 from thaw.ops.services import agent, gateway, scheduler, up
 from thaw.ops.snapshots import snapshot
@@ -23,7 +24,8 @@ def cli() -> None:
     """thaw: serverless GPU functions whose cold start is a snapshot restore."""
 
 
-for command in (up, scheduler, gateway, agent, deploy, invoke, fn, snapshot, node, bench):
+for command in (up, scheduler, gateway, agent, deploy, invoke, fn, snapshot, node, bench,
+                image):
     cli.add_command(command)
 
 

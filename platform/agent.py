@@ -214,7 +214,8 @@ class Agent:
         proc = await self.runtime.launch(
             "build", ["--bundle", str(bundle), "--handler", spec.handler, "--out", str(out),
                       "--function-version", spec.version], log_path, cwd=str(bundle),
-            env=instance_env(spec))
+            env=instance_env(spec), instance_id=out.name,
+            memory_limit_bytes=spec.memory_limit_bytes)
         try:
             return await proc.next_event(self.start_timeout)
         except ThawError as exc:
@@ -248,6 +249,10 @@ class Agent:
         copies of a model cost one set of imports in memory."""
         code = await self._code_digest(spec)
         h = hashlib.sha256(f"{code}\n{spec.handler}\n".encode())
+        if self.runtime.name == "docker":
+            # A template's container holds the instances it forks: one per tenant, so
+            # a container never holds two tenants' instances.
+            h.update(f"tenant:{spec.tenant}\n".encode())
         h.update("\n".join(manifest.modules).encode())
         h.update(json.dumps(instance_env(spec, per_function=False), sort_keys=True).encode())
         return h.hexdigest()[:24]
@@ -277,7 +282,8 @@ class Agent:
         proc = await self.runtime.launch(
             "template", ["--bundle", str(bundle), "--handler", spec.handler,
                          "--snapshot-json", mat.snapshot_json, "--control", control],
-            log_path, cwd=str(bundle), env=instance_env(spec, per_function=False))
+            log_path, cwd=str(bundle), env=instance_env(spec, per_function=False),
+            instance_id=f"template-{key[:16]}", memory_limit_bytes=spec.memory_limit_bytes)
         event = await proc.next_event(self.start_timeout)
         if event.get("event") != "template_ready":
             await proc.kill()
@@ -391,7 +397,8 @@ class Agent:
         proc = await self.runtime.launch(
             "fresh", ["--bundle", str(bundle), "--handler", spec.handler,
                       "--socket", inst.socket], inst.log_path, cwd=str(bundle),
-            env=instance_env(spec))
+            env=instance_env(spec), instance_id=inst.id,
+            memory_limit_bytes=spec.memory_limit_bytes)
         inst.pid = proc.pid
         inst.process = proc
         event = await proc.next_event(self.start_timeout)

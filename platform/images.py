@@ -252,8 +252,12 @@ def image_python(client: Any, tag: str) -> str:
 
 def docker_client() -> Any:
     """A client for the local engine (DOCKER_HOST etc. from the environment)."""
-    import docker
-    import docker.errors
+    try:
+        import docker
+        import docker.errors
+    except ImportError as exc:
+        raise ImageBuildError("the docker SDK is not installed (pip install 'docker>=7')"
+                              ) from exc
 
     try:
         client = docker.from_env()

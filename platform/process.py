@@ -115,9 +115,19 @@ class ProcessRuntime:
     async def close(self) -> None:
         """Nothing to release: instances and templates are stopped by the agent."""
 
+    def fingerprint(self) -> dict[str, str]:
+        """Instances run the agent's own Python: nothing to add to its fingerprint."""
+        return {}
+
     async def launch(self, mode: str, args: Sequence[str], log_path: str,
-                     cwd: str | None = None,
-                     env: dict[str, str] | None = None) -> RuntimeProcess:
+                     cwd: str | None = None, env: dict[str, str] | None = None, *,
+                     instance_id: str | None = None, memory_limit_bytes: int = 0,
+                     max_instances: int | None = None,
+                     gpu_device_ids: Sequence[str] = ()) -> RuntimeProcess:
+        """Start the runtime in `mode`. The keyword-only arguments are for runtimes
+        that size a sandbox per launch (docker); here the agent caps memory per
+        process with RLIMIT_DATA instead."""
+        del instance_id, memory_limit_bytes, max_instances, gpu_device_ids
         read_fd, write_fd = os.pipe()
         os.set_inheritable(write_fd, True)
         logfile = open(log_path, "ab")  # noqa: SIM115 - handed to the child

@@ -19,7 +19,7 @@ from thaw.core.config import AgentConfig, parse_host_devices
 from thaw.core.errors import ThawError
 from thaw.core.grpcutil import CHANNEL_OPTIONS, add_health, call, mark_serving
 from thaw.core.units import parse_size
-from thaw.platform.agent import Agent
+from thaw.platform.agent import Agent, local_fingerprint
 from thaw.platform.control import AgentService
 from thaw.platform.dataplane import make_app
 from thaw.platform.devices import DeviceBackend, HostDevices, shm_root
@@ -90,8 +90,12 @@ class AgentServer:
                                              allocator=allocator), shm / "snapshots")
         self._channel = grpc.aio.insecure_channel(cfg.scheduler_address, options=CHANNEL_OPTIONS)
         self._registry = scheduler_pb2_grpc.NodeRegistryStub(self._channel)
+        runtime = make_runtime(cfg)
+        # Instances may run another Python than the agent (docker images): restores
+        # are checked against the instances' environment.
+        fingerprint = {**local_fingerprint(devices.kind), **runtime.fingerprint()}
         self.agent = Agent(node_id=self.node_id, home=home, run_dir=shm / "run",
-                           devices=devices, runtime=make_runtime(cfg),
+                           devices=devices, runtime=runtime, fingerprint=fingerprint,
                            snapshots=snapshots, fetch_bundle=self._fetch_bundle,
                            start_timeout=cfg.start_timeout)
 
