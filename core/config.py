@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import (
@@ -18,6 +18,7 @@ from pydantic_settings import (
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+from typing_extensions import Self
 
 from thaw.core.errors import InvalidArgument
 from thaw.core.units import parse_size
@@ -55,7 +56,7 @@ class _ComponentConfig(BaseSettings):
         return tuple(sources)
 
     @classmethod
-    def load(cls, **overrides: object):  # type: ignore[no-untyped-def]
+    def load(cls, **overrides: Any) -> Self:
         """Build the config, turning validation errors into one readable InvalidArgument."""
         try:
             return cls(**overrides)
