@@ -1,19 +1,22 @@
-"""The control plane: functions, snapshot builds, instance leases, nodes.
+"""The control plane: functions, snapshot builds, instance leases, nodes, autoscaling,
+eviction and memory pressure (DESIGN.md §2, §8).
 
 State that must survive a restart is in the DB (Store); what is here in memory is
-rebuilt from agents' registrations and heartbeats.
+rebuilt from it and from agents' registrations and heartbeats: instances the DB
+still knows as live are adopted when their node reports them again (recover,
+register). The decisions themselves are pure and live elsewhere: placement.py
+(where a start lands, what to evict), autoscale.py (how many instances),
+pressure.py (memory-pressure levels).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import math
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import structlog
 
@@ -23,14 +26,28 @@ from thaw.core.errors import (
     FunctionUnavailable,
     NoCapacity,
     NotFound,
+    OutOfMemory,
     SnapshotError,
     ThawError,
+    Unavailable,
 )
-from thaw.core.spec import FunctionSpec, read_bundle
+from thaw.core.spec import read_bundle
 from thaw.proto import agent_pb2, manifest_pb2, scheduler_pb2
+from thaw.scheduler.autoscale import IdleInstanceView, scale_down
 from thaw.scheduler.bundles import BundleStore
+from thaw.scheduler.events import EventKind, EventLog
 from thaw.scheduler.nodes import AgentClient, NodeView
-from thaw.scheduler.placement import Candidate, choose_node
+from thaw.scheduler.placement import Candidate, IdleInstance, choose_node, plan_eviction
+from thaw.scheduler.policy import PolicyConfig
+from thaw.scheduler.pools import Broadcast, FunctionPool, InstanceView
+from thaw.scheduler.pressure import (
+    PINNED,
+    PressureLevel,
+    PressureTracker,
+    Reading,
+    Thresholds,
+    device_resource,
+)
 from thaw.scheduler.states import (
     FunctionState,
     InstanceState,
@@ -38,7 +55,7 @@ from thaw.scheduler.states import (
     SnapshotState,
     check_transition,
 )
-from thaw.scheduler.store import FunctionRecord, Store, new_id
+from thaw.scheduler.store import FunctionRecord, InstanceRecord, Store, new_id
 from thaw.snapshotter.manifest import manifest_key
 
 log = structlog.get_logger()
@@ -48,50 +65,18 @@ log = structlog.get_logger()
 START_RPC_TIMEOUT = 900.0
 # How long a deploy waits for a first node when none has registered yet.
 NODE_WAIT_SECONDS = 60.0
+# After a restart, how many heartbeat intervals (beyond node_timeout) the scheduler
+# waits for nodes to report the instances the DB knows as live before ending them.
+ADOPT_GRACE_HEARTBEATS = 2
+# After a start to keep min_instances warm fails (no room, node refused), the
+# reconcile loop waits this long before trying that function again.
+WARM_RETRY_SECONDS = 10.0
+
+__all__ = ["ControlPlane", "InstanceView", "FunctionPool", "LeaseGrant", "spec_message"]
 
 
-@dataclass
-class InstanceView:
-    id: str
-    function_id: str
-    version: int
-    node_id: str
-    start: str  # "restore" | "fresh"
-    gpu_memory: int
-    state: InstanceState = InstanceState.READY
-    inflight: int = 0
-    last_used: float = 0.0
-
-
-@dataclass
-class FunctionPool:
-    """The live instances of one function and the requests waiting for them."""
-
-    function_id: str
-    instances: dict[str, InstanceView] = field(default_factory=dict)
-    starting: int = 0
-    waiters: int = 0
-    changed: asyncio.Condition = field(default_factory=asyncio.Condition)
-
-    def pick(self, version: int, max_concurrency: int) -> InstanceView | None:
-        """A warm instance of this version with a free slot: the least busy one."""
-        best = None
-        for inst in self.instances.values():
-            if (inst.state is InstanceState.READY and inst.version == version
-                    and inst.inflight < max_concurrency
-                    and (best is None or inst.inflight < best.inflight)):
-                best = inst
-        return best
-
-    def needs_instance(self, spec: FunctionSpec, version: int) -> bool:
-        """Start another one if the demand exceeds target_concurrency per instance."""
-        live = [i for i in self.instances.values()
-                if i.state is InstanceState.READY and i.version == version]
-        inflight = sum(i.inflight for i in live)
-        demand = inflight + self.waiters
-        wanted = min(spec.scaling.max_instances,
-                     math.ceil(demand / spec.scaling.target_concurrency))
-        return len(live) + self.starting < wanted
+class _NoRoom(Exception):
+    """Internal: no node can take the slice and nothing idle can be evicted for it."""
 
 
 @dataclass(frozen=True)
@@ -115,19 +100,30 @@ def spec_message(fn: FunctionRecord) -> agent_pb2.FunctionSpec:
         max_batch_wait_ms=s.batching.max_batch_wait_ms)
 
 
+def _fn_name(fn: FunctionRecord) -> str:
+    return f"{fn.tenant}/{fn.name}"
+
+
 class ControlPlane:
     def __init__(self, store: Store, bundles: BundleStore, *, heartbeat_interval: float,
                  node_timeout: float, build_timeout: float, acquire_wait: float,
+                 policy: PolicyConfig | None = None,
                  clock: Callable[[], float] = time.monotonic,
-                 agent_client: Callable[[str], AgentClient] = AgentClient) -> None:
+                 agent_client: Callable[[str], AgentClient] = AgentClient,
+                 events: EventLog | None = None) -> None:
         self.store = store
         self.bundles = bundles
         self.heartbeat_interval = heartbeat_interval
         self.node_timeout = node_timeout
         self.build_timeout = build_timeout
         self.acquire_wait = acquire_wait
+        self.policy = policy or PolicyConfig.load()
         self._clock = clock
         self._agent_client = agent_client
+        self.events = events or EventLog()
+        self.pressure = PressureTracker(Thresholds(
+            self.policy.pressure_at, self.policy.pressure_critical_at,
+            self.policy.pressure_emergency_at, self.policy.pressure_hysteresis))
         self.nodes: dict[str, NodeView] = {}
         self._nodes_changed = asyncio.Event()
         self.pools: dict[str, FunctionPool] = {}
@@ -136,6 +132,17 @@ class ControlPlane:
         self.holders: dict[str, set[str]] = {}
         """Snapshot id -> nodes whose disk tier holds its chunks."""
         self._background: set[asyncio.Task[object]] = set()
+        self._room = Broadcast()
+        """Fired whenever slice memory may have been freed (or a node appeared)."""
+        self.room_waiters = 0
+        """Requests waiting for room on some node (bounded by placement_queue_max)."""
+        self._unclaimed: dict[str, InstanceRecord] = {}
+        """After a restart: instances the DB knows as live that no node has reported yet."""
+        self._unclaimed_until = 0.0
+        self._probing: set[str] = set()
+        self._placing: dict[str, tuple[str, str]] = {}
+        """Starts in flight: instance id -> (function id, node id)."""
+        self._started_at = clock()
 
     # ---- nodes ----------------------------------------------------------------
 
@@ -153,16 +160,70 @@ class ControlPlane:
         self.nodes[req.node_id] = node
         await self.store.run(self.store.upsert_node, req.node_id, req.control_address,
                              req.data_url, json.dumps([d.id for d in req.devices]))
-        # Instances this scheduler does not know (it restarted, or lost the node for a
-        # while) are stopped rather than leaked.
-        known = {i.id for p in self.pools.values() for i in p.instances.values()}
-        for instance_id in req.instance_ids:
-            if instance_id not in known:
-                self._spawn(node.client.stop_instance(instance_id, "unknown to the scheduler"))
-                await self.store.run(self.store.end_instance, instance_id, "orphaned")
+        await self._reconcile_reported(node, set(req.instance_ids))
+        node.take_report(list(req.devices))
+        self._observe_pressure(node)
         self._nodes_changed.set()
+        self._room.fire()
+        self.events.emit(EventKind.NODE_REGISTERED, f"node {node.id} registered",
+                         node_id=node.id, devices=len(req.devices),
+                         instances=len(req.instance_ids))
         log.info("node registered", node=req.node_id, data_url=req.data_url,
-                 devices=len(req.devices))
+                 devices=len(req.devices), instances=len(req.instance_ids))
+
+    async def _reconcile_reported(self, node: NodeView, reported: set[str]) -> None:
+        """Match the instances a (re-)registering node runs with what the scheduler
+        knows: adopt those the DB still has as live for the function's current
+        version (the scheduler restarted), stop the others rather than leak them,
+        and forget the ones the node no longer runs (the agent restarted)."""
+        known = {i.id for p in self.pools.values() for i in p.instances.values()
+                 if i.node_id == node.id}
+        for instance_id in sorted(known - reported):
+            await self._forget_instance(instance_id, "its node no longer runs it")
+        adopted: dict[str, int] = {}
+        functions: dict[str, FunctionRecord | None] = {}
+        for instance_id in sorted(reported - known - node.starting_ids):
+            record = self._unclaimed.pop(instance_id, None)
+            fn = None
+            if record is not None and record.node_id == node.id:
+                if record.function_id not in functions:
+                    try:
+                        functions[record.function_id] = await self.store.run(
+                            self.store.get_function_by_id, record.function_id)
+                    except NotFound:
+                        functions[record.function_id] = None
+                fn = functions[record.function_id]
+            if (record is not None and fn is not None and fn.state is FunctionState.READY
+                    and fn.version == record.version and record.node_id == node.id):
+                self._adopt(node, fn, record)
+                adopted[instance_id] = fn.spec.resources.gpu_memory
+                continue
+            if record is None or record.node_id != node.id:
+                why = "unknown to the scheduler"
+            elif fn is None:
+                why = "its function no longer exists"
+            elif fn.state is not FunctionState.READY:
+                why = f"its function is {fn.state.value}"
+            else:
+                why = "its function changed version"
+            self._spawn(self._stop_quietly(node, instance_id, why))
+            await self.store.run(self.store.end_instance, instance_id, f"orphaned: {why}")
+            log.info("stopping unknown instance", node=node.id, instance=instance_id,
+                     reason=why)
+        node.adopt_slices(adopted)
+
+    def _adopt(self, node: NodeView, fn: FunctionRecord, record: InstanceRecord) -> None:
+        pool = self._pool(fn)
+        inst = InstanceView(id=record.id, function_id=fn.id, version=record.version,
+                            node_id=node.id, start=record.start_kind,
+                            gpu_memory=fn.spec.resources.gpu_memory,
+                            last_used=self._clock())
+        pool.instances[inst.id] = inst
+        pool.changed.fire()
+        self.events.emit(EventKind.INSTANCE_ADOPTED,
+                         f"instance {inst.id} of {pool.name} adopted after a restart",
+                         node_id=node.id, function=pool.name, instance=inst.id)
+        log.info("instance adopted", instance=inst.id, function=pool.name, node=node.id)
 
     async def heartbeat(self, req: scheduler_pb2.HeartbeatRequest) -> bool:
         """Returns False when the node must register again."""
@@ -170,15 +231,44 @@ class ControlPlane:
         if node is None:
             return False
         node.last_heartbeat = self._clock()
-        node.devices = list(req.devices)
+        node.take_report(list(req.devices))
         node.pinned = req.pinned
         node.disk_bytes = req.disk_bytes
         if node.state is NodeState.LOST:
-            node.state = NodeState.CORDONED if node.cordoned else NodeState.READY
+            target = NodeState.CORDONED if node.cordoned else NodeState.READY
+            check_transition(node.state, target)
+            node.state = target
             await self.store.run(self.store.set_node_state, node.id, node.state.value)
+            # Its instances were written off when it was lost: stop what still runs.
+            known = {i.id for p in self.pools.values() for i in p.instances.values()}
+            for instance_id in set(req.instance_ids) - known - node.starting_ids:
+                self._spawn(self._stop_quietly(node, instance_id, "its node was lost"))
+            self._nodes_changed.set()
+            self.events.emit(EventKind.NODE_RECOVERED, f"node {node.id} is back",
+                             node_id=node.id)
+            log.warning("node recovered", node=node.id)
         for exited in req.exited:
             await self._forget_instance(exited.instance_id, f"exited: {exited.reason}")
+        self._observe_pressure(node)
+        self._room.fire()
         return True
+
+    def _observe_pressure(self, node: NodeView) -> None:
+        readings = [Reading(device_resource(d.id), used, d.capacity_bytes)
+                    for d, used in zip(node.devices, node.device_used(), strict=True)]
+        readings.append(Reading(PINNED, node.pinned.used_bytes, node.pinned.capacity_bytes))
+        for change in self.pressure.observe(node.id, readings):
+            worse = change.level > change.previous
+            message = (f"{change.resource} of node {node.id} is {change.level.label} "
+                       f"({change.used_fraction:.0%} used, was {change.previous.label})")
+            self.events.emit(EventKind.PRESSURE, message, node_id=node.id,
+                             resource=change.resource, level=change.level.label,
+                             previous=change.previous.label,
+                             used_fraction=f"{change.used_fraction:.4f}")
+            (log.warning if worse else log.info)("memory pressure", node=node.id,
+                                                 resource=change.resource,
+                                                 level=change.level.label,
+                                                 used=round(change.used_fraction, 4))
 
     def _ready_nodes(self) -> list[NodeView]:
         return [n for n in self.nodes.values() if n.state is NodeState.READY]
@@ -195,6 +285,37 @@ class ControlPlane:
             except TimeoutError:
                 continue
 
+    async def _mark_lost(self, node: NodeView, reason: str) -> None:
+        """Write the node off: its instances are gone, new work goes elsewhere."""
+        if node.state is NodeState.LOST:
+            return
+        check_transition(node.state, NodeState.LOST)
+        node.state = NodeState.LOST
+        self.pressure.forget(node.id)
+        log.error("node lost", node=node.id, reason=reason)
+        self.events.emit(EventKind.NODE_LOST, f"node {node.id} lost: {reason}",
+                         node_id=node.id)
+        for inst in [i for p in self.pools.values() for i in p.instances.values()
+                     if i.node_id == node.id]:
+            await self._forget_instance(inst.id, f"node {node.id} lost")
+        node.slices.clear()
+        await self.store.run(self.store.set_node_state, node.id, NodeState.LOST.value)
+
+    async def _probe(self, node: NodeView, why: str) -> None:
+        """A call to the node failed: if its agent no longer answers, it is lost now
+        rather than after node_timeout."""
+        if node.id in self._probing or node.state is NodeState.LOST:
+            return
+        self._probing.add(node.id)
+        try:
+            if not await node.client.alive():
+                await self._mark_lost(node, f"its agent stopped answering ({why})")
+        finally:
+            self._probing.discard(node.id)
+
+    def heartbeat_age(self, node: NodeView) -> float:
+        return max(0.0, self._clock() - node.last_heartbeat)
+
     async def cordon(self, node_id: str, cordoned: bool) -> NodeView:
         node = self.nodes.get(node_id)
         if node is None:
@@ -205,6 +326,8 @@ class ControlPlane:
             check_transition(node.state, target)
             node.state = target
             await self.store.run(self.store.set_node_state, node.id, target.value)
+        if not cordoned:
+            self._room.fire()
         log.info("node cordoned" if cordoned else "node uncordoned", node=node_id)
         return node
 
@@ -433,7 +556,21 @@ class ControlPlane:
 
     # ---- invocations -----------------------------------------------------------
 
+    def _pool(self, fn: FunctionRecord) -> FunctionPool:
+        pool = self.pools.get(fn.id)
+        if pool is None:
+            pool = self.pools[fn.id] = FunctionPool(fn.id, name=_fn_name(fn))
+        pool.min_instances = fn.spec.scaling.min_instances
+        return pool
+
     async def acquire(self, tenant: str, name: str, wait: float) -> LeaseGrant:
+        """A lease on an instance of the function: a warm one with a free slot, else a
+        new one if the autoscaler wants one for the demand, else wait for either.
+
+        Bounded: past function_queue_max waiting requests -> NoCapacity; when nothing
+        fits and nothing can be evicted, at most placement_queue_max requests wait
+        for room, each at most placement_queue_timeout; past the deadline ->
+        DeadlineExceeded."""
         started = self._clock()
         deadline = started + (min(wait, self.acquire_wait) if wait > 0 else self.acquire_wait)
         fn = await self.store.run(self.store.get_function, tenant, name)
@@ -443,49 +580,91 @@ class ControlPlane:
             raise FunctionUnavailable(f"{tenant}/{name} cannot run: {fn.reason}")
         if fn.state is not FunctionState.READY:
             raise FunctionUnavailable(f"{tenant}/{name} is {fn.state.value}")
-        pool = self.pools.setdefault(fn.id, FunctionPool(fn.id))
-        spec = fn.spec
+        pool = self._pool(fn)
+        pool.last_acquired = self._clock()
+        scaling = fn.spec.scaling
+        if pool.waiters >= self.policy.function_queue_max:
+            self.events.emit(EventKind.PLACEMENT_REFUSED,
+                             f"{pool.name}: {pool.waiters} requests already waiting",
+                             function=pool.name)
+            raise NoCapacity(f"{tenant}/{name} already has {pool.waiters} requests waiting "
+                             "for an instance; try again later")
         pool.waiters += 1
+        room_since: float | None = None
         try:
             while True:
-                async with pool.changed:
-                    inst = pool.pick(fn.version, spec.scaling.max_concurrency)
-                    if inst is not None:
-                        inst.inflight += 1
-                        wait_s = self._clock() - started
-                        return self._grant(pool, inst, "warm", (("queue", wait_s),),
-                                           spec.scaling.timeout)
-                    start = pool.needs_instance(spec, fn.version)
-                    if start:
-                        pool.starting += 1
-                    else:
-                        remaining = deadline - self._clock()
-                        if remaining <= 0:
-                            raise DeadlineExceeded(
-                                f"no instance of {tenant}/{name} became free in time")
-                        with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(pool.changed.wait(), remaining)
-                        continue
-                queued = self._clock() - started
-                try:
-                    inst, timings = await self._start_instance(fn)
-                except BaseException:
-                    async with pool.changed:
+                seen = pool.changed.token()
+                inst = pool.pick(fn.version, scaling.max_concurrency)
+                if inst is not None:
+                    return self._grant(pool, inst, "warm", (("queue", self._clock() - started),),
+                                       scaling.timeout)
+                if pool.needs_instance(scaling, fn.version):
+                    pool.starting += 1
+                    try:
+                        inst, timings = await self._start_instance(fn)
+                    except _NoRoom as exc:
                         pool.starting -= 1
-                        pool.changed.notify_all()
-                    raise
-                async with pool.changed:
+                        pool.changed.fire()
+                        first = room_since is None
+                        room_since = self._clock() if room_since is None else room_since
+                        await self._wait_for_room(pool, str(exc), room_since, deadline, first)
+                        continue
+                    except BaseException:
+                        pool.starting -= 1
+                        pool.changed.fire()
+                        raise
                     pool.starting -= 1
-                    pool.instances[inst.id] = inst
-                    inst.inflight += 1
-                    pool.changed.notify_all()
-                return self._grant(pool, inst, inst.start, (("queue", queued), *timings),
-                                   spec.scaling.timeout)
+                    self._add_instance(pool, inst)
+                    queued = self._clock() - started
+                    return self._grant(pool, inst, inst.start, (("queue", queued), *timings),
+                                       scaling.timeout)
+                remaining = deadline - self._clock()
+                if remaining <= 0:
+                    live = len(pool.live(fn.version))
+                    raise DeadlineExceeded(
+                        f"no instance of {tenant}/{name} became free within "
+                        f"{self._clock() - started:.0f}s ({live} busy at max_concurrency="
+                        f"{scaling.max_concurrency}, max_instances={scaling.max_instances})")
+                await Broadcast.wait(seen, remaining)
         finally:
             pool.waiters -= 1
 
+    async def _wait_for_room(self, pool: FunctionPool, why: str, since: float,
+                             deadline: float, first: bool) -> None:
+        """Nothing fits and nothing can be evicted: wait (bounded) until room may have
+        appeared, then the caller tries again from the top (a warm instance may have
+        freed meanwhile)."""
+        seen = self._room.token()  # no suspension since the failed placement
+        until = min(deadline, since + self.policy.placement_queue_timeout)
+        remaining = until - self._clock()
+        if remaining <= 0:
+            self.events.emit(EventKind.PLACEMENT_REFUSED,
+                             f"{pool.name}: no room within {self._clock() - since:.0f}s: {why}",
+                             function=pool.name)
+            raise DeadlineExceeded(f"no room for {pool.name} within "
+                                   f"{self._clock() - since:.0f}s: {why}")
+        if self.room_waiters >= self.policy.placement_queue_max:
+            self.events.emit(EventKind.PLACEMENT_REFUSED,
+                             f"{pool.name}: placement queue full ({self.room_waiters})",
+                             function=pool.name)
+            raise NoCapacity(f"{why}; {self.room_waiters} requests are already queued for "
+                             "room, try again later")
+        if first:
+            self.events.emit(EventKind.PLACEMENT_QUEUED, f"{pool.name} waits for room: {why}",
+                             function=pool.name)
+        self.room_waiters += 1
+        try:
+            await Broadcast.wait(seen, remaining)
+        finally:
+            self.room_waiters -= 1
+
+    def _add_instance(self, pool: FunctionPool, inst: InstanceView) -> None:
+        pool.instances[inst.id] = inst
+        pool.changed.fire()
+
     def _grant(self, pool: FunctionPool, inst: InstanceView, start: str,
                timings: tuple[tuple[str, float], ...], timeout: float) -> LeaseGrant:
+        inst.inflight += 1
         lease_id = uuid.uuid4().hex
         self.leases[lease_id] = (pool, inst)
         node = self.nodes[inst.node_id]
@@ -494,19 +673,102 @@ class ControlPlane:
     async def release(self, lease_id: str, failed: bool, reason: str) -> None:
         entry = self.leases.pop(lease_id, None)
         if entry is None:
-            return
+            return  # granted by a scheduler before a restart, or released twice
         pool, inst = entry
-        async with pool.changed:
-            inst.inflight -= 1
-            inst.last_used = self._clock()
-            pool.changed.notify_all()
+        inst.inflight -= 1
+        inst.last_used = self._clock()
+        pool.changed.fire()
+        self._room.fire()
         if failed:
             await self._forget_instance(inst.id, reason or "failed while serving")
             node = self.nodes.get(inst.node_id)
             if node is not None:
-                self._spawn(node.client.stop_instance(inst.id, reason or "failed"))
+                self._spawn(self._stop_quietly(node, inst.id, reason or "failed"))
+                self._spawn(self._probe(node, reason or "an invocation failed"))
         elif inst.state is InstanceState.STOPPING and inst.inflight == 0:
             await self._stop(pool, inst, "retired")
+
+    def _candidates(self, fn: FunctionRecord, key: str, holders: set[str],
+                    excluded: set[str], evicting: bool = False) -> list[Candidate]:
+        """Nodes that may take a cold start: ready and not excluded. A node in memory
+        EMERGENCY takes no new cold starts into its free memory; when `evicting`, it
+        is offered with no free memory, so that only what its own idle instances
+        give back can hold the new slice (its usage does not grow)."""
+        out = []
+        pool = self.pools.get(fn.id)
+        per_node: dict[str, int] = {}
+        for inst in pool.instances.values() if pool is not None else ():
+            per_node[inst.node_id] = per_node.get(inst.node_id, 0) + 1
+        for function_id, node_id in self._placing.values():
+            if function_id == fn.id:
+                per_node[node_id] = per_node.get(node_id, 0) + 1
+        for n in self._ready_nodes():
+            if n.id in excluded:
+                continue
+            free = n.device_free()
+            if self.pressure.node_level(n.id) >= PressureLevel.EMERGENCY:
+                if not evicting:
+                    continue
+                free = [0] * len(free)
+            out.append(Candidate(node_id=n.id, device_free=free,
+                                 snapshot_pinned=bool(key) and key in n.pinned.snapshot_keys,
+                                 snapshot_on_disk=n.id in holders,
+                                 starts_in_flight=n.starts_in_flight,
+                                 same_function=per_node.get(n.id, 0)))
+        return out
+
+    def _idle_instances(self) -> list[IdleInstance]:
+        idle = []
+        for pool in self.pools.values():
+            for inst in pool.instances.values():
+                node = self.nodes.get(inst.node_id)
+                if (inst.state is not InstanceState.READY or inst.inflight or node is None
+                        or inst.id not in node.slices):
+                    continue
+                index, nbytes = node.slices[inst.id]
+                idle.append(IdleInstance(inst.id, pool.function_id, inst.node_id, index,
+                                         nbytes, inst.last_used))
+        return idle
+
+    def _spare(self) -> dict[str, int]:
+        """Per function, live instances above its min_instances: what eviction may take."""
+        return {fid: max(0, sum(1 for i in p.instances.values()
+                                if i.state is InstanceState.READY) - p.min_instances)
+                for fid, p in self.pools.items()}
+
+    async def _place(self, fn: FunctionRecord, instance_id: str, need: int, key: str,
+                     holders: set[str], excluded: set[str]) -> NodeView:
+        """Choose a node and charge the slice to its ledger; evict idle instances (LRU,
+        never below min_instances) if nothing fits; _NoRoom if that cannot help."""
+        chosen = choose_node(self._candidates(fn, key, holders, excluded), need)
+        if chosen is not None:
+            node = self.nodes[chosen.node_id]
+        else:
+            plan = plan_eviction(self._candidates(fn, key, holders, excluded, evicting=True),
+                                 self._idle_instances(), need, self._spare())
+            if plan is None:
+                raise _NoRoom(f"no node has {need} bytes of slice memory free for "
+                              f"{_fn_name(fn)} and no idle instance can be evicted for it")
+            victims = []
+            for victim in plan.victims:
+                pool = self.pools[victim.function_id]
+                inst = pool.instances.get(victim.instance_id)
+                if inst is not None and inst.state is InstanceState.READY and not inst.inflight:
+                    inst.state = InstanceState.STOPPING  # no request may pick it now
+                    victims.append((pool, inst))
+            await asyncio.gather(*(self._stop(
+                pool, inst, f"evicted to make room for {_fn_name(fn)}",
+                kind=EventKind.INSTANCE_EVICTED) for pool, inst in victims))
+            node = self.nodes[plan.node_id]
+            if node.state is not NodeState.READY:
+                raise _NoRoom(f"node {node.id} went away while making room for "
+                              f"{_fn_name(fn)}")
+        if node.reserve(instance_id, need) is None:
+            # Another start took the room while the victims stopped: the caller
+            # waits for room and tries again.
+            raise _NoRoom(f"no node has {need} bytes of slice memory free for "
+                          f"{_fn_name(fn)} (the room made was taken)")
+        return node
 
     async def _start_instance(self, fn: FunctionRecord
                               ) -> tuple[InstanceView, tuple[tuple[str, float], ...]]:
@@ -521,46 +783,42 @@ class ControlPlane:
                 key = manifest_key(manifest)
                 holders = self.holders.setdefault(snap.id, {snap.node_id})
         need = fn.spec.resources.gpu_memory
-        candidates = [
-            Candidate(node_id=n.id, device_free=n.device_free(),
-                      snapshot_pinned=bool(key) and key in n.pinned.snapshot_keys,
-                      snapshot_on_disk=n.id in holders, starts_in_flight=n.starts_in_flight)
-            for n in self._ready_nodes()]
-        chosen = choose_node(candidates, need)
-        if chosen is None:
-            raise NoCapacity(f"no node has {need} bytes of slice memory free for "
-                             f"{fn.tenant}/{fn.name}")
-        node = self.nodes[chosen.node_id]
-        kind = agent_pb2.START_RESTORE if manifest is not None else agent_pb2.START_FRESH
-        peers = [self.nodes[h].control_address for h in sorted(holders)
-                 if h != node.id and h in self.nodes
-                 and self.nodes[h].state is not NodeState.LOST]
         instance_id = new_id("inst")
-        node.starts_in_flight += 1
-        node.reserved_bytes += need
         try:
-            try:
-                resp = await node.client.start_instance(agent_pb2.StartInstanceRequest(
-                    instance_id=instance_id, function=spec_message(fn), kind=kind,
-                    manifest=manifest, peers=peers), timeout=START_RPC_TIMEOUT)
-            except (SnapshotError, ChunkNotFound) as exc:
-                if fn.snapshot_id is None:
-                    raise
-                if isinstance(exc, ChunkNotFound):
-                    # The data is out of reach (its nodes are down), not broken: start
-                    # fresh this time and keep the snapshot.
-                    log.warning("snapshot chunks unreachable; starting fresh",
-                                function=f"{fn.tenant}/{fn.name}", error=str(exc))
-                else:
-                    await self._quarantine(fn, str(exc))
-                resp = await node.client.start_instance(agent_pb2.StartInstanceRequest(
-                    instance_id=instance_id, function=spec_message(fn),
-                    kind=agent_pb2.START_FRESH), timeout=START_RPC_TIMEOUT)
-        except BaseException:
-            node.reserved_bytes -= need
-            raise
+            return await self._start_placed(fn, instance_id, need, manifest, key, holders)
         finally:
-            node.starts_in_flight -= 1
+            self._placing.pop(instance_id, None)
+
+    async def _start_placed(self, fn: FunctionRecord, instance_id: str, need: int,
+                            manifest: manifest_pb2.SnapshotManifest | None, key: str,
+                            holders: set[str]
+                            ) -> tuple[InstanceView, tuple[tuple[str, float], ...]]:
+        excluded: set[str] = set()
+        while True:
+            node = await self._place(fn, instance_id, need, key, holders, excluded)
+            self._placing[instance_id] = (fn.id, node.id)
+            node.starts_in_flight += 1
+            node.starting_ids.add(instance_id)
+            try:
+                resp = await self._start_on(node, fn, instance_id, manifest, holders)
+                break
+            except (Unavailable, OutOfMemory) as exc:
+                node.unreserve(instance_id)
+                # The node is gone (its agent does not answer) or its memory is not
+                # what the ledger says: try the other nodes before giving up.
+                if isinstance(exc, Unavailable):
+                    if await node.client.alive():
+                        raise
+                    await self._mark_lost(node, f"unreachable while starting: {exc}")
+                log.warning("start failed on node; trying another", node=node.id,
+                            function=_fn_name(fn), error=str(exc))
+                excluded.add(node.id)
+            except BaseException:
+                node.unreserve(instance_id)
+                raise
+            finally:
+                node.starts_in_flight -= 1
+                node.starting_ids.discard(instance_id)
         start = "restore" if resp.kind == agent_pb2.START_RESTORE else "fresh"
         if start == "restore" and fn.snapshot_id:
             holders.add(node.id)  # it fetched the chunks it lacked
@@ -569,10 +827,41 @@ class ControlPlane:
         inst = InstanceView(id=instance_id, function_id=fn.id, version=fn.version,
                             node_id=node.id, start=start, gpu_memory=need,
                             last_used=self._clock())
-        log.info("instance started", function=f"{fn.tenant}/{fn.name}", instance=instance_id,
+        self.events.emit(EventKind.INSTANCE_STARTED,
+                         f"instance {instance_id} of {_fn_name(fn)} started ({start})",
+                         node_id=node.id, function=_fn_name(fn), instance=instance_id,
+                         start=start)
+        log.info("instance started", function=_fn_name(fn), instance=instance_id,
                  node=node.id, start=start,
                  timings={t.stage: round(t.seconds, 4) for t in resp.timings})
         return inst, tuple((t.stage, t.seconds) for t in resp.timings)
+
+    async def _start_on(self, node: NodeView, fn: FunctionRecord, instance_id: str,
+                        manifest: manifest_pb2.SnapshotManifest | None, holders: set[str]
+                        ) -> agent_pb2.StartInstanceResponse:
+        """Restore (or start fresh) on the node; a snapshot that fails to restore is
+        quarantined and the instance starts fresh."""
+        kind = agent_pb2.START_RESTORE if manifest is not None else agent_pb2.START_FRESH
+        peers = [self.nodes[h].control_address for h in sorted(holders)
+                 if h != node.id and h in self.nodes
+                 and self.nodes[h].state is not NodeState.LOST]
+        try:
+            return await node.client.start_instance(agent_pb2.StartInstanceRequest(
+                instance_id=instance_id, function=spec_message(fn), kind=kind,
+                manifest=manifest, peers=peers), timeout=START_RPC_TIMEOUT)
+        except (SnapshotError, ChunkNotFound) as exc:
+            if fn.snapshot_id is None:
+                raise
+            if isinstance(exc, ChunkNotFound):
+                # The data is out of reach (its nodes are down), not broken: start
+                # fresh this time and keep the snapshot.
+                log.warning("snapshot chunks unreachable; starting fresh",
+                            function=_fn_name(fn), error=str(exc))
+            else:
+                await self._quarantine(fn, str(exc))
+            return await node.client.start_instance(agent_pb2.StartInstanceRequest(
+                instance_id=instance_id, function=spec_message(fn),
+                kind=agent_pb2.START_FRESH), timeout=START_RPC_TIMEOUT)
 
     async def _quarantine(self, fn: FunctionRecord, reason: str) -> None:
         """A restore failed: never use this snapshot again; run fresh (no rebuild loop)."""
@@ -583,70 +872,177 @@ class ControlPlane:
                              FunctionState.READY,
                              f"snapshot quarantined after a failed restore: {reason}; "
                              "runs with fresh starts", "fresh")
-        log.error("snapshot quarantined", function=f"{fn.tenant}/{fn.name}",
+        log.error("snapshot quarantined", function=_fn_name(fn),
                   snapshot=fn.snapshot_id, reason=reason)
 
-    async def _stop(self, pool: FunctionPool, inst: InstanceView, reason: str) -> None:
+    async def _stop(self, pool: FunctionPool, inst: InstanceView, reason: str,
+                    kind: EventKind = EventKind.INSTANCE_STOPPED) -> None:
         inst.state = InstanceState.STOPPING
         node = self.nodes.get(inst.node_id)
-        if node is not None:
+        if node is not None and node.state is not NodeState.LOST:
             try:
                 await node.client.stop_instance(inst.id, reason)
             except ThawError as exc:
                 log.warning("stop failed", instance=inst.id, error=str(exc))
-        await self._forget_instance(inst.id, reason)
+        await self._forget_instance(inst.id, reason, kind)
 
-    async def _forget_instance(self, instance_id: str, reason: str) -> None:
+    async def _stop_quietly(self, node: NodeView, instance_id: str, reason: str) -> None:
+        try:
+            await node.client.stop_instance(instance_id, reason)
+        except ThawError as exc:
+            log.info("stop not delivered", node=node.id, instance=instance_id, error=str(exc))
+
+    async def _forget_instance(self, instance_id: str, reason: str,
+                               kind: EventKind = EventKind.INSTANCE_LOST) -> None:
         for pool in self.pools.values():
             inst = pool.instances.pop(instance_id, None)
             if inst is not None:
                 inst.state = InstanceState.GONE
                 node = self.nodes.get(inst.node_id)
                 if node is not None:
-                    node.reserved_bytes -= inst.gpu_memory
-                async with pool.changed:
-                    pool.changed.notify_all()
+                    node.unreserve(inst.id)
+                pool.changed.fire()
+                self._room.fire()
+                self.events.emit(kind, f"instance {instance_id} of {pool.name}: {reason}",
+                                 node_id=inst.node_id, function=pool.name,
+                                 instance=instance_id)
                 await self.store.run(self.store.end_instance, instance_id, reason)
                 log.info("instance gone", instance=instance_id, reason=reason)
                 return
 
     # ---- background ------------------------------------------------------------
 
-    def _spawn(self, coro: object) -> None:
-        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+    def _spawn(self, coro: Awaitable[object]) -> None:
+        task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
     async def reconcile_once(self) -> None:
-        """Scale idle instances to zero; mark silent nodes lost."""
+        """Mark silent nodes lost; end instances no node reclaimed after a restart;
+        scale idle instances down (sooner under memory pressure); keep min_instances
+        warm; drop pinned snapshots of idle functions from nodes in CRITICAL."""
         now = self._clock()
         for node in list(self.nodes.values()):
             if (node.state is not NodeState.LOST
                     and now - node.last_heartbeat > self.node_timeout):
-                node.state = NodeState.LOST
-                await self.store.run(self.store.set_node_state, node.id, NodeState.LOST.value)
-                log.error("node lost", node=node.id)
-                for pool in self.pools.values():
-                    for inst in list(pool.instances.values()):
-                        if inst.node_id == node.id:
-                            await self._forget_instance(inst.id, "node lost")
+                await self._mark_lost(node, f"no heartbeat for {now - node.last_heartbeat:.1f}s")
+        if self._unclaimed and now >= self._unclaimed_until:
+            for record in list(self._unclaimed.values()):
+                await self.store.run(self.store.end_instance, record.id,
+                                     "scheduler restarted and its node did not report it")
+            log.info("unclaimed instances ended", count=len(self._unclaimed))
+            self._unclaimed.clear()
+        functions = {fn.id: fn for fn in await self.store.run(self.store.active_functions)}
         for function_id, pool in list(self.pools.items()):
-            idle = [i for i in pool.instances.values()
-                    if i.state is InstanceState.READY and i.inflight == 0]
-            if not idle:
+            fn = functions.get(function_id)
+            if fn is not None:
+                await self._scale_down(pool, fn, now)
+        for fn in functions.values():
+            if fn.state is FunctionState.READY and fn.spec.scaling.min_instances > 0:
+                self._keep_warm(fn)
+        if any(self.pressure.node_level(n.id) >= PressureLevel.CRITICAL
+               for n in self.nodes.values() if n.state is not NodeState.LOST):
+            await self._evict_idle_snapshots(now)
+
+    def _idle_window(self, inst: InstanceView, window: float) -> float:
+        """scaledown_window, halved under PRESSURE on the instance's device and zero
+        under CRITICAL or worse (every idle instance above min_instances goes)."""
+        node = self.nodes.get(inst.node_id)
+        if node is None or inst.id not in node.slices or not node.devices:
+            return window
+        index = node.slices[inst.id][0]
+        level = self.pressure.level(node.id, device_resource(node.devices[index].id))
+        if level >= PressureLevel.CRITICAL:
+            return 0.0
+        if level is PressureLevel.PRESSURE:
+            return window / 2
+        return window
+
+    async def _scale_down(self, pool: FunctionPool, fn: FunctionRecord, now: float) -> None:
+        pool.min_instances = fn.spec.scaling.min_instances
+        window = fn.spec.scaling.scaledown_window
+        ready = [i for i in pool.instances.values() if i.state is InstanceState.READY]
+        idle = {i.id: i for i in ready if i.inflight == 0}
+        if not idle:
+            return
+        views = [IdleInstanceView(i.id, i.last_used, self._idle_window(i, window))
+                 for i in idle.values()]
+        shortened = {v.instance_id for v in views if v.window < window}
+        for instance_id in scale_down(views, len(ready), pool.min_instances, now):
+            inst = idle[instance_id]
+            if inst.state is not InstanceState.READY or inst.inflight:
+                continue  # picked up while an earlier stop was awaited
+            if instance_id in shortened and now - inst.last_used < window:
+                await self._stop(pool, inst, "evicted under memory pressure",
+                                 kind=EventKind.INSTANCE_EVICTED)
+            else:
+                await self._stop(pool, inst, "idle past scaledown_window")
+
+    def _keep_warm(self, fn: FunctionRecord) -> None:
+        """Start instances (in the background) up to min_instances, counting those
+        starting and those a restarted scheduler still expects its nodes to report."""
+        pool = self._pool(fn)
+        live = len(pool.live(fn.version))
+        expected = sum(1 for r in self._unclaimed.values()
+                       if r.function_id == fn.id and r.version == fn.version)
+        if not self._ready_nodes() or self._clock() < pool.warm_retry_at:
+            return
+        for _ in range(fn.spec.scaling.min_instances - live - pool.starting - expected):
+            pool.starting += 1
+            self._spawn(self._warm_one(fn, pool))
+
+    async def _warm_one(self, fn: FunctionRecord, pool: FunctionPool) -> None:
+        try:
+            inst, _timings = await self._start_instance(fn)
+        except (_NoRoom, ThawError) as exc:
+            pool.warm_retry_at = self._clock() + WARM_RETRY_SECONDS
+            log.warning("could not keep min_instances warm", function=pool.name,
+                        error=str(exc), retry_in=WARM_RETRY_SECONDS)
+            self.events.emit(EventKind.PLACEMENT_REFUSED,
+                             f"{pool.name}: min_instances not kept: {exc}", function=pool.name)
+            return
+        finally:
+            pool.starting -= 1
+            pool.changed.fire()
+        self._add_instance(pool, inst)
+
+    async def _evict_idle_snapshots(self, now: float) -> None:
+        """On nodes in CRITICAL memory pressure or worse, drop the pinned copies of
+        snapshots whose function has not been used for pressure_pinned_idle. (On the
+        host backend slices and the pinned tier are both host memory; on CUDA the
+        pinned tier is page-locked host memory that restores also stage through.)"""
+        by_key: dict[str, tuple[str, str, manifest_pb2.SnapshotManifest]] = {}
+        for snap in await self.store.run(self.store.live_snapshots):
+            manifest = manifest_pb2.SnapshotManifest.FromString(snap.manifest)
+            by_key[manifest_key(manifest)] = (snap.function_id, snap.function, manifest)
+        for node in list(self.nodes.values()):
+            if (node.state is NodeState.LOST
+                    or self.pressure.node_level(node.id) < PressureLevel.CRITICAL):
                 continue
-            try:
-                fn = await self.store.run(self.store.get_function_by_id, function_id)
-            except ThawError:
-                continue
-            keep = fn.spec.scaling.min_instances
-            live = sum(1 for i in pool.instances.values() if i.state is InstanceState.READY)
-            for inst in sorted(idle, key=lambda i: i.last_used):
-                if live <= keep:
-                    break
-                if now - inst.last_used >= fn.spec.scaling.scaledown_window:
-                    live -= 1
-                    await self._stop(pool, inst, "idle past scaledown_window")
+            for key in list(node.pinned.snapshot_keys):
+                if key not in by_key:
+                    continue
+                function_id, name, manifest = by_key[key]
+                pool = self.pools.get(function_id)
+                last = max(self._started_at, pool.last_acquired if pool else 0.0)
+                busy = pool is not None and (pool.waiters or any(
+                    i.inflight for i in pool.instances.values()))
+                if busy or now - last < self.policy.pressure_pinned_idle:
+                    continue
+                try:
+                    freed = (await node.client.evict(manifest)).bytes
+                except ThawError as exc:
+                    log.warning("pinned eviction failed", node=node.id, function=name,
+                                error=str(exc))
+                    continue
+                if key in node.pinned.snapshot_keys:
+                    node.pinned.snapshot_keys.remove(key)
+                self.events.emit(EventKind.SNAPSHOT_EVICTED,
+                                 f"pinned snapshot of {name} evicted from node {node.id} "
+                                 f"under memory pressure ({freed} bytes)",
+                                 node_id=node.id, function=name, bytes=freed)
+                log.info("pinned snapshot evicted under pressure", node=node.id,
+                         function=name, bytes=freed)
 
     async def reconcile_forever(self, interval: float) -> None:
         while True:
@@ -657,9 +1053,15 @@ class ControlPlane:
             await asyncio.sleep(interval)
 
     async def recover(self) -> None:
-        """After a restart: instances the DB thinks are alive are unknown now."""
-        for instance_id, _fn, _node in await self.store.run(self.store.live_instances):
-            await self.store.run(self.store.end_instance, instance_id, "scheduler restarted")
+        """After a restart: the instances the DB knows as live are adopted when their
+        node re-registers and reports them (register); those no node reports within
+        node_timeout and a couple of heartbeats are ended then (reconcile_once)."""
+        records = await self.store.run(self.store.live_instances)
+        self._unclaimed = {r.id: r for r in records}
+        self._unclaimed_until = (self._clock() + self.node_timeout
+                                 + ADOPT_GRACE_HEARTBEATS * self.heartbeat_interval)
+        if records:
+            log.info("waiting for nodes to report live instances", count=len(records))
 
     async def close(self) -> None:
         for task in list(self._builds.values()) + list(self._background):

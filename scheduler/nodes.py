@@ -6,10 +6,15 @@ import time
 from dataclasses import dataclass, field
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from thaw.core.grpcutil import CHANNEL_OPTIONS, call
 from thaw.proto import agent_pb2, agent_pb2_grpc, scheduler_pb2
+from thaw.scheduler.placement import best_fit_device
 from thaw.scheduler.states import NodeState
+
+# How long a liveness probe of an agent that just failed a call may take.
+PROBE_TIMEOUT_SECONDS = 2.0
 
 
 class AgentClient:
@@ -51,6 +56,17 @@ class AgentClient:
         return await call(self._stub.CollectGarbage(
             agent_pb2.CollectGarbageRequest(keep=keep), timeout=timeout))
 
+    async def alive(self, timeout: float = PROBE_TIMEOUT_SECONDS) -> bool:
+        """Does the agent answer its health service? (After a call to it failed: a
+        dead agent is marked lost at once instead of after node_timeout.)"""
+        stub = health_pb2_grpc.HealthStub(self._channel)
+        try:
+            reply = await stub.Check(health_pb2.HealthCheckRequest(service=""),
+                                     timeout=timeout)
+        except grpc.RpcError:
+            return False
+        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
     async def close(self) -> None:
         await self._channel.close()
 
@@ -64,8 +80,15 @@ class NodeView:
     devices: list[scheduler_pb2.DeviceInfo] = field(default_factory=list)
     state: NodeState = NodeState.READY
     last_heartbeat: float = field(default_factory=time.monotonic)
-    reserved_bytes: int = 0
-    """Slice memory of the instances the scheduler placed here."""
+    slices: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """The scheduler's ledger of slice memory: instance id -> (device index, bytes)
+    for every instance it placed (or adopted) here, from the moment it is placed
+    until it is stopped. It leads the node's reports, which lag by a heartbeat."""
+    foreign: list[int] = field(default_factory=list)
+    """Per device, memory the node reported in use beyond the ledger at its last
+    heartbeat (slices the scheduler did not place, or other users of a GPU)."""
+    starting_ids: set[str] = field(default_factory=set)
+    """Instances whose start RPC is in flight (the node already lists them)."""
     starts_in_flight: int = 0
     cordoned: bool = False
     disk_bytes: int = 0
@@ -76,15 +99,54 @@ class NodeView:
     def capacity_bytes(self) -> int:
         return sum(d.capacity_bytes for d in self.devices)
 
+    def ledger_used(self) -> list[int]:
+        used = [0] * len(self.devices)
+        for index, nbytes in self.slices.values():
+            if index < len(used):
+                used[index] += nbytes
+        return used
+
     def device_free(self) -> list[int]:
-        """Free slice memory per device, as the node last reported it, less what the
-        scheduler has placed there since (a start in flight is not reported yet)."""
-        reported_used = sum(d.used_bytes for d in self.devices)
-        unreported = max(0, self.reserved_bytes - reported_used)
-        free = [max(0, d.capacity_bytes - d.used_bytes) for d in self.devices]
-        # Charge the not-yet-reported reservations to the roomiest devices first.
-        for i in sorted(range(len(free)), key=lambda j: -free[j]):
-            take = min(free[i], unreported)
-            free[i] -= take
-            unreported -= take
-        return free
+        """Free slice memory per device by the ledger: what placement may use."""
+        foreign = self.foreign if len(self.foreign) == len(self.devices) else [0] * len(
+            self.devices)
+        return [max(0, d.capacity_bytes - used - other)
+                for d, used, other in zip(self.devices, self.ledger_used(), foreign,
+                                          strict=True)]
+
+    def take_report(self, devices: list[scheduler_pb2.DeviceInfo]) -> None:
+        """A heartbeat's device usage: note what the ledger does not explain."""
+        self.devices = list(devices)
+        self.foreign = [max(0, d.used_bytes - used)
+                        for d, used in zip(self.devices, self.ledger_used(), strict=True)]
+
+    def device_used(self) -> list[int]:
+        """Used memory per device for pressure: the larger of the node's report and
+        the ledger (the report also sees memory the scheduler did not place)."""
+        return [max(d.used_bytes, used)
+                for d, used in zip(self.devices, self.ledger_used(), strict=True)]
+
+    def reserve(self, instance_id: str, nbytes: int) -> int | None:
+        """Charge a slice to the device the agent will pick; None if none fits."""
+        if nbytes <= 0:
+            return 0
+        index = best_fit_device(self.device_free(), nbytes)
+        if index is not None:
+            self.slices[instance_id] = (index, nbytes)
+        return index
+
+    def unreserve(self, instance_id: str) -> None:
+        self.slices.pop(instance_id, None)
+
+    def adopt_slices(self, sizes: dict[str, int]) -> None:
+        """Charge instances found running (after a scheduler restart) to devices: the
+        node does not say which device holds which slice, so fill each device up to
+        what it reports as used, largest slices first."""
+        room = [d.used_bytes - used for d, used in zip(self.devices, self.ledger_used(),
+                                                        strict=True)]
+        for instance_id, nbytes in sorted(sizes.items(), key=lambda kv: (-kv[1], kv[0])):
+            if nbytes <= 0 or not room:
+                continue
+            index = max(range(len(room)), key=lambda i: (room[i], -i))
+            self.slices[instance_id] = (index, nbytes)
+            room[index] -= nbytes

@@ -16,6 +16,7 @@ from thaw.proto import scheduler_pb2_grpc
 from thaw.scheduler.bundles import BundleStore
 from thaw.scheduler.control import ControlPlane
 from thaw.scheduler.db import make_engine, upgrade
+from thaw.scheduler.policy import PolicyConfig
 from thaw.scheduler.service import NodeRegistryService, SchedulerService
 from thaw.scheduler.store import Store
 
@@ -37,8 +38,10 @@ def ensure_dev_key(store: Store, path: Path) -> str:
 
 
 class SchedulerServer:
-    def __init__(self, config: SchedulerConfig, dev_key_file: Path | None = None) -> None:
+    def __init__(self, config: SchedulerConfig, dev_key_file: Path | None = None,
+                 policy: PolicyConfig | None = None) -> None:
         self.config = config
+        self.policy = policy or PolicyConfig.load()
         self.dev_key_file = dev_key_file
         self.port = 0
         self._server: grpc.aio.Server | None = None
@@ -56,7 +59,8 @@ class SchedulerServer:
         self.control = ControlPlane(
             self.store, BundleStore(cfg.home / "scheduler" / "bundles"),
             heartbeat_interval=cfg.heartbeat_interval, node_timeout=cfg.node_timeout,
-            build_timeout=cfg.build_timeout, acquire_wait=cfg.acquire_wait)
+            build_timeout=cfg.build_timeout, acquire_wait=cfg.acquire_wait,
+            policy=self.policy)
         await self.control.recover()
         server = grpc.aio.server(options=CHANNEL_OPTIONS)
         scheduler_pb2_grpc.add_SchedulerServicer_to_server(SchedulerService(self.control), server)

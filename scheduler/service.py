@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 
 import grpc
 
-from thaw.core.grpcutil import servicer_method
+from thaw.core.errors import InvalidArgument, ThawError
+from thaw.core.grpcutil import encode_error, servicer_method, status_for
 from thaw.proto import agent_pb2, scheduler_pb2, scheduler_pb2_grpc
 from thaw.scheduler.control import ControlPlane
+from thaw.scheduler.events import Event, EventKind
 from thaw.scheduler.nodes import NodeView
 from thaw.scheduler.store import FunctionRecord
 
@@ -109,12 +110,53 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         nodes, nbytes = await self.control.evict(request.tenant, request.name, request.node_id)
         return scheduler_pb2.TierReply(node_ids=nodes, bytes=nbytes)
 
+    @servicer_method
+    async def ListEvents(self, request: scheduler_pb2.ListEventsRequest,
+                         context: grpc.aio.ServicerContext
+                         ) -> scheduler_pb2.ListEventsResponse:
+        log = self.control.events
+        events = log.since(request.after_seq, request.limit, _kinds(request.kinds))
+        return scheduler_pb2.ListEventsResponse(events=[event_message(e) for e in events],
+                                                last_seq=log.last_seq)
+
+    async def Events(self, request: scheduler_pb2.ListEventsRequest,
+                     context: grpc.aio.ServicerContext
+                     ) -> AsyncIterator[scheduler_pb2.Event]:
+        try:
+            kinds = _kinds(request.kinds)
+        except ThawError as exc:
+            await context.abort(status_for(exc), encode_error(exc))
+            return
+        async for event in self.control.events.subscribe(request.after_seq, kinds):
+            yield event_message(event)
+
     def _node_info(self, node: NodeView) -> scheduler_pb2.NodeInfo:
+        pressure = self.control.pressure
         return scheduler_pb2.NodeInfo(
             id=node.id, state=node.state.value, control_address=node.control_address,
             data_url=node.data_url, devices=node.devices, pinned=node.pinned,
             instances=self.control.node_instances(node.id), disk_bytes=node.disk_bytes,
-            last_heartbeat_age_seconds=max(0.0, time.monotonic() - node.last_heartbeat))
+            last_heartbeat_age_seconds=self.control.heartbeat_age(node),
+            pressure=pressure.node_level(node.id).label,
+            pressures=[scheduler_pb2.ResourcePressure(
+                resource=resource, level=state.level.label, used_fraction=state.fraction,
+                used_bytes=state.used, capacity_bytes=state.capacity)
+                for resource, state in sorted(pressure.resources(node.id).items())])
+
+
+def _kinds(names: Iterable[str]) -> list[EventKind]:
+    try:
+        return [EventKind(k) for k in names]
+    except ValueError as exc:
+        known = ", ".join(k.value for k in EventKind)
+        raise InvalidArgument(f"unknown event kind ({exc}); known: {known}",
+                              field="kinds") from exc
+
+
+def event_message(event: Event) -> scheduler_pb2.Event:
+    return scheduler_pb2.Event(seq=event.seq, time=event.time, kind=event.kind.value,
+                               message=event.message, node_id=event.node_id,
+                               function=event.function, attrs=dict(event.attrs))
 
 
 class NodeRegistryService(scheduler_pb2_grpc.NodeRegistryServicer):
@@ -137,9 +179,6 @@ class NodeRegistryService(scheduler_pb2_grpc.NodeRegistryServicer):
     async def GetBundle(self, request: scheduler_pb2.GetBundleRequest,
                         context: grpc.aio.ServicerContext
                         ) -> AsyncIterator[scheduler_pb2.BundleChunk]:
-        from thaw.core.errors import ThawError
-        from thaw.core.grpcutil import encode_error, status_for
-
         try:
             data = self.control.bundles.get(request.digest)
         except ThawError as exc:

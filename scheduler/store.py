@@ -69,6 +69,36 @@ class SnapshotRecord:
 
 
 @dataclass(frozen=True)
+class NodeRecord:
+    id: str
+    control_address: str
+    data_url: str
+    state: str
+    device_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    id: str
+    function_id: str
+    version: int
+    node_id: str
+    start_kind: str
+    state: str
+    end_reason: str
+
+
+@dataclass(frozen=True)
+class LiveSnapshot:
+    """A snapshot some current function uses, with whose it is."""
+
+    function_id: str
+    function: str
+    """tenant/name"""
+    manifest: bytes
+
+
+@dataclass(frozen=True)
 class KeyRecord:
     id: str
     tenant: str
@@ -89,6 +119,12 @@ def _snapshot(row: models.Snapshot) -> SnapshotRecord:
         id=row.id, function_id=row.function_id, version=row.version,
         state=SnapshotState(row.state), reason=row.reason, node_id=row.node_id,
         manifest=row.manifest, stored_bytes=row.stored_bytes)
+
+
+def _instance(row: models.Instance) -> InstanceRecord:
+    return InstanceRecord(id=row.id, function_id=row.function_id, version=row.version,
+                          node_id=row.node_id, start_kind=row.start_kind, state=row.state,
+                          end_reason=row.end_reason)
 
 
 class Store:
@@ -213,6 +249,15 @@ class Store:
             return [_function(r) for r in rows]
         return self._tx(tx)
 
+    def active_functions(self) -> list[FunctionRecord]:
+        """Every function not deleted, of every tenant (the reconcile loop's view)."""
+        def tx(s: Session) -> list[FunctionRecord]:
+            rows = s.scalars(select(models.Function).where(
+                models.Function.state != FunctionState.DELETED.value
+            ).order_by(models.Function.tenant_id, models.Function.name))
+            return [_function(r) for r in rows]
+        return self._tx(tx)
+
     def set_function_state(self, function_id: str, version: int, state: FunctionState,
                            reason: str = "", start_mode: str | None = None,
                            snapshot_id: str | None = None) -> FunctionRecord | None:
@@ -277,6 +322,13 @@ class Store:
                 row.last_heartbeat = time.time()
         self._tx(tx)
 
+    def list_nodes(self) -> list[NodeRecord]:
+        def tx(s: Session) -> list[NodeRecord]:
+            return [NodeRecord(id=r.id, control_address=r.control_address, data_url=r.data_url,
+                               state=r.state, device_ids=tuple(json.loads(r.devices_json)))
+                    for r in s.scalars(select(models.Node).order_by(models.Node.id))]
+        return self._tx(tx)
+
     def set_node_state(self, node_id: str, state: str) -> None:
         def tx(s: Session) -> None:
             row = s.get(models.Node, node_id)
@@ -310,11 +362,31 @@ class Store:
             return [r[0] for r in rows if r[0]]
         return self._tx(tx)
 
-    def live_instances(self) -> list[tuple[str, str, str]]:
-        """(instance id, function id, node id) of instances not known to have ended."""
-        def tx(s: Session) -> list[tuple[str, str, str]]:
-            rows = s.execute(select(models.Instance.id, models.Instance.function_id,
-                                    models.Instance.node_id)
-                             .where(models.Instance.ended_at.is_(None)))
-            return [(r[0], r[1], r[2]) for r in rows]
+    def get_instance(self, instance_id: str) -> InstanceRecord:
+        def tx(s: Session) -> InstanceRecord:
+            row = s.get(models.Instance, instance_id)
+            if row is None:
+                raise NotFound(f"instance {instance_id} not found")
+            return _instance(row)
+        return self._tx(tx)
+
+    def live_instances(self) -> list[InstanceRecord]:
+        """Instances not known to have ended, oldest first."""
+        def tx(s: Session) -> list[InstanceRecord]:
+            rows = s.scalars(select(models.Instance)
+                             .where(models.Instance.ended_at.is_(None))
+                             .order_by(models.Instance.started_at, models.Instance.id))
+            return [_instance(r) for r in rows]
+        return self._tx(tx)
+
+    def live_snapshots(self) -> list[LiveSnapshot]:
+        """The ready snapshots of current functions, with their function's name."""
+        def tx(s: Session) -> list[LiveSnapshot]:
+            rows = s.execute(
+                select(models.Function.id, models.Function.tenant_id, models.Function.name,
+                       models.Snapshot.manifest)
+                .join(models.Snapshot, models.Function.snapshot_id == models.Snapshot.id)
+                .where(models.Function.state != FunctionState.DELETED.value,
+                       models.Snapshot.state == SnapshotState.READY.value))
+            return [LiveSnapshot(r[0], f"{r[1]}/{r[2]}", r[3]) for r in rows if r[3]]
         return self._tx(tx)

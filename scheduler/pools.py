@@ -1,0 +1,92 @@
+"""The scheduler's in-memory view of instances: per function, the live instances and
+the requests waiting for one. Rebuilt after a restart from the DB and the agents'
+registrations (ControlPlane.recover / register)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
+
+from thaw.core.spec import Scaling
+from thaw.scheduler.autoscale import should_start
+from thaw.scheduler.states import InstanceState
+
+
+class Broadcast:
+    """Wakes every waiter at once. A waiter takes a token *before* checking its
+    condition and waits on that token, so a change between the check and the wait is
+    never missed. (The pools need no lock: asyncio runs each check-and-update without
+    a suspension point in between.)"""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    def token(self) -> asyncio.Event:
+        return self._event
+
+    def fire(self) -> None:
+        event, self._event = self._event, asyncio.Event()
+        event.set()
+
+    @staticmethod
+    async def wait(token: asyncio.Event, timeout: float) -> None:
+        """Until fired since `token` was taken, or `timeout` seconds."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(token.wait(), max(0.0, timeout))
+
+
+@dataclass
+class InstanceView:
+    id: str
+    function_id: str
+    version: int
+    node_id: str
+    start: str  # "restore" | "fresh"
+    gpu_memory: int
+    state: InstanceState = InstanceState.READY
+    inflight: int = 0
+    last_used: float = 0.0
+
+
+@dataclass
+class FunctionPool:
+    """The live instances of one function and the requests waiting for them."""
+
+    function_id: str
+    name: str = ""
+    """tenant/name, for logs and events."""
+    instances: dict[str, InstanceView] = field(default_factory=dict)
+    starting: int = 0
+    """Starts in flight for this function (for a request or to keep min_instances)."""
+    waiters: int = 0
+    """Requests in acquire() that do not hold an instance yet."""
+    min_instances: int = 0
+    """From the function's current spec: eviction and scale-down never go below it."""
+    last_acquired: float = 0.0
+    """When a request last asked for this function (the scheduler's clock)."""
+    warm_retry_at: float = 0.0
+    """No proactive (min_instances) start before this, after one failed."""
+    changed: Broadcast = field(default_factory=Broadcast)
+
+    def live(self, version: int) -> list[InstanceView]:
+        return [i for i in self.instances.values()
+                if i.state is InstanceState.READY and i.version == version]
+
+    def pick(self, version: int, max_concurrency: int) -> InstanceView | None:
+        """A warm instance of this version with a free slot: the least busy one."""
+        best = None
+        for inst in self.instances.values():
+            if (inst.state is InstanceState.READY and inst.version == version
+                    and inst.inflight < max_concurrency
+                    and (best is None or inst.inflight < best.inflight)):
+                best = inst
+        return best
+
+    def needs_instance(self, scaling: Scaling, version: int) -> bool:
+        """Start another one? Demand is the requests running on this version's
+        instances plus the requests waiting (each waiter counted once, and a request
+        that got an instance is no longer a waiter)."""
+        live = self.live(version)
+        demand = sum(i.inflight for i in live) + self.waiters
+        return should_start(len(live), self.starting, demand, scaling)
