@@ -99,6 +99,7 @@ class LocalPlatform:
         self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
         self.url = ""
         self.key = ""
+        self.scheduler_address = ""
 
     def _start(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
         # Own session: a terminal's Ctrl-C reaches only `thaw up`, which then stops the
@@ -119,6 +120,7 @@ class LocalPlatform:
                 "--dev-key-file", str(self.home / "dev-key")],
                 {**env, "THAW_SCHEDULER_LISTEN": "127.0.0.1:0"})
             address = f"127.0.0.1:{_wait_for_file(ports / 'scheduler', sched, 'scheduler')}"
+            self.scheduler_address = address
             for index in range(self.agents):
                 node_id = "local" if self.agents == 1 else f"node{index}"
                 agent_env = {**env, "THAW_SCHEDULER_ADDRESS": address, "THAW_AGENT_PORT": "0",

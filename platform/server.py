@@ -25,13 +25,27 @@ from thaw.platform.dataplane import make_app
 from thaw.platform.devices import DeviceBackend, HostDevices, shm_root
 from thaw.platform.process import ProcessRuntime
 from thaw.platform.snapshots import NodeSnapshots
-from thaw.proto import agent_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+from thaw.platform.telemetry import NodeSample
+from thaw.proto import agent_pb2, agent_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 
 log = structlog.get_logger()
 # How long to wait between attempts to reach a scheduler that is not up yet.
 REGISTER_RETRY_SECONDS = 0.5
 # In-flight requests get this long to finish on SIGTERM before instances are stopped.
 DRAIN_SECONDS = 30.0
+
+
+def telemetry_message(sample: NodeSample) -> agent_pb2.NodeTelemetry:
+    return agent_pb2.NodeTelemetry(
+        cpu_percent=sample.cpu_percent, memory_used_bytes=sample.memory_used_bytes,
+        memory_total_bytes=sample.memory_total_bytes,
+        instances=[agent_pb2.InstanceTelemetry(
+            instance_id=i.id, function=i.function, rss_bytes=i.rss_bytes,
+            unique_bytes=i.uss_bytes, cpu_percent=i.cpu_percent) for i in sample.instances],
+        devices=[agent_pb2.DeviceTelemetry(
+            id=d.id, kind=d.kind, capacity_bytes=d.capacity_bytes, used_bytes=d.used_bytes,
+            utilization_percent=-1.0 if d.utilization_percent is None
+            else d.utilization_percent) for d in sample.devices])
 
 
 def make_runtime(cfg: AgentConfig) -> ProcessRuntime:
@@ -154,10 +168,13 @@ class AgentServer:
             exited = self.agent.take_exited()
             try:
                 pinned = await asyncio.to_thread(self._pinned_info)
+                telemetry = telemetry_message(await asyncio.to_thread(
+                    self.agent.sample_telemetry))
                 resp = await call(self._registry.Heartbeat(scheduler_pb2.HeartbeatRequest(
                     node_id=self.node_id, devices=self._devices(),
                     instance_ids=list(self.agent.instances), exited=exited, pinned=pinned,
-                    disk_bytes=self.agent.snapshots.disk.stored_bytes()), timeout=10))
+                    disk_bytes=self.agent.snapshots.disk.stored_bytes(),
+                    telemetry=telemetry), timeout=10))
                 if resp.reregister:
                     interval = await self._register()
             except ThawError as exc:

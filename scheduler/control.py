@@ -234,6 +234,7 @@ class ControlPlane:
         node.take_report(list(req.devices))
         node.pinned = req.pinned
         node.disk_bytes = req.disk_bytes
+        node.telemetry = req.telemetry
         if node.state is NodeState.LOST:
             target = NodeState.CORDONED if node.cordoned else NodeState.READY
             check_transition(node.state, target)

@@ -91,6 +91,8 @@ class NodeView:
     """Instances whose start RPC is in flight (the node already lists them)."""
     starts_in_flight: int = 0
     cordoned: bool = False
+    telemetry: agent_pb2.NodeTelemetry = field(default_factory=agent_pb2.NodeTelemetry)
+    """CPU, RAM and per-instance memory from the node's last heartbeat."""
     disk_bytes: int = 0
     pinned: scheduler_pb2.PinnedTierInfo = field(default_factory=scheduler_pb2.PinnedTierInfo)
     """The node's pinned-tier accounting, from its last heartbeat."""

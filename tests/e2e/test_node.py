@@ -73,3 +73,31 @@ def test_node_telemetry_as_prometheus_metrics(platform: RunningPlatform) -> None
            if line.startswith("thaw_instance_rss_bytes") and instance in line]
     assert rss and float(rss[0].rsplit(" ", 1)[1]) > 1_000_000
     assert f'thaw_instance_unique_bytes{{function="dev/sleep",instance="{instance}"' in text
+
+
+def test_heartbeats_carry_telemetry_to_the_scheduler(platform: RunningPlatform) -> None:
+    import time
+
+    import grpc
+
+    from thaw.proto import scheduler_pb2, scheduler_pb2_grpc
+
+    assert platform.deploy(FIXTURES / "sleep").json()["state"] == "ready"
+    instance = platform.invoke("sleep", {"seconds": 0}).headers["X-Thaw-Instance"]
+    channel = grpc.insecure_channel(platform.platform.scheduler_address)
+    stub = scheduler_pb2_grpc.SchedulerStub(channel)
+    deadline = time.monotonic() + 15
+    try:
+        while True:
+            node = stub.ListNodes(scheduler_pb2.ListNodesRequest(), timeout=10).nodes[0]
+            seen = {i.instance_id: i for i in node.telemetry.instances}
+            if instance in seen:
+                break
+            assert time.monotonic() < deadline, "no heartbeat carried the instance"
+            time.sleep(0.3)
+    finally:
+        channel.close()
+    assert seen[instance].rss_bytes > 1_000_000 and seen[instance].function == "dev/sleep"
+    assert node.telemetry.memory_total_bytes > node.telemetry.memory_used_bytes > 0
+    assert [d.id for d in node.telemetry.devices] == ["host0", "host1"]
+    assert all(d.utilization_percent == -1.0 for d in node.telemetry.devices)
