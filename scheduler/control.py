@@ -601,6 +601,9 @@ class ControlPlane:
                                        scaling.timeout)
                 if pool.needs_instance(scaling, fn.version):
                     pool.starting += 1
+                    # Server-Timing stages are disjoint: the queue ends where the start
+                    # (restore or import+setup) begins.
+                    queued = self._clock() - started
                     try:
                         inst, timings = await self._start_instance(fn)
                     except _NoRoom as exc:
@@ -616,7 +619,6 @@ class ControlPlane:
                         raise
                     pool.starting -= 1
                     self._add_instance(pool, inst)
-                    queued = self._clock() - started
                     return self._grant(pool, inst, inst.start, (("queue", queued), *timings),
                                        scaling.timeout)
                 remaining = deadline - self._clock()

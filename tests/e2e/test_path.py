@@ -35,6 +35,8 @@ def test_echo_deploy_then_cold_restore_then_warm(platform: RunningPlatform) -> N
     assert cold.headers["X-Thaw-Start"] == "restore"
     stages = server_timing(cold.headers["Server-Timing"])
     assert {"queue", "restore", "run", "total"} <= stages.keys()
+    # The stages do not overlap: together they fit in the total.
+    assert sum(v for k, v in stages.items() if k != "total") <= stages["total"] + 1.0
     body = cold.json()
     assert body["echo"] == {"hello": "world"}
     # setup() ran in the build process, not in the restored instance.
