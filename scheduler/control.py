@@ -357,6 +357,29 @@ class ControlPlane:
         return [self.nodes[h] for h in sorted(self.holders.get(snapshot_id, ()))
                 if h in self.nodes and self.nodes[h].state is not NodeState.LOST]
 
+    def _keep_pinned(self, node: NodeView, manifest: manifest_pb2.SnapshotManifest) -> None:
+        """Prewarm policy: a snapshot restored on a node is kept in that node's pinned
+        tier, so its next cold start there copies from host memory only. The tier is
+        LRU within its capacity, so what stays is what was used most recently; under
+        memory pressure the pressure states evict (see pressure.py)."""
+        key = manifest_key(manifest)
+        if key in node.pinned.snapshot_keys or key in node.prewarming:
+            return
+        node.prewarming.add(key)
+
+        async def prewarm() -> None:
+            try:
+                await node.client.prewarm(manifest, [])
+                if key not in node.pinned.snapshot_keys:
+                    node.pinned.snapshot_keys.append(key)
+            except ThawError as exc:  # e.g. bigger than the tier: stays on disk
+                log.info("snapshot not kept in pinned memory", node=node.id,
+                         snapshot=manifest.function, reason=str(exc))
+            finally:
+                node.prewarming.discard(key)
+
+        self._spawn(prewarm())
+
     async def prewarm(self, tenant: str, name: str, node_id: str = ""
                       ) -> tuple[list[str], int, float]:
         """Move a function's snapshot into nodes' pinned tiers (no GPU memory)."""
@@ -823,8 +846,9 @@ class ControlPlane:
                 node.starts_in_flight -= 1
                 node.starting_ids.discard(instance_id)
         start = "restore" if resp.kind == agent_pb2.START_RESTORE else "fresh"
-        if start == "restore" and fn.snapshot_id:
+        if start == "restore" and fn.snapshot_id and manifest is not None:
             holders.add(node.id)  # it fetched the chunks it lacked
+            self._keep_pinned(node, manifest)
         await self.store.run(self.store.add_instance, instance_id, fn.id, fn.version, node.id,
                              start)
         inst = InstanceView(id=instance_id, function_id=fn.id, version=fn.version,

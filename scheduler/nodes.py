@@ -91,6 +91,8 @@ class NodeView:
     """Instances whose start RPC is in flight (the node already lists them)."""
     starts_in_flight: int = 0
     cordoned: bool = False
+    prewarming: set[str] = field(default_factory=set)
+    """Snapshot keys being loaded into this node's pinned tier now."""
     telemetry: agent_pb2.NodeTelemetry = field(default_factory=agent_pb2.NodeTelemetry)
     """CPU, RAM and per-instance memory from the node's last heartbeat."""
     disk_bytes: int = 0

@@ -165,3 +165,12 @@ def test_a_copy_of_running_code_builds_in_its_template_without_imports(
     # setup() of the copy ran in a child forked from the template that had already
     # imported the module, not in a process that imported it itself.
     assert body["imported_at_setup"] != body["setup_pid"]
+
+
+def test_a_restored_snapshot_is_kept_in_the_nodes_pinned_tier(two_nodes: RunningPlatform) -> None:
+    p = two_nodes
+    assert p.deploy(FIXTURES / "weights").json()["state"] == "ready"
+    node = p.invoke("weights").headers["X-Thaw-Node"]
+    wait_for(lambda: nodes(p)[node]["pinned"]["snapshots"] == 1
+             and nodes(p)[node]["pinned"]["used_bytes"] >= 16 * 1024 * 1024,
+             "the prewarm policy")
