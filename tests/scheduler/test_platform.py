@@ -151,6 +151,9 @@ def test_an_agent_killed_under_load_is_written_off_and_requests_move_on(
         first = http.post("/fn/dev/sleepy", json={"seconds": 0})
         assert first.status_code == 200 and first.headers["X-Thaw-Node"] != builder
         http.post(f"/v1/nodes/{builder}/uncordon").raise_for_status()
+        # Both nodes hold it in their pinned tier too, so neither is nearer (placement
+        # prefers a pinned copy) and instances spread over both.
+        assert len(http.post("/v1/functions/sleepy/prewarm").json()["nodes"]) == 2
         threads = [threading.Thread(target=worker, daemon=True) for _ in range(24)]
         for thread in threads:
             thread.start()
