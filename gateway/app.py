@@ -1,100 +1,140 @@
-"""The HTTP edge (DESIGN.md §9): function URLs, the management API, auth, metrics.
+"""The HTTP edge (DESIGN.md §9): function URLs, the OpenAI-compatible routes, the
+management API, auth, metrics, the OpenAPI document.
 
-Stateless: every decision that needs state is the scheduler's (Acquire/Release).
+Stateless as far as the platform goes: placement is the scheduler's (Acquire/Release).
+What it holds in memory (rate buckets, queue depths, circuit breakers, leases kept a
+moment for the next call) is per replica; see gateway/config.py.
 """
 
 from __future__ import annotations
 
-import hashlib
+import asyncio
+import contextlib
 import json
+import os
+import re
 import time
-import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import structlog
 from aiohttp import web
-from cachetools import TTLCache
+from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from thaw.core.config import GatewayConfig
-from thaw.core.errors import (
-    InstanceFailed,
-    InvalidBundle,
-    NotFound,
-    PermissionDenied,
-    ThawError,
-    Unauthenticated,
-)
+from thaw.core.errors import InvalidBundle, ThawError
+from thaw.gateway import openai_api
+from thaw.gateway.admission import FunctionQueues
+from thaw.gateway.auth import Authenticator, require
+from thaw.gateway.breaker import Breakers, BreakerState
+from thaw.gateway.config import GatewaySettings
+from thaw.gateway.dispatch import Dispatcher
 from thaw.gateway.errors import error_body, error_response
+from thaw.gateway.invoke import invoke
+from thaw.gateway.leases import LeasePool
 from thaw.gateway.metrics import GatewayMetrics
+from thaw.gateway.nodeclient import NodeClient
+from thaw.gateway.openapi import openapi_view
+from thaw.gateway.ratelimit import KeyRateLimiter
 from thaw.gateway.scheduler_client import SchedulerClient
-from thaw.proto import agent_pb2, scheduler_pb2
+from thaw.gateway.state import (
+    CONFIG_KEY,
+    ERROR_CODE_KEY,
+    FUNCTION_KEY,
+    GATEWAY_KEY,
+    METRICS_KEY,
+    RECEIVED_KEY,
+    REQUEST_ID_KEY,
+    START_KEY,
+    Gateway,
+)
+from thaw.proto import scheduler_pb2
 
 log = structlog.get_logger()
 
-CONFIG_KEY = web.AppKey("config", GatewayConfig)
-SCHEDULER_KEY = web.AppKey("scheduler", SchedulerClient)
-HTTP_KEY = web.AppKey("http", aiohttp.ClientSession)
-METRICS_KEY = web.AppKey("metrics", GatewayMetrics)
-AUTH_CACHE_KEY = web.AppKey("auth_cache", TTLCache)
-# A key revoked at the scheduler stops working within this many seconds.
-AUTH_CACHE_SECONDS = 10.0
 # Longest an invocation waits for placement (queue + cold start) before 504.
 ACQUIRE_WAIT_SECONDS = 600.0
+# A node's data plane that does not accept a connection within this is unreachable.
+CONNECT_TIMEOUT_SECONDS = 5.0
+# How long shutdown waits for background work (lease releases, answers still being
+# read after a client's deadline) before cancelling it.
+CLOSE_GRACE_SECONDS = 5.0
 STATIC = Path(__file__).parent / "static"
-START_NAMES = {agent_pb2.START_UNSPECIFIED: "warm", agent_pb2.START_RESTORE: "restore",
-               agent_pb2.START_FRESH: "fresh"}
-# Data-plane answers after which the instance is gone (crashed, hung and killed, out of
-# memory and exited): the lease is released as failed so it is never reused.
-INSTANCE_LOST_STATUSES = (502, 504, 507)
-PASSTHROUGH_RESPONSE_HEADERS = ("Content-Type", "X-Thaw-Instance")
+SCHEDULER_OVERRIDE_KEY = web.AppKey("scheduler_override", SchedulerClient)
+# A client's X-Request-ID is kept only if it is this tame (it goes into every log line).
+REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
 # ---- middlewares ---------------------------------------------------------------
+
+def _request_id(request: web.Request) -> str:
+    given = request.headers.get("X-Request-ID", "")
+    return given if REQUEST_ID_PATTERN.match(given) else os.urandom(16).hex()
+
 
 @web.middleware
 async def errors_middleware(request: web.Request,
                             handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                             ) -> web.StreamResponse:
-    request_id = request.headers.get("X-Request-ID") or uuid.uuid4().hex
-    request["request_id"] = request_id
+    started = time.perf_counter()
+    request[RECEIVED_KEY] = asyncio.get_running_loop().time()
+    request_id = request[REQUEST_ID_KEY] = _request_id(request)
     structlog.contextvars.bind_contextvars(request_id=request_id)
+    code = ""
     try:
-        response = await handler(request)
-    except ThawError as exc:
-        response = error_response(exc)
-    except web.HTTPException as exc:
-        if exc.status < 400:
+        try:
+            response = await handler(request)
+        except ThawError as exc:
+            code = exc.code
+            response = error_response(exc)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            code = exc.reason.lower().replace(" ", "_")
+            response = web.json_response(error_body(code, exc.text or exc.reason),
+                                         status=exc.status)
+        except (asyncio.CancelledError, ConnectionError):
             raise
-        response = web.json_response(error_body(exc.reason.lower().replace(" ", "_"),
-                                                exc.text or exc.reason), status=exc.status)
+        except Exception as exc:
+            # A bug: the client still gets the error format, the log the traceback.
+            log.exception("unhandled error", method=request.method, path=request.path)
+            code = "internal"
+            response = web.json_response(
+                error_body(code, f"internal error: {type(exc).__name__}"), status=500)
+        if not response.prepared:
+            response.headers["X-Request-ID"] = request_id
+        _observe(request, response.status, code or request.get(ERROR_CODE_KEY, ""), started)
+        return response
     finally:
         structlog.contextvars.unbind_contextvars("request_id")
-    if not response.prepared:
-        response.headers["X-Request-ID"] = request_id
-    return response
+
+
+def _observe(request: web.Request, status: int, code: str, started: float) -> None:
+    metrics = request.app[METRICS_KEY]
+    function = request.get(FUNCTION_KEY)
+    if function is not None:
+        metrics.count_invocation(function, request.get(START_KEY, "none"), status)
+        metrics.observe_stage("total", time.perf_counter() - started)
+    if code:
+        metrics.errors.labels(code).inc()
+    elapsed_ms = round((time.perf_counter() - started) * 1000, 3)
+    if status >= 500:
+        log.warning("request", method=request.method, path=request.path, status=status,
+                    code=code, ms=elapsed_ms)
+    elif status >= 400 or code:
+        log.info("request", method=request.method, path=request.path, status=status,
+                 code=code, ms=elapsed_ms)
+    else:
+        log.debug("request", method=request.method, path=request.path, status=status,
+                  ms=elapsed_ms)
 
 
 async def principal(request: web.Request) -> scheduler_pb2.Principal:
-    header = request.headers.get("Authorization", "")
-    scheme, _, key = header.partition(" ")
-    if scheme.lower() != "bearer" or not key.strip():
-        raise Unauthenticated("missing API key: send 'Authorization: Bearer <key>'")
-    digest = hashlib.sha256(key.strip().encode()).hexdigest()
-    cache: TTLCache[str, scheduler_pb2.Principal] = request.app[AUTH_CACHE_KEY]
-    found = cache.get(digest)
-    if found is None:
-        found = await request.app[SCHEDULER_KEY].authenticate(digest)
-        cache[digest] = found
-    return found
-
-
-def require(p: scheduler_pb2.Principal, scope: str) -> None:
-    if scope not in p.scopes and "admin" not in p.scopes:
-        raise PermissionDenied(f"this API key lacks the '{scope}' scope")
+    return await request.app[GATEWAY_KEY].auth.principal(
+        request.headers.get("Authorization", ""))
 
 
 # ---- management API ------------------------------------------------------------------
@@ -118,62 +158,75 @@ def function_json(request: web.Request, fn: scheduler_pb2.FunctionInfo) -> dict[
 async def read_bundle_upload(request: web.Request) -> bytes:
     limit = request.app[CONFIG_KEY].max_bundle_bytes
     if request.content_type.startswith("multipart/"):
-        reader = await request.multipart()
-        async for part in reader:
-            if isinstance(part, aiohttp.BodyPartReader) and part.name == "bundle":
-                data = bytearray()
-                while chunk := await part.read_chunk():
-                    data.extend(chunk)
-                    if len(data) > limit:
-                        raise InvalidBundle(f"the bundle is larger than {limit} bytes",
-                                            field="bundle")
-                return bytes(data)
-        raise InvalidBundle("multipart upload has no 'bundle' part", field="bundle")
-    data = await request.read()
-    if not data:
+        try:
+            return await _bundle_part(request, limit)
+        except (HttpProcessingError, ValueError, AssertionError) as exc:
+            # aiohttp's multipart reader raises these on a malformed body.
+            raise InvalidBundle(f"malformed multipart body: {exc}", field="bundle") from exc
+    body = await request.read()
+    if not body:
         raise InvalidBundle("send the bundle tarball as the request body", field="bundle")
-    return data
+    return body
+
+
+async def _bundle_part(request: web.Request, limit: int) -> bytes:
+    reader = await request.multipart()
+    async for part in reader:
+        if isinstance(part, aiohttp.BodyPartReader) and part.name == "bundle":
+            data = bytearray()
+            while chunk := await part.read_chunk():
+                data.extend(chunk)
+                if len(data) > limit:
+                    raise InvalidBundle(f"the bundle is larger than {limit} bytes",
+                                        field="bundle")
+            return bytes(data)
+    raise InvalidBundle("multipart upload has no 'bundle' part", field="bundle")
 
 
 async def create_function(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY_KEY]
     p = await principal(request)
     require(p, "deploy")
     bundle = await read_bundle_upload(request)
     wait = request.query.get("wait", "false").lower() in ("1", "true", "yes")
-    metrics = request.app[METRICS_KEY]
     try:
-        fn = await request.app[SCHEDULER_KEY].create_function(p.tenant, bundle, wait)
+        fn = await gw.scheduler.create_function(p.tenant, bundle, wait)
     except ThawError:
-        metrics.deploys.labels("rejected").inc()
+        gw.metrics.deploys.labels("rejected").inc()
         raise
-    metrics.deploys.labels(fn.state).inc()
+    gw.metrics.deploys.labels(fn.state).inc()
+    gw.leases.forget_function(f"{fn.tenant}/{fn.name}")
     body = function_json(request, fn)
     return web.json_response(body, status=201, headers={"Location": f"/v1/functions/{fn.name}"})
 
 
 async def list_functions(request: web.Request) -> web.Response:
     p = await principal(request)
-    fns = await request.app[SCHEDULER_KEY].list_functions(p.tenant)
+    fns = await request.app[GATEWAY_KEY].scheduler.list_functions(p.tenant)
     return web.json_response({"functions": [function_json(request, f) for f in fns]})
 
 
 async def get_function(request: web.Request) -> web.Response:
     p = await principal(request)
-    fn = await request.app[SCHEDULER_KEY].get_function(p.tenant, request.match_info["name"])
+    fn = await request.app[GATEWAY_KEY].scheduler.get_function(
+        p.tenant, request.match_info["name"])
     return web.json_response(function_json(request, fn))
 
 
 async def delete_function(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY_KEY]
     p = await principal(request)
     require(p, "deploy")
-    await request.app[SCHEDULER_KEY].delete_function(p.tenant, request.match_info["name"])
+    name = request.match_info["name"]
+    gw.leases.forget_function(f"{p.tenant}/{name}")
+    await gw.scheduler.delete_function(p.tenant, name)
     return web.Response(status=204)
 
 
 async def prewarm_function(request: web.Request) -> web.Response:
     p = await principal(request)
     require(p, "deploy")
-    reply = await request.app[SCHEDULER_KEY].prewarm(
+    reply = await request.app[GATEWAY_KEY].scheduler.prewarm(
         p.tenant, request.match_info["name"], request.query.get("node", ""))
     return web.json_response({"nodes": list(reply.node_ids), "bytes": reply.bytes,
                               "seconds": reply.seconds})
@@ -182,7 +235,7 @@ async def prewarm_function(request: web.Request) -> web.Response:
 async def evict_function(request: web.Request) -> web.Response:
     p = await principal(request)
     require(p, "deploy")
-    reply = await request.app[SCHEDULER_KEY].evict(
+    reply = await request.app[GATEWAY_KEY].scheduler.evict(
         p.tenant, request.match_info["name"], request.query.get("node", ""))
     return web.json_response({"nodes": list(reply.node_ids), "bytes": reply.bytes})
 
@@ -202,96 +255,16 @@ def node_json(node: scheduler_pb2.NodeInfo) -> dict[str, Any]:
 
 async def list_nodes(request: web.Request) -> web.Response:
     require(await principal(request), "admin")
-    nodes = await request.app[SCHEDULER_KEY].list_nodes()
+    nodes = await request.app[GATEWAY_KEY].scheduler.list_nodes()
     return web.json_response({"nodes": [node_json(n) for n in nodes]})
 
 
 async def cordon_node(request: web.Request) -> web.Response:
     require(await principal(request), "admin")
     cordoned = request.match_info["action"] == "cordon"
-    node = await request.app[SCHEDULER_KEY].cordon(request.match_info["node"], cordoned)
+    node = await request.app[GATEWAY_KEY].scheduler.cordon(request.match_info["node"],
+                                                           cordoned)
     return web.json_response(node_json(node))
-
-
-# ---- invocation ------------------------------------------------------------------------
-
-def server_timing(stages: list[tuple[str, float]], upstream: str | None) -> str:
-    parts = [f"{name};dur={seconds * 1000:.2f}" for name, seconds in stages]
-    if upstream:
-        parts.append(upstream)
-    return ", ".join(parts)
-
-
-async def invoke(request: web.Request) -> web.StreamResponse:
-    started = time.perf_counter()
-    tenant, name = request.match_info["tenant"], request.match_info["name"]
-    p = await principal(request)
-    require(p, "invoke")
-    if p.tenant != tenant:
-        # Not 403: another tenant's function names are not disclosed.
-        raise NotFound(f"function {tenant}/{name} not found", field="name")
-    config = request.app[CONFIG_KEY]
-    if request.content_length is not None and request.content_length > config.max_body_bytes:
-        raise web.HTTPRequestEntityTooLarge(max_size=config.max_body_bytes,
-                                            actual_size=request.content_length)
-    body = await request.read()
-    scheduler = request.app[SCHEDULER_KEY]
-    metrics = request.app[METRICS_KEY]
-    lease = await scheduler.acquire(tenant, name, ACQUIRE_WAIT_SECONDS)
-    start = START_NAMES.get(lease.start, "warm")
-    if start != "warm":
-        metrics.cold_starts.labels(start).inc()
-    stages = [(t.stage, t.seconds) for t in lease.timings]
-    placed = time.perf_counter()
-    failed, reason = False, ""
-    status = 500
-    try:
-        tail = request.match_info.get("tail", "")
-        url = f"{lease.data_url}/v1/instances/{lease.instance_id}/invoke" + (
-            f"/{tail}" if tail else "")
-        headers = {h: request.headers[h] for h in ("Content-Type", "Accept")
-                   if h in request.headers}
-        headers["X-Request-ID"] = request["request_id"]
-        try:
-            async with request.app[HTTP_KEY].post(url, data=body, headers=headers) as upstream:
-                status = upstream.status
-                if status in INSTANCE_LOST_STATUSES:
-                    failed, reason = True, f"instance failed while serving ({status})"
-                out = web.StreamResponse(status=status)
-                for h in PASSTHROUGH_RESPONSE_HEADERS:
-                    if h in upstream.headers:
-                        out.headers[h] = upstream.headers[h]
-                out.headers["X-Thaw-Start"] = start
-                out.headers["X-Thaw-Node"] = lease.node_id
-                out.headers["X-Request-ID"] = request["request_id"]
-                upstream_timing = upstream.headers.get("Server-Timing")
-                if upstream.content_length is not None:
-                    payload = await upstream.read()
-                    stages_all = [*stages, ("total", time.perf_counter() - started)]
-                    out.headers["Server-Timing"] = server_timing(stages_all, upstream_timing)
-                    out.content_length = len(payload)
-                    await out.prepare(request)
-                    await out.write(payload)
-                else:
-                    out.headers["Server-Timing"] = server_timing(stages, upstream_timing)
-                    await out.prepare(request)
-                    async for chunk in upstream.content.iter_any():
-                        await out.write(chunk)
-                await out.write_eof()
-        except (aiohttp.ClientError, ConnectionError) as exc:
-            failed, reason = True, f"node {lease.node_id} unreachable: {exc}"
-            raise InstanceFailed(f"the instance's node could not be reached: {exc}") from exc
-        return out
-    finally:
-        run = time.perf_counter() - placed
-        metrics.stage_seconds.labels("run").observe(run)
-        for stage, seconds in stages:
-            metrics.stage_seconds.labels(stage).observe(seconds)
-        metrics.invocations.labels(f"{tenant}/{name}", start, str(status)).inc()
-        try:
-            await scheduler.release(lease.lease_id, failed, reason)
-        except ThawError as exc:
-            log.warning("release failed", lease=lease.lease_id, error=str(exc))
 
 
 # ---- health, metrics, dashboard ---------------------------------------------------------
@@ -301,7 +274,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    if await request.app[SCHEDULER_KEY].ready():
+    if await request.app[GATEWAY_KEY].scheduler.ready():
         return web.json_response({"status": "ready"})
     return web.json_response(error_body("unavailable", "scheduler is not reachable"),
                              status=503)
@@ -316,28 +289,59 @@ async def index(request: web.Request) -> web.FileResponse:
     return web.FileResponse(STATIC / "index.html")
 
 
-async def _clients(app: web.Application):  # type: ignore[no-untyped-def]
-    app[SCHEDULER_KEY] = SchedulerClient(app[CONFIG_KEY].scheduler_address)
-    app[HTTP_KEY] = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=None),
-        timeout=aiohttp.ClientTimeout(total=None), auto_decompress=False)
+# ---- lifecycle ---------------------------------------------------------------------------
+
+async def _components(app: web.Application) -> AsyncIterator[None]:
+    config, metrics = app[CONFIG_KEY], app[METRICS_KEY]
+    scheduler = app.get(SCHEDULER_OVERRIDE_KEY) or SchedulerClient(config.scheduler_address)
+    nodes = NodeClient(CONNECT_TIMEOUT_SECONDS)
+
+    def breaker_changed(kind: str, name: str, state: BreakerState) -> None:
+        metrics.set_breaker_state(kind, name, state.value)
+        log.warning("circuit " + state.value.replace("_", "-"), kind=kind, name=name)
+
+    leases = LeasePool(scheduler, config.lease_linger, config.lease_max_age)
+    dispatcher = Dispatcher(
+        leases, nodes, FunctionQueues(config.queue_high_water, config.queue_low_water,
+                                     metrics.set_queue_depth),
+        Breakers("function", config.breaker_failures, config.breaker_cooldown,
+                 on_change=breaker_changed),
+        Breakers("node", config.breaker_failures, config.breaker_cooldown,
+                 on_change=breaker_changed),
+        metrics, ACQUIRE_WAIT_SECONDS)
+    app[GATEWAY_KEY] = Gateway(
+        config=config, metrics=metrics, scheduler=scheduler, nodes=nodes,
+        auth=Authenticator(scheduler),
+        limiter=KeyRateLimiter(config.rate_limit_rpm, config.rate_limit_burst),
+        leases=leases, dispatcher=dispatcher)
+    reaper = asyncio.get_running_loop().create_task(leases.reap_forever())
     yield
-    await app[HTTP_KEY].close()
-    await app[SCHEDULER_KEY].close()
+    reaper.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await reaper
+    await leases.close(CLOSE_GRACE_SECONDS)
+    await nodes.close()
+    await scheduler.close()
 
 
-def make_app(config: GatewayConfig, metrics: GatewayMetrics | None = None) -> web.Application:
-    app = web.Application(middlewares=[errors_middleware],
-                          client_max_size=max(config.max_body_bytes, config.max_bundle_bytes))
-    app[CONFIG_KEY] = config
+def make_app(config: GatewayConfig, metrics: GatewayMetrics | None = None,
+             scheduler: SchedulerClient | None = None) -> web.Application:
+    """`scheduler`: a stand-in for tests; by default a client of config's address."""
+    settings = GatewaySettings.of(config)
+    app = web.Application(
+        middlewares=[errors_middleware],
+        client_max_size=max(settings.max_body_bytes, settings.max_bundle_bytes))
+    app[CONFIG_KEY] = settings
     app[METRICS_KEY] = metrics or GatewayMetrics()
-    app[AUTH_CACHE_KEY] = TTLCache(maxsize=10_000, ttl=AUTH_CACHE_SECONDS)
-    app.cleanup_ctx.append(_clients)
+    if scheduler is not None:
+        app[SCHEDULER_OVERRIDE_KEY] = scheduler
+    app.cleanup_ctx.append(_components)
     r = app.router
     r.add_get("/", index)
     r.add_get("/healthz", healthz)
     r.add_get("/readyz", readyz)
     r.add_get("/metrics", metrics_view)
+    r.add_get("/openapi.json", openapi_view)
     r.add_post("/v1/functions", create_function)
     r.add_get("/v1/functions", list_functions)
     r.add_get("/v1/functions/{name}", get_function)
@@ -346,6 +350,7 @@ def make_app(config: GatewayConfig, metrics: GatewayMetrics | None = None) -> we
     r.add_post("/v1/functions/{name}/evict", evict_function)
     r.add_get("/v1/nodes", list_nodes)
     r.add_post("/v1/nodes/{node}/{action:cordon|uncordon}", cordon_node)
+    openai_api.add_routes(app)
     r.add_post("/fn/{tenant}/{name}", invoke)
-    r.add_post("/fn/{tenant}/{name}/{tail:.*}", invoke)
+    r.add_post("/fn/{tenant}/{name}/{path:.*}", invoke)
     return app

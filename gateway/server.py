@@ -13,10 +13,14 @@ from thaw.core.config import GatewayConfig
 from thaw.gateway.app import make_app
 
 log = structlog.get_logger()
+# On SIGTERM, requests still running (long streams) get this long before their
+# connections are closed; `thaw up` waits longer than this (ops/services.py
+# SHUTDOWN_GRACE_SECONDS) before it kills the gateway.
+SHUTDOWN_SECONDS = 10.0
 
 
 async def serve(config: GatewayConfig, port_file: Path | None = None) -> None:
-    runner = web.AppRunner(make_app(config), access_log=None)
+    runner = web.AppRunner(make_app(config), access_log=None, shutdown_timeout=SHUTDOWN_SECONDS)
     await runner.setup()
     site = web.TCPSite(runner, config.gateway_host, config.gateway_port)
     await site.start()

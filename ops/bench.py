@@ -11,7 +11,8 @@ from thaw.core.units import parse_size
 
 @click.group()
 def bench() -> None:
-    """Measure restore bandwidth and cold starts (figures side by side, one run)."""
+    """Measure restore bandwidth, cold starts and the platform's overhead (figures side by
+    side, one run)."""
 
 
 @bench.command()
@@ -35,3 +36,19 @@ def coldstart(function: str, rounds: int, as_json: bool) -> None:
     from thaw.bench.coldstart import run_coldstart_bench
 
     click.echo(json.dumps(run_coldstart_bench(function, rounds)))
+
+
+@bench.command()
+@click.option("--requests", default=5000, show_default=True,
+              help="Timed calls of each kind (direct, through the platform), one at a time.")
+@click.option("--concurrency", default=64, show_default=True,
+              help="Clients calling at once for the throughput figure.")
+@click.option("--duration", default=10.0, show_default=True,
+              help="Seconds of the throughput measurement.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (the only format for now).")
+def overhead(requests: int, concurrency: int, duration: float, as_json: bool) -> None:
+    """What gateway -> agent -> instance adds to a warm null call, vs the instance's
+    own unix socket; and calls per second with many clients."""
+    from thaw.bench.overhead import run_overhead_bench
+
+    click.echo(json.dumps(run_overhead_bench(requests, concurrency, duration)))

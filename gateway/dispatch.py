@@ -1,0 +1,457 @@
+"""One invocation's way through the gateway: admission (circuit breakers, the
+function's queue bound), an instance lease, the request to the node's data plane, and
+the outcome (lease kept or released, breakers and metrics told).
+
+The route handlers (invoke.py, openai_api.py) open an Exchange and decide how to
+answer the client from it; the Exchange settles the lease exactly once.
+
+The client's own deadline (X-Thaw-Timeout) covers the wait for an instance and the
+answer. When it passes the client gets 504 at once, but the work already started is
+not abandoned halfway: a lease still being acquired is kept for the next call when it
+arrives, and a handler still running keeps its lease until it answers (its slot on the
+instance is busy until then; the function's own timeout bounds it). A stream is cut
+instead: the generator is closed at its next item.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import enum
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from types import TracebackType
+
+import structlog
+
+from thaw.core.errors import DeadlineExceeded, InstanceFailed, SnapshotError, ThawError
+from thaw.gateway.admission import FunctionQueues
+from thaw.gateway.breaker import Breakers, Permit
+from thaw.gateway.errors import CircuitOpen, InstanceBusy
+from thaw.gateway.leases import LeasePool
+from thaw.gateway.metrics import GatewayMetrics
+from thaw.gateway.nodeclient import NodeAnswer, NodeClient
+from thaw.proto import agent_pb2, scheduler_pb2
+
+log = structlog.get_logger()
+
+START_NAMES = {agent_pb2.START_UNSPECIFIED: "warm", agent_pb2.START_RESTORE: "restore",
+               agent_pb2.START_FRESH: "fresh"}
+# Data-plane answers after which the instance is gone (crashed, hung and killed, out of
+# memory and exited): the lease is released as failed so it is never reused.
+INSTANCE_LOST_STATUSES = frozenset((502, 504, 507))
+# Refusals by the data plane before the handler ran (platform/dataplane.py): the
+# instance left (503) or is full (429, a slot the scheduler thought free). Safe to
+# retry once on a fresh lease; their bodies are small JSON.
+REFUSAL_STATUSES = frozenset((429, 503))
+REFUSAL_CODES = frozenset(("instance_unavailable", "instance_busy"))
+# A slot can stay busy on the node a moment after the scheduler freed it (the node
+# finishes a call whose client left): retries back off from this, doubling, this often.
+BUSY_RETRY_SECONDS = 0.05
+REFUSAL_RETRIES = 5
+# Answers up to this size with a Content-Length are read whole and sent in one write;
+# larger ones are relayed as they arrive.
+BUFFER_MAX_BYTES = 1024 * 1024
+# Request headers the handler sees (the data plane passes the same ones on).
+FORWARDED_HEADERS = ("Content-Type", "Accept")
+# The node ends every call within the function's timeout (it kills the handler then);
+# past that plus this grace the gateway stops waiting for the node's answer, so a
+# node that never ends a response cannot hold a client (or a shutdown) forever.
+NODE_GRACE_SECONDS = 5.0
+
+
+class StreamBroken(InstanceFailed):
+    """The node's answer broke off midway (the node or instance went away)."""
+
+    code = "instance_failed"
+
+
+class NodeUnreachable(InstanceFailed):
+    """The node's data plane could not be reached (a node failure, not the function's)."""
+
+    code = "node_unreachable"
+
+
+# Errors of placement or of the call that say the function itself is broken (its
+# instances crash, hang, or fail to start); they count against its circuit.
+FUNCTION_FAILURES = (InstanceFailed, SnapshotError)
+
+
+@dataclass(frozen=True)
+class Call:
+    """What the client asked for, once authenticated and read."""
+
+    tenant: str
+    name: str
+    path: str
+    """Sub-path after the function, with its leading slash ("/v1/embeddings"), or ""."""
+    body: bytes
+    headers: dict[str, str]
+    request_id: str
+    timeout: float | None = None
+    """The client's own deadline (X-Thaw-Timeout), seconds from `received`."""
+    received: float = 0.0
+    """Loop time the request arrived."""
+
+    @property
+    def function(self) -> str:
+        return f"{self.tenant}/{self.name}"
+
+    @property
+    def deadline(self) -> float | None:
+        return None if self.timeout is None else self.received + self.timeout
+
+    def remaining(self) -> float | None:
+        deadline = self.deadline
+        return None if deadline is None else deadline - asyncio.get_running_loop().time()
+
+    def deadline_error(self, while_: str) -> DeadlineExceeded:
+        return DeadlineExceeded(
+            f"the request's deadline (X-Thaw-Timeout: {self.timeout:g}s) passed {while_}",
+            field="X-Thaw-Timeout")
+
+
+class Settlement(enum.Enum):
+    """How an exchange ended, for the lease and the breakers."""
+
+    ANSWERED = "answered"
+    """The node answered in full: the status says whether the instance is fine."""
+    ABORTED = "aborted"
+    """The client left or its deadline passed midway: no verdict; lease released."""
+    BROKEN = "broken"
+    """The answer broke off: the instance is suspect; lease released as failed."""
+
+
+class Exchange:
+    """An upstream answer whose head has arrived; the body is read or streamed."""
+
+    def __init__(self, dispatcher: Dispatcher, call: Call, lease: scheduler_pb2.Lease,
+                 upstream: NodeAnswer, start: str,
+                 stages: list[tuple[str, float]], function_permit: Permit | None,
+                 node_permit: Permit | None, started: float, sent: float) -> None:
+        self.dispatcher = dispatcher
+        self.call = call
+        self.lease = lease
+        self.upstream = upstream
+        self.start = start
+        self.stages = stages
+        self.function_permit = function_permit
+        self.node_permit = node_permit
+        self.started = started
+        """perf_counter when the call was admitted (Server-Timing's total)."""
+        self.sent = sent
+        """perf_counter when the request went to the node (the "run" stage)."""
+        self.settled = False
+        self.give_up_at = node_give_up_at(lease)
+
+    @property
+    def status(self) -> int:
+        return self.upstream.status
+
+    @property
+    def content_type(self) -> str:
+        return self.upstream.headers.get("Content-Type", "")
+
+    @property
+    def buffered(self) -> bool:
+        """A complete answer of known, modest size (not a stream)."""
+        length = self.upstream.content_length
+        return length is not None and length <= BUFFER_MAX_BYTES
+
+    async def read(self) -> bytes:
+        """The whole answer; past the client's deadline, 504 now and the lease is
+        settled when the handler answers."""
+        if self.buffered:  # read with the head (Dispatcher._post): no wait, no I/O
+            return await self.upstream.read()
+        remaining = self.call.remaining()
+        if remaining is None:
+            return await self._read_all()
+        task = asyncio.get_running_loop().create_task(self._read_all())
+        done, _ = await asyncio.wait({task}, timeout=max(remaining, 0.0))
+        if done:
+            return task.result()
+        self.settled = True
+        self.dispatcher.leases.spawn(self._settle_when_read(task))
+        raise self.call.deadline_error("while the function ran")
+
+    async def _read_all(self) -> bytes:
+        try:
+            async with asyncio.timeout_at(self.give_up_at):
+                return await self.upstream.read()
+        except TimeoutError:
+            raise self._overdue() from None
+        except ConnectionError as exc:
+            raise StreamBroken(f"the node's answer broke off: {exc}") from exc
+
+    def _overdue(self) -> StreamBroken:
+        return StreamBroken(
+            f"the node's answer did not end within the function's timeout "
+            f"({self.lease.timeout_seconds:g}s) and {NODE_GRACE_SECONDS:g}s more")
+
+    async def _settle_when_read(self, task: asyncio.Task[bytes]) -> None:
+        try:
+            await task
+        except ThawError:
+            self._settle_now(Settlement.BROKEN)
+        else:
+            self._settle_now(Settlement.ANSWERED)
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The answer as it arrives. Raises StreamBroken or DeadlineExceeded."""
+        client_deadline = self.call.deadline
+        deadline = self.give_up_at
+        if client_deadline is not None and (deadline is None or client_deadline < deadline):
+            deadline = client_deadline
+        while True:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    chunk = await self.upstream.readany()
+            except TimeoutError:
+                if deadline == client_deadline:
+                    raise self.call.deadline_error("while the answer streamed") from None
+                raise self._overdue() from None
+            except ConnectionError as exc:
+                raise StreamBroken(f"the node's answer broke off: {exc}") from exc
+            if not chunk:
+                return
+            yield chunk
+
+    def server_timing(self, upstream_timing: bool = True, total: bool = False) -> str:
+        parts = [f"{name};dur={seconds * 1000:.2f}" for name, seconds in self.stages]
+        timing = self.upstream.headers.get("Server-Timing") if upstream_timing else None
+        if timing:
+            parts.append(timing)
+        if total:
+            elapsed = time.perf_counter() - self.started
+            parts.append(f"total;dur={elapsed * 1000:.2f}")
+        return ", ".join(parts)
+
+    def settle(self, how: Settlement) -> None:
+        """Settle the lease and tell the breakers; idempotent."""
+        if self.settled:
+            return
+        self.settled = True
+        self._settle_now(how)
+
+    def _settle_now(self, how: Settlement) -> None:
+        d = self.dispatcher
+        function, node = self.call.function, self.lease.node_id
+        status = self.upstream.status
+        d.node_breakers.record(node, self.node_permit, True)
+        if how is Settlement.ANSWERED and status in INSTANCE_LOST_STATUSES:
+            how = Settlement.BROKEN
+        if how is Settlement.BROKEN:
+            self.upstream.close()
+            d.function_breakers.record(function, self.function_permit, False)
+            d.lost(self.lease, f"instance failed while serving ({status})")
+        elif how is Settlement.ABORTED:
+            self.upstream.close()
+            d.function_breakers.record(function, self.function_permit, None)
+            d.leases.release_soon(self.lease)
+        else:
+            # Back to the pool if the body was read to its end, else closed.
+            self.upstream.release()
+            d.function_breakers.record(function, self.function_permit, True)
+            d.leases.done_with(function, self.lease)
+        d.metrics.observe_stage("run", time.perf_counter() - self.sent)
+
+    async def __aenter__(self) -> Exchange:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        if exc is None:
+            self.settle(Settlement.ANSWERED)
+        elif isinstance(exc, StreamBroken):
+            self.settle(Settlement.BROKEN)
+        else:
+            self.settle(Settlement.ABORTED)
+
+
+def node_give_up_at(lease: scheduler_pb2.Lease) -> float | None:
+    if lease.timeout_seconds <= 0:
+        return None
+    return asyncio.get_running_loop().time() + lease.timeout_seconds + NODE_GRACE_SECONDS
+
+
+class Dispatcher:
+    def __init__(self, leases: LeasePool, nodes: NodeClient, queues: FunctionQueues,
+                 function_breakers: Breakers, node_breakers: Breakers,
+                 metrics: GatewayMetrics, acquire_wait: float) -> None:
+        self.leases = leases
+        self.nodes = nodes
+        self.queues = queues
+        self.function_breakers = function_breakers
+        self.node_breakers = node_breakers
+        self.metrics = metrics
+        self.acquire_wait = acquire_wait
+
+    def lost(self, lease: scheduler_pb2.Lease, reason: str) -> None:
+        self.leases.release_soon(lease, failed=True, reason=reason)
+        self.leases.forget_instance(lease.instance_id)
+
+    async def open(self, call: Call) -> Exchange:
+        """Admit the call, lease an instance and send the request; the answer's head
+        has arrived when this returns. Raises ThawError for every refusal."""
+        started = time.perf_counter()
+        function_permit = self.function_breakers.allow(call.function)
+        try:
+            lease, start, stages = await self._lease(call, reuse=True)
+            exchange = await self._send(call, lease, start, stages, function_permit, started)
+            for attempt in range(REFUSAL_RETRIES + 1):
+                if exchange.status not in REFUSAL_STATUSES:
+                    break
+                code = await self._refusal_code(exchange)
+                if code is None:
+                    break
+                self._settle_refusal(exchange, code)
+                delay = BUSY_RETRY_SECONDS * 2 ** attempt if code == "instance_busy" else 0.0
+                remaining = call.remaining()
+                if attempt == REFUSAL_RETRIES or (remaining is not None
+                                                  and remaining <= delay):
+                    raise InstanceBusy(
+                        f"the instances of {call.function} are busy on their node; "
+                        "retry shortly", retry_after=1.0)
+                await asyncio.sleep(delay)
+                lease, start, stages = await self._lease(call, reuse=False)
+                exchange = await self._send(call, lease, start, stages, function_permit,
+                                            started)
+            log.debug("dispatched", function=call.function, node=lease.node_id,
+                      instance=lease.instance_id, start=start)
+            return exchange
+        except BaseException as exc:
+            failed = isinstance(exc, FUNCTION_FAILURES) and not isinstance(exc, NodeUnreachable)
+            self.function_breakers.record(call.function, function_permit,
+                                          False if failed else None)
+            raise
+
+    async def _lease(self, call: Call, reuse: bool
+                     ) -> tuple[scheduler_pb2.Lease, str, list[tuple[str, float]]]:
+        if reuse:
+            kept = self.leases.take_idle(call.function)
+            if kept is not None:
+                self.metrics.lease_reuses.inc()
+                return kept, "warm", [("queue", 0.0)]
+        queued = time.perf_counter()
+        with self.queues.waiting(call.function):
+            remaining = call.remaining()
+            if remaining is not None and remaining <= 0:
+                raise call.deadline_error("before an instance was requested")
+            wait = self.acquire_wait if remaining is None else min(self.acquire_wait,
+                                                                   remaining)
+            try:
+                lease, handed_off = await self.leases.obtain(call.function, call.tenant,
+                                                             call.name, wait, remaining)
+            except TimeoutError:
+                raise call.deadline_error("while waiting for an instance") from None
+        if handed_off:
+            self.metrics.lease_reuses.inc()
+            return lease, "warm", [("queue", time.perf_counter() - queued)]
+        start = START_NAMES.get(lease.start, "warm")
+        if start != "warm":
+            self.metrics.cold_starts.labels(start).inc()
+        stages = [(t.stage, t.seconds) for t in lease.timings]
+        for stage, seconds in stages:
+            self.metrics.observe_stage(stage, seconds)
+        return lease, start, stages
+
+    async def _send(self, call: Call, lease: scheduler_pb2.Lease, start: str,
+                    stages: list[tuple[str, float]], function_permit: Permit | None,
+                    started: float) -> Exchange:
+        node = lease.node_id
+        try:
+            node_permit = self.node_breakers.allow(node)
+        except CircuitOpen:
+            self.leases.release_soon(lease)
+            raise
+        sent = time.perf_counter()
+        url = f"{lease.data_url}/v1/instances/{lease.instance_id}/invoke{call.path}"
+        headers = {h: call.headers[h] for h in FORWARDED_HEADERS if h in call.headers}
+        headers["X-Request-ID"] = call.request_id
+        try:
+            remaining = call.remaining()
+            if remaining is None:
+                upstream = await self._post(url, call.body, headers, lease)
+            else:
+                sending = asyncio.get_running_loop().create_task(
+                    self._post(url, call.body, headers, lease))
+                done, _ = await asyncio.wait({sending}, timeout=max(remaining, 0.0))
+                if not done:
+                    self.node_breakers.record(node, node_permit, None)
+                    self.leases.spawn(self._settle_late(call, lease, sending, start, stages,
+                                                        started, sent))
+                    raise call.deadline_error("while the function ran")
+                upstream = sending.result()
+        except StreamBroken as exc:
+            self.node_breakers.record(node, node_permit, True)
+            self.lost(lease, str(exc))
+            raise
+        except (ConnectionError, OSError, TimeoutError) as exc:
+            self.node_breakers.record(node, node_permit, False)
+            why = str(exc) or "no answer within the function's timeout"
+            self.lost(lease, f"node {node} unreachable: {why}")
+            raise NodeUnreachable(f"the instance's node {node} could not be reached: "
+                                  f"{why}") from exc
+        return Exchange(self, call, lease, upstream, start, stages, function_permit,
+                        node_permit, started, sent)
+
+    async def _post(self, url: str, body: bytes, headers: dict[str, str],
+                    lease: scheduler_pb2.Lease) -> NodeAnswer:
+        """The node's answer: its head, and its body too when that is small (one
+        bounded wait for both, the common case of a warm call)."""
+        async with asyncio.timeout_at(node_give_up_at(lease)):
+            upstream = await self.nodes.post(url, body, headers)
+            length = upstream.content_length
+            if length is not None and length <= BUFFER_MAX_BYTES:
+                try:
+                    await upstream.read()
+                except ConnectionError as exc:
+                    raise StreamBroken(f"the node's answer broke off: {exc}") from exc
+            return upstream
+
+    async def _settle_late(self, call: Call, lease: scheduler_pb2.Lease,
+                           sending: asyncio.Task[NodeAnswer], start: str,
+                           stages: list[tuple[str, float]], started: float,
+                           sent: float) -> None:
+        """The client gave up before the head arrived; settle the lease when it does.
+        A stream is not read on (nobody listens): closing it stops the generator."""
+        try:
+            upstream = await sending
+        except (ConnectionError, OSError, TimeoutError) as exc:
+            self.node_breakers.record(lease.node_id, None, False)
+            self.lost(lease, f"node {lease.node_id} unreachable: {exc}")
+            return
+        exchange = Exchange(self, dataclasses.replace(call, timeout=None), lease, upstream,
+                            start, stages, None, None, started, sent)
+        if exchange.buffered:
+            try:
+                await exchange.read()
+            except ThawError:
+                exchange.settle(Settlement.BROKEN)
+                return
+            exchange.settle(Settlement.ANSWERED)
+        else:
+            exchange.settle(Settlement.ABORTED)
+
+    @staticmethod
+    async def _refusal_code(exchange: Exchange) -> str | None:
+        """The data plane's code when it refused the call before the handler ran;
+        None for any other answer (its body is read; read() returns it again)."""
+        try:
+            code = json.loads(await exchange.upstream.read())["error"]["code"]
+        except (ValueError, KeyError, TypeError, ConnectionError):
+            return None
+        return code if code in REFUSAL_CODES else None
+
+    def _settle_refusal(self, exchange: Exchange, code: str) -> None:
+        exchange.settled = True
+        exchange.upstream.release()
+        self.node_breakers.record(exchange.lease.node_id, exchange.node_permit, True)
+        if code == "instance_unavailable":
+            self.lost(exchange.lease, "the node says the instance is not serving")
+        else:
+            self.leases.release_soon(exchange.lease)
+        log.info("the node refused the call before it ran; retrying on a fresh lease",
+                 function=exchange.call.function, code=code)
