@@ -22,7 +22,8 @@ install: $(STAMP)
 up: $(STAMP)
 	$(BIN)/thaw up
 
-test: $(STAMP)
+# ruff and mypy run first: CI fails on a lint or type error as on a failing test.
+test: $(STAMP) lint
 	$(BIN)/python -m pytest -ra $(PYTEST_ARGS)
 
 lint: $(STAMP)

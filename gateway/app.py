@@ -250,6 +250,17 @@ def node_json(node: scheduler_pb2.NodeInfo) -> dict[str, Any]:
         "pinned": {"capacity_bytes": node.pinned.capacity_bytes,
                    "used_bytes": node.pinned.used_bytes, "chunks": node.pinned.chunks,
                    "snapshots": len(node.pinned.snapshot_keys)},
+        "pressure": node.pressure or "normal",
+        "pressures": [{"resource": p.resource, "level": p.level,
+                       "used_fraction": round(p.used_fraction, 4)} for p in node.pressures],
+        "telemetry": {
+            "cpu_percent": node.telemetry.cpu_percent,
+            "memory_used_bytes": node.telemetry.memory_used_bytes,
+            "memory_total_bytes": node.telemetry.memory_total_bytes,
+            "instances": [{"id": i.instance_id, "function": i.function,
+                           "rss_bytes": i.rss_bytes, "unique_bytes": i.unique_bytes,
+                           "cpu_percent": i.cpu_percent} for i in node.telemetry.instances],
+        },
     }
 
 

@@ -52,3 +52,29 @@ def overhead(requests: int, concurrency: int, duration: float, as_json: bool) ->
     from thaw.bench.overhead import run_overhead_bench
 
     click.echo(json.dumps(run_overhead_bench(requests, concurrency, duration)))
+
+
+@bench.command()
+@click.option("--functions", default=1000, show_default=True,
+              help="Functions placed (each with its own candidate list).")
+@click.option("--nodes", default=100, show_default=True, help="Nodes in the cluster.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (the only format for now).")
+def placement(functions: int, nodes: int, as_json: bool) -> None:
+    """How long one placement decision takes (the scheduler's pure choose_node)."""
+    from thaw.bench.placement import run_placement_bench
+
+    click.echo(json.dumps(run_placement_bench(functions, nodes)))
+
+
+@bench.command()
+@click.option("--function", "function", default="examples/embed", show_default=True,
+              type=click.Path(exists=True, file_okay=False), help="Bundle folder to copy.")
+@click.option("--functions", default=50, show_default=True, help="Copies deployed.")
+@click.option("--warm", default=20, show_default=True, help="Copies kept warm.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (the only format for now).")
+def density(function: str, functions: int, warm: int, as_json: bool) -> None:
+    """Memory each extra warm copy of a model adds on one node, and the time to bring
+    one more up from zero."""
+    from thaw.bench.density import run_density_bench
+
+    click.echo(json.dumps(run_density_bench(function, functions, warm)))

@@ -81,6 +81,7 @@ def test_prewarm_and_evict_move_the_snapshot_through_host_memory(
     evicted = p.http.post("/v1/functions/weights/evict").json()
     assert evicted["bytes"] >= 16 * 1024 * 1024
     wait_for(lambda: nodes(p)[node]["pinned"]["used_bytes"] == 0, "evicted")
+    assert nodes(p)[node]["pressure"] == "normal"
     # Still restorable from disk.
     resp = p.invoke("weights")
     assert resp.headers["X-Thaw-Start"] == "restore"
