@@ -46,6 +46,8 @@ INSTANCE_LOST_STATUSES = frozenset((502, 504, 507))
 # instance left (503) or is full (429, a slot the scheduler thought free). Safe to
 # retry once on a fresh lease; their bodies are small JSON.
 REFUSAL_STATUSES = frozenset((429, 503))
+# A call carrying this header may run twice: it is retried once if its node dies.
+IDEMPOTENCY_HEADER = "Idempotency-Key"
 REFUSAL_CODES = frozenset(("instance_unavailable", "instance_busy"))
 # A slot can stay busy on the node a moment after the scheduler freed it (the node
 # finishes a call whose client left): retries back off from this, doubling, this often.
@@ -299,7 +301,20 @@ class Dispatcher:
         function_permit = self.function_breakers.allow(call.function)
         try:
             lease, start, stages = await self._lease(call, reuse=True)
-            exchange = await self._send(call, lease, start, stages, function_permit, started)
+            try:
+                exchange = await self._send(call, lease, start, stages, function_permit,
+                                            started)
+            except NodeUnreachable:
+                # The node died with the call on it: the handler may or may not have
+                # run. Only a call the client marked idempotent is sent again, once,
+                # to a fresh instance (the scheduler has written that one off).
+                if IDEMPOTENCY_HEADER not in call.headers:
+                    raise
+                log.info("node lost mid-call; retrying an idempotent call",
+                         function=call.function, node=lease.node_id)
+                lease, start, stages = await self._lease(call, reuse=False)
+                exchange = await self._send(call, lease, start, stages, function_permit,
+                                            started)
             for attempt in range(REFUSAL_RETRIES + 1):
                 if exchange.status not in REFUSAL_STATUSES:
                     break

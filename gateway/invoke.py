@@ -155,7 +155,8 @@ async def invoke(request: web.Request) -> web.StreamResponse:
         raise NotFound(f"function {tenant}/{name} not found", field="name")
     timeout = client_timeout(request)
     body = await read_body(request, gw.config.max_body_bytes)
-    headers = {h: request.headers[h] for h in ("Content-Type", "Accept") if h in request.headers}
+    headers = {h: request.headers[h] for h in ("Content-Type", "Accept", "Idempotency-Key")
+               if h in request.headers}
     call = new_call(request, gw, tenant, name, forwarded_path(request), body, headers, timeout)
     request[FUNCTION_KEY] = call.function
     async with await gw.dispatcher.open(call) as ex:

@@ -101,3 +101,40 @@ def test_heartbeats_carry_telemetry_to_the_scheduler(platform: RunningPlatform) 
     assert node.telemetry.memory_total_bytes > node.telemetry.memory_used_bytes > 0
     assert [d.id for d in node.telemetry.devices] == ["host0", "host1"]
     assert all(d.utilization_percent == -1.0 for d in node.telemetry.devices)
+
+
+def test_a_call_in_flight_on_a_killed_node_is_retried_only_if_idempotent(
+        tmp_path: Path) -> None:
+    import time
+
+    local = LocalPlatform(tmp_path / "home", gateway_port=0, host_devices="1x2GiB", agents=2)
+    local.start()
+    try:
+        p = RunningPlatform(local)
+        assert p.deploy(FIXTURES / "sleep").json()["state"] == "ready"
+        # Put the warm instance on node0.
+        p.http.post("/v1/nodes/node1/cordon").raise_for_status()
+        assert p.invoke("sleep", {"seconds": 0}).headers["X-Thaw-Node"] == "node0"
+        p.http.post("/v1/nodes/node1/uncordon").raise_for_status()
+
+        results: dict[str, httpx.Response] = {}
+
+        def call(label: str, headers: dict[str, str]) -> None:
+            results[label] = p.invoke("sleep", {"seconds": 3}, headers=headers)
+
+        callers = [threading.Thread(target=call, args=("plain", {})),
+                   threading.Thread(target=call, args=("idempotent",
+                                                       {"Idempotency-Key": "k-1"}))]
+        for caller in callers:
+            caller.start()
+        time.sleep(1.0)  # both calls are running on node0's instance
+        agent0 = next(proc for name, proc in local.procs if name == "agent node0")
+        agent0.send_signal(signal.SIGKILL)
+        for caller in callers:
+            caller.join(60)
+        assert results["plain"].status_code in (502, 503), results["plain"].text
+        assert "code" in results["plain"].json()["error"]
+        assert results["idempotent"].status_code == 200, results["idempotent"].text
+        assert results["idempotent"].headers["X-Thaw-Node"] == "node1"
+    finally:
+        local.stop()
