@@ -17,7 +17,7 @@ import shutil
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -118,6 +118,40 @@ def limit_memory(pid: int, extra_bytes: int) -> None:
         resource.prlimit(pid, resource.RLIMIT_DATA, (limit, limit))
 
 
+class ReadersWriter:
+    """Restores read the tmpfs snapshot files (many at once); eviction and garbage
+    collection delete them (alone). asyncio has no such lock."""
+
+    def __init__(self) -> None:
+        self._readers = 0
+        self._writing = False
+        self._changed = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def reading(self) -> AsyncIterator[None]:
+        async with self._changed:
+            await self._changed.wait_for(lambda: not self._writing)
+            self._readers += 1
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self._readers -= 1
+                self._changed.notify_all()
+
+    @contextlib.asynccontextmanager
+    async def writing(self) -> AsyncIterator[None]:
+        async with self._changed:
+            await self._changed.wait_for(lambda: not self._writing and self._readers == 0)
+            self._writing = True
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self._writing = False
+                self._changed.notify_all()
+
+
 class Agent:
     def __init__(self, *, node_id: str, home: Path, run_dir: Path, devices: DeviceBackend,
                  runtime: ProcessRuntime, snapshots: NodeSnapshots,
@@ -131,6 +165,7 @@ class Agent:
         self.snapshots = snapshots
         self.chunks = PeerChunks(snapshots)
         self.telemetry = Telemetry()
+        self.shm = ReadersWriter()
         self.fetch_bundle = fetch_bundle
         self.start_timeout = start_timeout
         self.fingerprint = fingerprint or local_fingerprint(devices.kind)
@@ -340,8 +375,9 @@ class Agent:
                                manifest: manifest_pb2.SnapshotManifest) -> float:
         started = time.perf_counter()
         await self.chunks.ensure(manifest, [])
-        mat = await asyncio.to_thread(self.snapshots.materialize, manifest)
-        await self.ensure_template(spec, manifest, mat)
+        async with self.shm.reading():
+            mat = await asyncio.to_thread(self.snapshots.materialize, manifest)
+            await self.ensure_template(spec, manifest, mat)
         return time.perf_counter() - started
 
     # ---- instances -------------------------------------------------------------------
@@ -419,16 +455,19 @@ class Agent:
                 f"not {spec.version}", field="fingerprint.function_version")
         check_fingerprint(manifest, self.fingerprint)
         await self.chunks.ensure(manifest, peers)
-        mat = await asyncio.to_thread(self.snapshots.materialize, manifest)
-        started = time.perf_counter()
-        template = await self.ensure_template(spec, manifest, mat)
-        template_s = time.perf_counter() - started
-        started = time.perf_counter()
-        pid, event = await self.runtime.spawn(template.control, {
-            "instance_id": inst.id, "socket": inst.socket, "pickle": mat.pickle,
-            "host_arena": mat.host_arena, "device_arena": mat.device_arena,
-            "snapshot_json": mat.snapshot_json, "log": inst.log_path,
-        }, self.start_timeout)
+        # The files must still be there when the child maps them: no eviction or
+        # garbage collection deletes tmpfs files between materializing and mapping.
+        async with self.shm.reading():
+            mat = await asyncio.to_thread(self.snapshots.materialize, manifest)
+            started = time.perf_counter()
+            template = await self.ensure_template(spec, manifest, mat)
+            template_s = time.perf_counter() - started
+            started = time.perf_counter()
+            pid, event = await self.runtime.spawn(template.control, {
+                "instance_id": inst.id, "socket": inst.socket, "pickle": mat.pickle,
+                "host_arena": mat.host_arena, "device_arena": mat.device_arena,
+                "snapshot_json": mat.snapshot_json, "log": inst.log_path,
+            }, self.start_timeout)
         inst.pid = pid
         return [("fetch", mat.seconds), ("template", template_s),
                 ("restore", time.perf_counter() - started)]
@@ -502,7 +541,8 @@ class Agent:
         return nbytes, time.perf_counter() - started
 
     async def evict(self, manifest: manifest_pb2.SnapshotManifest) -> int:
-        return await asyncio.to_thread(self.snapshots.evict, manifest)
+        async with self.shm.writing():
+            return await asyncio.to_thread(self.snapshots.evict, manifest)
 
     async def collect_garbage(self, keep: list[manifest_pb2.SnapshotManifest]) -> tuple[int, int]:
         """Forget every snapshot not in `keep`: its template, host-memory copies and
@@ -515,7 +555,8 @@ class Agent:
             await template.process.kill()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(template.control)
-        return await asyncio.to_thread(self.snapshots.collect_garbage, keep)
+        async with self.shm.writing():
+            return await asyncio.to_thread(self.snapshots.collect_garbage, keep)
 
     def sample_telemetry(self) -> NodeSample:
         """Blocking (psutil): call from a thread."""

@@ -62,8 +62,10 @@ async def invoke(request: web.Request) -> web.StreamResponse:
         inst.inflight += 1
         started = time.perf_counter()
         try:
-            return await asyncio.wait_for(
-                _forward(request, session, inst, tail, headers, body), inst.timeout)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for runs the call in a task of
+            # its own, a task and a loop turn per invocation on the hot path.
+            async with asyncio.timeout(inst.timeout):
+                return await _forward(request, session, inst, tail, headers, body)
         except TimeoutError:
             # The handler may never return: the instance is replaced, not reused.
             reason = f"the handler ran past its timeout of {inst.timeout:g}s"
@@ -83,6 +85,8 @@ async def invoke(request: web.Request) -> web.StreamResponse:
 async def _forward(request: web.Request, session: aiohttp.ClientSession, inst: Instance,
                    tail: str, headers: dict[str, str], body: bytes) -> web.StreamResponse:
     path = "/invoke" + (f"/{tail}" if tail else "")
+    if request.query_string:
+        path += f"?{request.query_string}"
     async with session.post(f"http://instance{path}", data=body, headers=headers) as upstream:
         out_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
         out_headers["X-Thaw-Instance"] = inst.id
@@ -92,8 +96,22 @@ async def _forward(request: web.Request, session: aiohttp.ClientSession, inst: I
             return web.Response(status=upstream.status, body=payload, headers=out_headers)
         response = web.StreamResponse(status=upstream.status, headers=out_headers)
         await response.prepare(request)
-        async for chunk in upstream.content.iter_any():
-            await response.write(chunk)
+        try:
+            async for chunk in upstream.content.iter_any():
+                try:
+                    await response.write(chunk)
+                except ConnectionError:
+                    # The caller left. Leaving this block closes the instance's
+                    # connection, which stops the generator at its next item; the
+                    # instance is fine and its slot is free at once.
+                    return response
+        except (aiohttp.ClientError, ConnectionError):
+            # The instance went away mid-stream. The head is sent, so no 502 can
+            # follow: cut the connection, and the caller sees the stream end
+            # unfinished (another response here would leave it waiting forever).
+            if request.transport is not None:
+                request.transport.close()
+            return response
         await response.write_eof()
         return response
 

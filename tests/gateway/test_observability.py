@@ -8,8 +8,6 @@ import re
 import time
 from collections.abc import Callable
 
-import pytest
-
 from tests.conftest import RunningPlatform
 from tests.gateway.conftest import BUNDLES, Replica, deploy_once
 
@@ -95,8 +93,6 @@ def test_json_logs_carry_the_request_id(platform: RunningPlatform,
     assert not_found["level"] == "info" and not_found["code"] == "not_found"
 
 
-@pytest.mark.xfail(strict=True, reason="records of stdlib loggers (grpc, aiohttp) bypass "
-                   "structlog until core/logs.py routes them through it (issue 6 report)")
 def test_stdlib_log_records_are_json_too(platform: RunningPlatform,
                                          replica: Callable[[dict[str, str]], Replica]) -> None:
     name = deploy_once(platform, BUNDLES / "probe")
