@@ -25,7 +25,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from thaw.core.config import GatewayConfig
-from thaw.core.errors import InvalidBundle, ThawError
+from thaw.core.errors import InvalidArgument, InvalidBundle, ThawError
 from thaw.gateway import openai_api
 from thaw.gateway.admission import FunctionQueues
 from thaw.gateway.auth import Authenticator, require
@@ -291,8 +291,46 @@ async def readyz(request: web.Request) -> web.Response:
                              status=503)
 
 
+async def list_events(request: web.Request) -> web.Response:
+    """The scheduler's event log (pressure changes, nodes lost, evictions...):
+    ?after=<seq>&limit=<n>&kind=<kind> (repeatable)."""
+    require(await principal(request), "admin")
+    numbers = {}
+    for key, default, top in (("after", "0", 2**63 - 1), ("limit", "100", 10_000)):
+        try:
+            numbers[key] = int(request.query.get(key, default))
+        except ValueError as exc:
+            raise InvalidArgument(f"{key} must be an integer", field=key) from exc
+        if not 0 <= numbers[key] <= top:
+            raise InvalidArgument(f"{key} must be in [0, {top}]", field=key)
+    after, limit = numbers["after"], numbers["limit"]
+    reply = await request.app[GATEWAY_KEY].scheduler.list_events(
+        after, limit, request.query.getall("kind", []))
+    return web.json_response({"last_seq": reply.last_seq, "events": [
+        {"seq": e.seq, "time": e.time, "kind": e.kind, "message": e.message,
+         "node_id": e.node_id, "function": e.function, "attrs": dict(e.attrs)}
+        for e in reply.events]})
+
+
+# Memory-pressure levels as numbers for Prometheus (scheduler/pressure.py PressureLevel).
+PRESSURE_LEVELS = {"normal": 0, "pressure": 1, "critical": 2, "emergency": 3}
+
+
 async def metrics_view(request: web.Request) -> web.Response:
-    data = generate_latest(request.app[METRICS_KEY].registry)
+    metrics = request.app[METRICS_KEY]
+    try:
+        nodes = await request.app[GATEWAY_KEY].scheduler.list_nodes()
+    except ThawError:
+        nodes = None  # the scheduler is away: keep the last cluster figures
+    if nodes is not None:
+        metrics.pressure_level.clear()
+        metrics.pinned_used.clear()
+        for node in nodes:
+            for p in node.pressures:
+                metrics.pressure_level.labels(node.id, p.resource).set(
+                    PRESSURE_LEVELS.get(p.level, 0))
+            metrics.pinned_used.labels(node.id).set(node.pinned.used_bytes)
+    data = generate_latest(metrics.registry)
     return web.Response(body=data, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
@@ -360,6 +398,7 @@ def make_app(config: GatewayConfig, metrics: GatewayMetrics | None = None,
     r.add_post("/v1/functions/{name}/prewarm", prewarm_function)
     r.add_post("/v1/functions/{name}/evict", evict_function)
     r.add_get("/v1/nodes", list_nodes)
+    r.add_get("/v1/events", list_events)
     r.add_post("/v1/nodes/{node}/{action:cordon|uncordon}", cordon_node)
     openai_api.add_routes(app)
     r.add_post("/fn/{tenant}/{name}", invoke)

@@ -40,6 +40,13 @@ class GatewayMetrics:
         self.lease_reuses = Counter(
             "thaw_lease_reuses_total", "Calls served on a kept lease, without an Acquire",
             registry=self.registry)
+        self.pressure_level = Gauge(
+            "thaw_memory_pressure_level",
+            "Memory pressure per node resource: 0 normal, 1 pressure, 2 critical, 3 emergency",
+            ["node", "resource"], registry=self.registry)
+        self.pinned_used = Gauge(
+            "thaw_pinned_used_bytes", "Bytes held in a node's pinned host-memory tier",
+            ["node"], registry=self.registry)
         self.deploys = Counter(
             "thaw_deploys_total", "Bundles uploaded, by outcome", ["outcome"],
             registry=self.registry)

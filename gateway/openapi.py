@@ -217,6 +217,23 @@ def build_document() -> dict[str, Any]:
                 "200": _json({"type": "object", "required": ["nodes"], "properties": {
                     "nodes": {"type": "array", "items": {"type": "object"}}}}, "Nodes."),
                 **_errors(401, 403)}}},
+            "/v1/events": {"get": {
+                "summary": "The scheduler's event log: pressure, nodes lost, evictions (admin)",
+                "parameters": [
+                    {"name": "after", "in": "query", "required": False,
+                     "schema": {"type": "integer", "minimum": 0,
+                                "maximum": 9223372036854775807}},
+                    {"name": "limit", "in": "query", "required": False,
+                     "schema": {"type": "integer", "minimum": 0, "maximum": 10000}},
+                    {"name": "kind", "in": "query", "required": False,
+                     "schema": {"type": "string"}}],
+                "responses": {"200": _json({"type": "object", "required": ["events"],
+                                            "properties": {
+                                                "last_seq": {"type": "integer"},
+                                                "events": {"type": "array",
+                                                           "items": {"type": "object"}}}},
+                                           "Events."),
+                              **_errors(400, 401, 403)}}},
             "/v1/nodes/{node}/{action}": {"post": {
                 "summary": "Cordon or uncordon a node (admin)",
                 "parameters": [

@@ -51,6 +51,12 @@ class SchedulerClient:
             scheduler_pb2.ReleaseRequest(lease_id=lease_id, instance_failed=failed,
                                          reason=reason), timeout=META_TIMEOUT))
 
+    async def list_events(self, after_seq: int = 0, limit: int = 100,
+                          kinds: list[str] | None = None) -> scheduler_pb2.ListEventsResponse:
+        return await call(self._stub.ListEvents(
+            scheduler_pb2.ListEventsRequest(after_seq=after_seq, limit=limit,
+                                            kinds=kinds or []), timeout=META_TIMEOUT))
+
     async def list_nodes(self) -> list[scheduler_pb2.NodeInfo]:
         resp = await call(self._stub.ListNodes(scheduler_pb2.ListNodesRequest(),
                                                timeout=META_TIMEOUT))

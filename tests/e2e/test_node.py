@@ -138,3 +138,23 @@ def test_a_call_in_flight_on_a_killed_node_is_retried_only_if_idempotent(
         assert results["idempotent"].headers["X-Thaw-Node"] == "node1"
     finally:
         local.stop()
+
+
+def test_pressure_is_a_metric_and_events_are_listed(platform: RunningPlatform) -> None:
+    import time
+
+    assert platform.deploy(FIXTURES / "sleep").json()["state"] == "ready"
+    platform.invoke("sleep", {"seconds": 0}).raise_for_status()
+    deadline = time.monotonic() + 15
+    while 'thaw_memory_pressure_level{node="local",resource="pinned"}' not in (
+            text := platform.http.get("/metrics").text):
+        assert time.monotonic() < deadline, "no pressure gauge after a heartbeat"
+        time.sleep(0.3)
+    line = next(x for x in text.splitlines()
+                if x.startswith('thaw_memory_pressure_level{node="local",resource="pinned"}'))
+    assert float(line.rsplit(" ", 1)[1]) == 0.0  # normal
+    events = platform.http.get("/v1/events", params={"kind": "instance_started"}).json()
+    assert events["events"] and all(e["kind"] == "instance_started" for e in events["events"])
+    assert any(e["function"] == "dev/sleep" for e in events["events"])
+    bad = platform.http.get("/v1/events", params={"limit": "lots"})
+    assert bad.status_code == 400 and bad.json()["error"]["field"] == "limit"
