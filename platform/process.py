@@ -147,51 +147,17 @@ class ProcessRuntime:
         return RuntimeProcess(proc, reader, log_path)
 
 
-async def spawn_from_template(control_socket: str, request: dict[str, Any],
-                              timeout: float) -> tuple[int, dict[str, Any]]:
-    """Ask a template to fork a restored instance; returns (pid, ready event)."""
-    try:
-        reader, writer = await asyncio.open_unix_connection(control_socket, limit=1 << 20)
-    except OSError as exc:
-        raise InstanceFailed(f"template is not reachable: {exc}") from exc
-    try:
-        writer.write(json.dumps({"op": "spawn", **request}).encode() + b"\n")
-        await writer.drain()
-        pid = 0
-        while True:
-            try:
-                line = await asyncio.wait_for(reader.readline(), timeout)
-            except TimeoutError as exc:
-                if pid:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-                raise DeadlineExceeded(f"restore did not finish within {timeout:.0f}s") from exc
-            if not line:
-                tail = log_tail(request.get("log", ""))
-                raise InstanceFailed("restored instance exited before it was ready"
-                                     + (f"; last output:\n{tail}" if tail else ""))
-            event = json.loads(line)
-            if event.get("event") == "spawned":
-                pid = int(event["pid"])
-            elif event.get("event") == "ready":
-                return pid, event
-            elif event.get("event") == "failed":
-                raise SnapshotError(f"restore failed: {event.get('reason', 'unknown')}")
-    finally:
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
-
-
-async def template_build(control_socket: str, request: dict[str, Any],
-                         timeout: float) -> dict[str, Any]:
+async def _ask_template(control_socket: str, op: str, request: dict[str, Any],
+                        timeout: float, what: str) -> tuple[int, dict[str, Any] | None]:
+    """One exchange on a template's control socket: the child's pid (from `spawned`)
+    and the child's own answer, or None if it ended before answering."""
     try:
         reader, writer = await asyncio.open_unix_connection(control_socket, limit=1 << 20)
     except OSError as exc:
         raise InstanceFailed(f"template is not reachable: {exc}") from exc
     pid = 0
     try:
-        writer.write(json.dumps({"op": "build", **request}).encode() + b"\n")
+        writer.write(json.dumps({"op": op, **request}).encode() + b"\n")
         await writer.drain()
         while True:
             try:
@@ -200,21 +166,46 @@ async def template_build(control_socket: str, request: dict[str, Any],
                 if pid:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)
-                raise DeadlineExceeded(f"build did not finish within {timeout:.0f}s") from exc
+                raise DeadlineExceeded(f"{what} did not finish within {timeout:.0f}s") from exc
             if not line:
-                tail = log_tail(request.get("log", ""))
-                return {"event": "failed", "stage": "setup",
-                        "reason": "the build process exited before capturing"
-                                  + (f"; last output:\n{tail}" if tail else "")}
+                return pid, None
             event: dict[str, Any] = json.loads(line)
             if event.get("event") == "spawned":
                 pid = int(event["pid"])
                 continue
-            return event
+            return pid, event
     finally:
         writer.close()
         with contextlib.suppress(OSError):
             await writer.wait_closed()
+
+
+def _last_output(request: dict[str, Any]) -> str:
+    tail = log_tail(request.get("log", ""))
+    return f"; last output:\n{tail}" if tail else ""
+
+
+async def spawn_from_template(control_socket: str, request: dict[str, Any],
+                              timeout: float) -> tuple[int, dict[str, Any]]:
+    """Ask a template to fork a restored instance; returns (pid, ready event)."""
+    pid, event = await _ask_template(control_socket, "spawn", request, timeout, "restore")
+    if event is None:
+        raise InstanceFailed("restored instance exited before it was ready"
+                             + _last_output(request))
+    if event.get("event") != "ready":
+        raise SnapshotError(f"restore failed: {event.get('reason', 'unknown')}")
+    return pid, event
+
+
+async def template_build(control_socket: str, request: dict[str, Any],
+                         timeout: float) -> dict[str, Any]:
+    """Ask a template to fork a child that runs setup() and captures: its `captured`
+    or `failed` event."""
+    _pid, event = await _ask_template(control_socket, "build", request, timeout, "build")
+    if event is None:
+        return {"event": "failed", "stage": "setup",
+                "reason": "the build process exited before capturing" + _last_output(request)}
+    return event
 
 
 class ProcessWatch:
