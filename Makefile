@@ -11,7 +11,9 @@ STAMP  := $(VENV)/.installed
 # Reinstall when the package definition or the .proto contracts change (stubs are
 # generated at install time by setup.py).
 $(STAMP): pyproject.toml setup.py $(wildcard proto/*.proto)
-	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@# Debian ships venv separately (python3-venv): install it when it is missing.
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || \
+	  { rm -rf $(VENV); apt-get install -y -qq python3-venv && $(PYTHON) -m venv $(VENV); }
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch is pinned to the CPU build on this machine's disk (see pyproject.toml).
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
