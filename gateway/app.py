@@ -26,7 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from thaw.core.config import GatewayConfig
 from thaw.core.errors import InvalidArgument, InvalidBundle, ThawError
-from thaw.gateway import openai_api
+from thaw.gateway import openai_api, routes
 from thaw.gateway.admission import FunctionQueues
 from thaw.gateway.auth import Authenticator, require
 from thaw.gateway.breaker import Breakers, BreakerState
@@ -401,6 +401,8 @@ def make_app(config: GatewayConfig, metrics: GatewayMetrics | None = None,
     r.add_get("/v1/events", list_events)
     r.add_post("/v1/nodes/{node}/{action:cordon|uncordon}", cordon_node)
     openai_api.add_routes(app)
+    for module in routes.modules():
+        module.add_routes(app)
     r.add_post("/fn/{tenant}/{name}", invoke)
     r.add_post("/fn/{tenant}/{name}/{path:.*}", invoke)
     return app

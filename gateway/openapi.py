@@ -136,6 +136,15 @@ def _openai_operation(summary: str, body: str, streams: bool) -> dict[str, Any]:
 
 @functools.cache
 def build_document() -> dict[str, Any]:
+    from thaw.gateway import routes
+
+    document = _core_document()
+    for module in routes.modules():
+        document["paths"].update(module.OPENAPI_PATHS)
+    return document
+
+
+def _core_document() -> dict[str, Any]:
     try:
         version = metadata.version("thaw")
     except metadata.PackageNotFoundError:

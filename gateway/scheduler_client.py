@@ -17,6 +17,11 @@ class SchedulerClient:
         self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         self._stub = scheduler_pb2_grpc.SchedulerStub(self._channel)
 
+    @property
+    def channel(self) -> grpc.aio.Channel:
+        """For stubs of the scheduler's other services (one connection for all)."""
+        return self._channel
+
     async def authenticate(self, key_sha256: str) -> scheduler_pb2.Principal:
         resp = await call(self._stub.Authenticate(
             scheduler_pb2.AuthenticateRequest(key_sha256=key_sha256), timeout=META_TIMEOUT))

@@ -7,6 +7,7 @@ import time
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Float,
     ForeignKey,
     Integer,
@@ -31,6 +32,11 @@ class Tenant(Base):
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     created_at: Mapped[float] = mapped_column(Float, default=_now)
+    # Quotas: None = no limit.
+    max_memory_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    """Total slice memory of the tenant's live instances."""
+    max_instances: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    """Live instances of all the tenant's functions together."""
 
 
 class ApiKey(Base):
@@ -44,6 +50,11 @@ class ApiKey(Base):
     created_at: Mapped[float] = mapped_column(Float, default=_now)
     expires_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     revoked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    priority_default: Mapped[int] = mapped_column(Integer, default=50)
+    """Priority (1-100) of this key's invocations when neither the request nor the
+    function says otherwise."""
+    priority_max: Mapped[int] = mapped_column(Integer, default=100)
+    """Highest priority this key may ask for with the X-Thaw-Priority header."""
 
 
 class Function(Base):
@@ -61,6 +72,10 @@ class Function(Base):
     bundle_digest: Mapped[str] = mapped_column(String(64))
     spec_json: Mapped[str] = mapped_column(Text)
     snapshot_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    public: Mapped[bool] = mapped_column(Boolean, default=False)
+    """Invocable without an API key (management stays with the tenant)."""
+    priority: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    """Default priority (1-100) of its invocations; None = the key's default."""
     created_at: Mapped[float] = mapped_column(Float, default=_now)
     updated_at: Mapped[float] = mapped_column(Float, default=_now, onupdate=_now)
 

@@ -38,7 +38,9 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         store = self.control.store
         key = await store.run(store.authenticate, request.key_sha256)
         return scheduler_pb2.AuthenticateResponse(principal=scheduler_pb2.Principal(
-            tenant=key.tenant, key_id=key.id, scopes=list(key.scopes)))
+            tenant=key.tenant, key_id=key.id, scopes=list(key.scopes),
+            priority_default=key.priority_default, priority_max=key.priority_max,
+            expires_at=key.expires_at or 0.0))
 
     @servicer_method
     async def CreateFunction(self, request: scheduler_pb2.CreateFunctionRequest,

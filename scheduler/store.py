@@ -103,6 +103,9 @@ class KeyRecord:
     id: str
     tenant: str
     scopes: tuple[str, ...]
+    priority_default: int = 50
+    priority_max: int = 100
+    expires_at: float | None = None
 
 
 def _function(row: models.Function) -> FunctionRecord:
@@ -188,7 +191,9 @@ class Store:
             if row.expires_at is not None and row.expires_at < time.time():
                 raise Unauthenticated("API key expired")
             return KeyRecord(id=row.id, tenant=row.tenant_id,
-                             scopes=tuple(x for x in row.scopes.split(",") if x))
+                             scopes=tuple(x for x in row.scopes.split(",") if x),
+                             priority_default=row.priority_default,
+                             priority_max=row.priority_max, expires_at=row.expires_at)
         return self._tx(tx)
 
     # ---- functions ----------------------------------------------------------
