@@ -45,7 +45,7 @@ from thaw.platform.process import (
     terminate,
 )
 from thaw.platform.snapshots import Materialized, NodeSnapshots
-from thaw.platform.telemetry import NodeSample, Telemetry
+from thaw.platform.telemetry import NodeSample, SliceSample, Telemetry
 from thaw.proto import agent_pb2, manifest_pb2, scheduler_pb2
 from thaw.snapshotter.manifest import check_fingerprint, manifest_key
 
@@ -405,7 +405,8 @@ class Agent:
                                   InstanceState.RESTORING if restore else InstanceState.STARTING)
         try:
             if spec.gpu_memory_bytes:
-                inst.slice_id = self.devices.allocate(spec.gpu_memory_bytes, inst.id).id
+                sl = self.devices.allocate(spec.gpu_memory_bytes, inst.id)
+                inst.slice_id, inst.slice_device, inst.slice_bytes = sl.id, sl.device_id, sl.size
             if restore:
                 timings = await self._restore(inst, spec, req.manifest, list(req.peers))
             else:
@@ -560,9 +561,11 @@ class Agent:
 
     def sample_telemetry(self) -> NodeSample:
         """Blocking (psutil): call from a thread."""
+        instances = list(self.instances.values())
         return self.telemetry.sample(
-            [(i.id, i.function, i.pid) for i in list(self.instances.values())],
-            self.devices.usage())
+            [(i.id, i.function, i.pid) for i in instances], self.devices.usage(),
+            [SliceSample(i.slice_device, i.id, i.function, i.slice_bytes)
+             for i in instances if i.slice_id])
 
     def take_exited(self) -> list[scheduler_pb2.InstanceExit]:
         exited, self.exited = self.exited, []

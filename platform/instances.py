@@ -47,6 +47,8 @@ class Instance:
     state: InstanceState
     pid: int = 0
     slice_id: str | None = None
+    slice_device: str = ""
+    slice_bytes: int = 0
     log_path: str = ""
     exit_reason: str = ""
     inflight: int = 0

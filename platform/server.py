@@ -45,7 +45,10 @@ def telemetry_message(sample: NodeSample) -> agent_pb2.NodeTelemetry:
         devices=[agent_pb2.DeviceTelemetry(
             id=d.id, kind=d.kind, capacity_bytes=d.capacity_bytes, used_bytes=d.used_bytes,
             utilization_percent=-1.0 if d.utilization_percent is None
-            else d.utilization_percent) for d in sample.devices])
+            else d.utilization_percent) for d in sample.devices],
+        slices=[agent_pb2.SliceTelemetry(
+            device_id=s.device_id, instance_id=s.instance_id, function=s.function,
+            size_bytes=s.size_bytes) for s in sample.slices])
 
 
 def make_runtime(cfg: AgentConfig) -> ProcessRuntime:

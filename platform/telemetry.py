@@ -38,12 +38,23 @@ class DeviceSample:
 
 
 @dataclass(frozen=True)
+class SliceSample:
+    """One instance's device slice, for the dashboard's packing map."""
+
+    device_id: str
+    instance_id: str
+    function: str
+    size_bytes: int
+
+
+@dataclass(frozen=True)
 class NodeSample:
     cpu_percent: float
     memory_used_bytes: int
     memory_total_bytes: int
     instances: tuple[InstanceSample, ...]
     devices: tuple[DeviceSample, ...]
+    slices: tuple[SliceSample, ...] = ()
 
 
 def _nvml_utilisation(count: int) -> list[float | None]:
@@ -77,8 +88,8 @@ class Telemetry:
         self.latest: NodeSample | None = None
         psutil.cpu_percent(None)  # prime the node-wide counter
 
-    def sample(self, instances: list[tuple[str, str, int]],
-               devices: list[DeviceUsage]) -> NodeSample:
+    def sample(self, instances: list[tuple[str, str, int]], devices: list[DeviceUsage],
+               slices: list[SliceSample] | None = None) -> NodeSample:
         """instances: (id, function, pid) of the instances running now."""
         with self._lock:
             samples = []
@@ -108,7 +119,8 @@ class Telemetry:
                 for d in devices)
             vm = psutil.virtual_memory()
             self.latest = NodeSample(psutil.cpu_percent(None), vm.total - vm.available,
-                                     vm.total, tuple(samples), device_samples)
+                                     vm.total, tuple(samples), device_samples,
+                                     tuple(slices or ()))
             return self.latest
 
 
