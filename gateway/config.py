@@ -16,9 +16,10 @@ from typing import ClassVar
 from pydantic import Field, ValidationInfo, field_validator
 
 from thaw.core.config import GatewayConfig
+from thaw.gateway.alert_settings import AlertSettings
 
 
-class GatewaySettings(GatewayConfig):
+class GatewaySettings(GatewayConfig, AlertSettings):
     _table: ClassVar[str] = "gateway"
 
     rate_limit_rpm: float = Field(0.0, ge=0)
