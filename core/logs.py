@@ -32,5 +32,8 @@ def configure_logging(component: str, level: str = "info", as_json: bool = False
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelName(level.upper())),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        # Module-level loggers are lazy proxies; without caching each log call on the
+        # invocation path re-binds one (a measurable share of a warm call).
+        cache_logger_on_first_use=True,
     )
     structlog.contextvars.bind_contextvars(component=component)

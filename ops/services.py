@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 import httpx
 
+from thaw.core import eventloop
 from thaw.core.config import AgentConfig, GatewayConfig, SchedulerConfig, default_home
 from thaw.core.logs import configure_logging
 
@@ -51,7 +52,7 @@ def gateway(port_file: Path | None) -> None:
 
     config = GatewayConfig.load()
     _logging("gateway", config)
-    asyncio.run(serve(config, port_file))
+    eventloop.run(serve(config, port_file))
 
 
 @click.command()
@@ -66,7 +67,7 @@ def agent(port_file: Path | None) -> None:
 
     config = AgentConfig.load()
     _logging("agent", config)
-    asyncio.run(serve(config, port_file))
+    eventloop.run(serve(config, port_file))
 
 
 def _wait_for_file(path: Path, proc: subprocess.Popen[bytes], what: str) -> str:
