@@ -10,6 +10,7 @@ from sqlalchemy import (
     Boolean,
     Float,
     ForeignKey,
+    Index,
     Integer,
     LargeBinary,
     String,
@@ -118,3 +119,55 @@ class Instance(Base):
     started_at: Mapped[float] = mapped_column(Float, default=_now)
     ended_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     end_reason: Mapped[str] = mapped_column(Text, default="")
+
+
+# ---- usage (metering) -----------------------------------------------------------------
+
+class Usage(Base):
+    """What one invocation used, as the gateway measured it (scheduler/usage.py)."""
+
+    __tablename__ = "usage_records"
+    __table_args__ = (Index("ix_usage_records_tenant_ended", "tenant", "ended_at"),)
+
+    usage_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    """Made by the gateway per record: a batch sent twice is stored once."""
+    invocation_id: Mapped[str] = mapped_column(String(128), index=True)
+    tenant: Mapped[str] = mapped_column(String(64))
+    function: Mapped[str] = mapped_column(String(63))
+    version: Mapped[str] = mapped_column(String(32), default="")
+    key_id: Mapped[str] = mapped_column(String(64), default="")
+    start: Mapped[str] = mapped_column(String(16))
+    status: Mapped[int] = mapped_column(Integer)
+    outcome: Mapped[str] = mapped_column(String(16))
+    ended_at: Mapped[float] = mapped_column(Float)
+    wall_s: Mapped[float] = mapped_column(Float)
+    queue_s: Mapped[float] = mapped_column(Float)
+    restore_s: Mapped[float] = mapped_column(Float)
+    gpu_memory_bytes: Mapped[int] = mapped_column(BigInteger)
+    compute_share: Mapped[float] = mapped_column(Float)
+    gib_seconds: Mapped[float] = mapped_column(Float)
+    compute_seconds: Mapped[float] = mapped_column(Float)
+    bytes_in: Mapped[int] = mapped_column(BigInteger)
+    bytes_out: Mapped[int] = mapped_column(BigInteger)
+
+
+class UsageHour(Base):
+    """Sums of usage_records per tenant, function and UTC hour, kept in the same
+    transaction as the records."""
+
+    __tablename__ = "usage_hourly"
+
+    tenant: Mapped[str] = mapped_column(String(64), primary_key=True)
+    function: Mapped[str] = mapped_column(String(63), primary_key=True)
+    hour_start: Mapped[int] = mapped_column(BigInteger, primary_key=True, index=True)
+    """Unix seconds, a multiple of 3600."""
+    invocations: Mapped[int] = mapped_column(BigInteger, default=0)
+    errors: Mapped[int] = mapped_column(BigInteger, default=0)
+    cold_starts: Mapped[int] = mapped_column(BigInteger, default=0)
+    wall_s: Mapped[float] = mapped_column(Float, default=0.0)
+    queue_s: Mapped[float] = mapped_column(Float, default=0.0)
+    restore_s: Mapped[float] = mapped_column(Float, default=0.0)
+    gib_seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    compute_seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    bytes_in: Mapped[int] = mapped_column(BigInteger, default=0)
+    bytes_out: Mapped[int] = mapped_column(BigInteger, default=0)
