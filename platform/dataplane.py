@@ -8,16 +8,17 @@ import contextlib
 import json
 import time
 
-import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from thaw.core.http1 import NodeClient, NodeConnectionError
 from thaw.platform.agent import Agent
 from thaw.platform.instances import Instance, InstanceState
 from thaw.platform.telemetry import TelemetryCollector
 
 AGENT_KEY = web.AppKey("agent", Agent)
-SESSIONS_KEY = web.AppKey("sessions", dict)
+INSTANCES_HTTP_KEY = web.AppKey("instances_http", NodeClient)
+"""Keep-alive connections to the instances' unix sockets: the hot path never reconnects."""
 REGISTRY_KEY = web.AppKey("registry", CollectorRegistry)
 # Headers passed from the client to the handler and back.
 FORWARDED_REQUEST_HEADERS = ("Content-Type", "Accept", "X-Request-ID")
@@ -31,16 +32,9 @@ def error_response(status: int, code: str, message: str) -> web.Response:
     return web.json_response({"error": {"code": code, "message": message}}, status=status)
 
 
-def _session(app: web.Application, inst: Instance) -> aiohttp.ClientSession:
-    sessions: dict[str, aiohttp.ClientSession] = app[SESSIONS_KEY]
-    session = sessions.get(inst.id)
-    if session is None or session.closed:
-        # Keep-alive connections to the instance: the hot path never reconnects.
-        connector = aiohttp.UnixConnector(path=inst.socket, limit=0)
-        session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
-                                        timeout=aiohttp.ClientTimeout(total=None))
-        sessions[inst.id] = session
-    return session
+def _instance_target(inst: Instance, tail: str, query: str) -> str:
+    path = "/invoke" + (f"/{tail}" if tail else "")
+    return f"{path}?{query}" if query else path
 
 
 async def invoke(request: web.Request) -> web.StreamResponse:
@@ -57,7 +51,7 @@ async def invoke(request: web.Request) -> web.StreamResponse:
     tail = request.match_info.get("tail", "")
     headers = {h: request.headers[h] for h in FORWARDED_REQUEST_HEADERS if h in request.headers}
     body = await request.read()
-    session = _session(request.app, inst)
+    client = request.app[INSTANCES_HTTP_KEY]
     async with inst.slots:
         inst.inflight += 1
         started = time.perf_counter()
@@ -65,13 +59,13 @@ async def invoke(request: web.Request) -> web.StreamResponse:
             # asyncio.timeout, not wait_for: on 3.11 wait_for runs the call in a task of
             # its own, a task and a loop turn per invocation on the hot path.
             async with asyncio.timeout(inst.timeout):
-                return await _forward(request, session, inst, tail, headers, body)
+                return await _forward(request, client, inst, tail, headers, body)
         except TimeoutError:
             # The handler may never return: the instance is replaced, not reused.
             reason = f"the handler ran past its timeout of {inst.timeout:g}s"
             await agent.fail_instance(inst, reason)
             return error_response(504, "timeout", reason)
-        except (aiohttp.ClientError, ConnectionError) as exc:
+        except ConnectionError as exc:
             # Give the exit watcher a moment to record why the instance died.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(inst.exited.wait(), EXIT_REASON_WAIT_SECONDS)
@@ -82,30 +76,28 @@ async def invoke(request: web.Request) -> web.StreamResponse:
             request["run_s"] = time.perf_counter() - started
 
 
-async def _forward(request: web.Request, session: aiohttp.ClientSession, inst: Instance,
+async def _forward(request: web.Request, client: NodeClient, inst: Instance,
                    tail: str, headers: dict[str, str], body: bytes) -> web.StreamResponse:
-    path = "/invoke" + (f"/{tail}" if tail else "")
-    if request.query_string:
-        path += f"?{request.query_string}"
-    async with session.post(f"http://instance{path}", data=body, headers=headers) as upstream:
+    upstream = await client.post_unix(
+        inst.socket, _instance_target(inst, tail, request.query_string), body, headers)
+    try:
         out_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
         out_headers["X-Thaw-Instance"] = inst.id
-        if upstream.content_length is not None and "chunked" not in upstream.headers.get(
-                "Transfer-Encoding", ""):
+        if upstream.content_length is not None:
             payload = await upstream.read()
             return web.Response(status=upstream.status, body=payload, headers=out_headers)
         response = web.StreamResponse(status=upstream.status, headers=out_headers)
         await response.prepare(request)
         try:
-            async for chunk in upstream.content.iter_any():
+            while chunk := await upstream.readany():
                 try:
                     await response.write(chunk)
                 except ConnectionError:
-                    # The caller left. Leaving this block closes the instance's
-                    # connection, which stops the generator at its next item; the
-                    # instance is fine and its slot is free at once.
+                    # The caller left. Closing the instance's connection (below) stops
+                    # the generator at its next item; the instance is fine and its
+                    # slot is free at once.
                     return response
-        except (aiohttp.ClientError, ConnectionError):
+        except NodeConnectionError:
             # The instance went away mid-stream. The head is sent, so no 502 can
             # follow: cut the connection, and the caller sees the stream end
             # unfinished (another response here would leave it waiting forever).
@@ -114,6 +106,9 @@ async def _forward(request: web.Request, session: aiohttp.ClientSession, inst: I
             return response
         await response.write_eof()
         return response
+    finally:
+        # Read to its end: the connection goes back for the next call; else it closes.
+        upstream.release()
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -137,23 +132,73 @@ async def list_instances(request: web.Request) -> web.Response:
         dumps=json.dumps)
 
 
-async def _close_sessions(app: web.Application):  # type: ignore[no-untyped-def]
+def _number(request: web.Request, key: str, default: float) -> float:
+    try:
+        value = float(request.query.get(key, default))
+    except ValueError as exc:
+        raise web.HTTPBadRequest(text=f"{key} must be a number") from exc
+    if value < 0:
+        raise web.HTTPBadRequest(text=f"{key} must be >= 0")
+    return value
+
+
+async def function_logs(request: web.Request) -> web.StreamResponse:
+    """A function's kept log lines as NDJSON: ?function=tenant/name&since=<unix s>
+    &tail=<n>&follow=1 (follow: then each new line, until the caller leaves)."""
+    logs = request.app[AGENT_KEY].logs
+    function = request.query.get("function", "")
+    if "/" not in function:
+        return error_response(400, "invalid_argument", "function must be tenant/name")
+    since = _number(request, "since", 0.0)
+    tail = int(_number(request, "tail", logs.max_lines))
+    follow = request.query.get("follow", "") in ("1", "true", "yes")
+    response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    await response.prepare(request)
+    if not follow:
+        body = "".join(json.dumps(ln.as_dict()) + "\n"
+                       for ln in logs.lines(function, since, tail=tail))
+        await response.write(body.encode())
+        await response.write_eof()
+        return response
+    try:
+        async for ln in logs.follow(function, since, tail):
+            await response.write(json.dumps(ln.as_dict()).encode() + b"\n")
+    except ConnectionError:
+        pass  # the caller left
+    return response
+
+
+async def _follow_logs(app: web.Application):  # type: ignore[no-untyped-def]
+    task = asyncio.create_task(app[AGENT_KEY].logs.run())
     yield
-    for session in app[SESSIONS_KEY].values():
-        await session.close()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def _end_followers(app: web.Application) -> None:
+    app[AGENT_KEY].logs.close()
+
+
+async def _close_instance_connections(app: web.Application):  # type: ignore[no-untyped-def]
+    app[INSTANCES_HTTP_KEY] = NodeClient()
+    yield
+    await app[INSTANCES_HTTP_KEY].close()
 
 
 def make_app(agent: Agent) -> web.Application:
     app = web.Application(client_max_size=256 * 1024 * 1024)
     app[AGENT_KEY] = agent
-    app[SESSIONS_KEY] = {}
     registry = CollectorRegistry()
     registry.register(TelemetryCollector(agent.telemetry, agent.node_id))
     app[REGISTRY_KEY] = registry
-    app.cleanup_ctx.append(_close_sessions)
+    app.cleanup_ctx.append(_close_instance_connections)
+    app.cleanup_ctx.append(_follow_logs)
+    app.on_shutdown.append(_end_followers)
     app.router.add_post("/v1/instances/{instance}/invoke", invoke)
     app.router.add_post("/v1/instances/{instance}/invoke/{tail:.*}", invoke)
     app.router.add_get("/v1/instances", list_instances)
+    app.router.add_get("/logs", function_logs)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     return app
