@@ -40,6 +40,7 @@ from thaw.gateway.nodeclient import NodeClient
 from thaw.gateway.openapi import openapi_view
 from thaw.gateway.ratelimit import KeyRateLimiter
 from thaw.gateway.scheduler_client import SchedulerClient
+from thaw.gateway.stats import STATS_KEY
 from thaw.gateway.state import (
     CONFIG_KEY,
     ERROR_CODE_KEY,
@@ -106,18 +107,25 @@ async def errors_middleware(request: web.Request,
                 error_body(code, f"internal error: {type(exc).__name__}"), status=500)
         if not response.prepared:
             response.headers["X-Request-ID"] = request_id
-        _observe(request, response.status, code or request.get(ERROR_CODE_KEY, ""), started)
+        _observe(request, response.status, code or request.get(ERROR_CODE_KEY, ""), started,
+                 response.headers.get("Server-Timing", ""))
         return response
     finally:
         structlog.contextvars.unbind_contextvars("request_id")
 
 
-def _observe(request: web.Request, status: int, code: str, started: float) -> None:
+def _observe(request: web.Request, status: int, code: str, started: float,
+             server_timing: str = "") -> None:
     metrics = request.app[METRICS_KEY]
     function = request.get(FUNCTION_KEY)
     if function is not None:
-        metrics.count_invocation(function, request.get(START_KEY, "none"), status)
+        start = request.get(START_KEY, "none")
+        metrics.count_invocation(function, start, status)
         metrics.observe_stage("total", time.perf_counter() - started)
+        stats = request.app.get(STATS_KEY)
+        if stats is not None:  # the dashboard's live figures (gateway/stats.py)
+            stats.record(function, request[REQUEST_ID_KEY], status, start, server_timing,
+                         (time.perf_counter() - started) * 1000)
     if code:
         metrics.errors.labels(code).inc()
     elapsed_ms = round((time.perf_counter() - started) * 1000, 3)

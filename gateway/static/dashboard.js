@@ -1,0 +1,587 @@
+// thaw dashboard: one WebSocket (/v1/live) pushes a snapshot about once a second; the
+// page renders it without reloading. Charts are uPlot (vendor/, MIT). No build step.
+"use strict";
+
+const KEY_STORE = "thaw.key";        // sessionStorage: this tab only
+const CLOSE_UNAUTHENTICATED = 4401;  // sync with gateway/dashboard.py
+const CLOSE_AUTH_TIMEOUT = 4408;
+const RECONNECT_MS = 2000;
+const STAGES = ["queue", "fetch", "template", "restore", "import", "setup", "run"];
+const STAGE_COLORS = {queue: "#9aa5b1", fetch: "#f2a541", template: "#8e6cd8",
+  restore: "#2f6fde", import: "#c75bb5", setup: "#d3343d", run: "#1f9d55"};
+const PALETTE = ["#2f6fde", "#1f9d55", "#d98a00", "#8e6cd8", "#d3343d", "#0f9aa8",
+  "#c75bb5", "#6b7d1a", "#b4532a", "#4456a6"];
+
+const $ = (sel) => document.querySelector(sel);
+const state = {
+  key: "", tenant: "", operator: false, ws: null, signedIn: false, closing: false,
+  snapshot: null, selected: "", charts: {}, chartFor: "", deploying: null,
+  features: {logs: false, usage: false}, logs: null, logsFor: "", usageAt: 0,
+};
+
+// ---- formatting -------------------------------------------------------------------
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (k === "class") node.className = v;
+    else if (k === "text") node.textContent = v;
+    else if (k.startsWith("on")) node.addEventListener(k.slice(2), v);
+    else node.setAttribute(k, v);
+  }
+  for (const c of children) node.append(c instanceof Node ? c : String(c));
+  return node;
+}
+
+function bytes(n) {
+  if (!n) return "0 B";
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let i = 0;
+  while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+  return `${n.toFixed(n < 10 && i ? 1 : 0)} ${units[i]}`;
+}
+const ms = (v) => v >= 1000 ? `${(v / 1000).toFixed(2)} s` : `${v.toFixed(v < 10 ? 2 : 1)} ms`;
+const pct = (v) => `${(v * 100).toFixed(v && v < 0.01 ? 2 : 1)}%`;
+const clock = (t) => new Date(t * 1000).toLocaleTimeString();
+
+function colorOf(name) {
+  let h = 0;
+  for (const ch of name) h = (h * 31 + ch.charCodeAt(0)) >>> 0;
+  return PALETTE[h % PALETTE.length];
+}
+
+function badge(text, cls = text) { return el("span", {class: `badge ${cls}`, text}); }
+
+async function copy(text, button) {
+  try {
+    await navigator.clipboard.writeText(text);
+  } catch {
+    const area = el("textarea");
+    area.value = text; document.body.append(area); area.select();
+    document.execCommand("copy"); area.remove();
+  }
+  const label = button.textContent;
+  button.textContent = "Copied";
+  setTimeout(() => { button.textContent = label; }, 1200);
+}
+
+function urlCell(url) {
+  const button = el("button", {type: "button", class: "copy", title: "copy the URL"}, "Copy");
+  button.addEventListener("click", (e) => { e.stopPropagation(); copy(url, button); });
+  return el("div", {class: "url"}, el("code", {text: url, title: url}), button);
+}
+
+// ---- sign-in and the live feed --------------------------------------------------------
+
+function connect(key) {
+  state.key = key;
+  state.closing = false;
+  const scheme = location.protocol === "https:" ? "wss" : "ws";
+  const ws = new WebSocket(`${scheme}://${location.host}/v1/live`);
+  state.ws = ws;
+  ws.onopen = () => ws.send(JSON.stringify({key}));  // the key never goes in the URL
+  ws.onmessage = (event) => {
+    const msg = JSON.parse(event.data);
+    if (msg.type === "hello") onHello(msg);
+    else if (msg.type === "snapshot") render(msg);
+    else if (msg.type === "error") onRefused(msg.error);
+    else if (msg.type === "warning") $("#conn").title = msg.error.message;
+  };
+  ws.onclose = (event) => {
+    $("#conn").classList.remove("live");
+    if (event.code === CLOSE_UNAUTHENTICATED || event.code === CLOSE_AUTH_TIMEOUT) return;
+    if (state.signedIn && !state.closing && state.ws === ws) {
+      setTimeout(() => { if (state.signedIn && state.ws === ws) connect(state.key); },
+                 RECONNECT_MS);
+    }
+  };
+}
+
+function onHello(msg) {
+  sessionStorage.setItem(KEY_STORE, state.key);
+  state.signedIn = true;
+  state.tenant = msg.tenant;
+  state.operator = msg.operator;
+  $("#conn").classList.add("live");
+  $("#tenant").textContent = msg.tenant;
+  $("#signin").hidden = true;
+  $("#session").hidden = false;
+  $("#tabs").hidden = false;
+  $("#tab-admin").hidden = !msg.operator;
+  if (!currentView()) show("functions");
+  discoverFeatures();
+}
+
+function onRefused(error) {
+  sessionStorage.removeItem(KEY_STORE);
+  signOut(false);
+  $("#signin-error").textContent = `Sign-in failed: ${error.message}`;
+}
+
+function signOut(clear = true) {
+  if (clear) sessionStorage.removeItem(KEY_STORE);
+  state.signedIn = false;
+  state.closing = true;
+  if (state.ws) state.ws.close();
+  state.ws = null;
+  stopLogs();
+  $("#signin").hidden = false;
+  $("#session").hidden = true;
+  $("#tabs").hidden = true;
+  $("#view-functions").hidden = true;
+  $("#view-admin").hidden = true;
+}
+
+function currentView() {
+  if (!$("#view-functions").hidden) return "functions";
+  if (!$("#view-admin").hidden) return "admin";
+  return "";
+}
+
+function show(view) {
+  $("#view-functions").hidden = view !== "functions";
+  $("#view-admin").hidden = view !== "admin";
+  for (const b of document.querySelectorAll("#tabs button")) {
+    b.classList.toggle("active", b.dataset.view === view);
+  }
+  if (state.snapshot) render(state.snapshot);
+}
+
+function api(path, options = {}) {
+  const headers = {Authorization: `Bearer ${state.key}`, ...(options.headers || {})};
+  return fetch(path, {...options, headers});
+}
+
+// Optional routes other parts of the gateway add: present when the OpenAPI document
+// names them.
+async function discoverFeatures() {
+  try {
+    const doc = await (await fetch("/openapi.json")).json();
+    state.features.logs = "/v1/functions/{name}/logs" in doc.paths;
+    state.features.usage = "/v1/usage" in doc.paths;
+  } catch { /* keep the defaults */ }
+  $("#usage-panel").hidden = !state.features.usage;
+  if (!state.features.logs) {
+    $("#logs-state").textContent = "";
+    $("#logs").textContent =
+      "Logs arrive here once the gateway serves GET /v1/functions/{name}/logs?follow=true.";
+  }
+}
+
+// ---- rendering ---------------------------------------------------------------------
+
+function render(snap) {
+  state.snapshot = snap;
+  if (currentView() === "functions") renderFunctions(snap);
+  if (currentView() === "admin" && snap.operator) renderAdmin(snap);
+  trackDeploy(snap);
+}
+
+function renderFunctions(snap) {
+  const tbody = $("#functions tbody");
+  tbody.textContent = "";
+  $("#no-functions").hidden = snap.functions.length > 0;
+  if (!state.selected && snap.functions.length) state.selected = snap.functions[0].name;
+  for (const f of snap.functions) {
+    const s = f.stats;
+    const tiers = [];
+    if (f.snapshot_tiers.pinned.length) tiers.push(`pinned ×${f.snapshot_tiers.pinned.length}`);
+    if (f.snapshot_tiers.disk.length) tiers.push(`disk ×${f.snapshot_tiers.disk.length}`);
+    const snapshotText = f.start_mode === "fresh" ? "none (fresh starts)"
+      : f.snapshot_bytes ? `${bytes(f.snapshot_bytes)}${tiers.length ? " · " + tiers.join(", ") : ""}`
+      : "—";
+    const stateCell = el("td", {}, badge(f.state));
+    if (f.reason) stateCell.append(el("span", {class: "muted small", text: ` ${f.reason}`}));
+    const row = el("tr", {"data-name": f.name, class: f.name === state.selected ? "selected" : ""},
+      el("td", {}, el("strong", {text: f.name})), stateCell,
+      el("td", {text: f.version}), el("td", {text: snapshotText}),
+      el("td", {class: "num", text: f.warm_instances}),
+      el("td", {class: "num", text: s.rate_per_second.toFixed(2)}),
+      el("td", {class: "num", text: s.invocations ? ms(s.p50_ms) : "—"}),
+      el("td", {class: "num", text: s.invocations ? ms(s.p99_ms) : "—"}),
+      el("td", {class: "num", text: s.invocations ? pct(s.error_rate) : "—"}),
+      el("td", {text: `restore ${s.cold_starts.restore} · fresh ${s.cold_starts.fresh}`}),
+      el("td", {}, urlCell(f.url)));
+    row.addEventListener("click", () => { state.selected = f.name; render(state.snapshot); });
+    tbody.append(row);
+  }
+  renderDetail(snap.functions.find((f) => f.name === state.selected));
+  renderRecent(snap.recent);
+  if (state.features.usage && Date.now() - state.usageAt > 30000) loadUsage();
+}
+
+function renderDetail(f) {
+  $("#detail").hidden = !f;
+  if (!f) { destroyCharts(); stopLogs(); return; }
+  $("#detail-name").textContent = f.name;
+  $("#detail-note").textContent =
+    `version ${f.version} · ${f.start_mode} starts · this gateway's last ${f.stats.window_seconds / 60} min`;
+  const s = f.stats;
+  const figures = [
+    ["calls/s (1 min)", s.rate_per_second.toFixed(2)],
+    ["p50", s.invocations ? ms(s.p50_ms) : "—"], ["p99", s.invocations ? ms(s.p99_ms) : "—"],
+    ["error rate", pct(s.error_rate)], ["warm instances", f.warm_instances],
+    ["restores", s.cold_starts.restore], ["fresh starts", s.cold_starts.fresh],
+    ["snapshot", f.snapshot_bytes ? bytes(f.snapshot_bytes) : "—"],
+  ];
+  const box = $("#figures");
+  box.textContent = "";
+  for (const [label, value] of figures) box.append(el("div", {}, el("b", {text: value}), el("span", {text: label})));
+  updateCharts(f);
+  if (state.features.logs && state.logsFor !== f.name) startLogs(f.name);
+}
+
+function stagesBar(stages) {
+  const total = STAGES.reduce((sum, k) => sum + (stages[k] || 0), 0) || 1;
+  const bar = el("span", {class: "stages"});
+  const text = [];
+  for (const k of STAGES) {
+    if (!(k in stages)) continue;
+    bar.append(el("span", {style: `width:${(100 * stages[k] / total).toFixed(2)}%;background:${STAGE_COLORS[k]}`,
+                           title: `${k} ${ms(stages[k])}`}));
+    text.push(`${k} ${ms(stages[k])}`);
+  }
+  return el("span", {}, bar, el("span", {class: "stage-text", text: text.join(" · ")}));
+}
+
+function renderRecent(recent) {
+  const tbody = $("#recent tbody");
+  tbody.textContent = "";
+  $("#no-recent").hidden = recent.length > 0;
+  for (const r of recent) {
+    tbody.append(el("tr", {"data-id": r.id},
+      el("td", {text: clock(r.time), title: r.id}), el("td", {text: r.function.split("/")[1]}),
+      el("td", {}, badge(String(r.status), r.status >= 500 ? "err" : r.status >= 400 ? "building" : "ok")),
+      el("td", {}, badge(r.start)), el("td", {class: "num", text: ms(r.ms)}),
+      el("td", {}, stagesBar(r.stages))));
+  }
+}
+
+// ---- charts (uPlot) ------------------------------------------------------------------
+
+function chartWidth(id) { return Math.max(280, $(id).clientWidth || 320); }
+
+function destroyCharts() {
+  for (const c of Object.values(state.charts)) c.destroy();
+  state.charts = {};
+  state.chartFor = "";
+}
+
+function coldData(f) {
+  const colds = f.stats.cold_start_stages;
+  const xs = colds.map((_, i) => i + 1);
+  const raw = {};
+  for (const k of STAGES) raw[k] = colds.map((c) => c.stages[k] || 0);
+  // Stacked bars: each series is the running sum up to its stage, drawn largest first
+  // so every stage shows as its own band.
+  const cumulative = [];
+  let running = xs.map(() => 0);
+  for (const k of STAGES) {
+    running = running.map((v, i) => v + raw[k][i]);
+    cumulative.push(running);
+  }
+  return {xs, raw, cumulative: cumulative.reverse(), colds};
+}
+
+function makeCharts(f) {
+  destroyCharts();
+  const time = (u) => ({x: {time: true}});
+  const base = (id, title) => ({width: chartWidth(id), height: 190, legend: {live: true},
+                                cursor: {drag: {x: false, y: false}}, title: undefined});
+  state.charts.rate = new uPlot({
+    ...base("#chart-rate"), scales: time(),
+    series: [{}, {label: "calls/s", stroke: "#2f6fde", fill: "rgba(47,111,222,.12)", width: 2},
+             {label: "errors/s", stroke: "#d3343d", width: 1.5}],
+    axes: [{}, {size: 50}],
+  }, [[], [], []], $("#chart-rate"));
+  state.charts.latency = new uPlot({
+    ...base("#chart-latency"), scales: time(),
+    series: [{}, {label: "p50", stroke: "#1f9d55", width: 2, value: (u, v) => v == null ? "—" : ms(v)},
+             {label: "p99", stroke: "#d98a00", width: 2, value: (u, v) => v == null ? "—" : ms(v)}],
+    axes: [{}, {size: 60, values: (u, vals) => vals.map((v) => ms(v))}],
+  }, [[], [], []], $("#chart-latency"));
+  const bars = uPlot.paths.bars({size: [0.6, 48]});
+  const stagesDrawn = [...STAGES].reverse();
+  state.charts.cold = new uPlot({
+    ...base("#chart-cold"), scales: {x: {time: false}},
+    series: [{label: "cold start", value: (u, v) => {
+      const c = state.coldColds && state.coldColds[v - 1];
+      return c ? `#${v} ${c.start} ${clock(c.time)}` : "—";
+    }}, ...stagesDrawn.map((k) => ({
+      label: k, fill: STAGE_COLORS[k], stroke: STAGE_COLORS[k], width: 0, paths: bars,
+      points: {show: false},
+      value: (u, v, si, di) => di == null || !state.coldRaw ? "—" : ms(state.coldRaw[k][di] || 0),
+    }))],
+    axes: [{values: (u, vals) => vals.map((v) => Number.isInteger(v) ? `#${v}` : "")},
+           {size: 60, values: (u, vals) => vals.map((v) => ms(v))}],
+  }, [[], ...stagesDrawn.map(() => [])], $("#chart-cold"));
+  state.chartFor = f.name;
+}
+
+function updateCharts(f) {
+  if (typeof uPlot === "undefined") return;
+  if (state.chartFor !== f.name) makeCharts(f);
+  const s = f.stats.series;
+  state.charts.rate.setData([s.time, s.rate, s.errors]);
+  state.charts.latency.setData([s.time, s.p50_ms.map((v, i) => s.rate[i] ? v : null),
+                                s.p99_ms.map((v, i) => s.rate[i] ? v : null)]);
+  const cold = coldData(f);
+  state.coldRaw = cold.raw;
+  state.coldColds = cold.colds;
+  state.charts.cold.setData([cold.xs, ...cold.cumulative]);
+}
+
+window.addEventListener("resize", () => {
+  for (const [name, chart] of Object.entries(state.charts)) {
+    chart.setSize({width: chartWidth(`#chart-${name}`), height: 190});
+  }
+});
+
+// ---- deploy ----------------------------------------------------------------------------
+
+function step(text, cls = "") {
+  const li = el("li", {class: cls, text});
+  $("#deploy-steps").append(li);
+  return li;
+}
+
+function deploy(file) {
+  const steps = $("#deploy-steps");
+  steps.textContent = "";
+  $("#deploy-url").hidden = true;
+  const progress = $("#upload-progress");
+  progress.hidden = false;
+  progress.value = 0;
+  const uploading = step(`Uploading ${file.name} (${bytes(file.size)})…`);
+  const form = new FormData();
+  form.append("bundle", file);
+  const xhr = new XMLHttpRequest();
+  xhr.open("POST", "/v1/functions?wait=false");
+  xhr.setRequestHeader("Authorization", `Bearer ${state.key}`);
+  xhr.upload.onprogress = (e) => { if (e.lengthComputable) progress.value = 100 * e.loaded / e.total; };
+  xhr.onerror = () => { uploading.className = "failed"; uploading.textContent = "Upload failed: network error"; };
+  xhr.onload = () => {
+    progress.value = 100;
+    let body = {};
+    try { body = JSON.parse(xhr.responseText); } catch { /* not JSON */ }
+    if (xhr.status !== 201) {
+      uploading.className = "failed";
+      uploading.textContent = `Rejected: ${body.error ? body.error.message : xhr.status}`;
+      return;
+    }
+    uploading.className = "done";
+    uploading.textContent = `Uploaded ${file.name} → ${body.name}, version ${body.version}`;
+    state.deploying = {name: body.name, version: body.version, url: body.url,
+                       since: Date.now(), line: step("Building the snapshot…")};
+    state.selected = body.name;
+    if (state.snapshot) trackDeploy(state.snapshot);
+  };
+  xhr.send(form);
+}
+
+function trackDeploy(snap) {
+  const d = state.deploying;
+  if (!d) return;
+  const f = snap.functions.find((x) => x.name === d.name);
+  const seconds = Math.round((Date.now() - d.since) / 1000);
+  if (!f || f.state === "building" || f.version !== d.version) {
+    d.line.textContent = `Building the snapshot… ${seconds}s`;
+    return;
+  }
+  state.deploying = null;
+  $("#upload-progress").hidden = true;
+  if (f.state === "ready") {
+    d.line.className = "done";
+    d.line.textContent = `Ready in ${seconds}s: ${f.start_mode === "restore"
+      ? `snapshot ${bytes(f.snapshot_bytes)}` : `fresh starts${f.reason ? " (" + f.reason + ")" : ""}`}`;
+    const box = $("#deploy-url");
+    box.querySelector("code").textContent = f.url;
+    box.hidden = false;
+  } else {
+    d.line.className = "failed";
+    d.line.textContent = `Failed: ${f.reason || f.state}`;
+  }
+}
+
+// ---- invoke ------------------------------------------------------------------------------
+
+async function invokeSelected(body) {
+  const f = state.snapshot && state.snapshot.functions.find((x) => x.name === state.selected);
+  if (!f) return;
+  const meta = $("#invoke-meta");
+  const out = $("#invoke-result");
+  meta.textContent = "";
+  out.textContent = "…";
+  const started = performance.now();
+  try {
+    const resp = await api(`/fn/${encodeURIComponent(f.tenant)}/${encodeURIComponent(f.name)}`, {
+      method: "POST", headers: {"Content-Type": "application/json"}, body});
+    const text = await resp.text();
+    const rows = [["status", resp.status], ["X-Thaw-Start", resp.headers.get("X-Thaw-Start") || "—"],
+                  ["Server-Timing", resp.headers.get("Server-Timing") || "—"],
+                  ["round trip", ms(performance.now() - started)]];
+    for (const [k, v] of rows) meta.append(el("dt", {text: k}), el("dd", {text: v}));
+    try { out.textContent = JSON.stringify(JSON.parse(text), null, 2); } catch { out.textContent = text; }
+  } catch (err) {
+    out.textContent = `request failed: ${err}`;
+  }
+}
+
+// ---- logs (live tail) ----------------------------------------------------------------------
+
+function stopLogs() {
+  if (state.logs) state.logs.abort();
+  state.logs = null;
+  state.logsFor = "";
+}
+
+async function startLogs(name) {
+  stopLogs();
+  const controller = new AbortController();
+  state.logs = controller;
+  state.logsFor = name;
+  const pre = $("#logs");
+  pre.textContent = "";
+  $("#logs-state").textContent = "following…";
+  try {
+    const resp = await api(`/v1/functions/${encodeURIComponent(name)}/logs?follow=true`,
+                           {signal: controller.signal});
+    if (!resp.ok) {
+      const body = await resp.json().catch(() => ({}));
+      pre.textContent = body.error ? body.error.message : `HTTP ${resp.status}`;
+      $("#logs-state").textContent = "";
+      return;
+    }
+    const reader = resp.body.getReader();
+    const decoder = new TextDecoder();
+    for (;;) {
+      const {value, done} = await reader.read();
+      if (done) break;
+      pre.textContent += decoder.decode(value, {stream: true});
+      if (pre.textContent.length > 200000) pre.textContent = pre.textContent.slice(-100000);
+      pre.scrollTop = pre.scrollHeight;
+    }
+    $("#logs-state").textContent = "ended";
+  } catch (err) {
+    if (err.name !== "AbortError") $("#logs-state").textContent = `stopped: ${err.message}`;
+  }
+}
+
+// ---- usage -----------------------------------------------------------------------------------
+
+async function loadUsage() {
+  state.usageAt = Date.now();
+  const box = $("#usage");
+  try {
+    const resp = await api("/v1/usage");
+    const body = await resp.json();
+    if (!resp.ok) { box.textContent = body.error ? body.error.message : `HTTP ${resp.status}`; return; }
+    const rows = Array.isArray(body) ? body
+      : Object.values(body).find((v) => Array.isArray(v)) || [];
+    if (!rows.length) { box.textContent = "No usage recorded yet."; return; }
+    const cols = Object.keys(rows[0]).filter((k) => typeof rows[0][k] !== "object").slice(0, 6);
+    const table = el("table", {}, el("thead", {}, el("tr", {}, ...cols.map((c) => el("th", {text: c})))));
+    const tbody = el("tbody");
+    for (const r of rows.slice(-12)) tbody.append(el("tr", {}, ...cols.map((c) => el("td", {text: r[c]}))));
+    table.append(tbody);
+    box.textContent = "";
+    box.append(table);
+  } catch (err) {
+    box.textContent = `usage unavailable: ${err.message}`;
+  }
+}
+
+// ---- admin: nodes, packing map, pinned tier, alerts ---------------------------------------
+
+function renderAdmin(snap) {
+  const box = $("#nodes");
+  box.textContent = "";
+  if (!snap.nodes.length) box.append(el("p", {class: "muted", text: "No nodes registered."}));
+  for (const n of snap.nodes) box.append(nodeCard(n));
+  const alerts = $("#alerts");
+  alerts.textContent = "";
+  if (!("alerts" in snap)) {
+    alerts.append(el("li", {class: "muted", text: "No alert source on this gateway (gateway/alerts.py)."}));
+  } else if (!snap.alerts.length) {
+    alerts.append(el("li", {class: "muted", text: "No alerts firing."}));
+  }
+  for (const a of snap.alerts || []) {
+    alerts.append(el("li", {}, badge(a.state || a.severity || "alert", a.state === "resolved" ? "ok" : "err"),
+      " ", el("strong", {text: a.rule || a.name || ""}), " ", a.message || "",
+      a.time ? el("span", {class: "muted small", text: ` ${clock(a.time)}`}) : ""));
+  }
+  const events = $("#events");
+  events.textContent = "";
+  if (!snap.events.length) events.append(el("li", {class: "muted", text: "No events yet."}));
+  for (const e of snap.events) {
+    events.append(el("li", {}, el("span", {class: "muted small", text: `${clock(e.time)} `}),
+      badge(e.kind, /lost|critical|emergency|failed/.test(e.kind) ? "err" : "normal"), " ", e.message));
+  }
+}
+
+function nodeCard(n) {
+  const card = el("div", {class: "node", "data-node": n.id});
+  card.append(el("header", {},
+    el("h3", {text: n.id}), badge(n.state), badge(`pressure: ${n.pressure}`, n.pressure),
+    el("span", {class: "muted small", text:
+      `${n.instances} instances · CPU ${n.telemetry.cpu_percent.toFixed(0)}% · RAM ` +
+      `${bytes(n.telemetry.memory_used_bytes)} / ${bytes(n.telemetry.memory_total_bytes)} · ` +
+      `heartbeat ${n.last_heartbeat_age_seconds.toFixed(1)}s ago · disk ${bytes(n.disk_bytes)}`})));
+  const seen = new Map();
+  for (const d of n.devices) {
+    const bar = el("div", {class: "bar", title: `${d.id}: ${bytes(d.used_bytes)} of ${bytes(d.capacity_bytes)}`});
+    for (const s of n.slices.filter((x) => x.device_id === d.id)) {
+      const name = s.function.split("/").pop();
+      seen.set(s.function, colorOf(s.function));
+      bar.append(el("span", {class: "slice", "data-function": s.function,
+        style: `width:${(100 * s.size_bytes / d.capacity_bytes).toFixed(3)}%;background:${colorOf(s.function)}`,
+        title: `${s.function} · ${s.instance_id} · ${bytes(s.size_bytes)}`, text: `${name} ${bytes(s.size_bytes)}`}));
+    }
+    const level = (n.pressures.find((p) => p.resource === `device:${d.id}`) || {}).level;
+    card.append(el("div", {class: "device"},
+      el("span", {}, el("strong", {text: d.id}), " ", el("span", {class: "muted small", text: d.kind})),
+      bar, el("span", {class: "free", text: `${bytes(d.capacity_bytes - d.used_bytes)} free of ${bytes(d.capacity_bytes)}${level && level !== "normal" ? " · " + level : ""}`})));
+  }
+  const pinned = n.pinned;
+  const pinnedLevel = (n.pressures.find((p) => p.resource === "pinned") || {}).level || "normal";
+  const fill = pinned.capacity_bytes ? 100 * pinned.used_bytes / pinned.capacity_bytes : 0;
+  card.append(el("div", {class: "device"},
+    el("span", {}, el("strong", {text: "pinned"}), " ", el("span", {class: "muted small", text: "host RAM"})),
+    el("div", {class: "bar", title: `${pinned.snapshots} snapshots, ${pinned.chunks} chunks`},
+      el("span", {style: `width:${fill.toFixed(2)}%;background:${pinnedLevel === "normal" ? "#4456a6" : "#d98a00"}`,
+                  text: `${pinned.snapshots} snapshots`})),
+    el("span", {class: "free", text: `${bytes(pinned.used_bytes)} / ${bytes(pinned.capacity_bytes)} · ${pinnedLevel}`})));
+  if (seen.size) {
+    const legend = el("div", {class: "legend"});
+    for (const [fn, color] of seen) legend.append(el("span", {}, el("i", {style: `background:${color}`}), fn));
+    card.append(legend);
+  }
+  return card;
+}
+
+// ---- wiring ----------------------------------------------------------------------------
+
+document.addEventListener("DOMContentLoaded", () => {
+  $("#signin-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    $("#signin-error").textContent = "";
+    connect($("#key").value.trim());
+  });
+  $("#signout").addEventListener("click", () => signOut());
+  for (const b of document.querySelectorAll("#tabs button")) {
+    b.addEventListener("click", () => show(b.dataset.view));
+  }
+  $("#deploy-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    const file = $("#bundle").files[0];
+    if (file) deploy(file);
+  });
+  $("#deploy-url .copy").addEventListener("click", (e) =>
+    copy($("#deploy-url code").textContent, e.currentTarget));
+  $("#invoke-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    invokeSelected($("#invoke-body").value);
+  });
+  const saved = sessionStorage.getItem(KEY_STORE);
+  if (saved) connect(saved);
+});
