@@ -106,6 +106,17 @@ class OutOfMemory(ThawError):
     code = "out_of_memory"
 
 
+class QuotaExceeded(ThawError):
+    """Starting another instance would take the tenant past its quota (instances or
+    slice memory); its warm instances keep serving. `retry_after`: seconds after which
+    trying again makes sense (an idle instance may have scaled down by then)."""
+
+    code = "quota_exceeded"
+    # Instances idle past their scaledown_window free quota; a few seconds is the
+    # earliest a retry can find room.
+    retry_after = 5.0
+
+
 class Unavailable(ThawError):
     """A peer service (scheduler, agent, instance) cannot be reached."""
 

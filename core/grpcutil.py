@@ -30,6 +30,7 @@ _TO_STATUS: dict[type[errors.ThawError], grpc.StatusCode] = {
     errors.FunctionUnavailable: grpc.StatusCode.FAILED_PRECONDITION,
     errors.NoCapacity: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.OutOfMemory: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.QuotaExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
 }

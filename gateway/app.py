@@ -28,7 +28,7 @@ from thaw.core.config import GatewayConfig
 from thaw.core.errors import InvalidArgument, InvalidBundle, ThawError
 from thaw.gateway import openai_api, routes
 from thaw.gateway.admission import FunctionQueues
-from thaw.gateway.auth import Authenticator, require
+from thaw.gateway.auth import Authenticator, require, require_operator
 from thaw.gateway.breaker import Breakers, BreakerState
 from thaw.gateway.config import GatewaySettings
 from thaw.gateway.dispatch import Dispatcher
@@ -273,13 +273,13 @@ def node_json(node: scheduler_pb2.NodeInfo) -> dict[str, Any]:
 
 
 async def list_nodes(request: web.Request) -> web.Response:
-    require(await principal(request), "admin")
+    require_operator(await principal(request), request.app[CONFIG_KEY])
     nodes = await request.app[GATEWAY_KEY].scheduler.list_nodes()
     return web.json_response({"nodes": [node_json(n) for n in nodes]})
 
 
 async def cordon_node(request: web.Request) -> web.Response:
-    require(await principal(request), "admin")
+    require_operator(await principal(request), request.app[CONFIG_KEY])
     cordoned = request.match_info["action"] == "cordon"
     node = await request.app[GATEWAY_KEY].scheduler.cordon(request.match_info["node"],
                                                            cordoned)
@@ -302,7 +302,7 @@ async def readyz(request: web.Request) -> web.Response:
 async def list_events(request: web.Request) -> web.Response:
     """The scheduler's event log (pressure changes, nodes lost, evictions...):
     ?after=<seq>&limit=<n>&kind=<kind> (repeatable)."""
-    require(await principal(request), "admin")
+    require_operator(await principal(request), request.app[CONFIG_KEY])
     numbers = {}
     for key, default, top in (("after", "0", 2**63 - 1), ("limit", "100", 10_000)):
         try:

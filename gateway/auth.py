@@ -1,12 +1,23 @@
 """API keys: `Authorization: Bearer <key>`, checked by the scheduler (which stores
-only SHA-256 digests) and cached here briefly, so the hot path makes no RPC."""
+only SHA-256 digests) and cached here briefly, so the hot path makes no RPC.
+
+Who may do what:
+- a key's scopes: `invoke`, `deploy`, `admin` (admin implies the other two), always
+  within the key's own tenant;
+- `admin` in a tenant manages that tenant's keys and settings (require);
+- the platform operator is an `admin` key of the operator tenant
+  (GatewaySettings.operator_tenant, "dev" by default: the tenant of the key `thaw up`
+  creates); only it sees nodes, events, all tenants (require_operator).
+"""
 
 from __future__ import annotations
 
 import hashlib
+import time
 
 from cachetools import TTLCache
 
+from thaw.core.config import GatewayConfig
 from thaw.core.errors import PermissionDenied, Unauthenticated
 from thaw.gateway.scheduler_client import SchedulerClient
 from thaw.proto import scheduler_pb2
@@ -14,6 +25,8 @@ from thaw.proto import scheduler_pb2
 # A key revoked at the scheduler stops working within this many seconds.
 AUTH_CACHE_SECONDS = 10.0
 AUTH_CACHE_KEYS = 10_000
+# Must equal GatewaySettings.operator_tenant's default and the scheduler's DEV_TENANT.
+DEFAULT_OPERATOR_TENANT = "dev"
 
 
 class Authenticator:
@@ -33,9 +46,39 @@ class Authenticator:
         if found is None:
             found = await self.scheduler.authenticate(digest)
             self._cache[digest] = found
+        if found.expires_at and found.expires_at < time.time():
+            # Expired while cached: not a moment longer than its expiry.
+            self._cache.pop(digest, None)
+            raise Unauthenticated("API key expired")
         return found
+
+    def forget_key(self, key_id: str) -> None:
+        """A key was revoked through this replica: it stops working here at once
+        (other replicas within AUTH_CACHE_SECONDS)."""
+        for digest, p in list(self._cache.items()):
+            if p.key_id == key_id:
+                self._cache.pop(digest, None)
 
 
 def require(p: scheduler_pb2.Principal, scope: str) -> None:
+    """The key has `scope` (or `admin`) in its own tenant. `admin` here means the
+    tenant's admin (its keys, its settings), not the platform operator: routes that
+    concern the whole platform use require_operator."""
     if scope not in p.scopes and "admin" not in p.scopes:
         raise PermissionDenied(f"this API key lacks the '{scope}' scope")
+
+
+def is_operator(p: scheduler_pb2.Principal, config: GatewayConfig) -> bool:
+    operator_tenant = getattr(config, "operator_tenant", DEFAULT_OPERATOR_TENANT)
+    return "admin" in p.scopes and p.tenant == operator_tenant
+
+
+def require_operator(p: scheduler_pb2.Principal, config: GatewayConfig) -> None:
+    """The platform operator only: an `admin` key of the operator tenant
+    (GatewaySettings.operator_tenant). Use it for every route that shows or changes
+    what is not one tenant's own: nodes (list, cordon, drain), the event log, all
+    tenants, quotas, other tenants' keys, the whole audit log. An admin key of any
+    other tenant gets 403 here."""
+    if not is_operator(p, config):
+        raise PermissionDenied("only the platform operator (an admin key of the "
+                               "operator tenant) may do this")

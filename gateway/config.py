@@ -42,6 +42,12 @@ class GatewaySettings(GatewayConfig, AlertSettings):
     lease_max_age: float = Field(2.0, gt=0, le=60)
     """Seconds after which a lease goes back to the scheduler even under steady
     traffic (fairness to other replicas, retiring old versions)."""
+    operator_tenant: str = Field("dev", pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
+    """The tenant whose admin keys are the platform operator's (nodes, events, all
+    tenants, quotas); the dev key of `thaw up` is in "dev"."""
+    trust_forwarded_for: bool = False
+    """Take the client's address from X-Forwarded-For (behind a trusted proxy) for
+    rate limits of anonymous calls; the audit log records both either way."""
 
     @field_validator("queue_low_water")
     @classmethod

@@ -71,6 +71,7 @@ STATUS: dict[type[errors.ThawError], int] = {
     errors.AlreadyExists: 409,
     RateLimited: 429,
     Overloaded: 429,
+    errors.QuotaExceeded: 429,
     CircuitOpen: 503,
     InstanceBusy: 503,
     errors.FunctionUnavailable: 503,
@@ -99,7 +100,7 @@ def error_body(code: str, message: str, field: str | None = None) -> dict[str, o
 
 def retry_after_header(exc: errors.ThawError, status: int) -> str | None:
     """Whole seconds, rounded up and at least 1 (RFC 9110 allows no fractions)."""
-    if isinstance(exc, RetryLater):
+    if isinstance(exc, (RetryLater, errors.QuotaExceeded)):
         return str(max(1, math.ceil(exc.retry_after)))
     if status in (429, 503):
         return str(RETRY_AFTER_SECONDS)

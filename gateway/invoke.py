@@ -27,6 +27,7 @@ from thaw.gateway.state import (
     START_KEY,
     Gateway,
 )
+from thaw.gateway.tenancy import anonymous_principal
 from thaw.proto import scheduler_pb2
 
 TIMEOUT_HEADER = "X-Thaw-Timeout"
@@ -74,6 +75,11 @@ async def read_body(request: web.Request, limit: int) -> bytes:
 
 async def admit(request: web.Request, gw: Gateway) -> scheduler_pb2.Principal:
     """Who is calling, allowed to invoke, within the key's rate."""
+    if "Authorization" not in request.headers:
+        # A public function's URL needs no key (rate-limited by client address).
+        anonymous = await anonymous_principal(request, gw)
+        if anonymous is not None:
+            return anonymous
     p = await gw.auth.principal(request.headers.get("Authorization", ""))
     require(p, "invoke")
     await gw.limiter.check(p.key_id or p.tenant)

@@ -140,7 +140,9 @@ def build_document() -> dict[str, Any]:
 
     document = _core_document()
     for module in routes.modules():
-        document["paths"].update(module.OPENAPI_PATHS)
+        for path, item in module.OPENAPI_PATHS.items():
+            # Merged per method: a module may add PATCH to a path the core serves.
+            document["paths"].setdefault(path, {}).update(item)
     return document
 
 

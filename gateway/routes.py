@@ -14,6 +14,8 @@ import importlib
 from types import ModuleType
 
 MODULES: tuple[str, ...] = (
+    "thaw.gateway.tenancy",
+    "thaw.gateway.audit",
     "thaw.gateway.dashboard",
 )
 

@@ -56,6 +56,7 @@ from thaw.scheduler.states import (
     check_transition,
 )
 from thaw.scheduler.store import FunctionRecord, InstanceRecord, Store, new_id
+from thaw.scheduler.tenancy import QuotaLedger
 from thaw.snapshotter.manifest import manifest_key
 
 log = structlog.get_logger()
@@ -143,6 +144,8 @@ class ControlPlane:
         self._placing: dict[str, tuple[str, str]] = {}
         """Starts in flight: instance id -> (function id, node id)."""
         self._started_at = clock()
+        self.quotas = QuotaLedger(store)
+        """Tenant quotas (instances, slice memory), checked before every start."""
 
     # ---- nodes ----------------------------------------------------------------
 
@@ -810,10 +813,13 @@ class ControlPlane:
                 holders = self.holders.setdefault(snap.id, {snap.node_id})
         need = fn.spec.resources.gpu_memory
         instance_id = new_id("inst")
+        # Past the tenant's quota -> QuotaExceeded (429); its warm instances still serve.
+        await self.quotas.claim(fn.tenant, instance_id, need, self.pools.values())
         try:
             return await self._start_placed(fn, instance_id, need, manifest, key, holders)
         finally:
             self._placing.pop(instance_id, None)
+            self.quotas.release(instance_id)
 
     async def _start_placed(self, fn: FunctionRecord, instance_id: str, need: int,
                             manifest: manifest_pb2.SnapshotManifest | None, key: str,

@@ -121,6 +121,30 @@ class Instance(Base):
     end_reason: Mapped[str] = mapped_column(Text, default="")
 
 
+# ---- audit log (tenancy) ----------------------------------------------------------
+
+class AuditRecord(Base):
+    """One management action. Append-only: the code has no update or delete of it."""
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"),
+                                    primary_key=True, autoincrement=True)
+    time: Mapped[float] = mapped_column(Float, default=_now, index=True)
+    tenant: Mapped[str] = mapped_column(String(64), index=True)
+    """The tenant acted upon (for the operator acting on another tenant, that one)."""
+    key_id: Mapped[str] = mapped_column(String(64), default="")
+    """Who: the key's id (never the key); empty when no valid key was sent."""
+    action: Mapped[str] = mapped_column(String(64), index=True)
+    target: Mapped[str] = mapped_column(String(400), default="")
+    source: Mapped[str] = mapped_column(String(200), default="")
+    """From where: the client's address (X-Forwarded-For's first entry, else the peer)."""
+    outcome: Mapped[str] = mapped_column(String(16))
+    """ok | denied | failed"""
+    status: Mapped[int] = mapped_column(Integer, default=0)
+    detail_json: Mapped[str] = mapped_column(Text, default="{}")
+
+
 # ---- usage (metering) -----------------------------------------------------------------
 
 class Usage(Base):

@@ -12,13 +12,14 @@ import structlog
 
 from thaw.core.config import SchedulerConfig
 from thaw.core.grpcutil import CHANNEL_OPTIONS, add_health, mark_serving
-from thaw.proto import scheduler_pb2_grpc, usage_pb2_grpc
+from thaw.proto import scheduler_pb2_grpc, tenancy_pb2_grpc, usage_pb2_grpc
 from thaw.scheduler.bundles import BundleStore
 from thaw.scheduler.control import ControlPlane
 from thaw.scheduler.db import make_engine, upgrade
 from thaw.scheduler.policy import PolicyConfig
 from thaw.scheduler.service import NodeRegistryService, SchedulerService
 from thaw.scheduler.store import Store
+from thaw.scheduler.tenancy import TenancyService
 from thaw.scheduler.usage import MeteringService, UsageStore
 
 log = structlog.get_logger()
@@ -69,11 +70,13 @@ class SchedulerServer:
             NodeRegistryService(self.control), server)
         usage_pb2_grpc.add_MeteringServicer_to_server(
             MeteringService(UsageStore(self.store)), server)
+        tenancy_pb2_grpc.add_TenancyServicer_to_server(
+            TenancyService(self.store, self.control.quotas), server)
         health = add_health(server)
         self.port = server.add_insecure_port(cfg.scheduler_listen)
         await server.start()
         await mark_serving(health, "thaw.v1.Scheduler", "thaw.v1.NodeRegistry",
-                           "thaw.v1.Metering")
+                           "thaw.v1.Metering", "thaw.v1.Tenancy")
         self._server = server
         self._tasks.append(asyncio.create_task(
             self.control.reconcile_forever(cfg.reconcile_interval)))
