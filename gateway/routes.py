@@ -14,6 +14,7 @@ import importlib
 from types import ModuleType
 
 MODULES: tuple[str, ...] = (
+    "thaw.gateway.alerts",
     "thaw.gateway.tenancy",
     "thaw.gateway.audit",
     "thaw.gateway.dashboard",

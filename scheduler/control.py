@@ -892,6 +892,11 @@ class ControlPlane:
                             function=_fn_name(fn), error=str(exc))
             else:
                 await self._quarantine(fn, str(exc))
+            self.events.emit(EventKind.RESTORE_FAILED,
+                             f"restore of {_fn_name(fn)} on {node.id} failed: {exc}",
+                             node_id=node.id, function=_fn_name(fn),
+                             snapshot=fn.snapshot_id, quarantined=not isinstance(
+                                 exc, ChunkNotFound))
             return await node.client.start_instance(agent_pb2.StartInstanceRequest(
                 instance_id=instance_id, function=spec_message(fn),
                 kind=agent_pb2.START_FRESH), timeout=START_RPC_TIMEOUT)
@@ -907,6 +912,9 @@ class ControlPlane:
                              "runs with fresh starts", "fresh")
         log.error("snapshot quarantined", function=_fn_name(fn),
                   snapshot=fn.snapshot_id, reason=reason)
+        self.events.emit(EventKind.SNAPSHOT_QUARANTINED,
+                         f"snapshot {fn.snapshot_id} of {_fn_name(fn)} quarantined: {reason}",
+                         function=_fn_name(fn), snapshot=fn.snapshot_id)
 
     async def _stop(self, pool: FunctionPool, inst: InstanceView, reason: str,
                     kind: EventKind = EventKind.INSTANCE_STOPPED) -> None:

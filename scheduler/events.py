@@ -28,6 +28,8 @@ class EventKind(str, enum.Enum):
     INSTANCE_ADOPTED = "instance_adopted"  # found alive after a scheduler restart
     INSTANCE_LOST = "instance_lost"        # exited, failed, or its node was lost
     SNAPSHOT_EVICTED = "snapshot_evicted"  # a pinned copy dropped under pressure
+    RESTORE_FAILED = "restore_failed"      # a restore failed; the instance started fresh
+    SNAPSHOT_QUARANTINED = "snapshot_quarantined"  # never restored again (gateway alerts)
     PLACEMENT_QUEUED = "placement_queued"  # nothing fits: a request waits for room
     PLACEMENT_REFUSED = "placement_refused"  # queue full or timed out
     EVENTS_LOST = "events_lost"            # a subscriber fell behind the log
