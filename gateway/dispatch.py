@@ -20,7 +20,7 @@ import dataclasses
 import enum
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -96,6 +96,8 @@ class Call:
     """The client's own deadline (X-Thaw-Timeout), seconds from `received`."""
     received: float = 0.0
     """Loop time the request arrived."""
+    key_id: str = ""
+    """The API key that called (for metering); "" without one."""
 
     @property
     def function(self) -> str:
@@ -147,6 +149,8 @@ class Exchange:
         """perf_counter when the request went to the node (the "run" stage)."""
         self.settled = False
         self.give_up_at = node_give_up_at(lease)
+        self.bytes_out = 0
+        """Answer bytes read from the node so far (metering)."""
 
     @property
     def status(self) -> int:
@@ -166,7 +170,9 @@ class Exchange:
         """The whole answer; past the client's deadline, 504 now and the lease is
         settled when the handler answers."""
         if self.buffered:  # read with the head (Dispatcher._post): no wait, no I/O
-            return await self.upstream.read()
+            body = await self.upstream.read()
+            self.bytes_out = len(body)
+            return body
         remaining = self.call.remaining()
         if remaining is None:
             return await self._read_all()
@@ -181,11 +187,13 @@ class Exchange:
     async def _read_all(self) -> bytes:
         try:
             async with asyncio.timeout_at(self.give_up_at):
-                return await self.upstream.read()
+                body = await self.upstream.read()
         except TimeoutError:
             raise self._overdue() from None
         except ConnectionError as exc:
             raise StreamBroken(f"the node's answer broke off: {exc}") from exc
+        self.bytes_out = len(body)
+        return body
 
     def _overdue(self) -> StreamBroken:
         return StreamBroken(
@@ -218,6 +226,7 @@ class Exchange:
                 raise StreamBroken(f"the node's answer broke off: {exc}") from exc
             if not chunk:
                 return
+            self.bytes_out += len(chunk)
             yield chunk
 
     def server_timing(self, upstream_timing: bool = True, total: bool = False) -> str:
@@ -258,6 +267,8 @@ class Exchange:
             d.function_breakers.record(function, self.function_permit, True)
             d.leases.done_with(function, self.lease)
         d.metrics.observe_stage("run", time.perf_counter() - self.sent)
+        if d.on_settled is not None:
+            d.on_settled(self, how)
 
     async def __aenter__(self) -> Exchange:
         return self
@@ -289,6 +300,9 @@ class Dispatcher:
         self.node_breakers = node_breakers
         self.metrics = metrics
         self.acquire_wait = acquire_wait
+        self.on_settled: Callable[[Exchange, Settlement], None] | None = None
+        """Told of every exchange once it is settled (gateway/usage.py meters them);
+        must only take note: it runs on the invocation's path."""
 
     def lost(self, lease: scheduler_pb2.Lease, reason: str) -> None:
         self.leases.release_soon(lease, failed=True, reason=reason)

@@ -22,6 +22,7 @@ from thaw.gateway.state import (
     ERROR_CODE_KEY,
     FUNCTION_KEY,
     GATEWAY_KEY,
+    PRINCIPAL_KEY,
     RECEIVED_KEY,
     REQUEST_ID_KEY,
     START_KEY,
@@ -83,6 +84,7 @@ async def admit(request: web.Request, gw: Gateway) -> scheduler_pb2.Principal:
     p = await gw.auth.principal(request.headers.get("Authorization", ""))
     require(p, "invoke")
     await gw.limiter.check(p.key_id or p.tenant)
+    request[PRINCIPAL_KEY] = p
     return p
 
 
@@ -99,7 +101,12 @@ def new_call(request: web.Request, gw: Gateway, tenant: str, name: str, path: st
              body: bytes, headers: dict[str, str], timeout: float | None) -> Call:
     return Call(tenant=tenant, name=name, path=path, body=body, headers=headers,
                 request_id=request[REQUEST_ID_KEY], timeout=timeout,
-                received=request[RECEIVED_KEY])
+                received=request[RECEIVED_KEY], key_id=_key_id(request))
+
+
+def _key_id(request: web.Request) -> str:
+    p = request.get(PRINCIPAL_KEY)
+    return p.key_id if p is not None else ""
 
 
 def answer_headers(ex: Exchange, buffered: bool) -> dict[str, str]:

@@ -17,6 +17,7 @@ MODULES: tuple[str, ...] = (
     "thaw.gateway.alerts",
     "thaw.gateway.tenancy",
     "thaw.gateway.audit",
+    "thaw.gateway.usage",
     "thaw.gateway.dashboard",
 )
 

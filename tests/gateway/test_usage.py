@@ -1,0 +1,129 @@
+"""Metering end to end (gateway/usage.py, scheduler/usage.py): a known workload on the
+real platform comes back from /v1/usage, JSON and CSV, with the totals it must have."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import time
+
+import httpx
+import pytest
+
+from tests.conftest import RunningPlatform
+from tests.gateway.conftest import BUNDLES, deploy_once
+
+GiB = 1024**3
+SLICE_GIB = 256 / 1024  # the fixture's resources.gpu_memory
+COMPUTE_SHARE = 0.5  # its resources.gpu_compute = 50
+SLEEP_SECONDS = 0.15
+# The JSON document rounds seconds to the microsecond.
+ROUNDING = 1e-5
+TIMING = re.compile(r"(\w+);dur=([0-9.]+)")
+
+
+def stages(resp: httpx.Response) -> list[tuple[str, float]]:
+    return [(name, float(ms) / 1000)
+            for name, ms in TIMING.findall(resp.headers.get("Server-Timing", ""))]
+
+
+@pytest.fixture(scope="module")
+def workload(platform: RunningPlatform) -> dict[str, float]:
+    """Five calls of a known size and length, and one that fails; what the client saw."""
+    name = deploy_once(platform, BUNDLES / "metered")
+    since = time.time() - 1
+    seen = {"calls": 0, "errors": 0, "cold": 0, "bytes_in": 0, "bytes_out": 0,
+            "sleep": 0.0, "latency": 0.0, "run": 0.0, "restore": 0.0}
+    bodies = [{"seconds": SLEEP_SECONDS, "answer_bytes": 1000 * i, "pad": "y" * (300 * i)}
+              for i in range(5)] + [{"fail": True, "pad": "z" * 77}]
+    for body in bodies:
+        content = json.dumps(body).encode()
+        began = time.perf_counter()
+        resp = platform.http.post(f"/fn/dev/{name}", content=content,
+                                  headers={"Content-Type": "application/json"})
+        seen["latency"] += time.perf_counter() - began
+        assert resp.status_code == (500 if body.get("fail") else 200), resp.text
+        seen["calls"] += 1
+        seen["errors"] += resp.status_code >= 400
+        seen["bytes_in"] += len(content)
+        seen["bytes_out"] += len(resp.content)
+        seen["sleep"] += float(body.get("seconds", 0.0))  # type: ignore[arg-type]
+        seen["cold"] += resp.headers["X-Thaw-Start"] != "warm"
+        for stage, seconds in stages(resp):
+            if stage == "run":
+                seen["run"] += seconds
+            elif stage not in ("queue", "total"):
+                seen["restore"] += seconds
+    seen["since"] = since
+    seen["until"] = time.time() + 1
+    return seen
+
+
+def usage(platform: RunningPlatform, seen: dict[str, float], **params: str) -> httpx.Response:
+    resp = platform.http.get("/v1/usage", params={
+        "from": str(seen["since"]), "to": str(seen["until"]),
+        "function": "usage-metered", **params})
+    assert resp.status_code == 200, resp.text
+    return resp
+
+
+def test_a_known_workload_has_the_expected_totals(platform: RunningPlatform,
+                                                  workload: dict[str, float]) -> None:
+    doc = usage(platform, workload).json()
+    assert doc["group_by"] == "function" and doc["tenant"] == "dev"
+    assert [row["key"] for row in doc["rows"]] == ["usage-metered"]
+    totals = doc["totals"]
+    assert doc["rows"][0] == {"key": "usage-metered", "start": None, **totals}
+    assert totals["invocations"] == workload["calls"] == 6
+    assert totals["errors"] == workload["errors"] == 1
+    assert totals["cold_starts"] == workload["cold"] >= 1
+    assert totals["bytes_in"] == workload["bytes_in"]
+    assert totals["bytes_out"] == workload["bytes_out"]
+    # The wall time lies between what the handler surely spent (its sleeps, and the run
+    # times the node reported) and what the client waited in all.
+    wall = totals["wall_seconds"]
+    assert max(workload["sleep"], workload["run"]) <= wall + ROUNDING
+    assert wall <= workload["latency"]
+    assert totals["gib_seconds"] == pytest.approx(SLICE_GIB * wall, abs=ROUNDING)
+    assert totals["compute_seconds"] == pytest.approx(COMPUTE_SHARE * wall, abs=ROUNDING)
+    # The cold start's stages, as Server-Timing told the client.
+    assert totals["restore_seconds"] == pytest.approx(workload["restore"], abs=1e-3)
+    assert totals["restore_seconds"] > 0
+
+
+def test_csv_and_time_rows_add_up_to_the_same_totals(platform: RunningPlatform,
+                                                     workload: dict[str, float]) -> None:
+    totals = usage(platform, workload).json()["totals"]
+    for params, headers in (({"format": "csv"}, {}),
+                            ({"group_by": "hour"}, {"Accept": "text/csv"}),
+                            ({"group_by": "day", "format": "csv"}, {})):
+        resp = platform.http.get("/v1/usage", params={
+            "from": str(workload["since"]), "to": str(workload["until"]),
+            "function": "usage-metered", **params}, headers=headers)
+        assert resp.status_code == 200, resp.text
+        assert resp.headers["Content-Type"].startswith("text/csv")
+        rows = list(csv.DictReader(io.StringIO(resp.text)))
+        assert rows
+        for metric in ("invocations", "errors", "cold_starts", "bytes_in", "bytes_out"):
+            assert sum(int(r[metric]) for r in rows) == totals[metric], metric
+        for metric in ("wall_seconds", "gib_seconds", "compute_seconds"):
+            assert sum(float(r[metric]) for r in rows) == pytest.approx(
+                totals[metric], abs=3 * ROUNDING), metric
+    doc = usage(platform, workload, group_by="hour").json()
+    assert all(row["start"] % 3600 == 0 for row in doc["rows"])
+    assert sum(row["invocations"] for row in doc["rows"]) == 6
+
+
+def test_iso_times_and_bad_parameters(platform: RunningPlatform,
+                                      workload: dict[str, float]) -> None:
+    iso = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(workload["since"] - 3600))
+    doc = platform.http.get("/v1/usage", params={"from": iso, "group_by": "day"}).json()
+    assert doc["totals"]["invocations"] >= 6
+    for params, field in (({"from": "yesterday"}, "from"), ({"to": "2030-13-01"}, "to"),
+                          ({"group_by": "week"}, "group_by"), ({"format": "xml"}, "format"),
+                          ({"from": "2030-01-02", "to": "2030-01-01"}, "to")):
+        resp = platform.http.get("/v1/usage", params=params)
+        assert resp.status_code == 400, (params, resp.text)
+        assert resp.json()["error"]["field"] == field, params
