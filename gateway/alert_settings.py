@@ -87,8 +87,9 @@ class AlertSettings(BaseSettings):
     0 = off."""
     alerts_p99_seconds: float = Field(10.0, ge=0)
     """p99 of a function's invocation latency within alerts_window that fires; 0 = off."""
-    alerts_window: float = Field(300.0, gt=0, le=86400)
-    """Seconds of invocations the error-rate and p99 rules look at."""
+    alerts_window: float = Field(300.0, gt=0, le=300)
+    """Seconds of invocations the error-rate and p99 rules look at; at most the live
+    statistics' window (gateway/stats.py WINDOW_SECONDS), which keeps them."""
     alerts_min_requests: int = Field(20, ge=1)
     """Invocations a function needs within alerts_window before its error rate or p99
     is judged (one failed call out of one is not a 100% error rate)."""
