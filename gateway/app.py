@@ -231,7 +231,11 @@ async def delete_function(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
-async def prewarm_function(request: web.Request) -> web.Response:
+async def prewarm_function(request: web.Request) -> web.StreamResponse:
+    if "application/x-ndjson" in request.headers.get("Accept", ""):
+        from thaw.gateway.snapshots import snapshot_pass  # progress as NDJSON (cli)
+
+        return await snapshot_pass(request, "prewarm")
     p = await principal(request)
     require(p, "deploy")
     reply = await request.app[GATEWAY_KEY].scheduler.prewarm(

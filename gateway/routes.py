@@ -14,6 +14,8 @@ import importlib
 from types import ModuleType
 
 MODULES: tuple[str, ...] = (
+    "thaw.gateway.logs",
+    "thaw.gateway.snapshots",
     "thaw.gateway.alerts",
     "thaw.gateway.tenancy",
     "thaw.gateway.audit",

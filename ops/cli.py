@@ -2,31 +2,41 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
 
 from thaw.core.errors import ThawError
 from thaw.ops.bench import bench
+from thaw.ops.config import CREDENTIALS_HELP, login
 from thaw.ops.functions import deploy, fn, invoke
 from thaw.ops.images import image
+from thaw.ops.logs import fn_logs
 from thaw.ops.nodes import node
 from thaw.ops.services import agent, gateway, scheduler, up
 from thaw.ops.snapshots import snapshot
+from thaw.ops.top import top
 
 # Exit codes: 1 = the platform said no (a ThawError), 2 = bad usage (click's own).
 EXIT_ERROR = 1
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(context_settings={"help_option_names": ["-h", "--help"]},
+             epilog=CREDENTIALS_HELP)
 @click.version_option(package_name="thaw")
-def cli() -> None:
+@click.option("--profile", default="", envvar="THAW_PROFILE",
+              help="Use [profiles.NAME] of the config file.")
+def cli(profile: str) -> None:
     """thaw: serverless GPU functions whose cold start is a snapshot restore."""
+    if profile:
+        os.environ["THAW_PROFILE"] = profile  # read by ops/config.py credentials()
 
 
 for command in (up, scheduler, gateway, agent, deploy, invoke, fn, snapshot, node, bench,
-                image):
+                image, login, top):
     cli.add_command(command)
+fn.add_command(fn_logs)
 
 
 def main() -> None:

@@ -3,33 +3,34 @@ server's message, so every command fails with one readable line."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from thaw.core.config import default_home
 from thaw.core.errors import ThawError, Unauthenticated, Unavailable
+from thaw.ops.config import DEFAULT_URL, credentials
 
-DEFAULT_URL = "http://127.0.0.1:8000"
 # Deploys wait for the snapshot build; a large model's setup() can take minutes.
 DEPLOY_TIMEOUT = 1800.0
 
 
 def api_key() -> str:
-    key = os.environ.get("THAW_API_KEY", "").strip()
-    if not key:
-        path = default_home() / "dev-key"
-        if path.exists():
-            key = path.read_text().strip()
-    if not key:
-        raise Unauthenticated("no API key: set THAW_API_KEY (thaw up prints the dev key)")
-    return key
+    """THAW_API_KEY, else the config file, else thaw up's dev key (ops/config.py)."""
+    return credentials().key
 
 
 def gateway_url() -> str:
-    return os.environ.get("THAW_URL", DEFAULT_URL).rstrip("/")
+    """THAW_URL, else the config file, else DEFAULT_URL (ops/config.py)."""
+    if os.environ.get("THAW_URL", "").strip() and not os.environ.get("THAW_PROFILE"):
+        return os.environ["THAW_URL"].strip().rstrip("/")
+    try:
+        return credentials().url
+    except Unauthenticated:
+        return DEFAULT_URL
 
 
 class Client:
@@ -57,12 +58,32 @@ class Client:
             raise ThawError(f"{resp.status_code}: {message}")
         return resp
 
+    @contextlib.contextmanager
+    def stream(self, method: str, path: str, **kwargs: Any) -> Iterator[httpx.Response]:
+        """A response whose body is read as it arrives; errors as in `request`."""
+        headers = {**self._headers(), **kwargs.pop("headers", {})}
+        try:
+            with self._http.stream(method, path, headers=headers, **kwargs) as resp:
+                if resp.status_code >= 400:
+                    resp.read()
+                    raise ThawError(f"{resp.status_code}: {_error_message(resp)}")
+                yield resp
+        except httpx.TransportError as exc:
+            raise Unavailable(f"cannot reach the gateway at {self.url}: {exc}") from exc
+
     def deploy(self, bundle: bytes, wait: bool = True) -> dict[str, Any]:
         resp = self.request("POST", "/v1/functions", params={"wait": str(wait).lower()},
                             content=bundle, headers={"Content-Type": "application/gzip"},
                             timeout=DEPLOY_TIMEOUT)
         result: dict[str, Any] = resp.json()
         return result
+
+
+def _error_message(resp: httpx.Response) -> str:
+    try:
+        return str(resp.json()["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return resp.text[:500] or resp.reason_phrase
 
 
 def read_bundle_dir(path: Path) -> bytes:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
+import httpx
 from rich.console import Console
 from rich.table import Table
 
+from thaw.core.errors import ThawError
 from thaw.ops.client import Client, read_bundle_dir
 
 console = Console(width=200) if not sys.stdout.isatty() else Console()
@@ -33,10 +36,27 @@ def print_table(rows: list[dict[str, object]], columns: list[str], as_json: bool
 @click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--no-wait", is_flag=True, help="Return once uploaded, before the snapshot build.")
 def deploy(path: Path, no_wait: bool) -> None:
-    """Upload the bundle in PATH (a folder with thaw.toml) and print its URL."""
+    """Upload the bundle in PATH (a folder with thaw.toml) and print its URL.
+
+    A progress bar shows the upload (bytes, speed), then the snapshot build."""
+    from thaw.ops.client import DEPLOY_TIMEOUT
+    from thaw.ops.progress import transfer_progress, upload_pieces
+
     bundle = read_bundle_dir(path)
-    with console.status(f"uploading {len(bundle)} bytes and building the snapshot…"):
-        fn = Client().deploy(bundle, wait=not no_wait)
+    with transfer_progress() as progress:
+        task = progress.add_task(f"uploading {path.name}", total=len(bundle))
+
+        def pieces() -> Iterator[bytes]:
+            yield from upload_pieces(bundle, progress, task)
+            if not no_wait:
+                progress.update(task, description="building the snapshot (setup, capture)")
+
+        fn = Client().request(
+            "POST", "/v1/functions", params={"wait": str(not no_wait).lower()},
+            content=pieces(), timeout=DEPLOY_TIMEOUT,
+            headers={"Content-Type": "application/gzip",
+                     "Content-Length": str(len(bundle))}).json()
+        progress.update(task, description=f"{fn['name']}: {fn['state']}")
     console.print(f"[bold]{fn['name']}[/] v{fn['version']}: {fn['state']} "
                   f"({fn['start_mode']} starts)")
     if fn.get("reason"):
@@ -60,10 +80,38 @@ def invoke(name: str, data: str, stream: bool) -> None:
     headers = {"Content-Type": "application/json"}
     if stream:
         headers["Accept"] = "text/event-stream"
+        with client.stream("POST", path, content=data.encode(), headers=headers) as resp:
+            print_stream(resp)
+            click.echo(f"# start={resp.headers.get('X-Thaw-Start')}", err=True)
+        return
     resp = client.request("POST", path, content=data.encode(), headers=headers)
     click.echo(resp.text.rstrip("\n"))
     click.echo(f"# start={resp.headers.get('X-Thaw-Start')} "
                f"timing={resp.headers.get('Server-Timing')}", err=True)
+
+
+def print_stream(resp: httpx.Response) -> None:
+    """Print a streamed answer as it arrives: each SSE `data:` payload on its own line
+    (an `event: error` ends it with an error), other streams line by line."""
+    if not resp.headers.get("Content-Type", "").startswith("text/event-stream"):
+        for line in resp.iter_lines():
+            click.echo(line)
+        return
+    event, data = "message", []
+    for line in resp.iter_lines():
+        if line.startswith("event:"):
+            event = line[6:].strip()
+        elif line.startswith("data:"):
+            data.append(line[5:].removeprefix(" "))
+        elif not line:
+            payload, data = "\n".join(data), []
+            if event == "error":
+                raise ThawError(f"the function failed midway: {payload}")
+            if event == "done":
+                return
+            if payload:
+                click.echo(payload)
+            event = "message"
 
 
 @click.group()

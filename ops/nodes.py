@@ -1,6 +1,8 @@
-"""`thaw node ls|cordon|uncordon`: operators' view of the nodes (admin key)."""
+"""`thaw node ls|cordon|uncordon|drain`: operators' view of the nodes (operator key)."""
 
 from __future__ import annotations
+
+import time
 
 import click
 
@@ -11,7 +13,7 @@ from thaw.ops.functions import print_table
 
 @click.group()
 def node() -> None:
-    """List nodes, cordon and uncordon them."""
+    """List nodes, cordon, uncordon and drain them."""
 
 
 @node.command("ls")
@@ -47,3 +49,34 @@ def node_uncordon(node_id: str) -> None:
     """Let NODE_ID take new instances again."""
     state = Client().request("POST", f"/v1/nodes/{node_id}/uncordon").json()["state"]
     click.echo(f"{node_id}: {state}")
+
+
+# How often `thaw node drain` asks again while it waits for the node to empty.
+DRAIN_POLL_SECONDS = 1.0
+
+
+@node.command("drain")
+@click.argument("node_id")
+@click.option("--timeout", default=300.0, show_default=True,
+              help="Seconds to wait for the node's instances to end.")
+@click.option("--no-wait", is_flag=True, help="Start the drain and return.")
+def node_drain(node_id: str, timeout: float, no_wait: bool) -> None:
+    """Cordon NODE_ID, stop its idle instances and let busy ones finish their calls;
+    waits until it runs no instance (exit 1 if --timeout passes first)."""
+    client = Client()
+    reply = client.request("POST", f"/v1/nodes/{node_id}/drain").json()
+    click.echo(f"{node_id}: cordoned; stopped {reply['stopped']} idle instance(s), "
+               f"{reply['finishing']} finishing")
+    if no_wait:
+        return
+    deadline = time.monotonic() + timeout
+    left = reply["node"]["instances"]
+    while left:
+        if time.monotonic() > deadline:
+            click.echo(f"error: {node_id} still runs {left} instance(s) after "
+                       f"{timeout:g}s", err=True)
+            raise SystemExit(1)
+        time.sleep(DRAIN_POLL_SECONDS)
+        # Asked again: instances that were starting or busy are stopped once idle.
+        left = client.request("POST", f"/v1/nodes/{node_id}/drain").json()["node"]["instances"]
+    click.echo(f"{node_id}: drained (no instances)")

@@ -35,6 +35,7 @@ from thaw.core.errors import (
 from thaw.core.spec import extract_bundle
 from thaw.platform.devices import DeviceBackend, gpu_info
 from thaw.platform.instances import Instance, InstanceState
+from thaw.platform.logs import RUNTIME, FunctionLogs
 from thaw.platform.peers import PeerChunks
 from thaw.platform.process import (
     ProcessRuntime,
@@ -165,6 +166,8 @@ class Agent:
         self.snapshots = snapshots
         self.chunks = PeerChunks(snapshots)
         self.telemetry = Telemetry()
+        self.logs = FunctionLogs()
+        """Instances' output per function (served by the data plane's GET /logs)."""
         self.shm = ReadersWriter()
         self.fetch_bundle = fetch_bundle
         self.start_timeout = start_timeout
@@ -393,6 +396,9 @@ class Agent:
             state=state, log_path=str(self.home / "logs" / f"{instance_id}.log"))
         inst.slots = asyncio.Semaphore(inst.max_concurrency)
         self.instances[instance_id] = inst
+        self.logs.watch(inst.id, inst.function, inst.log_path)
+        self.logs.append(inst.function, inst.id, RUNTIME,
+                         f"instance {inst.id} {state.value} (version {spec.version})")
         return inst
 
     async def start_instance(self, req: agent_pb2.StartInstanceRequest
@@ -421,6 +427,9 @@ class Agent:
             limit_memory(inst.pid, spec.memory_limit_bytes)
         inst.move(InstanceState.READY)
         self._watch(inst)
+        self.logs.append(inst.function, inst.id, RUNTIME, f"instance {inst.id} ready ("
+                         f"{'restore' if restore else 'fresh'}, pid {inst.pid}, " + ", ".join(
+                             f"{k} {v:.3f}s" for k, v in timings) + ")")
         log.info("instance ready", instance=inst.id, function=inst.function,
                  start="restore" if restore else "fresh", pid=inst.pid,
                  timings={k: round(v, 4) for k, v in timings})
@@ -511,6 +520,9 @@ class Agent:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(inst.socket)
         self.instances.pop(inst.id, None)
+        self.logs.unwatch(inst.id)
+        self.logs.append(inst.function, inst.id, RUNTIME,
+                         f"instance {inst.id} ended: {inst.exit_reason}")
 
     async def fail_instance(self, inst: Instance, reason: str) -> None:
         """An instance broke while serving (hung past its timeout, ...): stop it and

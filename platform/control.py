@@ -11,6 +11,7 @@ from thaw.core.errors import ThawError
 from thaw.core.grpcutil import encode_error, servicer_method, status_for
 from thaw.platform.agent import Agent
 from thaw.platform.peers import read_chunks
+from thaw.platform.snapshot_passes import CountingSource, progress_for, report, verify_chunks
 from thaw.proto import agent_pb2, agent_pb2_grpc
 
 
@@ -74,3 +75,27 @@ class AgentService(agent_pb2_grpc.AgentServicer):
                              ) -> agent_pb2.CollectGarbageResponse:
         removed, freed = await self.agent.collect_garbage(list(request.keep))
         return agent_pb2.CollectGarbageResponse(removed_chunks=removed, freed_bytes=freed)
+
+    async def PrewarmProgress(self, request: agent_pb2.SnapshotRequest,
+                              context: grpc.aio.ServicerContext
+                              ) -> AsyncIterator[agent_pb2.SnapshotProgress]:
+        agent = self.agent
+        progress = progress_for(request.manifest)
+        try:
+            await agent.chunks.ensure(request.manifest, list(request.peers))
+        except ThawError as exc:
+            yield progress.message(agent.node_id, 0.0, finished=True, error=exc.message)
+            return
+        source = CountingSource(agent.snapshots.disk, progress)
+        async for message in report(agent.node_id, progress, lambda: agent.snapshots.prewarm(
+                request.manifest, source)):
+            yield message
+
+    async def VerifySnapshot(self, request: agent_pb2.SnapshotRequest,
+                             context: grpc.aio.ServicerContext
+                             ) -> AsyncIterator[agent_pb2.SnapshotProgress]:
+        agent = self.agent
+        progress = progress_for(request.manifest)
+        async for message in report(agent.node_id, progress, lambda: verify_chunks(
+                agent.snapshots, request.manifest, progress)):
+            yield message

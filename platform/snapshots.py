@@ -17,7 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from thaw.blobstore import ChunkRef, DiskTier, PinnedTier, restore_arena, store_arena
+from thaw.blobstore import (
+    ChunkRef,
+    ChunkSource,
+    DiskTier,
+    PinnedTier,
+    restore_arena,
+    store_arena,
+)
 from thaw.core.errors import SnapshotError
 from thaw.proto import manifest_pb2
 from thaw.snapshotter.manifest import (
@@ -165,11 +172,14 @@ class NodeSnapshots:
         for arena in (manifest.host, manifest.device):
             (self.shm_dir / ARENAS / arena_key(arena)).unlink(missing_ok=True)
 
-    def prewarm(self, manifest: manifest_pb2.SnapshotManifest) -> int:
-        """Load every chunk of the snapshot into the pinned tier; returns bytes loaded."""
+    def prewarm(self, manifest: manifest_pb2.SnapshotManifest,
+                source: ChunkSource | None = None) -> int:
+        """Load every chunk of the snapshot into the pinned tier; returns bytes loaded.
+        `source`: where chunks are read (default the disk tier; a counting wrapper
+        reports progress)."""
         refs = all_refs(manifest)
         before = self.pinned.usage().used
-        self.pinned.prewarm(refs, self.disk)
+        self.pinned.prewarm(refs, source or self.disk)
         with self._lock:
             self.prewarmed[manifest_key(manifest)] = manifest
         return max(0, self.pinned.usage().used - before)

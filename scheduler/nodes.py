@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from thaw.core.grpcutil import CHANNEL_OPTIONS, call
+from thaw.core.grpcutil import CHANNEL_OPTIONS, call, decode_error
 from thaw.proto import agent_pb2, agent_pb2_grpc, scheduler_pb2
 from thaw.scheduler.placement import best_fit_device
 from thaw.scheduler.states import NodeState
@@ -55,6 +56,22 @@ class AgentClient:
                               ) -> agent_pb2.CollectGarbageResponse:
         return await call(self._stub.CollectGarbage(
             agent_pb2.CollectGarbageRequest(keep=keep), timeout=timeout))
+
+    async def snapshot_pass(self, kind: str, manifest: object, peers: list[str],
+                            timeout: float = 1800.0
+                            ) -> AsyncIterator[agent_pb2.SnapshotProgress]:
+        """A prewarm ("prewarm") or verify ("verify") with the node's progress."""
+        method = {"prewarm": self._stub.PrewarmProgress,
+                  "verify": self._stub.VerifySnapshot}[kind]
+        stream = method(agent_pb2.SnapshotRequest(manifest=manifest, peers=peers),
+                        timeout=timeout)
+        try:
+            async for message in stream:
+                yield message
+        except grpc.RpcError as exc:
+            raise decode_error(exc) from exc
+        finally:
+            stream.cancel()
 
     async def alive(self, timeout: float = PROBE_TIMEOUT_SECONDS) -> bool:
         """Does the agent answer its health service? (After a call to it failed: a

@@ -10,6 +10,7 @@ import grpc
 from thaw.core.errors import InvalidArgument, ThawError
 from thaw.core.grpcutil import encode_error, servicer_method, status_for
 from thaw.proto import agent_pb2, scheduler_pb2, scheduler_pb2_grpc
+from thaw.scheduler import snapshots
 from thaw.scheduler.control import ControlPlane
 from thaw.scheduler.events import Event, EventKind
 from thaw.scheduler.nodes import NodeView
@@ -131,6 +132,50 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             return
         async for event in self.control.events.subscribe(request.after_seq, kinds):
             yield event_message(event)
+
+    # ---- snapshots and drains (scheduler/snapshots.py) ------------------------------
+
+    @servicer_method
+    async def ListSnapshots(self, request: scheduler_pb2.ListFunctionsRequest,
+                            context: grpc.aio.ServicerContext
+                            ) -> scheduler_pb2.ListSnapshotsResponse:
+        return scheduler_pb2.ListSnapshotsResponse(
+            snapshots=await snapshots.list_snapshots(self.control, request.tenant))
+
+    @servicer_method
+    async def GetSnapshot(self, request: scheduler_pb2.FunctionRequest,
+                          context: grpc.aio.ServicerContext) -> scheduler_pb2.SnapshotInfo:
+        return await snapshots.get_snapshot(self.control, request.tenant, request.name)
+
+    async def _snapshot_pass(self, kind: str, request: scheduler_pb2.PrewarmRequest,
+                             context: grpc.aio.ServicerContext
+                             ) -> AsyncIterator[agent_pb2.SnapshotProgress]:
+        try:
+            async for message in snapshots.snapshot_pass(
+                    self.control, kind, request.tenant, request.name, request.node_id):
+                yield message
+        except ThawError as exc:
+            await context.abort(status_for(exc), encode_error(exc))
+
+    # Async generators themselves: grpc tells streaming handlers apart by that.
+    async def PrewarmProgress(self, request: scheduler_pb2.PrewarmRequest,
+                              context: grpc.aio.ServicerContext
+                              ) -> AsyncIterator[agent_pb2.SnapshotProgress]:
+        async for message in self._snapshot_pass("prewarm", request, context):
+            yield message
+
+    async def VerifySnapshot(self, request: scheduler_pb2.PrewarmRequest,
+                             context: grpc.aio.ServicerContext
+                             ) -> AsyncIterator[agent_pb2.SnapshotProgress]:
+        async for message in self._snapshot_pass("verify", request, context):
+            yield message
+
+    @servicer_method
+    async def Drain(self, request: scheduler_pb2.DrainRequest,
+                    context: grpc.aio.ServicerContext) -> scheduler_pb2.DrainResponse:
+        reply = await snapshots.drain(self.control, request.node_id)
+        reply.node.CopyFrom(self._node_info(self.control.nodes[request.node_id]))
+        return reply
 
     def _node_info(self, node: NodeView) -> scheduler_pb2.NodeInfo:
         pressure = self.control.pressure

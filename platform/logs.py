@@ -1,0 +1,168 @@
+"""Function logs on a node: what instances print, and what the agent did to them,
+kept per function in a bounded ring buffer and served by the data plane
+(GET /logs, dataplane.py).
+
+Both runtimes send an instance's stdout and stderr into one file (so their order is
+kept): the process runtime by inheriting the descriptors, templates' children by
+dup2, containers through `>>log 2>&1`. One task follows those files here; their
+lines carry stream "output". The agent's own records of an instance (started,
+failed, stopped) carry stream "runtime".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+# Lines kept per function on a node: the newest win. Bounded so a chatty function
+# costs at most about LINES x MAX_LINE_BYTES of agent memory.
+DEFAULT_MAX_LINES = 2000
+# Longer lines are cut (a progress bar without newlines, a dumped tensor).
+MAX_LINE_BYTES = 4096
+# How often the instances' log files are read for new output.
+POLL_SECONDS = 0.2
+# Read at most this much of one file per poll: one flood does not stall the others.
+READ_BYTES_PER_POLL = 256 * 1024
+
+OUTPUT = "output"
+RUNTIME = "runtime"
+
+
+@dataclass(frozen=True)
+class LogLine:
+    seq: int
+    """Increasing per node: a follower resumes after the last one it saw."""
+    time: float
+    function: str
+    instance: str
+    stream: str
+    line: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class _Followed:
+    function: str
+    path: str
+    offset: int = 0
+    partial: bytes = b""
+
+
+@dataclass
+class _Buffer:
+    lines: deque[LogLine]
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class FunctionLogs:
+    """Per-function ring buffers and the follower of instances' log files."""
+
+    def __init__(self, max_lines: int = DEFAULT_MAX_LINES,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.max_lines = max_lines
+        self._clock = clock
+        self._buffers: dict[str, _Buffer] = {}
+        self._followed: dict[str, _Followed] = {}
+        self._seq = 0
+        self._closed = False
+
+    def _buffer(self, function: str) -> _Buffer:
+        buf = self._buffers.get(function)
+        if buf is None:
+            buf = self._buffers[function] = _Buffer(deque(maxlen=self.max_lines))
+        return buf
+
+    def append(self, function: str, instance: str, stream: str, text: str) -> None:
+        buf = self._buffer(function)
+        now = self._clock()
+        for raw in text.splitlines() or [""]:
+            self._seq += 1
+            buf.lines.append(LogLine(self._seq, now, function, instance, stream,
+                                     raw[:MAX_LINE_BYTES]))
+        # Wake the followers, then arm the event again for the next lines.
+        buf.changed.set()
+        buf.changed = asyncio.Event()
+
+    def lines(self, function: str, since: float = 0.0, after_seq: int = 0,
+              tail: int | None = None) -> list[LogLine]:
+        buf = self._buffers.get(function)
+        if buf is None:
+            return []
+        found = [ln for ln in buf.lines if ln.time >= since and ln.seq > after_seq]
+        return found[-tail:] if tail is not None else found
+
+    async def follow(self, function: str, since: float = 0.0, tail: int | None = None
+                     ) -> AsyncIterator[LogLine]:
+        """The kept lines (from `since`, the last `tail`), then each new one as it
+        arrives; ends only when the caller stops iterating."""
+        last = 0
+        for ln in self.lines(function, since, tail=tail):
+            last = ln.seq
+            yield ln
+        while not self._closed:
+            changed = self._buffer(function).changed
+            await changed.wait()
+            for ln in self.lines(function, since, after_seq=last):
+                last = ln.seq
+                yield ln
+
+    def close(self) -> None:
+        """End every follower (the data plane is shutting down)."""
+        self._closed = True
+        for buf in self._buffers.values():
+            buf.changed.set()
+
+    # ---- instances' log files ------------------------------------------------------
+
+    def watch(self, instance_id: str, function: str, path: str) -> None:
+        """Follow an instance's log file from its current end (a new file: from 0)."""
+        try:
+            offset = os.path.getsize(path)
+        except OSError:
+            offset = 0
+        self._followed[instance_id] = _Followed(function, path, offset)
+
+    def unwatch(self, instance_id: str) -> None:
+        """Read what the instance wrote last, then stop following its file."""
+        followed = self._followed.pop(instance_id, None)
+        if followed is not None:
+            self._read_new(instance_id, followed, final=True)
+
+    def poll(self) -> None:
+        for instance_id, followed in list(self._followed.items()):
+            self._read_new(instance_id, followed, final=False)
+
+    def _read_new(self, instance_id: str, followed: _Followed, final: bool) -> None:
+        # A small read of a local file: cheaper inline than a thread hop per poll.
+        try:
+            with open(followed.path, "rb") as handle:
+                handle.seek(followed.offset)
+                data = handle.read(READ_BYTES_PER_POLL)
+        except OSError:
+            return
+        followed.offset += len(data)
+        data = followed.partial + data
+        complete, _, rest = data.rpartition(b"\n")
+        if final and rest:
+            complete, rest = data, b""
+        elif not complete and len(rest) > MAX_LINE_BYTES:
+            complete, rest = rest, b""  # a line with no end: keep it as it comes
+        followed.partial = rest
+        if complete:
+            self.append(followed.function, instance_id, OUTPUT,
+                        complete.decode(errors="replace"))
+
+    async def run(self, interval: float = POLL_SECONDS) -> None:
+        """Read the followed files until cancelled."""
+        while True:
+            with contextlib.suppress(Exception):
+                self.poll()
+            await asyncio.sleep(interval)
