@@ -109,7 +109,7 @@ def _target(request: web.Request, response_body: bytes | None) -> str:
         except ValueError:
             return ""
         if isinstance(made, dict):
-            for field in ("name", "id"):
+            for field in ("id", "name"):
                 if isinstance(made.get(field), str):
                     return str(made[field])[:400]
     return ""
