@@ -52,6 +52,7 @@ from thaw.gateway.state import (
     START_KEY,
     Gateway,
 )
+from thaw.gateway.versions import version_json
 from thaw.proto import scheduler_pb2
 
 log = structlog.get_logger()
@@ -159,7 +160,9 @@ def function_json(request: web.Request, fn: scheduler_pb2.FunctionInfo) -> dict[
         "bundle_digest": fn.bundle_digest, "snapshot_bytes": fn.snapshot_bytes,
         "warm_instances": fn.warm_instances, "config": json.loads(fn.config_json or "{}"),
         "created_at": fn.created_at, "updated_at": fn.updated_at,
-        "url": function_url(request, fn.tenant, fn.name),
+        "active_version": fn.active_version or None,
+        "latest_build": version_json(fn.latest_build) if fn.HasField("latest_build") else None,
+        "url": function_url(request, fn.tenant, fn.name), "priority": fn.priority or None,
     }
 
 
@@ -361,7 +364,8 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
         metrics.set_breaker_state(kind, name, state.value)
         log.warning("circuit " + state.value.replace("_", "-"), kind=kind, name=name)
 
-    leases = LeasePool(scheduler, config.lease_linger, config.lease_max_age)
+    leases = LeasePool(scheduler, config.lease_linger, config.lease_max_age,
+                       aging_rate=config.priority_aging_rate)
     dispatcher = Dispatcher(
         leases, nodes, FunctionQueues(config.queue_high_water, config.queue_low_water,
                                      metrics.set_queue_depth),

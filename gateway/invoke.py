@@ -14,9 +14,12 @@ from urllib.parse import quote
 from aiohttp import web
 
 from thaw.core.errors import InvalidArgument, NotFound, ThawError
+from thaw.core.priority import PRIORITY_DEFAULT
+from thaw.gateway import invocations
 from thaw.gateway.auth import require
 from thaw.gateway.dispatch import Call, Exchange, Settlement, StreamBroken
 from thaw.gateway.errors import PayloadTooLarge
+from thaw.gateway.priority import call_priority
 from thaw.gateway.sse import error_chunk
 from thaw.gateway.state import (
     ERROR_CODE_KEY,
@@ -25,7 +28,6 @@ from thaw.gateway.state import (
     PRINCIPAL_KEY,
     RECEIVED_KEY,
     REQUEST_ID_KEY,
-    START_KEY,
     Gateway,
 )
 from thaw.gateway.tenancy import anonymous_principal
@@ -98,10 +100,11 @@ def forwarded_path(request: web.Request) -> str:
 
 
 def new_call(request: web.Request, gw: Gateway, tenant: str, name: str, path: str,
-             body: bytes, headers: dict[str, str], timeout: float | None) -> Call:
+             body: bytes, headers: dict[str, str], timeout: float | None,
+             priority: int = PRIORITY_DEFAULT) -> Call:
     return Call(tenant=tenant, name=name, path=path, body=body, headers=headers,
                 request_id=request[REQUEST_ID_KEY], timeout=timeout,
-                received=request[RECEIVED_KEY], key_id=_key_id(request))
+                received=request[RECEIVED_KEY], key_id=_key_id(request), priority=priority)
 
 
 def _key_id(request: web.Request) -> str:
@@ -114,6 +117,8 @@ def answer_headers(ex: Exchange, buffered: bool) -> dict[str, str]:
     headers = {h: upstream[h] for h in PASSTHROUGH_HEADERS if h in upstream}
     headers["X-Thaw-Start"] = ex.start
     headers["X-Thaw-Node"] = ex.lease.node_id
+    if ex.lease.version:
+        headers["X-Thaw-Version"] = str(ex.lease.version)  # the version that answered
     headers["Server-Timing"] = ex.server_timing(total=buffered)
     if not buffered:
         # Tell a buffering reverse proxy (nginx) to pass the stream on as it comes.
@@ -167,11 +172,15 @@ async def invoke(request: web.Request) -> web.StreamResponse:
         # Not 403: another tenant's function names are not disclosed.
         raise NotFound(f"function {tenant}/{name} not found", field="name")
     timeout = client_timeout(request)
+    priority = await call_priority(request, gw, p, tenant, name)
     body = await read_body(request, gw.config.max_body_bytes)
     headers = {h: request.headers[h] for h in ("Content-Type", "Accept", "Idempotency-Key")
                if h in request.headers}
-    call = new_call(request, gw, tenant, name, forwarded_path(request), body, headers, timeout)
+    call = new_call(request, gw, tenant, name, forwarded_path(request), body, headers, timeout,
+                    priority)
     request[FUNCTION_KEY] = call.function
-    async with await gw.dispatcher.open(call) as ex:
-        request[START_KEY] = ex.start
-        return await relay(request, ex)
+    # Async, Idempotency-Key, webhook: a stored invocation (gateway/invocations.py).
+    stored = await invocations.intercept(request, gw, p, call)
+    if stored is not None:
+        return stored
+    return await invocations.relay_within_limit(request, gw, p, call, relay)

@@ -14,13 +14,16 @@ import importlib
 from types import ModuleType
 
 MODULES: tuple[str, ...] = (
-    "thaw.gateway.logs",
-    "thaw.gateway.snapshots",
-    "thaw.gateway.alerts",
+    "thaw.gateway.invocations",
     "thaw.gateway.tenancy",
     "thaw.gateway.audit",
     "thaw.gateway.usage",
+    "thaw.gateway.logs",
+    "thaw.gateway.snapshots",
     "thaw.gateway.dashboard",
+    "thaw.gateway.alerts",
+    "thaw.gateway.priority",
+    "thaw.gateway.versions",
 )
 
 

@@ -24,6 +24,7 @@ from thaw.core.errors import (
     ChunkNotFound,
     DeadlineExceeded,
     FunctionUnavailable,
+    InvalidArgument,
     NoCapacity,
     NotFound,
     OutOfMemory,
@@ -31,6 +32,7 @@ from thaw.core.errors import (
     ThawError,
     Unavailable,
 )
+from thaw.core.priority import PRIORITY_DEFAULT, PriorityWaitQueue, Waiter
 from thaw.core.spec import read_bundle
 from thaw.proto import agent_pb2, manifest_pb2, scheduler_pb2
 from thaw.scheduler.autoscale import IdleInstanceView, scale_down
@@ -39,7 +41,7 @@ from thaw.scheduler.events import EventKind, EventLog
 from thaw.scheduler.nodes import AgentClient, NodeView
 from thaw.scheduler.placement import Candidate, IdleInstance, choose_node, plan_eviction
 from thaw.scheduler.policy import PolicyConfig
-from thaw.scheduler.pools import Broadcast, FunctionPool, InstanceView
+from thaw.scheduler.pools import Broadcast, FunctionPool, InstanceView, RoomTurn
 from thaw.scheduler.pressure import (
     PINNED,
     PressureLevel,
@@ -57,6 +59,7 @@ from thaw.scheduler.states import (
 )
 from thaw.scheduler.store import FunctionRecord, InstanceRecord, Store, new_id
 from thaw.scheduler.tenancy import QuotaLedger
+from thaw.scheduler.versions import VersionRecord, VersionState, VersionStore, as_function
 from thaw.snapshotter.manifest import manifest_key
 
 log = structlog.get_logger()
@@ -105,6 +108,10 @@ def _fn_name(fn: FunctionRecord) -> str:
     return f"{fn.tenant}/{fn.name}"
 
 
+def _build_key(function_id: str, version: int) -> str:
+    return f"{function_id}@{version}"
+
+
 class ControlPlane:
     def __init__(self, store: Store, bundles: BundleStore, *, heartbeat_interval: float,
                  node_timeout: float, build_timeout: float, acquire_wait: float,
@@ -130,11 +137,21 @@ class ControlPlane:
         self.pools: dict[str, FunctionPool] = {}
         self.leases: dict[str, tuple[FunctionPool, InstanceView]] = {}
         self._builds: dict[str, asyncio.Task[FunctionRecord]] = {}
+        """function id@version -> its snapshot build."""
+        self.versions = VersionStore(store)
+        self._active: dict[str, tuple[int, float]] = {}
+        """Function id -> (its serving version, since when in unix time), as last
+        switched here or read from the DB (see acquire, generation)."""
         self.holders: dict[str, set[str]] = {}
         """Snapshot id -> nodes whose disk tier holds its chunks."""
         self._background: set[asyncio.Task[object]] = set()
         self._room = Broadcast()
         """Fired whenever slice memory may have been freed (or a node appeared)."""
+        self._room_queue: PriorityWaitQueue[RoomTurn] = PriorityWaitQueue(
+            self.policy.priority_aging_rate, clock)
+        """Requests waiting for room, in the order they may retry placement."""
+        self._room_turns = Broadcast()
+        """Fired when a room waiter tried and failed, or left the room queue."""
         self.room_waiters = 0
         """Requests waiting for room on some node (bounded by placement_queue_max)."""
         self._unclaimed: dict[str, InstanceRecord] = {}
@@ -420,24 +437,46 @@ class ControlPlane:
     # ---- functions -------------------------------------------------------------
 
     async def create_function(self, tenant: str, bundle: bytes, wait: bool) -> FunctionRecord:
+        """Deploy a new immutable version. A function already serving keeps serving its
+        active version while the new one builds; the switch is atomic (versions.py)."""
         spec = read_bundle(bundle)
         digest = await asyncio.to_thread(self.bundles.put, bundle)
         if spec.snapshot:
-            fn = await self.store.run(self.store.upsert_function, tenant, spec, digest,
-                                      "restore", FunctionState.BUILDING)
+            fn, version = await self.store.run(self.versions.deploy, tenant, spec, digest,
+                                               "restore", True)
         else:
-            fn = await self.store.run(self.store.upsert_function, tenant, spec, digest,
-                                      "fresh", FunctionState.READY,
-                                      "snapshots disabled in thaw.toml: runs with fresh starts")
-        self._retire_old_versions(fn)
-        log.info("function deployed", function=f"{tenant}/{spec.name}", version=fn.version,
-                 state=fn.state.value)
-        if fn.state is FunctionState.BUILDING:
-            task = asyncio.create_task(self._build(fn, bundle))
-            self._builds[fn.id] = task
+            fn, version = await self.store.run(
+                self.versions.deploy, tenant, spec, digest, "fresh", False,
+                "snapshots disabled in thaw.toml: runs with fresh starts")
+            self._switched(fn)
+        log.info("function deployed", function=f"{tenant}/{spec.name}",
+                 version=version.version, state=version.state.value,
+                 serving=fn.version if fn.state is FunctionState.READY else None)
+        if version.state is VersionState.BUILDING:
+            task = self._start_build(as_function(fn, version), bundle)
             if wait:
                 return await asyncio.shield(task)
         return fn
+
+    def _start_build(self, target: FunctionRecord, bundle: bytes
+                     ) -> asyncio.Task[FunctionRecord]:
+        key = _build_key(target.id, target.version)
+        task = asyncio.create_task(self._build(target, bundle))
+        self._builds[key] = task
+        task.add_done_callback(lambda _t: self._builds.pop(key, None))
+        return task
+
+    def _switched(self, fn: FunctionRecord) -> None:
+        """`fn` (its active version) was just made the serving version in the DB: new
+        acquires place it; instances of any other version are retired, the idle ones
+        now, the busy ones when their in-flight calls are done."""
+        self._active[fn.id] = (fn.version, time.time())
+        self._pool(fn)
+        self._retire_old_versions(fn)
+        self.events.emit(EventKind.VERSION_ACTIVATED,
+                         f"{_fn_name(fn)} now serves version {fn.version}",
+                         function=_fn_name(fn), version=str(fn.version))
+        log.info("version activated", function=_fn_name(fn), version=fn.version)
 
     async def get_function(self, tenant: str, name: str) -> FunctionRecord:
         return await self.store.run(self.store.get_function, tenant, name)
@@ -459,9 +498,9 @@ class ControlPlane:
         fn = await self.store.run(self.store.get_function, tenant, name)
         await self.store.run(self.store.set_function_state, fn.id, fn.version,
                              FunctionState.DELETED, "deleted")
-        build = self._builds.pop(fn.id, None)
-        if build is not None:
-            build.cancel()
+        for key in [k for k in self._builds if k.startswith(f"{fn.id}@")]:
+            self._builds.pop(key).cancel()
+        self._active.pop(fn.id, None)
         pool = self.pools.get(fn.id)
         if pool is not None:
             for inst in list(pool.instances.values()):
@@ -478,8 +517,12 @@ class ControlPlane:
         that no manifest names yet."""
         if self._builds:
             return 0
-        keep = [manifest_pb2.SnapshotManifest.FromString(m)
-                for m in await self.store.run(self.store.live_manifests)]
+        manifests = await self.store.run(self.store.live_manifests)
+        # The snapshots of the last RETAINED_VERSIONS versions stay, for rollbacks.
+        for m in await self.store.run(self.versions.retained_manifests):
+            if m not in manifests:
+                manifests.append(m)
+        keep = [manifest_pb2.SnapshotManifest.FromString(m) for m in manifests]
         freed = 0
         for node in [n for n in self.nodes.values() if n.state is not NodeState.LOST]:
             try:
@@ -494,14 +537,19 @@ class ControlPlane:
         if pool is None:
             return
         for inst in list(pool.instances.values()):
-            if inst.version < fn.version:
+            if inst.version != fn.version and inst.state is InstanceState.READY:
                 if inst.inflight == 0:
-                    self._spawn(self._stop(pool, inst, "replaced by a new version"))
+                    inst.state = InstanceState.STOPPING  # no request may pick it now
+                    self._spawn(self._stop(pool, inst,
+                                           f"replaced by version {fn.version}"))
                 else:
                     inst.state = InstanceState.STOPPING
 
     async def _build(self, fn: FunctionRecord, bundle: bytes) -> FunctionRecord:
-        """Build the snapshot on a node; the function's state says how it went."""
+        """Build the snapshot of version fn.version on a node, then switch to it (the
+        active version serves meanwhile). A failure is recorded on the version; the
+        function fails with it only if nothing else serves. Returns the function as
+        it is afterwards."""
         name = f"{fn.tenant}/{fn.name}"
         snapshot_id = ""
         try:
@@ -521,44 +569,54 @@ class ControlPlane:
             if snapshot_id:
                 await self.store.run(self.store.finish_snapshot, snapshot_id,
                                      SnapshotState.FAILED, reason=reason)
-            updated = await self.store.run(self.store.set_function_state, fn.id, fn.version,
-                                           FunctionState.FAILED, reason)
-            log.warning("build failed", function=name, reason=reason)
-            return updated or fn
-        finally:
-            self._builds.pop(fn.id, None)
+            return await self._build_failed(fn, reason)
 
         if resp.ok:
             await self.store.run(self.store.finish_snapshot, snapshot_id, SnapshotState.READY,
                                  manifest=resp.manifest.SerializeToString(),
                                  stored_bytes=resp.stored_bytes)
             self.holders.setdefault(snapshot_id, set()).add(node.id)
-            updated = await self.store.run(
-                self.store.set_function_state, fn.id, fn.version, FunctionState.READY, "",
-                "restore", snapshot_id)
-            log.info("snapshot ready", function=name, snapshot=snapshot_id,
-                     bytes=resp.stored_bytes, setup_s=round(resp.manifest.setup_seconds, 3))
+            log.info("snapshot ready", function=name, version=fn.version,
+                     snapshot=snapshot_id, bytes=resp.stored_bytes,
+                     setup_s=round(resp.manifest.setup_seconds, 3))
             # Keep a template with the function's modules imported, so that the first
-            # restore does not pay for imports; a deploy that waits, waits for it too.
+            # restore does not pay for imports; the switch (and a deploy that waits)
+            # waits for it too.
             await self._prepare_template(node, fn, resp.manifest)
-            if fn.version > 1:
-                self._spawn(self.collect_garbage())  # the old version's snapshot
+            updated = await self.store.run(self.versions.activate, fn.id, fn.version,
+                                           start_mode="restore", snapshot_id=snapshot_id)
+            # Its manifest is now one the collection keeps: the build is over for it.
+            self._builds.pop(_build_key(fn.id, fn.version), None)
+            self._spawn(self.collect_garbage())  # snapshots past the retained versions
         elif resp.stage == "capture":
             where = f" at {resp.attribute_path}" if resp.attribute_path else ""
             reason = (f"state cannot be snapshotted{where}: {resp.reason}; "
                       "runs with fresh starts")
             await self.store.run(self.store.finish_snapshot, snapshot_id, SnapshotState.FAILED,
                                  reason=reason)
-            updated = await self.store.run(self.store.set_function_state, fn.id, fn.version,
-                                           FunctionState.READY, reason, "fresh")
+            updated = await self.store.run(self.versions.activate, fn.id, fn.version,
+                                           start_mode="fresh", reason=reason)
             log.warning("snapshot not possible", function=name, reason=reason)
         else:
             reason = f"{resp.stage} failed: {resp.reason}"
             await self.store.run(self.store.finish_snapshot, snapshot_id, SnapshotState.FAILED,
                                  reason=reason)
-            updated = await self.store.run(self.store.set_function_state, fn.id, fn.version,
-                                           FunctionState.FAILED, reason)
-            log.warning("build failed", function=name, reason=reason)
+            return await self._build_failed(fn, reason)
+        if updated is None:
+            log.info("built version superseded; not activated", function=name,
+                     version=fn.version)
+            return await self.store.run(self.store.get_function_by_id, fn.id)
+        self._switched(updated)
+        return updated
+
+    async def _build_failed(self, fn: FunctionRecord, reason: str) -> FunctionRecord:
+        updated = await self.store.run(self.versions.fail, fn.id, fn.version, reason)
+        serving = updated is not None and updated.state is FunctionState.READY
+        log.warning("build failed", function=f"{fn.tenant}/{fn.name}", version=fn.version,
+                    reason=reason, serving=updated.version if serving and updated else None)
+        self.events.emit(EventKind.BUILD_FAILED,
+                         f"{_fn_name(fn)} version {fn.version} failed to build: {reason}",
+                         function=_fn_name(fn), version=str(fn.version))
         return updated or fn
 
     async def _prepare_template(self, node: NodeView, fn: FunctionRecord,
@@ -571,7 +629,7 @@ class ControlPlane:
             log.warning("template not prepared", node=node.id, function=fn.name, error=str(exc))
 
     async def wait_built(self, fn: FunctionRecord, deadline: float) -> FunctionRecord:
-        task = self._builds.get(fn.id)
+        task = self._builds.get(_build_key(fn.id, fn.version))
         if task is not None:
             try:
                 return await asyncio.wait_for(asyncio.shield(task),
@@ -581,18 +639,88 @@ class ControlPlane:
                     f"{fn.tenant}/{fn.name} is still building its snapshot") from exc
         return await self.store.run(self.store.get_function_by_id, fn.id)
 
+    # ---- versions --------------------------------------------------------------
+
+    def generation(self, function_id: str, version: int) -> float:
+        """Since when `version` serves (unix time); 0.0 for a version that no longer
+        does. Leases carry it: a gateway keeps using only the newest generation's."""
+        active = self._active.get(function_id)
+        return active[1] if active is not None and active[0] == version else 0.0
+
+    async def list_versions(self, tenant: str, name: str
+                            ) -> tuple[FunctionRecord, list[VersionRecord]]:
+        """The function (its active version) and every version, newest first."""
+        fn = await self.store.run(self.store.get_function, tenant, name)
+        return fn, await self.store.run(self.versions.all, fn.id)
+
+    async def rollback(self, tenant: str, name: str, version: int = 0
+                       ) -> tuple[FunctionRecord, bool]:
+        """Make `version` (0: the newest ready one before the active one) serve again:
+        at once when its snapshot still exists (or it runs fresh), else after
+        rebuilding its snapshot from its stored bundle while the active version keeps
+        serving. Returns the function afterwards and whether it was rebuilt."""
+        fn, versions = await self.list_versions(tenant, name)
+        if version == 0:
+            earlier = [v for v in versions
+                       if v.state is VersionState.READY and v.version < fn.version]
+            if not earlier:
+                raise InvalidArgument(f"{tenant}/{name} has no ready version before "
+                                      f"version {fn.version} to roll back to",
+                                      field="version")
+            target = earlier[0]
+        else:
+            found = [v for v in versions if v.version == version]
+            if not found:
+                raise NotFound(f"{tenant}/{name} has no version {version}", field="version")
+            target = found[0]
+        if target.state is not VersionState.READY:
+            why = f": {target.reason}" if target.reason else ""
+            raise InvalidArgument(f"version {target.version} of {tenant}/{name} is "
+                                  f"{target.state.value}{why}; only a ready version can "
+                                  "serve", field="version")
+        if target.version == fn.version and fn.state is FunctionState.READY:
+            return fn, False
+        if target.restorable:
+            updated = await self.store.run(
+                self.versions.activate, fn.id, target.version, start_mode=target.start_mode,
+                reason=target.reason, after_build=False)
+            if updated is None:
+                raise NotFound(f"function {tenant}/{name} not found", field="name")
+            self._switched(updated)
+            log.info("rolled back", function=f"{tenant}/{name}", version=target.version)
+            return updated, False
+        bundle = await asyncio.to_thread(self.bundles.get, target.bundle_digest)
+        rebuilding = await self.store.run(self.versions.begin_rebuild, fn.id, target.version)
+        log.info("rolling back: rebuilding a collected snapshot", function=f"{tenant}/{name}",
+                 version=target.version)
+        after = await asyncio.shield(self._start_build(as_function(fn, rebuilding), bundle))
+        if after.version != target.version or after.state is not FunctionState.READY:
+            failed = await self.store.run(self.versions.get, fn.id, target.version)
+            raise FunctionUnavailable(
+                f"rebuilding the snapshot of version {target.version} of {tenant}/{name} "
+                f"failed ({failed.reason}); version {after.version} still serves")
+        return after, True
+
     # ---- invocations -----------------------------------------------------------
 
     def _pool(self, fn: FunctionRecord) -> FunctionPool:
         pool = self.pools.get(fn.id)
         if pool is None:
-            pool = self.pools[fn.id] = FunctionPool(fn.id, name=_fn_name(fn))
+            pool = self.pools[fn.id] = FunctionPool(
+                fn.id, name=_fn_name(fn),
+                queue=PriorityWaitQueue(self.policy.priority_aging_rate, self._clock))
         pool.min_instances = fn.spec.scaling.min_instances
         return pool
 
-    async def acquire(self, tenant: str, name: str, wait: float) -> LeaseGrant:
+    async def acquire(self, tenant: str, name: str, wait: float,
+                      priority: int = PRIORITY_DEFAULT, invocation_id: str = "") -> LeaseGrant:
         """A lease on an instance of the function: a warm one with a free slot, else a
         new one if the autoscaler wants one for the demand, else wait for either.
+
+        Waiting requests are served in priority order, FIFO among equals, with aging
+        (core/priority.py): only the head of the function's queue takes a free slot,
+        and a new instance goes to the head, whoever started it. Requests waiting for
+        room on the nodes retry placement in that order too (RoomTurn).
 
         Bounded: past function_queue_max waiting requests -> NoCapacity; when nothing
         fits and nothing can be evicted, at most placement_queue_max requests wait
@@ -601,8 +729,9 @@ class ControlPlane:
         started = self._clock()
         deadline = started + (min(wait, self.acquire_wait) if wait > 0 else self.acquire_wait)
         fn = await self.store.run(self.store.get_function, tenant, name)
-        if fn.state is FunctionState.BUILDING:
-            fn = await self.wait_built(fn, deadline)
+        while (fn.state is FunctionState.BUILDING
+               and _build_key(fn.id, fn.version) in self._builds):
+            fn = await self.wait_built(fn, deadline)  # (a superseded build: the next)
         if fn.state is FunctionState.FAILED:
             raise FunctionUnavailable(f"{tenant}/{name} cannot run: {fn.reason}")
         if fn.state is not FunctionState.READY:
@@ -617,11 +746,20 @@ class ControlPlane:
             raise NoCapacity(f"{tenant}/{name} already has {pool.waiters} requests waiting "
                              "for an instance; try again later")
         pool.waiters += 1
+        me = pool.queue.push(None, priority, invocation_id)
         room_since: float | None = None
+        room: Waiter[RoomTurn] | None = None
         try:
             while True:
                 seen = pool.changed.token()
-                inst = pool.pick(fn.version, scaling.max_concurrency)
+                if self._active.setdefault(fn.id, (fn.version, fn.updated_at))[0] != fn.version:
+                    # A deploy or rollback switched versions since fn was read: place
+                    # the serving one (the old one's instances are being retired).
+                    fn = await self.store.run(self.store.get_function, tenant, name)
+                    scaling = fn.spec.scaling
+                    continue
+                first_in_line = pool.queue.head() is me
+                inst = pool.pick(fn.version, scaling.max_concurrency) if first_in_line else None
                 if inst is not None:
                     return self._grant(pool, inst, "warm", (("queue", self._clock() - started),),
                                        scaling.timeout)
@@ -630,6 +768,7 @@ class ControlPlane:
                     # Server-Timing stages are disjoint: the queue ends where the start
                     # (restore or import+setup) begins.
                     queued = self._clock() - started
+                    epoch = self._room.fired
                     try:
                         inst, timings = await self._start_instance(fn)
                     except _NoRoom as exc:
@@ -637,16 +776,31 @@ class ControlPlane:
                         pool.changed.fire()
                         first = room_since is None
                         room_since = self._clock() if room_since is None else room_since
-                        await self._wait_for_room(pool, str(exc), room_since, deadline, first)
+                        if room is None:
+                            room = self._room_queue.push(RoomTurn(), me.priority, invocation_id)
+                        room.item.tried = epoch
+                        self._room_turns.fire()
+                        await self._wait_for_room(pool, str(exc), room_since, deadline, first,
+                                                  room)
                         continue
                     except BaseException:
                         pool.starting -= 1
                         pool.changed.fire()
                         raise
                     pool.starting -= 1
+                    self._leave_room_queue(room)
+                    room = None
+                    if pool.queue.head() is me:
+                        self._add_instance(pool, inst)
+                        return self._grant(pool, inst, inst.start,
+                                           (("queue", queued), *timings), scaling.timeout)
+                    # Started by a request further back: the head takes it (and reports
+                    # the cold start); this one waits on in its place.
+                    inst.unclaimed_start = (inst.start, timings)
                     self._add_instance(pool, inst)
-                    return self._grant(pool, inst, inst.start, (("queue", queued), *timings),
-                                       scaling.timeout)
+                    continue
+                self._leave_room_queue(room)
+                room = None
                 remaining = deadline - self._clock()
                 if remaining <= 0:
                     live = len(pool.live(fn.version))
@@ -657,12 +811,58 @@ class ControlPlane:
                 await Broadcast.wait(seen, remaining)
         finally:
             pool.waiters -= 1
+            pool.queue.remove(me)
+            self._leave_room_queue(room)
+            pool.changed.fire()  # the next in line may take what this one leaves
+
+    def _leave_room_queue(self, room: Waiter[RoomTurn] | None) -> None:
+        if room is not None and self._room_queue.remove(room):
+            self._room_turns.fire()
+
+    def _room_turn(self, room: Waiter[RoomTurn]) -> bool:
+        """May this room waiter retry placement now (see RoomTurn)?"""
+        epoch = self._room.fired
+        if room.item.tried >= epoch:
+            return False  # no room changed since its last try
+        for waiter in self._room_queue:
+            if waiter is room:
+                return True
+            if waiter.item.tried < epoch:
+                return False  # one ahead has yet to try since the change
+        return True  # not queued (any more): nothing to wait for
+
+    def set_priority(self, invocation_id: str, priority: int, tenant: str = ""
+                     ) -> tuple[str, int, float, int]:
+        """Give a queued invocation a new priority (an operator moving it ahead):
+        (tenant/name, priority, effective priority, requests ahead of it now).
+        NotFound when no acquire of that invocation (of `tenant`, unless "") is
+        waiting here."""
+        for pool in self.pools.values():
+            waiter = pool.queue.find(invocation_id)
+            if waiter is None or (tenant and not pool.name.startswith(f"{tenant}/")):
+                continue
+            pool.queue.set_priority(waiter, priority)
+            room = self._room_queue.find(invocation_id)
+            if room is not None:
+                self._room_queue.set_priority(room, priority)
+                self._room_turns.fire()
+            pool.changed.fire()
+            self.events.emit(EventKind.PRIORITY_CHANGED,
+                             f"invocation {invocation_id} of {pool.name} set to priority "
+                             f"{priority}", function=pool.name, invocation=invocation_id,
+                             priority=str(priority))
+            return (pool.name, priority, pool.queue.effective(waiter),
+                    pool.queue.rank(waiter))
+        raise NotFound(f"invocation {invocation_id} is not waiting for an instance "
+                       "(it was served, finished or never queued here)",
+                       field="invocation_id")
 
     async def _wait_for_room(self, pool: FunctionPool, why: str, since: float,
-                             deadline: float, first: bool) -> None:
+                             deadline: float, first: bool,
+                             room: Waiter[RoomTurn] | None = None) -> None:
         """Nothing fits and nothing can be evicted: wait (bounded) until room may have
-        appeared, then the caller tries again from the top (a warm instance may have
-        freed meanwhile)."""
+        appeared and it is this request's turn to retry (RoomTurn), then the caller
+        tries again from the top (a warm instance may have freed meanwhile)."""
         seen = self._room.token()  # no suspension since the failed placement
         until = min(deadline, since + self.policy.placement_queue_timeout)
         remaining = until - self._clock()
@@ -683,16 +883,39 @@ class ControlPlane:
                              function=pool.name)
         self.room_waiters += 1
         try:
-            await Broadcast.wait(seen, remaining)
+            if room is None:
+                await Broadcast.wait(seen, remaining)
+                return
+            while not self._room_turn(room):
+                remaining = until - self._clock()
+                if remaining <= 0:
+                    return  # the caller's next try fails and reports the deadline
+                await Broadcast.wait_any((self._room.token(), self._room_turns.token()),
+                                         remaining)
         finally:
             self.room_waiters -= 1
 
     def _add_instance(self, pool: FunctionPool, inst: InstanceView) -> None:
         pool.instances[inst.id] = inst
+        if inst.version != self._active.get(inst.function_id, (inst.version, 0.0))[0]:
+            # Started for a version switched out meanwhile: it serves the call it was
+            # started for (granted right after this, if any), then retires.
+            inst.state = InstanceState.STOPPING
+            self._spawn(self._retire_if_idle(pool, inst))
         pool.changed.fire()
+
+    async def _retire_if_idle(self, pool: FunctionPool, inst: InstanceView) -> None:
+        await asyncio.sleep(0)  # after the grant that may follow _add_instance
+        if inst.state is InstanceState.STOPPING and inst.inflight == 0:
+            await self._stop(pool, inst, "its version was replaced while it started")
 
     def _grant(self, pool: FunctionPool, inst: InstanceView, start: str,
                timings: tuple[tuple[str, float], ...], timeout: float) -> LeaseGrant:
+        if inst.unclaimed_start is not None:
+            # Its first lease: the start it waited for was this instance's cold start.
+            start, cold = inst.unclaimed_start
+            timings = (*timings, *cold)
+            inst.unclaimed_start = None
         inst.inflight += 1
         lease_id = uuid.uuid4().hex
         self.leases[lease_id] = (pool, inst)
@@ -910,6 +1133,8 @@ class ControlPlane:
                              FunctionState.READY,
                              f"snapshot quarantined after a failed restore: {reason}; "
                              "runs with fresh starts", "fresh")
+        await self.store.run(self.versions.run_fresh, fn.id, fn.version,
+                             f"snapshot quarantined after a failed restore: {reason}")
         log.error("snapshot quarantined", function=_fn_name(fn),
                   snapshot=fn.snapshot_id, reason=reason)
         self.events.emit(EventKind.SNAPSHOT_QUARANTINED,

@@ -33,6 +33,9 @@ class EventKind(str, enum.Enum):
     PLACEMENT_QUEUED = "placement_queued"  # nothing fits: a request waits for room
     PLACEMENT_REFUSED = "placement_refused"  # queue full or timed out
     EVENTS_LOST = "events_lost"            # a subscriber fell behind the log
+    VERSION_ACTIVATED = "version_activated"  # a deploy or rollback switched versions
+    BUILD_FAILED = "build_failed"          # a version's build failed (the old one serves)
+    PRIORITY_CHANGED = "priority_changed"  # an operator re-prioritized a queued invocation
 
 
 @dataclass(frozen=True)

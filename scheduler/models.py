@@ -145,6 +145,47 @@ class AuditRecord(Base):
     detail_json: Mapped[str] = mapped_column(Text, default="{}")
 
 
+# ---- invocations (async calls, sync calls past the wait limit, Idempotency-Key) -------
+
+class Invocation(Base):
+    __tablename__ = "invocations"
+    # Decides which of several concurrent requests with one key (on any replica) runs
+    # the function; NULL keys (no header, or an expired invocation's) never collide.
+    __table_args__ = (UniqueConstraint("tenant_id", "idempotency_key"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(64), index=True)
+    function_name: Mapped[str] = mapped_column(String(63))
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    """queued | running | succeeded | failed | cancelled | expired"""
+    priority: Mapped[int] = mapped_column(Integer, default=50)
+    path: Mapped[str] = mapped_column(Text, default="")
+    request_body: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    request_content_type: Mapped[str] = mapped_column(String(200), default="")
+    request_headers_json: Mapped[str] = mapped_column(Text, default="{}")
+    timeout_seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    result_status: Mapped[int] = mapped_column(Integer, default=0)
+    result_content_type: Mapped[str] = mapped_column(String(200), default="")
+    result_body: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    result_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    start_kind: Mapped[str] = mapped_column(String(16), default="")
+    error_code: Mapped[str] = mapped_column(String(64), default="")
+    error_message: Mapped[str] = mapped_column(Text, default="")
+    webhook_url: Mapped[str] = mapped_column(Text, default="")
+    webhook_state: Mapped[str] = mapped_column(String(16), default="")
+    webhook_attempts: Mapped[int] = mapped_column(Integer, default=0)
+    webhook_error: Mapped[str] = mapped_column(Text, default="")
+    idempotency_key: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    request_digest: Mapped[str] = mapped_column(String(64), default="")
+    key_id: Mapped[str] = mapped_column(String(64), default="")
+    claimed_by: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    claim_until: Mapped[float | None] = mapped_column(Float, nullable=True)
+    created_at: Mapped[float] = mapped_column(Float, default=_now, index=True)
+    started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    expires_at: Mapped[float | None] = mapped_column(Float, nullable=True, index=True)
+
+
 # ---- usage (metering) -----------------------------------------------------------------
 
 class Usage(Base):
@@ -195,3 +236,31 @@ class UsageHour(Base):
     compute_seconds: Mapped[float] = mapped_column(Float, default=0.0)
     bytes_in: Mapped[int] = mapped_column(BigInteger, default=0)
     bytes_out: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+# ---- function versions (every deploy is an immutable version) -----------------------
+
+class FunctionVersion(Base):
+    """One deploy of a function: its bundle, parsed thaw.toml and snapshot. The
+    functions row mirrors the active (serving) one; the others are kept for rollback."""
+
+    __tablename__ = "function_versions"
+    __table_args__ = (UniqueConstraint("function_id", "version"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    function_id: Mapped[str] = mapped_column(ForeignKey("functions.id"), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    bundle_digest: Mapped[str] = mapped_column(String(64))
+    handler: Mapped[str] = mapped_column(String(200))
+    spec_json: Mapped[str] = mapped_column(Text)
+    start_mode: Mapped[str] = mapped_column(String(16), default="restore")
+    state: Mapped[str] = mapped_column(String(16))
+    """building | ready | failed (scheduler/states.py VersionState)"""
+    reason: Mapped[str] = mapped_column(Text, default="")
+    snapshot_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    snapshot_collected: Mapped[bool] = mapped_column(Boolean, default=False)
+    """Its snapshot fell out of retention and nodes dropped its chunks: a rollback to
+    it rebuilds the snapshot from the bundle."""
+    created_at: Mapped[float] = mapped_column(Float, default=_now)
+    activated_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    """When it last became the serving version (deploy or rollback)."""

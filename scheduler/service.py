@@ -9,24 +9,57 @@ import grpc
 
 from thaw.core.errors import InvalidArgument, ThawError
 from thaw.core.grpcutil import encode_error, servicer_method, status_for
+from thaw.core.priority import PRIORITY_DEFAULT, PRIORITY_MAX, PRIORITY_MIN, valid_priority
 from thaw.proto import agent_pb2, scheduler_pb2, scheduler_pb2_grpc
 from thaw.scheduler import snapshots
 from thaw.scheduler.control import ControlPlane
 from thaw.scheduler.events import Event, EventKind
 from thaw.scheduler.nodes import NodeView
+from thaw.scheduler.priority import set_function_priority
+from thaw.scheduler.states import FunctionState
 from thaw.scheduler.store import FunctionRecord
+from thaw.scheduler.versions import VersionRecord
 
 # Bundles stream to agents in pieces well under the message limit.
 BUNDLE_PIECE_BYTES = 1024 * 1024
 
 
 async def function_info(control: ControlPlane, fn: FunctionRecord) -> scheduler_pb2.FunctionInfo:
+    info = await _function_fields(control, fn)
+    info.active_version = fn.version
+    latest = await control.store.run(control.versions.latest, fn.id)
+    if latest is not None:
+        info.latest_build.CopyFrom(version_info(latest, fn))
+    return info
+
+
+def version_info(v: VersionRecord, fn: FunctionRecord) -> scheduler_pb2.VersionInfo:
+    return scheduler_pb2.VersionInfo(
+        version=v.version, state=v.state.value, reason=v.reason,
+        bundle_digest=v.bundle_digest, handler=v.handler, start_mode=v.start_mode,
+        snapshot_state=v.snapshot_state, snapshot_bytes=v.snapshot_bytes,
+        created_at=v.created_at, activated_at=v.activated_at or 0.0,
+        active=fn.state is FunctionState.READY and v.version == fn.version,
+        config_json=json.dumps(v.spec.to_dict()))
+
+
+async def _function_fields(control: ControlPlane, fn: FunctionRecord
+                           ) -> scheduler_pb2.FunctionInfo:
     return scheduler_pb2.FunctionInfo(
         tenant=fn.tenant, name=fn.name, version=str(fn.version), state=fn.state.value,
         reason=fn.reason, start_mode=fn.start_mode, handler=fn.handler,
         bundle_digest=fn.bundle_digest, snapshot_bytes=await control.snapshot_bytes(fn),
         config_json=json.dumps(fn.spec.to_dict()), created_at=fn.created_at,
-        updated_at=fn.updated_at, warm_instances=control.warm_count(fn.id))
+        updated_at=fn.updated_at, warm_instances=control.warm_count(fn.id),
+        priority=fn.priority or 0)
+
+
+def request_priority(priority: int) -> int:
+    """An Acquire's priority: 0 (an older gateway, or none given) is the default; the
+    gateway checked the key's range, so out of range here is only clamped."""
+    if priority <= 0:
+        return PRIORITY_DEFAULT
+    return min(priority, PRIORITY_MAX)
 
 
 class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
@@ -73,19 +106,69 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
     @servicer_method
     async def Acquire(self, request: scheduler_pb2.AcquireRequest,
                       context: grpc.aio.ServicerContext) -> scheduler_pb2.Lease:
-        grant = await self.control.acquire(request.tenant, request.name, request.wait_seconds)
+        grant = await self.control.acquire(request.tenant, request.name, request.wait_seconds,
+                                           request_priority(request.priority),
+                                           request.invocation_id)
         start = {"warm": agent_pb2.START_UNSPECIFIED, "restore": agent_pb2.START_RESTORE,
                  "fresh": agent_pb2.START_FRESH}[grant.start]
         return scheduler_pb2.Lease(
             lease_id=grant.lease_id, node_id=grant.instance.node_id, data_url=grant.data_url,
             instance_id=grant.instance.id, start=start, timeout_seconds=grant.timeout,
-            timings=[agent_pb2.Timing(stage=s, seconds=v) for s, v in grant.timings])
+            timings=[agent_pb2.Timing(stage=s, seconds=v) for s, v in grant.timings],
+            version=grant.instance.version,
+            generation=self.control.generation(grant.instance.function_id,
+                                               grant.instance.version))
+
+    @servicer_method
+    async def ListVersions(self, request: scheduler_pb2.FunctionRequest,
+                           context: grpc.aio.ServicerContext
+                           ) -> scheduler_pb2.ListVersionsResponse:
+        fn, versions = await self.control.list_versions(request.tenant, request.name)
+        return scheduler_pb2.ListVersionsResponse(
+            active_version=fn.version if fn.state is FunctionState.READY else 0,
+            versions=[version_info(v, fn) for v in versions])
+
+    @servicer_method
+    async def Rollback(self, request: scheduler_pb2.RollbackRequest,
+                       context: grpc.aio.ServicerContext) -> scheduler_pb2.RollbackResponse:
+        fn, rebuilt = await self.control.rollback(request.tenant, request.name,
+                                                  request.version)
+        if rebuilt:
+            message = (f"version {fn.version}'s snapshot had been collected: rebuilt from "
+                       "its bundle, then switched to it")
+        else:
+            message = f"version {fn.version} serves again, at once (nothing rebuilt)"
+        return scheduler_pb2.RollbackResponse(function=await function_info(self.control, fn),
+                                              rebuilt=rebuilt, message=message)
 
     @servicer_method
     async def Release(self, request: scheduler_pb2.ReleaseRequest,
                       context: grpc.aio.ServicerContext) -> scheduler_pb2.ReleaseResponse:
         await self.control.release(request.lease_id, request.instance_failed, request.reason)
         return scheduler_pb2.ReleaseResponse()
+
+    @servicer_method
+    async def SetPriority(self, request: scheduler_pb2.SetPriorityRequest,
+                          context: grpc.aio.ServicerContext
+                          ) -> scheduler_pb2.SetPriorityResponse:
+        if not request.invocation_id:
+            raise InvalidArgument("invocation_id is required", field="invocation_id")
+        if not valid_priority(request.priority):
+            raise InvalidArgument(f"priority must be from {PRIORITY_MIN} to {PRIORITY_MAX}, "
+                                  f"got {request.priority}", field="priority")
+        function, priority, effective, ahead = self.control.set_priority(
+            request.invocation_id, request.priority, request.tenant)
+        return scheduler_pb2.SetPriorityResponse(function=function, priority=priority,
+                                                 effective_priority=effective, ahead=ahead)
+
+    @servicer_method
+    async def SetFunctionPriority(self, request: scheduler_pb2.SetFunctionPriorityRequest,
+                                  context: grpc.aio.ServicerContext
+                                  ) -> scheduler_pb2.FunctionInfo:
+        store = self.control.store
+        fn = await store.run(set_function_priority, store, request.tenant, request.name,
+                             request.priority or None)
+        return await function_info(self.control, fn)
 
 
     @servicer_method
