@@ -17,6 +17,7 @@ from thaw.ops.nodes import node
 from thaw.ops.services import agent, gateway, scheduler, up
 from thaw.ops.snapshots import snapshot
 from thaw.ops.top import top
+from thaw.ops.usage import usage
 
 # Exit codes: 1 = the platform said no (a ThawError), 2 = bad usage (click's own).
 EXIT_ERROR = 1
@@ -34,7 +35,7 @@ def cli(profile: str) -> None:
 
 
 for command in (up, scheduler, gateway, agent, deploy, invoke, fn, snapshot, node, bench,
-                image, login, top):
+                image, login, top, usage):
     cli.add_command(command)
 fn.add_command(fn_logs)
 

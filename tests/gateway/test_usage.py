@@ -6,8 +6,12 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import re
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -127,3 +131,29 @@ def test_iso_times_and_bad_parameters(platform: RunningPlatform,
         resp = platform.http.get("/v1/usage", params=params)
         assert resp.status_code == 400, (params, resp.text)
         assert resp.json()["error"]["field"] == field, params
+
+
+def test_thaw_usage(platform: RunningPlatform, workload: dict[str, float],
+                    tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("THAW_")}
+    env.update({"HOME": str(tmp_path), "THAW_HOME": str(tmp_path / "home"),
+                "THAW_CONFIG_FILE": str(tmp_path / "absent.toml"), "COLUMNS": "200",
+                "THAW_URL": platform.url, "THAW_API_KEY": platform.key})
+    span = ["--from", str(workload["since"]), "--to", str(workload["until"]),
+            "--function", "usage-metered"]
+
+    def thaw(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "thaw.ops", "usage", *args], env=env,
+                              capture_output=True, text=True, timeout=120)
+
+    as_json = thaw(*span, "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    assert json.loads(as_json.stdout)["totals"]["invocations"] == 6
+    as_csv = thaw(*span, "--csv", "--group-by", "day")
+    assert as_csv.returncode == 0, as_csv.stderr
+    assert sum(int(r["invocations"]) for r in csv.DictReader(io.StringIO(as_csv.stdout))) == 6
+    table = thaw(*span)
+    assert table.returncode == 0, table.stderr
+    assert "usage-metered" in table.stdout and "total" in table.stdout
+    bad = thaw("--from", "yesterday")
+    assert bad.returncode == 1 and "from must be" in bad.stderr
