@@ -489,6 +489,11 @@ class AlertEngine:
         except ThawError as exc:
             log.info("alert source unavailable", source=what, error=str(exc))
             return None
+        except Exception as exc:
+            # A source's bug (or a stand-in scheduler without that call) costs only the
+            # rules on that source, not the round.
+            log.warning("alert source failed", source=what, error=repr(exc))
+            return None
 
     async def _restore_events(self, now: float) -> Sequence[RestoreEvent] | None:
         while True:

@@ -115,6 +115,7 @@ def test_error_rate_alert_fires_reaches_the_receiver_and_resolves(
             assert not [b for b in receiver.bodies("/hook") if is_ours("resolved")(b)]
 
             listed = http.get("/v1/alerts").json()
+            assert listed["api_keys_source"] == "tenancy"
             active = [a for a in listed["active"] if a["alert"] == "error_rate"]
             assert [(a["subject"], a["state"]) for a in active] == [(FUNCTION, "firing")]
 

@@ -236,6 +236,17 @@ async def test_an_unreachable_source_neither_fires_nor_resolves() -> None:
     assert states(await h.tick()) == [("node_down", "n1", AlertState.RESOLVED)]
 
 
+async def test_a_source_that_breaks_costs_only_its_own_rules() -> None:
+    h = Harness(alerts_queue_depth=5)
+
+    async def broken() -> Sequence[KeyExpiry]:
+        raise RuntimeError("a bug")
+
+    h.sources.api_keys = broken  # type: ignore[method-assign]
+    h.sources.depths = {"t/f": 5}
+    assert states(await h.tick()) == [("queue_depth", "t/f", AlertState.FIRING)]
+
+
 async def test_error_rate_needs_min_requests_and_the_share() -> None:
     h = Harness(alerts_error_rate=0.5, alerts_min_requests=10)
     h.sources.figures = {"t/f": CallFigures(4, 4, 0.01)}    # too few to judge
