@@ -8,6 +8,7 @@ import sys
 import click
 
 from thaw.core.errors import ThawError
+from thaw.ops.audit import audit
 from thaw.ops.bench import bench
 from thaw.ops.config import CREDENTIALS_HELP, login
 from thaw.ops.functions import deploy, fn, invoke
@@ -16,6 +17,7 @@ from thaw.ops.logs import fn_logs
 from thaw.ops.nodes import node
 from thaw.ops.services import agent, gateway, scheduler, up
 from thaw.ops.snapshots import snapshot
+from thaw.ops.tenants import key, tenant
 from thaw.ops.top import top
 from thaw.ops.usage import usage
 
@@ -38,6 +40,8 @@ for command in (up, scheduler, gateway, agent, deploy, invoke, fn, snapshot, nod
                 image, login, top, usage):
     cli.add_command(command)
 fn.add_command(fn_logs)
+for command in (key, tenant, audit):  # tenancy: ops/tenants.py, ops/audit.py
+    cli.add_command(command)
 
 
 def main() -> None:

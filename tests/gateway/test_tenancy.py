@@ -4,13 +4,17 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from pathlib import Path
 
 import httpx
+import pytest
+from click.testing import CliRunner
 
 from tests.conftest import RunningPlatform
 from tests.gateway.tenancy_helpers import deploy, echo_bundle, new_tenant, unique
+from thaw.ops.cli import cli
 
 
 def test_only_the_operator_manages_tenants_and_nodes(platform: RunningPlatform) -> None:
@@ -177,3 +181,37 @@ def test_management_actions_are_audited_with_the_key_id(platform: RunningPlatfor
     assert b.http.get("/v1/audit", params={"limit": 0}).status_code == 400
     # The log has no route to change or remove an entry.
     assert b.http.delete("/v1/audit").status_code == 405
+
+
+def test_the_cli_manages_tenants_keys_and_reads_the_audit_log(
+        platform: RunningPlatform, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("THAW_URL", platform.url)
+    monkeypatch.setenv("THAW_API_KEY", platform.key)
+    monkeypatch.delenv("THAW_PROFILE", raising=False)
+    runner = CliRunner()
+    name = unique("cli")
+    made = runner.invoke(cli, ["tenant", "create", name])
+    assert made.exit_code == 0, made.output
+    quota = runner.invoke(cli, ["tenant", "quota", name, "--max-memory", "2GiB",
+                                "--max-instances", "3"])
+    assert quota.exit_code == 0 and "2.0 GiB" in quota.output, quota.output
+    listed = runner.invoke(cli, ["tenant", "ls", "--json"])
+    assert {"id": name, "max_instances": 3}.items() <= next(
+        t for t in json.loads(listed.output) if t["id"] == name).items()
+    created = runner.invoke(cli, ["key", "create", "--tenant", name, "--scope", "deploy",
+                                  "--name", "from-cli", "--json"])
+    assert created.exit_code == 0, created.output
+    key = json.loads(created.output)
+    assert key["scopes"] == ["deploy"] and key["key"].startswith("thaw_")
+    keys = runner.invoke(cli, ["key", "ls", "--tenant", name, "--json"])
+    assert [k["id"] for k in json.loads(keys.output)] == [key["id"]]
+    assert key["key"] not in keys.output
+    revoked = runner.invoke(cli, ["key", "revoke", key["id"], "--tenant", name])
+    assert revoked.exit_code == 0 and "revoked" in revoked.output
+    log = runner.invoke(cli, ["audit", "--since", "10m", "--action", "key.", "--json"])
+    assert log.exit_code == 0, log.output
+    entries = json.loads(log.output)
+    assert {("key.create", key["id"]), ("key.revoke", key["id"])} <= {
+        (e["action"], e["target"]) for e in entries}
+    table = runner.invoke(cli, ["audit", "--limit", "5"])
+    assert table.exit_code == 0 and "key.revoke" in table.output
