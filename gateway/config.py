@@ -42,6 +42,24 @@ class GatewaySettings(GatewayConfig, AlertSettings):
     lease_max_age: float = Field(2.0, gt=0, le=60)
     """Seconds after which a lease goes back to the scheduler even under steady
     traffic (fairness to other replicas, retiring old versions)."""
+    priority_aging_rate: float = Field(1.0, ge=0, le=100)
+    """Starvation guard for calls waiting in this replica: priority levels gained per
+    second waited; same env (THAW_PRIORITY_AGING_RATE) as the scheduler's policy."""
+    sync_wait_seconds: float = Field(60.0, gt=0, le=3600)
+    """Longest a sync (non-streaming) call holds its request; past it the client gets
+    303 to the invocation's result URL (202 with `Prefer: respond-async`)."""
+    result_ttl_seconds: float = Field(86_400.0, gt=0, le=90 * 86_400)
+    """How long a stored invocation result (async, past the wait limit, or under an
+    Idempotency-Key) is kept; then GET answers 410 and the key may be used again."""
+    async_concurrency: int = Field(32, ge=1, le=10_000)
+    """Queued invocations this replica runs at once."""
+    invocation_claim_seconds: float = Field(30.0, ge=1, le=3600)
+    """An invocation a replica runs is claimed for this long and renewed while it runs;
+    if the replica dies another picks it up once the claim lapses."""
+    webhook_attempts: int = Field(5, ge=1, le=20)
+    """Deliveries tried per webhook (exponential backoff between them)."""
+    webhook_backoff_seconds: float = Field(1.0, gt=0, le=600)
+    """Wait before the second webhook delivery; it doubles for each one after."""
     operator_tenant: str = Field("dev", pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
     """The tenant whose admin keys are the platform operator's (nodes, events, all
     tenants, quotas); the dev key of `thaw up` is in "dev"."""

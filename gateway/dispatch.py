@@ -27,6 +27,7 @@ from types import TracebackType
 import structlog
 
 from thaw.core.errors import DeadlineExceeded, InstanceFailed, SnapshotError, ThawError
+from thaw.core.priority import PRIORITY_DEFAULT
 from thaw.gateway.admission import FunctionQueues
 from thaw.gateway.breaker import Breakers, Permit
 from thaw.gateway.errors import CircuitOpen, InstanceBusy
@@ -96,6 +97,8 @@ class Call:
     """The client's own deadline (X-Thaw-Timeout), seconds from `received`."""
     received: float = 0.0
     """Loop time the request arrived."""
+    priority: int = PRIORITY_DEFAULT
+    """1-100: its place among the function's waiting calls (gateway/priority.py)."""
     key_id: str = ""
     """The API key that called (for metering); "" without one."""
 
@@ -371,8 +374,9 @@ class Dispatcher:
             wait = self.acquire_wait if remaining is None else min(self.acquire_wait,
                                                                    remaining)
             try:
-                lease, handed_off = await self.leases.obtain(call.function, call.tenant,
-                                                             call.name, wait, remaining)
+                lease, handed_off = await self.leases.obtain(
+                    call.function, call.tenant, call.name, wait, remaining,
+                    call.priority, call.request_id)
             except TimeoutError:
                 raise call.deadline_error("while waiting for an instance") from None
         if handed_off:

@@ -40,6 +40,7 @@ from thaw.gateway.invoke import (
     read_body,
     relay,
 )
+from thaw.gateway.priority import call_priority
 from thaw.gateway.sse import SSE_CONTENT_TYPE, EventParser, error_json
 from thaw.gateway.state import (
     ERROR_CODE_KEY,
@@ -87,7 +88,8 @@ async def _open(request: web.Request, gw: Gateway, path: str, body: bytes, model
     p = request[PRINCIPAL_KEY]
     headers = {"Content-Type": "application/json",
                "Accept": SSE_CONTENT_TYPE if stream else "application/json"}
-    call = new_call(request, gw, p.tenant, model, path, body, headers, timeout)
+    priority = await call_priority(request, gw, p, p.tenant, model)
+    call = new_call(request, gw, p.tenant, model, path, body, headers, timeout, priority)
     request[FUNCTION_KEY] = call.function
     ex = await gw.dispatcher.open(call)
     request[START_KEY] = ex.start

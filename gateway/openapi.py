@@ -67,6 +67,12 @@ TIMEOUT_HEADER = {
     "description": "The client's own deadline in seconds (placement + run); past it 504.",
     "schema": {"type": "number", "minimum": 0, "exclusiveMinimum": True,
                "maximum": 86400}}
+PRIORITY_HEADER = {
+    "name": "X-Thaw-Priority", "in": "header", "required": False,
+    "description": "1-100, up to the key's priority_max (above: 403): the call's place "
+                   "among the function's waiting calls (default: the function's "
+                   "priority, else the key's priority_default). See gateway/priority.py.",
+    "schema": {"type": "integer", "minimum": 1, "maximum": 100}}
 REQUEST_ID_HEADER = {
     "name": "X-Request-ID", "in": "header", "required": False,
     "description": "Correlates logs of the gateway, the node and the handler; "
@@ -88,7 +94,7 @@ def _invoke_operation(summary: str, with_path: bool) -> dict[str, Any]:
         "description": "Sync by default. A generator handler streams: SSE with "
                        "`Accept: text/event-stream` (items as `data:`, then `event: done`, "
                        "or `event: error` if it fails midway), else NDJSON.",
-        "parameters": [*params, TIMEOUT_HEADER, REQUEST_ID_HEADER,
+        "parameters": [*params, TIMEOUT_HEADER, PRIORITY_HEADER, REQUEST_ID_HEADER,
                        {"name": "Accept", "in": "header", "required": False,
                         "schema": {"type": "string"}}],
         "requestBody": {"required": False, "content": {
@@ -121,7 +127,7 @@ def _openai_operation(summary: str, body: str, streams: bool) -> dict[str, Any]:
     return {
         "summary": summary,
         "tags": ["openai"],
-        "parameters": [TIMEOUT_HEADER, REQUEST_ID_HEADER],
+        "parameters": [TIMEOUT_HEADER, PRIORITY_HEADER, REQUEST_ID_HEADER],
         "requestBody": {"required": True, "content": {JSON: {"schema": _ref(body)}}},
         "responses": {
             "200": {"description": "The function's OpenAI-format answer"
@@ -308,6 +314,9 @@ def _schemas() -> dict[str, Any]:
                          "handler": {"type": "string"}, "bundle_digest": {"type": "string"},
                          "snapshot_bytes": {"type": "integer"},
                          "warm_instances": {"type": "integer"},
+                         "priority": {"type": "integer", "nullable": True,
+                                      "description": "Default priority (1-100) of its "
+                                                     "invocations; null: the key's."},
                          "config": {"type": "object"}, "created_at": {"type": "number"},
                          "updated_at": {"type": "number"}, "url": {"type": "string"}}},
         "Model": {"type": "object", "required": ["id", "object", "created", "owned_by"],

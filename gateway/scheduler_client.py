@@ -46,10 +46,26 @@ class SchedulerClient:
         await call(self._stub.DeleteFunction(
             scheduler_pb2.FunctionRequest(tenant=tenant, name=name), timeout=META_TIMEOUT))
 
-    async def acquire(self, tenant: str, name: str, wait: float) -> scheduler_pb2.Lease:
+    async def acquire(self, tenant: str, name: str, wait: float, priority: int = 0,
+                      invocation_id: str = "") -> scheduler_pb2.Lease:
         return await call(self._stub.Acquire(
-            scheduler_pb2.AcquireRequest(tenant=tenant, name=name, wait_seconds=wait),
+            scheduler_pb2.AcquireRequest(tenant=tenant, name=name, wait_seconds=wait,
+                                         priority=priority, invocation_id=invocation_id),
             timeout=wait + 30.0))
+
+    async def set_priority(self, invocation_id: str, priority: int, tenant: str = ""
+                           ) -> scheduler_pb2.SetPriorityResponse:
+        return await call(self._stub.SetPriority(
+            scheduler_pb2.SetPriorityRequest(invocation_id=invocation_id, priority=priority,
+                                             tenant=tenant),
+            timeout=META_TIMEOUT))
+
+    async def set_function_priority(self, tenant: str, name: str, priority: int
+                                    ) -> scheduler_pb2.FunctionInfo:
+        return await call(self._stub.SetFunctionPriority(
+            scheduler_pb2.SetFunctionPriorityRequest(tenant=tenant, name=name,
+                                                     priority=priority),
+            timeout=META_TIMEOUT))
 
     async def release(self, lease_id: str, failed: bool = False, reason: str = "") -> None:
         await call(self._stub.Release(

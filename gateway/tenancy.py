@@ -24,6 +24,7 @@ from thaw.core.grpcutil import call
 from thaw.core.units import parse_size
 from thaw.gateway.auth import is_operator, require, require_operator
 from thaw.gateway.openapi import JSON, NAME, _errors, _json
+from thaw.gateway.priority import parse_function_priority, set_function_priority
 from thaw.gateway.state import CONFIG_KEY, GATEWAY_KEY, Gateway
 from thaw.proto import scheduler_pb2, tenancy_pb2, tenancy_pb2_grpc
 
@@ -315,21 +316,31 @@ async def update_function(request: web.Request) -> web.Response:
     require(p, "deploy")
     name = request.match_info["name"]
     body = await _json_object(request)
-    unknown = set(body) - {"public"}
+    unknown = set(body) - {"public", "priority"}
     if unknown:
         field = sorted(unknown)[0]
-        raise InvalidArgument(f"unknown field {field!r}: settable are public", field=field)
+        raise InvalidArgument(f"unknown field {field!r}: settable are public, priority",
+                              field=field)
     if not body:
-        raise InvalidArgument("nothing to change: send {\"public\": true|false}",
-                              field="body")
-    public = body["public"]
-    if not isinstance(public, bool):
+        raise InvalidArgument("nothing to change: send {\"public\": true|false} and/or "
+                              "{\"priority\": 1-100|null}", field="body")
+    public = body.get("public")
+    if "public" in body and not isinstance(public, bool):
         raise InvalidArgument("public must be true or false", field="public")
+    if "priority" in body:
+        parse_function_priority(body["priority"])  # both checked before either changes
     tenancy = request.app[TENANCY_KEY]
-    public = await tenancy.client.set_public(p.tenant, name, public)
-    tenancy.remember(p.tenant, name, public)
-    fn = await request.app[GATEWAY_KEY].scheduler.get_function(p.tenant, name)
-    return web.json_response({"name": fn.name, "tenant": fn.tenant, "public": public})
+    if isinstance(public, bool):
+        public = await tenancy.client.set_public(p.tenant, name, public)
+        tenancy.remember(p.tenant, name, public)
+    else:
+        public = await tenancy.is_public(p.tenant, name)
+    if "priority" in body:
+        fn = await set_function_priority(request, p.tenant, name, body["priority"])
+    else:
+        fn = await request.app[GATEWAY_KEY].scheduler.get_function(p.tenant, name)
+    return web.json_response({"name": fn.name, "tenant": fn.tenant, "public": public,
+                              "priority": fn.priority or None})
 
 
 # ---- wiring --------------------------------------------------------------------------
@@ -372,7 +383,10 @@ FUNCTION_PATCH_SCHEMA: dict[str, Any] = {
     "type": "object", "properties": {
         "public": {"type": "boolean",
                    "description": "Invocable without an API key (rate-limited per "
-                                  "client address)."}}}
+                                  "client address)."},
+        "priority": {"type": "integer", "minimum": 1, "maximum": 100, "nullable": True,
+                     "description": "Default priority of its invocations (null: the "
+                                    "calling key's priority_default)."}}}
 
 OPENAPI_PATHS: dict[str, Any] = {
     "/v1/tenants": {
@@ -437,14 +451,16 @@ OPENAPI_PATHS: dict[str, Any] = {
         "responses": {"200": _json(_KEY_SCHEMA, "Revoked."),
                       **_errors(400, 401, 403, 404, 429, 503)}}},
     "/v1/functions/{name}": {"patch": {
-        "summary": "Change a function's settings (deploy scope): public",
+        "summary": "Change a function's settings (deploy scope): public, priority",
         "parameters": [{"name": "name", "in": "path", "required": True, "schema": NAME}],
         "requestBody": {"required": True, "content": {JSON: {
             "schema": FUNCTION_PATCH_SCHEMA}}},
         "responses": {"200": _json({"type": "object", "required": ["name", "public"],
                                     "properties": {"name": {"type": "string"},
                                                    "tenant": {"type": "string"},
-                                                   "public": {"type": "boolean"}}},
+                                                   "public": {"type": "boolean"},
+                                                   "priority": {"type": "integer",
+                                                                "nullable": True}}},
                                    "The new settings."),
                       **_errors(400, 401, 403, 404, 429, 503)}}},
 }

@@ -494,6 +494,20 @@ class ControlPlane:
             return 0
         return (await self.store.run(self.store.get_snapshot, fn.snapshot_id)).stored_bytes
 
+    async def snapshot_tiers(self, fn: FunctionRecord) -> tuple[list[str], list[str]]:
+        """(nodes whose disk tier holds the active snapshot, nodes whose pinned tier
+        holds it), for the dashboard."""
+        if not fn.snapshot_id:
+            return [], []
+        snap = await self.store.run(self.store.get_snapshot, fn.snapshot_id)
+        if snap.state is not SnapshotState.READY or not snap.manifest:
+            return [], []
+        key = manifest_key(manifest_pb2.SnapshotManifest.FromString(snap.manifest))
+        live = {n.id: n for n in self.nodes.values() if n.state is not NodeState.LOST}
+        disk = sorted(h for h in self.holders.get(snap.id, {snap.node_id}) if h in live)
+        pinned = sorted(i for i, n in live.items() if key in n.pinned.snapshot_keys)
+        return disk, pinned
+
     async def delete_function(self, tenant: str, name: str) -> None:
         fn = await self.store.run(self.store.get_function, tenant, name)
         await self.store.run(self.store.set_function_state, fn.id, fn.version,

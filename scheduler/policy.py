@@ -35,6 +35,9 @@ class PolicyConfig(_ComponentConfig):
     """Longest a request waits for room (nothing fits, nothing to evict)."""
     function_queue_max: int = Field(10_000, ge=1)
     """Requests that may wait for a busy function's instances at once; past it: NoCapacity."""
+    priority_aging_rate: float = Field(1.0, ge=0, le=100)
+    """Starvation guard: priority levels a waiting invocation gains per second waited
+    (effective priority = priority + seconds waited x this); 0 = strict priority."""
 
     @field_validator("pressure_critical_at", "pressure_emergency_at", "pressure_hysteresis")
     @classmethod

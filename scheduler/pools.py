@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 from dataclasses import dataclass, field
 
+from thaw.core.priority import PriorityWaitQueue
 from thaw.core.spec import Scaling
 from thaw.scheduler.autoscale import should_start
 from thaw.scheduler.states import InstanceState
@@ -21,12 +22,15 @@ class Broadcast:
 
     def __init__(self) -> None:
         self._event = asyncio.Event()
+        self.fired = 0
+        """How many times it fired: an epoch to tell whether it did since some moment."""
 
     def token(self) -> asyncio.Event:
         return self._event
 
     def fire(self) -> None:
         event, self._event = self._event, asyncio.Event()
+        self.fired += 1
         event.set()
 
     @staticmethod
@@ -34,6 +38,31 @@ class Broadcast:
         """Until fired since `token` was taken, or `timeout` seconds."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(token.wait(), max(0.0, timeout))
+
+    @staticmethod
+    async def wait_any(tokens: tuple[asyncio.Event, ...], timeout: float) -> None:
+        """Until any of the tokens' broadcasts fired, or `timeout` seconds."""
+        if any(t.is_set() for t in tokens):
+            return
+        waits = [asyncio.ensure_future(t.wait()) for t in tokens]
+        try:
+            await asyncio.wait(waits, timeout=max(0.0, timeout),
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+
+
+@dataclass
+class RoomTurn:
+    """A request queued for room (nothing fits, nothing to evict), as an item of the
+    control plane's room queue. Room waiters retry placement in queue order: one may
+    retry once room changed since its own last try and every waiter ahead of it has
+    tried (and failed) since that change, so a lower-priority request only ever takes
+    room that the ones ahead of it could not use."""
+
+    tried: int = -1
+    """The room epoch (Broadcast.fired) at which its last placement attempt began."""
 
 
 @dataclass
@@ -47,6 +76,9 @@ class InstanceView:
     state: InstanceState = InstanceState.READY
     inflight: int = 0
     last_used: float = 0.0
+    unclaimed_start: tuple[str, tuple[tuple[str, float], ...]] | None = None
+    """(start, timings) of a new instance whose starter was not first in the queue:
+    the request that gets its first lease reports the cold start."""
 
 
 @dataclass
@@ -68,6 +100,9 @@ class FunctionPool:
     warm_retry_at: float = 0.0
     """No proactive (min_instances) start before this, after one failed."""
     changed: Broadcast = field(default_factory=Broadcast)
+    queue: PriorityWaitQueue[None] = field(default_factory=PriorityWaitQueue)
+    """The waiting requests in serving order (priority, then arrival, with aging): only
+    its head may take a free slot, so nobody overtakes a request ahead of it."""
 
     def live(self, version: int) -> list[InstanceView]:
         return [i for i in self.instances.values()

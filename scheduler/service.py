@@ -26,6 +26,9 @@ BUNDLE_PIECE_BYTES = 1024 * 1024
 
 async def function_info(control: ControlPlane, fn: FunctionRecord) -> scheduler_pb2.FunctionInfo:
     info = await _function_fields(control, fn)
+    disk, pinned = await control.snapshot_tiers(fn)
+    info.snapshot_disk_nodes.extend(disk)
+    info.snapshot_pinned_nodes.extend(pinned)
     info.active_version = fn.version
     latest = await control.store.run(control.versions.latest, fn.id)
     if latest is not None:

@@ -54,6 +54,8 @@ class FunctionRecord:
     snapshot_id: str | None
     created_at: float
     updated_at: float
+    priority: int | None = None
+    """Default priority (1-100) of its invocations; None = the key's default."""
 
 
 @dataclass(frozen=True)
@@ -114,7 +116,7 @@ def _function(row: models.Function) -> FunctionRecord:
         state=FunctionState(row.state), reason=row.reason, start_mode=row.start_mode,
         handler=row.handler, bundle_digest=row.bundle_digest,
         spec=FunctionSpec.from_dict(json.loads(row.spec_json)), snapshot_id=row.snapshot_id,
-        created_at=row.created_at, updated_at=row.updated_at)
+        created_at=row.created_at, updated_at=row.updated_at, priority=row.priority)
 
 
 def _snapshot(row: models.Snapshot) -> SnapshotRecord:

@@ -18,7 +18,8 @@ class FakeScheduler:
         self.released: list[tuple[str, bool]] = []
         self.gate: asyncio.Event | None = None  # set: Acquire answers
 
-    async def acquire(self, tenant: str, name: str, wait: float) -> scheduler_pb2.Lease:
+    async def acquire(self, tenant: str, name: str, wait: float, priority: int = 0,
+                      invocation_id: str = "") -> scheduler_pb2.Lease:
         if self.gate is not None:
             await self.gate.wait()
         self.granted += 1

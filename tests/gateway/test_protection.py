@@ -150,7 +150,11 @@ class UnreachableNodeScheduler:
     async def authenticate(self, digest: str) -> scheduler_pb2.Principal:
         return scheduler_pb2.Principal(tenant="t", key_id="k", scopes=["invoke"])
 
-    async def acquire(self, tenant: str, name: str, wait: float) -> scheduler_pb2.Lease:
+
+    async def get_function(self, tenant: str, name: str) -> scheduler_pb2.FunctionInfo:
+        return scheduler_pb2.FunctionInfo(tenant=tenant, name=name, state="ready")
+    async def acquire(self, tenant: str, name: str, wait: float, priority: int = 0,
+                      invocation_id: str = "") -> scheduler_pb2.Lease:
         self.acquired += 1
         return scheduler_pb2.Lease(lease_id=f"l{self.acquired}", node_id="n1",
                                    data_url=f"http://127.0.0.1:{self.port}",

@@ -1,0 +1,189 @@
+"""Invocation priority over HTTP.
+
+An invocation's priority (1-100) decides its place among the calls waiting for a busy
+function: higher first, FIFO among equals, and waiting raises it (aging, the
+starvation guard: THAW_PRIORITY_AGING_RATE levels per second). It is, first found:
+- the `X-Thaw-Priority` header (an integer 1-100; above the key's `priority_max` -> 403);
+- the function's default (`PATCH /v1/functions/{name}` {"priority": n | null});
+- the key's `priority_default`.
+
+`POST /v1/invocations/{id}/priority` {"priority": n}: an admin key moves a queued
+invocation (its request id) ahead, or back; 404 once it is not waiting any more. The
+call may wait in this gateway (for a lease another call of the function gives back)
+and at the scheduler (for a free slot or a new instance): both queues are reordered.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+from cachetools import TTLCache
+
+from thaw.core.errors import InvalidArgument, NotFound, PermissionDenied
+from thaw.core.priority import PRIORITY_DEFAULT, PRIORITY_MAX, PRIORITY_MIN, valid_priority
+from thaw.gateway.auth import is_operator, require
+from thaw.gateway.openapi import JSON, _errors, _json
+from thaw.gateway.scheduler_client import SchedulerClient
+from thaw.gateway.state import CONFIG_KEY, GATEWAY_KEY, Gateway
+from thaw.proto import scheduler_pb2
+
+PRIORITY_HEADER = "X-Thaw-Priority"
+# A function's default priority is cached this long per replica (a PATCH through
+# this replica updates it at once; through another, within this).
+DEFAULT_CACHE_SECONDS = 10.0
+DEFAULT_CACHE_ENTRIES = 10_000
+
+
+class FunctionDefaults:
+    """tenant/name -> the function's default priority (None: the key's), cached so
+    that invoking makes no extra scheduler round trip."""
+
+    def __init__(self) -> None:
+        self._cache: TTLCache[str, int | None] = TTLCache(
+            maxsize=DEFAULT_CACHE_ENTRIES, ttl=DEFAULT_CACHE_SECONDS)
+
+    async def get(self, scheduler: SchedulerClient, tenant: str, name: str) -> int | None:
+        key = f"{tenant}/{name}"
+        if key in self._cache:
+            return self._cache[key]
+        fn = await scheduler.get_function(tenant, name)
+        return self.remember(fn)
+
+    def remember(self, fn: scheduler_pb2.FunctionInfo) -> int | None:
+        priority = fn.priority or None
+        self._cache[f"{fn.tenant}/{fn.name}"] = priority
+        return priority
+
+
+DEFAULTS_KEY = web.AppKey("function_priorities", FunctionDefaults)
+
+
+# For an app built without this module's routes (a test's bare gateway).
+_UNREGISTERED = FunctionDefaults()
+
+
+def _defaults(app: web.Application) -> FunctionDefaults:
+    return app.get(DEFAULTS_KEY) or _UNREGISTERED
+
+
+def header_priority(request: web.Request, p: scheduler_pb2.Principal) -> int | None:
+    """The priority the request asks for, checked against the key's range; None
+    when it asks for none."""
+    raw = request.headers.get(PRIORITY_HEADER)
+    if raw is None:
+        return None
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        value = 0
+    if not PRIORITY_MIN <= value <= PRIORITY_MAX:
+        raise InvalidArgument(f"{PRIORITY_HEADER} must be an integer from {PRIORITY_MIN} "
+                              f"to {PRIORITY_MAX}, got {raw!r}", field=PRIORITY_HEADER)
+    allowed = p.priority_max or PRIORITY_MAX
+    if value > allowed:
+        raise PermissionDenied(
+            f"{PRIORITY_HEADER}: {value} is above what this API key may ask for; its "
+            f"allowed range is {PRIORITY_MIN}-{allowed}", field=PRIORITY_HEADER)
+    return value
+
+
+async def call_priority(request: web.Request, gw: Gateway, p: scheduler_pb2.Principal,
+                        tenant: str, name: str) -> int:
+    """The priority of an invocation of tenant/name by the key `p` (see the module)."""
+    asked = header_priority(request, p)
+    if asked is not None:
+        return asked
+    default = await _defaults(request.app).get(gw.scheduler, tenant, name)
+    if default is not None:
+        return default
+    return p.priority_default or PRIORITY_DEFAULT
+
+
+def parse_function_priority(value: object) -> int | None:
+    """The `priority` of a function PATCH: 1-100, or null to clear."""
+    if value is None:
+        return None
+    if not isinstance(value, int) or not valid_priority(value):
+        raise InvalidArgument(f"priority must be an integer from {PRIORITY_MIN} to "
+                              f"{PRIORITY_MAX}, or null for the key's default",
+                              field="priority")
+    return value
+
+
+async def set_function_priority(request: web.Request, tenant: str, name: str,
+                                value: object) -> scheduler_pb2.FunctionInfo:
+    """Apply the `priority` field of `PATCH /v1/functions/{name}` (gateway/tenancy.py
+    serves the route; the caller checked the deploy scope)."""
+    priority = parse_function_priority(value)
+    gw = request.app[GATEWAY_KEY]
+    fn = await gw.scheduler.set_function_priority(tenant, name, priority or 0)
+    _defaults(request.app).remember(fn)
+    return fn
+
+
+async def raise_invocation(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY_KEY]
+    p = await gw.auth.principal(request.headers.get("Authorization", ""))
+    require(p, "admin")
+    invocation_id = request.match_info["id"]
+    try:
+        body = await request.json() if request.can_read_body else {}
+    except ValueError as exc:
+        raise InvalidArgument("the body must be a JSON object", field="body") from exc
+    if not isinstance(body, dict) or "priority" not in body:
+        raise InvalidArgument('send {"priority": <1-100>}', field="priority")
+    unknown = sorted(set(body) - {"priority"})
+    if unknown:
+        raise InvalidArgument(f"unknown field {unknown[0]!r}: settable is priority",
+                              field=unknown[0])
+    priority = body["priority"]
+    if not valid_priority(priority):
+        raise InvalidArgument(f"priority must be an integer from {PRIORITY_MIN} to "
+                              f"{PRIORITY_MAX}", field="priority")
+    # The operator may move any tenant's invocation; a tenant's admin only its own.
+    tenant = "" if is_operator(p, request.app[CONFIG_KEY]) else p.tenant
+    here = gw.leases.set_priority(invocation_id, priority, tenant)
+    answer: dict[str, Any] = {"invocation_id": invocation_id, "priority": priority,
+                              "queued_in_gateway": here}
+    try:
+        resp = await gw.scheduler.set_priority(invocation_id, priority, tenant)
+    except NotFound:
+        if not here:
+            raise NotFound(f"invocation {invocation_id} is not waiting for an instance "
+                           "(it was served, finished or never queued)",
+                           field="id") from None
+        answer.update(function=None, effective_priority=float(priority), ahead=None)
+    else:
+        answer.update(function=resp.function, effective_priority=resp.effective_priority,
+                      ahead=resp.ahead)
+    return web.json_response(answer)
+
+
+def add_routes(app: web.Application) -> None:
+    app[DEFAULTS_KEY] = FunctionDefaults()
+    app.router.add_post("/v1/invocations/{id}/priority", raise_invocation)
+
+
+OPENAPI_PATHS: dict[str, Any] = {
+    "/v1/invocations/{id}/priority": {"post": {
+        "summary": "Re-prioritize a queued invocation (admin)",
+        "description": "The invocation's id is its request id (X-Request-ID). It keeps "
+                       "the aging of its wait so far; 404 once it waits no more.",
+        "parameters": [{"name": "id", "in": "path", "required": True,
+                        "schema": {"type": "string"}}],
+        "requestBody": {"required": True, "content": {JSON: {"schema": {
+            "type": "object", "required": ["priority"], "properties": {
+                "priority": {"type": "integer", "minimum": PRIORITY_MIN,
+                             "maximum": PRIORITY_MAX}}}}}},
+        "responses": {"200": _json({
+            "type": "object", "required": ["invocation_id", "priority"], "properties": {
+                "invocation_id": {"type": "string"},
+                "priority": {"type": "integer"},
+                "function": {"type": "string", "nullable": True},
+                "effective_priority": {"type": "number"},
+                "ahead": {"type": "integer", "nullable": True,
+                          "description": "Calls served before it at the scheduler."},
+                "queued_in_gateway": {"type": "boolean"}}}, "The new priority."),
+            **_errors(400, 401, 403, 404, 429, 503)}}},
+}
