@@ -95,6 +95,9 @@ class AlertSettings(BaseSettings):
     is judged (one failed call out of one is not a 100% error rate)."""
     alerts_key_expiry_days: float = Field(7.0, ge=0)
     """An API key expiring within this many days fires; 0 = off."""
+    alerts_keys_refresh: float = Field(300.0, gt=0)
+    """Seconds between two listings of every tenant's API keys (expiry is judged in days:
+    no need to ask often)."""
 
     @field_validator("alerts_webhook_urls", "alerts_slack_urls", mode="before")
     @classmethod

@@ -56,8 +56,6 @@ SNAPSHOT_QUARANTINED = "snapshot_quarantined"
 EVENTS_PAGE = 1000
 # Restore events remembered at most (per gateway), whatever the window.
 EVENTS_KEPT = 10_000
-# Key listings change rarely and expiry is judged in days: list them this seldom.
-KEYS_REFRESH_SECONDS = 300.0
 # Transitions kept for GET /v1/alerts.
 RECENT_KEPT = 200
 # How long shutdown waits for notices still in the sinks' outboxes.
@@ -402,9 +400,11 @@ class AlertSources(Protocol):
 class LiveSources:
     """The running gateway's: its scheduler client, queues and live statistics."""
 
-    def __init__(self, gw: Gateway, stats: Callable[[], FunctionStats | None]) -> None:
+    def __init__(self, gw: Gateway, stats: Callable[[], FunctionStats | None],
+                 keys_refresh: float) -> None:
         self._gw = gw
         self._stats = stats
+        self._keys_refresh = keys_refresh
         self.key_source = "tenancy"
         self._keys: list[KeyExpiry] = []
         self._keys_read_at: float | None = None
@@ -436,7 +436,7 @@ class LiveSources:
 
     async def api_keys(self) -> Sequence[KeyExpiry]:
         now = time.monotonic()
-        if self._keys_read_at is not None and now - self._keys_read_at < KEYS_REFRESH_SECONDS:
+        if self._keys_read_at is not None and now - self._keys_read_at < self._keys_refresh:
             return self._keys
         try:
             keys = await self._list_keys()
@@ -591,7 +591,8 @@ async def _alerting(app: web.Application) -> AsyncIterator[None]:
                         config.alerts_webhook_urls, config.alerts_slack_urls,
                         config.alerts_retries, config.alerts_timeout)
     engine = AlertEngine(rules_from_settings(config),
-                         LiveSources(gw, lambda: app.get(STATS_KEY)), sinks.notify,
+                         LiveSources(gw, lambda: app.get(STATS_KEY),
+                                     config.alerts_keys_refresh), sinks.notify,
                          firing_gauge=firing)
     app[ALERTING_KEY].engine = engine
     sinks.start()

@@ -1,7 +1,8 @@
 """Alerts end to end: a real LocalPlatform whose gateway is configured through env with
 a small error-rate threshold and a local receiver's URLs; a function that fails makes
 the error-rate alert fire and reach the receiver (webhook and Slack shapes), and
-successful calls afterwards resolve it."""
+successful calls afterwards resolve it; a key about to expire fires, revoked it
+resolves."""
 
 from __future__ import annotations
 
@@ -90,7 +91,8 @@ def test_error_rate_alert_fires_reaches_the_receiver_and_resolves(
                         "THAW_ALERTS_SLACK_URLS": f"{receiver.url}/slack",
                         "THAW_ALERTS_INTERVAL": "0.2", "THAW_ALERTS_COOLDOWN": "0",
                         "THAW_ALERTS_ERROR_RATE": "0.5",
-                        "THAW_ALERTS_MIN_REQUESTS": "4"}.items():
+                        "THAW_ALERTS_MIN_REQUESTS": "4",
+                        "THAW_ALERTS_KEYS_REFRESH": "0.2"}.items():
         monkeypatch.setenv(name, value)
     local = LocalPlatform(tmp_path / "home", gateway_port=0, host_devices="1x1GiB")
     try:
@@ -133,6 +135,28 @@ def test_error_rate_alert_fires_reaches_the_receiver_and_resolves(
             states = [t["state"] for t in listed["recent"]
                       if t["alert"] == "error_rate" and t["subject"] == FUNCTION]
             assert states == ["resolved", "firing"]  # newest first
-        assert len([b for b in receiver.bodies("/hook") if is_ours("firing")(b)]) == 1
+            assert len([b for b in receiver.bodies("/hook") if is_ours("firing")(b)]) == 1
+
+            # Another tenant's admin is not the operator: no alerts for it. Its key,
+            # expiring in 3 days, fires api_key_expiring; revoked, it resolves.
+            assert http.post("/v1/tenants", json={"id": "acme"}).status_code == 201
+            made = http.post("/v1/keys", json={"tenant": "acme", "scopes": ["admin"],
+                                               "name": "ci", "expires_in": 3 * 86400})
+            assert made.status_code == 201, made.text
+            key_id = made.json()["id"]
+            refused = httpx.get(f"{local.url}/v1/alerts",
+                                headers={"Authorization": f"Bearer {made.json()['key']}"})
+            assert refused.status_code == 403, refused.text
+
+            def expiring(state: str) -> Any:
+                return lambda b: (b.get("alert") == "api_key_expiring"
+                                  and b.get("subject") == key_id and b.get("state") == state)
+
+            notice = receiver.wait_for("/hook", expiring("firing"))
+            assert 2.9 < notice["value"] <= 3.0 and notice["threshold"] == 7.0
+            assert "acme" in notice["message"]
+            assert http.delete(f"/v1/keys/{key_id}",
+                               params={"tenant": "acme"}).status_code in (200, 204)
+            receiver.wait_for("/hook", expiring("resolved"))
     finally:
         local.stop()
