@@ -157,3 +157,27 @@ def test_thaw_usage(platform: RunningPlatform, workload: dict[str, float],
     assert "usage-metered" in table.stdout and "total" in table.stdout
     bad = thaw("--from", "yesterday")
     assert bad.returncode == 1 and "from must be" in bad.stderr
+
+
+def test_streamed_answers_are_metered_as_relayed(platform: RunningPlatform) -> None:
+    name = deploy_once(platform, BUNDLES / "metered_stream")
+    since = time.time() - 1
+    bytes_in = bytes_out = 0
+    for n, accept in ((3, "text/event-stream"), (5, "application/x-ndjson"),
+                      (40, "text/event-stream")):
+        content = json.dumps({"n": n, "size": 100 * n}).encode()
+        with platform.http.stream("POST", f"/fn/dev/{name}", content=content, headers={
+                "Content-Type": "application/json", "Accept": accept}) as resp:
+            assert resp.status_code == 200
+            body = resp.read()
+        assert body.count(b'"i"') == n
+        bytes_in += len(content)
+        bytes_out += len(body)
+    resp = platform.http.get("/v1/usage", params={"from": str(since),
+                                                  "function": name})
+    totals = resp.json()["totals"]
+    assert (totals["invocations"], totals["errors"]) == (3, 0)
+    assert (totals["bytes_in"], totals["bytes_out"]) == (bytes_in, bytes_out)
+    # A GPU function without gpu_compute has the whole device's share.
+    assert totals["compute_seconds"] == pytest.approx(totals["wall_seconds"], abs=ROUNDING)
+    assert totals["gib_seconds"] == pytest.approx(totals["wall_seconds"] / 8, abs=ROUNDING)
