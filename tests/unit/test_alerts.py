@@ -314,3 +314,22 @@ async def test_api_keys_expiring_within_days() -> None:
     assert any("has expired" in n.message for n in fired)
     h.sources.keys = h.sources.keys[:2]        # k3 revoked: no longer listed
     assert states(await h.tick()) == [("api_key_expiring", "k3", AlertState.RESOLVED)]
+
+
+def test_live_call_figures_come_from_the_gateways_statistics_within_the_window() -> None:
+    from thaw.gateway.alerts import LiveSources
+    from thaw.gateway.stats import FunctionStats
+
+    clock = Clock()
+    stats = FunctionStats(clock=clock)
+    for ms, status in ((5.0, 200), (3000.0, 500)):      # aged out of a 60 s window
+        stats.record("t/f", "old", status, "warm", "", ms)
+    clock.advance(100)
+    for i in range(99):
+        stats.record("t/f", f"r{i}", 200, "warm", "", 10.0)
+    stats.record("t/f", "slow", 502, "none", "", 2500.0)
+    sources = LiveSources(None, lambda: stats, 300.0)  # type: ignore[arg-type]
+    figures = sources.calls(60.0, clock.now)
+    assert figures == {"t/f": CallFigures(100, 1, 0.01)}
+    assert sources.calls(600.0, clock.now)["t/f"].requests == 102
+    assert LiveSources(None, lambda: None, 300.0).calls(60.0, clock.now) == {}  # type: ignore[arg-type]
