@@ -4,7 +4,7 @@ attempts (401/403). `GET /v1/audit` reads it back.
 
 One middleware covers every management route, those of other feature modules too:
 every request to /v1/* that is not a read (GET/HEAD/OPTIONS), not invocation traffic
-(/v1/invocations, the OpenAI-compatible routes) and not a function URL (/fn/...).
+(the OpenAI-compatible routes) and not a function URL (/fn/...).
 
 Entries go to the scheduler (Tenancy.AppendAudit), which appends them to the DB.
 The middleware waits a moment for that, so an answered action is normally on record;
@@ -51,7 +51,9 @@ MAX_PENDING = 100_000
 # On shutdown, the queue gets this long to drain.
 CLOSE_GRACE_SECONDS = 5.0
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-NOT_AUDITED_PREFIXES = ("/v1/invocations", "/v1/chat/", "/v1/completions", "/v1/embeddings")
+# Invocation traffic (the OpenAI-compatible routes call functions); cancelling an
+# invocation or raising its priority is audited (invocation.cancel, .priority).
+NOT_AUDITED_PREFIXES = ("/v1/chat/", "/v1/completions", "/v1/embeddings")
 # Actions named otherwise than <noun>.<verb by method> (see action_of).
 ACTIONS: dict[tuple[str, str], str] = {
     ("POST", "/v1/functions"): "function.deploy",
