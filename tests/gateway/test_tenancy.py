@@ -7,6 +7,7 @@ import hashlib
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -137,10 +138,10 @@ def test_quota_refuses_new_instances_with_429(platform: RunningPlatform,
     assert bad.status_code == 400 and bad.json()["error"]["field"] == "max_instances"
 
 
-def _audit(http: httpx.Client, **params: str | float) -> list[dict[str, object]]:
+def _audit(http: httpx.Client, **params: Any) -> list[dict[str, Any]]:
     resp = http.get("/v1/audit", params={"limit": 1000, **params})
     assert resp.status_code == 200, resp.text
-    entries: list[dict[str, object]] = resp.json()["entries"]
+    entries: list[dict[str, Any]] = resp.json()["entries"]
     return entries
 
 
