@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from thaw.core.errors import ThawError
+from thaw.core.units import format_size
 from thaw.ops.client import Client, read_bundle_dir
 
 console = Console(width=200) if not sys.stdout.isatty() else Console()
@@ -43,11 +45,14 @@ def deploy(path: Path, no_wait: bool) -> None:
     from thaw.ops.progress import transfer_progress, upload_pieces
 
     bundle = read_bundle_dir(path)
-    with transfer_progress() as progress:
+    uploaded: list[float] = []
+    started = time.perf_counter()
+    with transfer_progress(transient=True) as progress:
         task = progress.add_task(f"uploading {path.name}", total=len(bundle))
 
         def pieces() -> Iterator[bytes]:
             yield from upload_pieces(bundle, progress, task)
+            uploaded.append(time.perf_counter() - started)
             if not no_wait:
                 progress.update(task, description="building the snapshot (setup, capture)")
 
@@ -56,13 +61,20 @@ def deploy(path: Path, no_wait: bool) -> None:
             content=pieces(), timeout=DEPLOY_TIMEOUT,
             headers={"Content-Type": "application/gzip",
                      "Content-Length": str(len(bundle))}).json()
-        progress.update(task, description=f"{fn['name']}: {fn['state']}")
+    seconds = uploaded[0] if uploaded else 0.0
+    click.echo(f"uploaded {format_size(len(bundle))} in {seconds:.2f}s, built in "
+               f"{time.perf_counter() - started - seconds:.1f}s", err=True)
     console.print(f"[bold]{fn['name']}[/] v{fn['version']}: {fn['state']} "
                   f"({fn['start_mode']} starts)")
     if fn.get("reason"):
         console.print(f"  {fn['reason']}")
     click.echo(fn["url"])
-    if fn["state"] == "failed":
+    latest = fn.get("latest_build") or {}
+    if latest.get("state") == "failed" and fn["state"] == "ready":
+        # A redeploy whose build failed: the version that served before still does.
+        console.print(f"  version {latest['version']} failed to build: {latest['reason']}; "
+                      f"version {fn['version']} still serves")
+    if fn["state"] == "failed" or latest.get("state") == "failed":
         sys.exit(1)
 
 
@@ -134,3 +146,45 @@ def fn_rm(name: str) -> None:
     """Delete function NAME and stop its instances."""
     Client().request("DELETE", f"/v1/functions/{name}")
     click.echo(f"deleted {name}")
+
+
+def _when(unix: float | None) -> str:
+    import datetime
+
+    if not unix:
+        return ""
+    return datetime.datetime.fromtimestamp(unix).strftime("%Y-%m-%d %H:%M:%S")
+
+
+@fn.command("versions")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def fn_versions(name: str, as_json: bool) -> None:
+    """List every version (one per deploy) of function NAME, newest first; `*` marks
+    the one serving. Versions whose snapshot is kept roll back instantly."""
+    versions = Client().request("GET", f"/v1/functions/{name}/versions").json()["versions"]
+    if as_json:
+        print_table(versions, [], as_json=True)
+        return
+    rows: list[dict[str, object]] = [{
+        "active": "*" if v["active"] else "", "version": v["version"], "state": v["state"],
+        "digest": v["bundle_digest"][:12], "snapshot": v["snapshot"] or v["start_mode"],
+        "snapshot bytes": v["snapshot_bytes"], "created": _when(v["created_at"]),
+        "reason": v["reason"]} for v in versions]
+    print_table(rows, ["active", "version", "state", "digest", "snapshot", "snapshot bytes",
+                       "created", "reason"], as_json=False)
+
+
+@fn.command("rollback")
+@click.argument("name")
+@click.argument("version", type=click.IntRange(min=1), required=False)
+def fn_rollback(name: str, version: int | None) -> None:
+    """Serve VERSION of function NAME again (default: the newest ready version before
+    the serving one). Instant when its snapshot is kept; else it is rebuilt from its
+    bundle first, while the serving version keeps serving."""
+    from thaw.ops.client import DEPLOY_TIMEOUT
+
+    body = {"version": version} if version is not None else {}
+    reply = Client().request("POST", f"/v1/functions/{name}/rollback", json=body,
+                             timeout=DEPLOY_TIMEOUT).json()
+    console.print(f"[bold]{name}[/] v{reply['version']}: {reply['message']}")

@@ -6,14 +6,18 @@ version switched to answers."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from dataclasses import dataclass
 
 import httpx
+import pytest
+from click.testing import CliRunner
 
 from tests.conftest import FIXTURES, RunningPlatform
 from tests.scheduler.harness import wait_until
+from thaw.ops.cli import cli
 
 NAME = "versioned-e2e"  # the platform fixture is shared: a name only this test uses
 V1, V2 = FIXTURES / "versioned_v1", FIXTURES / "versioned_v2"
@@ -139,3 +143,33 @@ def test_rollback_input_errors_name_the_version(platform: RunningPlatform) -> No
     missing = platform.http.post("/v1/functions/no-such-function/rollback")
     assert missing.status_code == 404
     assert platform.http.get("/v1/functions/no-such-function/versions").status_code == 404
+
+
+def test_the_cli_lists_versions_and_rolls_back(platform: RunningPlatform,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("THAW_URL", platform.url)
+    monkeypatch.setenv("THAW_API_KEY", platform.key)
+    monkeypatch.delenv("THAW_PROFILE", raising=False)
+    for folder in (V1, V2):
+        assert platform.deploy(folder).status_code == 201
+    runner = CliRunner()
+    listed = runner.invoke(cli, ["fn", "versions", NAME, "--json"])
+    assert listed.exit_code == 0, listed.output
+    versions = json.loads(listed.output)
+    active, previous = versions[0]["version"], versions[1]["version"]
+    assert versions[0]["active"] and not versions[1]["active"]
+    table = runner.invoke(cli, ["fn", "versions", NAME])
+    assert table.exit_code == 0 and "snapshot bytes" in table.output, table.output
+
+    back = runner.invoke(cli, ["fn", "rollback", NAME])  # the previous ready version
+    assert back.exit_code == 0, back.output
+    assert f"v{previous}" in back.output
+    assert platform.invoke(NAME).headers["X-Thaw-Version"] == str(previous)
+    forward = runner.invoke(cli, ["fn", "rollback", NAME, str(active)])
+    assert forward.exit_code == 0, forward.output
+    assert platform.invoke(NAME).json() == {"version": "v2"}
+
+    unknown = runner.invoke(cli, ["fn", "rollback", NAME, "99999"])
+    # (the `thaw` entry point prints a ThawError as one line; CliRunner keeps it raised)
+    assert unknown.exit_code == 1
+    assert "no version 99999" in f"{unknown.output}{unknown.exception}", unknown.output
