@@ -62,8 +62,35 @@ class CircuitOpen(RetryLater):
     code = "circuit_open"
 
 
+class InvocationExpired(errors.NotFound):
+    """The invocation's result passed its TTL (result_ttl_seconds) and was deleted."""
+
+    code = "invocation_expired"
+
+
+class InvocationFinished(errors.ThawError):
+    """The invocation already ended; it can no longer be cancelled."""
+
+    code = "invocation_finished"
+
+
+class InvocationCancelled(InvocationFinished):
+    """The invocation was cancelled: it has no result."""
+
+    code = "invocation_cancelled"
+
+
+class IdempotencyKeyReused(errors.InvalidArgument):
+    """An Idempotency-Key came again with a different request (function, path, body)."""
+
+    code = "idempotency_key_reused"
+
+
 STATUS: dict[type[errors.ThawError], int] = {
     PayloadTooLarge: 413,
+    IdempotencyKeyReused: 422,
+    InvocationExpired: 410,
+    InvocationFinished: 409,
     errors.InvalidArgument: 400,
     errors.Unauthenticated: 401,
     errors.PermissionDenied: 403,

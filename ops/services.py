@@ -138,6 +138,29 @@ class LocalPlatform:
         self.url = f"http://127.0.0.1:{port}"
         self.key = (self.home / "dev-key").read_text().strip()
 
+    def restart_gateway(self, kill: bool = False, env: dict[str, str] | None = None) -> None:
+        """Stop the gateway (SIGTERM, or SIGKILL with `kill`) and start a new one on
+        the same scheduler; `url` changes when the port was 0. What the gateway hands
+        to the scheduler (stored invocations) must survive this."""
+        for index, (name, proc) in enumerate(self.procs):
+            if name != "gateway":
+                continue
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+                try:
+                    proc.wait(SHUTDOWN_GRACE_SECONDS)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            del self.procs[index]
+            break
+        with tempfile.TemporaryDirectory() as tmp:
+            port_file = Path(tmp) / "gateway"
+            gw = self._start("gateway", ["gateway", "--port-file", str(port_file)], {
+                "THAW_HOME": str(self.home), "THAW_SCHEDULER_ADDRESS": self.scheduler_address,
+                "THAW_GATEWAY_PORT": str(self.gateway_port), **(env or {})})
+            self.url = f"http://127.0.0.1:{_wait_for_file(port_file, gw, 'gateway')}"
+
     def stop(self) -> None:
         # Front to back: stop taking requests, drain the node, then the control plane.
         for name, proc in reversed(self.procs):

@@ -12,10 +12,16 @@ import structlog
 
 from thaw.core.config import SchedulerConfig
 from thaw.core.grpcutil import CHANNEL_OPTIONS, add_health, mark_serving
-from thaw.proto import scheduler_pb2_grpc, tenancy_pb2_grpc, usage_pb2_grpc
+from thaw.proto import (
+    invocations_pb2_grpc,
+    scheduler_pb2_grpc,
+    tenancy_pb2_grpc,
+    usage_pb2_grpc,
+)
 from thaw.scheduler.bundles import BundleStore
 from thaw.scheduler.control import ControlPlane
 from thaw.scheduler.db import make_engine, upgrade
+from thaw.scheduler.invocations import InvocationsService, InvocationStore
 from thaw.scheduler.policy import PolicyConfig
 from thaw.scheduler.service import NodeRegistryService, SchedulerService
 from thaw.scheduler.store import Store
@@ -68,6 +74,8 @@ class SchedulerServer:
         scheduler_pb2_grpc.add_SchedulerServicer_to_server(SchedulerService(self.control), server)
         scheduler_pb2_grpc.add_NodeRegistryServicer_to_server(
             NodeRegistryService(self.control), server)
+        invocations_pb2_grpc.add_InvocationsServicer_to_server(
+            InvocationsService(InvocationStore(self.store)), server)
         usage_pb2_grpc.add_MeteringServicer_to_server(
             MeteringService(UsageStore(self.store)), server)
         tenancy_pb2_grpc.add_TenancyServicer_to_server(
