@@ -30,6 +30,7 @@ import contextlib
 import csv
 import datetime
 import io
+import itertools
 import json
 import math
 import time
@@ -37,7 +38,7 @@ import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 import structlog
@@ -77,9 +78,11 @@ METRICS = ("invocations", "errors", "cold_starts", "wall_seconds", "queue_second
 CSV_TYPE = "text/csv"
 
 
-@dataclass(frozen=True)
-class UsageRecord:
-    """One settled exchange, as measured; priced (slice size, share) before sending."""
+class UsageRecord(NamedTuple):
+    """One settled exchange, as measured; priced (slice size, share) before sending.
+
+    A NamedTuple, not a frozen dataclass, because one is built on every call: about
+    0.4 us against 3 us."""
 
     usage_id: str
     invocation_id: str
@@ -123,7 +126,7 @@ GONE = FunctionSize("", 0, 0.0)
 """A function deleted before its calls were priced."""
 
 
-def measure(ex: Exchange, how: Settlement) -> UsageRecord:
+def measure(ex: Exchange, how: Settlement, usage_id: str) -> UsageRecord:
     """The record of a settled exchange (cheap: this runs on the invocation's path)."""
     queue = restore = 0.0
     for stage, seconds in ex.stages:
@@ -133,7 +136,7 @@ def measure(ex: Exchange, how: Settlement) -> UsageRecord:
             restore += seconds
     call_ = ex.call
     return UsageRecord(
-        usage_id=uuid.uuid4().hex, invocation_id=call_.request_id, tenant=call_.tenant,
+        usage_id=usage_id, invocation_id=call_.request_id, tenant=call_.tenant,
         function=call_.name, key_id=call_.key_id, start=ex.start, status=ex.status,
         outcome=how.value, ended_at=time.time(),
         wall_seconds=max(time.perf_counter() - ex.sent, 0.0), queue_seconds=queue,
@@ -170,13 +173,16 @@ class UsageMeter:
         self._lock = asyncio.Lock()
         self.dropped = 0
         self.sent = 0
+        # Record ids: unique per gateway process (random prefix), cheap per call.
+        self._id_prefix = uuid.uuid4().hex[:16] + "-"
+        self._ids = itertools.count()
 
     @property
     def pending(self) -> int:
         return len(self._pending)
 
     def on_settled(self, ex: Exchange, how: Settlement) -> None:
-        self.add(measure(ex, how))
+        self.add(measure(ex, how, f"{self._id_prefix}{next(self._ids):x}"))
 
     def add(self, record: UsageRecord) -> None:
         if len(self._pending) >= MAX_PENDING:
