@@ -43,6 +43,7 @@ from tenacity import AsyncRetrying, RetryError, stop_after_attempt, wait_exponen
 
 from thaw.core.errors import InvalidArgument, NotFound, ThawError
 from thaw.core.grpcutil import call as grpc_call
+from thaw.core.priority import PRIORITY_DEFAULT
 from thaw.gateway.auth import require
 from thaw.gateway.config import GatewaySettings
 from thaw.gateway.dispatch import Call, Exchange
@@ -62,7 +63,6 @@ log = structlog.get_logger()
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 WEBHOOK_HEADER = "X-Thaw-Webhook"
-PRIORITY_HEADER = "X-Thaw-Priority"
 INVOCATION_HEADER = "X-Thaw-Invocation"
 # Keys longer than this are refused (Stripe allows 255 too); the DB column is as wide.
 MAX_KEY_CHARS = 255
@@ -83,7 +83,6 @@ WEBHOOK_TIMEOUT_SECONDS = 10.0
 WEBHOOK_MAX_BACKOFF_SECONDS = 300.0
 # Metadata calls to the scheduler are quick.
 RPC_TIMEOUT = 30.0
-DEFAULT_PRIORITY = 50
 JSON_TYPES = ("application/json", "application/problem+json")
 
 
@@ -227,7 +226,8 @@ def call_of(inv: invocations_pb2.Invocation) -> Call:
     return Call(tenant=inv.tenant, name=inv.function, path=inv.path, body=inv.body,
                 headers=headers, request_id=inv.id,
                 timeout=inv.timeout_seconds or None,
-                received=asyncio.get_running_loop().time(), key_id=inv.key_id)
+                received=asyncio.get_running_loop().time(), key_id=inv.key_id,
+                priority=inv.priority or PRIORITY_DEFAULT)
 
 
 # ---- the worker: claims queued invocations, runs them, delivers webhooks ------------------
@@ -545,17 +545,6 @@ def idempotency_key_of(request: web.Request) -> str:
     return key
 
 
-def priority_of(request: web.Request, p: scheduler_pb2.Principal) -> int:
-    default = p.priority_default or DEFAULT_PRIORITY
-    try:
-        asked = int(request.headers.get(PRIORITY_HEADER, ""))
-    except ValueError:
-        return default
-    if not 1 <= asked <= 100:
-        return default
-    return min(asked, p.priority_max or 100)
-
-
 def digest_of(call: Call) -> str:
     h = hashlib.sha256()
     for part in (call.name.encode(), call.path.encode(),
@@ -565,11 +554,11 @@ def digest_of(call: Call) -> str:
     return h.hexdigest()
 
 
-def record_of(call: Call, p: scheduler_pb2.Principal, priority: int, webhook: str,
-              key: str) -> invocations_pb2.Invocation:
+def record_of(call: Call, p: scheduler_pb2.Principal, webhook: str, key: str
+              ) -> invocations_pb2.Invocation:
     return invocations_pb2.Invocation(
         id=f"inv_{uuid.uuid4().hex}", tenant=call.tenant, function=call.name,
-        priority=priority, path=call.path, body=call.body,
+        priority=call.priority, path=call.path, body=call.body,
         content_type=call.headers.get("Content-Type", ""),
         headers_json=json.dumps(call.headers), timeout_seconds=call.timeout or 0.0,
         webhook_url=webhook, idempotency_key=key, request_digest=digest_of(call),
@@ -622,7 +611,7 @@ async def intercept(request: web.Request, gw: Gateway, p: scheduler_pb2.Principa
         return None
     if streaming and not respond_async:
         return None  # streams are relayed, never stored (Idempotency-Key: retry only)
-    record = record_of(call, p, priority_of(request, p), webhook, key)
+    record = record_of(call, p, webhook, key)
     if respond_async and wait is None:
         inv, created = await runner.client.create(record)
         if not created:
@@ -684,7 +673,7 @@ async def relay_within_limit(request: web.Request, gw: Gateway, p: scheduler_pb2
         async with opening.result() as ex:
             request[START_KEY] = ex.start
             return await relay(request, ex)  # type: ignore[no-any-return]
-    record = record_of(call, p, priority_of(request, p), "", "")
+    record = record_of(call, p, "", "")
     try:
         inv, _ = await runner.client.create(record, runner.id,
                                             gw.config.invocation_claim_seconds)
