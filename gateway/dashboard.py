@@ -97,16 +97,20 @@ def _optional_module(name: str) -> Any:
         return None
 
 
-async def _alerts(app: web.Application) -> list[dict[str, Any]] | None:
-    """Active alerts from gateway/alerts.py when it is there and says how to list them."""
+ALERTS_SHOWN = 20
+
+
+def _alerts(app: web.Application) -> dict[str, Any] | None:
+    """Active alerts and the latest transitions from gateway/alerts.py's engine, when
+    that module is part of this gateway and its engine runs."""
     alerts = _optional_module("thaw.gateway.alerts")
-    lister = getattr(alerts, "dashboard_alerts", None) if alerts is not None else None
-    if lister is None:
+    key = getattr(alerts, "ALERTING_KEY", None)
+    alerting = app.get(key) if key is not None else None
+    engine = getattr(alerting, "engine", None)
+    if engine is None:
         return None
-    found = lister(app)
-    if asyncio.iscoroutine(found):
-        found = await found
-    return list(found)
+    doc = engine.to_json()
+    return {"active": doc.get("active", []), "recent": doc.get("recent", [])[:ALERTS_SHOWN]}
 
 
 async def build_snapshot(request: web.Request, p: scheduler_pb2.Principal,
@@ -139,17 +143,15 @@ async def build_snapshot(request: web.Request, p: scheduler_pb2.Principal,
             {"seq": e.seq, "time": e.time, "kind": e.kind, "message": e.message,
              "node_id": e.node_id, "function": e.function}
             for e in reversed(recent_events.events)]
-        alerts = await _alerts(request.app)
+        alerts = _alerts(request.app)
         if alerts is not None:
             snapshot["alerts"] = alerts
     return snapshot
 
 
 def snapshot_tiers(fn: scheduler_pb2.FunctionInfo) -> dict[str, list[str]]:
-    """Nodes holding the function's snapshot, per tier, where the scheduler says."""
-    disk = list(getattr(fn, "snapshot_disk_nodes", ()))
-    pinned = list(getattr(fn, "snapshot_pinned_nodes", ()))
-    return {"disk": disk, "pinned": pinned}
+    """Nodes holding the function's active snapshot, per tier."""
+    return {"disk": list(fn.snapshot_disk_nodes), "pinned": list(fn.snapshot_pinned_nodes)}
 
 
 # ---- the WebSocket -------------------------------------------------------------------------
@@ -234,7 +236,8 @@ async def _drain(ws: web.WebSocketResponse) -> None:
 
 
 def add_routes(app: web.Application) -> None:
-    app[STATS_KEY] = FunctionStats()
+    if STATS_KEY not in app:  # gateway/alerts.py reads the same figures
+        app[STATS_KEY] = FunctionStats()
     app.router.add_get("/static/{file}", static_file)
     app.router.add_get("/v1/live", live)
 

@@ -253,7 +253,7 @@ function renderRecent(recent) {
       el("td", {text: clock(r.time), title: r.id}), el("td", {text: r.function.split("/")[1]}),
       el("td", {}, badge(String(r.status), r.status >= 500 ? "err" : r.status >= 400 ? "building" : "ok")),
       el("td", {}, badge(r.start)), el("td", {class: "num", text: ms(r.ms)}),
-      el("td", {}, stagesBar(r.stages))));
+      el("td", {class: "stages-cell"}, stagesBar(r.stages))));
   }
 }
 
@@ -285,9 +285,9 @@ function coldData(f) {
 
 function makeCharts(f) {
   destroyCharts();
-  const time = (u) => ({x: {time: true}});
-  const base = (id, title) => ({width: chartWidth(id), height: 190, legend: {live: true},
-                                cursor: {drag: {x: false, y: false}}, title: undefined});
+  const time = () => ({x: {time: true}});
+  const base = (id) => ({width: chartWidth(id), height: 190, legend: {live: true},
+                         cursor: {drag: {x: false, y: false}}});
   state.charts.rate = new uPlot({
     ...base("#chart-rate"), scales: time(),
     series: [{}, {label: "calls/s", stroke: "#2f6fde", fill: "rgba(47,111,222,.12)", width: 2},
@@ -296,9 +296,11 @@ function makeCharts(f) {
   }, [[], [], []], $("#chart-rate"));
   state.charts.latency = new uPlot({
     ...base("#chart-latency"), scales: time(),
-    series: [{}, {label: "p50", stroke: "#1f9d55", width: 2, value: (u, v) => v == null ? "—" : ms(v)},
-             {label: "p99", stroke: "#d98a00", width: 2, value: (u, v) => v == null ? "—" : ms(v)}],
-    axes: [{}, {size: 60, values: (u, vals) => vals.map((v) => ms(v))}],
+    series: [{}, {label: "p50", stroke: "#1f9d55", width: 2, points: {show: true, size: 5},
+                  value: (u, v) => v == null ? "—" : ms(v)},
+             {label: "p99", stroke: "#d98a00", width: 2, points: {show: true, size: 5},
+              value: (u, v) => v == null ? "—" : ms(v)}],
+    axes: [{}, {size: 72, values: (u, vals) => vals.map((v) => ms(v))}],
   }, [[], [], []], $("#chart-latency"));
   const bars = uPlot.paths.bars({size: [0.6, 48]});
   const stagesDrawn = [...STAGES].reverse();
@@ -313,7 +315,7 @@ function makeCharts(f) {
       value: (u, v, si, di) => di == null || !state.coldRaw ? "—" : ms(state.coldRaw[k][di] || 0),
     }))],
     axes: [{values: (u, vals) => vals.map((v) => Number.isInteger(v) ? `#${v}` : "")},
-           {size: 60, values: (u, vals) => vals.map((v) => ms(v))}],
+           {size: 72, values: (u, vals) => vals.map((v) => ms(v))}],
   }, [[], ...stagesDrawn.map(() => [])], $("#chart-cold"));
   state.chartFor = f.name;
 }
@@ -370,8 +372,11 @@ function deploy(file) {
       return;
     }
     uploading.className = "done";
-    uploading.textContent = `Uploaded ${file.name} → ${body.name}, version ${body.version}`;
-    state.deploying = {name: body.name, version: body.version, url: body.url,
+    // With versions, the upload is the function's latest build (the active version
+    // keeps serving until it is ready); without, the function's own version.
+    const version = String(body.latest_build ? body.latest_build.version : body.version);
+    uploading.textContent = `Uploaded ${file.name} → ${body.name}, version ${version}`;
+    state.deploying = {name: body.name, version, url: body.url,
                        since: Date.now(), line: step("Building the snapshot…")};
     state.selected = body.name;
     if (state.snapshot) trackDeploy(state.snapshot);
@@ -384,22 +389,26 @@ function trackDeploy(snap) {
   if (!d) return;
   const f = snap.functions.find((x) => x.name === d.name);
   const seconds = Math.round((Date.now() - d.since) / 1000);
-  if (!f || f.state === "building" || f.version !== d.version) {
+  const build = f && f.latest_build && String(f.latest_build.version) === d.version
+    ? f.latest_build : null;
+  const failed = build ? build.state === "failed" : f && f.state === "failed";
+  const serving = f && f.state === "ready" && String(f.version) === d.version;
+  if (!failed && !serving) {
     d.line.textContent = `Building the snapshot… ${seconds}s`;
     return;
   }
   state.deploying = null;
   $("#upload-progress").hidden = true;
-  if (f.state === "ready") {
+  if (failed) {
+    d.line.className = "failed";
+    d.line.textContent = `Failed: ${(build && build.reason) || f.reason || "build failed"}`;
+  } else {
     d.line.className = "done";
     d.line.textContent = `Ready in ${seconds}s: ${f.start_mode === "restore"
       ? `snapshot ${bytes(f.snapshot_bytes)}` : `fresh starts${f.reason ? " (" + f.reason + ")" : ""}`}`;
     const box = $("#deploy-url");
     box.querySelector("code").textContent = f.url;
     box.hidden = false;
-  } else {
-    d.line.className = "failed";
-    d.line.textContent = `Failed: ${f.reason || f.state}`;
   }
 }
 
@@ -476,15 +485,20 @@ async function loadUsage() {
     const resp = await api("/v1/usage");
     const body = await resp.json();
     if (!resp.ok) { box.textContent = body.error ? body.error.message : `HTTP ${resp.status}`; return; }
-    const rows = Array.isArray(body) ? body
-      : Object.values(body).find((v) => Array.isArray(v)) || [];
-    if (!rows.length) { box.textContent = "No usage recorded yet."; return; }
-    const cols = Object.keys(rows[0]).filter((k) => typeof rows[0][k] !== "object").slice(0, 6);
-    const table = el("table", {}, el("thead", {}, el("tr", {}, ...cols.map((c) => el("th", {text: c})))));
-    const tbody = el("tbody");
-    for (const r of rows.slice(-12)) tbody.append(el("tr", {}, ...cols.map((c) => el("td", {text: r[c]}))));
-    table.append(tbody);
+    // GET /v1/usage (gateway/usage.py): rows per function over the last day.
+    const rows = body.rows || [];
     box.textContent = "";
+    box.append(el("p", {class: "muted small", text: `last 24 h, per function (metered)`}));
+    if (!rows.length) { box.append(el("p", {class: "muted", text: "No usage recorded yet."})); return; }
+    const cols = [["key", "function", (v) => v], ["invocations", "calls", (v) => v],
+                  ["cold_starts", "cold", (v) => v], ["wall_seconds", "wall s", (v) => v.toFixed(2)],
+                  ["gib_seconds", "GiB·s", (v) => v.toFixed(2)]];
+    const table = el("table", {}, el("thead", {}, el("tr", {}, ...cols.map(([, h]) => el("th", {text: h})))));
+    const tbody = el("tbody");
+    for (const r of [...rows, {...body.totals, key: "total"}]) {
+      tbody.append(el("tr", {}, ...cols.map(([k, , f]) => el("td", {class: k === "key" ? "" : "num", text: f(r[k] ?? 0)}))));
+    }
+    table.append(tbody);
     box.append(table);
   } catch (err) {
     box.textContent = `usage unavailable: ${err.message}`;
@@ -498,24 +512,37 @@ function renderAdmin(snap) {
   box.textContent = "";
   if (!snap.nodes.length) box.append(el("p", {class: "muted", text: "No nodes registered."}));
   for (const n of snap.nodes) box.append(nodeCard(n));
-  const alerts = $("#alerts");
-  alerts.textContent = "";
-  if (!("alerts" in snap)) {
-    alerts.append(el("li", {class: "muted", text: "No alert source on this gateway (gateway/alerts.py)."}));
-  } else if (!snap.alerts.length) {
-    alerts.append(el("li", {class: "muted", text: "No alerts firing."}));
-  }
-  for (const a of snap.alerts || []) {
-    alerts.append(el("li", {}, badge(a.state || a.severity || "alert", a.state === "resolved" ? "ok" : "err"),
-      " ", el("strong", {text: a.rule || a.name || ""}), " ", a.message || "",
-      a.time ? el("span", {class: "muted small", text: ` ${clock(a.time)}`}) : ""));
-  }
+  renderAlerts(snap.alerts);
   const events = $("#events");
   events.textContent = "";
   if (!snap.events.length) events.append(el("li", {class: "muted", text: "No events yet."}));
   for (const e of snap.events) {
     events.append(el("li", {}, el("span", {class: "muted small", text: `${clock(e.time)} `}),
       badge(e.kind, /lost|critical|emergency|failed/.test(e.kind) ? "err" : "normal"), " ", e.message));
+  }
+}
+
+function alertItem(a, time) {
+  const cls = a.state === "resolved" ? "ok" : a.state === "pending" ? "building" : "err";
+  return el("li", {"data-alert": a.alert},
+    el("span", {class: "muted small", text: `${time ? clock(time) : ""} `}),
+    badge(a.state, cls), " ", badge(a.severity, a.severity === "critical" ? "err" : "building"),
+    " ", el("strong", {text: a.alert}), " ", el("span", {class: "muted", text: a.subject}),
+    el("div", {class: "small", text: a.message}));
+}
+
+function renderAlerts(alerts) {
+  const box = $("#alerts");
+  box.textContent = "";
+  if (!alerts) {
+    box.append(el("li", {class: "muted", text: "Alerting is not running on this gateway."}));
+    return;
+  }
+  if (!alerts.active.length) box.append(el("li", {class: "muted", text: "No alerts active."}));
+  for (const a of alerts.active) box.append(alertItem(a, a.started_at || a.since));
+  if (alerts.recent.length) {
+    box.append(el("li", {class: "muted small", text: "Latest transitions"}));
+    for (const a of alerts.recent) box.append(alertItem(a, a.time));
   }
 }
 
@@ -549,8 +576,8 @@ function nodeCard(n) {
     el("span", {}, el("strong", {text: "pinned"}), " ", el("span", {class: "muted small", text: "host RAM"})),
     el("div", {class: "bar", title: `${pinned.snapshots} snapshots, ${pinned.chunks} chunks`},
       el("span", {style: `width:${fill.toFixed(2)}%;background:${pinnedLevel === "normal" ? "#4456a6" : "#d98a00"}`,
-                  text: `${pinned.snapshots} snapshots`})),
-    el("span", {class: "free", text: `${bytes(pinned.used_bytes)} / ${bytes(pinned.capacity_bytes)} · ${pinnedLevel}`})));
+                  text: fill > 12 ? `${pinned.snapshots} snapshots` : ""})),
+    el("span", {class: "free", text: `${bytes(pinned.used_bytes)} / ${bytes(pinned.capacity_bytes)} · ${pinned.snapshots} snapshots · ${pinnedLevel}`})));
   if (seen.size) {
     const legend = el("div", {class: "legend"});
     for (const [fn, color] of seen) legend.append(el("span", {}, el("i", {style: `background:${color}`}), fn));

@@ -92,7 +92,8 @@ async def test_a_good_key_gets_its_tenants_functions_with_live_figures(
     assert echo["stats"]["invocations"] >= 1
     assert echo["stats"]["p99_ms"] >= echo["stats"]["p50_ms"] > 0
     assert len(echo["stats"]["series"]["time"]) == len(echo["stats"]["series"]["rate"])
-    assert set(echo["snapshot_tiers"]) == {"disk", "pinned"}
+    if echo["start_mode"] == "restore":  # the node that built it holds it on disk
+        assert "local" in echo["snapshot_tiers"]["disk"]
     call = next(r for r in snap["recent"] if r["id"] == request_id)
     assert call["status"] == 200 and call["function"] == f"dev/{name}"
     assert call["start"] in ("warm", "restore", "fresh")
