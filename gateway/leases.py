@@ -35,7 +35,7 @@ from typing import Any
 import structlog
 
 from thaw.core.errors import ThawError
-from thaw.core.priority import PRIORITY_DEFAULT, PriorityWaitQueue
+from thaw.core.priority import PRIORITY_DEFAULT, PRIORITY_MIN, PriorityWaitQueue
 from thaw.gateway.scheduler_client import SchedulerClient
 from thaw.proto import scheduler_pb2
 
@@ -108,7 +108,7 @@ class LeasePool:
                                return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
             # Whatever arrives for this call now serves the next one.
-            acquiring.add_done_callback(self._adopt_late(function))
+            self._orphan(function, acquiring, invocation_id)
             if handoff.done() and not handoff.cancelled():
                 self.done_with(function, handoff.result())
             raise
@@ -120,12 +120,27 @@ class LeasePool:
             if not waiters and self._waiters.get(function) is waiters:
                 del self._waiters[function]
         if not handoff.cancelled():
-            acquiring.add_done_callback(self._adopt_late(function))
+            self._orphan(function, acquiring, invocation_id)
             return handoff.result(), True
         if acquiring.done():
             return acquiring.result(), False
-        acquiring.add_done_callback(self._adopt_late(function))
+        self._orphan(function, acquiring, invocation_id)
         raise TimeoutError
+
+    def _orphan(self, function: str, acquiring: asyncio.Task[scheduler_pb2.Lease],
+                invocation_id: str) -> None:
+        """The call no longer needs its Acquire: a lease it brings serves the next
+        call. While it waits at the scheduler it would hold its call's place there, in
+        front of other calls (of other replicas too) that still wait: it goes to the
+        back (the calls waiting here have their own Acquires in their own places)."""
+        acquiring.add_done_callback(self._adopt_late(function))
+        if invocation_id and not acquiring.done():
+            self.spawn(self._demote(invocation_id))
+
+    async def _demote(self, invocation_id: str) -> None:
+        # Granted meanwhile (NotFound), or the scheduler is away: no harm either way.
+        with contextlib.suppress(ThawError):
+            await self.scheduler.set_priority(invocation_id, PRIORITY_MIN)
 
     async def _acquire(self, tenant: str, name: str, wait: float, priority: int,
                        invocation_id: str) -> scheduler_pb2.Lease:

@@ -41,8 +41,19 @@ async def served_order(pool: LeasePool, lease: scheduler_pb2.Lease,
     return order
 
 
-def saturated() -> tuple[FakeScheduler, FakeClock, LeasePool]:
-    sched, clock = FakeScheduler(), FakeClock()
+class RankingScheduler(FakeScheduler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.demoted: list[tuple[str, int]] = []
+
+    async def set_priority(self, invocation_id: str, priority: int, tenant: str = ""
+                           ) -> scheduler_pb2.SetPriorityResponse:
+        self.demoted.append((invocation_id, priority))
+        return scheduler_pb2.SetPriorityResponse(priority=priority)
+
+
+def saturated() -> tuple[RankingScheduler, FakeClock, LeasePool]:
+    sched, clock = RankingScheduler(), FakeClock()
     sched.gate = asyncio.Event()  # the scheduler has nothing free: only hand-offs serve
     return sched, clock, LeasePool(sched, linger=0.2, max_age=1000,  # type: ignore[arg-type]
                                    clock=clock, aging_rate=1.0)
@@ -57,6 +68,8 @@ async def test_a_freed_lease_goes_to_the_highest_priority_waiter_fifo_within_a_l
                                        ("e90", 90)], clock)
     assert await served_order(pool, lease, tasks) == ["c90", "e90", "b50", "d50", "a10"]
     assert pool.queued("t/f") == 0
+    # Served by hand-offs, their Acquires still wait at the scheduler: sent to the back.
+    assert sorted(sched.demoted) == [(i, 1) for i in ("a10", "b50", "c90", "d50", "e90")]
     sched.gate.set()  # type: ignore[union-attr]
     await settle()
     await pool.close(1.0)
