@@ -318,7 +318,12 @@ def _schemas() -> dict[str, Any]:
                                       "description": "Default priority (1-100) of its "
                                                      "invocations; null: the key's."},
                          "config": {"type": "object"}, "created_at": {"type": "number"},
-                         "updated_at": {"type": "number"}, "url": {"type": "string"}}},
+                         "updated_at": {"type": "number"}, "url": {"type": "string"},
+                         "active_version": {"type": "integer", "nullable": True,
+                                            "description": "The version serving."},
+                         "latest_build": {"type": "object", "nullable": True,
+                                          "description": "The newest deploy's version "
+                                                         "(see /versions)."}}},
         "Model": {"type": "object", "required": ["id", "object", "created", "owned_by"],
                   "properties": {"id": {"type": "string"}, "object": {"type": "string"},
                                  "created": {"type": "integer"},
