@@ -27,10 +27,14 @@ UPLOAD_PIECE_BYTES = 256 * 1024
 err_console = Console(stderr=True)
 
 
-def transfer_progress() -> Progress:
+def transfer_progress(transient: bool = False) -> Progress:
+    """`transient`: the bar is wiped when done (the caller prints its own summary, and
+    a refusal leaves only its one error line)."""
     return Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                     TransferSpeedColumn(), TimeElapsedColumn(), console=err_console,
-                    transient=False)
+                    transient=transient,
+                    # Not a terminal: a transient bar has nothing to leave behind.
+                    disable=transient and not err_console.is_terminal)
 
 
 def upload_pieces(data: bytes, progress: Progress, task: TaskID) -> Iterator[bytes]:
@@ -45,9 +49,11 @@ def run_pass(client: Client, name: str, kind: str, node: str = "") -> dict[str, 
     node (bytes, GB/s); returns the final summary line."""
     summary: dict[str, Any] | None = None
     tasks: dict[str, TaskID] = {}
-    with transfer_progress() as progress, client.stream(
+    # The request first: a refusal is then one error line, with no empty bar drawn.
+    with client.stream(
             "POST", f"/v1/functions/{name}/{kind}", params={"node": node} if node else None,
-            headers={"Accept": "application/x-ndjson"}) as resp:
+            headers={"Accept": "application/x-ndjson"}) as resp, \
+            transfer_progress() as progress:
         for raw in resp.iter_lines():
             if not raw.strip():
                 continue
