@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import time
+from urllib.parse import quote
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -32,8 +33,13 @@ def error_response(status: int, code: str, message: str) -> web.Response:
     return web.json_response({"error": {"code": code, "message": message}}, status=status)
 
 
+# Characters left as they are when the sub-path (match_info holds it decoded) is
+# encoded again for the request line; the gateway's invoke.py PATH_SAFE is the same.
+PATH_SAFE = "/:@!$&'()*+,;=-._~"
+
+
 def _instance_target(inst: Instance, tail: str, query: str) -> str:
-    path = "/invoke" + (f"/{tail}" if tail else "")
+    path = "/invoke" + (f"/{quote(tail, safe=PATH_SAFE)}" if tail else "")
     return f"{path}?{query}" if query else path
 
 
@@ -79,7 +85,7 @@ async def invoke(request: web.Request) -> web.StreamResponse:
 async def _forward(request: web.Request, client: NodeClient, inst: Instance,
                    tail: str, headers: dict[str, str], body: bytes) -> web.StreamResponse:
     upstream = await client.post_unix(
-        inst.socket, _instance_target(inst, tail, request.query_string), body, headers)
+        inst.socket, _instance_target(inst, tail, request.rel_url.raw_query_string), body, headers)
     try:
         out_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
         out_headers["X-Thaw-Instance"] = inst.id
