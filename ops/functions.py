@@ -82,7 +82,11 @@ def deploy(path: Path, no_wait: bool) -> None:
 @click.argument("name")
 @click.option("--data", "-d", default="{}", help="JSON body to send.")
 @click.option("--stream", is_flag=True, help="Ask for Server-Sent Events and print them.")
-def invoke(name: str, data: str, stream: bool) -> None:
+@click.option("--priority", type=click.IntRange(1, 100), default=None,
+              help="1-100 (X-Thaw-Priority, up to the key's priority_max): the call's "
+                   "place among the function's queued calls; default: the function's, "
+                   "else the key's.")
+def invoke(name: str, data: str, stream: bool, priority: int | None) -> None:
     """Call function NAME of your tenant with a JSON body."""
     client = Client(timeout=600)
     fns = {f["name"]: f for f in client.request("GET", "/v1/functions").json()["functions"]}
@@ -90,6 +94,8 @@ def invoke(name: str, data: str, stream: bool) -> None:
         raise click.ClickException(f"no function named {name!r}")
     path = "/fn/" + fns[name]["url"].split("/fn/", 1)[1]
     headers = {"Content-Type": "application/json"}
+    if priority is not None:
+        headers["X-Thaw-Priority"] = str(priority)
     if stream:
         headers["Accept"] = "text/event-stream"
         with client.stream("POST", path, content=data.encode(), headers=headers) as resp:
