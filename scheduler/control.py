@@ -1336,6 +1336,9 @@ class ControlPlane:
         """After a restart: the instances the DB knows as live are adopted when their
         node re-registers and reports them (register); those no node reports within
         node_timeout and a couple of heartbeats are ended then (reconcile_once)."""
+        interrupted = await self.store.run(self.versions.fail_interrupted_builds)
+        if interrupted:
+            log.warning("builds interrupted by the restart marked failed", count=interrupted)
         records = await self.store.run(self.store.live_instances)
         self._unclaimed = {r.id: r for r in records}
         self._unclaimed_until = (self._clock() + self.node_timeout

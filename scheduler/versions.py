@@ -226,8 +226,22 @@ class VersionStore:
             return self._record(s, row)
         return self.store._tx(tx)
 
-    def cancel_builds(self, function_id: str, by: str) -> None:
-        self.store._tx(lambda s: self._supersede_builds(s, function_id, by))
+    def fail_interrupted_builds(self) -> int:
+        """After a scheduler restart no build is running: versions still BUILDING
+        failed (and a function that was building its first version with them)."""
+        reason = "the scheduler restarted during its build; deploy again"
+
+        def tx(s: Session) -> int:
+            rows = list(s.scalars(select(models.FunctionVersion).where(
+                models.FunctionVersion.state == VersionState.BUILDING.value)))
+            for row in rows:
+                row.state, row.reason = VersionState.FAILED.value, reason
+                fn = s.get(models.Function, row.function_id)
+                if (fn is not None and fn.version == row.version
+                        and fn.state == FunctionState.BUILDING.value):
+                    fn.state, fn.reason = FunctionState.FAILED.value, reason
+            return len(rows)
+        return self.store._tx(tx)
 
     def run_fresh(self, function_id: str, version: int, reason: str) -> None:
         """Its snapshot was quarantined: the version runs with fresh starts from now on

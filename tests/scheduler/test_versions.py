@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.scheduler.conftest import Cluster, FakeAgent
+from tests.scheduler.conftest import Cluster, FakeAgent, make_control
 from thaw.core.errors import InvalidArgument, NotFound
 from thaw.core.spec import pack_bundle
 from thaw.proto import agent_pb2, manifest_pb2, scheduler_pb2
@@ -260,3 +260,23 @@ async def test_a_rollback_supersedes_a_build_in_progress(
     assert after.version == 1  # the late build did not switch
     v3 = await cluster.control.store.run(cluster.control.versions.get, fn.id, 3)
     assert v3.state is VersionState.FAILED and "rollback" in v3.reason
+
+
+async def test_a_restart_fails_builds_it_interrupted_and_the_old_version_serves_on(
+        cluster: Cluster, tmp_path: Path) -> None:
+    agent = await add_gated_node(cluster)
+    await deploy(cluster, agent, bundle(tmp_path, "one"))
+    asyncio.create_task(cluster.control.create_function("dev", bundle(tmp_path, "two"),
+                                                        wait=False))
+    await agent.building()
+    # A new scheduler process over the same DB (the old one's build never reports).
+    restarted = make_control(tmp_path, cluster.clock, cluster.agents)
+    try:
+        await restarted.recover()
+        fn, versions = await restarted.list_versions("dev", NAME)
+        assert fn.state is FunctionState.READY and fn.version == 1
+        assert versions[0].state is VersionState.FAILED
+        assert "restarted" in versions[0].reason
+    finally:
+        await restarted.close()
+        restarted.store.close()
