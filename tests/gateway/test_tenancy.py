@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from tests.conftest import RunningPlatform
+from tests.gateway.conftest import Replica
 from tests.gateway.tenancy_helpers import deploy, echo_bundle, new_tenant, unique
 from thaw.ops.cli import cli
 
@@ -216,3 +218,21 @@ def test_the_cli_manages_tenants_keys_and_reads_the_audit_log(
         (e["action"], e["target"]) for e in entries}
     table = runner.invoke(cli, ["audit", "--limit", "5"])
     assert table.exit_code == 0 and "key.revoke" in table.output
+
+
+def test_anonymous_calls_are_rate_limited_by_client_address(
+        platform: RunningPlatform, tmp_path: Path,
+        replica: Callable[[dict[str, str]], Replica]) -> None:
+    b = new_tenant(platform)
+    name = unique("anon")
+    assert deploy(b.http, echo_bundle(tmp_path, name)).status_code == 201
+    assert b.http.patch(f"/v1/functions/{name}", json={"public": True}).status_code == 200
+    gw = replica({"THAW_RATE_LIMIT_RPM": "6", "THAW_RATE_LIMIT_BURST": "2"})
+    anonymous = httpx.Client(base_url=gw.url, timeout=120)
+    answers = [anonymous.post(f"/fn/{b.tenant}/{name}", json={}) for _ in range(3)]
+    assert [a.status_code for a in answers] == [200, 200, 429], [a.text for a in answers]
+    assert answers[2].json()["error"]["code"] == "rate_limited"
+    assert int(answers[2].headers["Retry-After"]) >= 1
+    # The key holder has a bucket of its own: the address's is spent, not the key's.
+    assert gw.http.get("/v1/functions").status_code == 200
+    anonymous.close()
