@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import grpc
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
@@ -146,10 +147,13 @@ class UnreachableNodeScheduler:
         self.port = port
         self.released: list[tuple[str, bool]] = []
         self.acquired = 0
+        # The gateway's other scheduler services (async invocations, metering...) get
+        # a channel to nowhere: their background work fails quietly, as with a
+        # scheduler that is away.
+        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
 
     async def authenticate(self, digest: str) -> scheduler_pb2.Principal:
         return scheduler_pb2.Principal(tenant="t", key_id="k", scopes=["invoke"])
-
 
     async def get_function(self, tenant: str, name: str) -> scheduler_pb2.FunctionInfo:
         return scheduler_pb2.FunctionInfo(tenant=tenant, name=name, state="ready")
@@ -157,6 +161,7 @@ class UnreachableNodeScheduler:
     async def set_priority(self, invocation_id: str, priority: int, tenant: str = ""
                            ) -> scheduler_pb2.SetPriorityResponse:
         return scheduler_pb2.SetPriorityResponse(priority=priority)
+
     async def acquire(self, tenant: str, name: str, wait: float, priority: int = 0,
                       invocation_id: str = "") -> scheduler_pb2.Lease:
         self.acquired += 1
@@ -168,7 +173,7 @@ class UnreachableNodeScheduler:
         self.released.append((lease_id, failed))
 
     async def close(self) -> None:
-        pass
+        await self.channel.close()
 
 
 def _closed_port() -> int:
