@@ -444,6 +444,16 @@ function stopLogs() {
   state.logsFor = "";
 }
 
+function logLine(raw) {
+  try {
+    const r = JSON.parse(raw);
+    const who = r.instance ? ` ${String(r.instance).slice(-6)}` : "";
+    return `${r.time ? clock(r.time) : ""}${who} ${r.stream || ""}: ${r.line ?? raw}\n`;
+  } catch {
+    return `${raw}\n`;
+  }
+}
+
 async function startLogs(name) {
   stopLogs();
   const controller = new AbortController();
@@ -461,12 +471,16 @@ async function startLogs(name) {
       $("#logs-state").textContent = "";
       return;
     }
+    // NDJSON (gateway/logs.py): {"time", "instance", "stream", "line"} per line.
     const reader = resp.body.getReader();
     const decoder = new TextDecoder();
+    let partial = "";
     for (;;) {
       const {value, done} = await reader.read();
       if (done) break;
-      pre.textContent += decoder.decode(value, {stream: true});
+      const lines = (partial + decoder.decode(value, {stream: true})).split("\n");
+      partial = lines.pop();
+      pre.textContent += lines.filter((l) => l.trim()).map(logLine).join("");
       if (pre.textContent.length > 200000) pre.textContent = pre.textContent.slice(-100000);
       pre.scrollTop = pre.scrollHeight;
     }
