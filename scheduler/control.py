@@ -41,7 +41,13 @@ from thaw.scheduler.events import EventKind, EventLog
 from thaw.scheduler.nodes import AgentClient, NodeView
 from thaw.scheduler.placement import Candidate, IdleInstance, choose_node, plan_eviction
 from thaw.scheduler.policy import PolicyConfig
-from thaw.scheduler.pools import Broadcast, FunctionPool, InstanceView, RoomTurn
+from thaw.scheduler.pools import (
+    Broadcast,
+    FunctionPool,
+    InstanceView,
+    QueuedAcquire,
+    RoomTurn,
+)
 from thaw.scheduler.pressure import (
     PINNED,
     PressureLevel,
@@ -760,7 +766,7 @@ class ControlPlane:
             raise NoCapacity(f"{tenant}/{name} already has {pool.waiters} requests waiting "
                              "for an instance; try again later")
         pool.waiters += 1
-        me = pool.queue.push(None, priority, invocation_id)
+        me = pool.queue.push(QueuedAcquire(), priority, invocation_id)
         room_since: float | None = None
         room: Waiter[RoomTurn] | None = None
         try:
@@ -772,7 +778,7 @@ class ControlPlane:
                     fn = await self.store.run(self.store.get_function, tenant, name)
                     scaling = fn.spec.scaling
                     continue
-                first_in_line = pool.queue.head() is me
+                first_in_line = pool.first_in_line() is me
                 inst = pool.pick(fn.version, scaling.max_concurrency) if first_in_line else None
                 if inst is not None:
                     return self._grant(pool, inst, "warm", (("queue", self._clock() - started),),
@@ -783,9 +789,11 @@ class ControlPlane:
                     # (restore or import+setup) begins.
                     queued = self._clock() - started
                     epoch = self._room.fired
+                    me.item.starting = True
                     try:
                         inst, timings = await self._start_instance(fn)
                     except _NoRoom as exc:
+                        me.item.starting = False
                         pool.starting -= 1
                         pool.changed.fire()
                         first = room_since is None
@@ -802,9 +810,10 @@ class ControlPlane:
                         pool.changed.fire()
                         raise
                     pool.starting -= 1
+                    me.item.starting = False
                     self._leave_room_queue(room)
                     room = None
-                    if pool.queue.head() is me:
+                    if pool.first_in_line() is me:
                         self._add_instance(pool, inst)
                         return self._grant(pool, inst, inst.start,
                                            (("queue", queued), *timings), scaling.timeout)

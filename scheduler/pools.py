@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 from dataclasses import dataclass, field
 
-from thaw.core.priority import PriorityWaitQueue
+from thaw.core.priority import PriorityWaitQueue, Waiter
 from thaw.core.spec import Scaling
 from thaw.scheduler.autoscale import should_start
 from thaw.scheduler.states import InstanceState
@@ -66,6 +66,14 @@ class RoomTurn:
 
 
 @dataclass
+class QueuedAcquire:
+    """A request in a FunctionPool's queue."""
+
+    starting: bool = False
+    """It is starting an instance (which it gets if it is first in line by then)."""
+
+
+@dataclass
 class InstanceView:
     id: str
     function_id: str
@@ -100,9 +108,18 @@ class FunctionPool:
     warm_retry_at: float = 0.0
     """No proactive (min_instances) start before this, after one failed."""
     changed: Broadcast = field(default_factory=Broadcast)
-    queue: PriorityWaitQueue[None] = field(default_factory=PriorityWaitQueue)
+    queue: PriorityWaitQueue[QueuedAcquire] = field(default_factory=PriorityWaitQueue)
     """The waiting requests in serving order (priority, then arrival, with aging): only
-    its head may take a free slot, so nobody overtakes a request ahead of it."""
+    the first of them not busy starting an instance may take a free slot, so nobody
+    overtakes a request ahead of it."""
+
+    def first_in_line(self) -> Waiter[QueuedAcquire] | None:
+        """Who may take a free slot now: the head, or while the head (and others
+        after it) are starting instances of their own, the first one that is not."""
+        head = self.queue.head()
+        if head is None or not head.item.starting:
+            return head
+        return next((w for w in self.queue if not w.item.starting), None)
 
     def live(self, version: int) -> list[InstanceView]:
         return [i for i in self.instances.values()

@@ -145,3 +145,33 @@ async def test_requests_waiting_for_room_retry_placement_by_priority(
     await asyncio.wait_for(low, 5)
     assert order == ["high", "low"]
     await cluster.control.release(grants["low"].lease_id, False, "")
+
+
+@pytest.mark.parametrize("policy", [PolicyConfig(priority_aging_rate=0)])
+async def test_a_slot_freed_while_the_head_starts_an_instance_goes_to_the_next(
+        cluster: Cluster) -> None:
+    """The head is busy starting an instance of its own: a slot freed meanwhile is
+    not held back for it, the next in line takes it (and the head its new instance)."""
+    agent = await cluster.add_node("n1")
+    await cluster.deploy("pair", max_instances=2, target_concurrency=1, max_concurrency=1)
+    held = await cluster.control.acquire("dev", "pair", 30)
+    gate = asyncio.Event()
+    unguarded = agent.start_instance
+
+    async def gated_start(request: object, timeout: float) -> object:
+        await gate.wait()
+        return await unguarded(request, timeout)  # type: ignore[arg-type]
+
+    agent.start_instance = gated_start  # type: ignore[method-assign,assignment]
+    rec = Recorder(cluster, "pair")
+    await rec.enqueue("high", 90)  # starts the second instance, held at the gate
+    pool = next(iter(cluster.control.pools.values()))
+    while pool.starting < 1:
+        await asyncio.sleep(0.005)
+    await rec.enqueue("low", 10)
+    await cluster.control.release(held.lease_id, False, "")
+    await asyncio.wait_for(rec.tasks[1], 5)
+    assert rec.order == ["low"] and not rec.tasks[0].done()
+    gate.set()
+    await rec.done()
+    assert rec.order == ["low", "high"]
