@@ -21,6 +21,7 @@ import contextlib
 import importlib
 import json
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,8 @@ EVENTS_SHOWN = 30
 # A snapshot is JSON of modest size; anything the client sends is only its key.
 MAX_CLIENT_MESSAGE_BYTES = 4096
 HEARTBEAT_SECONDS = 20.0
+# Open feeds, closed at shutdown so a stopping gateway does not wait on dashboards.
+LIVE_SOCKETS_KEY: web.AppKey[weakref.WeakSet[Any]] = web.AppKey("live_sockets")
 
 
 async def static_file(request: web.Request) -> web.StreamResponse:
@@ -199,6 +202,7 @@ async def live(request: web.Request) -> web.StreamResponse:
         raise InvalidArgument("GET /v1/live is a WebSocket: send an Upgrade request",
                               field="Upgrade")
     await ws.prepare(request)
+    request.app[LIVE_SOCKETS_KEY].add(ws)
     p = await _authenticate(request, ws)
     if p is None:
         return ws
@@ -235,9 +239,17 @@ async def _drain(ws: web.WebSocketResponse) -> None:
             return
 
 
+async def _close_live_sockets(app: web.Application) -> None:
+    sockets = app[LIVE_SOCKETS_KEY]
+    for ws in list(sockets):
+        await ws.close(code=WSCloseCode.GOING_AWAY, message=b"gateway shutting down")
+
+
 def add_routes(app: web.Application) -> None:
     if STATS_KEY not in app:  # gateway/alerts.py reads the same figures
         app[STATS_KEY] = FunctionStats()
+    app[LIVE_SOCKETS_KEY] = weakref.WeakSet()
+    app.on_shutdown.append(_close_live_sockets)
     app.router.add_get("/static/{file}", static_file)
     app.router.add_get("/v1/live", live)
 

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
 import pytest
 
 from tests.conftest import EXAMPLES, RunningPlatform
-from tests.gateway.conftest import deploy_once
+from tests.gateway.conftest import Replica, deploy_once
 from thaw.scheduler.db import make_engine
 from thaw.scheduler.store import Store
 
@@ -113,6 +114,21 @@ async def test_another_tenant_sees_none_of_devs_functions(platform: RunningPlatf
         snap = await next_of(ws, "snapshot")
     assert snap["functions"] == [] and snap["recent"] == []
     assert "nodes" not in snap and "events" not in snap
+
+
+async def test_a_stopping_gateway_closes_its_feeds(
+        platform: RunningPlatform, replica: Callable[[dict[str, str]], Replica]) -> None:
+    gateway = replica({})
+    url = gateway.url.replace("http://", "ws://") + "/v1/live"
+    async with aiohttp.ClientSession() as session, session.ws_connect(url) as ws:
+        await ws.send_json({"key": platform.key})
+        await next_of(ws, "snapshot")
+        gateway.proc.terminate()
+        while not ws.closed:
+            msg = await ws.receive(timeout=SNAPSHOT_WAIT_SECONDS)
+            if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED):
+                break
+        assert ws.close_code == aiohttp.WSCloseCode.GOING_AWAY
 
 
 def test_the_page_and_its_files_are_served(platform: RunningPlatform) -> None:
