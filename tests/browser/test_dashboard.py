@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +22,7 @@ CHROMIUM = os.environ.get("THAW_TEST_CHROMIUM", "/usr/bin/chromium")
 OUTPUT = REPO / "test-output"
 BUNDLE = FIXTURES / "sliced_echo"
 FUNCTION = "sliced-echo"
+FAILING = "dashboard-setup-raises"
 # Bounds for waiting on the page (Playwright's timeouts, milliseconds): a snapshot build
 # takes seconds here; these only stop a broken page from hanging the run.
 BUILD_WAIT_MS = 180_000
@@ -43,8 +45,29 @@ def browser() -> Iterator[object]:
             b.close()
 
 
+@pytest.fixture
+def removed_after(platform: RunningPlatform) -> Iterator[list[str]]:
+    """Functions the test deploys, deleted after it: their slices and instances do not
+    stay on the session's shared platform."""
+    names: list[str] = []
+    yield names
+    for name in names:
+        platform.http.delete(f"/v1/functions/{name}")
+
+
+def failing_bundle(tmp_path: Path) -> Path:
+    """setup_raises under a name of this test's own."""
+    folder = tmp_path / "failing"
+    shutil.copytree(FIXTURES / "setup_raises", folder)
+    toml = folder / "thaw.toml"
+    toml.write_text(re.sub(r'(?m)^name = .*$', f'name = "{FAILING}"', toml.read_text()))
+    tarball = tmp_path / "failing.tar.gz"
+    tarball.write_bytes(pack_bundle(str(folder)))
+    return tarball
+
+
 def test_sign_in_deploy_invoke_and_watch(platform: RunningPlatform, browser: object,
-                                         tmp_path: Path) -> None:
+                                         tmp_path: Path, removed_after: list[str]) -> None:
     from playwright.sync_api import Browser, expect
 
     assert isinstance(browser, Browser)
@@ -72,6 +95,7 @@ def test_sign_in_deploy_invoke_and_watch(platform: RunningPlatform, browser: obj
     assert page.evaluate("sessionStorage.getItem('thaw.key')") == platform.key
 
     # Deploy from the form; the page follows the build over the live feed.
+    removed_after.extend([FUNCTION, FAILING])
     page.set_input_files("#bundle", str(tarball))
     page.click("#deploy-form button[type=submit]")
     expect(page.locator("#deploy-steps li.done").first).to_contain_text("Uploaded")
@@ -123,9 +147,7 @@ def test_sign_in_deploy_invoke_and_watch(platform: RunningPlatform, browser: obj
 
     # A bundle whose setup() raises: the build fails and the page says why.
     page.click("#tabs button[data-view=functions]")
-    broken = tmp_path / "setup-raises.tar.gz"
-    broken.write_bytes(pack_bundle(str(FIXTURES / "setup_raises")))
-    page.set_input_files("#bundle", str(broken))
+    page.set_input_files("#bundle", str(failing_bundle(tmp_path)))
     page.click("#deploy-form button[type=submit]")
     expect(page.locator("#deploy-steps li").last).to_contain_text(
         "Failed:", timeout=BUILD_WAIT_MS)
