@@ -40,7 +40,6 @@ from thaw.gateway.nodeclient import NodeClient
 from thaw.gateway.openapi import openapi_view
 from thaw.gateway.ratelimit import KeyRateLimiter
 from thaw.gateway.scheduler_client import SchedulerClient
-from thaw.gateway.stats import STATS_KEY
 from thaw.gateway.state import (
     CONFIG_KEY,
     ERROR_CODE_KEY,
@@ -52,6 +51,7 @@ from thaw.gateway.state import (
     START_KEY,
     Gateway,
 )
+from thaw.gateway.stats import STATS_KEY
 from thaw.gateway.versions import version_json
 from thaw.proto import scheduler_pb2
 

@@ -7,11 +7,13 @@ from elsewhere.
 `GET /v1/live` is a WebSocket. The client's first message authenticates it:
 `{"key": "thaw_..."}` (a key never goes in a URL, where logs and proxies keep it). A bad
 key gets an `{"type": "error", "error": {...}}` frame and the socket is closed with
-code 4401. Then about once a second the server pushes a `{"type": "snapshot"}`: the
-tenant's functions (the scheduler's view: state, version, snapshot size and tiers,
-warm instances, URL) with this replica's live figures (gateway/stats.py), the latest
-invocations, and for platform operators the nodes (devices with their slices, pinned
-tier, pressure) and recent events and alerts.
+code 4401. The client may then say which function its charts show,
+`{"select": "<name>"}` (default: the first). About once a second the server pushes a
+`{"type": "snapshot"}`: the tenant's functions (the scheduler's view: state, version,
+snapshot size and tiers, warm instances, URL) with this replica's live figures
+(gateway/stats.py; series and cold-start stages for the selected function only), the
+latest invocations, and for platform operators the nodes (devices with their slices,
+pinned tier, pressure) and recent events and alerts.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import importlib
 import json
 import time
 import weakref
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +61,8 @@ AUTH_WAIT_SECONDS = 10.0
 CLOSE_UNAUTHENTICATED = 4401
 CLOSE_AUTH_TIMEOUT = 4408
 RECENT_SHOWN = 50
+# Function names are at most this long (core/spec.py's name pattern).
+MAX_NAME_LENGTH = 63
 EVENTS_SHOWN = 30
 # A snapshot is JSON of modest size; anything the client sends is only its key.
 MAX_CLIENT_MESSAGE_BYTES = 4096
@@ -117,16 +122,21 @@ def _alerts(app: web.Application) -> dict[str, Any] | None:
 
 
 async def build_snapshot(request: web.Request, p: scheduler_pb2.Principal,
-                         operator: bool) -> dict[str, Any]:
+                         operator: bool, selected: str = "") -> dict[str, Any]:
+    """`selected`: the function whose charts the page shows (its series are sent; the
+    others' figures only). Empty: the first function."""
     from thaw.gateway.app import function_json, node_json  # app imports routes -> us
 
     gw = request.app[GATEWAY_KEY]
     stats = request.app[STATS_KEY]
     functions = await gw.scheduler.list_functions(p.tenant)
+    if functions and selected not in {fn.name for fn in functions}:
+        selected = functions[0].name
     out_functions = []
     for fn in functions:
         body = function_json(request, fn)
-        body["stats"] = stats.function_summary(f"{fn.tenant}/{fn.name}")
+        body["stats"] = stats.function_summary(f"{fn.tenant}/{fn.name}",
+                                               charts=fn.name == selected)
         body["snapshot_tiers"] = snapshot_tiers(fn)
         out_functions.append(body)
     snapshot: dict[str, Any] = {
@@ -209,11 +219,12 @@ async def live(request: web.Request) -> web.StreamResponse:
     # Operators (gateway/auth.py) also get nodes, events and alerts.
     operator = is_operator(p, request.app[CONFIG_KEY])
     await ws.send_json({"type": "hello", "tenant": p.tenant, "operator": operator})
-    reader = asyncio.get_running_loop().create_task(_drain(ws))
+    view = ClientView()
+    reader = asyncio.get_running_loop().create_task(_read_client(ws, view))
     try:
         while not ws.closed and not reader.done():
             try:
-                snapshot = await build_snapshot(request, p, operator)
+                snapshot = await build_snapshot(request, p, operator, view.selected)
             except ThawError as exc:
                 # The scheduler is away a moment: say so, keep the socket.
                 snapshot = {"type": "warning", **error_body(exc.code, exc.message)}
@@ -232,11 +243,25 @@ async def live(request: web.Request) -> web.StreamResponse:
     return ws
 
 
-async def _drain(ws: web.WebSocketResponse) -> None:
-    """Read (and ignore) what the client sends, so closes and pings are seen."""
+@dataclass
+class ClientView:
+    """What the page shows, as it last told: `{"select": "<function name>"}`."""
+
+    selected: str = ""
+
+
+async def _read_client(ws: web.WebSocketResponse, view: ClientView) -> None:
+    """Read what the client sends (so closes and pings are seen too); anything but a
+    well-formed selection is ignored."""
     async for msg in ws:
         if msg.type == WSMsgType.ERROR:
             return
+        if msg.type != WSMsgType.TEXT:
+            continue
+        with contextlib.suppress(ValueError):
+            said = json.loads(msg.data)
+            if isinstance(said, dict) and isinstance(said.get("select"), str):
+                view.selected = said["select"][:MAX_NAME_LENGTH]
 
 
 async def _close_live_sockets(app: web.Application) -> None:

@@ -145,8 +145,9 @@ class FunctionStats:
         merged.sort(key=lambda i: i.time, reverse=True)
         return merged[:limit]
 
-    def function_summary(self, function: str) -> dict[str, Any]:
-        """Figures over the window and the charts' series for one function."""
+    def function_summary(self, function: str, charts: bool = True) -> dict[str, Any]:
+        """Figures over the window for one function and, with `charts`, the series and
+        cold starts its charts draw."""
         now = self.clock()
         calls = self._prune(function, now)
         snapshot = list(calls) if calls is not None else []
@@ -157,8 +158,7 @@ class FunctionStats:
             if c.cold:
                 cold_by_kind[c.start] += 1
         recent_calls = sum(1 for c in snapshot if c.time >= now - RATE_SECONDS)
-        colds = [c for c in snapshot if c.cold][-COLD_STARTS_SHOWN:]
-        return {
+        summary = {
             "window_seconds": self.window,
             "invocations": len(snapshot),
             "rate_per_second": round(recent_calls / RATE_SECONDS, 3),
@@ -166,11 +166,14 @@ class FunctionStats:
             "p99_ms": round(percentile(latencies, 0.99), 2),
             "error_rate": round(errors / len(snapshot), 4) if snapshot else 0.0,
             "cold_starts": cold_by_kind,
-            "cold_start_stages": [
-                {"id": c.id, "time": round(c.time, 3), "start": c.start,
-                 "stages": c.stages()} for c in colds],
-            "series": self._series(snapshot, now),
         }
+        if charts:
+            colds = [c for c in snapshot if c.cold][-COLD_STARTS_SHOWN:]
+            summary["cold_start_stages"] = [
+                {"id": c.id, "time": round(c.time, 3), "start": c.start,
+                 "stages": c.stages()} for c in colds]
+            summary["series"] = self._series(snapshot, now)
+        return summary
 
     def _series(self, calls: list[Invocation], now: float) -> dict[str, list[float]]:
         """Per bucket, oldest first: its end time, calls per second, p50 and p99 (ms),

@@ -109,6 +109,7 @@ function onHello(msg) {
   $("#tabs").hidden = false;
   $("#tab-admin").hidden = !msg.operator;
   if (!currentView()) show("functions");
+  if (state.selected) select(state.selected);
   discoverFeatures();
 }
 
@@ -181,7 +182,10 @@ function renderFunctions(snap) {
   const tbody = $("#functions tbody");
   tbody.textContent = "";
   $("#no-functions").hidden = snap.functions.length > 0;
-  if (!state.selected && snap.functions.length) state.selected = snap.functions[0].name;
+  const deploying = state.deploying && state.deploying.name === state.selected;
+  if (!deploying && snap.functions.length && !snap.functions.some((f) => f.name === state.selected)) {
+    state.selected = snap.functions[0].name;
+  }
   for (const f of snap.functions) {
     const s = f.stats;
     const tiers = [];
@@ -202,12 +206,21 @@ function renderFunctions(snap) {
       el("td", {class: "num", text: s.invocations ? pct(s.error_rate) : "—"}),
       el("td", {text: `restore ${s.cold_starts.restore} · fresh ${s.cold_starts.fresh}`}),
       el("td", {}, urlCell(f.url)));
-    row.addEventListener("click", () => { state.selected = f.name; render(state.snapshot); });
+    row.addEventListener("click", () => select(f.name));
     tbody.append(row);
   }
   renderDetail(snap.functions.find((f) => f.name === state.selected));
   renderRecent(snap.recent);
   if (state.features.usage && Date.now() - state.usageAt > 30000) loadUsage();
+}
+
+// The server sends chart series for the selected function only.
+function select(name) {
+  state.selected = name;
+  if (state.ws && state.ws.readyState === WebSocket.OPEN && state.signedIn) {
+    state.ws.send(JSON.stringify({select: name}));
+  }
+  if (state.snapshot) render(state.snapshot);
 }
 
 function renderDetail(f) {
@@ -321,7 +334,7 @@ function makeCharts(f) {
 }
 
 function updateCharts(f) {
-  if (typeof uPlot === "undefined") return;
+  if (typeof uPlot === "undefined" || !f.stats.series) return;  // series on their way
   if (state.chartFor !== f.name) makeCharts(f);
   const s = f.stats.series;
   state.charts.rate.setData([s.time, s.rate, s.errors]);
@@ -378,7 +391,7 @@ function deploy(file) {
     uploading.textContent = `Uploaded ${file.name} → ${body.name}, version ${version}`;
     state.deploying = {name: body.name, version, url: body.url,
                        since: Date.now(), line: step("Building the snapshot…")};
-    state.selected = body.name;
+    select(body.name);
     if (state.snapshot) trackDeploy(state.snapshot);
   };
   xhr.send(form);

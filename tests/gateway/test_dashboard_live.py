@@ -84,7 +84,9 @@ async def test_a_good_key_gets_its_tenants_functions_with_live_figures(
         await ws.send_json({"key": platform.key})
         hello = await next_of(ws, "hello")
         assert hello == {"type": "hello", "tenant": "dev", "operator": True}
-        snap = await next_of(ws, "snapshot")
+        await ws.send_json({"select": name})  # the function whose charts the page shows
+        snap = await next_of(ws, "snapshot", until=lambda s: any(
+            f["name"] == name and "series" in f["stats"] for f in s["functions"]))
     assert snap["tenant"] == "dev"
     assert {f["tenant"] for f in snap["functions"]} == {"dev"}
     echo = next(f for f in snap["functions"] if f["name"] == name)
@@ -93,6 +95,8 @@ async def test_a_good_key_gets_its_tenants_functions_with_live_figures(
     assert echo["stats"]["invocations"] >= 1
     assert echo["stats"]["p99_ms"] >= echo["stats"]["p50_ms"] > 0
     assert len(echo["stats"]["series"]["time"]) == len(echo["stats"]["series"]["rate"])
+    assert echo["stats"]["cold_start_stages"] is not None
+    assert all("series" not in f["stats"] for f in snap["functions"] if f["name"] != name)
     if echo["start_mode"] == "restore":  # the node that built it holds it on disk
         assert "local" in echo["snapshot_tiers"]["disk"]
     call = next(r for r in snap["recent"] if r["id"] == request_id)

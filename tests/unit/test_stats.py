@@ -54,6 +54,14 @@ def test_a_summary_counts_rate_latency_errors_and_cold_starts() -> None:
     assert sum(series["rate"][:-1]) == 0
 
 
+def test_a_summary_without_charts_has_the_figures_only() -> None:
+    stats = FunctionStats(clock=Clock())
+    stats.record("dev/echo", "r1", 200, "restore", "queue;dur=1, restore;dur=2", 5.0)
+    s = stats.function_summary("dev/echo", charts=False)
+    assert "series" not in s and "cold_start_stages" not in s
+    assert s["invocations"] == 1 and s["cold_starts"]["restore"] == 1
+
+
 def test_the_window_forgets_old_calls_and_functions() -> None:
     clock = Clock()
     stats = FunctionStats(clock=clock)
