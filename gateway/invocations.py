@@ -164,6 +164,9 @@ class Outcome:
     error_code: str = ""
     error_message: str = ""
     start: str = ""
+    headers: tuple[tuple[str, str], ...] = ()
+    """The answer's platform headers (X-Thaw-Node, Server-Timing...) for the client
+    that waited for it; not stored."""
 
 
 def error_outcome(exc: ThawError, start: str = "") -> Outcome:
@@ -203,7 +206,12 @@ async def finish_exchange(opening: asyncio.Future[Exchange], limit: int) -> Outc
         start = ex.start
         async with ex:
             body = await read_capped(ex, limit)
-            return answer_outcome(ex.status, ex.content_type, body, ex.start)
+            # invoke.py imports this module: the import is here to keep the cycle out.
+            from thaw.gateway.invoke import answer_headers
+
+            return dataclasses.replace(
+                answer_outcome(ex.status, ex.content_type, body, ex.start),
+                headers=tuple(answer_headers(ex, True).items()))
     except ThawError as exc:
         return error_outcome(exc, start)
 
@@ -636,7 +644,7 @@ async def intercept(request: web.Request, gw: Gateway, p: scheduler_pb2.Principa
     if not outcome.done():
         return accepted(inv, late_status)
     result = outcome.result()
-    headers = {INVOCATION_HEADER: inv.id}
+    headers = {**dict(result.headers), INVOCATION_HEADER: inv.id}
     if result.content_type:
         headers["Content-Type"] = result.content_type
     if result.start:
