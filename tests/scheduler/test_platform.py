@@ -65,8 +65,13 @@ def test_a_burst_of_100_at_a_function_scaled_to_zero_starts_at_most_10_instances
     # target_concurrency = 10: 100 concurrent requests need 10 instances, not more.
     print("distinct instances:", len(instances))
     assert 1 <= len(instances) <= 10, instances
-    starts = [r.headers["X-Thaw-Start"] for r in responses]
-    assert starts.count("restore") == len(instances)  # each instance restored once
+    restored = [r.headers["X-Thaw-Instance"] for r in responses
+                if r.headers["X-Thaw-Start"] == "restore"]
+    # Each instance restored once. A call reports the restore it waited for; an
+    # instance started for a call that a freed slot served first reaches its first
+    # call warm (gateway/leases.py), so some restores may be reported by no call.
+    assert restored and len(restored) == len(set(restored)), restored
+    assert set(restored) <= instances
     with httpx.Client(base_url=local_platform.url, headers=headers, timeout=30) as http:
         assert http.get("/v1/functions/sleepy").json()["warm_instances"] == len(instances)
 
