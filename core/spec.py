@@ -22,6 +22,20 @@ HANDLER_PATTERN = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 # Upload bound: bundles carry code, not weights (weights come from packages/images).
 MAX_BUNDLE_BYTES = 64 * 1024 * 1024
 MAX_BUNDLE_FILES = 10_000
+# `[runtime] image`: a docker reference pinned to the local image id,
+# `[repository[:tag]]@sha256:<64 hex>` (docker's reference grammar, simplified). The id
+# is the image's config digest as the engine reports it (`docker image inspect`), not
+# a registry manifest digest: nothing is ever pulled (DESIGN.md §7).
+_IMAGE_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_IMAGE_DOMAIN = r"(?:[A-Za-z0-9][A-Za-z0-9.-]*(?::[0-9]+)?/)?"
+_IMAGE_NAME = rf"{_IMAGE_DOMAIN}{_IMAGE_COMPONENT}(?:/{_IMAGE_COMPONENT})*"
+IMAGE_ID_PATTERN = re.compile(r"^sha256:[0-9a-f]{64}$")
+IMAGE_PATTERN = re.compile(
+    rf"^(?:{_IMAGE_NAME}(?::\w[\w.-]{{0,127}})?)?@(sha256:[0-9a-f]{{64}})$")
+MAX_IMAGE_REFERENCE = 512
+# Ceiling of a function's own request body limit: a body is held whole in the
+# gateway's memory and the instance's. The gateway's max_body_bytes caps it further.
+MAX_BODY_LIMIT_BYTES = 1024**3
 
 
 @dataclass(frozen=True)
@@ -53,6 +67,25 @@ class Batching:
 
 
 @dataclass(frozen=True)
+class Limits:
+    max_body: int = 0
+    """Largest request body in bytes (413 past it); 0 = the gateway's max_body_bytes,
+    which also caps it."""
+
+
+@dataclass(frozen=True)
+class Runtime:
+    image: str = ""
+    """Container image the function runs in, pinned (`repo:tag@sha256:<image id>`);
+    empty = the node's own environment (its base image or virtualenv)."""
+
+    @property
+    def image_id(self) -> str:
+        """The local image id the reference is pinned to ('' without an image)."""
+        return self.image.rpartition("@")[2] if self.image else ""
+
+
+@dataclass(frozen=True)
 class FunctionSpec:
     name: str
     handler: str
@@ -61,6 +94,8 @@ class FunctionSpec:
     snapshot: bool = True
     """False: every cold start is a fresh start (setup() runs each time)."""
     batching: Batching = field(default_factory=Batching)
+    limits: Limits = field(default_factory=Limits)
+    runtime: Runtime = field(default_factory=Runtime)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -74,6 +109,8 @@ class FunctionSpec:
             scaling=Scaling(**data.get("scaling", {})),
             snapshot=data.get("snapshot", True),
             batching=Batching(**data.get("batching", {})),
+            limits=Limits(**data.get("limits", {})),
+            runtime=Runtime(**data.get("runtime", {})),
         )
 
 
@@ -91,7 +128,8 @@ def parse_spec(text: str) -> FunctionSpec:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise InvalidBundle(f"thaw.toml is not valid TOML: {exc}", field="thaw.toml") from exc
-    known = {"name", "handler", "resources", "scaling", "snapshot", "batching"}
+    known = {"name", "handler", "resources", "scaling", "snapshot", "batching", "limits",
+             "runtime"}
     unknown = sorted(set(doc) - known)
     if unknown:
         raise InvalidBundle(f"thaw.toml has unknown key {unknown[0]!r}", field=unknown[0])
@@ -166,7 +204,73 @@ def parse_spec(text: str) -> FunctionSpec:
                             "(a batch is made of concurrent calls)",
                             field="batching.max_batch_size")
     return FunctionSpec(name=name, handler=handler, resources=resources, scaling=scaling,
-                        snapshot=snap.get("enabled", True), batching=batching)
+                        snapshot=snap.get("enabled", True), batching=batching,
+                        limits=_limits(doc.get("limits", {})),
+                        runtime=_runtime(doc.get("runtime", {})))
+
+
+def _limits(table: object) -> Limits:
+    if not isinstance(table, dict):
+        raise InvalidBundle("limits must be a table", field="limits")
+    unknown = sorted(set(table) - {"max_body"})
+    if unknown:
+        raise InvalidBundle(f"limits.{unknown[0]} is not a known key (known: max_body)",
+                            field=f"limits.{unknown[0]}")
+    if "max_body" not in table:
+        return Limits()
+    raw = table["max_body"]
+    try:
+        max_body = parse_size(raw)
+    except (ValueError, TypeError) as exc:
+        raise InvalidBundle(f"limits.max_body: {exc}", field="limits.max_body") from exc
+    if not 1 <= max_body <= MAX_BODY_LIMIT_BYTES:
+        raise InvalidBundle(
+            f"limits.max_body must be from 1 byte to {MAX_BODY_LIMIT_BYTES} bytes (1GiB), "
+            f"got {raw!r}; leave it out for the gateway's max_body_bytes",
+            field="limits.max_body")
+    return Limits(max_body=max_body)
+
+
+def _runtime(table: object) -> Runtime:
+    if not isinstance(table, dict):
+        raise InvalidBundle("runtime must be a table", field="runtime")
+    unknown = sorted(set(table) - {"image"})
+    if unknown:
+        raise InvalidBundle(f"runtime has unknown key {unknown[0]!r}",
+                            field=f"runtime.{unknown[0]}")
+    image = table.get("image", "")
+    if image == "":
+        return Runtime()
+    if (not isinstance(image, str) or len(image) > MAX_IMAGE_REFERENCE
+            or not IMAGE_PATTERN.match(image)):
+        raise InvalidBundle(
+            f"runtime.image must be an image reference pinned to its local image id, "
+            f"'repository[:tag]@sha256:<64 hex>' (`thaw deploy IMAGE` writes it), "
+            f"got {image!r}", field="runtime.image")
+    return Runtime(image=image)
+
+
+def pin_runtime_image(text: str, image: str) -> str:
+    """thaw.toml `text` with `[runtime] image = "<image>"` added (a pinned reference).
+
+    Appending a table keeps the author's file byte for byte above it; a file that
+    already names a runtime keeps it only when it names this very image (what `thaw
+    deploy IMAGE` resolved), else the author must choose."""
+    if not IMAGE_PATTERN.match(image):
+        raise InvalidBundle(f"not a pinned image reference: {image!r}", field="runtime.image")
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise InvalidBundle(f"thaw.toml is not valid TOML: {exc}", field="thaw.toml") from exc
+    runtime = doc.get("runtime")
+    if runtime is None:
+        return text + ("" if text.endswith("\n") or not text else "\n") + (
+            f'\n[runtime]\nimage = "{image}"\n')
+    if isinstance(runtime, dict) and runtime.get("image") == image:
+        return text
+    raise InvalidBundle(
+        f"thaw.toml already names a runtime ({runtime!r}); the image it is deployed from "
+        f"is {image}: remove [runtime] from the image's thaw.toml", field="runtime.image")
 
 
 def read_bundle(data: bytes) -> FunctionSpec:

@@ -1,6 +1,7 @@
 """Function URLs: `POST /fn/{tenant}/{name}[/{path}]` (DESIGN.md §9).
 
-The body reaches the handler as sent (JSON or raw bytes, up to max_body_bytes); the
+The body reaches the handler as sent (JSON or raw bytes, up to the function's
+`[limits] max_body`, capped by the gateway's max_body_bytes); the
 answer comes back as the handler gave it: a complete body, or a stream (SSE with
 `Accept: text/event-stream`, else NDJSON) relayed chunk by chunk as it is produced.
 `X-Thaw-Timeout: <seconds>` is the client's own deadline: past it the answer is 504.
@@ -19,7 +20,7 @@ from thaw.gateway import invocations
 from thaw.gateway.auth import require
 from thaw.gateway.dispatch import Call, Exchange, Settlement, StreamBroken
 from thaw.gateway.errors import PayloadTooLarge
-from thaw.gateway.priority import call_priority
+from thaw.gateway.priority import body_limit, call_priority
 from thaw.gateway.sse import error_chunk
 from thaw.gateway.state import (
     ERROR_CODE_KEY,
@@ -58,11 +59,12 @@ def client_timeout(request: web.Request) -> float | None:
     return seconds
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
-    """The whole body, refusing it (413) as soon as it is known to pass `limit`."""
-    too_large = PayloadTooLarge(
-        f"the request body is larger than this gateway's limit of {limit} bytes "
-        "(max_body_bytes)", field="body")
+async def read_body(request: web.Request, limit: int, described: str = "") -> bytes:
+    """The whole body, refusing it (413) as soon as it is known to pass `limit`
+    (from Content-Length before reading, else as a chunked body arrives)."""
+    described = described or f"this gateway's limit of {limit} bytes (max_body_bytes)"
+    too_large = PayloadTooLarge(f"the request body is larger than {described}",
+                                field="body")
     length = request.content_length
     if length is not None:
         if length > limit:
@@ -173,7 +175,8 @@ async def invoke(request: web.Request) -> web.StreamResponse:
         raise NotFound(f"function {tenant}/{name} not found", field="name")
     timeout = client_timeout(request)
     priority = await call_priority(request, gw, p, tenant, name)
-    body = await read_body(request, gw.config.max_body_bytes)
+    # The function's own limit (thaw.toml [limits] max_body), capped by the gateway's.
+    body = await read_body(request, *await body_limit(request, gw, tenant, name))
     headers = {h: request.headers[h] for h in ("Content-Type", "Accept", "Idempotency-Key")
                if h in request.headers}
     call = new_call(request, gw, tenant, name, forwarded_path(request), body, headers, timeout,

@@ -40,7 +40,7 @@ from thaw.gateway.invoke import (
     read_body,
     relay,
 )
-from thaw.gateway.priority import call_priority
+from thaw.gateway.priority import call_priority, check_body_size
 from thaw.gateway.sse import SSE_CONTENT_TYPE, EventParser, error_json
 from thaw.gateway.state import (
     ERROR_CODE_KEY,
@@ -108,6 +108,8 @@ async def _prepare(request: web.Request) -> tuple[Gateway, dict[str, Any], bytes
 async def _generate(request: web.Request, path: str) -> web.StreamResponse:
     gw, doc, body, timeout = await _prepare(request)
     model = _model(doc)
+    # The function is named inside the body: its own limit is checked once read.
+    await check_body_size(request, gw, request[PRINCIPAL_KEY].tenant, model, len(body))
     stream = doc.get("stream") is True
     async with await _open(request, gw, path, body, model, stream, timeout) as ex:
         if stream and ex.status == 200 and ex.content_type.startswith(SSE_CONTENT_TYPE):
@@ -210,6 +212,8 @@ def _to_openai_embeddings(result: Any, model: str, doc: dict[str, Any],
 async def embeddings(request: web.Request) -> web.StreamResponse:
     gw, doc, body, timeout = await _prepare(request)
     model = _model(doc)
+    # The function is named inside the body: its own limit is checked once read.
+    await check_body_size(request, gw, request[PRINCIPAL_KEY].tenant, model, len(body))
     encoding = doc.get("encoding_format")
     if encoding not in (None, "float", "base64"):
         raise InvalidArgument("'encoding_format' must be 'float' or 'base64'",

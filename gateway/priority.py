@@ -11,10 +11,16 @@ starvation guard: THAW_PRIORITY_AGING_RATE levels per second). It is, first foun
 invocation (its request id) ahead, or back; 404 once it is not waiting any more. The
 call may wait in this gateway (for a lease another call of the function gives back)
 and at the scheduler (for a free slot or a new instance): both queues are reordered.
+
+The same per-function cache holds the function's request body limit (thaw.toml
+`[limits] max_body`), so that a function URL refuses a body past it (413) before
+reading it, with no scheduler round trip per call (`body_limit`).
 """
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -23,37 +29,60 @@ from cachetools import TTLCache
 from thaw.core.errors import InvalidArgument, NotFound, PermissionDenied
 from thaw.core.priority import PRIORITY_DEFAULT, PRIORITY_MAX, PRIORITY_MIN, valid_priority
 from thaw.gateway.auth import is_operator, require
+from thaw.gateway.errors import PayloadTooLarge
 from thaw.gateway.openapi import JSON, _errors, _json
 from thaw.gateway.scheduler_client import SchedulerClient
 from thaw.gateway.state import CONFIG_KEY, GATEWAY_KEY, Gateway
 from thaw.proto import scheduler_pb2
 
 PRIORITY_HEADER = "X-Thaw-Priority"
-# A function's default priority is cached this long per replica (a PATCH through
-# this replica updates it at once; through another, within this).
+# A function's defaults (priority, body limit) are cached this long per replica (a
+# PATCH through this replica updates them at once; through another, or a redeploy,
+# within this).
 DEFAULT_CACHE_SECONDS = 10.0
 DEFAULT_CACHE_ENTRIES = 10_000
 
 
+@dataclass(frozen=True)
+class FunctionKnobs:
+    """What the gateway needs of a function before it reads an invocation's body."""
+
+    priority: int | None
+    """The function's default priority; None: the key's."""
+    max_body: int
+    """Its thaw.toml `limits.max_body` in bytes; 0: the gateway's max_body_bytes."""
+
+
+def knobs_of(fn: scheduler_pb2.FunctionInfo) -> FunctionKnobs:
+    try:
+        limits = json.loads(fn.config_json or "{}").get("limits") or {}
+        max_body = int(limits.get("max_body") or 0)
+    except (ValueError, TypeError, AttributeError):
+        max_body = 0  # a config this gateway cannot read: the gateway's limit holds
+    return FunctionKnobs(priority=fn.priority or None, max_body=max(max_body, 0))
+
+
 class FunctionDefaults:
-    """tenant/name -> the function's default priority (None: the key's), cached so
-    that invoking makes no extra scheduler round trip."""
+    """tenant/name -> the function's knobs, cached so that invoking makes no extra
+    scheduler round trip (one lookup per function per DEFAULT_CACHE_SECONDS)."""
 
     def __init__(self) -> None:
-        self._cache: TTLCache[str, int | None] = TTLCache(
+        self._cache: TTLCache[str, FunctionKnobs] = TTLCache(
             maxsize=DEFAULT_CACHE_ENTRIES, ttl=DEFAULT_CACHE_SECONDS)
 
-    async def get(self, scheduler: SchedulerClient, tenant: str, name: str) -> int | None:
+    async def get(self, scheduler: SchedulerClient, tenant: str, name: str
+                  ) -> FunctionKnobs:
         key = f"{tenant}/{name}"
-        if key in self._cache:
-            return self._cache[key]
+        knobs = self._cache.get(key)
+        if knobs is not None:
+            return knobs
         fn = await scheduler.get_function(tenant, name)
         return self.remember(fn)
 
-    def remember(self, fn: scheduler_pb2.FunctionInfo) -> int | None:
-        priority = fn.priority or None
-        self._cache[f"{fn.tenant}/{fn.name}"] = priority
-        return priority
+    def remember(self, fn: scheduler_pb2.FunctionInfo) -> FunctionKnobs:
+        knobs = knobs_of(fn)
+        self._cache[f"{fn.tenant}/{fn.name}"] = knobs
+        return knobs
 
 
 DEFAULTS_KEY = web.AppKey("function_priorities", FunctionDefaults)
@@ -94,10 +123,30 @@ async def call_priority(request: web.Request, gw: Gateway, p: scheduler_pb2.Prin
     asked = header_priority(request, p)
     if asked is not None:
         return asked
-    default = await _defaults(request.app).get(gw.scheduler, tenant, name)
+    default = (await _defaults(request.app).get(gw.scheduler, tenant, name)).priority
     if default is not None:
         return default
     return p.priority_default or PRIORITY_DEFAULT
+
+
+async def body_limit(request: web.Request, gw: Gateway, tenant: str, name: str
+                     ) -> tuple[int, str]:
+    """The largest body an invocation of tenant/name may send, and how a 413 names
+    it: the function's `limits.max_body`, capped by the gateway's max_body_bytes."""
+    gateway_limit = gw.config.max_body_bytes
+    own = (await _defaults(request.app).get(gw.scheduler, tenant, name)).max_body
+    if own and own < gateway_limit:
+        return own, f"function {name}'s limit of {own} bytes (limits.max_body)"
+    return gateway_limit, f"this gateway's limit of {gateway_limit} bytes (max_body_bytes)"
+
+
+async def check_body_size(request: web.Request, gw: Gateway, tenant: str, name: str,
+                          size: int) -> None:
+    """413 when a body already read (the OpenAI routes learn the function from it) is
+    past the function's limit."""
+    limit, described = await body_limit(request, gw, tenant, name)
+    if size > limit:
+        raise PayloadTooLarge(f"the request body is larger than {described}", field="body")
 
 
 def parse_function_priority(value: object) -> int | None:
