@@ -15,7 +15,7 @@ from rich.table import Table
 
 from thaw.core.errors import ThawError
 from thaw.core.units import format_size
-from thaw.ops.client import Client, read_bundle_dir
+from thaw.ops.client import Client
 
 console = Console(width=200) if not sys.stdout.isatty() else Console()
 
@@ -35,20 +35,33 @@ def print_table(rows: list[dict[str, object]], columns: list[str], as_json: bool
 
 
 @click.command()
-@click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("target", metavar="PATH|IMAGE")
 @click.option("--no-wait", is_flag=True, help="Return once uploaded, before the snapshot build.")
-def deploy(path: Path, no_wait: bool) -> None:
-    """Upload the bundle in PATH (a folder with thaw.toml) and print its URL.
+def deploy(target: str, no_wait: bool) -> None:
+    """Upload a function and print its URL.
+
+    PATH is a bundle folder (with thaw.toml). Anything else is an IMAGE on the local
+    docker engine (repo:tag or id) holding the bundle folder at the path its label
+    org.thaw.bundle names (default /app) and the packages the code needs: its folder
+    is uploaded with [runtime] image pinned to the image's id, and the function runs
+    in that image on nodes with THAW_RUNTIME=docker (which must have the image).
 
     A progress bar shows the upload (bytes, speed), then the snapshot build."""
     from thaw.ops.client import DEPLOY_TIMEOUT
+    from thaw.ops.image_deploy import bundle_from_folder, bundle_from_image, deploy_target
     from thaw.ops.progress import transfer_progress, upload_pieces
 
-    bundle = read_bundle_dir(path)
+    found = deploy_target(target)
+    if isinstance(found, Path):
+        bundle, label = bundle_from_folder(found), found.name
+    else:
+        from_image = bundle_from_image(found)
+        bundle, label = from_image.data, found
+        click.echo(f"{from_image.bundle_path} of {from_image.image}", err=True)
     uploaded: list[float] = []
     started = time.perf_counter()
     with transfer_progress(transient=True) as progress:
-        task = progress.add_task(f"uploading {path.name}", total=len(bundle))
+        task = progress.add_task(f"uploading {label}", total=len(bundle))
 
         def pieces() -> Iterator[bytes]:
             yield from upload_pieces(bundle, progress, task)

@@ -54,6 +54,14 @@ log = structlog.get_logger()
 # After an instance's process ends, how long to wait for its template to report the
 # exit status (it reaps the child and writes a line on its status pipe).
 EXIT_STATUS_WAIT_SECONDS = 0.5
+# Why a node without containers cannot run a function that names an image (thaw.toml
+# [runtime] image): the process runtime has no image to run it in.
+IMAGE_NEEDS_DOCKER = ("this node runs the process runtime; image functions need "
+                      "THAW_RUNTIME=docker")
+# Fingerprint fields an image function's image decides (its Python and packages). The
+# spec pins the image by id and the snapshot was built in that very image, so these
+# match by construction; the node's own values (its virtualenv's) say nothing of it.
+IMAGE_ENVIRONMENT_FIELDS = ("python", "torch", "numpy")
 
 
 @dataclass
@@ -100,6 +108,17 @@ def instance_env(spec: agent_pb2.FunctionSpec, per_function: bool = True) -> dic
         env["THAW_MAX_BATCH_SIZE"] = str(spec.max_batch_size)
         env["THAW_MAX_BATCH_WAIT_MS"] = f"{spec.max_batch_wait_ms:g}"
     return env
+
+
+def image_fingerprint(local: dict[str, str], spec: agent_pb2.FunctionSpec,
+                      manifest: manifest_pb2.SnapshotManifest) -> dict[str, str]:
+    """What a restore of `spec` is checked against: this node's fingerprint, except
+    for an image function, whose environment fields are its image's (see
+    IMAGE_ENVIRONMENT_FIELDS); the device fields are the node's either way."""
+    if not spec.image:
+        return local
+    return {**local, **{key: getattr(manifest.fingerprint, key)
+                        for key in IMAGE_ENVIRONMENT_FIELDS}}
 
 
 def limit_memory(pid: int, extra_bytes: int) -> None:
@@ -211,6 +230,9 @@ class Agent:
         spec = req.function
         name = f"{spec.tenant}/{spec.name}"
         bundle = await self.ensure_bundle(spec.bundle_digest, req.bundle or None)
+        if spec.image and self.runtime.name != "docker":
+            return agent_pb2.BuildSnapshotResponse(ok=False, stage="runtime",
+                                                   reason=IMAGE_NEEDS_DOCKER)
         build_id = f"{spec.tenant}-{spec.name}-{spec.version}-{uuid.uuid4().hex[:6]}"
         out = self.home / "builds" / build_id
         out.mkdir(parents=True)
@@ -253,7 +275,7 @@ class Agent:
             "build", ["--bundle", str(bundle), "--handler", spec.handler, "--out", str(out),
                       "--function-version", spec.version], log_path, cwd=str(bundle),
             env=instance_env(spec), instance_id=out.name,
-            memory_limit_bytes=spec.memory_limit_bytes)
+            memory_limit_bytes=spec.memory_limit_bytes, **self._image_option(spec))
         try:
             return await proc.next_event(self.start_timeout)
         except ThawError as exc:
@@ -271,12 +293,25 @@ class Agent:
         return template
 
     async def _code_digest(self, spec: agent_pb2.FunctionSpec) -> str:
+        """The bundle's code digest; for an image function, of the code and the image
+        (the same code in another image imports other packages: no shared template)."""
         code = self._code_digests.get(spec.bundle_digest)
         if code is None:
             bundle = await self.ensure_bundle(spec.bundle_digest)
             code = await asyncio.to_thread(code_digest, bundle)
+            if spec.image:
+                code = hashlib.sha256(f"{code}\nimage:{spec.image}".encode()).hexdigest()
             self._code_digests[spec.bundle_digest] = code
         return code
+
+    def _image_option(self, spec: agent_pb2.FunctionSpec) -> dict[str, str]:
+        """The launch option naming an image function's image; refused on a node
+        whose runtime runs no containers."""
+        if not spec.image:
+            return {}
+        if self.runtime.name != "docker":
+            raise InstanceFailed(f"runtime: {IMAGE_NEEDS_DOCKER}")
+        return {"image": spec.image}
 
     # ---- templates -----------------------------------------------------------------
 
@@ -321,7 +356,8 @@ class Agent:
             "template", ["--bundle", str(bundle), "--handler", spec.handler,
                          "--snapshot-json", mat.snapshot_json, "--control", control],
             log_path, cwd=str(bundle), env=instance_env(spec, per_function=False),
-            instance_id=f"template-{key[:16]}", memory_limit_bytes=spec.memory_limit_bytes)
+            instance_id=f"template-{key[:16]}", memory_limit_bytes=spec.memory_limit_bytes,
+            **self._image_option(spec))
         event = await proc.next_event(self.start_timeout)
         if event.get("event") != "template_ready":
             await proc.kill()
@@ -444,7 +480,7 @@ class Agent:
             "fresh", ["--bundle", str(bundle), "--handler", spec.handler,
                       "--socket", inst.socket], inst.log_path, cwd=str(bundle),
             env=instance_env(spec), instance_id=inst.id,
-            memory_limit_bytes=spec.memory_limit_bytes)
+            memory_limit_bytes=spec.memory_limit_bytes, **self._image_option(spec))
         inst.pid = proc.pid
         inst.process = proc
         event = await proc.next_event(self.start_timeout)
@@ -463,7 +499,7 @@ class Agent:
             raise FingerprintMismatch(
                 f"snapshot is of version {manifest.fingerprint.function_version}, "
                 f"not {spec.version}", field="fingerprint.function_version")
-        check_fingerprint(manifest, self.fingerprint)
+        check_fingerprint(manifest, image_fingerprint(self.fingerprint, spec, manifest))
         await self.chunks.ensure(manifest, peers)
         # The files must still be there when the child maps them: no eviction or
         # garbage collection deletes tmpfs files between materializing and mapping.

@@ -77,6 +77,19 @@ Environments
     agent's, is what a snapshot's fingerprint names: `fingerprint()` says so to the
     agent.
 
+Image functions
+    A function whose thaw.toml names `[runtime] image` (pinned: `repo:tag@sha256:<id>`,
+    what `thaw deploy IMAGE` writes) runs every container of it (build, template,
+    fresh) in that image, by id, instead of the base image: the tenant's packages come
+    from the image, so the host folders of `env_site_packages` are neither mounted nor
+    put on PYTHONPATH (they would shadow the image's site-packages). Its code still
+    comes from the uploaded bundle (the copy the CLI took out of the image), mounted
+    as for any function, so the agent's bundle, code digest and template bookkeeping
+    stay one path. Everything else is the same: the runtime mounted at /opt/thaw,
+    sockets and logs mounted, network "none", the same hardening. Nothing is pulled:
+    the image must be on this node's engine (`docker load` it there), else the start
+    fails saying so. The image needs `sh` and a `python3` >= 3.10.
+
 CUDA
     GPUs are requested by a DeviceRequest when the device backend is cuda (the slice's
     GPU for a fresh instance, every GPU for a template, whose instances may get slices
@@ -372,6 +385,7 @@ class DockerRuntime:
         self._containers: dict[str, _Container] = {}
         self._by_control: dict[str, _Container] = {}
         self._readable: set[str] = set()  # bundles already made readable
+        self._images_seen: set[str] = set()  # image function images found on the engine
         self._executor = concurrent.futures.ThreadPoolExecutor(
             DOCKER_THREADS, thread_name_prefix="thaw-docker")
         self.python_version = images.image_python(client, image)
@@ -462,8 +476,29 @@ class DockerRuntime:
                         else self.default_memory_bytes)
         return per_instance * max(1, count)
 
+    def _check_image(self, image_id: str, reference: str) -> None:
+        """An image function's image must already be on this engine (blocking)."""
+        import docker.errors
+
+        if image_id in self._images_seen:
+            return
+        try:
+            self.client.images.get(image_id)
+        except docker.errors.ImageNotFound as exc:
+            raise InstanceFailed(
+                f"image {reference} is not on node {self.node_id}'s docker engine "
+                "(nothing is pulled: `docker load` it there)") from exc
+        except docker.errors.DockerException as exc:
+            raise InstanceFailed(f"docker engine: {exc}") from exc
+        self._images_seen.add(image_id)
+
+    def _site_packages(self, image: str) -> list[str]:
+        """Host package folders for a container: none in an image function's image
+        (module docstring, "Image functions")."""
+        return [] if image else self.env_site_packages
+
     def _prepare(self, mode: str, args: Sequence[str], log_path: str,
-                 uid: int) -> tuple[_Container, list[Any]]:
+                 uid: int, image: str = "") -> tuple[_Container, list[Any]]:
         """Host folders, links and the mount list of a new container (blocking I/O)."""
         from docker.types import Mount
 
@@ -486,7 +521,7 @@ class DockerRuntime:
         ]
         os.chown(log_private, uid, uid)
         self.link_log(c, log_path)
-        for site in self.env_site_packages:
+        for site in self._site_packages(image):
             mounts.append(Mount(site, site, type="bind", read_only=True))
             c.read_only_dirs.add(site)
         options = _options(args)
@@ -559,16 +594,18 @@ class DockerRuntime:
     def _run_kwargs(self, c: _Container, mode: str, args: Sequence[str], log_path: str,
                     cwd: str | None, mounts: list[Any], instance: str,
                     memory_bytes: int, env: dict[str, str],
-                    gpu_device_ids: Sequence[str] = ()) -> dict[str, Any]:
+                    gpu_device_ids: Sequence[str] = (), image: str = "") -> dict[str, Any]:
         from docker.types import DeviceRequest, Mount
 
         runtime = ["python3", "-m", RUNTIME_MODULE, mode, *args,
                    "--status-fd", str(STATUS_FD)]
         shell = (f"exec {shlex.join(runtime)} >>{shlex.quote(log_path)} 2>&1 "
                  f"{STATUS_FD}>{STATUS_FIFO}")
-        pythonpath = os.pathsep.join([RUNTIME_ROOT, *self.env_site_packages])
+        pythonpath = os.pathsep.join([RUNTIME_ROOT, *self._site_packages(image)])
         kwargs: dict[str, Any] = dict(
-            image=self.image, command=["sh", "-c", shell], name=c.name,
+            # An image function's image by its id (the reference's tag may have moved).
+            image=image.rpartition("@")[2] if image else self.image,
+            command=["sh", "-c", shell], name=c.name,
             labels=self.labels(instance, mode), mounts=mounts,
             working_dir=cwd or "/tmp", user=f"{c.uid}:{c.uid}",
             environment={"PYTHONPATH": pythonpath, "PYTHONDONTWRITEBYTECODE": "1",
@@ -596,7 +633,7 @@ class DockerRuntime:
                      cwd: str | None = None, env: dict[str, str] | None = None, *,
                      instance_id: str | None = None, memory_limit_bytes: int = 0,
                      max_instances: int | None = None,
-                     gpu_device_ids: Sequence[str] = ()) -> RuntimeProcess:
+                     gpu_device_ids: Sequence[str] = (), image: str = "") -> RuntimeProcess:
         """Start a container running the runtime in `mode`.
 
         `env` is added to the container's environment (the agent's instance_env).
@@ -607,10 +644,15 @@ class DockerRuntime:
         template's container holds its forked instances as well, so its limit is
         `max_instances` (default `template_instances`) times that. `gpu_device_ids`
         (cuda backend: the slice's GPU UUID) limits the container to those GPUs;
-        without it a cuda container gets every GPU."""
+        without it a cuda container gets every GPU. `image` (an image function's
+        pinned reference) replaces the base image (module docstring, "Image
+        functions")."""
         instance = instance_id or Path(log_path).stem
+        if image:
+            await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._check_image, image.rpartition("@")[2], image)
         c, mounts = await asyncio.to_thread(self._prepare, mode, args, log_path,
-                                         self._allocate_uid())
+                                         self._allocate_uid(), image)
         self._containers[c.name] = c
         loop = asyncio.get_running_loop()
         try:
@@ -626,7 +668,7 @@ class DockerRuntime:
             kwargs = self._run_kwargs(c, mode, args, log_path, cwd, mounts, instance,
                                       self._memory_limit(mode, memory_limit_bytes,
                                                          max_instances), env or {},
-                                      gpu_device_ids)
+                                      gpu_device_ids, image)
             # create + start, never `run`: run pulls a missing image from a registry.
             c.container = await self._engine(lambda: self.client.containers.create(**kwargs))
             await self._engine(c.container.start)

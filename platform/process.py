@@ -123,11 +123,14 @@ class ProcessRuntime:
                      cwd: str | None = None, env: dict[str, str] | None = None, *,
                      instance_id: str | None = None, memory_limit_bytes: int = 0,
                      max_instances: int | None = None,
-                     gpu_device_ids: Sequence[str] = ()) -> RuntimeProcess:
+                     gpu_device_ids: Sequence[str] = (), image: str = "") -> RuntimeProcess:
         """Start the runtime in `mode`. The keyword-only arguments are for runtimes
         that size a sandbox per launch (docker); here the agent caps memory per
-        process with RLIMIT_DATA instead."""
+        process with RLIMIT_DATA instead. `image` (an image function's) cannot run
+        here: the agent refuses those before launching (agent.IMAGE_NEEDS_DOCKER)."""
         del instance_id, memory_limit_bytes, max_instances, gpu_device_ids
+        if image:
+            raise InstanceFailed(f"the process runtime cannot run image {image}")
         read_fd, write_fd = os.pipe()
         os.set_inheritable(write_fd, True)
         logfile = open(log_path, "ab")  # noqa: SIM115 - handed to the child

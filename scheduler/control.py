@@ -107,7 +107,7 @@ def spec_message(fn: FunctionRecord) -> agent_pb2.FunctionSpec:
         gpu_compute=s.resources.gpu_compute, max_concurrency=s.scaling.max_concurrency,
         timeout_seconds=s.scaling.timeout, snapshot_enabled=s.snapshot,
         memory_limit_bytes=s.resources.memory, max_batch_size=s.batching.max_batch_size,
-        max_batch_wait_ms=s.batching.max_batch_wait_ms)
+        max_batch_wait_ms=s.batching.max_batch_wait_ms, image=s.runtime.image)
 
 
 def _fn_name(fn: FunctionRecord) -> str:
