@@ -65,10 +65,13 @@ async function copy(text, button) {
   setTimeout(() => { button.textContent = label; }, 1200);
 }
 
+// In the table the path is shown (the host is the page's own); Copy gives the full URL.
 function urlCell(url) {
   const button = el("button", {type: "button", class: "copy", title: "copy the URL"}, "Copy");
   button.addEventListener("click", (e) => { e.stopPropagation(); copy(url, button); });
-  return el("div", {class: "url"}, el("code", {text: url, title: url}), button);
+  let shown = url;
+  try { shown = new URL(url).pathname; } catch { /* keep it whole */ }
+  return el("div", {class: "url"}, el("code", {text: shown, title: url}), button);
 }
 
 // ---- sign-in and the live feed --------------------------------------------------------
@@ -201,10 +204,9 @@ function renderFunctions(snap) {
       el("td", {text: f.version}), el("td", {text: snapshotText}),
       el("td", {class: "num", text: f.warm_instances}),
       el("td", {class: "num", text: s.rate_per_second.toFixed(2)}),
-      el("td", {class: "num", text: s.invocations ? ms(s.p50_ms) : "—"}),
-      el("td", {class: "num", text: s.invocations ? ms(s.p99_ms) : "—"}),
+      el("td", {class: "num", text: s.invocations ? `${ms(s.p50_ms)} / ${ms(s.p99_ms)}` : "—"}),
       el("td", {class: "num", text: s.invocations ? pct(s.error_rate) : "—"}),
-      el("td", {text: `restore ${s.cold_starts.restore} · fresh ${s.cold_starts.fresh}`}),
+      el("td", {class: "num", text: `${s.cold_starts.restore} / ${s.cold_starts.fresh}`}),
       el("td", {}, urlCell(f.url)));
     row.addEventListener("click", () => select(f.name));
     tbody.append(row);
@@ -244,8 +246,10 @@ function renderDetail(f) {
   if (state.features.logs && state.logsFor !== f.name) startLogs(f.name);
 }
 
-function stagesBar(stages) {
-  const total = STAGES.reduce((sum, k) => sum + (stages[k] || 0), 0) || 1;
+// Widths are shares of the call's whole time as the gateway measured it: what no stage
+// accounts for (the gateway's own work, the network) stays blank.
+function stagesBar(stages, totalMs) {
+  const total = Math.max(STAGES.reduce((sum, k) => sum + (stages[k] || 0), 0), totalMs) || 1;
   const bar = el("span", {class: "stages"});
   const text = [];
   for (const k of STAGES) {
@@ -266,7 +270,7 @@ function renderRecent(recent) {
       el("td", {text: clock(r.time), title: r.id}), el("td", {text: r.function.split("/")[1]}),
       el("td", {}, badge(String(r.status), r.status >= 500 ? "err" : r.status >= 400 ? "building" : "ok")),
       el("td", {}, badge(r.start)), el("td", {class: "num", text: ms(r.ms)}),
-      el("td", {class: "stages-cell"}, stagesBar(r.stages))));
+      el("td", {class: "stages-cell"}, stagesBar(r.stages, r.ms))));
   }
 }
 

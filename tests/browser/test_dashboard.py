@@ -121,6 +121,12 @@ def test_sign_in_deploy_invoke_and_watch(platform: RunningPlatform, browser: obj
     expect(recent.locator(".stage-text")).to_contain_text("queue")
     expect(recent.locator(".stage-text")).to_contain_text("run")
     expect(page.locator("#recent .stages span").first).to_be_visible()
+    # Two more calls: the instance is warm now.
+    for _ in range(2):
+        page.click("#invoke-form button[type=submit]")
+        expect(page.locator("#invoke-meta")).to_contain_text("warm")
+    expect(page.locator("#recent tbody tr", has_text=FUNCTION)).to_have_count(3)
+    expect(page.locator("#recent tbody tr", has_text="warm").first).to_be_visible()
 
     # The detail panel's figures and charts: uPlot draws on canvases.
     expect(page.locator("#detail-name")).to_have_text(FUNCTION)
