@@ -191,6 +191,14 @@ def _core_document() -> dict[str, Any]:
             "/v1/functions": {
                 "post": {
                     "summary": "Deploy a bundle (tarball with thaw.toml); builds its snapshot",
+                    "description": (
+                        "The body is always a bundle: the gateway and scheduler cannot "
+                        "read container images. A function that runs in an image names "
+                        "it in thaw.toml, pinned to the image id: `[runtime] image = "
+                        "\"repo:tag@sha256:<id>\"` (`thaw deploy IMAGE` copies the "
+                        "bundle out of a local image and writes it). A malformed "
+                        "reference is a 400 with field `runtime.image`; nodes with the "
+                        "process runtime fail the build of such a function."),
                     "parameters": [{"name": "wait", "in": "query", "required": False,
                                     "description": "Answer after the snapshot build.",
                                     "schema": {"type": "boolean"}}],
