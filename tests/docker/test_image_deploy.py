@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import RunningPlatform
-from tests.docker.conftest import DockerPlatform, agent_containers
+from tests.docker.conftest import DockerPlatform, agent_containers, host_site_packages
 from tests.ops.test_cli import cli_env, thaw
 from thaw.core.errors import ThawError
 from thaw.core.spec import parse_spec
@@ -98,6 +98,11 @@ def test_deploy_image_runs_the_image_and_a_rebuild_is_a_new_version(
     assert isinstance(docker_platform.platform, DockerPlatform)
     templates = agent_containers(docker_client, docker_platform.platform, mode="template")
     assert first_id in {c.image.id for c in templates}
+    # The image's packages are the function's: the agent's site-packages stay out.
+    ours = next(c for c in templates if c.image.id == first_id)
+    mounted = {m["Destination"] for m in ours.attrs["Mounts"]}
+    assert host_site_packages() not in mounted
+    assert host_site_packages() not in str(ours.attrs["Config"]["Env"])
 
     second_id = build_image(docker_client, base_image, tmp_path / "v2", tag, "second")
     assert second_id != first_id
@@ -109,6 +114,40 @@ def test_deploy_image_runs_the_image_and_a_rebuild_is_a_new_version(
     answer = docker_platform.invoke("imagefn")
     assert answer.status_code == 200, answer.text
     assert answer.json()["value"] == "second"
+
+
+def test_image_function_with_fresh_starts(docker_platform: RunningPlatform,
+                                          docker_client: Any, base_image: str,
+                                          tmp_path: Path, tags: list[str]) -> None:
+    tag = f"{REPOSITORY}-fresh:v1"
+    tags.append(tag)
+    build_image(docker_client, base_image, tmp_path, tag, "fresh-value",
+                toml='name = "imagefn-fresh"\nhandler = "app:FromImage"\n'
+                     '[snapshot]\nenabled = false\n')
+    resp = docker_platform.http.post(
+        "/v1/functions", params={"wait": "true"},
+        content=bundle_from_image(tag, docker_client).data,
+        headers={"Content-Type": "application/gzip"})
+    assert resp.status_code == 201, resp.text
+    answer = docker_platform.invoke("imagefn-fresh")
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["X-Thaw-Start"] == "fresh"
+    assert answer.json()["value"] == "fresh-value"
+
+
+def test_image_missing_on_the_node_fails_the_build(docker_platform: RunningPlatform,
+                                                   tmp_path: Path) -> None:
+    absent = "thaw-test/absent:v1@sha256:" + "0" * 64
+    folder = tmp_path / "absent"
+    folder.mkdir()
+    (folder / "app.py").write_text(APP)
+    (folder / "thaw.toml").write_text(
+        f'name = "imagefn-absent"\nhandler = "app:FromImage"\n[runtime]\nimage = "{absent}"\n')
+    resp = docker_platform.deploy(folder)
+    assert resp.status_code == 201, resp.text
+    fn = docker_platform.http.get("/v1/functions/imagefn-absent").json()
+    assert fn["state"] == "failed", fn
+    assert f"image {absent} is not on node local's docker engine" in fn["reason"]
 
 
 def test_deploy_by_image_id_pins_its_tag(docker_client: Any, base_image: str,
