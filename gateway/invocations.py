@@ -536,9 +536,13 @@ def webhook_of(request: web.Request) -> str:
     url = request.headers.get(WEBHOOK_HEADER) or request.query.get("webhook", "")
     if not url:
         return ""
-    parts = urlsplit(url)
-    if len(url) > MAX_WEBHOOK_CHARS or parts.scheme not in ("http", "https") \
-            or not parts.hostname:
+    try:
+        parts = urlsplit(url)
+        hostname = parts.hostname
+    except ValueError:  # "http://[": not a URL at all
+        hostname = None
+    if len(url) > MAX_WEBHOOK_CHARS or not hostname or parts.scheme not in (
+            "http", "https"):
         raise InvalidArgument(f"the webhook must be an http(s) URL of at most "
                               f"{MAX_WEBHOOK_CHARS} characters, got {url[:100]!r}",
                               field=WEBHOOK_HEADER)

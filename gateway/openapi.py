@@ -34,7 +34,8 @@ def _errors(*statuses: int) -> dict[str, Any]:
         403: "The API key lacks the scope for this.",
         404: "No such function (or model, or node) for this key's tenant.",
         409: "The name is taken.",
-        413: "The body is larger than the gateway's max_body_bytes.",
+        413: "The body is larger than the gateway's max_body_bytes (an invocation's: "
+             "than its function's [limits] max_body, if smaller).",
         429: "Rate limited (per API key) or the function's queue is full; see Retry-After.",
         502: "The instance failed while serving (crash, out of memory) or its node is "
              "unreachable.",
@@ -73,6 +74,36 @@ PRIORITY_HEADER = {
                    "among the function's waiting calls (default: the function's "
                    "priority, else the key's priority_default). See gateway/priority.py.",
     "schema": {"type": "integer", "minimum": 1, "maximum": 100}}
+# The function URL's stored-invocation headers (gateway/invocations.py).
+PREFER_HEADER = {
+    "name": "Prefer", "in": "header", "required": False,
+    "description": "RFC 7240. `respond-async`: 202 at once with the invocation's id; the "
+                   "call is queued and run by a gateway's worker. `wait=N`: hold the "
+                   "request at most N seconds (capped by the gateway's sync_wait_seconds), "
+                   "then 303 to the result URL (202 with respond-async). Values not "
+                   "understood are ignored.",
+    "schema": {"type": "string"}, "example": "respond-async, wait=5"}
+IDEMPOTENCY_KEY_HEADER = {
+    "name": "Idempotency-Key", "in": "header", "required": False,
+    "description": "Per tenant: the first request with a key runs the function; every "
+                   "other one gets the same answer (status and body) until the result "
+                   "expires (result_ttl_seconds). The same key with another request "
+                   "(function, path, content type or body): 422. A streaming call "
+                   "(SSE) is never stored: the key only makes retries safe.",
+    "schema": {"type": "string", "minLength": 1, "maxLength": 255}}
+WEBHOOK_HEADER = {
+    "name": "X-Thaw-Webhook", "in": "header", "required": False,
+    "description": "An http(s) URL: the finished invocation (as GET /v1/invocations/{id} "
+                   "shows it) is POSTed there, retried with exponential backoff. Makes "
+                   "the call a stored invocation. Also `?webhook=<url>`.",
+    "schema": {"type": "string", "format": "uri", "maxLength": 2048}}
+ACCEPTED_BODY = {"type": "object", "required": ["id", "status", "url", "result_url"],
+                 "properties": {
+                     "id": {"type": "string", "description": "The invocation's id."},
+                     "status": {"type": "string", "enum": ["queued", "running"]},
+                     "url": {"type": "string"}, "result_url": {"type": "string"}}}
+INVOCATION_ID_HEADER = {"X-Thaw-Invocation": {
+    "description": "The stored invocation's id.", "schema": {"type": "string"}}}
 REQUEST_ID_HEADER = {
     "name": "X-Request-ID", "in": "header", "required": False,
     "description": "Correlates logs of the gateway, the node and the handler; "
@@ -93,21 +124,60 @@ def _invoke_operation(summary: str, with_path: bool) -> dict[str, Any]:
         "summary": summary,
         "description": "Sync by default. A generator handler streams: SSE with "
                        "`Accept: text/event-stream` (items as `data:`, then `event: done`, "
-                       "or `event: error` if it fails midway), else NDJSON.",
-        "parameters": [*params, TIMEOUT_HEADER, PRIORITY_HEADER, REQUEST_ID_HEADER,
+                       "or `event: error` if it fails midway), else NDJSON. The body "
+                       "(JSON or raw bytes) may be up to the function's `[limits] "
+                       "max_body`, capped by the gateway's max_body_bytes. A sync call "
+                       "still running after the wait limit becomes a stored invocation "
+                       "(303); `Prefer: respond-async` stores it at once (202); "
+                       "`Idempotency-Key` and `X-Thaw-Webhook` store it too. See "
+                       "/v1/invocations.",
+        "parameters": [*params, TIMEOUT_HEADER, PRIORITY_HEADER, PREFER_HEADER,
+                       IDEMPOTENCY_KEY_HEADER, WEBHOOK_HEADER, REQUEST_ID_HEADER,
                        {"name": "Accept", "in": "header", "required": False,
                         "schema": {"type": "string"}}],
         "requestBody": {"required": False, "content": {
             JSON: {"schema": {}},
             "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
         "responses": {
-            "200": {"description": "The handler's answer.", "content": INVOKE_ANSWERS,
+            "200": {"description": "The handler's answer (for an Idempotency-Key seen "
+                                   "before: the first request's answer, whatever its "
+                                   "status).", "content": INVOKE_ANSWERS,
                     "headers": {
                         "X-Thaw-Start": {"schema": {"type": "string",
                                                     "enum": ["warm", "restore", "fresh"]}},
-                        "Server-Timing": {"schema": {"type": "string"}}}},
-            "400": {"description": "Malformed request, or the handler refused the input.",
+                        "Server-Timing": {"schema": {"type": "string"}},
+                        **INVOCATION_ID_HEADER}},
+            "202": {"description": "Stored (`Prefer: respond-async`; with `wait=N`, still "
+                                   "running after N seconds): poll Location, or fetch "
+                                   "result_url.",
+                    "content": {JSON: {"schema": ACCEPTED_BODY}},
+                    "headers": {"Location": {"description": "/v1/invocations/{id}",
+                                             "schema": {"type": "string"}},
+                                **INVOCATION_ID_HEADER}},
+            "303": {"description": "Still running past the wait limit (sync_wait_seconds, "
+                                   "or a shorter `Prefer: wait=N`): the call goes on as a "
+                                   "stored invocation; its answer is at Location.",
+                    "content": {JSON: {"schema": ACCEPTED_BODY}},
+                    "headers": {"Location": {"description": "/v1/invocations/{id}/result",
+                                             "schema": {"type": "string"}},
+                                **INVOCATION_ID_HEADER}},
+            "400": {"description": "Malformed request (a bad X-Thaw-Timeout, "
+                                   "X-Thaw-Priority, Idempotency-Key or X-Thaw-Webhook: "
+                                   "`field` names it), or the handler refused the input.",
                     "content": {JSON: {"schema": _ref("Error")}}},
+            "403": _json(_ref("Error"), "The API key lacks the invoke scope, or "
+                                        "X-Thaw-Priority is above its priority_max."),
+            "409": _json(_ref("Error"), "The Idempotency-Key's invocation was cancelled: "
+                                        "it has no answer to repeat."),
+            "410": _json(_ref("Error"), "The Idempotency-Key's invocation expired while "
+                                        "this request waited for it (rare: an expired "
+                                        "key is free again)."),
+            "413": _json(_ref("Error"), "The body is larger than the function's [limits] "
+                                        "max_body (or the gateway's max_body_bytes); "
+                                        "refused before it is read when Content-Length "
+                                        "says so."),
+            "422": _json(_ref("Error"), "The Idempotency-Key was used for a different "
+                                        "request."),
             "404": {"description": "Not found, or the handler has no such sub-path.",
                     "content": {JSON: {"schema": _ref("Error")}}},
             "405": {"description": "The handler does not take this method.",
@@ -116,7 +186,7 @@ def _invoke_operation(summary: str, with_path: bool) -> dict[str, Any]:
                     "content": {JSON: {"schema": _ref("Error")}}},
             "507": {"description": "The instance ran out of memory.",
                     "content": {JSON: {"schema": _ref("Error")}}},
-            **_errors(401, 403, 413, 429, 502, 503, 504)},
+            **_errors(401, 429, 502, 503, 504)},
     }
 
 

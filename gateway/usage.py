@@ -33,6 +33,7 @@ import io
 import itertools
 import json
 import math
+import re
 import time
 import uuid
 from collections import deque
@@ -393,7 +394,9 @@ async def usage_view(request: web.Request) -> web.Response:
     doc = await query_usage(request, tenant, from_time, to_time, group_by,
                             q.get("function", ""))
     if as_csv:
-        name = f"usage-{tenant}-{group_by}.csv"
+        # The tenant is the caller's text (an operator may name any): only tame
+        # characters go into a header.
+        name = f"usage-{re.sub(r'[^A-Za-z0-9._-]', '_', tenant)}-{group_by}.csv"
         return web.Response(text=usage_csv(doc), content_type=CSV_TYPE, charset="utf-8",
                             headers={"Content-Disposition": f'attachment; filename="{name}"'})
     return web.json_response(doc)

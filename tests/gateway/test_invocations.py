@@ -182,6 +182,9 @@ def test_bad_inputs_name_their_field(platform: RunningPlatform, jobs: str) -> No
     bad_hook = platform.invoke(jobs, {}, headers={**ASYNC, "X-Thaw-Webhook": "ftp://x"})
     assert bad_hook.status_code == 400
     assert bad_hook.json()["error"]["field"] == "X-Thaw-Webhook"
+    not_a_url = platform.invoke(jobs, {}, headers={"X-Thaw-Webhook": "http://[oops"})
+    assert not_a_url.status_code == 400, not_a_url.text
+    assert not_a_url.json()["error"]["field"] == "X-Thaw-Webhook"
     long_key = platform.invoke(jobs, {}, headers={"Idempotency-Key": "k" * 300})
     assert long_key.status_code == 400
     assert long_key.json()["error"]["field"] == "Idempotency-Key"

@@ -5,6 +5,7 @@ makes a 5xx and no answer that disagrees with the document."""
 from __future__ import annotations
 
 import re
+from urllib.parse import urlsplit
 
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
@@ -21,11 +22,14 @@ from tests.conftest import EXAMPLES, RunningPlatform
 from tests.gateway.conftest import deploy_once
 from thaw.core.config import GatewayConfig
 from thaw.gateway.app import make_app
+from thaw.gateway.invocations import WEBHOOK_HEADER
 from thaw.gateway.openapi import build_document
 
 # Examples per operation and mode: enough to hit every branch of the validation,
 # bounded so the whole run takes seconds.
 EXAMPLES_PER_OPERATION = 25
+# Nothing listens there: a delivery fails at once and stays on this machine.
+LOOPBACK_WEBHOOK = "http://127.0.0.1:9/webhook"
 # Well above a warm call, so a generated deadline only ever passes when it should.
 MIN_FUZZ_DEADLINE_SECONDS = 10.0
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
@@ -69,6 +73,22 @@ def realistic_deadline(case: schemathesis.Case) -> None:
         headers["X-Thaw-Timeout"] = str(MIN_FUZZ_DEADLINE_SECONDS)
 
 
+def loopback_webhook(case: schemathesis.Case) -> None:
+    """Webhooks the gateway would deliver go to a closed port on this machine, never
+    to a generated host; values the gateway refuses stay (they must be 400)."""
+    headers = case.headers
+    url = headers.get(WEBHOOK_HEADER) if headers else None
+    if url is None:
+        return
+    try:
+        parts = urlsplit(url)
+        deliverable = parts.scheme in ("http", "https") and bool(parts.hostname)
+    except ValueError:
+        deliverable = False
+    if deliverable:
+        headers[WEBHOOK_HEADER] = LOOPBACK_WEBHOOK
+
+
 def test_no_input_is_a_server_error(platform: RunningPlatform) -> None:
     """Schemathesis per operation, inputs that fit the document and inputs that do not.
 
@@ -96,6 +116,7 @@ def test_no_input_is_a_server_error(platform: RunningPlatform) -> None:
                       suppress_health_check=list(HealthCheck), phases=[Phase.generate])
             def check(case: schemathesis.Case) -> None:
                 realistic_deadline(case)
+                loopback_webhook(case)
                 case.call_and_validate(headers=auth, checks=CHECKS)
 
             try:
