@@ -84,7 +84,7 @@ class SchedulerServer:
         self.port = server.add_insecure_port(cfg.scheduler_listen)
         await server.start()
         await mark_serving(health, "thaw.v1.Scheduler", "thaw.v1.NodeRegistry",
-                           "thaw.v1.Metering", "thaw.v1.Tenancy")
+                           "thaw.v1.Metering", "thaw.v1.Tenancy", "thaw.v1.Invocations")
         self._server = server
         self._tasks.append(asyncio.create_task(
             self.control.reconcile_forever(cfg.reconcile_interval)))
