@@ -147,7 +147,7 @@ def print_stream(resp: httpx.Response) -> None:
 
 @click.group()
 def fn() -> None:
-    """List and remove functions."""
+    """List functions, tail their logs, list their versions, roll back, remove."""
 
 
 @fn.command("ls")
