@@ -13,6 +13,7 @@ from thaw.ops.bench import bench
 from thaw.ops.config import CREDENTIALS_HELP, login
 from thaw.ops.functions import deploy, fn, invoke
 from thaw.ops.images import image
+from thaw.ops.invocations import inv
 from thaw.ops.logs import fn_logs
 from thaw.ops.nodes import node
 from thaw.ops.services import agent, gateway, scheduler, up
@@ -37,7 +38,7 @@ def cli(profile: str) -> None:
 
 
 for command in (up, scheduler, gateway, agent, deploy, invoke, fn, snapshot, node, bench,
-                image, login, top, usage):
+                image, login, top, usage, inv):
     cli.add_command(command)
 fn.add_command(fn_logs)
 for command in (key, tenant, audit):  # tenancy: ops/tenants.py, ops/audit.py

@@ -99,8 +99,14 @@ def deploy(target: str, no_wait: bool) -> None:
               help="1-100 (X-Thaw-Priority, up to the key's priority_max): the call's "
                    "place among the function's queued calls; default: the function's, "
                    "else the key's.")
-def invoke(name: str, data: str, stream: bool, priority: int | None) -> None:
+@click.option("--async", "run_async", is_flag=True,
+              help="Queue the call and return at once (Prefer: respond-async): prints "
+                   "the invocation's id and URL; see `thaw inv`.")
+def invoke(name: str, data: str, stream: bool, priority: int | None, run_async: bool) -> None:
     """Call function NAME of your tenant with a JSON body."""
+    if stream and run_async:
+        raise click.UsageError("--stream and --async exclude each other (an async "
+                               "invocation's result is its whole output: thaw inv result)")
     client = Client(timeout=600)
     fns = {f["name"]: f for f in client.request("GET", "/v1/functions").json()["functions"]}
     if name not in fns:
@@ -109,6 +115,11 @@ def invoke(name: str, data: str, stream: bool, priority: int | None) -> None:
     headers = {"Content-Type": "application/json"}
     if priority is not None:
         headers["X-Thaw-Priority"] = str(priority)
+    if run_async:
+        from thaw.ops.invocations import submit_async
+
+        submit_async(client, path, data.encode(), headers)
+        return
     if stream:
         headers["Accept"] = "text/event-stream"
         with client.stream("POST", path, content=data.encode(), headers=headers) as resp:
