@@ -53,7 +53,7 @@ def test_async_invocations_wait_with_their_submitted_priority(
             resp = platform.invoke(FUNCTION, {"label": label, "seconds": 0}, headers=headers)
             assert resp.status_code == 202, resp.text
             ids[label] = resp.json()["id"]
-            wait_for(lambda: queue_depth(platform) == before + 1, f"{label} to queue")
+            wait_for(lambda n=before + 1: queue_depth(platform) == n, f"{label} to queue")
         assert occupier.result(POLL_SECONDS).status_code == 200
 
     done = {label: finished(platform, i) for label, i in ids.items()}
