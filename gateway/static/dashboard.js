@@ -448,6 +448,8 @@ async function invokeSelected(body) {
                   ["round trip", ms(performance.now() - started)]];
     for (const [k, v] of rows) meta.append(el("dt", {text: k}), el("dd", {text: v}));
     try { out.textContent = JSON.stringify(JSON.parse(text), null, 2); } catch { out.textContent = text; }
+    // The call is metered: GET /v1/usage sends this gateway's waiting records first.
+    if (state.features.usage) loadUsage();
   } catch (err) {
     out.textContent = `request failed: ${err}`;
   }

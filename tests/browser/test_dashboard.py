@@ -139,6 +139,10 @@ def test_sign_in_deploy_invoke_and_watch(platform: RunningPlatform, browser: obj
     # The first call was a cold start: the stage chart has its bar.
     if page.locator("#recent tbody tr", has_text="restore").count():
         expect(page.locator("#chart-cold .u-legend")).to_contain_text("restore")
+    # The usage panel: the page's three calls, metered.
+    usage = page.locator("#usage tbody tr", has_text=FUNCTION)
+    expect(usage).to_have_count(1)
+    expect(usage.locator("td").nth(1)).to_have_text("3")
     page.screenshot(path=str(OUTPUT / "dashboard.png"), full_page=True)
 
     # Admin view: the node, its devices' slices (the packing map), the pinned tier.
