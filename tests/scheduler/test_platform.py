@@ -73,7 +73,9 @@ def test_a_burst_of_100_at_a_function_scaled_to_zero_starts_at_most_10_instances
     assert restored and len(restored) == len(set(restored)), restored
     assert set(restored) <= instances
     with httpx.Client(base_url=local_platform.url, headers=headers, timeout=30) as http:
-        assert http.get("/v1/functions/sleepy").json()["warm_instances"] == len(instances)
+        # The autoscaler started what the burst needed; an instance whose first caller
+        # was served by a slot freed earlier stays warm without having served.
+        assert len(instances) <= http.get("/v1/functions/sleepy").json()["warm_instances"] <= 10
 
 
 @pytest.fixture
