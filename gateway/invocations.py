@@ -13,7 +13,10 @@
   same key with a different request is refused with 422.
 - `GET /v1/invocations[/{id}[/result]]`, `POST /v1/invocations/{id}/cancel`.
 - Webhook (`X-Thaw-Webhook: <url>` or `?webhook=<url>` at submission): the finished
-  invocation is POSTed there as JSON, retried with exponential backoff.
+  invocation is POSTed there as JSON, retried with exponential backoff. The delivery
+  is claimed like the invocation (the replica that finished it holds a claim it
+  renews); if that replica dies, another one takes the delivery over once the claim
+  lapsed and the next attempt is due, counting the attempts already made.
 
 A streaming call (`Accept: text/event-stream`) is relayed as it is produced and is
 never stored, unless it is submitted async (then its whole output is the result).
@@ -39,7 +42,6 @@ from urllib.parse import urlsplit
 import aiohttp
 import structlog
 from aiohttp import web
-from tenacity import AsyncRetrying, RetryError, stop_after_attempt, wait_exponential
 
 from thaw.core.errors import InvalidArgument, NotFound, ThawError
 from thaw.core.grpcutil import call as grpc_call
@@ -81,6 +83,12 @@ SWEEP_SECONDS = 60.0
 # Each webhook delivery attempt waits this long for the receiver's answer.
 WEBHOOK_TIMEOUT_SECONDS = 10.0
 WEBHOOK_MAX_BACKOFF_SECONDS = 300.0
+# Each replica looks this often for webhooks nobody delivers (their replica died, or
+# let them go), and delivers at most this many at once.
+WEBHOOK_POLL_SECONDS = 1.0
+WEBHOOK_CONCURRENCY = 64
+# What a failed attempt records of its error.
+WEBHOOK_ERROR_CHARS = 500
 # Metadata calls to the scheduler are quick.
 RPC_TIMEOUT = 30.0
 JSON_TYPES = ("application/json", "application/problem+json")
@@ -140,10 +148,31 @@ class InvocationsClient:
             tenant=tenant, id=invocation_id, ttl_seconds=ttl_seconds), timeout=RPC_TIMEOUT))
 
     async def record_webhook(self, invocation_id: str, state: str, attempts: int,
-                             error: str) -> None:
-        await grpc_call(self._stub.RecordWebhook(invocations_pb2.WebhookDeliveryRequest(
-            id=invocation_id, state=state, attempts=attempts, error=error),
+                             error: str, gateway_id: str = "", retry_in: float = 0.0,
+                             claim_seconds: float = 0.0) -> invocations_pb2.Invocation:
+        return await grpc_call(self._stub.RecordWebhook(
+            invocations_pb2.WebhookDeliveryRequest(
+                id=invocation_id, state=state, attempts=attempts, error=error,
+                gateway_id=gateway_id, retry_in_seconds=retry_in,
+                claim_seconds=claim_seconds), timeout=RPC_TIMEOUT))
+
+    async def claim_webhooks(self, gateway_id: str, limit: int, claim_seconds: float
+                             ) -> list[invocations_pb2.Invocation]:
+        resp = await grpc_call(self._stub.ClaimWebhooks(invocations_pb2.ClaimWebhooksRequest(
+            gateway_id=gateway_id, limit=limit, claim_seconds=claim_seconds),
             timeout=RPC_TIMEOUT))
+        return list(resp.invocations)
+
+    async def renew_webhooks(self, gateway_id: str, ids: list[str], claim_seconds: float
+                             ) -> list[str]:
+        resp = await grpc_call(self._stub.Renew(invocations_pb2.RenewClaimsRequest(
+            gateway_id=gateway_id, webhook_ids=ids, claim_seconds=claim_seconds),
+            timeout=RPC_TIMEOUT))
+        return list(resp.stop_webhook_ids)
+
+    async def release_webhooks(self, gateway_id: str, ids: list[str]) -> None:
+        await grpc_call(self._stub.Release(invocations_pb2.ReleaseInvocationsRequest(
+            gateway_id=gateway_id, webhook_ids=ids), timeout=RPC_TIMEOUT))
 
     async def sweep(self) -> tuple[int, int]:
         resp = await grpc_call(self._stub.Sweep(invocations_pb2.SweepInvocationsRequest(),
@@ -216,14 +245,16 @@ async def finish_exchange(opening: asyncio.Future[Exchange], limit: int) -> Outc
         return error_outcome(exc, start)
 
 
-def completion(invocation_id: str, gateway_id: str, outcome: Outcome, ttl: float
+def completion(invocation_id: str, gateway_id: str, outcome: Outcome, ttl: float,
+               webhook_claim_seconds: float = 0.0
                ) -> invocations_pb2.CompleteInvocationRequest:
     return invocations_pb2.CompleteInvocationRequest(
         id=invocation_id, gateway_id=gateway_id,
         state="succeeded" if outcome.succeeded else "failed",
         result_status=outcome.status, result_content_type=outcome.content_type,
         result_body=outcome.body, error_code=outcome.error_code,
-        error_message=outcome.error_message, start=outcome.start, ttl_seconds=ttl)
+        error_message=outcome.error_message, start=outcome.start, ttl_seconds=ttl,
+        webhook_claim_seconds=webhook_claim_seconds)
 
 
 def call_of(inv: invocations_pb2.Invocation) -> Call:
@@ -243,7 +274,8 @@ def call_of(inv: invocations_pb2.Invocation) -> Call:
 class InvocationRunner:
     """One per gateway replica. Runs invocations it claimed (queued ones) or adopted
     (sync calls past the wait limit, first requests with an Idempotency-Key), renews
-    their claims while they run, and wakes local waiters when they finish."""
+    their claims while they run, and wakes local waiters when they finish. Delivers
+    the webhooks of those it finished, and of others whose replica died."""
 
     def __init__(self, gw: Gateway, client: InvocationsClient,
                  session: aiohttp.ClientSession) -> None:
@@ -258,6 +290,8 @@ class InvocationRunner:
         """Invocations cancelled by a client: their task ends without a result."""
         self.wake = asyncio.Event()
         self.background: set[asyncio.Task[None]] = set()
+        self.delivering: dict[str, asyncio.Task[None]] = {}
+        """Webhooks this replica holds the claim of, by invocation id."""
 
     # -- running
 
@@ -286,8 +320,9 @@ class InvocationRunner:
                 log.exception("invocation failed unexpectedly", invocation=invocation_id)
                 result = error_outcome(ThawError(f"internal error: {type(exc).__name__}"))
             inv = await self._store(invocation_id, result)
-            if inv is not None and inv.webhook_url and inv.state in ("succeeded", "failed"):
-                self._spawn(self.deliver_webhook(inv.tenant, invocation_id))
+            if inv is not None and inv.webhook_url and inv.webhook_claimed_by == self.id:
+                self._deliver(invocation_id, self._fetch_and_deliver(inv.tenant,
+                                                                     invocation_id))
         finally:
             self.running.pop(invocation_id, None)
             self.cut.discard(invocation_id)
@@ -298,7 +333,8 @@ class InvocationRunner:
 
     async def _store(self, invocation_id: str, result: Outcome
                      ) -> invocations_pb2.Invocation | None:
-        request = completion(invocation_id, self.id, result, self.config.result_ttl_seconds)
+        request = completion(invocation_id, self.id, result, self.config.result_ttl_seconds,
+                             webhook_claim_seconds=self.config.invocation_claim_seconds)
         for attempt in range(5):
             try:
                 return await self.client.complete(request)
@@ -372,18 +408,44 @@ class InvocationRunner:
         interval = self.config.invocation_claim_seconds / 3
         while True:
             await asyncio.sleep(interval)
-            ids = list(self.running)
-            if not ids:
+            ids, hooks = list(self.running), list(self.delivering)
+            if not ids and not hooks:
                 continue
             try:
                 stop = await self.client.renew(self.id, ids,
-                                               self.config.invocation_claim_seconds)
+                                               self.config.invocation_claim_seconds
+                                               ) if ids else []
+                lost = await self.client.renew_webhooks(
+                    self.id, hooks, self.config.invocation_claim_seconds) if hooks else []
             except ThawError as exc:
                 log.warning("renewing invocation claims failed", error=exc.message)
                 continue
             for invocation_id in stop:
                 # Cancelled through another replica, or claimed elsewhere.
                 self.cancel_local(invocation_id)
+            for invocation_id in lost:
+                # Taken over by another replica (this one was too slow to renew).
+                task = self.delivering.get(invocation_id)
+                if task is not None:
+                    task.cancel()
+
+    async def webhooks_forever(self) -> None:
+        """Take over webhooks whose replica died (or let them go) once they are due."""
+        while True:
+            await asyncio.sleep(WEBHOOK_POLL_SECONDS)
+            free = WEBHOOK_CONCURRENCY - len(self.delivering)
+            if free <= 0:
+                continue
+            try:
+                claimed = await self.client.claim_webhooks(
+                    self.id, free, self.config.invocation_claim_seconds)
+            except ThawError as exc:
+                log.warning("claiming webhooks failed", error=exc.message)
+                continue
+            for inv in claimed:
+                log.info("delivering a webhook taken over", invocation=inv.id,
+                         attempts_made=inv.webhook_attempts)
+                self._deliver(inv.id, self.deliver_webhook(inv))
 
     async def sweep_forever(self) -> None:
         interval = min(SWEEP_SECONDS, self.config.result_ttl_seconds / 2)
@@ -398,11 +460,22 @@ class InvocationRunner:
                 log.info("invocations swept", expired=expired, deleted=deleted)
 
     async def close(self) -> None:
-        """Stop: unfinished invocations go back to the queue for another replica."""
+        """Stop: unfinished invocations go back to the queue for another replica, and
+        undelivered webhooks to whichever replica claims them."""
         unfinished = list(self.running)
-        for task in [*self.running.values(), *self.background]:
+        tasks = [*self.running.values(), *self.background]
+        for task in tasks:
             task.cancel()
-        for task in [*self.running.values(), *self.background]:
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        # Deliveries end after their invocations: those just finished may have started
+        # one while being cancelled.
+        hooks = list(self.delivering)
+        deliveries = list(self.delivering.values())
+        for task in deliveries:
+            task.cancel()
+        for task in deliveries:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         if unfinished:
@@ -412,41 +485,87 @@ class InvocationRunner:
             except ThawError as exc:
                 log.warning("handing invocations back failed; they are picked up when "
                             "their claims lapse", error=exc.message)
+        if hooks:
+            try:
+                await self.client.release_webhooks(self.id, hooks)
+            except ThawError as exc:
+                log.warning("handing webhooks back failed; they are picked up when "
+                            "their claims lapse", error=exc.message)
 
     # -- webhooks
 
-    async def deliver_webhook(self, tenant: str, invocation_id: str) -> None:
-        inv = await self.client.get(tenant, invocation_id, with_bodies=True)
-        payload = invocation_json(inv)
-        attempts = 0
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(self.config.webhook_attempts),
-            wait=wait_exponential(multiplier=self.config.webhook_backoff_seconds,
-                                  max=WEBHOOK_MAX_BACKOFF_SECONDS),
-            reraise=False)
-        error = ""
-        try:
-            async for attempt in retrying:
-                with attempt:
-                    attempts = attempt.retry_state.attempt_number
-                    try:
-                        await self._post_webhook(inv.webhook_url, payload, invocation_id)
-                    except Exception as exc:
-                        error = str(exc) or type(exc).__name__
-                        with contextlib.suppress(ThawError):
-                            await self.client.record_webhook(invocation_id, "pending",
-                                                             attempts, error)
-                        log.info("webhook delivery failed", invocation=invocation_id,
-                                 attempt=attempts, error=error)
-                        raise
-        except RetryError:
-            with contextlib.suppress(ThawError):
-                await self.client.record_webhook(invocation_id, "failed", attempts, error)
-            log.warning("webhook not delivered", invocation=invocation_id,
-                        attempts=attempts, error=error)
+    def _deliver(self, invocation_id: str, coro: Any) -> None:
+        if invocation_id in self.delivering:
+            coro.close()
             return
-        with contextlib.suppress(ThawError):
-            await self.client.record_webhook(invocation_id, "delivered", attempts, "")
+        task = asyncio.get_running_loop().create_task(coro)
+        self.delivering[invocation_id] = task
+
+        def done(_task: asyncio.Task[None]) -> None:
+            if self.delivering.get(invocation_id) is task:
+                del self.delivering[invocation_id]
+        task.add_done_callback(done)
+
+    async def _fetch_and_deliver(self, tenant: str, invocation_id: str) -> None:
+        try:
+            inv = await self.client.get(tenant, invocation_id, with_bodies=True)
+        except ThawError as exc:
+            # Our claim lapses (nothing renews it once this task ends): another
+            # replica, or this one, delivers it then.
+            log.warning("reading an invocation for its webhook failed",
+                        invocation=invocation_id, error=exc.message)
+            return
+        await self.deliver_webhook(inv)
+
+    async def deliver_webhook(self, inv: invocations_pb2.Invocation) -> None:
+        """Deliver a webhook this replica holds the claim of, from the attempts already
+        made (by this replica or one that died) up to webhook_attempts, with
+        exponential backoff; each outcome is recorded (extending the claim)."""
+        invocation_id = inv.id
+        payload = invocation_json(inv)
+        attempts, error = inv.webhook_attempts, inv.webhook_error
+        limit = self.config.webhook_attempts
+        while attempts < limit:
+            attempts += 1
+            try:
+                await self._post_webhook(inv.webhook_url, payload, invocation_id)
+            except Exception as exc:  # the receiver's answer, or no answer at all
+                error = (str(exc) or type(exc).__name__)[:WEBHOOK_ERROR_CHARS]
+                log.info("webhook delivery failed", invocation=invocation_id,
+                         attempt=attempts, error=error)
+                if attempts >= limit:
+                    break
+                backoff = min(self.config.webhook_backoff_seconds * 2 ** (attempts - 1),
+                              WEBHOOK_MAX_BACKOFF_SECONDS)
+                if not await self._record_webhook(invocation_id, "pending", attempts,
+                                                  error, backoff):
+                    return
+                await asyncio.sleep(backoff)
+                continue
+            await self._record_webhook(invocation_id, "delivered", attempts, "")
+            return
+        await self._record_webhook(invocation_id, "failed", attempts, error)
+        log.warning("webhook not delivered", invocation=invocation_id,
+                    attempts=attempts, error=error)
+
+    async def _record_webhook(self, invocation_id: str, state: str, attempts: int,
+                              error: str, retry_in: float = 0.0) -> bool:
+        """False when another replica holds the delivery now: this one stops."""
+        try:
+            inv = await self.client.record_webhook(
+                invocation_id, state, attempts, error, gateway_id=self.id,
+                retry_in=retry_in, claim_seconds=self.config.invocation_claim_seconds)
+        except ThawError as exc:
+            # The scheduler is away: go on; the renewals decide whether we still hold it.
+            log.warning("recording a webhook attempt failed", invocation=invocation_id,
+                        error=exc.message)
+            return True
+        if state == "pending" and inv.webhook_claimed_by != self.id:
+            # Taken over (this replica was too slow to renew), or given up (expired).
+            log.info("webhook delivery no longer ours", invocation=invocation_id,
+                     by=inv.webhook_claimed_by, state=inv.webhook_state)
+            return False
+        return True
 
     async def _post_webhook(self, url: str, payload: dict[str, Any], invocation_id: str
                             ) -> None:
@@ -773,7 +892,8 @@ async def _worker(app: web.Application) -> AsyncIterator[None]:
     runner = InvocationRunner(gw, InvocationsClient(gw.scheduler.channel), session)
     app[RUNNER_KEY] = runner
     loops = [asyncio.get_running_loop().create_task(coro) for coro in (
-        runner.claim_forever(), runner.renew_forever(), runner.sweep_forever())]
+        runner.claim_forever(), runner.renew_forever(), runner.sweep_forever(),
+        runner.webhooks_forever())]
     yield
     for task in loops:
         task.cancel()

@@ -14,6 +14,17 @@ Lifecycle (one place checks it: `check_transition`):
 
 An expired invocation keeps its row (without bodies or idempotency key) for a while,
 so a GET can say "expired" (410) rather than "not found".
+
+A finished invocation's webhook is delivered under a claim of its own
+(webhook_claimed_by / webhook_claim_until), renewed by the delivering replica like the
+invocation's: when that replica dies, ClaimWebhooks hands the delivery to another one
+once the claim lapsed and the next attempt is due (webhook_next_at, the backoff), and
+it goes on counting from the attempts recorded. Delivery is at least once: a replica
+that dies between the receiver's answer and its record leaves that attempt to redo.
+
+    "" ──complete──▶ pending ──record──▶ delivered | failed
+                       │ ▲ record (attempt failed; retry_in)
+                       └─┘
 """
 
 from __future__ import annotations
@@ -45,6 +56,7 @@ MAX_CLAIM = 256
 # keep the DB sane whoever calls).
 MAX_IDEMPOTENCY_KEY = 255
 MAX_WEBHOOK_URL = 2048
+WEBHOOK_STATES = ("pending", "delivered", "failed")
 
 
 class InvocationState(enum.Enum):
@@ -121,7 +133,9 @@ def to_proto(row: models.Invocation, with_bodies: bool, now: float
         claimed_by=row.claimed_by or "", claim_until=row.claim_until or 0.0,
         created_at=row.created_at, started_at=row.started_at or 0.0,
         finished_at=row.finished_at or 0.0, expires_at=row.expires_at or 0.0,
-        start=row.start_kind)
+        start=row.start_kind, webhook_claimed_by=row.webhook_claimed_by or "",
+        webhook_claim_until=row.webhook_claim_until or 0.0,
+        webhook_next_at=row.webhook_next_at or 0.0)
 
 
 def effective_state(row: models.Invocation, now: float) -> InvocationState:
@@ -284,9 +298,12 @@ class InvocationStore:
         return self.store._tx(tx)
 
     def complete(self, invocation_id: str, gateway_id: str, done: Completion,
-                 ttl_seconds: float) -> invocations_pb2.Invocation:
+                 ttl_seconds: float, webhook_claim_seconds: float = 0.0
+                 ) -> invocations_pb2.Invocation:
         """Store the result; an invocation already finished (cancelled meanwhile, or
-        completed by another replica after a lapsed claim) keeps what it has."""
+        completed by another replica after a lapsed claim) keeps what it has. Its
+        webhook becomes pending, claimed by `gateway_id` when webhook_claim_seconds > 0
+        (it delivers at once), else left to ClaimWebhooks."""
         if not done.state.finished or done.state is InvocationState.EXPIRED:
             raise InvalidArgument("complete needs state succeeded or failed", field="state")
         now = self.clock()
@@ -311,6 +328,9 @@ class InvocationStore:
             row.expires_at = now + ttl_seconds
             if row.webhook_url:
                 row.webhook_state = "pending"
+                if webhook_claim_seconds > 0:
+                    row.webhook_claimed_by = gateway_id
+                    row.webhook_claim_until = now + webhook_claim_seconds
             return to_proto(row, False, now)
         return self.store._tx(tx)
 
@@ -347,21 +367,120 @@ class InvocationStore:
             return to_proto(row, False, now)
         return self.store._tx(tx)
 
-    def record_webhook(self, invocation_id: str, state: str, attempts: int, error: str
-                       ) -> invocations_pb2.Invocation:
-        if state not in ("pending", "delivered", "failed"):
+    def record_webhook(self, invocation_id: str, state: str, attempts: int, error: str,
+                       gateway_id: str = "", retry_in: float = 0.0,
+                       claim_seconds: float = 0.0) -> invocations_pb2.Invocation:
+        """A delivery attempt's outcome. With `gateway_id`, only while that replica
+        holds the claim (else the row is returned as it is: its webhook_claimed_by
+        tells the caller it lost it). Pending: the next attempt is due `retry_in`
+        seconds from now and the claim is extended by `claim_seconds`; delivered or
+        failed: the claim ends."""
+        if state not in WEBHOOK_STATES:
             raise InvalidArgument("webhook state must be pending, delivered or failed",
                                   field="state")
+        if attempts < 0 or retry_in < 0 or claim_seconds < 0:
+            raise InvalidArgument("attempts, retry_in_seconds and claim_seconds must be "
+                                  ">= 0", field="attempts")
+        now = self.clock()
 
         def tx(s: Session) -> invocations_pb2.Invocation:
             row = s.get(models.Invocation, invocation_id)
             if row is None:
                 raise NotFound(f"invocation {invocation_id} not found", field="id")
+            if gateway_id and (row.webhook_claimed_by != gateway_id
+                               or row.webhook_state != "pending"):
+                return to_proto(row, False, now)
             row.webhook_state = state
             row.webhook_attempts = attempts
             row.webhook_error = error
-            return to_proto(row, False, self.clock())
+            if state == "pending":
+                row.webhook_next_at = now + retry_in if retry_in else None
+                if claim_seconds:
+                    row.webhook_claim_until = now + claim_seconds
+            else:
+                row.webhook_claimed_by = None
+                row.webhook_claim_until = None
+                row.webhook_next_at = None
+            return to_proto(row, False, now)
         return self.store._tx(tx)
+
+    def claim_webhooks(self, gateway_id: str, limit: int, claim_seconds: float
+                       ) -> list[invocations_pb2.Invocation]:
+        """Pending webhooks that nobody holds (or whose holder stopped renewing) and
+        whose next attempt is due, oldest first; with bodies, for the payload. Those of
+        invocations past their TTL are given up (failed) instead."""
+        if not gateway_id:
+            raise InvalidArgument("claim needs the gateway's id", field="gateway_id")
+        limit = max(1, min(limit, MAX_CLAIM))
+        now = self.clock()
+
+        def tx(s: Session) -> list[invocations_pb2.Invocation]:
+            inv = models.Invocation
+            q = (select(inv).where(
+                inv.webhook_state == "pending",
+                or_(inv.webhook_claim_until.is_(None), inv.webhook_claim_until < now),
+                or_(inv.webhook_next_at.is_(None), inv.webhook_next_at <= now))
+                .order_by(inv.finished_at).limit(limit))
+            if s.get_bind().dialect.name == "postgresql":
+                q = q.with_for_update(skip_locked=True)
+            claimed = []
+            for row in s.scalars(q):
+                if effective_state(row, now) is InvocationState.EXPIRED:
+                    self._give_up_webhook(row)
+                    continue
+                # Guarded update: of two replicas claiming at once, one gets the row.
+                lapsed = (inv.webhook_claim_until.is_(None) if row.webhook_claim_until is None
+                          else inv.webhook_claim_until == row.webhook_claim_until)
+                won = s.execute(update(inv).where(
+                    inv.id == row.id, inv.webhook_state == "pending", lapsed,
+                    inv.webhook_attempts == row.webhook_attempts)
+                    .values(webhook_claimed_by=gateway_id,
+                            webhook_claim_until=now + claim_seconds)
+                    .execution_options(synchronize_session=False)).rowcount  # type: ignore[attr-defined]
+                if won:
+                    s.refresh(row)
+                    claimed.append(to_proto(row, True, now))
+            return claimed
+        return self.store._tx(tx)
+
+    def renew_webhooks(self, gateway_id: str, ids: list[str], claim_seconds: float
+                       ) -> list[str]:
+        """Extend this replica's webhook claims; returns the ids it no longer holds."""
+        now = self.clock()
+
+        def tx(s: Session) -> list[str]:
+            stop = []
+            for invocation_id in ids:
+                row = s.get(models.Invocation, invocation_id)
+                if (row is None or row.webhook_state != "pending"
+                        or row.webhook_claimed_by != gateway_id):
+                    stop.append(invocation_id)
+                    continue
+                row.webhook_claim_until = now + claim_seconds
+            return stop
+        return self.store._tx(tx) if ids else []
+
+    def release_webhooks(self, gateway_id: str, ids: list[str]) -> None:
+        """This replica stops delivering them: any replica may take them when due."""
+        def tx(s: Session) -> None:
+            inv = models.Invocation
+            s.execute(update(inv).where(
+                inv.id.in_(ids), inv.webhook_claimed_by == gateway_id,
+                inv.webhook_state == "pending")
+                .values(webhook_claimed_by=None, webhook_claim_until=None)
+                .execution_options(synchronize_session=False))
+        if ids:
+            self.store._tx(tx)
+
+    @staticmethod
+    def _give_up_webhook(row: models.Invocation) -> None:
+        if row.webhook_state == "pending":
+            row.webhook_state = "failed"
+            row.webhook_error = ("the invocation expired (result_ttl_seconds) before its "
+                                 "webhook was delivered")
+            row.webhook_claimed_by = None
+            row.webhook_claim_until = None
+            row.webhook_next_at = None
 
     def sweep(self) -> tuple[int, int]:
         """Expire finished invocations past their TTL (drop bodies, free the key);
@@ -383,8 +502,9 @@ class InvocationStore:
             return len(rows), deleted
         return self.store._tx(tx)
 
-    @staticmethod
-    def _expire(row: models.Invocation) -> None:
+    @classmethod
+    def _expire(cls, row: models.Invocation) -> None:
+        cls._give_up_webhook(row)
         row.state = InvocationState.EXPIRED.value
         row.request_body = None
         row.result_body = None
@@ -431,8 +551,11 @@ class InvocationsService(invocations_pb2_grpc.InvocationsServicer):
                     context: grpc.aio.ServicerContext
                     ) -> invocations_pb2.RenewClaimsResponse:
         stop = await self.run(self.invocations.renew, request.gateway_id, list(request.ids),
-                              request.claim_seconds)
-        return invocations_pb2.RenewClaimsResponse(stop_ids=stop)
+                              request.claim_seconds) if request.ids else []
+        stop_webhooks = await self.run(self.invocations.renew_webhooks, request.gateway_id,
+                                       list(request.webhook_ids), request.claim_seconds)
+        return invocations_pb2.RenewClaimsResponse(stop_ids=stop,
+                                                    stop_webhook_ids=stop_webhooks)
 
     @servicer_method
     async def Complete(self, request: invocations_pb2.CompleteInvocationRequest,
@@ -446,13 +569,15 @@ class InvocationsService(invocations_pb2_grpc.InvocationsServicer):
                           result_body=request.result_body, error_code=request.error_code,
                           error_message=request.error_message, start=request.start)
         return await self.run(self.invocations.complete, request.id, request.gateway_id,
-                              done, request.ttl_seconds)
+                              done, request.ttl_seconds, request.webhook_claim_seconds)
 
     @servicer_method
     async def Release(self, request: invocations_pb2.ReleaseInvocationsRequest,
                       context: grpc.aio.ServicerContext
                       ) -> invocations_pb2.ReleaseInvocationsResponse:
         await self.run(self.invocations.release, request.gateway_id, list(request.ids))
+        await self.run(self.invocations.release_webhooks, request.gateway_id,
+                       list(request.webhook_ids))
         return invocations_pb2.ReleaseInvocationsResponse()
 
     @servicer_method
@@ -465,7 +590,16 @@ class InvocationsService(invocations_pb2_grpc.InvocationsServicer):
     async def RecordWebhook(self, request: invocations_pb2.WebhookDeliveryRequest,
                             context: grpc.aio.ServicerContext) -> invocations_pb2.Invocation:
         return await self.run(self.invocations.record_webhook, request.id, request.state,
-                              request.attempts, request.error)
+                              request.attempts, request.error, request.gateway_id,
+                              request.retry_in_seconds, request.claim_seconds)
+
+    @servicer_method
+    async def ClaimWebhooks(self, request: invocations_pb2.ClaimWebhooksRequest,
+                            context: grpc.aio.ServicerContext
+                            ) -> invocations_pb2.ClaimInvocationsResponse:
+        found = await self.run(self.invocations.claim_webhooks, request.gateway_id,
+                               request.limit, request.claim_seconds)
+        return invocations_pb2.ClaimInvocationsResponse(invocations=found)
 
     @servicer_method
     async def Sweep(self, request: invocations_pb2.SweepInvocationsRequest,

@@ -50,7 +50,8 @@ class ApiKey(Base):
     scopes: Mapped[str] = mapped_column(String(200))  # comma-separated
     created_at: Mapped[float] = mapped_column(Float, default=_now)
     expires_at: Mapped[float | None] = mapped_column(Float, nullable=True)
-    revoked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    revoked_at: Mapped[float | None] = mapped_column(Float, nullable=True, index=True)
+    """Indexed: every gateway asks each second for the keys revoked lately."""
     priority_default: Mapped[int] = mapped_column(Integer, default=50)
     """Priority (1-100) of this key's invocations when neither the request nor the
     function says otherwise."""
@@ -132,9 +133,12 @@ class AuditRecord(Base):
                                     primary_key=True, autoincrement=True)
     time: Mapped[float] = mapped_column(Float, default=_now, index=True)
     tenant: Mapped[str] = mapped_column(String(64), index=True)
-    """The tenant acted upon (for the operator acting on another tenant, that one)."""
+    """The tenant acted upon (for the operator acting on another tenant, that one:
+    so that tenant's admins see it)."""
     key_id: Mapped[str] = mapped_column(String(64), default="")
     """Who: the key's id (never the key); empty when no valid key was sent."""
+    actor_tenant: Mapped[str] = mapped_column(String(64), default="", index=True)
+    """The acting key's tenant; "" = `tenant` (rows before migration 0007 too)."""
     action: Mapped[str] = mapped_column(String(64), index=True)
     target: Mapped[str] = mapped_column(String(400), default="")
     source: Mapped[str] = mapped_column(String(200), default="")
@@ -151,7 +155,8 @@ class Invocation(Base):
     __tablename__ = "invocations"
     # Decides which of several concurrent requests with one key (on any replica) runs
     # the function; NULL keys (no header, or an expired invocation's) never collide.
-    __table_args__ = (UniqueConstraint("tenant_id", "idempotency_key"),)
+    __table_args__ = (UniqueConstraint("tenant_id", "idempotency_key"),
+                      Index("ix_invocations_webhook_state", "webhook_state"))
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(String(64), index=True)
@@ -175,6 +180,11 @@ class Invocation(Base):
     webhook_state: Mapped[str] = mapped_column(String(16), default="")
     webhook_attempts: Mapped[int] = mapped_column(Integer, default=0)
     webhook_error: Mapped[str] = mapped_column(Text, default="")
+    webhook_claimed_by: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    """The replica delivering the webhook (a claim it renews, like claimed_by)."""
+    webhook_claim_until: Mapped[float | None] = mapped_column(Float, nullable=True)
+    webhook_next_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    """When the next delivery attempt is due (the backoff), for whoever takes it over."""
     idempotency_key: Mapped[str | None] = mapped_column(String(255), nullable=True)
     request_digest: Mapped[str] = mapped_column(String(64), default="")
     key_id: Mapped[str] = mapped_column(String(64), default="")
