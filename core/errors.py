@@ -76,6 +76,13 @@ class InstanceFailed(ThawError):
     code = "instance_failed"
 
 
+class ImageNotOnNode(InstanceFailed):
+    """An image function's image is not on the node's docker engine (nothing is
+    pulled): the scheduler tries another docker node."""
+
+    code = "image_not_on_node"
+
+
 class SnapshotError(ThawError):
     """A snapshot could not be captured, stored or restored."""
 

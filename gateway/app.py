@@ -258,6 +258,7 @@ async def evict_function(request: web.Request) -> web.Response:
 def node_json(node: scheduler_pb2.NodeInfo) -> dict[str, Any]:
     return {
         "id": node.id, "state": node.state, "instances": node.instances,
+        "runtime": node.runtime or "process",
         "data_url": node.data_url, "disk_bytes": node.disk_bytes,
         "last_heartbeat_age_seconds": round(node.last_heartbeat_age_seconds, 3),
         "devices": [{"id": d.id, "kind": d.kind, "capacity_bytes": d.capacity_bytes,

@@ -19,20 +19,23 @@ def node() -> None:
 @node.command("ls")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def node_ls(as_json: bool) -> None:
-    """Nodes with their devices, pinned tier and instances."""
+    """Nodes with their runtime (process or docker: only docker nodes run image
+    functions), devices, pinned tier and instances."""
     nodes = Client().request("GET", "/v1/nodes").json()["nodes"]
     if as_json:
         print_table(nodes, [], True)
         return
     rows = [{
-        "node": n["id"], "state": n["state"], "instances": n["instances"],
+        "node": n["id"], "state": n["state"], "runtime": n.get("runtime", "process"),
+        "instances": n["instances"],
         "devices": ", ".join(f"{d['id']} {format_size(d['used_bytes'])}/"
                              f"{format_size(d['capacity_bytes'])}" for d in n["devices"]),
         "pinned": f"{format_size(n['pinned']['used_bytes'])}/"
                   f"{format_size(n['pinned']['capacity_bytes'])}",
         "disk": format_size(n["disk_bytes"]),
     } for n in nodes]
-    print_table(rows, ["node", "state", "instances", "devices", "pinned", "disk"], False)
+    print_table(rows, ["node", "state", "runtime", "instances", "devices", "pinned", "disk"],
+                False)
 
 
 @node.command("cordon")

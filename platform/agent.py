@@ -27,6 +27,7 @@ import structlog
 from thaw.core.errors import (
     ChunkNotFound,
     FingerprintMismatch,
+    ImageNotOnNode,
     InstanceFailed,
     NotFound,
     SnapshotError,
@@ -455,8 +456,10 @@ class Agent:
                 timings = await self._start_fresh(inst, spec)
         except BaseException as exc:
             await self._discard(inst, f"start failed: {exc}")
+            # A missing image says nothing about the snapshot: the scheduler tries
+            # another docker node rather than quarantining it.
             if (restore and isinstance(exc, ThawError)
-                    and not isinstance(exc, (SnapshotError, ChunkNotFound))):
+                    and not isinstance(exc, (SnapshotError, ChunkNotFound, ImageNotOnNode))):
                 raise SnapshotError(f"restore failed: {exc}") from exc
             raise
         if spec.memory_limit_bytes:

@@ -123,7 +123,13 @@ from typing import Any, TypeVar, cast
 
 import structlog
 
-from thaw.core.errors import DeadlineExceeded, InstanceFailed, SnapshotError, ThawError
+from thaw.core.errors import (
+    DeadlineExceeded,
+    ImageNotOnNode,
+    InstanceFailed,
+    SnapshotError,
+    ThawError,
+)
 from thaw.platform import images
 from thaw.platform.process import ProcessWatch, RuntimeProcess, log_tail
 
@@ -485,7 +491,7 @@ class DockerRuntime:
         try:
             self.client.images.get(image_id)
         except docker.errors.ImageNotFound as exc:
-            raise InstanceFailed(
+            raise ImageNotOnNode(
                 f"image {reference} is not on node {self.node_id}'s docker engine "
                 "(nothing is pulled: `docker load` it there)") from exc
         except docker.errors.DockerException as exc:

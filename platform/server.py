@@ -154,7 +154,7 @@ class AgentServer:
         request = scheduler_pb2.RegisterRequest(
             node_id=self.node_id, control_address=f"{cfg.agent_host}:{self.control_port}",
             data_url=f"http://{cfg.agent_host}:{self.data_port}", devices=self._devices(),
-            instance_ids=list(self.agent.instances))
+            instance_ids=list(self.agent.instances), runtime=cfg.runtime)
         while True:
             try:
                 resp = await call(self._registry.Register(request, timeout=10))

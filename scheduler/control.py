@@ -24,6 +24,7 @@ from thaw.core.errors import (
     ChunkNotFound,
     DeadlineExceeded,
     FunctionUnavailable,
+    ImageNotOnNode,
     InvalidArgument,
     NoCapacity,
     NotFound,
@@ -38,7 +39,7 @@ from thaw.proto import agent_pb2, manifest_pb2, scheduler_pb2
 from thaw.scheduler.autoscale import IdleInstanceView, scale_down
 from thaw.scheduler.bundles import BundleStore
 from thaw.scheduler.events import EventKind, EventLog
-from thaw.scheduler.nodes import AgentClient, NodeView
+from thaw.scheduler.nodes import DOCKER_RUNTIME, PROCESS_RUNTIME, AgentClient, NodeView
 from thaw.scheduler.placement import Candidate, IdleInstance, choose_node, plan_eviction
 from thaw.scheduler.policy import PolicyConfig
 from thaw.scheduler.pools import (
@@ -81,6 +82,10 @@ ADOPT_GRACE_HEARTBEATS = 2
 # After a start to keep min_instances warm fails (no room, node refused), the
 # reconcile loop waits this long before trying that function again.
 WARM_RETRY_SECONDS = 10.0
+# Why an image function ([runtime] image) cannot build or start: only nodes with the
+# docker runtime run images (README "Deploying a container image").
+NO_DOCKER_NODE = ("no node runs the docker runtime; image functions need "
+                  "THAW_RUNTIME=docker on at least one node")
 
 __all__ = ["ControlPlane", "InstanceView", "FunctionPool", "LeaseGrant", "spec_message"]
 
@@ -181,6 +186,7 @@ class ControlPlane:
                                data_url=req.data_url,
                                client=self._agent_client(req.control_address))
         node.data_url, node.devices = req.data_url, list(req.devices)
+        node.runtime = req.runtime or PROCESS_RUNTIME
         node.state = NodeState.CORDONED if node.cordoned else NodeState.READY
         node.last_heartbeat = self._clock()
         self.nodes[req.node_id] = node
@@ -193,9 +199,10 @@ class ControlPlane:
         self._room.fire()
         self.events.emit(EventKind.NODE_REGISTERED, f"node {node.id} registered",
                          node_id=node.id, devices=len(req.devices),
-                         instances=len(req.instance_ids))
+                         instances=len(req.instance_ids), runtime=node.runtime)
         log.info("node registered", node=req.node_id, data_url=req.data_url,
-                 devices=len(req.devices), instances=len(req.instance_ids))
+                 devices=len(req.devices), instances=len(req.instance_ids),
+                 runtime=node.runtime)
 
     async def _reconcile_reported(self, node: NodeView, reported: set[str]) -> None:
         """Match the instances a (re-)registering node runs with what the scheduler
@@ -299,6 +306,30 @@ class ControlPlane:
 
     def _ready_nodes(self) -> list[NodeView]:
         return [n for n in self.nodes.values() if n.state is NodeState.READY]
+
+    def _runnable_nodes(self, fn: FunctionRecord) -> list[NodeView]:
+        """Ready nodes whose runtime can run the function: any for a plain function,
+        docker nodes only for an image function."""
+        return [n for n in self._ready_nodes() if n.runs(fn.spec.runtime.image)]
+
+    def _check_runtime(self, fn: FunctionRecord) -> None:
+        """FunctionUnavailable (503) now, rather than a wait for room that cannot
+        come, when an image function has no ready docker node to run on."""
+        if not fn.spec.runtime.image or self._runnable_nodes(fn):
+            return
+        docker = sorted((n for n in self.nodes.values() if n.runtime == DOCKER_RUNTIME),
+                        key=lambda n: n.id)
+        if not docker:
+            raise FunctionUnavailable(NO_DOCKER_NODE)
+        states = ", ".join(f"{n.id} {n.state.value}" for n in docker)
+        raise FunctionUnavailable(f"no docker node is ready ({states}); image functions "
+                                  "run only on nodes with THAW_RUNTIME=docker")
+
+    @staticmethod
+    def _image_missing(fn: FunctionRecord, nodes: list[str]) -> FunctionUnavailable:
+        return FunctionUnavailable(
+            f"image {fn.spec.runtime.image} is on no docker node's engine (tried "
+            f"{', '.join(nodes)}; nothing is pulled: `docker load` it there)")
 
     async def _wait_for_node(self) -> None:
         deadline = self._clock() + NODE_WAIT_SECONDS
@@ -572,18 +603,34 @@ class ControlPlane:
         it is afterwards."""
         name = f"{fn.tenant}/{fn.name}"
         snapshot_id = ""
+        lacking: list[str] = []  # docker nodes whose engine lacks the function's image
         try:
             await self._wait_for_node()
-            node = min(self._ready_nodes(), key=lambda n: (n.starts_in_flight, n.id))
-            snapshot_id = await self.store.run(self.store.create_snapshot, fn.id, fn.version,
-                                               node.id)
-            node.starts_in_flight += 1
-            try:
-                resp = await node.client.build_snapshot(
-                    agent_pb2.BuildSnapshotRequest(function=spec_message(fn), bundle=bundle),
-                    timeout=self.build_timeout)
-            finally:
-                node.starts_in_flight -= 1
+            while True:
+                # An image function builds on a docker node that has its image.
+                self._check_runtime(fn)
+                nodes = [n for n in self._runnable_nodes(fn) if n.id not in lacking]
+                if not nodes:
+                    raise self._image_missing(fn, lacking)
+                node = min(nodes, key=lambda n: (n.starts_in_flight, n.id))
+                snapshot_id = await self.store.run(self.store.create_snapshot, fn.id,
+                                                   fn.version, node.id)
+                node.starts_in_flight += 1
+                try:
+                    resp = await node.client.build_snapshot(
+                        agent_pb2.BuildSnapshotRequest(function=spec_message(fn),
+                                                       bundle=bundle),
+                        timeout=self.build_timeout)
+                    break
+                except ImageNotOnNode as exc:
+                    await self.store.run(self.store.finish_snapshot, snapshot_id,
+                                         SnapshotState.FAILED, reason=str(exc))
+                    snapshot_id = ""
+                    lacking.append(node.id)
+                    log.warning("image not on node; building on another", node=node.id,
+                                function=name, error=str(exc))
+                finally:
+                    node.starts_in_flight -= 1
         except (ThawError, asyncio.TimeoutError) as exc:
             reason = f"snapshot build failed: {exc}"
             if snapshot_id:
@@ -977,7 +1024,7 @@ class ControlPlane:
         for function_id, node_id in self._placing.values():
             if function_id == fn.id:
                 per_node[node_id] = per_node.get(node_id, 0) + 1
-        for n in self._ready_nodes():
+        for n in self._runnable_nodes(fn):
             if n.id in excluded:
                 continue
             free = n.device_free()
@@ -1048,6 +1095,7 @@ class ControlPlane:
     async def _start_instance(self, fn: FunctionRecord
                               ) -> tuple[InstanceView, tuple[tuple[str, float], ...]]:
         await self._wait_for_node()
+        self._check_runtime(fn)
         manifest = None
         holders: set[str] = set()
         key = ""
@@ -1072,7 +1120,10 @@ class ControlPlane:
                             holders: set[str]
                             ) -> tuple[InstanceView, tuple[tuple[str, float], ...]]:
         excluded: set[str] = set()
+        lacking: list[str] = []  # docker nodes whose engine lacks the function's image
         while True:
+            if lacking and all(n.id in lacking for n in self._runnable_nodes(fn)):
+                raise self._image_missing(fn, lacking)
             node = await self._place(fn, instance_id, need, key, holders, excluded)
             self._placing[instance_id] = (fn.id, node.id)
             node.starts_in_flight += 1
@@ -1091,6 +1142,12 @@ class ControlPlane:
                 log.warning("start failed on node; trying another", node=node.id,
                             function=_fn_name(fn), error=str(exc))
                 excluded.add(node.id)
+            except ImageNotOnNode as exc:
+                node.unreserve(instance_id)
+                log.warning("image not on node; trying another", node=node.id,
+                            function=_fn_name(fn), error=str(exc))
+                excluded.add(node.id)
+                lacking.append(node.id)
             except BaseException:
                 node.unreserve(instance_id)
                 raise
@@ -1274,7 +1331,7 @@ class ControlPlane:
         live = len(pool.live(fn.version))
         expected = sum(1 for r in self._unclaimed.values()
                        if r.function_id == fn.id and r.version == fn.version)
-        if not self._ready_nodes() or self._clock() < pool.warm_retry_at:
+        if not self._runnable_nodes(fn) or self._clock() < pool.warm_retry_at:
             return
         for _ in range(fn.spec.scaling.min_instances - live - pool.starting - expected):
             pool.starting += 1

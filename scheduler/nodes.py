@@ -16,6 +16,10 @@ from thaw.scheduler.states import NodeState
 
 # How long a liveness probe of an agent that just failed a call may take.
 PROBE_TIMEOUT_SECONDS = 2.0
+# The runtimes an agent reports (AgentConfig.runtime); an agent that reports none
+# predates the field and runs processes.
+PROCESS_RUNTIME = "process"
+DOCKER_RUNTIME = "docker"
 
 
 class AgentClient:
@@ -95,6 +99,9 @@ class NodeView:
     data_url: str
     client: AgentClient
     devices: list[scheduler_pb2.DeviceInfo] = field(default_factory=list)
+    runtime: str = PROCESS_RUNTIME
+    """Where the node runs instances: "process" or "docker" (RegisterRequest.runtime).
+    Only docker nodes can run image functions."""
     state: NodeState = NodeState.READY
     last_heartbeat: float = field(default_factory=time.monotonic)
     slices: dict[str, tuple[int, int]] = field(default_factory=dict)
@@ -115,6 +122,10 @@ class NodeView:
     disk_bytes: int = 0
     pinned: scheduler_pb2.PinnedTierInfo = field(default_factory=scheduler_pb2.PinnedTierInfo)
     """The node's pinned-tier accounting, from its last heartbeat."""
+
+    def runs(self, image: str) -> bool:
+        """Can the node run a function with this `[runtime] image` ("" = none)?"""
+        return not image or self.runtime == DOCKER_RUNTIME
 
     @property
     def capacity_bytes(self) -> int:
