@@ -6,6 +6,11 @@ One middleware covers every management route, those of other feature modules too
 every request to /v1/* that is not a read (GET/HEAD/OPTIONS), not invocation traffic
 (the OpenAI-compatible routes) and not a function URL (/fn/...).
 
+An entry is filed under the tenant acted upon: the key's own, or, when the operator
+acts on another tenant (its keys, its quota, its creation), that one, so the tenant's
+admins see who changed it; `key_id` and `actor_tenant` say who acted. A tenant's
+listing has the entries on it and those of its keys.
+
 Entries go to the scheduler (Tenancy.AppendAudit), which appends them to the DB.
 The middleware waits a moment for that, so an answered action is normally on record;
 when the scheduler is away they stay queued here, in order, and are sent when it is
@@ -32,7 +37,7 @@ from thaw.gateway.auth import is_operator, require
 from thaw.gateway.errors import status_of
 from thaw.gateway.openapi import _errors, _json
 from thaw.gateway.state import CONFIG_KEY, GATEWAY_KEY, REQUEST_ID_KEY
-from thaw.gateway.tenancy import client_address
+from thaw.gateway.tenancy import ACTED_ON_KEY, client_address
 from thaw.proto import tenancy_pb2, tenancy_pb2_grpc
 
 log = structlog.get_logger()
@@ -190,10 +195,11 @@ async def audit_middleware(request: web.Request,
             or request.match_info.http_exception is not None:
         return await handler(request)
     gw = request.app[GATEWAY_KEY]
-    tenant, key_id = "", ""
+    tenant, key_id, operator = "", "", False
     with contextlib.suppress(ThawError):  # the handler says why, with its own status
         p = await gw.auth.principal(request.headers.get("Authorization", ""))
         tenant, key_id = p.tenant, p.key_id
+        operator = is_operator(p, request.app[CONFIG_KEY])
     status, body = 500, None
     try:
         response = await handler(request)
@@ -214,11 +220,19 @@ async def audit_middleware(request: web.Request,
         if forwarded:
             detail["forwarded_for"] = forwarded[:200]
             detail["peer"] = request.remote or ""
-        on_tenant = request.match_info.get("tenant") or request.query.get("tenant")
+        on_tenant = (request.get(ACTED_ON_KEY) or request.match_info.get("tenant")
+                     or request.query.get("tenant") or "")[:64]
+        filed_under = tenant
         if on_tenant and on_tenant != tenant:
-            detail["on_tenant"] = on_tenant[:64]
+            # The operator's action on B is B's business too; anyone else's attempt
+            # on another tenant stays in its own log (it must not write into B's).
+            if operator:
+                filed_under = on_tenant
+            else:
+                detail["on_tenant"] = on_tenant
         entry = tenancy_pb2.AuditEntry(
-            time=time.time(), tenant=tenant, key_id=key_id, action=action_of(request)[:64],
+            time=time.time(), tenant=filed_under, key_id=key_id, actor_tenant=tenant,
+            action=action_of(request)[:64],
             target=_target(request, body), source=client_address(
                 request, request.app[CONFIG_KEY].trust_forwarded_for)[:200],
             outcome=outcome_of(status), status=status, detail_json=json.dumps(detail))
@@ -249,14 +263,16 @@ def entry_json(e: tenancy_pb2.AuditEntry) -> dict[str, Any]:
     except ValueError:
         detail = {}
     return {"id": e.id, "time": e.time, "tenant": e.tenant, "key_id": e.key_id,
-            "action": e.action, "target": e.target, "source": e.source,
-            "outcome": e.outcome, "status": e.status, "detail": detail}
+            "actor_tenant": e.actor_tenant or e.tenant, "action": e.action,
+            "target": e.target, "source": e.source, "outcome": e.outcome,
+            "status": e.status, "detail": detail}
 
 
 async def list_audit(request: web.Request) -> web.Response:
     """?from=&to= (unix seconds), ?action= (exact, or a prefix ending in '.'),
     ?limit=, ?before= (an id: the page before it); newest first. A tenant's admin
-    sees its tenant's entries; the operator all of them, or ?tenant='s."""
+    sees its tenant's entries (the operator's actions on it included); the operator
+    all of them, or ?tenant='s."""
     gw = request.app[GATEWAY_KEY]
     p = await gw.auth.principal(request.headers.get("Authorization", ""))
     require(p, "admin")
@@ -311,8 +327,11 @@ def add_routes(app: web.Application) -> None:
 
 
 _ENTRY = {"type": "object", "required": ["id", "time", "action", "outcome"], "properties": {
-    "id": {"type": "integer"}, "time": {"type": "number"}, "tenant": {"type": "string"},
+    "id": {"type": "integer"}, "time": {"type": "number"},
+    "tenant": {"type": "string", "description": "The tenant acted upon."},
     "key_id": {"type": "string", "description": "Who: the key's id (never the key)."},
+    "actor_tenant": {"type": "string", "description": "The acting key's tenant (the "
+                     "operator's, for its actions on another tenant)."},
     "action": {"type": "string"}, "target": {"type": "string"},
     "source": {"type": "string", "description": "The client's address."},
     "outcome": {"type": "string", "enum": ["ok", "denied", "failed"]},

@@ -1,5 +1,8 @@
 """API keys: `Authorization: Bearer <key>`, checked by the scheduler (which stores
-only SHA-256 digests) and cached here briefly, so the hot path makes no RPC.
+only SHA-256 digests) and cached here briefly, so the hot path makes no RPC. A key
+revoked anywhere leaves this cache within about a second: `follow_revocations` asks
+the scheduler each second for the keys revoked since its last answer (one cheap RPC
+per replica, not one per call); the cache's TTL bounds it when the scheduler is away.
 
 Who may do what:
 - a key's scopes: `invoke`, `deploy`, `admin` (admin implies the other two), always
@@ -12,18 +15,27 @@ Who may do what:
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
+from collections.abc import Awaitable, Callable, Iterable
 
+import structlog
 from cachetools import TTLCache
 
 from thaw.core.config import GatewayConfig
-from thaw.core.errors import PermissionDenied, Unauthenticated
+from thaw.core.errors import PermissionDenied, ThawError, Unauthenticated
 from thaw.gateway.scheduler_client import SchedulerClient
 from thaw.proto import scheduler_pb2
 
-# A key revoked at the scheduler stops working within this many seconds.
+log = structlog.get_logger()
+
+# A key revoked at the scheduler stops working within this many seconds even when the
+# revocation feed is down (must cover scheduler/tenancy.py's
+# REVOCATION_FIRST_WINDOW_SECONDS: a first poll reaches back that far).
 AUTH_CACHE_SECONDS = 10.0
+# How often each replica asks for the keys revoked since (one RPC per replica).
+REVOCATION_POLL_SECONDS = 1.0
 AUTH_CACHE_KEYS = 10_000
 # Must equal GatewaySettings.operator_tenant's default and the scheduler's DEV_TENANT.
 DEFAULT_OPERATOR_TENANT = "dev"
@@ -54,10 +66,39 @@ class Authenticator:
 
     def forget_key(self, key_id: str) -> None:
         """A key was revoked through this replica: it stops working here at once
-        (other replicas within AUTH_CACHE_SECONDS)."""
+        (other replicas within about REVOCATION_POLL_SECONDS)."""
+        self.forget_keys((key_id,))
+
+    def forget_keys(self, key_ids: Iterable[str]) -> None:
+        gone = set(key_ids)
+        if not gone:
+            return
         for digest, p in list(self._cache.items()):
-            if p.key_id == key_id:
+            if p.key_id in gone:
                 self._cache.pop(digest, None)
+
+    async def follow_revocations(
+            self, revoked_since: Callable[[float], Awaitable[tuple[list[str], float]]],
+            sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+        """Forever: drop the keys revoked since the last answer from the cache.
+        `revoked_since(cursor)` -> (key ids, next cursor); cursor 0 = first call. An id
+        may come more than once (the answers overlap): that also drops a key a lookup
+        in flight during its revocation put back."""
+        cursor = 0.0
+        failing = False
+        while True:
+            try:
+                key_ids, cursor = await revoked_since(cursor)
+            except ThawError as exc:
+                if not failing:  # once per outage, not each second
+                    log.warning("revocation feed unavailable; revoked keys leave the "
+                                "auth cache within its TTL", error=exc.message,
+                                ttl_seconds=AUTH_CACHE_SECONDS)
+                failing = True
+            else:
+                failing = False
+                self.forget_keys(key_ids)
+            await sleep(REVOCATION_POLL_SECONDS)
 
 
 def require(p: scheduler_pb2.Principal, scope: str) -> None:

@@ -8,10 +8,17 @@ proto/tenancy.proto does the storing).
 - `PATCH /v1/functions/{name}` {"public": bool}: a deploy key of the function's tenant.
   A public function is invocable without a key (rate-limited by client address);
   managing it stays with its tenant.
+
+A route where the operator acts on another tenant says which in ACTED_ON_KEY: the
+audit log files the entry under that tenant, so its admins see it too.
+Revoked keys leave every replica's auth cache within about a second (the
+revocation feed, started here: Authenticator.follow_revocations).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -34,6 +41,8 @@ META_TIMEOUT = 30.0
 # served the PATCH).
 PUBLIC_CACHE_SECONDS = 2.0
 PUBLIC_CACHE_ENTRIES = 10_000
+# Polled each second by every replica: quick, or skipped until the next poll.
+REVOCATION_TIMEOUT = 5.0
 SCOPES = ("invoke", "deploy", "admin")
 # Quotas travel as int64 (-1 = no limit).
 LIMIT_MAX = 2**63 - 1
@@ -85,6 +94,11 @@ class TenancyClient:
             tenancy_pb2.FunctionRef(tenant=tenant, name=name), timeout=META_TIMEOUT))
         return bool(resp.public)
 
+    async def revoked_keys(self, since: float) -> tuple[list[str], float]:
+        resp = await call(self.stub.RevokedKeys(tenancy_pb2.RevokedKeysRequest(since=since),
+                                                timeout=REVOCATION_TIMEOUT))
+        return list(resp.key_ids), resp.cursor
+
 
 class Tenancy:
     """Per replica: the client and the short cache of which functions are public."""
@@ -106,6 +120,8 @@ class Tenancy:
 
 
 TENANCY_KEY = web.AppKey("tenancy", Tenancy)
+ACTED_ON_KEY = web.RequestKey("acted_on_tenant", str)
+"""The tenant the operator acted on, when not its own (read by gateway/audit.py)."""
 
 
 def client_address(request: web.Request, trust_forwarded_for: bool) -> str:
@@ -170,6 +186,7 @@ def _target_tenant(request: web.Request, p: scheduler_pb2.Principal,
     if not isinstance(tenant, str):
         raise InvalidArgument("tenant must be a string", field="tenant")
     require_operator(p, request.app[CONFIG_KEY])
+    request[ACTED_ON_KEY] = tenant
     return tenant
 
 
@@ -210,6 +227,7 @@ async def create_tenant(request: web.Request) -> web.Response:
     if not isinstance(tenant, str):
         raise InvalidArgument("id (the tenant's name) is required", field="id")
     info = await request.app[TENANCY_KEY].client.create_tenant(tenant)
+    request[ACTED_ON_KEY] = tenant  # the new tenant's admins see who made it
     max_memory = _optional_int(body, "max_memory_bytes", sizes=True)
     max_instances = _optional_int(body, "max_instances")
     if max_memory is not None or max_instances is not None:
@@ -346,9 +364,15 @@ async def update_function(request: web.Request) -> web.Response:
 # ---- wiring --------------------------------------------------------------------------
 
 async def _tenancy(app: web.Application) -> AsyncIterator[None]:
-    channel = app[GATEWAY_KEY].scheduler.channel
-    app[TENANCY_KEY] = Tenancy(TenancyClient(tenancy_pb2_grpc.TenancyStub(channel)))
+    gw = app[GATEWAY_KEY]
+    client = TenancyClient(tenancy_pb2_grpc.TenancyStub(gw.scheduler.channel))
+    app[TENANCY_KEY] = Tenancy(client)
+    revocations = asyncio.get_running_loop().create_task(
+        gw.auth.follow_revocations(client.revoked_keys))
     yield
+    revocations.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await revocations
 
 
 def add_routes(app: web.Application) -> None:

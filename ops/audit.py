@@ -1,5 +1,6 @@
 """`thaw audit`: who did what, when, from where, and how it went (the audit log).
-A tenant's admin key sees its tenant's entries; the operator's sees every tenant's."""
+A tenant's admin key sees its tenant's entries (the operator's actions on it
+included); the operator's sees every tenant's."""
 
 from __future__ import annotations
 
@@ -39,7 +40,15 @@ def audit(since: str | None, action: str, tenant: str, limit: int, as_json: bool
         print_table(entries, [], True)
         return
     rows = [{"time": datetime.datetime.fromtimestamp(e["time"]).strftime("%Y-%m-%d %H:%M:%S"),
-             "tenant": e["tenant"] or "-", "key": e["key_id"] or "-", "action": e["action"],
+             "tenant": e["tenant"] or "-", "key": _who(e), "action": e["action"],
              "target": e["target"], "from": e["source"],
              "outcome": f"{e['outcome']} ({e['status']})"} for e in entries]
     print_table(rows, ["time", "tenant", "key", "action", "target", "from", "outcome"], False)
+
+
+def _who(entry: dict[str, str]) -> str:
+    """The acting key's id; with its tenant when that is not the one acted upon (the
+    operator acting on a tenant)."""
+    key_id = entry["key_id"] or "-"
+    actor = entry.get("actor_tenant") or entry["tenant"]
+    return key_id if actor == entry["tenant"] else f"{key_id} ({actor})"

@@ -3,7 +3,13 @@ quota ledger the control plane consults before starting an instance, and the
 `Tenancy` gRPC service (proto/tenancy.proto) the gateway calls.
 
 Keys are shown once, when created; the DB holds only their SHA-256. The audit log is
-append-only: this module has no update or delete of it, and neither has any other.
+append-only: this module has no update or delete of it, and neither has any other. An
+entry is filed under the tenant acted upon, with the acting key's id and tenant: the
+operator's changes to tenant B are in B's log (for B's admins) and in the operator's.
+
+Revocations reach every gateway without an RPC per call: each gateway asks
+`RevokedKeys` every second for the keys revoked since its last cursor and drops them
+from its auth cache.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from dataclasses import dataclass
 
 import grpc
 from cachetools import TTLCache
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from thaw.core.errors import AlreadyExists, InvalidArgument, NotFound, QuotaExceeded
@@ -34,13 +40,20 @@ OUTCOMES = ("ok", "denied", "failed")
 AUDIT_LIST_MAX = 1000
 AUDIT_LIST_DEFAULT = 100
 AUDIT_FIELD_LIMITS = {"action": 64, "target": 400, "source": 200, "key_id": 64,
-                      "tenant": 64}
+                      "tenant": 64, "actor_tenant": 64}
 KEY_NAME_MAX = 200
 # Priorities (1-100) as in api_keys.priority_default/priority_max.
 PRIORITY_MIN, PRIORITY_MAX = 1, 100
 # A quota changed through SetQuota applies at once (the ledger is told); one changed
 # straight in the DB by hand applies within this many seconds.
 QUOTA_CACHE_SECONDS = 5.0
+# RevokedKeys: a cursor is the scheduler's clock; each answer reaches this far before
+# it, so a revocation whose transaction committed after a later one's is not missed
+# (commits take milliseconds; the overlap only repeats a few ids).
+REVOCATION_OVERLAP_SECONDS = 5.0
+# A gateway's first call gets the keys revoked this recently: any older revocation is
+# of a key no auth cache can still hold (gateway/auth.py AUTH_CACHE_SECONDS, 10 s).
+REVOCATION_FIRST_WINDOW_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -79,6 +92,8 @@ class AuditEntry:
     """JSON object"""
     time: float = 0.0
     id: int = 0
+    actor_tenant: str = ""
+    """The acting key's tenant; "" = `tenant`."""
 
 
 def _tenant(row: models.Tenant) -> TenantRecord:
@@ -97,7 +112,8 @@ def _key(row: models.ApiKey) -> KeyInfo:
 def _audit(row: models.AuditRecord) -> AuditEntry:
     return AuditEntry(id=row.id, time=row.time, tenant=row.tenant, key_id=row.key_id,
                       action=row.action, target=row.target, source=row.source,
-                      outcome=row.outcome, status=row.status, detail=row.detail_json)
+                      outcome=row.outcome, status=row.status, detail=row.detail_json,
+                      actor_tenant=row.actor_tenant or row.tenant)
 
 
 def check_tenant_id(tenant: str, field: str = "tenant") -> str:
@@ -228,6 +244,21 @@ def revoke_key(store: Store, tenant: str, key_id: str, now: float | None = None)
     return store._tx(tx)
 
 
+def revoked_keys_since(store: Store, since: float, now: float | None = None
+                       ) -> tuple[list[str], float]:
+    """(ids of keys revoked since the cursor `since`, the next cursor). 0 = a first
+    call: the keys revoked within REVOCATION_FIRST_WINDOW_SECONDS."""
+    now = time.time() if now is None else now
+    start = (now - REVOCATION_FIRST_WINDOW_SECONDS if since <= 0
+             else since - REVOCATION_OVERLAP_SECONDS)
+
+    def tx(s: Session) -> list[str]:
+        k = models.ApiKey
+        return list(s.scalars(select(k.id).where(k.revoked_at >= start)
+                              .order_by(k.revoked_at)))
+    return store._tx(tx), now
+
+
 # ---- public functions ----------------------------------------------------------------
 
 def _live_function(s: Session, tenant: str, name: str) -> models.Function:
@@ -282,7 +313,8 @@ def append_audit(store: Store, entries: list[AuditEntry]) -> list[int]:
 
     def tx(s: Session) -> list[int]:
         rows = [models.AuditRecord(
-            time=e.time or time.time(), tenant=e.tenant, key_id=e.key_id, action=e.action,
+            time=e.time or time.time(), tenant=e.tenant, key_id=e.key_id,
+            actor_tenant=e.actor_tenant if e.actor_tenant != e.tenant else "", action=e.action,
             target=e.target, source=e.source, outcome=e.outcome, status=e.status,
             detail_json=e.detail or "{}") for e in entries]
         ids = []
@@ -297,8 +329,9 @@ def append_audit(store: Store, entries: list[AuditEntry]) -> list[int]:
 def list_audit(store: Store, tenant: str = "", *, from_time: float = 0.0,
                to_time: float = 0.0, action: str = "", limit: int = AUDIT_LIST_DEFAULT,
                before_id: int = 0) -> list[AuditEntry]:
-    """Newest first. `tenant` empty = all tenants; `action` ending in '.' matches every
-    action starting with it ('function.')."""
+    """Newest first. `tenant` empty = all tenants, else the entries acting on it or
+    made by its keys; `action` ending in '.' matches every action starting with it
+    ('function.')."""
     if not 1 <= limit <= AUDIT_LIST_MAX:
         raise InvalidArgument(f"limit must be in [1, {AUDIT_LIST_MAX}]", field="limit")
     if from_time and to_time and from_time > to_time:
@@ -308,7 +341,7 @@ def list_audit(store: Store, tenant: str = "", *, from_time: float = 0.0,
         a = models.AuditRecord
         q = select(a)
         if tenant:
-            q = q.where(a.tenant == tenant)
+            q = q.where(or_(a.tenant == tenant, a.actor_tenant == tenant))
         if from_time:
             q = q.where(a.time >= from_time)
         if to_time:
@@ -416,7 +449,8 @@ def key_message(k: KeyInfo) -> tenancy_pb2.KeyInfo:
 def audit_message(e: AuditEntry) -> tenancy_pb2.AuditEntry:
     return tenancy_pb2.AuditEntry(id=e.id, time=e.time, tenant=e.tenant, key_id=e.key_id,
                                   action=e.action, target=e.target, source=e.source,
-                                  outcome=e.outcome, status=e.status, detail_json=e.detail)
+                                  outcome=e.outcome, status=e.status, detail_json=e.detail,
+                                  actor_tenant=e.actor_tenant)
 
 
 class TenancyService(tenancy_pb2_grpc.TenancyServicer):
@@ -499,7 +533,8 @@ class TenancyService(tenancy_pb2_grpc.TenancyServicer):
                           ) -> tenancy_pb2.AppendAuditResponse:
         entries = [AuditEntry(tenant=e.tenant, action=e.action, outcome=e.outcome,
                               key_id=e.key_id, target=e.target, source=e.source,
-                              status=e.status, detail=e.detail_json or "{}", time=e.time)
+                              status=e.status, detail=e.detail_json or "{}", time=e.time,
+                              actor_tenant=e.actor_tenant)
                    for e in request.entries]
         ids = await self.store.run(append_audit, self.store, entries)
         return tenancy_pb2.AppendAuditResponse(ids=ids)
@@ -512,3 +547,10 @@ class TenancyService(tenancy_pb2_grpc.TenancyServicer):
             to_time=request.to_time, action=request.action,
             limit=request.limit or AUDIT_LIST_DEFAULT, before_id=request.before_id)
         return tenancy_pb2.ListAuditResponse(entries=[audit_message(e) for e in entries])
+
+    @servicer_method
+    async def RevokedKeys(self, request: tenancy_pb2.RevokedKeysRequest,
+                          context: grpc.aio.ServicerContext
+                          ) -> tenancy_pb2.RevokedKeysResponse:
+        key_ids, cursor = await self.store.run(revoked_keys_since, self.store, request.since)
+        return tenancy_pb2.RevokedKeysResponse(key_ids=key_ids, cursor=cursor)

@@ -167,8 +167,11 @@ def test_management_actions_are_audited_with_the_key_id(platform: RunningPlatfor
     assert ("key.revoke", made["id"], "ok") in actions
     assert ("function.delete", name, "ok") in actions
     for e in entries:
-        assert e["tenant"] == b.tenant and e["key_id"] == b.key_id and e["source"]
+        assert e["tenant"] == b.tenant and e["source"]
         assert isinstance(e["time"], float) and e["time"] >= since
+    # Its own actions name its key (the operator's, making the tenant, name the
+    # operator's: see the next test).
+    assert {e["key_id"] for e in entries if e["actor_tenant"] == b.tenant} == {b.key_id}
     text = b.http.get("/v1/audit").text
     assert b.key not in text and made["key"] not in text
     # The anonymous (revoked key) attempt is on record for the operator, as denied.
@@ -184,6 +187,57 @@ def test_management_actions_are_audited_with_the_key_id(platform: RunningPlatfor
     assert b.http.get("/v1/audit", params={"limit": 0}).status_code == 400
     # The log has no route to change or remove an entry.
     assert b.http.delete("/v1/audit").status_code == 405
+
+
+def test_the_operators_changes_to_a_tenant_are_in_that_tenants_audit_log(
+        platform: RunningPlatform) -> None:
+    b = new_tenant(platform)  # the operator made the tenant and its admin key
+    assert platform.http.put(f"/v1/tenants/{b.tenant}/quota",
+                             json={"max_instances": 7}).status_code == 200
+    extra = platform.http.post("/v1/keys", json={"tenant": b.tenant, "scopes": ["invoke"]})
+    assert extra.status_code == 201, extra.text
+    assert platform.http.delete(f"/v1/keys/{extra.json()['id']}",
+                                params={"tenant": b.tenant}).status_code == 200
+    refused = platform.http.put(f"/v1/tenants/{b.tenant}/quota", json={"max_instances": -1})
+    assert refused.status_code == 400
+    assert b.http.post("/v1/keys", json={"name": "own", "scopes": ["invoke"]}
+                       ).status_code == 201
+    # Another tenant's admin trying its luck on B stays in its own log, not B's.
+    c = new_tenant(platform)
+    assert c.http.delete(f"/v1/keys/{b.key_id}", params={"tenant": b.tenant}
+                         ).status_code == 403
+
+    operator_keys = {k["id"] for k in platform.http.get("/v1/keys").json()["keys"]}
+    seen = _audit(b.http)
+    by_operator = [(e["action"], e["target"], e["outcome"]) for e in seen
+                   if e["actor_tenant"] == "dev"]
+    assert by_operator[::-1] == [
+        ("tenant.create", b.tenant, "ok"), ("key.create", b.key_id, "ok"),
+        ("tenant.quota", b.tenant, "ok"), ("key.create", extra.json()["id"], "ok"),
+        ("key.revoke", extra.json()["id"], "ok"), ("tenant.quota", b.tenant, "failed")]
+    for e in seen:
+        assert e["tenant"] == b.tenant
+        if e["actor_tenant"] == "dev":
+            # Who: the operator's key id (never the key), from the operator's tenant.
+            assert e["key_id"] in operator_keys and e["key_id"] != b.key_id
+        else:
+            assert (e["actor_tenant"], e["key_id"]) == (b.tenant, b.key_id)
+    assert [e["action"] for e in seen if e["actor_tenant"] == b.tenant] == ["key.create"]
+    assert c.key_id not in {e["key_id"] for e in seen}
+    text = b.http.get("/v1/audit").text
+    assert platform.key not in text and b.key not in text
+    # C's attempt is in C's log, naming the tenant it aimed at.
+    attempt = _audit(c.http, action="key.revoke")
+    assert [(e["outcome"], e["detail"].get("on_tenant")) for e in attempt] == [
+        ("denied", b.tenant)]
+    # The operator sees them under B, and among its own tenant's (its keys acted).
+    assert {e["id"] for e in seen} <= {e["id"] for e in _audit(platform.http,
+                                                               tenant=b.tenant)}
+    mine = {e["id"] for e in _audit(platform.http, tenant="dev")}
+    assert {e["id"] for e in seen if e["actor_tenant"] == "dev"} <= mine
+    # Still append-only: no route changes or removes an entry.
+    for method in ("DELETE", "PUT", "PATCH", "POST"):
+        assert b.http.request(method, "/v1/audit").status_code == 405
 
 
 def test_the_cli_manages_tenants_keys_and_reads_the_audit_log(
