@@ -267,8 +267,9 @@ def _core_document() -> dict[str, Any]:
                         "it in thaw.toml, pinned to the image id: `[runtime] image = "
                         "\"repo:tag@sha256:<id>\"` (`thaw deploy IMAGE` copies the "
                         "bundle out of a local image and writes it). A malformed "
-                        "reference is a 400 with field `runtime.image`; nodes with the "
-                        "process runtime fail the build of such a function."),
+                        "reference is a 400 with field `runtime.image`; such a function "
+                        "builds and runs on docker-runtime nodes only, and fails at once "
+                        "when there is none."),
                     "parameters": [{"name": "wait", "in": "query", "required": False,
                                     "description": "Answer after the snapshot build.",
                                     "schema": {"type": "boolean"}}],

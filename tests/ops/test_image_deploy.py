@@ -138,14 +138,21 @@ def test_gateway_refuses_a_malformed_image(platform: RunningPlatform, tmp_path: 
     assert platform.http.get("/v1/functions/img-bad").status_code == 404
 
 
-def test_process_runtime_node_refuses_an_image_function(platform: RunningPlatform,
-                                                        tmp_path: Path) -> None:
+def test_with_only_process_nodes_an_image_function_fails_at_once(platform: RunningPlatform,
+                                                                 tmp_path: Path) -> None:
+    # The agent registered its runtime; the scheduler sends no image function to it.
+    nodes = platform.http.get("/v1/nodes").json()["nodes"]
+    assert nodes and {n["runtime"] for n in nodes} == {"process"}
     data = bundle_with_image(tmp_path, "img-on-process", PINNED)
     resp = platform.http.post("/v1/functions", params={"wait": "true"}, content=data,
                               headers={"Content-Type": "application/gzip"})
     assert resp.status_code == 201, resp.text
     fn = platform.http.get("/v1/functions/img-on-process").json()
     assert fn["state"] == "failed", fn
-    assert ("runtime failed: this node runs the process runtime; image functions need "
-            "THAW_RUNTIME=docker") in fn["reason"]
+    no_docker = ("no node runs the docker runtime; image functions need "
+                 "THAW_RUNTIME=docker on at least one node")
+    assert fn["reason"] == f"snapshot build failed: {no_docker}"
     assert fn["config"]["runtime"]["image"] == PINNED
+    answer = platform.invoke("img-on-process")
+    assert answer.status_code == 503, answer.text
+    assert no_docker in answer.json()["error"]["message"]
