@@ -326,10 +326,13 @@ class ControlPlane:
                                   "run only on nodes with THAW_RUNTIME=docker")
 
     @staticmethod
-    def _image_missing(fn: FunctionRecord, nodes: list[str]) -> FunctionUnavailable:
+    def _image_missing(fn: FunctionRecord, lacking: dict[str, str]) -> FunctionUnavailable:
+        """Every ready docker node refused for lack of the image (node id -> its error)."""
+        if len(lacking) == 1:
+            return FunctionUnavailable(next(iter(lacking.values())))
         return FunctionUnavailable(
             f"image {fn.spec.runtime.image} is on no docker node's engine (tried "
-            f"{', '.join(nodes)}; nothing is pulled: `docker load` it there)")
+            f"{', '.join(lacking)}; nothing is pulled: `docker load` it on one)")
 
     async def _wait_for_node(self) -> None:
         deadline = self._clock() + NODE_WAIT_SECONDS
@@ -603,7 +606,7 @@ class ControlPlane:
         it is afterwards."""
         name = f"{fn.tenant}/{fn.name}"
         snapshot_id = ""
-        lacking: list[str] = []  # docker nodes whose engine lacks the function's image
+        lacking: dict[str, str] = {}  # docker nodes whose engine lacks the image -> why
         try:
             await self._wait_for_node()
             while True:
@@ -626,7 +629,7 @@ class ControlPlane:
                     await self.store.run(self.store.finish_snapshot, snapshot_id,
                                          SnapshotState.FAILED, reason=str(exc))
                     snapshot_id = ""
-                    lacking.append(node.id)
+                    lacking[node.id] = str(exc)
                     log.warning("image not on node; building on another", node=node.id,
                                 function=name, error=str(exc))
                 finally:
@@ -1120,7 +1123,7 @@ class ControlPlane:
                             holders: set[str]
                             ) -> tuple[InstanceView, tuple[tuple[str, float], ...]]:
         excluded: set[str] = set()
-        lacking: list[str] = []  # docker nodes whose engine lacks the function's image
+        lacking: dict[str, str] = {}  # docker nodes whose engine lacks the image -> why
         while True:
             if lacking and all(n.id in lacking for n in self._runnable_nodes(fn)):
                 raise self._image_missing(fn, lacking)
@@ -1147,7 +1150,7 @@ class ControlPlane:
                 log.warning("image not on node; trying another", node=node.id,
                             function=_fn_name(fn), error=str(exc))
                 excluded.add(node.id)
-                lacking.append(node.id)
+                lacking[node.id] = str(exc)
             except BaseException:
                 node.unreserve(instance_id)
                 raise

@@ -143,11 +143,16 @@ def test_image_missing_on_the_node_fails_the_build(docker_platform: RunningPlatf
     (folder / "app.py").write_text(APP)
     (folder / "thaw.toml").write_text(
         f'name = "imagefn-absent"\nhandler = "app:FromImage"\n[runtime]\nimage = "{absent}"\n')
+    # The agent registered as a docker node: the build goes to it, and its engine's
+    # refusal (no other docker node to try) is the reason.
+    nodes = docker_platform.http.get("/v1/nodes").json()["nodes"]
+    assert [n["runtime"] for n in nodes] == ["docker"]
     resp = docker_platform.deploy(folder)
     assert resp.status_code == 201, resp.text
     fn = docker_platform.http.get("/v1/functions/imagefn-absent").json()
     assert fn["state"] == "failed", fn
-    assert f"image {absent} is not on node local's docker engine" in fn["reason"]
+    assert fn["reason"] == (f"snapshot build failed: image {absent} is not on node local's "
+                            "docker engine (nothing is pulled: `docker load` it there)")
 
 
 def test_deploy_by_image_id_pins_its_tag(docker_client: Any, base_image: str,

@@ -12,10 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
 import pytest
 
 from tests.scheduler.conftest import Cluster, FakeAgent
 from thaw.core.errors import FunctionUnavailable, ImageNotOnNode, InstanceFailed
+from thaw.core.grpcutil import decode_error, encode_error, status_for
 from thaw.core.spec import pack_bundle
 from thaw.gateway.app import node_json
 from thaw.gateway.errors import status_of
@@ -252,3 +254,37 @@ async def test_the_registered_runtime_is_kept_and_shown(cluster: Cluster) -> Non
     # THAW_RUNTIME changed) is placed by the new one.
     await add_node(cluster, "a-proc", "docker")
     assert nodes["a-proc"].runtime == "docker"
+
+
+async def test_with_one_docker_node_lacking_the_image_its_own_error_is_the_reason(
+        cluster: Cluster, tmp_path: Path) -> None:
+    await add_node(cluster, "a-proc", "process")
+    await add_node(cluster, "d1", "docker")
+
+    fn = await cluster.control.create_function("dev", bundle(tmp_path, "img", IMAGE), True)
+
+    assert fn.state is FunctionState.FAILED
+    assert fn.reason == (f"snapshot build failed: image {IMAGE} is not on node d1:1's "
+                         "docker engine")
+
+
+class _FailedCall(grpc.RpcError):
+    """What a failed unary call raises on the client: a status and its details."""
+
+    def __init__(self, status: grpc.StatusCode, details: str) -> None:
+        self._status, self._details = status, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._status
+
+    def details(self) -> str:
+        return self._details
+
+
+def test_the_agents_refusal_crosses_grpc_as_image_not_on_node() -> None:
+    """The scheduler tells a missing image (try another node) from any other failed
+    start only by the class that decode_error rebuilds from the agent's status."""
+    sent = ImageNotOnNode(f"image {IMAGE} is not on node d1's docker engine")
+    got = decode_error(_FailedCall(status_for(sent), encode_error(sent)))
+    assert type(got) is ImageNotOnNode and got.message == sent.message
+    assert status_of(got) == 502  # a start that reaches a client unhandled: as InstanceFailed
