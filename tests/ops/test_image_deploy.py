@@ -143,6 +143,11 @@ def test_with_only_process_nodes_an_image_function_fails_at_once(platform: Runni
     # The agent registered its runtime; the scheduler sends no image function to it.
     nodes = platform.http.get("/v1/nodes").json()["nodes"]
     assert nodes and {n["runtime"] for n in nodes} == {"process"}
+    table = thaw(cli_env(tmp_path, platform.url, platform.key), "node", "ls")
+    assert table.returncode == 0, table.stderr
+    header, row = table.stdout.splitlines()[:2]
+    assert header.split()[:3] == ["node", "state", "runtime"]
+    assert row.split()[2] == "process"
     data = bundle_with_image(tmp_path, "img-on-process", PINNED)
     resp = platform.http.post("/v1/functions", params={"wait": "true"}, content=data,
                               headers={"Content-Type": "application/gzip"})
