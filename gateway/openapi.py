@@ -301,8 +301,13 @@ def _core_document() -> dict[str, Any]:
             },
             "/v1/functions/{name}/prewarm": {"post": {
                 "summary": "Move the function's snapshot into nodes' host-memory tier",
+                "description": "With `Accept: application/x-ndjson`: progress lines per "
+                               "node (done_bytes, total_bytes, ...), then the summary.",
                 "parameters": [name_param, node_query],
-                "responses": {"200": _json(tier_reply, "Prewarmed."),
+                "responses": {"200": {"description": "Prewarmed (or NDJSON progress).",
+                                      "content": {JSON: {"schema": tier_reply},
+                                                  "application/x-ndjson": {
+                                                      "schema": {"type": "string"}}}},
                               **_errors(400, 401, 403, 404, 503)}}},
             "/v1/functions/{name}/evict": {"post": {
                 "summary": "Drop the function's snapshot from nodes' host-memory tier",
