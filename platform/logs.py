@@ -140,14 +140,24 @@ class FunctionLogs:
         for instance_id, followed in list(self._followed.items()):
             self._read_new(instance_id, followed, final=False)
 
-    def _read_new(self, instance_id: str, followed: _Followed, final: bool) -> None:
-        # A small read of a local file: cheaper inline than a thread hop per poll.
-        try:
-            with open(followed.path, "rb") as handle:
-                handle.seek(followed.offset)
-                data = handle.read(READ_BYTES_PER_POLL)
-        except OSError:
+    async def poll_in_thread(self) -> None:
+        """poll(), with the files read off the event loop (the agent's loop also serves
+        every invocation; a chatty instance's 256 KiB read does not belong there)."""
+        todo = [(instance_id, followed, followed.offset)
+                for instance_id, followed in self._followed.items()]
+        if not todo:
             return
+        reads = await asyncio.to_thread(
+            lambda: [_read_from(f.path, offset) for _, f, offset in todo])
+        for (instance_id, followed, offset), data in zip(todo, reads, strict=True):
+            # Unwatched meanwhile (its last lines were read then) or already read on.
+            if self._followed.get(instance_id) is followed and followed.offset == offset:
+                self._take(instance_id, followed, data, final=False)
+
+    def _read_new(self, instance_id: str, followed: _Followed, final: bool) -> None:
+        self._take(instance_id, followed, _read_from(followed.path, followed.offset), final)
+
+    def _take(self, instance_id: str, followed: _Followed, data: bytes, final: bool) -> None:
         followed.offset += len(data)
         data = followed.partial + data
         complete, _, rest = data.rpartition(b"\n")
@@ -164,5 +174,15 @@ class FunctionLogs:
         """Read the followed files until cancelled."""
         while True:
             with contextlib.suppress(Exception):
-                self.poll()
+                await self.poll_in_thread()
             await asyncio.sleep(interval)
+
+
+def _read_from(path: str, offset: int) -> bytes:
+    """What a log file holds past `offset` (at most READ_BYTES_PER_POLL)."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(offset)
+            return handle.read(READ_BYTES_PER_POLL)
+    except OSError:
+        return b""
