@@ -4,7 +4,7 @@ standard health service, and channel options shared by every client and server."
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -111,6 +111,18 @@ async def call(coro: Awaitable[Resp]) -> Resp:
         return await coro
     except grpc.RpcError as exc:
         raise decode_error(exc) from exc
+
+
+async def stream(rpc: Any) -> AsyncIterator[Any]:
+    """The messages of a server-streaming call; a failed RPC raises the matching
+    ThawError, and the call is cancelled when the caller stops early."""
+    try:
+        async for message in rpc:
+            yield message
+    except grpc.RpcError as exc:
+        raise decode_error(exc) from exc
+    finally:
+        rpc.cancel()
 
 
 def add_health(server: grpc.aio.Server, *services: str) -> health.aio.HealthServicer:

@@ -245,16 +245,7 @@ class LeasePool:
     def forget_instance(self, instance_id: str) -> None:
         """Its instance failed: drop every kept lease on it."""
         for function in list(self._idle):
-            keep = []
-            for since, lease in self._idle[function]:
-                if lease.instance_id == instance_id:
-                    self.release_soon(lease)
-                else:
-                    keep.append((since, lease))
-            if keep:
-                self._idle[function] = keep
-            else:
-                del self._idle[function]
+            self._release_idle(function, lambda lease: lease.instance_id == instance_id)
 
     def forget_function(self, function: str) -> None:
         """Deployed again, rolled back or deleted through this replica: stop serving

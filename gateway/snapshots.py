@@ -13,11 +13,10 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-import grpc
 from aiohttp import web
 
 from thaw.core.errors import ThawError
-from thaw.core.grpcutil import decode_error
+from thaw.core.grpcutil import call, stream
 from thaw.gateway.auth import require, require_operator
 from thaw.gateway.errors import error_body
 from thaw.gateway.openapi import _errors, _json
@@ -67,21 +66,15 @@ def manifest_summary(m: manifest_pb2.SnapshotManifest) -> dict[str, Any]:
 
 async def list_snapshots(request: web.Request) -> web.Response:
     p = await _principal(request)
-    try:
-        reply = await _stub(request).ListSnapshots(
-            scheduler_pb2.ListFunctionsRequest(tenant=p.tenant), timeout=META_TIMEOUT_SECONDS)
-    except grpc.RpcError as exc:
-        raise decode_error(exc) from exc
+    reply = await call(_stub(request).ListSnapshots(
+        scheduler_pb2.ListFunctionsRequest(tenant=p.tenant), timeout=META_TIMEOUT_SECONDS))
     return web.json_response({"snapshots": [snapshot_json(s) for s in reply.snapshots]})
 
 
 async def get_snapshot(request: web.Request) -> web.Response:
     p = await _principal(request)
-    try:
-        info = await _stub(request).GetSnapshot(scheduler_pb2.FunctionRequest(
-            tenant=p.tenant, name=request.match_info["name"]), timeout=META_TIMEOUT_SECONDS)
-    except grpc.RpcError as exc:
-        raise decode_error(exc) from exc
+    info = await call(_stub(request).GetSnapshot(scheduler_pb2.FunctionRequest(
+        tenant=p.tenant, name=request.match_info["name"]), timeout=META_TIMEOUT_SECONDS))
     return web.json_response({**snapshot_json(info),
                               "manifest": manifest_summary(info.manifest)})
 
@@ -128,16 +121,10 @@ async def _progress(request: web.Request, kind: str
     require(p, "deploy")
     stub = _stub(request)
     method = stub.PrewarmProgress if kind == "prewarm" else stub.VerifySnapshot
-    stream = method(scheduler_pb2.PrewarmRequest(
-        tenant=p.tenant, name=request.match_info["name"], node_id=request.query.get("node", "")),
-        timeout=PASS_TIMEOUT_SECONDS)
-    try:
-        async for message in stream:
-            yield message
-    except grpc.RpcError as exc:
-        raise decode_error(exc) from exc
-    finally:
-        stream.cancel()
+    async for message in stream(method(scheduler_pb2.PrewarmRequest(
+            tenant=p.tenant, name=request.match_info["name"],
+            node_id=request.query.get("node", "")), timeout=PASS_TIMEOUT_SECONDS)):
+        yield message
 
 
 async def snapshot_pass(request: web.Request, kind: str) -> web.StreamResponse:
@@ -177,11 +164,8 @@ async def verify_function(request: web.Request) -> web.StreamResponse:
 async def drain_node(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY_KEY]
     require_operator(await _principal(request), gw.config)  # type: ignore[arg-type]
-    try:
-        reply = await _stub(request).Drain(scheduler_pb2.DrainRequest(
-            node_id=request.match_info["node"]), timeout=META_TIMEOUT_SECONDS)
-    except grpc.RpcError as exc:
-        raise decode_error(exc) from exc
+    reply = await call(_stub(request).Drain(scheduler_pb2.DrainRequest(
+        node_id=request.match_info["node"]), timeout=META_TIMEOUT_SECONDS))
     from thaw.gateway.app import node_json
 
     return web.json_response({"node": node_json(reply.node), "stopped": reply.stopped,

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from thaw.core.grpcutil import CHANNEL_OPTIONS, call, decode_error
+from thaw.core.grpcutil import CHANNEL_OPTIONS, call, stream
 from thaw.proto import agent_pb2, agent_pb2_grpc, scheduler_pb2
 from thaw.scheduler.placement import best_fit_device
 from thaw.scheduler.states import NodeState
@@ -67,15 +67,9 @@ class AgentClient:
         """A prewarm ("prewarm") or verify ("verify") with the node's progress."""
         method = {"prewarm": self._stub.PrewarmProgress,
                   "verify": self._stub.VerifySnapshot}[kind]
-        stream = method(agent_pb2.SnapshotRequest(manifest=manifest, peers=peers),
-                        timeout=timeout)
-        try:
-            async for message in stream:
-                yield message
-        except grpc.RpcError as exc:
-            raise decode_error(exc) from exc
-        finally:
-            stream.cancel()
+        async for message in stream(method(
+                agent_pb2.SnapshotRequest(manifest=manifest, peers=peers), timeout=timeout)):
+            yield message
 
     async def alive(self, timeout: float = PROBE_TIMEOUT_SECONDS) -> bool:
         """Does the agent answer its health service? (After a call to it failed: a

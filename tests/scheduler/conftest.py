@@ -21,6 +21,7 @@ from thaw.proto import agent_pb2, scheduler_pb2
 from thaw.scheduler.bundles import BundleStore
 from thaw.scheduler.control import ControlPlane
 from thaw.scheduler.db import make_engine, upgrade
+from thaw.scheduler.invocations import InvocationStore
 from thaw.scheduler.policy import PolicyConfig
 from thaw.scheduler.states import FunctionState
 from thaw.scheduler.store import FunctionRecord, Store
@@ -65,6 +66,17 @@ def store(db_url: str) -> Iterator[Store]:
     finally:
         s.close()
         engine.dispose()
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock(1_000_000.0)
+
+
+@pytest.fixture
+def invocations(store: Store, clock: FakeClock) -> InvocationStore:
+    """Stored invocations on each DB, on a clock the test moves."""
+    return InvocationStore(store, clock)
 
 
 # ---- fakes ------------------------------------------------------------------------------

@@ -3,13 +3,11 @@ fake clock: idempotency keys, claims and their leases, completion, cancel, expir
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
+from tests.scheduler.conftest import FakeClock
 from thaw.core.errors import NotFound
 from thaw.proto import invocations_pb2
-from thaw.scheduler.db import make_engine, upgrade
 from thaw.scheduler.invocations import (
     TOMBSTONE_SECONDS,
     Completion,
@@ -18,33 +16,9 @@ from thaw.scheduler.invocations import (
     InvocationStore,
     check_transition,
 )
-from thaw.scheduler.store import Store
 
 TTL = 100.0
 CLAIM = 30.0
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def invocations(db_url: str, clock: Clock) -> Iterator[InvocationStore]:
-    engine = make_engine(db_url)
-    upgrade(engine)
-    store = Store(engine)
-    yield InvocationStore(store, clock)
-    store.close()
-    engine.dispose()
 
 
 def record(tenant: str = "t1", key: str = "", priority: int = 50, body: bytes = b"{}",
@@ -71,7 +45,7 @@ def test_one_key_one_invocation_per_tenant(invocations: InvocationStore) -> None
 
 
 def test_claims_go_by_priority_and_a_lapsed_claim_is_taken_again(
-        invocations: InvocationStore, clock: Clock) -> None:
+        invocations: InvocationStore, clock: FakeClock) -> None:
     low, _ = invocations.create(record(priority=10), "", 0)
     high, _ = invocations.create(record(priority=90), "", 0)
     claimed = invocations.claim("gw-a", 1, CLAIM)
@@ -90,7 +64,7 @@ def test_claims_go_by_priority_and_a_lapsed_claim_is_taken_again(
 
 
 def test_complete_then_expire_frees_the_key(invocations: InvocationStore,
-                                            clock: Clock) -> None:
+                                            clock: FakeClock) -> None:
     inv, _ = invocations.create(record(key="k"), "gw-a", CLAIM)
     assert inv.state == "running" and inv.claimed_by == "gw-a"
     done = invocations.complete(inv.id, "gw-a", ok(), TTL)
@@ -112,7 +86,7 @@ def test_complete_then_expire_frees_the_key(invocations: InvocationStore,
         invocations.get("t1", inv.id, False)
 
 
-def test_sweep_expires_finished_ones(invocations: InvocationStore, clock: Clock) -> None:
+def test_sweep_expires_finished_ones(invocations: InvocationStore, clock: FakeClock) -> None:
     inv, _ = invocations.create(record(), "gw-a", CLAIM)
     invocations.complete(inv.id, "gw-a", ok(), TTL)
     clock.now += TTL + 1

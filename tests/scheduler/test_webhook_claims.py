@@ -6,40 +6,12 @@ holder."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
-import pytest
-
+from tests.scheduler.conftest import FakeClock
 from thaw.proto import invocations_pb2
-from thaw.scheduler.db import make_engine, upgrade
 from thaw.scheduler.invocations import Completion, InvocationState, InvocationStore
-from thaw.scheduler.store import Store
 
 TTL = 100.0
 CLAIM = 30.0
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def invocations(db_url: str, clock: Clock) -> Iterator[InvocationStore]:
-    engine = make_engine(db_url)
-    upgrade(engine)
-    store = Store(engine)
-    yield InvocationStore(store, clock)
-    store.close()
-    engine.dispose()
 
 
 def finished_with_webhook(invocations: InvocationStore, gateway: str = "gw-a",
@@ -55,7 +27,7 @@ def finished_with_webhook(invocations: InvocationStore, gateway: str = "gw-a",
 
 
 def test_the_finishing_replica_holds_the_webhook_until_its_claim_lapses(
-        invocations: InvocationStore, clock: Clock) -> None:
+        invocations: InvocationStore, clock: FakeClock) -> None:
     invocation_id = finished_with_webhook(invocations)
     assert invocations.claim_webhooks("gw-b", 10, CLAIM) == []
     held = invocations.record_webhook(invocation_id, "pending", 1, "503", gateway_id="gw-a",
@@ -86,7 +58,7 @@ def test_the_finishing_replica_holds_the_webhook_until_its_claim_lapses(
 
 
 def test_a_lapsed_webhook_waits_for_its_backoff(invocations: InvocationStore,
-                                                clock: Clock) -> None:
+                                                clock: FakeClock) -> None:
     invocation_id = finished_with_webhook(invocations, claim=2.0)
     invocations.record_webhook(invocation_id, "pending", 2, "timeout", gateway_id="gw-a",
                                retry_in=60.0, claim_seconds=2.0)
@@ -97,7 +69,7 @@ def test_a_lapsed_webhook_waits_for_its_backoff(invocations: InvocationStore,
 
 
 def test_released_and_unclaimed_webhooks_go_to_any_replica(
-        invocations: InvocationStore, clock: Clock) -> None:
+        invocations: InvocationStore, clock: FakeClock) -> None:
     released = finished_with_webhook(invocations)
     invocations.release_webhooks("gw-a", [released])
     unclaimed = finished_with_webhook(invocations, claim=0.0)
@@ -108,7 +80,7 @@ def test_released_and_unclaimed_webhooks_go_to_any_replica(
 
 
 def test_a_webhook_is_given_up_when_its_invocation_expires(
-        invocations: InvocationStore, clock: Clock) -> None:
+        invocations: InvocationStore, clock: FakeClock) -> None:
     invocation_id = finished_with_webhook(invocations, claim=1.0)
     clock.now += TTL + 1
     assert invocations.claim_webhooks("gw-b", 10, CLAIM) == []
