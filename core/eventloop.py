@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Coroutine
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 T = TypeVar("T")
 
@@ -32,3 +32,19 @@ def run(main: Coroutine[Any, Any, T]) -> T:
 
         return uvloop.run(main)
     return asyncio.run(main)
+
+
+def read_pipe_file(fd: int) -> BinaryIO:
+    """A file object for `loop.connect_read_pipe` that gets `fd` closed exactly once.
+
+    uvloop (0.23) hands the descriptor number itself to libuv, which closes it when the
+    transport closes, and the file object it keeps then closes the same number again,
+    by then possibly another thread's file (MagicStack/uvloop#763: it closed a chunk
+    file under the agent's snapshot build). Under uvloop the file object must not own
+    the descriptor; under the standard loop the transport closes it through the file.
+    """
+    return os.fdopen(fd, "rb", closefd=not _is_uvloop(asyncio.get_running_loop()))
+
+
+def _is_uvloop(loop: asyncio.AbstractEventLoop) -> bool:
+    return type(loop).__module__.startswith("uvloop")

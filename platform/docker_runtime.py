@@ -130,6 +130,7 @@ from thaw.core.errors import (
     SnapshotError,
     ThawError,
 )
+from thaw.core.eventloop import read_pipe_file
 from thaw.platform import images
 from thaw.platform.process import ProcessWatch, RuntimeProcess, log_tail
 
@@ -670,7 +671,7 @@ class DockerRuntime:
             c.keeper_fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
             raw = asyncio.StreamReader(limit=1 << 20)
             await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(raw),
-                                         os.fdopen(read_fd, "rb"))
+                                         read_pipe_file(read_fd))
             kwargs = self._run_kwargs(c, mode, args, log_path, cwd, mounts, instance,
                                       self._memory_limit(mode, memory_limit_bytes,
                                                          max_instances), env or {},

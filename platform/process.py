@@ -19,6 +19,7 @@ from typing import Any
 import structlog
 
 from thaw.core.errors import DeadlineExceeded, InstanceFailed, SnapshotError
+from thaw.core.eventloop import read_pipe_file
 
 log = structlog.get_logger()
 
@@ -146,7 +147,7 @@ class ProcessRuntime:
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader(limit=1 << 20)
         await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader),
-                                     os.fdopen(read_fd, "rb"))
+                                     read_pipe_file(read_fd))
         return RuntimeProcess(proc, reader, log_path)
 
 
