@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import traceback
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
@@ -65,7 +66,27 @@ def store_arena(disk: DiskTier, buffer: BytesLike, chunk_size: int = CHUNK_SIZE,
                             stored_length=stored.stored_length,
                             compression=stored.compression)
 
-        return run_bounded(store, spans, threads)
+        try:
+            return run_bounded(store, spans, threads)
+        except BaseException as exc:
+            _drop_frame_locals(exc)
+            raise
+
+
+def _drop_frame_locals(exc: BaseException | None) -> None:
+    """Clear the locals of a failed chunk's finished frames (kept by its traceback), so
+    the views of the caller's buffer they hold go now. Otherwise closing an mmap the
+    arena came from fails with `BufferError: cannot close exported pointers exist`,
+    and that error, not the chunk's own, is what the caller sees."""
+    seen: set[int] = set()
+    pending = [exc]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        traceback.clear_frames(current.__traceback__)
+        pending += [current.__cause__, current.__context__]
 
 
 def restore_arena(chunks: Iterable[ChunkRef], dest: BytesLike, *, disk: DiskTier,

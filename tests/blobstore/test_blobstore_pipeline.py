@@ -246,3 +246,25 @@ def test_store_then_restore_gives_back_the_same_bytes(
         assert dest == buffer
         assert stats.bytes == size
         assert stats.from_pinned_bytes + stats.from_disk_bytes == size
+
+
+def test_a_failed_chunk_write_surfaces_from_a_stored_mmap(disk: DiskTier, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    """A chunk write that fails mid-store (EBADF, disk full) reaches the caller as that
+    error; the views of the mmap its traceback held do not turn it into a BufferError
+    when the caller closes the mmap."""
+    path = tmp_path / "arena"
+    path.write_bytes(arena_bytes(4 * 4096, seed=3))
+    real_write = disk._write_atomic
+
+    def fail_on_the_second_chunk(final: Path, payload: memoryview) -> None:
+        view = memoryview(payload)[:]  # held by this frame when the error is raised
+        if bytes(view[:8]) == path.read_bytes()[4096:4096 + 8]:
+            raise OSError(9, "Bad file descriptor")
+        real_write(final, payload)
+
+    monkeypatch.setattr(disk, "_write_atomic", fail_on_the_second_chunk)
+    with pytest.raises(OSError, match="Bad file descriptor"), open(path, "rb") as handle, \
+                mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        store_arena(disk, mm, chunk_size=4096, workers=2)
