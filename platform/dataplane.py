@@ -1,210 +1,230 @@
 """The node's HTTP data plane: the gateway forwards invocations here and they are
-proxied to the instance's unix socket, streamed both ways."""
+proxied to the instance's unix socket, streamed both ways. Served by core/http1server.py
+(not aiohttp: this hop is on every invocation's path; see that module).
+
+Routes: `POST /v1/instances/{instance}/invoke[/{path}]`, `GET /v1/instances`,
+`GET /logs`, `GET /healthz`, `GET /metrics`.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
-import time
-from urllib.parse import quote
+from collections.abc import AsyncIterator
+from urllib.parse import quote, unquote
 
-from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from thaw.core.http1 import NodeClient, NodeConnectionError
+from thaw.core.http1 import NodeAnswer, NodeClient, NodeConnectionError
+from thaw.core.http1server import (
+    HTTPServer,
+    Request,
+    Response,
+    Router,
+    Streaming,
+    error_response,
+    json_response,
+)
 from thaw.platform.agent import Agent
 from thaw.platform.instances import Instance, InstanceState
 from thaw.platform.telemetry import TelemetryCollector
 
-AGENT_KEY = web.AppKey("agent", Agent)
-INSTANCES_HTTP_KEY = web.AppKey("instances_http", NodeClient)
-"""Keep-alive connections to the instances' unix sockets: the hot path never reconnects."""
-REGISTRY_KEY = web.AppKey("registry", CollectorRegistry)
 # Headers passed from the client to the handler and back.
 FORWARDED_REQUEST_HEADERS = ("Content-Type", "Accept", "X-Request-ID")
+_FORWARDED = tuple((h, h.lower()) for h in FORWARDED_REQUEST_HEADERS)
 # After a broken connection, how long to wait for the exit watcher's reason.
 EXIT_REASON_WAIT_SECONDS = 1.0
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length",
               "server", "date"}
-
-
-def error_response(status: int, code: str, message: str) -> web.Response:
-    return web.json_response({"error": {"code": code, "message": message}}, status=status)
-
-
-# Characters left as they are when the sub-path (match_info holds it decoded) is
-# encoded again for the request line; the gateway's invoke.py PATH_SAFE is the same.
+INSTANCES_PREFIX = "/v1/instances/"
+# Characters left as they are when the sub-path (decoded here) is encoded again for
+# the request line; the gateway's invoke.py PATH_SAFE is the same.
 PATH_SAFE = "/:@!$&'()*+,;=-._~"
 
 
-def _instance_target(inst: Instance, tail: str, query: str) -> str:
+def _instance_target(tail: str, query: str) -> str:
     path = "/invoke" + (f"/{quote(tail, safe=PATH_SAFE)}" if tail else "")
     return f"{path}?{query}" if query else path
 
 
-async def invoke(request: web.Request) -> web.StreamResponse:
-    agent = request.app[AGENT_KEY]
-    instance_id = request.match_info["instance"]
-    inst = agent.instances.get(instance_id)
-    if inst is None or inst.state is not InstanceState.READY:
-        return error_response(503, "instance_unavailable",
-                              f"instance {instance_id} is not serving on this node")
-    if inst.slots.locked():
-        return error_response(429, "instance_busy",
-                              f"instance {instance_id} is at max_concurrency "
-                              f"({inst.max_concurrency})")
-    tail = request.match_info.get("tail", "")
-    headers = {h: request.headers[h] for h in FORWARDED_REQUEST_HEADERS if h in request.headers}
-    body = await request.read()
-    client = request.app[INSTANCES_HTTP_KEY]
-    async with inst.slots:
+class DataPlane:
+    """The routes, over the agent; `start()` listens, `close()` stops."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        # Keep-alive connections to the instances' unix sockets: the hot path never
+        # reconnects.
+        self.instances_http = NodeClient()
+        self.registry = CollectorRegistry()
+        self.registry.register(TelemetryCollector(agent.telemetry, agent.node_id))
+        router = Router()
+        router.add_prefix("POST", INSTANCES_PREFIX, self.invoke)
+        router.add("GET", "/v1/instances", self.list_instances)
+        router.add("GET", "/logs", self.function_logs)
+        router.add("GET", "/healthz", self.healthz)
+        router.add("GET", "/metrics", self.metrics)
+        self.server = HTTPServer(router)
+        self._logs_task: asyncio.Task[None] | None = None
+
+    async def start(self, host: str, port: int) -> int:
+        self._logs_task = asyncio.create_task(self.agent.logs.run())
+        return await self.server.start(host, port)
+
+    async def close(self) -> None:
+        self.agent.logs.close()  # followers end their streams
+        await self.server.close()
+        if self._logs_task is not None:
+            self._logs_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._logs_task
+        await self.instances_http.close()
+
+    async def invoke(self, request: Request) -> Response | Streaming:
+        instance_id, sep, rest = request.path[len(INSTANCES_PREFIX):].partition("/")
+        if not sep or not (rest == "invoke" or rest.startswith("invoke/")):
+            return error_response(404, "not_found", f"no route for {request.path}")
+        tail = unquote(rest[len("invoke/"):]) if rest != "invoke" else ""
+        inst = self.agent.instances.get(instance_id)
+        if inst is None or inst.state is not InstanceState.READY:
+            return error_response(503, "instance_unavailable",
+                                  f"instance {instance_id} is not serving on this node")
+        if inst.slots.locked():
+            return error_response(429, "instance_busy",
+                                  f"instance {instance_id} is at max_concurrency "
+                                  f"({inst.max_concurrency})")
+        headers = {name: request.headers[key] for name, key in _FORWARDED
+                   if key in request.headers}
+        await inst.slots.acquire()
         inst.inflight += 1
-        started = time.perf_counter()
+        relay: _Relay | None = None
+        loop = asyncio.get_running_loop()
+        until = loop.time() + inst.timeout
         try:
             # asyncio.timeout, not wait_for: on 3.11 wait_for runs the call in a task of
             # its own, a task and a loop turn per invocation on the hot path.
-            async with asyncio.timeout(inst.timeout):
-                return await _forward(request, client, inst, tail, headers, body)
+            async with asyncio.timeout_at(until):
+                upstream = await self.instances_http.post_unix(
+                    inst.socket, _instance_target(tail, request.query_string),
+                    request.body, headers)
+                out_headers = {k: v for k, v in upstream.headers.items()
+                               if k.lower() not in HOP_BY_HOP}
+                out_headers["X-Thaw-Instance"] = inst.id
+                if upstream.content_length is not None:
+                    return Response(upstream.status, await upstream.read(), out_headers)
+            # A stream: the relay holds the slot (and the deadline) until it ends.
+            relay = _Relay(self, inst, upstream, until)
+            return Streaming(relay, upstream.status, out_headers)
         except TimeoutError:
             # The handler may never return: the instance is replaced, not reused.
             reason = f"the handler ran past its timeout of {inst.timeout:g}s"
-            await agent.fail_instance(inst, reason)
+            await self.agent.fail_instance(inst, reason)
             return error_response(504, "timeout", reason)
         except ConnectionError as exc:
-            # Give the exit watcher a moment to record why the instance died.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(inst.exited.wait(), EXIT_REASON_WAIT_SECONDS)
-            reason = inst.exit_reason or f"connection to the instance failed: {exc}"
-            return error_response(502, "instance_failed", reason)
+            return error_response(502, "instance_failed", await _exit_reason(inst, exc))
         finally:
-            inst.inflight -= 1
-            request["run_s"] = time.perf_counter() - started
+            if relay is None:
+                inst.inflight -= 1
+                inst.slots.release()
 
+    async def metrics(self, request: Request) -> Response:
+        await asyncio.to_thread(self.agent.sample_telemetry)
+        return Response(200, generate_latest(self.registry),
+                        {"Content-Type": CONTENT_TYPE_LATEST})
 
-async def _forward(request: web.Request, client: NodeClient, inst: Instance,
-                   tail: str, headers: dict[str, str], body: bytes) -> web.StreamResponse:
-    upstream = await client.post_unix(
-        inst.socket, _instance_target(inst, tail, request.rel_url.raw_query_string), body, headers)
-    try:
-        out_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
-        out_headers["X-Thaw-Instance"] = inst.id
-        if upstream.content_length is not None:
-            payload = await upstream.read()
-            return web.Response(status=upstream.status, body=payload, headers=out_headers)
-        response = web.StreamResponse(status=upstream.status, headers=out_headers)
-        await response.prepare(request)
+    async def healthz(self, request: Request) -> Response:
+        return json_response({"status": "ok", "node": self.agent.node_id,
+                              "instances": len(self.agent.instances)})
+
+    async def list_instances(self, request: Request) -> Response:
+        return json_response({"instances": [
+            {"id": i.id, "function": i.function, "version": i.version,
+             "state": i.state.value, "pid": i.pid, "inflight": i.inflight}
+            for i in self.agent.instances.values()]})
+
+    async def function_logs(self, request: Request) -> Response | Streaming:
+        """A function's kept log lines as NDJSON: ?function=tenant/name&since=<unix s>
+        &tail=<n>&follow=1 (follow: then each new line, until the caller leaves)."""
+        logs = self.agent.logs
+        query = request.query
+        function = query.get("function", "")
+        if "/" not in function:
+            return error_response(400, "invalid_argument", "function must be tenant/name")
         try:
-            while chunk := await upstream.readany():
-                try:
-                    await response.write(chunk)
-                except ConnectionError:
-                    # The caller left. Closing the instance's connection (below) stops
-                    # the generator at its next item; the instance is fine and its
-                    # slot is free at once.
-                    return response
-        except NodeConnectionError:
-            # The instance went away mid-stream. The head is sent, so no 502 can
-            # follow: cut the connection, and the caller sees the stream end
-            # unfinished (another response here would leave it waiting forever).
-            if request.transport is not None:
-                request.transport.close()
-            return response
-        await response.write_eof()
-        return response
-    finally:
+            since = _number(query, "since", 0.0)
+            tail = int(_number(query, "tail", logs.max_lines))
+        except ValueError as exc:
+            return error_response(400, "invalid_argument", str(exc))
+        ndjson = {"Content-Type": "application/x-ndjson"}
+        if query.get("follow", "") not in ("1", "true", "yes"):
+            body = "".join(json.dumps(ln.as_dict()) + "\n"
+                           for ln in logs.lines(function, since, tail=tail))
+            return Response(200, body.encode(), ndjson)
+
+        async def follow() -> AsyncIterator[bytes]:
+            async for ln in logs.follow(function, since, tail):
+                yield json.dumps(ln.as_dict()).encode() + b"\n"
+
+        return Streaming(follow(), 200, ndjson)
+
+
+class _Relay:
+    """The chunks of an instance's streamed answer, as they come. It holds the call's
+    slot until it is closed (at the stream's end, or when the caller leaves: closing
+    the instance's connection then stops the generator at its next item)."""
+
+    def __init__(self, plane: DataPlane, inst: Instance, upstream: NodeAnswer,
+                 until: float) -> None:
+        self._plane = plane
+        self._inst = inst
+        self._upstream = upstream
+        self._until = until
+        self._closed = False
+
+    def __aiter__(self) -> _Relay:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            async with asyncio.timeout_at(self._until):
+                chunk = await self._upstream.readany()
+        except TimeoutError:
+            reason = f"the handler ran past its timeout of {self._inst.timeout:g}s"
+            await self._plane.agent.fail_instance(self._inst, reason)
+            raise NodeConnectionError(reason) from None
+        # NodeConnectionError (the instance went away mid-stream) propagates: the head
+        # is sent, so the server cuts the connection and the caller sees the stream end
+        # unfinished.
+        if not chunk:
+            raise StopAsyncIteration
+        return chunk
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         # Read to its end: the connection goes back for the next call; else it closes.
-        upstream.release()
+        self._upstream.release()
+        self._inst.inflight -= 1
+        self._inst.slots.release()
 
 
-async def metrics(request: web.Request) -> web.Response:
-    agent = request.app[AGENT_KEY]
-    await asyncio.to_thread(agent.sample_telemetry)
-    body = generate_latest(request.app[REGISTRY_KEY])
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+async def _exit_reason(inst: Instance, exc: Exception) -> str:
+    """Why the connection to the instance broke: the exit watcher's reason, given a
+    moment to arrive."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(inst.exited.wait(), EXIT_REASON_WAIT_SECONDS)
+    return inst.exit_reason or f"connection to the instance failed: {exc}"
 
 
-async def healthz(request: web.Request) -> web.Response:
-    agent = request.app[AGENT_KEY]
-    return web.json_response({"status": "ok", "node": agent.node_id,
-                              "instances": len(agent.instances)})
-
-
-async def list_instances(request: web.Request) -> web.Response:
-    agent = request.app[AGENT_KEY]
-    return web.json_response({"instances": [
-        {"id": i.id, "function": i.function, "version": i.version, "state": i.state.value,
-         "pid": i.pid, "inflight": i.inflight} for i in agent.instances.values()]},
-        dumps=json.dumps)
-
-
-def _number(request: web.Request, key: str, default: float) -> float:
+def _number(query: dict[str, str], key: str, default: float) -> float:
+    raw = query.get(key)
+    if raw is None:
+        return default
     try:
-        value = float(request.query.get(key, default))
-    except ValueError as exc:
-        raise web.HTTPBadRequest(text=f"{key} must be a number") from exc
-    if value < 0:
-        raise web.HTTPBadRequest(text=f"{key} must be >= 0")
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{key} must be a number") from None
+    if not value >= 0:
+        raise ValueError(f"{key} must be >= 0")
     return value
-
-
-async def function_logs(request: web.Request) -> web.StreamResponse:
-    """A function's kept log lines as NDJSON: ?function=tenant/name&since=<unix s>
-    &tail=<n>&follow=1 (follow: then each new line, until the caller leaves)."""
-    logs = request.app[AGENT_KEY].logs
-    function = request.query.get("function", "")
-    if "/" not in function:
-        return error_response(400, "invalid_argument", "function must be tenant/name")
-    since = _number(request, "since", 0.0)
-    tail = int(_number(request, "tail", logs.max_lines))
-    follow = request.query.get("follow", "") in ("1", "true", "yes")
-    response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
-    await response.prepare(request)
-    if not follow:
-        body = "".join(json.dumps(ln.as_dict()) + "\n"
-                       for ln in logs.lines(function, since, tail=tail))
-        await response.write(body.encode())
-        await response.write_eof()
-        return response
-    try:
-        async for ln in logs.follow(function, since, tail):
-            await response.write(json.dumps(ln.as_dict()).encode() + b"\n")
-    except ConnectionError:
-        pass  # the caller left
-    return response
-
-
-async def _follow_logs(app: web.Application):  # type: ignore[no-untyped-def]
-    task = asyncio.create_task(app[AGENT_KEY].logs.run())
-    yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-
-
-async def _end_followers(app: web.Application) -> None:
-    app[AGENT_KEY].logs.close()
-
-
-async def _close_instance_connections(app: web.Application):  # type: ignore[no-untyped-def]
-    app[INSTANCES_HTTP_KEY] = NodeClient()
-    yield
-    await app[INSTANCES_HTTP_KEY].close()
-
-
-def make_app(agent: Agent) -> web.Application:
-    app = web.Application(client_max_size=256 * 1024 * 1024)
-    app[AGENT_KEY] = agent
-    registry = CollectorRegistry()
-    registry.register(TelemetryCollector(agent.telemetry, agent.node_id))
-    app[REGISTRY_KEY] = registry
-    app.cleanup_ctx.append(_close_instance_connections)
-    app.cleanup_ctx.append(_follow_logs)
-    app.on_shutdown.append(_end_followers)
-    app.router.add_post("/v1/instances/{instance}/invoke", invoke)
-    app.router.add_post("/v1/instances/{instance}/invoke/{tail:.*}", invoke)
-    app.router.add_get("/v1/instances", list_instances)
-    app.router.add_get("/logs", function_logs)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/metrics", metrics)
-    return app

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import grpc
 import structlog
-from aiohttp import web
 
 from thaw.blobstore import CudaPinnedAllocator, DiskTier, HostMemoryAllocator, PinnedTier
 from thaw.core.config import AgentConfig, parse_host_devices
@@ -21,7 +20,7 @@ from thaw.core.grpcutil import CHANNEL_OPTIONS, add_health, call, mark_serving
 from thaw.core.units import parse_size
 from thaw.platform.agent import Agent, local_fingerprint
 from thaw.platform.control import AgentService
-from thaw.platform.dataplane import make_app
+from thaw.platform.dataplane import DataPlane
 from thaw.platform.devices import DeviceBackend, HostDevices, shm_root
 from thaw.platform.process import ProcessRuntime
 from thaw.platform.snapshots import NodeSnapshots
@@ -67,7 +66,7 @@ class AgentServer:
         self.data_port = 0
         self.agent: Agent | None = None
         self._grpc: grpc.aio.Server | None = None
-        self._runner: web.AppRunner | None = None
+        self._dataplane: DataPlane | None = None
         self._channel: grpc.aio.Channel | None = None
         self._registry: scheduler_pb2_grpc.NodeRegistryStub | None = None
         self._heartbeat: asyncio.Task[None] | None = None
@@ -124,11 +123,8 @@ class AgentServer:
         await mark_serving(health, "thaw.v1.Agent")
         self._grpc = server
 
-        self._runner = web.AppRunner(make_app(self.agent), access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, cfg.agent_host, cfg.data_port)
-        await site.start()
-        self.data_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self._dataplane = DataPlane(self.agent)
+        self.data_port = await self._dataplane.start(cfg.agent_host, cfg.data_port)
         await self._register()
         self._heartbeat = asyncio.create_task(self._heartbeat_loop())
         log.info("agent ready", node=self.node_id, control_port=self.control_port,
@@ -195,8 +191,8 @@ class AgentServer:
             self._heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._heartbeat
-        if self._runner is not None:
-            await self._runner.cleanup()
+        if self._dataplane is not None:
+            await self._dataplane.close()
         if self._grpc is not None:
             await self._grpc.stop(grace=1)
         if self.agent is not None:
