@@ -78,8 +78,10 @@ class NodeAnswer:
         self._body: bytes | None = b"" if self._done else None
 
     async def read(self) -> bytes:
-        """The whole body (kept: reading again returns it)."""
+        """The whole body (kept: reading again returns it). Once it is read, the
+        connection goes back for reuse (an empty body is read as soon as it arrives)."""
         if self._body is not None:
+            self.release()
             return self._body
         parts = []
         while chunk := await self.readany():

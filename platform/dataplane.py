@@ -111,7 +111,11 @@ class DataPlane:
                                if k.lower() not in HOP_BY_HOP}
                 out_headers["X-Thaw-Instance"] = inst.id
                 if upstream.content_length is not None:
-                    return Response(upstream.status, await upstream.read(), out_headers)
+                    try:
+                        return Response(upstream.status, await upstream.read(), out_headers)
+                    finally:
+                        # Read to its end: the connection goes back for the next call.
+                        upstream.release()
             # A stream: the relay holds the slot (and the deadline) until it ends.
             relay = _Relay(self, inst, upstream, until)
             return Streaming(relay, upstream.status, out_headers)
