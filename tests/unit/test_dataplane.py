@@ -121,12 +121,11 @@ async def test_streams_are_relayed_and_free_their_slot(plane) -> None:  # type: 
 
 async def test_a_caller_leaving_mid_stream_frees_the_slot(plane) -> None:  # type: ignore[no-untyped-def]
     url, inst, stand_in = plane
-    async with httpx.AsyncClient() as client:
-        async with client.stream("POST", f"{url}/hold") as answer:
-            async for line in answer.aiter_lines():
-                assert line == "first"
-                break
-            assert inst.slots.locked()  # held while the stream runs
+    async with httpx.AsyncClient() as client, client.stream("POST", f"{url}/hold") as answer:
+        async for line in answer.aiter_lines():
+            assert line == "first"
+            break
+        assert inst.slots.locked()  # held while the stream runs
     # The caller left: the instance's connection is closed (its generator would stop)
     # and the slot is free for the next call.
     await until(lambda: not inst.slots.locked() and inst.inflight == 0)
