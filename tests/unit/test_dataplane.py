@@ -21,8 +21,8 @@ pytestmark = pytest.mark.asyncio
 
 
 class StandIn:
-    """Answers /invoke with an empty body, /invoke/ok with a body, /invoke/stream with chunks; /invoke/hold streams
-    one chunk, then waits until the agent closes the connection."""
+    """Answers /invoke with an empty body, /invoke/ok with a body, /invoke/stream with
+    chunks; /invoke/hold streams one chunk, then waits until the agent hangs up."""
 
     def __init__(self) -> None:
         self.connections = 0
