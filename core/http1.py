@@ -152,6 +152,22 @@ class NodeAnswer:
             conn.close()
 
 
+def _parse_head(head: bytes) -> tuple[int, CIMultiDict[str]]:
+    """(status, headers) of an answer's head, its blank line included."""
+    status_line, *lines = head[:-4].decode("latin-1").split("\r\n")
+    parts = status_line.split(None, 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/1."):
+        raise ValueError(f"bad status line {status_line[:100]!r}")
+    status = int(parts[1])
+    headers: CIMultiDict[str] = CIMultiDict()
+    for line in lines:
+        name, sep, value = line.partition(":")
+        if not sep:
+            raise ValueError(f"bad header line {line[:100]!r}")
+        headers.add(name.strip(), value.strip())
+    return status, headers
+
+
 class NodeClient:
     def __init__(self, connect_timeout: float = CONNECT_TIMEOUT_SECONDS) -> None:
         self.connect_timeout = connect_timeout
@@ -252,7 +268,8 @@ class NodeClient:
             conn.close()
             raise _StaleConnection(f"the node closed the connection: {exc}") from exc
         try:
-            status_line = await conn.reader.readuntil(b"\r\n")
+            # The whole head in one read: one wake-up and no per-line awaits.
+            head_bytes = await conn.reader.readuntil(b"\r\n\r\n")
         except asyncio.IncompleteReadError as exc:
             conn.close()
             message = f"the node closed the connection: {exc}"
@@ -264,20 +281,10 @@ class NodeClient:
             raise NodeConnectionError(f"the node closed the connection: {exc}") from exc
         except asyncio.LimitOverrunError as exc:
             conn.close()
-            raise NodeConnectionError("the node's status line is too long") from exc
+            raise NodeConnectionError("the node's answer head is too long") from exc
         try:
-            parts = status_line.split(None, 2)
-            if len(parts) < 2 or not parts[0].startswith(b"HTTP/1."):
-                raise ValueError(f"bad status line {status_line[:100]!r}")
-            status = int(parts[1])
-            headers: CIMultiDict[str] = CIMultiDict()
-            while (line := await conn.reader.readuntil(b"\r\n")) != b"\r\n":
-                name, sep, value = line.decode("latin-1").partition(":")
-                if not sep:
-                    raise ValueError(f"bad header line {line[:100]!r}")
-                headers.add(name.strip(), value.strip())
-        except (ValueError, OSError, asyncio.IncompleteReadError,
-                asyncio.LimitOverrunError) as exc:
+            status, headers = _parse_head(head_bytes)
+        except ValueError as exc:
             conn.close()
             raise NodeConnectionError(f"the node's answer made no sense: {exc}") from exc
         return NodeAnswer(self, conn, status, headers)

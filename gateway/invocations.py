@@ -796,7 +796,7 @@ async def relay_within_limit(request: web.Request, gw: Gateway, p: scheduler_pb2
         limit = None  # a stream is relayed as it comes, however long it takes
     opening = asyncio.ensure_future(gw.dispatcher.open(call))
     try:
-        done, _ = await asyncio.wait({opening}, timeout=limit)
+        done = await _done_within(opening, limit)
     except asyncio.CancelledError:
         opening.cancel()
         raise
@@ -814,6 +814,30 @@ async def relay_within_limit(request: web.Request, gw: Gateway, p: scheduler_pb2
     runner.adopt(inv.id, asyncio.ensure_future(
         finish_exchange(opening, gw.config.max_body_bytes)))
     return accepted(inv, 303)
+
+
+async def _done_within(task: asyncio.Future[Any], limit: float | None) -> bool:
+    """Whether `task` is done within `limit` seconds (None: waits for it); it is not
+    cancelled. asyncio.wait does the same for a set of futures at about twice the
+    cost, and this runs on every sync call."""
+    if task.done():
+        return True
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future[None] = loop.create_future()
+
+    def wake(_: object = None) -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+
+    timer = loop.call_later(limit, wake) if limit is not None else None
+    task.add_done_callback(wake)
+    try:
+        await waiter
+    finally:
+        if timer is not None:
+            timer.cancel()
+        task.remove_done_callback(wake)
+    return task.done()
 
 
 # ---- management routes ------------------------------------------------------------------

@@ -108,3 +108,35 @@ async def test_an_unreachable_node_is_a_connection_error() -> None:
     with pytest.raises(NodeConnectionError):
         await client.post(f"http://127.0.0.1:{port}/x", b"", {})
     await client.close()
+
+
+@pytest.mark.parametrize("answer", [
+    b"NOT-HTTP 200 OK\r\n\r\n",
+    b"HTTP/1.1 abc OK\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n",
+])
+async def test_an_answer_head_that_makes_no_sense_is_a_connection_error(answer: bytes) -> None:
+    async def reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answer)
+        await writer.drain()
+        await reader.read()  # until the client hangs up
+        writer.close()
+
+    server = await asyncio.start_server(reply, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = NodeClient()
+    with pytest.raises(NodeConnectionError, match="made no sense"):
+        await client.post(f"http://127.0.0.1:{port}/x", b"", {})
+    await client.close()
+    server.close()
+
+
+async def test_headers_are_read_case_insensitively_with_repeats(server) -> None:  # type: ignore[no-untyped-def]
+    url, _ = server
+    client = NodeClient()
+    answer = await client.post(f"{url}/echo", b"abc", {"X-Thing": "seen"})
+    assert answer.status == 200 and await answer.read() == b"cba"
+    assert answer.headers["x-seen"] == "seen" and answer.headers["X-SEEN"] == "seen"
+    assert answer.headers["Content-Type"] == "application/octet-stream"
+    await client.close()
