@@ -1,5 +1,5 @@
-"""The HTTP/1.1 server of the node's data plane (platform/dataplane.py): the hop every
-invocation crosses between the gateway and the instance.
+"""The HTTP/1.1 server of the invocation path's two hops: the node's data plane
+(platform/dataplane.py) and the gateway's fast lane for function calls (gateway/lane.py).
 
 Hand-rolled on httptools' parser (the one uvicorn uses) on purpose, like the client in
 core/http1.py: aiohttp's server costs about 0.13 ms more per request than this on the
@@ -12,13 +12,18 @@ What it serves, and what it does not:
   request bodies by Content-Length or chunked, `Expect: 100-continue`, a bound on the
   body (413) and on the head (431 or 400 from the parser);
 - requests on a connection are answered one at a time, in order (pipelining works; a
-  request that arrives while another is handled waits, and reading pauses);
-- an answer is a `Response` (whole body, one write when small) or a `Streaming`
-  (chunked transfer-encoding, written as produced, with the transport's flow control);
+  request that arrives while another is handled waits, and reading pauses; a refusal
+  of a malformed one comes after the answers before it);
+- an answer is a `Response` (whole body, one write when small), a `Streaming`
+  (chunked transfer-encoding, written as produced, with the transport's flow
+  control), or written by the handler itself (`Request.start_response`, then SENT);
 - a client that leaves mid-stream ends the stream: the chunk iterator is closed, or
   cancelled if it is waiting. A handler still computing a whole answer is not cancelled
   (its work is the instance's call; it finishes and frees its slot);
-- no upgrades (WebSocket), no TLS: the data plane is reached by the gateway only.
+- with `claim` and `fallback` (HTTPServer), requests it does not claim, and protocol
+  upgrades (WebSocket), are handed with their connection to another server's protocol
+  (aiohttp's), from their first byte; without them, upgrades get 400;
+- no TLS.
 """
 
 from __future__ import annotations
@@ -49,16 +54,29 @@ class Request:
     """One parsed request: method, path (undecoded, without the query), query string,
     headers (names lower-case), body, and the peer's address."""
 
-    __slots__ = ("method", "path", "query_string", "headers", "body", "peer")
+    __slots__ = ("method", "path", "query_string", "headers", "body", "peer", "_protocol",
+                 "_keep_alive")
 
     def __init__(self, method: str, path: str, query_string: str, headers: dict[str, str],
-                 body: bytes, peer: Any) -> None:
+                 body: bytes, peer: Any, protocol: HTTPProtocol | None = None,
+                 keep_alive: bool = True) -> None:
         self.method = method
         self.path = path
         self.query_string = query_string
         self.headers = headers
         self.body = body
         self.peer = peer
+        self._protocol = protocol
+        self._keep_alive = keep_alive
+
+    def start_response(self, status: int, headers: dict[str, str],
+                       content_length: int | None = None) -> ResponseWriter:
+        """Send the head now and write the body through the returned writer; the
+        handler then returns SENT. With `content_length` the body is sent as is (exactly
+        that many bytes), else chunked."""
+        assert self._protocol is not None, "a request parsed by HTTPProtocol"
+        return self._protocol._start_response(status, headers, content_length,
+                                              self._keep_alive)
 
     @property
     def query(self) -> dict[str, str]:
@@ -90,8 +108,57 @@ class Streaming:
         self.headers = headers if headers is not None else {}
 
 
-Answer = Response | Streaming
+class _Sent:
+    """The handler wrote its answer itself (Request.start_response)."""
+
+
+SENT = _Sent()
+Answer = Response | Streaming | _Sent
+
+
+class ResponseWriter:
+    """The body of an answer whose head is out (Request.start_response)."""
+
+    def __init__(self, protocol: HTTPProtocol, chunked: bool, length: int | None) -> None:
+        self._protocol = protocol
+        self._chunked = chunked
+        self._left = length
+        self.ended = False
+
+    async def write(self, data: bytes) -> None:
+        """Raises ConnectionResetError once the client is gone."""
+        protocol = self._protocol
+        if protocol._closed or protocol._transport is None:
+            raise ConnectionResetError("the client went away")
+        if not data:
+            return
+        if self._chunked:
+            protocol._transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+        else:
+            if self._left is not None:
+                if len(data) > self._left:
+                    raise ValueError("more bytes than the announced Content-Length")
+                self._left -= len(data)
+            protocol._transport.write(data)
+        await protocol._drain()
+
+    async def end(self) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        protocol = self._protocol
+        if protocol._closed or protocol._transport is None:
+            raise ConnectionResetError("the client went away")
+        if self._chunked:
+            protocol._transport.write(b"0\r\n\r\n")
+        elif self._left:
+            # Fewer bytes than announced: the client must not take the next answer
+            # for the rest of this one.
+            protocol._abort()
 Handler = Callable[[Request], Awaitable[Answer]]
+Claim = Callable[[str, str, dict[str, str]], bool]
+"""(method, path, headers) -> whether this server answers the request; if not, the
+connection is handed to the fallback protocol (see HTTPServer)."""
 
 
 def json_response(data: Any, status: int = 200) -> Response:
@@ -136,6 +203,10 @@ class Router:
         return handler
 
 
+class _Handoff(Exception):
+    """The request goes to the fallback protocol (HTTPServer's `claim` said no)."""
+
+
 class _Reject(Exception):
     """The request cannot be taken: answered with this status, then the connection
     closes (its remaining bytes cannot be trusted)."""
@@ -150,8 +221,12 @@ class HTTPProtocol(asyncio.Protocol):
 
     def __init__(self, router: Router, max_body: int = MAX_BODY_BYTES,
                  keepalive: float = KEEPALIVE_SECONDS,
-                 connections: set[HTTPProtocol] | None = None) -> None:
+                 connections: set[HTTPProtocol] | None = None,
+                 claim: Claim | None = None,
+                 fallback: Callable[[], asyncio.Protocol] | None = None) -> None:
         self._router = router
+        self._claim = claim
+        self._fallback = fallback
         self._max_body = max_body
         self._keepalive = keepalive
         self._connections = connections
@@ -165,12 +240,25 @@ class HTTPProtocol(asyncio.Protocol):
         self._body: list[bytes] = []
         self._body_size = 0
         # Parsed requests not answered yet: (request, keep_alive).
-        self._pending: deque[tuple[Request, bool]] = deque()
+        # Parsed requests not answered yet: (request, keep_alive); a Response in the
+        # queue is a refusal, sent in its turn before the connection closes.
+        self._pending: deque[tuple[Request | Response, bool]] = deque()
+        self._refused = False
         self._serving: asyncio.Task[None] | None = None
         self._streaming = False
         self._closed = False
         self._write_ready: asyncio.Future[None] | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
+        self._writer: ResponseWriter | None = None
+        # The bytes of the message being parsed, from its first byte, for a hand-off
+        # (kept only when `claim` is set, and only while the message begins a chunk:
+        # a message pipelined behind another one mid-chunk cannot be handed off).
+        self._chunk = b""
+        self._raw: list[bytes] = []
+        self._in_message = False
+        self._completed_here = False
+        self._aligned = True
+        self.handed_off = False
 
     # asyncio.Protocol
 
@@ -193,7 +281,14 @@ class HTTPProtocol(asyncio.Protocol):
             self._serving.cancel()  # a stream waiting for its next chunk ends now
 
     def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
         self._disarm_idle_timer()
+        if self._claim is not None:
+            self._chunk = data
+            self._completed_here = False
+            if self._in_message and self._aligned:
+                self._raw.append(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -201,7 +296,9 @@ class HTTPProtocol(asyncio.Protocol):
         except httptools.HttpParserCallbackError as exc:
             # httptools keeps what a callback raised as the error's context.
             cause = exc.__context__
-            if isinstance(cause, _Reject):
+            if isinstance(cause, _Handoff):
+                self._hand_off()
+            elif isinstance(cause, _Reject):
                 self._reject(cause.status, str(cause))
             else:
                 log.error("request parsing failed", error=repr(cause))
@@ -220,6 +317,10 @@ class HTTPProtocol(asyncio.Protocol):
     # httptools callbacks
 
     def on_message_begin(self) -> None:
+        if self._claim is not None:
+            self._in_message = True
+            self._aligned = not self._completed_here
+            self._raw = [self._chunk] if self._aligned else []
         self._url = b""
         self._headers = {}
         self._body = []
@@ -235,6 +336,15 @@ class HTTPProtocol(asyncio.Protocol):
         self._headers[key] = text if previous is None else f"{previous}, {text}"
 
     def on_headers_complete(self) -> None:
+        if self._parser.should_upgrade():  # a WebSocket, h2c...: never served here
+            if self._fallback is not None:
+                raise _Handoff
+            raise _Reject(400, "protocol upgrades are not served here")
+        if self._claim is not None:
+            url = httptools.parse_url(self._url)
+            if not self._claim(self._parser.get_method().decode("ascii"),
+                               url.path.decode("latin-1"), self._headers):
+                raise _Handoff
         length = self._headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self._max_body:
             raise _Reject(413, f"the request body is larger than {self._max_body} bytes")
@@ -249,12 +359,19 @@ class HTTPProtocol(asyncio.Protocol):
         self._body.append(body)
 
     def on_message_complete(self) -> None:
+        self._in_message = False
+        self._completed_here = True
+        self._raw = []
+        if self._closed:
+            return
         url = httptools.parse_url(self._url)
+        keep_alive = self._parser.should_keep_alive()
         request = Request(
             self._parser.get_method().decode("ascii"), url.path.decode("latin-1"),
             (url.query or b"").decode("latin-1"), self._headers,
-            b"".join(self._body) if len(self._body) != 1 else self._body[0], self._peer)
-        self._pending.append((request, self._parser.should_keep_alive()))
+            b"".join(self._body) if len(self._body) != 1 else self._body[0], self._peer,
+            self, keep_alive)
+        self._pending.append((request, keep_alive))
         if self._serving is None:
             self._serving = self._loop.create_task(self._serve())
         elif self._transport is not None:
@@ -266,6 +383,10 @@ class HTTPProtocol(asyncio.Protocol):
         try:
             while self._pending and not self._closed:
                 request, keep_alive = self._pending.popleft()
+                if isinstance(request, Response):  # a refusal, after the answers before it
+                    self._send(request, keep_alive=False)
+                    self._close()
+                    return
                 keep_alive = await self._answer(request, keep_alive)
                 if not keep_alive:
                     self._close()
@@ -286,12 +407,19 @@ class HTTPProtocol(asyncio.Protocol):
         try:
             answer = await route(request)
         except Exception:  # a bug in a handler: 500, the connection survives
-            log.exception("unexpected error in a data plane handler", path=request.path)
+            log.exception("unexpected error in a handler", path=request.path)
+            if self._writer is not None:  # its head is out: the answer is cut
+                self._writer = None
+                self._abort()
+                return False
             self._send(error_response(500, "internal", "internal error"), keep_alive)
             return keep_alive
         if isinstance(answer, Response):
             self._send(answer, keep_alive)
             return keep_alive
+        if isinstance(answer, _Sent):
+            writer, self._writer = self._writer, None
+            return keep_alive and writer is not None and writer.ended and not self._closed
         return await self._stream(answer, keep_alive)
 
     def _head(self, status: int, headers: dict[str, str], keep_alive: bool,
@@ -313,6 +441,16 @@ class HTTPProtocol(asyncio.Protocol):
             self._transport.write(head + body)
         else:
             self._transport.writelines((head, body))
+
+    def _start_response(self, status: int, headers: dict[str, str],
+                        content_length: int | None, keep_alive: bool) -> ResponseWriter:
+        if self._writer is not None:
+            raise RuntimeError("an answer was already started for this request")
+        writer = ResponseWriter(self, content_length is None, content_length)
+        self._writer = writer
+        if not self._closed and self._transport is not None:
+            self._transport.write(self._head(status, headers, keep_alive, content_length))
+        return writer
 
     async def _stream(self, answer: Streaming, keep_alive: bool) -> bool:
         chunks = answer.chunks
@@ -355,12 +493,43 @@ class HTTPProtocol(asyncio.Protocol):
 
     # Connection state
 
-    def _reject(self, status: int, message: str) -> None:
-        if self._transport is None or self._closed:
+    def _hand_off(self) -> None:
+        """Give the connection, from this message's first byte, to the fallback."""
+        transport = self._transport
+        if transport is None or self._closed:
             return
+        if self._fallback is None or not self._aligned or self._serving is not None \
+                or self._pending:
+            self._reject(400, "this request was pipelined behind another one on the "
+                              "connection and cannot be served; send it after the "
+                              "answer to the one before, or on its own connection")
+            return
+        raw = b"".join(self._raw)
+        self.handed_off = True
+        self._closed = True  # for this protocol: the fallback owns the transport now
+        self._disarm_idle_timer()
+        if self._connections is not None:
+            self._connections.discard(self)
+        protocol = self._fallback()
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        if raw:
+            protocol.data_received(raw)
+
+    def _reject(self, status: int, message: str) -> None:
+        """Refuse the request being parsed and close the connection, after the answers
+        to the requests before it (in order: pipelined clients match them up so)."""
+        if self._transport is None or self._closed or self._refused:
+            return
+        self._refused = True  # the parser is in error: nothing more is read
         code = {413: "payload_too_large"}.get(status, "bad_request")
-        self._send(error_response(status, code, message), keep_alive=False)
-        self._close()
+        refusal = error_response(status, code, message)
+        if self._serving is None and not self._pending:
+            self._send(refusal, keep_alive=False)
+            self._close()
+            return
+        self._pending.append((refusal, False))
+        self._transport.pause_reading()
 
     def _close(self) -> None:
         if self._transport is not None and not self._closed:
@@ -391,18 +560,30 @@ async def _close_iterator(chunks: AsyncIterator[bytes]) -> None:
 
 class HTTPServer:
     """A listening socket serving `router`; `close()` stops accepting, lets the answers
-    in progress finish (up to `grace` seconds) and closes every connection."""
+    in progress finish (up to `grace` seconds) and closes every connection.
 
-    def __init__(self, router: Router, max_body: int = MAX_BODY_BYTES) -> None:
+    With `claim` and `fallback`, it answers only the requests `claim` accepts (judged on
+    the head) and hands every other connection, from that request's first byte, to the
+    protocol `fallback()` makes (another server's, e.g. aiohttp's): the hot route is
+    served here, the rest of an API by a full framework, on one port."""
+
+    def __init__(self, router: Router, max_body: int = MAX_BODY_BYTES,
+                 claim: Claim | None = None,
+                 fallback: Callable[[], asyncio.Protocol] | None = None) -> None:
+        if (claim is None) != (fallback is None):
+            raise ValueError("claim and fallback go together")
         self.router = router
         self.max_body = max_body
+        self.claim = claim
+        self.fallback = fallback
         self._server: asyncio.AbstractServer | None = None
         self._connections: set[HTTPProtocol] = set()
 
     async def start(self, host: str, port: int) -> int:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: HTTPProtocol(self.router, self.max_body, connections=self._connections),
+            lambda: HTTPProtocol(self.router, self.max_body, connections=self._connections,
+                                 claim=self.claim, fallback=self.fallback),
             host, port)
         return int(self._server.sockets[0].getsockname()[1])
 

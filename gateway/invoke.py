@@ -20,6 +20,7 @@ from thaw.gateway import invocations
 from thaw.gateway.auth import require
 from thaw.gateway.dispatch import Call, Exchange, Settlement, StreamBroken
 from thaw.gateway.errors import PayloadTooLarge
+from thaw.gateway.lane import stream_response
 from thaw.gateway.priority import body_limit, call_priority
 from thaw.gateway.sse import error_chunk
 from thaw.gateway.state import (
@@ -133,7 +134,7 @@ async def relay(request: web.Request, ex: Exchange) -> web.StreamResponse:
     if ex.buffered:
         body = await ex.read()
         return web.Response(status=ex.status, body=body, headers=answer_headers(ex, True))
-    out = web.StreamResponse(status=ex.status, headers=answer_headers(ex, False))
+    out = stream_response(request, ex.status, answer_headers(ex, False))
     if ex.upstream.content_length is not None:
         out.content_length = ex.upstream.content_length
     await out.prepare(request)

@@ -7,6 +7,7 @@ import asyncio
 import json
 import socket
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -289,3 +290,146 @@ def test_json_answers_are_json(served) -> None:  # type: ignore[no-untyped-def]
     answer = httpx.get(f"{url}/nope")
     assert answer.headers["content-type"].startswith("application/json")
     assert json.loads(answer.content)["error"]["message"] == "no route for /nope"
+
+
+# ---- claim and hand-off (the gateway's fast lane) ------------------------------------
+
+@pytest.fixture
+def shared_port() -> Iterator[tuple[str, int]]:
+    """A server that answers POST /lane/... itself (one through start_response) and
+    hands every other request, with its connection, to aiohttp's low-level server."""
+    import threading
+
+    from aiohttp import web
+
+    from thaw.core.http1server import SENT
+
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    holder: dict[str, Any] = {}
+
+    async def by_aiohttp(request: web.BaseRequest) -> web.StreamResponse:
+        if request.path == "/ws":
+            ws = web.WebSocketResponse()
+            await ws.prepare(request)
+            async for message in ws:
+                await ws.send_str("echo:" + message.data)
+            return ws
+        body = await request.read()
+        return web.Response(body=b"aiohttp:" + body, headers={"X-Path": request.path})
+
+    async def lane(request: Request) -> Any:
+        if request.path == "/lane/written":
+            writer = request.start_response(200, {"X-Written": "yes"})
+            await writer.write(b"piece 1,")
+            await writer.write(b"piece 2")
+            await writer.end()
+            return SENT
+        if request.path == "/lane/sized":
+            writer = request.start_response(200, {}, content_length=5)
+            await writer.write(b"12345")
+            await writer.end()
+            return SENT
+        return Response(200, b"lane:" + request.body)
+
+    def claim(method: str, path: str, headers: dict[str, str]) -> bool:
+        return method == "POST" and path.startswith("/lane/")
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+
+        async def start() -> None:
+            fallback = web.Server(by_aiohttp)
+            router = Router()
+            router.add_prefix("POST", "/lane/", lane)
+            server = HTTPServer(router, claim=claim, fallback=fallback)
+            holder["port"] = await server.start("127.0.0.1", 0)
+            holder["server"] = server
+            ready.set()
+
+        loop.run_until_complete(start())
+        loop.run_forever()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    assert ready.wait(10)
+    try:
+        yield f"http://127.0.0.1:{holder['port']}", holder["port"]
+    finally:
+        asyncio.run_coroutine_threadsafe(holder["server"].close(grace=1), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
+def test_claimed_requests_here_the_rest_to_the_fallback(shared_port) -> None:  # type: ignore[no-untyped-def]
+    url, _ = shared_port
+    with httpx.Client(base_url=url) as client:
+        ours = client.post("/lane/x", content=b"one")
+        assert ours.content == b"lane:one" and "server" not in ours.headers
+        # The connection goes to aiohttp with this request's bytes, body included.
+        theirs = client.post("/api/thing", content=b"two" * 1000)
+        assert theirs.content == b"aiohttp:" + b"two" * 1000
+        assert theirs.headers["x-path"] == "/api/thing"
+        assert "aiohttp" in theirs.headers["server"]
+        # ... and stays there.
+        after = client.post("/lane/y", content=b"three")
+        assert after.content == b"aiohttp:three"
+        assert ours.extensions["network_stream"] is after.extensions["network_stream"]
+
+
+def test_a_handed_off_body_arriving_in_pieces_is_whole(shared_port) -> None:  # type: ignore[no-untyped-def]
+    _, port = shared_port
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"POST /api/x HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n"
+                     b"Connection: close\r\n\r\n01234")
+        import time
+
+        time.sleep(0.2)
+        sock.sendall(b"56789")
+        received = b""
+        while part := sock.recv(65536):
+            received += part
+    assert received.startswith(b"HTTP/1.1 200 OK") and received.endswith(b"aiohttp:0123456789")
+
+
+def test_a_request_pipelined_behind_a_claimed_one_is_refused_clearly(shared_port) -> None:  # type: ignore[no-untyped-def]
+    _, port = shared_port
+    raw = raw_exchange(port, b"POST /lane/a HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+                             b"GET /api/b HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert raw.startswith(b"HTTP/1.1 200 OK") and b"lane:" in raw
+    assert b"HTTP/1.1 400 " in raw and b"pipelined" in raw
+
+
+def test_handlers_can_write_their_answer(shared_port) -> None:  # type: ignore[no-untyped-def]
+    url, port = shared_port
+    with httpx.Client(base_url=url) as client:
+        written = client.post("/lane/written")
+        assert written.content == b"piece 1,piece 2" and written.headers["x-written"] == "yes"
+        assert written.headers["transfer-encoding"] == "chunked"
+        sized = client.post("/lane/sized")
+        assert sized.content == b"12345" and sized.headers["content-length"] == "5"
+        again = client.post("/lane/x", content=b"z")  # the connection is still good
+        assert again.content == b"lane:z"
+        assert written.extensions["network_stream"] is again.extensions["network_stream"]
+
+
+def test_a_malformed_request_behind_a_good_one_is_refused_after_its_answer(served) -> None:  # type: ignore[no-untyped-def]
+    _, _, port, _, _ = served
+    raw = raw_exchange(port, b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nfirst"
+                             b" GARBAGE\r\n\r\n")
+    assert raw.startswith(b"HTTP/1.1 200 OK") and raw.index(b"firs") < raw.index(b"400 ")
+
+
+def test_a_websocket_upgrade_goes_to_the_fallback(shared_port) -> None:  # type: ignore[no-untyped-def]
+    import aiohttp
+
+    url, _ = shared_port
+
+    async def talk() -> str:
+        async with aiohttp.ClientSession() as session, session.ws_connect(f"{url}/ws") as ws:
+            await ws.send_str("hi")
+            message = await ws.receive(timeout=5)
+            return str(message.data)
+
+    assert asyncio.run(talk()) == "echo:hi"
