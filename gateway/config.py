@@ -46,10 +46,10 @@ class GatewaySettings(GatewayConfig, AlertSettings):
     """Starvation guard for calls waiting in this replica: priority levels gained per
     second waited; same env (THAW_PRIORITY_AGING_RATE) as the scheduler's policy."""
     fast_lane: bool = True
-    """Plain function calls (a key, a Content-Length body, no Prefer, Idempotency-Key
-    or webhook) are served by the lean HTTP/1.1 server of gateway/lane.py, the rest by
-    aiohttp, on the same port; false = aiohttp serves everything (the same answers,
-    about 0.15 ms slower a call)."""
+    """Plain function calls (a key, a body of at most 1 MiB by Content-Length, no Prefer,
+    Idempotency-Key or webhook) are served by the lean HTTP/1.1 server of
+    gateway/lane.py, the rest by aiohttp, on the same port; false = aiohttp serves
+    everything (the same answers, about 0.15 ms slower a call)."""
     sync_wait_seconds: float = Field(60.0, gt=0, le=3600)
     """Longest a sync (non-streaming) call holds its request; past it the client gets
     303 to the invocation's result URL (202 with `Prefer: respond-async`)."""

@@ -5,7 +5,7 @@ Why: aiohttp's server (its request and response objects, router and payload writ
 costs about 0.15 ms a call on a two-core machine, a sixth of the 1 ms the platform may
 add to a warm call (`thaw bench overhead`). Everything else, and every function call
 that needs more than the plain path (no key: a public function; `Prefer`,
-`Idempotency-Key`, a webhook; a chunked body or one past max_body_bytes; anything with
+`Idempotency-Key`, a webhook; a chunked body or one over 1 MiB; anything with
 `%` escapes in its path), is handed to aiohttp with its connection, untouched. A
 connection stays with aiohttp once handed over: a client that sends API requests and
 function calls on one keep-alive connection gets aiohttp's (slower, same) answers to
@@ -33,6 +33,10 @@ from thaw.core.http1server import Claim, Request, ResponseWriter
 from thaw.gateway.invocations import IDEMPOTENCY_HEADER, WEBHOOK_HEADER
 
 FN_PREFIX = "/fn/"
+# The lane reads a body whole before the route runs; larger bodies go to aiohttp, whose
+# route refuses one past the function's own limit from its Content-Length alone,
+# before the body is sent.
+LANE_MAX_BODY_BYTES = 1024 * 1024
 # Request headers that send a call to aiohttp's route (stored invocations).
 _HANDED_OFF_HEADERS = ("prefer", IDEMPOTENCY_HEADER.lower(), WEBHOOK_HEADER.lower())
 
@@ -49,7 +53,7 @@ def function_of(path: str) -> tuple[str, str, str] | None:
     return tenant, name, sub_path
 
 
-def claims(max_body: int) -> Claim:
+def claims(max_body: int = LANE_MAX_BODY_BYTES) -> Claim:
     """The lane's claim (see HTTPServer): which requests it answers."""
 
     def claim(method: str, path: str, headers: dict[str, str]) -> bool:
@@ -57,7 +61,7 @@ def claims(max_body: int) -> Claim:
             return False
         length = headers.get("content-length")
         if length is None or not length.isdigit() or int(length) > max_body:
-            return False  # chunked, or past the limit: aiohttp says so in its words
+            return False  # chunked, or large: see LANE_MAX_BODY_BYTES
         if "authorization" not in headers or "transfer-encoding" in headers:
             return False
         return not any(h in headers for h in _HANDED_OFF_HEADERS)

@@ -19,7 +19,14 @@ from thaw.core.config import GatewayConfig
 from thaw.core.http1server import SENT, Answer, HTTPServer, Request, Response, Router
 from thaw.gateway.app import errors_middleware, make_app
 from thaw.gateway.invoke import invoke
-from thaw.gateway.lane import FN_PREFIX, LaneRequest, claims, function_of, head_headers
+from thaw.gateway.lane import (
+    FN_PREFIX,
+    LANE_MAX_BODY_BYTES,
+    LaneRequest,
+    claims,
+    function_of,
+    head_headers,
+)
 from thaw.gateway.state import CONFIG_KEY
 
 log = structlog.get_logger()
@@ -37,8 +44,8 @@ async def serve(config: GatewayConfig, port_file: Path | None = None) -> None:
     if app[CONFIG_KEY].fast_lane:
         server = runner.server
         assert server is not None  # set up above
-        lane = HTTPServer(lane_router(app), app[CONFIG_KEY].max_body_bytes,
-                          claim=claims(app[CONFIG_KEY].max_body_bytes), fallback=server)
+        most = min(LANE_MAX_BODY_BYTES, app[CONFIG_KEY].max_body_bytes)
+        lane = HTTPServer(lane_router(app), most, claim=claims(most), fallback=server)
         port = await lane.start(config.gateway_host, config.gateway_port)
     else:
         site = web.TCPSite(runner, config.gateway_host, config.gateway_port)
