@@ -4,9 +4,11 @@ bytes on the wire matter (pipelining, malformed requests, a client leaving)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
-from collections.abc import AsyncIterator, Iterator
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import httpx
@@ -82,23 +84,21 @@ def make_router(gate: Gate) -> Router:
     return router
 
 
-@pytest.fixture
-def served() -> Iterator[tuple[asyncio.AbstractEventLoop, str, int, Gate, HTTPServer]]:
-    """A server on its own loop in a thread, so the tests can use blocking clients."""
-    import threading
-
+@contextlib.contextmanager
+def in_thread(make: Callable[[], HTTPServer]
+              ) -> Iterator[tuple[asyncio.AbstractEventLoop, HTTPServer, int]]:
+    """The server `make()` builds, on its own loop in a thread, so that the tests can
+    use blocking clients; (loop, server, port)."""
     loop = asyncio.new_event_loop()
     ready = threading.Event()
-    holder: dict[str, object] = {}
+    holder: dict[str, Any] = {}
 
     def run() -> None:
         asyncio.set_event_loop(loop)
 
         async def start() -> None:
-            gate = Gate()
-            server = HTTPServer(make_router(gate), max_body=1024)
-            holder["port"] = await server.start("127.0.0.1", 0)
-            holder["gate"], holder["server"] = gate, server
+            holder["server"] = make()
+            holder["port"] = await holder["server"].start("127.0.0.1", 0)
             ready.set()
 
         loop.run_until_complete(start())
@@ -107,15 +107,25 @@ def served() -> Iterator[tuple[asyncio.AbstractEventLoop, str, int, Gate, HTTPSe
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     assert ready.wait(10)
-    port = int(holder["port"])  # type: ignore[call-overload]
-    gate, server = holder["gate"], holder["server"]
     try:
-        yield loop, f"http://127.0.0.1:{port}", port, gate, server  # type: ignore[misc]
+        yield loop, holder["server"], holder["port"]
     finally:
-        asyncio.run_coroutine_threadsafe(server.close(grace=1), loop).result(10)  # type: ignore[attr-defined]
+        asyncio.run_coroutine_threadsafe(holder["server"].close(grace=1), loop).result(10)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
         loop.close()
+
+
+@pytest.fixture
+def served() -> Iterator[tuple[asyncio.AbstractEventLoop, str, int, Gate, HTTPServer]]:
+    gates: list[Gate] = []
+
+    def make() -> HTTPServer:
+        gates.append(Gate())  # on the server's loop: its events belong there
+        return HTTPServer(make_router(gates[0]), max_body=1024)
+
+    with in_thread(make) as (loop, server, port):
+        yield loop, f"http://127.0.0.1:{port}", port, gates[0], server
 
 
 def raw_exchange(port: int, data: bytes, until_closed: bool = True,
@@ -270,8 +280,6 @@ def test_a_failing_handler_is_500_and_the_connection_serves_on(served) -> None: 
 
 def test_close_lets_an_answer_in_progress_finish(served) -> None:  # type: ignore[no-untyped-def]
     loop, url, port, gate, server = served
-    import threading
-
     result: dict[str, httpx.Response] = {}
     caller = threading.Thread(target=lambda: result.update(r=httpx.get(f"{url}/slow")))
     caller.start()
@@ -298,15 +306,9 @@ def test_json_answers_are_json(served) -> None:  # type: ignore[no-untyped-def]
 def shared_port() -> Iterator[tuple[str, int]]:
     """A server that answers POST /lane/... itself (one through start_response) and
     hands every other request, with its connection, to aiohttp's low-level server."""
-    import threading
-
     from aiohttp import web
 
     from thaw.core.http1server import SENT
-
-    loop = asyncio.new_event_loop()
-    ready = threading.Event()
-    holder: dict[str, Any] = {}
 
     async def by_aiohttp(request: web.BaseRequest) -> web.StreamResponse:
         if request.path == "/ws":
@@ -335,31 +337,13 @@ def shared_port() -> Iterator[tuple[str, int]]:
     def claim(method: str, path: str, headers: dict[str, str]) -> bool:
         return method == "POST" and path.startswith("/lane/")
 
-    def run() -> None:
-        asyncio.set_event_loop(loop)
+    def make() -> HTTPServer:
+        router = Router()
+        router.add_prefix("POST", "/lane/", lane)
+        return HTTPServer(router, claim=claim, fallback=web.Server(by_aiohttp))
 
-        async def start() -> None:
-            fallback = web.Server(by_aiohttp)
-            router = Router()
-            router.add_prefix("POST", "/lane/", lane)
-            server = HTTPServer(router, claim=claim, fallback=fallback)
-            holder["port"] = await server.start("127.0.0.1", 0)
-            holder["server"] = server
-            ready.set()
-
-        loop.run_until_complete(start())
-        loop.run_forever()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    assert ready.wait(10)
-    try:
-        yield f"http://127.0.0.1:{holder['port']}", holder["port"]
-    finally:
-        asyncio.run_coroutine_threadsafe(holder["server"].close(grace=1), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        loop.close()
+    with in_thread(make) as (_, _server, port):
+        yield f"http://127.0.0.1:{port}", port
 
 
 def test_claimed_requests_here_the_rest_to_the_fallback(shared_port) -> None:  # type: ignore[no-untyped-def]
