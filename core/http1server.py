@@ -236,7 +236,10 @@ class HTTPProtocol(asyncio.Protocol):
         self._peer: Any = None
         # The request being parsed.
         self._url = b""
+        self._raw_headers: list[tuple[bytes, bytes]] = []
         self._headers: dict[str, str] = {}
+        self._parsed_url: Any = None
+        self._method = ""
         self._body: list[bytes] = []
         self._body_size = 0
         # Parsed requests not answered yet: (request, keep_alive).
@@ -322,7 +325,7 @@ class HTTPProtocol(asyncio.Protocol):
             self._aligned = not self._completed_here
             self._raw = [self._chunk] if self._aligned else []
         self._url = b""
-        self._headers = {}
+        self._raw_headers = []
         self._body = []
         self._body_size = 0
 
@@ -330,21 +333,29 @@ class HTTPProtocol(asyncio.Protocol):
         self._url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        key = name.decode("latin-1").lower()
-        text = value.decode("latin-1")
-        previous = self._headers.get(key)
-        self._headers[key] = text if previous is None else f"{previous}, {text}"
+        # Decoded all at once when the head is complete: one callback per header is on
+        # every request's path, so it only keeps the bytes.
+        self._raw_headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        headers = self._headers = {
+            name.decode("latin-1").lower(): value.decode("latin-1")
+            for name, value in self._raw_headers}
+        if len(headers) != len(self._raw_headers):  # a repeated name: values joined
+            headers.clear()
+            for raw_name, raw_value in self._raw_headers:
+                key, text = raw_name.decode("latin-1").lower(), raw_value.decode("latin-1")
+                previous = headers.get(key)
+                headers[key] = text if previous is None else f"{previous}, {text}"
+        url = self._parsed_url = httptools.parse_url(self._url)
+        self._method = self._parser.get_method().decode("ascii")
         if self._parser.should_upgrade():  # a WebSocket, h2c...: never served here
             if self._fallback is not None:
                 raise _Handoff
             raise _Reject(400, "protocol upgrades are not served here")
-        if self._claim is not None:
-            url = httptools.parse_url(self._url)
-            if not self._claim(self._parser.get_method().decode("ascii"),
-                               url.path.decode("latin-1"), self._headers):
-                raise _Handoff
+        if self._claim is not None and not self._claim(
+                self._method, url.path.decode("latin-1"), headers):
+            raise _Handoff
         length = self._headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self._max_body:
             raise _Reject(413, f"the request body is larger than {self._max_body} bytes")
@@ -364,10 +375,10 @@ class HTTPProtocol(asyncio.Protocol):
         self._raw = []
         if self._closed:
             return
-        url = httptools.parse_url(self._url)
+        url = self._parsed_url
         keep_alive = self._parser.should_keep_alive()
         request = Request(
-            self._parser.get_method().decode("ascii"), url.path.decode("latin-1"),
+            self._method, url.path.decode("latin-1"),
             (url.query or b"").decode("latin-1"), self._headers,
             b"".join(self._body) if len(self._body) != 1 else self._body[0], self._peer,
             self, keep_alive)

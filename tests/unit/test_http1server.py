@@ -417,3 +417,10 @@ def test_a_websocket_upgrade_goes_to_the_fallback(shared_port) -> None:  # type:
             return str(message.data)
 
     assert asyncio.run(talk()) == "echo:hi"
+
+
+def test_a_repeated_header_is_one_comma_joined_value(served) -> None:  # type: ignore[no-untyped-def]
+    _, _, port, _, _ = served
+    raw = raw_exchange(port, b"GET /echo HTTP/1.1\r\nHost: x\r\nX-Test: a\r\nx-test: b\r\n"
+                             b"Connection: close\r\n\r\n")
+    assert b"\r\nX-Header: a, b\r\n" in raw
