@@ -425,12 +425,21 @@ class HTTPProtocol(asyncio.Protocol):
                 return False
             self._send(error_response(500, "internal", "internal error"), keep_alive)
             return keep_alive
-        if isinstance(answer, Response):
-            self._send(answer, keep_alive)
-            return keep_alive
         if isinstance(answer, _Sent):
             writer, self._writer = self._writer, None
             return keep_alive and writer is not None and writer.ended and not self._closed
+        if self._writer is not None:
+            # The handler started its own answer, then returned another (an error once
+            # its stream broke): the client has a head and part of a body, so the only
+            # honest end is a cut connection.
+            self._writer = None
+            log.warning("a handler answered twice; the connection is cut",
+                        path=request.path)
+            self._abort()
+            return False
+        if isinstance(answer, Response):
+            self._send(answer, keep_alive)
+            return keep_alive
         return await self._stream(answer, keep_alive)
 
     def _head(self, status: int, headers: dict[str, str], keep_alive: bool,

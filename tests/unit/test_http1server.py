@@ -327,6 +327,10 @@ def shared_port() -> Iterator[tuple[str, int]]:
             await writer.write(b"piece 2")
             await writer.end()
             return SENT
+        if request.path == "/lane/twice":  # a stream that breaks, then an error answer
+            writer = request.start_response(200, {})
+            await writer.write(b"part")
+            return Response(502, b"too late")
         if request.path == "/lane/sized":
             writer = request.start_response(200, {}, content_length=5)
             await writer.write(b"12345")
@@ -424,3 +428,10 @@ def test_a_repeated_header_is_one_comma_joined_value(served) -> None:  # type: i
     raw = raw_exchange(port, b"GET /echo HTTP/1.1\r\nHost: x\r\nX-Test: a\r\nx-test: b\r\n"
                              b"Connection: close\r\n\r\n")
     assert b"\r\nX-Header: a, b\r\n" in raw
+
+
+def test_an_answer_after_a_started_one_cuts_the_connection(shared_port) -> None:  # type: ignore[no-untyped-def]
+    _, port = shared_port
+    raw = raw_exchange(port, b"POST /lane/twice HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+    assert raw.startswith(b"HTTP/1.1 200 OK") and b"part" in raw
+    assert b"502" not in raw and b"too late" not in raw and not raw.endswith(b"0\r\n\r\n")
