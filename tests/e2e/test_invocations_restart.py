@@ -4,19 +4,15 @@ gateway's work is picked up when its claims lapse)."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
 from tests.conftest import RunningPlatform
-from tests.gateway.conftest import BUNDLES, wait_for_file
+from tests.gateway.conftest import ASYNC, BUNDLES, wait_done, wait_for_file
 from thaw.ops.services import LocalPlatform
 
-ASYNC = {"Prefer": "respond-async"}
-FINISH_SECONDS = 60.0
 # Short, so the killed gateway's claims lapse quickly.
 CLAIM_SECONDS = "2"
 
@@ -24,18 +20,6 @@ CLAIM_SECONDS = "2"
 def client(local: LocalPlatform) -> httpx.Client:
     return httpx.Client(base_url=local.url, timeout=60,
                         headers={"Authorization": f"Bearer {local.key}"})
-
-
-def wait_done(http: httpx.Client, invocation_id: str) -> dict[str, Any]:
-    deadline = time.monotonic() + FINISH_SECONDS
-    while True:
-        resp = http.get(f"/v1/invocations/{invocation_id}")
-        assert resp.status_code == 200, resp.text
-        body: dict[str, Any] = resp.json()
-        if body["status"] not in ("queued", "running"):
-            return body
-        assert time.monotonic() < deadline, body
-        time.sleep(0.05)
 
 
 def test_async_invocations_survive_gateway_restarts(tmp_path: Path,

@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
@@ -118,3 +119,21 @@ def wait_for_file(path: Path, seconds: float = 20.0) -> str:
         assert time.monotonic() < deadline, f"{path} never appeared"
         time.sleep(0.02)
     return path.read_text()
+
+
+ASYNC = {"Prefer": "respond-async"}
+# Bounds every wait for a stored invocation to finish; they finish in well under a second.
+FINISH_SECONDS = 60.0
+
+
+def wait_done(http: httpx.Client, invocation_id: str) -> dict[str, Any]:
+    """The invocation once it is no longer queued or running."""
+    deadline = time.monotonic() + FINISH_SECONDS
+    while True:
+        resp = http.get(f"/v1/invocations/{invocation_id}")
+        assert resp.status_code == 200, resp.text
+        body: dict[str, Any] = resp.json()
+        if body["status"] not in ("queued", "running"):
+            return body
+        assert time.monotonic() < deadline, body
+        time.sleep(0.05)

@@ -17,10 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from tests.conftest import FIXTURES, RunningPlatform
-from tests.gateway.conftest import deploy_once
+from tests.gateway.conftest import ASYNC, deploy_once
 from tests.gateway.test_priority import FUNCTION, POLL_SECONDS, queue_depth, wait_for
 
-ASYNC = {"Prefer": "respond-async"}
 # The occupying call holds the only slot this long: every submission below queues
 # behind it (each is queued before the next is sent, so this only bounds the test).
 OCCUPY_SECONDS = 4.0

@@ -18,28 +18,20 @@ import pytest
 from aiohttp import web
 
 from tests.conftest import RunningPlatform
-from tests.gateway.conftest import BUNDLES, Replica, deploy_once, wait_for_file
-
-ASYNC = {"Prefer": "respond-async"}
-# Bounds every wait for an invocation to finish; they finish in well under a second.
-FINISH_SECONDS = 60.0
+from tests.gateway.conftest import (
+    ASYNC,
+    BUNDLES,
+    FINISH_SECONDS,
+    Replica,
+    deploy_once,
+    wait_done,
+    wait_for_file,
+)
 
 
 @pytest.fixture
 def jobs(platform: RunningPlatform) -> str:
     return deploy_once(platform, BUNDLES / "jobs")
-
-
-def wait_done(http: httpx.Client, invocation_id: str) -> dict[str, Any]:
-    deadline = time.monotonic() + FINISH_SECONDS
-    while True:
-        resp = http.get(f"/v1/invocations/{invocation_id}")
-        assert resp.status_code == 200, resp.text
-        body: dict[str, Any] = resp.json()
-        if body["status"] not in ("queued", "running"):
-            return body
-        assert time.monotonic() < deadline, body
-        time.sleep(0.05)
 
 
 def lines(path: Path) -> int:
