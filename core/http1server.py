@@ -353,9 +353,13 @@ class HTTPProtocol(asyncio.Protocol):
             if self._fallback is not None:
                 raise _Handoff
             raise _Reject(400, "protocol upgrades are not served here")
-        if self._claim is not None and not self._claim(
-                self._method, url.path.decode("latin-1"), headers):
-            raise _Handoff
+        if self._claim is not None:
+            if not self._claim(self._method, url.path.decode("latin-1"), headers):
+                raise _Handoff
+            # Claimed: its bytes will never be handed off, so they are not kept (the
+            # body is kept once, in _body).
+            self._raw = []
+            self._aligned = False
         length = self._headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self._max_body:
             raise _Reject(413, f"the request body is larger than {self._max_body} bytes")
