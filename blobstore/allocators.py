@@ -96,7 +96,7 @@ class CudaPinnedAllocator:  # pragma: no cover - needs CUDA and CuPy
 
     def __init__(self) -> None:
         try:
-            import cupyx  # type: ignore[import-not-found]
+            import cupyx
         except ImportError as exc:
             raise ThawError("the cuda pinned tier needs CuPy (pip install cupy-cuda12x)") from exc
         self._cupyx = cupyx

@@ -121,5 +121,5 @@ class ChunkRef:
             offset=cast(int, fields["offset"]),
             length=cast(int, fields["length"]),
             stored_length=cast(int, fields["stored_length"]),
-            compression=cast(Compression, compression),
+            compression=compression,
         )

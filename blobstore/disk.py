@@ -234,6 +234,7 @@ class DiskTier:
             raise ChunkNotFound(f"chunk {digest} is not on disk") from exc
         except OSError as exc:
             raise ThawError(f"reading chunk {digest}: {exc}") from exc
+        raw: bytes
         if compression == "lz4":
             try:
                 raw = lz4.block.decompress(stored)

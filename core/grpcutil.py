@@ -49,7 +49,7 @@ _index(errors.ThawError)
 def status_for(exc: errors.ThawError) -> grpc.StatusCode:
     for cls in type(exc).__mro__:
         if cls in _TO_STATUS:
-            return _TO_STATUS[cls]  # type: ignore[index]
+            return _TO_STATUS[cls]
     return grpc.StatusCode.INTERNAL
 
 
