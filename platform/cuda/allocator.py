@@ -1,0 +1,295 @@
+"""`CudaDevices`, the cuda DeviceBackend: one device allocation per slice, packed best
+fit by memory across the GPUs, zeroed before it is handed out and again before it is
+freed, and filled from host memory by `transfer`'s multi-stream copies."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+import uuid
+from collections.abc import Iterable
+
+import structlog
+
+from thaw.blobstore import ChunkRef, PinnedTier
+from thaw.blobstore.chunks import BytesLike, as_byte_view
+from thaw.core.errors import ChunkNotFound, InvalidArgument, NotFound, OutOfMemory, ThawError
+from thaw.platform.cuda.api import CudaApi, CudaUnavailable, GiB, MiB
+from thaw.platform.cuda.driver import CupyCudaApi
+from thaw.platform.cuda.slices import (
+    CudaSlice,
+    DeviceBook,
+    SliceNotZeroed,
+    SliceRecord,
+    SliceState,
+)
+from thaw.platform.cuda.transfer import (
+    DEFAULT_COPY_STREAMS,
+    CopyStats,
+    check_pieces,
+    pinned_pieces,
+    plan_stream_copies,
+    run_copies,
+)
+from thaw.platform.devices import DeviceUsage, Slice
+
+log = structlog.get_logger()
+
+# cudaMalloc maps device memory in 2 MiB pages and may pack smaller allocations into a
+# shared page (which an IPC handle would then expose). A slice is allocated (and zeroed,
+# and booked) rounded up to this: it owns whole pages, the books match what the device
+# loses, and any padding the instance can reach through its handle is scrubbed too.
+ALLOCATION_GRANULARITY = 2 * MiB
+
+# Kept back from each device's total: the agent's own CUDA context (300-500 MiB on CUDA
+# 12), memory the driver reserves (NVML counts it in `total`) and some headroom.
+DEFAULT_RESERVE_BYTES = 1 * GiB
+
+# Booked beside every slice: each instance that opens a handle creates its own CUDA
+# context on the device (~300-500 MiB without MPS, with lazy module loading; far less as
+# an MPS client). Leaving it out would pack slices into memory the instances then need.
+DEFAULT_INSTANCE_OVERHEAD_BYTES = 512 * MiB
+
+
+class CudaDevices:
+    """The cuda DeviceBackend: slices are device allocations of their own on real GPUs.
+
+    Thread-safe. A slice's IPC handle must not be released while an instance still has
+    it open: freeing memory another process maps is undefined behaviour in CUDA, so the
+    agent stops the instance first (as it does today before `release`).
+    """
+
+    kind = "cuda"
+
+    def __init__(self, api: CudaApi | None = None, *,
+                 reserve_bytes: int = DEFAULT_RESERVE_BYTES,
+                 instance_overhead_bytes: int = DEFAULT_INSTANCE_OVERHEAD_BYTES,
+                 granularity: int = ALLOCATION_GRANULARITY,
+                 mps: bool | None = None) -> None:
+        """`api` defaults to CuPy (CudaUnavailable without it or a GPU); `mps` None asks
+        the api whether an MPS daemon runs."""
+        for name, value, least in (("reserve_bytes", reserve_bytes, 0),
+                                   ("instance_overhead_bytes", instance_overhead_bytes, 0),
+                                   ("granularity", granularity, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise InvalidArgument(f"{name} must be an integer >= {least}, got {value!r}",
+                                      field=name)
+        self._api: CudaApi = api if api is not None else CupyCudaApi()
+        infos = self._api.devices()
+        if not infos:
+            raise CudaUnavailable("the cuda device backend found no GPU")
+        self._devices = [DeviceBook(info, f"cuda{info.index}", max(0, info.total_bytes
+                                                                 - reserve_bytes))
+                         for info in infos]
+        if all(d.capacity == 0 for d in self._devices):
+            largest = max(info.total_bytes for info in infos)
+            raise InvalidArgument(f"a reserve of {reserve_bytes} bytes leaves no memory on "
+                                  f"any GPU (largest: {largest} bytes)", field="reserve_bytes")
+        self._overhead = instance_overhead_bytes
+        self._granularity = granularity
+        self._mps = self._api.mps_active() if mps is None else mps
+        self._lock = threading.Lock()
+
+    @property
+    def mps(self) -> bool:
+        return self._mps
+
+    # -- DeviceBackend --
+
+    def allocate(self, size: int, owner: str, *, compute_percent: int = 0) -> CudaSlice:
+        """A zeroed slice of `size` bytes on the device with the least memory left that
+        still fits it (best fit), trying the next one if the driver refuses; OutOfMemory
+        naming the sizes when none can take it."""
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise InvalidArgument(f"slice size must be an integer >= 1, got {size!r}",
+                                  field="size")
+        if (isinstance(compute_percent, bool) or not isinstance(compute_percent, int)
+                or not 0 <= compute_percent <= 100):
+            raise InvalidArgument(f"compute_percent must be 0-100, got {compute_percent!r}",
+                                  field="gpu_compute")
+        allocated = -(-size // self._granularity) * self._granularity
+        booked = allocated + self._overhead
+        refused: list[str] = []
+        tried: set[str] = set()
+        while True:
+            with self._lock:
+                record = self._book(size, allocated, booked, owner, compute_percent, tried)
+                if record is None:
+                    raise OutOfMemory(self._no_room_message(size, booked, refused))
+            tried.add(record.device.id)
+            try:
+                self._materialize(record)
+            except OutOfMemory as exc:
+                self._unbook(record)
+                refused.append(f"{record.device.id} refused it ({exc.message})")
+                continue
+            except BaseException:
+                self._unbook(record)
+                raise
+            with self._lock:
+                record.move(SliceState.READY)
+            assert record.slice is not None
+            return record.slice
+
+    def release(self, slice_id: str) -> None:
+        """Zero the slice on its stream, wait for that, then free it. NotFound if there
+        is no such slice; SliceNotZeroed (memory kept, never reused) if scrubbing fails."""
+        with self._lock:
+            record = self._find(slice_id)
+            record.move(SliceState.ZEROING)
+        self._retire(record)
+
+    def usage(self) -> list[DeviceUsage]:
+        with self._lock:
+            return [DeviceUsage(d.id, self.kind, d.capacity, d.booked) for d in self._devices]
+
+    def close(self) -> None:
+        """Scrub and free every slice left; a failure is logged and the rest go on."""
+        with self._lock:
+            left = [r for d in self._devices for r in d.records.values()
+                    if r.state in (SliceState.READY, SliceState.QUARANTINED)]
+            for record in left:
+                record.move(SliceState.ZEROING)
+        for record in left:
+            try:
+                self._retire(record)
+            except ThawError as exc:
+                log.error("cuda slice left allocated at close", slice=record.id,
+                          device=record.device.id, error=exc.message)
+
+    # -- filling a slice --
+
+    def copy_into_slice(self, sl: Slice | str, pieces: Iterable[tuple[int, BytesLike]], *,
+                        streams: int = DEFAULT_COPY_STREAMS) -> CopyStats:
+        """Copy host bytes into the slice: each piece is (slice offset, bytes); the bytes
+        are split evenly across `streams` new streams as async host-to-device copies,
+        and this returns once every stream has finished (or raises once every stream
+        has stopped: no DMA reads the sources after this returns either way).
+
+        Sources should be page-locked (the pinned tier with CudaPinnedAllocator): from
+        pageable memory the driver stages each copy and the streams barely overlap.
+        """
+        if not isinstance(streams, int) or isinstance(streams, bool) or streams < 1:
+            raise InvalidArgument(f"streams must be an integer >= 1, got {streams!r}",
+                                  field="streams")
+        slice_id = sl if isinstance(sl, str) else sl.id
+        views = [(offset, as_byte_view(data)) for offset, data in pieces]
+        with self._lock:
+            record = self._find(slice_id)
+        check_pieces(views, record.size)
+        plan = plan_stream_copies([(offset, view.nbytes) for offset, view in views], streams)
+        total = sum(view.nbytes for _, view in views)
+        with record.busy:
+            with self._lock:
+                if record.state is not SliceState.READY:
+                    raise NotFound(f"no slice {slice_id} (it was released)")
+            started = time.perf_counter()
+            if plan:
+                run_copies(self._api, record.device.info.index, record.device.id,
+                           record.ptr, views, plan)
+            seconds = time.perf_counter() - started
+        return CopyStats(bytes=total, streams=len(plan), seconds=seconds,
+                         gbps=total / seconds / 1e9 if seconds > 0 else 0.0)
+
+    def restore_into_slice(self, sl: Slice | str, chunks: Iterable[ChunkRef],
+                           pinned: PinnedTier, *,
+                           streams: int = DEFAULT_COPY_STREAMS) -> CopyStats:
+        """Copy an arena's chunks from the pinned tier into the slice at their offsets
+        (held there for the copy). Chunks that sit back to back both in a pinned region
+        and in the arena go as one copy. ChunkNotFound, before copying anything, if any
+        chunk is not in the pinned tier: prewarm the snapshot first."""
+        refs = sorted(chunks, key=lambda ref: ref.offset)
+        with pinned.hold(ref.digest for ref in refs) as held:
+            missing = [ref.digest for ref in refs if ref.digest not in held]
+            if missing:
+                raise ChunkNotFound(f"{len(missing)} chunks of the arena are not in the "
+                                    f"pinned tier (first: {missing[0]}); prewarm it first")
+            pieces = pinned_pieces(refs, held)
+            return self.copy_into_slice(sl, pieces, streams=streams)
+
+    # -- internals --
+
+    def _book(self, size: int, allocated: int, booked: int, owner: str,
+              compute_percent: int, tried: set[str]) -> SliceRecord | None:
+        fitting = [d for d in self._devices if d.id not in tried and d.free >= booked]
+        if not fitting:
+            return None
+        device = min(fitting, key=lambda d: (d.free - booked, d.info.index))
+        record = SliceRecord(id=f"{owner}-{uuid.uuid4().hex[:8]}", device=device, size=size,
+                         allocated=allocated, booked=booked, compute_percent=compute_percent)
+        device.records[record.id] = record
+        return record
+
+    def _unbook(self, record: SliceRecord) -> None:
+        with self._lock:
+            record.move(SliceState.FREED)
+            record.device.records.pop(record.id, None)
+
+    def _no_room_message(self, size: int, booked: int, refused: list[str]) -> str:
+        free = ", ".join(f"{d.id} {d.free}" for d in self._devices)
+        message = (f"no GPU has room for a {size}-byte slice ({booked} bytes with "
+                   f"allocation rounding and the instance's context); free bytes: {free}")
+        return message + ("; " + "; ".join(refused) if refused else "")
+
+    def _materialize(self, record: SliceRecord) -> None:
+        """Allocate, scrub and export the slice's memory; on failure give back whatever
+        was taken. (No tenant has seen this allocation yet, so it is freed even when its
+        scrub failed: that hands the driver nothing it did not hand us.)"""
+        api, device = self._api, record.device.info.index
+        record.ptr = api.malloc(device, record.allocated)
+        try:
+            record.stream = api.create_stream(device)
+            # cudaMalloc may return pages another process's context used last: scrub them
+            # too rather than trust the driver to have.
+            api.memset_async(device, record.ptr, 0, record.allocated, record.stream)
+            api.synchronize(device, record.stream)
+            handle = api.ipc_handle(device, record.ptr)
+        except BaseException:
+            if record.stream:
+                with contextlib.suppress(ThawError):
+                    api.synchronize(device, record.stream)
+                with contextlib.suppress(ThawError):
+                    api.destroy_stream(device, record.stream)
+            try:
+                api.free(device, record.ptr)
+            except ThawError as exc:
+                log.error("could not free a slice that failed to set up",
+                          device=record.device.id, error=exc.message)
+            raise
+        info = record.device.info
+        record.slice = CudaSlice(
+            id=record.id, device_id=record.device.id, size=record.size, path="",
+            device_index=info.index, pci_bus_id=info.pci_bus_id, device_uuid=info.uuid,
+            ipc_handle=handle.hex(), allocated=record.allocated,
+            compute_percent=record.compute_percent, mps=self._mps)
+
+    def _retire(self, record: SliceRecord) -> None:
+        """Scrub then free a slice in ZEROING; a copy still filling it finishes first."""
+        api, device = self._api, record.device.info.index
+        with record.busy:
+            zeroed = False
+            try:
+                api.memset_async(device, record.ptr, 0, record.allocated, record.stream)
+                api.synchronize(device, record.stream)
+                zeroed = True
+                api.destroy_stream(device, record.stream)
+                api.free(device, record.ptr)
+            except ThawError as exc:
+                with self._lock:
+                    record.move(SliceState.QUARANTINED)
+                what = "freed" if zeroed else "zeroed"
+                raise SliceNotZeroed(
+                    f"slice {record.id} on {record.device.id} could not be {what} "
+                    f"({exc.message}); its {record.allocated} bytes stay booked and are "
+                    "never handed out again") from exc
+        with self._lock:
+            record.move(SliceState.FREED)
+            record.device.records.pop(record.id, None)
+
+    def _find(self, slice_id: str) -> SliceRecord:
+        for device in self._devices:
+            record = device.records.get(slice_id)
+            if record is not None and record.state is SliceState.READY:
+                return record
+        raise NotFound(f"no slice {slice_id}")

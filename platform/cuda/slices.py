@@ -1,0 +1,120 @@
+"""A cuda slice and its lifecycle: `CudaSlice` is what callers get (and what the
+instance opens), `SliceRecord` is the backend's book entry for it, moved along
+`SliceState` only by the edges the lifecycle has, and `DeviceBook` is one GPU's
+capacity and the records booked on it."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from enum import Enum
+
+from thaw.core.errors import ThawError
+from thaw.platform.cuda.api import CudaDeviceInfo
+from thaw.platform.devices import Slice
+
+
+class SliceNotZeroed(ThawError):
+    """A slice's memory could not be zeroed (or, once zeroed, freed): it stays booked and
+    is never handed out again."""
+
+    code = "slice_not_zeroed"
+
+
+class IllegalSliceTransition(ThawError):
+    """A slice was asked to move along an edge its lifecycle does not have."""
+
+    code = "illegal_transition"
+
+
+@dataclass(frozen=True)
+class CudaSlice(Slice):
+    """A slice on a GPU. `path` is empty: there is no file; the instance opens
+    `ipc_handle` instead (`thaw.platform.cuda_copy.open_slice(**descriptor())`)."""
+
+    device_index: int
+    """CUDA ordinal in the agent's process."""
+    pci_bus_id: str
+    """How the instance finds the same GPU whatever its CUDA_VISIBLE_DEVICES."""
+    device_uuid: str
+    """"GPU-…": for the docker runtime's DeviceRequest and MPS limits."""
+    ipc_handle: str
+    """The allocation's cudaIpcMemHandle_t, hex."""
+    allocated: int
+    """Bytes allocated (and zeroed): `size` rounded up to the allocation granularity."""
+    compute_percent: int
+    """The function's gpu_compute share (0 = none asked)."""
+    mps: bool
+    """Whether MPS is on, i.e. whether `compute_percent` is enforced."""
+
+    def descriptor(self) -> dict[str, str | int]:
+        """What the instance needs to open the slice: keyword arguments of
+        `thaw.platform.cuda_copy.open_slice`, JSON-ready."""
+        return {"ipc_handle": self.ipc_handle, "size": self.size,
+                "device_index": self.device_index, "pci_bus_id": self.pci_bus_id}
+
+    def instance_env(self) -> dict[str, str]:
+        """Environment the instance must start with for its compute share to apply."""
+        if self.mps and self.compute_percent:
+            return {"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": str(self.compute_percent)}
+        return {}
+
+
+class SliceState(str, Enum):
+    ALLOCATING = "allocating"
+    """Booked; device memory being allocated and zeroed. Not yet visible to callers."""
+    READY = "ready"
+    """Handed out: the instance may map it, restores may fill it."""
+    ZEROING = "zeroing"
+    """Being scrubbed, then freed."""
+    QUARANTINED = "quarantined"
+    """Scrubbing or freeing failed: the memory stays booked and is never handed out."""
+    FREED = "freed"
+
+
+_MOVES: dict[SliceState, set[SliceState]] = {
+    SliceState.ALLOCATING: {SliceState.READY, SliceState.FREED},
+    SliceState.READY: {SliceState.ZEROING},
+    SliceState.ZEROING: {SliceState.FREED, SliceState.QUARANTINED},
+    # `close` tries once more to scrub what a failed release left behind.
+    SliceState.QUARANTINED: {SliceState.ZEROING},
+    SliceState.FREED: set(),
+}
+
+
+@dataclass(eq=False)
+class SliceRecord:
+    id: str
+    device: DeviceBook
+    size: int
+    allocated: int
+    booked: int
+    compute_percent: int
+    state: SliceState = SliceState.ALLOCATING
+    ptr: int = 0
+    stream: int = 0
+    slice: CudaSlice | None = None
+    busy: threading.Lock = field(default_factory=threading.Lock)
+    """Held by a copy into the slice, and by its scrub: one waits for the other."""
+
+    def move(self, target: SliceState) -> None:
+        if target not in _MOVES[self.state]:
+            raise IllegalSliceTransition(
+                f"slice {self.id} cannot move from {self.state.value} to {target.value}")
+        self.state = target
+
+
+@dataclass(eq=False)
+class DeviceBook:
+    info: CudaDeviceInfo
+    id: str
+    capacity: int
+    records: dict[str, SliceRecord] = field(default_factory=dict)
+
+    @property
+    def booked(self) -> int:
+        return sum(r.booked for r in self.records.values())
+
+    @property
+    def free(self) -> int:
+        return self.capacity - self.booked
