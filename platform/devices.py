@@ -2,7 +2,12 @@
 
 `host` is a first-class backend: each "GPU" is a virtual device with a configured
 capacity and a slice is a shared-memory file the instance maps. A `cuda` backend
-implements the same interface with one device allocation per slice.
+(thaw.platform.cuda) implements the same interface with one device allocation per slice.
+
+Whatever differs between backends is asked of this interface, never of a backend's
+name: what a slice needs in its instance's environment and sandbox (`Slice`,
+`SandboxNeeds`), whether a device is a GPU that NVML reports on (`DeviceUsage.gpu`) and
+the GPU model and driver that snapshot fingerprints carry (`DeviceBackend.gpu_info`).
 """
 
 from __future__ import annotations
@@ -25,6 +30,14 @@ class Slice:
     path: str
     """What the instance maps: a shm file on the host backend."""
 
+    def gpu_ids(self) -> tuple[str, ...]:
+        """GPUs (UUIDs) the instance's sandbox must be able to open for this slice."""
+        return ()
+
+    def instance_env(self) -> dict[str, str]:
+        """Environment the instance must start with for the slice's limits to apply."""
+        return {}
+
 
 @dataclass(frozen=True)
 class DeviceUsage:
@@ -32,15 +45,42 @@ class DeviceUsage:
     kind: str
     capacity: int
     used: int
+    gpu: bool = False
+    """A physical GPU, whose utilisation NVML reports (in the backend's device order)."""
+
+
+@dataclass(frozen=True)
+class SandboxNeeds:
+    """What a runtime that walls instances off (docker) must grant an instance for it to
+    open a slice of the backend."""
+
+    gpus: bool = False
+    """Request GPUs for the sandbox: a slice's `gpu_ids`, or every GPU for a template
+    (its instances may get slices on any)."""
+    host_pid_namespace: bool = False
+    """The slice is opened through a handle that only resolves from the exporting
+    agent's PID namespace (legacy CUDA IPC), so the instance shares it; its instances
+    then need uids of their own to stay out of each other's processes."""
 
 
 class DeviceBackend(Protocol):
     kind: str
+    """Shown in usage and telemetry ("host", "cuda"); the snapshot fingerprint's device
+    type."""
 
     def allocate(self, size: int, owner: str) -> Slice: ...
     def release(self, slice_id: str) -> None: ...
     def usage(self) -> list[DeviceUsage]: ...
     def close(self) -> None: ...
+
+    def sandbox_needs(self) -> SandboxNeeds:
+        """What sandboxes of instances holding this backend's slices must grant."""
+        ...
+
+    def gpu_info(self) -> tuple[str, str]:
+        """(GPU model, driver version) for snapshot fingerprints; empty strings where
+        the devices are not GPUs or NVML cannot say."""
+        ...
 
 
 @dataclass
@@ -106,25 +146,20 @@ class HostDevices:
                     Path(sl.path).unlink(missing_ok=True)
                 device.slices.clear()
 
+    def sandbox_needs(self) -> SandboxNeeds:
+        """Nothing: a slice is a file, mounted like any other."""
+        return SandboxNeeds()
+
+    def gpu_info(self) -> tuple[str, str]:
+        return "", ""
+
 
 def gpu_info() -> tuple[str, str]:
-    """(GPU model, driver) for fingerprints; empty strings without NVML or a GPU."""
-    try:
-        import pynvml  # from nvidia-ml-py
-    except ImportError:
-        return "", ""
-    try:
-        pynvml.nvmlInit()
-        try:
-            handle = pynvml.nvmlDeviceGetHandleByIndex(0)
-            model = pynvml.nvmlDeviceGetName(handle)
-            driver = pynvml.nvmlSystemGetDriverVersion()
-            return (model.decode() if isinstance(model, bytes) else model,
-                    driver.decode() if isinstance(driver, bytes) else driver)
-        finally:
-            pynvml.nvmlShutdown()
-    except pynvml.NVMLError:
-        return "", ""
+    """(GPU model, driver) of the machine's first GPU for fingerprints; empty strings
+    without NVML or a GPU. A caller holding a backend asks `DeviceBackend.gpu_info`."""
+    from thaw.platform.cuda.driver import nvml_gpu_info
+
+    return nvml_gpu_info()
 
 
 def shm_root(base: Path, node_id: str) -> Path:

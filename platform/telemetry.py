@@ -111,11 +111,11 @@ class Telemetry:
             for pid in list(self._procs):
                 if pid not in live:
                     del self._procs[pid]
-            gpus = [d for d in devices if d.kind == "cuda"]
+            gpus = [d for d in devices if d.gpu]
             utilisation = iter(_nvml_utilisation(len(gpus)))
             device_samples = tuple(
                 DeviceSample(d.id, d.kind, d.capacity, d.used,
-                             next(utilisation) if d.kind == "cuda" else None)
+                             next(utilisation) if d.gpu else None)
                 for d in devices)
             vm = psutil.virtual_memory()
             self.latest = NodeSample(psutil.cpu_percent(None), vm.total - vm.available,

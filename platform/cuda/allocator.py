@@ -16,7 +16,7 @@ from thaw.blobstore import ChunkRef, PinnedTier
 from thaw.blobstore.chunks import BytesLike, as_byte_view
 from thaw.core.errors import ChunkNotFound, InvalidArgument, NotFound, OutOfMemory, ThawError
 from thaw.platform.cuda.api import CudaApi, CudaUnavailable, GiB, MiB
-from thaw.platform.cuda.driver import CupyCudaApi
+from thaw.platform.cuda.driver import CupyCudaApi, nvml_gpu_info
 from thaw.platform.cuda.slices import (
     CudaSlice,
     DeviceBook,
@@ -32,7 +32,7 @@ from thaw.platform.cuda.transfer import (
     plan_stream_copies,
     run_copies,
 )
-from thaw.platform.devices import DeviceUsage, Slice
+from thaw.platform.devices import DeviceUsage, SandboxNeeds, Slice
 
 log = structlog.get_logger()
 
@@ -142,7 +142,8 @@ class CudaDevices:
 
     def usage(self) -> list[DeviceUsage]:
         with self._lock:
-            return [DeviceUsage(d.id, self.kind, d.capacity, d.booked) for d in self._devices]
+            return [DeviceUsage(d.id, self.kind, d.capacity, d.booked, gpu=True)
+                    for d in self._devices]
 
     def close(self) -> None:
         """Scrub and free every slice left; a failure is logged and the rest go on."""
@@ -157,6 +158,15 @@ class CudaDevices:
             except ThawError as exc:
                 log.error("cuda slice left allocated at close", slice=record.id,
                           device=record.device.id, error=exc.message)
+
+    def sandbox_needs(self) -> SandboxNeeds:
+        """The slice's GPU, and the agent's PID namespace: a legacy CUDA IPC handle opens
+        only from a process that sees the exporter's (the package docstring's
+        "Containers")."""
+        return SandboxNeeds(gpus=True, host_pid_namespace=True)
+
+    def gpu_info(self) -> tuple[str, str]:
+        return nvml_gpu_info()
 
     # -- filling a slice --
 

@@ -53,6 +53,10 @@ class CudaSlice(Slice):
         return {"ipc_handle": self.ipc_handle, "size": self.size,
                 "device_index": self.device_index, "pci_bus_id": self.pci_bus_id}
 
+    def gpu_ids(self) -> tuple[str, ...]:
+        """The slice's GPU, for the sandbox's device request."""
+        return (self.device_uuid,) if self.device_uuid else ()
+
     def instance_env(self) -> dict[str, str]:
         """Environment the instance must start with for its compute share to apply."""
         if self.mps and self.compute_percent:
