@@ -20,8 +20,8 @@ from typing import Any
 
 import httpx
 
+from thaw.bench.platform import PlatformFactory
 from thaw.core.spec import pack_bundle
-from thaw.ops.services import LocalPlatform
 
 # Cold calls must find no instance: wait for scale-to-zero (reconcile runs every 1 s).
 SCALE_TO_ZERO_WAIT = 30.0
@@ -69,7 +69,8 @@ def _call(http: httpx.Client, name: str, payload: dict[str, Any]) -> tuple[float
 
 
 def run_coldstart_bench(function: str, rounds: int = 3,
-                        payload: dict[str, Any] | None = None) -> dict[str, Any]:
+                        payload: dict[str, Any] | None = None, *,
+                        platform: PlatformFactory) -> dict[str, Any]:
     payload = payload if payload is not None else {"texts": ["hello world"]}
     src = Path(function).resolve()
     with tempfile.TemporaryDirectory(prefix="thaw-bench-") as tmp:
@@ -83,7 +84,7 @@ def run_coldstart_bench(function: str, rounds: int = 3,
             "fresh": _variant(src, Path(tmp) / "f", names["fresh"], False, "0s"),
             "warm": _variant(src, Path(tmp) / "w", names["warm"], True, "600s"),
         }
-        local = LocalPlatform(home, gateway_port=0, host_devices="2x8GiB")
+        local = platform(home, "2x8GiB")
         local.start()
         try:
             http = httpx.Client(base_url=local.url, timeout=900,

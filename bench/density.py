@@ -19,8 +19,8 @@ from typing import Any
 
 import httpx
 
+from thaw.bench.platform import PlatformFactory
 from thaw.core.spec import pack_bundle
-from thaw.ops.services import LocalPlatform
 
 MiB = 1024 * 1024
 # Telemetry is sampled on scrape; give a fresh instance's pages a moment to settle.
@@ -54,13 +54,14 @@ def _instance_memory(node_url: str) -> dict[str, tuple[float, float]]:
 
 
 def run_density_bench(function: str, functions: int = 50, warm: int = 20,
-                      payload: dict[str, Any] | None = None) -> dict[str, Any]:
+                      payload: dict[str, Any] | None = None, *,
+                      platform: PlatformFactory) -> dict[str, Any]:
     if not 0 < warm < functions:
         raise ValueError("need 0 < warm < functions (one copy is brought up from zero)")
     payload = payload if payload is not None else {"texts": ["hello world"]}
     src = Path(function).resolve()
     with tempfile.TemporaryDirectory(prefix="thaw-density-") as tmp:
-        local = LocalPlatform(Path(tmp) / "home", gateway_port=0, host_devices="1x256GiB")
+        local = platform(Path(tmp) / "home", "1x256GiB")
         local.start()
         try:
             http = httpx.Client(base_url=local.url, timeout=900,

@@ -34,8 +34,8 @@ import aiohttp
 import httpx
 import psutil
 
+from thaw.bench.platform import PlatformFactory
 from thaw.core.spec import pack_bundle
-from thaw.ops.services import LocalPlatform
 
 NULL_FUNCTION = '''
 class Null:
@@ -177,14 +177,15 @@ async def _measure(url: str, key: str, socket_path: str, agent_url: str, request
 
 
 def run_overhead_bench(requests: int = 5000, concurrency: int = 64,
-                       duration: float = 10.0) -> dict[str, Any]:
-    """Start a private platform, measure, stop it; one JSON-able dict."""
+                       duration: float = 10.0, *,
+                       platform: PlatformFactory) -> dict[str, Any]:
+    """Start a private platform from `platform`, measure, stop it; one JSON-able dict."""
     with tempfile.TemporaryDirectory(prefix="thaw-bench-") as tmp:
         folder = Path(tmp) / "null"
         folder.mkdir()
         (folder / "app.py").write_text(NULL_FUNCTION)
         (folder / "thaw.toml").write_text(NULL_TOML)
-        local = LocalPlatform(Path(tmp) / "home", gateway_port=0, host_devices="1x1GiB")
+        local = platform(Path(tmp) / "home", "1x1GiB")
         local.start()
         try:
             with httpx.Client(base_url=local.url, timeout=300,

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 
 from thaw.core.units import parse_size
+from thaw.ops.services import LocalPlatform
+
+
+def _local_platform(home: Path, host_devices: str) -> LocalPlatform:
+    """The platform the end-to-end benchmarks measure: `thaw up`'s, on a free port."""
+    return LocalPlatform(home, gateway_port=0, host_devices=host_devices)
 
 
 @click.group()
@@ -35,7 +42,7 @@ def coldstart(function: str, rounds: int, as_json: bool) -> None:
     """Request-to-response latency through the gateway: restore vs fresh vs warm."""
     from thaw.bench.coldstart import run_coldstart_bench
 
-    click.echo(json.dumps(run_coldstart_bench(function, rounds)))
+    click.echo(json.dumps(run_coldstart_bench(function, rounds, platform=_local_platform)))
 
 
 @bench.command()
@@ -51,7 +58,8 @@ def overhead(requests: int, concurrency: int, duration: float, as_json: bool) ->
     own unix socket; and calls per second with many clients."""
     from thaw.bench.overhead import run_overhead_bench
 
-    click.echo(json.dumps(run_overhead_bench(requests, concurrency, duration)))
+    click.echo(json.dumps(run_overhead_bench(requests, concurrency, duration,
+                                                 platform=_local_platform)))
 
 
 @bench.command()
@@ -77,4 +85,5 @@ def density(function: str, functions: int, warm: int, as_json: bool) -> None:
     one more up from zero."""
     from thaw.bench.density import run_density_bench
 
-    click.echo(json.dumps(run_density_bench(function, functions, warm)))
+    click.echo(json.dumps(run_density_bench(function, functions, warm,
+                                                platform=_local_platform)))
