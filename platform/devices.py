@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from thaw.blobstore import CudaPinnedAllocator, HostMemoryAllocator
+from thaw.core.config import parse_host_devices
 from thaw.core.errors import InvalidArgument, NotFound, OutOfMemory
 
 
@@ -152,6 +154,40 @@ class HostDevices:
 
     def gpu_info(self) -> tuple[str, str]:
         return "", ""
+
+
+class DeviceSettings(Protocol):
+    """The agent settings that choose and size its device backend."""
+
+    @property
+    def device(self) -> str:
+        """"host" or "cuda"."""
+        ...
+
+    @property
+    def host_devices(self) -> str:
+        """host backend: the virtual devices' capacities ("2x8GiB")."""
+        ...
+
+    @property
+    def cuda_reserve(self) -> str: ...
+    @property
+    def cuda_instance_overhead(self) -> str: ...
+    @property
+    def cuda_mps(self) -> str: ...
+
+
+def open_devices(settings: DeviceSettings, slice_dir: Path
+                 ) -> tuple[DeviceBackend, HostMemoryAllocator | None]:
+    """The device backend `settings` names, and the host memory the pinned tier should
+    take its regions from (None: the tier's default) so that copies into its slices run
+    at full speed. The one place a backend is chosen by its name."""
+    if settings.device == "cuda":
+        from thaw.platform.cuda import CudaDevices
+
+        # Page-locked host memory: host-to-device copies at PCIe speed.
+        return CudaDevices.from_settings(settings), CudaPinnedAllocator()
+    return HostDevices(parse_host_devices(settings.host_devices), slice_dir), None
 
 
 def gpu_info() -> tuple[str, str]:

@@ -15,6 +15,7 @@ import structlog
 from thaw.blobstore import ChunkRef, PinnedTier
 from thaw.blobstore.chunks import BytesLike, as_byte_view
 from thaw.core.errors import ChunkNotFound, InvalidArgument, NotFound, OutOfMemory, ThawError
+from thaw.core.units import parse_size
 from thaw.platform.cuda.api import CudaApi, CudaUnavailable, GiB, MiB
 from thaw.platform.cuda.driver import CupyCudaApi, nvml_gpu_info
 from thaw.platform.cuda.slices import (
@@ -32,7 +33,7 @@ from thaw.platform.cuda.transfer import (
     plan_stream_copies,
     run_copies,
 )
-from thaw.platform.devices import DeviceUsage, SandboxNeeds, Slice
+from thaw.platform.devices import DeviceSettings, DeviceUsage, SandboxNeeds, Slice
 
 log = structlog.get_logger()
 
@@ -90,6 +91,18 @@ class CudaDevices:
         self._granularity = granularity
         self._mps = self._api.mps_active() if mps is None else mps
         self._lock = threading.Lock()
+
+    @classmethod
+    def from_settings(cls, settings: DeviceSettings) -> CudaDevices:
+        """The backend as the agent's settings size it, on CuPy (CudaUnavailable
+        without it or a GPU)."""
+        modes: dict[str, bool | None] = {"auto": None, "on": True, "off": False}
+        if settings.cuda_mps not in modes:
+            raise InvalidArgument(f"cuda_mps must be auto, on or off, got "
+                                  f"{settings.cuda_mps!r}", field="cuda_mps")
+        return cls(reserve_bytes=parse_size(settings.cuda_reserve),
+                   instance_overhead_bytes=parse_size(settings.cuda_instance_overhead),
+                   mps=modes[settings.cuda_mps])
 
     @property
     def mps(self) -> bool:

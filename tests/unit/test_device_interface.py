@@ -11,13 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from thaw.platform.cuda import CudaDevices, CudaSlice, InMemoryCudaApi
+from thaw.core.config import AgentConfig
+from thaw.core.errors import InvalidArgument
+from thaw.platform.cuda import CudaDevices, CudaSlice, CudaUnavailable, InMemoryCudaApi
 from thaw.platform.devices import (
     DeviceBackend,
     DeviceUsage,
     HostDevices,
     SandboxNeeds,
     gpu_info,
+    open_devices,
 )
 from thaw.platform.telemetry import Telemetry
 
@@ -125,3 +128,55 @@ def test_an_nvml_error_means_an_empty_fingerprint(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setitem(sys.modules, "pynvml", nvml.module)
     assert cuda_backend(64 * MiB).gpu_info() == ("", "")
     assert nvml.calls == ["init", "shutdown"]  # shut down even when a call failed
+
+
+class Settings:
+    """The agent settings open_devices reads, as plain attributes."""
+
+    def __init__(self, device: str, *, host_devices: str = "2x8MiB", cuda_mps: str = "auto"
+                 ) -> None:
+        self.device = device
+        self.host_devices = host_devices
+        self.cuda_reserve = "1GiB"
+        self.cuda_instance_overhead = "512MiB"
+        self.cuda_mps = cuda_mps
+
+
+def test_open_devices_builds_the_host_backend_with_the_default_pinned_memory(
+        tmp_path: Path) -> None:
+    devices, allocator = open_devices(Settings("host", host_devices="2x8MiB,4MiB"), tmp_path)
+    assert isinstance(devices, HostDevices) and allocator is None
+    assert [(u.id, u.capacity) for u in devices.usage()] == [
+        ("host0", 8 * MiB), ("host1", 8 * MiB), ("host2", 4 * MiB)]
+
+
+def test_open_devices_reads_the_agents_own_settings(tmp_path: Path) -> None:
+    devices, allocator = open_devices(AgentConfig(host_devices="1x16MiB"), tmp_path)
+    assert isinstance(devices, HostDevices) and allocator is None
+    assert [u.capacity for u in devices.usage()] == [16 * MiB]
+
+
+def test_open_devices_without_cupy_says_the_cuda_backend_cannot_run(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setitem(sys.modules, "cupy", None)  # makes `import cupy` fail
+    with pytest.raises(CudaUnavailable, match="THAW_DEVICE=host"):
+        open_devices(Settings("cuda"), tmp_path)
+
+
+@pytest.mark.parametrize(("mode", "asked"), [("auto", None), ("on", True), ("off", False)])
+def test_the_cuda_settings_size_the_backend(monkeypatch: pytest.MonkeyPatch, mode: str,
+                                            asked: bool | None) -> None:
+    seen: dict[str, object] = {}
+
+    def fake_init(self: CudaDevices, api: object = None, **options: object) -> None:
+        seen.update(options)
+
+    monkeypatch.setattr(CudaDevices, "__init__", fake_init)
+    CudaDevices.from_settings(Settings("cuda", cuda_mps=mode))
+    assert seen == {"reserve_bytes": 1024 * MiB, "instance_overhead_bytes": 512 * MiB,
+                    "mps": asked}
+
+
+def test_an_unknown_mps_mode_is_refused() -> None:
+    with pytest.raises(InvalidArgument, match="cuda_mps"):
+        CudaDevices.from_settings(Settings("cuda", cuda_mps="sometimes"))
