@@ -7,8 +7,8 @@ from collections.abc import Mapping, Sequence
 
 import pytest
 
+from thaw.core.config import ALERT_RULES
 from thaw.core.errors import InvalidArgument, Unavailable
-from thaw.gateway.alert_settings import ALERT_RULES
 from thaw.gateway.alert_sinks import AlertState, Notice
 from thaw.gateway.alerts import (
     EVENTS_PAGE,

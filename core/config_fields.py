@@ -1,0 +1,341 @@
+"""The fields of each component's settings (core/config.py composes them and reads
+their sources). Every field has a default, a constraint and a docstring; the field's
+name is its key: THAW_<KEY> in the environment, KEY in the config file's table."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from thaw.core.units import parse_size
+
+# The alert rules of gateway/alerts, by name (alerts_overrides keys must be one of
+# them; the rules' module asserts that its table matches).
+ALERT_RULES = ("device_pressure", "pinned_pressure", "queue_depth", "restore_failures",
+               "snapshot_quarantined", "node_down", "error_rate", "p99_latency",
+               "api_key_expiring")
+
+PressureLevel = Literal["pressure", "critical", "emergency"]
+
+# Secrets, masked by `thaw config show`: "password" = a URL whose password and query
+# are hidden; "url" = URLs whose path (a webhook's token) is hidden too.
+_PASSWORD: dict[str, Any] = {"secret": "password"}
+_URL_SECRET: dict[str, Any] = {"secret": "url"}
+
+
+def default_home() -> Path:
+    """$THAW_HOME, else ./.thaw, as an absolute path."""
+    return Path(os.environ.get("THAW_HOME", ".thaw")).resolve()
+
+
+def parse_host_devices(value: str) -> list[int]:
+    """`2x8GiB` -> [8 GiB, 8 GiB]; `8GiB,4GiB` -> [8 GiB, 4 GiB]."""
+    sizes: list[int] = []
+    for part in value.split(","):
+        part = part.strip()
+        count, _, size = part.partition("x") if "x" in part else ("1", "", part)
+        if not count.isdigit() or int(count) < 1:
+            raise ValueError(f"bad device count in {part!r} (use e.g. 2x8GiB)")
+        sizes.extend([parse_size(size)] * int(count))
+    return sizes
+
+
+class _Fields(BaseSettings):
+    # The same config as the composed settings classes, so the merge order of bases
+    # cannot change it.
+    model_config = SettingsConfigDict(env_prefix="THAW_", extra="ignore", frozen=True,
+                                      use_attribute_docstrings=True)
+
+
+class CommonFields(_Fields):
+    home: Path = Field(default_factory=default_home)
+    """Where this component keeps its data (THAW_HOME)."""
+    log_level: str = Field("info", pattern="^(debug|info|warning|error)$")
+    """Least severe log level written."""
+    log_json: bool = False
+    """JSON log lines instead of the console format."""
+
+
+class SchedulerFields(_Fields):
+    scheduler_listen: str = Field("127.0.0.1:7070", pattern=r"^.+:\d{1,5}$")
+    """host:port for the scheduler's gRPC server (port 0 picks a free one)."""
+    database_url: str = Field("", pattern=r"^$|^[a-z][a-z0-9+.-]*://",
+                              json_schema_extra=_PASSWORD)
+    """SQLAlchemy URL; empty = SQLite at $THAW_HOME/scheduler/thaw.db."""
+    heartbeat_interval: float = Field(2.0, gt=0, le=60)
+    """Seconds between agent heartbeats."""
+    node_timeout: float = Field(10.0, gt=0)
+    """A node silent this long is marked lost and its instances with it."""
+    build_timeout: float = Field(900.0, gt=0)
+    """Longest a snapshot build may take."""
+    acquire_wait: float = Field(600.0, gt=0)
+    """Longest an invocation waits for an instance (queue + cold start)."""
+    reconcile_interval: float = Field(1.0, gt=0)
+    """How often autoscaling and scale-to-zero run."""
+
+
+class PolicyFields(_Fields):
+    pressure_at: float = Field(0.80, gt=0, lt=1)
+    """Used fraction of a device or pinned tier at which it enters PRESSURE."""
+    pressure_critical_at: float = Field(0.90, gt=0, lt=1)
+    """Used fraction at which it enters CRITICAL."""
+    pressure_emergency_at: float = Field(0.97, gt=0, le=1)
+    """Used fraction at which it enters EMERGENCY (no new cold starts on the node)."""
+    pressure_hysteresis: float = Field(0.05, ge=0, lt=0.5)
+    """A level is left only once usage is this far below the threshold that entered it."""
+    pressure_pinned_idle: float = Field(300.0, ge=0)
+    """Seconds unused after which a function's pinned snapshot is evicted under CRITICAL."""
+    placement_queue_max: int = Field(1000, ge=0)
+    """Requests that may wait for room on some node at once; past it: NoCapacity."""
+    placement_queue_timeout: float = Field(60.0, gt=0)
+    """Longest a request waits for room (nothing fits, nothing to evict)."""
+    function_queue_max: int = Field(10_000, ge=1)
+    """Requests that may wait for a busy function's instances at once; past it: NoCapacity."""
+    priority_aging_rate: float = Field(1.0, ge=0, le=100)
+    """Starvation guard: priority levels a waiting call gains per second waited; 0 = strict."""
+
+    @field_validator("pressure_critical_at", "pressure_emergency_at", "pressure_hysteresis")
+    @classmethod
+    def _ordered(cls, value: float, info: ValidationInfo) -> float:
+        # Fields validate in declaration order: the ones compared against are in data
+        # (absent when they were invalid themselves, which is reported on its own).
+        below = {"pressure_critical_at": "pressure_at",
+                 "pressure_emergency_at": "pressure_critical_at"}.get(info.field_name or "")
+        if below is not None and below in info.data and value <= info.data[below]:
+            raise ValueError(f"must be above {below} ({info.data[below]})")
+        if (info.field_name == "pressure_hysteresis" and "pressure_at" in info.data
+                and value >= info.data["pressure_at"]):
+            raise ValueError(f"must be below pressure_at ({info.data['pressure_at']})")
+        return value
+
+
+class GatewayFields(_Fields):
+    # Every limit here is held in one gateway process's memory: with several replicas
+    # behind a load balancer each enforces it on its own share of the traffic.
+    gateway_host: str = Field("127.0.0.1", min_length=1)
+    """Address the HTTP gateway binds."""
+    gateway_port: int = Field(8000, ge=0, le=65535)
+    """Port of the HTTP gateway (0 picks a free one)."""
+    scheduler_address: str = Field("127.0.0.1:7070", pattern=r"^.+:\d{1,5}$")
+    """host:port of the scheduler's gRPC server."""
+    public_url: str = Field("", pattern=r"^$|^https?://")
+    """Base URL printed for function URLs; empty = http://host:port."""
+    max_body_bytes: int = Field(32 * 1024 * 1024, gt=0)
+    """Largest invocation body accepted (413 past it)."""
+    max_bundle_bytes: int = Field(64 * 1024 * 1024, gt=0)
+    """Largest bundle upload accepted."""
+    rate_limit_rpm: float = Field(0.0, ge=0)
+    """Requests per minute per API key, per replica (token bucket); 0 = no limit."""
+    rate_limit_burst: int = Field(0, ge=0)
+    """Requests a key may make at once before the per-minute rate applies; 0 = rpm."""
+    queue_high_water: int = Field(200, ge=1)
+    """Requests of one function waiting for an instance (per replica) at which new
+    ones are shed with 429."""
+    queue_low_water: int = Field(100, ge=0)
+    """Once shedding, new requests are admitted again only when the queue is this short."""
+    breaker_failures: int = Field(5, ge=1)
+    """Consecutive infrastructure failures (crash, hang, node unreachable) that open a
+    function's or a node's circuit."""
+    breaker_cooldown: float = Field(5.0, gt=0)
+    """Seconds a circuit stays open before one probe request is let through."""
+    lease_linger: float = Field(0.2, ge=0, le=10)
+    """Seconds an idle instance lease is kept for the next call of the same function
+    before it is released to the scheduler; 0 = acquire and release for every call."""
+    lease_max_age: float = Field(2.0, gt=0, le=60)
+    """Seconds after which a lease goes back to the scheduler even under steady
+    traffic (fairness to other replicas, retiring old versions)."""
+    priority_aging_rate: float = Field(1.0, ge=0, le=100)
+    """Starvation guard for calls waiting in this replica: priority levels gained per
+    second waited; same key as the scheduler's."""
+    fast_lane: bool = True
+    """Plain function calls (a key, a body of at most 1 MiB by Content-Length, no Prefer,
+    Idempotency-Key or webhook) are served by the lean HTTP/1.1 server of
+    gateway/lane.py, the rest by aiohttp, on the same port; false = aiohttp serves
+    everything (the same answers, about 0.15 ms slower a call)."""
+    sync_wait_seconds: float = Field(60.0, gt=0, le=3600)
+    """Longest a sync (non-streaming) call holds its request; past it the client gets
+    303 to the invocation's result URL (202 with `Prefer: respond-async`)."""
+    result_ttl_seconds: float = Field(86_400.0, gt=0, le=90 * 86_400)
+    """How long a stored invocation result (async, past the wait limit, or under an
+    Idempotency-Key) is kept; then GET answers 410 and the key may be used again."""
+    async_concurrency: int = Field(32, ge=1, le=10_000)
+    """Queued invocations this replica runs at once."""
+    invocation_claim_seconds: float = Field(30.0, ge=1, le=3600)
+    """An invocation a replica runs is claimed for this long and renewed while it runs;
+    if the replica dies another picks it up once the claim lapses."""
+    webhook_attempts: int = Field(5, ge=1, le=20)
+    """Deliveries tried per webhook (exponential backoff between them)."""
+    webhook_backoff_seconds: float = Field(1.0, gt=0, le=600)
+    """Wait before the second webhook delivery; it doubles for each one after."""
+    operator_tenant: str = Field("dev", pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
+    """The tenant whose admin keys are the platform operator's (nodes, events, all
+    tenants, quotas); the dev key of `thaw up` is in "dev"."""
+    trust_forwarded_for: bool = False
+    """Take the client's address from X-Forwarded-For (behind a trusted proxy) for
+    rate limits of anonymous calls; the audit log records both either way."""
+
+    @field_validator("queue_low_water")
+    @classmethod
+    def _below_high_water(cls, value: int, info: ValidationInfo) -> int:
+        high = info.data.get("queue_high_water")
+        if high is not None and value >= high:
+            raise ValueError(f"must be below queue_high_water ({high})")
+        return value
+
+
+class AlertRuleOptions(BaseModel):
+    """Per-rule overrides of the alerting defaults."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True,
+                              use_attribute_docstrings=True)
+
+    enabled: bool = True
+    """False silences the rule altogether."""
+    for_seconds: float | None = Field(None, ge=0, alias="for")
+    """How long the condition must hold before the alert fires; None = alerts_for."""
+    cooldown: float | None = Field(None, ge=0)
+    """Least seconds between two FIRING notices of one alert; None = alerts_cooldown."""
+
+
+def _url_list(value: Any) -> Any:
+    # Env values may be a JSON list or plain comma-separated URLs.
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            return json.loads(text)
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return value
+
+
+class AlertFields(_Fields):
+    # A threshold of 0 turns its rule off.
+    alerts_interval: float = Field(15.0, gt=0, le=3600)
+    """Seconds between two evaluations of the alert rules."""
+    alerts_cooldown: float = Field(300.0, ge=0)
+    """Least seconds between two FIRING notices of the same alert (rule and subject):
+    a condition that clears and comes back sooner is not announced again until then."""
+    alerts_for: float = Field(0.0, ge=0)
+    """Seconds a condition must hold before its alert fires (every rule's default)."""
+    alerts_overrides: dict[str, AlertRuleOptions] = Field(default_factory=dict)
+    """Per-rule `for`, `cooldown` and `enabled`, by rule name (see README, Alerts)."""
+    alerts_webhook_urls: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, json_schema_extra=_URL_SECRET)
+    """Generic webhook sinks: each alert transition is POSTed there as JSON."""
+    alerts_slack_urls: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, json_schema_extra=_URL_SECRET)
+    """Slack-compatible incoming-webhook sinks ({"text", "blocks"} payloads)."""
+    alerts_retries: int = Field(4, ge=0, le=20)
+    """Retries of a failed delivery (exponential backoff) before it is given up."""
+    alerts_timeout: float = Field(5.0, gt=0, le=120)
+    """Seconds one delivery attempt may take."""
+    alerts_device_pressure: PressureLevel = "critical"
+    """Device memory pressure level (per node and device) at which an alert fires."""
+    alerts_pinned_pressure: PressureLevel = "critical"
+    """Pinned-tier pressure level (per node) at which an alert fires."""
+    alerts_queue_depth: int = Field(50, ge=0)
+    """Requests of one function waiting in this gateway at which an alert fires; 0 = off."""
+    alerts_restore_failures: int = Field(1, ge=0)
+    """Failed restores of one function within alerts_event_window that fire; 0 = off."""
+    alerts_quarantined: int = Field(1, ge=0)
+    """Snapshots of one function quarantined within alerts_event_window that fire; 0 = off."""
+    alerts_event_window: float = Field(3600.0, gt=0)
+    """Seconds the restore-failure and quarantine counts look back."""
+    alerts_heartbeat_age: float = Field(30.0, ge=0)
+    """A node whose last heartbeat is older than this (or that is lost) is down; 0 = lost
+    only."""
+    alerts_error_rate: float = Field(0.05, ge=0, le=1)
+    """Share of a function's invocations answered 5xx within alerts_window that fires;
+    0 = off."""
+    alerts_p99_seconds: float = Field(10.0, ge=0)
+    """p99 of a function's invocation latency within alerts_window that fires; 0 = off."""
+    alerts_window: float = Field(300.0, gt=0, le=300)
+    """Seconds of invocations the error-rate and p99 rules look at; at most the live
+    statistics' window (gateway/stats.py WINDOW_SECONDS), which keeps them."""
+    alerts_min_requests: int = Field(20, ge=1)
+    """Invocations a function needs within alerts_window before its error rate or p99
+    is judged (one failed call out of one is not a 100% error rate)."""
+    alerts_key_expiry_days: float = Field(7.0, ge=0)
+    """An API key expiring within this many days fires; 0 = off."""
+    alerts_keys_refresh: float = Field(300.0, gt=0)
+    """Seconds between two listings of every tenant's API keys (expiry is judged in days:
+    no need to ask often)."""
+
+    @field_validator("alerts_webhook_urls", "alerts_slack_urls", mode="before")
+    @classmethod
+    def _split_urls(cls, value: Any) -> Any:
+        return _url_list(value)
+
+    @field_validator("alerts_webhook_urls", "alerts_slack_urls")
+    @classmethod
+    def _http_urls(cls, value: list[str]) -> list[str]:
+        for url in value:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.netloc:
+                raise ValueError(f"{url!r} is not an http(s) URL")
+        return value
+
+    @field_validator("alerts_overrides")
+    @classmethod
+    def _known_rules(cls, value: dict[str, AlertRuleOptions]) -> dict[str, AlertRuleOptions]:
+        unknown = sorted(set(value) - set(ALERT_RULES))
+        if unknown:
+            raise ValueError(f"unknown alert rule {unknown[0]!r}; rules: "
+                             f"{', '.join(ALERT_RULES)}")
+        return value
+
+
+class AgentFields(_Fields):
+    node_id: str = Field("", max_length=253)
+    """Stable name of this node; empty = the host name."""
+    agent_host: str = Field("127.0.0.1", min_length=1)
+    """Address the control (gRPC) and data (HTTP) servers bind."""
+    agent_port: int = Field(7071, ge=0, le=65535)
+    """gRPC control port (0 picks a free one)."""
+    data_port: int = Field(7072, ge=0, le=65535)
+    """HTTP data-plane port (0 picks a free one)."""
+    scheduler_address: str = Field("127.0.0.1:7070", pattern=r"^.+:\d{1,5}$")
+    """host:port of the scheduler's gRPC server."""
+    device: str = Field("host", pattern="^(host|cuda)$")
+    """Device backend: host (virtual devices) or cuda."""
+    host_devices: str = "1x8GiB"
+    """Virtual devices for the host backend: COUNTxSIZE, e.g. 2x8GiB."""
+    cuda_reserve: str = "1GiB"
+    """cuda backend: memory kept out of slices on each GPU (agent context, driver)."""
+    cuda_instance_overhead: str = "512MiB"
+    """cuda backend: memory booked beside each slice for its instance's CUDA context."""
+    cuda_mps: str = Field("auto", pattern="^(auto|on|off)$")
+    """cuda backend: apply gpu_compute shares through MPS (auto = if its daemon runs)."""
+    pinned_capacity: str = "4GiB"
+    """Host-memory (pinned) tier capacity."""
+    shm_dir: Path = Path("/dev/shm")
+    """tmpfs where slices and restored arenas live."""
+    runtime: str = Field("process", pattern="^(process|docker)$")
+    """Where instances run: processes on this machine, or docker containers."""
+    instance_python: str = Field("", max_length=4096)
+    """Interpreter for instances; empty = the agent's own."""
+    docker_image: str = Field("", max_length=255)
+    """Base image of the docker runtime; empty = thaw/base:<this machine's apt suite>."""
+    docker_site_packages: str = Field("", max_length=65536)
+    """Host package folders the docker runtime mounts read-only into instances
+    (os.pathsep-separated, e.g. a virtualenv's site-packages); empty = none."""
+    start_timeout: float = Field(600.0, gt=0)
+    """Longest a fresh start, restore or template may take to become ready."""
+
+    # The size fields' constraint: each parses as a size (parse_size, parse_host_devices).
+    @field_validator("host_devices")
+    @classmethod
+    def _check_devices(cls, value: str) -> str:
+        parse_host_devices(value)
+        return value
+
+    @field_validator("pinned_capacity", "cuda_reserve", "cuda_instance_overhead")
+    @classmethod
+    def _check_pinned(cls, value: str) -> str:
+        parse_size(value)
+        return value
