@@ -61,6 +61,7 @@ from thaw.platform.cuda.driver import CupyCudaApi
 from thaw.platform.cuda.fake import InMemoryCudaApi
 from thaw.platform.cuda.slices import (
     CudaSlice,
+    CudaSliceDescriptor,
     IllegalSliceTransition,
     SliceNotZeroed,
     SliceState,
@@ -90,6 +91,7 @@ __all__ = [
     "CudaDeviceInfo",
     "CudaDevices",
     "CudaSlice",
+    "CudaSliceDescriptor",
     "CudaUnavailable",
     "CupyCudaApi",
     "GiB",

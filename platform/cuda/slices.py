@@ -8,6 +8,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import TypedDict
 
 from thaw.core.errors import ThawError
 from thaw.platform.cuda.api import CudaDeviceInfo
@@ -25,6 +26,16 @@ class IllegalSliceTransition(ThawError):
     """A slice was asked to move along an edge its lifecycle does not have."""
 
     code = "illegal_transition"
+
+
+class CudaSliceDescriptor(TypedDict):
+    """What an instance needs to open a cuda slice: the keyword arguments of
+    `thaw.platform.cuda_copy.open_slice`, JSON-ready."""
+
+    ipc_handle: str
+    size: int
+    device_index: int
+    pci_bus_id: str
 
 
 @dataclass(frozen=True)
@@ -47,9 +58,8 @@ class CudaSlice(Slice):
     mps: bool
     """Whether MPS is on, i.e. whether `compute_percent` is enforced."""
 
-    def descriptor(self) -> dict[str, str | int]:
-        """What the instance needs to open the slice: keyword arguments of
-        `thaw.platform.cuda_copy.open_slice`, JSON-ready."""
+    def descriptor(self) -> CudaSliceDescriptor:
+        """What the instance needs to open the slice."""
         return {"ipc_handle": self.ipc_handle, "size": self.size,
                 "device_index": self.device_index, "pci_bus_id": self.pci_bus_id}
 

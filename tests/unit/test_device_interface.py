@@ -5,6 +5,8 @@ runs on the in-memory CUDA fake; NVML is a fake module injected as `pynvml`."""
 
 from __future__ import annotations
 
+import inspect
+import json
 import sys
 import types
 from pathlib import Path
@@ -13,7 +15,14 @@ import pytest
 
 from thaw.core.config import AgentConfig
 from thaw.core.errors import InvalidArgument
-from thaw.platform.cuda import CudaDevices, CudaSlice, CudaUnavailable, InMemoryCudaApi
+from thaw.platform.cuda import (
+    CudaDevices,
+    CudaSlice,
+    CudaSliceDescriptor,
+    CudaUnavailable,
+    InMemoryCudaApi,
+)
+from thaw.platform.cuda_copy import open_slice
 from thaw.platform.devices import (
     DeviceBackend,
     DeviceUsage,
@@ -180,3 +189,14 @@ def test_the_cuda_settings_size_the_backend(monkeypatch: pytest.MonkeyPatch, mod
 def test_an_unknown_mps_mode_is_refused() -> None:
     with pytest.raises(InvalidArgument, match="cuda_mps"):
         CudaDevices.from_settings(Settings("cuda", cuda_mps="sometimes"))
+
+
+def test_the_descriptor_type_names_exactly_what_the_instance_side_opens() -> None:
+    parameters = inspect.signature(open_slice).parameters
+    assert list(CudaSliceDescriptor.__annotations__) == list(parameters)
+    sl = cuda_backend(64 * MiB).allocate(MiB, "fn")
+    assert isinstance(sl, CudaSlice)
+    descriptor = sl.descriptor()
+    assert json.loads(json.dumps(descriptor)) == descriptor  # JSON-ready
+    assert {key: type(value) for key, value in descriptor.items()} == {
+        "ipc_handle": str, "size": int, "device_index": int, "pci_bus_id": str}
