@@ -18,6 +18,7 @@ import pytest
 from thaw.blobstore import ChunkRef, CudaPinnedAllocator, PinnedTier
 from thaw.core.errors import NotFound, OutOfMemory
 from thaw.platform.cuda import CudaDevices, CudaSlice
+from thaw.platform.devices import SandboxNeeds
 
 MiB = 1024 * 1024
 CANARY = 0xA5
@@ -156,3 +157,21 @@ def test_each_slice_has_its_own_handle(devices: CudaDevices) -> None:
     devices.copy_into_slice(two, [(0, bytes([2]) * MiB)])
     assert as_instance(one, nbytes=MiB)["sha256"] == hashlib.sha256(bytes([1]) * MiB).hexdigest()
     assert as_instance(two, nbytes=MiB)["sha256"] == hashlib.sha256(bytes([2]) * MiB).hexdigest()
+
+
+def test_the_interface_describes_the_real_gpus(devices: CudaDevices) -> None:
+    """What runtimes and telemetry ask of the backend instead of its name, on hardware:
+    the slice's GPU by UUID, the agent's PID namespace, NVML's model and driver."""
+    assert devices.sandbox_needs() == SandboxNeeds(gpus=True, host_pid_namespace=True)
+    assert all(u.gpu for u in devices.usage())
+    sl = devices.allocate(4 * MiB, "fn")
+    assert isinstance(sl, CudaSlice)
+    (uuid,) = sl.gpu_ids()
+    assert uuid.startswith("GPU-") and uuid == sl.device_uuid
+    model, driver = devices.gpu_info()
+    try:
+        import pynvml  # noqa: F401
+    except ImportError:
+        assert (model, driver) == ("", "")
+    else:
+        assert model and driver[:1].isdigit()
