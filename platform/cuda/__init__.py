@@ -28,7 +28,8 @@ DeviceRequest; naming the slice's `device_uuid` there, rather than every GPU, ke
 instance off GPUs it has no slice on. `open_slice` finds the GPU by PCI bus id, so the
 container's own numbering does not matter. The way out of the shared PID namespace is
 the VMM API (cuMemCreate exported as a POSIX file descriptor, passed over the instance's
-unix socket with SCM_RIGHTS); CuPy does not wrap it, so it is left for later.
+unix socket with SCM_RIGHTS), which CuPy does not wrap, so this backend does not use
+it.
 
 MPS. Where an MPS control daemon runs, a function's `gpu_compute` percent is applied by
 starting its instance with CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=<percent> in its

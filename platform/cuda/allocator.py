@@ -58,7 +58,7 @@ class CudaDevices:
 
     Thread-safe. A slice's IPC handle must not be released while an instance still has
     it open: freeing memory another process maps is undefined behaviour in CUDA, so the
-    agent stops the instance first (as it does today before `release`).
+    agent stops the instance before it calls `release`.
     """
 
     kind = "cuda"
@@ -80,8 +80,8 @@ class CudaDevices:
         infos = self._api.devices()
         if not infos:
             raise CudaUnavailable("the cuda device backend found no GPU")
-        self._devices = [DeviceBook(info, f"cuda{info.index}", max(0, info.total_bytes
-                                                                 - reserve_bytes))
+        self._devices = [DeviceBook(info, f"cuda{info.index}",
+                                    max(0, info.total_bytes - reserve_bytes))
                          for info in infos]
         if all(d.capacity == 0 for d in self._devices):
             largest = max(info.total_bytes for info in infos)
@@ -239,8 +239,9 @@ class CudaDevices:
         if not fitting:
             return None
         device = min(fitting, key=lambda d: (d.free - booked, d.info.index))
-        record = SliceRecord(id=f"{owner}-{uuid.uuid4().hex[:8]}", device=device, size=size,
-                         allocated=allocated, booked=booked, compute_percent=compute_percent)
+        record = SliceRecord(id=f"{owner}-{uuid.uuid4().hex[:8]}", device=device,
+                             size=size, allocated=allocated, booked=booked,
+                             compute_percent=compute_percent)
         device.records[record.id] = record
         return record
 

@@ -10,9 +10,13 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import TypedDict
 
+import structlog
+
 from thaw.core.errors import ThawError
 from thaw.platform.cuda.api import CudaDeviceInfo
 from thaw.platform.devices import Slice
+
+log = structlog.get_logger()
 
 
 class SliceNotZeroed(ThawError):
@@ -98,6 +102,8 @@ _MOVES: dict[SliceState, set[SliceState]] = {
 
 @dataclass(eq=False)
 class SliceRecord:
+    """The backend's books on one slice; its state moves only through `move`."""
+
     id: str
     device: DeviceBook
     size: int
@@ -112,7 +118,11 @@ class SliceRecord:
     """Held by a copy into the slice, and by its scrub: one waits for the other."""
 
     def move(self, target: SliceState) -> None:
+        """Take the lifecycle edge to `target`; IllegalSliceTransition (logged) if the
+        lifecycle has no such edge from the current state."""
         if target not in _MOVES[self.state]:
+            log.error("illegal slice transition refused", slice=self.id,
+                      state=self.state.value, target=target.value)
             raise IllegalSliceTransition(
                 f"slice {self.id} cannot move from {self.state.value} to {target.value}")
         self.state = target
@@ -120,6 +130,9 @@ class SliceRecord:
 
 @dataclass(eq=False)
 class DeviceBook:
+    """One GPU's slice capacity (its memory less the reserve) and the slices booked on
+    it, whatever their state: a quarantined slice's bytes stay booked."""
+
     info: CudaDeviceInfo
     id: str
     capacity: int

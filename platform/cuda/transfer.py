@@ -17,8 +17,8 @@ from thaw.platform.cuda.api import CudaApi
 log = structlog.get_logger()
 
 # Host-to-device copies of a restore: several streams let the copy engines (one or two
-# for H2D on datacenter GPUs) overlap the pieces. Four is a guess, not a measurement (no
-# GPU where this was written): enough to keep two engines fed; tune it on a GPU node.
+# for H2D on datacenter GPUs) overlap the pieces. Four is an estimate, not a measurement:
+# enough to keep two engines fed; tune it on a GPU node.
 DEFAULT_COPY_STREAMS = 4
 
 # Streams split the bytes at page multiples: the pinned tier's runs start page-aligned, so
