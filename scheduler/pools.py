@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from thaw.core.priority import PriorityWaitQueue, Waiter
 from thaw.core.spec import Scaling
 from thaw.scheduler.autoscale import should_start
-from thaw.scheduler.states import InstanceState
+from thaw.scheduler.states import InstanceState, move
 
 
 class Broadcast:
@@ -88,6 +88,35 @@ class InstanceView:
     """(start, timings) of a new instance whose starter was not first in the queue:
     the request that gets its first lease reports the cold start."""
 
+    # The scheduler's questions about an instance, answered here only.
+
+    @property
+    def ready(self) -> bool:
+        """Serving (or able to): counts as live and warm."""
+        return self.state is InstanceState.READY
+
+    @property
+    def idle(self) -> bool:
+        """Ready with no call in flight: scale-down, eviction and drain may stop it."""
+        return self.state is InstanceState.READY and self.inflight == 0
+
+    @property
+    def retired(self) -> bool:
+        """Marked to stop and its last call has ended: stop it now."""
+        return self.state is InstanceState.STOPPING and self.inflight == 0
+
+    def serves(self, version: int) -> bool:
+        """Ready and of `version` (the live instances of a version)."""
+        return self.state is InstanceState.READY and self.version == version
+
+    def usable(self, version: int, max_concurrency: int) -> bool:
+        """May take another call of `version` now (ready, with a free slot)."""
+        return self.serves(version) and self.inflight < max_concurrency
+
+    def move(self, target: InstanceState, why: str = "") -> None:
+        """The only way its state changes (states.move: checked, refusal logged)."""
+        move(self, target, f"instance {self.id}{': ' + why if why else ''}")
+
 
 @dataclass
 class FunctionPool:
@@ -113,6 +142,10 @@ class FunctionPool:
     the first of them not busy starting an instance may take a free slot, so nobody
     overtakes a request ahead of it."""
 
+    def ready_count(self) -> int:
+        """Ready instances of any version (warm, or spare above min_instances)."""
+        return sum(1 for i in self.instances.values() if i.ready)
+
     def first_in_line(self) -> Waiter[QueuedAcquire] | None:
         """Who may take a free slot now: the head, or while the head (and others
         after it) are starting instances of their own, the first one that is not."""
@@ -122,15 +155,13 @@ class FunctionPool:
         return next((w for w in self.queue if not w.item.starting), None)
 
     def live(self, version: int) -> list[InstanceView]:
-        return [i for i in self.instances.values()
-                if i.state is InstanceState.READY and i.version == version]
+        return [i for i in self.instances.values() if i.serves(version)]
 
     def pick(self, version: int, max_concurrency: int) -> InstanceView | None:
         """A warm instance of this version with a free slot: the least busy one."""
         best = None
         for inst in self.instances.values():
-            if (inst.state is InstanceState.READY and inst.version == version
-                    and inst.inflight < max_concurrency
+            if (inst.usable(version, max_concurrency)
                     and (best is None or inst.inflight < best.inflight)):
                 best = inst
         return best

@@ -22,7 +22,14 @@ from sqlalchemy.orm import Session, sessionmaker
 from thaw.core.errors import NotFound, Unauthenticated, Unavailable
 from thaw.core.spec import FunctionSpec
 from thaw.scheduler import models
-from thaw.scheduler.states import FunctionState, SnapshotState, check_transition
+from thaw.scheduler.states import (
+    FunctionState,
+    InstanceState,
+    NodeState,
+    SnapshotState,
+    move_row,
+    set_row,
+)
 
 T = TypeVar("T")
 # SQLite serialises writers anyway; a few threads cover PostgreSQL's round trips.
@@ -110,12 +117,18 @@ class KeyRecord:
     expires_at: float | None = None
 
 
+def spec_from_json(spec_json: str) -> FunctionSpec:
+    """A stored spec (a functions or function_versions row's spec_json) as the typed
+    FunctionSpec: the one place the scheduler reads one back."""
+    return FunctionSpec.from_dict(json.loads(spec_json))
+
+
 def _function(row: models.Function) -> FunctionRecord:
     return FunctionRecord(
         id=row.id, tenant=row.tenant_id, name=row.name, version=row.version,
         state=FunctionState(row.state), reason=row.reason, start_mode=row.start_mode,
         handler=row.handler, bundle_digest=row.bundle_digest,
-        spec=FunctionSpec.from_dict(json.loads(row.spec_json)), snapshot_id=row.snapshot_id,
+        spec=spec_from_json(row.spec_json), snapshot_id=row.snapshot_id,
         created_at=row.created_at, updated_at=row.updated_at, priority=row.priority)
 
 
@@ -217,12 +230,12 @@ class Store:
                 s.add(row)
             else:
                 if FunctionState(row.state) == FunctionState.DELETED:
+                    # A deleted function deployed again starts its lifecycle over.
                     row.version = row.version + 1
-                    row.state = state.value
+                    set_row(row, state)
                 else:
-                    check_transition(FunctionState(row.state), state)
+                    move_row(row, state, "function")
                     row.version += 1
-                    row.state = state.value
                 row.reason, row.start_mode, row.handler = reason, start_mode, spec.handler
                 row.bundle_digest, row.spec_json, row.snapshot_id = bundle_digest, spec_json, None
             s.flush()
@@ -273,8 +286,8 @@ class Store:
             row = s.get(models.Function, function_id)
             if row is None or row.version != version:
                 return None
-            check_transition(FunctionState(row.state), state)
-            row.state, row.reason = state.value, reason
+            move_row(row, state, "function")
+            row.reason = reason
             if start_mode is not None:
                 row.start_mode = start_mode
             if snapshot_id is not None:
@@ -300,8 +313,8 @@ class Store:
             row = s.get(models.Snapshot, snapshot_id)
             if row is None:
                 raise NotFound(f"snapshot {snapshot_id} not found")
-            check_transition(SnapshotState(row.state), state)
-            row.state, row.reason = state.value, reason
+            move_row(row, state, "snapshot")
+            row.reason = reason
             if manifest is not None:
                 row.manifest, row.stored_bytes = manifest, stored_bytes
         self._tx(tx)
@@ -340,7 +353,7 @@ class Store:
         def tx(s: Session) -> None:
             row = s.get(models.Node, node_id)
             if row is not None:
-                row.state = state
+                set_row(row, NodeState(state))  # mirrors the checked in-memory view
         self._tx(tx)
 
     def add_instance(self, instance_id: str, function_id: str, version: int, node_id: str,
@@ -354,7 +367,8 @@ class Store:
         def tx(s: Session) -> None:
             row = s.get(models.Instance, instance_id)
             if row is not None and row.ended_at is None:
-                row.state, row.ended_at, row.end_reason = "gone", time.time(), reason
+                set_row(row, InstanceState.GONE)  # mirrors the checked in-memory view
+                row.ended_at, row.end_reason = time.time(), reason
         self._tx(tx)
 
     def live_manifests(self) -> list[bytes]:

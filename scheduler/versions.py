@@ -14,7 +14,6 @@ RETAINED_VERSIONS most recent ready versions besides the active one
 
 from __future__ import annotations
 
-import enum
 import json
 import time
 from dataclasses import dataclass, replace
@@ -25,32 +24,23 @@ from sqlalchemy.orm import Session
 from thaw.core.errors import NotFound
 from thaw.core.spec import FunctionSpec
 from thaw.scheduler import models
-from thaw.scheduler.states import FunctionState, IllegalTransition, SnapshotState
-from thaw.scheduler.store import FunctionRecord, Store, _function, new_id
+from thaw.scheduler.states import (
+    FunctionState,
+    SnapshotState,
+    VersionState,
+    check_transition,
+    move_row,
+    set_row,
+)
+from thaw.scheduler.store import FunctionRecord, Store, _function, new_id, spec_from_json
 
 # Ready versions kept restorable besides the active one (their snapshots are not
 # garbage-collected, so a rollback to them is instant).
 RETAINED_VERSIONS = 3
 
 
-class VersionState(str, enum.Enum):
-    BUILDING = "building"
-    READY = "ready"
-    FAILED = "failed"
-
-
-_VERSION_MOVES = {
-    VersionState.BUILDING: {VersionState.READY, VersionState.FAILED},
-    # A rollback to a version whose snapshot was collected builds it again.
-    VersionState.READY: {VersionState.BUILDING, VersionState.READY},
-    VersionState.FAILED: set(),
-}
-
-
 def check_version_move(current: VersionState, target: VersionState) -> None:
-    if target not in _VERSION_MOVES[current]:
-        raise IllegalTransition(
-            f"VersionState cannot move from {current.value} to {target.value}")
+    check_transition(current, target, "version")
 
 
 @dataclass(frozen=True)
@@ -86,7 +76,7 @@ def _version(row: models.FunctionVersion, snap: models.Snapshot | None) -> Versi
     return VersionRecord(
         function_id=row.function_id, version=row.version, state=VersionState(row.state),
         reason=row.reason, bundle_digest=row.bundle_digest, handler=row.handler,
-        spec=FunctionSpec.from_dict(json.loads(row.spec_json)), start_mode=row.start_mode,
+        spec=spec_from_json(row.spec_json), start_mode=row.start_mode,
         snapshot_id=row.snapshot_id, snapshot_state=snapshot_state,
         snapshot_bytes=snap.stored_bytes if snap is not None and not row.snapshot_collected
         else 0,
@@ -122,7 +112,8 @@ class VersionStore:
         for row in s.scalars(select(models.FunctionVersion).where(
                 models.FunctionVersion.function_id == function_id,
                 models.FunctionVersion.state == VersionState.BUILDING.value)):
-            row.state, row.reason = VersionState.FAILED.value, f"superseded by {by}"
+            move_row(row, VersionState.FAILED, "version")
+            row.reason = f"superseded by {by}"
 
     def deploy(self, tenant: str, spec: FunctionSpec, bundle_digest: str,
                start_mode: str, build: bool, reason: str = ""
@@ -163,7 +154,9 @@ class VersionStore:
                 # to build: the function is this version from now on.
                 fn.version, fn.handler, fn.spec_json = number, spec.handler, spec_json
                 fn.bundle_digest, fn.start_mode, fn.snapshot_id = bundle_digest, start_mode, None
-                fn.state = (FunctionState.BUILDING if build else FunctionState.READY).value
+                # A new version starts the row's lifecycle over (it may have been
+                # deleted or failed before).
+                set_row(fn, FunctionState.BUILDING if build else FunctionState.READY)
                 fn.reason = reason
             s.flush()
             return _function(fn), _version(row, None)
@@ -184,15 +177,16 @@ class VersionStore:
                 return None
             if not after_build:  # a rollback: a build still running must not switch later
                 self._supersede_builds(s, function_id, f"a rollback to v{version}")
-            check_version_move(VersionState(row.state), VersionState.READY)
-            row.state, row.start_mode, row.reason = VersionState.READY.value, start_mode, reason
+            move_row(row, VersionState.READY, "version")
+            row.start_mode, row.reason = start_mode, reason
             if snapshot_id is not None:
                 row.snapshot_id, row.snapshot_collected = snapshot_id, False
             row.activated_at = time.time()
             fn.version, fn.handler, fn.spec_json = row.version, row.handler, row.spec_json
             fn.bundle_digest, fn.start_mode = row.bundle_digest, row.start_mode
             fn.snapshot_id = row.snapshot_id if row.start_mode == "restore" else None
-            fn.state, fn.reason = FunctionState.READY.value, row.reason
+            move_row(fn, FunctionState.READY, "function")
+            fn.reason = row.reason
             s.flush()
             return _function(fn)
         return self.store._tx(tx)
@@ -203,12 +197,14 @@ class VersionStore:
         def tx(s: Session) -> FunctionRecord | None:
             row = self._get_row(s, function_id, version)
             if row.state == VersionState.BUILDING.value:
-                row.state, row.reason = VersionState.FAILED.value, reason
+                move_row(row, VersionState.FAILED, "version")
+                row.reason = reason
             fn = s.get(models.Function, function_id)
             if fn is None:
                 return None
             if fn.version == version and fn.state == FunctionState.BUILDING.value:
-                fn.state, fn.reason = FunctionState.FAILED.value, reason
+                move_row(fn, FunctionState.FAILED, "function")
+                fn.reason = reason
             s.flush()
             return _function(fn)
         return self.store._tx(tx)
@@ -219,8 +215,8 @@ class VersionStore:
         def tx(s: Session) -> VersionRecord:
             row = self._get_row(s, function_id, version)
             self._supersede_builds(s, function_id, f"a rollback to v{version}")
-            check_version_move(VersionState(row.state), VersionState.BUILDING)
-            row.state, row.reason = VersionState.BUILDING.value, ""
+            move_row(row, VersionState.BUILDING, "version")
+            row.reason = ""
             row.snapshot_id, row.snapshot_collected = None, False
             s.flush()
             return self._record(s, row)
@@ -235,11 +231,13 @@ class VersionStore:
             rows = list(s.scalars(select(models.FunctionVersion).where(
                 models.FunctionVersion.state == VersionState.BUILDING.value)))
             for row in rows:
-                row.state, row.reason = VersionState.FAILED.value, reason
+                move_row(row, VersionState.FAILED, "version")
+                row.reason = reason
                 fn = s.get(models.Function, row.function_id)
                 if (fn is not None and fn.version == row.version
                         and fn.state == FunctionState.BUILDING.value):
-                    fn.state, fn.reason = FunctionState.FAILED.value, reason
+                    move_row(fn, FunctionState.FAILED, "function")
+                    fn.reason = reason
             return len(rows)
         return self.store._tx(tx)
 
