@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -56,7 +56,7 @@ class AgentClient:
         return await call(self._stub.Evict(agent_pb2.SnapshotRequest(manifest=manifest),
                                            timeout=timeout))
 
-    async def collect_garbage(self, keep: list[object], timeout: float = 300.0
+    async def collect_garbage(self, keep: Sequence[object], timeout: float = 300.0
                               ) -> agent_pb2.CollectGarbageResponse:
         return await call(self._stub.CollectGarbage(
             agent_pb2.CollectGarbageRequest(keep=keep), timeout=timeout))

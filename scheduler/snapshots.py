@@ -75,8 +75,8 @@ async def snapshot_pass(control: ControlPlane, kind: str, tenant: str, name: str
     """Prewarm or verify on each node holding the snapshot (or `node_id`), one after
     another, passing on their progress. A node that fails ends with `error` set; the
     others still run."""
-    _fn, snap_id, manifest = await control._snapshot_of(tenant, name)
-    targets = control._tier_targets(snap_id, node_id)
+    _fn, snap_id, manifest = await control.tiers.snapshot_of(tenant, name)
+    targets = control.tiers.targets(snap_id, node_id)
     holders = control.holders[snap_id]
     key = manifest_key(manifest)
     for node in targets:
@@ -114,15 +114,15 @@ async def drain(control: ControlPlane, node_id: str) -> scheduler_pb2.DrainRespo
         for inst in list(pool.instances.values()):
             if inst.node_id != node_id or inst.state is InstanceState.GONE:
                 continue
-            if inst.inflight == 0 and inst.state is InstanceState.READY:
-                await control._stop(pool, inst, f"node {node_id} drained")
+            if inst.idle:
+                await control.instances.stop(pool, inst, f"node {node_id} drained")
                 stopped += 1
             else:
                 # Serving: retired by release once its calls end. A start in flight
                 # is left to finish; the next drain call (the CLI repeats it while
                 # it waits) stops it once idle.
-                if inst.state is InstanceState.READY:
-                    inst.state = InstanceState.STOPPING
+                if inst.ready:
+                    inst.move(InstanceState.STOPPING, f"node {node_id} draining")
                 finishing += 1
     log.info("node draining", node=node_id, stopped=stopped, finishing=finishing)
     return scheduler_pb2.DrainResponse(stopped=stopped, finishing=finishing)

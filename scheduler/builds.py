@@ -1,0 +1,287 @@
+"""Functions and their versions: deploying one (an immutable version), building its
+snapshot on a node and preparing its template, switching the serving version, rolling
+back, and deleting. The DB side of versions is versions.py."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import structlog
+
+from thaw.core.errors import (
+    DeadlineExceeded,
+    FunctionUnavailable,
+    ImageNotOnNode,
+    InvalidArgument,
+    NotFound,
+    ThawError,
+)
+from thaw.core.spec import read_bundle
+from thaw.proto import agent_pb2, manifest_pb2
+from thaw.scheduler.events import EventKind
+from thaw.scheduler.fleet import Fleet
+from thaw.scheduler.instances import Instances
+from thaw.scheduler.nodes import NodeView
+from thaw.scheduler.plane_state import PlaneState, build_key, fn_name, spec_message
+from thaw.scheduler.starts import START_RPC_TIMEOUT
+from thaw.scheduler.states import FunctionState, InstanceState, SnapshotState, VersionState
+from thaw.scheduler.store import FunctionRecord
+from thaw.scheduler.tiers import Tiers
+from thaw.scheduler.versions import VersionRecord, as_function
+
+log = structlog.get_logger()
+
+
+class Builds:
+    def __init__(self, state: PlaneState, fleet: Fleet, instances: Instances,
+                 tiers: Tiers) -> None:
+        self.s = state
+        self.fleet = fleet
+        self.instances = instances
+        self.tiers = tiers
+
+    async def create_function(self, tenant: str, bundle: bytes, wait: bool) -> FunctionRecord:
+        """Deploy a new immutable version. A function already serving keeps serving its
+        active version while the new one builds; the switch is atomic (versions.py)."""
+        s = self.s
+        spec = read_bundle(bundle)
+        digest = await asyncio.to_thread(s.bundles.put, bundle)
+        if spec.snapshot:
+            fn, version = await s.store.run(s.versions.deploy, tenant, spec, digest,
+                                            "restore", True)
+        else:
+            fn, version = await s.store.run(
+                s.versions.deploy, tenant, spec, digest, "fresh", False,
+                "snapshots disabled in thaw.toml: runs with fresh starts")
+            self.switched(fn)
+        log.info("function deployed", function=f"{tenant}/{spec.name}",
+                 version=version.version, state=version.state.value,
+                 serving=fn.version if fn.state is FunctionState.READY else None)
+        if version.state is VersionState.BUILDING:
+            task = self._start_build(as_function(fn, version), bundle)
+            if wait:
+                return await asyncio.shield(task)
+        return fn
+
+    def _start_build(self, target: FunctionRecord, bundle: bytes
+                     ) -> asyncio.Task[FunctionRecord]:
+        key = build_key(target.id, target.version)
+        task = asyncio.create_task(self._build(target, bundle))
+        self.s.builds[key] = task
+        task.add_done_callback(lambda _t: self.s.builds.pop(key, None))
+        return task
+
+    def switched(self, fn: FunctionRecord) -> None:
+        """`fn` (its active version) was just made the serving version in the DB: new
+        acquires place it; instances of any other version are retired, the idle ones
+        now, the busy ones when their in-flight calls are done."""
+        self.s.active[fn.id] = (fn.version, time.time())
+        self.s.pool(fn)
+        self.instances.retire_old_versions(fn)
+        self.s.events.emit(EventKind.VERSION_ACTIVATED,
+                           f"{fn_name(fn)} now serves version {fn.version}",
+                           function=fn_name(fn), version=str(fn.version))
+        log.info("version activated", function=fn_name(fn), version=fn.version)
+
+    async def get_function(self, tenant: str, name: str) -> FunctionRecord:
+        return await self.s.store.run(self.s.store.get_function, tenant, name)
+
+    async def list_functions(self, tenant: str) -> list[FunctionRecord]:
+        return await self.s.store.run(self.s.store.list_functions, tenant)
+
+    async def delete_function(self, tenant: str, name: str) -> None:
+        s = self.s
+        fn = await s.store.run(s.store.get_function, tenant, name)
+        await s.store.run(s.store.set_function_state, fn.id, fn.version,
+                          FunctionState.DELETED, "deleted")
+        for key in [k for k in s.builds if k.startswith(f"{fn.id}@")]:
+            s.builds.pop(key).cancel()
+        s.active.pop(fn.id, None)
+        pool = s.pools.get(fn.id)
+        if pool is not None:
+            for inst in list(pool.instances.values()):
+                if inst.inflight == 0:
+                    await self.instances.stop(pool, inst, "function deleted")
+                else:
+                    inst.move(InstanceState.STOPPING, "function deleted")
+        log.info("function deleted", function=f"{tenant}/{name}")
+        s.spawn(self.tiers.collect_garbage())
+
+    async def _build(self, fn: FunctionRecord, bundle: bytes) -> FunctionRecord:
+        """Build the snapshot of version fn.version on a node, then switch to it (the
+        active version serves meanwhile). A failure is recorded on the version; the
+        function fails with it only if nothing else serves. Returns the function as
+        it is afterwards."""
+        s = self.s
+        name = fn_name(fn)
+        snapshot_id = ""
+        lacking: dict[str, str] = {}  # docker nodes whose engine lacks the image -> why
+        try:
+            await self.fleet.wait_for_node()
+            while True:
+                # An image function builds on a docker node that has its image.
+                self.fleet.check_runtime(fn)
+                nodes = [n for n in s.runnable_nodes(fn) if n.id not in lacking]
+                if not nodes:
+                    raise self.fleet.image_missing(fn, lacking)
+                node = min(nodes, key=lambda n: (n.starts_in_flight, n.id))
+                snapshot_id = await s.store.run(s.store.create_snapshot, fn.id,
+                                                fn.version, node.id)
+                node.starts_in_flight += 1
+                try:
+                    resp = await node.client.build_snapshot(
+                        agent_pb2.BuildSnapshotRequest(function=spec_message(fn),
+                                                       bundle=bundle),
+                        timeout=s.timeouts.build_timeout)
+                    break
+                except ImageNotOnNode as exc:
+                    await s.store.run(s.store.finish_snapshot, snapshot_id,
+                                      SnapshotState.FAILED, reason=str(exc))
+                    snapshot_id = ""
+                    lacking[node.id] = str(exc)
+                    log.warning("image not on node; building on another", node=node.id,
+                                function=name, error=str(exc))
+                finally:
+                    node.starts_in_flight -= 1
+        except (ThawError, asyncio.TimeoutError) as exc:
+            reason = f"snapshot build failed: {exc}"
+            if snapshot_id:
+                await s.store.run(s.store.finish_snapshot, snapshot_id,
+                                  SnapshotState.FAILED, reason=reason)
+            return await self._build_failed(fn, reason)
+
+        if resp.ok:
+            await s.store.run(s.store.finish_snapshot, snapshot_id, SnapshotState.READY,
+                              manifest=resp.manifest.SerializeToString(),
+                              stored_bytes=resp.stored_bytes)
+            s.holders.setdefault(snapshot_id, set()).add(node.id)
+            log.info("snapshot ready", function=name, version=fn.version,
+                     snapshot=snapshot_id, bytes=resp.stored_bytes,
+                     setup_s=round(resp.manifest.setup_seconds, 3))
+            # Keep a template with the function's modules imported, so that the first
+            # restore does not pay for imports; the switch (and a deploy that waits)
+            # waits for it too.
+            await self._prepare_template(node, fn, resp.manifest)
+            updated = await s.store.run(s.versions.activate, fn.id, fn.version,
+                                        start_mode="restore", snapshot_id=snapshot_id)
+            # Its manifest is now one the collection keeps: the build is over for it.
+            s.builds.pop(build_key(fn.id, fn.version), None)
+            s.spawn(self.tiers.collect_garbage())  # snapshots past the retained versions
+        elif resp.stage == "capture":
+            where = f" at {resp.attribute_path}" if resp.attribute_path else ""
+            reason = (f"state cannot be snapshotted{where}: {resp.reason}; "
+                      "runs with fresh starts")
+            await s.store.run(s.store.finish_snapshot, snapshot_id, SnapshotState.FAILED,
+                              reason=reason)
+            updated = await s.store.run(s.versions.activate, fn.id, fn.version,
+                                        start_mode="fresh", reason=reason)
+            log.warning("snapshot not possible", function=name, reason=reason)
+        else:
+            reason = f"{resp.stage} failed: {resp.reason}"
+            await s.store.run(s.store.finish_snapshot, snapshot_id, SnapshotState.FAILED,
+                              reason=reason)
+            return await self._build_failed(fn, reason)
+        if updated is None:
+            log.info("built version superseded; not activated", function=name,
+                     version=fn.version)
+            return await s.store.run(s.store.get_function_by_id, fn.id)
+        self.switched(updated)
+        return updated
+
+    async def _build_failed(self, fn: FunctionRecord, reason: str) -> FunctionRecord:
+        updated = await self.s.store.run(self.s.versions.fail, fn.id, fn.version, reason)
+        serving = updated is not None and updated.state is FunctionState.READY
+        log.warning("build failed", function=fn_name(fn), version=fn.version,
+                    reason=reason, serving=updated.version if serving and updated else None)
+        self.s.events.emit(EventKind.BUILD_FAILED,
+                           f"{fn_name(fn)} version {fn.version} failed to build: {reason}",
+                           function=fn_name(fn), version=str(fn.version))
+        return updated or fn
+
+    async def _prepare_template(self, node: NodeView, fn: FunctionRecord,
+                                manifest: manifest_pb2.SnapshotManifest) -> None:
+        try:
+            await node.client.prepare_template(
+                agent_pb2.PrepareTemplateRequest(function=spec_message(fn), manifest=manifest),
+                timeout=START_RPC_TIMEOUT)
+        except ThawError as exc:
+            log.warning("template not prepared", node=node.id, function=fn.name, error=str(exc))
+
+    def building(self, fn: FunctionRecord) -> bool:
+        """Is the build of fn's version running here?"""
+        return build_key(fn.id, fn.version) in self.s.builds
+
+    async def wait_built(self, fn: FunctionRecord, deadline: float) -> FunctionRecord:
+        task = self.s.builds.get(build_key(fn.id, fn.version))
+        if task is not None:
+            try:
+                return await asyncio.wait_for(asyncio.shield(task),
+                                              max(0.0, deadline - self.s.clock()))
+            except TimeoutError as exc:
+                raise DeadlineExceeded(
+                    f"{fn.tenant}/{fn.name} is still building its snapshot") from exc
+        return await self.s.store.run(self.s.store.get_function_by_id, fn.id)
+
+    # ---- versions --------------------------------------------------------------
+
+    def generation(self, function_id: str, version: int) -> float:
+        """Since when `version` serves (unix time); 0.0 for a version that no longer
+        does. Leases carry it: a gateway keeps using only the newest generation's."""
+        active = self.s.active.get(function_id)
+        return active[1] if active is not None and active[0] == version else 0.0
+
+    async def list_versions(self, tenant: str, name: str
+                            ) -> tuple[FunctionRecord, list[VersionRecord]]:
+        """The function (its active version) and every version, newest first."""
+        fn = await self.s.store.run(self.s.store.get_function, tenant, name)
+        return fn, await self.s.store.run(self.s.versions.all, fn.id)
+
+    async def rollback(self, tenant: str, name: str, version: int = 0
+                       ) -> tuple[FunctionRecord, bool]:
+        """Make `version` (0: the newest ready one before the active one) serve again:
+        at once when its snapshot still exists (or it runs fresh), else after
+        rebuilding its snapshot from its stored bundle while the active version keeps
+        serving. Returns the function afterwards and whether it was rebuilt."""
+        s = self.s
+        fn, versions = await self.list_versions(tenant, name)
+        if version == 0:
+            earlier = [v for v in versions
+                       if v.state is VersionState.READY and v.version < fn.version]
+            if not earlier:
+                raise InvalidArgument(f"{tenant}/{name} has no ready version before "
+                                      f"version {fn.version} to roll back to",
+                                      field="version")
+            target = earlier[0]
+        else:
+            found = [v for v in versions if v.version == version]
+            if not found:
+                raise NotFound(f"{tenant}/{name} has no version {version}", field="version")
+            target = found[0]
+        if target.state is not VersionState.READY:
+            why = f": {target.reason}" if target.reason else ""
+            raise InvalidArgument(f"version {target.version} of {tenant}/{name} is "
+                                  f"{target.state.value}{why}; only a ready version can "
+                                  "serve", field="version")
+        if target.version == fn.version and fn.state is FunctionState.READY:
+            return fn, False
+        if target.restorable:
+            updated = await s.store.run(
+                s.versions.activate, fn.id, target.version, start_mode=target.start_mode,
+                reason=target.reason, after_build=False)
+            if updated is None:
+                raise NotFound(f"function {tenant}/{name} not found", field="name")
+            self.switched(updated)
+            log.info("rolled back", function=f"{tenant}/{name}", version=target.version)
+            return updated, False
+        bundle = await asyncio.to_thread(s.bundles.get, target.bundle_digest)
+        rebuilding = await s.store.run(s.versions.begin_rebuild, fn.id, target.version)
+        log.info("rolling back: rebuilding a collected snapshot", function=f"{tenant}/{name}",
+                 version=target.version)
+        after = await asyncio.shield(self._start_build(as_function(fn, rebuilding), bundle))
+        if after.version != target.version or after.state is not FunctionState.READY:
+            failed = await s.store.run(s.versions.get, fn.id, target.version)
+            raise FunctionUnavailable(
+                f"rebuilding the snapshot of version {target.version} of {tenant}/{name} "
+                f"failed ({failed.reason}); version {after.version} still serves")
+        return after, True

@@ -1,0 +1,257 @@
+"""Cold starts: choose a node for the slice (evicting idle instances when nothing
+fits), restore or start the instance there, try other nodes when one is gone or
+lacks the image, and quarantine a snapshot whose restore failed."""
+
+from __future__ import annotations
+
+import asyncio
+
+import structlog
+
+from thaw.core.errors import ChunkNotFound, ImageNotOnNode, OutOfMemory, SnapshotError, Unavailable
+from thaw.proto import agent_pb2, manifest_pb2
+from thaw.scheduler.events import EventKind
+from thaw.scheduler.fleet import Fleet
+from thaw.scheduler.instances import Instances
+from thaw.scheduler.nodes import NodeView
+from thaw.scheduler.placement import Candidate, IdleInstance, choose_node, plan_eviction
+from thaw.scheduler.plane_state import PlaneState, fn_name, spec_message
+from thaw.scheduler.pools import FunctionPool, InstanceView
+from thaw.scheduler.pressure import PressureLevel
+from thaw.scheduler.states import FunctionState, InstanceState, NodeState, SnapshotState
+from thaw.scheduler.store import FunctionRecord, new_id
+from thaw.scheduler.tiers import Tiers
+from thaw.snapshotter.manifest import manifest_key
+
+log = structlog.get_logger()
+
+# A restore or fresh start beyond this is treated as failed (the agent's own
+# start_timeout should fire first; keep this larger than THAW_START_TIMEOUT).
+START_RPC_TIMEOUT = 900.0
+
+Timings = tuple[tuple[str, float], ...]
+
+
+class NoRoom(Exception):
+    """No node can take the slice and nothing idle can be evicted for it."""
+
+
+class Starts:
+    def __init__(self, state: PlaneState, fleet: Fleet, instances: Instances,
+                 tiers: Tiers) -> None:
+        self.s = state
+        self.fleet = fleet
+        self.instances = instances
+        self.tiers = tiers
+
+    def _candidates(self, fn: FunctionRecord, key: str, holders: set[str],
+                    excluded: set[str], evicting: bool = False) -> list[Candidate]:
+        """Nodes that may take a cold start: ready and not excluded. A node in memory
+        EMERGENCY takes no new cold starts into its free memory; when `evicting`, it
+        is offered with no free memory, so that only what its own idle instances
+        give back can hold the new slice (its usage does not grow)."""
+        out = []
+        pool = self.s.pools.get(fn.id)
+        per_node: dict[str, int] = {}
+        for inst in pool.instances.values() if pool is not None else ():
+            per_node[inst.node_id] = per_node.get(inst.node_id, 0) + 1
+        for function_id, node_id in self.s.placing.values():
+            if function_id == fn.id:
+                per_node[node_id] = per_node.get(node_id, 0) + 1
+        for n in self.s.runnable_nodes(fn):
+            if n.id in excluded:
+                continue
+            free = n.device_free()
+            if self.s.pressure.node_level(n.id) >= PressureLevel.EMERGENCY:
+                if not evicting:
+                    continue
+                free = [0] * len(free)
+            out.append(Candidate(node_id=n.id, device_free=free,
+                                 snapshot_pinned=bool(key) and key in n.pinned.snapshot_keys,
+                                 snapshot_on_disk=n.id in holders,
+                                 starts_in_flight=n.starts_in_flight,
+                                 same_function=per_node.get(n.id, 0)))
+        return out
+
+    def _idle_instances(self) -> list[IdleInstance]:
+        idle = []
+        for pool in self.s.pools.values():
+            for inst in pool.instances.values():
+                node = self.s.nodes.get(inst.node_id)
+                if not inst.idle or node is None or inst.id not in node.slices:
+                    continue
+                index, nbytes = node.slices[inst.id]
+                idle.append(IdleInstance(inst.id, pool.function_id, inst.node_id, index,
+                                         nbytes, inst.last_used))
+        return idle
+
+    def _spare(self) -> dict[str, int]:
+        """Per function, live instances above its min_instances: what eviction may take."""
+        return {fid: max(0, p.ready_count() - p.min_instances)
+                for fid, p in self.s.pools.items()}
+
+    async def _place(self, fn: FunctionRecord, instance_id: str, need: int, key: str,
+                     holders: set[str], excluded: set[str]) -> NodeView:
+        """Choose a node and charge the slice to its ledger; evict idle instances (LRU,
+        never below min_instances) if nothing fits; NoRoom if that cannot help."""
+        chosen = choose_node(self._candidates(fn, key, holders, excluded), need)
+        if chosen is not None:
+            node = self.s.nodes[chosen.node_id]
+        else:
+            plan = plan_eviction(self._candidates(fn, key, holders, excluded, evicting=True),
+                                 self._idle_instances(), need, self._spare())
+            if plan is None:
+                raise NoRoom(f"no node has {need} bytes of slice memory free for "
+                             f"{fn_name(fn)} and no idle instance can be evicted for it")
+            victims: list[tuple[FunctionPool, InstanceView]] = []
+            reason = f"evicted to make room for {fn_name(fn)}"
+            for victim in plan.victims:
+                pool = self.s.pools[victim.function_id]
+                inst = pool.instances.get(victim.instance_id)
+                if inst is not None and inst.idle:
+                    inst.move(InstanceState.STOPPING, reason)  # no request may pick it now
+                    victims.append((pool, inst))
+            await asyncio.gather(*(self.instances.stop(
+                pool, inst, reason, kind=EventKind.INSTANCE_EVICTED) for pool, inst in victims))
+            node = self.s.nodes[plan.node_id]
+            if node.state is not NodeState.READY:
+                raise NoRoom(f"node {node.id} went away while making room for "
+                             f"{fn_name(fn)}")
+        if node.reserve(instance_id, need) is None:
+            # Another start took the room while the victims stopped: the caller
+            # waits for room and tries again.
+            raise NoRoom(f"no node has {need} bytes of slice memory free for "
+                         f"{fn_name(fn)} (the room made was taken)")
+        return node
+
+    async def start_instance(self, fn: FunctionRecord) -> tuple[InstanceView, Timings]:
+        """Place and start a new instance of the function's version: NoRoom when
+        nothing fits and nothing can be evicted, QuotaExceeded past the tenant's
+        quota, ThawError when no node could start it."""
+        s = self.s
+        await self.fleet.wait_for_node()
+        self.fleet.check_runtime(fn)
+        manifest = None
+        holders: set[str] = set()
+        key = ""
+        if fn.start_mode == "restore" and fn.snapshot_id:
+            snap = await s.store.run(s.store.get_snapshot, fn.snapshot_id)
+            if snap.state is SnapshotState.READY and snap.manifest:
+                manifest = manifest_pb2.SnapshotManifest.FromString(snap.manifest)
+                key = manifest_key(manifest)
+                holders = s.holders.setdefault(snap.id, {snap.node_id})
+        need = fn.spec.resources.gpu_memory
+        instance_id = new_id("inst")
+        # Past the tenant's quota -> QuotaExceeded (429); its warm instances still serve.
+        await s.quotas.claim(fn.tenant, instance_id, need, s.pools.values())
+        try:
+            return await self._start_placed(fn, instance_id, need, manifest, key, holders)
+        finally:
+            s.placing.pop(instance_id, None)
+            s.quotas.release(instance_id)
+
+    async def _start_placed(self, fn: FunctionRecord, instance_id: str, need: int,
+                            manifest: manifest_pb2.SnapshotManifest | None, key: str,
+                            holders: set[str]) -> tuple[InstanceView, Timings]:
+        s = self.s
+        excluded: set[str] = set()
+        lacking: dict[str, str] = {}  # docker nodes whose engine lacks the image -> why
+        while True:
+            if lacking and all(n.id in lacking for n in s.runnable_nodes(fn)):
+                raise self.fleet.image_missing(fn, lacking)
+            node = await self._place(fn, instance_id, need, key, holders, excluded)
+            s.placing[instance_id] = (fn.id, node.id)
+            node.starts_in_flight += 1
+            node.starting_ids.add(instance_id)
+            try:
+                resp = await self._start_on(node, fn, instance_id, manifest, holders)
+                break
+            except (Unavailable, OutOfMemory) as exc:
+                node.unreserve(instance_id)
+                # The node is gone (its agent does not answer) or its memory is not
+                # what the ledger says: try the other nodes before giving up.
+                if isinstance(exc, Unavailable):
+                    if await node.client.alive():
+                        raise
+                    await self.fleet.mark_lost(node, f"unreachable while starting: {exc}")
+                log.warning("start failed on node; trying another", node=node.id,
+                            function=fn_name(fn), error=str(exc))
+                excluded.add(node.id)
+            except ImageNotOnNode as exc:
+                node.unreserve(instance_id)
+                log.warning("image not on node; trying another", node=node.id,
+                            function=fn_name(fn), error=str(exc))
+                excluded.add(node.id)
+                lacking[node.id] = str(exc)
+            except BaseException:
+                node.unreserve(instance_id)
+                raise
+            finally:
+                node.starts_in_flight -= 1
+                node.starting_ids.discard(instance_id)
+        start = "restore" if resp.kind == agent_pb2.START_RESTORE else "fresh"
+        if start == "restore" and fn.snapshot_id and manifest is not None:
+            holders.add(node.id)  # it fetched the chunks it lacked
+            self.tiers.keep_pinned(node, manifest)
+        await s.store.run(s.store.add_instance, instance_id, fn.id, fn.version, node.id,
+                          start)
+        inst = InstanceView(id=instance_id, function_id=fn.id, version=fn.version,
+                            node_id=node.id, start=start, gpu_memory=need,
+                            last_used=s.clock())
+        s.events.emit(EventKind.INSTANCE_STARTED,
+                      f"instance {instance_id} of {fn_name(fn)} started ({start})",
+                      node_id=node.id, function=fn_name(fn), instance=instance_id,
+                      start=start)
+        log.info("instance started", function=fn_name(fn), instance=instance_id,
+                 node=node.id, start=start,
+                 timings={t.stage: round(t.seconds, 4) for t in resp.timings})
+        return inst, tuple((t.stage, t.seconds) for t in resp.timings)
+
+    async def _start_on(self, node: NodeView, fn: FunctionRecord, instance_id: str,
+                        manifest: manifest_pb2.SnapshotManifest | None, holders: set[str]
+                        ) -> agent_pb2.StartInstanceResponse:
+        """Restore (or start fresh) on the node; a snapshot that fails to restore is
+        quarantined and the instance starts fresh."""
+        nodes = self.s.nodes
+        kind = agent_pb2.START_RESTORE if manifest is not None else agent_pb2.START_FRESH
+        peers = [nodes[h].control_address for h in sorted(holders)
+                 if h != node.id and h in nodes and nodes[h].state is not NodeState.LOST]
+        try:
+            return await node.client.start_instance(agent_pb2.StartInstanceRequest(
+                instance_id=instance_id, function=spec_message(fn), kind=kind,
+                manifest=manifest, peers=peers), timeout=START_RPC_TIMEOUT)
+        except (SnapshotError, ChunkNotFound) as exc:
+            if fn.snapshot_id is None:
+                raise
+            if isinstance(exc, ChunkNotFound):
+                # The data is out of reach (its nodes are down), not broken: start
+                # fresh this time and keep the snapshot.
+                log.warning("snapshot chunks unreachable; starting fresh",
+                            function=fn_name(fn), error=str(exc))
+            else:
+                await self._quarantine(fn, str(exc))
+            self.s.events.emit(EventKind.RESTORE_FAILED,
+                               f"restore of {fn_name(fn)} on {node.id} failed: {exc}",
+                               node_id=node.id, function=fn_name(fn),
+                               snapshot=fn.snapshot_id, quarantined=not isinstance(
+                                   exc, ChunkNotFound))
+            return await node.client.start_instance(agent_pb2.StartInstanceRequest(
+                instance_id=instance_id, function=spec_message(fn),
+                kind=agent_pb2.START_FRESH), timeout=START_RPC_TIMEOUT)
+
+    async def _quarantine(self, fn: FunctionRecord, reason: str) -> None:
+        """A restore failed: never use this snapshot again; run fresh (no rebuild loop)."""
+        assert fn.snapshot_id is not None
+        store = self.s.store
+        await store.run(store.finish_snapshot, fn.snapshot_id,
+                        SnapshotState.QUARANTINED, reason=reason)
+        await store.run(store.set_function_state, fn.id, fn.version, FunctionState.READY,
+                        f"snapshot quarantined after a failed restore: {reason}; "
+                        "runs with fresh starts", "fresh")
+        await store.run(self.s.versions.run_fresh, fn.id, fn.version,
+                        f"snapshot quarantined after a failed restore: {reason}")
+        log.error("snapshot quarantined", function=fn_name(fn),
+                  snapshot=fn.snapshot_id, reason=reason)
+        self.s.events.emit(EventKind.SNAPSHOT_QUARANTINED,
+                           f"snapshot {fn.snapshot_id} of {fn_name(fn)} quarantined: {reason}",
+                           function=fn_name(fn), snapshot=fn.snapshot_id)
