@@ -11,7 +11,7 @@ import click
 from thaw.core.errors import ThawError
 from thaw.core.units import parse_duration
 from thaw.ops.client import Client
-from thaw.ops.functions import print_table
+from thaw.ops.output import print_table
 
 
 @click.command()

@@ -12,19 +12,19 @@ from typing import Any
 import httpx
 
 from thaw.core.errors import ThawError, Unauthenticated, Unavailable
-from thaw.ops.config import DEFAULT_URL, credentials
+from thaw.ops.credentials import DEFAULT_URL, credentials
 
 # Deploys wait for the snapshot build; a large model's setup() can take minutes.
 DEPLOY_TIMEOUT = 1800.0
 
 
 def api_key() -> str:
-    """THAW_API_KEY, else the config file, else thaw up's dev key (ops/config.py)."""
+    """THAW_API_KEY, else the config file, else thaw up's dev key (ops/credentials.py)."""
     return credentials().key
 
 
 def gateway_url() -> str:
-    """THAW_URL, else the config file, else DEFAULT_URL (ops/config.py)."""
+    """THAW_URL, else the config file, else DEFAULT_URL (ops/credentials.py)."""
     if os.environ.get("THAW_URL", "").strip() and not os.environ.get("THAW_PROFILE"):
         return os.environ["THAW_URL"].strip().rstrip("/")
     try:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from collections.abc import Iterator
@@ -10,28 +9,11 @@ from pathlib import Path
 
 import click
 import httpx
-from rich.console import Console
-from rich.table import Table
 
 from thaw.core.errors import ThawError
 from thaw.core.units import format_size
 from thaw.ops.client import Client
-
-console = Console(width=200) if not sys.stdout.isatty() else Console()
-
-
-def print_table(rows: list[dict[str, object]], columns: list[str], as_json: bool) -> None:
-    """The one table printer of list commands (or JSON with --json)."""
-    if as_json:
-        click.echo(json.dumps(rows, indent=2))
-        return
-    table = Table(box=None, header_style="bold")
-    for column in columns:
-        # URLs and ids are copied from here: never cut them short.
-        table.add_column(column, overflow="fold", no_wrap=column in ("url", "id"))
-    for row in rows:
-        table.add_row(*(str(row.get(c, "")) for c in columns))
-    console.print(table)
+from thaw.ops.output import console, print_table
 
 
 @click.command()

@@ -14,7 +14,7 @@ import click
 from thaw.core.errors import ThawError
 from thaw.core.units import format_size
 from thaw.ops.client import Client
-from thaw.ops.functions import print_table
+from thaw.ops.output import print_table
 
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled", "expired")
 # The gateway holds a result request up to its sync_wait_seconds (at most 3600, see

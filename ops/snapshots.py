@@ -10,7 +10,7 @@ import click
 
 from thaw.core.units import format_size
 from thaw.ops.client import Client
-from thaw.ops.functions import console, print_table
+from thaw.ops.output import console, print_table
 from thaw.ops.progress import gbps, run_pass
 
 # `thaw snapshot verify` found a bad or missing chunk (distinct from 1, an error).

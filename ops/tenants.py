@@ -10,7 +10,7 @@ import click
 
 from thaw.core.units import format_size
 from thaw.ops.client import Client
-from thaw.ops.functions import print_table
+from thaw.ops.output import print_table
 
 
 def _when(seconds: float | None) -> str:

@@ -15,7 +15,7 @@ from rich.text import Text
 from thaw.core.errors import ThawError
 from thaw.core.units import format_size
 from thaw.ops.client import Client
-from thaw.ops.functions import console
+from thaw.ops.output import console
 
 PRESSURE_STYLE = {"normal": "green", "pressure": "yellow", "critical": "red",
                   "emergency": "bold red"}

@@ -9,7 +9,7 @@ import click
 
 from thaw.core.units import format_size
 from thaw.ops.client import Client
-from thaw.ops.functions import print_table
+from thaw.ops.output import print_table
 
 TIME_HELP = "ISO 8601 (2030-01-31, 2030-01-31T12:00:00Z) or unix seconds"
 
