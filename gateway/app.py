@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import structlog
@@ -37,9 +35,9 @@ from thaw.gateway.invoke import invoke
 from thaw.gateway.leases import LeasePool
 from thaw.gateway.metrics import GatewayMetrics
 from thaw.gateway.nodeclient import NodeClient
-from thaw.gateway.openapi import openapi_view
 from thaw.gateway.ratelimit import KeyRateLimiter
 from thaw.gateway.scheduler_client import SchedulerClient
+from thaw.gateway.snapshots import snapshot_pass
 from thaw.gateway.state import (
     CONFIG_KEY,
     ERROR_CODE_KEY,
@@ -52,7 +50,7 @@ from thaw.gateway.state import (
     Gateway,
 )
 from thaw.gateway.stats import STATS_KEY
-from thaw.gateway.versions import version_json
+from thaw.gateway.views import function_json, node_json
 from thaw.proto import scheduler_pb2
 
 log = structlog.get_logger()
@@ -148,24 +146,6 @@ async def principal(request: web.Request) -> scheduler_pb2.Principal:
 
 # ---- management API ------------------------------------------------------------------
 
-def function_url(request: web.Request, tenant: str, name: str) -> str:
-    base = request.app[CONFIG_KEY].public_url or f"{request.scheme}://{request.host}"
-    return f"{base.rstrip('/')}/fn/{tenant}/{name}"
-
-
-def function_json(request: web.Request, fn: scheduler_pb2.FunctionInfo) -> dict[str, Any]:
-    return {
-        "name": fn.name, "tenant": fn.tenant, "version": fn.version, "state": fn.state,
-        "reason": fn.reason, "start_mode": fn.start_mode, "handler": fn.handler,
-        "bundle_digest": fn.bundle_digest, "snapshot_bytes": fn.snapshot_bytes,
-        "warm_instances": fn.warm_instances, "config": json.loads(fn.config_json or "{}"),
-        "created_at": fn.created_at, "updated_at": fn.updated_at,
-        "active_version": fn.active_version or None,
-        "latest_build": version_json(fn.latest_build) if fn.HasField("latest_build") else None,
-        "url": function_url(request, fn.tenant, fn.name), "priority": fn.priority or None,
-    }
-
-
 async def read_bundle_upload(request: web.Request) -> bytes:
     limit = request.app[CONFIG_KEY].max_bundle_bytes
     if request.content_type.startswith("multipart/"):
@@ -236,8 +216,6 @@ async def delete_function(request: web.Request) -> web.Response:
 
 async def prewarm_function(request: web.Request) -> web.StreamResponse:
     if "application/x-ndjson" in request.headers.get("Accept", ""):
-        from thaw.gateway.snapshots import snapshot_pass  # progress as NDJSON (cli)
-
         return await snapshot_pass(request, "prewarm")
     p = await principal(request)
     require(p, "deploy")
@@ -253,31 +231,6 @@ async def evict_function(request: web.Request) -> web.Response:
     reply = await request.app[GATEWAY_KEY].scheduler.evict(
         p.tenant, request.match_info["name"], request.query.get("node", ""))
     return web.json_response({"nodes": list(reply.node_ids), "bytes": reply.bytes})
-
-
-def node_json(node: scheduler_pb2.NodeInfo) -> dict[str, Any]:
-    return {
-        "id": node.id, "state": node.state, "instances": node.instances,
-        "runtime": node.runtime or "process",
-        "data_url": node.data_url, "disk_bytes": node.disk_bytes,
-        "last_heartbeat_age_seconds": round(node.last_heartbeat_age_seconds, 3),
-        "devices": [{"id": d.id, "kind": d.kind, "capacity_bytes": d.capacity_bytes,
-                     "used_bytes": d.used_bytes} for d in node.devices],
-        "pinned": {"capacity_bytes": node.pinned.capacity_bytes,
-                   "used_bytes": node.pinned.used_bytes, "chunks": node.pinned.chunks,
-                   "snapshots": len(node.pinned.snapshot_keys)},
-        "pressure": node.pressure or "normal",
-        "pressures": [{"resource": p.resource, "level": p.level,
-                       "used_fraction": round(p.used_fraction, 4)} for p in node.pressures],
-        "telemetry": {
-            "cpu_percent": node.telemetry.cpu_percent,
-            "memory_used_bytes": node.telemetry.memory_used_bytes,
-            "memory_total_bytes": node.telemetry.memory_total_bytes,
-            "instances": [{"id": i.instance_id, "function": i.function,
-                           "rss_bytes": i.rss_bytes, "unique_bytes": i.unique_bytes,
-                           "cpu_percent": i.cpu_percent} for i in node.telemetry.instances],
-        },
-    }
 
 
 async def list_nodes(request: web.Request) -> web.Response:
@@ -407,7 +360,7 @@ def make_app(config: GatewayConfig, metrics: GatewayMetrics | None = None,
     r.add_get("/healthz", healthz)
     r.add_get("/readyz", readyz)
     r.add_get("/metrics", metrics_view)
-    r.add_get("/openapi.json", openapi_view)
+    r.add_get("/openapi.json", routes.openapi_view)
     r.add_post("/v1/functions", create_function)
     r.add_get("/v1/functions", list_functions)
     r.add_get("/v1/functions/{name}", get_function)
@@ -418,8 +371,7 @@ def make_app(config: GatewayConfig, metrics: GatewayMetrics | None = None,
     r.add_get("/v1/events", list_events)
     r.add_post("/v1/nodes/{node}/{action:cordon|uncordon}", cordon_node)
     openai_api.add_routes(app)
-    for module in routes.modules():
-        module.add_routes(app)
+    routes.add_routes(app)
     r.add_post("/fn/{tenant}/{name}", invoke)
     r.add_post("/fn/{tenant}/{name}/{path:.*}", invoke)
     return app

@@ -37,6 +37,7 @@ from thaw.gateway.errors import error_body
 from thaw.gateway.openapi import PUBLIC, _json, _ref
 from thaw.gateway.state import CONFIG_KEY, GATEWAY_KEY
 from thaw.gateway.stats import STATS_KEY, FunctionStats
+from thaw.gateway.views import function_json, node_json
 from thaw.proto import scheduler_pb2
 
 log = structlog.get_logger()
@@ -125,8 +126,6 @@ async def build_snapshot(request: web.Request, p: scheduler_pb2.Principal,
                          operator: bool, selected: str = "") -> dict[str, Any]:
     """`selected`: the function whose charts the page shows (its series are sent; the
     others' figures only). Empty: the first function."""
-    from thaw.gateway.app import function_json, node_json  # app imports routes -> us
-
     gw = request.app[GATEWAY_KEY]
     stats = request.app[STATS_KEY]
     functions = await gw.scheduler.list_functions(p.tenant)

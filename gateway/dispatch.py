@@ -34,6 +34,7 @@ from thaw.gateway.errors import CircuitOpen, InstanceBusy
 from thaw.gateway.leases import LeasePool
 from thaw.gateway.metrics import GatewayMetrics
 from thaw.gateway.nodeclient import NodeAnswer, NodeClient
+from thaw.gateway.request import IDEMPOTENCY_HEADER
 from thaw.proto import agent_pb2, scheduler_pb2
 
 log = structlog.get_logger()
@@ -47,8 +48,6 @@ INSTANCE_LOST_STATUSES = frozenset((502, 504, 507))
 # instance left (503) or is full (429, a slot the scheduler thought free). Safe to
 # retry once on a fresh lease; their bodies are small JSON.
 REFUSAL_STATUSES = frozenset((429, 503))
-# A call carrying this header may run twice: it is retried once if its node dies.
-IDEMPOTENCY_HEADER = "Idempotency-Key"
 REFUSAL_CODES = frozenset(("instance_unavailable", "instance_busy"))
 # A slot can stay busy on the node a moment after the scheduler freed it (the node
 # finishes a call whose client left): retries back off from this, doubling, this often.

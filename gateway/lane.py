@@ -14,7 +14,7 @@ the calls after its first API request.
 The lane runs the same code as aiohttp's route: `errors_middleware` around
 `invoke.invoke`, given a LaneRequest that offers the few parts of aiohttp's Request
 they read. Streamed answers go out through LaneStreamResponse, which offers the parts
-of aiohttp's StreamResponse that `invoke.relay` uses. So the answers are the same,
+of aiohttp's StreamResponse that `relay.relay` uses. So the answers are the same,
 byte for byte in their bodies and in every header but aiohttp's `Server`.
 """
 
@@ -30,7 +30,7 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy, MultiDict, MultiDictProxy
 
 from thaw.core.http1server import Claim, Request, ResponseWriter
-from thaw.gateway.invocations import IDEMPOTENCY_HEADER, WEBHOOK_HEADER
+from thaw.gateway.request import IDEMPOTENCY_HEADER, PREFER_HEADER, WEBHOOK_HEADER
 
 FN_PREFIX = "/fn/"
 # The lane reads a body whole before the route runs; larger bodies go to aiohttp, whose
@@ -38,7 +38,8 @@ FN_PREFIX = "/fn/"
 # before the body is sent.
 LANE_MAX_BODY_BYTES = 1024 * 1024
 # Request headers that send a call to aiohttp's route (stored invocations).
-_HANDED_OFF_HEADERS = ("prefer", IDEMPOTENCY_HEADER.lower(), WEBHOOK_HEADER.lower())
+_HANDED_OFF_HEADERS = (PREFER_HEADER.lower(), IDEMPOTENCY_HEADER.lower(),
+                       WEBHOOK_HEADER.lower())
 
 
 def function_of(path: str) -> tuple[str, str, str] | None:
@@ -129,7 +130,7 @@ class LaneRequest(MutableMapping[Any, Any]):
 
 
 class LaneStreamResponse:
-    """The parts of aiohttp's web.StreamResponse that `invoke.relay` uses, writing to
+    """The parts of aiohttp's web.StreamResponse that `relay.relay` uses, writing to
     the lane's connection."""
 
     def __init__(self, status: int, headers: dict[str, str]) -> None:

@@ -29,18 +29,12 @@ from cachetools import TTLCache
 
 from thaw.core.errors import InvalidArgument, NotFound, ThawError
 from thaw.core.spec import NAME_PATTERN
+from thaw.gateway.admit import admit, new_call
 from thaw.gateway.dispatch import Exchange, Settlement, StreamBroken
 from thaw.gateway.errors import BadFunctionAnswer
-from thaw.gateway.invoke import (
-    admit,
-    answer_headers,
-    client_timeout,
-    finish_stream,
-    new_call,
-    read_body,
-    relay,
-)
 from thaw.gateway.priority import call_priority, check_body_size
+from thaw.gateway.relay import answer_headers, finish_stream, relay
+from thaw.gateway.request import TIMEOUT_HEADER, client_timeout, read_body
 from thaw.gateway.sse import SSE_CONTENT_TYPE, EventParser, error_json
 from thaw.gateway.state import (
     ERROR_CODE_KEY,
@@ -89,7 +83,7 @@ async def _open(request: web.Request, gw: Gateway, path: str, body: bytes, model
     headers = {"Content-Type": "application/json",
                "Accept": SSE_CONTENT_TYPE if stream else "application/json"}
     priority = await call_priority(request, gw, p, p.tenant, model)
-    call = new_call(request, gw, p.tenant, model, path, body, headers, timeout, priority)
+    call = new_call(request, p.tenant, model, path, body, headers, timeout, priority)
     request[FUNCTION_KEY] = call.function
     ex = await gw.dispatcher.open(call)
     request[START_KEY] = ex.start
@@ -100,7 +94,7 @@ async def _prepare(request: web.Request) -> tuple[Gateway, dict[str, Any], bytes
                                                   float | None]:
     gw = request.app[GATEWAY_KEY]
     request[PRINCIPAL_KEY] = await admit(request, gw)
-    timeout = client_timeout(request)
+    timeout = client_timeout(request.headers.get(TIMEOUT_HEADER))
     body = await read_body(request, gw.config.max_body_bytes)
     return gw, _request_json(body), body, timeout
 

@@ -7,11 +7,9 @@ live gateway with it.
 
 from __future__ import annotations
 
-import functools
+from collections.abc import Iterable, Mapping
 from importlib import metadata
 from typing import Any
-
-from aiohttp import web
 
 JSON = "application/json"
 ERROR_CODES_NOTE = (
@@ -210,13 +208,11 @@ def _openai_operation(summary: str, body: str, streams: bool) -> dict[str, Any]:
     }
 
 
-@functools.cache
-def build_document() -> dict[str, Any]:
-    from thaw.gateway import routes
-
+def document_with(parts: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """The whole document: the core routes' paths and each feature's `parts`."""
     document = _core_document()
-    for module in routes.modules():
-        for path, item in module.OPENAPI_PATHS.items():
+    for paths in parts:
+        for path, item in paths.items():
             # Merged per method: a module may add PATCH to a path the core serves.
             document["paths"].setdefault(path, {}).update(item)
     return document
@@ -436,7 +432,3 @@ def _schemas() -> dict[str, Any]:
                 "encoding_format": {"type": "string", "enum": ["float", "base64"]},
                 "dimensions": {"type": "integer", "minimum": 1}}},
     }
-
-
-async def openapi_view(request: web.Request) -> web.Response:
-    return web.json_response(build_document())

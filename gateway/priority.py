@@ -19,7 +19,6 @@ reading it, with no scheduler round trip per call (`body_limit`).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +29,7 @@ from thaw.core.errors import InvalidArgument, NotFound, PermissionDenied
 from thaw.core.priority import PRIORITY_DEFAULT, PRIORITY_MAX, PRIORITY_MIN, valid_priority
 from thaw.gateway.auth import is_operator, require
 from thaw.gateway.errors import PayloadTooLarge
+from thaw.gateway.fnconfig import config_of
 from thaw.gateway.openapi import JSON, _errors, _json
 from thaw.gateway.scheduler_client import SchedulerClient
 from thaw.gateway.state import CONFIG_KEY, GATEWAY_KEY, Gateway
@@ -55,11 +55,10 @@ class FunctionKnobs:
 
 def knobs_of(fn: scheduler_pb2.FunctionInfo) -> FunctionKnobs:
     try:
-        limits = json.loads(fn.config_json or "{}").get("limits") or {}
-        max_body = int(limits.get("max_body") or 0)
-    except (ValueError, TypeError, AttributeError):
+        max_body = config_of(fn.config_json).max_body
+    except ValueError:
         max_body = 0  # a config this gateway cannot read: the gateway's limit holds
-    return FunctionKnobs(priority=fn.priority or None, max_body=max(max_body, 0))
+    return FunctionKnobs(priority=fn.priority or None, max_body=max_body)
 
 
 class FunctionDefaults:
@@ -123,9 +122,25 @@ async def call_priority(request: web.Request, gw: Gateway, p: scheduler_pb2.Prin
     asked = header_priority(request, p)
     if asked is not None:
         return asked
-    default = (await _defaults(request.app).get(gw.scheduler, tenant, name)).priority
-    if default is not None:
-        return default
+    knobs = await _defaults(request.app).get(gw.scheduler, tenant, name)
+    return _priority(None, p, knobs)
+
+
+async def call_knobs(request: web.Request, gw: Gateway, p: scheduler_pb2.Principal,
+                     tenant: str, name: str) -> tuple[int, int, str]:
+    """An invocation's priority (as `call_priority`) and its body limit (as
+    `body_limit`), from one look at the function's cached knobs."""
+    asked = header_priority(request, p)
+    knobs = await _defaults(request.app).get(gw.scheduler, tenant, name)
+    limit, described = _limit(gw, name, knobs)
+    return _priority(asked, p, knobs), limit, described
+
+
+def _priority(asked: int | None, p: scheduler_pb2.Principal, knobs: FunctionKnobs) -> int:
+    if asked is not None:
+        return asked
+    if knobs.priority is not None:
+        return knobs.priority
     return p.priority_default or PRIORITY_DEFAULT
 
 
@@ -133,8 +148,12 @@ async def body_limit(request: web.Request, gw: Gateway, tenant: str, name: str
                      ) -> tuple[int, str]:
     """The largest body an invocation of tenant/name may send, and how a 413 names
     it: the function's `limits.max_body`, capped by the gateway's max_body_bytes."""
+    return _limit(gw, name, await _defaults(request.app).get(gw.scheduler, tenant, name))
+
+
+def _limit(gw: Gateway, name: str, knobs: FunctionKnobs) -> tuple[int, str]:
     gateway_limit = gw.config.max_body_bytes
-    own = (await _defaults(request.app).get(gw.scheduler, tenant, name)).max_body
+    own = knobs.max_body
     if own and own < gateway_limit:
         return own, f"function {name}'s limit of {own} bytes (limits.max_body)"
     return gateway_limit, f"this gateway's limit of {gateway_limit} bytes (max_body_bytes)"

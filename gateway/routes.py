@@ -1,31 +1,70 @@
-"""The gateway's feature modules beyond the core routes in app.py.
+"""The gateway's feature modules beyond the core routes in app.py, in one table.
 
-Each module named here provides:
+Each module listed provides:
 - `add_routes(app: web.Application) -> None`: its routes, and any background work as
   `app.cleanup_ctx` entries (they run after the core components are built, so
   `app[GATEWAY_KEY]` is there);
 - `OPENAPI_PATHS: dict[str, Any]`: its part of the OpenAPI document's `paths` (the
   openapi test checks the document names exactly the routes served).
+
+The OpenAPI document is composed here too, from the core document and this table.
 """
 
 from __future__ import annotations
 
-import importlib
-from types import ModuleType
+import functools
+from typing import Any, Protocol
 
-MODULES: tuple[str, ...] = (
-    "thaw.gateway.invocations",
-    "thaw.gateway.tenancy",
-    "thaw.gateway.audit",
-    "thaw.gateway.usage",
-    "thaw.gateway.logs",
-    "thaw.gateway.snapshots",
-    "thaw.gateway.dashboard",
-    "thaw.gateway.alerts",
-    "thaw.gateway.priority",
-    "thaw.gateway.versions",
+from aiohttp import web
+
+from thaw.gateway import (
+    alerts,
+    audit,
+    dashboard,
+    logs,
+    priority,
+    snapshots,
+    tenancy,
+    usage,
+    versions,
+)
+from thaw.gateway.openapi import document_with
+from thaw.gateway.stored import routes as stored
+
+
+class Feature(Protocol):
+    """A feature module (see the module's docstring)."""
+
+    OPENAPI_PATHS: dict[str, Any]
+
+    def add_routes(self, app: web.Application) -> None: ...
+
+
+FEATURES: tuple[Feature, ...] = (
+    stored,
+    tenancy,
+    audit,
+    usage,
+    logs,
+    snapshots,
+    dashboard,
+    alerts,
+    priority,
+    versions,
 )
 
 
-def modules() -> list[ModuleType]:
-    return [importlib.import_module(name) for name in MODULES]
+def add_routes(app: web.Application) -> None:
+    """Every feature's routes, in the table's order."""
+    for feature in FEATURES:
+        feature.add_routes(app)
+
+
+@functools.cache
+def build_document() -> dict[str, Any]:
+    """The OpenAPI document of every route the app serves."""
+    return document_with(feature.OPENAPI_PATHS for feature in FEATURES)
+
+
+async def openapi_view(request: web.Request) -> web.Response:
+    return web.json_response(build_document())

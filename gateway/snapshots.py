@@ -21,6 +21,7 @@ from thaw.gateway.auth import require, require_operator
 from thaw.gateway.errors import error_body
 from thaw.gateway.openapi import _errors, _json
 from thaw.gateway.state import GATEWAY_KEY
+from thaw.gateway.views import node_json
 from thaw.proto import agent_pb2, manifest_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 NDJSON = "application/x-ndjson"
@@ -166,8 +167,6 @@ async def drain_node(request: web.Request) -> web.Response:
     require_operator(await _principal(request), gw.config)  # type: ignore[arg-type]
     reply = await call(_stub(request).Drain(scheduler_pb2.DrainRequest(
         node_id=request.match_info["node"]), timeout=META_TIMEOUT_SECONDS))
-    from thaw.gateway.app import node_json
-
     return web.json_response({"node": node_json(reply.node), "stopped": reply.stopped,
                               "finishing": reply.finishing})
 

@@ -31,7 +31,6 @@ import csv
 import datetime
 import io
 import itertools
-import json
 import math
 import re
 import time
@@ -49,6 +48,7 @@ from thaw.core.errors import InvalidArgument, NotFound, ThawError, Unavailable
 from thaw.core.grpcutil import call
 from thaw.gateway.auth import require, require_operator
 from thaw.gateway.dispatch import Exchange, Settlement
+from thaw.gateway.fnconfig import config_of
 from thaw.gateway.state import CONFIG_KEY, GATEWAY_KEY
 from thaw.proto import usage_pb2, usage_pb2_grpc
 
@@ -151,9 +151,8 @@ def measure(ex: Exchange, how: Settlement, usage_id: str) -> UsageRecord:
 
 
 def size_of(config_json: str, version: str) -> FunctionSize:
-    resources = json.loads(config_json or "{}").get("resources", {})
-    memory = int(resources.get("gpu_memory", 0) or 0)
-    percent = int(resources.get("gpu_compute", 0) or 0)
+    config = config_of(config_json)
+    memory, percent = config.gpu_memory, config.gpu_compute
     share = percent / 100 if percent else (1.0 if memory else 0.0)
     return FunctionSize(version, memory, min(share, 1.0))
 

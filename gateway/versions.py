@@ -22,6 +22,7 @@ from thaw.core.errors import InvalidArgument
 from thaw.core.grpcutil import call
 from thaw.gateway.auth import require
 from thaw.gateway.state import GATEWAY_KEY
+from thaw.gateway.views import function_json, version_json
 from thaw.proto import scheduler_pb2, scheduler_pb2_grpc
 
 # Versions are numbered from 1; a rollback target past this is a typo, not a version.
@@ -29,16 +30,6 @@ MAX_VERSION = 2**31 - 1
 # Listing is a DB read; a rollback may rebuild a snapshot (like a deploy that waits).
 LIST_TIMEOUT = 30.0
 ROLLBACK_TIMEOUT = 1800.0
-
-
-def version_json(v: scheduler_pb2.VersionInfo) -> dict[str, Any]:
-    return {
-        "version": v.version, "state": v.state, "reason": v.reason, "active": v.active,
-        "bundle_digest": v.bundle_digest, "handler": v.handler, "start_mode": v.start_mode,
-        "snapshot": v.snapshot_state or None, "snapshot_bytes": v.snapshot_bytes,
-        "created_at": v.created_at, "activated_at": v.activated_at or None,
-        "config": json.loads(v.config_json or "{}"),
-    }
 
 
 def _stub(request: web.Request) -> scheduler_pb2_grpc.SchedulerStub:
@@ -79,8 +70,6 @@ async def rollback_target(request: web.Request) -> int:
 
 
 async def rollback(request: web.Request) -> web.Response:
-    from thaw.gateway.app import function_json  # app.py imports this module's helpers
-
     gw = request.app[GATEWAY_KEY]
     p = await gw.auth.principal(request.headers.get("Authorization", ""))
     require(p, "deploy")

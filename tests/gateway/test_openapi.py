@@ -22,8 +22,8 @@ from tests.conftest import EXAMPLES, RunningPlatform
 from tests.gateway.conftest import deploy_once
 from thaw.core.config import GatewayConfig
 from thaw.gateway.app import make_app
-from thaw.gateway.invocations import WEBHOOK_HEADER
-from thaw.gateway.openapi import build_document
+from thaw.gateway.request import WEBHOOK_HEADER
+from thaw.gateway.routes import build_document
 
 # Examples per operation and mode: enough to hit every branch of the validation,
 # bounded so the whole run takes seconds.

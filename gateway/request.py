@@ -1,0 +1,194 @@
+"""The edge of the invocation path: a function-URL request's headers read once into a
+frozen `InvokeRequest`, and the request's body read within its limit.
+
+Everything after this module takes what it needs from the `InvokeRequest` (or the
+dispatch `Call` built from it) and never looks at the raw headers again:
+- `Prefer` (RFC 7240): `respond-async` and `wait=N`;
+- `Idempotency-Key` (1 to MAX_KEY_CHARS characters);
+- a webhook (`X-Thaw-Webhook: <url>` or `?webhook=<url>`);
+- `X-Thaw-Timeout: <seconds>`: the client's own deadline;
+- `Accept: text/event-stream`: a streamed answer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from urllib.parse import quote, urlsplit
+
+from aiohttp import web
+
+from thaw.core.errors import InvalidArgument
+from thaw.gateway.errors import PayloadTooLarge
+
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+WEBHOOK_HEADER = "X-Thaw-Webhook"
+INVOCATION_HEADER = "X-Thaw-Invocation"
+TIMEOUT_HEADER = "X-Thaw-Timeout"
+PREFER_HEADER = "Prefer"
+# Keys longer than this are refused (Stripe allows 255 too); the DB column is as wide.
+MAX_KEY_CHARS = 255
+MAX_WEBHOOK_CHARS = 2048
+# Longest deadline a client may ask for: a day; the function's own timeout and the
+# wait for placement bound a call well before that.
+MAX_CLIENT_TIMEOUT_SECONDS = 86_400.0
+# Characters left as they are when a sub-path is encoded again (RFC 3986 pchar and /).
+PATH_SAFE = "/:@!$&'()*+,;=-._~"
+# Request headers the function's handler may see.
+CALL_HEADERS = ("Content-Type", "Accept", IDEMPOTENCY_HEADER)
+SSE_ACCEPT = "text/event-stream"
+
+
+@dataclass(frozen=True, slots=True)
+class InvokeRequest:
+    """What a function-URL request asks for beyond its body, read once at the edge."""
+
+    respond_async: bool
+    """`Prefer: respond-async`: answer 202 with the invocation's id."""
+    wait: float | None
+    """`Prefer: wait=N` in seconds; None when not asked."""
+    idempotency_key: str
+    """"" without one."""
+    webhook: str
+    """The URL the finished invocation is POSTed to; "" without one."""
+    timeout: float | None
+    """X-Thaw-Timeout in seconds; None without one."""
+    streaming: bool
+    """The client accepts a stream (SSE)."""
+
+    @property
+    def stored(self) -> bool:
+        """Whether the call is a stored invocation from the start: async, or with an
+        Idempotency-Key or a webhook unless it streams (a stream is relayed as it is
+        produced, never stored; its Idempotency-Key only allows a retry). A plain sync
+        call becomes one only once it runs past its wait limit."""
+        if self.respond_async:
+            return True
+        return not self.streaming and bool(self.idempotency_key or self.webhook)
+
+    def wait_limit(self, sync_wait_seconds: float) -> float:
+        """How long the client waits for the answer before it gets the invocation's
+        URL instead: its `wait=N`, capped by the gateway's sync_wait_seconds."""
+        return sync_wait_seconds if self.wait is None else min(self.wait,
+                                                               sync_wait_seconds)
+
+
+PLAIN = InvokeRequest(respond_async=False, wait=None, idempotency_key="", webhook="",
+                      timeout=None, streaming=False)
+"""A request that asks for nothing beyond its body."""
+
+
+def parse_invoke(request: web.Request) -> InvokeRequest:
+    """The request's asks, read from its headers (and `?webhook=`); raises
+    InvalidArgument for a malformed one."""
+    headers = request.headers
+    timeout = client_timeout(headers.get(TIMEOUT_HEADER))
+    prefer = headers.getall(PREFER_HEADER, ()) if PREFER_HEADER in headers else ()
+    respond_async, wait = parse_prefer(prefer)
+    key = idempotency_key_of(headers.get(IDEMPOTENCY_HEADER))
+    webhook = webhook_of(headers.get(WEBHOOK_HEADER) or (
+        request.query.get("webhook", "") if request.rel_url.raw_query_string else ""))
+    streaming = SSE_ACCEPT in headers.get("Accept", "")
+    if timeout is None and not prefer and not key and not webhook and not streaming:
+        return PLAIN
+    return InvokeRequest(respond_async, wait, key, webhook, timeout, streaming)
+
+
+def parse_prefer(values: tuple[str, ...] | list[str]) -> tuple[bool, float | None]:
+    """(respond-async asked, wait=N seconds or None) from Prefer headers (RFC 7240)."""
+    respond_async, wait = False, None
+    for value in values:
+        for pref in value.split(","):
+            token, _, arg = pref.split(";")[0].strip().partition("=")
+            token = token.strip().lower()
+            if token == "respond-async":
+                respond_async = True
+            elif token == "wait":
+                try:
+                    seconds = float(arg.strip().strip('"'))
+                except ValueError:
+                    continue
+                if math.isfinite(seconds) and seconds >= 0:
+                    wait = seconds
+    return respond_async, wait
+
+
+def prefer_wait(request: web.Request) -> float | None:
+    """`Prefer: wait=N` of a request that may only ask to wait (a result URL)."""
+    return parse_prefer(request.headers.getall(PREFER_HEADER, []))[1]
+
+
+def client_timeout(raw: str | None) -> float | None:
+    """X-Thaw-Timeout's seconds; None without the header."""
+    if raw is None:
+        return None
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds <= MAX_CLIENT_TIMEOUT_SECONDS:
+        raise InvalidArgument(
+            f"{TIMEOUT_HEADER} must be a number of seconds in (0, "
+            f"{MAX_CLIENT_TIMEOUT_SECONDS:g}], got {raw!r}", field=TIMEOUT_HEADER)
+    return seconds
+
+
+def webhook_of(url: str) -> str:
+    """The webhook URL, checked; "" for none."""
+    if not url:
+        return ""
+    try:
+        parts = urlsplit(url)
+        hostname = parts.hostname
+    except ValueError:  # "http://[": not a URL at all
+        hostname = None
+    if len(url) > MAX_WEBHOOK_CHARS or not hostname or parts.scheme not in (
+            "http", "https"):
+        raise InvalidArgument(f"the webhook must be an http(s) URL of at most "
+                              f"{MAX_WEBHOOK_CHARS} characters, got {url[:100]!r}",
+                              field=WEBHOOK_HEADER)
+    return url
+
+
+def idempotency_key_of(key: str | None) -> str:
+    """The Idempotency-Key, checked; "" when the header is absent."""
+    if key is None:
+        return ""
+    if len(key) > MAX_KEY_CHARS or not key.strip():
+        raise InvalidArgument(f"{IDEMPOTENCY_HEADER} must be 1 to {MAX_KEY_CHARS} "
+                              "characters", field=IDEMPOTENCY_HEADER)
+    return key
+
+
+def call_headers(request: web.Request) -> dict[str, str]:
+    """The request headers the handler sees."""
+    headers = request.headers
+    return {h: headers[h] for h in CALL_HEADERS if h in headers}
+
+
+def forwarded_path(request: web.Request) -> str:
+    """The sub-path and query the handler gets, encoded again for the request line
+    (match_info holds it decoded: "a b", not "a%20b")."""
+    sub_path = request.match_info.get("path", "")
+    path = "/" + quote(sub_path, safe=PATH_SAFE) if sub_path else ""
+    query = request.rel_url.raw_query_string
+    return f"{path}?{query}" if query else path
+
+
+async def read_body(request: web.Request, limit: int, described: str = "") -> bytes:
+    """The whole body, refusing it (413) as soon as it is known to pass `limit`
+    (from Content-Length before reading, else as a chunked body arrives)."""
+    described = described or f"this gateway's limit of {limit} bytes (max_body_bytes)"
+    too_large = PayloadTooLarge(f"the request body is larger than {described}",
+                                field="body")
+    length = request.content_length
+    if length is not None:
+        if length > limit:
+            raise too_large
+        return await request.read()
+    body = bytearray()
+    while chunk := await request.content.readany():
+        body.extend(chunk)
+        if len(body) > limit:
+            raise too_large
+    return bytes(body)

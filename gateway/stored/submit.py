@@ -1,0 +1,111 @@
+"""The function URL's stored invocations: a call submitted async (`Prefer:
+respond-async[, wait=N]`), with an Idempotency-Key or a webhook; and a plain sync call
+that ran past its wait limit, adopted by the worker (the client gets 303 to its result).
+
+The invocation path hands a call here; nothing here is called back by it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import json
+import uuid
+
+from aiohttp import web
+
+from thaw.gateway.dispatch import Call, Exchange
+from thaw.gateway.errors import IdempotencyKeyReused
+from thaw.gateway.request import IDEMPOTENCY_HEADER, INVOCATION_HEADER, InvokeRequest
+from thaw.gateway.state import Gateway
+from thaw.gateway.stored.outcome import finish_exchange, run
+from thaw.gateway.stored.runner import RUNNER_KEY
+from thaw.gateway.stored.views import accepted, stored_answer
+from thaw.proto import invocations_pb2, scheduler_pb2
+
+
+def digest_of(call: Call) -> str:
+    h = hashlib.sha256()
+    for part in (call.name.encode(), call.path.encode(),
+                 call.headers.get("Content-Type", "").encode(), call.body):
+        h.update(len(part).to_bytes(8, "big"))
+        h.update(part)
+    return h.hexdigest()
+
+
+def record_of(call: Call, p: scheduler_pb2.Principal, webhook: str, key: str
+              ) -> invocations_pb2.Invocation:
+    return invocations_pb2.Invocation(
+        id=f"inv_{uuid.uuid4().hex}", tenant=call.tenant, function=call.name,
+        priority=call.priority, path=call.path, body=call.body,
+        content_type=call.headers.get("Content-Type", ""),
+        headers_json=json.dumps(call.headers), timeout_seconds=call.timeout or 0.0,
+        webhook_url=webhook, idempotency_key=key, request_digest=digest_of(call),
+        key_id=p.key_id)
+
+
+def check_same_request(found: invocations_pb2.Invocation,
+                       asked: invocations_pb2.Invocation) -> None:
+    if found.request_digest != asked.request_digest:
+        raise IdempotencyKeyReused(
+            f"{IDEMPOTENCY_HEADER} {asked.idempotency_key!r} was used for a different "
+            f"request (invocation {found.id}); use a new key for a new request",
+            field=IDEMPOTENCY_HEADER)
+
+
+async def submit(request: web.Request, gw: Gateway, p: scheduler_pb2.Principal,
+                 call: Call, ask: InvokeRequest) -> web.StreamResponse:
+    """Answer a function-URL call that is a stored invocation (`ask.stored`): 202 at
+    once (async), or its answer if it ends within the wait limit, else 202 (async) or
+    303 (sync) pointing to its result. A repeated Idempotency-Key gets the first
+    request's invocation."""
+    runner = request.app[RUNNER_KEY]
+    limit = ask.wait_limit(gw.config.sync_wait_seconds)
+    late_status = 202 if ask.respond_async else 303
+    record = record_of(call, p, ask.webhook, ask.idempotency_key)
+    if ask.respond_async and ask.wait is None:
+        inv, created = await runner.client.create(record)
+        if not created:
+            check_same_request(inv, record)
+        runner.wake.set()
+        return accepted(inv)
+    inv, created = await runner.client.create(
+        record, runner.id, gw.config.invocation_claim_seconds)
+    if not created:
+        check_same_request(inv, record)
+        inv = await runner.wait_finished(call.tenant, inv.id, limit)
+        if inv.state in ("queued", "running"):
+            return accepted(inv, late_status)
+        return stored_answer(await runner.client.get(call.tenant, inv.id, with_bodies=True))
+    outcome = run(gw, dataclasses.replace(call, request_id=inv.id))
+    runner.adopt(inv.id, outcome)
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(limit):
+            await asyncio.shield(outcome)
+    if not outcome.done():
+        return accepted(inv, late_status)
+    result = outcome.result()
+    headers = {**dict(result.headers), INVOCATION_HEADER: inv.id}
+    if result.content_type:
+        headers["Content-Type"] = result.content_type
+    if result.start:
+        headers["X-Thaw-Start"] = result.start
+    return web.Response(status=result.status, body=result.body, headers=headers)
+
+
+async def adopt_late(request: web.Request, gw: Gateway, p: scheduler_pb2.Principal,
+                     call: Call, opening: asyncio.Future[Exchange]) -> web.Response:
+    """A plain sync call whose answer did not start within its wait limit: it becomes
+    a stored invocation run to its end by the worker; the client gets 303 to its
+    result."""
+    runner = request.app[RUNNER_KEY]
+    try:
+        inv, _ = await runner.client.create(record_of(call, p, "", ""), runner.id,
+                                            gw.config.invocation_claim_seconds)
+    except BaseException:
+        opening.cancel()
+        raise
+    runner.adopt(inv.id, asyncio.ensure_future(
+        finish_exchange(opening, gw.config.max_body_bytes)))
+    return accepted(inv, 303)

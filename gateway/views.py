@@ -1,0 +1,65 @@
+"""JSON views of the scheduler's records as the management API shows them (functions,
+versions, nodes), shared by the routes that answer with them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from thaw.gateway.fnconfig import config_of
+from thaw.gateway.state import CONFIG_KEY
+from thaw.proto import scheduler_pb2
+
+
+def function_url(request: web.Request, tenant: str, name: str) -> str:
+    base = request.app[CONFIG_KEY].public_url or f"{request.scheme}://{request.host}"
+    return f"{base.rstrip('/')}/fn/{tenant}/{name}"
+
+
+def function_json(request: web.Request, fn: scheduler_pb2.FunctionInfo) -> dict[str, Any]:
+    return {
+        "name": fn.name, "tenant": fn.tenant, "version": fn.version, "state": fn.state,
+        "reason": fn.reason, "start_mode": fn.start_mode, "handler": fn.handler,
+        "bundle_digest": fn.bundle_digest, "snapshot_bytes": fn.snapshot_bytes,
+        "warm_instances": fn.warm_instances, "config": config_of(fn.config_json).document,
+        "created_at": fn.created_at, "updated_at": fn.updated_at,
+        "active_version": fn.active_version or None,
+        "latest_build": version_json(fn.latest_build) if fn.HasField("latest_build") else None,
+        "url": function_url(request, fn.tenant, fn.name), "priority": fn.priority or None,
+    }
+
+
+def version_json(v: scheduler_pb2.VersionInfo) -> dict[str, Any]:
+    return {
+        "version": v.version, "state": v.state, "reason": v.reason, "active": v.active,
+        "bundle_digest": v.bundle_digest, "handler": v.handler, "start_mode": v.start_mode,
+        "snapshot": v.snapshot_state or None, "snapshot_bytes": v.snapshot_bytes,
+        "created_at": v.created_at, "activated_at": v.activated_at or None,
+        "config": config_of(v.config_json).document,
+    }
+
+
+def node_json(node: scheduler_pb2.NodeInfo) -> dict[str, Any]:
+    return {
+        "id": node.id, "state": node.state, "instances": node.instances,
+        "runtime": node.runtime or "process",
+        "data_url": node.data_url, "disk_bytes": node.disk_bytes,
+        "last_heartbeat_age_seconds": round(node.last_heartbeat_age_seconds, 3),
+        "devices": [{"id": d.id, "kind": d.kind, "capacity_bytes": d.capacity_bytes,
+                     "used_bytes": d.used_bytes} for d in node.devices],
+        "pinned": {"capacity_bytes": node.pinned.capacity_bytes,
+                   "used_bytes": node.pinned.used_bytes, "chunks": node.pinned.chunks,
+                   "snapshots": len(node.pinned.snapshot_keys)},
+        "pressure": node.pressure or "normal",
+        "pressures": [{"resource": p.resource, "level": p.level,
+                       "used_fraction": round(p.used_fraction, 4)} for p in node.pressures],
+        "telemetry": {
+            "cpu_percent": node.telemetry.cpu_percent,
+            "memory_used_bytes": node.telemetry.memory_used_bytes,
+            "memory_total_bytes": node.telemetry.memory_total_bytes,
+            "instances": [{"id": i.instance_id, "function": i.function,
+                           "rss_bytes": i.rss_bytes, "unique_bytes": i.unique_bytes,
+                           "cpu_percent": i.cpu_percent} for i in node.telemetry.instances],
+        },
+    }
