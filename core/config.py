@@ -29,9 +29,9 @@ from pydantic import ValidationError
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
+    InitSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
-    TomlConfigSettingsSource,
 )
 from typing_extensions import Self
 
@@ -156,9 +156,9 @@ class _ComponentConfig(BaseSettings):
             sources.append(_FlagSettingsSource(settings_cls, inputs.flags))
         sources.append(env_settings)
         path = config_path(inputs.config_file)
-        if path is not None:
-            sources.append(TomlConfigSettingsSource(
-                settings_cls, toml_file=path, toml_table_header=(cls._table,)))
+        table = cls._file_table(path)
+        if table:
+            sources.append(InitSettingsSource(settings_cls, init_kwargs=table))
         return tuple(sources)
 
     @classmethod
@@ -171,7 +171,8 @@ class _ComponentConfig(BaseSettings):
         for key in flags:
             cls._known(key, f"--set {key}")
         path = config_path(config_file)
-        for key in cls._file_table(path):
+        table = cls._file_table(path)
+        for key in table:
             cls._known(key, f"{path} [{cls._table}]")
         with cls._given(flags, config_file):
             try:
@@ -181,7 +182,7 @@ class _ComponentConfig(BaseSettings):
                 loc = [str(p) for p in first["loc"]]
                 key = ".".join(loc)
                 top = loc[0] if loc else ""
-                where = cls._origin(top, flags, path, overrides)[1] if top else ""
+                where = cls._origin(top, flags, path, table, overrides)[1] if top else ""
                 raise InvalidArgument(
                     f"bad {cls._table} setting {key} ({where or 'default'}): {first['msg']}",
                     field=key) from exc
@@ -194,9 +195,10 @@ class _ComponentConfig(BaseSettings):
         config = cls.load(flags=flags, config_file=config_file)
         values = config.model_dump(mode="json", by_alias=True)
         path = config_path(config_file)
+        table = cls._file_table(path)
         out = []
         for key, field in cls.model_fields.items():
-            source, origin = cls._origin(key, flags, path, {})
+            source, origin = cls._origin(key, flags, path, table, {})
             value = values[key]
             extra = field.json_schema_extra
             secret = extra.get("secret") if isinstance(extra, dict) else None
@@ -236,7 +238,7 @@ class _ComponentConfig(BaseSettings):
 
     @classmethod
     def _origin(cls, key: str, flags: Mapping[str, str], path: Path | None,
-                overrides: Mapping[str, Any]) -> tuple[Source, str]:
+                table: Mapping[str, Any], overrides: Mapping[str, Any]) -> tuple[Source, str]:
         if key in overrides:
             return "flag", f"argument {key}"
         for given in flags:
@@ -246,7 +248,7 @@ class _ComponentConfig(BaseSettings):
         for name in os.environ:
             if name.lower() == wanted:
                 return "env", name
-        if key in cls._file_table(path):
+        if key in table:
             return "file", f"{path} [{cls._table}]"
         return "default", ""
 

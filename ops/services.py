@@ -18,6 +18,7 @@ import httpx
 from thaw.core import eventloop
 from thaw.core.config import AgentConfig, GatewayConfig, SchedulerConfig, default_home
 from thaw.core.logs import configure_logging
+from thaw.ops.settings import SETTINGS_HELP, parse_sets, settings_options
 
 # How long `thaw up` waits for each service to come up before giving up.
 SERVICE_START_SECONDS = 60.0
@@ -31,41 +32,45 @@ def _logging(component: str, config: SchedulerConfig | GatewayConfig | AgentConf
     configure_logging(component, config.log_level, config.log_json)
 
 
-@click.command()
+@click.command(epilog=SETTINGS_HELP)
 @click.option("--port-file", type=click.Path(path_type=Path), help="Write the bound port here.")
 @click.option("--dev-key-file", type=click.Path(path_type=Path),
               help="Create the development API key once and keep it in this file.")
-def scheduler(port_file: Path | None, dev_key_file: Path | None) -> None:
-    """Run the scheduler (gRPC, owns the metadata DB). Settings: THAW_* env, $THAW_CONFIG."""
+@settings_options
+def scheduler(port_file: Path | None, dev_key_file: Path | None, sets: tuple[str, ...],
+              config_file: Path | None) -> None:
+    """Run the scheduler (gRPC, owns the metadata DB); settings: table [scheduler]."""
     from thaw.scheduler.server import serve
 
-    config = SchedulerConfig.load()
+    config = SchedulerConfig.load(flags=parse_sets(sets), config_file=config_file)
     _logging("scheduler", config)
     asyncio.run(serve(config, dev_key_file, port_file))
 
 
-@click.command()
+@click.command(epilog=SETTINGS_HELP)
 @click.option("--port-file", type=click.Path(path_type=Path), help="Write the bound port here.")
-def gateway(port_file: Path | None) -> None:
-    """Run the HTTP gateway. Settings: THAW_* env, $THAW_CONFIG."""
+@settings_options
+def gateway(port_file: Path | None, sets: tuple[str, ...], config_file: Path | None) -> None:
+    """Run the HTTP gateway; settings: table [gateway]."""
     from thaw.gateway.server import serve
 
-    config = GatewayConfig.load()
+    config = GatewayConfig.load(flags=parse_sets(sets), config_file=config_file)
     _logging("gateway", config)
     eventloop.run(serve(config, port_file))
 
 
-@click.command()
+@click.command(epilog=SETTINGS_HELP)
 @click.option("--port-file", type=click.Path(path_type=Path),
               help="Write 'CONTROL_PORT DATA_PORT' here once bound.")
-def agent(port_file: Path | None) -> None:
-    """Run a node agent (gRPC control + HTTP data plane). Settings: THAW_* env."""
+@settings_options
+def agent(port_file: Path | None, sets: tuple[str, ...], config_file: Path | None) -> None:
+    """Run a node agent (gRPC control + HTTP data plane); settings: table [agent]."""
     # The agent forks instance processes; gRPC's fork handlers are not needed there
     # (children exec or never touch gRPC) and only log warnings.
     os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
     from thaw.platform.server import serve
 
-    config = AgentConfig.load()
+    config = AgentConfig.load(flags=parse_sets(sets), config_file=config_file)
     _logging("agent", config)
     eventloop.run(serve(config, port_file))
 
@@ -91,7 +96,7 @@ def _die_with_parent() -> None:
 class LocalPlatform:
     """The scheduler, an agent and the gateway as child processes of `thaw up`."""
 
-    def __init__(self, home: Path, gateway_port: int, host_devices: str | None,
+    def __init__(self, home: Path, gateway_port: int | None, host_devices: str | None,
                  agents: int = 1) -> None:
         self.home = home
         self.gateway_port = gateway_port
@@ -132,11 +137,16 @@ class LocalPlatform:
                     "agent", "--port-file", str(ports / f"agent-{node_id}")], agent_env)
                 _wait_for_file(ports / f"agent-{node_id}", agent_proc, f"agent {node_id}")
             gw = self._start("gateway", ["gateway", "--port-file", str(ports / "gateway")], {
-                **env, "THAW_SCHEDULER_ADDRESS": address,
-                "THAW_GATEWAY_PORT": str(self.gateway_port)})
+                **env, "THAW_SCHEDULER_ADDRESS": address, **self._gateway_port_env()})
             port = _wait_for_file(ports / "gateway", gw, "gateway")
         self.url = f"http://127.0.0.1:{port}"
         self.key = (self.home / "dev-key").read_text().strip()
+
+    def _gateway_port_env(self) -> dict[str, str]:
+        # None: the gateway's own gateway_port setting (environment, config file, 8000).
+        if self.gateway_port is None:
+            return {}
+        return {"THAW_GATEWAY_PORT": str(self.gateway_port)}
 
     def restart_gateway(self, kill: bool = False, env: dict[str, str] | None = None) -> None:
         """Stop the gateway (SIGTERM, or SIGKILL with `kill`) and start a new one on
@@ -158,7 +168,7 @@ class LocalPlatform:
             port_file = Path(tmp) / "gateway"
             gw = self._start("gateway", ["gateway", "--port-file", str(port_file)], {
                 "THAW_HOME": str(self.home), "THAW_SCHEDULER_ADDRESS": self.scheduler_address,
-                "THAW_GATEWAY_PORT": str(self.gateway_port), **(env or {})})
+                **self._gateway_port_env(), **(env or {})})
             self.url = f"http://127.0.0.1:{_wait_for_file(port_file, gw, 'gateway')}"
 
     def stop(self) -> None:
@@ -176,11 +186,12 @@ class LocalPlatform:
 
 
 @click.command()
-@click.option("--port", default=8000, show_default=True, help="Gateway port (0 = any free).")
+@click.option("--port", type=int, default=None,
+              help="Gateway port (0 = any free); default: the gateway_port setting (8000).")
 @click.option("--examples/--no-examples", default=True, show_default=True,
               help="Deploy examples/echo and examples/embed.")
 @click.option("--host-devices", default=None, help="Virtual devices, e.g. 2x8GiB.")
-def up(port: int, examples: bool, host_devices: str | None) -> None:
+def up(port: int | None, examples: bool, host_devices: str | None) -> None:
     """Start the whole local platform (SQLite, process runtime, host device, data in
     $THAW_HOME or ./.thaw), deploy the examples, print their URLs; Ctrl-C stops it."""
     from thaw.ops.client import Client, read_bundle_dir
