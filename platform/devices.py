@@ -8,6 +8,7 @@ Whatever differs between backends is asked of this interface, never of a backend
 name: what a slice needs in its instance's environment and sandbox (`Slice`,
 `SandboxNeeds`), whether a device is a GPU that NVML reports on (`DeviceUsage.gpu`) and
 the GPU model and driver that snapshot fingerprints carry (`DeviceBackend.gpu_info`).
+The backend a node runs is chosen from its settings in thaw.platform.device_setup.
 """
 
 from __future__ import annotations
@@ -19,8 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from thaw.blobstore import CudaPinnedAllocator, HostMemoryAllocator
-from thaw.core.config import parse_host_devices
 from thaw.core.errors import InvalidArgument, NotFound, OutOfMemory
 
 
@@ -177,25 +176,29 @@ class DeviceSettings(Protocol):
     def cuda_mps(self) -> str: ...
 
 
-def open_devices(settings: DeviceSettings, slice_dir: Path
-                 ) -> tuple[DeviceBackend, HostMemoryAllocator | None]:
-    """The device backend `settings` names, and the host memory the pinned tier should
-    take its regions from (None: the tier's default) so that copies into its slices run
-    at full speed. The one place a backend is chosen by its name."""
-    if settings.device == "cuda":
-        from thaw.platform.cuda import CudaDevices
-
-        # Page-locked host memory: host-to-device copies at PCIe speed.
-        return CudaDevices.from_settings(settings), CudaPinnedAllocator()
-    return HostDevices(parse_host_devices(settings.host_devices), slice_dir), None
-
-
 def gpu_info() -> tuple[str, str]:
-    """(GPU model, driver) of the machine's first GPU for fingerprints; empty strings
-    without NVML or a GPU. A caller holding a backend asks `DeviceBackend.gpu_info`."""
-    from thaw.platform.cuda.driver import nvml_gpu_info
+    """(model of NVML's first GPU, driver version) for snapshot fingerprints; empty
+    strings without pynvml, NVML or a GPU. A caller holding a backend asks
+    `DeviceBackend.gpu_info`, which answers without NVML for virtual devices."""
+    try:
+        import pynvml  # from nvidia-ml-py
+    except ImportError:
+        return "", ""
+    try:
+        pynvml.nvmlInit()
+        try:
+            handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+            return (nvml_text(pynvml.nvmlDeviceGetName(handle)),
+                    nvml_text(pynvml.nvmlSystemGetDriverVersion()))
+        finally:
+            pynvml.nvmlShutdown()
+    except pynvml.NVMLError:
+        return "", ""
 
-    return nvml_gpu_info()
+
+def nvml_text(value: object) -> str:
+    """A string NVML returns: bytes from older pynvml releases, str from newer ones."""
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def shm_root(base: Path, node_id: str) -> Path:

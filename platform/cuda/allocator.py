@@ -17,7 +17,7 @@ from thaw.blobstore.chunks import BytesLike, as_byte_view
 from thaw.core.errors import ChunkNotFound, InvalidArgument, NotFound, OutOfMemory, ThawError
 from thaw.core.units import parse_size
 from thaw.platform.cuda.api import CudaApi, CudaUnavailable, GiB, MiB
-from thaw.platform.cuda.driver import CupyCudaApi, nvml_gpu_info
+from thaw.platform.cuda.driver import CupyCudaApi
 from thaw.platform.cuda.slices import (
     CudaSlice,
     DeviceBook,
@@ -34,6 +34,7 @@ from thaw.platform.cuda.transfer import (
     run_copies,
 )
 from thaw.platform.devices import DeviceSettings, DeviceUsage, SandboxNeeds, Slice
+from thaw.platform.devices import gpu_info as nvml_gpu_info
 
 log = structlog.get_logger()
 

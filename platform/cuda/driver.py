@@ -22,6 +22,7 @@ from thaw.platform.cuda.api import (
     CudaDeviceInfo,
     CudaUnavailable,
 )
+from thaw.platform.devices import nvml_text
 
 log = structlog.get_logger()
 
@@ -171,28 +172,4 @@ class _Nvml:  # pragma: no cover - needs NVML
         except nvml.NVMLError as exc:
             log.warning("NVML cannot describe a GPU", pci_bus_id=pci_bus_id, error=str(exc))
             return 0, ""
-        return total, _text(found)
-
-
-def nvml_gpu_info() -> tuple[str, str]:  # pragma: no cover - needs NVML
-    """(model of NVML's first GPU, driver version) for snapshot fingerprints; empty
-    strings without pynvml, NVML or a GPU."""
-    try:
-        import pynvml  # from nvidia-ml-py
-    except ImportError:
-        return "", ""
-    try:
-        pynvml.nvmlInit()
-        try:
-            handle = pynvml.nvmlDeviceGetHandleByIndex(0)
-            return (_text(pynvml.nvmlDeviceGetName(handle)),
-                    _text(pynvml.nvmlSystemGetDriverVersion()))
-        finally:
-            pynvml.nvmlShutdown()
-    except pynvml.NVMLError:
-        return "", ""
-
-
-def _text(value: object) -> str:
-    """A string NVML returns: bytes from older pynvml releases, str from newer ones."""
-    return value.decode() if isinstance(value, bytes) else str(value)
+        return total, nvml_text(found)

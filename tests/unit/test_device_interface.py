@@ -23,13 +23,13 @@ from thaw.platform.cuda import (
     InMemoryCudaApi,
 )
 from thaw.platform.cuda_copy import open_slice
+from thaw.platform.device_setup import open_devices
 from thaw.platform.devices import (
     DeviceBackend,
     DeviceUsage,
     HostDevices,
     SandboxNeeds,
     gpu_info,
-    open_devices,
 )
 from thaw.platform.telemetry import Telemetry
 
