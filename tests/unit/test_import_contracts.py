@@ -75,6 +75,15 @@ def test_the_platform_importing_the_cli_breaks_the_layers(tmp_path: Path) -> Non
     assert "thaw.blobstore.disk -> thaw.ops.client" in broken
 
 
+def test_the_in_instance_runtime_importing_thaw_breaks_its_contract(tmp_path: Path) -> None:
+    result = _lint_imports(_tree(
+        tmp_path, {"snapshotter/runtime/handler.py": "import thaw.core.errors"}))
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "The in-instance runtime imports no other part of thaw BROKEN" in result.stdout
+    broken = result.stdout.split("Broken contracts", 1)[-1]
+    assert "thaw.snapshotter.runtime.handler -> thaw.core.errors" in broken
+
+
 def test_a_cycle_inside_a_package_breaks_its_acyclic_contract(tmp_path: Path) -> None:
     # http1server imports http1messages; the way back closes a cycle.
     result = _lint_imports(_tree(
