@@ -1,24 +1,19 @@
-"""The node agent's bookkeeping: bundles, snapshot builds, templates, instances.
+"""The node agent's bookkeeping: bundles, snapshot builds, instances, tiers.
 
-Edges call into this (control.py for gRPC, dataplane.py for HTTP); the processes
-themselves are run by the process runtime (process.py).
+Edges call into this (control.py for gRPC, dataplane.py for HTTP); instances are run
+by the node's runtime (the `Runtime` protocol, runtime.py) from the LaunchSpecs of
+launch.py, and templates are kept by templates.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import importlib.metadata
-import json
 import os
-import resource
 import shutil
-import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -34,148 +29,52 @@ from thaw.core.errors import (
     ThawError,
 )
 from thaw.core.spec import extract_bundle
-from thaw.platform.devices import DeviceBackend, gpu_info
+from thaw.platform.devices import DeviceBackend
 from thaw.platform.instances import Instance, InstanceState
+from thaw.platform.launch import (
+    IMAGE_ENVIRONMENT_FIELDS,
+    IMAGE_NEEDS_DOCKER,
+    build_spec,
+    check_image,
+    code_digest,
+    fresh_spec,
+    image_fingerprint,
+    instance_env,
+    limit_memory,
+    local_fingerprint,
+)
 from thaw.platform.logs import RUNTIME, FunctionLogs
 from thaw.platform.peers import PeerChunks
-from thaw.platform.process import (
-    ProcessRuntime,
-    ProcessWatch,
-    RuntimeProcess,
-    describe_exit,
-    log_tail,
-    terminate,
+from thaw.platform.process import ProcessWatch, log_tail
+from thaw.platform.runtime import (
+    BuildRequest,
+    Captured,
+    Failed,
+    MemoryLimitHit,
+    ProcessHandle,
+    Ready,
+    Runtime,
+    SliceGrant,
+    SpawnRequest,
+    exit_event,
 )
-from thaw.platform.snapshots import Materialized, NodeSnapshots
+from thaw.platform.snapshots import NodeSnapshots, ReadersWriter
 from thaw.platform.telemetry import NodeSample, SliceSample, Telemetry
+from thaw.platform.templates import Template, TemplatePool
 from thaw.proto import agent_pb2, manifest_pb2, scheduler_pb2
 from thaw.snapshotter.manifest import check_fingerprint, manifest_key
 
+__all__ = [
+    "IMAGE_ENVIRONMENT_FIELDS", "IMAGE_NEEDS_DOCKER", "Agent", "ReadersWriter", "Template",
+    "code_digest", "image_fingerprint", "instance_env", "limit_memory", "local_fingerprint",
+]
+
 log = structlog.get_logger()
-# After an instance's process ends, how long to wait for its template to report the
-# exit status (it reaps the child and writes a line on its status pipe).
-EXIT_STATUS_WAIT_SECONDS = 0.5
-# Why a node without containers cannot run a function that names an image (thaw.toml
-# [runtime] image): the process runtime has no image to run it in.
-IMAGE_NEEDS_DOCKER = ("this node runs the process runtime; image functions need "
-                      "THAW_RUNTIME=docker")
-# Fingerprint fields an image function's image decides (its Python and packages). The
-# spec pins the image by id and the snapshot was built in that very image, so these
-# match by construction; the node's own values (its virtualenv's) say nothing of it.
-IMAGE_ENVIRONMENT_FIELDS = ("python", "torch", "numpy")
-
-
-@dataclass
-class Template:
-    """A zygote that imported a snapshot's modules; restores fork from it."""
-
-    key: str
-    process: RuntimeProcess
-    control: str
-    import_seconds: float
-
-
-def local_fingerprint(device_type: str) -> dict[str, str]:
-    def version(dist: str) -> str:
-        try:
-            return importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            return ""
-
-    model, driver = gpu_info() if device_type == "cuda" else ("", "")
-    return {"python": ".".join(map(str, sys.version_info[:3])), "torch": version("torch"),
-            "numpy": version("numpy"), "device_type": device_type, "gpu_model": model,
-            "driver": driver}
-
-
-def code_digest(bundle: Path) -> str:
-    """SHA-256 over a bundle's files, thaw.toml excluded (names and settings differ
-    between copies of one model; the code they import does not)."""
-    h = hashlib.sha256()
-    for path in sorted(p for p in bundle.rglob("*") if p.is_file()):
-        rel = path.relative_to(bundle).as_posix()
-        if rel == "thaw.toml" or "__pycache__" in rel:
-            continue
-        h.update(rel.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
-    return h.hexdigest()
-
-
-def instance_env(spec: agent_pb2.FunctionSpec, per_function: bool = True) -> dict[str, str]:
-    """What the in-instance runtime reads from its environment (templates pass it on
-    to the instances they fork, so a shared template gets no per-function names)."""
-    env = {"THAW_FUNCTION": f"{spec.tenant}/{spec.name}",
-           "THAW_FUNCTION_VERSION": spec.version} if per_function else {}
-    if spec.max_batch_size > 1:
-        env["THAW_MAX_BATCH_SIZE"] = str(spec.max_batch_size)
-        env["THAW_MAX_BATCH_WAIT_MS"] = f"{spec.max_batch_wait_ms:g}"
-    return env
-
-
-def image_fingerprint(local: dict[str, str], spec: agent_pb2.FunctionSpec,
-                      manifest: manifest_pb2.SnapshotManifest) -> dict[str, str]:
-    """What a restore of `spec` is checked against: this node's fingerprint, except
-    for an image function, whose environment fields are its image's (see
-    IMAGE_ENVIRONMENT_FIELDS); the device fields are the node's either way."""
-    if not spec.image:
-        return local
-    return {**local, **{key: getattr(manifest.fingerprint, key)
-                        for key in IMAGE_ENVIRONMENT_FIELDS}}
-
-
-def limit_memory(pid: int, extra_bytes: int) -> None:
-    """Cap what the instance may allocate from now on: RLIMIT_DATA counts private
-    writable memory (heap, anonymous and copy-on-write mappings), so the cap is what
-    it holds after its restore plus the function's `resources.memory`. Past it,
-    allocations fail with MemoryError and the runtime answers 5xx and exits (it is
-    then replaced). Portable: needs no cgroup."""
-    try:
-        with open(f"/proc/{pid}/status") as handle:
-            data_kb = next(int(line.split()[1]) for line in handle
-                           if line.startswith("VmData:"))
-    except (OSError, StopIteration, ValueError):
-        return
-    limit = data_kb * 1024 + extra_bytes
-    with contextlib.suppress(OSError):
-        resource.prlimit(pid, resource.RLIMIT_DATA, (limit, limit))
-
-
-class ReadersWriter:
-    """Restores read the tmpfs snapshot files (many at once); eviction and garbage
-    collection delete them (alone). asyncio has no such lock."""
-
-    def __init__(self) -> None:
-        self._readers = 0
-        self._writing = False
-        self._changed = asyncio.Condition()
-
-    @contextlib.asynccontextmanager
-    async def reading(self) -> AsyncIterator[None]:
-        async with self._changed:
-            await self._changed.wait_for(lambda: not self._writing)
-            self._readers += 1
-        try:
-            yield
-        finally:
-            async with self._changed:
-                self._readers -= 1
-                self._changed.notify_all()
-
-    @contextlib.asynccontextmanager
-    async def writing(self) -> AsyncIterator[None]:
-        async with self._changed:
-            await self._changed.wait_for(lambda: not self._writing and self._readers == 0)
-            self._writing = True
-        try:
-            yield
-        finally:
-            async with self._changed:
-                self._writing = False
-                self._changed.notify_all()
 
 
 class Agent:
     def __init__(self, *, node_id: str, home: Path, run_dir: Path, devices: DeviceBackend,
-                 runtime: ProcessRuntime, snapshots: NodeSnapshots,
+                 runtime: Runtime, snapshots: NodeSnapshots,
                  fetch_bundle: Callable[[str], Awaitable[bytes]], start_timeout: float,
                  fingerprint: dict[str, str] | None = None) -> None:
         self.node_id = node_id
@@ -193,16 +92,12 @@ class Agent:
         self.start_timeout = start_timeout
         self.fingerprint = fingerprint or local_fingerprint(devices.kind)
         self.instances: dict[str, Instance] = {}
-        self.templates: dict[str, Template] = {}
-        self._template_starts: dict[str, asyncio.Task[Template]] = {}
         self.exited: list[scheduler_pb2.InstanceExit] = []
         self._watchers: set[asyncio.Task[None]] = set()
-        self._exit_codes: dict[int, int] = {}
-        self._code_digests: dict[str, str] = {}
-        self._template_users: dict[str, set[str]] = {}
-        self._templates_by_code: dict[tuple[str, str], str] = {}
-        """Template key -> the snapshots (manifest keys) restored from it."""
-        self._exit_waiters: dict[int, asyncio.Future[int]] = {}
+        self.templates = TemplatePool(
+            runtime=runtime, run_dir=run_dir, log_dir=home / "logs",
+            start_timeout=start_timeout, ensure_bundle=self.ensure_bundle,
+            spawn_task=self._spawn_task)
         self.draining = False
         for sub in ("bundles", "builds", "logs"):
             (home / sub).mkdir(parents=True, exist_ok=True)
@@ -231,7 +126,7 @@ class Agent:
         spec = req.function
         name = f"{spec.tenant}/{spec.name}"
         bundle = await self.ensure_bundle(spec.bundle_digest, req.bundle or None)
-        if spec.image and self.runtime.name != "docker":
+        if spec.image and not self.runtime.capabilities.runs_images:
             return agent_pb2.BuildSnapshotResponse(ok=False, stage="runtime",
                                                    reason=IMAGE_NEEDS_DOCKER)
         build_id = f"{spec.tenant}-{spec.name}-{spec.version}-{uuid.uuid4().hex[:6]}"
@@ -239,20 +134,21 @@ class Agent:
         out.mkdir(parents=True)
         log_path = str(self.home / "logs" / f"build-{spec.tenant}-{spec.name}-{spec.version}.log")
         try:
-            template = await self._template_with_code(spec)
-            build_in_template = getattr(self.runtime, "build_in_template", None)
-            if template is not None and build_in_template is not None:
-                # Same code as a running template: fork it, skip the imports.
+            template = await self.templates.with_code(spec)
+            event: dict[str, Any] | None = None
+            if template is not None:
+                # Same code as a running template: fork it, skip the imports (where
+                # the runtime builds in templates at all).
                 try:
-                    event = await build_in_template(template.control, {
-                        "out": str(out), "log": log_path,
-                        "function_version": spec.version}, self.start_timeout)
+                    event = await self.runtime.build_in_template(
+                        template.control, BuildRequest(str(out), log_path, spec.version),
+                        self.start_timeout)
                 except ThawError as exc:
                     return agent_pb2.BuildSnapshotResponse(ok=False, stage="setup",
                                                            reason=str(exc))
-            else:
+            if event is None:
                 event = await self._build_fresh(spec, bundle, out, log_path)
-            if event.get("event") != "captured":
+            if event.get("event") != Captured.event:
                 return agent_pb2.BuildSnapshotResponse(
                     ok=False, stage=event.get("stage", "setup"),
                     reason=event.get("reason", "unknown"),
@@ -272,139 +168,14 @@ class Agent:
 
     async def _build_fresh(self, spec: agent_pb2.FunctionSpec, bundle: Path, out: Path,
                            log_path: str) -> dict[str, Any]:
-        proc = await self.runtime.launch(
-            "build", ["--bundle", str(bundle), "--handler", spec.handler, "--out", str(out),
-                      "--function-version", spec.version], log_path, cwd=str(bundle),
-            env=instance_env(spec), instance_id=out.name,
-            memory_limit_bytes=spec.memory_limit_bytes, **self._image_option(spec))
+        check_image(spec, self.runtime.capabilities)
+        proc = await self.runtime.launch(build_spec(spec, bundle, out=out, log_path=log_path))
         try:
             return await proc.next_event(self.start_timeout)
         except ThawError as exc:
             return {"event": "failed", "stage": "setup", "reason": str(exc)}
         finally:
             await proc.proc.wait()
-
-    async def _template_with_code(self, spec: agent_pb2.FunctionSpec) -> Template | None:
-        """A running template that imported exactly this bundle's code and handler."""
-        code = await self._code_digest(spec)
-        key = self._templates_by_code.get((code, spec.handler))
-        template = self.templates.get(key) if key else None
-        if template is None or template.process.proc.returncode is not None:
-            return None
-        return template
-
-    async def _code_digest(self, spec: agent_pb2.FunctionSpec) -> str:
-        """The bundle's code digest; for an image function, of the code and the image
-        (the same code in another image imports other packages: no shared template)."""
-        code = self._code_digests.get(spec.bundle_digest)
-        if code is None:
-            bundle = await self.ensure_bundle(spec.bundle_digest)
-            code = await asyncio.to_thread(code_digest, bundle)
-            if spec.image:
-                code = hashlib.sha256(f"{code}\nimage:{spec.image}".encode()).hexdigest()
-            self._code_digests[spec.bundle_digest] = code
-        return code
-
-    def _image_option(self, spec: agent_pb2.FunctionSpec) -> dict[str, str]:
-        """The launch option naming an image function's image; refused on a node
-        whose runtime runs no containers."""
-        if not spec.image:
-            return {}
-        if self.runtime.name != "docker":
-            raise InstanceFailed(f"runtime: {IMAGE_NEEDS_DOCKER}")
-        return {"image": spec.image}
-
-    # ---- templates -----------------------------------------------------------------
-
-    async def template_key(self, spec: agent_pb2.FunctionSpec,
-                           manifest: manifest_pb2.SnapshotManifest) -> str:
-        """Templates are per environment, not per function: bundles with the same code
-        (thaw.toml aside) and the same imported modules share one template, so many
-        copies of a model cost one set of imports in memory."""
-        code = await self._code_digest(spec)
-        h = hashlib.sha256(f"{code}\n{spec.handler}\n".encode())
-        if self.runtime.name == "docker":
-            # A template's container holds the instances it forks: one per tenant, so
-            # a container never holds two tenants' instances.
-            h.update(f"tenant:{spec.tenant}\n".encode())
-        h.update("\n".join(manifest.modules).encode())
-        h.update(json.dumps(instance_env(spec, per_function=False), sort_keys=True).encode())
-        return h.hexdigest()[:24]
-
-    async def ensure_template(self, spec: agent_pb2.FunctionSpec,
-                              manifest: manifest_pb2.SnapshotManifest,
-                              mat: Materialized) -> Template:
-        key = await self.template_key(spec, manifest)
-        self._template_users.setdefault(key, set()).add(mat.key)
-        template = self.templates.get(key)
-        if template is not None and template.process.proc.returncode is None:
-            return template
-        task = self._template_starts.get(key)
-        if task is None:
-            task = asyncio.create_task(self._start_template(key, spec, mat))
-            self._template_starts[key] = task
-            task.add_done_callback(lambda _t: self._template_starts.pop(key, None))
-        return await asyncio.shield(task)
-
-    async def _start_template(self, key: str, spec: agent_pb2.FunctionSpec,
-                              mat: Materialized) -> Template:
-        bundle = await self.ensure_bundle(spec.bundle_digest)
-        control = str(self.run_dir / f"t-{key[:16]}.sock")
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(control)
-        log_path = str(self.home / "logs" / f"template-{spec.tenant}-{spec.name}.log")
-        proc = await self.runtime.launch(
-            "template", ["--bundle", str(bundle), "--handler", spec.handler,
-                         "--snapshot-json", mat.snapshot_json, "--control", control],
-            log_path, cwd=str(bundle), env=instance_env(spec, per_function=False),
-            instance_id=f"template-{key[:16]}", memory_limit_bytes=spec.memory_limit_bytes,
-            **self._image_option(spec))
-        event = await proc.next_event(self.start_timeout)
-        if event.get("event") != "template_ready":
-            await proc.kill()
-            raise InstanceFailed(f"template failed: {event.get('reason', event)}")
-        seconds = float(event.get("timings", {}).get("import", 0.0))
-        template = Template(key, proc, control, seconds)
-        self._spawn_task(self._follow_template(template))
-        self.templates[key] = template
-        self._templates_by_code[(await self._code_digest(spec), spec.handler)] = key
-        log.info("template ready", function=f"{spec.tenant}/{spec.name}", pid=proc.pid,
-                 import_s=round(seconds, 3))
-        return template
-
-    async def _follow_template(self, template: Template) -> None:
-        """Exit statuses of the template's instances arrive on its status pipe."""
-        while True:
-            line = await template.process.events.readline()
-            if not line:
-                return
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            if event.get("event") == "child_exited":
-                pid, code = int(event["pid"]), int(event["returncode"])
-                self._exit_codes[pid] = code
-                waiter = self._exit_waiters.pop(pid, None)
-                if waiter is not None and not waiter.done():
-                    waiter.set_result(code)
-
-    async def _exit_code(self, inst: Instance) -> int | None:
-        """How the instance's process ended, if its parent can tell us."""
-        if inst.process is not None:
-            return await inst.process.proc.wait()
-        code = self._exit_codes.pop(inst.pid, None)
-        if code is not None:
-            return code
-        waiter = self._exit_waiters.setdefault(
-            inst.pid, asyncio.get_running_loop().create_future())
-        try:
-            return await asyncio.wait_for(waiter, EXIT_STATUS_WAIT_SECONDS)
-        except TimeoutError:
-            return None
-        finally:
-            self._exit_waiters.pop(inst.pid, None)
-            self._exit_codes.pop(inst.pid, None)
 
     def _spawn_task(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)
@@ -417,7 +188,7 @@ class Agent:
         await self.chunks.ensure(manifest, [])
         async with self.shm.reading():
             mat = await asyncio.to_thread(self.snapshots.materialize, manifest)
-            await self.ensure_template(spec, manifest, mat)
+            await self.templates.ensure(spec, manifest, mat)
         return time.perf_counter() - started
 
     # ---- instances -------------------------------------------------------------------
@@ -479,20 +250,22 @@ class Agent:
     async def _start_fresh(self, inst: Instance, spec: agent_pb2.FunctionSpec
                            ) -> list[tuple[str, float]]:
         bundle = await self.ensure_bundle(spec.bundle_digest)
-        proc = await self.runtime.launch(
-            "fresh", ["--bundle", str(bundle), "--handler", spec.handler,
-                      "--socket", inst.socket], inst.log_path, cwd=str(bundle),
-            env=instance_env(spec), instance_id=inst.id,
-            memory_limit_bytes=spec.memory_limit_bytes, **self._image_option(spec))
+        check_image(spec, self.runtime.capabilities)
+        grant = (SliceGrant(inst.slice_id, inst.slice_device, inst.slice_bytes)
+                 if inst.slice_id else None)
+        proc = await self.runtime.launch(fresh_spec(
+            spec, bundle, instance_id=inst.id, socket=inst.socket, log_path=inst.log_path,
+            grant=grant))
         inst.pid = proc.pid
         inst.process = proc
-        event = await proc.next_event(self.start_timeout)
-        if event.get("event") != "ready":
+        event = await proc.next_status(self.start_timeout)
+        if not isinstance(event, Ready):
             await proc.kill()
             inst.move(InstanceState.SETUP_FAILED)
-            raise InstanceFailed(
-                f"{event.get('stage', 'start')} failed: {event.get('reason', 'unknown')}")
-        t = event.get("timings", {})
+            stage, reason = ((event.stage.value, event.reason) if isinstance(event, Failed)
+                             else ("start", "unknown"))
+            raise InstanceFailed(f"{stage} failed: {reason}")
+        t = event.timings
         return [("import", float(t.get("import", 0.0))), ("setup", float(t.get("setup", 0.0)))]
 
     async def _restore(self, inst: Instance, spec: agent_pb2.FunctionSpec,
@@ -509,14 +282,13 @@ class Agent:
         async with self.shm.reading():
             mat = await asyncio.to_thread(self.snapshots.materialize, manifest)
             started = time.perf_counter()
-            template = await self.ensure_template(spec, manifest, mat)
+            template = await self.templates.ensure(spec, manifest, mat)
             template_s = time.perf_counter() - started
             started = time.perf_counter()
-            pid, event = await self.runtime.spawn(template.control, {
-                "instance_id": inst.id, "socket": inst.socket, "pickle": mat.pickle,
-                "host_arena": mat.host_arena, "device_arena": mat.device_arena,
-                "snapshot_json": mat.snapshot_json, "log": inst.log_path,
-            }, self.start_timeout)
+            pid, _ready = await self.runtime.spawn(template.control, SpawnRequest(
+                instance_id=inst.id, socket=inst.socket, pickle=mat.pickle,
+                host_arena=mat.host_arena, device_arena=mat.device_arena,
+                snapshot_json=mat.snapshot_json, log=inst.log_path), self.start_timeout)
         inst.pid = pid
         return [("fetch", mat.seconds), ("template", template_s),
                 ("restore", time.perf_counter() - started)]
@@ -529,8 +301,13 @@ class Agent:
             finally:
                 watcher.close()
             if inst.state is not InstanceState.DEFUNCT:
-                code = await self._exit_code(inst)
-                how = f" ({describe_exit(code)})" if code is not None else ""
+                code = (await inst.process.proc.wait() if inst.process is not None
+                        else await self.templates.exit_code(inst.pid))
+                exited = exit_event(code) if code is not None else None
+                how = f" ({exited.reason})" if exited is not None else ""
+                if isinstance(exited, MemoryLimitHit):
+                    log.warning("instance ran out of memory", instance=inst.id,
+                                function=inst.function)
                 tail = log_tail(inst.log_path, 5)
                 reason = f"the instance process exited{how}" + (
                     f"; its last output:\n{tail}" if tail else "")
@@ -539,14 +316,14 @@ class Agent:
         self._spawn_task(watch())
 
     async def _discard(self, inst: Instance, reason: str) -> None:
-        if inst.state is not InstanceState.DEFUNCT:
+        if not inst.ended:
             if inst.state is InstanceState.READY:
                 inst.move(InstanceState.DRAINING)
-            inst.state = InstanceState.DEFUNCT
+            inst.move(InstanceState.DEFUNCT)
         inst.exit_reason = inst.exit_reason or reason
         inst.exited.set()
         if inst.pid:
-            await terminate(inst.pid)
+            await self.runtime.stop(inst.process or ProcessHandle(inst.pid), reason)
         if inst.slice_id:
             # A GPU release zeroes the slice and waits for it: off the event loop.
             try:
@@ -599,14 +376,7 @@ class Agent:
     async def collect_garbage(self, keep: list[manifest_pb2.SnapshotManifest]) -> tuple[int, int]:
         """Forget every snapshot not in `keep`: its template, host-memory copies and
         the disk chunks no kept manifest shares."""
-        keys = {manifest_key(m) for m in keep}
-        for key in [k for k in self.templates
-                    if not self._template_users.get(k, set()) & keys]:
-            template = self.templates.pop(key)
-            self._template_users.pop(key, None)
-            await template.process.kill()
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(template.control)
+        await self.templates.collect({manifest_key(m) for m in keep})
         async with self.shm.writing():
             return await asyncio.to_thread(self.snapshots.collect_garbage, keep)
 
@@ -629,11 +399,7 @@ class Agent:
                                for i in list(self.instances)), return_exceptions=True)
         for task in list(self._watchers):
             task.cancel()
-        for template in self.templates.values():
-            await template.process.kill()
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(template.control)
-        self.templates.clear()
+        await self.templates.close()
         self.devices.close()
         await self.chunks.close()
         await self.runtime.close()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import importlib
 import re
 import shutil
 import subprocess
@@ -37,7 +38,7 @@ IMAGE_REPOSITORY = "thaw/base"
 BASE_PACKAGES = ("python3", "libstdc++6", "libgomp1")
 # Where the docker runtime mounts the in-instance runtime; the folder exists in the
 # image so the read-only root needs no mount point created in it. Keep in sync with
-# docker_runtime.RUNTIME_MOUNT.
+# docker.spec.RUNTIME_MOUNT.
 RUNTIME_ROOT = "/opt/thaw"
 # Image labels the docker runtime reads back (the instance Python is part of a
 # snapshot's fingerprint).
@@ -260,7 +261,9 @@ def docker_client() -> Any:
                               ) from exc
 
     try:
-        client = docker.from_env()
+        # Looked up by name: where mypy reads platform/ as top-level modules (it has no
+        # __init__.py), `import docker` names platform/docker, which has no from_env.
+        client = importlib.import_module("docker").from_env()
         client.ping()
     except docker.errors.DockerException as exc:
         raise ImageBuildError(f"no docker engine reachable: {exc}") from exc

@@ -1,4 +1,5 @@
-"""An instance's lifecycle on a node: one Enum, one table of legal moves."""
+"""An instance's lifecycle on a node: one Enum, one table of legal moves, and one
+place that changes an instance's state (`Instance.move`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,11 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
+import structlog
+
 from thaw.core.errors import ThawError
+
+log = structlog.get_logger()
 
 
 class InstanceState(str, enum.Enum):
@@ -28,6 +33,8 @@ _MOVES: dict[InstanceState, set[InstanceState]] = {
     InstanceState.SETUP_FAILED: set(),
     InstanceState.DEFUNCT: set(),
 }
+# States an instance never leaves: its process is gone or going.
+ENDED = frozenset({InstanceState.SETUP_FAILED, InstanceState.DEFUNCT})
 
 
 class IllegalInstanceTransition(ThawError):
@@ -55,10 +62,23 @@ class Instance:
     slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(1))
     exited: asyncio.Event = field(default_factory=asyncio.Event)
     process: Any = None
-    """The RuntimeProcess when the agent started it itself (fresh starts)."""
+    """The LaunchedInstance when the agent started it itself (fresh starts)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "state" and "state" in self.__dict__:
+            raise AttributeError(f"instance {self.id}: state changes only by move()")
+        super().__setattr__(name, value)
+
+    @property
+    def ended(self) -> bool:
+        return self.state in ENDED
 
     def move(self, target: InstanceState) -> None:
+        """The one way an instance's state changes; an edge its lifecycle does not
+        have is refused (logged, and raised)."""
         if target not in _MOVES[self.state]:
+            log.warning("illegal instance transition refused", instance=self.id,
+                        state=self.state.value, target=target.value)
             raise IllegalInstanceTransition(
                 f"instance {self.id} cannot move from {self.state.value} to {target.value}")
-        self.state = target
+        object.__setattr__(self, "state", target)

@@ -7,11 +7,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import dataclasses
 import json
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,20 @@ import structlog
 
 from thaw.core.errors import DeadlineExceeded, InstanceFailed, SnapshotError
 from thaw.core.eventloop import read_pipe_file
+from thaw.platform.runtime import (
+    BuildRequest,
+    Exited,
+    InstanceHandle,
+    InstanceStats,
+    LaunchSpec,
+    RuntimeCapabilities,
+    SpawnRequest,
+    StatusEvent,
+    describe_exit,
+    exit_event,
+    parse_status,
+    spawn_request,
+)
 
 log = structlog.get_logger()
 
@@ -75,43 +90,73 @@ class RuntimeProcess:
         event: dict[str, Any] = json.loads(line)
         return event
 
+    async def next_status(self, timeout: float) -> StatusEvent:
+        """`next_event` as its typed record; a record of no known shape reads as a
+        failed start."""
+        record = await self.next_event(timeout)
+        typed = parse_status(record)
+        if typed is None:
+            raise InstanceFailed(f"instance reported an unknown event: {record}")
+        return typed
+
+    async def exited(self) -> Exited:
+        """Waits for the process to end."""
+        return exit_event(await self.proc.wait())
+
     async def kill(self) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
         await self.proc.wait()
 
 
-def describe_exit(code: int | None) -> str:
-    if code is None:
-        return "still running"
-    if code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exit code {code}"
+
+def process_stats(handle: InstanceHandle) -> InstanceStats:
+    """Resident memory of an instance's process, from /proc (blocking)."""
+    try:
+        with open(f"/proc/{handle.pid}/status") as status:
+            rss_kb = next((int(line.split()[1]) for line in status
+                           if line.startswith("VmRSS:")), 0)
+    except (OSError, ValueError):
+        return InstanceStats(handle.pid, alive=False)
+    return InstanceStats(handle.pid, alive=True, rss_bytes=rss_kb * 1024)
+
+
+def _build_request(request: BuildRequest | Mapping[str, Any]) -> BuildRequest:
+    if isinstance(request, BuildRequest):
+        return request
+    return BuildRequest.from_record(dict(request))
 
 
 class ProcessRuntime:
-    """Instances are processes on this machine. The docker runtime
-    (docker_runtime.py) has the same three methods."""
+    """Instances are processes on this machine (the `Runtime` protocol)."""
 
     name = "process"
+    capabilities = RuntimeCapabilities(runs_images=False, template_per_tenant=False)
 
     def __init__(self, python: str | None = None, env: dict[str, str] | None = None) -> None:
         self.python = python or sys.executable
         self.env = {**os.environ, **(env or {})}
 
-    async def spawn(self, control_socket: str, request: dict[str, Any],
+    async def spawn(self, control_socket: str,
+                    request: SpawnRequest | Mapping[str, Any],
                     timeout: float) -> tuple[int, dict[str, Any]]:
         """Fork a restored instance from a template: (host pid, ready event)."""
-        return await spawn_from_template(control_socket, request, timeout)
+        return await spawn_from_template(control_socket, spawn_request(request), timeout)
 
-    async def build_in_template(self, control_socket: str, request: dict[str, Any],
-                                timeout: float) -> dict[str, Any]:
+    async def build_in_template(self, control_socket: str,
+                                request: BuildRequest | Mapping[str, Any],
+                                timeout: float) -> dict[str, Any] | None:
         """Have a template fork a child that runs setup() and captures a snapshot:
         returns its `captured` or `failed` event."""
-        return await template_build(control_socket, request, timeout)
+        return await template_build(control_socket, _build_request(request), timeout)
+
+    async def stop(self, handle: InstanceHandle, reason: str) -> None:
+        """SIGTERM the instance's process group, SIGKILL after a grace."""
+        del reason  # the agent logs it
+        await terminate(handle.pid)
+
+    def stats(self, handle: InstanceHandle) -> InstanceStats:
+        return process_stats(handle)
 
     async def close(self) -> None:
         """Nothing to release: instances and templates are stopped by the agent."""
@@ -120,27 +165,28 @@ class ProcessRuntime:
         """Instances run the agent's own Python: nothing to add to its fingerprint."""
         return {}
 
-    async def launch(self, mode: str, args: Sequence[str], log_path: str,
-                     cwd: str | None = None, env: dict[str, str] | None = None, *,
-                     instance_id: str | None = None, memory_limit_bytes: int = 0,
-                     max_instances: int | None = None,
-                     gpu_device_ids: Sequence[str] = (), image: str = "") -> RuntimeProcess:
-        """Start the runtime in `mode`. The keyword-only arguments are for runtimes
-        that size a sandbox per launch (docker); here the agent caps memory per
-        process with RLIMIT_DATA instead. `image` (an image function's) cannot run
-        here: the agent refuses those before launching (agent.IMAGE_NEEDS_DOCKER)."""
-        del instance_id, memory_limit_bytes, max_instances, gpu_device_ids
-        if image:
-            raise InstanceFailed(f"the process runtime cannot run image {image}")
+    async def launch(self, spec: LaunchSpec | str, args: Sequence[str] = (),
+                     log_path: str = "", cwd: str | None = None,
+                     env: dict[str, str] | None = None, **options: Any) -> RuntimeProcess:
+        """Start the runtime as `spec` says. (A mode, the runtime's arguments and a
+        log path are read into a spec first: LaunchSpec.from_runtime_args.) Limits
+        are the agent's to apply here (RLIMIT_DATA per process); an image function's
+        image cannot run here: the agent refuses those before launching."""
+        if not isinstance(spec, LaunchSpec):
+            spec = LaunchSpec.from_runtime_args(spec, args, log_path, cwd=cwd, env=env,
+                                                **options)
+        if spec.image:
+            raise InstanceFailed(f"the process runtime cannot run image {spec.image}")
         read_fd, write_fd = os.pipe()
         os.set_inheritable(write_fd, True)
-        logfile = open(log_path, "ab")  # noqa: SIM115 - handed to the child
+        logfile = open(spec.log_path, "ab")  # noqa: SIM115 - handed to the child
         try:
             proc = await asyncio.create_subprocess_exec(
-                self.python, "-m", RUNTIME_MODULE, mode, *args, "--status-fd", str(write_fd),
+                self.python, "-m", RUNTIME_MODULE, *spec.command(),
+                "--status-fd", str(write_fd),
                 stdin=asyncio.subprocess.DEVNULL, stdout=logfile, stderr=logfile,
                 pass_fds=(write_fd,), start_new_session=True, preexec_fn=_die_with_parent,
-                env={**self.env, **(env or {})}, cwd=cwd)
+                env={**self.env, **spec.environment}, cwd=spec.workdir or None)
         finally:
             os.close(write_fd)
             logfile.close()
@@ -148,10 +194,10 @@ class ProcessRuntime:
         reader = asyncio.StreamReader(limit=1 << 20)
         await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader),
                                      read_pipe_file(read_fd))
-        return RuntimeProcess(proc, reader, log_path)
+        return RuntimeProcess(proc, reader, spec.log_path)
 
 
-async def _ask_template(control_socket: str, op: str, request: dict[str, Any],
+async def _ask_template(control_socket: str, request: SpawnRequest | BuildRequest,
                         timeout: float, what: str) -> tuple[int, dict[str, Any] | None]:
     """One exchange on a template's control socket: the child's pid (from `spawned`)
     and the child's own answer, or None if it ended before answering."""
@@ -161,7 +207,8 @@ async def _ask_template(control_socket: str, op: str, request: dict[str, Any],
         raise InstanceFailed(f"template is not reachable: {exc}") from exc
     pid = 0
     try:
-        writer.write(json.dumps({"op": op, **request}).encode() + b"\n")
+        writer.write(json.dumps({"op": request.op, **dataclasses.asdict(request)}).encode()
+                     + b"\n")
         await writer.drain()
         while True:
             try:
@@ -184,15 +231,15 @@ async def _ask_template(control_socket: str, op: str, request: dict[str, Any],
             await writer.wait_closed()
 
 
-def _last_output(request: dict[str, Any]) -> str:
-    tail = log_tail(request.get("log", ""))
+def _last_output(request: SpawnRequest | BuildRequest) -> str:
+    tail = log_tail(request.log)
     return f"; last output:\n{tail}" if tail else ""
 
 
-async def spawn_from_template(control_socket: str, request: dict[str, Any],
+async def spawn_from_template(control_socket: str, request: SpawnRequest,
                               timeout: float) -> tuple[int, dict[str, Any]]:
     """Ask a template to fork a restored instance; returns (pid, ready event)."""
-    pid, event = await _ask_template(control_socket, "spawn", request, timeout, "restore")
+    pid, event = await _ask_template(control_socket, request, timeout, "restore")
     if event is None:
         raise InstanceFailed("restored instance exited before it was ready"
                              + _last_output(request))
@@ -201,11 +248,11 @@ async def spawn_from_template(control_socket: str, request: dict[str, Any],
     return pid, event
 
 
-async def template_build(control_socket: str, request: dict[str, Any],
+async def template_build(control_socket: str, request: BuildRequest,
                          timeout: float) -> dict[str, Any]:
     """Ask a template to fork a child that runs setup() and captures: its `captured`
     or `failed` event."""
-    _pid, event = await _ask_template(control_socket, "build", request, timeout, "build")
+    _pid, event = await _ask_template(control_socket, request, timeout, "build")
     if event is None:
         return {"event": "failed", "stage": "setup",
                 "reason": "the build process exited before capturing" + _last_output(request)}

@@ -23,6 +23,7 @@ from thaw.platform.control import AgentService
 from thaw.platform.dataplane import DataPlane
 from thaw.platform.devices import DeviceBackend, HostDevices, shm_root
 from thaw.platform.process import ProcessRuntime
+from thaw.platform.runtime import Runtime
 from thaw.platform.snapshots import NodeSnapshots
 from thaw.platform.telemetry import NodeSample
 from thaw.proto import agent_pb2, agent_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
@@ -50,11 +51,12 @@ def telemetry_message(sample: NodeSample) -> agent_pb2.NodeTelemetry:
             size_bytes=s.size_bytes) for s in sample.slices])
 
 
-def make_runtime(cfg: AgentConfig) -> ProcessRuntime:
+def make_runtime(cfg: AgentConfig) -> Runtime:
+    """The runtime the config names (`runtime`); its name is reported at registration."""
     if cfg.runtime == "docker":
-        from thaw.platform.docker_runtime import DockerRuntime
+        from thaw.platform.docker import DockerRuntime
 
-        return DockerRuntime.from_config(cfg)  # type: ignore[return-value]
+        return DockerRuntime.from_config(cfg)
     return ProcessRuntime(cfg.instance_python or None)
 
 

@@ -16,7 +16,7 @@ from tests.conftest import EXAMPLES, FIXTURES, RunningPlatform
 from tests.docker.conftest import DockerPlatform, agent_containers
 from tests.e2e.test_isolation import CASES as ISOLATION_CASES
 from thaw.core.units import parse_size
-from thaw.platform.docker_runtime import (
+from thaw.platform.docker import (
     BASE_MEMORY_BYTES,
     RUNTIME_MOUNT,
     UID_BASE,

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import EXAMPLES
-from thaw.platform.docker_runtime import UID_BASE, DockerRuntime
+from thaw.platform.docker import UID_BASE, DockerRuntime
 
 pytestmark = pytest.mark.docker
 

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from thaw.platform import images
-from thaw.platform.docker_runtime import (
+from thaw.platform.docker import (
     BASE_MEMORY_BYTES,
     UID_BASE,
     DockerRuntime,

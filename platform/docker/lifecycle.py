@@ -1,0 +1,466 @@
+"""DockerRuntime: starts containers from LaunchSpecs, follows their status streams and
+exits, and removes them (see the package docstring for the design)."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar, cast
+
+import structlog
+
+from thaw.core.errors import ImageNotOnNode, InstanceFailed, ThawError
+from thaw.core.eventloop import read_pipe_file
+from thaw.platform import images
+from thaw.platform.docker.containers import (
+    ContainerProcess,
+    ContainerRuntimeProcess,
+    _Container,
+    container_name,
+    prepare_container,
+)
+from thaw.platform.docker.pids import can_limit_other_uids, exit_code_from_engine
+from thaw.platform.docker.spawn import spawn_in_container, translate_event
+from thaw.platform.docker.spec import (
+    DEFAULT_MEMORY_BYTES,
+    LABEL_PREFIX,
+    PIDS_LIMIT,
+    TEMPLATE_INSTANCES,
+    TMPFS_TMP,
+    BindMount,
+    ContainerSettings,
+    container_kwargs,
+    create_kwargs,
+    memory_limit,
+    site_packages,
+)
+from thaw.platform.process import ProcessWatch, RuntimeProcess, process_stats, terminate
+from thaw.platform.runtime import (
+    BuildRequest,
+    InstanceHandle,
+    InstanceStats,
+    LaunchMode,
+    LaunchSpec,
+    Limits,
+    RuntimeCapabilities,
+    SpawnRequest,
+    spawn_request,
+)
+
+log = structlog.get_logger()
+
+T = TypeVar("T")
+
+# Per-container uids (none is in /etc/passwd; HOME is /tmp).
+UID_BASE = 200_000
+UID_COUNT = 100_000
+# Blocking engine calls run here, never on the event loop nor in the default pool.
+DOCKER_THREADS = 8
+# Seconds the engine may take for one call (create/start can be slow under load).
+DOCKER_TIMEOUT_SECONDS = 120
+# Lines of the engine's own log of a container kept when it fails.
+ENGINE_LOG_LINES = 20
+# How long close() waits for killed containers to be reaped and removed.
+CLOSE_SECONDS = 30.0
+
+
+class DockerRuntime:
+    """Instances in containers on the local docker engine (the `Runtime` protocol).
+
+    `client` is a docker.DockerClient; `image` must exist (images.ensure_base_image).
+    `env_site_packages` are host folders (e.g. a virtualenv's site-packages) mounted
+    read-only at the same paths and put on PYTHONPATH, for functions needing packages:
+    the image's Python must have the same minor version as the one they were built
+    for."""
+
+    name = "docker"
+    capabilities = RuntimeCapabilities(runs_images=True, template_per_tenant=True)
+
+    def __init__(self, client: Any, *, image: str, node_id: str, state_dir: Path,
+                 device: str = "host", env_site_packages: Sequence[str] = (),
+                 env: dict[str, str] | None = None,
+                 default_memory_bytes: int = DEFAULT_MEMORY_BYTES,
+                 template_instances: int = TEMPLATE_INSTANCES,
+                 pids_limit: int = PIDS_LIMIT, tmpfs_tmp: str = TMPFS_TMP,
+                 uid_base: int = UID_BASE, own_uids: bool | None = None,
+                 mps_pipe_directory: str = "") -> None:
+        self.client = client
+        self.node_id = node_id
+        self.agent_id = uuid.uuid4().hex[:12]
+        self.state_dir = state_dir / self.agent_id
+        self.settings = ContainerSettings(
+            image=image, node_id=node_id, agent_id=self.agent_id, agent_pid=os.getpid(),
+            device=device, env=dict(env or {}),
+            env_site_packages=tuple(str(Path(p).resolve()) for p in env_site_packages),
+            default_memory_bytes=default_memory_bytes,
+            template_instances=template_instances, pids_limit=pids_limit,
+            tmpfs_tmp=tmpfs_tmp, mps_pipe_directory=mps_pipe_directory)
+        self.uid_base = uid_base
+        # None: decide as the package docstring ("Users") says.
+        self.own_uids = (own_uids if own_uids is not None
+                         else device == "cuda" or can_limit_other_uids())
+        self._uids_in_use: set[int] = set()
+        self._next_uid = 0
+        self._containers: dict[str, _Container] = {}
+        self._by_control: dict[str, _Container] = {}
+        self._readable: set[str] = set()  # bundles already made readable
+        self._images_seen: set[str] = set()  # image function images found on the engine
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            DOCKER_THREADS, thread_name_prefix="thaw-docker")
+        self.python_version = images.image_python(client, image)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        if not self.own_uids:
+            log.info("containers run as the agent's uid (no CAP_SYS_RESOURCE to cap the "
+                     "memory of other uids)", uid=os.getuid())
+
+    # Settings by their constructor's names (tests and callers read them).
+    @property
+    def image(self) -> str:
+        return self.settings.image
+
+    @property
+    def device(self) -> str:
+        return self.settings.device
+
+    @property
+    def default_memory_bytes(self) -> int:
+        return self.settings.default_memory_bytes
+
+    @property
+    def template_instances(self) -> int:
+        return self.settings.template_instances
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> DockerRuntime:
+        """From the agent's config: AgentConfig.docker_image and docker_site_packages
+        (THAW_DOCKER_IMAGE, THAW_DOCKER_SITE_PACKAGES; read from the environment here
+        while the config lacks those fields). The image must have been built (`thaw
+        image build`): that takes minutes, too long for an agent's start."""
+        client = images.docker_client()
+        node_id = str(getattr(cfg, "node_id", "") or socket.gethostname())
+        image = (getattr(cfg, "docker_image", "") or os.environ.get("THAW_DOCKER_IMAGE")
+                 or images.image_tag(images.find_apt_source().suite))
+        site = (getattr(cfg, "docker_site_packages", "")
+                or os.environ.get("THAW_DOCKER_SITE_PACKAGES", ""))
+        home = Path(cfg.home)
+        runtime = cls(client, image=image, node_id=node_id,
+                      state_dir=home / "agent" / node_id / "containers",
+                      device=str(getattr(cfg, "device", "host")),
+                      env_site_packages=[p for p in site.split(os.pathsep) if p])
+        runtime.remove_stale_containers()
+        return runtime
+
+    # ---- engine calls -------------------------------------------------------------
+
+    async def _engine(self, call: Callable[[], T]) -> T:
+        """A blocking docker SDK call, in our own bounded pool, its errors translated."""
+        import docker.errors
+
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, call)
+        except docker.errors.DockerException as exc:
+            raise InstanceFailed(f"docker engine: {exc}") from exc
+
+    def remove_stale_containers(self) -> int:
+        """Remove containers of this node left by an agent that is gone (killed without
+        its close()); those of a live agent of the same node id are kept."""
+        import docker.errors
+
+        removed = 0
+        try:
+            stale = self.client.containers.list(
+                all=True, filters={"label": f"{LABEL_PREFIX}node={self.node_id}"})
+        except docker.errors.DockerException as exc:
+            raise InstanceFailed(f"docker engine: {exc}") from exc
+        for container in stale:
+            owner = (container.labels or {}).get(f"{LABEL_PREFIX}agent_pid", "")
+            if owner.isdigit() and Path(f"/proc/{owner}").exists():
+                continue
+            with contextlib.suppress(docker.errors.DockerException):
+                container.remove(force=True)
+                removed += 1
+        if removed:
+            log.info("removed containers of a previous agent", node=self.node_id,
+                     count=removed)
+        return removed
+
+    # ---- launch ---------------------------------------------------------------------
+
+    def _allocate_uid(self) -> int:
+        if not self.own_uids:
+            return os.getuid()
+        for _ in range(UID_COUNT):
+            uid = self.uid_base + self._next_uid
+            self._next_uid = (self._next_uid + 1) % UID_COUNT
+            if uid not in self._uids_in_use:
+                self._uids_in_use.add(uid)
+                return uid
+        raise InstanceFailed("no free container uid")
+
+    def _memory_limit(self, mode: str, memory_limit_bytes: int,
+                      max_instances: int | None) -> int:
+        """spec.memory_limit for a mode and limits given one by one."""
+        spec = LaunchSpec(mode=LaunchMode(mode), bundle="", handler="", log_path="",
+                          instance_id="", limits=Limits(memory_limit_bytes, max_instances))
+        return memory_limit(spec, self.settings)
+
+    def _run_kwargs(self, c: _Container, mode: str, args: Sequence[str], log_path: str,
+                    cwd: str | None, mounts: list[Any], instance: str,
+                    memory_bytes: int, env: dict[str, str],
+                    gpu_device_ids: Sequence[str] = (), image: str = "") -> dict[str, Any]:
+        """spec.create_kwargs for a launch given in the runtime's command-line form,
+        with its mounts and memory limit given."""
+        spec = LaunchSpec.from_runtime_args(mode, args, log_path, cwd=cwd, env=env,
+                                            instance_id=instance,
+                                            gpu_device_ids=gpu_device_ids, image=image)
+        mps = self.settings.mps_pipe_directory
+        if self.device == "cuda" and mps:
+            mounts.append(BindMount(mps, mps, read_only=False).to_docker())
+        return create_kwargs(spec, self.settings, name=c.name, uid=c.uid, mounts=mounts,
+                             memory_bytes=memory_bytes)
+
+    def _check_image(self, image_id: str, reference: str) -> None:
+        """An image function's image must already be on this engine (blocking)."""
+        import docker.errors
+
+        if image_id in self._images_seen:
+            return
+        try:
+            self.client.images.get(image_id)
+        except docker.errors.ImageNotFound as exc:
+            raise ImageNotOnNode(
+                f"image {reference} is not on node {self.node_id}'s docker engine "
+                "(nothing is pulled: `docker load` it there)") from exc
+        except docker.errors.DockerException as exc:
+            raise InstanceFailed(f"docker engine: {exc}") from exc
+        self._images_seen.add(image_id)
+
+    async def launch(self, spec: LaunchSpec | str, args: Sequence[str] = (),
+                     log_path: str = "", cwd: str | None = None,
+                     env: dict[str, str] | None = None, **options: Any) -> RuntimeProcess:
+        """Start a container running the in-instance runtime as `spec` says. (A mode,
+        the runtime's arguments and a log path are read into a spec first:
+        LaunchSpec.from_runtime_args.)
+
+        The container's memory limit is the function's `limits.memory_bytes` plus
+        BASE_MEMORY_BYTES, or `default_memory_bytes` when it is 0; a template's holds
+        its forked instances as well (spec.memory_limit). `device.gpu_ids` (cuda
+        backend) limits the container to those GPUs; without them a cuda container
+        gets every GPU. `image` (an image function's pinned reference) replaces the
+        base image (package docstring, "Image functions")."""
+        if not isinstance(spec, LaunchSpec):
+            spec = LaunchSpec.from_runtime_args(spec, args, log_path, cwd=cwd, env=env,
+                                                **options)
+        if spec.image:
+            await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._check_image, spec.image.rpartition("@")[2],
+                spec.image)
+        name = container_name(self.node_id, spec.mode.value, uuid.uuid4().hex[:10])
+        c, layout = await asyncio.to_thread(
+            prepare_container, spec, name, self._allocate_uid(), self.state_dir,
+            site_packages(spec, self.settings), self._readable)
+        self._containers[c.name] = c
+        loop = asyncio.get_running_loop()
+        try:
+            # Read end first (non-blocking open of a FIFO never waits), then our spare
+            # write end: without it the reader would see EOF before the container opens
+            # its end.
+            fifo = c.private / "ctl" / "events"
+            read_fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+            c.keeper_fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            raw = asyncio.StreamReader(limit=1 << 20)
+            await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(raw),
+                                         read_pipe_file(read_fd))
+            kwargs = container_kwargs(spec, self.settings, layout)
+            # create + start, never `run`: run pulls a missing image from a registry.
+            c.container = await self._engine(lambda: self.client.containers.create(**kwargs))
+            await self._engine(c.container.start)
+            await self._engine(c.container.reload)
+            c.host_pid = int(c.container.attrs["State"]["Pid"] or 0)
+        except BaseException:
+            await self._remove(c)
+            raise
+        c.proc = ContainerProcess(c.host_pid)
+        events = asyncio.StreamReader(limit=1 << 20)
+        c.tasks.append(asyncio.create_task(self._pump(c, raw, events)))
+        c.tasks.append(asyncio.create_task(self._follow_exit(c)))
+        if spec.mode is LaunchMode.TEMPLATE and spec.control:
+            self._by_control[spec.control] = c
+        log.debug("container started", container=c.name, mode=spec.mode.value,
+                  pid=c.host_pid)
+        return ContainerRuntimeProcess(cast(Any, c.proc), events, spec.log_path)
+
+    # ---- status events and exits ----------------------------------------------------
+
+    async def _pump(self, c: _Container, raw: asyncio.StreamReader,
+                    events: asyncio.StreamReader) -> None:
+        try:
+            while True:
+                try:
+                    line = await raw.readline()
+                except ValueError:  # a line past the limit: not ours, drop it
+                    continue
+                if not line:
+                    break
+                events.feed_data(translate_event(c, line))
+        finally:
+            events.feed_eof()
+
+    async def _follow_exit(self, c: _Container) -> None:
+        """When the main process ends: its exit code from the engine, then the
+        container and its host-side files go."""
+        assert c.proc is not None
+        try:
+            if c.host_pid:
+                watch = ProcessWatch(c.host_pid)
+                try:
+                    await watch.done.wait()
+                finally:
+                    watch.close()
+            try:
+                result = await self._engine(lambda: c.container.wait(
+                    timeout=DOCKER_TIMEOUT_SECONDS))
+                code = exit_code_from_engine(int(result.get("StatusCode", -1)))
+            except Exception as exc:  # the engine lost it: report a kill
+                log.warning("no exit status from the engine", container=c.name,
+                            error=str(exc))
+                code = -signal.SIGKILL
+            if code != 0:
+                await self._keep_engine_output(c)
+            c.proc.set_exit(code)
+        finally:
+            if c.keeper_fd is not None:
+                os.close(c.keeper_fd)
+                c.keeper_fd = None
+            await self._remove(c)
+
+    async def _keep_engine_output(self, c: _Container) -> None:
+        """What the container printed before the runtime's output went to its log
+        (the shell failing to open the log or the FIFO): appended to the log, where
+        the agent's error messages quote it from."""
+        try:
+            output = await self._engine(lambda: c.container.logs(tail=ENGINE_LOG_LINES))
+        except ThawError:
+            return
+        if output.strip():
+            def append() -> None:
+                with open(c.log_dir / c.log_name, "ab") as handle:
+                    handle.write(b"[container] " + output)
+
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(append)
+
+    async def _remove(self, c: _Container) -> None:
+        """The container, then its host-side files; done once (and redone by close()
+        if a removal was cut short)."""
+        async with c.removing:
+            if c.removed:
+                return
+            if c.keeper_fd is not None:
+                os.close(c.keeper_fd)
+                c.keeper_fd = None
+            if c.container is not None:
+                with contextlib.suppress(ThawError):
+                    await self._engine(lambda: _remove_container(c.container))
+            await asyncio.to_thread(self._remove_files, c)
+            c.removed = True
+            self._containers.pop(c.name, None)
+            for control, owner in list(self._by_control.items()):
+                if owner is c:
+                    del self._by_control[control]
+            self._uids_in_use.discard(c.uid)
+
+    @staticmethod
+    def _remove_files(c: _Container) -> None:
+        shutil.rmtree(c.private, ignore_errors=True)
+        shutil.rmtree(c.log_private, ignore_errors=True)
+        if c.snapshot_view is not None:
+            shutil.rmtree(c.snapshot_view, ignore_errors=True)
+
+    # ---- spawn (restore inside a template's container) -------------------------------
+
+    async def spawn(self, control_socket: str,
+                    request: SpawnRequest | Mapping[str, Any],
+                    timeout: float) -> tuple[int, dict[str, Any]]:
+        """Fork a restored instance from a template: (host pid, ready event)."""
+        c = self._by_control.get(control_socket)
+        if c is None or c.proc is None or c.proc.returncode is not None:
+            raise InstanceFailed(f"no running template container for {control_socket}")
+        return await spawn_in_container(c, control_socket, spawn_request(request), timeout)
+
+    async def build_in_template(self, control_socket: str, request: BuildRequest,
+                                timeout: float) -> dict[str, Any] | None:
+        """None: builds run in containers of their own (package docstring: fresh
+        starts and builds get a container each)."""
+        del control_socket, request, timeout
+        return None
+
+    async def stop(self, handle: InstanceHandle, reason: str) -> None:
+        """SIGTERM the instance's process group, SIGKILL after a grace; a container's
+        main process takes its container with it."""
+        del reason  # the agent logs it
+        await terminate(handle.pid)
+
+    def stats(self, handle: InstanceHandle) -> InstanceStats:
+        return process_stats(handle)
+
+    # ---- shutdown --------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Remove every container this runtime started that is still there."""
+        import docker.errors
+
+        containers = list(self._containers.values())
+        for c in containers:
+            if c.proc is not None and c.proc.returncode is None and c.host_pid > 0:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(c.host_pid, signal.SIGKILL)
+        tasks = [task for c in containers for task in c.tasks]
+        if tasks:
+            # Each container's exit follower removes it; give them the time to.
+            _done, pending = await asyncio.wait(tasks, timeout=CLOSE_SECONDS)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        for c in containers:
+            await self._remove(c)
+            if c.proc is not None and c.proc.returncode is None:
+                c.proc.set_exit(-signal.SIGKILL)  # nobody may wait forever
+        try:
+            leftover = await asyncio.get_running_loop().run_in_executor(
+                self._executor, lambda: self.client.containers.list(
+                    all=True, filters={"label": f"{LABEL_PREFIX}agent={self.agent_id}"}))
+        except docker.errors.DockerException as exc:
+            log.warning("could not list containers to remove", error=str(exc))
+            leftover = []
+        for container in leftover:
+            with contextlib.suppress(docker.errors.DockerException):
+                await asyncio.get_running_loop().run_in_executor(
+                    self._executor, _remove_container, container)
+        await asyncio.to_thread(shutil.rmtree, self.state_dir, True)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def containers(self) -> list[str]:
+        """Names of the containers this runtime runs now (for tests and telemetry)."""
+        return list(self._containers)
+
+    def fingerprint(self) -> dict[str, str]:
+        """What an instance's environment contributes to a snapshot's fingerprint: the
+        image's Python, not the agent's (the agent checks restores against it)."""
+        return {"python": self.python_version} if self.python_version else {}
+
+
+def _remove_container(container: Any) -> None:
+    import docker.errors
+
+    with contextlib.suppress(docker.errors.NotFound):
+        container.remove(force=True)

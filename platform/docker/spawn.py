@@ -1,0 +1,149 @@
+"""A restore inside a template's container: the template forks the instance, so its
+files must be visible there and its pid translated to the host's."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import uuid
+from pathlib import Path
+from typing import Any
+
+from thaw.core.errors import DeadlineExceeded, InstanceFailed, SnapshotError
+from thaw.platform.docker.containers import _Container, link_log, link_socket
+from thaw.platform.docker.pids import host_pid_of, ns_pid
+from thaw.platform.docker.spec import SNAPSHOT_VIEW_DIR
+from thaw.platform.process import log_tail
+from thaw.platform.runtime import SpawnRequest
+
+# A template's forked child is found among its processes within this long.
+PID_LOOKUP_SECONDS = 2.0
+# The spawn request's fields naming snapshot files.
+SNAPSHOT_FIELDS = ("snapshot_json", "pickle", "host_arena", "device_arena")
+
+
+async def spawn_in_container(c: _Container, control_socket: str, request: SpawnRequest,
+                             timeout: float) -> tuple[int, dict[str, Any]]:
+    """Fork a restored instance from the template in container `c`: (host pid, ready
+    event)."""
+    request, view = await asyncio.to_thread(link_instance, c, request)
+    try:
+        return await _spawn(c, control_socket, request, timeout)
+    finally:
+        if view is not None:
+            # The instance mapped its files during the restore; the links only had
+            # to last until then.
+            await asyncio.to_thread(shutil.rmtree, view, True)
+
+
+async def _spawn(c: _Container, control_socket: str, request: SpawnRequest,
+                 timeout: float) -> tuple[int, dict[str, Any]]:
+    try:
+        reader, writer = await asyncio.open_unix_connection(control_socket, limit=1 << 20)
+    except OSError as exc:
+        raise InstanceFailed(f"template is not reachable: {exc}") from exc
+    host_pid = 0
+    try:
+        writer.write(request.to_line())
+        await writer.drain()
+        while True:
+            try:
+                line = await asyncio.wait_for(reader.readline(), timeout)
+            except TimeoutError as exc:
+                if host_pid:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(host_pid, signal.SIGKILL)
+                raise DeadlineExceeded(
+                    f"restore did not finish within {timeout:.0f}s") from exc
+            if not line:
+                tail = log_tail(request.log)
+                raise InstanceFailed("restored instance exited before it was ready"
+                                     + (f"; last output:\n{tail}" if tail else ""))
+            event = json.loads(line)
+            kind = event.get("event")
+            if kind == "spawned":
+                host_pid = await find_child(c, int(event["pid"]))
+            elif kind == "ready":
+                if not host_pid:
+                    host_pid = await find_child(c, int(event["pid"]))
+                if not host_pid:
+                    raise InstanceFailed(
+                        f"restored instance (pid {event['pid']} in container "
+                        f"{c.name}) is not among the container's processes")
+                return host_pid, {**event, "pid": host_pid}
+            elif kind == "failed":
+                raise SnapshotError(f"restore failed: {event.get('reason', 'unknown')}")
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+def link_instance(c: _Container, request: SpawnRequest) -> tuple[SpawnRequest, Path | None]:
+    """Make a spawn request's files reachable in the template's container: socket and
+    log as for a launch; snapshot files it does not see are hard-linked into its
+    snapshot view and the request rewritten to name them there (blocking)."""
+    if request.socket:
+        link_socket(c, request.socket)
+    if request.log:
+        link_log(c, request.log)
+    view: Path | None = None
+    moved: dict[str, str] = {}
+    for key in SNAPSHOT_FIELDS:
+        path = getattr(request, key)
+        if not path or c.visible(str(path)):
+            continue
+        if c.snapshot_view is None:
+            raise InstanceFailed(f"{key} {path} is not visible in container {c.name}")
+        if view is None:
+            view = c.snapshot_view / uuid.uuid4().hex[:12]
+            view.mkdir()
+        try:
+            os.link(path, view / key)
+        except OSError as exc:
+            raise InstanceFailed(f"cannot show {key} {path} to container {c.name}: "
+                                 f"{exc}") from exc
+        moved[key] = f"{SNAPSHOT_VIEW_DIR}/{view.name}/{key}"
+    return dataclasses.replace(request, **moved), view
+
+
+async def find_child(c: _Container, child_ns_pid: int) -> int:
+    """The host pid of a process the template forked; remembered so its child_exited
+    event gets translated too."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + PID_LOOKUP_SECONDS
+    while True:
+        host = await asyncio.to_thread(host_pid_of, c.host_pid, child_ns_pid)
+        if host is not None:
+            c.children[child_ns_pid] = host
+            return host
+        if loop.time() > deadline:
+            return 0
+        await asyncio.sleep(0.01)
+
+
+def translate_event(c: _Container, line: bytes) -> bytes:
+    """Pids in an event -> host pids (the agent watches and signals host pids)."""
+    try:
+        event = json.loads(line)
+    except ValueError:
+        return line
+    if not isinstance(event, dict) or "pid" not in event:
+        return line
+    pid = event["pid"]
+    kind = event.get("event")
+    if kind == "child_exited":
+        host = c.children.pop(pid, None)
+        if host is None:
+            return line
+        event["pid"] = host
+    elif kind in ("ready", "template_ready") and c.host_pid and ns_pid(c.host_pid) == pid:
+        event["pid"] = c.host_pid
+    else:
+        return line
+    return json.dumps(event, separators=(",", ":")).encode() + b"\n"

@@ -1,0 +1,137 @@
+"""What the agent launches an instance with: the LaunchSpec of each kind of start,
+built from the function's spec, and the node's environment that a snapshot is
+checked against."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.metadata
+import resource
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from thaw.core.errors import InstanceFailed
+from thaw.platform.devices import gpu_info
+from thaw.platform.runtime import (
+    LaunchMode,
+    LaunchSpec,
+    Limits,
+    RuntimeCapabilities,
+    SliceGrant,
+    SnapshotFiles,
+)
+from thaw.proto import agent_pb2, manifest_pb2
+
+# Why a node without containers cannot run a function that names an image (thaw.toml
+# [runtime] image): the process runtime has no image to run it in.
+IMAGE_NEEDS_DOCKER = ("this node runs the process runtime; image functions need "
+                      "THAW_RUNTIME=docker")
+# Fingerprint fields an image function's image decides (its Python and packages). The
+# spec pins the image by id and the snapshot was built in that very image, so these
+# match by construction; the node's own values (its virtualenv's) say nothing of it.
+IMAGE_ENVIRONMENT_FIELDS = ("python", "torch", "numpy")
+
+
+def local_fingerprint(device_type: str) -> dict[str, str]:
+    def version(dist: str) -> str:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return ""
+
+    model, driver = gpu_info() if device_type == "cuda" else ("", "")
+    return {"python": ".".join(map(str, sys.version_info[:3])), "torch": version("torch"),
+            "numpy": version("numpy"), "device_type": device_type, "gpu_model": model,
+            "driver": driver}
+
+
+def code_digest(bundle: Path) -> str:
+    """SHA-256 over a bundle's files, thaw.toml excluded (names and settings differ
+    between copies of one model; the code they import does not)."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in bundle.rglob("*") if p.is_file()):
+        rel = path.relative_to(bundle).as_posix()
+        if rel == "thaw.toml" or "__pycache__" in rel:
+            continue
+        h.update(rel.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def instance_env(spec: agent_pb2.FunctionSpec, per_function: bool = True) -> dict[str, str]:
+    """What the in-instance runtime reads from its environment (templates pass it on
+    to the instances they fork, so a shared template gets no per-function names)."""
+    env = {"THAW_FUNCTION": f"{spec.tenant}/{spec.name}",
+           "THAW_FUNCTION_VERSION": spec.version} if per_function else {}
+    if spec.max_batch_size > 1:
+        env["THAW_MAX_BATCH_SIZE"] = str(spec.max_batch_size)
+        env["THAW_MAX_BATCH_WAIT_MS"] = f"{spec.max_batch_wait_ms:g}"
+    return env
+
+
+def image_fingerprint(local: dict[str, str], spec: agent_pb2.FunctionSpec,
+                      manifest: manifest_pb2.SnapshotManifest) -> dict[str, str]:
+    """What a restore of `spec` is checked against: this node's fingerprint, except
+    for an image function, whose environment fields are its image's (see
+    IMAGE_ENVIRONMENT_FIELDS); the device fields are the node's either way."""
+    if not spec.image:
+        return local
+    return {**local, **{key: getattr(manifest.fingerprint, key)
+                        for key in IMAGE_ENVIRONMENT_FIELDS}}
+
+
+def limit_memory(pid: int, extra_bytes: int) -> None:
+    """Cap what the instance may allocate from now on: RLIMIT_DATA counts private
+    writable memory (heap, anonymous and copy-on-write mappings), so the cap is what
+    it holds after its restore plus the function's `resources.memory`. Past it,
+    allocations fail with MemoryError and the runtime answers 5xx and exits (it is
+    then replaced). Portable: needs no cgroup."""
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            data_kb = next(int(line.split()[1]) for line in handle
+                           if line.startswith("VmData:"))
+    except (OSError, StopIteration, ValueError):
+        return
+    limit = data_kb * 1024 + extra_bytes
+    with contextlib.suppress(OSError):
+        resource.prlimit(pid, resource.RLIMIT_DATA, (limit, limit))
+
+
+def check_image(spec: agent_pb2.FunctionSpec, capabilities: RuntimeCapabilities) -> None:
+    """An image function is refused on a node whose runtime runs no images."""
+    if spec.image and not capabilities.runs_images:
+        raise InstanceFailed(f"runtime: {IMAGE_NEEDS_DOCKER}")
+
+
+def _base(spec: agent_pb2.FunctionSpec, mode: LaunchMode, bundle: Path, log_path: str,
+          instance_id: str, per_function: bool = True) -> LaunchSpec:
+    return LaunchSpec(
+        mode=mode, bundle=str(bundle), handler=spec.handler, log_path=log_path,
+        instance_id=instance_id,
+        function=f"{spec.tenant}/{spec.name}" if per_function else "",
+        version=spec.version, env=instance_env(spec, per_function),
+        limits=Limits(memory_bytes=spec.memory_limit_bytes), image=spec.image,
+        cwd=str(bundle))
+
+
+def fresh_spec(spec: agent_pb2.FunctionSpec, bundle: Path, *, instance_id: str,
+               socket: str, log_path: str, grant: SliceGrant | None) -> LaunchSpec:
+    """An instance that imports, runs setup() and serves on `socket`."""
+    return replace(_base(spec, LaunchMode.FRESH, bundle, log_path, instance_id),
+                   socket=socket, slice=grant)
+
+
+def build_spec(spec: agent_pb2.FunctionSpec, bundle: Path, *, out: Path,
+               log_path: str) -> LaunchSpec:
+    """A build that runs setup() and writes a snapshot to `out`."""
+    return replace(_base(spec, LaunchMode.BUILD, bundle, log_path, out.name), out=str(out))
+
+
+def template_spec(spec: agent_pb2.FunctionSpec, bundle: Path, *, key: str,
+                  snapshot_json: str, control: str, log_path: str) -> LaunchSpec:
+    """A template that imports a snapshot's modules and forks restores on request;
+    shared by every function of its code, so nothing per function."""
+    return replace(_base(spec, LaunchMode.TEMPLATE, bundle, log_path, f"template-{key[:16]}",
+                         per_function=False),
+                   snapshot=SnapshotFiles(snapshot_json), control=control)

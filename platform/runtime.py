@@ -1,0 +1,405 @@
+"""The one interface between the node agent and the things that run instances
+(DESIGN.md §7): what an instance gets (`LaunchSpec`), what a runtime does with it
+(`Runtime`), and what comes back (the status events of thaw.snapshotter.runtime,
+plus how an instance ended).
+
+The agent builds a `LaunchSpec` from the function's spec and hands it to whichever
+runtime the node runs; each runtime turns it into its own form (a command line and
+an environment for a process, a container's create arguments for docker). Nothing
+else of the agent's reaches an instance, and the agent never asks which runtime it
+holds: what differs between runtimes is in `RuntimeCapabilities`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import signal
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeAlias, runtime_checkable
+
+from thaw.snapshotter.runtime.events import (
+    BuildRequest,
+    Captured,
+    ChildExited,
+    ExitCode,
+    Failed,
+    Ready,
+    Spawned,
+    SpawnRequest,
+    Stage,
+    TemplateReady,
+    parse_event,
+)
+
+__all__ = [
+    "BuildRequest", "Captured", "ChildExited", "DeviceRequest", "Exited", "Failed",
+    "InstanceEvent", "InstanceStats", "LaunchMode", "LaunchSpec", "LaunchedInstance",
+    "Limits", "MemoryLimitHit", "Mount", "MountKind", "ProcessHandle", "Ready", "Runtime",
+    "RuntimeCapabilities", "SandboxPolicy", "SliceGrant", "SnapshotFiles", "Spawned",
+    "SpawnRequest", "Stage", "StatusEvent", "TemplateReady", "describe_exit",
+    "exit_event", "parse_status", "spawn_request",
+]
+
+
+class LaunchMode(str, enum.Enum):
+    """What the in-instance runtime does once started (its first argument)."""
+
+    FRESH = "fresh"
+    BUILD = "build"
+    TEMPLATE = "template"
+    RESTORE = "restore"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What an instance may use. Zero or None means the runtime's own default."""
+
+    memory_bytes: int = 0
+    """The function's `resources.memory`, beyond its restored or set-up state."""
+    max_instances: int | None = None
+    """Instances a template's sandbox holds (their memory counts against it)."""
+    pids: int | None = None
+    """Processes and threads of one sandbox."""
+
+
+@dataclass(frozen=True)
+class DeviceRequest:
+    """The accelerators an instance's sandbox may open."""
+
+    gpu_ids: tuple[str, ...] = ()
+    """GPU UUIDs; empty: every GPU of the node (a template's instances may get
+    slices on any)."""
+
+
+@dataclass(frozen=True)
+class SliceGrant:
+    """The device slice the agent allocated for an instance before launching it."""
+
+    id: str
+    device_id: str
+    size_bytes: int
+
+
+@dataclass(frozen=True)
+class SandboxPolicy:
+    """How an instance is walled off. The docker runtime applies it to each container;
+    the process runtime's instances inherit their template's sandbox instead."""
+
+    network: str = "none"
+    """Docker network mode: instances talk to the agent over unix sockets only."""
+    read_only_rootfs: bool = True
+    cap_drop: tuple[str, ...] = ("ALL",)
+    no_new_privileges: bool = True
+
+
+@dataclass(frozen=True)
+class SnapshotFiles:
+    """A materialized snapshot's files (host paths), as a restore maps them."""
+
+    snapshot_json: str
+    pickle: str = ""
+    host_arena: str = ""
+    device_arena: str = ""
+
+
+class MountKind(str, enum.Enum):
+    """Why a host path must be visible to an instance; a runtime decides how."""
+
+    BUNDLE = "bundle"  # the function's code, read-only
+    OUTPUT = "output"  # a build's snapshot folder, writable
+    SNAPSHOT_FILE = "snapshot_file"  # one snapshot file, read-only
+    SOCKET = "socket"  # a unix socket the instance binds
+
+
+@dataclass(frozen=True)
+class Mount:
+    """A host path an instance needs, seen at the same path inside its sandbox."""
+
+    path: str
+    kind: MountKind
+
+    @property
+    def read_only(self) -> bool:
+        return self.kind in (MountKind.BUNDLE, MountKind.SNAPSHOT_FILE)
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    """Everything one instance (or build, or template) is started with."""
+
+    mode: LaunchMode
+    bundle: str
+    """The function's bundle folder (host path); also the working directory."""
+    handler: str
+    log_path: str
+    """Where the instance's stdout and stderr go."""
+    instance_id: str
+    function: str = ""
+    """tenant/name; empty for a template, which serves every function of its code."""
+    version: str = ""
+    """The function version a build stamps into its snapshot."""
+    env: Mapping[str, str] = field(default_factory=dict)
+    secrets: Mapping[str, str] = field(default_factory=dict)
+    """Secret values, added to the environment after `env`."""
+    socket: str = ""
+    """The unix socket a fresh or restored instance serves on."""
+    control: str = ""
+    """The unix socket a template takes spawn requests on."""
+    out: str = ""
+    """The folder a build writes its snapshot to."""
+    snapshot: SnapshotFiles | None = None
+    limits: Limits = Limits()
+    device: DeviceRequest = DeviceRequest()
+    slice: SliceGrant | None = None
+    sandbox: SandboxPolicy = SandboxPolicy()
+    image: str = ""
+    """An image function's pinned image (`repo:tag@sha256:<id>`): it runs there."""
+    cwd: str = ""
+    """Working directory; empty: the bundle."""
+
+    @property
+    def workdir(self) -> str:
+        return self.cwd or self.bundle
+
+    @property
+    def environment(self) -> dict[str, str]:
+        return {**self.env, **self.secrets}
+
+    def command(self) -> list[str]:
+        """The in-instance runtime's arguments (after `python -m <module>`), without
+        the status descriptor, which each runtime adds its own way."""
+        args = [self.mode.value]
+        if self.bundle:
+            args += ["--bundle", self.bundle]
+        if self.handler:
+            args += ["--handler", self.handler]
+        if self.out:
+            args += ["--out", self.out]
+        if self.mode is LaunchMode.BUILD and self.version:
+            args += ["--function-version", self.version]
+        if self.snapshot is not None:
+            args += ["--snapshot-json", self.snapshot.snapshot_json]
+            for flag, value in (("--pickle", self.snapshot.pickle),
+                                ("--host-arena", self.snapshot.host_arena),
+                                ("--device-arena", self.snapshot.device_arena)):
+                if value:
+                    args += [flag, value]
+        if self.socket:
+            args += ["--socket", self.socket]
+        if self.control:
+            args += ["--control", self.control]
+        return args
+
+    def mounts(self) -> tuple[Mount, ...]:
+        """The host paths this instance needs, each once."""
+        found: list[Mount] = []
+        if self.bundle:
+            found.append(Mount(self.bundle, MountKind.BUNDLE))
+        if self.out:
+            found.append(Mount(self.out, MountKind.OUTPUT))
+        if self.snapshot is not None:
+            files = (self.snapshot.snapshot_json, self.snapshot.pickle,
+                     self.snapshot.host_arena, self.snapshot.device_arena)
+            found += [Mount(p, MountKind.SNAPSHOT_FILE) for p in dict.fromkeys(files) if p]
+        found += [Mount(p, MountKind.SOCKET) for p in (self.socket, self.control) if p]
+        return tuple(found)
+
+    @classmethod
+    def from_runtime_args(cls, mode: str, args: Sequence[str], log_path: str, *,
+                          cwd: str | None = None, env: Mapping[str, str] | None = None,
+                          instance_id: str | None = None, memory_limit_bytes: int = 0,
+                          max_instances: int | None = None,
+                          gpu_device_ids: Sequence[str] = (), image: str = ""
+                          ) -> LaunchSpec:
+        """A spec from the runtime's own command line: the form a caller that drives
+        a runtime by hand (a test, a debugging session) already has. The agent
+        builds specs field by field."""
+        options: dict[str, str] = {}
+        items = list(args)
+        for index, item in enumerate(items[:-1]):
+            if item.startswith("--"):
+                options[item] = items[index + 1]
+        snapshot = (SnapshotFiles(options["--snapshot-json"], options.get("--pickle", ""),
+                                  options.get("--host-arena", ""),
+                                  options.get("--device-arena", ""))
+                    if "--snapshot-json" in options else None)
+        return cls(
+            mode=LaunchMode(mode), bundle=options.get("--bundle", ""),
+            handler=options.get("--handler", ""), log_path=log_path,
+            instance_id=instance_id or "", version=options.get("--function-version", ""),
+            env=dict(env or {}), socket=options.get("--socket", ""),
+            control=options.get("--control", ""), out=options.get("--out", ""),
+            snapshot=snapshot,
+            limits=Limits(memory_bytes=memory_limit_bytes, max_instances=max_instances),
+            device=DeviceRequest(tuple(gpu_device_ids)), image=image, cwd=cwd or "")
+
+
+# ---- events --------------------------------------------------------------------------
+
+StatusEvent: TypeAlias = Ready | Failed | Captured | TemplateReady | Spawned | ChildExited
+"""What an instance reports on its status channel (thaw.snapshotter.runtime.events)."""
+
+
+@dataclass(frozen=True)
+class Exited:
+    """An instance's process ended."""
+
+    reason: str
+    code: int | None
+    """Exit code, minus the signal number that killed it, or None when unknown."""
+
+
+@dataclass(frozen=True)
+class MemoryLimitHit(Exited):
+    """An instance ended because it ran out of the memory it may use."""
+
+
+InstanceEvent: TypeAlias = StatusEvent | Exited
+
+
+def describe_exit(code: int | None) -> str:
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+def exit_event(code: int | None) -> Exited:
+    """How an ended process reads: the runtime's own out-of-memory exit is a
+    `MemoryLimitHit`."""
+    reason = describe_exit(code)
+    if code == ExitCode.OUT_OF_MEMORY:
+        return MemoryLimitHit(reason, code)
+    return Exited(reason, code)
+
+
+def parse_status(record: Mapping[str, Any]) -> StatusEvent | None:
+    """A status record as its typed event; None for a record of another shape."""
+    import json
+
+    try:
+        return parse_event(json.dumps(dict(record)))
+    except ValueError:
+        return None
+
+
+def spawn_request(request: SpawnRequest | Mapping[str, Any]) -> SpawnRequest:
+    """A spawn request as its record, from either form."""
+    if isinstance(request, SpawnRequest):
+        return request
+    record = {k: v for k, v in request.items() if k != "op"}
+    record.setdefault("device_arena", None)
+    return SpawnRequest(**record)
+
+
+# ---- the interface -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InstanceStats:
+    """What a runtime can tell of a running instance."""
+
+    pid: int
+    alive: bool
+    rss_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class RuntimeCapabilities:
+    """What the agent must know of a runtime to use it; never its name."""
+
+    runs_images: bool = False
+    """Image functions (thaw.toml [runtime] image) can run here."""
+    template_per_tenant: bool = False
+    """A template's sandbox holds the instances it forks, so no two tenants may
+    share one."""
+
+
+class InstanceHandle(Protocol):
+    """An instance as the agent holds it."""
+
+    @property
+    def pid(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class ProcessHandle:
+    """An instance known by its host pid only (one a template forked)."""
+
+    pid: int
+
+
+class LaunchedProcess(Protocol):
+    """What `Runtime.launch` returns: the started process and its exit code."""
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    async def wait(self) -> int: ...
+
+
+class LaunchedInstance(InstanceHandle, Protocol):
+    """A launched instance and its status stream."""
+
+    @property
+    def proc(self) -> LaunchedProcess: ...
+
+    @property
+    def events(self) -> asyncio.StreamReader: ...
+
+    async def next_event(self, timeout: float) -> dict[str, Any]: ...
+
+    async def next_status(self, timeout: float) -> StatusEvent: ...
+
+    async def exited(self) -> Exited: ...
+
+    async def kill(self) -> None: ...
+
+
+@runtime_checkable
+class Runtime(Protocol):
+    """Runs instances on this node (process.py, docker/)."""
+
+    name: str
+    """For reporting only (logs, registration)."""
+    capabilities: RuntimeCapabilities
+
+    async def launch(self, spec: LaunchSpec) -> LaunchedInstance:
+        """Start the in-instance runtime as `spec` says; returns once it runs."""
+        ...
+
+    async def spawn(self, control_socket: str, request: SpawnRequest,
+                    timeout: float) -> tuple[int, dict[str, Any]]:
+        """Have a template fork a restored instance: (host pid, its ready event)."""
+        ...
+
+    async def build_in_template(self, control_socket: str, request: BuildRequest,
+                                timeout: float) -> dict[str, Any] | None:
+        """Have a template fork a build: its `captured` or `failed` event, or None
+        where this runtime builds only in a sandbox of its own."""
+        ...
+
+    async def stop(self, handle: InstanceHandle, reason: str) -> None:
+        """End an instance: politely, then by force."""
+        ...
+
+    def stats(self, handle: InstanceHandle) -> InstanceStats:
+        """Blocking (reads /proc): call from a thread on a hot path."""
+        ...
+
+    def fingerprint(self) -> dict[str, str]:
+        """What the instances' environment adds to a snapshot's fingerprint."""
+        ...
+
+    async def close(self) -> None:
+        """Release everything this runtime still holds."""
+        ...
