@@ -12,6 +12,7 @@ from pathlib import Path
 
 import grpc
 import structlog
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_fixed
 
 from thaw.blobstore import CudaPinnedAllocator, DiskTier, HostMemoryAllocator, PinnedTier
 from thaw.core.config import AgentConfig, parse_host_devices
@@ -49,6 +50,11 @@ def telemetry_message(sample: NodeSample) -> agent_pb2.NodeTelemetry:
         slices=[agent_pb2.SliceTelemetry(
             device_id=s.device_id, instance_id=s.instance_id, function=s.function,
             size_bytes=s.size_bytes) for s in sample.slices])
+
+
+def _log_unreachable(state: RetryCallState) -> None:
+    error = state.outcome.exception() if state.outcome is not None else None
+    log.debug("scheduler not reachable yet", error=str(error))
 
 
 def make_runtime(cfg: AgentConfig) -> Runtime:
@@ -153,13 +159,12 @@ class AgentServer:
             node_id=self.node_id, control_address=f"{cfg.agent_host}:{self.control_port}",
             data_url=f"http://{cfg.agent_host}:{self.data_port}", devices=self._devices(),
             instance_ids=list(self.agent.instances), runtime=cfg.runtime)
-        while True:
-            try:
+        async for attempt in AsyncRetrying(
+                retry=retry_if_exception_type(ThawError), wait=wait_fixed(REGISTER_RETRY_SECONDS),
+                before_sleep=_log_unreachable, reraise=True):
+            with attempt:
                 resp = await call(self._registry.Register(request, timeout=10))
-                return resp.heartbeat_interval_seconds or 2.0
-            except ThawError as exc:
-                log.debug("scheduler not reachable yet", error=str(exc))
-                await asyncio.sleep(REGISTER_RETRY_SECONDS)
+        return resp.heartbeat_interval_seconds or 2.0
 
     async def _heartbeat_loop(self) -> None:
         assert self._registry is not None and self.agent is not None

@@ -14,6 +14,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from tenacity import AsyncRetrying, retry_if_result, stop_after_delay, wait_fixed
+
 from thaw.core.errors import DeadlineExceeded, InstanceFailed, SnapshotError
 from thaw.platform.docker.containers import _Container, link_log, link_socket
 from thaw.platform.docker.pids import host_pid_of, ns_pid
@@ -21,8 +23,10 @@ from thaw.platform.docker.spec import SNAPSHOT_VIEW_DIR
 from thaw.platform.process import log_tail
 from thaw.platform.runtime import SpawnRequest
 
-# A template's forked child is found among its processes within this long.
+# A template's forked child is found among its processes within this long, looked
+# for this often.
 PID_LOOKUP_SECONDS = 2.0
+PID_LOOKUP_POLL_SECONDS = 0.01
 # The spawn request's fields naming snapshot files.
 SNAPSHOT_FIELDS = ("snapshot_json", "pickle", "host_arena", "device_arena")
 
@@ -115,17 +119,15 @@ def link_instance(c: _Container, request: SpawnRequest) -> tuple[SpawnRequest, P
 async def find_child(c: _Container, child_ns_pid: int) -> int:
     """The host pid of a process the template forked; remembered so its child_exited
     event gets translated too."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + PID_LOOKUP_SECONDS
-    while True:
-        host = await asyncio.to_thread(host_pid_of, c.host_pid, child_ns_pid)
-        if host is not None:
-            c.children[child_ns_pid] = host
-            return host
-        if loop.time() > deadline:
-            return 0
-        await asyncio.sleep(0.01)
-
+    lookup = AsyncRetrying(
+        retry=retry_if_result(lambda found: found is None),
+        stop=stop_after_delay(PID_LOOKUP_SECONDS), wait=wait_fixed(PID_LOOKUP_POLL_SECONDS),
+        retry_error_callback=lambda _state: None)
+    host: int | None = await lookup(asyncio.to_thread, host_pid_of, c.host_pid, child_ns_pid)
+    if host is None:
+        return 0
+    c.children[child_ns_pid] = host
+    return host
 
 def translate_event(c: _Container, line: bytes) -> bytes:
     """Pids in an event -> host pids (the agent watches and signals host pids)."""
