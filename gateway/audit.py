@@ -30,6 +30,7 @@ from typing import Any
 
 import structlog
 from aiohttp import web
+from tenacity import AsyncRetrying, retry_if_result, wait_exponential
 
 from thaw.core.errors import InvalidArgument, PermissionDenied, ThawError
 from thaw.core.grpcutil import call
@@ -171,16 +172,14 @@ class AuditWriter:
         return True
 
     async def run_forever(self) -> None:
-        delay = RETRY_MIN_SECONDS
         while True:
             await self._wake.wait()
             self._wake.clear()
-            if await self.flush_once():
-                delay = RETRY_MIN_SECONDS
-                continue
-            await self._sleep(delay)
-            delay = min(RETRY_MAX_SECONDS, delay * 2)
-            self._wake.set()
+            # Until what is queued is sent, backing off while the scheduler is away.
+            await AsyncRetrying(
+                retry=retry_if_result(lambda sent: not sent),
+                wait=wait_exponential(multiplier=RETRY_MIN_SECONDS, max=RETRY_MAX_SECONDS),
+                sleep=self._sleep)(self.flush_once)
 
 
 AUDIT_KEY = web.AppKey("audit", AuditWriter)

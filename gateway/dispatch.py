@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from types import TracebackType
 
 import structlog
+from tenacity import AsyncRetrying, RetryCallState
 
 from thaw.core.errors import DeadlineExceeded, InstanceFailed, SnapshotError, ThawError
 from thaw.core.priority import PRIORITY_DEFAULT
@@ -331,32 +332,68 @@ class Dispatcher:
                 lease, start, stages = await self._lease(call, reuse=False)
                 exchange = await self._send(call, lease, start, stages, function_permit,
                                             started)
-            for attempt in range(REFUSAL_RETRIES + 1):
-                if exchange.status not in REFUSAL_STATUSES:
-                    break
-                code = await self._refusal_code(exchange)
-                if code is None:
-                    break
-                self._settle_refusal(exchange, code)
-                delay = BUSY_RETRY_SECONDS * 2 ** attempt if code == "instance_busy" else 0.0
-                remaining = call.remaining()
-                if attempt == REFUSAL_RETRIES or (remaining is not None
-                                                  and remaining <= delay):
-                    raise InstanceBusy(
-                        f"the instances of {call.function} are busy on their node; "
-                        "retry shortly", retry_after=1.0)
-                await asyncio.sleep(delay)
-                lease, start, stages = await self._lease(call, reuse=False)
-                exchange = await self._send(call, lease, start, stages, function_permit,
-                                            started)
-            log.debug("dispatched", function=call.function, node=lease.node_id,
-                      instance=lease.instance_id, start=start)
+            if exchange.status in REFUSAL_STATUSES:
+                exchange = await self._past_refusals(call, exchange, function_permit,
+                                                     started)
+            log.debug("dispatched", function=call.function, node=exchange.lease.node_id,
+                      instance=exchange.lease.instance_id, start=exchange.start)
             return exchange
         except BaseException as exc:
             failed = isinstance(exc, FUNCTION_FAILURES) and not isinstance(exc, NodeUnreachable)
             self.function_breakers.record(call.function, function_permit,
                                           False if failed else None)
             raise
+
+    async def _past_refusals(self, call: Call, refused: Exchange,
+                             function_permit: Permit | None, started: float) -> Exchange:
+        """The first exchange that is not a refusal by the data plane (see
+        REFUSAL_STATUSES), each refusal settled and followed by a fresh lease: at once
+        for an instance that left, backing off for a busy one. InstanceBusy once
+        REFUSAL_RETRIES more exchanges were refused, or the next try would come after
+        the client's deadline."""
+        first: Exchange | None = refused
+        last_code = ""
+
+        async def exchange() -> Exchange:
+            nonlocal first
+            if first is not None:
+                opened, first = first, None
+                return opened
+            lease, start, stages = await self._lease(call, reuse=False)
+            return await self._send(call, lease, start, stages, function_permit, started)
+
+        async def was_refused(state: RetryCallState) -> bool:
+            nonlocal last_code
+            if state.outcome is None or state.outcome.failed:
+                return False  # an error of placement or of the node: raised as it is
+            ex: Exchange = state.outcome.result()
+            if ex.status not in REFUSAL_STATUSES:
+                return False
+            code = await self._refusal_code(ex)
+            if code is None:
+                return False
+            self._settle_refusal(ex, code)
+            last_code = code
+            return True
+
+        def delay(state: RetryCallState) -> float:
+            if last_code != "instance_busy":
+                return 0.0
+            return BUSY_RETRY_SECONDS * 2 ** (state.attempt_number - 1)
+
+        def give_up(state: RetryCallState) -> bool:
+            remaining = call.remaining()
+            return state.attempt_number > REFUSAL_RETRIES or (
+                remaining is not None and remaining <= state.upcoming_sleep)
+
+        def busy(state: RetryCallState) -> Exchange:
+            raise InstanceBusy(f"the instances of {call.function} are busy on their "
+                               "node; retry shortly", retry_after=1.0)
+
+        retrying = AsyncRetrying(retry=was_refused, wait=delay, stop=give_up,
+                                 retry_error_callback=busy)
+        opened: Exchange = await retrying(exchange)
+        return opened
 
     async def _lease(self, call: Call, reuse: bool
                      ) -> tuple[scheduler_pb2.Lease, str, list[tuple[str, float]]]:

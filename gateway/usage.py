@@ -43,6 +43,7 @@ from typing import Any, NamedTuple
 import grpc
 import structlog
 from aiohttp import web
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
 
 from thaw.core.errors import InvalidArgument, NotFound, ThawError, Unavailable
 from thaw.core.grpcutil import call
@@ -249,20 +250,31 @@ class UsageMeter:
         return size
 
     async def run_forever(self) -> None:
-        delay = RETRY_SECONDS
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), FLUSH_SECONDS)
-            self._wake.clear()
-            try:
-                await self.flush()
-            except ThawError as exc:
-                log.warning("usage records not sent; retrying", pending=self.pending,
-                            dropped=self.dropped, error=exc.message, retry_in=delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, RETRY_MAX_SECONDS)
-            else:
-                delay = RETRY_SECONDS
+            await self._flush_due()
+            # Until it is sent, backing off while the scheduler is away; each try
+            # after a pause also waits for the next flush to be due.
+            await AsyncRetrying(
+                retry=retry_if_exception_type(ThawError),
+                wait=wait_exponential(multiplier=RETRY_SECONDS, max=RETRY_MAX_SECONDS),
+                before_sleep=self._not_sent, sleep=self._pause)(self.flush)
+
+    async def _flush_due(self) -> None:
+        """Until FLUSH_SECONDS passed or enough records wait (`_wake`)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), FLUSH_SECONDS)
+        self._wake.clear()
+
+    async def _pause(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+        await self._flush_due()
+
+    def _not_sent(self, state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome is not None else None
+        log.warning("usage records not sent; retrying", pending=self.pending,
+                    dropped=self.dropped,
+                    error=exc.message if isinstance(exc, ThawError) else str(exc),
+                    retry_in=state.upcoming_sleep)
 
     async def close(self, timeout: float = CLOSE_FLUSH_SECONDS) -> None:
         """The last flush, bounded: what cannot be sent in time is logged as lost."""

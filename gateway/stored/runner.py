@@ -23,11 +23,10 @@ from tenacity import (
 
 from thaw.core.errors import ThawError
 from thaw.gateway.config import GatewaySettings
-from thaw.gateway.request import INVOCATION_HEADER
 from thaw.gateway.state import Gateway
 from thaw.gateway.stored.client import InvocationsClient
 from thaw.gateway.stored.outcome import Outcome, call_of, completion, error_outcome, run
-from thaw.gateway.stored.views import invocation_json
+from thaw.gateway.stored.webhooks import Webhooks
 from thaw.proto import invocations_pb2
 
 log = structlog.get_logger()
@@ -45,16 +44,10 @@ POLL_MAX_SECONDS = 1.0
 CLAIM_POLL_SECONDS = 0.5
 # Expired results are swept this often (by every replica; the sweep is idempotent).
 SWEEP_SECONDS = 60.0
-# Each webhook delivery attempt waits this long for the receiver's answer.
-WEBHOOK_TIMEOUT_SECONDS = 10.0
-WEBHOOK_MAX_BACKOFF_SECONDS = 300.0
 # Each replica looks this often for webhooks nobody delivers (their replica died, or
 # let them go), and delivers at most this many at once.
 WEBHOOK_POLL_SECONDS = 1.0
 WEBHOOK_CONCURRENCY = 64
-# What a failed attempt records of its error.
-WEBHOOK_ERROR_CHARS = 500
-# Metadata calls to the scheduler are quick.
 
 
 class InvocationRunner:
@@ -70,6 +63,7 @@ class InvocationRunner:
         self.session = session
         self.config: GatewaySettings = gw.config
         self.id = f"gw_{uuid.uuid4().hex[:16]}"
+        self.webhooks = Webhooks(client, self.id, self.config, session)
         self.running: dict[str, asyncio.Task[None]] = {}
         self.done_events: dict[str, asyncio.Event] = {}
         self.cut: set[str] = set()
@@ -239,7 +233,7 @@ class InvocationRunner:
             for inv in claimed:
                 log.info("delivering a webhook taken over", invocation=inv.id,
                          attempts_made=inv.webhook_attempts)
-                self._deliver(inv.id, self.deliver_webhook(inv))
+                self._deliver(inv.id, self.webhooks.deliver(inv))
 
     async def sweep_forever(self) -> None:
         interval = min(SWEEP_SECONDS, self.config.result_ttl_seconds / 2)
@@ -309,65 +303,7 @@ class InvocationRunner:
             log.warning("reading an invocation for its webhook failed",
                         invocation=invocation_id, error=exc.message)
             return
-        await self.deliver_webhook(inv)
-
-    async def deliver_webhook(self, inv: invocations_pb2.Invocation) -> None:
-        """Deliver a webhook this replica holds the claim of, from the attempts already
-        made (by this replica or one that died) up to webhook_attempts, with
-        exponential backoff; each outcome is recorded (extending the claim)."""
-        invocation_id = inv.id
-        payload = invocation_json(inv)
-        attempts, error = inv.webhook_attempts, inv.webhook_error
-        limit = self.config.webhook_attempts
-        while attempts < limit:
-            attempts += 1
-            try:
-                await self._post_webhook(inv.webhook_url, payload, invocation_id)
-            except Exception as exc:  # the receiver's answer, or no answer at all
-                error = (str(exc) or type(exc).__name__)[:WEBHOOK_ERROR_CHARS]
-                log.info("webhook delivery failed", invocation=invocation_id,
-                         attempt=attempts, error=error)
-                if attempts >= limit:
-                    break
-                backoff = min(self.config.webhook_backoff_seconds * 2 ** (attempts - 1),
-                              WEBHOOK_MAX_BACKOFF_SECONDS)
-                if not await self._record_webhook(invocation_id, "pending", attempts,
-                                                  error, backoff):
-                    return
-                await asyncio.sleep(backoff)
-                continue
-            await self._record_webhook(invocation_id, "delivered", attempts, "")
-            return
-        await self._record_webhook(invocation_id, "failed", attempts, error)
-        log.warning("webhook not delivered", invocation=invocation_id,
-                    attempts=attempts, error=error)
-
-    async def _record_webhook(self, invocation_id: str, state: str, attempts: int,
-                              error: str, retry_in: float = 0.0) -> bool:
-        """False when another replica holds the delivery now: this one stops."""
-        try:
-            inv = await self.client.record_webhook(
-                invocation_id, state, attempts, error, gateway_id=self.id,
-                retry_in=retry_in, claim_seconds=self.config.invocation_claim_seconds)
-        except ThawError as exc:
-            # The scheduler is away: go on; the renewals decide whether we still hold it.
-            log.warning("recording a webhook attempt failed", invocation=invocation_id,
-                        error=exc.message)
-            return True
-        if state == "pending" and inv.webhook_claimed_by != self.id:
-            # Taken over (this replica was too slow to renew), or given up (expired).
-            log.info("webhook delivery no longer ours", invocation=invocation_id,
-                     by=inv.webhook_claimed_by, state=inv.webhook_state)
-            return False
-        return True
-
-    async def _post_webhook(self, url: str, payload: dict[str, Any], invocation_id: str
-                            ) -> None:
-        timeout = aiohttp.ClientTimeout(total=WEBHOOK_TIMEOUT_SECONDS)
-        async with self.session.post(url, json=payload, timeout=timeout, headers={
-                INVOCATION_HEADER: invocation_id}, allow_redirects=False) as resp:
-            if not 200 <= resp.status < 300:
-                raise RuntimeError(f"the receiver answered {resp.status}")
+        await self.webhooks.deliver(inv)
 
 
 RUNNER_KEY = web.AppKey("invocation_runner", InvocationRunner)
