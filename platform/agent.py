@@ -56,7 +56,6 @@ from thaw.platform.runtime import (
     Runtime,
     SliceGrant,
     SpawnRequest,
-    exit_event,
 )
 from thaw.platform.snapshots import NodeSnapshots, ReadersWriter
 from thaw.platform.telemetry import NodeSample, SliceSample, Telemetry
@@ -301,9 +300,8 @@ class Agent:
             finally:
                 watcher.close()
             if inst.state is not InstanceState.DEFUNCT:
-                code = (await inst.process.proc.wait() if inst.process is not None
-                        else await self.templates.exit_code(inst.pid))
-                exited = exit_event(code) if code is not None else None
+                exited = (await inst.process.exited() if inst.process is not None
+                          else await self.templates.exited(inst.pid))
                 how = f" ({exited.reason})" if exited is not None else ""
                 if isinstance(exited, MemoryLimitHit):
                     log.warning("instance ran out of memory", instance=inst.id,

@@ -11,6 +11,7 @@ from typing import Any
 import structlog
 
 from thaw.core.errors import ThawError
+from thaw.platform.runtime import LaunchedInstance
 
 log = structlog.get_logger()
 
@@ -61,8 +62,8 @@ class Instance:
     inflight: int = 0
     slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(1))
     exited: asyncio.Event = field(default_factory=asyncio.Event)
-    process: Any = None
-    """The LaunchedInstance when the agent started it itself (fresh starts)."""
+    process: LaunchedInstance | None = None
+    """The launched instance when the agent started it itself (fresh starts)."""
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "state" and "state" in self.__dict__:

@@ -8,6 +8,7 @@ import contextlib
 import hashlib
 import signal
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -57,13 +58,25 @@ def _log_unreachable(state: RetryCallState) -> None:
     log.debug("scheduler not reachable yet", error=str(error))
 
 
-def make_runtime(cfg: AgentConfig) -> Runtime:
-    """The runtime the config names (`runtime`); its name is reported at registration."""
-    if cfg.runtime == "docker":
-        from thaw.platform.docker import DockerRuntime
-
-        return DockerRuntime.from_config(cfg)
+def _process_runtime(cfg: AgentConfig) -> Runtime:
     return ProcessRuntime(cfg.instance_python or None)
+
+
+def _docker_runtime(cfg: AgentConfig) -> Runtime:
+    from thaw.platform.docker import DockerRuntime
+
+    return DockerRuntime.from_config(cfg)
+
+
+# AgentConfig.runtime -> how that runtime is made; the name is also what the agent
+# reports when it registers.
+RUNTIMES: dict[str, Callable[[AgentConfig], Runtime]] = {
+    "process": _process_runtime, "docker": _docker_runtime}
+
+
+def make_runtime(cfg: AgentConfig) -> Runtime:
+    """The runtime the config names; the process runtime for a name not in RUNTIMES."""
+    return RUNTIMES.get(cfg.runtime, _process_runtime)(cfg)
 
 
 class AgentServer:

@@ -18,7 +18,7 @@ import structlog
 
 from thaw.core.errors import InstanceFailed
 from thaw.platform.launch import code_digest, instance_env, template_spec
-from thaw.platform.runtime import LaunchedInstance, Runtime, TemplateReady
+from thaw.platform.runtime import Exited, LaunchedInstance, Runtime, TemplateReady, exit_event
 from thaw.platform.snapshots import Materialized
 from thaw.proto import agent_pb2, manifest_pb2
 
@@ -154,8 +154,12 @@ class TemplatePool:
                 if waiter is not None and not waiter.done():
                     waiter.set_result(code)
 
-    async def exit_code(self, pid: int) -> int | None:
+    async def exited(self, pid: int) -> Exited | None:
         """How a forked instance's process ended, if its template tells in time."""
+        code = await self._exit_code(pid)
+        return exit_event(code) if code is not None else None
+
+    async def _exit_code(self, pid: int) -> int | None:
         code = self._exit_codes.pop(pid, None)
         if code is not None:
             return code
