@@ -72,7 +72,7 @@ PRIORITY_HEADER = {
                    "among the function's waiting calls (default: the function's "
                    "priority, else the key's priority_default). See gateway/priority.py.",
     "schema": {"type": "integer", "minimum": 1, "maximum": 100}}
-# The function URL's stored-invocation headers (gateway/invocations.py).
+# The function URL's stored-invocation headers (gateway/request.py, gateway/stored/).
 PREFER_HEADER = {
     "name": "Prefer", "in": "header", "required": False,
     "description": "RFC 7240. `respond-async`: 202 at once with the invocation's id; the "

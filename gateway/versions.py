@@ -7,7 +7,7 @@
   when that version's snapshot is kept; else its snapshot is rebuilt from its stored
   bundle first (the active version serves meanwhile) and the answer says so.
 
-Invocation answers carry `X-Thaw-Version` (gateway/invoke.py): the version that
+Invocation answers carry `X-Thaw-Version` (gateway/relay.py): the version that
 answered.
 """
 
