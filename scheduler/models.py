@@ -19,6 +19,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from thaw.core.priority import PRIORITY_DEFAULT, PRIORITY_MAX
+
 
 class Base(DeclarativeBase):
     pass
@@ -52,10 +54,10 @@ class ApiKey(Base):
     expires_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     revoked_at: Mapped[float | None] = mapped_column(Float, nullable=True, index=True)
     """Indexed: every gateway asks each second for the keys revoked lately."""
-    priority_default: Mapped[int] = mapped_column(Integer, default=50)
+    priority_default: Mapped[int] = mapped_column(Integer, default=PRIORITY_DEFAULT)
     """Priority (1-100) of this key's invocations when neither the request nor the
     function says otherwise."""
-    priority_max: Mapped[int] = mapped_column(Integer, default=100)
+    priority_max: Mapped[int] = mapped_column(Integer, default=PRIORITY_MAX)
     """Highest priority this key may ask for with the X-Thaw-Priority header."""
 
 
@@ -163,7 +165,7 @@ class Invocation(Base):
     function_name: Mapped[str] = mapped_column(String(63))
     state: Mapped[str] = mapped_column(String(16), index=True)
     """queued | running | succeeded | failed | cancelled | expired"""
-    priority: Mapped[int] = mapped_column(Integer, default=50)
+    priority: Mapped[int] = mapped_column(Integer, default=PRIORITY_DEFAULT)
     path: Mapped[str] = mapped_column(Text, default="")
     request_body: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     request_content_type: Mapped[str] = mapped_column(String(200), default="")

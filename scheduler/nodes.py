@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from thaw.core.grpcutil import CHANNEL_OPTIONS, call, stream
 from thaw.proto import agent_pb2, agent_pb2_grpc, scheduler_pb2
+from thaw.proto.manifest_pb2 import SnapshotManifest
 from thaw.scheduler.placement import best_fit_device
 from thaw.scheduler.states import NodeState
 
@@ -28,7 +30,9 @@ class AgentClient:
     def __init__(self, address: str) -> None:
         self.address = address
         self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
-        self._stub = agent_pb2_grpc.AgentStub(self._channel)
+        # The generated stub is untyped; its methods are called as the agent's RPCs.
+        make_stub: Callable[[grpc.aio.Channel], Any] = agent_pb2_grpc.AgentStub
+        self._stub = make_stub(self._channel)
 
     async def build_snapshot(self, request: agent_pb2.BuildSnapshotRequest,
                              timeout: float) -> agent_pb2.BuildSnapshotResponse:
@@ -47,21 +51,23 @@ class AgentClient:
                                timeout: float) -> agent_pb2.PrepareTemplateResponse:
         return await call(self._stub.PrepareTemplate(request, timeout=timeout))
 
-    async def prewarm(self, manifest: object, peers: list[str],
+    async def prewarm(self, manifest: SnapshotManifest, peers: list[str],
                       timeout: float = 600.0) -> agent_pb2.PrewarmResponse:
         return await call(self._stub.Prewarm(
             agent_pb2.SnapshotRequest(manifest=manifest, peers=peers), timeout=timeout))
 
-    async def evict(self, manifest: object, timeout: float = 60.0) -> agent_pb2.EvictResponse:
+    async def evict(self, manifest: SnapshotManifest,
+                    timeout: float = 60.0) -> agent_pb2.EvictResponse:
         return await call(self._stub.Evict(agent_pb2.SnapshotRequest(manifest=manifest),
                                            timeout=timeout))
 
-    async def collect_garbage(self, keep: Sequence[object], timeout: float = 300.0
+    async def collect_garbage(self, keep: Sequence[SnapshotManifest],
+                              timeout: float = 300.0
                               ) -> agent_pb2.CollectGarbageResponse:
         return await call(self._stub.CollectGarbage(
             agent_pb2.CollectGarbageRequest(keep=keep), timeout=timeout))
 
-    async def snapshot_pass(self, kind: str, manifest: object, peers: list[str],
+    async def snapshot_pass(self, kind: str, manifest: SnapshotManifest, peers: list[str],
                             timeout: float = 1800.0
                             ) -> AsyncIterator[agent_pb2.SnapshotProgress]:
         """A prewarm ("prewarm") or verify ("verify") with the node's progress."""

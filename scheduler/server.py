@@ -21,7 +21,8 @@ from thaw.proto import (
 from thaw.scheduler.bundles import BundleStore
 from thaw.scheduler.control import ControlPlane
 from thaw.scheduler.db import make_engine, upgrade
-from thaw.scheduler.invocations import InvocationsService, InvocationStore
+from thaw.scheduler.invocations import InvocationStore
+from thaw.scheduler.invocations_service import InvocationsService
 from thaw.scheduler.policy import PolicyConfig
 from thaw.scheduler.service import NodeRegistryService, SchedulerService
 from thaw.scheduler.store import Store

@@ -20,6 +20,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from thaw.core.errors import NotFound, Unauthenticated, Unavailable
+from thaw.core.priority import PRIORITY_DEFAULT, PRIORITY_MAX
 from thaw.core.spec import FunctionSpec
 from thaw.scheduler import models
 from thaw.scheduler.states import (
@@ -112,8 +113,8 @@ class KeyRecord:
     id: str
     tenant: str
     scopes: tuple[str, ...]
-    priority_default: int = 50
-    priority_max: int = 100
+    priority_default: int = PRIORITY_DEFAULT
+    priority_max: int = PRIORITY_MAX
     expires_at: float | None = None
 
 

@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session
 
 from thaw.core.errors import AlreadyExists, InvalidArgument, NotFound, QuotaExceeded
 from thaw.core.grpcutil import servicer_method
+from thaw.core.priority import PRIORITY_DEFAULT, PRIORITY_MAX, PRIORITY_MIN
 from thaw.core.spec import NAME_PATTERN
 from thaw.core.units import format_size
 from thaw.proto import tenancy_pb2, tenancy_pb2_grpc
@@ -42,8 +43,6 @@ AUDIT_LIST_DEFAULT = 100
 AUDIT_FIELD_LIMITS = {"action": 64, "target": 400, "source": 200, "key_id": 64,
                       "tenant": 64, "actor_tenant": 64}
 KEY_NAME_MAX = 200
-# Priorities (1-100) as in api_keys.priority_default/priority_max.
-PRIORITY_MIN, PRIORITY_MAX = 1, 100
 # A quota changed through SetQuota applies at once (the ledger is told); one changed
 # straight in the DB by hand applies within this many seconds.
 QUOTA_CACHE_SECONDS = 5.0
@@ -189,8 +188,8 @@ def check_scopes(scopes: Iterable[str]) -> tuple[str, ...]:
 
 
 def create_key(store: Store, tenant: str, scopes: Iterable[str], *, name: str = "",
-               expires_at: float | None = None, priority_default: int = 50,
-               priority_max: int = 100, now: float | None = None) -> tuple[KeyInfo, str]:
+               expires_at: float | None = None, priority_default: int = PRIORITY_DEFAULT,
+               priority_max: int = PRIORITY_MAX, now: float | None = None) -> tuple[KeyInfo, str]:
     """A new key of an existing tenant: (its info, the key). The key is returned here
     and never again; only its SHA-256 is stored."""
     chosen = check_scopes(scopes)
@@ -493,8 +492,8 @@ class TenancyService(tenancy_pb2_grpc.TenancyServicer):
         info, key = await self.store.run(
             create_key, self.store, request.tenant, list(request.scopes), name=request.name,
             expires_at=request.expires_at or None,
-            priority_default=request.priority_default or 50,
-            priority_max=request.priority_max or 100)
+            priority_default=request.priority_default or PRIORITY_DEFAULT,
+            priority_max=request.priority_max or PRIORITY_MAX)
         return tenancy_pb2.CreateKeyResponse(info=key_message(info), key=key)
 
     @servicer_method
