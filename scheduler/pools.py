@@ -101,6 +101,11 @@ class InstanceView:
         return self.state is InstanceState.READY and self.inflight == 0
 
     @property
+    def gone(self) -> bool:
+        """Stopped and forgotten: no longer in any pool."""
+        return self.state is InstanceState.GONE
+
+    @property
     def retired(self) -> bool:
         """Marked to stop and its last call has ended: stop it now."""
         return self.state is InstanceState.STOPPING and self.inflight == 0

@@ -112,7 +112,7 @@ async def drain(control: ControlPlane, node_id: str) -> scheduler_pb2.DrainRespo
     stopped = finishing = 0
     for pool in list(control.pools.values()):
         for inst in list(pool.instances.values()):
-            if inst.node_id != node_id or inst.state is InstanceState.GONE:
+            if inst.node_id != node_id or inst.gone:
                 continue
             if inst.idle:
                 await control.instances.stop(pool, inst, f"node {node_id} drained")

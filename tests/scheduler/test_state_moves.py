@@ -110,3 +110,5 @@ def test_instance_checks_in_one_place(state: InstanceState, inflight: int, versi
     assert inst.usable(1, max_concurrency=2) is usable
     assert inst.idle is idle
     assert inst.ready is (state is InstanceState.READY)
+    assert inst.gone is (state is InstanceState.GONE)
+    assert inst.retired is (state is InstanceState.STOPPING and inflight == 0)
