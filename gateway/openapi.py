@@ -11,6 +11,8 @@ from collections.abc import Iterable, Mapping
 from importlib import metadata
 from typing import Any
 
+from thaw.core.priority import PRIORITY_MAX, PRIORITY_MIN
+
 JSON = "application/json"
 ERROR_CODES_NOTE = (
     "Errors are JSON {\"error\": {\"code\", \"message\", \"field\"?}}; 429 and 503 carry "
@@ -68,10 +70,11 @@ TIMEOUT_HEADER = {
                "maximum": 86400}}
 PRIORITY_HEADER = {
     "name": "X-Thaw-Priority", "in": "header", "required": False,
-    "description": "1-100, up to the key's priority_max (above: 403): the call's place "
-                   "among the function's waiting calls (default: the function's "
+    "description": f"{PRIORITY_MIN}-{PRIORITY_MAX}, up to the key's priority_max (above: "
+                   "403): the call's place among the function's waiting calls (default: "
+                   "the function's "
                    "priority, else the key's priority_default). See gateway/priority.py.",
-    "schema": {"type": "integer", "minimum": 1, "maximum": 100}}
+    "schema": {"type": "integer", "minimum": PRIORITY_MIN, "maximum": PRIORITY_MAX}}
 # The function URL's stored-invocation headers (gateway/request.py, gateway/stored/).
 PREFER_HEADER = {
     "name": "Prefer", "in": "header", "required": False,
@@ -395,7 +398,8 @@ def _schemas() -> dict[str, Any]:
                          "snapshot_bytes": {"type": "integer"},
                          "warm_instances": {"type": "integer"},
                          "priority": {"type": "integer", "nullable": True,
-                                      "description": "Default priority (1-100) of its "
+                                      "description": f"Default priority ({PRIORITY_MIN}-"
+                                                     f"{PRIORITY_MAX}) of its "
                                                      "invocations; null: the key's."},
                          "config": {"type": "object"}, "created_at": {"type": "number"},
                          "updated_at": {"type": "number"}, "url": {"type": "string"},

@@ -28,6 +28,7 @@ from cachetools import TTLCache
 
 from thaw.core.errors import InvalidArgument, PermissionDenied, ThawError
 from thaw.core.grpcutil import call
+from thaw.core.priority import PRIORITY_DEFAULT, PRIORITY_MAX, PRIORITY_MIN, valid_priority
 from thaw.core.units import parse_size
 from thaw.gateway.auth import is_operator, require, require_operator
 from thaw.gateway.openapi import JSON, NAME, _errors, _json
@@ -154,7 +155,8 @@ async def anonymous_principal(request: web.Request, gw: Gateway
     address = client_address(request, gw.config.trust_forwarded_for)
     await gw.limiter.check(f"ip:{address}")
     return scheduler_pb2.Principal(tenant=tenant, key_id="", scopes=["invoke"],
-                                   priority_default=50, priority_max=50)
+                                   priority_default=PRIORITY_DEFAULT,
+                                   priority_max=PRIORITY_DEFAULT)
 
 
 # ---- helpers -------------------------------------------------------------------------
@@ -294,8 +296,9 @@ async def create_key(request: web.Request) -> web.Response:
         # tenants: only the operator sets them.
         if not is_operator(p, request.app[CONFIG_KEY]):
             raise PermissionDenied(f"only the platform operator sets {field}", field=field)
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 100:
-            raise InvalidArgument(f"{field} must be in [1, 100]", field=field)
+        if not valid_priority(value):
+            raise InvalidArgument(f"{field} must be in [{PRIORITY_MIN}, {PRIORITY_MAX}]",
+                                  field=field)
         priorities[field] = value
     created = await request.app[TENANCY_KEY].client.create_key(tenancy_pb2.CreateKeyRequest(
         tenant=tenant, name=name, scopes=scopes, expires_at=float(expires_at or 0.0),
@@ -341,7 +344,8 @@ async def update_function(request: web.Request) -> web.Response:
                               field=field)
     if not body:
         raise InvalidArgument("nothing to change: send {\"public\": true|false} and/or "
-                              "{\"priority\": 1-100|null}", field="body")
+                              f"{{\"priority\": {PRIORITY_MIN}-{PRIORITY_MAX}|null}}",
+                              field="body")
     public = body.get("public")
     if "public" in body and not isinstance(public, bool):
         raise InvalidArgument("public must be true or false", field="public")
@@ -408,7 +412,8 @@ FUNCTION_PATCH_SCHEMA: dict[str, Any] = {
         "public": {"type": "boolean",
                    "description": "Invocable without an API key (rate-limited per "
                                   "client address)."},
-        "priority": {"type": "integer", "minimum": 1, "maximum": 100, "nullable": True,
+        "priority": {"type": "integer", "minimum": PRIORITY_MIN, "maximum": PRIORITY_MAX,
+                     "nullable": True,
                      "description": "Default priority of its invocations (null: the "
                                     "calling key's priority_default)."}}}
 
@@ -451,10 +456,11 @@ OPENAPI_PATHS: dict[str, Any] = {
                          "expires_in": {"type": "number"},
                          "tenant": {"type": "string",
                                     "description": "Another tenant (operator only)."},
-                         "priority_default": {"type": "integer", "minimum": 1,
-                                              "maximum": 100},
-                         "priority_max": {"type": "integer", "minimum": 1,
-                                          "maximum": 100}}}}}},
+                         "priority_default": {"type": "integer",
+                                              "minimum": PRIORITY_MIN,
+                                              "maximum": PRIORITY_MAX},
+                         "priority_max": {"type": "integer", "minimum": PRIORITY_MIN,
+                                          "maximum": PRIORITY_MAX}}}}}},
                  "responses": {"201": _json({**_KEY_SCHEMA, "required": [
                      *_KEY_SCHEMA["required"], "key"], "properties": {
                          **_KEY_SCHEMA["properties"], "key": {"type": "string"}}},
