@@ -18,7 +18,8 @@ import httpx
 from thaw.core import eventloop
 from thaw.core.config import AgentConfig, GatewayConfig, SchedulerConfig, default_home
 from thaw.core.logs import configure_logging
-from thaw.ops.settings import SETTINGS_HELP, parse_sets, settings_options
+
+from .settings import SETTINGS_HELP, parse_sets, settings_options
 
 # How long `thaw up` waits for each service to come up before giving up.
 SERVICE_START_SECONDS = 60.0
