@@ -135,50 +135,47 @@ class GatewayFields(_Fields):
     rate_limit_burst: int = Field(0, ge=0)
     """Requests a key may make at once before the per-minute rate applies; 0 = rpm."""
     queue_high_water: int = Field(200, ge=1)
-    """Requests of one function waiting for an instance (per replica) at which new
-    ones are shed with 429."""
+    """Requests of one function waiting (per replica) at which new ones are shed (429)."""
     queue_low_water: int = Field(100, ge=0)
     """Once shedding, new requests are admitted again only when the queue is this short."""
     breaker_failures: int = Field(5, ge=1)
-    """Consecutive infrastructure failures (crash, hang, node unreachable) that open a
-    function's or a node's circuit."""
+    # Infrastructure failures: a crash, a hang, a node unreachable.
+    """Consecutive infrastructure failures that open a function's or a node's circuit."""
     breaker_cooldown: float = Field(5.0, gt=0)
     """Seconds a circuit stays open before one probe request is let through."""
     lease_linger: float = Field(0.2, ge=0, le=10)
-    """Seconds an idle instance lease is kept for the next call of the same function
-    before it is released to the scheduler; 0 = acquire and release for every call."""
+    """Seconds an idle lease is kept for the function's next call; 0 = one per call."""
     lease_max_age: float = Field(2.0, gt=0, le=60)
-    """Seconds after which a lease goes back to the scheduler even under steady
-    traffic (fairness to other replicas, retiring old versions)."""
+    # Fairness to other replicas, and old versions retire.
+    """Seconds after which a lease goes back to the scheduler even under steady traffic."""
     priority_aging_rate: float = Field(1.0, ge=0, le=100)
-    """Starvation guard for calls waiting in this replica: priority levels gained per
-    second waited; same key as the scheduler's."""
+    """Priority levels a call waiting in this replica gains per second (as the scheduler's)."""
     fast_lane: bool = True
-    """Plain function calls (a key, a body of at most 1 MiB by Content-Length, no Prefer,
-    Idempotency-Key or webhook) are served by the lean HTTP/1.1 server of
-    gateway/lane.py, the rest by aiohttp, on the same port; false = aiohttp serves
-    everything (the same answers, about 0.15 ms slower a call)."""
+    # Plain calls: a key, a body of at most 1 MiB by Content-Length, no Prefer,
+    # Idempotency-Key or webhook; the rest go to aiohttp on the same port. Off, aiohttp
+    # serves everything: the same answers, about 0.15 ms slower a call.
+    """Serve plain function calls with the lean HTTP/1.1 server of gateway/lane.py."""
     sync_wait_seconds: float = Field(60.0, gt=0, le=3600)
-    """Longest a sync (non-streaming) call holds its request; past it the client gets
-    303 to the invocation's result URL (202 with `Prefer: respond-async`)."""
+    """Seconds a sync call holds its request; then 303 to its result URL."""
     result_ttl_seconds: float = Field(86_400.0, gt=0, le=90 * 86_400)
-    """How long a stored invocation result (async, past the wait limit, or under an
-    Idempotency-Key) is kept; then GET answers 410 and the key may be used again."""
+    # Stored: async, past the wait limit, or under an Idempotency-Key; once expired,
+    # GET answers 410 and the key may be used again.
+    """Seconds a stored invocation result is kept."""
     async_concurrency: int = Field(32, ge=1, le=10_000)
     """Queued invocations this replica runs at once."""
     invocation_claim_seconds: float = Field(30.0, ge=1, le=3600)
-    """An invocation a replica runs is claimed for this long and renewed while it runs;
-    if the replica dies another picks it up once the claim lapses."""
+    # Renewed while it runs; if the replica dies another takes it once the claim lapses.
+    """Seconds a replica's claim on a queued invocation it runs lasts."""
     webhook_attempts: int = Field(5, ge=1, le=20)
     """Deliveries tried per webhook (exponential backoff between them)."""
     webhook_backoff_seconds: float = Field(1.0, gt=0, le=600)
     """Wait before the second webhook delivery; it doubles for each one after."""
     operator_tenant: str = Field("dev", pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
-    """The tenant whose admin keys are the platform operator's (nodes, events, all
-    tenants, quotas); the dev key of `thaw up` is in "dev"."""
+    # The operator sees nodes, events, all tenants and quotas; `thaw up`'s dev key is in "dev".
+    """The tenant whose admin keys are the platform operator's."""
     trust_forwarded_for: bool = False
-    """Take the client's address from X-Forwarded-For (behind a trusted proxy) for
-    rate limits of anonymous calls; the audit log records both either way."""
+    # The audit log records both either way.
+    """Rate-limit anonymous calls by X-Forwarded-For (only behind a trusted proxy)."""
 
     @field_validator("queue_low_water")
     @classmethod
@@ -218,8 +215,8 @@ class AlertFields(_Fields):
     alerts_interval: float = Field(15.0, gt=0, le=3600)
     """Seconds between two evaluations of the alert rules."""
     alerts_cooldown: float = Field(300.0, ge=0)
-    """Least seconds between two FIRING notices of the same alert (rule and subject):
-    a condition that clears and comes back sooner is not announced again until then."""
+    # A condition that clears and comes back sooner is not announced again until then.
+    """Least seconds between two FIRING notices of one alert (rule and subject)."""
     alerts_for: float = Field(0.0, ge=0)
     """Seconds a condition must hold before its alert fires (every rule's default)."""
     alerts_overrides: dict[str, AlertRuleOptions] = Field(default_factory=dict)
@@ -247,24 +244,21 @@ class AlertFields(_Fields):
     alerts_event_window: float = Field(3600.0, gt=0)
     """Seconds the restore-failure and quarantine counts look back."""
     alerts_heartbeat_age: float = Field(30.0, ge=0)
-    """A node whose last heartbeat is older than this (or that is lost) is down; 0 = lost
-    only."""
+    """Heartbeat age in seconds past which a node is down (lost is); 0 = lost only."""
     alerts_error_rate: float = Field(0.05, ge=0, le=1)
-    """Share of a function's invocations answered 5xx within alerts_window that fires;
-    0 = off."""
+    """Share of a function's calls answered 5xx within alerts_window that fires; 0 = off."""
     alerts_p99_seconds: float = Field(10.0, ge=0)
     """p99 of a function's invocation latency within alerts_window that fires; 0 = off."""
     alerts_window: float = Field(300.0, gt=0, le=300)
-    """Seconds of invocations the error-rate and p99 rules look at; at most the live
-    statistics' window (gateway/stats.py WINDOW_SECONDS), which keeps them."""
+    # At most the live statistics' window (gateway/stats.py WINDOW_SECONDS), which keeps them.
+    """Seconds of invocations the error-rate and p99 rules look at."""
     alerts_min_requests: int = Field(20, ge=1)
-    """Invocations a function needs within alerts_window before its error rate or p99
-    is judged (one failed call out of one is not a 100% error rate)."""
+    # One failed call out of one is not a 100% error rate.
+    """Calls a function needs within alerts_window before its error rate or p99 is judged."""
     alerts_key_expiry_days: float = Field(7.0, ge=0)
     """An API key expiring within this many days fires; 0 = off."""
     alerts_keys_refresh: float = Field(300.0, gt=0)
-    """Seconds between two listings of every tenant's API keys (expiry is judged in days:
-    no need to ask often)."""
+    """Seconds between two listings of every tenant's API keys (expiry is judged in days)."""
 
     @field_validator("alerts_webhook_urls", "alerts_slack_urls", mode="before")
     @classmethod
@@ -322,8 +316,7 @@ class AgentFields(_Fields):
     docker_image: str = Field("", max_length=255)
     """Base image of the docker runtime; empty = thaw/base:<this machine's apt suite>."""
     docker_site_packages: str = Field("", max_length=65536)
-    """Host package folders the docker runtime mounts read-only into instances
-    (os.pathsep-separated, e.g. a virtualenv's site-packages); empty = none."""
+    """Host package folders (os.pathsep-separated) docker mounts read-only into instances."""
     start_timeout: float = Field(600.0, gt=0)
     """Longest a fresh start, restore or template may take to become ready."""
 

@@ -104,6 +104,7 @@ def test_each_component_has_one_object_with_documented_constrained_fields() -> N
     for cls in COMPONENTS.values():
         for key, field in cls.model_fields.items():
             assert field.description, f"{cls.__name__}.{key} has no docstring"
+            assert "\n" not in field.description, f"{cls.__name__}.{key}: one line"
 
 
 def test_policy_settings_come_from_the_scheduler_table(tmp_path: Path,
