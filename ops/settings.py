@@ -18,7 +18,7 @@ import click
 from rich.markup import escape
 
 from thaw.core.config import COMPONENTS, Setting
-from thaw.ops.functions import print_table
+from thaw.ops.output import print_table
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -18,6 +18,8 @@ from thaw.gateway.alerts.view import (
 # Memory-pressure levels in order (scheduler/pressure.py PressureLevel).
 PRESSURE_RANK = {"normal": 0, "pressure": 1, "critical": 2, "emergency": 3}
 DAY = 86400.0
+# A rule without overrides: the alerting defaults.
+NO_OVERRIDES = AlertRuleOptions.model_validate({})
 
 
 def _pressure(rule: Rule, view: ClusterView, device: bool) -> list[Breach] | None:
@@ -168,7 +170,7 @@ def rules_from_settings(s: GatewayConfig) -> list[Rule]:
     ]
     out = []
     for rule in made:
-        options = s.alerts_overrides.get(rule.name, AlertRuleOptions())
+        options = s.alerts_overrides.get(rule.name) or NO_OVERRIDES
         # node_down's threshold 0 means "lost only", not off.
         off = rule.threshold == 0 and rule.name != "node_down"
         if not options.enabled or off:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from thaw.core.errors import ThawError
 from thaw.core.grpcutil import call
@@ -92,7 +92,9 @@ class LiveSources:
         return keys
 
     async def _list_keys(self) -> list[KeyExpiry]:
-        stub = tenancy_pb2_grpc.TenancyStub(self._gw.scheduler.channel)
+        # The generated stub's constructor is untyped; the stub itself is used as Any.
+        make_stub: Callable[[Any], Any] = tenancy_pb2_grpc.TenancyStub
+        stub = make_stub(self._gw.scheduler.channel)
         tenants = await call(stub.ListTenants(tenancy_pb2.ListTenantsRequest(), timeout=30))
         keys: list[KeyExpiry] = []
         for tenant in tenants.tenants:
