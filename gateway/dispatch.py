@@ -379,7 +379,7 @@ class Dispatcher:
         def delay(state: RetryCallState) -> float:
             if last_code != "instance_busy":
                 return 0.0
-            return BUSY_RETRY_SECONDS * 2 ** (state.attempt_number - 1)
+            return BUSY_RETRY_SECONDS * 2.0 ** (state.attempt_number - 1)
 
         def give_up(state: RetryCallState) -> bool:
             remaining = call.remaining()

@@ -114,7 +114,7 @@ STATUS: dict[type[errors.ThawError], int] = {
 def status_of(exc: errors.ThawError) -> int:
     for cls in type(exc).__mro__:
         if cls in STATUS:
-            return STATUS[cls]  # type: ignore[index]
+            return STATUS[cls]
     return 500
 
 

@@ -25,7 +25,8 @@ class SchedulerClient:
     async def authenticate(self, key_sha256: str) -> scheduler_pb2.Principal:
         resp = await call(self._stub.Authenticate(
             scheduler_pb2.AuthenticateRequest(key_sha256=key_sha256), timeout=META_TIMEOUT))
-        return resp.principal
+        principal: scheduler_pb2.Principal = resp.principal
+        return principal
 
     async def create_function(self, tenant: str, bundle: bytes, wait: bool
                               ) -> scheduler_pb2.FunctionInfo:
@@ -106,7 +107,8 @@ class SchedulerClient:
             resp = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
         except grpc.RpcError:
             return False
-        return resp.status == health_pb2.HealthCheckResponse.SERVING
+        serving: bool = resp.status == health_pb2.HealthCheckResponse.SERVING
+        return serving
 
     async def close(self) -> None:
         await self._channel.close()

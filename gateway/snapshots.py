@@ -164,7 +164,7 @@ async def verify_function(request: web.Request) -> web.StreamResponse:
 
 async def drain_node(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY_KEY]
-    require_operator(await _principal(request), gw.config)  # type: ignore[arg-type]
+    require_operator(await _principal(request), gw.config)
     reply = await call(_stub(request).Drain(scheduler_pb2.DrainRequest(
         node_id=request.match_info["node"]), timeout=META_TIMEOUT_SECONDS))
     return web.json_response({"node": node_json(reply.node), "stopped": reply.stopped,

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import importlib
 import re
 import shutil
 import subprocess
@@ -261,9 +260,7 @@ def docker_client() -> Any:
                               ) from exc
 
     try:
-        # Looked up by name: where mypy reads platform/ as top-level modules (it has no
-        # __init__.py), `import docker` names platform/docker, which has no from_env.
-        client = importlib.import_module("docker").from_env()
+        client = docker.from_env()
         client.ping()
     except docker.errors.DockerException as exc:
         raise ImageBuildError(f"no docker engine reachable: {exc}") from exc

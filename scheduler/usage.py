@@ -13,10 +13,10 @@ import datetime
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, cast
 
 import grpc
-from sqlalchemy import ColumnElement, Select, func, insert, select
+from sqlalchemy import Select, SQLColumnExpression, Table, func, insert, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -186,7 +186,7 @@ class UsageStore:
         values = [{"tenant": t, "function": f, "hour_start": h,
                    **{c: getattr(sums, c) for c in SUM_COLUMNS}}
                   for (t, f, h), sums in sorted(hours.items())]
-        table = models.UsageHour.__table__
+        table = cast(Table, models.UsageHour.__table__)
         # INSERT ... ON CONFLICT DO UPDATE: the same statement on both back ends, atomic
         # against another gateway's batch for the same hour.
         dialect = s.get_bind().dialect.name
@@ -210,7 +210,7 @@ class UsageStore:
             raise InvalidArgument(f"group_by must be one of {', '.join(GROUPINGS)}, "
                                   f"got {group_by!r}", field="group_by")
         h = models.UsageHour
-        key: ColumnElement[Any]
+        key: SQLColumnExpression[Any]
         if group_by == "function":
             key = h.function
         elif group_by == "hour":

@@ -14,7 +14,7 @@ RPC_TIMEOUT = 30.0
 
 class InvocationsClient:
     def __init__(self, channel: Any) -> None:
-        self._stub = invocations_pb2_grpc.InvocationsStub(channel)  # type: ignore[no-untyped-call]
+        self._stub = invocations_pb2_grpc.InvocationsStub(channel)
 
     async def create(self, inv: invocations_pb2.Invocation, claimed_by: str = "",
                      claim_seconds: float = 0.0
