@@ -120,6 +120,8 @@ class GatewayFields(_Fields):
     # behind a load balancer each enforces it on its own share of the traffic.
     gateway_host: str = Field("127.0.0.1", min_length=1)
     """Address the HTTP gateway binds."""
+    uvloop: bool = True
+    """Run the gateway's event loop on uvloop when it is installed."""
     gateway_port: int = Field(8000, ge=0, le=65535)
     """Port of the HTTP gateway (0 picks a free one)."""
     scheduler_address: str = Field("127.0.0.1:7070", pattern=r"^.+:\d{1,5}$")
@@ -289,6 +291,8 @@ class AgentFields(_Fields):
     """Stable name of this node; empty = the host name."""
     agent_host: str = Field("127.0.0.1", min_length=1)
     """Address the control (gRPC) and data (HTTP) servers bind."""
+    uvloop: bool = True
+    """Run the agent's event loop on uvloop when it is installed."""
     agent_port: int = Field(7071, ge=0, le=65535)
     """gRPC control port (0 picks a free one)."""
     data_port: int = Field(7072, ge=0, le=65535)

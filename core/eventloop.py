@@ -1,6 +1,7 @@
 """The event loop the hot-path services (gateway, node agent) run on.
 
-uvloop when it is installed and not turned off (THAW_UVLOOP=0): every invocation
+uvloop when it is installed and the service's `uvloop` setting is on (THAW_UVLOOP=0
+turns it off): every invocation
 crosses two aiohttp hops (gateway -> agent -> instance) and the loop's own overhead is
 a large share of what the platform adds to a warm call (`thaw bench overhead`).
 The scheduler keeps the standard loop: it is not on the per-call path.
@@ -16,8 +17,9 @@ from typing import Any, BinaryIO, TypeVar
 T = TypeVar("T")
 
 
-def uvloop_enabled() -> bool:
-    if os.environ.get("THAW_UVLOOP", "1").strip().lower() in ("0", "false", "no", "off"):
+def uvloop_enabled(wanted: bool = True) -> bool:
+    """Whether `run` uses uvloop: wanted (the service's setting) and installed."""
+    if not wanted:
         return False
     try:
         import uvloop  # noqa: F401
@@ -26,8 +28,9 @@ def uvloop_enabled() -> bool:
     return True
 
 
-def run(main: Coroutine[Any, Any, T]) -> T:
-    if uvloop_enabled():
+def run(main: Coroutine[Any, Any, T], *, use_uvloop: bool = True) -> T:
+    """Run `main` to completion on a new loop: uvloop's when `use_uvloop` and installed."""
+    if uvloop_enabled(use_uvloop):
         import uvloop
 
         return uvloop.run(main)

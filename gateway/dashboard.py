@@ -110,7 +110,7 @@ ALERTS_SHOWN = 20
 
 
 def _alerts(app: web.Application) -> dict[str, Any] | None:
-    """Active alerts and the latest transitions from gateway/alerts.py's engine, when
+    """Active alerts and the latest transitions from gateway/alerts/engine.py, when
     that module is part of this gateway and its engine runs."""
     alerts = _optional_module("thaw.gateway.alerts")
     key = getattr(alerts, "ALERTING_KEY", None)
@@ -270,7 +270,7 @@ async def _close_live_sockets(app: web.Application) -> None:
 
 
 def add_routes(app: web.Application) -> None:
-    if STATS_KEY not in app:  # gateway/alerts.py reads the same figures
+    if STATS_KEY not in app:  # gateway/alerts/sources.py reads the same figures
         app[STATS_KEY] = FunctionStats()
     app[LIVE_SOCKETS_KEY] = weakref.WeakSet()
     app.on_shutdown.append(_close_live_sockets)

@@ -11,7 +11,7 @@ Why the upload stays a bundle (DESIGN.md §9)
     makes the bundle's digest, hence the function version, cover the image id: a
     rebuilt image under the same tag is another id, another thaw.toml, a new version.
     The node runs the function's containers from that image id (the docker runtime,
-    platform/docker_runtime.py, "Image functions"); it must have the image (`docker
+    platform/docker/__init__.py, "Image functions"); it must have the image (`docker
     save | docker load` to other nodes).
 
 The image's contract

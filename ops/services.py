@@ -57,7 +57,7 @@ def gateway(port_file: Path | None, sets: tuple[str, ...], config_file: Path | N
 
     config = GatewayConfig.load(flags=parse_sets(sets), config_file=config_file)
     _logging("gateway", config)
-    eventloop.run(serve(config, port_file))
+    eventloop.run(serve(config, port_file), use_uvloop=config.uvloop)
 
 
 @click.command(epilog=SETTINGS_HELP)
@@ -73,7 +73,7 @@ def agent(port_file: Path | None, sets: tuple[str, ...], config_file: Path | Non
 
     config = AgentConfig.load(flags=parse_sets(sets), config_file=config_file)
     _logging("agent", config)
-    eventloop.run(serve(config, port_file))
+    eventloop.run(serve(config, port_file), use_uvloop=config.uvloop)
 
 
 def _wait_for_file(path: Path, proc: subprocess.Popen[bytes], what: str) -> str:

@@ -89,7 +89,7 @@ class Agent:
         self.shm = ReadersWriter()
         self.fetch_bundle = fetch_bundle
         self.start_timeout = start_timeout
-        self.fingerprint = fingerprint or local_fingerprint(devices.kind)
+        self.fingerprint = fingerprint or local_fingerprint(devices)
         self.instances: dict[str, Instance] = {}
         self.exited: list[scheduler_pb2.InstanceExit] = []
         self._watchers: set[asyncio.Task[None]] = set()

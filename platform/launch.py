@@ -13,7 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from thaw.core.errors import InstanceFailed
-from thaw.platform.devices import gpu_info
+from thaw.platform.devices import DeviceBackend
 from thaw.platform.runtime import (
     LaunchMode,
     LaunchSpec,
@@ -34,16 +34,18 @@ IMAGE_NEEDS_DOCKER = ("this node runs the process runtime; image functions need 
 IMAGE_ENVIRONMENT_FIELDS = ("python", "torch", "numpy")
 
 
-def local_fingerprint(device_type: str) -> dict[str, str]:
+def local_fingerprint(devices: DeviceBackend) -> dict[str, str]:
+    """This node's environment as snapshot fingerprints record it: Python, torch and
+    numpy versions, and the device backend's type, GPU model and driver."""
     def version(dist: str) -> str:
         try:
             return importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
             return ""
 
-    model, driver = gpu_info() if device_type == "cuda" else ("", "")
+    model, driver = devices.gpu_info()
     return {"python": ".".join(map(str, sys.version_info[:3])), "torch": version("torch"),
-            "numpy": version("numpy"), "device_type": device_type, "gpu_model": model,
+            "numpy": version("numpy"), "device_type": devices.kind, "gpu_model": model,
             "driver": driver}
 
 

@@ -15,15 +15,16 @@ import grpc
 import structlog
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_fixed
 
-from thaw.blobstore import CudaPinnedAllocator, DiskTier, HostMemoryAllocator, PinnedTier
-from thaw.core.config import AgentConfig, parse_host_devices
+from thaw.blobstore import DiskTier, PinnedTier
+from thaw.core.config import AgentConfig
 from thaw.core.errors import ThawError
 from thaw.core.grpcutil import CHANNEL_OPTIONS, add_health, call, mark_serving
 from thaw.core.units import parse_size
 from thaw.platform.agent import Agent, local_fingerprint
 from thaw.platform.control import AgentService
 from thaw.platform.dataplane import DataPlane
-from thaw.platform.devices import DeviceBackend, HostDevices, shm_root
+from thaw.platform.device_setup import open_devices
+from thaw.platform.devices import shm_root
 from thaw.platform.process import ProcessRuntime
 from thaw.platform.runtime import Runtime
 from thaw.platform.snapshots import NodeSnapshots
@@ -110,18 +111,7 @@ class AgentServer:
         # Unix socket paths must stay under 108 bytes: keep them short, in tmpfs.
         short = hashlib.sha256(f"{self.node_id}:{home}".encode()).hexdigest()[:10]
         shm = shm_root(cfg.shm_dir, short)
-        devices: DeviceBackend
-        allocator: HostMemoryAllocator | None = None
-        if cfg.device == "cuda":
-            from thaw.platform.cuda import CudaDevices
-
-            devices = CudaDevices(
-                reserve_bytes=parse_size(cfg.cuda_reserve),
-                instance_overhead_bytes=parse_size(cfg.cuda_instance_overhead),
-                mps={"auto": None, "on": True, "off": False}[cfg.cuda_mps])
-            allocator = CudaPinnedAllocator()  # page-locked: H2D copies at PCIe speed
-        else:
-            devices = HostDevices(parse_host_devices(cfg.host_devices), shm / "slices")
+        devices, allocator = open_devices(cfg, shm / "slices")
         snapshots = NodeSnapshots(DiskTier(home / "chunks"),
                                   PinnedTier(parse_size(cfg.pinned_capacity),
                                              allocator=allocator), shm / "snapshots")
@@ -130,7 +120,7 @@ class AgentServer:
         runtime = make_runtime(cfg)
         # Instances may run another Python than the agent (docker images): restores
         # are checked against the instances' environment.
-        fingerprint = {**local_fingerprint(devices.kind), **runtime.fingerprint()}
+        fingerprint = {**local_fingerprint(devices), **runtime.fingerprint()}
         self.agent = Agent(node_id=self.node_id, home=home, run_dir=shm / "run",
                            devices=devices, runtime=runtime, fingerprint=fingerprint,
                            snapshots=snapshots, fetch_bundle=self._fetch_bundle,

@@ -36,6 +36,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import structlog
 from sqlalchemy import delete, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -45,6 +46,8 @@ from thaw.core.priority import PRIORITY_DEFAULT
 from thaw.proto import invocations_pb2
 from thaw.scheduler import models
 from thaw.scheduler.store import Store
+
+log = structlog.get_logger()
 
 # An expired invocation's row (no bodies) is kept this long after it expired, so GET
 # answers 410 "expired" instead of 404; then it is deleted.
@@ -93,9 +96,20 @@ class InvalidTransition(InvalidArgument):
 
 
 def check_transition(current: InvocationState, new: InvocationState) -> None:
+    """InvalidTransition (logged) unless TRANSITIONS has the edge current -> new."""
     if new not in TRANSITIONS[current]:
+        log.warning("illegal state move refused", lifecycle="InvocationState",
+                    current=current.value, target=new.value)
         raise InvalidTransition(f"an invocation cannot go from {current.value} to "
                                 f"{new.value}", field="state")
+
+
+def move_invocation(row: models.Invocation, new: InvocationState) -> None:
+    """Move a stored invocation to `new`, checked: the one place a row's state is set
+    in Python. (The claim and the hand-back are compare-and-set UPDATEs, guarded in
+    SQL by the state they expect.)"""
+    check_transition(InvocationState(row.state), new)
+    row.state = new.value
 
 
 def new_invocation_id() -> str:
@@ -314,8 +328,7 @@ class InvocationStore:
                 raise NotFound(f"invocation {invocation_id} not found", field="id")
             if InvocationState(row.state) is not InvocationState.RUNNING:
                 return to_proto(row, False, now)
-            check_transition(InvocationState(row.state), done.state)
-            row.state = done.state.value
+            move_invocation(row, done.state)
             row.result_status = done.result_status
             row.result_content_type = done.result_content_type
             row.result_body = done.result_body
@@ -357,8 +370,7 @@ class InvocationStore:
             row = self._get(s, tenant, invocation_id)
             state = effective_state(row, now)
             if not state.finished:
-                check_transition(state, InvocationState.CANCELLED)
-                row.state = InvocationState.CANCELLED.value
+                move_invocation(row, InvocationState.CANCELLED)
                 row.error_code = "cancelled"
                 row.error_message = "cancelled by the client"
                 row.claim_until = None
@@ -505,7 +517,8 @@ class InvocationStore:
     @classmethod
     def _expire(cls, row: models.Invocation) -> None:
         cls._give_up_webhook(row)
-        row.state = InvocationState.EXPIRED.value
+        if InvocationState(row.state) is not InvocationState.EXPIRED:
+            move_invocation(row, InvocationState.EXPIRED)
         row.request_body = None
         row.result_body = None
         row.idempotency_key = None

@@ -50,7 +50,7 @@ class SchedulerServer:
     def __init__(self, config: SchedulerConfig, dev_key_file: Path | None = None,
                  policy: PolicyConfig | None = None) -> None:
         self.config = config
-        self.policy = policy or PolicyConfig.load()
+        self.policy = policy or config
         self.dev_key_file = dev_key_file
         self.port = 0
         self._server: grpc.aio.Server | None = None

@@ -99,7 +99,7 @@ CUDA
     GPUs are requested by a DeviceRequest when the device backend is cuda (the slice's
     GPU for a fresh instance, every GPU for a template, whose instances may get slices
     on any). Legacy CUDA IPC handles only open in a process that sees the exporter's
-    (the agent's) PID namespace (DESIGN.md §6; platform/cuda.py), so cuda containers
+    (the agent's) PID namespace (DESIGN.md §6; platform/cuda/__init__.py), so cuda containers
     join the host PID namespace (`pid_mode="host"`). What that costs: an instance can
     list the host's processes; it still cannot signal or trace any (a uid of its own,
     no capabilities, no-new-privileges). With MPS, the daemon's pipe folder is mounted and

@@ -17,6 +17,7 @@ from typing import Any, TypeVar, cast
 
 import structlog
 
+from thaw.core.config import AgentConfig
 from thaw.core.errors import ImageNotOnNode, InstanceFailed, ThawError
 from thaw.core.eventloop import read_pipe_file
 from thaw.platform import images
@@ -139,21 +140,17 @@ class DockerRuntime:
         return self.settings.template_instances
 
     @classmethod
-    def from_config(cls, cfg: Any) -> DockerRuntime:
-        """From the agent's config: AgentConfig.docker_image and docker_site_packages
-        (THAW_DOCKER_IMAGE, THAW_DOCKER_SITE_PACKAGES; read from the environment here
-        while the config lacks those fields). The image must have been built (`thaw
-        image build`): that takes minutes, too long for an agent's start."""
+    def from_config(cls, cfg: AgentConfig) -> DockerRuntime:
+        """From the agent's settings (docker_image, docker_site_packages, ...). The
+        image must have been built (`thaw image build`): that takes minutes, too long
+        for an agent's start."""
         client = images.docker_client()
-        node_id = str(getattr(cfg, "node_id", "") or socket.gethostname())
-        image = (getattr(cfg, "docker_image", "") or os.environ.get("THAW_DOCKER_IMAGE")
-                 or images.image_tag(images.find_apt_source().suite))
-        site = (getattr(cfg, "docker_site_packages", "")
-                or os.environ.get("THAW_DOCKER_SITE_PACKAGES", ""))
-        home = Path(cfg.home)
+        node_id = cfg.node_id or socket.gethostname()
+        image = cfg.docker_image or images.image_tag(images.find_apt_source().suite)
+        site = cfg.docker_site_packages
         runtime = cls(client, image=image, node_id=node_id,
-                      state_dir=home / "agent" / node_id / "containers",
-                      device=str(getattr(cfg, "device", "host")),
+                      state_dir=cfg.home / "agent" / node_id / "containers",
+                      device=cfg.device,
                       env_site_packages=[p for p in site.split(os.pathsep) if p])
         runtime.remove_stale_containers()
         return runtime

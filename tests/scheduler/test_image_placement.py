@@ -35,7 +35,7 @@ OTHER_IMAGE = "acme/other:2@sha256:" + "cd" * 32
 class RuntimeAgent(FakeAgent):
     """A fake agent with a runtime: a process node refuses image functions (as
     platform/agent.py does), a docker node runs those whose image its engine has
-    and raises ImageNotOnNode for the others (as docker_runtime.py does)."""
+    and raises ImageNotOnNode for the others (as platform/docker does)."""
 
     runtime: str = "process"
     images: set[str] = field(default_factory=set)

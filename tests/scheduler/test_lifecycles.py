@@ -413,7 +413,7 @@ class InvocationLifecycle(_DBMachine):
         """Invocations a rule may act on (after a sweep deleted them all, a new one)."""
         if not self._live():
             self.create("t1", "", 50, "")
-        return sorted(self._live(), key=lambda m: m.id)
+        return sorted(self._live(), key=lambda m: m.created_at)  # replayable: ids are random
 
     def _eligible(self) -> list[InvocationModel]:
         now = self.clock.now
