@@ -23,6 +23,7 @@ from thaw.platform.runtime import (
     SnapshotFiles,
 )
 from thaw.proto import agent_pb2, manifest_pb2
+from thaw.snapshotter.runtime.forksafe import NVML_CHECK_ENV
 
 # Why a node without containers cannot run a function that names an image (thaw.toml
 # [runtime] image): the process runtime has no image to run it in.
@@ -133,7 +134,20 @@ def build_spec(spec: agent_pb2.FunctionSpec, bundle: Path, *, out: Path,
 def template_spec(spec: agent_pb2.FunctionSpec, bundle: Path, *, key: str,
                   snapshot_json: str, control: str, log_path: str) -> LaunchSpec:
     """A template that imports a snapshot's modules and forks restores on request;
-    shared by every function of its code, so nothing per function."""
-    return replace(_base(spec, LaunchMode.TEMPLATE, bundle, log_path, f"template-{key[:16]}",
-                         per_function=False),
+    shared by every function of its code, so nothing per function. It runs with
+    torch's NVML-based CUDA check, so a module-level torch.cuda.is_available() does
+    not initialise CUDA (which would leave the template unable to fork)."""
+    base = _base(spec, LaunchMode.TEMPLATE, bundle, log_path, f"template-{key[:16]}",
+                 per_function=False)
+    return replace(base, env={**base.env, NVML_CHECK_ENV: "1"},
                    snapshot=SnapshotFiles(snapshot_json), control=control)
+
+
+def restore_spec(spec: agent_pb2.FunctionSpec, bundle: Path, *, instance_id: str,
+                 control: str, log_path: str, grant: SliceGrant | None) -> LaunchSpec:
+    """An instance that imports the function in a fresh interpreter and then takes one
+    spawn request on `control`, restoring into itself without a fork: for snapshots
+    whose template may not fork (its imports initialised CUDA). It gets the snapshot and
+    its slice as descriptors with that request, exactly as a forked instance does."""
+    return replace(_base(spec, LaunchMode.RESTORE, bundle, log_path, instance_id),
+                   control=control, slice=grant)

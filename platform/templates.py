@@ -1,6 +1,13 @@
 """Templates: zygotes that imported a snapshot's modules, shared by every function
 with the same code; restores (and builds, where the runtime allows) fork from them.
-A template's status stream also carries the exit codes of the instances it forked."""
+A template's status stream also carries the exit codes of the instances it forked.
+
+A template whose imports initialised CUDA cannot fork (a CUDA context does not survive
+fork). The pool stops it as soon as it says so (it would fork nothing, and a context it
+holds takes device memory no slice accounts for) and keeps its verdict: `ensure` then
+answers with a `Template` whose `fork_safe` is False, and the agent starts that
+snapshot's instances as fresh interpreters that import and then restore. Never a
+quarantine: the snapshot is fine, only forking is not."""
 
 from __future__ import annotations
 
@@ -18,7 +25,14 @@ import structlog
 
 from thaw.core.errors import InstanceFailed
 from thaw.platform.launch import code_digest, instance_env, template_spec
-from thaw.platform.runtime import Exited, LaunchedInstance, Runtime, TemplateReady, exit_event
+from thaw.platform.runtime import (
+    Exited,
+    LaunchedInstance,
+    Runtime,
+    TemplateReady,
+    exit_event,
+    parse_status,
+)
 from thaw.platform.snapshots import Materialized
 from thaw.proto import agent_pb2, manifest_pb2
 
@@ -36,6 +50,11 @@ class Template:
     process: LaunchedInstance
     control: str
     import_seconds: float
+    fork_safe: bool = True
+    """False when the template's imports initialised CUDA (a context does not survive
+    fork): its instances then start as fresh interpreters in restore mode."""
+    unsafe_reason: str = ""
+    """Why it is not fork-safe, e.g. "torch initialised CUDA at import (module x)"."""
 
     @property
     def running(self) -> bool:
@@ -62,6 +81,11 @@ class TemplatePool:
         self._code_digests: dict[str, str] = {}
         self._exit_codes: dict[int, int] = {}
         self._exit_waiters: dict[int, asyncio.Future[int]] = {}
+        self.fork_unsafe: dict[str, Template] = {}
+        """Template key -> a template that was not fork-safe (stopped; its verdict
+        stays until none of its snapshots is kept)."""
+        self._unsafe_told: set[str] = set()
+        """Snapshots (manifest keys) whose fork-unsafe template was already logged."""
 
     async def code_digest(self, spec: agent_pb2.FunctionSpec) -> str:
         """The bundle's code digest; for an image function, of the code and the image
@@ -102,17 +126,25 @@ class TemplatePool:
 
     async def ensure(self, spec: agent_pb2.FunctionSpec,
                      manifest: manifest_pb2.SnapshotManifest, mat: Materialized) -> Template:
+        """The template for this snapshot, started if need be: a running one, or,
+        where its imports initialised CUDA, the stopped record of one whose
+        `fork_safe` is False (never spawn from it: start a restore-mode instance)."""
         key = await self.key(spec, manifest)
         self._users.setdefault(key, set()).add(mat.key)
-        template = self.templates.get(key)
-        if template is not None and template.running:
-            return template
-        task = self._starts.get(key)
-        if task is None:
-            task = asyncio.create_task(self._start(key, spec, mat))
-            self._starts[key] = task
-            task.add_done_callback(lambda _t: self._starts.pop(key, None))
-        return await asyncio.shield(task)
+        template = self.fork_unsafe.get(key) or self.templates.get(key)
+        if template is None or (template.fork_safe and not template.running):
+            task = self._starts.get(key)
+            if task is None:
+                task = asyncio.create_task(self._start(key, spec, mat))
+                self._starts[key] = task
+                task.add_done_callback(lambda _t: self._starts.pop(key, None))
+            template = await asyncio.shield(task)
+        if not template.fork_safe and mat.key not in self._unsafe_told:
+            self._unsafe_told.add(mat.key)
+            log.warning("template not fork-safe: instances start as fresh interpreters",
+                        function=f"{spec.tenant}/{spec.name}", snapshot=mat.key,
+                        reason=template.unsafe_reason)
+        return template
 
     async def _start(self, key: str, spec: agent_pb2.FunctionSpec,
                      mat: Materialized) -> Template:
@@ -125,11 +157,17 @@ class TemplatePool:
             spec, bundle, key=key, snapshot_json=mat.snapshot_json, control=control,
             log_path=log_path))
         event = await proc.next_event(self.start_timeout)
-        if event.get("event") != TemplateReady.event:
+        ready = parse_status(event)
+        if not isinstance(ready, TemplateReady):
             await proc.kill()
             raise InstanceFailed(f"template failed: {event.get('reason', event)}")
-        seconds = float(event.get("timings", {}).get("import", 0.0))
-        template = Template(key, proc, control, seconds)
+        seconds = float(ready.timings.get("import", 0.0))
+        template = Template(key, proc, control, seconds, fork_safe=ready.fork_safe,
+                            unsafe_reason=ready.unsafe_reason)
+        if not template.fork_safe:
+            await self._stop(template)
+            self.fork_unsafe[key] = template
+            return template
         self._spawn_task(self._follow(template))
         self.templates[key] = template
         self._by_code[(await self.code_digest(spec), spec.handler)] = key
@@ -179,11 +217,16 @@ class TemplatePool:
             template = self.templates.pop(key)
             self._users.pop(key, None)
             await self._stop(template)
+        for key in [k for k in self.fork_unsafe if not self._users.get(k, set()) & keep]:
+            del self.fork_unsafe[key]
+            self._users.pop(key, None)
+        self._unsafe_told &= keep
 
     async def close(self) -> None:
         for template in self.templates.values():
             await self._stop(template)
         self.templates.clear()
+        self.fork_unsafe.clear()
 
     @staticmethod
     async def _stop(template: Template) -> None:
