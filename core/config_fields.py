@@ -309,6 +309,11 @@ class AgentFields(_Fields):
     """cuda backend: memory booked beside each slice for its instance's CUDA context."""
     cuda_mps: str = Field("auto", pattern="^(auto|on|off)$")
     """cuda backend: apply gpu_compute shares through MPS (auto = if its daemon runs)."""
+    # At most this many restores fill slices over one PCIe link (host backend: the node)
+    # at once; the others wait, and the wait is the start's `queue` stage. 0 derives it
+    # from the host-to-device bandwidth measured at startup (platform/activation.py).
+    restore_concurrency_per_link: int = Field(0, ge=0, le=1024)
+    """Concurrent restores per PCIe link; 0 = derived from measured H2D bandwidth."""
     pinned_capacity: str = "4GiB"
     """Host-memory (pinned) tier capacity."""
     shm_dir: Path = Path("/dev/shm")
