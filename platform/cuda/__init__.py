@@ -12,6 +12,8 @@ Modules, each behind the one before it:
   comes before the work it depends on;
 - `slices`: `CudaSlice` (what the instance is given) and the slice lifecycle;
 - `transfer`: host-to-device copies split across streams;
+- `topology`: which GPUs share a PCIe link to host memory (from NVML), what the node's
+  activation budget (thaw.platform.activation) counts restores on;
 - `allocator`: `CudaDevices`, the DeviceBackend that composes them.
 
 The instance's end (open the handle, view ranges as torch tensors) is
@@ -52,9 +54,16 @@ from thaw.platform.cuda.api import (
     CUDA_MEMCPY_HOST_TO_DEVICE,
     CUDA_STREAM_NON_BLOCKING,
     DEFAULT_MPS_PIPE_DIRECTORY,
+    NVML_TOPOLOGY_HOSTBRIDGE,
+    NVML_TOPOLOGY_INTERNAL,
+    NVML_TOPOLOGY_MULTIPLE,
+    NVML_TOPOLOGY_NODE,
+    NVML_TOPOLOGY_SINGLE,
+    NVML_TOPOLOGY_SYSTEM,
     CudaApi,
     CudaDeviceInfo,
     CudaUnavailable,
+    DeviceTopology,
     GiB,
     MiB,
 )
@@ -67,6 +76,7 @@ from thaw.platform.cuda.slices import (
     SliceNotZeroed,
     SliceState,
 )
+from thaw.platform.cuda.topology import PcieLink, normal_bus_id, pcie_links
 from thaw.platform.cuda.transfer import (
     COPY_SPLIT_ALIGNMENT,
     DEFAULT_COPY_STREAMS,
@@ -86,6 +96,12 @@ __all__ = [
     "DEFAULT_INSTANCE_OVERHEAD_BYTES",
     "DEFAULT_MPS_PIPE_DIRECTORY",
     "DEFAULT_RESERVE_BYTES",
+    "NVML_TOPOLOGY_HOSTBRIDGE",
+    "NVML_TOPOLOGY_INTERNAL",
+    "NVML_TOPOLOGY_MULTIPLE",
+    "NVML_TOPOLOGY_NODE",
+    "NVML_TOPOLOGY_SINGLE",
+    "NVML_TOPOLOGY_SYSTEM",
     "CopyOp",
     "CopyStats",
     "CudaApi",
@@ -95,11 +111,15 @@ __all__ = [
     "CudaSliceDescriptor",
     "CudaUnavailable",
     "CupyCudaApi",
+    "DeviceTopology",
     "GiB",
     "IllegalSliceTransition",
     "InMemoryCudaApi",
     "MiB",
+    "PcieLink",
     "SliceNotZeroed",
     "SliceState",
+    "normal_bus_id",
+    "pcie_links",
     "plan_stream_copies",
 ]

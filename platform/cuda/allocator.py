@@ -1,6 +1,7 @@
-"""`CudaDevices`, the cuda DeviceBackend: one device allocation per slice, packed best
-fit by memory across the GPUs, zeroed before it is handed out and again before it is
-freed, and filled from host memory by `transfer`'s multi-stream copies."""
+"""`CudaDevices`, the cuda DeviceBackend: one device allocation per slice, placed on the
+GPU with room behind the PCIe link with the fewest restores in flight (best fit by
+memory among equals), zeroed before it is handed out and again before it is freed, and
+filled from host memory by `transfer`'s multi-stream copies."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from thaw.blobstore import ChunkRef, PinnedTier
 from thaw.blobstore.chunks import BytesLike, as_byte_view
 from thaw.core.errors import ChunkNotFound, InvalidArgument, NotFound, OutOfMemory, ThawError
 from thaw.core.units import parse_size
+from thaw.platform.activation import ActivationBudget
 from thaw.platform.cuda.api import CudaApi, CudaUnavailable, GiB, MiB
 from thaw.platform.cuda.driver import CupyCudaApi
 from thaw.platform.cuda.slices import (
@@ -25,6 +27,7 @@ from thaw.platform.cuda.slices import (
     SliceRecord,
     SliceState,
 )
+from thaw.platform.cuda.topology import PcieLink, pcie_links
 from thaw.platform.cuda.transfer import (
     DEFAULT_COPY_STREAMS,
     CopyStats,
@@ -53,13 +56,24 @@ DEFAULT_RESERVE_BYTES = 1 * GiB
 # an MPS client). Leaving it out would pack slices into memory the instances then need.
 DEFAULT_INSTANCE_OVERHEAD_BYTES = 512 * MiB
 
+# The copy `measure_h2d_gbps` times on each link: large enough that the per-copy launch
+# cost (microseconds) is noise, small enough to fit beside the reserve on any GPU.
+H2D_MEASURE_BYTES = 256 * MiB
+
 
 class CudaDevices:
     """The cuda DeviceBackend: slices are device allocations of their own on real GPUs.
 
-    Thread-safe. A slice's IPC handle must not be released while an instance still has
-    it open: freeing memory another process maps is undefined behaviour in CUDA, so the
-    agent stops the instance before it calls `release`.
+    Thread-safe: the agent allocates, fills and releases from worker threads. A slice's
+    IPC handle must not be released while an instance still has it open: freeing memory
+    another process maps is undefined behaviour in CUDA, so the agent stops the instance
+    before it calls `release`.
+
+    Placement: a slice goes to a GPU with room behind the PCIe link
+    (thaw.platform.cuda.topology) with the fewest restores in flight by `activation`, the
+    node's activation budget; among those, best fit by memory. `allocate(...,
+    restore=True)` counts the restore on its link at once (a hold the agent's `admit`
+    of the slice takes over), so that a burst of starts spreads over the links.
     """
 
     kind = "cuda"
@@ -68,9 +82,11 @@ class CudaDevices:
                  reserve_bytes: int = DEFAULT_RESERVE_BYTES,
                  instance_overhead_bytes: int = DEFAULT_INSTANCE_OVERHEAD_BYTES,
                  granularity: int = ALLOCATION_GRANULARITY,
-                 mps: bool | None = None) -> None:
+                 mps: bool | None = None,
+                 activation: ActivationBudget | None = None) -> None:
         """`api` defaults to CuPy (CudaUnavailable without it or a GPU); `mps` None asks
-        the api whether an MPS daemon runs."""
+        the api whether an MPS daemon runs; `activation` (the node's budget) defaults to
+        a new one of the documented default size."""
         for name, value, least in (("reserve_bytes", reserve_bytes, 0),
                                    ("instance_overhead_bytes", instance_overhead_bytes, 0),
                                    ("granularity", granularity, 1)):
@@ -81,9 +97,13 @@ class CudaDevices:
         infos = self._api.devices()
         if not infos:
             raise CudaUnavailable("the cuda device backend found no GPU")
+        self._links = pcie_links(infos, self._api.topology())
+        link_of = {index: link for link in self._links for index in link.devices}
         self._devices = [DeviceBook(info, f"cuda{info.index}",
-                                    max(0, info.total_bytes - reserve_bytes))
-                         for info in infos]
+                                    max(0, info.total_bytes - reserve_bytes),
+                                    link=link_of[position].id,
+                                    numa_node=link_of[position].numa_node)
+                         for position, info in enumerate(infos)]
         if all(d.capacity == 0 for d in self._devices):
             largest = max(info.total_bytes for info in infos)
             raise InvalidArgument(f"a reserve of {reserve_bytes} bytes leaves no memory on "
@@ -91,7 +111,11 @@ class CudaDevices:
         self._overhead = instance_overhead_bytes
         self._granularity = granularity
         self._mps = self._api.mps_active() if mps is None else mps
+        self._activation = activation if activation is not None else ActivationBudget()
         self._lock = threading.Lock()
+        log.info("cuda devices", gpus=len(infos), mps=self._mps,
+                 links={link.id: [f"cuda{infos[i].index}" for i in link.devices]
+                        for link in self._links})
 
     @classmethod
     def from_settings(cls, settings: DeviceSettings) -> CudaDevices:
@@ -109,12 +133,42 @@ class CudaDevices:
     def mps(self) -> bool:
         return self._mps
 
+    @property
+    def activation(self) -> ActivationBudget:
+        """The node's activation budget, by which slices are placed."""
+        return self._activation
+
+    @property
+    def links(self) -> list[PcieLink]:
+        """The PCIe links to host memory and the GPUs behind each."""
+        return list(self._links)
+
+    def compute_shares_enforced(self) -> bool:
+        """Whether a function's gpu_compute applies (an MPS daemon serves the GPUs)."""
+        return self._mps
+
+    def measure_h2d_gbps(self) -> float | None:
+        """Host-to-device GB/s from page-locked memory: the slowest link's, measured on
+        its first GPU; None (logged) if no link could be measured."""
+        figures = []
+        for link in self._links:
+            device = self._devices[link.devices[0]].info.index
+            try:
+                figures.append(self._api.h2d_gbps(device, H2D_MEASURE_BYTES))
+            except ThawError as exc:
+                log.warning("could not measure host-to-device bandwidth", link=link.id,
+                            error=exc.message)
+        return min(figures) if figures else None
+
     # -- DeviceBackend --
 
-    def allocate(self, size: int, owner: str, *, compute_percent: int = 0) -> CudaSlice:
-        """A zeroed slice of `size` bytes on the device with the least memory left that
-        still fits it (best fit), trying the next one if the driver refuses; OutOfMemory
-        naming the sizes when none can take it."""
+    def allocate(self, size: int, owner: str, *, compute_percent: int = 0,
+                 restore: bool = False) -> CudaSlice:
+        """A zeroed slice of `size` bytes on a device that fits it: behind the link with
+        the fewest restores in flight, then the one with the least memory left (best
+        fit); the next one if the driver refuses; OutOfMemory naming the sizes when none
+        can take it. `restore`: a restore will fill it, counted on its link from now
+        (until the budget admits the slice, or it is released)."""
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise InvalidArgument(f"slice size must be an integer >= 1, got {size!r}",
                                   field="size")
@@ -131,6 +185,8 @@ class CudaDevices:
                 record = self._book(size, allocated, booked, owner, compute_percent, tried)
                 if record is None:
                     raise OutOfMemory(self._no_room_message(size, booked, refused))
+                if restore:
+                    self._activation.hold(record.device.link, record.id)
             tried.add(record.device.id)
             try:
                 self._materialize(record)
@@ -152,6 +208,7 @@ class CudaDevices:
         with self._lock:
             record = self._find(slice_id)
             record.move(SliceState.ZEROING)
+        self._activation.drop(slice_id)
         self._retire(record)
 
     def usage(self) -> list[DeviceUsage]:
@@ -239,7 +296,8 @@ class CudaDevices:
         fitting = [d for d in self._devices if d.id not in tried and d.free >= booked]
         if not fitting:
             return None
-        device = min(fitting, key=lambda d: (d.free - booked, d.info.index))
+        load = {link: self._activation.load(link) for link in {d.link for d in fitting}}
+        device = min(fitting, key=lambda d: (load[d.link], d.free - booked, d.info.index))
         record = SliceRecord(id=f"{owner}-{uuid.uuid4().hex[:8]}", device=device,
                              size=size, allocated=allocated, booked=booked,
                              compute_percent=compute_percent)
@@ -250,6 +308,7 @@ class CudaDevices:
         with self._lock:
             record.move(SliceState.FREED)
             record.device.records.pop(record.id, None)
+        self._activation.drop(record.id)
 
     def _no_room_message(self, size: int, booked: int, refused: list[str]) -> str:
         free = ", ".join(f"{d.id} {d.free}" for d in self._devices)
@@ -287,7 +346,8 @@ class CudaDevices:
             id=record.id, device_id=record.device.id, size=record.size, path="",
             device_index=info.index, pci_bus_id=info.pci_bus_id, device_uuid=info.uuid,
             ipc_handle=handle.hex(), allocated=record.allocated,
-            compute_percent=record.compute_percent, mps=self._mps)
+            compute_percent=record.compute_percent, mps=self._mps,
+            pcie_link=record.device.link, numa_node=record.device.numa_node)
 
     def _retire(self, record: SliceRecord) -> None:
         """Scrub then free a slice in ZEROING; a copy still filling it finishes first."""

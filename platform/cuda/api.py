@@ -23,6 +23,17 @@ CUDA_IPC_HANDLE_BYTES = 64
 # Where nvidia-cuda-mps-control listens unless CUDA_MPS_PIPE_DIRECTORY says otherwise.
 DEFAULT_MPS_PIPE_DIRECTORY = "/tmp/nvidia-mps"
 
+# nvmlGpuTopologyLevel_t (nvml.h), ABI like the values above: the closest common ancestor
+# of two GPUs on the PCIe tree, nearer first. Up to MULTIPLE the path between them stays
+# below the host bridge, i.e. they sit behind the same PCIe switch (or board) and share
+# its uplink; from HOSTBRIDGE on each has a root port of its own.
+NVML_TOPOLOGY_INTERNAL = 0
+NVML_TOPOLOGY_SINGLE = 10
+NVML_TOPOLOGY_MULTIPLE = 20
+NVML_TOPOLOGY_HOSTBRIDGE = 30
+NVML_TOPOLOGY_NODE = 40
+NVML_TOPOLOGY_SYSTEM = 50
+
 
 class CudaUnavailable(ThawError):
     """CuPy, the CUDA driver or a GPU is missing: the cuda device backend cannot run."""
@@ -46,6 +57,17 @@ class CudaDeviceInfo:
     """Device memory in bytes (NVML's figure when NVML answers)."""
 
 
+@dataclass(frozen=True, slots=True)
+class DeviceTopology:
+    """Where one GPU sits on the machine's PCIe tree, as NVML reports it."""
+
+    numa_node: int
+    """The NUMA node its PCIe root is attached to; -1 where unknown."""
+    levels: tuple[int | None, ...]
+    """The NVML_TOPOLOGY_* level of its common ancestor with each GPU, in CUDA ordinal
+    order (its own entry NVML_TOPOLOGY_INTERNAL); None where NVML cannot say."""
+
+
 class CudaApi(Protocol):
     """The CUDA runtime and NVML calls the backend makes, each on an explicit device.
 
@@ -59,6 +81,17 @@ class CudaApi(Protocol):
 
     def mps_active(self) -> bool:
         """Whether an MPS control daemon is serving this machine."""
+        ...
+
+    def topology(self) -> list[DeviceTopology]:
+        """Each GPU's NUMA node and PCIe distances, in CUDA ordinal order; an empty list
+        when NVML is not there to ask (every GPU is then taken to have a link of its
+        own)."""
+        ...
+
+    def h2d_gbps(self, device: int, nbytes: int) -> float:
+        """Measure host-to-device copies of `nbytes` from page-locked host memory to
+        `device`: gigabytes (1e9 bytes) per second, the best of a few copies."""
         ...
 
     def malloc(self, device: int, nbytes: int) -> int:

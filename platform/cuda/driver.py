@@ -6,7 +6,9 @@ when this module is imported, so the package loads without a GPU.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -19,12 +21,20 @@ from thaw.platform.cuda.api import (
     CUDA_MEMCPY_HOST_TO_DEVICE,
     CUDA_STREAM_NON_BLOCKING,
     DEFAULT_MPS_PIPE_DIRECTORY,
+    NVML_TOPOLOGY_INTERNAL,
     CudaDeviceInfo,
     CudaUnavailable,
+    DeviceTopology,
 )
+from thaw.platform.cuda.topology import normal_bus_id
 from thaw.platform.devices import nvml_text
 
 log = structlog.get_logger()
+
+# Copies timed by `h2d_gbps`: the first one also pays for mapping the buffers.
+H2D_MEASURE_COPIES = 3
+# cudaHostAllocDefault: page-locked, for the measurement's source buffer.
+CUDA_HOST_ALLOC_DEFAULT = 0
 
 
 class CupyCudaApi:  # pragma: no cover - needs CuPy and a GPU (tests/gpu)
@@ -95,6 +105,37 @@ class CupyCudaApi:  # pragma: no cover - needs CuPy and a GPU (tests/gpu)
         pipe = os.environ.get("CUDA_MPS_PIPE_DIRECTORY", DEFAULT_MPS_PIPE_DIRECTORY)
         return os.path.exists(os.path.join(pipe, "control"))
 
+    def topology(self) -> list[DeviceTopology]:
+        with _Nvml() as nvml:
+            buses = [str(self._rt.deviceGetPCIBusId(i)) for i in range(self._count)]
+            return nvml.topology(buses)
+
+    def h2d_gbps(self, device: int, nbytes: int) -> float:
+        rt = self._rt
+        with self._on(device, f"measuring host-to-device copies of {nbytes} bytes"):
+            host = int(rt.hostAlloc(nbytes, CUDA_HOST_ALLOC_DEFAULT))
+            try:
+                dst = int(rt.malloc(nbytes))
+                try:
+                    stream = int(rt.streamCreateWithFlags(CUDA_STREAM_NON_BLOCKING))
+                    try:
+                        # Touch the source so that its pages exist before timing.
+                        ctypes.memset(host, 1, nbytes)
+                        best = float("inf")
+                        for _ in range(H2D_MEASURE_COPIES):
+                            started = time.perf_counter()
+                            rt.memcpyAsync(dst, host, nbytes, CUDA_MEMCPY_HOST_TO_DEVICE,
+                                           stream)
+                            rt.streamSynchronize(stream)
+                            best = min(best, time.perf_counter() - started)
+                    finally:
+                        rt.streamDestroy(stream)
+                finally:
+                    rt.free(dst)
+            finally:
+                rt.freeHost(host)
+        return nbytes / best / 1e9 if best > 0 else 0.0
+
     def malloc(self, device: int, nbytes: int) -> int:
         # The runtime's cudaMalloc, not cupy.cuda.alloc: that draws from CuPy's pool, whose
         # blocks share one cudaMalloc, and a block's IPC handle would open all of it. Not
@@ -159,6 +200,48 @@ class _Nvml:  # pragma: no cover - needs NVML
         if self._pynvml is not None:
             with contextlib.suppress(Exception):
                 self._pynvml.nvmlShutdown()
+
+    def topology(self, buses: list[str]) -> list[DeviceTopology]:
+        """For the GPUs at `buses` (CUDA ordinal order): NUMA nodes and pairwise common
+        ancestors; [] without NVML."""
+        nvml = self._pynvml
+        if nvml is None:
+            return []
+        try:
+            handles = [nvml.nvmlDeviceGetHandleByPciBusId(bus) for bus in buses]
+        except nvml.NVMLError as exc:
+            log.warning("NVML cannot find the GPUs; each taken to have its own PCIe link",
+                        error=str(exc))
+            return []
+        levels: list[list[int | None]] = [[None] * len(buses) for _ in buses]
+        for i, first in enumerate(handles):
+            levels[i][i] = NVML_TOPOLOGY_INTERNAL
+            for j in range(i + 1, len(handles)):
+                try:
+                    level = int(nvml.nvmlDeviceGetTopologyCommonAncestor(first, handles[j]))
+                except nvml.NVMLError as exc:  # e.g. NOT_SUPPORTED in some VMs
+                    log.warning("NVML cannot place two GPUs on the PCIe tree",
+                                gpus=[buses[i], buses[j]], error=str(exc))
+                    continue
+                levels[i][j] = levels[j][i] = level
+        return [DeviceTopology(self._numa_node(handle, bus), tuple(row))
+                for handle, bus, row in zip(handles, buses, levels, strict=True)]
+
+    def _numa_node(self, handle: Any, bus: str) -> int:
+        """NVML's answer where the driver has the call, else the kernel's (sysfs); -1
+        unknown."""
+        nvml = self._pynvml
+        getter = getattr(nvml, "nvmlDeviceGetNumaNodeId", None)
+        if getter is not None:
+            try:
+                return int(getter(handle))
+            except nvml.NVMLError:
+                pass
+        try:
+            with open(f"/sys/bus/pci/devices/{normal_bus_id(bus)}/numa_node") as handle_file:
+                return int(handle_file.read().strip())
+        except (OSError, ValueError):
+            return -1
 
     def memory_and_uuid(self, pci_bus_id: str) -> tuple[int, str]:
         """(total bytes, "GPU-…"), or (0, "") when NVML cannot say."""

@@ -10,7 +10,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from thaw.core.errors import OutOfMemory, ThawError
-from thaw.platform.cuda.api import CUDA_IPC_HANDLE_BYTES, CudaDeviceInfo
+from thaw.platform.cuda.api import (
+    CUDA_IPC_HANDLE_BYTES,
+    NVML_TOPOLOGY_INTERNAL,
+    NVML_TOPOLOGY_NODE,
+    NVML_TOPOLOGY_SINGLE,
+    NVML_TOPOLOGY_SYSTEM,
+    CudaDeviceInfo,
+    DeviceTopology,
+)
 
 
 @dataclass(eq=False)
@@ -39,7 +47,17 @@ class InMemoryCudaApi:
     """
 
     def __init__(self, totals: Sequence[int], *, mps: bool = False,
-                 names: Sequence[str] | None = None) -> None:
+                 names: Sequence[str] | None = None,
+                 switches: Sequence[int] | None = None,
+                 numa_nodes: Sequence[int] | None = None,
+                 h2d_gbps: float = 25.0) -> None:
+        """`switches` and `numa_nodes` (one entry per GPU) describe a fake NVML
+        topology: GPUs with the same switch number share a PCIe switch, else they meet
+        at their NUMA node or across the system. Without `switches` NVML is "missing"
+        (`topology` is empty). `h2d_gbps` is what measuring a copy reports."""
+        for name, given in (("switches", switches), ("numa_nodes", numa_nodes)):
+            if given is not None and len(given) != len(totals):
+                raise ValueError(f"{name} needs one entry per GPU")
         self.infos = [
             CudaDeviceInfo(index=i, name=(names[i] if names else "Fake GPU"),
                            pci_bus_id=f"0000:{i + 1:02x}:00.0",
@@ -47,6 +65,9 @@ class InMemoryCudaApi:
             for i, total in enumerate(totals)]
         self.memory = [bytearray(total) for total in totals]
         self.mps = mps
+        self.switches = list(switches) if switches is not None else None
+        self.numa_nodes = list(numa_nodes) if numa_nodes is not None else [-1] * len(totals)
+        self.bandwidth_gbps = h2d_gbps
         self.calls: list[tuple[Any, ...]] = []
         self.allocations: dict[int, _FakeAllocation] = {}
         self.streams: dict[int, _FakeStream] = {}
@@ -95,6 +116,31 @@ class InMemoryCudaApi:
 
     def mps_active(self) -> bool:
         return self.mps
+
+    def topology(self) -> list[DeviceTopology]:
+        self._record("topology")
+        switches = self.switches
+        if switches is None:
+            return []
+
+        def level(a: int, b: int) -> int:
+            if a == b:
+                return NVML_TOPOLOGY_INTERNAL
+            if switches[a] == switches[b]:
+                return NVML_TOPOLOGY_SINGLE
+            if self.numa_nodes[a] == self.numa_nodes[b] != -1:
+                return NVML_TOPOLOGY_NODE
+            return NVML_TOPOLOGY_SYSTEM
+
+        count = len(self.infos)
+        return [DeviceTopology(self.numa_nodes[a], tuple(level(a, b) for b in range(count)))
+                for a in range(count)]
+
+    def h2d_gbps(self, device: int, nbytes: int) -> float:
+        self._record("h2d_gbps", device, nbytes)
+        if not 0 <= device < len(self.infos):
+            raise ThawError(f"fake cuda: no device {device}")
+        return self.bandwidth_gbps
 
     def malloc(self, device: int, nbytes: int) -> int:
         self._record("malloc", device, nbytes)

@@ -34,7 +34,9 @@ class IllegalSliceTransition(ThawError):
 
 class CudaSliceDescriptor(TypedDict):
     """What an instance needs to open a cuda slice: the keyword arguments of
-    `thaw.platform.cuda_copy.open_slice`, JSON-ready."""
+    `thaw.platform.cuda_copy.open_slice`, JSON-ready. `device_index` is the GPU's ordinal
+    inside the instance (0 once `instance_env` has narrowed CUDA_VISIBLE_DEVICES to it);
+    `pci_bus_id` finds it whatever the numbering."""
 
     ipc_handle: str
     size: int
@@ -61,21 +63,37 @@ class CudaSlice(Slice):
     """The function's gpu_compute share (0 = none asked)."""
     mps: bool
     """Whether MPS is on, i.e. whether `compute_percent` is enforced."""
+    pcie_link: str = ""
+    """The PCIe link its fill shares with other GPUs' (thaw.platform.cuda.topology):
+    what the activation budget counts it on."""
+    numa_node: int = -1
+    """The NUMA node of the GPU's PCIe root; -1 unknown."""
+
+    @property
+    def instance_device_index(self) -> int:
+        """The GPU's CUDA ordinal inside the instance: 0 when CUDA_VISIBLE_DEVICES names
+        it alone (by UUID), else the agent's ordinal (the instance then sees the GPUs the
+        agent sees, in the same order)."""
+        return 0 if self.device_uuid else self.device_index
 
     def descriptor(self) -> CudaSliceDescriptor:
         """What the instance needs to open the slice."""
         return {"ipc_handle": self.ipc_handle, "size": self.size,
-                "device_index": self.device_index, "pci_bus_id": self.pci_bus_id}
+                "device_index": self.instance_device_index, "pci_bus_id": self.pci_bus_id}
 
     def gpu_ids(self) -> tuple[str, ...]:
         """The slice's GPU, for the sandbox's device request."""
         return (self.device_uuid,) if self.device_uuid else ()
 
     def instance_env(self) -> dict[str, str]:
-        """Environment the instance must start with for its compute share to apply."""
+        """Environment the instance must have before it first touches CUDA: only its
+        slice's GPU visible (by UUID, which no CUDA_DEVICE_ORDER renumbers), and its
+        compute share where MPS enforces it. CUDA reads both when it initialises, so a
+        forked instance sets them in the child before anything imports CUDA."""
+        env = {"CUDA_VISIBLE_DEVICES": self.device_uuid} if self.device_uuid else {}
         if self.mps and self.compute_percent:
-            return {"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": str(self.compute_percent)}
-        return {}
+            env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(self.compute_percent)
+        return env
 
 
 class SliceState(str, Enum):
@@ -136,6 +154,9 @@ class DeviceBook:
     info: CudaDeviceInfo
     id: str
     capacity: int
+    link: str = ""
+    """Its PCIe link (thaw.platform.cuda.topology)."""
+    numa_node: int = -1
     records: dict[str, SliceRecord] = field(default_factory=dict)
 
     @property

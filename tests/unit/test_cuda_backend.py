@@ -515,12 +515,14 @@ def test_compute_share_is_data_on_the_slice_and_env_only_under_mps() -> None:
     with_mps, _ = make_backend(64 * KiB, mps=True)
     shared = with_mps.allocate(8 * KiB, "a", compute_percent=25)
     assert (shared.compute_percent, shared.mps) == (25, True)
-    assert shared.instance_env() == {"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "25"}
-    assert with_mps.allocate(8 * KiB, "b").instance_env() == {}
+    # Every instance sees only its slice's GPU; the share is added only under MPS.
+    only_its_gpu = {"CUDA_VISIBLE_DEVICES": shared.device_uuid}
+    assert shared.instance_env() == {**only_its_gpu, "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "25"}
+    assert with_mps.allocate(8 * KiB, "b").instance_env() == only_its_gpu
 
     without, _ = make_backend(64 * KiB, mps=False)
     unenforced = without.allocate(8 * KiB, "a", compute_percent=25)
-    assert (unenforced.compute_percent, unenforced.instance_env()) == (25, {})
+    assert (unenforced.compute_percent, unenforced.instance_env()) == (25, only_its_gpu)
     with pytest.raises(InvalidArgument) as info:
         without.allocate(8 * KiB, "b", compute_percent=101)
     assert info.value.field == "gpu_compute"

@@ -78,7 +78,8 @@ def test_cuda_slices_ask_for_their_gpu_and_the_agents_pid_namespace() -> None:
     sl = devices.allocate(MiB, "fn", compute_percent=30)
     assert isinstance(sl, CudaSlice)
     assert sl.gpu_ids() == (f"GPU-00000000-0000-0000-0000-{sl.device_index:012x}",)
-    assert sl.instance_env() == {"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "30"}
+    assert sl.instance_env() == {"CUDA_VISIBLE_DEVICES": sl.device_uuid,
+                                 "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "30"}
     assert [(u.kind, u.gpu) for u in backend.usage()] == [("cuda", True), ("cuda", True)]
     devices.close()
 
