@@ -20,7 +20,7 @@ import dataclasses
 import enum
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -129,6 +129,16 @@ class Settlement(enum.Enum):
     """The client left or its deadline passed midway: no verdict; lease released."""
     BROKEN = "broken"
     """The answer broke off: the instance is suspect; lease released as failed."""
+
+
+def merged_stages(timings: Iterable[tuple[str, float]]) -> list[tuple[str, float]]:
+    """A start's stages with each name once, in first-seen order, repeats added up: a
+    cold start waits in the scheduler's queue and then in its node's (the activation
+    budget, thaw.platform.activation), and both waits are the one `queue` stage."""
+    merged: dict[str, float] = {}
+    for stage, seconds in timings:
+        merged[stage] = merged.get(stage, 0.0) + seconds
+    return list(merged.items())
 
 
 class Exchange:
@@ -421,7 +431,7 @@ class Dispatcher:
         start = START_NAMES.get(lease.start, "warm")
         if start != "warm":
             self.metrics.cold_starts.labels(start).inc()
-        stages = [(t.stage, t.seconds) for t in lease.timings]
+        stages = merged_stages((t.stage, t.seconds) for t in lease.timings)
         for stage, seconds in stages:
             self.metrics.observe_stage(stage, seconds)
         return lease, start, stages

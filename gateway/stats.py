@@ -32,7 +32,9 @@ COLD_STARTS_SHOWN = 20
 # "Rate" without a series: calls over the last this many seconds.
 RATE_SECONDS = 60.0
 # Stages of the gateway's Server-Timing (gateway/dispatch.py Exchange.server_timing plus
-# the instance's run): what the cold-start chart stacks, in order.
+# the instance's run): what the cold-start chart stacks, in order. "queue" is every wait
+# before the start: the scheduler's for a place and the node's activation budget's
+# (dispatch.merged_stages adds them up).
 STAGES = ("queue", "fetch", "template", "restore", "import", "setup", "run")
 COLD_KINDS = ("restore", "fresh")
 
