@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -128,6 +128,12 @@ class NodeView:
         return not image or self.runtime == DOCKER_RUNTIME
 
     @property
+    def mps_active(self) -> bool:
+        """Whether the node's last heartbeat said an MPS daemon applies functions'
+        gpu_compute shares on its GPUs (False before its first heartbeat)."""
+        return self.telemetry.mps_active
+
+    @property
     def capacity_bytes(self) -> int:
         return sum(d.capacity_bytes for d in self.devices)
 
@@ -182,3 +188,14 @@ class NodeView:
             index = max(range(len(room)), key=lambda i: (room[i], -i))
             self.slices[instance_id] = (index, nbytes)
             room[index] -= nbytes
+
+
+def compute_unenforced(nodes: Iterable[NodeView], gpu_compute: int, image: str = ""
+                       ) -> list[str]:
+    """Ids of the nodes not lost that could run a function asking for `gpu_compute`
+    percent of a GPU (and running `image`) but would not apply it: no MPS daemon there.
+    Empty when the function asks for no share."""
+    if gpu_compute <= 0:
+        return []
+    return sorted(n.id for n in nodes
+                  if n.state is not NodeState.LOST and n.runs(image) and not n.mps_active)
