@@ -6,7 +6,11 @@ arena order, so a restore copies long runs with single calls: on the measured ma
 glibc switches to streaming stores only for copies over ~99 MiB, and those run ~1.7x
 faster than per-4-MiB-chunk copies (see bench/restore.py). Chunks a restore is copying
 from are pinned (a refcount) and never evicted until it is done. Memory comes from an
-injected allocator: anonymous memory by default, CuPy page-locked memory for CUDA.
+injected allocator: by default sealed memfds, mlock'ed where RLIMIT_MEMLOCK allows;
+for CUDA the same memfds page-locked with cudaHostRegister (blobstore/allocators.py).
+A sealed region gives its memory back whole, with its last chunk: until then an
+evicted chunk's bytes stay counted in `used` (and in `dead`), so the budget is the
+memory really held.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from typing import Protocol
 
 from thaw.core.errors import ChunkNotFound, CorruptChunk, InvalidArgument, OutOfMemory
 
-from .allocators import PAGE_SIZE, AnonymousMemoryAllocator, HostMemoryAllocator
+from .allocators import PAGE_SIZE, HostMemoryAllocator, HostRegion, host_allocator
 from .bounded import resolve_workers, run_bounded
 from .chunks import BytesLike, ChunkRef, as_byte_view, check_digest, digest_of
 from .copying import copy_bytes
@@ -52,21 +56,33 @@ class PinnedUsage:
     """Chunk lookups that had to go elsewhere."""
     evictions: int
     """Chunks dropped, by LRU or by `evict`."""
+    dead: int = 0
+    """Bytes of evicted chunks still in memory (counted in `used`): their sealed region
+    holds chunks still in use and goes back whole, with its last chunk."""
+    locked: bool = False
+    """Every region is page-locked (mlock / cudaHostRegister) and a full tier would be."""
+    lock_refusal: str = ""
+    """Why not, when `locked` is False (e.g. "RLIMIT_MEMLOCK 8.0 MiB < 2.0 GiB")."""
 
 
 @dataclass(frozen=True, eq=False, slots=True)
 class PinnedSpan:
-    """Where a held chunk's bytes are: `region[start:start + length]` (read-only).
+    """Where a held chunk's bytes are: `region[start:start + length]` (read-only), and
+    the same bytes as `length` bytes at `file_offset` of the sealed memfd `fd` (-1 when
+    the tier's allocator has no descriptors), for handing to another process.
 
-    Chunks prewarmed together share one `region` object, in arena order: a restore copies
-    a run of them in one call when their spans follow each other in the same region.
-    Valid only while the chunk is held (`PinnedTier.hold`): an evicted chunk's pages are
-    given back to the system.
+    Chunks prewarmed together share one `region` object (and one `fd`), in arena order:
+    a restore copies a run of them in one call when their spans follow each other in
+    the same region. Valid only while the chunk is held (`PinnedTier.hold`): an evicted
+    chunk's memory goes back to the system, and `fd` is closed with its region (dup it
+    to keep it).
     """
 
     region: memoryview
     start: int
     length: int
+    fd: int = -1
+    file_offset: int = 0
 
     @property
     def end(self) -> int:
@@ -78,9 +94,10 @@ class PinnedSpan:
 
 @dataclass(eq=False, slots=True)
 class _Region:
-    buffer: memoryview
-    readonly: memoryview
+    host: HostRegion
     live: int = 0  # chunks in it that are still entries
+    held: int = 0  # bytes of it counted in the tier's `used`: live chunks plus `dead`
+    dead: int = 0  # evicted chunks whose memory goes back only with the whole region
 
 
 @dataclass(eq=False, slots=True)
@@ -100,10 +117,12 @@ class PinnedTier:
             raise InvalidArgument(f"capacity_bytes must be an integer >= 0, "
                                   f"got {capacity_bytes!r}", field="capacity_bytes")
         self._capacity = capacity_bytes
-        self._allocator: HostMemoryAllocator = allocator or AnonymousMemoryAllocator()
+        self._allocator: HostMemoryAllocator = allocator or host_allocator()
         self._lock = threading.Lock()
         self._entries: OrderedDict[str, _Entry] = OrderedDict()  # least recently used first
-        self._used = 0  # entries plus reservations for loads in progress
+        self._regions: set[_Region] = set()
+        self._used = 0  # entries, dead bytes and reservations for loads in progress
+        self._dead = 0
         self._pinned = 0
         self._hits = 0
         self._misses = 0
@@ -147,14 +166,20 @@ class PinnedTier:
                 self._hits += 1
                 self._pin_entry(entry)
                 self._entries.move_to_end(digest)
-                held[digest] = PinnedSpan(entry.region.readonly, entry.start, entry.length)
+                host = entry.region.host
+                held[digest] = PinnedSpan(host.view, entry.start, entry.length,
+                                          host.fd, entry.start)
         try:
             yield held
         finally:
             self.unpin(held)
 
     def usage(self) -> PinnedUsage:
+        refusal = self._allocator.refusal_for(self._capacity)
         with self._lock:
+            if not refusal:
+                refusal = next((r.host.lock_refusal for r in self._regions
+                                if not r.host.locked), "")
             return PinnedUsage(
                 capacity=self._capacity,
                 used=self._used,
@@ -163,6 +188,9 @@ class PinnedTier:
                 hits=self._hits,
                 misses=self._misses,
                 evictions=self._evictions,
+                dead=self._dead,
+                locked=not refusal,
+                lock_refusal=refusal,
             )
 
     def digests(self) -> list[str]:
@@ -190,8 +218,12 @@ class PinnedTier:
         except BaseException:
             self._unreserve(len(raw))
             raise
-        with region.buffer[: len(raw)] as slot:
-            copy_bytes(slot, raw)
+        try:
+            with region.host.writable()[: len(raw)] as slot:
+                copy_bytes(slot, raw)
+        except BaseException:
+            self._abandon(region, len(raw))
+            raise
         self._commit(region, [(actual, 0, len(raw))])
         return actual
 
@@ -278,43 +310,56 @@ class PinnedTier:
         for digest, length in missing:
             placed.append((digest, start, length))
             start += _slot(length)
+        buffer = region.host.writable()
 
         def read(item: tuple[str, int, int]) -> None:
             digest, at, length = item
-            with region.buffer[at:at + length] as slot:
+            with buffer[at:at + length] as slot:
                 source.read_into(digest, slot)
 
         try:
             run_bounded(read, placed, workers)
         except BaseException:
-            self._unreserve(total)
-            self._allocator.discard(region.buffer, 0, len(region.buffer))
-            self._allocator.free(region.buffer)
+            self._abandon(region, total)
             raise
         self._commit(region, placed)
         return total
 
     def _reserve(self, nbytes: int) -> None:
         """Account for `nbytes`, evicting least recently used unpinned chunks to make
-        room; evicts nothing and raises OutOfMemory if that would not be enough."""
+        room; evicts nothing and raises OutOfMemory if that would not be enough.
+
+        A chunk of a region that goes back only whole frees memory only together with
+        the rest of its region: such chunks are evicted only where their whole region
+        goes (so no eviction is wasted on memory that would stay)."""
         with self._lock:
             if nbytes > self._capacity:
                 raise OutOfMemory(f"{nbytes} bytes do not fit in the pinned tier "
                                   f"({self._capacity} bytes)")
             shortfall = self._used + nbytes - self._capacity
-            victims: list[str] = []
+            chosen: list[str] = []
+            left: dict[_Region, int] = {}  # whole-only regions: live chunks not chosen
             for digest, entry in self._entries.items():
                 if shortfall <= 0:
                     break
-                if entry.pins == 0:
-                    victims.append(digest)
+                if entry.pins:
+                    continue
+                region = entry.region
+                chosen.append(digest)
+                if not region.host.returns_whole:
                     shortfall -= entry.length
+                    continue
+                left[region] = left.get(region, region.live) - 1
+                if left[region] == 0:
+                    shortfall -= region.held
             if shortfall > 0:
                 raise OutOfMemory(f"no room for {nbytes} bytes in the pinned tier: "
                                   f"{self._used} of {self._capacity} used, "
-                                  f"{self._pinned} pinned")
-            for digest in victims:
-                self._drop_locked(digest)
+                                  f"{self._pinned} pinned, {self._dead} held by "
+                                  f"evicted chunks of regions still in use")
+            for digest in chosen:
+                if left.get(self._entries[digest].region, 0) == 0:
+                    self._drop_locked(digest)
             self._used += nbytes
 
     def _unreserve(self, nbytes: int) -> None:
@@ -322,23 +367,43 @@ class PinnedTier:
             self._used -= nbytes
 
     def _allocate(self, nbytes: int) -> _Region:
-        buffer = self._allocator.allocate(max(nbytes, 1))
-        return _Region(buffer, buffer.toreadonly())
+        return _Region(self._allocator.allocate(max(nbytes, 1)))
+
+    def _abandon(self, region: _Region, reserved: int) -> None:
+        """A load that failed: its region goes back, its reservation too."""
+        self._unreserve(reserved)
+        self._allocator.free(region.host)
 
     def _commit(self, region: _Region, placed: list[tuple[str, int, int]]) -> None:
-        """Publish loaded chunks. One another thread published meanwhile is kept as
-        theirs: its slot here is given back."""
+        """Seal a filled region and publish its chunks. One another thread published
+        meanwhile is kept as theirs: its slot here is given back (with a sealed region,
+        whose locking and populating map every page of it, only with the region)."""
+        total = sum(length for _, _, length in placed)
+        with self._lock:
+            if all(digest in self._entries for digest, _, _ in placed):
+                for digest, _, _ in placed:
+                    self._entries.move_to_end(digest)
+                self._used -= total
+                self._allocator.free(region.host)
+                return
+        try:
+            self._allocator.seal(region.host)
+        except BaseException:
+            self._abandon(region, total)
+            raise
         with self._lock:
             for digest, start, length in placed:
+                region.held += length
                 if digest in self._entries:
-                    self._used -= length
-                    self._allocator.discard(region.buffer, start, _slot(length))
                     self._entries.move_to_end(digest)
+                    self._release_slot_locked(region, start, length)
                     continue
                 self._entries[digest] = _Entry(region, start, length)
                 region.live += 1
             if region.live == 0:
-                self._allocator.free(region.buffer)
+                self._free_region_locked(region)
+            else:
+                self._regions.add(region)
 
     def _pin_entry(self, entry: _Entry) -> None:
         if entry.pins == 0:
@@ -346,15 +411,35 @@ class PinnedTier:
         entry.pins += 1
 
     def _drop_locked(self, digest: str) -> int:
+        """Forget a chunk; returns the bytes that left `used` (its own, or its whole
+        region's when it was the last chunk of a region that goes back only whole)."""
         entry = self._entries.pop(digest)
-        self._used -= entry.length
         self._evictions += 1
         region = entry.region
-        self._allocator.discard(region.buffer, entry.start, _slot(entry.length))
         region.live -= 1
         if region.live == 0:
-            self._allocator.free(region.buffer)
-        return entry.length
+            return self._free_region_locked(region)
+        return self._release_slot_locked(region, entry.start, entry.length)
+
+    def _release_slot_locked(self, region: _Region, start: int, length: int) -> int:
+        """Give back one chunk's slot of a region still in use; returns the bytes that
+        left `used` (0 when the region goes back only whole: the bytes turn dead)."""
+        if self._allocator.discard(region.host, start, _slot(length)):
+            region.held -= length
+            self._used -= length
+            return length
+        region.dead += length
+        self._dead += length
+        return 0
+
+    def _free_region_locked(self, region: _Region) -> int:
+        self._regions.discard(region)
+        freed = region.held
+        self._used -= freed
+        self._dead -= region.dead
+        region.held = region.dead = 0
+        self._allocator.free(region.host)
+        return freed
 
 
 def _slot(length: int) -> int:

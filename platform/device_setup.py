@@ -13,8 +13,10 @@ from thaw.platform.devices import DeviceBackend, DeviceSettings, HostDevices
 def open_devices(settings: DeviceSettings, slice_dir: Path
                  ) -> tuple[DeviceBackend, HostMemoryAllocator | None]:
     """The device backend `settings` names, and the host memory the pinned tier should
-    take its regions from (None: the tier's default) so that copies into its slices run
-    at full speed. Host slices are files in `slice_dir`."""
+    take its regions from so that copies into its slices run at full speed (None: the
+    tier's default). Both are sealed memfds of exact size: page-locked with
+    cudaHostRegister on cuda, mlock'ed on the host where RLIMIT_MEMLOCK allows (the
+    tier's usage says whether they are). Host slices are files in `slice_dir`."""
     if settings.device == "cuda":
         # Imported here: the cuda backend's modules are only needed on a GPU node.
         from thaw.platform.cuda import CudaDevices

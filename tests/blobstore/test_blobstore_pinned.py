@@ -15,6 +15,7 @@ from thaw.blobstore import (
     AnonymousMemoryAllocator,
     ChunkRef,
     DiskTier,
+    HostRegion,
     PinnedTier,
     digest_of,
     store_arena,
@@ -36,15 +37,15 @@ class RecordingAllocator(AnonymousMemoryAllocator):
         self.discarded: list[tuple[int, int]] = []
         self.freed = 0
 
-    def allocate(self, nbytes: int) -> memoryview:
+    def allocate(self, nbytes: int) -> HostRegion:
         self.allocated.append(nbytes)
         return super().allocate(nbytes)
 
-    def discard(self, region: memoryview, start: int, length: int) -> None:
+    def discard(self, region: HostRegion, start: int, length: int) -> bool:
         self.discarded.append((start, length))
-        super().discard(region, start, length)
+        return super().discard(region, start, length)
 
-    def free(self, region: memoryview) -> None:
+    def free(self, region: HostRegion) -> None:
         self.freed += 1
         super().free(region)
 
