@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import click
 
@@ -16,11 +17,30 @@ def node() -> None:
     """List nodes, cordon, uncordon and drain them."""
 
 
+# PinnedTierInfo.lock as the gateway's node JSON carries it ("" or absent: an agent
+# that does not report it).
+PINNED_LOCKED = "locked"
+
+
+def pinned_lock_note(pinned: dict[str, Any]) -> str:
+    """What an operator should know about a node's pinned tier page-locking: "" when
+    it is locked, else e.g. "pinned tier not locked: RLIMIT_MEMLOCK 8.0 MiB < 2.0 GiB"
+    (unlocked memory can be swapped out, and on CUDA copies from it are staged)."""
+    lock = pinned.get("lock") or ""
+    if lock == PINNED_LOCKED:
+        return ""
+    if not lock:
+        return "pinned tier locked unknown"
+    refusal = pinned.get("lock_refusal") or "no reason reported"
+    return f"pinned tier {lock}: {refusal}"
+
+
 @node.command("ls")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def node_ls(as_json: bool) -> None:
     """Nodes with their runtime (process or docker: only docker nodes run image
-    functions), devices, pinned tier and instances."""
+    functions), devices, pinned tier and instances; a note under the table for each
+    node whose pinned tier is not page-locked, and why."""
     nodes = Client().request("GET", "/v1/nodes").json()["nodes"]
     if as_json:
         print_table(nodes, [], True)
@@ -31,11 +51,17 @@ def node_ls(as_json: bool) -> None:
         "devices": ", ".join(f"{d['id']} {format_size(d['used_bytes'])}/"
                              f"{format_size(d['capacity_bytes'])}" for d in n["devices"]),
         "pinned": f"{format_size(n['pinned']['used_bytes'])}/"
-                  f"{format_size(n['pinned']['capacity_bytes'])}",
+                  f"{format_size(n['pinned']['capacity_bytes'])}"
+                  + ("" if n["pinned"].get("lock") in (PINNED_LOCKED, "", None)
+                     else f" ({n['pinned']['lock']})"),
         "disk": format_size(n["disk_bytes"]),
     } for n in nodes]
     print_table(rows, ["node", "state", "runtime", "instances", "devices", "pinned", "disk"],
                 False)
+    for n in nodes:
+        note = pinned_lock_note(n["pinned"])
+        if note:
+            click.echo(f"{n['id']}: {note}")
 
 
 @node.command("cordon")

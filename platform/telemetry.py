@@ -1,7 +1,8 @@
 """Node telemetry: per node CPU and RAM, per instance CPU and memory (psutil), per
 device slice memory and, with a GPU, utilisation (pynvml, guarded so it never fails
-without one). Sampled in a thread for heartbeats; exposed as Prometheus metrics on the
-agent's data plane (/metrics)."""
+without one), and the pinned tier's accounting and whether its memory is page-locked.
+Sampled in a thread for heartbeats; exposed as Prometheus metrics on the agent's data
+plane (/metrics)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,13 @@ import psutil
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from thaw.blobstore import PinnedUsage
 from thaw.platform.devices import DeviceUsage
+from thaw.proto import scheduler_pb2
+
+# PinnedTierInfo.lock values; an older agent sends "" (shown as "locked unknown").
+PINNED_LOCKED = "locked"
+PINNED_NOT_LOCKED = "not locked"
 
 
 @dataclass(frozen=True)
@@ -77,6 +84,18 @@ def _nvml_utilisation(count: int) -> list[float | None]:
         return out
     finally:
         pynvml.nvmlShutdown()
+
+
+def pinned_tier_info(usage: PinnedUsage, snapshot_keys: list[str]
+                     ) -> scheduler_pb2.PinnedTierInfo:
+    """The heartbeat's view of the pinned tier: its accounting, the snapshots it holds
+    whole, and whether its memory is page-locked (and why not)."""
+    return scheduler_pb2.PinnedTierInfo(
+        capacity_bytes=usage.capacity, used_bytes=usage.used, chunks=usage.chunks,
+        hits=usage.hits, misses=usage.misses, evictions=usage.evictions,
+        snapshot_keys=snapshot_keys,
+        lock=PINNED_LOCKED if usage.locked else PINNED_NOT_LOCKED,
+        lock_refusal=usage.lock_refusal, dead_bytes=usage.dead)
 
 
 class Telemetry:
