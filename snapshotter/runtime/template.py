@@ -46,6 +46,7 @@ from .events import (
     describe_exception,
     event_to_line,
 )
+from .forksafe import NVML_CHECK_ENV, CudaInitWatch
 from .handler import Invoker, create_handler
 from .restore import restore_handler
 from .server import bind_server, exit_on_sigterm, serve_until_stopped
@@ -75,9 +76,11 @@ def set_parent_death_signal(signum: int) -> None:
         raise OSError(errno, f"prctl(PR_SET_PDEATHSIG): {os.strerror(errno)}")
 
 
-def preimport_modules(names: Iterable[str]) -> list[str]:
+def preimport_modules(names: Iterable[str],
+                      after_each: Callable[[str], None] | None = None) -> list[str]:
     """Import what the function imported, in the same order; returns the names that
-    failed (some recorded modules only import as a side effect of another)."""
+    failed (some recorded modules only import as a side effect of another).
+    `after_each` sees each name this call tried to import, in order."""
     failed = []
     for name in names:
         if name in sys.modules or name in _NOT_IMPORTABLE:
@@ -86,6 +89,8 @@ def preimport_modules(names: Iterable[str]) -> list[str]:
             importlib.import_module(name)
         except (Exception, SystemExit):
             failed.append(name)
+        if after_each is not None:
+            after_each(name)
     return failed
 
 
@@ -306,6 +311,24 @@ def _restore_and_serve(
     return ExitCode.OK
 
 
+def refuse_spawns(listener: socket.socket, unsafe_reason: str) -> NoReturn:
+    """A template that initialised CUDA forks nothing: every spawn or build request is
+    answered with a failure saying why (the agent starts such instances fresh)."""
+    refusal = event_to_line(Failed(
+        Stage.SPAWN, f"template is not fork-safe: {unsafe_reason}; "
+                     "start the instance in restore mode instead"))
+    while True:
+        conn, _ = listener.accept()
+        try:
+            conn.settimeout(SPAWN_READ_TIMEOUT_S)
+            _read_line(conn)
+            conn.sendall(refusal)
+        except (OSError, ValueError):
+            pass
+        finally:
+            conn.close()
+
+
 def run_template(snapshot_json: str, control: str, status: StatusChannel,
                  import_handler: Callable[[], object]) -> ExitCode:
     """Import, announce, fork on request; returns only on SIGTERM/SIGINT."""
@@ -314,16 +337,22 @@ def run_template(snapshot_json: str, control: str, status: StatusChannel,
     # Reap forked instances as they end and tell the agent how each ended.
     signal.signal(signal.SIGCHLD, lambda _signum, _frame: _reap_children(status))
     exit_on_sigterm()
+    # torch.cuda.is_available() then asks NVML rather than initialising CUDA, which
+    # would make this template unable to fork (the agent sets it too).
+    os.environ.setdefault(NVML_CHECK_ENV, "1")
+    watch = CudaInitWatch()
     started = time.perf_counter()
     try:
         meta = SnapshotMeta.load(snapshot_json)
-        preimport_modules(meta.modules)
+        preimport_modules(meta.modules, watch.after_import)
         handler_class = import_handler()
+        watch.after_import(str(getattr(handler_class, "__module__", "")) or "handler")
     except Exception as exc:
         traceback.print_exc()
         status.emit(Failed(Stage.IMPORT, describe_exception(exc)))
         return ExitCode.IMPORT_FAILED
     elapsed = time.perf_counter() - started
+    unsafe_reason = watch.verdict()
     # Move everything imported so far out of the collector's reach: a collection in an
     # instance would otherwise walk (and write to, so copy) every object of the
     # template, unsharing pages of the whole import graph in each instance.
@@ -334,10 +363,16 @@ def run_template(snapshot_json: str, control: str, status: StatusChannel,
     except OSError as exc:
         status.emit(Failed(Stage.SERVE, describe_exception(exc)))
         return ExitCode.SERVE_FAILED
-    status.emit(TemplateReady(os.getpid(), {"import": elapsed}))
+    status.emit(TemplateReady(os.getpid(), {"import": elapsed}, fork_safe=unsafe_reason is None,
+                              unsafe_reason=unsafe_reason or ""))
     try:
-        Template(listener, status, handler_class if isinstance(handler_class, type) else None,
-                 meta.modules).serve_forever()
+        if unsafe_reason is not None:
+            print(f"thaw template: not forking instances: {unsafe_reason}", file=sys.stderr)
+            refuse_spawns(listener, unsafe_reason)
+        else:
+            Template(listener, status,
+                     handler_class if isinstance(handler_class, type) else None,
+                     meta.modules).serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
