@@ -20,7 +20,6 @@ import ctypes
 import dataclasses
 import io
 import pickle
-import re
 import sys
 import time
 import types
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .events import describe_exception
+from .gpuinfo import capability_text, nvml_gpu_facts, read_proc_driver
 from .snapshot import (
     BYTEARRAY_TAG,
     BYTES_TAG,
@@ -307,29 +307,41 @@ def _write_arena(path: Path, layout: _ArenaLayout, arena: Arena) -> int:
 
 
 def _nvidia_driver_version() -> str | None:
-    try:
-        with open("/proc/driver/nvidia/version", encoding="utf-8") as f:
-            match = re.search(r"Kernel Module\s+(\S+)", f.read())
-    except OSError:
-        return None
-    return match.group(1) if match else None
+    """The kernel driver's version ("570.86.15"), from /proc or else NVML; None without
+    an NVIDIA driver. gpuinfo parses both module flavours (proprietary and open)."""
+    kernel = read_proc_driver()
+    if kernel is not None:
+        return kernel.version
+    return nvml_gpu_facts().driver or None
+
+
+def _compute_capability(torch: Any) -> str | None:
+    """The capturing GPU's compute capability ("9.0"): its major number is the
+    architecture family a restore must match (snapshotter/manifest.py)."""
+    return capability_text(torch.cuda.get_device_capability()) or None
 
 
 def _fingerprint(uses_device: bool, function_version: str | None) -> Fingerprint:
     torch: Any = sys.modules.get("torch")
     numpy: Any = sys.modules.get("numpy")
-    gpu_model = None
+    gpu_model = compute_capability = None
     if uses_device:
         gpu_model = str(torch.cuda.get_device_name())
-    return Fingerprint(
-        python=".".join(map(str, sys.version_info[:3])),
-        torch=str(torch.__version__) if torch is not None else None,
-        numpy=str(numpy.__version__) if numpy is not None else None,
-        device_type="cuda" if uses_device else "host",
-        gpu_model=gpu_model,
-        driver=_nvidia_driver_version() if uses_device else None,
-        function_version=function_version,
-    )
+        compute_capability = _compute_capability(torch)
+    values: dict[str, str | None] = {
+        "python": ".".join(map(str, sys.version_info[:3])),
+        "torch": str(torch.__version__) if torch is not None else None,
+        "numpy": str(numpy.__version__) if numpy is not None else None,
+        "device_type": "cuda" if uses_device else "host",
+        "gpu_model": gpu_model,
+        "driver": _nvidia_driver_version() if uses_device else None,
+        "compute_capability": compute_capability,
+        "function_version": function_version,
+    }
+    # Only what snapshot.json's schema (snapshot.Fingerprint) holds: a field it does
+    # not know yet would make the file unreadable to the restoring runtime.
+    known = {f.name for f in dataclasses.fields(Fingerprint)}
+    return Fingerprint(**{k: v for k, v in values.items() if k in known})  # type: ignore[arg-type]
 
 
 def pickle_handler(handler: object) -> tuple[bytes, _ArenaLayout]:
