@@ -29,7 +29,7 @@ from thaw.core.errors import (
     ThawError,
 )
 from thaw.core.spec import extract_bundle
-from thaw.platform.devices import DeviceBackend
+from thaw.platform.devices import DeviceBackend, Slice
 from thaw.platform.instances import Instance, InstanceState
 from thaw.platform.launch import (
     IMAGE_ENVIRONMENT_FIELDS,
@@ -42,6 +42,7 @@ from thaw.platform.launch import (
     instance_env,
     limit_memory,
     local_fingerprint,
+    restore_spec,
 )
 from thaw.platform.logs import RUNTIME, FunctionLogs
 from thaw.platform.peers import PeerChunks
@@ -56,7 +57,9 @@ from thaw.platform.runtime import (
     Runtime,
     SliceGrant,
     SpawnRequest,
+    TemplateReady,
 )
+from thaw.platform.slice_fill import fill_slice, slice_handover
 from thaw.platform.snapshots import NodeSnapshots, ReadersWriter
 from thaw.platform.telemetry import NodeSample, SliceSample, Telemetry
 from thaw.platform.templates import Template, TemplatePool
@@ -91,6 +94,8 @@ class Agent:
         self.start_timeout = start_timeout
         self.fingerprint = fingerprint or local_fingerprint(devices)
         self.instances: dict[str, Instance] = {}
+        self._slices: dict[str, Slice] = {}
+        """Instance id -> the slice allocated for it."""
         self.exited: list[scheduler_pb2.InstanceExit] = []
         self._watchers: set[asyncio.Task[None]] = set()
         self.templates = TemplatePool(
@@ -218,8 +223,7 @@ class Agent:
                                   InstanceState.RESTORING if restore else InstanceState.STARTING)
         try:
             if spec.gpu_memory_bytes:
-                sl = self.devices.allocate(spec.gpu_memory_bytes, inst.id)
-                inst.slice_id, inst.slice_device, inst.slice_bytes = sl.id, sl.device_id, sl.size
+                await self._allocate_slice(inst, spec.gpu_memory_bytes)
             if restore:
                 timings = await self._restore(inst, spec, req.manifest, list(req.peers))
             else:
@@ -245,6 +249,30 @@ class Agent:
         return agent_pb2.StartInstanceResponse(
             instance_id=inst.id, kind=req.kind, pid=inst.pid,
             timings=[agent_pb2.Timing(stage=k, seconds=v) for k, v in timings])
+
+    async def _allocate_slice(self, inst: Instance, size: int) -> None:
+        """The instance's slice, allocated off the event loop (a GPU allocation zeroes
+        its memory and waits for that). Cancelled meanwhile, the allocation still ends
+        in its thread: what it got is then given back."""
+        task = asyncio.ensure_future(asyncio.to_thread(self.devices.allocate, size, inst.id))
+        try:
+            sl = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(self._release_abandoned)
+            raise
+        self._slices[inst.id] = sl
+        inst.slice_id, inst.slice_device, inst.slice_bytes = sl.id, sl.device_id, sl.size
+
+    def _release_abandoned(self, task: asyncio.Future[Slice]) -> None:
+        if task.cancelled() or task.exception() is not None:
+            return
+        slice_id = task.result().id
+
+        async def release() -> None:
+            with contextlib.suppress(ThawError):
+                await asyncio.to_thread(self.devices.release, slice_id)
+
+        self._spawn_task(release())
 
     async def _start_fresh(self, inst: Instance, spec: agent_pb2.FunctionSpec
                            ) -> list[tuple[str, float]]:
@@ -276,21 +304,62 @@ class Agent:
                 f"not {spec.version}", field="fingerprint.function_version")
         check_fingerprint(manifest, image_fingerprint(self.fingerprint, spec, manifest))
         await self.chunks.ensure(manifest, peers)
-        # The files must still be there when the child maps them: no eviction or
-        # garbage collection deletes tmpfs files between materializing and mapping.
+        sl = self._slices.get(inst.id)
+        # The memfds must stay open until the instance has them: no eviction or garbage
+        # collection closes them between materializing and handing them over.
         async with self.shm.reading():
             mat = await asyncio.to_thread(self.snapshots.materialize, manifest)
             started = time.perf_counter()
             template = await self.templates.ensure(spec, manifest, mat)
             template_s = time.perf_counter() - started
             started = time.perf_counter()
-            pid, _ready = await self.runtime.spawn(template.control, SpawnRequest(
-                instance_id=inst.id, socket=inst.socket, pickle=mat.pickle,
-                host_arena=mat.host_arena, device_arena=mat.device_arena,
-                snapshot_json=mat.snapshot_json, log=inst.log_path), self.start_timeout)
+            fds = mat.descriptors()
+            descriptor = None
+            if sl is not None:
+                # Filled before the instance hears of it: it restores views into it.
+                await asyncio.to_thread(fill_slice, self.devices, sl, manifest,
+                                        self.snapshots)
+                descriptor, slice_fd = slice_handover(sl)
+                if slice_fd is not None:
+                    fds["slice"] = slice_fd
+            request = SpawnRequest(instance_id=inst.id, socket=inst.socket,
+                                   log=inst.log_path, fds=fds, slice=descriptor)
+            if template.fork_safe:
+                pid, _ready = await self.runtime.spawn(template.control, request,
+                                                       self.start_timeout)
+            else:
+                pid = await self._restore_unforked(inst, spec, request, template)
         inst.pid = pid
         return [("fetch", mat.seconds), ("template", template_s),
                 ("restore", time.perf_counter() - started)]
+
+    async def _restore_unforked(self, inst: Instance, spec: agent_pb2.FunctionSpec,
+                                request: SpawnRequest, template: Template) -> int:
+        """Restore in a fresh interpreter that imports the function and then takes the
+        same spawn request (and descriptors) a template would: for a snapshot whose
+        template may not fork. Returns the instance's pid."""
+        reason = template.unsafe_reason or "its template may not fork"
+        log.info("restoring without fork", instance=inst.id, function=inst.function,
+                 reason=reason)
+        self.logs.append(inst.function, inst.id, RUNTIME,
+                         f"instance {inst.id} restores in a fresh interpreter: {reason}")
+        bundle = await self.ensure_bundle(spec.bundle_digest)
+        control = str(self.run_dir / f"r-{inst.id}.sock")
+        grant = (SliceGrant(inst.slice_id, inst.slice_device, inst.slice_bytes, request.slice)
+                 if inst.slice_id else None)
+        proc = await self.runtime.launch(restore_spec(
+            spec, bundle, instance_id=inst.id, control=control, log_path=inst.log_path,
+            grant=grant))
+        inst.process = proc
+        inst.pid = proc.pid
+        event = await proc.next_status(self.start_timeout)
+        if not isinstance(event, TemplateReady):
+            await proc.kill()
+            stage, why = ((event.stage.value, event.reason) if isinstance(event, Failed)
+                          else ("import", f"unexpected {event.event} event"))
+            raise InstanceFailed(f"{stage} failed: {why}")
+        await self.runtime.spawn(control, request, self.start_timeout)
+        return proc.pid
 
     def _watch(self, inst: Instance) -> None:
         async def watch() -> None:
@@ -322,6 +391,7 @@ class Agent:
         inst.exited.set()
         if inst.pid:
             await self.runtime.stop(inst.process or ProcessHandle(inst.pid), reason)
+        self._slices.pop(inst.id, None)
         if inst.slice_id:
             # A GPU release zeroes the slice and waits for it: off the event loop.
             try:

@@ -1,7 +1,8 @@
 """Device backends and fractional slices (DESIGN.md §6).
 
 `host` is a first-class backend: each "GPU" is a virtual device with a configured
-capacity and a slice is a shared-memory file the instance maps. A `cuda` backend
+capacity and a slice is a memfd ("thaw-slice-<id>") the instance is handed as a
+descriptor and maps shared. A `cuda` backend
 (thaw.platform.cuda) implements the same interface with one device allocation per slice.
 
 Whatever differs between backends is asked of this interface, never of a backend's
@@ -13,6 +14,8 @@ The backend a node runs is chosen from its settings in thaw.platform.device_setu
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import threading
 import uuid
@@ -21,6 +24,14 @@ from pathlib import Path
 from typing import Protocol
 
 from thaw.core.errors import InvalidArgument, NotFound, OutOfMemory
+from thaw.snapshotter.runtime.events import SliceDescriptor
+
+__all__ = ["DeviceBackend", "DeviceSettings", "DeviceUsage", "HostDevices", "HostSlice",
+           "SandboxNeeds", "Slice", "SliceDescriptor", "gpu_info", "nvml_text", "shm_root"]
+
+# A host slice's memfd keeps its size: the instance holding it can neither grow it past
+# what was booked nor shrink it under the agent's mapping; it writes in place.
+SLICE_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
 
 @dataclass(frozen=True)
@@ -29,7 +40,7 @@ class Slice:
     device_id: str
     size: int
     path: str
-    """What the instance maps: a shm file on the host backend."""
+    """Unused by both backends (a host slice is a memfd, a cuda slice an IPC handle)."""
 
     def gpu_ids(self) -> tuple[str, ...]:
         """GPUs (UUIDs) the instance's sandbox must be able to open for this slice."""
@@ -38,6 +49,17 @@ class Slice:
     def instance_env(self) -> dict[str, str]:
         """Environment the instance must start with for the slice's limits to apply."""
         return {}
+
+
+@dataclass(frozen=True)
+class HostSlice(Slice):
+    """A host backend slice: a memfd of `size` bytes, zero-filled when made."""
+
+    fd: int
+    """The agent's descriptor; the instance gets its own copy with the spawn request."""
+
+    def descriptor(self) -> SliceDescriptor:
+        return SliceDescriptor(kind="host", size=self.size)
 
 
 @dataclass(frozen=True)
@@ -96,19 +118,20 @@ class _VirtualDevice:
 
 
 class HostDevices:
-    """Virtual devices whose slices are files in a tmpfs folder."""
+    """Virtual devices whose slices are memfds."""
 
     kind = "host"
 
-    def __init__(self, capacities: list[int], slice_dir: Path) -> None:
+    def __init__(self, capacities: list[int], slice_dir: Path | None = None) -> None:
+        """`slice_dir` is accepted for the device settings' signature; slices are
+        memfds and need no folder."""
+        del slice_dir
         if not capacities:
             raise InvalidArgument("at least one host device is needed", field="host_devices")
         self._devices = [_VirtualDevice(f"host{i}", cap) for i, cap in enumerate(capacities)]
-        self._dir = slice_dir
-        self._dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
 
-    def allocate(self, size: int, owner: str) -> Slice:
+    def allocate(self, size: int, owner: str) -> HostSlice:
         """Best fit: the device with the least memory left that still fits `size`."""
         with self._lock:
             fitting = [d for d in self._devices if d.capacity - d.used >= size]
@@ -118,11 +141,7 @@ class HostDevices:
                                   f"(largest free: {free} bytes)")
             device = min(fitting, key=lambda d: (d.capacity - d.used - size, d.id))
             slice_id = f"{owner}-{uuid.uuid4().hex[:8]}"
-            path = self._dir / f"slice-{slice_id}"
-            # A new tmpfs file reads as zeros: no tenant ever sees another's bytes.
-            with open(path, "wb") as handle:
-                handle.truncate(size)
-            sl = Slice(slice_id, device.id, size, str(path))
+            sl = HostSlice(slice_id, device.id, size, "", _slice_memfd(slice_id, size))
             device.slices[slice_id] = sl
             return sl
 
@@ -131,8 +150,9 @@ class HostDevices:
             for device in self._devices:
                 sl = device.slices.pop(slice_id, None)
                 if sl is not None:
-                    # Unlinking drops the pages; a later slice is a new, zero-filled file.
-                    Path(sl.path).unlink(missing_ok=True)
+                    # The pages go with the last descriptor and mapping (the instance is
+                    # stopped first); a later slice is a new, zero-filled memfd.
+                    _close_slice(sl)
                     return
         raise NotFound(f"no slice {slice_id}")
 
@@ -144,15 +164,33 @@ class HostDevices:
         with self._lock:
             for device in self._devices:
                 for sl in device.slices.values():
-                    Path(sl.path).unlink(missing_ok=True)
+                    _close_slice(sl)
                 device.slices.clear()
 
     def sandbox_needs(self) -> SandboxNeeds:
-        """Nothing: a slice is a file, mounted like any other."""
+        """Nothing: a slice is a descriptor sent over the instance's control socket."""
         return SandboxNeeds()
 
     def gpu_info(self) -> tuple[str, str]:
         return "", ""
+
+
+def _slice_memfd(slice_id: str, size: int) -> int:
+    """A new memfd reads as zeros: no tenant ever sees another's bytes."""
+    fd = os.memfd_create(f"thaw-slice-{slice_id}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, size)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SLICE_SEALS)
+    except OSError as exc:
+        os.close(fd)
+        raise OutOfMemory(f"cannot make a {size}-byte host slice: {exc}") from exc
+    return fd
+
+
+def _close_slice(sl: Slice) -> None:
+    if isinstance(sl, HostSlice):
+        with contextlib.suppress(OSError):
+            os.close(sl.fd)
 
 
 class DeviceSettings(Protocol):

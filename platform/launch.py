@@ -141,3 +141,13 @@ def template_spec(spec: agent_pb2.FunctionSpec, bundle: Path, *, key: str,
                  per_function=False)
     return replace(base, env={**base.env, NVML_CHECK_ENV: "1"},
                    snapshot=SnapshotFiles(snapshot_json), control=control)
+
+
+def restore_spec(spec: agent_pb2.FunctionSpec, bundle: Path, *, instance_id: str,
+                 control: str, log_path: str, grant: SliceGrant | None) -> LaunchSpec:
+    """An instance that imports the function in a fresh interpreter and then takes one
+    spawn request on `control`, restoring into itself without a fork: for snapshots
+    whose template may not fork (its imports initialised CUDA). It gets the snapshot and
+    its slice as descriptors with that request, exactly as a forked instance does."""
+    return replace(_base(spec, LaunchMode.RESTORE, bundle, log_path, instance_id),
+                   control=control, slice=grant)

@@ -1,6 +1,8 @@
 """The process runtime: instances are processes running thaw.snapshotter.runtime,
 started fresh, or forked from a per-snapshot template that already imported the
-function's modules (DESIGN.md §7). Status events arrive as JSON lines on a pipe."""
+function's modules (DESIGN.md §7). Status events arrive as JSON lines on a pipe; a
+template gets its snapshot.json as an inherited memfd, and every restore gets its
+snapshot and slice as descriptors sent with the spawn request (SCM_RIGHTS)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import dataclasses
 import json
 import os
 import signal
+import socket
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -21,6 +24,7 @@ import structlog
 
 from thaw.core.errors import DeadlineExceeded, InstanceFailed, SnapshotError
 from thaw.core.eventloop import read_pipe_file
+from thaw.platform.memfds import text_memfd
 from thaw.platform.runtime import (
     BuildRequest,
     Exited,
@@ -35,6 +39,7 @@ from thaw.platform.runtime import (
     parse_status,
     spawn_request,
 )
+from thaw.snapshotter.runtime.events import close_fds
 
 log = structlog.get_logger()
 
@@ -140,8 +145,10 @@ class ProcessRuntime:
     async def spawn(self, control_socket: str,
                     request: SpawnRequest | Mapping[str, Any],
                     timeout: float) -> tuple[int, dict[str, Any]]:
-        """Fork a restored instance from a template: (host pid, ready event)."""
-        return await spawn_from_template(control_socket, spawn_request(request), timeout)
+        """Fork a restored instance from a template (or restore in a restore-mode
+        instance, which answers the same way): (host pid, ready event)."""
+        with spawn_request(request) as typed:
+            return await spawn_from_template(control_socket, typed, timeout)
 
     async def build_in_template(self, control_socket: str,
                                 request: BuildRequest | Mapping[str, Any],
@@ -179,16 +186,23 @@ class ProcessRuntime:
             raise InstanceFailed(f"the process runtime cannot run image {spec.image}")
         read_fd, write_fd = os.pipe()
         os.set_inheritable(write_fd, True)
+        passed = [write_fd]
+        extra: list[str] = []
         logfile = open(spec.log_path, "ab")  # noqa: SIM115 - handed to the child
         try:
+            if spec.snapshot is not None:
+                meta_fd = await asyncio.to_thread(text_memfd, "thaw-template-meta",
+                                                  spec.snapshot.snapshot_json)
+                passed.append(meta_fd)
+                extra += ["--snapshot-fd", str(meta_fd)]
             proc = await asyncio.create_subprocess_exec(
-                self.python, "-m", RUNTIME_MODULE, *spec.command(),
+                self.python, "-m", RUNTIME_MODULE, *spec.command(), *extra,
                 "--status-fd", str(write_fd),
                 stdin=asyncio.subprocess.DEVNULL, stdout=logfile, stderr=logfile,
-                pass_fds=(write_fd,), start_new_session=True, preexec_fn=_die_with_parent,
+                pass_fds=tuple(passed), start_new_session=True, preexec_fn=_die_with_parent,
                 env={**self.env, **spec.environment}, cwd=spec.workdir or None)
         finally:
-            os.close(write_fd)
+            close_fds(passed)
             logfile.close()
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader(limit=1 << 20)
@@ -197,19 +211,46 @@ class ProcessRuntime:
         return RuntimeProcess(proc, reader, spec.log_path)
 
 
+def send_request(control_socket: str, line: bytes, fds: Sequence[int],
+                 timeout: float) -> socket.socket:
+    """Connect to a control socket and send one line with its descriptors in the same
+    message (SCM_RIGHTS), blocking: call from a thread. Returns the connected socket."""
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        conn.settimeout(timeout)
+        conn.connect(control_socket)
+        sent = socket.send_fds(conn, [line], list(fds)) if fds else conn.send(line)
+        if sent < len(line):
+            conn.sendall(line[sent:])
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+async def open_request(control_socket: str, request: SpawnRequest | BuildRequest,
+                       timeout: float) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Send a request to a template's (or restore-mode instance's) control socket; the
+    streams to read its answers from."""
+    if isinstance(request, SpawnRequest):
+        line, fds = request.to_message()
+    else:
+        line = json.dumps({"op": request.op, **dataclasses.asdict(request)}).encode() + b"\n"
+        fds = []
+    try:
+        conn = await asyncio.to_thread(send_request, control_socket, line, fds, timeout)
+    except OSError as exc:
+        raise InstanceFailed(f"template is not reachable: {exc}") from exc
+    return await asyncio.open_unix_connection(sock=conn, limit=1 << 20)
+
+
 async def _ask_template(control_socket: str, request: SpawnRequest | BuildRequest,
                         timeout: float, what: str) -> tuple[int, dict[str, Any] | None]:
     """One exchange on a template's control socket: the child's pid (from `spawned`)
     and the child's own answer, or None if it ended before answering."""
-    try:
-        reader, writer = await asyncio.open_unix_connection(control_socket, limit=1 << 20)
-    except OSError as exc:
-        raise InstanceFailed(f"template is not reachable: {exc}") from exc
+    reader, writer = await open_request(control_socket, request, timeout)
     pid = 0
     try:
-        writer.write(json.dumps({"op": request.op, **dataclasses.asdict(request)}).encode()
-                     + b"\n")
-        await writer.drain()
         while True:
             try:
                 line = await asyncio.wait_for(reader.readline(), timeout)

@@ -13,9 +13,11 @@ holds: what differs between runtimes is in `RuntimeCapabilities`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
+import os
 import signal
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeAlias, runtime_checkable
 
@@ -26,10 +28,12 @@ from thaw.snapshotter.runtime.events import (
     ExitCode,
     Failed,
     Ready,
+    SliceDescriptor,
     Spawned,
     SpawnRequest,
     Stage,
     TemplateReady,
+    close_fds,
     parse_event,
 )
 
@@ -37,7 +41,8 @@ __all__ = [
     "BuildRequest", "Captured", "ChildExited", "DeviceRequest", "Exited", "Failed",
     "InstanceEvent", "InstanceStats", "LaunchMode", "LaunchSpec", "LaunchedInstance",
     "Limits", "MemoryLimitHit", "Mount", "MountKind", "ProcessHandle", "Ready", "Runtime",
-    "RuntimeCapabilities", "SandboxPolicy", "SliceGrant", "SnapshotFiles", "Spawned",
+    "RuntimeCapabilities", "SandboxPolicy", "SliceDescriptor", "SliceGrant", "SnapshotFiles",
+    "Spawned",
     "SpawnRequest", "Stage", "StatusEvent", "TemplateReady", "describe_exit",
     "exit_event", "parse_status", "spawn_request",
 ]
@@ -80,6 +85,8 @@ class SliceGrant:
     id: str
     device_id: str
     size_bytes: int
+    descriptor: SliceDescriptor | None = None
+    """How the instance opens it (a host slice's memfd travels beside, as a descriptor)."""
 
 
 @dataclass(frozen=True)
@@ -96,20 +103,20 @@ class SandboxPolicy:
 
 @dataclass(frozen=True)
 class SnapshotFiles:
-    """A materialized snapshot's files (host paths), as a restore maps them."""
+    """What a template starts with of its snapshot: the snapshot.json text (its module
+    list). Each runtime hands it over as a descriptor (`--snapshot-fd`), never as a path
+    of the node's snapshot store; the arenas come later, as descriptors, with each spawn
+    request."""
 
     snapshot_json: str
-    pickle: str = ""
-    host_arena: str = ""
-    device_arena: str = ""
 
 
 class MountKind(str, enum.Enum):
-    """Why a host path must be visible to an instance; a runtime decides how."""
+    """Why a host path must be visible to an instance; a runtime decides how. Snapshot
+    data is never mounted: it travels as descriptors."""
 
     BUNDLE = "bundle"  # the function's code, read-only
     OUTPUT = "output"  # a build's snapshot folder, writable
-    SNAPSHOT_FILE = "snapshot_file"  # one snapshot file, read-only
     SOCKET = "socket"  # a unix socket the instance binds
 
 
@@ -122,7 +129,7 @@ class Mount:
 
     @property
     def read_only(self) -> bool:
-        return self.kind in (MountKind.BUNDLE, MountKind.SNAPSHOT_FILE)
+        return self.kind is MountKind.BUNDLE
 
 
 @dataclass(frozen=True)
@@ -169,7 +176,7 @@ class LaunchSpec:
 
     def command(self) -> list[str]:
         """The in-instance runtime's arguments (after `python -m <module>`), without
-        the status descriptor, which each runtime adds its own way."""
+        the status and snapshot descriptors, which each runtime adds its own way."""
         args = [self.mode.value]
         if self.bundle:
             args += ["--bundle", self.bundle]
@@ -179,13 +186,6 @@ class LaunchSpec:
             args += ["--out", self.out]
         if self.mode is LaunchMode.BUILD and self.version:
             args += ["--function-version", self.version]
-        if self.snapshot is not None:
-            args += ["--snapshot-json", self.snapshot.snapshot_json]
-            for flag, value in (("--pickle", self.snapshot.pickle),
-                                ("--host-arena", self.snapshot.host_arena),
-                                ("--device-arena", self.snapshot.device_arena)):
-                if value:
-                    args += [flag, value]
         if self.socket:
             args += ["--socket", self.socket]
         if self.control:
@@ -199,10 +199,6 @@ class LaunchSpec:
             found.append(Mount(self.bundle, MountKind.BUNDLE))
         if self.out:
             found.append(Mount(self.out, MountKind.OUTPUT))
-        if self.snapshot is not None:
-            files = (self.snapshot.snapshot_json, self.snapshot.pickle,
-                     self.snapshot.host_arena, self.snapshot.device_arena)
-            found += [Mount(p, MountKind.SNAPSHOT_FILE) for p in dict.fromkeys(files) if p]
         found += [Mount(p, MountKind.SOCKET) for p in (self.socket, self.control) if p]
         return tuple(found)
 
@@ -214,17 +210,18 @@ class LaunchSpec:
                           gpu_device_ids: Sequence[str] = (), image: str = ""
                           ) -> LaunchSpec:
         """A spec from the runtime's own command line: the form a caller that drives
-        a runtime by hand (a test, a debugging session) already has. The agent
-        builds specs field by field."""
+        a runtime by hand (a test, a debugging session) already has; a template's
+        `--snapshot-json PATH` is read here, so the instance gets its text, never the
+        path. The agent builds specs field by field."""
         options: dict[str, str] = {}
         items = list(args)
         for index, item in enumerate(items[:-1]):
             if item.startswith("--"):
                 options[item] = items[index + 1]
-        snapshot = (SnapshotFiles(options["--snapshot-json"], options.get("--pickle", ""),
-                                  options.get("--host-arena", ""),
-                                  options.get("--device-arena", ""))
-                    if "--snapshot-json" in options else None)
+        snapshot = None
+        if "--snapshot-json" in options:
+            with open(options["--snapshot-json"], encoding="utf-8") as handle:
+                snapshot = SnapshotFiles(handle.read())
         return cls(
             mode=LaunchMode(mode), bundle=options.get("--bundle", ""),
             handler=options.get("--handler", ""), log_path=log_path,
@@ -289,13 +286,29 @@ def parse_status(record: Mapping[str, Any]) -> StatusEvent | None:
         return None
 
 
-def spawn_request(request: SpawnRequest | Mapping[str, Any]) -> SpawnRequest:
-    """A spawn request as its record, from either form."""
+# The fields of a spawn request given by hand (a mapping) that name files: each is
+# opened here and sent as the descriptor of the same name.
+SPAWN_FILE_FIELDS = ("snapshot_json", "pickle", "host_arena")
+
+
+@contextlib.contextmanager
+def spawn_request(request: SpawnRequest | Mapping[str, Any]) -> Iterator[SpawnRequest]:
+    """A spawn request as its record. A mapping (a request written by hand: instance_id,
+    socket, log and the paths of a snapshot's files) has its files opened here, and
+    closed after: what the instance gets is descriptors either way."""
     if isinstance(request, SpawnRequest):
-        return request
-    record = {k: v for k, v in request.items() if k != "op"}
-    record.setdefault("device_arena", None)
-    return SpawnRequest(**record)
+        yield request
+        return
+    fds: dict[str, int] = {}
+    try:
+        for name in SPAWN_FILE_FIELDS:
+            path = request.get(name)
+            if path:
+                fds[name] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        yield SpawnRequest(instance_id=str(request.get("instance_id", "")),
+                           socket=str(request["socket"]), log=str(request["log"]), fds=fds)
+    finally:
+        close_fds(fds.values())
 
 
 # ---- the interface -------------------------------------------------------------------

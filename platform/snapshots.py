@@ -1,6 +1,7 @@
 """Snapshots on a node: a build's captured files go into the blobstore as chunks and
-come out as a manifest; for a restore, a snapshot's arenas are materialized once into
-tmpfs files that every instance of it maps copy-on-write."""
+come out as a manifest; for a restore, a snapshot's arenas are materialized once per
+node into sealed memfds ("thaw-arena-<key>") that every instance of it is handed as
+descriptors and maps copy-on-write. No instance ever sees a path of the store."""
 
 from __future__ import annotations
 
@@ -9,11 +10,9 @@ import contextlib
 import hashlib
 import json
 import mmap
-import os
 import shutil
 import threading
 import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from thaw.blobstore import (
     store_arena,
 )
 from thaw.core.errors import SnapshotError
+from thaw.platform.memfds import MEMFD_PREFIX, SealedMemfd
 from thaw.proto import manifest_pb2
 from thaw.snapshotter.manifest import (
     arena_message,
@@ -37,21 +37,34 @@ from thaw.snapshotter.manifest import (
     manifest_key,
 )
 
-# Linux 5.14+; the mmap module gained the constant only in Python 3.13.
-MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
-
 
 @dataclass(frozen=True)
 class Materialized:
-    """A snapshot's files, ready for the runtime's restore."""
+    """A snapshot as memfds, ready to hand to the runtime's restore."""
 
     key: str
     snapshot_json: str
-    pickle: str
-    host_arena: str
-    device_arena: str | None
+    """The snapshot.json text (a template reads its module list from it)."""
+    meta: SealedMemfd
+    """The same snapshot.json, for an instance (its "snapshot_json" descriptor)."""
+    pickle: SealedMemfd
+    host_arena: SealedMemfd
+    device_size: int
+    """Bytes of the device arena, which goes into the instance's slice, not a memfd."""
     seconds: float
-    """Time spent materializing now; 0 when the files were already there."""
+    """Time spent materializing now; 0 when the memfds were already there."""
+
+    def descriptors(self) -> dict[str, int]:
+        """The spawn request's descriptors for this snapshot, by their names there."""
+        return {"snapshot_json": self.meta.fd, "pickle": self.pickle.fd,
+                "host_arena": self.host_arena.fd}
+
+
+@dataclass(frozen=True)
+class _Materialized:
+    meta: SealedMemfd
+    pickle: SealedMemfd
+    text: str
 
 
 def _store_file(disk: DiskTier, path: Path) -> tuple[int, list[ChunkRef]]:
@@ -61,10 +74,6 @@ def _store_file(disk: DiskTier, path: Path) -> tuple[int, list[ChunkRef]]:
     with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0,
                                                access=mmap.ACCESS_READ) as mm:
         return size, store_arena(disk, mm)
-
-
-# Subfolder of the tmpfs snapshot folder where arenas live, named by content.
-ARENAS = "arenas"
 
 
 def arena_key(arena: manifest_pb2.Arena) -> str:
@@ -88,6 +97,10 @@ class NodeSnapshots:
         shm_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._materializing: dict[str, threading.Lock] = {}
+        self._snapshots: dict[str, _Materialized] = {}
+        """Manifest key -> its snapshot.json and pickle memfds."""
+        self._arenas: dict[str, SealedMemfd] = {}
+        """Arena key (content) -> its memfd, shared by every snapshot with that arena."""
         self.prewarmed: dict[str, manifest_pb2.SnapshotManifest] = {}
 
     def store_capture(self, out_dir: Path, *, function: str, version: str
@@ -104,75 +117,69 @@ class NodeSnapshots:
         return manifest, max(0, self.disk.stored_bytes() - before)
 
     def materialize(self, manifest: manifest_pb2.SnapshotManifest) -> Materialized:
-        """Write the snapshot's files into tmpfs, once per node. Arenas are named by
-        their content, so snapshots with the same weights (copies of one model under
-        several names) share one file, and every instance maps it copy-on-write."""
+        """The snapshot's memfds, made once per node from the pinned tier or disk.
+        Arenas are keyed by their content, so snapshots with the same weights (copies of
+        one model under several names) share one memfd, and every instance maps it
+        copy-on-write. The caller holds the node's ReadersWriter for reading until it has
+        handed the descriptors over: eviction closes them."""
         key = manifest_key(manifest)
         started = time.perf_counter()
         created = False
         with self._lock_for(key):
-            final = self.shm_dir / key
-            if not (final / "snapshot.json").exists():
-                staging = self.shm_dir / f".{key}-{uuid.uuid4().hex[:8]}"
-                staging.mkdir(parents=True)
-                try:
-                    self._materialize_arena(manifest.pickle, staging / "state.pickle")
-                    (staging / "snapshot.json").write_text(json.dumps(capture_json(manifest)))
-                    os.replace(staging, final)
-                except BaseException:
-                    shutil.rmtree(staging, ignore_errors=True)
-                    raise
+            made = self._snapshots.get(key)
+            if made is None:
+                text = json.dumps(capture_json(manifest))
+                made = _Materialized(
+                    SealedMemfd.of_bytes(f"{MEMFD_PREFIX}meta-{key[:24]}", text.encode()),
+                    self._arena_memfd(f"{MEMFD_PREFIX}pickle-{key[:24]}", manifest.pickle),
+                    text)
+                with self._lock:
+                    self._snapshots[key] = made
                 created = True
         host, host_created = self._shared_arena(manifest.host)
-        device, device_created = self._shared_arena(manifest.device)
-        created = created or host_created or device_created
         return Materialized(
-            key=key, snapshot_json=str(final / "snapshot.json"),
-            pickle=str(final / "state.pickle"), host_arena=str(host),
-            device_arena=str(device) if manifest.device.size else None,
-            seconds=time.perf_counter() - started if created else 0.0)
+            key=key, snapshot_json=made.text, meta=made.meta, pickle=made.pickle,
+            host_arena=host, device_size=manifest.device.size,
+            seconds=time.perf_counter() - started if created or host_created else 0.0)
 
     def _lock_for(self, key: str) -> threading.Lock:
         with self._lock:
             return self._materializing.setdefault(key, threading.Lock())
 
-    def _shared_arena(self, arena: manifest_pb2.Arena) -> tuple[Path, bool]:
-        """The tmpfs file holding this arena's bytes, made if missing: (path, made)."""
-        path = self.shm_dir / ARENAS / arena_key(arena)
-        with self._lock_for(path.name):
-            if path.exists():
-                return path, False
-            path.parent.mkdir(exist_ok=True)
-            staging = path.with_name(f".{path.name}-{uuid.uuid4().hex[:8]}")
-            try:
-                self._materialize_arena(arena, staging)
-                os.replace(staging, path)
-            except BaseException:
-                staging.unlink(missing_ok=True)
-                raise
-            return path, True
+    def _shared_arena(self, arena: manifest_pb2.Arena) -> tuple[SealedMemfd, bool]:
+        """The memfd holding this arena's bytes, made if missing: (memfd, made)."""
+        key = arena_key(arena)
+        with self._lock_for(key):
+            with self._lock:
+                found = self._arenas.get(key)
+            if found is not None:
+                return found, False
+            made = self._arena_memfd(f"{MEMFD_PREFIX}arena-{key}", arena)
+            with self._lock:
+                self._arenas[key] = made
+            return made, True
 
-    def _materialize_arena(self, arena: manifest_pb2.Arena, path: Path) -> None:
-        with open(path, "w+b") as handle:
-            if arena.size == 0:
-                return
-            handle.truncate(arena.size)
-            refs = [ChunkRef.from_dict(d) for d in chunk_dicts(arena)]
-            with mmap.mmap(handle.fileno(), arena.size) as mm, memoryview(mm) as view:
-                # Fault the tmpfs pages in up front: first-touch writes inside the copy
-                # run several times slower than the copy itself.
-                with contextlib.suppress(OSError, ValueError):
-                    mm.madvise(MADV_POPULATE_WRITE)
-                try:
-                    restore_arena(refs, view, disk=self.disk, pinned=self.pinned)
-                except OSError as exc:
-                    raise SnapshotError(f"cannot read snapshot chunks: {exc}") from exc
+    def _arena_memfd(self, name: str, arena: manifest_pb2.Arena) -> SealedMemfd:
+        refs = [ChunkRef.from_dict(d) for d in chunk_dicts(arena)]
+        return SealedMemfd(name, arena.size, lambda view: self.restore_into(refs, view))
+
+    def restore_into(self, refs: list[ChunkRef], view: memoryview) -> None:
+        """An arena's chunks into `view` at their offsets, from the pinned tier where
+        they are there, else from disk (verified)."""
+        try:
+            restore_arena(refs, view, disk=self.disk, pinned=self.pinned)
+        except OSError as exc:
+            raise SnapshotError(f"cannot read snapshot chunks: {exc}") from exc
 
     def drop(self, manifest: manifest_pb2.SnapshotManifest) -> None:
-        """Forget the materialized files (running instances keep their mappings)."""
-        shutil.rmtree(self.shm_dir / manifest_key(manifest), ignore_errors=True)
-        for arena in (manifest.host, manifest.device):
-            (self.shm_dir / ARENAS / arena_key(arena)).unlink(missing_ok=True)
+        """Close the snapshot's memfds (running instances keep their mappings)."""
+        with self._lock:
+            made = self._snapshots.pop(manifest_key(manifest), None)
+            arena = self._arenas.pop(arena_key(manifest.host), None)
+        closing = [made.meta, made.pickle] if made is not None else []
+        for memfd in [*closing, arena]:
+            if memfd is not None:
+                memfd.close()
 
     def prewarm(self, manifest: manifest_pb2.SnapshotManifest,
                 source: ChunkSource | None = None) -> int:
@@ -212,27 +219,35 @@ class NodeSnapshots:
             gone = [m for k, m in self.prewarmed.items() if k not in keys]
         for manifest in gone:
             self.evict(manifest)
-        arena_keys = {arena_key(a) for m in keep for a in (m.host, m.device)}
-        for entry in self.shm_dir.iterdir():
-            if (entry.is_dir() and entry.name not in keys and entry.name != ARENAS
-                    and not entry.name.startswith(".")):
-                shutil.rmtree(entry, ignore_errors=True)
-        arenas = self.shm_dir / ARENAS
-        if arenas.exists():
-            for entry in arenas.iterdir():
-                if entry.name not in arena_keys and not entry.name.startswith("."):
-                    entry.unlink(missing_ok=True)
+        arena_keys = {arena_key(m.host) for m in keep}
+        with self._lock:
+            gone_snapshots = [self._snapshots.pop(k) for k in list(self._snapshots)
+                              if k not in keys]
+            gone_arenas = [self._arenas.pop(k) for k in list(self._arenas)
+                           if k not in arena_keys]
+        for made in gone_snapshots:
+            made.meta.close()
+            made.pickle.close()
+        for memfd in gone_arenas:
+            memfd.close()
         referenced = {r.digest for m in keep for r in all_refs(m)}
         result = self.disk.gc(referenced)
         return result.removed, result.freed_bytes
 
     def close(self) -> None:
+        with self._lock:
+            memfds = [m for made in self._snapshots.values() for m in (made.meta, made.pickle)]
+            memfds += self._arenas.values()
+            self._snapshots.clear()
+            self._arenas.clear()
+        for memfd in memfds:
+            memfd.close()
         shutil.rmtree(self.shm_dir, ignore_errors=True)
 
 
 class ReadersWriter:
-    """Restores read the tmpfs snapshot files (many at once); eviction and garbage
-    collection delete them (alone). asyncio has no such lock."""
+    """Restores hand the snapshot memfds to instances (many at once); eviction and
+    garbage collection close them (alone). asyncio has no such lock."""
 
     def __init__(self) -> None:
         self._readers = 0

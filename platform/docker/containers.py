@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from thaw.core.errors import InstanceFailed
-from thaw.platform.docker.spec import ContainerLayout, socket_dir
+from thaw.platform.docker.spec import SNAPSHOT_META, ContainerLayout, socket_dir
 from thaw.platform.process import RuntimeProcess
-from thaw.platform.runtime import LaunchMode, LaunchSpec, MountKind
+from thaw.platform.runtime import LaunchSpec, MountKind
 
 
 def _make_readable(folder: Path) -> None:
@@ -83,12 +83,8 @@ class _Container:
     log_private: Path
     run_dir: Path | None = None
     run_private: Path | None = None
-    # Host files and folders mounted read-only at their own paths.
-    read_only_files: set[str] = field(default_factory=set)
+    # Host folders mounted read-only at their own paths.
     read_only_dirs: set[str] = field(default_factory=set)
-    # Templates: host folder (beside the snapshot files, for hard links) mounted at
-    # SNAPSHOT_VIEW_DIR.
-    snapshot_view: Path | None = None
     container: Any = None
     host_pid: int = 0
     proc: ContainerProcess | None = None
@@ -101,8 +97,7 @@ class _Container:
 
     def visible(self, path: str) -> bool:
         """Whether the container sees the host file `path` at the same path."""
-        return path in self.read_only_files or any(
-            path.startswith(d.rstrip("/") + "/") for d in self.read_only_dirs)
+        return any(path.startswith(d.rstrip("/") + "/") for d in self.read_only_dirs)
 
 
 
@@ -137,15 +132,12 @@ def prepare_container(spec: LaunchSpec, name: str, uid: int, state_dir: Path,
             c.read_only_dirs.add(mount.path)
         elif mount.kind is MountKind.OUTPUT:
             os.chown(mount.path, uid, uid)
-        elif mount.kind is MountKind.SNAPSHOT_FILE:
-            c.read_only_files.add(mount.path)
-    if spec.mode is LaunchMode.TEMPLATE and spec.snapshot is not None:
-        # Restores of other snapshots (templates are shared by code) get their files
-        # hard-linked here; a hard link needs the same file system, so the folder sits
-        # in the snapshots folder (dot-named: its GC skips those).
-        snapshots = Path(spec.snapshot.snapshot_json).parent.parent
-        c.snapshot_view = snapshots / ".containers" / name
-        c.snapshot_view.mkdir(parents=True)
+    if spec.snapshot is not None:
+        # The template's own copy of its snapshot.json, which its shell opens on
+        # SNAPSHOT_FD: the snapshot store stays out of the container.
+        meta = private / "ctl" / SNAPSHOT_META
+        meta.write_text(spec.snapshot.snapshot_json, encoding="utf-8")
+        os.chmod(meta, 0o444)
     try:
         sockets = socket_dir(spec)
     except ValueError as exc:
@@ -161,8 +153,7 @@ def prepare_container(spec: LaunchSpec, name: str, uid: int, state_dir: Path,
     layout = ContainerLayout(
         name=name, uid=uid, status_dir=str(private / "ctl"), log_dir=str(log_dir),
         log_private=str(log_private), run_dir=str(c.run_dir or ""),
-        run_private=str(c.run_private or ""),
-        snapshot_view=str(c.snapshot_view or ""))
+        run_private=str(c.run_private or ""))
     return c, layout
 
 

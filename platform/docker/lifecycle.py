@@ -290,7 +290,7 @@ class DockerRuntime:
         events = asyncio.StreamReader(limit=1 << 20)
         c.tasks.append(asyncio.create_task(self._pump(c, raw, events)))
         c.tasks.append(asyncio.create_task(self._follow_exit(c)))
-        if spec.mode is LaunchMode.TEMPLATE and spec.control:
+        if spec.mode in (LaunchMode.TEMPLATE, LaunchMode.RESTORE) and spec.control:
             self._by_control[spec.control] = c
         log.debug("container started", container=c.name, mode=spec.mode.value,
                   pid=c.host_pid)
@@ -380,19 +380,19 @@ class DockerRuntime:
     def _remove_files(c: _Container) -> None:
         shutil.rmtree(c.private, ignore_errors=True)
         shutil.rmtree(c.log_private, ignore_errors=True)
-        if c.snapshot_view is not None:
-            shutil.rmtree(c.snapshot_view, ignore_errors=True)
 
     # ---- spawn (restore inside a template's container) -------------------------------
 
     async def spawn(self, control_socket: str,
                     request: SpawnRequest | Mapping[str, Any],
                     timeout: float) -> tuple[int, dict[str, Any]]:
-        """Fork a restored instance from a template: (host pid, ready event)."""
+        """Fork a restored instance from a template (or restore in a restore-mode
+        container): (host pid, ready event)."""
         c = self._by_control.get(control_socket)
         if c is None or c.proc is None or c.proc.returncode is not None:
             raise InstanceFailed(f"no running template container for {control_socket}")
-        return await spawn_in_container(c, control_socket, spawn_request(request), timeout)
+        with spawn_request(request) as typed:
+            return await spawn_in_container(c, control_socket, typed, timeout)
 
     async def build_in_template(self, control_socket: str, request: BuildRequest,
                                 timeout: float) -> dict[str, Any] | None:

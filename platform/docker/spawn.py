@@ -1,17 +1,16 @@
 """A restore inside a template's container: the template forks the instance, so its
-files must be visible there and its pid translated to the host's."""
+socket and log must be visible there and its pid translated to the host's. The snapshot
+and the slice go in as descriptors over the bind-mounted control socket (SCM_RIGHTS
+crosses the container boundary), never as files. A restore-mode container (a template
+that may not fork) answers the same request in its own main process."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import os
-import shutil
 import signal
-import uuid
-from pathlib import Path
 from typing import Any
 
 from tenacity import AsyncRetrying, retry_if_result, stop_after_delay, wait_fixed
@@ -19,42 +18,23 @@ from tenacity import AsyncRetrying, retry_if_result, stop_after_delay, wait_fixe
 from thaw.core.errors import DeadlineExceeded, InstanceFailed, SnapshotError
 from thaw.platform.docker.containers import _Container, link_log, link_socket
 from thaw.platform.docker.pids import host_pid_of, ns_pid
-from thaw.platform.docker.spec import SNAPSHOT_VIEW_DIR
-from thaw.platform.process import log_tail
+from thaw.platform.process import log_tail, open_request
 from thaw.platform.runtime import SpawnRequest
 
 # A template's forked child is found among its processes within this long, looked
 # for this often.
 PID_LOOKUP_SECONDS = 2.0
 PID_LOOKUP_POLL_SECONDS = 0.01
-# The spawn request's fields naming snapshot files.
-SNAPSHOT_FIELDS = ("snapshot_json", "pickle", "host_arena", "device_arena")
 
 
 async def spawn_in_container(c: _Container, control_socket: str, request: SpawnRequest,
                              timeout: float) -> tuple[int, dict[str, Any]]:
-    """Fork a restored instance from the template in container `c`: (host pid, ready
-    event)."""
-    request, view = await asyncio.to_thread(link_instance, c, request)
-    try:
-        return await _spawn(c, control_socket, request, timeout)
-    finally:
-        if view is not None:
-            # The instance mapped its files during the restore; the links only had
-            # to last until then.
-            await asyncio.to_thread(shutil.rmtree, view, True)
-
-
-async def _spawn(c: _Container, control_socket: str, request: SpawnRequest,
-                 timeout: float) -> tuple[int, dict[str, Any]]:
-    try:
-        reader, writer = await asyncio.open_unix_connection(control_socket, limit=1 << 20)
-    except OSError as exc:
-        raise InstanceFailed(f"template is not reachable: {exc}") from exc
+    """Fork a restored instance from the template in container `c` (or restore in the
+    restore-mode container `c` itself): (host pid, ready event)."""
+    await asyncio.to_thread(link_instance, c, request)
+    reader, writer = await open_request(control_socket, request, timeout)
     host_pid = 0
     try:
-        writer.write(request.to_line())
-        await writer.drain()
         while True:
             try:
                 line = await asyncio.wait_for(reader.readline(), timeout)
@@ -88,37 +68,21 @@ async def _spawn(c: _Container, control_socket: str, request: SpawnRequest,
             await writer.wait_closed()
 
 
-def link_instance(c: _Container, request: SpawnRequest) -> tuple[SpawnRequest, Path | None]:
-    """Make a spawn request's files reachable in the template's container: socket and
-    log as for a launch; snapshot files it does not see are hard-linked into its
-    snapshot view and the request rewritten to name them there (blocking)."""
+def link_instance(c: _Container, request: SpawnRequest) -> None:
+    """Make a spawn request's socket and log reachable in the template's container, as
+    for a launch (blocking)."""
     if request.socket:
         link_socket(c, request.socket)
     if request.log:
         link_log(c, request.log)
-    view: Path | None = None
-    moved: dict[str, str] = {}
-    for key in SNAPSHOT_FIELDS:
-        path = getattr(request, key)
-        if not path or c.visible(str(path)):
-            continue
-        if c.snapshot_view is None:
-            raise InstanceFailed(f"{key} {path} is not visible in container {c.name}")
-        if view is None:
-            view = c.snapshot_view / uuid.uuid4().hex[:12]
-            view.mkdir()
-        try:
-            os.link(path, view / key)
-        except OSError as exc:
-            raise InstanceFailed(f"cannot show {key} {path} to container {c.name}: "
-                                 f"{exc}") from exc
-        moved[key] = f"{SNAPSHOT_VIEW_DIR}/{view.name}/{key}"
-    return dataclasses.replace(request, **moved), view
 
 
 async def find_child(c: _Container, child_ns_pid: int) -> int:
-    """The host pid of a process the template forked; remembered so its child_exited
-    event gets translated too."""
+    """The host pid of a process the template forked (remembered so its child_exited
+    event gets translated too), or of the container's main process itself (a
+    restore-mode instance restores without forking)."""
+    if c.host_pid and ns_pid(c.host_pid) == child_ns_pid:
+        return c.host_pid
     lookup = AsyncRetrying(
         retry=retry_if_result(lambda found: found is None),
         stop=stop_after_delay(PID_LOOKUP_SECONDS), wait=wait_fixed(PID_LOOKUP_POLL_SECONDS),

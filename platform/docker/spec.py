@@ -19,13 +19,15 @@ SNAPSHOTTER_DIR = Path(__file__).resolve().parent.parent.parent / "snapshotter"
 # Keep in sync with images.RUNTIME_ROOT (the image has the empty folder).
 RUNTIME_ROOT = images.RUNTIME_ROOT
 RUNTIME_MOUNT = f"{RUNTIME_ROOT}/thaw/snapshotter"
-# Inside every container: the private folder with the status FIFO, and (templates)
-# the folder where a restore's snapshot files appear as hard links.
+# Inside every container: the private folder with the status FIFO and, for a template,
+# a copy of its snapshot.json (its module list; never a file of the snapshot store).
 STATUS_DIR = "/run/thaw/status"
 STATUS_FIFO = f"{STATUS_DIR}/events"
-SNAPSHOT_VIEW_DIR = "/run/thaw/snapshots"
-# The runtime writes status events on this fd (opened on the FIFO by the shell).
+SNAPSHOT_META = "snapshot.json"
+# The runtime writes status events on this fd (opened on the FIFO by the shell), and a
+# template reads its snapshot.json from SNAPSHOT_FD (opened by the shell too).
 STATUS_FD = 3
+SNAPSHOT_FD = 4
 
 # Memory of a container when the function sets no limit.
 DEFAULT_MEMORY_BYTES = 4 << 30
@@ -74,8 +76,6 @@ class ContainerLayout:
     run_dir: str = ""
     """The agent's socket folder; the container sees `run_private` there."""
     run_private: str = ""
-    snapshot_view: str = ""
-    """Templates: host folder for restores' hard-linked files, at SNAPSHOT_VIEW_DIR."""
 
 
 @dataclass(frozen=True)
@@ -118,10 +118,10 @@ def socket_dir(spec: LaunchSpec) -> str:
 
 def container_mounts(spec: LaunchSpec, layout: ContainerLayout,
                      settings: ContainerSettings) -> list[BindMount]:
-    """Host paths appear at their own paths: the bundle and snapshot files read-only
-    (files one by one: their folders hold other snapshots, maybe other tenants'), a
-    build's output writable; sockets and the log through the container's private
-    folders; the in-instance runtime and the status FIFO at fixed places."""
+    """Host paths appear at their own paths: the bundle read-only, a build's output
+    writable; sockets and the log through the container's private folders; the
+    in-instance runtime and the status folder at fixed places. No snapshot data is
+    mounted: restores get it as descriptors over their control sockets."""
     mounts = [BindMount(RUNTIME_MOUNT, str(SNAPSHOTTER_DIR), read_only=True),
               BindMount(STATUS_DIR, layout.status_dir, read_only=True),
               BindMount(layout.log_dir, layout.log_private, read_only=False)]
@@ -129,8 +129,6 @@ def container_mounts(spec: LaunchSpec, layout: ContainerLayout,
     for mount in spec.mounts():
         if mount.kind is not MountKind.SOCKET:
             mounts.append(BindMount(mount.path, mount.path, read_only=mount.read_only))
-    if layout.snapshot_view:
-        mounts.append(BindMount(SNAPSHOT_VIEW_DIR, layout.snapshot_view, read_only=True))
     if layout.run_dir:
         mounts.append(BindMount(layout.run_dir, layout.run_private, read_only=False))
     if settings.device == "cuda" and settings.mps_pipe_directory:
@@ -146,12 +144,17 @@ def labels(settings: ContainerSettings, instance: str, mode: str) -> dict[str, s
 
 
 def shell_command(spec: LaunchSpec) -> list[str]:
-    """No descriptor can be handed into a container: the shell opens the status FIFO
-    on STATUS_FD and sends the runtime's output to its log."""
+    """No descriptor can be inherited into a container: the shell opens the status FIFO
+    on STATUS_FD (and a template's snapshot.json on SNAPSHOT_FD) and sends the runtime's
+    output to its log."""
     runtime = ["python3", "-m", RUNTIME_MODULE, *spec.command(),
                "--status-fd", str(STATUS_FD)]
+    redirects = f"{STATUS_FD}>{STATUS_FIFO}"
+    if spec.snapshot is not None:
+        runtime += ["--snapshot-fd", str(SNAPSHOT_FD)]
+        redirects += f" {SNAPSHOT_FD}<{STATUS_DIR}/{SNAPSHOT_META}"
     return ["sh", "-c", f"exec {shlex.join(runtime)} >>{shlex.quote(spec.log_path)} 2>&1 "
-                        f"{STATUS_FD}>{STATUS_FIFO}"]
+                        f"{redirects}"]
 
 
 def create_kwargs(spec: LaunchSpec, settings: ContainerSettings, *, name: str, uid: int,

@@ -1,9 +1,14 @@
 """`python -m thaw.snapshotter.runtime <mode> ...`: the process inside every instance.
 
 Modes: fresh (import, setup, serve), build (import, setup, capture, exit), template
-(import, then fork restored instances on request) and restore (one restore in this
-process). Progress goes out as status events on --status-fd (events.py); stdout and
-stderr are the tenant's.
+(import, then fork restored instances on request) and restore (import, then one restore
+in this process, without forking: for functions whose imports make forking unsafe).
+Progress goes out as status events on --status-fd (events.py); stdout and stderr are
+the tenant's.
+
+Snapshot data never comes by path: a template reads its snapshot.json from an inherited
+descriptor (--snapshot-fd), and a restore, forked or not, gets everything as descriptors
+with its spawn request on the --control socket (template.py's protocol).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import argparse
 import contextlib
 import faulthandler
 import os
+import socket
 import sys
 import time
 import traceback
@@ -25,9 +31,13 @@ from .events import (
     ExitCode,
     Failed,
     Ready,
+    Spawned,
+    SpawnRequest,
     Stage,
     StatusChannel,
+    TemplateReady,
     describe_exception,
+    event_to_line,
 )
 from .handler import (
     HandlerRef,
@@ -36,10 +46,9 @@ from .handler import (
     create_handler,
     import_handler_class,
 )
-from .restore import restore_handler
+from .restore import restore_request
 from .server import UnixHTTPServer, bind_server, serve_until_stopped
-from .snapshot import SnapshotMeta
-from .template import run_template
+from .template import SPAWN_READ_TIMEOUT_S, bind_control_socket, read_request, run_template
 
 
 class StageFailed(Exception):
@@ -127,22 +136,63 @@ def run_template_mode(
     args: argparse.Namespace, ref: HandlerRef, status: StatusChannel
 ) -> ExitCode:
     activate_bundle(ref)
-    return run_template(args.snapshot_json, args.control, status, lambda: import_handler_class(ref))
+    # Only the template reads it: none of the tenant's subprocesses inherits it.
+    os.set_inheritable(args.snapshot_fd, False)
+    return run_template(args.snapshot_fd, args.control, status, lambda: import_handler_class(ref))
 
 
 def run_restore(args: argparse.Namespace, ref: HandlerRef, status: StatusChannel) -> ExitCode:
+    """Import, then take one spawn request on --control (announced as a template is)
+    and restore into this very process: the same request and descriptors as a forked
+    restore, no fork."""
     activate_bundle(ref)
     timings: dict[str, float] = {}
     with stage(Stage.IMPORT):
         _timed(timings, "import", lambda: import_handler_class(ref))
-    with stage(Stage.RESTORE):
-        meta = SnapshotMeta.load(args.snapshot_json)
-        restored = restore_handler(meta, args.pickle, args.host_arena, args.device_arena)
-        invoker = Invoker(restored.handler)
-    timings.update(restored.timings)
-    server = _bind(args.socket, invoker)
-    serve_until_stopped(server, lambda: status.emit(Ready(os.getpid(), timings)))
+    with stage(Stage.SERVE):
+        listener = bind_control_socket(args.control)
+    status.emit(TemplateReady(os.getpid(), dict(timings)))
+    conn = _one_request(listener, args.control)
+    try:
+        with stage(Stage.SPAWN):
+            conn.settimeout(SPAWN_READ_TIMEOUT_S)
+            request = read_request(conn)
+            if not isinstance(request, SpawnRequest):
+                raise ValueError("a restore-mode instance takes one spawn request")
+            conn.settimeout(None)
+            conn.sendall(event_to_line(Spawned(os.getpid())))
+        with stage(Stage.RESTORE):
+            restored = restore_request(request)
+            invoker = Invoker(restored.handler)
+        timings.update(restored.timings)
+        server = _bind(request.socket, invoker)
+    except StageFailed as exc:
+        with contextlib.suppress(OSError):
+            conn.sendall(event_to_line(Failed(exc.stage, exc.reason)))
+        conn.close()
+        raise
+
+    def announce() -> None:
+        ready = Ready(os.getpid(), timings)
+        with contextlib.suppress(OSError):
+            conn.sendall(event_to_line(ready))
+        conn.close()
+        status.emit(ready)
+
+    serve_until_stopped(server, announce)
     return ExitCode.OK
+
+
+def _one_request(listener: socket.socket, path: str) -> socket.socket:
+    """The one control connection a restore-mode instance takes; the socket goes
+    right after, so nothing else can ask it for anything."""
+    try:
+        conn, _ = listener.accept()
+    finally:
+        listener.close()
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+    return conn
 
 
 _MODES: dict[str, Callable[[argparse.Namespace, HandlerRef, StatusChannel], ExitCode]] = {
@@ -153,9 +203,7 @@ _MODES: dict[str, Callable[[argparse.Namespace, HandlerRef, StatusChannel], Exit
 }
 
 # Options holding paths: made absolute before the runtime changes into the bundle.
-_PATH_OPTIONS = (
-    "bundle", "socket", "out", "snapshot_json", "control", "pickle", "host_arena", "device_arena"
-)
+_PATH_OPTIONS = ("bundle", "socket", "out", "control")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -180,15 +228,13 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--function-version", default=None)
 
     template = add_mode("template", "pre-import, then fork restored instances on request")
-    template.add_argument("--snapshot-json", required=True)
+    template.add_argument("--snapshot-fd", type=int, required=True,
+                          help="inherited descriptor of the snapshot's snapshot.json")
     template.add_argument("--control", required=True, help="unix socket for spawn requests")
 
-    restore = add_mode("restore", "restore a snapshot in this process and serve")
-    restore.add_argument("--snapshot-json", required=True)
-    restore.add_argument("--pickle", required=True)
-    restore.add_argument("--host-arena", required=True)
-    restore.add_argument("--device-arena", default=None)
-    restore.add_argument("--socket", required=True, help="unix socket to serve on")
+    restore = add_mode("restore", "import, then restore one spawn request in this process")
+    restore.add_argument("--control", required=True,
+                         help="unix socket for the one spawn request (and its descriptors)")
     return parser
 
 

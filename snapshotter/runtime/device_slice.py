@@ -2,13 +2,12 @@
 ranges of the slice as torch tensors, without copying (DESIGN.md §6).
 
 The agent fills the slice with the snapshot's device arena (`CudaDevices.
-restore_into_slice`) and passes `CudaSlice.descriptor()` to the instance, which calls
-`open_slice(**descriptor)` and rebuilds each device storage with `OpenedSlice.storage`
-(or a typed view with `OpenedSlice.tensor`) at the offsets the snapshot's storage table
-gives.
+restore_into_slice`) and sends its descriptor with the spawn request; the restore calls
+`open_slice` and rebuilds each device storage with `OpenedSlice.storage` (or a typed
+view with `OpenedSlice.tensor`) at the offsets the snapshot's storage table gives.
 
-Standard library plus CuPy and torch, imported lazily, and nothing from thaw: this module
-moves into thaw.snapshotter.runtime, which runs inside tenant images.
+Standard library plus CuPy and torch, imported lazily: this runs inside tenant images.
+(`thaw.platform.cuda_copy` re-exports it for the agent's side and tests.)
 """
 
 from __future__ import annotations

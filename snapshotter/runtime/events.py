@@ -8,11 +8,12 @@ side reads the same records this side writes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
 
@@ -207,41 +208,118 @@ def _write_fd(fd: int, data: bytes) -> None:
 # --- agent -> template -------------------------------------------------------------
 
 
+# Descriptors a spawn request may carry, by the name the request gives each. They travel
+# as SCM_RIGHTS ancillary data with the request's line, in the order of its "fds" list:
+# an instance never opens snapshot data by path.
+SPAWN_FD_NAMES = ("snapshot_json", "pickle", "host_arena", "device_arena", "slice")
+# The most descriptors one request may carry (every name above once).
+MAX_SPAWN_FDS = len(SPAWN_FD_NAMES)
+SLICE_KINDS = ("host", "cuda")
+
+
+@dataclasses.dataclass(frozen=True)
+class SliceDescriptor:
+    """The instance's device memory, as the agent hands it over. `host`: the slice is a
+    memfd that travels as the request's "slice" descriptor; `cuda`: a CUDA IPC handle
+    of a device allocation, found by PCI bus id. The snapshot's device arena starts at
+    `offset` in it; what lies past the arena is the function's to allocate."""
+
+    kind: str
+    size: int
+    offset: int = 0
+    pci_bus_id: str = ""
+    device_index: int = 0
+    ipc_handle: str = ""
+    """cudaIpcMemHandle_t, hex (cuda only)."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in SLICE_KINDS:
+            raise ValueError(f"slice kind must be one of {SLICE_KINDS}, got {self.kind!r}")
+        for name in ("size", "offset", "device_index"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"slice field {name!r} must be an integer >= 0, got {value!r}")
+        if self.offset > self.size:
+            raise ValueError(f"slice offset {self.offset} is past its size {self.size}")
+        if self.kind == "cuda" and not self.ipc_handle:
+            raise ValueError("a cuda slice needs its ipc_handle")
+
+    def to_record(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_record(cls, record: Any) -> SliceDescriptor:
+        if not isinstance(record, dict):
+            raise ValueError("spawn request field 'slice' must be an object")
+        try:
+            return cls(**record)
+        except TypeError as exc:
+            raise ValueError(f"malformed slice descriptor: {exc}") from exc
+
+
 @dataclasses.dataclass(frozen=True)
 class SpawnRequest:
-    """One line on a template's control socket: fork an instance and restore into it."""
+    """One message on a template's control socket: fork an instance and restore into it.
+
+    `fds` maps names of SPAWN_FD_NAMES to descriptors of the sending process; on the
+    wire the line names them in order ("fds") and the descriptors themselves go as
+    SCM_RIGHTS with it (`to_message`, `from_message`). `socket` and `log` are the
+    instance's own socket and log, never snapshot data."""
 
     op: ClassVar[str] = "spawn"
     instance_id: str
     socket: str
-    pickle: str
-    host_arena: str
-    device_arena: str | None
-    snapshot_json: str
     log: str
+    fds: dict[str, int] = dataclasses.field(default_factory=dict)
+    slice: SliceDescriptor | None = None
+
+    def fd(self, name: str) -> int | None:
+        return self.fds.get(name)
+
+    def to_message(self) -> tuple[bytes, list[int]]:
+        """The line and the descriptors to send with it, in the line's "fds" order."""
+        names = [name for name in SPAWN_FD_NAMES if name in self.fds]
+        record: dict[str, Any] = {"op": self.op, "instance_id": self.instance_id,
+                                  "socket": self.socket, "log": self.log, "fds": names,
+                                  "slice": self.slice.to_record() if self.slice else None}
+        line = json.dumps(record, separators=(",", ":")).encode() + b"\n"
+        return line, [self.fds[name] for name in names]
 
     @classmethod
-    def from_line(cls, line: bytes) -> SpawnRequest:
+    def from_message(cls, line: bytes, fds: list[int]) -> SpawnRequest:
+        """The request a line and the descriptors received with it make; ValueError
+        (the caller closes `fds`) if they do not fit together."""
         try:
             record = json.loads(line)
         except ValueError as exc:
             raise ValueError(f"spawn request is not JSON: {exc}") from exc
         if not isinstance(record, dict) or record.pop("op", None) != cls.op:
             raise ValueError('spawn request must be a JSON object with "op": "spawn"')
-        record.setdefault("device_arena", None)
+        names = record.pop("fds", [])
+        if (not isinstance(names, list) or len(set(names)) != len(names)
+                or any(name not in SPAWN_FD_NAMES for name in names)):
+            raise ValueError(f"spawn request field 'fds' must list distinct names of "
+                             f"{SPAWN_FD_NAMES}, got {names!r}")
+        if len(names) != len(fds):
+            raise ValueError(f"spawn request names {len(names)} descriptors but "
+                             f"{len(fds)} came with it")
+        described = record.pop("slice", None)
         record["instance_id"] = str(record.get("instance_id", ""))
         try:
-            request = cls(**record)
+            request = cls(**record, fds=dict(zip(names, fds, strict=True)),
+                          slice=SliceDescriptor.from_record(described)
+                          if described is not None else None)
         except TypeError as exc:
             raise ValueError(f"malformed spawn request: {exc}") from exc
-        for name in ("socket", "pickle", "host_arena", "snapshot_json", "log"):
+        for name in ("socket", "log"):
             if not isinstance(getattr(request, name), str):
                 raise ValueError(f"spawn request field {name!r} must be a path string")
+        for name in ("snapshot_json", "pickle"):
+            if name not in request.fds:
+                raise ValueError(f"spawn request carries no {name!r} descriptor")
+        if request.slice is not None and request.slice.kind == "host" and "slice" not in names:
+            raise ValueError("a host slice must come as the 'slice' descriptor")
         return request
-
-    def to_line(self) -> bytes:
-        record = {"op": self.op, **dataclasses.asdict(self)}
-        return json.dumps(record, separators=(",", ":")).encode() + b"\n"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,3 +342,36 @@ class BuildRequest:
         if not isinstance(request.out, str) or not isinstance(request.log, str):
             raise ValueError("build request fields 'out' and 'log' must be path strings")
         return request
+
+
+def receive_message(conn: Any, max_bytes: int) -> tuple[bytes, list[int]]:
+    """One line from a unix socket and the descriptors that came with it (SCM_RIGHTS),
+    made non-inheritable: the tenant's subprocesses must not get snapshot data.
+    ValueError (nothing left open) past `max_bytes` or when ancillary data was cut."""
+    import socket
+
+    data = b""
+    fds: list[int] = []
+    try:
+        while b"\n" not in data:
+            chunk, received, flags, _ = socket.recv_fds(conn, 65536, MAX_SPAWN_FDS)
+            fds += received
+            for fd in received:
+                os.set_inheritable(fd, False)
+            if flags & socket.MSG_CTRUNC:
+                raise ValueError("a spawn request carried more descriptors than it may")
+            if not chunk:
+                break
+            data += chunk
+            if len(data) > max_bytes:
+                raise ValueError("spawn request too long")
+    except BaseException:
+        close_fds(fds)
+        raise
+    return data.partition(b"\n")[0], fds
+
+
+def close_fds(fds: Iterable[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)

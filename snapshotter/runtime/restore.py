@@ -1,9 +1,16 @@
 """Rebuilding a handler object from a snapshot: the restore side of capture.py.
 
-The host arena is mapped copy-on-write (MAP_PRIVATE): nothing is copied, every instance
-of one snapshot shares the page cache's pages, and a tensor the handler writes to gets
-private pages of its own. torch storages become zero-copy views over the mapping, and
-NumPy arrays are handed views of it through pickle's `buffers=`.
+The agent hands the snapshot over as descriptors (sealed memfds): the host arena is
+mapped copy-on-write (MAP_PRIVATE), so nothing is copied, every instance of one snapshot
+shares the same pages, and a tensor the handler writes to gets private pages of its own.
+torch storages become zero-copy views over the mapping, and NumPy arrays are handed
+views of it through pickle's `buffers=`.
+
+Device storages are views into the instance's slice, which the agent filled with the
+snapshot's device arena before the restore: on the host backend the slice is a memfd
+mapped shared (its pages are the instance's "device memory"), on cuda a CUDA IPC
+allocation opened with `device_slice.open_slice` and viewed through DLPack. Nothing is
+copied to the device here.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .events import SliceDescriptor, SpawnRequest, close_fds
 from .snapshot import (
     BYTEARRAY_TAG,
     BYTES_TAG,
@@ -30,7 +38,12 @@ from .snapshot import (
     SnapshotMeta,
     StorageEntry,
     StorageKind,
+    read_descriptor,
 )
+
+ArenaSource = int | str | os.PathLike[str] | None
+"""An arena by descriptor (what the agent sends), or by path (a caller restoring files
+by hand, tests)."""
 
 # Mappings live as long as the process: every restored tensor points into one.
 _mappings: list[mmap.mmap] = []
@@ -64,45 +77,130 @@ def check_fingerprint(meta: SnapshotMeta) -> None:
             raise RestoreError(f"snapshot is for {name} {wanted}, this is {name} {found}")
 
 
-def map_arena(path: str | os.PathLike[str] | None, size: int, name: str) -> mmap.mmap | None:
+def map_arena(source: ArenaSource, size: int, name: str) -> mmap.mmap | None:
+    """The arena mapped copy-on-write; a descriptor stays open (the caller's to close:
+    the mapping outlives it)."""
     if size == 0:
         return None
-    if path is None:
+    if source is None:
         raise RestoreError(f"snapshot has a {size}-byte {name} arena but none was given")
-    with open(path, "rb") as f:
-        found = os.fstat(f.fileno()).st_size
-        # A short file would map fine and then SIGBUS on first touch of the missing tail.
-        if found < size:
-            raise RestoreError(f"{name} arena {path} is {found} bytes, snapshot needs {size}")
-        mapping = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY)
+    if isinstance(source, int):
+        return _map_copy(source, size, f"{name} arena (descriptor {source})")
+    with open(source, "rb") as f:
+        return _map_copy(f.fileno(), size, f"{name} arena {source}")
+
+
+def _map_copy(fd: int, size: int, what: str) -> mmap.mmap:
+    found = os.fstat(fd).st_size
+    # A short file would map fine and then SIGBUS on first touch of the missing tail.
+    if found < size:
+        raise RestoreError(f"{what} is {found} bytes, snapshot needs {size}")
+    mapping = mmap.mmap(fd, size, access=mmap.ACCESS_COPY)
     _mappings.append(mapping)
     return mapping
 
 
-def _require_torch(meta: SnapshotMeta) -> Any:
+def read_source(source: int | str | os.PathLike[str]) -> bytes:
+    if isinstance(source, int):
+        return read_descriptor(source)
+    return Path(source).read_bytes()
+
+
+class DeviceMemory:
+    """The instance's slice, opened: device storages are views into it."""
+
+    def __init__(self, descriptor: SliceDescriptor, slice_fd: int | None) -> None:
+        self.descriptor = descriptor
+        self._host: mmap.mmap | None = None
+        self._cuda: Any = None
+        if descriptor.kind == "host":
+            if slice_fd is None:
+                raise RestoreError("a host slice needs its descriptor")
+            found = os.fstat(slice_fd).st_size
+            if found < descriptor.size:
+                raise RestoreError(f"slice is {found} bytes, its descriptor says "
+                                   f"{descriptor.size}")
+            # Shared: the slice is this instance's own memory, written in place.
+            self._host = mmap.mmap(slice_fd, descriptor.size, access=mmap.ACCESS_WRITE)
+            _mappings.append(self._host)
+        else:
+            from .device_slice import SliceOpenError, open_slice
+
+            try:
+                self._cuda = open_slice(descriptor.ipc_handle, descriptor.size,
+                                        descriptor.device_index, descriptor.pci_bus_id)
+            except SliceOpenError as exc:
+                raise RestoreError(str(exc)) from exc
+
+    def check_fits(self, arena_size: int) -> None:
+        room = self.descriptor.size - self.descriptor.offset
+        if arena_size > room:
+            raise RestoreError(f"the snapshot's {arena_size}-byte device arena does not fit "
+                               f"the slice ({room} bytes from offset "
+                               f"{self.descriptor.offset})")
+
+    def storage(self, torch: Any, entry: StorageEntry) -> Any:
+        start = self.descriptor.offset + entry.offset
+        if self._host is not None:
+            if entry.nbytes == 0:
+                return torch.UntypedStorage(0)
+            return torch.frombuffer(self._host, dtype=torch.uint8, count=entry.nbytes,
+                                    offset=start).untyped_storage()
+        from .device_slice import SliceOpenError
+
+        try:
+            return self._cuda.storage(start, entry.nbytes)
+        except SliceOpenError as exc:
+            raise RestoreError(str(exc)) from exc
+
+    def bound_allocations(self, arena_size: int) -> None:
+        """What the function allocates on its GPU from now on is bounded by the rest of
+        its slice: torch's caching allocator is capped at those bytes (past them an
+        allocation raises torch.OutOfMemoryError, which the server answers 507 and
+        exits on, like a host-memory overrun). Nothing to do on the host backend, whose
+        instances' memory is capped by the agent's RLIMIT_DATA."""
+        if self._cuda is None:
+            return
+        torch: Any = sys.modules.get("torch")
+        if torch is None:
+            return
+        room = max(0, self.descriptor.size - self.descriptor.offset - arena_size)
+        device = int(self._cuda.device)
+        total = int(torch.cuda.get_device_properties(device).total_memory)
+        torch.cuda.set_per_process_memory_fraction(min(1.0, room / total), device)
+
+    @property
+    def cuda_device(self) -> int | None:
+        return int(self._cuda.device) if self._cuda is not None else None
+
+
+def _require_torch(meta: SnapshotMeta, device: DeviceMemory | None) -> Any:
     try:
         torch = importlib.import_module("torch")
     except ImportError:
         raise RestoreError("snapshot holds torch storages but torch is not installed") from None
     device_entries = [e for e in meta.storages if e.arena is Arena.DEVICE]
-    if device_entries and not torch.cuda.is_available():
-        nbytes = sum(e.nbytes for e in device_entries)
+    if not device_entries:
+        return torch
+    nbytes = sum(e.nbytes for e in device_entries)
+    on_cuda = any(e.device.startswith("cuda") for e in device_entries)
+    if on_cuda and (device is None or device.descriptor.kind == "cuda") \
+            and not torch.cuda.is_available():
         raise RestoreError(
             f"snapshot holds {len(device_entries)} CUDA storages ({nbytes} bytes) "
             "but torch.cuda is not available here"
         )
+    if device is None:
+        raise RestoreError(f"snapshot holds {len(device_entries)} device storages "
+                           f"({nbytes} bytes) but the instance was given no slice")
     return torch
 
 
 def _torch_storage(torch: Any, mapping: mmap.mmap | None, entry: StorageEntry) -> Any:
     if entry.nbytes == 0 or mapping is None:
         return torch.UntypedStorage(0, device=entry.device)
-    host = torch.frombuffer(mapping, dtype=torch.uint8, count=entry.nbytes, offset=entry.offset)
-    if entry.arena is Arena.DEVICE:
-        # The device arena arrives as host memory here; the agent's CUDA path hands the
-        # instance an IPC handle instead (DESIGN.md §6).
-        return host.to(torch.device(entry.device)).untyped_storage()
-    return host.untyped_storage()
+    return torch.frombuffer(mapping, dtype=torch.uint8, count=entry.nbytes,
+                            offset=entry.offset).untyped_storage()
 
 
 class _ArenaUnpickler(pickle.Unpickler):
@@ -159,19 +257,26 @@ def reseed_generators() -> None:
 
 def restore_handler(
     meta: SnapshotMeta,
-    pickle_path: str | os.PathLike[str],
-    host_arena: str | os.PathLike[str] | None,
-    device_arena: str | os.PathLike[str] | None,
+    pickle_source: int | str | os.PathLike[str],
+    host_arena: ArenaSource,
+    device_arena: ArenaSource = None,
     clock: Callable[[], float] = time.perf_counter,
+    *,
+    device: DeviceMemory | None = None,
 ) -> Restored:
-    """Map, unpickle, reseed, on_restore(). Raises RestoreError for snapshots that
-    cannot be restored here; exceptions from the tenant's code propagate as they are."""
+    """Map, unpickle, reseed, on_restore(). Device storages become views into `device`
+    (the instance's slice, already filled by the agent); `device_arena` is only checked
+    for: no device storage is ever copied from host memory here. Raises RestoreError for
+    snapshots that cannot be restored here; exceptions from the tenant's code propagate
+    as they are."""
+    del device_arena  # the agent put the device arena into the slice
     started = clock()
     check_fingerprint(meta)
     host = map_arena(host_arena, meta.host_size, "host")
     has_torch = any(e.kind is StorageKind.TORCH for e in meta.storages)
-    torch = _require_torch(meta) if has_torch else None
-    device = map_arena(device_arena, meta.device_size, "device") if meta.device_size else None
+    torch = _require_torch(meta, device) if has_torch else None
+    if device is not None and meta.device_size:
+        device.check_fits(meta.device_size)
     host_view = memoryview(host) if host is not None else None
     storages: dict[int, Any] = {}
     buffers: list[memoryview] = []
@@ -180,13 +285,14 @@ def restore_handler(
             if host_view is None:
                 raise RestoreError("snapshot has buffers but an empty host arena")
             buffers.append(host_view[entry.offset : entry.offset + entry.nbytes])
+        elif entry.arena is Arena.HOST:
+            storages[entry.index] = _torch_storage(torch, host, entry)
         else:
-            storages[entry.index] = _torch_storage(
-                torch, host if entry.arena is Arena.HOST else device, entry
-            )
+            assert device is not None  # _require_torch refused a device storage without
+            storages[entry.index] = device.storage(torch, entry)
     mapped = clock()
 
-    data = Path(pickle_path).read_bytes()
+    data = read_source(pickle_source)
     # Unpickling allocates a whole object graph and nothing in it is garbage yet:
     # collections triggered meanwhile only cost time (and, in a forked instance, touch
     # and so copy the template's pages).
@@ -210,3 +316,26 @@ def restore_handler(
         "on_restore": finished - unpickled,
     }
     return Restored(handler, timings)
+
+
+received: SpawnRequest | None = None
+"""The spawn request this instance was restored from (its descriptors closed since): what
+the agent told it, for the instance to report."""
+
+
+def restore_request(request: SpawnRequest) -> Restored:
+    """Restore what a spawn request hands over, then close its descriptors (the
+    mappings made from them stay)."""
+    global received
+    received = request
+    try:
+        meta = SnapshotMeta.load(request.fds["snapshot_json"])
+        device = (DeviceMemory(request.slice, request.fd("slice"))
+                  if request.slice is not None else None)
+        restored = restore_handler(meta, request.fds["pickle"], request.fd("host_arena"),
+                                   device=device)
+        if device is not None:
+            device.bound_allocations(meta.device_size)
+        return restored
+    finally:
+        close_fds(request.fds.values())

@@ -140,8 +140,11 @@ class SnapshotMeta:
         )
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> SnapshotMeta:
-        with open(path, encoding="utf-8") as f:
+    def load(cls, source: int | str | os.PathLike[str]) -> SnapshotMeta:
+        """From a descriptor (what an instance gets; left open) or a path."""
+        if isinstance(source, int):
+            return cls.from_json(json.loads(read_descriptor(source)))
+        with open(source, encoding="utf-8") as f:
             return cls.from_json(json.load(f))
 
     def dump(self, path: Path) -> None:
@@ -149,3 +152,19 @@ class SnapshotMeta:
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps(self.to_json(), indent=1) + "\n", encoding="utf-8")
         os.replace(tmp, path)
+
+
+def read_descriptor(fd: int) -> bytes:
+    """A whole file by descriptor, from offset 0 with pread: a descriptor received from
+    the agent shares its file offset with every other process holding it, so read()
+    would race them."""
+    size = os.fstat(fd).st_size
+    parts: list[bytes] = []
+    done = 0
+    while done < size:
+        part = os.pread(fd, size - done, done)
+        if not part:
+            break
+        parts.append(part)
+        done += len(part)
+    return b"".join(parts)

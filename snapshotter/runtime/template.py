@@ -6,7 +6,7 @@ with running threads (an OpenMP pool, a tokenizer's rayon pool) can leave the ch
 holding locks no thread will ever release. It only imports.
 
 Control protocol, one connection per spawn on the --control unix socket:
-  agent -> template   {"op":"spawn", ...SpawnRequest}\\n
+  agent -> template   {"op":"spawn", ...SpawnRequest}\\n  + its descriptors (SCM_RIGHTS)
   template -> agent   {"event":"spawned","pid":N}\\n         (from the template)
   child -> agent      {"event":"ready",...}\\n or failed      (from the instance)
 and the connection closes; the instance then serves on its own socket.
@@ -43,12 +43,14 @@ from .events import (
     Stage,
     StatusChannel,
     TemplateReady,
+    close_fds,
     describe_exception,
     event_to_line,
+    receive_message,
 )
 from .forksafe import NVML_CHECK_ENV, CudaInitWatch
 from .handler import Invoker, create_handler
-from .restore import restore_handler
+from .restore import restore_request
 from .server import bind_server, exit_on_sigterm, serve_until_stopped
 from .snapshot import SnapshotMeta
 
@@ -103,16 +105,27 @@ def bind_control_socket(path: str) -> socket.socket:
     return listener
 
 
+def read_request(conn: socket.socket) -> SpawnRequest | BuildRequest:
+    """The request on a control connection, with the descriptors a spawn carries;
+    ValueError (its descriptors closed) for anything else."""
+    line, fds = receive_message(conn, MAX_SPAWN_REQUEST_BYTES)
+    try:
+        record = json.loads(line) if line.strip() else None
+        if isinstance(record, dict) and record.get("op") == BuildRequest.op:
+            close_fds(fds)
+            fds = []
+            return BuildRequest.from_record(record)
+        return SpawnRequest.from_message(line, fds)
+    except BaseException:
+        close_fds(fds)
+        raise
+
+
 def _read_line(conn: socket.socket) -> bytes:
-    data = b""
-    while b"\n" not in data:
-        chunk = conn.recv(4096)
-        if not chunk:
-            break
-        data += chunk
-        if len(data) > MAX_SPAWN_REQUEST_BYTES:
-            raise ValueError("spawn request too long")
-    return data.partition(b"\n")[0]
+    """A control connection's line, its descriptors (if any) closed unread."""
+    line, fds = receive_message(conn, MAX_SPAWN_REQUEST_BYTES)
+    close_fds(fds)
+    return line
 
 
 class Template:
@@ -146,13 +159,9 @@ class Template:
         conn.settimeout(SPAWN_READ_TIMEOUT_S)
         request: SpawnRequest | BuildRequest
         try:
-            line = _read_line(conn)
-            record = json.loads(line) if line.strip() else None
-            if (isinstance(record, dict) and record.get("op") == BuildRequest.op
-                    and self._handler_class is not None):
-                request = BuildRequest.from_record(record)
-            else:
-                request = SpawnRequest.from_line(line)
+            request = read_request(conn)
+            if isinstance(request, BuildRequest) and self._handler_class is None:
+                raise ValueError("this template cannot build: its handler is no class")
         except (ValueError, TimeoutError) as exc:
             conn.sendall(event_to_line(Failed(Stage.SPAWN, describe_exception(exc))))
             return
@@ -167,6 +176,8 @@ class Template:
         except OSError as exc:
             os.close(go_read)
             os.close(go_write)
+            if isinstance(request, SpawnRequest):
+                close_fds(request.fds.values())
             conn.sendall(event_to_line(Failed(Stage.SPAWN, describe_exception(exc))))
             return
         if pid == 0:
@@ -175,6 +186,8 @@ class Template:
                 self._run_build_child(request, conn, go_read)
             self._run_child(request, conn, go_read)
         os.close(go_read)
+        if isinstance(request, SpawnRequest):
+            close_fds(request.fds.values())  # the child has its own copies
         try:
             conn.sendall(event_to_line(Spawned(pid)))
         finally:
@@ -291,8 +304,7 @@ def _restore_and_serve(
     stage = Stage.RESTORE
     try:
         _redirect_output(request.log)
-        meta = SnapshotMeta.load(request.snapshot_json)
-        restored = restore_handler(meta, request.pickle, request.host_arena, request.device_arena)
+        restored = restore_request(request)
         invoker = Invoker(restored.handler)
         stage = Stage.SERVE
         server = bind_server(request.socket, invoker)
@@ -329,9 +341,10 @@ def refuse_spawns(listener: socket.socket, unsafe_reason: str) -> NoReturn:
             conn.close()
 
 
-def run_template(snapshot_json: str, control: str, status: StatusChannel,
+def run_template(snapshot_json: int | str, control: str, status: StatusChannel,
                  import_handler: Callable[[], object]) -> ExitCode:
-    """Import, announce, fork on request; returns only on SIGTERM/SIGINT."""
+    """Import, announce, fork on request; returns only on SIGTERM/SIGINT.
+    `snapshot_json`: a descriptor of the snapshot.json the agent gave (or a path)."""
     set_parent_death_signal(signal.SIGKILL)
     # Instances are reaped by the kernel; the agent watches them by pid.
     # Reap forked instances as they end and tell the agent how each ended.

@@ -82,7 +82,8 @@ class RuntimeProcess:
     """One runtime subprocess; stdout/stderr go to a log file."""
 
     def __init__(self, mode: str, bundle: str, args: list[str], log_dir: Path,
-                 env: dict[str, str] | None = None, handler: str | None = None) -> None:
+                 env: dict[str, str] | None = None, handler: str | None = None,
+                 pass_fds: tuple[int, ...] = ()) -> None:
         read_end, write_end = os.pipe()
         self.log_path = log_dir / f"{mode}-{bundle}-{time.monotonic_ns()}.log"
         with open(self.log_path, "wb") as log:
@@ -92,7 +93,7 @@ class RuntimeProcess:
                  "--handler", handler or handler_of(bundle),
                  "--status-fd", str(write_end), *args],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                pass_fds=(write_end,), env=subprocess_env(env), cwd=log_dir,
+                pass_fds=(write_end, *pass_fds), env=subprocess_env(env), cwd=log_dir,
             )
         os.close(write_end)
         self.pid = self.popen.pid
@@ -144,8 +145,9 @@ class Processes:
         return str(self.socket_dir / f"{stem}-{self._counter}.sock")
 
     def start(self, mode: str, bundle: str, *args: str, env: dict[str, str] | None = None,
-              handler: str | None = None) -> RuntimeProcess:
-        process = RuntimeProcess(mode, bundle, list(args), self.log_dir, env, handler)
+              handler: str | None = None, pass_fds: tuple[int, ...] = ()) -> RuntimeProcess:
+        process = RuntimeProcess(mode, bundle, list(args), self.log_dir, env, handler,
+                                 pass_fds)
         self._started.append(process)
         return process
 
@@ -266,14 +268,48 @@ class Snapshot:
             "log": str(log),
         }
 
-    def restore_args(self, socket_path: str) -> list[str]:
-        return [
-            "--snapshot-json", self.snapshot_json,
-            "--pickle", str(self.folder / "state.pickle"),
-            "--host-arena", str(self.folder / "host.arena"),
-            "--device-arena", str(self.folder / "device.arena"),
-            "--socket", socket_path,
-        ]
+
+
+# Fields of a spawn record (as `Snapshot.spawn_request` writes it) naming files that go
+# to the instance as descriptors, the way the agent sends them.
+SPAWN_FILES = ("snapshot_json", "pickle", "host_arena")
+
+
+def encode_spawn(record: dict[str, Any]) -> tuple[bytes, list[int]]:
+    """A spawn record with file paths -> the line and the descriptors the agent would
+    send (the caller closes them)."""
+    fds = {name: os.open(record[name], os.O_RDONLY) for name in SPAWN_FILES
+           if record.get(name)}
+    line = {"op": "spawn", "instance_id": record["instance_id"], "socket": record["socket"],
+            "log": record["log"], "fds": list(fds), "slice": record.get("slice")}
+    return json.dumps(line).encode() + b"\n", list(fds.values())
+
+
+def send_control(control: str, payload: bytes, fds: list[int] | tuple[int, ...] = ()
+                 ) -> list[dict[str, Any]]:
+    """Send one control line with its descriptors; return every event until the
+    connection closes."""
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn.settimeout(EVENT_TIMEOUT_S)
+    conn.connect(control)
+    if fds:
+        socket.send_fds(conn, [payload], list(fds))
+    else:
+        conn.sendall(payload)
+    data = b""
+    while chunk := conn.recv(65536):
+        data += chunk
+    conn.close()
+    return [json.loads(line) for line in data.splitlines()]
+
+
+def send_spawn(control: str, record: dict[str, Any]) -> list[dict[str, Any]]:
+    line, fds = encode_spawn(record)
+    try:
+        return send_control(control, line, fds)
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -321,24 +357,18 @@ class TemplateHandle:
         self.control = control
         self.snapshot = snapshot
         self.processes = processes
+        self.ready: dict[str, Any] = {}
+        """Its template_ready event."""
 
-    def request(self, payload: bytes) -> list[dict[str, Any]]:
+    def request(self, payload: bytes, fds: tuple[int, ...] = ()) -> list[dict[str, Any]]:
         """Send one control line; return every event until the connection closes."""
-        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        conn.settimeout(EVENT_TIMEOUT_S)
-        conn.connect(self.control)
-        conn.sendall(payload)
-        data = b""
-        while chunk := conn.recv(65536):
-            data += chunk
-        conn.close()
-        return [json.loads(line) for line in data.splitlines()]
+        return send_control(self.control, payload, fds)
 
     def spawn(self, into: Processes, request: dict[str, Any] | None = None) -> Instance:
         socket_path = into.socket_path("instance")
         log = into.log_dir / f"{Path(socket_path).stem}.log"
         spawn = request or self.snapshot.spawn_request(socket_path, log)
-        events = self.request(json.dumps(spawn).encode() + b"\n")
+        events = send_spawn(self.control, spawn)
         assert events and events[0]["event"] == "spawned", events
         into.track(events[0]["pid"])
         assert len(events) == 2 and events[1]["event"] == "ready", (
@@ -347,14 +377,25 @@ class TemplateHandle:
         return Instance(events[0]["pid"], spawn["socket"], events[1], Path(spawn["log"]))
 
 
-def start_template(processes: Processes, snapshot: Snapshot) -> TemplateHandle:
+def start_template(processes: Processes, snapshot: Snapshot,
+                   env: dict[str, str] | None = None, handler: str | None = None
+                   ) -> TemplateHandle:
+    """A template given its snapshot.json as an inherited descriptor, as the agent
+    starts one."""
     control = processes.socket_path("control")
-    process = processes.start("template", snapshot.bundle, "--snapshot-json",
-                              snapshot.snapshot_json, "--control", control)
+    meta = os.open(snapshot.snapshot_json, os.O_RDONLY)
+    try:
+        process = processes.start("template", snapshot.bundle, "--snapshot-fd", str(meta),
+                                  "--control", control, env=env, handler=handler,
+                                  pass_fds=(meta,))
+    finally:
+        os.close(meta)
     event = process.event()
-    assert event["event"] == "template_ready", event
+    assert event["event"] == "template_ready", (event, process.describe())
     assert event["pid"] == process.pid
-    return TemplateHandle(process, control, snapshot, processes)
+    handle = TemplateHandle(process, control, snapshot, processes)
+    handle.ready = event
+    return handle
 
 
 def start_fresh(processes: Processes, bundle: str) -> tuple[RuntimeProcess, str]:
@@ -367,3 +408,19 @@ def wait_ready(process: RuntimeProcess) -> dict[str, Any]:
     event = process.event()
     assert event["event"] == "ready", (event, process.describe())
     return event
+
+
+def start_restore(processes: Processes, snapshot: Snapshot, socket_path: str,
+                  request: dict[str, Any] | None = None, bundle: str | None = None,
+                  handler: str | None = None
+                  ) -> tuple[RuntimeProcess, list[dict[str, Any]]]:
+    """A restore-mode process (a fresh interpreter, no fork) that was sent its spawn
+    request; returns it and the answers on the control connection."""
+    control = processes.socket_path("rcontrol")
+    process = processes.start("restore", bundle or snapshot.bundle, "--control", control,
+                              handler=handler)
+    event = process.event()
+    assert event["event"] == "template_ready", (event, process.describe())
+    record = request or snapshot.spawn_request(
+        socket_path, processes.log_dir / f"{Path(socket_path).stem}.log")
+    return process, send_spawn(control, record)

@@ -14,6 +14,7 @@ from thaw.snapshotter.runtime.events import (
     ExitCode,
     Failed,
     Ready,
+    SliceDescriptor,
     Spawned,
     SpawnRequest,
     Stage,
@@ -72,13 +73,48 @@ def test_status_channel_writes_whole_lines() -> None:
 
 
 def test_spawn_request_round_trip_and_validation() -> None:
-    request = SpawnRequest("i-1", "/s.sock", "/p", "/h", None, "/snap.json", "/log")
-    assert SpawnRequest.from_line(request.to_line()) == request
-    without_device = json.loads(request.to_line())
-    del without_device["device_arena"]
-    assert SpawnRequest.from_line(json.dumps(without_device).encode()).device_arena is None
-    for bad in (b"", b"[]", b'{"op": "kill"}', b'{"op": "spawn", "socket": "/s"}',
-                b'{"op":"spawn","instance_id":"i","socket":1,"pickle":"p","host_arena":"h",'
-                b'"snapshot_json":"j","log":"l"}', b'{"op": "spawn", "surprise": 1}'):
+    request = SpawnRequest("i-1", "/s.sock", "/log",
+                           fds={"pickle": 7, "snapshot_json": 5, "host_arena": 9},
+                           slice=SliceDescriptor(kind="host", size=1 << 20))
+    line, fds = request.to_message()
+    # The descriptors go in the order the line names them.
+    assert json.loads(line)["fds"] == ["snapshot_json", "pickle", "host_arena"]
+    assert fds == [5, 7, 9]
+    request_with_slice = SpawnRequest(
+        "i-1", "/s.sock", "/log", fds={**request.fds, "slice": 11}, slice=request.slice)
+    line, fds = request_with_slice.to_message()
+    assert fds == [5, 7, 9, 11]
+    assert SpawnRequest.from_message(line, fds) == request_with_slice
+    # The line names no file: only the instance's own socket and log.
+    record = json.loads(line)
+    assert set(record) == {"op", "instance_id", "socket", "log", "fds", "slice"}
+    for bad, descriptors in (
+            (b"", []), (b"[]", []), (b'{"op": "kill"}', []),
+            (b'{"op": "spawn", "socket": "/s"}', []),
+            (line, [5, 7]),  # fewer descriptors than the line names
+            (line, [5, 7, 9, 11, 13]),  # more
+            (json.dumps({**record, "fds": ["snapshot_json", "pickle", "pickle", "slice"]}
+                        ).encode(), [1, 2, 3, 4]),
+            (json.dumps({**record, "fds": ["snapshot_json", "pickle", "bogus", "slice"]}
+                        ).encode(), [1, 2, 3, 4]),
+            (json.dumps({**record, "fds": ["snapshot_json", "slice"]}).encode(), [1, 2]),
+            (json.dumps({**record, "socket": 1}).encode(), fds),
+            (json.dumps({**record, "slice": {"kind": "tpu", "size": 1}}).encode(), fds),
+            (json.dumps({**record, "slice": {"kind": "host", "size": -1}}).encode(), fds),
+            (json.dumps({**record, "slice": {"kind": "cuda", "size": 4}}).encode(), fds),
+            (b'{"op": "spawn", "surprise": 1}', [])):
         with pytest.raises(ValueError):
-            SpawnRequest.from_line(bad)
+            SpawnRequest.from_message(bad, descriptors)
+
+
+def test_a_host_slice_must_travel_as_a_descriptor() -> None:
+    request = SpawnRequest("i", "/s", "/l", fds={"snapshot_json": 3, "pickle": 4},
+                           slice=SliceDescriptor(kind="host", size=4096))
+    line, fds = request.to_message()
+    with pytest.raises(ValueError, match="host slice"):
+        SpawnRequest.from_message(line, fds)
+    cuda = SliceDescriptor(kind="cuda", size=4096, pci_bus_id="0000:3b:00.0",
+                           ipc_handle="ab" * 64)
+    line, fds = SpawnRequest("i", "/s", "/l", fds={"snapshot_json": 3, "pickle": 4},
+                             slice=cuda).to_message()
+    assert SpawnRequest.from_message(line, fds).slice == cuda

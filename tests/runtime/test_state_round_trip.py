@@ -18,6 +18,7 @@ from .conftest import (
     TemplateHandle,
     start_build,
     start_fresh,
+    start_restore,
     start_template,
     wait_ready,
 )
@@ -202,7 +203,7 @@ def test_snapshot_json_records_modules_and_fingerprint(states: dict[str, State])
 def test_restore_mode_in_a_plain_process(states: dict[str, State], processes: Processes) -> None:
     snapshot = states["tensors_rt"].snapshot
     socket_path = processes.socket_path("restore")
-    process = processes.start("restore", "tensors_rt", *snapshot.restore_args(socket_path))
+    process, _answers = start_restore(processes, snapshot, socket_path)
     ready = wait_ready(process)
     assert ready["pid"] == process.pid
     assert set(ready["timings"]) == {"import", "map", "unpickle", "on_restore"}
@@ -215,9 +216,10 @@ def test_restore_of_a_truncated_arena_fails_cleanly(
     snapshot = states["tensors_rt"].snapshot
     short = tmp_path / "host.arena"
     short.write_bytes((snapshot.folder / "host.arena").read_bytes()[:8192])
-    args = snapshot.restore_args(processes.socket_path("restore"))
-    args[args.index("--host-arena") + 1] = str(short)
-    process = processes.start("restore", "tensors_rt", *args)
+    socket_path = processes.socket_path("restore")
+    request = snapshot.spawn_request(socket_path, tmp_path / "restore.log")
+    request["host_arena"] = str(short)
+    process, _answers = start_restore(processes, snapshot, socket_path, request)
     event = process.event()
     assert event["event"] == "failed" and event["stage"] == "restore"
     assert "RestoreError: host arena" in event["reason"] and "snapshot needs" in event["reason"]
@@ -232,9 +234,10 @@ def test_restore_refuses_a_mismatching_fingerprint(
     meta["fingerprint"]["python"] = "2.7.18"
     doctored = tmp_path / "snapshot.json"
     doctored.write_text(json.dumps(meta))
-    args = snapshot.restore_args(processes.socket_path("restore"))
-    args[args.index("--snapshot-json") + 1] = str(doctored)
-    process = processes.start("restore", "containers_rt", *args)
+    socket_path = processes.socket_path("restore")
+    request = snapshot.spawn_request(socket_path, tmp_path / "restore.log")
+    request["snapshot_json"] = str(doctored)
+    process, _answers = start_restore(processes, snapshot, socket_path, request)
     event = process.event()
     assert event["stage"] == "restore"
     assert event["reason"].startswith("RestoreError: snapshot is for Python 2.7.18")

@@ -3,7 +3,6 @@ restore runs on_restore() and gets its own random state (DESIGN.md §3, §4)."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
@@ -19,8 +18,10 @@ from .conftest import (
     TemplateHandle,
     build,
     kill_pid,
+    send_spawn,
     start_build,
     start_fresh,
+    start_restore,
     start_template,
     wait_ready,
 )
@@ -84,11 +85,7 @@ def test_setup_runs_in_the_build_only(
     setup_log = tmp_path / "setups"
     env = {"COUNTER_SETUP_LOG": str(setup_log)}
     snapshot = build(module_processes, "counter_rt", tmp_path / "snapshot", env=env)
-    control = processes.socket_path("control")
-    process = processes.start("template", "counter_rt", "--snapshot-json",
-                              snapshot.snapshot_json, "--control", control, env=env)
-    assert process.event()["event"] == "template_ready"
-    template = TemplateHandle(process, control, snapshot, processes)
+    template = start_template(processes, snapshot, env=env)
     instances = [template.spawn(processes) for _ in range(3)]
     states = [call(instance.socket) for instance in instances]
     build_pid = {state["setup_pid"] for state in states}
@@ -124,12 +121,14 @@ def test_failed_restore_is_reported_and_template_survives(
 ) -> None:
     socket_path = processes.socket_path("broken")
     request = counter_template.snapshot.spawn_request(socket_path, tmp_path / "broken.log")
-    request["pickle"] = str(tmp_path / "missing.pickle")
-    events = counter_template.request(json.dumps(request).encode() + b"\n")
+    # The descriptor of an empty pickle: the restore fails after the fork.
+    (tmp_path / "empty.pickle").write_bytes(b"")
+    request["pickle"] = str(tmp_path / "empty.pickle")
+    events = send_spawn(counter_template.control, request)
     assert [e["event"] for e in events] == ["spawned", "failed"]
     processes.track(events[0]["pid"])
     assert events[1]["stage"] == "restore"
-    assert events[1]["reason"].startswith("FileNotFoundError:")
+    assert events[1]["reason"].startswith("EOFError:")
     assert "Traceback" in (tmp_path / "broken.log").read_text()
     assert call(counter_template.spawn(processes).socket)["setup_calls"] == 1
 
@@ -155,7 +154,9 @@ def test_on_restore_runs_after_every_restore(
     fresh, fresh_socket = start_fresh(processes, "on_restore_rt")
     template = start_template(processes, snapshot)
     socket_path = processes.socket_path("restore")
-    plain = processes.start("restore", "on_restore_rt", *snapshot.restore_args(socket_path))
+    plain, answers = start_restore(processes, snapshot, socket_path)
+    assert [a["event"] for a in answers] == ["spawned", "ready"], answers
+    assert answers[0]["pid"] == plain.pid  # restored in itself, not forked
     wait_ready(fresh)
     wait_ready(plain)
 

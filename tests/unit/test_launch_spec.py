@@ -14,7 +14,7 @@ from thaw.platform.docker import DockerRuntime
 from thaw.platform.docker.spec import (
     BASE_MEMORY_BYTES,
     RUNTIME_MOUNT,
-    SNAPSHOT_VIEW_DIR,
+    SNAPSHOT_FD,
     STATUS_DIR,
     ContainerLayout,
     ContainerSettings,
@@ -70,11 +70,15 @@ def test_the_agents_fresh_spec_carries_the_function() -> None:
 
 
 def test_a_template_spec_names_no_function_and_a_build_its_version() -> None:
-    template = template_spec(SPEC, Path("/b"), key="k" * 24, snapshot_json="/s/k1/s.json",
+    template = template_spec(SPEC, Path("/b"), key="k" * 24, snapshot_json='{"modules":[]}',
                              control="/dev/shm/run/t.sock", log_path="/home/logs/t.log")
     assert template.function == "" and "THAW_FUNCTION" not in template.env
-    assert template.command()[-4:] == ["--snapshot-json", "/s/k1/s.json",
-                                       "--control", "/dev/shm/run/t.sock"]
+    # The snapshot.json travels as its text (each runtime hands it over as a
+    # descriptor): the command line names no file of the snapshot store.
+    assert template.snapshot is not None
+    assert template.snapshot.snapshot_json == '{"modules":[]}'
+    assert template.command()[-2:] == ["--control", "/dev/shm/run/t.sock"]
+    assert "--snapshot-json" not in template.command()
     build = build_spec(SPEC, Path("/b"), out=Path("/home/builds/x"), log_path="/l/b.log")
     assert build.command()[-4:] == ["--out", "/home/builds/x", "--function-version", "3"]
     assert build.instance_id == "x"
@@ -123,16 +127,20 @@ def test_container_spec_follows_the_sandbox_and_limits_of_the_spec() -> None:
     assert "/venv/site-packages" not in {m["Target"] for m in kwargs["mounts"]}
 
 
-def test_template_containers_see_snapshot_files_one_by_one() -> None:
-    spec = template_spec(SPEC, Path("/b"), key="k" * 24, snapshot_json="/shm/snaps/k1/s.json",
+def test_template_containers_get_no_snapshot_files() -> None:
+    spec = template_spec(SPEC, Path("/b"), key="k" * 24, snapshot_json='{"modules":[]}',
                          control="/dev/shm/run/t.sock", log_path="/home/logs/t.log")
-    layout = ContainerLayout(**{**LAYOUT.__dict__,
-                                "snapshot_view": "/shm/snaps/.containers/c1"})
+    layout = LAYOUT
     mounts = {m.target: m for m in container_mounts(spec, layout, SETTINGS)}
-    assert mounts["/shm/snaps/k1/s.json"].read_only
-    assert "/shm/snaps/k1" not in mounts
-    assert mounts[SNAPSHOT_VIEW_DIR].source == "/shm/snaps/.containers/c1"
+    # Only the runtime, the status folder, the bundle, the log and socket folders.
+    assert set(mounts) == {RUNTIME_MOUNT, STATUS_DIR, "/b", "/home/logs", "/dev/shm/run",
+                           "/venv/site-packages"}
     kwargs = container_kwargs(spec, SETTINGS, layout)
+    [shell] = [part for part in kwargs["command"] if "exec" in part]
+    # The shell opens the template's own copy of its snapshot.json (in its private
+    # status folder) on SNAPSHOT_FD.
+    assert f"--snapshot-fd {SNAPSHOT_FD}" in shell
+    assert f"{SNAPSHOT_FD}<{STATUS_DIR}/snapshot.json" in shell
     assert kwargs["mem_limit"] == SETTINGS.template_instances * (BASE_MEMORY_BYTES + (256 << 20))
 
 
