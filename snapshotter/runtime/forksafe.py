@@ -32,8 +32,10 @@ from typing import Any
 # NVML instead of initialising the CUDA driver.
 NVML_CHECK_ENV = "PYTORCH_NVML_BASED_CUDA_CHECK"
 
-# The driver library's soname, and the plain name some loaders open it by.
-CUDA_DRIVER_LIBRARIES = ("libcuda.so.1", "libcuda.so")
+# The driver's soname: dlopen(RTLD_NOLOAD) matches it against every loaded library's
+# soname, so it finds the driver whichever file name loaded it. A failed look-up costs
+# tens of microseconds and runs once per pre-imported module: one name only.
+CUDA_DRIVER_LIBRARIES = ("libcuda.so.1",)
 CUDA_SUCCESS = 0
 
 Loader = Callable[[str], Any]
