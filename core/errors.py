@@ -95,6 +95,22 @@ class FingerprintMismatch(SnapshotError):
     code = "fingerprint_mismatch"
 
 
+class RestoreFailed(ThawError):
+    """A restore failed in a way not known to be the snapshot's own fault (the restoring
+    instance reported an error, died or hung): the scheduler tries another node, and
+    quarantines the snapshot only when a second node fails the same way."""
+
+    code = "restore_failed"
+
+
+class NodeFault(ThawError):
+    """A node could not start an instance for reasons of its own (a device or driver
+    error, a template that died, a node going down): the start goes to another node or
+    waits, and no snapshot is blamed."""
+
+    code = "node_fault"
+
+
 class ChunkNotFound(NotFound):
     """A chunk the manifest names is in no tier of this node."""
 

@@ -20,12 +20,9 @@ from typing import Any
 import structlog
 
 from thaw.core.errors import (
-    ChunkNotFound,
     FingerprintMismatch,
-    ImageNotOnNode,
     InstanceFailed,
     NotFound,
-    SnapshotError,
     ThawError,
 )
 from thaw.core.spec import extract_bundle
@@ -47,6 +44,7 @@ from thaw.platform.launch import (
 from thaw.platform.logs import RUNTIME, FunctionLogs
 from thaw.platform.peers import PeerChunks
 from thaw.platform.process import ProcessWatch, log_tail
+from thaw.platform.restore_faults import restore_fault
 from thaw.platform.runtime import (
     BuildRequest,
     Captured,
@@ -230,11 +228,11 @@ class Agent:
                 timings = await self._start_fresh(inst, spec)
         except BaseException as exc:
             await self._discard(inst, f"start failed: {exc}")
-            # A missing image says nothing about the snapshot: the scheduler tries
-            # another docker node rather than quarantining it.
-            if (restore and isinstance(exc, ThawError)
-                    and not isinstance(exc, (SnapshotError, ChunkNotFound, ImageNotOnNode))):
-                raise SnapshotError(f"restore failed: {exc}") from exc
+            # The error tells the scheduler whose fault a failed restore is: only the
+            # snapshot's own faults quarantine it (restore_faults.py).
+            reported = restore_fault(exc) if restore else exc
+            if reported is not exc:
+                raise reported from exc
             raise
         if spec.memory_limit_bytes:
             limit_memory(inst.pid, spec.memory_limit_bytes)

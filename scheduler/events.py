@@ -1,6 +1,8 @@
 """What the scheduler did and why, as a bounded in-memory log with subscribers:
-pressure changes, nodes lost, evictions, refused placements. The ListEvents and
-Events RPCs read it; the gateway's dashboard and alerting can follow it.
+pressure changes, nodes lost, evictions, refused placements, failed restores. The
+ListEvents and Events RPCs read it; the gateway's dashboard and alerting can follow
+it. The log also counts its events by kind in a Prometheus registry, the scheduler's
+metrics (`EventLog.registry`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter
 
 # Events kept for ListEvents and for subscribers that fall behind; a subscriber
 # further behind than this gets an EVENTS_LOST marker and continues from the oldest.
@@ -29,6 +33,7 @@ class EventKind(str, enum.Enum):
     INSTANCE_LOST = "instance_lost"        # exited, failed, or its node was lost
     SNAPSHOT_EVICTED = "snapshot_evicted"  # a pinned copy dropped under pressure
     RESTORE_FAILED = "restore_failed"      # a restore failed; the instance started fresh
+    RESTORE_RETRIED = "restore_retried"    # failed, not the snapshot's proven fault: retried
     SNAPSHOT_QUARANTINED = "snapshot_quarantined"  # never restored again (gateway alerts)
     PLACEMENT_QUEUED = "placement_queued"  # nothing fits: a request waits for room
     PLACEMENT_REFUSED = "placement_refused"  # queue full or timed out
@@ -53,7 +58,13 @@ class Event:
 
 class EventLog:
     def __init__(self, capacity: int = EVENT_LOG_CAPACITY,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        """The scheduler's Prometheus metrics: these counts and its parts' own."""
+        self._counts = Counter("thaw_scheduler_events_total",
+                               "Scheduler events emitted, by kind", ["kind"],
+                               registry=self.registry)
         self._events: deque[Event] = deque(maxlen=capacity)
         self._clock = clock
         self._seq = 0
@@ -69,6 +80,7 @@ class EventLog:
         event = Event(self._seq, self._clock(), kind, message, node_id, function,
                       tuple((k, str(v)) for k, v in sorted(attrs.items())))
         self._events.append(event)
+        self._counts.labels(kind.value).inc()
         # Wake every subscriber at once; each re-reads from its own position.
         appended, self._appended = self._appended, asyncio.Event()
         appended.set()

@@ -1,6 +1,7 @@
 """Cold starts: choose a node for the slice (evicting idle instances when nothing
-fits), restore or start the instance there, try other nodes when one is gone or
-lacks the image, and quarantine a snapshot whose restore failed."""
+fits), restore or start the instance there, try other nodes when one is gone, lacks
+the image or fails the restore, and quarantine a snapshot only for its own faults
+(restore_book.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import asyncio
 
 import structlog
 
-from thaw.core.errors import ChunkNotFound, ImageNotOnNode, OutOfMemory, SnapshotError, Unavailable
+from thaw.core.errors import ImageNotOnNode, ThawError, Unavailable
 from thaw.proto import agent_pb2, manifest_pb2
 from thaw.scheduler.events import EventKind
 from thaw.scheduler.fleet import Fleet
@@ -18,6 +19,7 @@ from thaw.scheduler.placement import Candidate, IdleInstance, choose_node, plan_
 from thaw.scheduler.plane_state import PlaneState, fn_name, spec_message
 from thaw.scheduler.pools import FunctionPool, InstanceView
 from thaw.scheduler.pressure import PressureLevel
+from thaw.scheduler.restore_book import Fault, RestoreBook, failure_signature, fault_of
 from thaw.scheduler.states import FunctionState, InstanceState, NodeState, SnapshotState
 from thaw.scheduler.store import FunctionRecord, new_id
 from thaw.scheduler.tiers import Tiers
@@ -43,6 +45,8 @@ class Starts:
         self.fleet = fleet
         self.instances = instances
         self.tiers = tiers
+        self.book = RestoreBook(state.events.registry, clock=state.clock)
+        """Failed restores per snapshot: what decides a quarantine."""
 
     def _candidates(self, fn: FunctionRecord, key: str, holders: set[str],
                     excluded: set[str], evicting: bool = False) -> list[Candidate]:
@@ -154,35 +158,70 @@ class Starts:
                             manifest: manifest_pb2.SnapshotManifest | None, key: str,
                             holders: set[str]) -> tuple[InstanceView, Timings]:
         s = self.s
-        excluded: set[str] = set()
+        excluded: dict[str, str] = {}  # nodes that take no start now -> why
         lacking: dict[str, str] = {}  # docker nodes whose engine lacks the image -> why
+        # Nodes that failed to restore this snapshot (now or in an earlier start) in a
+        # way that may be its fault: other nodes restore it first.
+        no_restore = self.book.failed_nodes(fn.snapshot_id) if (
+            manifest is not None and fn.snapshot_id) else {}
         while True:
             if lacking and all(n.id in lacking for n in s.runnable_nodes(fn)):
                 raise self.fleet.image_missing(fn, lacking)
-            node = await self._place(fn, instance_id, need, key, holders, excluded)
+            try:
+                node = await self._place(fn, instance_id, need, key, holders,
+                                         set(excluded) | set(no_restore))
+            except NoRoom as exc:
+                if manifest is not None and no_restore:
+                    # Every node that may still restore it is full or out: run fresh
+                    # on one of the others now rather than wait.
+                    log.warning("no other node to restore on; starting fresh",
+                                function=fn_name(fn), failed=sorted(no_restore))
+                    manifest, key, no_restore = None, "", {}
+                    continue
+                if excluded:
+                    raise NoRoom(f"{exc}; tried: " + "; ".join(
+                        f"{node_id}: {why}" for node_id, why in excluded.items())) from exc
+                raise
             s.placing[instance_id] = (fn.id, node.id)
             node.starts_in_flight += 1
             node.starting_ids.add(instance_id)
             try:
                 resp = await self._start_on(node, fn, instance_id, manifest, holders)
+                if manifest is not None and fn.snapshot_id:
+                    self.book.forget(fn.snapshot_id)  # it restores: not broken
                 break
-            except (Unavailable, OutOfMemory) as exc:
-                node.unreserve(instance_id)
-                # The node is gone (its agent does not answer) or its memory is not
-                # what the ledger says: try the other nodes before giving up.
-                if isinstance(exc, Unavailable):
-                    if await node.client.alive():
-                        raise
-                    await self.fleet.mark_lost(node, f"unreachable while starting: {exc}")
-                log.warning("start failed on node; trying another", node=node.id,
-                            function=fn_name(fn), error=str(exc))
-                excluded.add(node.id)
             except ImageNotOnNode as exc:
                 node.unreserve(instance_id)
                 log.warning("image not on node; trying another", node=node.id,
                             function=fn_name(fn), error=str(exc))
-                excluded.add(node.id)
+                excluded[node.id] = str(exc)
                 lacking[node.id] = str(exc)
+            except ThawError as exc:
+                node.unreserve(instance_id)
+                fault = fault_of(exc)
+                if fault is None:
+                    raise
+                if isinstance(exc, Unavailable) and not await node.client.alive():
+                    await self.fleet.mark_lost(node, f"unreachable while starting: {exc}")
+                if manifest is None or fn.snapshot_id is None:
+                    if fault is not Fault.NODE:
+                        raise
+                    # A fresh start: the node is gone or its memory is not what the
+                    # ledger says; try the other nodes before giving up.
+                    log.warning("start failed on node; trying another", node=node.id,
+                                function=fn_name(fn), error=str(exc))
+                    excluded[node.id] = str(exc)
+                    continue
+                if await self._restore_failed(fn, node, fault, exc):
+                    manifest, key, no_restore = None, "", {}  # quarantined: run fresh
+                elif fault is Fault.CHUNKS:
+                    # The data is out of reach (its nodes are down), not broken: start
+                    # fresh this time and keep the snapshot.
+                    manifest, key, no_restore = None, "", {}
+                elif fault is Fault.NODE:
+                    excluded[node.id] = str(exc)
+                else:
+                    no_restore[node.id] = str(exc)
             except BaseException:
                 node.unreserve(instance_id)
                 raise
@@ -210,34 +249,60 @@ class Starts:
     async def _start_on(self, node: NodeView, fn: FunctionRecord, instance_id: str,
                         manifest: manifest_pb2.SnapshotManifest | None, holders: set[str]
                         ) -> agent_pb2.StartInstanceResponse:
-        """Restore (or start fresh) on the node; a snapshot that fails to restore is
-        quarantined and the instance starts fresh."""
+        """Restore the snapshot on the node, or start fresh there without one."""
         nodes = self.s.nodes
         kind = agent_pb2.START_RESTORE if manifest is not None else agent_pb2.START_FRESH
         peers = [nodes[h].control_address for h in sorted(holders)
                  if h != node.id and h in nodes and nodes[h].state is not NodeState.LOST]
-        try:
-            return await node.client.start_instance(agent_pb2.StartInstanceRequest(
-                instance_id=instance_id, function=spec_message(fn), kind=kind,
-                manifest=manifest, peers=peers), timeout=START_RPC_TIMEOUT)
-        except (SnapshotError, ChunkNotFound) as exc:
-            if fn.snapshot_id is None:
-                raise
-            if isinstance(exc, ChunkNotFound):
-                # The data is out of reach (its nodes are down), not broken: start
-                # fresh this time and keep the snapshot.
-                log.warning("snapshot chunks unreachable; starting fresh",
-                            function=fn_name(fn), error=str(exc))
-            else:
-                await self._quarantine(fn, str(exc))
+        return await node.client.start_instance(agent_pb2.StartInstanceRequest(
+            instance_id=instance_id, function=spec_message(fn), kind=kind,
+            manifest=manifest, peers=peers), timeout=START_RPC_TIMEOUT)
+
+    async def _restore_failed(self, fn: FunctionRecord, node: NodeView, fault: Fault,
+                              exc: ThawError) -> bool:
+        """Judge a failed restore of fn's snapshot on `node`, say so (event, metric)
+        and quarantine the snapshot where it is its own fault: corrupt or of another
+        version; a fingerprint that every runnable node refused; the same failure on
+        a second node. True when quarantined."""
+        assert fn.snapshot_id is not None
+        snapshot = fn.snapshot_id
+        why = ""
+        if fault is Fault.SNAPSHOT:
+            why = str(exc)
+        elif fault in (Fault.FINGERPRINT, Fault.UNKNOWN):
+            signature = failure_signature(exc, node.id)
+            same = self.book.record(snapshot, node.id, fault, signature)
+            if fault is Fault.FINGERPRINT and self.book.refused_by_all(
+                    snapshot, (n.id for n in self.s.runnable_nodes(fn))):
+                why = f"no node can run it: {exc}"
+            elif same is not None:
+                why = f"it failed the same way on {same} and {node.id}: {exc}"
+        quarantined = bool(why)
+        self.book.count(fault, quarantined)
+        name = fn_name(fn)
+        if quarantined:
+            await self._quarantine(fn, why)
+            self.book.forget(snapshot)
             self.s.events.emit(EventKind.RESTORE_FAILED,
-                               f"restore of {fn_name(fn)} on {node.id} failed: {exc}",
-                               node_id=node.id, function=fn_name(fn),
-                               snapshot=fn.snapshot_id, quarantined=not isinstance(
-                                   exc, ChunkNotFound))
-            return await node.client.start_instance(agent_pb2.StartInstanceRequest(
-                instance_id=instance_id, function=spec_message(fn),
-                kind=agent_pb2.START_FRESH), timeout=START_RPC_TIMEOUT)
+                               f"restore of {name} on {node.id} failed: {exc}",
+                               node_id=node.id, function=name, snapshot=snapshot,
+                               quarantined=True)
+        elif fault is Fault.CHUNKS:
+            log.warning("snapshot chunks unreachable; starting fresh", function=name,
+                        error=str(exc))
+            self.s.events.emit(EventKind.RESTORE_FAILED,
+                               f"restore of {name} on {node.id} failed: {exc}",
+                               node_id=node.id, function=name, snapshot=snapshot,
+                               quarantined=False)
+        else:
+            log.warning("restore failed on node; trying elsewhere", node=node.id,
+                        function=name, fault=fault.value, error=str(exc))
+            self.s.events.emit(EventKind.RESTORE_RETRIED,
+                               f"restore of {name} on {node.id} failed ({fault.value}); "
+                               f"not quarantined, placing it elsewhere: {exc}",
+                               node_id=node.id, function=name, snapshot=snapshot,
+                               fault=fault.value)
+        return quarantined
 
     async def _quarantine(self, fn: FunctionRecord, reason: str) -> None:
         """A restore failed: never use this snapshot again; run fresh (no rebuild loop)."""
