@@ -267,15 +267,18 @@ class MemfdAllocator:
         return True
 
     def free(self, region: HostRegion) -> None:
-        if region.locked and self._locker is not None:
-            self._locker.unlock(region.locked_at, region.size)
-            region.locked = False
-        # A reader that still holds a view keeps the mapping until it drops it.
-        with contextlib.suppress(BufferError):
-            _unmap(region)
-        if region.fd >= 0:
-            os.close(region.fd)
-            region.fd = -1
+        try:
+            if region.locked and self._locker is not None:
+                region.locked = False
+                self._locker.unlock(region.locked_at, region.size)
+        finally:
+            # Gone even when unlocking failed. A reader that still holds a view keeps
+            # the mapping until it drops it.
+            with contextlib.suppress(BufferError):
+                _unmap(region)
+            if region.fd >= 0:
+                os.close(region.fd)
+                region.fd = -1
 
     def refusal_for(self, capacity: int) -> str:
         if self._locker is None:

@@ -386,3 +386,22 @@ def test_disk_prewarm_and_restore_through_sealed_regions(tmp_path: Path) -> None
     out = bytearray(len(data))
     stats = restore_arena(refs, out, disk=disk, pinned=tier)
     assert stats.from_pinned_bytes == len(data) and bytes(out) == data
+
+
+def test_a_failed_unregister_still_gives_the_region_back() -> None:
+    from thaw.core.errors import ThawError
+
+    class Failing(FakeCudaRuntime):
+        def hostUnregister(self, ptr: int) -> None:  # noqa: N802
+            raise RuntimeError("cudaErrorHostMemoryNotRegistered")
+
+    refs, source = arena([64 * KIB], seed=10)
+    tier = PinnedTier(MIB, allocator=CudaPinnedAllocator(Failing()))
+    tier.prewarm(refs, source)
+    with tier.hold([refs[0].digest]) as spans:
+        name = os.readlink(f"/proc/self/fd/{spans[refs[0].digest].fd}")
+    with pytest.raises(ThawError, match="cudaHostUnregister"):
+        tier.evict([refs[0].digest])
+    assert tier.usage().used == 0
+    assert not any(line.endswith(name)
+                   for line in Path("/proc/self/maps").read_text().splitlines())
