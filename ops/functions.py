@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from collections.abc import Iterator
@@ -150,6 +151,29 @@ def fn_ls(as_json: bool) -> None:
     rows = Client().request("GET", "/v1/functions").json()["functions"]
     print_table(rows, ["name", "version", "state", "start_mode", "warm_instances", "url"],
                 as_json)
+
+
+@fn.command("status")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print the function's JSON.")
+def fn_status(name: str, as_json: bool) -> None:
+    """Function NAME: its serving version, state, start mode, warm instances and URL,
+    then any warning about how the nodes would run it (e.g. "gpu_compute not enforced"
+    where no MPS daemon applies its share)."""
+    doc = Client().request("GET", f"/v1/functions/{name}").json()
+    if as_json:
+        click.echo(json.dumps(doc, indent=2))
+        return
+    rows: list[dict[str, object]] = [{
+        "name": doc["name"], "version": doc["version"], "state": doc["state"],
+        "start_mode": doc["start_mode"], "warm_instances": doc["warm_instances"],
+        "url": doc["url"]}]
+    print_table(rows, ["name", "version", "state", "start_mode", "warm_instances", "url"],
+                as_json=False)
+    if doc.get("reason"):
+        click.echo(f"reason: {doc['reason']}")
+    for warning in doc.get("warnings") or []:
+        click.echo(f"warning: {warning}")
 
 
 @fn.command("rm")

@@ -39,7 +39,14 @@ environment (`CudaSlice.instance_env`), plus CUDA_MPS_PIPE_DIRECTORY if the daem
 not use the default pipe directory (and, under docker, that directory mounted and
 `ipc_mode="host"`). The percentage caps the SMs a client may use; it reserves nothing,
 so shares are not packed: their sum on a device may pass 100. Without MPS the share is
-kept on the slice as data and not enforced.
+kept on the slice as data and not enforced; the node says so in its telemetry
+(`compute_shares_enforced`, NodeTelemetry.mps_active) and `thaw node ls` and the
+function's status say "gpu_compute not enforced" (docs/gpu-placement.md).
+
+Several GPUs. Every instance sees only its slice's GPU (`CudaSlice.instance_env` sets
+CUDA_VISIBLE_DEVICES to its UUID; the descriptor's ordinal is then 0), and slices are
+placed behind the PCIe link with the fewest restores in flight (`topology`,
+thaw.platform.activation).
 """
 
 from thaw.platform.cuda.allocator import (
