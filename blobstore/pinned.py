@@ -256,7 +256,8 @@ class PinnedTier:
             self.unpin(present)
 
     def evict(self, digests: Iterable[str]) -> int:
-        """Drop these chunks now, except pinned ones; returns the bytes freed."""
+        """Drop these chunks now, except pinned ones; returns the bytes freed (a sealed
+        region's memory, its evicted chunks included, is freed with its last chunk)."""
         freed = 0
         with self._lock:
             for digest in digests:
