@@ -58,7 +58,7 @@ def run_restore_bench(size_bytes: int, workers: int | None = None, *,
     if rounds < 1:
         raise InvalidArgument(f"rounds must be >= 1, got {rounds!r}", field="rounds")
     threads = resolve_workers(workers)
-    state = _incompressible_state(size_bytes)
+    state = incompressible_state(size_bytes)
     with contextlib.ExitStack() as stack:
         scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="thaw-bench-")))
         disk = DiskTier(scratch / "chunks")
@@ -109,7 +109,7 @@ def run_restore_bench(size_bytes: int, workers: int | None = None, *,
     }
 
 
-def _incompressible_state(size_bytes: int) -> np.ndarray:
+def incompressible_state(size_bytes: int) -> np.ndarray:
     """Float32 'weights' in [-0.02, 0.02): random mantissas, so LZ4 saves nothing and
     every chunk is stored raw, as real model weights are. (Uniform, not normal: it is
     4x faster to draw and compresses no better.)"""

@@ -25,12 +25,21 @@ def bench() -> None:
 @bench.command()
 @click.option("--size", default="2GiB", show_default=True, help="State size to restore.")
 @click.option("--workers", type=int, default=None, help="Copy threads (default: all cores).")
+@click.option("--device", type=click.Choice(["host", "cuda"]), default="host",
+              show_default=True,
+              help="host: into a host slice vs a plain memcpy; cuda: into a GPU slice vs "
+                   "the pinned host-to-device ceiling (needs CuPy and a GPU).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (the only format for now).")
-def restore(size: str, workers: int | None, as_json: bool) -> None:
-    """Restore a state from the pinned tier into a host slice vs a plain memcpy."""
-    from thaw.bench.restore import run_restore_bench
+def restore(size: str, workers: int | None, device: str, as_json: bool) -> None:
+    """Restore a state from the pinned tier into a slice vs the copy it cannot beat."""
+    if device == "host":
+        from thaw.bench.restore import run_restore_bench
 
-    click.echo(json.dumps(run_restore_bench(parse_size(size), workers)))
+        click.echo(json.dumps(run_restore_bench(parse_size(size), workers)))
+        return
+    from thaw.bench.restore_cuda import run_cuda_restore_bench_here
+
+    click.echo(json.dumps(run_cuda_restore_bench_here(parse_size(size), workers)))
 
 
 @bench.command()
