@@ -11,6 +11,7 @@ from thaw.core.errors import ThawError
 from thaw.ops.audit import audit
 from thaw.ops.bench import bench
 from thaw.ops.config import CREDENTIALS_HELP, login
+from thaw.ops.doctor import doctor
 from thaw.ops.functions import deploy, fn, invoke
 from thaw.ops.images import image
 from thaw.ops.invocations import inv
@@ -39,7 +40,7 @@ def cli(profile: str) -> None:
 
 
 for command in (up, scheduler, gateway, agent, deploy, invoke, fn, snapshot, node, bench,
-                image, login, top, usage, inv, config_group):
+                image, login, top, usage, inv, config_group, doctor):
     cli.add_command(command)
 fn.add_command(fn_logs)
 for command in (key, tenant, audit):  # tenancy: ops/tenants.py, ops/audit.py
