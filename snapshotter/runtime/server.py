@@ -56,6 +56,14 @@ _HEALTHY = encode_json({"status": "ok"})
 _SSE_DONE = b"event: done\ndata: {}\n\n"
 
 
+def is_device_out_of_memory(exc: BaseException) -> bool:
+    """torch's out-of-memory error for a device allocation (torch.OutOfMemoryError, a
+    RuntimeError): what an allocation past the rest of the instance's slice raises.
+    Matched by name: the runtime never imports torch itself."""
+    return any(cls.__name__ == "OutOfMemoryError" and cls.__module__.startswith("torch")
+               for cls in type(exc).__mro__)
+
+
 def error_body(code: str, message: str) -> bytes:
     return encode_json({"error": {"code": code, "message": message}})
 
@@ -225,7 +233,7 @@ class InvokeRequestHandler(http.server.BaseHTTPRequestHandler):
                 (mapped for kind, mapped in _ERROR_TABLE.items() if isinstance(exc, kind)),
                 _HANDLER_ERROR,
             )
-            if isinstance(exc, MemoryError):
+            if isinstance(exc, MemoryError) or is_device_out_of_memory(exc):
                 self._out_of_memory(exc)
             if status >= 500:
                 traceback.print_exc()
@@ -240,11 +248,13 @@ class InvokeRequestHandler(http.server.BaseHTTPRequestHandler):
             sse = SSE_CONTENT_TYPE in request.headers.get("accept", "")
             self._stream(reply, sse)
 
-    def _out_of_memory(self, exc: MemoryError) -> NoReturn:
+    def _out_of_memory(self, exc: Exception) -> NoReturn:
         """Past its memory limit the instance answers 507 and exits: the agent
-        replaces it rather than trust a process whose allocations fail."""
-        message = ("the instance exceeded its memory limit (resources.memory): "
-                   f"{describe_exception(exc)}")
+        replaces it rather than trust a process whose allocations fail. The same
+        for its device memory, bounded by the rest of its slice."""
+        limit = ("its slice (resources.gpu_memory)" if is_device_out_of_memory(exc)
+                 else "its memory limit (resources.memory)")
+        message = f"the instance exceeded {limit}: {describe_exception(exc)}"
         print(f"thaw runtime: {message}; exiting", file=sys.stderr)
         try:
             self.close_connection = True
