@@ -15,6 +15,8 @@ import pytest
 from structlog.testing import capture_logs
 
 from thaw.core.errors import InstanceFailed
+from thaw.platform.docker.spec import ContainerLayout, ContainerSettings, container_kwargs
+from thaw.platform.launch import build_spec, template_spec
 from thaw.platform.runtime import LaunchSpec, RuntimeCapabilities
 from thaw.platform.templates import TemplatePool
 from thaw.proto import agent_pb2, manifest_pb2
@@ -160,6 +162,20 @@ async def test_templates_run_with_the_nvml_based_cuda_check(bundle: Path,
     spec = runtime.launched[0][0]
     assert spec.environment["PYTORCH_NVML_BASED_CUDA_CHECK"] == "1"
     await pool.close()
+
+
+def test_template_containers_carry_the_nvml_check_and_builds_do_not() -> None:
+    spec = template_spec(SPEC, Path("/b"), key="k" * 24, snapshot_json='{"modules":[]}',
+                         control="/dev/shm/run/t.sock", log_path="/home/logs/t.log")
+    settings = ContainerSettings(image="thaw/base:test", node_id="n1", agent_id="a1",
+                                 agent_pid=4242)
+    layout = ContainerLayout(name="t1", uid=200_007, status_dir="/state/t1/ctl",
+                             log_dir="/home/logs", log_private="/home/logs/.containers/t1",
+                             run_dir="/dev/shm/run", run_private="/state/t1/run")
+    environment = container_kwargs(spec, settings, layout)["environment"]
+    assert environment["PYTORCH_NVML_BASED_CUDA_CHECK"] == "1"
+    build = build_spec(SPEC, Path("/b"), out=Path("/out/b1"), log_path="/home/logs/b.log")
+    assert "PYTORCH_NVML_BASED_CUDA_CHECK" not in build.environment
 
 
 @pytest.mark.parametrize("event", [
