@@ -6,6 +6,7 @@ without a GPU it installs fakes that keep the state a real query leaves behind."
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,7 @@ def test_a_template_that_initialised_cuda_reports_it_and_refuses_to_fork(
     assert template.ready["unsafe_reason"] == "CuPy initialised CUDA at import (module app)"
     socket_path = processes.socket_path("instance")
     request = snapshot.spawn_request(socket_path, processes.log_dir / "refused.log")
+    open_fds = len(os.listdir(f"/proc/{template.process.pid}/fd"))
     for _ in range(2):  # every request, and the template keeps answering
         events = send_spawn(template.control, request)
         assert len(events) == 1, events
@@ -45,6 +47,8 @@ def test_a_template_that_initialised_cuda_reports_it_and_refuses_to_fork(
         assert "not fork-safe: CuPy initialised CUDA at import (module app)" in (
             events[0]["reason"])
     assert not Path(socket_path).exists()  # nothing was forked to serve on it
+    # The descriptors each request carried were closed, not kept.
+    assert len(os.listdir(f"/proc/{template.process.pid}/fd")) == open_fds
     assert template.process.popen.poll() is None
     assert "not forking instances" in template.process.log()
 
