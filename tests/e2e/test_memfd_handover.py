@@ -62,3 +62,24 @@ def test_weights_live_in_sealed_memfds_and_no_store_path_reaches_the_instance(
     for word in told:
         assert "state.pickle" not in word and ".arena" not in word, word
         assert "snapshot.json" not in word, word
+
+
+def test_a_function_that_initialises_cuda_at_import_restores_without_fork(
+        platform: RunningPlatform) -> None:
+    """Its template may not fork: the agent restores it in a fresh interpreter (restore
+    mode) with the same descriptors, and the snapshot is not quarantined."""
+    resp = platform.deploy(FIXTURES / "cuda_at_import")
+    assert resp.status_code == 201, resp.text
+    assert resp.json()["start_mode"] == "restore", resp.json()
+    cold = platform.invoke("cuda-at-import")
+    assert cold.status_code == 200, cold.text
+    assert cold.headers["X-Thaw-Start"] == "restore"
+    answer = cold.json()
+    assert answer["answer"] == 42  # set by setup() in the build, restored here
+    # Not forked from a template: its parent is the agent that launched it.
+    with open(f"/proc/{answer['ppid']}/cmdline", "rb") as handle:
+        parent = handle.read().split(b"\0")
+    assert b"template" not in parent and b"agent" in parent, parent
+    fn = platform.http.get("/v1/functions/cuda-at-import")
+    assert fn.status_code == 200, fn.text
+    assert fn.json()["start_mode"] == "restore", fn.json()  # its snapshot still serves
