@@ -321,7 +321,8 @@ class Agent:
                 if slice_fd is not None:
                     fds["slice"] = slice_fd
             request = SpawnRequest(instance_id=inst.id, socket=inst.socket,
-                                   log=inst.log_path, fds=fds, slice=descriptor)
+                                   log=inst.log_path, fds=fds, slice=descriptor,
+                                   env=sl.instance_env() if sl is not None else {})
             if template.fork_safe:
                 pid, _ready = await self.runtime.spawn(template.control, request,
                                                        self.start_timeout)

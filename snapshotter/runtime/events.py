@@ -272,6 +272,9 @@ class SpawnRequest:
     log: str
     fds: dict[str, int] = dataclasses.field(default_factory=dict)
     slice: SliceDescriptor | None = None
+    env: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Set in the instance before it restores (before anything initialises CUDA there):
+    what its slice needs, e.g. CUDA_VISIBLE_DEVICES and an MPS thread percentage."""
 
     def fd(self, name: str) -> int | None:
         return self.fds.get(name)
@@ -281,7 +284,8 @@ class SpawnRequest:
         names = [name for name in SPAWN_FD_NAMES if name in self.fds]
         record: dict[str, Any] = {"op": self.op, "instance_id": self.instance_id,
                                   "socket": self.socket, "log": self.log, "fds": names,
-                                  "slice": self.slice.to_record() if self.slice else None}
+                                  "slice": self.slice.to_record() if self.slice else None,
+                                  "env": self.env}
         line = json.dumps(record, separators=(",", ":")).encode() + b"\n"
         return line, [self.fds[name] for name in names]
 
@@ -314,6 +318,9 @@ class SpawnRequest:
         for name in ("socket", "log"):
             if not isinstance(getattr(request, name), str):
                 raise ValueError(f"spawn request field {name!r} must be a path string")
+        if not isinstance(request.env, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in request.env.items()):
+            raise ValueError("spawn request field 'env' must map names to strings")
         for name in ("snapshot_json", "pickle"):
             if name not in request.fds:
                 raise ValueError(f"spawn request carries no {name!r} descriptor")

@@ -328,6 +328,8 @@ def restore_request(request: SpawnRequest) -> Restored:
     mappings made from them stay)."""
     global received
     received = request
+    # Before the slice is opened: CUDA reads these when it initialises.
+    os.environ.update(request.env)
     try:
         meta = SnapshotMeta.load(request.fds["snapshot_json"])
         device = (DeviceMemory(request.slice, request.fd("slice"))

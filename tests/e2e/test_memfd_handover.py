@@ -55,7 +55,8 @@ def test_weights_live_in_sealed_memfds_and_no_store_path_reaches_the_instance(
     assert received is not None
     assert set(received["fds"]) == {"snapshot_json", "pickle", "host_arena", "slice"}
     assert received["slice"]["kind"] == "host" and received["slice"]["size"] == 64 << 20
-    told = [*seen["cmdline"], *seen["environ"], received["socket"], received["log"]]
+    told = [*seen["cmdline"], *seen["environ"], *seen["os_environ"], received["socket"],
+            received["log"], *received["env"].values()]
     for path in store_paths(platform.platform.home):
         assert not [word for word in told if path in word], path
     # Nor does any word name a snapshot file (the store's former layout).

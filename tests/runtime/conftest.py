@@ -281,7 +281,8 @@ def encode_spawn(record: dict[str, Any]) -> tuple[bytes, list[int]]:
     fds = {name: os.open(record[name], os.O_RDONLY) for name in SPAWN_FILES
            if record.get(name)}
     line = {"op": "spawn", "instance_id": record["instance_id"], "socket": record["socket"],
-            "log": record["log"], "fds": list(fds), "slice": record.get("slice")}
+            "log": record["log"], "fds": list(fds), "slice": record.get("slice"),
+            "env": record.get("env", {})}
     return json.dumps(line).encode() + b"\n", list(fds.values())
 
 

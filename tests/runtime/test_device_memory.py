@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from tests.runtime.conftest import Processes, build, start_template
 from thaw.platform.devices import HostDevices
 from thaw.snapshotter.runtime.capture import capture
 from thaw.snapshotter.runtime.events import SliceDescriptor
@@ -91,3 +92,24 @@ def test_a_device_allocation_past_the_slice_reads_as_out_of_memory() -> None:
     assert is_device_out_of_memory(torch.OutOfMemoryError("CUDA out of memory"))
     assert not is_device_out_of_memory(RuntimeError("CUDA out of memory"))
     assert not is_device_out_of_memory(MemoryError())
+
+
+def test_a_forked_instance_gets_its_slice_environment_before_it_restores(
+        processes: Processes, tmp_path: Path) -> None:
+    """What a slice needs in the environment (CUDA_VISIBLE_DEVICES, an MPS share) is
+    set in the instance by the spawn request: a fork inherits its template's."""
+    snapshot = build(processes, "memfd_probe", tmp_path / "snap")
+    template = start_template(processes, snapshot)
+    socket_path = processes.socket_path("instance")
+    request = snapshot.spawn_request(socket_path, processes.log_dir / "probe.log")
+    request["env"] = {"CUDA_VISIBLE_DEVICES": "GPU-test", "THAW_PROBE_MARK": "7"}
+    instance = template.spawn(processes, request)
+    client = instance.client()
+    try:
+        seen = client.invoke({}).json()
+    finally:
+        client.close()
+    assert {"CUDA_VISIBLE_DEVICES=GPU-test", "THAW_PROBE_MARK=7"} <= set(seen["os_environ"])
+    assert seen["received"]["env"] == request["env"]
+    template_environ = Path(f"/proc/{template.process.pid}/environ").read_bytes()
+    assert b"THAW_PROBE_MARK" not in template_environ  # the template's stays its own

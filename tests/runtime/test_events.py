@@ -81,13 +81,14 @@ def test_spawn_request_round_trip_and_validation() -> None:
     assert json.loads(line)["fds"] == ["snapshot_json", "pickle", "host_arena"]
     assert fds == [5, 7, 9]
     request_with_slice = SpawnRequest(
-        "i-1", "/s.sock", "/log", fds={**request.fds, "slice": 11}, slice=request.slice)
+        "i-1", "/s.sock", "/log", fds={**request.fds, "slice": 11}, slice=request.slice,
+        env={"CUDA_VISIBLE_DEVICES": "GPU-1"})
     line, fds = request_with_slice.to_message()
     assert fds == [5, 7, 9, 11]
     assert SpawnRequest.from_message(line, fds) == request_with_slice
     # The line names no file: only the instance's own socket and log.
     record = json.loads(line)
-    assert set(record) == {"op", "instance_id", "socket", "log", "fds", "slice"}
+    assert set(record) == {"op", "instance_id", "socket", "log", "fds", "slice", "env"}
     for bad, descriptors in (
             (b"", []), (b"[]", []), (b'{"op": "kill"}', []),
             (b'{"op": "spawn", "socket": "/s"}', []),
@@ -99,6 +100,8 @@ def test_spawn_request_round_trip_and_validation() -> None:
                         ).encode(), [1, 2, 3, 4]),
             (json.dumps({**record, "fds": ["snapshot_json", "slice"]}).encode(), [1, 2]),
             (json.dumps({**record, "socket": 1}).encode(), fds),
+            (json.dumps({**record, "env": {"A": 1}}).encode(), fds),
+            (json.dumps({**record, "env": ["A"]}).encode(), fds),
             (json.dumps({**record, "slice": {"kind": "tpu", "size": 1}}).encode(), fds),
             (json.dumps({**record, "slice": {"kind": "host", "size": -1}}).encode(), fds),
             (json.dumps({**record, "slice": {"kind": "cuda", "size": 4}}).encode(), fds),
