@@ -27,7 +27,23 @@ def function_json(request: web.Request, fn: scheduler_pb2.FunctionInfo) -> dict[
         "active_version": fn.active_version or None,
         "latest_build": version_json(fn.latest_build) if fn.HasField("latest_build") else None,
         "url": function_url(request, fn.tenant, fn.name), "priority": fn.priority or None,
+        "gpu_compute_unenforced_nodes": list(fn.gpu_compute_unenforced_nodes),
+        "warnings": compute_warnings(fn),
     }
+
+
+# What the function status and `thaw node ls` say where a gpu_compute share has no MPS
+# daemon to apply it (the instance then competes for every SM of its GPU).
+GPU_COMPUTE_NOT_ENFORCED = "gpu_compute not enforced"
+
+
+def compute_warnings(fn: scheduler_pb2.FunctionInfo) -> list[str]:
+    """Warnings about a function's configuration as the nodes would run it."""
+    nodes = list(fn.gpu_compute_unenforced_nodes)
+    if not nodes:
+        return []
+    return [f"{GPU_COMPUTE_NOT_ENFORCED} on {', '.join(nodes)}: no MPS daemon runs there, "
+            "so its instances may use every SM of their GPU"]
 
 
 def version_json(v: scheduler_pb2.VersionInfo) -> dict[str, Any]:
@@ -44,6 +60,7 @@ def node_json(node: scheduler_pb2.NodeInfo) -> dict[str, Any]:
     return {
         "id": node.id, "state": node.state, "instances": node.instances,
         "runtime": node.runtime or "process",
+        "mps_active": node.telemetry.mps_active,
         "data_url": node.data_url, "disk_bytes": node.disk_bytes,
         "last_heartbeat_age_seconds": round(node.last_heartbeat_age_seconds, 3),
         "devices": [{"id": d.id, "kind": d.kind, "capacity_bytes": d.capacity_bytes,

@@ -17,6 +17,10 @@ def node() -> None:
     """List nodes, cordon, uncordon and drain them."""
 
 
+# What an operator is told about a node where no MPS daemon applies functions'
+# gpu_compute shares (the same words as the function status, gateway/views.py).
+GPU_COMPUTE_NOT_ENFORCED = "gpu_compute not enforced"
+
 # PinnedTierInfo.lock as the gateway's node JSON carries it ("" or absent: an agent
 # that does not report it).
 PINNED_LOCKED = "locked"
@@ -40,7 +44,8 @@ def pinned_lock_note(pinned: dict[str, Any]) -> str:
 def node_ls(as_json: bool) -> None:
     """Nodes with their runtime (process or docker: only docker nodes run image
     functions), devices, pinned tier and instances; a note under the table for each
-    node whose pinned tier is not page-locked, and why."""
+    node whose pinned tier is not page-locked, and why, and for each node where
+    gpu_compute shares are not enforced (no MPS daemon)."""
     nodes = Client().request("GET", "/v1/nodes").json()["nodes"]
     if as_json:
         print_table(nodes, [], True)
@@ -62,6 +67,8 @@ def node_ls(as_json: bool) -> None:
         note = pinned_lock_note(n["pinned"])
         if note:
             click.echo(f"{n['id']}: {note}")
+        if n.get("mps_active") is False:  # absent: a gateway too old to say
+            click.echo(f"{n['id']}: {GPU_COMPUTE_NOT_ENFORCED} (no MPS daemon)")
 
 
 @node.command("cordon")
