@@ -90,6 +90,9 @@ def run_cuda_restore_bench(size_bytes: int, parts: CudaBenchParts, *,
         disk = DiskTier(scratch / "chunks")
         refs = store_arena(disk, state.data, chunk_size, workers)
         pinned = PinnedTier(size_bytes, allocator=parts.tier_memory)
+        # Evicting gives the regions back through the allocator (unregistered first on
+        # cuda), rather than leaving page-locked mappings to the garbage collector.
+        stack.callback(lambda: pinned.evict(pinned.digests()))
         pinned.prewarm(refs, disk, workers=workers)
         pinned_memory = pinned.allocator.name
         sl = parts.devices.allocate(size_bytes, "bench")

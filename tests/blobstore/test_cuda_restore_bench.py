@@ -13,7 +13,7 @@ import pytest
 
 from thaw.bench.restore_cuda import CudaBenchParts, run_cuda_restore_bench
 from thaw.bench.slice_probe import InMemorySliceProbe, ProbeReport, ProbeRequest
-from thaw.blobstore import PinnedTier
+from thaw.blobstore import HostRegion, MemfdAllocator, PinnedTier
 from thaw.core.errors import ThawError
 from thaw.platform.cuda import CudaDevices, CudaSliceDescriptor, InMemoryCudaApi, MiB
 
@@ -65,6 +65,34 @@ def test_cuda_restore_bench_reports_restore_against_the_ceiling() -> None:
     # Slice, ceiling buffers and streams all given back.
     assert api.allocations == {} and api.streams == {}
     assert isinstance(parts.baseline_memory, HeapBuffers) and parts.baseline_memory.live == 0
+
+
+class CountingMemory(MemfdAllocator):
+    """The agent's kind of pinned memory, counting regions not yet given back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+
+    def allocate(self, nbytes: int) -> HostRegion:
+        region = super().allocate(nbytes)
+        self.live += 1
+        return region
+
+    def free(self, region: HostRegion) -> None:
+        self.live -= 1
+        super().free(region)
+
+
+def test_the_pinned_tiers_regions_are_given_back_through_the_allocator() -> None:
+    api = InMemoryCudaApi([64 * MiB])
+    memory = CountingMemory()
+    parts = fake_parts(api)
+    parts = CudaBenchParts(devices=parts.devices, api=api, tier_memory=memory,
+                           baseline_memory=HeapBuffers(), probe=parts.probe)
+    result = run_cuda_restore_bench(2 * MiB, parts, chunk_size=1 * MiB, rounds=1, workers=1)
+    assert result["pinned_memory"] == memory.name
+    assert memory.live == 0
 
 
 def test_a_slice_that_reads_back_wrong_fails_the_bench_and_frees_everything() -> None:
