@@ -23,7 +23,7 @@ from thaw.scheduler.restore_book import Fault, RestoreBook, failure_signature, f
 from thaw.scheduler.states import FunctionState, InstanceState, NodeState, SnapshotState
 from thaw.scheduler.store import FunctionRecord, new_id
 from thaw.scheduler.tiers import Tiers
-from thaw.snapshotter.manifest import manifest_key
+from thaw.snapshotter.manifest import has_device_arena, manifest_key
 
 log = structlog.get_logger()
 
@@ -164,6 +164,10 @@ class Starts:
         # way that may be its fault: other nodes restore it first.
         no_restore = self.book.failed_nodes(fn.snapshot_id) if (
             manifest is not None and fn.snapshot_id) else {}
+        if manifest is not None and has_device_arena(manifest):
+            no_restore.update({n.id: "no CUDA device for the snapshot's device arena"
+                               for n in s.runnable_nodes(fn)
+                               if not any(d.kind == "cuda" for d in n.devices)})
         while True:
             if lacking and all(n.id in lacking for n in s.runnable_nodes(fn)):
                 raise self.fleet.image_missing(fn, lacking)

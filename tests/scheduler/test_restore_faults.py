@@ -25,9 +25,9 @@ from thaw.core.errors import (
     OutOfMemory,
     RestoreFailed,
 )
-from thaw.proto import agent_pb2
+from thaw.proto import agent_pb2, manifest_pb2, scheduler_pb2
 from thaw.scheduler.events import EventKind
-from thaw.scheduler.states import SnapshotState
+from thaw.scheduler.states import FunctionState, SnapshotState
 from thaw.scheduler.store import FunctionRecord
 
 
@@ -218,4 +218,38 @@ async def test_a_restore_that_succeeds_clears_the_record(cluster: Cluster) -> No
     assert cluster.control.starts.book.failed_nodes(fn.snapshot_id or "") == {}
     b.restore_errors = [RestoreFailed(same)]
     grant = await cluster.control.acquire("dev", NAME, 30)
+    assert await snapshot_state(cluster, fn) is SnapshotState.READY
+
+
+async def test_a_snapshot_holding_cuda_memory_restores_on_a_cuda_node_only(
+        cluster: Cluster) -> None:
+    host = await add_failing_node(cluster, "a-host")  # holds it, and sorts first
+    gpu = FailingRestoreAgent("b-gpu:1")
+    cluster.agents[gpu.address] = gpu
+    devices = gpu.devices()
+    for device in devices:
+        device.kind = "cuda"
+    await cluster.control.register(scheduler_pb2.RegisterRequest(
+        node_id="b-gpu", control_address=gpu.address, data_url="http://b-gpu",
+        devices=devices))
+    fn = await deploy_with_snapshot(cluster, "a-host")
+    # Its snapshot holds CUDA memory.
+    store = cluster.control.store
+    snapshot_id = await store.run(store.create_snapshot, fn.id, fn.version, "a-host")
+    manifest = manifest_pb2.SnapshotManifest(function=f"dev/{NAME}", version=str(fn.version),
+                                             device=manifest_pb2.Arena(size=4096))
+    await store.run(store.finish_snapshot, snapshot_id, SnapshotState.READY,
+                    manifest=manifest.SerializeToString(), stored_bytes=1000)
+    fn = await store.run(store.set_function_state, fn.id, fn.version, FunctionState.READY,
+                         "", "restore", snapshot_id)
+
+    grant = await cluster.control.acquire("dev", NAME, 30)
+    assert grant.start == "restore" and grant.instance.node_id == "b-gpu"
+    assert restores(host) == 0
+
+    # With the cuda node in trouble, the host node serves it fresh rather than waiting.
+    gpu.restore_errors = [NodeFault("driver error (internal)")]
+    grant = await cluster.control.acquire("dev", NAME, 30)
+    assert grant.start == "fresh" and grant.instance.node_id == "a-host"
+    assert restores(host) == 0
     assert await snapshot_state(cluster, fn) is SnapshotState.READY
