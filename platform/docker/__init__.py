@@ -25,20 +25,23 @@ What runs where
 Paths need no translation
     The LaunchSpec names host paths, each mount with its kind (runtime.Mount); each
     appears at the same path inside the container. The bundle folder is mounted read-
-    only, the build output folder writable, and snapshot files one by one, read-only
-    (their folders hold other snapshots). Sockets and logs are not shared folders either
+    only and the build output folder writable. Sockets and logs are not shared folders
     (a tenant could reach or replace another tenant's socket, or read its log): each
     container gets private host folders mounted at the socket folder's and the log
     folder's paths; on the host the agent's socket path is a symlink into the private
     folder and its log file a hard link to the one the container writes, so the agent
-    connects and reads where it always does. The one rewrite: a spawn request naming
-    snapshot files its template's container does not see (templates are shared by
-    snapshots with the same code) gets them hard-linked into the container's snapshot
-    view (/run/thaw/snapshots) and its paths pointed there; the links go once the
-    instance has mapped them.
+    connects and reads where it always does.
+
+Snapshots go in as descriptors
+    No snapshot file is mounted. A template's snapshot.json (its module list) is
+    copied into its private status folder and opened by its shell on fd 4
+    (`--snapshot-fd`); a restore's snapshot memfds and host slice travel as SCM_RIGHTS
+    descriptors with the spawn request over the bind-mounted control socket (unix
+    sockets pass descriptors across the container boundary), so a shared template
+    serves snapshots of any of its functions without a file of theirs in sight.
 
 Status events
-    No descriptor can be handed into a container: the runtime writes its JSON lines on
+    No descriptor can be inherited into a container: the runtime writes its JSON lines on
     fd 3, which `sh -c 'exec ... 3>/run/thaw/status/events'` opens on a FIFO in a
     private folder mounted read-only. The agent side holds a spare write end until the
     container's main process ends, so the stream ends exactly when a process's pipe
