@@ -331,6 +331,7 @@ def test_server_timing_and_the_weights_verdict() -> None:
     assert "copied, not viewed in the slice" in weights_in_slice(copied, "cuda")[0]
     assert weights_in_slice({**good, "checksum": "8"}, "host") == [
         "its weights differ from the ones setup() made"]
+    assert weights_in_slice({**good, "torch_allocated_bytes": -1}, "cuda") == []
     assert weights_in_slice({**good, "device": "cpu"}, "cuda") == [
         "its weights are on cpu, not the GPU"]
 
