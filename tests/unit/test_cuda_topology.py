@@ -6,11 +6,15 @@ the activation budget is sized from the measured bandwidth."""
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import sys
 import threading
+import types
 from typing import Any
 
 import pytest
 
+from tests.unit.test_cuda_backend import FakeCudaRuntimeError, fake_cupy
 from thaw.core.errors import OutOfMemory, ThawError
 from thaw.platform.activation import (
     DEFAULT_RESTORES_PER_LINK,
@@ -23,9 +27,12 @@ from thaw.platform.cuda import (
     NVML_TOPOLOGY_HOSTBRIDGE,
     NVML_TOPOLOGY_INTERNAL,
     NVML_TOPOLOGY_MULTIPLE,
+    NVML_TOPOLOGY_SINGLE,
+    NVML_TOPOLOGY_SYSTEM,
     CudaDeviceInfo,
     CudaDevices,
     CudaSlice,
+    CupyCudaApi,
     DeviceTopology,
     InMemoryCudaApi,
     normal_bus_id,
@@ -266,3 +273,109 @@ def test_allocation_from_many_threads_keeps_the_books() -> None:
     assert errors == []
     assert [u.used for u in devices.usage()] == [0] * 8
     assert sum(budget.load(link) for link in LINKS) == 0
+
+
+# ---- the real adapter over stand-in CuPy and pynvml modules --------------------------------
+
+BUSES = ["0000:1A:00.0", "0000:1B:00.0", "0000:3D:00.0", "0000:3E:00.0"]
+
+
+class NVMLError(Exception):
+    pass
+
+
+def fake_nvml(levels: dict[frozenset[int], int], numa: dict[int, int] | None) -> Any:
+    """pynvml with a GPU per bus in BUSES: common ancestors from `levels` (a missing pair
+    raises NVMLError, as NOT_SUPPORTED does); NUMA nodes from `numa`, or no such call."""
+    nvml = types.ModuleType("pynvml")
+    nvml.NVMLError = NVMLError  # type: ignore[attr-defined]
+    nvml.nvmlInit = lambda: None  # type: ignore[attr-defined]
+    nvml.nvmlShutdown = lambda: None  # type: ignore[attr-defined]
+    nvml.nvmlDeviceGetHandleByPciBusId = BUSES.index  # type: ignore[attr-defined]
+
+    def ancestor(a: int, b: int) -> int:
+        found = levels.get(frozenset((a, b)))
+        if found is None:
+            raise NVMLError("Not Supported")
+        return found
+
+    nvml.nvmlDeviceGetTopologyCommonAncestor = ancestor  # type: ignore[attr-defined]
+    if numa is not None:
+        nvml.nvmlDeviceGetNumaNodeId = numa.__getitem__  # type: ignore[attr-defined]
+    return nvml
+
+
+def test_the_cupy_adapter_reads_the_topology_from_nvml(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "cupy", fake_cupy(
+        lambda: 4, deviceGetPCIBusId=BUSES.__getitem__))
+    single, system = NVML_TOPOLOGY_SINGLE, NVML_TOPOLOGY_SYSTEM
+    levels = {frozenset((0, 1)): single, frozenset((2, 3)): single,
+              frozenset((0, 2)): system, frozenset((0, 3)): system,
+              frozenset((1, 2)): system}  # (1, 3): NVML cannot say
+    monkeypatch.setitem(sys.modules, "pynvml", fake_nvml(levels, {0: 0, 1: 0, 2: 1, 3: 1}))
+    topology = CupyCudaApi().topology()
+    assert [t.numa_node for t in topology] == [0, 0, 1, 1]
+    assert topology[0].levels == (NVML_TOPOLOGY_INTERNAL, single, system, system)
+    assert topology[1].levels == (single, NVML_TOPOLOGY_INTERNAL, system, None)
+    links = pcie_links([CudaDeviceInfo(i, "GPU", bus, f"GPU-{i}", 1)
+                        for i, bus in enumerate(BUSES)], topology)
+    assert [(link.id, link.devices, link.numa_node) for link in links] == [
+        ("pcie-0000:1a:00.0", (0, 1), 0), ("pcie-0000:3d:00.0", (2, 3), 1)]
+
+
+def test_without_nvml_numa_calls_or_nvml_the_adapter_says_unknown(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Bus ids no machine has: the kernel's numa_node file is not there either.
+    buses = ["0000:ff:1f.6", "0000:ff:1f.7"]
+    monkeypatch.setitem(sys.modules, "cupy", fake_cupy(
+        lambda: 2, deviceGetPCIBusId=buses.__getitem__))
+    nvml = fake_nvml({frozenset((0, 1)): NVML_TOPOLOGY_SINGLE}, numa=None)
+    nvml.nvmlDeviceGetHandleByPciBusId = buses.index
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    assert [t.numa_node for t in CupyCudaApi().topology()] == [-1, -1]
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # no pynvml at all
+    assert CupyCudaApi().topology() == []
+
+
+def test_the_cupy_adapter_times_copies_from_page_locked_memory(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    host = ctypes.create_string_buffer(64 * KiB)
+    calls: list[tuple[Any, ...]] = []
+
+    def record(name: str, result: Any = None) -> Any:
+        def call(*args: Any) -> Any:
+            calls.append((name, *args))
+            return result
+        return call
+
+    monkeypatch.setitem(sys.modules, "cupy", fake_cupy(
+        lambda: 2, hostAlloc=record("hostAlloc", ctypes.addressof(host)),
+        malloc=record("malloc", 0xD000), streamCreateWithFlags=record("stream", 5),
+        memcpyAsync=record("memcpy"), streamSynchronize=record("sync"),
+        streamDestroy=record("destroy"), free=record("free"), freeHost=record("freeHost")))
+    gbps = CupyCudaApi().h2d_gbps(1, 64 * KiB)
+    assert gbps > 0
+    assert calls[0] == ("hostAlloc", 64 * KiB, 0)
+    copies = [c for c in calls if c[0] == "memcpy"]
+    assert len(copies) == 3 and copies[0][1:] == (0xD000, ctypes.addressof(host), 64 * KiB,
+                                                  1, 5)
+    assert [c[0] for c in calls[-3:]] == ["destroy", "free", "freeHost"]
+    assert host.raw[:4] == b"\x01" * 4  # the source was touched before timing
+
+
+def test_a_failed_measurement_gives_everything_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    host = ctypes.create_string_buffer(4 * KiB)
+    freed: list[str] = []
+
+    def fail(*args: Any) -> None:
+        raise FakeCudaRuntimeError(700)
+
+    monkeypatch.setitem(sys.modules, "cupy", fake_cupy(
+        lambda: 1, hostAlloc=lambda *a: ctypes.addressof(host), malloc=lambda n: 0xD000,
+        streamCreateWithFlags=lambda flags: 5, memcpyAsync=fail,
+        streamDestroy=lambda s: freed.append("stream"), free=lambda p: freed.append("device"),
+        freeHost=lambda p: freed.append("host")))
+    with pytest.raises(ThawError, match="measuring host-to-device copies"):
+        CupyCudaApi().h2d_gbps(0, 4 * KiB)
+    assert freed == ["stream", "device", "host"]
