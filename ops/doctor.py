@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 import click
 
@@ -35,12 +36,14 @@ def gpu_command(budget: float, gpu: str | None) -> None:
     from thaw.ops.doctor_checks import CHECK_NAMES, probe_environment
     from thaw.ops.doctor_plan import build_checks
 
+    started = time.monotonic()
     chosen = gpu if gpu is not None else _first_visible_gpu()
     # Before CuPy or torch start CUDA here, and inherited by the platform's processes.
     os.environ["CUDA_VISIBLE_DEVICES"] = chosen
     env = probe_environment()
+    left = budget - (time.monotonic() - started)  # importing torch and CuPy counts too
     result = diagnose(env.as_json(), env.missing, env.no_device,
-                      lambda: build_checks(env), CHECK_NAMES, budget)
+                      lambda: build_checks(env), CHECK_NAMES, left)
     click.echo(json.dumps(result.document, indent=2))
     if result.error:
         click.echo(result.error, err=True)

@@ -58,8 +58,9 @@ COLD_WAIT_S = 30.0
 # Deploys wait for the snapshot build, which runs setup() on the GPU.
 DEPLOY_TIMEOUT_S = 240.0
 CALL_TIMEOUT_S = 120.0
-# Stopping the services: their own drain (ops/services.py SHUTDOWN_GRACE_SECONDS) bounds it.
-STOP_TIMEOUT_S = 60.0
+# Waiting for the services to stop; within ops/doctor_run.py CLOSE_RESERVE_S. Past it the
+# doctor exits anyway and the services, its children, get their parent-death signal.
+STOP_TIMEOUT_S = 40.0
 
 # Restored and fresh embeddings run the same kernels on the same weights; anything past
 # float32 noise means the restore changed the model.

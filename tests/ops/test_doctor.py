@@ -106,6 +106,22 @@ def test_checks_share_one_budget_and_the_rest_are_not_run_once_it_is_spent() -> 
                                  "error": "not run: the run's budget of 480s was spent"}
 
 
+def test_the_run_keeps_part_of_its_budget_for_closing_the_plan() -> None:
+    now = [0.0]
+
+    def slow() -> dict[str, Any]:
+        now[0] += 440
+        return {}
+
+    plan = CheckPlan([Check("a", 500, slow), Check("b", 5, lambda: {})],
+                     close=lambda: now.__setitem__(0, now[0] + 30))
+    result = diagnose({}, [], "", lambda: plan, ["a", "b"], budget_s=480, reserve_s=45,
+                      clock=lambda: now[0])
+    assert result.document["checks"]["b"]["error"] == (
+        "not run: the run's budget of 435s was spent")
+    assert result.document["elapsed_s"] == 470 and result.exit_code == EXIT_FAILED
+
+
 def _document(plan: CheckPlan, no_device: str = "") -> Any:
     return diagnose({"cupy": ""}, ["CuPy: pip install 'thaw[cuda]'"], no_device,
                     lambda: plan, ["a", "b"], budget_s=60)
