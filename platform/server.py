@@ -28,7 +28,7 @@ from thaw.platform.devices import shm_root
 from thaw.platform.process import ProcessRuntime
 from thaw.platform.runtime import Runtime
 from thaw.platform.snapshots import NodeSnapshots
-from thaw.platform.telemetry import NodeSample
+from thaw.platform.telemetry import NodeSample, pinned_tier_info
 from thaw.proto import agent_pb2, agent_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 
 log = structlog.get_logger()
@@ -150,10 +150,7 @@ class AgentServer:
     def _pinned_info(self) -> scheduler_pb2.PinnedTierInfo:
         assert self.agent is not None
         snaps = self.agent.snapshots
-        u = snaps.pinned.usage()
-        return scheduler_pb2.PinnedTierInfo(
-            capacity_bytes=u.capacity, used_bytes=u.used, chunks=u.chunks, hits=u.hits,
-            misses=u.misses, evictions=u.evictions, snapshot_keys=snaps.pinned_keys())
+        return pinned_tier_info(snaps.pinned.usage(), snaps.pinned_keys())
 
     async def _register(self) -> float:
         assert self._registry is not None and self.agent is not None
