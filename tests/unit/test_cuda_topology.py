@@ -132,6 +132,24 @@ def test_concurrent_restores_spread_over_the_switches() -> None:
     assert sum(budget.load(link) for link in LINKS) == 5
 
 
+def test_restores_placed_at_the_same_moment_from_threads_take_every_switch() -> None:
+    devices, _, budget = eight_gpus()
+    barrier = threading.Barrier(4)
+    placed: list[CudaSlice] = []
+
+    def start(n: int) -> None:
+        barrier.wait()
+        placed.append(devices.allocate(8 * KiB, f"fn{n}", restore=True))
+
+    threads = [threading.Thread(target=start, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(link_of(devices, sl) for sl in placed) == LINKS
+    assert [budget.load(link) for link in LINKS] == [1, 1, 1, 1]
+
+
 def test_placement_follows_the_restores_in_flight() -> None:
     devices, _, budget = eight_gpus()
     busy = devices.allocate(8 * KiB, "busy", restore=True)
