@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import shutil
 import time
@@ -26,6 +27,7 @@ from thaw.core.errors import (
     ThawError,
 )
 from thaw.core.spec import extract_bundle
+from thaw.platform.activation import ActivationBudget
 from thaw.platform.devices import DeviceBackend, Slice
 from thaw.platform.instances import Instance, InstanceState
 from thaw.platform.launch import (
@@ -76,7 +78,8 @@ class Agent:
     def __init__(self, *, node_id: str, home: Path, run_dir: Path, devices: DeviceBackend,
                  runtime: Runtime, snapshots: NodeSnapshots,
                  fetch_bundle: Callable[[str], Awaitable[bytes]], start_timeout: float,
-                 fingerprint: dict[str, str] | None = None) -> None:
+                 fingerprint: dict[str, str] | None = None,
+                 activation: ActivationBudget | None = None) -> None:
         self.node_id = node_id
         self.home = home
         self.run_dir = run_dir
@@ -91,6 +94,9 @@ class Agent:
         self.fetch_bundle = fetch_bundle
         self.start_timeout = start_timeout
         self.fingerprint = fingerprint or local_fingerprint(devices)
+        self.activation = activation or getattr(devices, "activation", None) \
+            or ActivationBudget()
+        """At most N restores fill slices over one PCIe link at once (activation.py)."""
         self.instances: dict[str, Instance] = {}
         self._slices: dict[str, Slice] = {}
         """Instance id -> the slice allocated for it."""
@@ -311,26 +317,39 @@ class Agent:
             template = await self.templates.ensure(spec, manifest, mat)
             template_s = time.perf_counter() - started
             started = time.perf_counter()
-            fds = mat.descriptors()
-            descriptor = None
-            if sl is not None:
-                # Filled before the instance hears of it: it restores views into it.
-                await asyncio.to_thread(fill_slice, self.devices, sl, manifest,
-                                        self.snapshots)
-                descriptor, slice_fd = slice_handover(sl)
-                if slice_fd is not None:
-                    fds["slice"] = slice_fd
             request = SpawnRequest(instance_id=inst.id, socket=inst.socket,
-                                   log=inst.log_path, fds=fds, slice=descriptor,
-                                   env=sl.instance_env() if sl is not None else {})
-            if template.fork_safe:
-                pid, _ready = await self.runtime.spawn(template.control, request,
-                                                       self.start_timeout)
+                                   log=inst.log_path, fds=mat.descriptors())
+            waited = 0.0
+            if sl is None:
+                pid = await self._spawn(inst, spec, request, template)
             else:
-                pid = await self._restore_unforked(inst, spec, request, template)
+                # Admitted among the restores sharing the slice's link, from the fill
+                # until the instance is up: the wait is the start's queue stage.
+                async with self.activation.admit(sl) as waited:
+                    started = time.perf_counter()
+                    # Filled before the instance hears of it: it restores views into it.
+                    await asyncio.to_thread(fill_slice, self.devices, sl, manifest,
+                                            self.snapshots)
+                    descriptor, slice_fd = slice_handover(sl)
+                    fds = dict(request.fds)
+                    if slice_fd is not None:
+                        fds["slice"] = slice_fd
+                    request = dataclasses.replace(request, fds=fds, slice=descriptor,
+                                                  env=sl.instance_env())
+                    pid = await self._spawn(inst, spec, request, template)
         inst.pid = pid
-        return [("fetch", mat.seconds), ("template", template_s),
+        return [("queue", waited), ("fetch", mat.seconds), ("template", template_s),
                 ("restore", time.perf_counter() - started)]
+
+    async def _spawn(self, inst: Instance, spec: agent_pb2.FunctionSpec,
+                     request: SpawnRequest, template: Template) -> int:
+        """Fork the instance from its template, or restore it without a fork where the
+        template may not fork; returns its pid."""
+        if template.fork_safe:
+            pid, _ready = await self.runtime.spawn(template.control, request,
+                                                   self.start_timeout)
+            return pid
+        return await self._restore_unforked(inst, spec, request, template)
 
     async def _restore_unforked(self, inst: Instance, spec: agent_pb2.FunctionSpec,
                                 request: SpawnRequest, template: Template) -> int:
