@@ -164,6 +164,14 @@ def _environment(values: dict[str, str]) -> Iterator[None]:
 
 # -- bundles --------------------------------------------------------------------------
 
+def bundle(name: str) -> Path:
+    """One of ops/doctor_bundles/; CheckFailed when this install lacks it."""
+    folder = BUNDLES / name
+    if not (folder / "thaw.toml").is_file():
+        raise CheckFailed(f"cannot run: the doctor's bundle {folder} is not installed")
+    return folder
+
+
 def write_variant(source: Path, dest: Path, name: str, *, gpu_memory: int | None = None,
                   settings: dict[str, int] | None = None, snapshot: bool = True,
                   handler: str | None = None, extra: Sequence[Path] = ()) -> Path:
@@ -324,6 +332,8 @@ def check_embed_restore(platform: DoctorPlatform, work: Path) -> dict[str, Any]:
                               "(pip install 'thaw[examples]')")
     http = platform.http()
     extra = [BUNDLES / "embed_cuda" / "doctor_embed.py"]
+    if not extra[0].is_file():
+        raise CheckFailed(f"cannot run: the doctor's {extra[0]} is not installed")
     restored = write_variant(source, work / "embed", "doctor-embed", extra=extra,
                              handler="doctor_embed:Embedder")
     fresh = write_variant(source, work / "embed-fresh", "doctor-embed-fresh", extra=extra,
@@ -356,7 +366,7 @@ def check_model_restore(platform: DoctorPlatform, work: Path,
                         ceiling: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     http = platform.http()
     size = platform.config.model_bytes
-    folder = write_variant(BUNDLES / "weights", work / "model", "doctor-model",
+    folder = write_variant(bundle("weights"), work / "model", "doctor-model",
                            gpu_memory=size + SLICE_HEADROOM,
                            settings={"weight_bytes": size, "seed": 14})
     deploy(http, folder)
@@ -390,7 +400,7 @@ def check_concurrent_restores(platform: DoctorPlatform, work: Path) -> dict[str,
     http = platform.http()
     count, size = platform.config.concurrent, platform.config.concurrent_bytes
     names = [f"doctor-many-{i}" for i in range(count)]
-    folders = [write_variant(BUNDLES / "weights", work / name, name,
+    folders = [write_variant(bundle("weights"), work / name, name,
                              gpu_memory=size + SLICE_HEADROOM,
                              settings={"weight_bytes": size, "seed": i})
                for i, name in enumerate(names)]
@@ -436,7 +446,7 @@ def check_concurrent_restores(platform: DoctorPlatform, work: Path) -> dict[str,
 
 def check_fork_poisoned(platform: DoctorPlatform, work: Path) -> dict[str, Any]:
     http = platform.http()
-    folder = write_variant(BUNDLES / "fork_poisoned", work / "fork", "doctor-fork-poisoned")
+    folder = write_variant(bundle("fork_poisoned"), work / "fork", "doctor-fork-poisoned")
     deploy(http, folder)
     first = cold_restore(http, "doctor-fork-poisoned")
     not_quarantined(http, "doctor-fork-poisoned")
