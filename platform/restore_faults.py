@@ -39,10 +39,11 @@ _SELF_EXPLAINING: tuple[type[ThawError], ...] = (
     CorruptChunk, FingerprintMismatch, ChunkNotFound, ImageNotOnNode, OutOfMemory,
     Unavailable, RestoreFailed, NodeFault)
 # InstanceFailed is raised both by the agent's own machinery (templates, the docker
-# engine, sockets: the node's trouble) and when the restoring instance exits before it
-# is ready (process.py and docker/spawn.py, "restored instance exited ..."): only the
-# latter may be the snapshot's doing.
-_INSTANCE_DIED = re.compile(r"^restored instance\b")
+# engine, sockets, finding a container's pids: the node's trouble) and when the
+# restoring instance exits before it is ready (process.py and docker/spawn.py,
+# "restored instance exited before it was ready"): only the latter may be the
+# snapshot's doing.
+_INSTANCE_DIED = re.compile(r"^restored instance exited\b")
 
 
 def restore_fault(exc: BaseException) -> BaseException:

@@ -72,6 +72,8 @@ def test_a_failure_of_the_restoring_instance_is_not_known_to_be_the_snapshots(
     InstanceFailed("template failed: ModuleNotFoundError: No module named 'x'"),
     InstanceFailed("template is not reachable: [Errno 111] Connection refused"),
     InstanceFailed("docker engine: 500 Server Error"),
+    InstanceFailed("restored instance (pid 7 in container thaw-i-1) is not among the "
+                   "container's processes"),
     CudaUnavailable("the cuda device backend found no usable CUDA driver"),
     ThawError("copying into slice on cuda0 failed: cudaErrorLaunchFailure"),
     snapshot_error_from_disk(),
