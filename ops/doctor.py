@@ -41,9 +41,8 @@ def gpu_command(budget: float, gpu: str | None) -> None:
     # Before CuPy or torch start CUDA here, and inherited by the platform's processes.
     os.environ["CUDA_VISIBLE_DEVICES"] = chosen
     env = probe_environment()
-    left = budget - (time.monotonic() - started)  # importing torch and CuPy counts too
-    result = diagnose(env.as_json(), env.missing, env.no_device,
-                      lambda: build_checks(env), CHECK_NAMES, left)
+    result = diagnose(env.as_json(), env.missing, env.no_device, lambda: build_checks(env),
+                      CHECK_NAMES, budget, spent_s=time.monotonic() - started)
     click.echo(json.dumps(result.document, indent=2))
     if result.error:
         click.echo(result.error, err=True)

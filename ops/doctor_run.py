@@ -125,11 +125,13 @@ def _run_one(check: Check, limit: float, clock: Callable[[], float]) -> dict[str
 def diagnose(environment: dict[str, Any], missing: Sequence[str], no_device: str,
              plan: Callable[[], CheckPlan], check_names: Sequence[str],
              budget_s: float = DEFAULT_BUDGET_S, reserve_s: float = CLOSE_RESERVE_S,
+             spent_s: float = 0.0,
              clock: Callable[[], float] = time.monotonic) -> Diagnosis:
     """Run the checks of `plan()` (made only when there is a device) within `budget_s`
-    less `reserve_s`, close the plan, and assemble the document. `no_device`
-    non-empty: nothing runs, every check in `check_names` says why, exit 2."""
-    started = clock()
+    less `reserve_s` and what was `spent_s` before (probing the machine), close the
+    plan, and assemble the document. `no_device` non-empty: nothing runs, every check
+    in `check_names` says why, exit 2."""
+    started = clock() - spent_s
     if no_device:
         error = f"{NO_CUDA_DEVICE}: {no_device}"
         sections = {name: {"ok": False, "error": f"not run: {error}"} for name in check_names}
@@ -138,7 +140,8 @@ def diagnose(environment: dict[str, Any], missing: Sequence[str], no_device: str
         error = ""
         made = plan()
         try:
-            sections = run_checks(made.checks, max(1.0, budget_s - reserve_s), clock)
+            sections = run_checks(made.checks,
+                                  max(1.0, budget_s - reserve_s - spent_s), clock)
         finally:
             made.close()
         code = EXIT_OK if all(s["ok"] for s in sections.values()) else EXIT_FAILED

@@ -116,10 +116,11 @@ def test_the_run_keeps_part_of_its_budget_for_closing_the_plan() -> None:
     plan = CheckPlan([Check("a", 500, slow), Check("b", 5, lambda: {})],
                      close=lambda: now.__setitem__(0, now[0] + 30))
     result = diagnose({}, [], "", lambda: plan, ["a", "b"], budget_s=480, reserve_s=45,
-                      clock=lambda: now[0])
+                      spent_s=5, clock=lambda: now[0])
     assert result.document["checks"]["b"]["error"] == (
-        "not run: the run's budget of 435s was spent")
-    assert result.document["elapsed_s"] == 470 and result.exit_code == EXIT_FAILED
+        "not run: the run's budget of 430s was spent")
+    assert result.document["budget_s"] == 480
+    assert result.document["elapsed_s"] == 475 and result.exit_code == EXIT_FAILED
 
 
 def _document(plan: CheckPlan, no_device: str = "") -> Any:
