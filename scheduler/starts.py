@@ -47,6 +47,9 @@ class Starts:
         self.tiers = tiers
         self.book = RestoreBook(state.events.registry, clock=state.clock)
         """Failed restores per snapshot: what decides a quarantine."""
+        self._quarantined: set[str] = set()
+        """Snapshots quarantined here: a start that was restoring one at the same time
+        and fails too does not quarantine it twice."""
 
     def _candidates(self, fn: FunctionRecord, key: str, holders: set[str],
                     excluded: set[str], evicting: bool = False) -> list[Candidate]:
@@ -285,7 +288,9 @@ class Starts:
         self.book.count(fault, quarantined)
         name = fn_name(fn)
         if quarantined:
-            await self._quarantine(fn, why)
+            if snapshot not in self._quarantined:
+                self._quarantined.add(snapshot)
+                await self._quarantine(fn, why)
             self.book.forget(snapshot)
             self.s.events.emit(EventKind.RESTORE_FAILED,
                                f"restore of {name} on {node.id} failed: {exc}",
@@ -303,7 +308,7 @@ class Starts:
                         function=name, fault=fault.value, error=str(exc))
             self.s.events.emit(EventKind.RESTORE_RETRIED,
                                f"restore of {name} on {node.id} failed ({fault.value}); "
-                               f"not quarantined, placing it elsewhere: {exc}",
+                               f"not quarantined, the start tries another node: {exc}",
                                node_id=node.id, function=name, snapshot=snapshot,
                                fault=fault.value)
         return quarantined

@@ -10,7 +10,7 @@ import asyncio
 
 import pytest
 
-from tests.scheduler.conftest import Cluster
+from tests.scheduler.conftest import Cluster, FakeAgent
 from tests.scheduler.test_restore_events import (
     NAME,
     FailingRestoreAgent,
@@ -253,3 +253,28 @@ async def test_a_snapshot_holding_cuda_memory_restores_on_a_cuda_node_only(
     assert grant.start == "fresh" and grant.instance.node_id == "a-host"
     assert restores(host) == 0
     assert await snapshot_state(cluster, fn) is SnapshotState.READY
+
+
+async def test_two_starts_failing_on_a_broken_snapshot_at_once_quarantine_it_once(
+        cluster: Cluster) -> None:
+    a = await add_failing_node(cluster, "a")
+    fn = await deploy_with_snapshot(cluster, "a")
+    corrupt = CorruptChunk("chunk 9f2c is corrupt: its bytes hash to 01ab")
+    a.restore_errors = [corrupt, corrupt]
+
+    async def fail_late(request: agent_pb2.StartInstanceRequest,
+                        timeout: float) -> agent_pb2.StartInstanceResponse:
+        a.kinds.append(request.kind)
+        await asyncio.sleep(0.05)  # both starts are in flight before either fails
+        if request.kind == agent_pb2.START_RESTORE and a.restore_errors:
+            raise a.restore_errors.pop(0)
+        return await FakeAgent.start_instance(a, request, timeout)
+
+    a.start_instance = fail_late  # type: ignore[method-assign]
+    grants = await asyncio.gather(cluster.control.acquire("dev", NAME, 30),
+                                  cluster.control.acquire("dev", NAME, 30))
+    assert [g.start for g in grants] == ["fresh", "fresh"]
+    assert restores(a) == 2
+    assert await snapshot_state(cluster, fn) is SnapshotState.QUARANTINED
+    assert len(kinds_of(cluster, EventKind.SNAPSHOT_QUARANTINED)) == 1
+    assert len(kinds_of(cluster, EventKind.RESTORE_FAILED)) == 2
