@@ -163,6 +163,7 @@ class Starts:
         s = self.s
         excluded: dict[str, str] = {}  # nodes that take no start now -> why
         lacking: dict[str, str] = {}  # docker nodes whose engine lacks the image -> why
+        failed_here: dict[str, str] = {}  # nodes whose restore failed in this start -> why
         # Nodes that failed to restore this snapshot (now or in an earlier start) in a
         # way that may be its fault: other nodes restore it first.
         no_restore = self.book.failed_nodes(fn.snapshot_id) if (
@@ -183,6 +184,8 @@ class Starts:
                     # on one of the others now rather than wait.
                     log.warning("no other node to restore on; starting fresh",
                                 function=fn_name(fn), failed=sorted(no_restore))
+                    if failed_here:
+                        self._fresh_after_failures(fn, failed_here)
                     manifest, key, no_restore = None, "", {}
                     continue
                 if excluded:
@@ -228,7 +231,7 @@ class Starts:
                 elif fault is Fault.NODE:
                     excluded[node.id] = str(exc)
                 else:
-                    no_restore[node.id] = str(exc)
+                    no_restore[node.id] = failed_here[node.id] = str(exc)
             except BaseException:
                 node.unreserve(instance_id)
                 raise
@@ -312,6 +315,18 @@ class Starts:
                                node_id=node.id, function=name, snapshot=snapshot,
                                fault=fault.value)
         return quarantined
+
+    def _fresh_after_failures(self, fn: FunctionRecord, failed: dict[str, str]) -> None:
+        """The restores of this start failed, not proven the snapshot's fault, and no
+        other node may try: it starts fresh, the snapshot kept (one restore_failed
+        event, as for any restore that ends in a fresh start)."""
+        last = next(reversed(failed))
+        self.s.events.emit(
+            EventKind.RESTORE_FAILED,
+            f"restore of {fn_name(fn)} failed on {', '.join(failed)}; starting fresh, "
+            f"the snapshot is kept: {failed[last]}",
+            node_id=last, function=fn_name(fn), snapshot=fn.snapshot_id or "",
+            quarantined=False)
 
     async def _quarantine(self, fn: FunctionRecord, reason: str) -> None:
         """A restore failed: never use this snapshot again; run fresh (no rebuild loop)."""

@@ -116,6 +116,9 @@ async def test_different_failures_on_two_nodes_do_not_quarantine(cluster: Cluste
     assert await snapshot_state(cluster, fn) is SnapshotState.READY
     assert len(kinds_of(cluster, EventKind.RESTORE_RETRIED)) == 2
     assert kinds_of(cluster, EventKind.SNAPSHOT_QUARANTINED) == []
+    (failed,) = cluster.control.events.since(kinds=[EventKind.RESTORE_FAILED])
+    assert attrs(failed) == {"quarantined": "False", "snapshot": fn.snapshot_id}
+    assert "failed on a, b; starting fresh, the snapshot is kept" in failed.message
 
 
 async def test_a_digest_mismatch_quarantines_at_once(cluster: Cluster) -> None:
@@ -145,6 +148,7 @@ async def test_an_unknown_failure_on_the_only_node_runs_fresh_and_keeps_the_snap
     assert grant.start == "fresh"
     assert await snapshot_state(cluster, fn) is SnapshotState.READY
     assert len(kinds_of(cluster, EventKind.RESTORE_RETRIED)) == 1
+    assert len(kinds_of(cluster, EventKind.RESTORE_FAILED)) == 1
 
     # Once the record has aged, the node tries the snapshot again (and it restores).
     await cluster.advance(601)
