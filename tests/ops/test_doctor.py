@@ -25,7 +25,8 @@ from thaw.ops.doctor_checks import (
     check_slice_ipc,
     probe_environment,
 )
-from thaw.ops.doctor_platform import BUNDLES, server_timing, weights_in_slice, write_variant
+from thaw.ops.doctor_local import BUNDLES, server_timing, write_variant
+from thaw.ops.doctor_platform import weights_in_slice
 from thaw.ops.doctor_run import (
     EXIT_FAILED,
     EXIT_NO_DEVICE,

@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 
 from thaw.ops.doctor_checks import Environment
+from thaw.ops.doctor_local import DoctorPlatform, PlatformConfig
 from thaw.ops.doctor_platform import (
-    DoctorPlatform,
-    PlatformConfig,
     check_concurrent_restores,
     check_embed_restore,
     check_fork_poisoned,
