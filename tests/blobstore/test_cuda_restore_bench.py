@@ -131,3 +131,13 @@ def test_bench_restore_on_cuda_without_a_gpu_says_so_and_fails() -> None:
     assert done.returncode != 0
     assert "no CUDA device" in done.stderr
     assert done.stdout.strip() == ""
+
+
+def test_bench_restore_without_device_is_the_host_benchmark() -> None:
+    done = subprocess.run([sys.executable, "-m", "thaw.ops", "bench", "restore",
+                           "--size", "1MiB", "--json"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert set(json.loads(done.stdout)) == {"bytes", "restore_gbps", "memcpy_gbps", "ratio",
+                                            "disk_restore_gbps", "disk_ratio", "workers",
+                                            "chunk_size"}
