@@ -11,7 +11,7 @@
 - `check_slice_ipc`: a slice opened from another process, zeroed when handed out and
   again after its previous tenant wrote it.
 
-ops/doctor.py puts them in order with the platform checks (ops/doctor_platform.py).
+ops/doctor_plan.py puts them in order with the platform checks (ops/doctor_platform.py).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ SLICE_CHECK_BYTES = 64 << 20
 # half of the link): that is a broken node, not a slow one.
 MIN_PINNED_RATIO = 0.5
 
-# Each check's own limit, within the run's budget (ops/doctor.py DEFAULT_BUDGET_S).
+# Each check's own limit, within the run's budget (ops/doctor_run.py DEFAULT_BUDGET_S).
 DRIVER_TIMEOUT_S = 30.0
 PINNED_TIMEOUT_S = 120.0
 SLICE_TIMEOUT_S = 90.0
