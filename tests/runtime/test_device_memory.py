@@ -113,3 +113,34 @@ def test_a_forked_instance_gets_its_slice_environment_before_it_restores(
     assert seen["received"]["env"] == request["env"]
     template_environ = Path(f"/proc/{template.process.pid}/environ").read_bytes()
     assert b"THAW_PROBE_MARK" not in template_environ  # the template's stays its own
+
+
+def test_device_allocations_are_capped_at_the_rest_of_the_cuda_slice(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch's caching allocator gets what the slice has left past the snapshot's
+    device arena, as a fraction of the GPU (torch.cuda.set_per_process_memory_fraction),
+    on the slice's device. (A fake torch.cuda records it: no GPU here.)"""
+    calls: list[tuple[float, int]] = []
+
+    class Properties:
+        total_memory = 80 * 1024 * MiB
+
+    fake_cuda = type("FakeCuda", (), {
+        "get_device_properties": staticmethod(lambda device: Properties()),
+        "set_per_process_memory_fraction": staticmethod(
+            lambda fraction, device: calls.append((fraction, device))),
+    })
+    monkeypatch.setattr(torch, "cuda", fake_cuda)
+    descriptor = SliceDescriptor(kind="cuda", size=8 * 1024 * MiB, ipc_handle="00" * 64)
+    memory = DeviceMemory.__new__(DeviceMemory)  # as if open_slice had opened it
+    memory.descriptor = descriptor
+    memory._host = None
+    memory._cuda = type("Opened", (), {"device": 3})()
+    memory.bound_allocations(2 * 1024 * MiB)
+    assert calls == [(6 / 80, 3)]
+    # A host slice needs no cap: its instance's memory is capped by RLIMIT_DATA.
+    calls.clear()
+    host = DeviceMemory.__new__(DeviceMemory)
+    host.descriptor, host._host, host._cuda = SliceDescriptor(kind="host", size=MiB), None, None
+    host.bound_allocations(0)
+    assert calls == []
