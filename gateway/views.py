@@ -67,7 +67,10 @@ def node_json(node: scheduler_pb2.NodeInfo) -> dict[str, Any]:
                      "used_bytes": d.used_bytes} for d in node.devices],
         "pinned": {"capacity_bytes": node.pinned.capacity_bytes,
                    "used_bytes": node.pinned.used_bytes, "chunks": node.pinned.chunks,
-                   "snapshots": len(node.pinned.snapshot_keys)},
+                   "snapshots": len(node.pinned.snapshot_keys),
+                   # "" from an agent that does not report it: locked unknown.
+                   "lock": node.pinned.lock, "lock_refusal": node.pinned.lock_refusal,
+                   "dead_bytes": node.pinned.dead_bytes},
         "pressure": node.pressure or "normal",
         "pressures": [{"resource": p.resource, "level": p.level,
                        "used_fraction": round(p.used_fraction, 4)} for p in node.pressures],

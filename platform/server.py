@@ -20,6 +20,7 @@ from thaw.core.config import AgentConfig
 from thaw.core.errors import ThawError
 from thaw.core.grpcutil import CHANNEL_OPTIONS, add_health, call, mark_serving
 from thaw.core.units import parse_size
+from thaw.platform.activation import activation_budget
 from thaw.platform.agent import Agent, local_fingerprint
 from thaw.platform.control import AgentService
 from thaw.platform.dataplane import DataPlane
@@ -112,6 +113,9 @@ class AgentServer:
         short = hashlib.sha256(f"{self.node_id}:{home}".encode()).hexdigest()[:10]
         shm = shm_root(cfg.shm_dir, short)
         devices, allocator = open_devices(cfg, shm / "slices")
+        # Blocking: the cuda backend may time a copy to size the budget.
+        activation = await asyncio.to_thread(activation_budget, devices,
+                                             cfg.restore_concurrency_per_link)
         snapshots = NodeSnapshots(DiskTier(home / "chunks"),
                                   PinnedTier(parse_size(cfg.pinned_capacity),
                                              allocator=allocator), shm / "snapshots")
@@ -124,7 +128,7 @@ class AgentServer:
         self.agent = Agent(node_id=self.node_id, home=home, run_dir=shm / "run",
                            devices=devices, runtime=runtime, fingerprint=fingerprint,
                            snapshots=snapshots, fetch_bundle=self._fetch_bundle,
-                           start_timeout=cfg.start_timeout)
+                           start_timeout=cfg.start_timeout, activation=activation)
 
         server = grpc.aio.server(options=CHANNEL_OPTIONS)
         agent_pb2_grpc.add_AgentServicer_to_server(AgentService(self.agent), server)

@@ -14,7 +14,7 @@ from thaw.proto import agent_pb2, scheduler_pb2, scheduler_pb2_grpc
 from thaw.scheduler import snapshots
 from thaw.scheduler.control import ControlPlane
 from thaw.scheduler.events import Event, EventKind
-from thaw.scheduler.nodes import NodeView
+from thaw.scheduler.nodes import NodeView, compute_unenforced
 from thaw.scheduler.priority import set_function_priority
 from thaw.scheduler.states import FunctionState
 from thaw.scheduler.store import FunctionRecord
@@ -30,6 +30,9 @@ async def function_info(control: ControlPlane, fn: FunctionRecord) -> scheduler_
     info.snapshot_disk_nodes.extend(disk)
     info.snapshot_pinned_nodes.extend(pinned)
     info.active_version = fn.version
+    # Nodes that would run it without applying its GPU compute share (no MPS daemon).
+    info.gpu_compute_unenforced_nodes.extend(compute_unenforced(
+        control.nodes.values(), fn.spec.resources.gpu_compute, fn.spec.runtime.image))
     latest = await control.store.run(control.versions.latest, fn.id)
     if latest is not None:
         info.latest_build.CopyFrom(version_info(latest, fn))
