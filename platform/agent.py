@@ -28,6 +28,7 @@ from thaw.core.errors import (
 )
 from thaw.core.spec import extract_bundle
 from thaw.platform.activation import ActivationBudget
+from thaw.platform.cuda.allocator import CudaDevices
 from thaw.platform.devices import DeviceBackend, Slice
 from thaw.platform.instances import Instance, InstanceState
 from thaw.platform.launch import (
@@ -227,7 +228,7 @@ class Agent:
                                   InstanceState.RESTORING if restore else InstanceState.STARTING)
         try:
             if spec.gpu_memory_bytes:
-                await self._allocate_slice(inst, spec.gpu_memory_bytes)
+                await self._allocate_slice(inst, spec, restore)
             if restore:
                 timings = await self._restore(inst, spec, req.manifest, list(req.peers))
             else:
@@ -254,11 +255,13 @@ class Agent:
             instance_id=inst.id, kind=req.kind, pid=inst.pid,
             timings=[agent_pb2.Timing(stage=k, seconds=v) for k, v in timings])
 
-    async def _allocate_slice(self, inst: Instance, size: int) -> None:
+    async def _allocate_slice(self, inst: Instance, spec: agent_pb2.FunctionSpec,
+                              restore: bool) -> None:
         """The instance's slice, allocated off the event loop (a GPU allocation zeroes
         its memory and waits for that). Cancelled meanwhile, the allocation still ends
         in its thread: what it got is then given back."""
-        task = asyncio.ensure_future(asyncio.to_thread(self.devices.allocate, size, inst.id))
+        task = asyncio.ensure_future(asyncio.to_thread(
+            self._allocate, spec.gpu_memory_bytes, inst.id, spec.gpu_compute, restore))
         try:
             sl = await asyncio.shield(task)
         except asyncio.CancelledError:
@@ -266,6 +269,14 @@ class Agent:
             raise
         self._slices[inst.id] = sl
         inst.slice_id, inst.slice_device, inst.slice_bytes = sl.id, sl.device_id, sl.size
+
+    def _allocate(self, size: int, owner: str, compute_percent: int, restore: bool) -> Slice:
+        """A cuda slice carries the function's compute share (applied under MPS) and,
+        for a restore, counts on its PCIe link from now (the activation budget)."""
+        if isinstance(self.devices, CudaDevices):
+            return self.devices.allocate(size, owner, compute_percent=compute_percent,
+                                         restore=restore)
+        return self.devices.allocate(size, owner)
 
     def _release_abandoned(self, task: asyncio.Future[Slice]) -> None:
         if task.cancelled() or task.exception() is not None:

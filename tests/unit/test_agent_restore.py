@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import os
 import tarfile
 from pathlib import Path
@@ -95,7 +96,7 @@ def bundle_bytes() -> bytes:
 
 async def test_slices_are_filled_then_handed_over_and_restores_queue_per_link(
         tmp_path: Path) -> None:
-    api = InMemoryCudaApi([64 * MiB])
+    api = InMemoryCudaApi([64 * MiB], mps=True)
     devices = CudaDevices(api, reserve_bytes=0, instance_overhead_bytes=0,
                           granularity=4 * KiB)
     runtime = RecordingRuntime(api)
@@ -118,11 +119,12 @@ async def test_slices_are_filled_then_handed_over_and_restores_queue_per_link(
                                  ("device", device))}
     manifest = build_manifest({"modules": ["app"]}, function="t/m", version="1", **arenas)
     spec = agent_pb2.FunctionSpec(tenant="t", name="m", version="1", handler="app:M",
-                                  bundle_digest="d1", gpu_memory_bytes=4 * MiB)
+                                  bundle_digest="d1", gpu_memory_bytes=4 * MiB,
+                                  gpu_compute=30)
 
     async def restore(instance_id: str) -> list[tuple[str, float]]:
         inst = agent._new_instance(instance_id, spec, InstanceState.RESTORING)
-        await agent._allocate_slice(inst, spec.gpu_memory_bytes)
+        await agent._allocate_slice(inst, spec, True)
         return await agent._restore(inst, spec, manifest, [])
 
     first = asyncio.create_task(restore("i1"))
@@ -148,7 +150,10 @@ async def test_slices_are_filled_then_handed_over_and_restores_queue_per_link(
         # Nothing names the store: its chunks or its host-memory folder.
         assert str(tmp_path / "chunks") not in seen["line"]
         assert str(tmp_path / "shm") not in seen["line"]
-        assert "CUDA_VISIBLE_DEVICES" in seen["line"]  # the slice's GPU, for the instance
+        # What the slice needs in the instance: its GPU, and its compute share (MPS).
+        env = json.loads(seen["line"])["env"]
+        assert env["CUDA_VISIBLE_DEVICES"].startswith("GPU-")
+        assert env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "30"
     # The template got its snapshot.json as text, for a descriptor: no path either.
     [template] = runtime.templates
     assert template.snapshot is not None and '"modules": ["app"]' in (
