@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -34,6 +35,11 @@ def store_paths(home: Path) -> list[str]:
 
 def test_weights_live_in_sealed_memfds_and_no_store_path_reaches_the_instance(
         platform: RunningPlatform) -> None:
+    check_restored_from_descriptors(platform)
+
+
+def check_restored_from_descriptors(platform: RunningPlatform) -> dict[str, Any]:
+    """Deploy the probe, restore it cold and check what it saw; returns that."""
     resp = platform.deploy(FIXTURES / "memfd_probe")
     assert resp.status_code == 201, resp.text
     assert resp.json()["start_mode"] == "restore", resp.json()
@@ -63,6 +69,7 @@ def test_weights_live_in_sealed_memfds_and_no_store_path_reaches_the_instance(
     for word in told:
         assert "state.pickle" not in word and ".arena" not in word, word
         assert "snapshot.json" not in word, word
+    return seen
 
 
 def test_a_function_that_initialises_cuda_at_import_restores_without_fork(
