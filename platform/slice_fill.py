@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import mmap
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from thaw.blobstore import ChunkRef
 from thaw.core.errors import InvalidArgument, OutOfMemory
@@ -20,6 +21,11 @@ from thaw.platform.devices import DeviceBackend, HostSlice, Slice, SliceDescript
 from thaw.platform.snapshots import NodeSnapshots
 from thaw.proto import manifest_pb2
 from thaw.snapshotter.manifest import chunk_dicts
+
+# Chunks (a few MiB each) read from disk into the pinned tier per batch, while the
+# batch before is copied to the device: big enough for multi-stream copies, small
+# enough that reading and copying overlap.
+FILL_BATCH_CHUNKS = 8
 
 
 def slice_handover(sl: Slice) -> tuple[SliceDescriptor, int | None]:
@@ -62,17 +68,38 @@ def fill_slice(devices: DeviceBackend, sl: Slice, manifest: manifest_pb2.Snapsho
 
 def _fill_cuda(devices: CudaDevices, sl: CudaSlice, manifest: manifest_pb2.SnapshotManifest,
                refs: list[ChunkRef], snapshots: NodeSnapshots) -> None:
-    """From the pinned tier (page-locked: the copies run at PCIe speed), prewarming the
-    snapshot there first if need be; where the tier has no room for it, through a
-    staging copy of the arena in pageable memory."""
+    """From the pinned tier (page-locked: the copies run at PCIe speed). Chunks not
+    there yet are read into it in batches, each copied to the device while the next
+    is read; where the tier has no room for them, through a staging copy of the arena
+    in pageable memory."""
     pinned = snapshots.pinned
-    if not all(pinned.has(ref.digest) for ref in refs):
-        try:
-            snapshots.prewarm(manifest)
-        except OutOfMemory:
-            _fill_cuda_staged(devices, sl, refs, manifest.device.size, snapshots)
-            return
-    devices.restore_into_slice(sl, refs, pinned)
+    missing = [ref for ref in refs if not pinned.has(ref.digest)]
+    if not missing:
+        devices.restore_into_slice(sl, refs, pinned)
+        return
+    missing_digests = {ref.digest for ref in missing}
+    present = [ref for ref in refs if ref.digest not in missing_digests]
+    batches = [missing[at:at + FILL_BATCH_CHUNKS]
+               for at in range(0, len(missing), FILL_BATCH_CHUNKS)]
+    try:
+        with ThreadPoolExecutor(1, thread_name_prefix="thaw-fill-read") as reader:
+            reading = reader.submit(pinned.prewarm, batches[0], snapshots.disk)
+            if present:
+                devices.restore_into_slice(sl, present, pinned)
+            for index, batch in enumerate(batches):
+                reading.result()
+                # Kept from eviction (by the next batch's read, say) until copied.
+                digests = list(dict.fromkeys(ref.digest for ref in batch))
+                pinned.pin(digests)
+                try:
+                    if index + 1 < len(batches):
+                        reading = reader.submit(pinned.prewarm, batches[index + 1],
+                                                snapshots.disk)
+                    devices.restore_into_slice(sl, batch, pinned)
+                finally:
+                    pinned.unpin(digests)
+    except OutOfMemory:
+        _fill_cuda_staged(devices, sl, refs, manifest.device.size, snapshots)
 
 
 def _fill_cuda_staged(devices: CudaDevices, sl: CudaSlice, refs: list[ChunkRef], size: int,

@@ -7,10 +7,11 @@ from __future__ import annotations
 import fcntl
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from thaw.blobstore import DiskTier, PinnedTier, store_arena
+from thaw.blobstore import ChunkRef, DiskTier, PinnedTier, store_arena
 from thaw.core.errors import OutOfMemory
 from thaw.platform.cuda import CudaDevices, InMemoryCudaApi
 from thaw.platform.devices import HostDevices
@@ -18,7 +19,7 @@ from thaw.platform.memfds import ARENA_SEALS
 from thaw.platform.slice_fill import fill_slice, slice_handover
 from thaw.platform.snapshots import NodeSnapshots
 from thaw.proto import manifest_pb2
-from thaw.snapshotter.manifest import arena_message
+from thaw.snapshotter.manifest import arena_message, chunk_dicts
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -127,3 +128,37 @@ def test_a_cuda_slice_is_filled_from_the_pinned_tier_and_sent_as_its_ipc_handle(
     assert descriptor.kind == "cuda" and descriptor.ipc_handle == sl.ipc_handle
     assert descriptor.size == MiB and descriptor.pci_bus_id == sl.pci_bus_id
     devices.release(sl.id)
+
+
+def test_chunks_not_yet_pinned_are_read_in_batches_and_copied_as_they_arrive(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Part of the arena already pinned (shared weights), the rest read from disk batch
+    by batch, each batch copied while the next is read; the whole arena lands."""
+    import thaw.platform.slice_fill as slice_fill
+
+    monkeypatch.setattr(slice_fill, "FILL_BATCH_CHUNKS", 2)
+    snapshots = NodeSnapshots(DiskTier(tmp_path / "chunks"), PinnedTier(8 * MiB),
+                              tmp_path / "shm")
+    device = pattern(7 * CHUNK + 300, 8)
+    snap = manifest(snapshots.disk, host=pattern(4 * KiB, 9), device=device)
+    refs = [ChunkRef.from_dict(d) for d in chunk_dicts(snap.device)]
+    snapshots.pinned.prewarm(refs[2:4], snapshots.disk)  # some already there
+    read: list[list[str]] = []
+    prewarm = snapshots.pinned.prewarm
+
+    def recording_prewarm(batch: list[ChunkRef], source: Any) -> int:
+        read.append([ref.digest for ref in batch])
+        return prewarm(batch, source)
+
+    monkeypatch.setattr(snapshots.pinned, "prewarm", recording_prewarm)
+    devices, api = make_cuda()
+    sl = devices.allocate(MiB, "fn")
+    fill_slice(devices, sl, snap, snapshots)
+    assert api.read(api.open_handle(bytes.fromhex(sl.ipc_handle)), 0, len(device)) == device
+    missing = [ref.digest for ref in refs if ref not in refs[2:4]]
+    assert [d for batch in read for d in batch] == missing  # in batches of two
+    assert len(read) == 3 and all(len(batch) <= 2 for batch in read)
+    # The device arena stays in the tier for the next restore; nothing is left held,
+    # and the snapshot is not booked as prewarmed (its host arena was not loaded).
+    assert all(snapshots.pinned.has(ref.digest) for ref in refs)
+    assert snapshots.pinned.usage().pinned == 0 and snapshots.pinned_keys() == []
