@@ -78,6 +78,8 @@ class SchedulerFields(_Fields):
     """Longest an invocation waits for an instance (queue + cold start)."""
     reconcile_interval: float = Field(1.0, gt=0)
     """How often autoscaling and scale-to-zero run."""
+    metrics_listen: str = Field("", pattern=r"^$|^.+:\d{1,5}$")
+    """host:port serving the scheduler's Prometheus metrics at /metrics; empty = off."""
 
 
 class PolicyFields(_Fields):

@@ -6,9 +6,11 @@ import asyncio
 import contextlib
 import signal
 from pathlib import Path
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 import structlog
+from prometheus_client import start_http_server
 
 from thaw.core.config import SchedulerConfig
 from thaw.core.grpcutil import CHANNEL_OPTIONS, add_health, mark_serving
@@ -57,6 +59,8 @@ class SchedulerServer:
         self._tasks: list[asyncio.Task[None]] = []
         self.control: ControlPlane | None = None
         self.store: Store | None = None
+        self.metrics_port = 0
+        self._metrics: WSGIServer | None = None
 
     async def start(self) -> int:
         cfg = self.config
@@ -89,10 +93,20 @@ class SchedulerServer:
         self._server = server
         self._tasks.append(asyncio.create_task(
             self.control.reconcile_forever(cfg.reconcile_interval)))
+        if cfg.metrics_listen:
+            host, _, port = cfg.metrics_listen.rpartition(":")
+            # Restore failures by fault, events by kind (scheduler/events.py).
+            self._metrics, _ = start_http_server(int(port), addr=host,
+                                                 registry=self.control.events.registry)
+            self.metrics_port = self._metrics.server_port
         log.info("scheduler listening", port=self.port, db=cfg.db_url().split("@")[-1])
         return self.port
 
     async def stop(self) -> None:
+        if self._metrics is not None:
+            await asyncio.to_thread(self._metrics.shutdown)
+            self._metrics.server_close()
+            self._metrics = None
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
