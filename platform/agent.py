@@ -376,9 +376,12 @@ class Agent:
         control = str(self.run_dir / f"r-{inst.id}.sock")
         grant = (SliceGrant(inst.slice_id, inst.slice_device, inst.slice_bytes, request.slice)
                  if inst.slice_id else None)
-        proc = await self.runtime.launch(restore_spec(
-            spec, bundle, instance_id=inst.id, control=control, log_path=inst.log_path,
-            grant=grant))
+        launch = restore_spec(spec, bundle, instance_id=inst.id, control=control,
+                              log_path=inst.log_path, grant=grant)
+        # Its imports initialise CUDA before any request comes: the slice's environment
+        # (its GPU, an MPS share) must be there from the start.
+        proc = await self.runtime.launch(
+            dataclasses.replace(launch, env={**launch.env, **request.env}))
         inst.process = proc
         inst.pid = proc.pid
         event = await proc.next_status(self.start_timeout)

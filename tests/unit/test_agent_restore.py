@@ -18,7 +18,13 @@ from thaw.platform.activation import ActivationBudget
 from thaw.platform.agent import Agent
 from thaw.platform.cuda import CudaDevices, InMemoryCudaApi
 from thaw.platform.instances import InstanceState
-from thaw.platform.runtime import LaunchSpec, RuntimeCapabilities, SpawnRequest
+from thaw.platform.runtime import (
+    LaunchMode,
+    LaunchSpec,
+    RuntimeCapabilities,
+    SpawnRequest,
+    parse_status,
+)
 from thaw.platform.snapshots import NodeSnapshots
 from thaw.proto import agent_pb2
 from thaw.snapshotter.manifest import arena_message, build_manifest
@@ -37,13 +43,19 @@ class FakeProcess:
 
 
 class FakeTemplate:
-    def __init__(self) -> None:
+    def __init__(self, fork_safe: bool = True) -> None:
         self.proc = FakeProcess()
         self.pid = self.proc.pid
         self.events = asyncio.StreamReader()
+        self.fork_safe = fork_safe
 
     async def next_event(self, timeout: float) -> dict[str, Any]:
-        return {"event": "template_ready", "pid": self.pid, "timings": {"import": 0.1}}
+        return {"event": "template_ready", "pid": self.pid, "timings": {"import": 0.1},
+                "fork_safe": self.fork_safe,
+                "unsafe_reason": "" if self.fork_safe else "torch initialised CUDA"}
+
+    async def next_status(self, timeout: float) -> Any:
+        return parse_status(await self.next_event(timeout))
 
     async def kill(self) -> None:
         self.proc.returncode = -9
@@ -57,15 +69,17 @@ class RecordingRuntime:
     name = "recording"
     capabilities = RuntimeCapabilities()
 
-    def __init__(self, api: InMemoryCudaApi) -> None:
+    def __init__(self, api: InMemoryCudaApi, fork_safe: bool = True) -> None:
         self.api = api
+        self.fork_safe = fork_safe
         self.seen: list[dict[str, Any]] = []
         self.release: dict[str, asyncio.Event] = {}
         self.templates: list[LaunchSpec] = []
 
     async def launch(self, spec: LaunchSpec) -> FakeTemplate:
         self.templates.append(spec)
-        return FakeTemplate()
+        # A template answers as it is; a restore-mode instance always "imports" fine.
+        return FakeTemplate(self.fork_safe or spec.mode is not LaunchMode.TEMPLATE)
 
     async def spawn(self, control: str, request: SpawnRequest,
                     timeout: float) -> tuple[int, dict[str, Any]]:
@@ -73,7 +87,7 @@ class RecordingRuntime:
         assert request.slice is not None
         opened = self.api.open_handle(bytes.fromhex(request.slice.ipc_handle))
         self.seen.append({
-            "line": line.decode(), "names": list(request.fds),
+            "control": control, "line": line.decode(), "names": list(request.fds),
             "memfds": [os.readlink(f"/proc/self/fd/{fd}") for fd in fds],
             "slice": self.api.read(opened, 0, 4 * KiB), "slice_kind": request.slice.kind,
         })
@@ -94,12 +108,12 @@ def bundle_bytes() -> bytes:
     return buffer.getvalue()
 
 
-async def test_slices_are_filled_then_handed_over_and_restores_queue_per_link(
-        tmp_path: Path) -> None:
+def make_agent(tmp_path: Path, runtime_fork_safe: bool = True
+               ) -> tuple[Agent, RecordingRuntime, NodeSnapshots, bytes, Any, Any]:
     api = InMemoryCudaApi([64 * MiB], mps=True)
     devices = CudaDevices(api, reserve_bytes=0, instance_overhead_bytes=0,
                           granularity=4 * KiB)
-    runtime = RecordingRuntime(api)
+    runtime = RecordingRuntime(api, runtime_fork_safe)
     snapshots = NodeSnapshots(DiskTier(tmp_path / "chunks"), PinnedTier(16 * MiB),
                               tmp_path / "shm")
     packed = bundle_bytes()
@@ -121,25 +135,33 @@ async def test_slices_are_filled_then_handed_over_and_restores_queue_per_link(
     spec = agent_pb2.FunctionSpec(tenant="t", name="m", version="1", handler="app:M",
                                   bundle_digest="d1", gpu_memory_bytes=4 * MiB,
                                   gpu_compute=30)
+    return agent, runtime, snapshots, device, manifest, spec
+
+
+async def test_slices_are_filled_then_handed_over_and_restores_queue_per_link(
+        tmp_path: Path) -> None:
+    agent, runtime, snapshots, device, manifest, spec = make_agent(tmp_path)
 
     async def restore(instance_id: str) -> list[tuple[str, float]]:
         inst = agent._new_instance(instance_id, spec, InstanceState.RESTORING)
         await agent._allocate_slice(inst, spec, True)
         return await agent._restore(inst, spec, manifest, [])
 
-    first = asyncio.create_task(restore("i1"))
-    second = asyncio.create_task(restore("i2"))
+    tasks = {name: asyncio.create_task(restore(name)) for name in ("i1", "i2")}
     while not runtime.seen:
         await asyncio.sleep(0.01)
     await asyncio.sleep(0.05)
-    # One restore per link at a time: the second waits for the first instance.
-    assert len(runtime.seen) == 1 and not second.done()
-    runtime.release.setdefault("i1", asyncio.Event()).set()
-    first_timings = dict(await first)
+    # One restore per link at a time: whichever got in first, the other waits for it.
+    assert len(runtime.seen) == 1
+    first = json.loads(runtime.seen[0]["line"])["instance_id"]
+    second = "i2" if first == "i1" else "i1"
+    assert not tasks[second].done()
+    runtime.release.setdefault(first, asyncio.Event()).set()
+    first_timings = dict(await tasks[first])
     while len(runtime.seen) < 2:
         await asyncio.sleep(0.01)
-    runtime.release.setdefault("i2", asyncio.Event()).set()
-    second_timings = dict(await second)
+    runtime.release.setdefault(second, asyncio.Event()).set()
+    second_timings = dict(await tasks[second])
     assert first_timings["queue"] == 0.0 and second_timings["queue"] > 0.0
 
     for seen in runtime.seen:
@@ -159,4 +181,26 @@ async def test_slices_are_filled_then_handed_over_and_restores_queue_per_link(
     assert template.snapshot is not None and '"modules": ["app"]' in (
         template.snapshot.snapshot_json)
     assert "--snapshot-json" not in template.command()
+    snapshots.close()
+
+
+async def test_a_template_that_may_not_fork_restores_in_restore_mode_with_the_same_request(
+        tmp_path: Path) -> None:
+    agent, runtime, snapshots, device, manifest, spec = make_agent(tmp_path, False)
+    inst = agent._new_instance("i1", spec, InstanceState.RESTORING)
+    await agent._allocate_slice(inst, spec, True)
+    runtime.release["i1"] = asyncio.Event()
+    runtime.release["i1"].set()
+    await agent._restore(inst, spec, manifest, [])
+    template, restore_mode = runtime.templates
+    assert template.mode is LaunchMode.TEMPLATE and restore_mode.mode is LaunchMode.RESTORE
+    # A fresh interpreter of its own, its slice's environment set from the start.
+    assert restore_mode.instance_id == "i1" and restore_mode.function == "t/m"
+    assert restore_mode.env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "30"
+    assert restore_mode.env["CUDA_VISIBLE_DEVICES"].startswith("GPU-")
+    [seen] = runtime.seen
+    assert seen["control"] == restore_mode.control != template.control
+    assert seen["names"] == ["snapshot_json", "pickle", "host_arena"]
+    assert seen["slice"] == device[:4 * KiB]  # filled before, as for a fork
+    assert inst.process is not None and inst.pid == inst.process.pid
     snapshots.close()
