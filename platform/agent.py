@@ -23,12 +23,12 @@ import structlog
 from thaw.core.errors import (
     FingerprintMismatch,
     InstanceFailed,
+    NodeFault,
     NotFound,
     ThawError,
 )
 from thaw.core.spec import extract_bundle
 from thaw.platform.activation import ActivationBudget
-from thaw.platform.cuda.allocator import CudaDevices
 from thaw.platform.devices import DeviceBackend, Slice
 from thaw.platform.instances import Instance, InstanceState
 from thaw.platform.launch import (
@@ -221,7 +221,8 @@ class Agent:
     async def start_instance(self, req: agent_pb2.StartInstanceRequest
                              ) -> agent_pb2.StartInstanceResponse:
         if self.draining:
-            raise InstanceFailed(f"node {self.node_id} is draining")
+            # Not this snapshot's fault: the scheduler places the start elsewhere.
+            raise NodeFault(f"node {self.node_id} is draining")
         spec = req.function
         restore = req.kind == agent_pb2.START_RESTORE
         inst = self._new_instance(req.instance_id, spec,
@@ -271,12 +272,10 @@ class Agent:
         inst.slice_id, inst.slice_device, inst.slice_bytes = sl.id, sl.device_id, sl.size
 
     def _allocate(self, size: int, owner: str, compute_percent: int, restore: bool) -> Slice:
-        """A cuda slice carries the function's compute share (applied under MPS) and,
-        for a restore, counts on its PCIe link from now (the activation budget)."""
-        if isinstance(self.devices, CudaDevices):
-            return self.devices.allocate(size, owner, compute_percent=compute_percent,
-                                         restore=restore)
-        return self.devices.allocate(size, owner)
+        """A slice carries the function's compute share (applied under MPS) and, for a
+        restore, counts on its link from now (the activation budget)."""
+        return self.devices.allocate(size, owner, compute_percent=compute_percent,
+                                     restore=restore)
 
     def _release_abandoned(self, task: asyncio.Future[Slice]) -> None:
         if task.cancelled() or task.exception() is not None:

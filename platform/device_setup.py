@@ -16,7 +16,7 @@ def open_devices(settings: DeviceSettings, slice_dir: Path
     take its regions from so that copies into its slices run at full speed (None: the
     tier's default). Both are sealed memfds of exact size: page-locked with
     cudaHostRegister on cuda, mlock'ed on the host where RLIMIT_MEMLOCK allows (the
-    tier's usage says whether they are). Host slices are files in `slice_dir`."""
+    tier's usage says whether they are). Host slices are memfds (`slice_dir` is not used)."""
     if settings.device == "cuda":
         # Imported here: the cuda backend's modules are only needed on a GPU node.
         from thaw.platform.cuda import CudaDevices

@@ -91,13 +91,23 @@ class DeviceBackend(Protocol):
     """Shown in usage and telemetry ("host", "cuda"); the snapshot fingerprint's device
     type."""
 
-    def allocate(self, size: int, owner: str) -> Slice: ...
+    def allocate(self, size: int, owner: str, *, compute_percent: int = 0,
+                 restore: bool = False) -> Slice:
+        """A slice of `size` bytes for `owner`. `compute_percent`: the function's share
+        of the GPU's compute (applied where compute_shares_enforced); `restore`: the
+        slice is about to be filled by a restore (counted on its link from now)."""
+        ...
+
     def release(self, slice_id: str) -> None: ...
     def usage(self) -> list[DeviceUsage]: ...
     def close(self) -> None: ...
 
     def sandbox_needs(self) -> SandboxNeeds:
         """What sandboxes of instances holding this backend's slices must grant."""
+        ...
+
+    def compute_shares_enforced(self) -> bool:
+        """Whether a function's gpu_compute share is applied on these devices."""
         ...
 
     def gpu_info(self) -> tuple[str, str]:
@@ -131,8 +141,12 @@ class HostDevices:
         self._devices = [_VirtualDevice(f"host{i}", cap) for i, cap in enumerate(capacities)]
         self._lock = threading.Lock()
 
-    def allocate(self, size: int, owner: str) -> HostSlice:
-        """Best fit: the device with the least memory left that still fits `size`."""
+    def allocate(self, size: int, owner: str, *, compute_percent: int = 0,
+                 restore: bool = False) -> HostSlice:
+        """Best fit: the device with the least memory left that still fits `size`.
+        Host devices share no compute and have one link: the other arguments do not
+        change where the slice goes."""
+        del compute_percent, restore
         with self._lock:
             fitting = [d for d in self._devices if d.capacity - d.used >= size]
             if not fitting:
@@ -170,6 +184,10 @@ class HostDevices:
     def sandbox_needs(self) -> SandboxNeeds:
         """Nothing: a slice is a descriptor sent over the instance's control socket."""
         return SandboxNeeds()
+
+    def compute_shares_enforced(self) -> bool:
+        """No: host devices have no compute share to apply."""
+        return False
 
     def gpu_info(self) -> tuple[str, str]:
         return "", ""

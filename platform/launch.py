@@ -24,6 +24,7 @@ from thaw.platform.runtime import (
 )
 from thaw.proto import agent_pb2, manifest_pb2
 from thaw.snapshotter.runtime.forksafe import NVML_CHECK_ENV
+from thaw.snapshotter.runtime.gpuinfo import nvml_compute_capability
 
 # Why a node without containers cannot run a function that names an image (thaw.toml
 # [runtime] image): the process runtime has no image to run it in.
@@ -37,7 +38,8 @@ IMAGE_ENVIRONMENT_FIELDS = ("python", "torch", "numpy")
 
 def local_fingerprint(devices: DeviceBackend) -> dict[str, str]:
     """This node's environment as snapshot fingerprints record it: Python, torch and
-    numpy versions, and the device backend's type, GPU model and driver."""
+    numpy versions, and the device backend's type, GPU model, driver and compute
+    capability."""
     def version(dist: str) -> str:
         try:
             return importlib.metadata.version(dist)
@@ -47,7 +49,9 @@ def local_fingerprint(devices: DeviceBackend) -> dict[str, str]:
     model, driver = devices.gpu_info()
     return {"python": ".".join(map(str, sys.version_info[:3])), "torch": version("torch"),
             "numpy": version("numpy"), "device_type": devices.kind, "gpu_model": model,
-            "driver": driver}
+            "driver": driver,
+            # NVML's answer for the GPU the model names; no GPU, no architecture.
+            "compute_capability": nvml_compute_capability() if model else ""}
 
 
 def code_digest(bundle: Path) -> str:

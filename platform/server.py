@@ -180,6 +180,7 @@ class AgentServer:
                 pinned = await asyncio.to_thread(self._pinned_info)
                 telemetry = telemetry_message(await asyncio.to_thread(
                     self.agent.sample_telemetry))
+                telemetry.mps_active = self.agent.devices.compute_shares_enforced()
                 resp = await call(self._registry.Heartbeat(scheduler_pb2.HeartbeatRequest(
                     node_id=self.node_id, devices=self._devices(),
                     instance_ids=list(self.agent.instances), exited=exited, pinned=pinned,

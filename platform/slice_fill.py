@@ -14,7 +14,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from thaw.blobstore import ChunkRef
-from thaw.core.errors import InvalidArgument, OutOfMemory
+from thaw.core.errors import InvalidArgument, OutOfMemory, SnapshotError
 from thaw.platform.cuda.allocator import CudaDevices
 from thaw.platform.cuda.slices import CudaSlice
 from thaw.platform.devices import DeviceBackend, HostSlice, Slice, SliceDescriptor
@@ -45,13 +45,13 @@ def slice_handover(sl: Slice) -> tuple[SliceDescriptor, int | None]:
 def fill_slice(devices: DeviceBackend, sl: Slice, manifest: manifest_pb2.SnapshotManifest,
                snapshots: NodeSnapshots) -> float:
     """Copy the snapshot's device arena to the start of `sl`; returns the seconds it
-    took. OutOfMemory when the arena is larger than the slice (the function's
-    gpu_memory is too small for its own snapshot)."""
+    took. SnapshotError when the arena is larger than the slice (the function's
+    gpu_memory is too small for its own snapshot: the same on every node)."""
     arena = manifest.device
     if arena.size == 0:
         return 0.0
     if arena.size > sl.size:
-        raise OutOfMemory(f"the snapshot's device arena ({arena.size} bytes) does not fit "
+        raise SnapshotError(f"the snapshot's device arena ({arena.size} bytes) does not fit "
                           f"the function's {sl.size}-byte slice (resources.gpu_memory)")
     refs = [ChunkRef.from_dict(d) for d in chunk_dicts(arena)]
     started = time.perf_counter()

@@ -97,6 +97,8 @@ class Fingerprint:
     gpu_model: str | None
     driver: str | None
     function_version: str | None
+    compute_capability: str | None = None
+    """The GPU's compute capability ("9.0") where the snapshot holds device memory."""
 
 
 @dataclasses.dataclass(frozen=True)

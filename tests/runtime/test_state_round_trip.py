@@ -191,7 +191,7 @@ def test_snapshot_json_records_modules_and_fingerprint(states: dict[str, State])
     fingerprint = meta["fingerprint"]
     assert fingerprint["torch"].startswith("2.") and fingerprint["device_type"] == "host"
     assert set(fingerprint) == {"python", "torch", "numpy", "device_type", "gpu_model", "driver",
-                                "function_version"}
+                                "function_version", "compute_capability"}
     assert set(meta["timings"]) == {"import", "setup", "capture"}
     assert meta["device_size"] == 0
     assert (states["tensors_rt"].snapshot.folder / "device.arena").stat().st_size == 0

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from thaw.blobstore import ChunkRef, DiskTier, PinnedTier, store_arena
-from thaw.core.errors import OutOfMemory
+from thaw.core.errors import SnapshotError
 from thaw.platform.cuda import CudaDevices, InMemoryCudaApi
 from thaw.platform.devices import HostDevices
 from thaw.platform.memfds import ARENA_SEALS
@@ -96,7 +96,7 @@ def test_a_host_slice_is_filled_with_the_device_arena_and_sent_as_its_memfd(
     finally:
         devices.release(sl.id)
     small = devices.allocate(64 * KiB, "fn")
-    with pytest.raises(OutOfMemory, match="gpu_memory"):
+    with pytest.raises(SnapshotError, match="gpu_memory"):
         fill_slice(devices, small, snap, snapshots)
 
 
