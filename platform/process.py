@@ -172,16 +172,10 @@ class ProcessRuntime:
         """Instances run the agent's own Python: nothing to add to its fingerprint."""
         return {}
 
-    async def launch(self, spec: LaunchSpec | str, args: Sequence[str] = (),
-                     log_path: str = "", cwd: str | None = None,
-                     env: dict[str, str] | None = None, **options: Any) -> RuntimeProcess:
-        """Start the runtime as `spec` says. (A mode, the runtime's arguments and a
-        log path are read into a spec first: LaunchSpec.from_runtime_args.) Limits
-        are the agent's to apply here (RLIMIT_DATA per process); an image function's
-        image cannot run here: the agent refuses those before launching."""
-        if not isinstance(spec, LaunchSpec):
-            spec = LaunchSpec.from_runtime_args(spec, args, log_path, cwd=cwd, env=env,
-                                                **options)
+    async def launch(self, spec: LaunchSpec) -> RuntimeProcess:
+        """Start the runtime as `spec` says. Limits are the agent's to apply here
+        (RLIMIT_DATA per process); an image function's image cannot run here: the agent
+        refuses those before launching."""
         if spec.image:
             raise InstanceFailed(f"the process runtime cannot run image {spec.image}")
         read_fd, write_fd = os.pipe()

@@ -36,10 +36,8 @@ from thaw.platform.docker.spec import (
     PIDS_LIMIT,
     TEMPLATE_INSTANCES,
     TMPFS_TMP,
-    BindMount,
     ContainerSettings,
     container_kwargs,
-    create_kwargs,
     memory_limit,
     site_packages,
 )
@@ -210,21 +208,6 @@ class DockerRuntime:
                           instance_id="", limits=Limits(memory_limit_bytes, max_instances))
         return memory_limit(spec, self.settings)
 
-    def _run_kwargs(self, c: _Container, mode: str, args: Sequence[str], log_path: str,
-                    cwd: str | None, mounts: list[Any], instance: str,
-                    memory_bytes: int, env: dict[str, str],
-                    gpu_device_ids: Sequence[str] = (), image: str = "") -> dict[str, Any]:
-        """spec.create_kwargs for a launch given in the runtime's command-line form,
-        with its mounts and memory limit given."""
-        spec = LaunchSpec.from_runtime_args(mode, args, log_path, cwd=cwd, env=env,
-                                            instance_id=instance,
-                                            gpu_device_ids=gpu_device_ids, image=image)
-        mps = self.settings.mps_pipe_directory
-        if self.device == "cuda" and mps:
-            mounts.append(BindMount(mps, mps, read_only=False).to_docker())
-        return create_kwargs(spec, self.settings, name=c.name, uid=c.uid, mounts=mounts,
-                             memory_bytes=memory_bytes)
-
     def _check_image(self, image_id: str, reference: str) -> None:
         """An image function's image must already be on this engine (blocking)."""
         import docker.errors
@@ -241,12 +224,8 @@ class DockerRuntime:
             raise InstanceFailed(f"docker engine: {exc}") from exc
         self._images_seen.add(image_id)
 
-    async def launch(self, spec: LaunchSpec | str, args: Sequence[str] = (),
-                     log_path: str = "", cwd: str | None = None,
-                     env: dict[str, str] | None = None, **options: Any) -> RuntimeProcess:
-        """Start a container running the in-instance runtime as `spec` says. (A mode,
-        the runtime's arguments and a log path are read into a spec first:
-        LaunchSpec.from_runtime_args.)
+    async def launch(self, spec: LaunchSpec) -> RuntimeProcess:
+        """Start a container running the in-instance runtime as `spec` says.
 
         The container's memory limit is the function's `limits.memory_bytes` plus
         BASE_MEMORY_BYTES, or `default_memory_bytes` when it is 0; a template's holds
@@ -254,9 +233,6 @@ class DockerRuntime:
         backend) limits the container to those GPUs; without them a cuda container
         gets every GPU. `image` (an image function's pinned reference) replaces the
         base image (package docstring, "Image functions")."""
-        if not isinstance(spec, LaunchSpec):
-            spec = LaunchSpec.from_runtime_args(spec, args, log_path, cwd=cwd, env=env,
-                                                **options)
         if spec.image:
             await asyncio.get_running_loop().run_in_executor(
                 self._executor, self._check_image, spec.image.rpartition("@")[2],

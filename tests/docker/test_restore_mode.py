@@ -16,6 +16,7 @@ import pytest
 from tests.conftest import EXAMPLES
 from tests.docker.test_runtime_direct import invoke
 from thaw.platform.docker import DockerRuntime
+from thaw.platform.runtime import LaunchSpec
 
 pytestmark = pytest.mark.docker
 
@@ -42,16 +43,16 @@ async def test_a_restore_mode_container_restores_the_request_it_is_sent(
     try:
         out = tmp_path / "builds" / "b1"
         out.mkdir(parents=True)
-        build = await runtime.launch("build", [
+        build = await runtime.launch(LaunchSpec.from_runtime_args("build", [
             "--bundle", str(bundle), "--handler", "app:Echo", "--out", str(out),
-            "--function-version", "1"], str(logs / "build.log"), cwd=str(bundle))
+            "--function-version", "1"], str(logs / "build.log"), cwd=str(bundle)))
         assert (await build.next_event(60))["event"] == "captured"
         assert await build.proc.wait() == 0
 
         control = str(run / "run" / "r.sock")
-        restore = await runtime.launch("restore", [
+        restore = await runtime.launch(LaunchSpec.from_runtime_args("restore", [
             "--bundle", str(bundle), "--handler", "app:Echo", "--control", control],
-            str(logs / "r1.log"), cwd=str(bundle), instance_id="r1")
+            str(logs / "r1.log"), cwd=str(bundle), instance_id="r1"))
         assert (await restore.next_event(60))["event"] == "template_ready"
         # The snapshot's files are opened on this side and sent as descriptors: the
         # container has none of them mounted.

@@ -18,6 +18,7 @@ import pytest
 
 from tests.conftest import EXAMPLES
 from thaw.platform.docker import UID_BASE, DockerRuntime
+from thaw.platform.runtime import LaunchSpec
 
 pytestmark = pytest.mark.docker
 
@@ -65,10 +66,10 @@ async def test_fresh_build_template_spawn(runtime: DockerRuntime, tmp_path: Path
     (run / "run").mkdir(parents=True)
     try:
         sock = str(run / "run" / "i1.sock")
-        fresh = await runtime.launch("fresh", ["--bundle", str(bundle), "--handler", "app:Echo",
-                                               "--socket", sock], str(logs / "i1.log"),
-                                     cwd=str(bundle), env={"THAW_FUNCTION": "t/echo"},
-                                     instance_id="i1")
+        fresh = await runtime.launch(LaunchSpec.from_runtime_args(
+            "fresh", ["--bundle", str(bundle), "--handler", "app:Echo", "--socket", sock],
+            str(logs / "i1.log"), cwd=str(bundle), env={"THAW_FUNCTION": "t/echo"},
+            instance_id="i1"))
         ready = await fresh.next_event(60)
         assert ready["event"] == "ready" and ready["pid"] == fresh.pid
         assert uid_of(fresh.pid) >= UID_BASE
@@ -77,9 +78,9 @@ async def test_fresh_build_template_spawn(runtime: DockerRuntime, tmp_path: Path
 
         out = tmp_path / "builds" / "b1"
         out.mkdir(parents=True)
-        build = await runtime.launch("build", [
+        build = await runtime.launch(LaunchSpec.from_runtime_args("build", [
             "--bundle", str(bundle), "--handler", "app:Echo", "--out", str(out),
-            "--function-version", "1"], str(logs / "build.log"), cwd=str(bundle))
+            "--function-version", "1"], str(logs / "build.log"), cwd=str(bundle)))
         assert (await build.next_event(60))["event"] == "captured"
         assert await build.proc.wait() == 0
         # As the agent lays them out: per-snapshot folder, arenas shared by content.
@@ -89,10 +90,10 @@ async def test_fresh_build_template_spawn(runtime: DockerRuntime, tmp_path: Path
         os.replace(snap / "host.arena", snapshots / "arenas" / "a1")
 
         control = str(run / "run" / "t.sock")
-        template = await runtime.launch("template", [
+        template = await runtime.launch(LaunchSpec.from_runtime_args("template", [
             "--bundle", str(bundle), "--handler", "app:Echo",
             "--snapshot-json", str(snap / "snapshot.json"), "--control", control],
-            str(logs / "template.log"), cwd=str(bundle))
+            str(logs / "template.log"), cwd=str(bundle)))
         assert (await template.next_event(60))["event"] == "template_ready"
         inst_sock = str(run / "run" / "r1.sock")
         pid, event = await runtime.spawn(control, {

@@ -23,6 +23,8 @@ from thaw.platform.docker import (
     exit_code_from_engine,
     host_pid_of,
 )
+from thaw.platform.docker.spec import create_kwargs
+from thaw.platform.runtime import LaunchSpec
 
 
 class FakeImage:
@@ -43,30 +45,36 @@ def runtime(tmp_path: Path, device: str) -> DockerRuntime:
                          state_dir=tmp_path, device=device)
 
 
+def run_kwargs(rt: DockerRuntime, c: _Container, spec: LaunchSpec) -> dict[str, Any]:
+    """The container's create arguments for `spec`, as the runtime makes them."""
+    return create_kwargs(spec, rt.settings, name=c.name, uid=c.uid, mounts=[],
+                         memory_bytes=1 << 30)
+
+
 def container(tmp_path: Path) -> _Container:
     return _Container("c1", "fresh", 200_123, "i1.log", tmp_path, tmp_path, tmp_path)
 
 
 def test_cuda_requests_gpus_and_shares_the_pid_namespace(tmp_path: Path) -> None:
-    kwargs = runtime(tmp_path, "cuda")._run_kwargs(
-        container(tmp_path), "fresh", ["--bundle", "/b"], "/l/i1.log", "/b", [], "i1",
-        1 << 30, {})
+    spec = LaunchSpec.from_runtime_args("fresh", ["--bundle", "/b"], "/l/i1.log", cwd="/b",
+                                        env={}, instance_id="i1")
+    kwargs = run_kwargs(runtime(tmp_path, "cuda"), container(tmp_path), spec)
     [request] = kwargs["device_requests"]
     assert request["Capabilities"] == [["gpu"]] and request["Count"] == -1
     assert kwargs["pid_mode"] == "host"
     assert kwargs["network_mode"] == "none" and kwargs["cap_drop"] == ["ALL"]
     # A fresh instance told its slice's GPU gets that one only.
-    kwargs = runtime(tmp_path, "cuda")._run_kwargs(
-        container(tmp_path), "fresh", [], "/l/i1.log", "/b", [], "i1", 1 << 30, {},
-        ["GPU-1234"])
+    spec = LaunchSpec.from_runtime_args("fresh", [], "/l/i1.log", cwd="/b", env={},
+                                        instance_id="i1", gpu_device_ids=["GPU-1234"])
+    kwargs = run_kwargs(runtime(tmp_path, "cuda"), container(tmp_path), spec)
     [request] = kwargs["device_requests"]
     assert request["DeviceIDs"] == ["GPU-1234"] and not request["Count"]
 
 
 def test_host_backend_has_no_gpu_and_its_own_pid_namespace(tmp_path: Path) -> None:
-    kwargs = runtime(tmp_path, "host")._run_kwargs(
-        container(tmp_path), "fresh", ["--bundle", "/b"], "/l/i1.log", "/b", [], "i1",
-        1 << 30, {"THAW_FUNCTION": "dev/echo"})
+    spec = LaunchSpec.from_runtime_args("fresh", ["--bundle", "/b"], "/l/i1.log", cwd="/b",
+                                        env={"THAW_FUNCTION": "dev/echo"}, instance_id="i1")
+    kwargs = run_kwargs(runtime(tmp_path, "host"), container(tmp_path), spec)
     assert "device_requests" not in kwargs and "pid_mode" not in kwargs
     assert kwargs["user"] == "200123:200123"
     assert kwargs["environment"]["THAW_FUNCTION"] == "dev/echo"
