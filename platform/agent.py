@@ -229,7 +229,8 @@ class Agent:
                                   InstanceState.RESTORING if restore else InstanceState.STARTING)
         try:
             if spec.gpu_memory_bytes:
-                await self._allocate_slice(inst, spec, restore)
+                await self._allocate_slice(inst, spec, restore,
+                                           req.manifest.device.size if restore else None)
             if restore:
                 timings = await self._restore(inst, spec, req.manifest, list(req.peers))
             else:
@@ -257,12 +258,14 @@ class Agent:
             timings=[agent_pb2.Timing(stage=k, seconds=v) for k, v in timings])
 
     async def _allocate_slice(self, inst: Instance, spec: agent_pb2.FunctionSpec,
-                              restore: bool) -> None:
+                              restore: bool, resident: int | None = None) -> None:
         """The instance's slice, allocated off the event loop (a GPU allocation zeroes
         its memory and waits for that). Cancelled meanwhile, the allocation still ends
-        in its thread: what it got is then given back."""
+        in its thread: what it got is then given back. `resident`: a restore's device
+        arena, the part of the slice allocated now (the rest is booked)."""
         task = asyncio.ensure_future(asyncio.to_thread(
-            self._allocate, spec.gpu_memory_bytes, inst.id, spec.gpu_compute, restore))
+            self._allocate, spec.gpu_memory_bytes, inst.id, spec.gpu_compute, restore,
+            resident))
         try:
             sl = await asyncio.shield(task)
         except asyncio.CancelledError:
@@ -271,11 +274,13 @@ class Agent:
         self._slices[inst.id] = sl
         inst.slice_id, inst.slice_device, inst.slice_bytes = sl.id, sl.device_id, sl.size
 
-    def _allocate(self, size: int, owner: str, compute_percent: int, restore: bool) -> Slice:
+    def _allocate(self, size: int, owner: str, compute_percent: int, restore: bool,
+                  resident: int | None) -> Slice:
         """A slice carries the function's compute share (applied under MPS) and, for a
-        restore, counts on its link from now (the activation budget)."""
+        restore, counts on its link from now (the activation budget) and allocates
+        only the device arena it is filled with."""
         return self.devices.allocate(size, owner, compute_percent=compute_percent,
-                                     restore=restore)
+                                     restore=restore, resident=resident)
 
     def _release_abandoned(self, task: asyncio.Future[Slice]) -> None:
         if task.cancelled() or task.exception() is not None:

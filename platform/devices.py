@@ -92,10 +92,12 @@ class DeviceBackend(Protocol):
     type."""
 
     def allocate(self, size: int, owner: str, *, compute_percent: int = 0,
-                 restore: bool = False) -> Slice:
+                 restore: bool = False, resident: int | None = None) -> Slice:
         """A slice of `size` bytes for `owner`. `compute_percent`: the function's share
         of the GPU's compute (applied where compute_shares_enforced); `restore`: the
-        slice is about to be filled by a restore (counted on its link from now)."""
+        slice is about to be filled by a restore (counted on its link from now);
+        `resident`: how much of it the restore fills (a GPU allocates only that and
+        books the rest for the instance's own allocator; None: all of it)."""
         ...
 
     def release(self, slice_id: str) -> None: ...
@@ -142,11 +144,11 @@ class HostDevices:
         self._lock = threading.Lock()
 
     def allocate(self, size: int, owner: str, *, compute_percent: int = 0,
-                 restore: bool = False) -> HostSlice:
+                 restore: bool = False, resident: int | None = None) -> HostSlice:
         """Best fit: the device with the least memory left that still fits `size`.
         Host devices share no compute and have one link: the other arguments do not
         change where the slice goes."""
-        del compute_percent, restore
+        del compute_percent, restore, resident
         with self._lock:
             fitting = [d for d in self._devices if d.capacity - d.used >= size]
             if not fitting:

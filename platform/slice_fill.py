@@ -35,7 +35,10 @@ def slice_handover(sl: Slice) -> tuple[SliceDescriptor, int | None]:
         return sl.descriptor(), sl.fd
     if isinstance(sl, CudaSlice):
         opened = sl.descriptor()
-        return SliceDescriptor(kind="cuda", size=sl.size, pci_bus_id=opened["pci_bus_id"],
+        # Addressable: what was allocated (a restore allocates only its arena); the
+        # rest of the slice is the instance allocator's cap.
+        return SliceDescriptor(kind="cuda", size=min(sl.size, sl.allocated),
+                               limit=sl.size, pci_bus_id=opened["pci_bus_id"],
                                device_index=opened["device_index"],
                                ipc_handle=opened["ipc_handle"]), None
     raise InvalidArgument(f"slice {sl.id} is of no kind an instance can open "

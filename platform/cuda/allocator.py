@@ -163,12 +163,15 @@ class CudaDevices:
     # -- DeviceBackend --
 
     def allocate(self, size: int, owner: str, *, compute_percent: int = 0,
-                 restore: bool = False) -> CudaSlice:
+                 restore: bool = False, resident: int | None = None) -> CudaSlice:
         """A zeroed slice of `size` bytes on a device that fits it: behind the link with
         the fewest restores in flight, then the one with the least memory left (best
         fit); the next one if the driver refuses; OutOfMemory naming the sizes when none
         can take it. `restore`: a restore will fill it, counted on its link from now
-        (until the budget admits the slice, or it is released)."""
+        (until the budget admits the slice, or it is released). `resident`: the bytes
+        allocated as device memory now (a restore's device arena); the rest of `size`
+        stays booked for what the instance allocates itself, capped at it. None: all of
+        `size` is allocated."""
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise InvalidArgument(f"slice size must be an integer >= 1, got {size!r}",
                                   field="size")
@@ -176,8 +179,15 @@ class CudaDevices:
                 or not 0 <= compute_percent <= 100):
             raise InvalidArgument(f"compute_percent must be 0-100, got {compute_percent!r}",
                                   field="gpu_compute")
-        allocated = -(-size // self._granularity) * self._granularity
-        booked = allocated + self._overhead
+        if resident is not None and (isinstance(resident, bool)
+                                     or not isinstance(resident, int) or resident < 0):
+            raise InvalidArgument(f"resident bytes must be an integer >= 0, got {resident!r}",
+                                  field="resident")
+        whole = -(-size // self._granularity) * self._granularity
+        # At least one page: the instance opens its slice by the allocation's IPC handle.
+        wanted = size if resident is None else max(1, min(resident, size))
+        allocated = -(-wanted // self._granularity) * self._granularity
+        booked = whole + self._overhead
         refused: list[str] = []
         tried: set[str] = set()
         while True:

@@ -58,7 +58,9 @@ class CudaSlice(Slice):
     ipc_handle: str
     """The allocation's cudaIpcMemHandle_t, hex."""
     allocated: int
-    """Bytes allocated (and zeroed): `size` rounded up to the allocation granularity."""
+    """Bytes allocated (and zeroed), rounded up to the allocation granularity: `size`,
+    or only the part a restore fills (CudaDevices.allocate's `resident`); the rest of
+    `size` is booked for the instance's own allocator."""
     compute_percent: int
     """The function's gpu_compute share (0 = none asked)."""
     mps: bool

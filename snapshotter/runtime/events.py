@@ -226,21 +226,27 @@ class SliceDescriptor:
 
     kind: str
     size: int
+    """Bytes the instance can address (a GPU slice may allocate only the arena)."""
     offset: int = 0
     pci_bus_id: str = ""
     device_index: int = 0
     ipc_handle: str = ""
     """cudaIpcMemHandle_t, hex (cuda only)."""
+    limit: int = 0
+    """The whole slice in bytes: what the instance's device memory may reach, the
+    arena included (0: `size`)."""
 
     def __post_init__(self) -> None:
         if self.kind not in SLICE_KINDS:
             raise ValueError(f"slice kind must be one of {SLICE_KINDS}, got {self.kind!r}")
-        for name in ("size", "offset", "device_index"):
+        for name in ("size", "offset", "device_index", "limit"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"slice field {name!r} must be an integer >= 0, got {value!r}")
         if self.offset > self.size:
             raise ValueError(f"slice offset {self.offset} is past its size {self.size}")
+        if self.limit and self.limit < self.size:
+            raise ValueError(f"slice limit {self.limit} is below its size {self.size}")
         if self.kind == "cuda" and not self.ipc_handle:
             raise ValueError("a cuda slice needs its ipc_handle")
 

@@ -164,7 +164,8 @@ class DeviceMemory:
         torch: Any = sys.modules.get("torch")
         if torch is None:
             return
-        room = max(0, self.descriptor.size - self.descriptor.offset - arena_size)
+        whole = self.descriptor.limit or self.descriptor.size
+        room = max(0, whole - self.descriptor.offset - arena_size)
         device = int(self._cuda.device)
         total = int(torch.cuda.get_device_properties(device).total_memory)
         torch.cuda.set_per_process_memory_fraction(min(1.0, room / total), device)

@@ -138,6 +138,12 @@ def test_device_allocations_are_capped_at_the_rest_of_the_cuda_slice(
     memory._cuda = type("Opened", (), {"device": 3})()
     memory.bound_allocations(2 * 1024 * MiB)
     assert calls == [(6 / 80, 3)]
+    # A restore's slice maps only its arena: the cap is the rest of the whole slice.
+    calls.clear()
+    memory.descriptor = SliceDescriptor(kind="cuda", size=2 * 1024 * MiB,
+                                        limit=8 * 1024 * MiB, ipc_handle="00" * 64)
+    memory.bound_allocations(2 * 1024 * MiB)
+    assert calls == [(6 / 80, 3)]
     # A host slice needs no cap: its instance's memory is capped by RLIMIT_DATA.
     calls.clear()
     host = DeviceMemory.__new__(DeviceMemory)
