@@ -132,15 +132,34 @@ def _build_request(request: BuildRequest | Mapping[str, Any]) -> BuildRequest:
     return BuildRequest.from_record(dict(request))
 
 
+# The only variables an instance takes from the agent's environment: where programs
+# and shared libraries are (a GPU node's CUDA libraries may be on LD_LIBRARY_PATH) and
+# the locale. Everything else it gets is what its LaunchSpec says: the agent's own
+# settings, addresses and credentials never reach tenant code.
+INHERITED_ENV = ("PATH", "LD_LIBRARY_PATH", "LANG", "LC_ALL", "TZ")
+# Set for every instance unless its LaunchSpec says otherwise: a home that is not the
+# agent's (caches a library writes under ~ go to the instance's /tmp).
+INSTANCE_DEFAULT_ENV = {"HOME": "/tmp", "LANG": "C.UTF-8"}
+
+
+def base_environment(source: Mapping[str, str]) -> dict[str, str]:
+    """An instance's environment before its LaunchSpec's: INSTANCE_DEFAULT_ENV, then
+    the INHERITED_ENV names `source` (the agent's environment) has."""
+    inherited = {name: source[name] for name in INHERITED_ENV if name in source}
+    return {**INSTANCE_DEFAULT_ENV, **inherited}
+
+
 class ProcessRuntime:
-    """Instances are processes on this machine (the `Runtime` protocol)."""
+    """Instances are processes on this machine (the `Runtime` protocol). An instance's
+    environment is base_environment() plus what its LaunchSpec says (and `env`, the
+    operator's additions for every instance), never the agent's own."""
 
     name = "process"
     capabilities = RuntimeCapabilities(runs_images=False, template_per_tenant=False)
 
     def __init__(self, python: str | None = None, env: dict[str, str] | None = None) -> None:
         self.python = python or sys.executable
-        self.env = {**os.environ, **(env or {})}
+        self.env = {**base_environment(os.environ), **(env or {})}
 
     async def spawn(self, control_socket: str,
                     request: SpawnRequest | Mapping[str, Any],
