@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from tests.gpu.gpus import NEEDS_CUPY_GPU
 from thaw.blobstore import ChunkRef, CudaPinnedAllocator, PinnedTier
 from thaw.core.errors import NotFound, OutOfMemory
 from thaw.platform.cuda import CudaDevices, CudaSlice
@@ -26,17 +27,7 @@ CANARY = 0xA5
 INSTANCE_TIMEOUT_S = 120
 
 
-def _gpu_count() -> int:
-    try:
-        import cupy  # type: ignore[import-not-found]
-
-        return int(cupy.cuda.runtime.getDeviceCount())
-    except Exception:  # no CuPy, no driver, no GPU
-        return 0
-
-
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(_gpu_count() == 0, reason="needs CuPy and a CUDA GPU")]
+pytestmark = NEEDS_CUPY_GPU
 
 # The instance's side, in its own process: CUDA IPC handles cannot be opened by the
 # process that exported them.

@@ -5,8 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import pytest
-
+from tests.gpu.gpus import NEEDS_TORCH_GPU
 from tests.runtime.conftest import (
     Processes,
     kill_pid,
@@ -17,17 +16,7 @@ from tests.runtime.conftest import (
 )
 from tests.runtime.test_state_round_trip import call
 
-
-def _gpu() -> bool:
-    try:
-        import torch
-    except ImportError:
-        return False
-    return bool(torch.cuda.is_available())
-
-
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not _gpu(), reason="needs a CUDA GPU (none in CI)")]
+pytestmark = NEEDS_TORCH_GPU
 
 
 def test_cuda_tensors_restore_equal_fresh_and_keep_views(processes: Processes,

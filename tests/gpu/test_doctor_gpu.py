@@ -10,21 +10,11 @@ import sys
 
 import pytest
 
+from tests.gpu.gpus import NEEDS_CUPY_GPU
 from thaw.ops.doctor_checks import CHECK_NAMES
 from thaw.ops.doctor_run import DEFAULT_BUDGET_S
 
-
-def _gpu_count() -> int:
-    try:
-        import cupy  # type: ignore[import-not-found]
-
-        return int(cupy.cuda.runtime.getDeviceCount())
-    except Exception:  # no CuPy, no driver, no GPU
-        return 0
-
-
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(_gpu_count() == 0, reason="needs CuPy and a CUDA GPU")]
+pytestmark = NEEDS_CUPY_GPU
 
 
 @pytest.mark.timeout(int(DEFAULT_BUDGET_S) + 120)

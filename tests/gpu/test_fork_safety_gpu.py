@@ -10,21 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.gpu.gpus import NEEDS_TORCH_GPU
 from tests.runtime.conftest import Client, Processes, Snapshot, start_template
 
 BUNDLE = "cuda_at_import"
 
 
-def _gpu() -> bool:
-    try:
-        import torch
-    except ImportError:
-        return False
-    return bool(torch.cuda.is_available())
-
-
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not _gpu(), reason="needs a CUDA GPU (none in CI)")]
+pytestmark = NEEDS_TORCH_GPU
 
 
 def build_with(processes: Processes, handler: str, out: Path) -> Snapshot:

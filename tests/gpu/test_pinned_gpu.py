@@ -10,6 +10,7 @@ import hashlib
 import numpy as np
 import pytest
 
+from tests.gpu.gpus import NEEDS_CUPY_GPU
 from thaw.blobstore import ChunkRef, CudaPinnedAllocator, PinnedTier
 from thaw.blobstore.allocators import PAGE_SIZE
 
@@ -21,17 +22,7 @@ CUDA_MEMCPY_HOST_TO_DEVICE = 1
 CUDA_DEV_ATTR_HOST_REGISTER_READ_ONLY_SUPPORTED = 113
 
 
-def _gpu_count() -> int:
-    try:
-        import cupy  # type: ignore[import-not-found]
-
-        return int(cupy.cuda.runtime.getDeviceCount())
-    except Exception:  # no CuPy, no driver, no GPU
-        return 0
-
-
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(_gpu_count() == 0, reason="needs CuPy and a CUDA GPU")]
+pytestmark = NEEDS_CUPY_GPU
 
 
 def test_a_prewarm_pins_its_exact_bytes_and_copies_to_the_device_intact() -> None:
