@@ -103,15 +103,18 @@ def snapshot_evict(name: str, node: str) -> None:
 @click.option("--node", default="", help="Only this node (default: every node holding it).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def snapshot_verify(name: str, node: str, as_json: bool) -> None:
-    """Re-read every chunk of function NAME's snapshot on each node holding it and
-    check its SHA-256. Exit code 3 if a chunk is bad or missing, 1 on other errors."""
+    """Check function NAME's snapshot on each node holding it: every chunk re-read from
+    disk and from pinned memory against its SHA-256, and the sealed memfds that
+    restores map (tier "arena": the host arena, pickle and snapshot.json) for their
+    seals and their bytes. Exit code 3 if anything is bad or missing, 1 on other
+    errors."""
     summary = run_pass(Client(timeout=PASS_TIMEOUT), name, "verify", node)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     else:
         for bad in summary["bad"]:
-            click.echo(f"BAD {bad['node']} {bad['tier']} chunk {bad['digest']}: "
-                       f"{bad['reason']}")
+            what = f"chunk {bad['digest']}" if bad["digest"] else "memfd"
+            click.echo(f"BAD {bad['node']} {bad['tier']} {what}: {bad['reason']}")
         for error in summary["errors"]:
             click.echo(f"error: {error['node'] or name}: {error['error']}", err=True)
         verdict = "ok" if summary["ok"] else f"{len(summary['bad'])} bad chunk(s)"

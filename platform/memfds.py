@@ -67,6 +67,14 @@ class SealedMemfd:
             self.fd = -1
 
 
+def missing_seals(fd: int) -> list[str]:
+    """Which of ARENA_SEALS the memfd `fd` lacks, by name ([] when it has them all)."""
+    seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    return [name for name, seal in _SEAL_NAMES if not seals & seal]
+
+
+_SEAL_NAMES = (("F_SEAL_WRITE", fcntl.F_SEAL_WRITE), ("F_SEAL_SHRINK", fcntl.F_SEAL_SHRINK),
+               ("F_SEAL_GROW", fcntl.F_SEAL_GROW), ("F_SEAL_SEAL", fcntl.F_SEAL_SEAL))
 
 
 def text_memfd(name: str, text: str) -> int:

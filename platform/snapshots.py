@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import json
 import mmap
+import os
 import shutil
 import threading
 import time
@@ -58,6 +59,22 @@ class Materialized:
         """The spawn request's descriptors for this snapshot, by their names there."""
         return {"snapshot_json": self.meta.fd, "pickle": self.pickle.fd,
                 "host_arena": self.host_arena.fd}
+
+
+@dataclass(frozen=True)
+class HeldMemfd:
+    """One memfd this node made for a snapshot, as a check sees it: `fd` is a duplicate
+    of the node's descriptor (the caller's to close), so eviction closing the node's
+    own cannot pull it away mid-read."""
+
+    name: str
+    fd: int
+    size: int
+    """Bytes the manifest says it holds."""
+    chunks: list[ChunkRef]
+    """What must be at each offset (empty for the snapshot.json memfd)."""
+    text: bytes = b""
+    """Its exact content when it holds no chunks (the snapshot.json)."""
 
 
 @dataclass(frozen=True)
@@ -170,6 +187,30 @@ class NodeSnapshots:
             restore_arena(refs, view, disk=self.disk, pinned=self.pinned)
         except OSError as exc:
             raise SnapshotError(f"cannot read snapshot chunks: {exc}") from exc
+
+    def held_memfds(self, manifest: manifest_pb2.SnapshotManifest) -> list[HeldMemfd]:
+        """The memfds of `manifest` that this node holds now, the very ones restores
+        hand to instances (none before its first restore here, or after eviction)."""
+        text = json.dumps(capture_json(manifest)).encode()
+        held: list[HeldMemfd] = []
+        try:
+            with self._lock:
+                made = self._snapshots.get(manifest_key(manifest))
+                arena = self._arenas.get(arena_key(manifest.host))
+                if made is not None and not made.meta.closed:
+                    held.append(HeldMemfd(made.meta.name, os.dup(made.meta.fd), len(text),
+                                          [], text))
+                for memfd, message in ((made.pickle if made else None, manifest.pickle),
+                                       (arena, manifest.host)):
+                    if memfd is not None and not memfd.closed:
+                        held.append(HeldMemfd(memfd.name, os.dup(memfd.fd), message.size,
+                                              [ChunkRef.from_dict(d)
+                                               for d in chunk_dicts(message)]))
+        except BaseException:
+            for taken in held:
+                os.close(taken.fd)
+            raise
+        return held
 
     def drop(self, manifest: manifest_pb2.SnapshotManifest) -> None:
         """Close the snapshot's memfds (running instances keep their mappings)."""
