@@ -174,6 +174,18 @@ class PinnedTier:
         finally:
             self.unpin(held)
 
+    def check_lengths(self, refs: Iterable[ChunkRef]) -> None:
+        """CorruptChunk for a ref whose length is not that of the chunk held under its
+        digest. A copy from here takes `ref.length` bytes from where the chunk starts,
+        so a longer ref would carry its neighbours' bytes, never verified, into the
+        destination. (A chunk's length is part of its content: the disk tier checks it
+        on every read.) Chunks not held are left to the read that brings them."""
+        with self._lock:
+            for ref in refs:
+                entry = self._entries.get(ref.digest)
+                if entry is not None and entry.length != ref.length:
+                    raise CorruptChunk(_length_mismatch(ref, entry.length))
+
     def usage(self) -> PinnedUsage:
         refusal = self._allocator.refusal_for(self._capacity)
         with self._lock:
@@ -441,6 +453,11 @@ class PinnedTier:
         region.held = region.dead = 0
         self._allocator.free(region.host)
         return freed
+
+
+def _length_mismatch(ref: ChunkRef, held: int) -> str:
+    return (f"chunk {ref.digest} is {held} bytes, its reference at offset {ref.offset} "
+            f"says {ref.length}")
 
 
 def _slot(length: int) -> int:

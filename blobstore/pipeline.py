@@ -156,6 +156,11 @@ def _copy_from_pinned(refs: list[ChunkRef], held: Mapping[str, PinnedSpan],
     runs: list[_Run] = []
     for ref in sorted(refs, key=lambda ref: ref.offset):
         span = held[ref.digest]
+        if span.length != ref.length:
+            # A longer ref would copy the bytes after the chunk, never verified.
+            raise CorruptChunk(f"chunk {ref.digest} is {span.length} bytes in the pinned "
+                               f"tier, its reference at offset {ref.offset} says "
+                               f"{ref.length}")
         last = runs[-1] if runs else None
         if (last is not None and last.region is span.region
                 and last.start + last.length == span.start

@@ -78,6 +78,7 @@ def _fill_cuda(devices: CudaDevices, sl: CudaSlice, manifest: manifest_pb2.Snaps
     pinned = snapshots.pinned
     missing = [ref for ref in refs if not pinned.has(ref.digest)]
     if not missing:
+        pinned.check_lengths(refs)
         devices.restore_into_slice(sl, refs, pinned)
         return
     missing_digests = {ref.digest for ref in missing}
@@ -88,6 +89,7 @@ def _fill_cuda(devices: CudaDevices, sl: CudaSlice, manifest: manifest_pb2.Snaps
         with ThreadPoolExecutor(1, thread_name_prefix="thaw-fill-read") as reader:
             reading = reader.submit(pinned.prewarm, batches[0], snapshots.disk)
             if present:
+                pinned.check_lengths(present)
                 devices.restore_into_slice(sl, present, pinned)
             for index, batch in enumerate(batches):
                 reading.result()
@@ -95,6 +97,7 @@ def _fill_cuda(devices: CudaDevices, sl: CudaSlice, manifest: manifest_pb2.Snaps
                 digests = list(dict.fromkeys(ref.digest for ref in batch))
                 pinned.pin(digests)
                 try:
+                    pinned.check_lengths(batch)
                     if index + 1 < len(batches):
                         reading = reader.submit(pinned.prewarm, batches[index + 1],
                                                 snapshots.disk)

@@ -213,3 +213,35 @@ async def test_a_peers_corrupt_answer_is_refused_and_never_stored(
         await chunks.close()
         await server.stop(None)
         node.close()
+
+
+@pytest.mark.parametrize("backend", ["host", "cuda"])
+@pytest.mark.parametrize("pinned_first", [True, False], ids=["pinned", "disk"])
+def test_a_reference_longer_than_its_chunk_is_refused(
+        tmp_path: Path, backend: str, pinned_first: bool) -> None:
+    """A manifest whose chunk reference claims more bytes than the chunk has would,
+    copied from the pinned tier, carry the bytes after it (its neighbour in the
+    region, never checked against this digest) into the slice."""
+    snapshots = NodeSnapshots(DiskTier(tmp_path / "chunks"), PinnedTier(8 * MiB),
+                              tmp_path / "shm")
+    device = pattern(2 * CHUNK, 8)
+    honest = make_manifest(snapshots.disk, host=pattern(4 * KiB, 9), device=device)
+    first, second = refs_of(honest.device)
+    forged = manifest_pb2.SnapshotManifest()
+    forged.CopyFrom(honest)
+    forged.device.CopyFrom(arena_message(len(device), [ChunkRef(
+        first.digest, 0, 2 * CHUNK, first.stored_length, first.compression)]))
+    if pinned_first:
+        # Both chunks back to back in one region: the forged copy would read both.
+        snapshots.pinned.prewarm([first, second], snapshots.disk)
+    devices = (HostDevices([64 * MiB]) if backend == "host" else CudaDevices(
+        InMemoryCudaApi([16 * MiB]), reserve_bytes=0, instance_overhead_bytes=0,
+        granularity=4 * KiB))
+    sl = devices.allocate(MiB, "fn")
+    try:
+        with pytest.raises(CorruptChunk, match=first.digest):
+            fill_slice(devices, sl, forged, snapshots)
+        fill_slice(devices, sl, honest, snapshots)  # the honest manifest restores
+    finally:
+        devices.release(sl.id)
+        snapshots.close()
