@@ -44,6 +44,7 @@ from .config_fields import (
     AlertRuleOptions,
     CommonFields,
     GatewayFields,
+    InternalTLSFields,
     PolicyFields,
     PressureLevel,
     SchedulerFields,
@@ -263,7 +264,8 @@ class _ComponentConfig(BaseSettings):
 
 
 # Bases: the field groups in the order they are listed by `explain`, then the sources.
-class SchedulerConfig(PolicyFields, SchedulerFields, CommonFields, _ComponentConfig):
+class SchedulerConfig(PolicyFields, SchedulerFields, InternalTLSFields, CommonFields,
+                      _ComponentConfig):
     """The scheduler's settings, placement and memory-pressure policy included."""
 
     _table: ClassVar[str] = "scheduler"
@@ -276,13 +278,14 @@ class SchedulerConfig(PolicyFields, SchedulerFields, CommonFields, _ComponentCon
         return f"sqlite:///{path}"
 
 
-class GatewayConfig(AlertFields, GatewayFields, CommonFields, _ComponentConfig):
+class GatewayConfig(AlertFields, GatewayFields, InternalTLSFields, CommonFields,
+                    _ComponentConfig):
     """The gateway's settings, protection and alerting included."""
 
     _table: ClassVar[str] = "gateway"
 
 
-class AgentConfig(AgentFields, CommonFields, _ComponentConfig):
+class AgentConfig(AgentFields, InternalTLSFields, CommonFields, _ComponentConfig):
     """A node agent's settings."""
 
     _table: ClassVar[str] = "agent"

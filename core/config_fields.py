@@ -62,6 +62,20 @@ class CommonFields(_Fields):
     """JSON log lines instead of the console format."""
 
 
+class InternalTLSFields(_Fields):
+    # Internal gRPC is mutual TLS under the platform's CA (core/pki.py); `thaw up` makes
+    # the files under $THAW_HOME/pki, `thaw pki init` anywhere.
+    tls_ca: Path | None = None
+    """The platform CA's certificate (PEM); empty = $THAW_HOME/pki/ca.crt."""
+    tls_cert: Path | None = None
+    """This component's certificate (PEM); empty = $THAW_HOME/pki/<component>.crt."""
+    tls_key: Path | None = None
+    """Its private key (PEM, mode 0600); empty = $THAW_HOME/pki/<component>.key."""
+    insecure_internal: bool = False
+    # Loud on purpose: every start logs a warning while it is on.
+    """DEVELOPMENT ONLY: internal gRPC in plaintext with no credential at all."""
+
+
 class SchedulerFields(_Fields):
     scheduler_listen: str = Field("127.0.0.1:7070", pattern=r"^.+:\d{1,5}$")
     """host:port for the scheduler's gRPC server (port 0 picks a free one)."""

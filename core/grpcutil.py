@@ -1,8 +1,11 @@
 """gRPC at the edges: one table from ThawError to status codes and back, the
-standard health service, and channel options shared by every client and server."""
+standard health service, channel options shared by every client and server, and the
+internal channels and servers, mutual TLS under the platform's CA (core/pki.py)."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
@@ -12,6 +15,7 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from thaw.core import errors
+from thaw.core.pki import Identity, allowed_callers, common_name, component_of
 
 # Bundles and manifests travel in single messages; 4 MiB (gRPC's default) is too small
 # for a bundle. Must stay >= thaw.core.spec.MAX_BUNDLE_BYTES plus framing.
@@ -135,3 +139,117 @@ def add_health(server: grpc.aio.Server, *services: str) -> health.aio.HealthServ
 async def mark_serving(servicer: health.aio.HealthServicer, *services: str) -> None:
     for name in ("", *services):
         await servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+
+# ---- internal channels and servers: mutual TLS -----------------------------------------
+
+@functools.lru_cache(maxsize=16)
+def _channel_credentials(tls: Identity) -> grpc.ChannelCredentials:
+    return grpc.ssl_channel_credentials(root_certificates=tls.ca, private_key=tls.key,
+                                        certificate_chain=tls.cert)
+
+
+def secure_channel(address: str, tls: Identity | None, peer: str) -> grpc.aio.Channel:
+    """A channel to `peer` (a component: "scheduler", "agent") at `address`, presenting
+    `tls` and accepting only `peer`'s certificate from the platform's CA, whatever
+    host or IP the address names. `tls` None: plaintext, the development opt-out.
+    Keep the channel: the handshake is paid once per connection, not per call."""
+    if tls is None:
+        return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+    return grpc.aio.secure_channel(address, _channel_credentials(tls),
+                                   options=channel_options(peer))
+
+
+def channel_options(peer: str) -> list[tuple[str, Any]]:
+    """CHANNEL_OPTIONS plus the server name a TLS channel to `peer` verifies."""
+    return [*CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", common_name(peer))]
+
+
+def channel_credentials(tls: Identity) -> grpc.ChannelCredentials:
+    """`tls` as gRPC client credentials (for a blocking channel: tools, tests)."""
+    return _channel_credentials(tls)
+
+
+def caller_of(context: grpc.aio.ServicerContext) -> str | None:
+    """The component whose certificate made this call; None when the connection
+    carried none (plaintext) or a name that is no component's."""
+    auth = context.auth_context()
+    if auth.get("transport_security_type") != [b"ssl"]:
+        return None
+    names = auth.get("x509_common_name") or []
+    return component_of(names[0].decode()) if names else None
+
+
+async def _check_caller(context: grpc.aio.ServicerContext, method: str) -> None:
+    caller = caller_of(context)
+    if caller is None:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, encode_error(
+            errors.Unauthenticated(f"{method} needs a platform certificate (mutual TLS)")))
+    allowed = allowed_callers(method)
+    if caller not in allowed:
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED, encode_error(
+            errors.PermissionDenied(
+                f"{method} may not be called by the {caller}; callers: "
+                f"{', '.join(sorted(allowed)) or 'none'}")))
+
+
+def _guarded(behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
+    """`behavior` (a handler's unary or streaming function) behind the caller check,
+    of the same kind: grpc.aio tells a coroutine handler from a generator one."""
+    if inspect.iscoroutinefunction(behavior):
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            await _check_caller(context, method)
+            return await behavior(request, context)
+        return unary
+
+    async def streaming(request: Any, context: grpc.aio.ServicerContext
+                        ) -> AsyncIterator[Any]:
+        await _check_caller(context, method)
+        responses = behavior(request, context)
+        if inspect.isasyncgen(responses):
+            async for message in responses:
+                yield message
+        else:
+            for message in responses:
+                yield message
+    return streaming
+
+
+class CallerCheck(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Every call needs a certificate of a component that core/pki.py CALLERS lets call
+    its method: none (a plaintext connection) is UNAUTHENTICATED, the wrong component
+    PERMISSION_DENIED. The TLS handshake already refused certificates of other CAs."""
+
+    async def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails],
+                                     Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method: str = handler_call_details.method
+        kinds = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
+        # grpc's handlers are named tuples: the same handler, each behaviour guarded.
+        guarded: grpc.RpcMethodHandler = handler._replace(**{
+            kind: _guarded(getattr(handler, kind), method)
+            for kind in kinds if getattr(handler, kind) is not None})
+        return guarded
+
+
+def internal_server(tls: Identity | None) -> grpc.aio.Server:
+    """A gRPC server for internal services: with `tls`, every call's certificate is
+    checked against CALLERS (CallerCheck); add its port with `add_secure_port`."""
+    interceptors = [CallerCheck()] if tls is not None else []
+    return grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=interceptors)
+
+
+def add_secure_port(server: grpc.aio.Server, address: str, tls: Identity | None) -> int:
+    """Listen on `address` with mutual TLS: the handshake refuses a client without a
+    certificate from the platform's CA. `tls` None: plaintext (development opt-out).
+    Returns the bound port."""
+    if tls is None:
+        return int(server.add_insecure_port(address))
+    credentials = grpc.ssl_server_credentials([(tls.key, tls.cert)], root_certificates=tls.ca,
+                                              require_client_auth=True)
+    return int(server.add_secure_port(address, credentials))

@@ -17,6 +17,7 @@ from thaw.ops.images import image
 from thaw.ops.invocations import inv
 from thaw.ops.logs import fn_logs
 from thaw.ops.nodes import node
+from thaw.ops.pki import pki
 from thaw.ops.services import agent, gateway, scheduler, up
 from thaw.ops.settings import config_group
 from thaw.ops.snapshots import snapshot
@@ -40,7 +41,7 @@ def cli(profile: str) -> None:
 
 
 for command in (up, scheduler, gateway, agent, deploy, invoke, fn, snapshot, node, bench,
-                image, login, top, usage, inv, config_group, doctor):
+                image, login, top, usage, inv, config_group, doctor, pki):
     cli.add_command(command)
 fn.add_command(fn_logs)
 for command in (key, tenant, audit):  # tenancy: ops/tenants.py, ops/audit.py

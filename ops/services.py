@@ -18,6 +18,7 @@ import httpx
 from thaw.core import eventloop
 from thaw.core.config import AgentConfig, GatewayConfig, SchedulerConfig, default_home
 from thaw.core.logs import configure_logging
+from thaw.core.pki import GATEWAY, PKI_FOLDER, ensure_pki, internal_identity
 
 from .settings import SETTINGS_HELP, parse_sets, settings_options
 
@@ -53,10 +54,13 @@ def scheduler(port_file: Path | None, dev_key_file: Path | None, sets: tuple[str
 @settings_options
 def gateway(port_file: Path | None, sets: tuple[str, ...], config_file: Path | None) -> None:
     """Run the HTTP gateway; settings: table [gateway]."""
+    from thaw.gateway.scheduler_client import use_identity
     from thaw.gateway.server import serve
 
     config = GatewayConfig.load(flags=parse_sets(sets), config_file=config_file)
     _logging("gateway", config)
+    # Its certificate for the scheduler; without one the gateway does not start.
+    use_identity(internal_identity(config, GATEWAY))
     eventloop.run(serve(config, port_file), use_uvloop=config.uvloop)
 
 
@@ -119,6 +123,9 @@ class LocalPlatform:
 
     def start(self) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
+        # The platform CA and each service's certificate, made once and reused: every
+        # internal gRPC call is mutual TLS (the services find them under THAW_HOME).
+        ensure_pki(self.home / PKI_FOLDER)
         env = {"THAW_HOME": str(self.home)}
         with tempfile.TemporaryDirectory() as tmp:
             ports = Path(tmp)

@@ -11,7 +11,8 @@ import structlog
 
 from thaw.blobstore import digest_of
 from thaw.core.errors import ChunkNotFound, CorruptChunk, ThawError
-from thaw.core.grpcutil import CHANNEL_OPTIONS, decode_error
+from thaw.core.grpcutil import decode_error, secure_channel
+from thaw.core.pki import AGENT, Identity
 from thaw.platform.snapshots import NodeSnapshots, all_refs
 from thaw.proto import agent_pb2, agent_pb2_grpc, manifest_pb2
 
@@ -21,15 +22,19 @@ FETCH_TIMEOUT_SECONDS = 600.0
 
 
 class PeerChunks:
-    def __init__(self, snapshots: NodeSnapshots) -> None:
+    """Fetches from other agents over one mutual-TLS channel per peer, presenting this
+    agent's certificate (`tls`; None: plaintext, which a TLS agent refuses)."""
+
+    def __init__(self, snapshots: NodeSnapshots, tls: Identity | None = None) -> None:
         self.snapshots = snapshots
+        self.tls = tls
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._lock = asyncio.Lock()
 
     def _stub(self, address: str) -> agent_pb2_grpc.AgentStub:
         channel = self._channels.get(address)
         if channel is None:
-            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            channel = secure_channel(address, self.tls, AGENT)
             self._channels[address] = channel
         return agent_pb2_grpc.AgentStub(channel)
 

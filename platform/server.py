@@ -18,7 +18,15 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wai
 from thaw.blobstore import DiskTier, PinnedTier
 from thaw.core.config import AgentConfig
 from thaw.core.errors import ThawError
-from thaw.core.grpcutil import CHANNEL_OPTIONS, add_health, call, mark_serving
+from thaw.core.grpcutil import (
+    add_health,
+    add_secure_port,
+    call,
+    internal_server,
+    mark_serving,
+    secure_channel,
+)
+from thaw.core.pki import AGENT, SCHEDULER, internal_identity
 from thaw.core.units import parse_size
 from thaw.platform.activation import activation_budget
 from thaw.platform.agent import Agent, local_fingerprint
@@ -26,6 +34,7 @@ from thaw.platform.control import AgentService
 from thaw.platform.dataplane import DataPlane
 from thaw.platform.device_setup import open_devices
 from thaw.platform.devices import shm_root
+from thaw.platform.peers import PeerChunks
 from thaw.platform.process import ProcessRuntime
 from thaw.platform.runtime import Runtime
 from thaw.platform.snapshots import NodeSnapshots
@@ -108,6 +117,7 @@ class AgentServer:
 
     async def start(self) -> None:
         cfg = self.config
+        tls = internal_identity(cfg, AGENT)  # no certificates: the agent does not start
         home = cfg.home / "agent" / self.node_id
         # Unix socket paths must stay under 108 bytes: keep them short, in tmpfs.
         short = hashlib.sha256(f"{self.node_id}:{home}".encode()).hexdigest()[:10]
@@ -119,7 +129,7 @@ class AgentServer:
         snapshots = NodeSnapshots(DiskTier(home / "chunks"),
                                   PinnedTier(parse_size(cfg.pinned_capacity),
                                              allocator=allocator), shm / "snapshots")
-        self._channel = grpc.aio.insecure_channel(cfg.scheduler_address, options=CHANNEL_OPTIONS)
+        self._channel = secure_channel(cfg.scheduler_address, tls, SCHEDULER)
         self._registry = scheduler_pb2_grpc.NodeRegistryStub(self._channel)
         runtime = make_runtime(cfg)
         # Instances may run another Python than the agent (docker images): restores
@@ -129,11 +139,12 @@ class AgentServer:
                            devices=devices, runtime=runtime, fingerprint=fingerprint,
                            snapshots=snapshots, fetch_bundle=self._fetch_bundle,
                            start_timeout=cfg.start_timeout, activation=activation)
+        self.agent.chunks = PeerChunks(snapshots, tls)  # peer fetches present the agent's
 
-        server = grpc.aio.server(options=CHANNEL_OPTIONS)
+        server = internal_server(tls)
         agent_pb2_grpc.add_AgentServicer_to_server(AgentService(self.agent), server)
         health = add_health(server)
-        self.control_port = server.add_insecure_port(f"{cfg.agent_host}:{cfg.agent_port}")
+        self.control_port = add_secure_port(server, f"{cfg.agent_host}:{cfg.agent_port}", tls)
         await server.start()
         await mark_serving(health, "thaw.v1.Agent")
         self._grpc = server

@@ -10,7 +10,8 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from thaw.core.grpcutil import CHANNEL_OPTIONS, call, stream
+from thaw.core.grpcutil import call, secure_channel, stream
+from thaw.core.pki import AGENT, Identity
 from thaw.proto import agent_pb2, agent_pb2_grpc, scheduler_pb2
 from thaw.proto.manifest_pb2 import SnapshotManifest
 from thaw.scheduler.placement import best_fit_device
@@ -25,11 +26,13 @@ DOCKER_RUNTIME = "docker"
 
 
 class AgentClient:
-    """One node agent's control service. Failed calls raise ThawError (grpcutil.call)."""
+    """One node agent's control service, over one mutual-TLS channel presenting the
+    scheduler's certificate (`tls`; None: plaintext, which a TLS agent refuses). Failed
+    calls raise ThawError (grpcutil.call)."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, tls: Identity | None = None) -> None:
         self.address = address
-        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._channel = secure_channel(address, tls, AGENT)
         # The generated stub is untyped; its methods are called as the agent's RPCs.
         make_stub: Callable[[grpc.aio.Channel], Any] = agent_pb2_grpc.AgentStub
         self._stub = make_stub(self._channel)

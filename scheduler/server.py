@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import signal
 from pathlib import Path
 from wsgiref.simple_server import WSGIServer
@@ -13,7 +14,8 @@ import structlog
 from prometheus_client import start_http_server
 
 from thaw.core.config import SchedulerConfig
-from thaw.core.grpcutil import CHANNEL_OPTIONS, add_health, mark_serving
+from thaw.core.grpcutil import add_health, add_secure_port, internal_server, mark_serving
+from thaw.core.pki import SCHEDULER, internal_identity
 from thaw.proto import (
     invocations_pb2_grpc,
     scheduler_pb2_grpc,
@@ -25,10 +27,11 @@ from thaw.scheduler.control import ControlPlane
 from thaw.scheduler.db import make_engine, upgrade
 from thaw.scheduler.invocations import InvocationStore
 from thaw.scheduler.invocations_service import InvocationsService
+from thaw.scheduler.key_audit import BOOTSTRAP, AuditedTenancyService, issue_entry, record_issue
+from thaw.scheduler.nodes import AgentClient
 from thaw.scheduler.policy import PolicyConfig
 from thaw.scheduler.service import NodeRegistryService, SchedulerService
-from thaw.scheduler.store import Store
-from thaw.scheduler.tenancy import TenancyService
+from thaw.scheduler.store import ALL_SCOPES, Store
 from thaw.scheduler.usage import MeteringService, UsageStore
 
 log = structlog.get_logger()
@@ -36,12 +39,16 @@ DEV_TENANT = "dev"
 
 
 def ensure_dev_key(store: Store, path: Path) -> str:
-    """The development API key: created once, kept in `path` (mode 0600)."""
+    """The development API key: created once (on the audit log, `key.issue`), kept in
+    `path` (mode 0600)."""
     if path.exists():
         key = path.read_text().strip()
         if key and store.key_exists(key):
             return key
-    _key_id, key = store.create_key(DEV_TENANT, name="development key")
+    name = "development key"
+    key_id, key = store.create_key(DEV_TENANT, name=name)
+    record_issue(store, issue_entry(DEV_TENANT, key_id, scopes=list(ALL_SCOPES), name=name,
+                                    caller=BOOTSTRAP, source=f"dev key file {path}"))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(key + "\n")
     path.chmod(0o600)
@@ -64,6 +71,8 @@ class SchedulerServer:
 
     async def start(self) -> int:
         cfg = self.config
+        # First: without its certificates the scheduler does not start at all.
+        tls = internal_identity(cfg, SCHEDULER)
         engine = make_engine(cfg.db_url())
         await asyncio.to_thread(upgrade, engine)
         self.store = Store(engine)
@@ -73,9 +82,9 @@ class SchedulerServer:
             self.store, BundleStore(cfg.home / "scheduler" / "bundles"),
             heartbeat_interval=cfg.heartbeat_interval, node_timeout=cfg.node_timeout,
             build_timeout=cfg.build_timeout, acquire_wait=cfg.acquire_wait,
-            policy=self.policy)
+            policy=self.policy, agent_client=functools.partial(AgentClient, tls=tls))
         await self.control.recover()
-        server = grpc.aio.server(options=CHANNEL_OPTIONS)
+        server = internal_server(tls)
         scheduler_pb2_grpc.add_SchedulerServicer_to_server(SchedulerService(self.control), server)
         scheduler_pb2_grpc.add_NodeRegistryServicer_to_server(
             NodeRegistryService(self.control), server)
@@ -84,9 +93,9 @@ class SchedulerServer:
         usage_pb2_grpc.add_MeteringServicer_to_server(
             MeteringService(UsageStore(self.store)), server)
         tenancy_pb2_grpc.add_TenancyServicer_to_server(
-            TenancyService(self.store, self.control.quotas), server)
+            AuditedTenancyService(self.store, self.control.quotas), server)
         health = add_health(server)
-        self.port = server.add_insecure_port(cfg.scheduler_listen)
+        self.port = add_secure_port(server, cfg.scheduler_listen, tls)
         await server.start()
         await mark_serving(health, "thaw.v1.Scheduler", "thaw.v1.NodeRegistry",
                            "thaw.v1.Metering", "thaw.v1.Tenancy", "thaw.v1.Invocations")

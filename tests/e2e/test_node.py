@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 
 from tests.conftest import FIXTURES, RunningPlatform
+from tests.tls import sync_channel
 from thaw.ops.services import LocalPlatform
 
 
@@ -78,13 +79,12 @@ def test_node_telemetry_as_prometheus_metrics(platform: RunningPlatform) -> None
 def test_heartbeats_carry_telemetry_to_the_scheduler(platform: RunningPlatform) -> None:
     import time
 
-    import grpc
-
     from thaw.proto import scheduler_pb2, scheduler_pb2_grpc
 
     assert platform.deploy(FIXTURES / "sleep").json()["state"] == "ready"
     instance = platform.invoke("sleep", {"seconds": 0}).headers["X-Thaw-Instance"]
-    channel = grpc.insecure_channel(platform.platform.scheduler_address)
+    channel = sync_channel(platform.platform.scheduler_address, platform.platform.home,
+                           "scheduler")
     stub = scheduler_pb2_grpc.SchedulerStub(channel)
     deadline = time.monotonic() + 15
     try:

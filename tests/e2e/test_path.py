@@ -12,6 +12,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.conftest import EXAMPLES, FIXTURES, RunningPlatform
+from tests.tls import sync_channel
 
 
 def server_timing(header: str) -> dict[str, float]:
@@ -158,7 +159,9 @@ def test_health_everywhere(platform: RunningPlatform) -> None:
         for conn in psutil.Process(proc.pid).net_connections(kind="tcp"):
             if conn.status != psutil.CONN_LISTEN:
                 continue
-            channel = grpc.insecure_channel(f"127.0.0.1:{conn.laddr.port}")
+            # Mutual TLS, as the gateway: the scheduler's port or the agent's.
+            channel = sync_channel(f"127.0.0.1:{conn.laddr.port}", platform.platform.home,
+                                   "scheduler" if name == "scheduler" else "agent")
             try:
                 reply = health_pb2_grpc.HealthStub(channel).Check(
                     health_pb2.HealthCheckRequest(service=""), timeout=5)

@@ -170,8 +170,11 @@ def test_management_actions_are_audited_with_the_key_id(platform: RunningPlatfor
         assert e["tenant"] == b.tenant and e["source"]
         assert isinstance(e["time"], float) and e["time"] >= since
     # Its own actions name its key (the operator's, making the tenant, name the
-    # operator's: see the next test).
-    assert {e["key_id"] for e in entries if e["actor_tenant"] == b.tenant} == {b.key_id}
+    # operator's: see the next test). The scheduler's record of each key it made
+    # (key.issue) names the component that asked instead.
+    assert {e["key_id"] for e in entries if e["actor_tenant"] == b.tenant
+            and e["action"] != "key.issue"} == {b.key_id}
+    assert ("key.issue", made["id"], "ok") in actions
     text = b.http.get("/v1/audit").text
     assert b.key not in text and made["key"] not in text
     # The anonymous (revoked key) attempt is on record for the operator, as denied.
@@ -217,12 +220,15 @@ def test_the_operators_changes_to_a_tenant_are_in_that_tenants_audit_log(
         ("key.revoke", extra.json()["id"], "ok"), ("tenant.quota", b.tenant, "failed")]
     for e in seen:
         assert e["tenant"] == b.tenant
-        if e["actor_tenant"] == "dev":
+        if e["action"] == "key.issue":  # the scheduler's own record of a key it made
+            assert not e["key_id"] and e["detail"]["caller"] == "gateway"
+        elif e["actor_tenant"] == "dev":
             # Who: the operator's key id (never the key), from the operator's tenant.
             assert e["key_id"] in operator_keys and e["key_id"] != b.key_id
         else:
             assert (e["actor_tenant"], e["key_id"]) == (b.tenant, b.key_id)
-    assert [e["action"] for e in seen if e["actor_tenant"] == b.tenant] == ["key.create"]
+    assert [e["action"] for e in seen if e["actor_tenant"] == b.tenant
+            and e["action"] != "key.issue"] == ["key.create"]
     assert c.key_id not in {e["key_id"] for e in seen}
     text = b.http.get("/v1/audit").text
     assert platform.key not in text and b.key not in text

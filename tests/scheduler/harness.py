@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 
+from thaw.core.pki import PKI_FOLDER, ensure_pki
 from thaw.ops.services import _die_with_parent, _wait_for_file
 
 # Bounds for a test cluster: short heartbeats so a lost node is noticed in seconds.
@@ -87,6 +88,7 @@ class ProcessCluster:
 
     def start(self) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
+        ensure_pki(self.home / PKI_FOLDER)  # internal mutual TLS, as `thaw up` makes it
         self.start_scheduler()
         for index in range(self.agent_count):
             node_id = f"node{index}"

@@ -7,6 +7,7 @@ import asyncio
 import grpc
 import pytest
 
+from tests.tls import aio_channel, platform_identity
 from thaw.proto import scheduler_pb2
 from thaw.scheduler.events import EventKind, EventLog
 from thaw.scheduler.service import _kinds, event_message
@@ -77,8 +78,9 @@ async def test_list_events_and_events_over_grpc(tmp_path) -> None:  # type: igno
     from thaw.scheduler.server import SchedulerServer
 
     server = SchedulerServer(SchedulerConfig(home=tmp_path, scheduler_listen="127.0.0.1:0"))
+    platform_identity(tmp_path, "scheduler")  # the certificates `thaw up` would make
     port = await server.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    channel = aio_channel(f"127.0.0.1:{port}", tmp_path, "scheduler")
     try:
         stub = scheduler_pb2_grpc.SchedulerStub(channel)
         assert server.control is not None

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import httpx
 
+from tests.tls import platform_identity
 from thaw.core.config import SchedulerConfig
 from thaw.scheduler.server import SchedulerServer
 
@@ -13,6 +14,7 @@ from thaw.scheduler.server import SchedulerServer
 async def test_metrics_listen_serves_restore_failures_and_events(tmp_path: Path) -> None:
     server = SchedulerServer(SchedulerConfig(home=tmp_path, scheduler_listen="127.0.0.1:0",
                                              metrics_listen="127.0.0.1:0"))
+    platform_identity(tmp_path, "scheduler")  # the certificates `thaw up` would make
     await server.start()
     try:
         assert server.metrics_port > 0
@@ -28,6 +30,7 @@ async def test_metrics_listen_serves_restore_failures_and_events(tmp_path: Path)
 
 async def test_no_metrics_server_by_default(tmp_path: Path) -> None:
     server = SchedulerServer(SchedulerConfig(home=tmp_path, scheduler_listen="127.0.0.1:0"))
+    platform_identity(tmp_path, "scheduler")
     await server.start()
     try:
         assert server.metrics_port == 0 and server._metrics is None

@@ -9,8 +9,9 @@ from pathlib import Path
 import grpc
 import pytest
 
+from tests.tls import platform_identity
 from thaw.core.config import AgentConfig
-from thaw.core.grpcutil import CHANNEL_OPTIONS
+from thaw.core.grpcutil import add_secure_port, internal_server
 from thaw.platform import server as server_module
 from thaw.platform.process import ProcessRuntime
 from thaw.proto import scheduler_pb2, scheduler_pb2_grpc
@@ -46,9 +47,12 @@ async def test_agent_registers_with_its_configured_runtime(
     # needs an engine and the base image), so both values go through the same path.
     monkeypatch.setattr(server_module, "make_runtime", lambda cfg: ProcessRuntime(None))
     registry = RecordingRegistry()
-    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+    # A scheduler's port: mutual TLS, callers checked; the agent finds its own
+    # certificate under its home, as `thaw up` makes it.
+    tls = platform_identity(tmp_path / "home", "scheduler")
+    server = internal_server(tls)
     scheduler_pb2_grpc.add_NodeRegistryServicer_to_server(registry, server)
-    port = server.add_insecure_port("127.0.0.1:0")
+    port = add_secure_port(server, "127.0.0.1:0", tls)
     await server.start()
     config = AgentConfig(home=tmp_path / "home", node_id="n-reg", agent_port=0, data_port=0,
                          scheduler_address=f"127.0.0.1:{port}", host_devices="1x64MiB",

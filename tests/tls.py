@@ -1,0 +1,34 @@
+"""Certificates for tests that start a service in-process or call one directly: the
+platform's PKI under a home (what `thaw up` makes) and channels presenting one of its
+components' certificates."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+
+from thaw.core.grpcutil import channel_credentials, channel_options, secure_channel
+from thaw.core.pki import PKI_FOLDER, Identity, ensure_pki, load_identity
+
+
+def platform_identity(home: Path, component: str) -> Identity:
+    """`component`'s identity from the PKI under `home` (made there if missing)."""
+    paths = ensure_pki(home / PKI_FOLDER)
+    return load_identity(component, paths.ca_cert, paths.cert(component),
+                         paths.key(component))
+
+
+def aio_channel(address: str, home: Path, peer: str, as_component: str = "gateway"
+                ) -> grpc.aio.Channel:
+    """An asyncio channel to `peer` presenting `as_component`'s certificate."""
+    return secure_channel(address, platform_identity(home, as_component), peer)
+
+
+def sync_channel(address: str, home: Path, peer: str, as_component: str = "gateway"
+                 ) -> grpc.Channel:
+    """A blocking channel to `peer` presenting `as_component`'s certificate."""
+    return grpc.secure_channel(address,
+                               channel_credentials(platform_identity(home, as_component)),
+                               options=channel_options(peer))
+
