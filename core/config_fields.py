@@ -344,6 +344,19 @@ class AgentFields(_Fields):
     """Host package folders (os.pathsep-separated) docker mounts read-only into instances."""
     start_timeout: float = Field(600.0, gt=0)
     """Longest a fresh start, restore or template may take to become ready."""
+    sandbox: str = Field("on", pattern="^(on|off)$")
+    """process runtime: each instance in a sandbox under its tenant's uid (needs root);
+    off runs instances as the agent's user: development only."""
+    sandbox_uids: str = Field("200000-265535", pattern=r"^\d{1,10}-\d{1,10}$")
+    """process runtime: the uids (and gids) given to tenants on this node, FIRST-LAST."""
+    sandbox_tmp_size: str = "1GiB"
+    """process runtime: size of each sandbox's private /tmp and /dev/shm (memory)."""
+    sandbox_max_processes: int = Field(4096, ge=16, le=4_194_304)
+    """process runtime: processes and threads per tenant on this node (RLIMIT_NPROC)."""
+    sandbox_max_open_files: int = Field(65536, ge=64, le=1_048_576)
+    """process runtime: open files per instance process (RLIMIT_NOFILE)."""
+    sandbox_read_only_paths: str = Field("", max_length=65536)
+    """process runtime: host folders (os.pathsep-separated) every sandbox sees read-only."""
 
     # The size fields' constraint: each parses as a size (parse_size, parse_host_devices).
     @field_validator("host_devices")
@@ -352,7 +365,16 @@ class AgentFields(_Fields):
         parse_host_devices(value)
         return value
 
-    @field_validator("pinned_capacity", "cuda_reserve", "cuda_instance_overhead")
+    @field_validator("sandbox_uids")
+    @classmethod
+    def _check_uids(cls, value: str) -> str:
+        first, _, last = value.partition("-")
+        if not 0 < int(first) <= int(last) < 2**31:
+            raise ValueError("must be FIRST-LAST with 0 < FIRST <= LAST < 2**31")
+        return value
+
+    @field_validator("pinned_capacity", "cuda_reserve", "cuda_instance_overhead",
+                     "sandbox_tmp_size")
     @classmethod
     def _check_pinned(cls, value: str) -> str:
         parse_size(value)

@@ -20,6 +20,8 @@ from urllib.parse import urlsplit
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from thaw.core.unixpeer import check_peer
+
 # Must stay below the data plane's keep-alive timeout (aiohttp's default, 75 s): an
 # idle connection is dropped here before the node closes it under a request.
 IDLE_SECONDS = 30.0
@@ -239,6 +241,11 @@ class NodeClient:
                 if isinstance(key, str):
                     reader, writer = await asyncio.open_unix_connection(
                         key, limit=MAX_HEAD_BYTES)
+                    try:
+                        check_peer(writer.get_extra_info("socket"), key)
+                    except OSError:
+                        writer.close()
+                        raise
                 else:
                     reader, writer = await asyncio.open_connection(
                         key[0], key[1], limit=MAX_HEAD_BYTES)

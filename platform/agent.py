@@ -39,9 +39,11 @@ from thaw.platform.launch import (
     code_digest,
     fresh_spec,
     image_fingerprint,
+    in_area,
     instance_env,
     limit_memory,
     local_fingerprint,
+    memory_env,
     restore_spec,
 )
 from thaw.platform.logs import RUNTIME, FunctionLogs
@@ -52,6 +54,7 @@ from thaw.platform.runtime import (
     BuildRequest,
     Captured,
     Failed,
+    LaunchSpec,
     MemoryLimitHit,
     ProcessHandle,
     Ready,
@@ -59,6 +62,12 @@ from thaw.platform.runtime import (
     SliceGrant,
     SpawnRequest,
     TemplateReady,
+)
+from thaw.platform.sandbox.areas import (
+    TenantAreas,
+    make_readable,
+    remove_quietly,
+    seal_output,
 )
 from thaw.platform.slice_fill import fill_slice, slice_handover
 from thaw.platform.snapshots import NodeSnapshots, ReadersWriter
@@ -73,6 +82,10 @@ __all__ = [
 ]
 
 log = structlog.get_logger()
+# Tenant uids on a node (sandbox_uids): far above any login or system user.
+DEFAULT_UID_RANGE = (200000, 265535)
+# Where a build's output is moved (out of its tenant's reach) before it is read.
+SEALED_BUILDS = ".sealed"
 
 
 class Agent:
@@ -80,7 +93,8 @@ class Agent:
                  runtime: Runtime, snapshots: NodeSnapshots,
                  fetch_bundle: Callable[[str], Awaitable[bytes]], start_timeout: float,
                  fingerprint: dict[str, str] | None = None,
-                 activation: ActivationBudget | None = None) -> None:
+                 activation: ActivationBudget | None = None,
+                 uid_range: tuple[int, int] = DEFAULT_UID_RANGE) -> None:
         self.node_id = node_id
         self.home = home
         self.run_dir = run_dir
@@ -103,14 +117,16 @@ class Agent:
         """Instance id -> the slice allocated for it."""
         self.exited: list[scheduler_pb2.InstanceExit] = []
         self._watchers: set[asyncio.Task[None]] = set()
-        self.templates = TemplatePool(
-            runtime=runtime, run_dir=run_dir, log_dir=home / "logs",
-            start_timeout=start_timeout, ensure_bundle=self.ensure_bundle,
-            spawn_task=self._spawn_task)
         self.draining = False
         for sub in ("bundles", "builds", "logs"):
             (home / sub).mkdir(parents=True, exist_ok=True)
         run_dir.mkdir(parents=True, exist_ok=True)
+        self.areas = TenantAreas(home=home, run_dir=run_dir, uid_range=uid_range,
+                                 owned=runtime.capabilities.uid_per_tenant)
+        """Each tenant's uid and writable folders (sockets, logs, build outputs)."""
+        self.templates = TemplatePool(
+            runtime=runtime, areas=self.areas, start_timeout=start_timeout,
+            ensure_bundle=self.ensure_bundle, spawn_task=self._spawn_task)
 
     # ---- bundles ----------------------------------------------------------------
 
@@ -122,6 +138,8 @@ class Agent:
             data = await self.fetch_bundle(digest)
         staging = self.home / "bundles" / f".{digest}-{uuid.uuid4().hex[:8]}"
         await asyncio.to_thread(extract_bundle, data, str(staging))
+        # Instances read it under their tenants' uids (same digest, same files).
+        await asyncio.to_thread(make_readable, staging)
         try:
             os.replace(staging, target)
         except OSError:
@@ -139,9 +157,13 @@ class Agent:
             return agent_pb2.BuildSnapshotResponse(ok=False, stage="runtime",
                                                    reason=IMAGE_NEEDS_DOCKER)
         build_id = f"{spec.tenant}-{spec.name}-{spec.version}-{uuid.uuid4().hex[:6]}"
-        out = self.home / "builds" / build_id
-        out.mkdir(parents=True)
-        log_path = str(self.home / "logs" / f"build-{spec.tenant}-{spec.name}-{spec.version}.log")
+        area = await asyncio.to_thread(self.areas.area, spec.tenant)
+        out = area.builds / build_id
+        out.mkdir()
+        if self.areas.owned:
+            os.chown(out, area.uid, area.gid)
+        sealed = self.home / "builds" / SEALED_BUILDS / build_id
+        log_path = str(area.logs / f"build-{spec.tenant}-{spec.name}-{spec.version}.log")
         try:
             template = await self.templates.with_code(spec)
             event: dict[str, Any] | None = None
@@ -163,8 +185,11 @@ class Agent:
                     reason=event.get("reason", "unknown"),
                     attribute_path=event.get("attribute_path") or "")
             try:
+                # Out of the tenant's reach and checked before the agent reads it.
+                await asyncio.to_thread(seal_output, out, sealed.parent)
                 manifest, stored = await asyncio.to_thread(
-                    self.snapshots.store_capture, out, function=name, version=spec.version)
+                    self.snapshots.store_capture, sealed, function=name,
+                    version=spec.version)
             except (OSError, ThawError) as exc:
                 return agent_pb2.BuildSnapshotResponse(ok=False, stage="store", reason=str(exc))
             log.info("snapshot built", function=name, version=spec.version,
@@ -173,18 +198,25 @@ class Agent:
             return agent_pb2.BuildSnapshotResponse(ok=True, manifest=manifest,
                                                    stored_bytes=stored)
         finally:
-            shutil.rmtree(out, ignore_errors=True)
+            await asyncio.to_thread(remove_quietly, out)
+            await asyncio.to_thread(remove_quietly, sealed)
 
     async def _build_fresh(self, spec: agent_pb2.FunctionSpec, bundle: Path, out: Path,
                            log_path: str) -> dict[str, Any]:
         check_image(spec, self.runtime.capabilities)
-        proc = await self.runtime.launch(build_spec(spec, bundle, out=out, log_path=log_path))
+        proc = await self.runtime.launch(self._as_tenant(
+            build_spec(spec, bundle, out=out, log_path=log_path), spec))
         try:
             return await proc.next_event(self.start_timeout)
         except ThawError as exc:
             return {"event": "failed", "stage": "setup", "reason": str(exc)}
         finally:
             await proc.proc.wait()
+
+    def _as_tenant(self, launch: LaunchSpec, spec: agent_pb2.FunctionSpec) -> LaunchSpec:
+        """The launch under its tenant's uid, its area writable (where the runtime
+        runs instances under tenant uids)."""
+        return in_area(launch, self.areas.area(spec.tenant), self.runtime.capabilities)
 
     def _spawn_task(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)
@@ -206,11 +238,12 @@ class Agent:
                       state: InstanceState) -> Instance:
         if instance_id in self.instances:
             raise InstanceFailed(f"instance {instance_id} already exists")
+        area = self.areas.area(spec.tenant)
         inst = Instance(
             id=instance_id, function=f"{spec.tenant}/{spec.name}", version=spec.version,
-            socket=str(self.run_dir / f"{instance_id}.sock"),
+            socket=str(area.run / f"{instance_id}.sock"),
             max_concurrency=max(1, spec.max_concurrency), timeout=spec.timeout_seconds or 300.0,
-            state=state, log_path=str(self.home / "logs" / f"{instance_id}.log"))
+            state=state, log_path=str(area.logs / f"{instance_id}.log"))
         inst.slots = asyncio.Semaphore(inst.max_concurrency)
         self.instances[instance_id] = inst
         self.logs.watch(inst.id, inst.function, inst.log_path)
@@ -299,9 +332,9 @@ class Agent:
         check_image(spec, self.runtime.capabilities)
         grant = (SliceGrant(inst.slice_id, inst.slice_device, inst.slice_bytes)
                  if inst.slice_id else None)
-        proc = await self.runtime.launch(fresh_spec(
+        proc = await self.runtime.launch(self._as_tenant(fresh_spec(
             spec, bundle, instance_id=inst.id, socket=inst.socket, log_path=inst.log_path,
-            grant=grant))
+            grant=grant), spec))
         inst.pid = proc.pid
         inst.process = proc
         event = await proc.next_status(self.start_timeout)
@@ -333,7 +366,8 @@ class Agent:
             template_s = time.perf_counter() - started
             started = time.perf_counter()
             request = SpawnRequest(instance_id=inst.id, socket=inst.socket,
-                                   log=inst.log_path, fds=mat.descriptors())
+                                   log=inst.log_path, fds=mat.descriptors(),
+                                   env=memory_env(spec))
             waited = 0.0
             if sl is None:
                 pid = await self._spawn(inst, spec, request, template)
@@ -350,7 +384,7 @@ class Agent:
                     if slice_fd is not None:
                         fds["slice"] = slice_fd
                     request = dataclasses.replace(request, fds=fds, slice=descriptor,
-                                                  env=sl.instance_env())
+                                                  env={**request.env, **sl.instance_env()})
                     pid = await self._spawn(inst, spec, request, template)
         inst.pid = pid
         return [("queue", waited), ("fetch", mat.seconds), ("template", template_s),
@@ -377,15 +411,15 @@ class Agent:
         self.logs.append(inst.function, inst.id, RUNTIME,
                          f"instance {inst.id} restores in a fresh interpreter: {reason}")
         bundle = await self.ensure_bundle(spec.bundle_digest)
-        control = str(self.run_dir / f"r-{inst.id}.sock")
+        control = str(self.areas.area(spec.tenant).run / f"r-{inst.id}.sock")
         grant = (SliceGrant(inst.slice_id, inst.slice_device, inst.slice_bytes, request.slice)
                  if inst.slice_id else None)
         launch = restore_spec(spec, bundle, instance_id=inst.id, control=control,
                               log_path=inst.log_path, grant=grant)
         # Its imports initialise CUDA before any request comes: the slice's environment
         # (its GPU, an MPS share) must be there from the start.
-        proc = await self.runtime.launch(
-            dataclasses.replace(launch, env={**launch.env, **request.env}))
+        proc = await self.runtime.launch(self._as_tenant(
+            dataclasses.replace(launch, env={**launch.env, **request.env}), spec))
         inst.process = proc
         inst.pid = proc.pid
         event = await proc.next_status(self.start_timeout)

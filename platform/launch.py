@@ -22,9 +22,11 @@ from thaw.platform.runtime import (
     SliceGrant,
     SnapshotFiles,
 )
+from thaw.platform.sandbox.areas import TenantArea
 from thaw.proto import agent_pb2, manifest_pb2
 from thaw.snapshotter.runtime.forksafe import NVML_CHECK_ENV
 from thaw.snapshotter.runtime.gpuinfo import nvml_compute_capability
+from thaw.snapshotter.runtime.server import MEMORY_LIMIT_ENV
 
 # Why a node without containers cannot run a function that names an image (thaw.toml
 # [runtime] image): the process runtime has no image to run it in.
@@ -71,10 +73,20 @@ def instance_env(spec: agent_pb2.FunctionSpec, per_function: bool = True) -> dic
     to the instances they fork, so a shared template gets no per-function names)."""
     env = {"THAW_FUNCTION": f"{spec.tenant}/{spec.name}",
            "THAW_FUNCTION_VERSION": spec.version} if per_function else {}
+    if per_function:
+        env.update(memory_env(spec))
     if spec.max_batch_size > 1:
         env["THAW_MAX_BATCH_SIZE"] = str(spec.max_batch_size)
         env["THAW_MAX_BATCH_WAIT_MS"] = f"{spec.max_batch_wait_ms:g}"
     return env
+
+
+def memory_env(spec: agent_pb2.FunctionSpec) -> dict[str, str]:
+    """The function's memory budget for the instance to cap itself with once ready
+    (snapshotter/runtime/server.py: cap_own_memory)."""
+    if spec.memory_limit_bytes <= 0:
+        return {}
+    return {MEMORY_LIMIT_ENV: str(spec.memory_limit_bytes)}
 
 
 def image_fingerprint(local: dict[str, str], spec: agent_pb2.FunctionSpec,
@@ -155,3 +167,13 @@ def restore_spec(spec: agent_pb2.FunctionSpec, bundle: Path, *, instance_id: str
     its slice as descriptors with that request, exactly as a forked instance does."""
     return replace(_base(spec, LaunchMode.RESTORE, bundle, log_path, instance_id),
                    control=control, slice=grant)
+
+
+def in_area(launch: LaunchSpec, area: TenantArea,
+            capabilities: RuntimeCapabilities) -> LaunchSpec:
+    """`launch` run as its tenant: under the tenant's uid and with only the tenant's
+    area writable, where the runtime runs instances under tenant uids."""
+    if not capabilities.uid_per_tenant:
+        return launch
+    return replace(launch, sandbox=replace(launch.sandbox, uid=area.uid, gid=area.gid,
+                                           writable=area.writable))

@@ -24,6 +24,7 @@ import structlog
 
 from thaw.core.errors import DeadlineExceeded, InstanceFailed, SnapshotError
 from thaw.core.eventloop import read_pipe_file
+from thaw.core.unixpeer import check_peer
 from thaw.platform.memfds import text_memfd
 from thaw.platform.runtime import (
     BuildRequest,
@@ -39,6 +40,8 @@ from thaw.platform.runtime import (
     parse_status,
     spawn_request,
 )
+from thaw.platform.sandbox.areas import open_tenant_file
+from thaw.platform.sandbox.plan import SandboxSettings, build_plan, launcher_command
 from thaw.snapshotter.runtime.events import close_fds
 
 log = structlog.get_logger()
@@ -59,7 +62,7 @@ def _die_with_parent() -> None:
 
 def log_tail(path: str, lines: int = LOG_TAIL_LINES) -> str:
     try:
-        with open(path, "rb") as handle:
+        with open(open_tenant_file(path), "rb") as handle:
             handle.seek(0, os.SEEK_END)
             handle.seek(max(0, handle.tell() - 16384))
             text = handle.read().decode(errors="replace")
@@ -152,14 +155,23 @@ def base_environment(source: Mapping[str, str]) -> dict[str, str]:
 class ProcessRuntime:
     """Instances are processes on this machine (the `Runtime` protocol). An instance's
     environment is base_environment() plus what its LaunchSpec says (and `env`, the
-    operator's additions for every instance), never the agent's own."""
+    operator's additions for every instance), never the agent's own.
+
+    With `sandbox` settings (the agent's default), every process it launches runs in a
+    sandbox of its own under its tenant's uid (platform/sandbox/): its template's
+    forks inherit it, so templates are per tenant. Without, instances run as the
+    agent's user, for development and for tests that drive a runtime by hand."""
 
     name = "process"
-    capabilities = RuntimeCapabilities(runs_images=False, template_per_tenant=False)
 
-    def __init__(self, python: str | None = None, env: dict[str, str] | None = None) -> None:
+    def __init__(self, python: str | None = None, env: dict[str, str] | None = None,
+                 sandbox: SandboxSettings | None = None) -> None:
         self.python = python or sys.executable
         self.env = {**base_environment(os.environ), **(env or {})}
+        self.sandbox = sandbox
+        self.capabilities = RuntimeCapabilities(
+            runs_images=False, template_per_tenant=sandbox is not None,
+            uid_per_tenant=sandbox is not None)
 
     async def spawn(self, control_socket: str,
                     request: SpawnRequest | Mapping[str, Any],
@@ -201,22 +213,27 @@ class ProcessRuntime:
         os.set_inheritable(write_fd, True)
         passed = [write_fd]
         extra: list[str] = []
-        logfile = open(spec.log_path, "ab")  # noqa: SIM115 - handed to the child
+        # The log may be in the tenant's area: never follow a link planted there.
+        logfile = open_tenant_file(spec.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        env = {**self.env, **spec.environment}
         try:
             if spec.snapshot is not None:
                 meta_fd = await asyncio.to_thread(text_memfd, "thaw-template-meta",
                                                   spec.snapshot.snapshot_json)
                 passed.append(meta_fd)
                 extra += ["--snapshot-fd", str(meta_fd)]
+            command = [self.python, "-m", RUNTIME_MODULE, *spec.command(), *extra,
+                       "--status-fd", str(write_fd)]
+            if self.sandbox is not None:
+                plan = await asyncio.to_thread(build_plan, spec, self.sandbox, self.python, env)
+                command = launcher_command(plan, command)
             proc = await asyncio.create_subprocess_exec(
-                self.python, "-m", RUNTIME_MODULE, *spec.command(), *extra,
-                "--status-fd", str(write_fd),
-                stdin=asyncio.subprocess.DEVNULL, stdout=logfile, stderr=logfile,
+                *command, stdin=asyncio.subprocess.DEVNULL, stdout=logfile, stderr=logfile,
                 pass_fds=tuple(passed), start_new_session=True, preexec_fn=_die_with_parent,
-                env={**self.env, **spec.environment}, cwd=spec.workdir or None)
+                env=env, cwd=spec.workdir or None)
         finally:
             close_fds(passed)
-            logfile.close()
+            os.close(logfile)
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader(limit=1 << 20)
         await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader),
@@ -232,6 +249,8 @@ def send_request(control_socket: str, line: bytes, fds: Sequence[int],
     try:
         conn.settimeout(timeout)
         conn.connect(control_socket)
+        # The request carries the tenant's snapshot: only its own template may get it.
+        check_peer(conn, control_socket)
         sent = socket.send_fds(conn, [line], list(fds)) if fds else conn.send(line)
         if sent < len(line):
             conn.sendall(line[sent:])

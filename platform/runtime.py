@@ -91,14 +91,20 @@ class SliceGrant:
 
 @dataclass(frozen=True)
 class SandboxPolicy:
-    """How an instance is walled off. The docker runtime applies it to each container;
-    the process runtime's instances inherit their template's sandbox instead."""
+    """How an instance is walled off. The docker runtime applies it to each container,
+    the process runtime to each process it launches (platform/sandbox/); instances a
+    template forks inherit their template's sandbox."""
 
     network: str = "none"
     """Docker network mode: instances talk to the agent over unix sockets only."""
     read_only_rootfs: bool = True
     cap_drop: tuple[str, ...] = ("ALL",)
     no_new_privileges: bool = True
+    uid: int = 0
+    """The tenant's uid on this node (TenantAreas); 0: the runtime's default user."""
+    gid: int = 0
+    writable: tuple[str, ...] = ()
+    """Host folders the instance may write (its tenant's area), at the same paths."""
 
 
 @dataclass(frozen=True)
@@ -332,6 +338,9 @@ class RuntimeCapabilities:
     template_per_tenant: bool = False
     """A template's sandbox holds the instances it forks, so no two tenants may
     share one."""
+    uid_per_tenant: bool = False
+    """Instances run under their tenant's uid: the agent makes each tenant's writable
+    folders that uid's (platform/sandbox/areas.py)."""
 
 
 class InstanceHandle(Protocol):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import os
 import signal
 import socket
 from collections.abc import Callable
@@ -37,6 +38,8 @@ from thaw.platform.devices import shm_root
 from thaw.platform.peers import PeerChunks
 from thaw.platform.process import ProcessRuntime
 from thaw.platform.runtime import Runtime
+from thaw.platform.sandbox.areas import parse_uid_range
+from thaw.platform.sandbox.plan import SandboxSettings
 from thaw.platform.snapshots import NodeSnapshots
 from thaw.platform.telemetry import NodeSample, pinned_tier_info
 from thaw.proto import agent_pb2, agent_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
@@ -69,8 +72,27 @@ def _log_unreachable(state: RetryCallState) -> None:
     log.debug("scheduler not reachable yet", error=str(error))
 
 
+def sandbox_settings(cfg: AgentConfig) -> SandboxSettings | None:
+    """The process runtime's sandbox as configured; None when sandbox = off."""
+    if cfg.sandbox == "off":
+        log.warning("sandbox is off: every tenant's instances run as the agent's user "
+                    "and can read and change each other and the node (development only)")
+        return None
+    extra = tuple(p for p in cfg.sandbox_read_only_paths.split(os.pathsep) if p)
+    return SandboxSettings(
+        uid_range=parse_uid_range(cfg.sandbox_uids),
+        tmp_bytes=parse_size(cfg.sandbox_tmp_size), max_processes=cfg.sandbox_max_processes,
+        max_open_files=cfg.sandbox_max_open_files, read_only_paths=extra,
+        gpus=cfg.device == "cuda")
+
+
 def _process_runtime(cfg: AgentConfig) -> Runtime:
-    return ProcessRuntime(cfg.instance_python or None)
+    settings = sandbox_settings(cfg)
+    if settings is not None and os.geteuid() != 0:
+        raise ThawError("the process runtime's sandbox needs the agent to run as root "
+                        "(it gives each tenant a uid of its own); set THAW_SANDBOX=off "
+                        "to run instances unsandboxed, for development only")
+    return ProcessRuntime(cfg.instance_python or None, sandbox=settings)
 
 
 def _docker_runtime(cfg: AgentConfig) -> Runtime:
@@ -138,7 +160,8 @@ class AgentServer:
         self.agent = Agent(node_id=self.node_id, home=home, run_dir=shm / "run",
                            devices=devices, runtime=runtime, fingerprint=fingerprint,
                            snapshots=snapshots, fetch_bundle=self._fetch_bundle,
-                           start_timeout=cfg.start_timeout, activation=activation)
+                           start_timeout=cfg.start_timeout, activation=activation,
+                           uid_range=parse_uid_range(cfg.sandbox_uids))
         self.agent.chunks = PeerChunks(snapshots, tls)  # peer fetches present the agent's
 
         server = internal_server(tls)

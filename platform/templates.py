@@ -24,7 +24,7 @@ from typing import Any
 import structlog
 
 from thaw.core.errors import InstanceFailed
-from thaw.platform.launch import code_digest, instance_env, template_spec
+from thaw.platform.launch import code_digest, in_area, instance_env, template_spec
 from thaw.platform.runtime import (
     Exited,
     LaunchedInstance,
@@ -33,6 +33,7 @@ from thaw.platform.runtime import (
     exit_event,
     parse_status,
 )
+from thaw.platform.sandbox.areas import TenantAreas
 from thaw.platform.snapshots import Materialized
 from thaw.proto import agent_pb2, manifest_pb2
 
@@ -64,12 +65,12 @@ class Template:
 class TemplatePool:
     """The node's templates, keyed by code (and, where the runtime needs it, tenant)."""
 
-    def __init__(self, *, runtime: Runtime, run_dir: Path, log_dir: Path,
+    def __init__(self, *, runtime: Runtime, areas: TenantAreas,
                  start_timeout: float, ensure_bundle: Callable[[str], Awaitable[Path]],
                  spawn_task: Callable[[Coroutine[Any, Any, None]], None]) -> None:
         self.runtime = runtime
-        self.run_dir = run_dir
-        self.log_dir = log_dir
+        self.areas = areas
+        """Each template's control socket and log are in its tenant's area."""
         self.start_timeout = start_timeout
         self._ensure_bundle = ensure_bundle
         self._spawn_task = spawn_task
@@ -149,13 +150,14 @@ class TemplatePool:
     async def _start(self, key: str, spec: agent_pb2.FunctionSpec,
                      mat: Materialized) -> Template:
         bundle = await self._ensure_bundle(spec.bundle_digest)
-        control = str(self.run_dir / f"t-{key[:16]}.sock")
+        area = await asyncio.to_thread(self.areas.area, spec.tenant)
+        control = str(area.run / f"t-{key[:16]}.sock")
         with contextlib.suppress(FileNotFoundError):
             os.unlink(control)
-        log_path = str(self.log_dir / f"template-{spec.tenant}-{spec.name}.log")
-        proc = await self.runtime.launch(template_spec(
+        log_path = str(area.logs / f"template-{spec.tenant}-{spec.name}.log")
+        proc = await self.runtime.launch(in_area(template_spec(
             spec, bundle, key=key, snapshot_json=mat.snapshot_json, control=control,
-            log_path=log_path))
+            log_path=log_path), area, self.runtime.capabilities))
         event = await proc.next_event(self.start_timeout)
         ready = parse_status(event)
         if not isinstance(ready, TemplateReady):

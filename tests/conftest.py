@@ -18,7 +18,7 @@ FIXTURES = REPO / "tests" / "fixtures" / "bundles"
 EXAMPLES = REPO / "examples"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 # Markers whose tests must run in CI: a skip there is a failure.
-MUST_RUN_IN_CI = ("docker", "postgres", "browser")
+MUST_RUN_IN_CI = ("docker", "postgres", "browser", "sandbox")
 
 
 @pytest.hookimpl(hookwrapper=True)

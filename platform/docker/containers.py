@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,26 +15,7 @@ from thaw.core.errors import InstanceFailed
 from thaw.platform.docker.spec import SNAPSHOT_META, ContainerLayout, socket_dir
 from thaw.platform.process import RuntimeProcess
 from thaw.platform.runtime import LaunchSpec, MountKind
-
-
-def _make_readable(folder: Path) -> None:
-    """Give others read (and directory search) permission: the container's uid is not
-    the agent's, and a bundle may have been packed with owner-only modes."""
-    for root, dirs, files in os.walk(folder):
-        for name in [*dirs, *files, ""]:
-            path = os.path.join(root, name) if name else root
-            try:
-                mode = os.lstat(path).st_mode
-            except OSError:
-                continue
-            if stat.S_ISLNK(mode):
-                continue
-            want = mode | stat.S_IROTH | stat.S_IRGRP
-            if stat.S_ISDIR(mode):
-                want |= stat.S_IXOTH | stat.S_IXGRP
-            if want != mode:
-                with contextlib.suppress(OSError):
-                    os.chmod(path, stat.S_IMODE(want))
+from thaw.platform.sandbox.areas import make_readable
 
 
 class ContainerProcess:
@@ -127,7 +107,7 @@ def prepare_container(spec: LaunchSpec, name: str, uid: int, state_dir: Path,
     for mount in spec.mounts():
         if mount.kind is MountKind.BUNDLE:
             if mount.path not in readable:
-                _make_readable(Path(mount.path))
+                make_readable(Path(mount.path))
                 readable.add(mount.path)
             c.read_only_dirs.add(mount.path)
         elif mount.kind is MountKind.OUTPUT:

@@ -338,6 +338,36 @@ def exit_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
 
 
+# The function's `resources.memory` in bytes, beyond what the instance holds once it is
+# ready (set by the agent in the instance's environment or spawn request).
+MEMORY_LIMIT_ENV = "THAW_MEMORY_LIMIT_BYTES"
+
+
+def cap_own_memory() -> None:
+    """Cap what this instance may allocate from now on: RLIMIT_DATA (private writable
+    memory: heap, anonymous and copy-on-write mappings) at what it holds now plus its
+    MEMORY_LIMIT_ENV. Past it allocations fail with MemoryError, which the handler
+    answers as out of memory. A process may always lower its own limit, whatever uid
+    it runs as; the agent needs no privilege over it."""
+    import resource
+
+    try:
+        extra = int(os.environ.get(MEMORY_LIMIT_ENV, "0"))
+        with open("/proc/self/status") as handle:
+            data_kb = next(int(line.split()[1]) for line in handle
+                           if line.startswith("VmData:"))
+    except (OSError, StopIteration, ValueError):
+        return
+    if extra <= 0:
+        return
+    limit = data_kb * 1024 + extra
+    hard = resource.getrlimit(resource.RLIMIT_DATA)[1]
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    with contextlib.suppress(OSError, ValueError):
+        resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+
+
 def serve_until_stopped(server: UnixHTTPServer, announce: Callable[[], object]) -> None:
     """Announce readiness, serve until SIGTERM or SIGINT, then remove the socket file.
 
@@ -345,6 +375,7 @@ def serve_until_stopped(server: UnixHTTPServer, announce: Callable[[], object]) 
     the moment it hears "ready"."""
     try:
         exit_on_sigterm()
+        cap_own_memory()
         announce()
         server.serve_forever(poll_interval=1.0)
     except KeyboardInterrupt:

@@ -18,6 +18,7 @@ from thaw.core.errors import InstanceFailed
 from thaw.platform.docker.spec import ContainerLayout, ContainerSettings, container_kwargs
 from thaw.platform.launch import build_spec, template_spec
 from thaw.platform.runtime import LaunchSpec, RuntimeCapabilities
+from thaw.platform.sandbox.areas import TenantAreas
 from thaw.platform.templates import TemplatePool
 from thaw.proto import agent_pb2, manifest_pb2
 
@@ -99,7 +100,9 @@ def pool_for(runtime: FakeRuntime, bundle: Path, tmp_path: Path) -> TemplatePool
     def spawn_task(coro: Coroutine[Any, Any, None]) -> None:
         tasks.append(asyncio.ensure_future(coro))
 
-    return TemplatePool(runtime=runtime, run_dir=tmp_path, log_dir=tmp_path,  # type: ignore[arg-type]
+    areas = TenantAreas(home=tmp_path, run_dir=tmp_path, uid_range=(200000, 200009),
+                        owned=False)
+    return TemplatePool(runtime=runtime, areas=areas,  # type: ignore[arg-type]
                         start_timeout=5.0, ensure_bundle=ensure_bundle, spawn_task=spawn_task)
 
 
