@@ -20,6 +20,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from thaw.platform.sandbox.areas import open_tenant_file
+
 # Lines kept per function on a node: the newest win. Bounded so a chatty function
 # costs at most about LINES x MAX_LINE_BYTES of agent memory.
 DEFAULT_MAX_LINES = 2000
@@ -181,7 +183,8 @@ class FunctionLogs:
 def _read_from(path: str, offset: int) -> bytes:
     """What a log file holds past `offset` (at most READ_BYTES_PER_POLL)."""
     try:
-        with open(path, "rb") as handle:
+        # In the tenant's area: a link or FIFO planted there is never followed.
+        with open(open_tenant_file(path), "rb") as handle:
             handle.seek(offset)
             return handle.read(READ_BYTES_PER_POLL)
     except OSError:
