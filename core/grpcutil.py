@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import ipaddress
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
@@ -244,11 +245,27 @@ def internal_server(tls: Identity | None) -> grpc.aio.Server:
     return grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=interceptors)
 
 
+def is_loopback(address: str) -> bool:
+    """Does host:port name this machine's loopback only (not 0.0.0.0, not an interface)?"""
+    host = address.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def add_secure_port(server: grpc.aio.Server, address: str, tls: Identity | None) -> int:
     """Listen on `address` with mutual TLS: the handshake refuses a client without a
-    certificate from the platform's CA. `tls` None: plaintext (development opt-out).
-    Returns the bound port."""
+    certificate from the platform's CA. `tls` None: plaintext, the development opt-out,
+    which listens on loopback only. Returns the bound port."""
     if tls is None:
+        if not is_loopback(address):
+            raise errors.InvalidArgument(
+                f"insecure_internal serves plaintext gRPC with no credential: it listens "
+                f"on loopback only, not {address}; give the services certificates "
+                "(`thaw pki init`) to listen there", field="insecure_internal")
         return int(server.add_insecure_port(address))
     credentials = grpc.ssl_server_credentials([(tls.key, tls.cert)], root_certificates=tls.ca,
                                               require_client_auth=True)

@@ -224,6 +224,7 @@ def up(port: int | None, examples: bool, host_devices: str | None) -> None:
         click.echo(f"\nthaw is up (data in {home})\n")
         click.echo(f"  dashboard     {platform.url}/")
         click.echo(f"  API key       {platform.key}")
+        click.echo(f"  certificates  {home / PKI_FOLDER} (internal mutual TLS)")
         click.echo(f"  metrics       {platform.url}/metrics\n")
         if examples:
             client = Client(platform.url, platform.key, timeout=30)

@@ -242,3 +242,20 @@ async def test_a_plaintext_call_to_a_checked_server_is_unauthenticated(
     finally:
         await channel.close()
         await server.stop(None)
+
+
+async def test_the_opt_out_listens_on_loopback_only() -> None:
+    from thaw.core.grpcutil import add_secure_port, internal_server, is_loopback
+
+    assert is_loopback("127.0.0.1:0") and is_loopback("[::1]:7070")
+    assert is_loopback("localhost:7070")
+    assert not is_loopback("0.0.0.0:7070") and not is_loopback("10.0.0.5:7070")
+    assert not is_loopback("[::]:7070") and not is_loopback("sched.example:7070")
+    server = internal_server(None)
+    try:
+        with pytest.raises(InvalidArgument, match="loopback only") as err:
+            add_secure_port(server, "0.0.0.0:0", None)
+        assert err.value.field == "insecure_internal"
+        assert add_secure_port(server, "127.0.0.1:0", None) > 0
+    finally:
+        await server.stop(None)
