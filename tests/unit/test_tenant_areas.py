@@ -3,6 +3,7 @@ following what a tenant planted there (links, FIFOs, hard links, another's socke
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from thaw.core.errors import InvalidArgument, ThawError
+from thaw.core.http1 import NodeClient, NodeConnectionError
 from thaw.core.unixpeer import check_peer
 from thaw.platform.sandbox.areas import (
     TenantAreas,
@@ -130,6 +132,9 @@ def check_both_peers(folder: Path) -> None:
         conn.connect(str(planted))
         with pytest.raises(ConnectionRefusedError, match="answered by uid 0"):
             check_peer(conn, str(planted))
+    # The agent's data plane connects through the same check.
+    with pytest.raises(NodeConnectionError, match="answered by uid 0"):
+        asyncio.run(NodeClient().post_unix(str(planted), "/invoke", b"{}", {}))
     other.close()
     own = folder / "own.sock"
     ready_r, ready_w = os.pipe()
