@@ -73,11 +73,19 @@ class Limits:
     which also caps it."""
 
 
+# `[runtime] network`: what an instance's network namespace may reach.
+NETWORKS = ("none", "egress")
+
+
 @dataclass(frozen=True)
 class Runtime:
     image: str = ""
     """Container image the function runs in, pinned (`repo:tag@sha256:<image id>`);
     empty = the node's own environment (its base image or virtualenv)."""
+    network: str = "none"
+    """"none": loopback of its own only; "egress": outbound connections to the
+    internet through the node (never to the node's own addresses or the platform's
+    ports)."""
 
     @property
     def image_id(self) -> str:
@@ -234,20 +242,24 @@ def _limits(table: object) -> Limits:
 def _runtime(table: object) -> Runtime:
     if not isinstance(table, dict):
         raise InvalidBundle("runtime must be a table", field="runtime")
-    unknown = sorted(set(table) - {"image"})
+    unknown = sorted(set(table) - {"image", "network"})
     if unknown:
         raise InvalidBundle(f"runtime has unknown key {unknown[0]!r}",
                             field=f"runtime.{unknown[0]}")
+    network = table.get("network", "none")
+    if network not in NETWORKS:
+        raise InvalidBundle(f"runtime.network must be one of {', '.join(NETWORKS)}, "
+                            f"got {network!r}", field="runtime.network")
     image = table.get("image", "")
     if image == "":
-        return Runtime()
+        return Runtime(network=network)
     if (not isinstance(image, str) or len(image) > MAX_IMAGE_REFERENCE
             or not IMAGE_PATTERN.match(image)):
         raise InvalidBundle(
             f"runtime.image must be an image reference pinned to its local image id, "
             f"'repository[:tag]@sha256:<64 hex>' (`thaw deploy IMAGE` writes it), "
             f"got {image!r}", field="runtime.image")
-    return Runtime(image=image)
+    return Runtime(image=image, network=network)
 
 
 def pin_runtime_image(text: str, image: str) -> str:

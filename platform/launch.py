@@ -19,6 +19,7 @@ from thaw.platform.runtime import (
     LaunchSpec,
     Limits,
     RuntimeCapabilities,
+    SandboxPolicy,
     SliceGrant,
     SnapshotFiles,
 )
@@ -131,7 +132,8 @@ def _base(spec: agent_pb2.FunctionSpec, mode: LaunchMode, bundle: Path, log_path
         function=f"{spec.tenant}/{spec.name}" if per_function else "",
         version=spec.version, env=instance_env(spec, per_function),
         limits=Limits(memory_bytes=spec.memory_limit_bytes), image=spec.image,
-        cwd=str(bundle))
+        cwd=str(bundle),
+        sandbox=SandboxPolicy(network="egress" if spec.network == "egress" else "none"))
 
 
 def fresh_spec(spec: agent_pb2.FunctionSpec, bundle: Path, *, instance_id: str,

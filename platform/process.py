@@ -40,6 +40,7 @@ from thaw.platform.runtime import (
     parse_status,
     spawn_request,
 )
+from thaw.platform.sandbox import network
 from thaw.platform.sandbox.areas import open_tenant_file
 from thaw.platform.sandbox.plan import SandboxSettings, build_plan, launcher_command
 from thaw.snapshotter.runtime.events import close_fds
@@ -172,6 +173,8 @@ class ProcessRuntime:
         self.capabilities = RuntimeCapabilities(
             runs_images=False, template_per_tenant=sandbox is not None,
             uid_per_tenant=sandbox is not None)
+        self._companions: set[asyncio.Task[None]] = set()
+        """One per sandbox with egress: stops its slirp4netns when the sandbox ends."""
 
     async def spawn(self, control_socket: str,
                     request: SpawnRequest | Mapping[str, Any],
@@ -197,7 +200,11 @@ class ProcessRuntime:
         return process_stats(handle)
 
     async def close(self) -> None:
-        """Nothing to release: instances and templates are stopped by the agent."""
+        """Instances and templates are stopped by the agent; what connects their
+        networks ends with them (or here)."""
+        for task in list(self._companions):
+            task.cancel()
+        await asyncio.gather(*self._companions, return_exceptions=True)
 
     def fingerprint(self) -> dict[str, str]:
         """Instances run the agent's own Python: nothing to add to its fingerprint."""
@@ -216,6 +223,8 @@ class ProcessRuntime:
         # The log may be in the tenant's area: never follow a link planted there.
         logfile = open_tenant_file(spec.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
         env = {**self.env, **spec.environment}
+        sync: socket.socket | None = None
+        proc: asyncio.subprocess.Process | None = None
         try:
             if spec.snapshot is not None:
                 meta_fd = await asyncio.to_thread(text_memfd, "thaw-template-meta",
@@ -226,12 +235,30 @@ class ProcessRuntime:
                        "--status-fd", str(write_fd)]
             if self.sandbox is not None:
                 plan = await asyncio.to_thread(build_plan, spec, self.sandbox, self.python, env)
+                if plan["network"] == "egress":
+                    sync, sync_child = socket.socketpair()
+                    passed.append(os.dup(sync_child.fileno()))
+                    sync_child.close()
+                    plan["sync_fd"] = passed[-1]
                 command = launcher_command(plan, command)
             proc = await asyncio.create_subprocess_exec(
                 *command, stdin=asyncio.subprocess.DEVNULL, stdout=logfile, stderr=logfile,
                 pass_fds=tuple(passed), start_new_session=True, preexec_fn=_die_with_parent,
                 env=env, cwd=spec.workdir or None)
+            if sync is not None:
+                with sync:
+                    slirp = await network.connect(proc.pid, sync, logfile)
+                task = asyncio.create_task(_outlive(proc, slirp))
+                self._companions.add(task)
+                task.add_done_callback(self._companions.discard)
+        except BaseException:
+            if proc is not None and proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+            raise
         finally:
+            if sync is not None:
+                sync.close()
             close_fds(passed)
             os.close(logfile)
         loop = asyncio.get_running_loop()
@@ -239,6 +266,16 @@ class ProcessRuntime:
         await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader),
                                      read_pipe_file(read_fd))
         return RuntimeProcess(proc, reader, spec.log_path)
+
+
+async def _outlive(proc: asyncio.subprocess.Process,
+                   slirp: asyncio.subprocess.Process) -> None:
+    """Stop a sandbox's slirp4netns once the sandbox's process has ended (its forks
+    share its namespace; they end with it: PDEATHSIG)."""
+    try:
+        await proc.wait()
+    finally:
+        await network.stop(slirp)
 
 
 def send_request(control_socket: str, line: bytes, fds: Sequence[int],

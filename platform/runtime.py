@@ -96,7 +96,9 @@ class SandboxPolicy:
     template forks inherit their template's sandbox."""
 
     network: str = "none"
-    """Docker network mode: instances talk to the agent over unix sockets only."""
+    """"none": a network of its own with only loopback (instances talk to the agent
+    over unix sockets only); "egress": connected out through the node, never to its
+    loopback (thaw.toml [runtime] network)."""
     read_only_rootfs: bool = True
     cap_drop: tuple[str, ...] = ("ALL",)
     no_new_privileges: bool = True

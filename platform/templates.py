@@ -121,6 +121,9 @@ class TemplatePool:
             # A template's sandbox holds the instances it forks: one per tenant, so
             # a sandbox never holds two tenants' instances.
             h.update(f"tenant:{spec.tenant}\n".encode())
+        if spec.network == "egress":
+            # The template's network namespace is its forks': one per network.
+            h.update(b"network:egress\n")
         h.update("\n".join(manifest.modules).encode())
         h.update(json.dumps(instance_env(spec, per_function=False), sort_keys=True).encode())
         return h.hexdigest()[:24]

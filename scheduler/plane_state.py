@@ -41,7 +41,8 @@ def spec_message(fn: FunctionRecord) -> agent_pb2.FunctionSpec:
         gpu_compute=s.resources.gpu_compute, max_concurrency=s.scaling.max_concurrency,
         timeout_seconds=s.scaling.timeout, snapshot_enabled=s.snapshot,
         memory_limit_bytes=s.resources.memory, max_batch_size=s.batching.max_batch_size,
-        max_batch_wait_ms=s.batching.max_batch_wait_ms, image=s.runtime.image)
+        max_batch_wait_ms=s.batching.max_batch_wait_ms, image=s.runtime.image,
+        network=s.runtime.network)
 
 
 def fn_name(fn: FunctionRecord) -> str:

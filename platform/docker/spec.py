@@ -178,7 +178,10 @@ def create_kwargs(spec: LaunchSpec, settings: ContainerSettings, *, name: str, u
         security_opt=["no-new-privileges"] if sandbox.no_new_privileges else [],
         read_only=sandbox.read_only_rootfs, tmpfs={"/tmp": settings.tmpfs_tmp},
         pids_limit=spec.limits.pids or settings.pids_limit, mem_limit=memory_bytes,
-        network_mode=sandbox.network, stdin_open=False, log_config=ENGINE_LOG_CONFIG)
+        # egress: the engine's default bridge, from which the host's loopback (where
+        # the platform listens) is out of reach.
+        network_mode="bridge" if sandbox.network == "egress" else "none",
+        stdin_open=False, log_config=ENGINE_LOG_CONFIG)
     if settings.device == "cuda":
         # A fresh instance gets the GPU of its slice; a template, every GPU: its
         # instances get slices on any of them.

@@ -2,8 +2,9 @@
 
     python -I -S launcher.py '<plan JSON>' PROGRAM ARG...
 
-In order: new mount, IPC and UTS namespaces (and a network namespace holding only
-loopback when the plan's network is "none"); a fresh root on a tmpfs holding only the
+In order: new mount, IPC, UTS and network namespaces (the last holding only its own
+loopback, or connected to the outside by the agent when the plan's network is
+"egress"); a fresh root on a tmpfs holding only the
 plan's read-only binds (the system's and the Python environment's folders, the
 function's bundle), its writable binds (the tenant's own area: sockets, logs, build
 outputs), a minimal /dev, a private /tmp and /dev/shm, and a /proc mounted with
@@ -76,6 +77,9 @@ DENIED_SYSCALLS = (
 # pointer a filter cannot read) answers ENOSYS, so libc falls back to clone.
 DENIED_CLONE_FLAGS = (CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET
                       | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWCGROUP)
+# "none": a network namespace holding only its own loopback; "egress": the same, then
+# connected by the agent to the outside (network.py).
+NETWORKS = ("none", "egress")
 # Device nodes every sandbox gets (bound from the host's).
 BASIC_DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 # Where the new root is assembled (a mount point in the launcher's own namespace).
@@ -248,6 +252,8 @@ def build_root(plan: dict[str, Any]) -> str:
                             f"thaw:x:{uid}:{gid}:thaw instance:/tmp:/usr/sbin/nologin\n")
     _write(etc + "/group", f"root:x:0:\nthaw:x:{gid}:\n")
     _write(etc + "/hostname", "thaw\n")
+    if plan.get("resolv"):
+        _write(etc + "/resolv.conf", str(plan["resolv"]))
     return root
 
 
@@ -281,6 +287,15 @@ def drop_privileges(uid: int, gid: int, parent: int) -> None:
     _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
 
 
+def _await_egress(sync: int) -> None:
+    """Tell the agent the network namespace exists; wait until it has connected it
+    (network.py, slirp4netns) and says go."""
+    os.write(sync, b"n")
+    if os.read(sync, 1) != b"g":
+        raise SandboxError("the agent did not connect the sandbox's network")
+    os.close(sync)
+
+
 def enter(plan: dict[str, Any]) -> None:
     """Everything but the execve."""
     if os.geteuid() != 0:
@@ -291,14 +306,15 @@ def enter(plan: dict[str, Any]) -> None:
         raise SandboxError(f"refusing to run a sandbox as uid {uid} gid {gid}")
     parent = os.getppid()
     seccomp = load_libseccomp()
-    flags = CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS
-    if plan.get("network", "none") == "none":
-        flags |= CLONE_NEWNET
-    _check(_libc.unshare(flags), "unshare")
+    network = plan.get("network", "none")
+    if network not in NETWORKS:
+        raise SandboxError(f"unknown network {network!r}")
+    _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWNET), "unshare")
+    if network == "egress":
+        _await_egress(int(plan["sync_fd"]))
     _mount(None, "/", None, MS_REC | MS_PRIVATE)
     root = build_root(plan)
-    if flags & CLONE_NEWNET:
-        _loopback_up()
+    _loopback_up()
     _check(_libc.sethostname(b"thaw", 4), "sethostname")
     enter_root(root)
     for name, value in (("RLIMIT_NPROC", plan["max_processes"]),

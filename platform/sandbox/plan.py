@@ -20,6 +20,7 @@ from pathlib import Path
 
 from thaw.core.errors import InstanceFailed, ThawError
 from thaw.platform.runtime import LaunchSpec
+from thaw.platform.sandbox.network import EGRESS_DNS
 
 LAUNCHER = str(Path(__file__).with_name("launcher.py"))
 # The system's folders of programs and shared libraries; top-level symlinks among them
@@ -104,8 +105,13 @@ def build_plan(spec: LaunchSpec, settings: SandboxSettings, python: str,
     if settings.gpus:
         for pattern in GPU_DEVICE_GLOBS:
             devices += sorted(glob.glob(pattern))
+    egress = policy.network == "egress"
+    etc = [p for p in ETC_PATHS if not (egress and p == "/etc/resolv.conf")]
     return {"uid": policy.uid, "gid": policy.gid, "read_only": _unique(read_only),
-            "writable": _unique(policy.writable), "etc": list(ETC_PATHS),
+            "writable": _unique(policy.writable), "etc": etc,
+            # Names resolve through slirp4netns's forwarder (the node's resolver may
+            # listen on its loopback, which the sandbox cannot reach).
+            "resolv": f"nameserver {EGRESS_DNS}\n" if egress else "",
             "devices": devices, "tmp_bytes": settings.tmp_bytes,
             "max_processes": settings.max_processes,
             "max_open_files": settings.max_open_files, "network": policy.network,

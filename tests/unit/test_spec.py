@@ -90,3 +90,12 @@ def test_units() -> None:
     for bad in ("-1", "12 parsecs", ""):
         with pytest.raises(ValueError):
             parse_size(bad)
+
+
+def test_runtime_network_is_none_unless_egress_is_asked_for() -> None:
+    base = 'name = "f"\nhandler = "app:F"\n'
+    assert parse_spec(base).runtime.network == "none"
+    assert parse_spec(base + '[runtime]\nnetwork = "egress"\n').runtime.network == "egress"
+    with pytest.raises(InvalidBundle, match="runtime.network must be one of none, egress") as err:
+        parse_spec(base + '[runtime]\nnetwork = "host"\n')
+    assert err.value.field == "runtime.network"
