@@ -32,6 +32,7 @@ from thaw.core.units import parse_size
 from thaw.platform.activation import activation_budget
 from thaw.platform.agent import Agent, local_fingerprint
 from thaw.platform.control import AgentService
+from thaw.platform.cuda.api import DEFAULT_MPS_PIPE_DIRECTORY
 from thaw.platform.dataplane import DataPlane
 from thaw.platform.device_setup import open_devices
 from thaw.platform.devices import shm_root
@@ -83,7 +84,15 @@ def sandbox_settings(cfg: AgentConfig) -> SandboxSettings | None:
         uid_range=parse_uid_range(cfg.sandbox_uids),
         tmp_bytes=parse_size(cfg.sandbox_tmp_size), max_processes=cfg.sandbox_max_processes,
         max_open_files=cfg.sandbox_max_open_files, read_only_paths=extra,
-        gpus=cfg.device == "cuda")
+        gpus=cfg.device == "cuda", mps_pipe_directory=_mps_pipe(cfg))
+
+
+def _mps_pipe(cfg: AgentConfig) -> str:
+    """The MPS daemon's pipe folder when this cuda node may use MPS and it runs."""
+    if cfg.device != "cuda" or cfg.cuda_mps == "off":
+        return ""
+    pipe = os.environ.get("CUDA_MPS_PIPE_DIRECTORY", DEFAULT_MPS_PIPE_DIRECTORY)
+    return pipe if os.path.exists(os.path.join(pipe, "control")) else ""
 
 
 def _process_runtime(cfg: AgentConfig) -> Runtime:

@@ -2,9 +2,9 @@
 
     python -I -S launcher.py '<plan JSON>' PROGRAM ARG...
 
-In order: new mount, IPC, UTS and network namespaces (the last holding only its own
-loopback, or connected to the outside by the agent when the plan's network is
-"egress"); a fresh root on a tmpfs holding only the
+In order: new mount, IPC (kept where MPS needs the host's), UTS and network
+namespaces (the last holding only its own loopback, or connected to the outside by the
+agent when the plan's network is "egress"); a fresh root on a tmpfs holding only the
 plan's read-only binds (the system's and the Python environment's folders, the
 function's bundle), its writable binds (the tenant's own area: sockets, logs, build
 outputs), a minimal /dev, a private /tmp and /dev/shm, and a /proc mounted with
@@ -309,7 +309,9 @@ def enter(plan: dict[str, Any]) -> None:
     network = plan.get("network", "none")
     if network not in NETWORKS:
         raise SandboxError(f"unknown network {network!r}")
-    _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWNET), "unshare")
+    # An MPS client talks to its daemon through the host's IPC namespace.
+    ipc = 0 if plan.get("share_ipc") else CLONE_NEWIPC
+    _check(_libc.unshare(CLONE_NEWNS | ipc | CLONE_NEWUTS | CLONE_NEWNET), "unshare")
     if network == "egress":
         _await_egress(int(plan["sync_fd"]))
     _mount(None, "/", None, MS_REC | MS_PRIVATE)

@@ -58,6 +58,9 @@ class SandboxSettings:
     """Host folders the operator adds to every sandbox, read-only (model caches)."""
     gpus: bool = False
     """Bind the GPU device nodes (a cuda node)."""
+    mps_pipe_directory: str = ""
+    """A running MPS daemon's pipe folder (cuda nodes with MPS): bound writable and the
+    host's IPC namespace kept, as MPS clients need both."""
 
 
 @functools.lru_cache(maxsize=8)
@@ -107,8 +110,12 @@ def build_plan(spec: LaunchSpec, settings: SandboxSettings, python: str,
             devices += sorted(glob.glob(pattern))
     egress = policy.network == "egress"
     etc = [p for p in ETC_PATHS if not (egress and p == "/etc/resolv.conf")]
+    writable = list(policy.writable)
+    if settings.mps_pipe_directory:
+        writable.append(settings.mps_pipe_directory)
     return {"uid": policy.uid, "gid": policy.gid, "read_only": _unique(read_only),
-            "writable": _unique(policy.writable), "etc": etc,
+            "writable": _unique(writable), "etc": etc,
+            "share_ipc": bool(settings.mps_pipe_directory),
             # Names resolve through slirp4netns's forwarder (the node's resolver may
             # listen on its loopback, which the sandbox cannot reach).
             "resolv": f"nameserver {EGRESS_DNS}\n" if egress else "",

@@ -222,3 +222,16 @@ def test_a_plan_without_a_tenant_uid_is_refused(places: dict[str, Path]) -> None
                       instance_id="x")
     with pytest.raises(InstanceFailed, match="needs the tenant's uid"):
         build_plan(spec, SandboxSettings(), sys.executable, {})
+
+
+def test_a_cuda_node_with_mps_binds_the_pipe_folder_and_keeps_the_ipc_namespace(
+        places: dict[str, Path]) -> None:
+    plain = build_plan(spec_for(places), SandboxSettings(), sys.executable, {})
+    assert plain["share_ipc"] is False and plain["devices"] == []
+    mps = build_plan(spec_for(places), SandboxSettings(gpus=True,
+                                                        mps_pipe_directory="/tmp/nvidia-mps"),
+                     sys.executable, {"LD_LIBRARY_PATH": "/usr/local/cuda/lib64"})
+    assert mps["share_ipc"] is True
+    assert mps["writable"] == [str(places["area"]), "/tmp/nvidia-mps"]
+    assert "/usr/local/cuda/lib64" in mps["read_only"]
+    assert mps["network"] == "none" and mps["resolv"] == ""
