@@ -138,7 +138,8 @@ class LocalPlatform:
             for index in range(self.agents):
                 node_id = "local" if self.agents == 1 else f"node{index}"
                 agent_env = {**env, "THAW_SCHEDULER_ADDRESS": address, "THAW_AGENT_PORT": "0",
-                             "THAW_DATA_PORT": "0", "THAW_NODE_ID": node_id}
+                             "THAW_DATA_PORT": "0", "THAW_NODE_ID": node_id,
+                             **self.sandbox_env()}
                 if self.host_devices:
                     agent_env["THAW_HOST_DEVICES"] = self.host_devices
                 agent_proc = self._start(f"agent {node_id}", [
@@ -149,6 +150,16 @@ class LocalPlatform:
             port = _wait_for_file(ports / "gateway", gw, "gateway")
         self.url = f"http://127.0.0.1:{port}"
         self.key = (self.home / "dev-key").read_text().strip()
+
+    @property
+    def sandboxed(self) -> bool:
+        """Whether instances run in sandboxes: yes as root (the agent needs root to
+        give tenants uids); otherwise `thaw up` turns the sandbox off, unless
+        THAW_SANDBOX says what to do."""
+        return os.environ.get("THAW_SANDBOX", "on" if os.geteuid() == 0 else "off") == "on"
+
+    def sandbox_env(self) -> dict[str, str]:
+        return {} if "THAW_SANDBOX" in os.environ or self.sandboxed else {"THAW_SANDBOX": "off"}
 
     def _gateway_port_env(self) -> dict[str, str]:
         # None: the gateway's own gateway_port setting (environment, config file, 8000).
@@ -225,6 +236,9 @@ def up(port: int | None, examples: bool, host_devices: str | None) -> None:
         click.echo(f"  dashboard     {platform.url}/")
         click.echo(f"  API key       {platform.key}")
         click.echo(f"  certificates  {home / PKI_FOLDER} (internal mutual TLS)")
+        click.echo("  instances     " + (
+            "sandboxed, a uid per tenant (docs/isolation.md)" if platform.sandboxed else
+            "NOT sandboxed: run as root for sandboxes (development only)"))
         click.echo(f"  metrics       {platform.url}/metrics\n")
         if examples:
             client = Client(platform.url, platform.key, timeout=30)
