@@ -296,6 +296,8 @@ class CudaDevices:
             if missing:
                 raise ChunkNotFound(f"{len(missing)} chunks of the arena are not in the "
                                     f"pinned tier (first: {missing[0]}); prewarm it first")
+            # A reference longer than its held chunk would copy unverified bytes.
+            pinned.check_lengths(refs)
             pieces = pinned_pieces(refs, held)
             return self.copy_into_slice(sl, pieces, streams=streams)
 
