@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -56,6 +58,30 @@ class RunningPlatform:
     def invoke(self, name: str, body: object = None, **kwargs: object) -> httpx.Response:
         return self.http.post(f"/fn/dev/{name}", json=body if body is not None else {},
                               **kwargs)  # type: ignore[arg-type]
+
+
+def tenant_exchange(home: Path, tenant: str = "dev", node_id: str = "local") -> Path:
+    """A new folder a test and its tenant's functions both see at the same path: inside
+    the tenant's area on the node (its log folder, which every sandbox of the tenant
+    has writable), owned by the tenant's uid. Call it after the tenant's first deploy
+    (the agent gives the tenant its uid and area then). Functions of the test coordinate
+    through files there (gates, counters) without a hole in any sandbox."""
+    agent_home = home / "agent" / node_id
+    uid = json.loads((agent_home / "sandbox" / "uids.json").read_text())[tenant]
+    folder = agent_home / "logs" / str(uid) / f"exchange-{uuid.uuid4().hex[:8]}"
+    folder.mkdir()
+    if os.geteuid() == 0:
+        os.chown(folder, uid, uid)
+    return folder
+
+
+@pytest.fixture()
+def exchange(platform: RunningPlatform) -> Path:
+    """tenant_exchange of the session platform's "dev" tenant (it has deployed by then:
+    the fixture deploys examples/echo first)."""
+    if not (platform.platform.home / "agent" / "local" / "sandbox" / "uids.json").exists():
+        assert platform.deploy(EXAMPLES / "echo").status_code == 201
+    return tenant_exchange(platform.platform.home)
 
 
 @pytest.fixture(scope="session")

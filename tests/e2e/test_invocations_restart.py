@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import RunningPlatform
+from tests.conftest import RunningPlatform, tenant_exchange
 from tests.gateway.conftest import ASYNC, BUNDLES, wait_done, wait_for_file
 from thaw.ops.services import LocalPlatform
 
@@ -34,7 +34,8 @@ def test_async_invocations_survive_gateway_restarts(tmp_path: Path,
                  for i in range(3)]
         for invocation_id in quick:
             assert wait_done(p.http, invocation_id)["status"] == "succeeded"
-        gate, started = tmp_path / "gate", tmp_path / "started"
+        shared = tenant_exchange(local.home)
+        gate, started = shared / "gate", shared / "started"
         gated = p.invoke("gw-jobs", {"gate": str(gate), "started": str(started),
                                      "value": "gated"}, headers=ASYNC).json()["id"]
         wait_for_file(started)

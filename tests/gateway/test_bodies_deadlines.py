@@ -63,9 +63,9 @@ def test_bodies_past_the_limit_are_413(platform: RunningPlatform,
     assert resp.status_code == 413
 
 
-def test_deadline_while_the_function_runs(platform: RunningPlatform, tmp_path: Path) -> None:
+def test_deadline_while_the_function_runs(platform: RunningPlatform, exchange: Path) -> None:
     name = deploy_once(platform, BUNDLES / "gated")
-    gate = tmp_path / "gate"
+    gate = exchange / "gate"
     resp = platform.http.post(f"/fn/dev/{name}", json={"gate": str(gate), "sync": True},
                               headers={"X-Thaw-Timeout": "0.5"})
     # The handler cannot have answered: its gate is still closed.
@@ -85,9 +85,9 @@ def test_deadline_while_the_function_runs(platform: RunningPlatform, tmp_path: P
 
 
 def test_deadline_while_waiting_for_an_instance(platform: RunningPlatform,
-                                                tmp_path: Path) -> None:
+                                                exchange: Path) -> None:
     name = deploy_once(platform, BUNDLES / "gated")
-    gate, started = tmp_path / "gate", tmp_path / "started"
+    gate, started = exchange / "gate", exchange / "started"
     holder: dict[str, int] = {}
 
     def hold_the_only_slot() -> None:

@@ -39,8 +39,8 @@ def lines(path: Path) -> int:
 
 
 def test_async_invocation_is_accepted_then_has_its_result(
-        platform: RunningPlatform, jobs: str, tmp_path: Path) -> None:
-    count = tmp_path / "count"
+        platform: RunningPlatform, jobs: str, exchange: Path) -> None:
+    count = exchange / "count"
     resp = platform.invoke(jobs, {"count_file": str(count), "value": "a"}, headers=ASYNC)
     assert resp.status_code == 202, resp.text
     accepted = resp.json()
@@ -81,9 +81,9 @@ def test_non_json_results_are_base64_inline(platform: RunningPlatform) -> None:
 
 
 def test_a_sync_call_past_the_wait_limit_gets_303_to_its_result(
-        platform: RunningPlatform, jobs: str, tmp_path: Path) -> None:
-    gate = tmp_path / "gate"
-    started = tmp_path / "started"
+        platform: RunningPlatform, jobs: str, exchange: Path) -> None:
+    gate = exchange / "gate"
+    started = exchange / "started"
     resp = platform.invoke(jobs, {"gate": str(gate), "started": str(started), "value": 7},
                            headers={"Prefer": "wait=0.5"})
     assert resp.status_code == 303, resp.text
@@ -98,8 +98,8 @@ def test_a_sync_call_past_the_wait_limit_gets_303_to_its_result(
 
 
 def test_respond_async_with_wait_answers_202_after_waiting(
-        platform: RunningPlatform, jobs: str, tmp_path: Path) -> None:
-    gate = tmp_path / "gate"
+        platform: RunningPlatform, jobs: str, exchange: Path) -> None:
+    gate = exchange / "gate"
     slow = platform.invoke(jobs, {"gate": str(gate)},
                            headers={"Prefer": "respond-async, wait=0.3"})
     assert slow.status_code == 202, slow.text
@@ -111,8 +111,8 @@ def test_respond_async_with_wait_answers_202_after_waiting(
 
 
 def test_ten_concurrent_requests_with_one_key_run_the_function_once(
-        platform: RunningPlatform, jobs: str, tmp_path: Path) -> None:
-    count = tmp_path / "count"
+        platform: RunningPlatform, jobs: str, exchange: Path) -> None:
+    count = exchange / "count"
     body = {"count_file": str(count), "seconds": 0.5, "value": "once"}
     key = f"key-{time.time_ns()}"
 
@@ -141,8 +141,8 @@ def test_ten_concurrent_requests_with_one_key_run_the_function_once(
 
 
 def test_cancel_a_running_invocation(platform: RunningPlatform, jobs: str,
-                                     tmp_path: Path) -> None:
-    gate, started = tmp_path / "gate", tmp_path / "started"
+                                     exchange: Path) -> None:
+    gate, started = exchange / "gate", exchange / "started"
     resp = platform.invoke(jobs, {"gate": str(gate), "started": str(started)},
                            headers=ASYNC)
     invocation_id = resp.json()["id"]
@@ -267,8 +267,8 @@ def short_ttl(replica: Callable[[dict[str, str]], Replica]) -> Iterator[Replica]
 
 
 def test_results_expire_after_their_ttl(platform: RunningPlatform, jobs: str,
-                                        short_ttl: Replica, tmp_path: Path) -> None:
-    count = tmp_path / "count"
+                                        short_ttl: Replica, exchange: Path) -> None:
+    count = exchange / "count"
     key = f"ttl-{time.time_ns()}"
     body = {"count_file": str(count)}
     first = short_ttl.http.post(f"/fn/dev/{jobs}", json=body,

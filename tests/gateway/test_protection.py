@@ -56,7 +56,7 @@ def _wait_depth(gw: Replica, function: str, depth: int) -> None:
         time.sleep(0.02)
 
 
-def test_queue_bound_sheds_with_hysteresis(platform: RunningPlatform, tmp_path: Path,
+def test_queue_bound_sheds_with_hysteresis(platform: RunningPlatform, exchange: Path,
                                            replica: Callable[[dict[str, str]], Replica]
                                            ) -> None:
     name = deploy_once(platform, BUNDLES / "gated")  # one instance, one slot
@@ -67,15 +67,15 @@ def test_queue_bound_sheds_with_hysteresis(platform: RunningPlatform, tmp_path: 
     def call(tag: str) -> threading.Thread:
         def run() -> None:
             resp = gw.http.post(f"/fn/dev/{name}", json={
-                "gate": str(tmp_path / f"gate-{tag}"), "sync": True,
-                "started": str(tmp_path / f"started-{tag}")})
+                "gate": str(exchange / f"gate-{tag}"), "sync": True,
+                "started": str(exchange / f"started-{tag}")})
             statuses[tag] = resp.status_code
         thread = threading.Thread(target=run)
         thread.start()
         return thread
 
     def refused() -> bool:
-        resp = gw.http.post(f"/fn/dev/{name}", json={"gate": str(tmp_path / "x"), "sync": True})
+        resp = gw.http.post(f"/fn/dev/{name}", json={"gate": str(exchange / "x"), "sync": True})
         if resp.status_code == 429:
             assert resp.json()["error"]["code"] == "overloaded"
             assert int(resp.headers["Retry-After"]) >= 1
@@ -85,20 +85,20 @@ def test_queue_bound_sheds_with_hysteresis(platform: RunningPlatform, tmp_path: 
 
     threads = [call("a")]
     try:
-        wait_for_file(tmp_path / "started-a")  # `a` holds the only slot
+        wait_for_file(exchange / "started-a")  # `a` holds the only slot
         threads += [call(tag) for tag in "bcd"]
         _wait_depth(gw, function, 3)  # the high-water mark: shedding
         assert refused()
-        (tmp_path / "gate-a").touch()
+        (exchange / "gate-a").touch()
         _wait_depth(gw, function, 2)  # one left the queue; still above the low mark
         assert refused()
-        (tmp_path / f"gate-{_first_started(tmp_path, 'bcd')}").touch()
+        (exchange / f"gate-{_first_started(exchange, 'bcd')}").touch()
         _wait_depth(gw, function, 1)  # at the low mark: admitting again
         threads.append(call("e"))
         _wait_depth(gw, function, 2)
     finally:
         for tag in "abcde":
-            (tmp_path / f"gate-{tag}").touch()
+            (exchange / f"gate-{tag}").touch()
         for thread in threads:
             thread.join(60)
     assert statuses == {tag: 200 for tag in "abcde"}

@@ -20,9 +20,9 @@ SSE = {"Accept": "text/event-stream"}
 
 
 def test_sse_first_event_arrives_before_the_rest_is_produced(
-        platform: RunningPlatform, tmp_path: Path) -> None:
+        platform: RunningPlatform, exchange: Path) -> None:
     name = deploy_once(platform, BUNDLES / "gated")
-    gate = tmp_path / "gate"
+    gate = exchange / "gate"
     with platform.http.stream("POST", f"/fn/dev/{name}", json={"gate": str(gate), "n": 3},
                               headers=SSE, timeout=READ_TIMEOUT) as resp:
         assert resp.status_code == 200
@@ -36,9 +36,9 @@ def test_sse_first_event_arrives_before_the_rest_is_produced(
     assert rest == [(None, {"i": 1}), (None, {"i": 2}), ("done", {})]
 
 
-def test_ndjson_streams_the_same_way(platform: RunningPlatform, tmp_path: Path) -> None:
+def test_ndjson_streams_the_same_way(platform: RunningPlatform, exchange: Path) -> None:
     name = deploy_once(platform, BUNDLES / "gated")
-    gate = tmp_path / "gate"
+    gate = exchange / "gate"
     with platform.http.stream("POST", f"/fn/dev/{name}", json={"gate": str(gate), "n": 2},
                               timeout=READ_TIMEOUT) as resp:
         assert resp.headers["content-type"].startswith("application/x-ndjson")
@@ -48,9 +48,9 @@ def test_ndjson_streams_the_same_way(platform: RunningPlatform, tmp_path: Path) 
         assert [json.loads(x) for x in lines if x] == [{"i": 1}]
 
 
-def test_a_failure_midway_is_the_last_event(platform: RunningPlatform, tmp_path: Path) -> None:
+def test_a_failure_midway_is_the_last_event(platform: RunningPlatform, exchange: Path) -> None:
     name = deploy_once(platform, BUNDLES / "gated")
-    gate = tmp_path / "gate"
+    gate = exchange / "gate"
     gate.touch()
     resp = platform.http.post(f"/fn/dev/{name}", headers=SSE, timeout=READ_TIMEOUT,
                               json={"gate": str(gate), "n": 5, "fail_at": 2})
@@ -63,9 +63,9 @@ def test_a_failure_midway_is_the_last_event(platform: RunningPlatform, tmp_path:
 
 
 def test_an_instance_crash_midway_ends_the_stream_with_an_error(
-        platform: RunningPlatform, tmp_path: Path) -> None:
+        platform: RunningPlatform, exchange: Path) -> None:
     name = deploy_once(platform, BUNDLES / "gated")
-    gate = tmp_path / "gate"
+    gate = exchange / "gate"
     gate.touch()
     resp = platform.http.post(f"/fn/dev/{name}", headers=SSE, timeout=READ_TIMEOUT,
                               json={"gate": str(gate), "n": 5, "crash_at": 2})
@@ -81,9 +81,9 @@ def test_an_instance_crash_midway_ends_the_stream_with_an_error(
 
 
 def test_a_client_that_leaves_stops_the_generator(
-        platform: RunningPlatform, tmp_path: Path) -> None:
+        platform: RunningPlatform, exchange: Path) -> None:
     name = deploy_once(platform, BUNDLES / "gated")
-    gate, marker = tmp_path / "gate", tmp_path / "marker"
+    gate, marker = exchange / "gate", exchange / "marker"
     n = 10_000  # 100 s of items: only an early close ends it within the wait below
     with platform.http.stream("POST", f"/fn/dev/{name}", headers=SSE, timeout=READ_TIMEOUT,
                               json={"gate": str(gate), "n": n, "marker": str(marker)}) as resp:
@@ -98,9 +98,9 @@ def test_a_client_that_leaves_stops_the_generator(
 
 
 def test_a_deadline_midway_ends_the_stream_with_an_error(
-        platform: RunningPlatform, tmp_path: Path) -> None:
+        platform: RunningPlatform, exchange: Path) -> None:
     name = deploy_once(platform, BUNDLES / "gated")
-    gate = tmp_path / "gate"
+    gate = exchange / "gate"
     with platform.http.stream("POST", f"/fn/dev/{name}", json={"gate": str(gate), "n": 3},
                               headers={**SSE, "X-Thaw-Timeout": "1"},
                               timeout=READ_TIMEOUT) as resp:

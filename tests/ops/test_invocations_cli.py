@@ -107,8 +107,8 @@ def test_result_prints_raw_bytes(platform: RunningPlatform, env: dict[str, str])
     assert "application/octet-stream" in shown.stdout and "thaw inv result" in shown.stdout
 
 
-def test_cancel_a_running_invocation(env: dict[str, str], jobs: str, tmp_path: Path) -> None:
-    started, gate = tmp_path / "started", tmp_path / "never-opened"
+def test_cancel_a_running_invocation(env: dict[str, str], jobs: str, exchange: Path) -> None:
+    started, gate = exchange / "started", exchange / "never-opened"
     invocation_id, _ = submit(env, jobs, {"started": str(started), "gate": str(gate)})
     wait_for_file(started)
     cancelled = thaw(env, "inv", "cancel", invocation_id)
@@ -119,7 +119,7 @@ def test_cancel_a_running_invocation(env: dict[str, str], jobs: str, tmp_path: P
 
 
 def test_errors_are_one_line_and_exit_1(env: dict[str, str], jobs: str,
-                                        tmp_path: Path) -> None:
+                                        exchange: Path) -> None:
     one_error_line(thaw(env, "inv", "get", "inv_nope"), "404", "inv_nope")
     one_error_line(thaw(env, "inv", "cancel", "inv_nope"), "404")
 
@@ -128,7 +128,7 @@ def test_errors_are_one_line_and_exit_1(env: dict[str, str], jobs: str,
     one_error_line(thaw(env, "inv", "result", failed_id), "asked to fail")
     one_error_line(thaw(env, "inv", "cancel", failed_id), "409", "already failed")
 
-    started, gate = tmp_path / "started", tmp_path / "gate"
+    started, gate = exchange / "started", exchange / "gate"
     running_id, _ = submit(env, jobs, {"started": str(started), "gate": str(gate)})
     wait_for_file(started)
     one_error_line(thaw(env, "inv", "result", running_id, "--no-wait"), "still running")
