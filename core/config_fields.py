@@ -142,8 +142,13 @@ class GatewayFields(_Fields):
     """Port of the HTTP gateway (0 picks a free one)."""
     scheduler_address: str = Field("127.0.0.1:7070", pattern=r"^.+:\d{1,5}$")
     """host:port of the scheduler's gRPC server."""
+    function_host: str = ""
+    """Address the function origin's listener binds (function URLs only); empty = gateway_host."""
+    function_port: int = Field(-1, ge=-1, le=65535)
+    # Its own origin, so a function's page cannot read the dashboard's stored key.
+    """Port of the function origin; -1 = gateway_port + 1 (a free one when that is 0)."""
     public_url: str = Field("", pattern=r"^$|^https?://")
-    """Base URL printed for function URLs; empty = http://host:port."""
+    """Base URL of function URLs (the function origin's); empty = http://host:function_port."""
     max_body_bytes: int = Field(32 * 1024 * 1024, gt=0)
     """Largest invocation body accepted (413 past it)."""
     max_bundle_bytes: int = Field(64 * 1024 * 1024, gt=0)
@@ -193,7 +198,29 @@ class GatewayFields(_Fields):
     """The tenant whose admin keys are the platform operator's."""
     trust_forwarded_for: bool = False
     # The audit log records both either way.
-    """Rate-limit anonymous calls by X-Forwarded-For (only behind a trusted proxy)."""
+    """Rate-limit anonymous calls and failed logins by X-Forwarded-For (trusted proxy only)."""
+    auth_failure_limit: int = Field(30, ge=0, le=1_000_000)
+    # Keys the replica's auth cache already knows keep working from that address.
+    """Bad or unknown API keys one address may send within auth_failure_window; 0 = off."""
+    auth_failure_window: float = Field(60.0, gt=0, le=86_400)
+    """Seconds auth_failure_limit counts over; past it: 429 until the oldest failure leaves."""
+
+    @field_validator("function_port")
+    @classmethod
+    def _own_port(cls, value: int, info: ValidationInfo) -> int:
+        if value > 0 and value == info.data.get("gateway_port"):
+            raise ValueError("must differ from gateway_port: functions get an origin of "
+                             "their own")
+        return value
+
+    @property
+    def function_listen_port(self) -> int:
+        """The function origin's port to bind (function_port resolved)."""
+        if self.function_port >= 0:
+            return self.function_port
+        if self.gateway_port == 0 or self.gateway_port == 65535:
+            return 0
+        return self.gateway_port + 1
 
     @field_validator("queue_low_water")
     @classmethod

@@ -7,6 +7,7 @@ from aiohttp import web
 
 from thaw.core.priority import PRIORITY_DEFAULT
 from thaw.gateway.auth import require
+from thaw.gateway.caller import principal_of
 from thaw.gateway.dispatch import Call
 from thaw.gateway.state import PRINCIPAL_KEY, RECEIVED_KEY, REQUEST_ID_KEY, Gateway
 from thaw.gateway.tenancy import anonymous_principal
@@ -20,7 +21,7 @@ async def admit(request: web.Request, gw: Gateway) -> scheduler_pb2.Principal:
         anonymous = await anonymous_principal(request, gw)
         if anonymous is not None:
             return anonymous
-    p = await gw.auth.principal(request.headers.get("Authorization", ""))
+    p = await principal_of(request)
     require(p, "invoke")
     await gw.limiter.check(p.key_id or p.tenant)
     request[PRINCIPAL_KEY] = p

@@ -28,13 +28,21 @@ from thaw.gateway import openai_api, routes
 from thaw.gateway.admission import FunctionQueues
 from thaw.gateway.auth import Authenticator, require, require_operator
 from thaw.gateway.breaker import Breakers, BreakerState
+from thaw.gateway.caller import principal_of
 from thaw.gateway.config import GatewaySettings
 from thaw.gateway.dispatch import Dispatcher
 from thaw.gateway.errors import error_body, error_response
 from thaw.gateway.invoke import invoke
 from thaw.gateway.leases import LeasePool
+from thaw.gateway.login_guard import FailedLogins
 from thaw.gateway.metrics import GatewayMetrics
 from thaw.gateway.nodeclient import NodeClient
+from thaw.gateway.origins import (
+    FUNCTION_ORIGIN_KEY,
+    FunctionOrigin,
+    function_origin_middleware,
+    on_response_prepare,
+)
 from thaw.gateway.ratelimit import KeyRateLimiter
 from thaw.gateway.scheduler_client import SchedulerClient
 from thaw.gateway.snapshots import snapshot_pass
@@ -140,8 +148,7 @@ def _observe(request: web.Request, status: int, code: str, started: float,
 
 
 async def principal(request: web.Request) -> scheduler_pb2.Principal:
-    return await request.app[GATEWAY_KEY].auth.principal(
-        request.headers.get("Authorization", ""))
+    return await principal_of(request)
 
 
 # ---- management API ------------------------------------------------------------------
@@ -286,6 +293,9 @@ PRESSURE_LEVELS = {"normal": 0, "pressure": 1, "critical": 2, "emergency": 3}
 
 
 async def metrics_view(request: web.Request) -> web.Response:
+    """The platform's figures (per function, per node): the operator's only, like
+    /v1/nodes. Prometheus sends the key as `authorization: credentials_file`."""
+    require_operator(await principal(request), request.app[CONFIG_KEY])
     metrics = request.app[METRICS_KEY]
     try:
         nodes = await request.app[GATEWAY_KEY].scheduler.list_nodes()
@@ -330,7 +340,8 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
         metrics, ACQUIRE_WAIT_SECONDS)
     app[GATEWAY_KEY] = Gateway(
         config=config, metrics=metrics, scheduler=scheduler, nodes=nodes,
-        auth=Authenticator(scheduler),
+        auth=Authenticator(scheduler, FailedLogins(config.auth_failure_limit,
+                                                   config.auth_failure_window)),
         limiter=KeyRateLimiter(config.rate_limit_rpm, config.rate_limit_burst),
         leases=leases, dispatcher=dispatcher)
     reaper = asyncio.get_running_loop().create_task(leases.reap_forever())
@@ -348,8 +359,10 @@ def make_app(config: GatewayConfig, metrics: GatewayMetrics | None = None,
     """`scheduler`: a stand-in for tests; by default a client of config's address."""
     settings = GatewaySettings.of(config)
     app = web.Application(
-        middlewares=[errors_middleware],
+        middlewares=[errors_middleware, function_origin_middleware],
         client_max_size=max(settings.max_body_bytes, settings.max_bundle_bytes))
+    app.on_response_prepare.append(on_response_prepare)
+    app[FUNCTION_ORIGIN_KEY] = FunctionOrigin()
     app[CONFIG_KEY] = settings
     app[METRICS_KEY] = metrics or GatewayMetrics()
     if scheduler is not None:

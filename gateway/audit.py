@@ -35,10 +35,11 @@ from tenacity import AsyncRetrying, retry_if_result, wait_exponential
 from thaw.core.errors import InvalidArgument, PermissionDenied, ThawError
 from thaw.core.grpcutil import call
 from thaw.gateway.auth import is_operator, require
+from thaw.gateway.caller import client_address, principal_of
 from thaw.gateway.errors import status_of
 from thaw.gateway.openapi import _errors, _json
 from thaw.gateway.state import CONFIG_KEY, GATEWAY_KEY, REQUEST_ID_KEY
-from thaw.gateway.tenancy import ACTED_ON_KEY, client_address
+from thaw.gateway.tenancy import ACTED_ON_KEY
 from thaw.proto import tenancy_pb2, tenancy_pb2_grpc
 
 log = structlog.get_logger()
@@ -193,10 +194,9 @@ async def audit_middleware(request: web.Request,
     if writer is None or not audited(request.method, request.path) \
             or request.match_info.http_exception is not None:
         return await handler(request)
-    gw = request.app[GATEWAY_KEY]
     tenant, key_id, operator = "", "", False
     with contextlib.suppress(ThawError):  # the handler says why, with its own status
-        p = await gw.auth.principal(request.headers.get("Authorization", ""))
+        p = await principal_of(request)
         tenant, key_id = p.tenant, p.key_id
         operator = is_operator(p, request.app[CONFIG_KEY])
     status, body = 500, None
@@ -273,7 +273,7 @@ async def list_audit(request: web.Request) -> web.Response:
     sees its tenant's entries (the operator's actions on it included); the operator
     all of them, or ?tenant='s."""
     gw = request.app[GATEWAY_KEY]
-    p = await gw.auth.principal(request.headers.get("Authorization", ""))
+    p = await principal_of(request)
     require(p, "admin")
     tenant = request.query.get("tenant", "")
     if is_operator(p, request.app[CONFIG_KEY]):

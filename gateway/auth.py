@@ -25,6 +25,7 @@ from cachetools import TTLCache
 
 from thaw.core.config import GatewayConfig
 from thaw.core.errors import PermissionDenied, ThawError, Unauthenticated
+from thaw.gateway.login_guard import FailedLogins
 from thaw.gateway.scheduler_client import SchedulerClient
 from thaw.proto import scheduler_pb2
 
@@ -42,13 +43,23 @@ DEFAULT_OPERATOR_TENANT = "dev"
 
 
 class Authenticator:
-    def __init__(self, scheduler: SchedulerClient) -> None:
+    def __init__(self, scheduler: SchedulerClient,
+                 failed_logins: FailedLogins | None = None) -> None:
         self.scheduler = scheduler
+        self.failed_logins = failed_logins or FailedLogins(0, 1.0)
         # Keyed by digest: the keys themselves are never kept.
         self._cache: TTLCache[str, scheduler_pb2.Principal] = TTLCache(
             maxsize=AUTH_CACHE_KEYS, ttl=AUTH_CACHE_SECONDS)
+        # Digests the scheduler did not know: asked again only after this TTL, so a
+        # client repeating a bad key costs no lookup per request.
+        self._unknown: TTLCache[str, str] = TTLCache(
+            maxsize=AUTH_CACHE_KEYS, ttl=AUTH_CACHE_SECONDS)
 
-    async def principal(self, authorization: str) -> scheduler_pb2.Principal:
+    async def principal(self, authorization: str, address: str = ""
+                        ) -> scheduler_pb2.Principal:
+        """The key's principal. `address` (the client's): where a bad key counts as a
+        failed login, and where too many of them refuse keys not already cached
+        (gateway/login_guard.py); a key in the cache answers without either."""
         scheme, _, key = authorization.partition(" ")
         key = key.strip()
         if scheme.lower() != "bearer" or not key:
@@ -56,11 +67,22 @@ class Authenticator:
         digest = hashlib.sha256(key.encode()).hexdigest()
         found = self._cache.get(digest)
         if found is None:
-            found = await self.scheduler.authenticate(digest)
+            self.failed_logins.check(address)
+            refused = self._unknown.get(digest)
+            if refused is not None:
+                self.failed_logins.failed(address)
+                raise Unauthenticated(refused)
+            try:
+                found = await self.scheduler.authenticate(digest)
+            except Unauthenticated as exc:
+                self._unknown[digest] = exc.message
+                self.failed_logins.failed(address)
+                raise
             self._cache[digest] = found
         if found.expires_at and found.expires_at < time.time():
             # Expired while cached: not a moment longer than its expiry.
             self._cache.pop(digest, None)
+            self.failed_logins.failed(address)
             raise Unauthenticated("API key expired")
         return found
 

@@ -33,6 +33,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from thaw.core.errors import InvalidArgument, NotFound, ThawError
 from thaw.gateway.auth import is_operator
+from thaw.gateway.caller import client_address, reads_all_invocations
 from thaw.gateway.errors import error_body
 from thaw.gateway.openapi import PUBLIC, _json, _ref
 from thaw.gateway.state import CONFIG_KEY, GATEWAY_KEY
@@ -141,8 +142,10 @@ async def build_snapshot(request: web.Request, p: scheduler_pb2.Principal,
     snapshot: dict[str, Any] = {
         "type": "snapshot", "time": round(time.time(), 3), "tenant": p.tenant,
         "operator": operator, "functions": out_functions,
+        # Calls of every key of the tenant: not an invoke-only key's to see.
         "recent": [i.to_json() for i in stats.recent(_tenant_functions(stats, p.tenant),
-                                                      RECENT_SHOWN)],
+                                                      RECENT_SHOWN)]
+        if reads_all_invocations(p) else [],
     }
     if operator:
         nodes = await gw.scheduler.list_nodes()
@@ -191,7 +194,9 @@ async def _authenticate(request: web.Request, ws: web.WebSocketResponse
                       "the first message must be {\"key\": \"<API key>\"}")
         return None
     try:
-        return await request.app[GATEWAY_KEY].auth.principal(f"Bearer {key}")
+        gw = request.app[GATEWAY_KEY]
+        return await gw.auth.principal(
+            f"Bearer {key}", client_address(request, gw.config.trust_forwarded_for))
     except ThawError as exc:
         await _refuse(ws, CLOSE_UNAUTHENTICATED, exc.code, exc.message)
         return None

@@ -44,6 +44,12 @@ class RateLimited(RetryLater):
     code = "rate_limited"
 
 
+class TooManyFailedLogins(RetryLater):
+    """This client address sent too many bad or unknown API keys lately."""
+
+    code = "too_many_failed_logins"
+
+
 class Overloaded(RetryLater):
     """Too many requests of this function are already waiting for an instance."""
 
@@ -97,6 +103,7 @@ STATUS: dict[type[errors.ThawError], int] = {
     errors.NotFound: 404,
     errors.AlreadyExists: 409,
     RateLimited: 429,
+    TooManyFailedLogins: 429,
     Overloaded: 429,
     errors.QuotaExceeded: 429,
     CircuitOpen: 503,

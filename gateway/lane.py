@@ -30,6 +30,7 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy, MultiDict, MultiDictProxy
 
 from thaw.core.http1server import Claim, Request, ResponseWriter
+from thaw.gateway.origins import ON_FUNCTION_ORIGIN_KEY, apply_security_headers
 from thaw.gateway.request import IDEMPOTENCY_HEADER, PREFER_HEADER, WEBHOOK_HEADER
 
 FN_PREFIX = "/fn/"
@@ -145,6 +146,8 @@ class LaneStreamResponse:
 
     async def prepare(self, request: Any) -> None:
         lane = cast(LaneRequest, request)
+        apply_security_headers(self.headers, lane.path,
+                               bool(lane.get(ON_FUNCTION_ORIGIN_KEY, False)))
         self._writer = lane.raw.start_response(self.status, head_headers(self.headers),
                                                self.content_length)
 

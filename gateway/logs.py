@@ -16,7 +16,8 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from thaw.core.errors import InvalidArgument, PermissionDenied
+from thaw.core.errors import InvalidArgument
+from thaw.gateway.caller import principal_of, require_logs
 from thaw.gateway.openapi import _errors
 from thaw.gateway.state import GATEWAY_KEY
 from thaw.proto import scheduler_pb2
@@ -88,9 +89,8 @@ async def _follow_node(session: aiohttp.ClientSession, url: str, function: str,
 
 async def function_logs(request: web.Request) -> web.StreamResponse:
     gw = request.app[GATEWAY_KEY]
-    p = await gw.auth.principal(request.headers.get("Authorization", ""))
-    if not {"invoke", "deploy", "admin"} & set(p.scopes):
-        raise PermissionDenied("this API key lacks the 'invoke' or 'deploy' scope")
+    p = await principal_of(request)
+    require_logs(p)
     name = request.match_info["name"]
     tail, follow = _tail(request), _flag(request, "follow")
     await gw.scheduler.get_function(p.tenant, name)  # 404 for another tenant's name

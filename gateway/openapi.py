@@ -36,7 +36,8 @@ def _errors(*statuses: int) -> dict[str, Any]:
         409: "The name is taken.",
         413: "The body is larger than the gateway's max_body_bytes (an invocation's: "
              "than its function's [limits] max_body, if smaller).",
-        429: "Rate limited (per API key) or the function's queue is full; see Retry-After.",
+        429: "Rate limited (per API key; per address after failed logins) or the "
+             "function's queue is full; see Retry-After.",
         502: "The instance failed while serving (crash, out of memory) or its node is "
              "unreachable.",
         503: "The function cannot run now: its build failed, no capacity, or its circuit "
@@ -249,11 +250,13 @@ def _core_document() -> dict[str, Any]:
                                 "security": PUBLIC, "responses": {
                                     "200": _json(_ref("Status"), "Ready."),
                                     "503": _json(_ref("Error"), "Scheduler unreachable.")}}},
-            "/metrics": {"get": {"summary": "Prometheus metrics of this replica",
-                                 "security": PUBLIC, "responses": {
+            "/metrics": {"get": {"summary": "Prometheus metrics of this replica "
+                                            "(the platform operator's key only)",
+                                 "responses": {
                                      "200": {"description": "Prometheus text format",
                                              "content": {"text/plain": {
-                                                 "schema": {"type": "string"}}}}}}},
+                                                 "schema": {"type": "string"}}}},
+                                     **_errors(401, 403, 429)}}},
             "/openapi.json": {"get": {"summary": "This document", "security": PUBLIC,
                                       "responses": {"200": _json({"type": "object"},
                                                                  "OpenAPI 3")}}},

@@ -28,6 +28,7 @@ from cachetools import TTLCache
 from thaw.core.errors import InvalidArgument, NotFound, PermissionDenied
 from thaw.core.priority import PRIORITY_DEFAULT, PRIORITY_MAX, PRIORITY_MIN, valid_priority
 from thaw.gateway.auth import is_operator, require
+from thaw.gateway.caller import principal_of
 from thaw.gateway.errors import PayloadTooLarge
 from thaw.gateway.fnconfig import config_of
 from thaw.gateway.openapi import JSON, _errors, _json
@@ -192,7 +193,7 @@ async def set_function_priority(request: web.Request, tenant: str, name: str,
 
 async def raise_invocation(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY_KEY]
-    p = await gw.auth.principal(request.headers.get("Authorization", ""))
+    p = await principal_of(request)
     require(p, "admin")
     invocation_id = request.match_info["id"]
     try:

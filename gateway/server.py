@@ -1,9 +1,11 @@
 """`thaw gateway`: serve the HTTP edge.
 
-One port, two servers: plain function calls take the fast lane (gateway/lane.py, on
-core/http1server.py); every other request, and its connection, goes to aiohttp's
-server for the app (gateway/app.py). `fast_lane = false` in [gateway] serves
-everything with aiohttp."""
+Two listeners: the gateway's port (the dashboard origin: dashboard, API, function URLs
+sandboxed) and the function origin's (function URLs and invocation results only, as
+the functions answer them; gateway/origins.py). On each, two servers: plain function
+calls take the fast lane (gateway/lane.py, on core/http1server.py); every other
+request, and its connection, goes to aiohttp's server for the app (gateway/app.py).
+`fast_lane = false` in [gateway] serves everything with aiohttp."""
 
 from __future__ import annotations
 
@@ -27,6 +29,11 @@ from thaw.gateway.lane import (
     function_of,
     head_headers,
 )
+from thaw.gateway.origins import (
+    FUNCTION_ORIGIN_KEY,
+    ON_FUNCTION_ORIGIN_KEY,
+    apply_security_headers,
+)
 from thaw.gateway.state import CONFIG_KEY
 
 log = structlog.get_logger()
@@ -40,32 +47,57 @@ async def serve(config: GatewayConfig, port_file: Path | None = None) -> None:
     app = make_app(config)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_SECONDS)
     await runner.setup()
-    lane: HTTPServer | None = None
-    if app[CONFIG_KEY].fast_lane:
-        server = runner.server
-        assert server is not None  # set up above
-        most = min(LANE_MAX_BODY_BYTES, app[CONFIG_KEY].max_body_bytes)
-        lane = HTTPServer(lane_router(app), most, claim=claims(most), fallback=server)
-        port = await lane.start(config.gateway_host, config.gateway_port)
-    else:
-        site = web.TCPSite(runner, config.gateway_host, config.gateway_port)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    main, port = await _listen(app, runner, config.gateway_host, config.gateway_port)
+    log.info("gateway listening", url=f"http://{config.gateway_host}:{port}")
+    function_host = config.function_host or config.gateway_host
+    functions, function_port = await _listen(app, runner, function_host,
+                                             config.function_listen_port, True)
+    if function_port == port:  # two hosts, one port number: requests not told apart
+        raise OSError(f"the function origin got port {port}, the gateway's too; set "
+                      "function_port to another one")
+    origin = app[FUNCTION_ORIGIN_KEY]
+    origin.port = function_port
+    # Function URLs name the host the caller used, unless the listener has its own.
+    origin.host = "" if function_host in (*WILDCARD_HOSTS, config.gateway_host) \
+        else function_host
+    log.info("function origin listening", url=f"http://{function_host}:{function_port}/fn/")
     if port_file is not None:
         port_file.write_text(str(port))
-    log.info("gateway listening", url=f"http://{config.gateway_host}:{port}")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("gateway stopping")
-    if lane is not None:
-        await lane.close(SHUTDOWN_SECONDS)
+    for listener in (main, functions):
+        if isinstance(listener, HTTPServer):
+            await listener.close(SHUTDOWN_SECONDS)
+        else:
+            listener.close()
     await runner.cleanup()
 
 
-def lane_router(app: web.Application) -> Router:
+async def _listen(app: web.Application, runner: web.AppRunner, host: str, port: int,
+                  function_origin: bool = False) -> tuple[Listener, int]:
+    """One listener of the app (fast lane in front of aiohttp, or aiohttp alone) and
+    the port it bound."""
+    server = runner.server
+    assert server is not None  # set up
+    if app[CONFIG_KEY].fast_lane:
+        most = min(LANE_MAX_BODY_BYTES, app[CONFIG_KEY].max_body_bytes)
+        lane = HTTPServer(lane_router(app, function_origin), most, claim=claims(most),
+                          fallback=server)
+        return lane, await lane.start(host, port)
+    plain = await asyncio.get_running_loop().create_server(server, host, port)
+    return plain, int(plain.sockets[0].getsockname()[1])
+
+
+Listener = HTTPServer | asyncio.Server
+# Binding these means "every address": function URLs then name the caller's host.
+WILDCARD_HOSTS = ("", "0.0.0.0", "::")
+
+
+def lane_router(app: web.Application, function_origin: bool = False) -> Router:
     """The fast lane's one route: the function URL, through the same middleware and
     handler as aiohttp's route for it (gateway/lane.py)."""
 
@@ -73,20 +105,23 @@ def lane_router(app: web.Application) -> Router:
         found = function_of(request.path)
         assert found is not None  # the claim checked it
         lane = LaneRequest(request, app, *found)
+        lane[ON_FUNCTION_ORIGIN_KEY] = function_origin
         response = await errors_middleware(cast(web.Request, lane), invoke)
         if response.prepared:  # a stream, written as it came (LaneStreamResponse)
             return SENT
-        return _whole(cast(web.Response, response))
+        return _whole(cast(web.Response, response), request.path, function_origin)
 
     router = Router()
     router.add_prefix("POST", FN_PREFIX, call)
     return router
 
 
-def _whole(response: web.Response) -> Response:
+def _whole(response: web.Response, path: str = "", function_origin: bool = False
+           ) -> Response:
     body = response.body
     if not isinstance(body, bytes):  # the route answers with bytes only
         raise TypeError(f"unexpected response body {type(body).__name__}")
+    apply_security_headers(response.headers, path, function_origin)
     headers = head_headers(response.headers)
     if "Content-Type" not in response.headers:
         content_type = response.content_type

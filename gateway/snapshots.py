@@ -18,6 +18,7 @@ from aiohttp import web
 from thaw.core.errors import ThawError
 from thaw.core.grpcutil import call, stream
 from thaw.gateway.auth import require, require_operator
+from thaw.gateway.caller import principal_of
 from thaw.gateway.errors import error_body
 from thaw.gateway.openapi import _errors, _json
 from thaw.gateway.state import GATEWAY_KEY
@@ -35,8 +36,7 @@ def _stub(request: web.Request) -> scheduler_pb2_grpc.SchedulerStub:
 
 
 async def _principal(request: web.Request) -> scheduler_pb2.Principal:
-    return await request.app[GATEWAY_KEY].auth.principal(
-        request.headers.get("Authorization", ""))
+    return await principal_of(request)
 
 
 def snapshot_json(info: scheduler_pb2.SnapshotInfo) -> dict[str, Any]:
@@ -67,6 +67,7 @@ def manifest_summary(m: manifest_pb2.SnapshotManifest) -> dict[str, Any]:
 
 async def list_snapshots(request: web.Request) -> web.Response:
     p = await _principal(request)
+    require(p, "deploy")
     reply = await call(_stub(request).ListSnapshots(
         scheduler_pb2.ListFunctionsRequest(tenant=p.tenant), timeout=META_TIMEOUT_SECONDS))
     return web.json_response({"snapshots": [snapshot_json(s) for s in reply.snapshots]})
@@ -74,6 +75,7 @@ async def list_snapshots(request: web.Request) -> web.Response:
 
 async def get_snapshot(request: web.Request) -> web.Response:
     p = await _principal(request)
+    require(p, "deploy")
     info = await call(_stub(request).GetSnapshot(scheduler_pb2.FunctionRequest(
         tenant=p.tenant, name=request.match_info["name"]), timeout=META_TIMEOUT_SECONDS))
     return web.json_response({**snapshot_json(info),

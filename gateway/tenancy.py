@@ -31,6 +31,7 @@ from thaw.core.grpcutil import call
 from thaw.core.priority import PRIORITY_DEFAULT, PRIORITY_MAX, PRIORITY_MIN, valid_priority
 from thaw.core.units import parse_size
 from thaw.gateway.auth import is_operator, require, require_operator
+from thaw.gateway.caller import client_address, principal_of
 from thaw.gateway.openapi import JSON, NAME, _errors, _json
 from thaw.gateway.priority import parse_function_priority, set_function_priority
 from thaw.gateway.state import CONFIG_KEY, GATEWAY_KEY, Gateway
@@ -125,16 +126,6 @@ ACTED_ON_KEY = web.RequestKey("acted_on_tenant", str)
 """The tenant the operator acted on, when not its own (read by gateway/audit.py)."""
 
 
-def client_address(request: web.Request, trust_forwarded_for: bool) -> str:
-    """The caller's address: X-Forwarded-For's first entry when the gateway is told to
-    trust it (behind a proxy), else the TCP peer."""
-    if trust_forwarded_for:
-        forwarded = request.headers.get("X-Forwarded-For", "").split(",")[0].strip()
-        if forwarded:
-            return forwarded
-    return request.remote or ""
-
-
 async def anonymous_principal(request: web.Request, gw: Gateway
                               ) -> scheduler_pb2.Principal | None:
     """For a call without Authorization to a public function (/fn/{tenant}/{name}):
@@ -162,8 +153,7 @@ async def anonymous_principal(request: web.Request, gw: Gateway
 # ---- helpers -------------------------------------------------------------------------
 
 async def _principal(request: web.Request) -> scheduler_pb2.Principal:
-    return await request.app[GATEWAY_KEY].auth.principal(
-        request.headers.get("Authorization", ""))
+    return await principal_of(request)
 
 
 async def _json_object(request: web.Request) -> dict[str, Any]:

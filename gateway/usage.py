@@ -48,6 +48,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wai
 from thaw.core.errors import InvalidArgument, NotFound, ThawError, Unavailable
 from thaw.core.grpcutil import call
 from thaw.gateway.auth import require, require_operator
+from thaw.gateway.caller import principal_of
 from thaw.gateway.dispatch import Exchange, Settlement
 from thaw.gateway.fnconfig import config_of
 from thaw.gateway.state import CONFIG_KEY, GATEWAY_KEY
@@ -403,8 +404,7 @@ async def query_usage(request: web.Request, tenant: str, from_time: float, to_ti
 
 
 async def usage_view(request: web.Request) -> web.Response:
-    gw = request.app[GATEWAY_KEY]
-    p = await gw.auth.principal(request.headers.get("Authorization", ""))
+    p = await principal_of(request)
     require(p, "deploy")
     q = request.query
     tenant = q.get("tenant", p.tenant)

@@ -21,6 +21,7 @@ from aiohttp import web
 from thaw.core.errors import InvalidArgument
 from thaw.core.grpcutil import call
 from thaw.gateway.auth import require
+from thaw.gateway.caller import principal_of
 from thaw.gateway.state import GATEWAY_KEY
 from thaw.gateway.views import function_json, version_json
 from thaw.proto import scheduler_pb2, scheduler_pb2_grpc
@@ -37,8 +38,8 @@ def _stub(request: web.Request) -> scheduler_pb2_grpc.SchedulerStub:
 
 
 async def list_versions(request: web.Request) -> web.Response:
-    gw = request.app[GATEWAY_KEY]
-    p = await gw.auth.principal(request.headers.get("Authorization", ""))
+    p = await principal_of(request)
+    require(p, "deploy")
     name = request.match_info["name"]
     reply = await call(_stub(request).ListVersions(
         scheduler_pb2.FunctionRequest(tenant=p.tenant, name=name), timeout=LIST_TIMEOUT))
@@ -71,7 +72,7 @@ async def rollback_target(request: web.Request) -> int:
 
 async def rollback(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY_KEY]
-    p = await gw.auth.principal(request.headers.get("Authorization", ""))
+    p = await principal_of(request)
     require(p, "deploy")
     name = request.match_info["name"]
     version = await rollback_target(request)

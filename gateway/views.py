@@ -8,13 +8,15 @@ from typing import Any
 from aiohttp import web
 
 from thaw.gateway.fnconfig import config_of
+from thaw.gateway.origins import function_base_url
 from thaw.gateway.state import CONFIG_KEY
 from thaw.proto import scheduler_pb2
 
 
 def function_url(request: web.Request, tenant: str, name: str) -> str:
-    base = request.app[CONFIG_KEY].public_url or f"{request.scheme}://{request.host}"
-    return f"{base.rstrip('/')}/fn/{tenant}/{name}"
+    """On the function origin (gateway/origins.py)."""
+    base = function_base_url(request, request.app[CONFIG_KEY].public_url)
+    return f"{base}/fn/{tenant}/{name}"
 
 
 def function_json(request: web.Request, fn: scheduler_pb2.FunctionInfo) -> dict[str, Any]:

@@ -242,8 +242,9 @@ class InvocationStore:
             return to_proto(self._get(s, tenant, invocation_id), with_bodies, self.clock())
         return self.store._tx(tx)
 
-    def list_recent(self, tenant: str, limit: int, state: str = "", function: str = ""
-             ) -> list[invocations_pb2.Invocation]:
+    def list_recent(self, tenant: str, limit: int, state: str = "", function: str = "",
+                    key_id: str = "") -> list[invocations_pb2.Invocation]:
+        """Newest first; `key_id`: only those that API key made ("" = any key's)."""
         if state:
             try:
                 InvocationState(state)
@@ -257,6 +258,8 @@ class InvocationStore:
             q = select(models.Invocation).where(models.Invocation.tenant_id == tenant)
             if function:
                 q = q.where(models.Invocation.function_name == function)
+            if key_id:
+                q = q.where(models.Invocation.key_id == key_id)
             q = q.order_by(models.Invocation.created_at.desc()).limit(limit)
             now = self.clock()
             rows = [to_proto(r, False, now) for r in s.scalars(q)]

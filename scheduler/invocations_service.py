@@ -35,7 +35,7 @@ class InvocationsService(invocations_pb2_grpc.InvocationsServicer):
                    context: grpc.aio.ServicerContext
                    ) -> invocations_pb2.ListInvocationsResponse:
         found = await self.run(self.invocations.list_recent, request.tenant, request.limit,
-                               request.state, request.function)
+                               request.state, request.function, request.key_id)
         return invocations_pb2.ListInvocationsResponse(invocations=found)
 
     @servicer_method

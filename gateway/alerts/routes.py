@@ -19,6 +19,7 @@ from thaw.gateway.alerts.engine import AlertEngine
 from thaw.gateway.alerts.rules import rules_from_settings
 from thaw.gateway.alerts.sources import LiveSources
 from thaw.gateway.auth import require_operator
+from thaw.gateway.caller import principal_of
 from thaw.gateway.openapi import _errors, _json
 from thaw.gateway.state import CONFIG_KEY, GATEWAY_KEY, METRICS_KEY
 from thaw.gateway.stats import STATS_KEY, FunctionStats
@@ -65,7 +66,7 @@ async def _alerting(app: web.Application) -> AsyncIterator[None]:
 async def list_alerts(request: web.Request) -> web.Response:
     """Active alerts (pending, firing, held by a cooldown) and the latest transitions."""
     gw = request.app[GATEWAY_KEY]
-    require_operator(await gw.auth.principal(request.headers.get("Authorization", "")),
+    require_operator(await principal_of(request),
                      gw.config)
     engine = request.app[ALERTING_KEY].engine
     if engine is None:

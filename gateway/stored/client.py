@@ -29,10 +29,11 @@ class InvocationsClient:
         return await grpc_call(self._stub.Get(invocations_pb2.GetInvocationRequest(
             tenant=tenant, id=invocation_id, with_bodies=with_bodies), timeout=RPC_TIMEOUT))
 
-    async def list_recent(self, tenant: str, limit: int, state: str, function: str
-                   ) -> list[invocations_pb2.Invocation]:
+    async def list_recent(self, tenant: str, limit: int, state: str, function: str,
+                          key_id: str = "") -> list[invocations_pb2.Invocation]:
+        """`key_id`: only the invocations that key made ("" = any key's)."""
         resp = await grpc_call(self._stub.List(invocations_pb2.ListInvocationsRequest(
-            tenant=tenant, limit=limit, state=state, function=function),
+            tenant=tenant, limit=limit, state=state, function=function, key_id=key_id),
             timeout=RPC_TIMEOUT))
         return list(resp.invocations)
 

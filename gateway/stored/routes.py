@@ -13,6 +13,12 @@ from aiohttp import web
 
 from thaw.core.errors import InvalidArgument, NotFound
 from thaw.gateway.auth import require
+from thaw.gateway.caller import (
+    check_invocation_reader,
+    invocations_key_filter,
+    principal_of,
+    reads_all_invocations,
+)
 from thaw.gateway.errors import InvocationFinished
 from thaw.gateway.request import prefer_wait
 from thaw.gateway.state import GATEWAY_KEY
@@ -23,9 +29,9 @@ from thaw.proto import scheduler_pb2
 
 
 async def _principal(request: web.Request) -> scheduler_pb2.Principal:
-    gw = request.app[GATEWAY_KEY]
-    p = await gw.auth.principal(request.headers.get("Authorization", ""))
-    require(p, "invoke")
+    p = await principal_of(request)
+    if not reads_all_invocations(p):  # deploy and admin keys read all of the tenant's
+        require(p, "invoke")
     return p
 
 
@@ -39,6 +45,7 @@ def _id(request: web.Request) -> str:
 async def get_invocation(request: web.Request) -> web.Response:
     p = await _principal(request)
     inv = await request.app[RUNNER_KEY].client.get(p.tenant, _id(request), with_bodies=True)
+    check_invocation_reader(p, inv)
     if inv.state == "expired":
         raise expired(inv.id)
     return web.json_response(invocation_json(inv))
@@ -50,6 +57,8 @@ async def get_result(request: web.Request) -> web.Response:
     wait = prefer_wait(request)
     limit = gw.config.sync_wait_seconds if wait is None else min(
         wait, gw.config.sync_wait_seconds)
+    if not reads_all_invocations(p):  # before any wait: no timing says it exists
+        check_invocation_reader(p, await runner.client.get(p.tenant, _id(request)))
     inv = await runner.wait_finished(p.tenant, _id(request), limit)
     if inv.state in ("queued", "running"):
         # Still running: come back (a client following redirects waits again).
@@ -61,6 +70,7 @@ async def cancel_invocation(request: web.Request) -> web.Response:
     p = await _principal(request)
     gw, runner = request.app[GATEWAY_KEY], request.app[RUNNER_KEY]
     before = await runner.client.get(p.tenant, _id(request))
+    check_invocation_reader(p, before)
     if before.state == "expired":
         raise expired(before.id)
     inv = await runner.client.cancel(p.tenant, before.id, gw.config.result_ttl_seconds)
@@ -84,7 +94,8 @@ async def list_invocations(request: web.Request) -> web.Response:
     if not 1 <= limit <= MAX_LIST:
         raise InvalidArgument(f"limit must be in [1, {MAX_LIST}]", field="limit")
     found = await request.app[RUNNER_KEY].client.list_recent(
-        p.tenant, limit, request.query.get("status", ""), request.query.get("function", ""))
+        p.tenant, limit, request.query.get("status", ""), request.query.get("function", ""),
+        invocations_key_filter(p))
     return web.json_response({"invocations": [invocation_json(i) for i in found]})
 
 
@@ -135,12 +146,15 @@ INVOCATION_SCHEMA: dict[str, Any] = {"type": "object", "properties": {
     "result": {}, "result_base64": {"type": "string"},
     "result_status": {"type": "integer"}, "error": {"type": "object"}}}
 COMMON_ERRORS = {"401": _error("No API key, or an unknown one."),
-                 "403": _error("The API key lacks the invoke scope."),
-                 "404": _error("No such invocation for this key's tenant.")}
+                 "403": _error("The API key has none of the invoke, deploy and admin "
+                               "scopes."),
+                 "404": _error("No such invocation for this key's tenant (an invoke-only "
+                               "key sees only the invocations it made).")}
 OPENAPI_PATHS: dict[str, Any] = {
     "/v1/invocations": {"get": {
         "summary": "The tenant's recent invocations (stored ones: async, past the wait "
-                   "limit, or with an Idempotency-Key), newest first.",
+                   "limit, or with an Idempotency-Key), newest first; an invoke-only "
+                   "key's own only.",
         "parameters": [
             {"name": "limit", "in": "query", "schema": {
                 "type": "integer", "minimum": 1, "maximum": MAX_LIST, "default": 100}},

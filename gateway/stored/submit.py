@@ -15,6 +15,7 @@ import uuid
 
 from aiohttp import web
 
+from thaw.gateway.caller import may_read_invocation
 from thaw.gateway.dispatch import Call, Exchange
 from thaw.gateway.errors import IdempotencyKeyReused
 from thaw.gateway.request import IDEMPOTENCY_HEADER, INVOCATION_HEADER, InvokeRequest
@@ -46,7 +47,14 @@ def record_of(call: Call, p: scheduler_pb2.Principal, webhook: str, key: str
 
 
 def check_same_request(found: invocations_pb2.Invocation,
-                       asked: invocations_pb2.Invocation) -> None:
+                       asked: invocations_pb2.Invocation,
+                       p: scheduler_pb2.Principal) -> None:
+    if found.key_id != p.key_id and not may_read_invocation(p, found):
+        # Another key's invocation: neither its id nor its answer is this key's to see
+        # (anonymous calls to a public function share the one empty key id).
+        raise IdempotencyKeyReused(
+            f"{IDEMPOTENCY_HEADER} {asked.idempotency_key!r} was already used by another "
+            "API key of this tenant; use a new key", field=IDEMPOTENCY_HEADER)
     if found.request_digest != asked.request_digest:
         raise IdempotencyKeyReused(
             f"{IDEMPOTENCY_HEADER} {asked.idempotency_key!r} was used for a different "
@@ -67,13 +75,13 @@ async def submit(request: web.Request, gw: Gateway, p: scheduler_pb2.Principal,
     if ask.respond_async and ask.wait is None:
         inv, created = await runner.client.create(record)
         if not created:
-            check_same_request(inv, record)
+            check_same_request(inv, record, p)
         runner.wake.set()
         return accepted(inv)
     inv, created = await runner.client.create(
         record, runner.id, gw.config.invocation_claim_seconds)
     if not created:
-        check_same_request(inv, record)
+        check_same_request(inv, record, p)
         inv = await runner.wait_finished(call.tenant, inv.id, limit)
         if inv.state in ("queued", "running"):
             return accepted(inv, late_status)

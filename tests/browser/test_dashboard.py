@@ -81,8 +81,15 @@ def test_sign_in_deploy_invoke_and_watch(platform: RunningPlatform, browser: obj
     page.on("console", lambda msg: problems.append(f"console: {msg.text}")
             if msg.type == "error" else None)
 
+    # The page runs under its Content-Security-Policy: any violation is recorded.
+    page.add_init_script("document.addEventListener('securitypolicyviolation', (e) => "
+                         "(window.cspViolations = window.cspViolations || [])"
+                         ".push(e.violatedDirective + ' ' + e.blockedURI));")
+
     # A wrong key is refused with a readable message, and the key is not kept.
-    page.goto(platform.url)
+    loaded = page.goto(platform.url)
+    assert loaded is not None and "script-src 'self'" in loaded.headers[
+        "content-security-policy"]
     page.fill("#key", "thaw_wrong")
     page.click("#signin-form button[type=submit]")
     expect(page.locator("#signin-error")).to_contain_text("Sign-in failed")
@@ -102,7 +109,9 @@ def test_sign_in_deploy_invoke_and_watch(platform: RunningPlatform, browser: obj
     expect(page.locator("#deploy-steps li").last).to_contain_text(
         "Ready", timeout=BUILD_WAIT_MS)
     url = page.locator("#deploy-url code").inner_text()
-    assert url == f"{platform.url}/fn/dev/{FUNCTION}"
+    # On the function origin: the gateway's host, a port of its own.
+    assert url == platform.http.get(f"/v1/functions/{FUNCTION}").json()["url"]
+    assert url.endswith(f"/fn/dev/{FUNCTION}") and not url.startswith(f"{platform.url}/")
     row = page.locator(f"#functions tbody tr[data-name='{FUNCTION}']")
     expect(row).to_contain_text("ready")
     expect(row).to_contain_text("disk ×1")  # the snapshot's tiers
@@ -165,4 +174,5 @@ def test_sign_in_deploy_invoke_and_watch(platform: RunningPlatform, browser: obj
     expect(page.locator("#deploy-url")).to_be_hidden()
 
     assert problems == []
+    assert page.evaluate("window.cspViolations || []") == []
     page.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import shutil
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import grpc
 import pytest
@@ -28,7 +29,10 @@ def test_echo_deploy_then_cold_restore_then_warm(platform: RunningPlatform) -> N
     assert resp.status_code == 201, resp.text
     fn = resp.json()
     assert fn["state"] == "ready" and fn["start_mode"] == "restore", fn
-    assert fn["url"] == f"{platform.url}/fn/dev/echo"
+    # On the function origin (docs/keys-and-origins.md): the gateway's host, its own port.
+    url, gateway = urlsplit(fn["url"]), urlsplit(platform.url)
+    assert (url.hostname, url.path) == (gateway.hostname, "/fn/dev/echo")
+    assert url.port != gateway.port
     assert fn["snapshot_bytes"] > 0
 
     cold = platform.invoke("echo", {"hello": "world"})
