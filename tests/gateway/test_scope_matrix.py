@@ -1,0 +1,107 @@
+"""The scope matrix: every route of the served OpenAPI document, with no key, an
+invoke-only key, a deploy-only key, a tenant's admin key and the operator's key. Each
+route's row says the least it needs (ROUTES; a route added later fails this test until
+it is classified). A caller below that is refused (401 without a key, 403 with one);
+a caller at or above it is not (whatever the route then says about the request: the
+requests name things that do not exist, so nothing is changed).
+"""
+
+from __future__ import annotations
+
+import re
+
+import httpx
+
+from tests.conftest import RunningPlatform
+from tests.gateway.tenancy_helpers import new_tenant, unique
+
+# The least each route needs: public < any key of the tenant < invoke | deploy < admin
+# < operator (invoke and deploy are apart: neither implies the other).
+ROUTES: dict[tuple[str, str], str] = {
+    ("GET", "/"): "public", ("GET", "/healthz"): "public", ("GET", "/readyz"): "public",
+    ("GET", "/openapi.json"): "public", ("GET", "/static/{file}"): "public",
+    ("GET", "/metrics"): "operator",
+    ("POST", "/v1/functions"): "deploy", ("GET", "/v1/functions"): "any",
+    ("GET", "/v1/functions/{name}"): "any", ("DELETE", "/v1/functions/{name}"): "deploy",
+    ("PATCH", "/v1/functions/{name}"): "deploy",
+    ("POST", "/v1/functions/{name}/prewarm"): "deploy",
+    ("POST", "/v1/functions/{name}/evict"): "deploy",
+    ("GET", "/v1/nodes"): "operator", ("GET", "/v1/events"): "operator",
+    ("POST", "/v1/nodes/{node}/{action}"): "operator",
+    ("GET", "/v1/models"): "invoke", ("GET", "/v1/models/{model}"): "invoke",
+    ("POST", "/v1/chat/completions"): "invoke", ("POST", "/v1/completions"): "invoke",
+    ("POST", "/v1/embeddings"): "invoke",
+    ("POST", "/fn/{tenant}/{name}"): "invoke", ("POST", "/fn/{tenant}/{name}/{path}"): "invoke",
+    # Stored invocations: any key (an invoke-only key sees its own only).
+    ("GET", "/v1/invocations"): "any", ("GET", "/v1/invocations/{id}"): "any",
+    ("GET", "/v1/invocations/{id}/result"): "any",
+    ("POST", "/v1/invocations/{id}/cancel"): "any",
+    ("POST", "/v1/invocations/{id}/priority"): "admin",
+    ("POST", "/v1/tenants"): "operator", ("GET", "/v1/tenants"): "operator",
+    ("PUT", "/v1/tenants/{tenant}/quota"): "operator",
+    ("POST", "/v1/keys"): "admin", ("GET", "/v1/keys"): "admin",
+    ("DELETE", "/v1/keys/{id}"): "admin", ("GET", "/v1/audit"): "admin",
+    ("GET", "/v1/usage"): "deploy", ("GET", "/v1/functions/{name}/logs"): "deploy",
+    ("GET", "/v1/snapshots"): "deploy", ("GET", "/v1/snapshots/{name}"): "deploy",
+    ("POST", "/v1/functions/{name}/verify"): "deploy",
+    ("POST", "/v1/nodes/{node}/drain"): "operator",
+    ("GET", "/v1/alerts"): "operator",
+    ("GET", "/v1/functions/{name}/versions"): "deploy",
+    ("POST", "/v1/functions/{name}/rollback"): "deploy",
+    ("GET", "/v1/live"): "public",  # a WebSocket: the key is its first message
+}
+# Which callers each requirement admits.
+ADMITS = {"public": {"none", "invoke", "deploy", "admin", "operator"},
+          "any": {"invoke", "deploy", "admin", "operator"},
+          "invoke": {"invoke", "admin", "operator"},
+          "deploy": {"deploy", "admin", "operator"},
+          "admin": {"admin", "operator"}, "operator": {"operator"}}
+PARAM = re.compile(r"\{(\w+)\}")
+
+
+def _url(path: str, tenant: str) -> str:
+    """The path with parameters naming things that do not exist (the caller's own
+    tenant for a function URL, so only the scope decides)."""
+    values = {"name": unique("nothing"), "model": unique("nothing"), "path": "x",
+              "node": unique("node"), "action": "cordon", "file": "dashboard.js",
+              "tenant": tenant if path.startswith("/fn/") else unique("nobody"),
+              "id": ("inv_" + "0" * 32) if "/invocations/" in path else unique("key")}
+    return PARAM.sub(lambda m: values[m.group(1)], path)
+
+
+def test_every_route_admits_exactly_the_scopes_it_needs(platform: RunningPlatform) -> None:
+    document = platform.http.get("/openapi.json").json()
+    served = {(method.upper(), path) for path, item in document["paths"].items()
+              for method in item if method in ("get", "post", "put", "patch", "delete")}
+    assert served == set(ROUTES), (
+        f"classify the new routes: {sorted(served - set(ROUTES))}; "
+        f"gone: {sorted(set(ROUTES) - served)}")
+    admin = new_tenant(platform)
+    callers: dict[str, httpx.Client] = {
+        "none": httpx.Client(base_url=platform.url, timeout=60),
+        "admin": admin.http, "operator": platform.http}
+    for scope in ("invoke", "deploy"):
+        made = admin.http.post("/v1/keys", json={"name": scope, "scopes": [scope]})
+        assert made.status_code == 201, made.text
+        callers[scope] = httpx.Client(base_url=platform.url, timeout=60, headers={
+            "Authorization": f"Bearer {made.json()['key']}"})
+    failures, checked = [], 0
+    for (method, path), needs in sorted(ROUTES.items()):
+        if path == "/v1/live":
+            continue  # tests/gateway/test_dashboard_live.py
+        for who, http in callers.items():
+            tenant = "dev" if who == "operator" else admin.tenant
+            body = {} if method in ("POST", "PUT", "PATCH") else None
+            resp = http.request(method, _url(path, tenant), json=body)
+            checked += 1
+            allowed = who in ADMITS[needs]
+            expected = "not 401/403" if allowed else ("401" if who == "none" else "403")
+            ok = (resp.status_code not in (401, 403)) if allowed else (
+                resp.status_code == (401 if who == "none" else 403))
+            if not ok or resp.status_code >= 500:
+                failures.append(f"{method} {path} as {who} (needs {needs}): "
+                                f"{resp.status_code}, expected {expected}: {resp.text[:200]}")
+    for http in callers.values():
+        if http is not platform.http:
+            http.close()
+    assert not failures, f"{len(failures)} of {checked}:\n" + "\n".join(failures)
