@@ -43,7 +43,10 @@ log = structlog.get_logger()
 SHUTDOWN_SECONDS = 10.0
 
 
-async def serve(config: GatewayConfig, port_file: Path | None = None) -> None:
+async def serve(config: GatewayConfig, port_file: Path | None = None,
+                function_port_file: Path | None = None) -> None:
+    """Serve until SIGINT/SIGTERM; the bound ports go to the files given (the
+    gateway's to `port_file`, the function origin's to `function_port_file`)."""
     app = make_app(config)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_SECONDS)
     await runner.setup()
@@ -61,7 +64,9 @@ async def serve(config: GatewayConfig, port_file: Path | None = None) -> None:
     origin.host = "" if function_host in (*WILDCARD_HOSTS, config.gateway_host) \
         else function_host
     log.info("function origin listening", url=f"http://{function_host}:{function_port}/fn/")
-    if port_file is not None:
+    if function_port_file is not None:
+        function_port_file.write_text(str(function_port))
+    if port_file is not None:  # last: who waits on it finds both
         port_file.write_text(str(port))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

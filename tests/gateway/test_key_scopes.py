@@ -7,6 +7,7 @@ on an origin of their own."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -14,6 +15,7 @@ import httpx
 import pytest
 
 from tests.conftest import RunningPlatform
+from tests.gateway.conftest import Replica
 from tests.gateway.tenancy_helpers import TenantKeys, deploy, echo_bundle, new_tenant, unique
 
 FINISHED = ("succeeded", "failed", "cancelled", "expired")
@@ -193,4 +195,25 @@ def test_function_urls_live_on_their_own_origin(platform: RunningPlatform,
         assert answer.status_code == 200
         assert answer.headers["Content-Security-Policy"].startswith("sandbox")
         assert answer.headers["X-Frame-Options"] == "DENY"
+    platform.http.delete(f"/v1/functions/{name}")
+
+
+def test_without_the_fast_lane_the_origins_hold_the_same(
+        platform: RunningPlatform, replica: Callable[[dict[str, str]], Replica],
+        tmp_path: Path) -> None:
+    gw = replica({"THAW_FAST_LANE": "false"})
+    name = unique("plain")
+    assert deploy(platform.http, echo_bundle(tmp_path, name)).status_code == 201
+    url = gw.http.get(f"/v1/functions/{name}").json()["url"]
+    assert urlsplit(url).port not in (urlsplit(gw.url).port, None)
+    origin = f"{urlsplit(url).scheme}://{urlsplit(url).netloc}"
+    answer = httpx.post(url, json={"plain": True}, timeout=120,
+                        headers={"Authorization": f"Bearer {platform.key}"})
+    assert answer.status_code == 200 and answer.json()["echo"] == {"plain": True}
+    assert "Content-Security-Policy" not in answer.headers
+    assert httpx.get(origin + "/", timeout=30).status_code == 404
+    sandboxed = gw.http.post(f"/fn/dev/{name}", json={})
+    assert sandboxed.headers["Content-Security-Policy"].startswith("sandbox")
+    assert "script-src 'self'" in httpx.get(gw.url + "/", timeout=30).headers[
+        "Content-Security-Policy"]
     platform.http.delete(f"/v1/functions/{name}")
