@@ -371,9 +371,9 @@ class AgentFields(_Fields):
     """Host package folders (os.pathsep-separated) docker mounts read-only into instances."""
     start_timeout: float = Field(600.0, gt=0)
     """Longest a fresh start, restore or template may take to become ready."""
+    # off runs instances as the agent's user, able to reach each other: development only.
     sandbox: str = Field("on", pattern="^(on|off)$")
-    """process runtime: each instance in a sandbox under its tenant's uid (needs root);
-    off runs instances as the agent's user: development only."""
+    """process runtime: each instance in a sandbox under its tenant's uid (needs root)."""
     sandbox_uids: str = Field("200000-265535", pattern=r"^\d{1,10}-\d{1,10}$")
     """process runtime: the uids (and gids) given to tenants on this node, FIRST-LAST."""
     sandbox_tmp_size: str = "1GiB"
