@@ -78,7 +78,9 @@ class TemplatePool:
         self._starts: dict[str, asyncio.Task[Template]] = {}
         self._users: dict[str, set[str]] = {}
         """Template key -> the snapshots (manifest keys) restored from it."""
-        self._by_code: dict[tuple[str, str], str] = {}
+        self._by_code: dict[tuple[str, ...], str] = {}
+        """(code, handler[, tenant, network]) -> the running template of that code, for
+        builds (`with_code`): where templates are per tenant, only the tenant's own."""
         self._code_digests: dict[str, str] = {}
         self._exit_codes: dict[int, int] = {}
         self._exit_waiters: dict[int, asyncio.Future[int]] = {}
@@ -103,12 +105,18 @@ class TemplatePool:
 
     async def with_code(self, spec: agent_pb2.FunctionSpec) -> Template | None:
         """A running template that imported exactly this bundle's code and handler."""
-        code = await self.code_digest(spec)
-        key = self._by_code.get((code, spec.handler))
+        key = self._by_code.get(await self._code_key(spec))
         template = self.templates.get(key) if key else None
         if template is None or not template.running:
             return None
         return template
+
+    async def _code_key(self, spec: agent_pb2.FunctionSpec) -> tuple[str, ...]:
+        code = await self.code_digest(spec)
+        if self.runtime.capabilities.template_per_tenant:
+            # A template's sandbox is its tenant's: another tenant's build never forks it.
+            return (code, spec.handler, spec.tenant, spec.network or "none")
+        return (code, spec.handler)
 
     async def key(self, spec: agent_pb2.FunctionSpec,
                   manifest: manifest_pb2.SnapshotManifest) -> str:
@@ -175,7 +183,7 @@ class TemplatePool:
             return template
         self._spawn_task(self._follow(template))
         self.templates[key] = template
-        self._by_code[(await self.code_digest(spec), spec.handler)] = key
+        self._by_code[await self._code_key(spec)] = key
         log.info("template ready", function=f"{spec.tenant}/{spec.name}", pid=proc.pid,
                  import_s=round(seconds, 3))
         return template

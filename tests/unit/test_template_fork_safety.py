@@ -193,3 +193,22 @@ async def test_a_template_that_does_not_say_ready_plainly_fails(
     with pytest.raises(InstanceFailed, match="template failed"):
         await pool.ensure(SPEC, MANIFEST, materialized("snap1"))
     assert runtime.launched[0][1].killed and pool.fork_unsafe == {}
+
+
+async def test_a_build_never_forks_another_tenants_template(bundle: Path,
+                                                            tmp_path: Path) -> None:
+    runtime = FakeRuntime(safe_ready())
+    runtime.capabilities = RuntimeCapabilities(template_per_tenant=True,
+                                               uid_per_tenant=True)
+    pool = pool_for(runtime, bundle, tmp_path)
+    template = await pool.ensure(SPEC, MANIFEST, materialized("snap1"))
+    assert await pool.with_code(SPEC) is template
+    other = agent_pb2.FunctionSpec()
+    other.CopyFrom(SPEC)
+    other.tenant = "mallory"  # the same code under another tenant
+    assert await pool.with_code(other) is None
+    egress = agent_pb2.FunctionSpec()
+    egress.CopyFrom(SPEC)
+    egress.network = "egress"  # the same tenant and code with another network
+    assert await pool.with_code(egress) is None
+    await pool.close()
