@@ -36,9 +36,9 @@ def finished(platform: RunningPlatform, invocation_id: str) -> dict[str, Any]:
 
 
 def test_async_invocations_wait_with_their_submitted_priority(
-        platform: RunningPlatform, tmp_path: Path) -> None:
+        platform: RunningPlatform, exchange: Path) -> None:
     deploy_once(platform, FIXTURES / FUNCTION)
-    mark = tmp_path / "occupied"
+    mark = exchange / "occupied"
     with ThreadPoolExecutor(max_workers=1) as pool:
         occupier = pool.submit(platform.invoke, FUNCTION, {
             "label": "occupier", "seconds": OCCUPY_SECONDS, "mark": str(mark)})

@@ -54,12 +54,12 @@ class Saturation:
     """Occupy the function, then queue calls one by one (each is in the gateway's
     queue before the next is sent), and read back the order the instance served them."""
 
-    def __init__(self, platform: RunningPlatform, tmp_path: Path) -> None:
+    def __init__(self, platform: RunningPlatform, exchange: Path) -> None:
         self.platform = platform
         self.pool = ThreadPoolExecutor(max_workers=16)
         self.calls: dict[str, Future[httpx.Response]] = {}
         self.ids: dict[str, str] = {}
-        mark = tmp_path / "occupied"
+        mark = exchange / "occupied"
         self.occupier = self.pool.submit(platform.invoke, FUNCTION, {
             "label": "occupier", "seconds": 1.5, "mark": str(mark)})
         wait_for(mark.exists, "the occupying call to start")
@@ -88,8 +88,8 @@ class Saturation:
 
 
 def test_queued_calls_complete_by_priority_then_arrival(saturated: RunningPlatform,
-                                                        tmp_path: Path) -> None:
-    run = Saturation(saturated, tmp_path)
+                                                        exchange: Path) -> None:
+    run = Saturation(saturated, exchange)
     for label, priority in [("p10-a", 10), ("p50-a", 50), ("p90-a", 90), ("p50-b", 50),
                             ("p10-b", 10), ("p90-b", 90), ("p50-c", None)]:  # key: 50
         run.enqueue(label, priority)
@@ -98,8 +98,8 @@ def test_queued_calls_complete_by_priority_then_arrival(saturated: RunningPlatfo
 
 
 def test_an_admin_raise_moves_a_queued_call_ahead(saturated: RunningPlatform,
-                                                  tmp_path: Path) -> None:
-    run = Saturation(saturated, tmp_path)
+                                                  exchange: Path) -> None:
+    run = Saturation(saturated, exchange)
     for label in ("first", "second", "third", "fourth"):
         run.enqueue(label, 50)
     resp = saturated.http.post(f"/v1/invocations/{run.ids['fourth']}/priority",
@@ -116,13 +116,13 @@ def test_an_admin_raise_moves_a_queued_call_ahead(saturated: RunningPlatform,
 
 
 def test_the_function_default_applies_when_the_call_names_none(
-        saturated: RunningPlatform, tmp_path: Path) -> None:
+        saturated: RunningPlatform, exchange: Path) -> None:
     resp = saturated.http.patch(f"/v1/functions/{FUNCTION}", json={"priority": 90})
     assert resp.status_code == 200, resp.text
     assert resp.json()["priority"] == 90
     assert saturated.http.get(f"/v1/functions/{FUNCTION}").json()["priority"] == 90
     try:
-        run = Saturation(saturated, tmp_path)
+        run = Saturation(saturated, exchange)
         run.enqueue("explicit-50", 50)
         run.enqueue("default-90", None)
         assert run.served_order() == ["default-90", "explicit-50"]
