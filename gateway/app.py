@@ -24,6 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from thaw.core.config import GatewayConfig
 from thaw.core.errors import InvalidArgument, InvalidBundle, ThawError
+from thaw.core.pki import GATEWAY, internal_identity
 from thaw.gateway import openai_api, routes
 from thaw.gateway.admission import FunctionQueues
 from thaw.gateway.auth import Authenticator, require, require_operator
@@ -321,7 +322,8 @@ async def index(request: web.Request) -> web.FileResponse:
 
 async def _components(app: web.Application) -> AsyncIterator[None]:
     config, metrics = app[CONFIG_KEY], app[METRICS_KEY]
-    scheduler = app.get(SCHEDULER_OVERRIDE_KEY) or SchedulerClient(config.scheduler_address)
+    scheduler = app.get(SCHEDULER_OVERRIDE_KEY) or SchedulerClient(
+        config.scheduler_address, internal_identity(config, GATEWAY))
     nodes = NodeClient(CONNECT_TIMEOUT_SECONDS)
 
     def breaker_changed(kind: str, name: str, state: BreakerState) -> None:

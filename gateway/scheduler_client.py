@@ -5,11 +5,8 @@ the gateway calls there (core/pki.py)."""
 
 from __future__ import annotations
 
-import enum
-
 import grpc
 
-from thaw.core.errors import InvalidArgument
 from thaw.core.grpcutil import call, secure_channel
 from thaw.core.pki import SCHEDULER, Identity
 from thaw.proto import scheduler_pb2, scheduler_pb2_grpc
@@ -19,36 +16,11 @@ META_TIMEOUT = 30.0
 CREATE_TIMEOUT = 1800.0
 
 
-class Installed(enum.Enum):
-    """The gateway's own identity, as `use_identity` installed it."""
-
-    IDENTITY = "installed"
-
-
-_installed: dict[str, Identity | None] = {}
-
-
-def use_identity(tls: Identity | None) -> None:
-    """The identity a SchedulerClient presents unless it is given one: the gateway's,
-    read from its settings by `thaw gateway` before it serves. None: plaintext (the
-    insecure_internal opt-out)."""
-    _installed["gateway"] = tls
-
-
-def installed_identity() -> Identity | None:
-    if "gateway" not in _installed:
-        raise InvalidArgument(
-            "the gateway's certificate for internal gRPC is not loaded: pass tls= to "
-            "SchedulerClient or call use_identity(internal_identity(config, 'gateway'))",
-            field="tls_cert")
-    return _installed["gateway"]
-
-
 class SchedulerClient:
-    def __init__(self, address: str,
-                 tls: Identity | None | Installed = Installed.IDENTITY) -> None:
-        identity = installed_identity() if isinstance(tls, Installed) else tls
-        self._channel = secure_channel(address, identity, SCHEDULER)
+    def __init__(self, address: str, tls: Identity | None) -> None:
+        """`tls`: the gateway's identity (core.pki.internal_identity); None only under
+        the insecure_internal opt-out (plaintext)."""
+        self._channel = secure_channel(address, tls, SCHEDULER)
         self._stub = scheduler_pb2_grpc.SchedulerStub(self._channel)
 
     @property

@@ -54,13 +54,13 @@ def scheduler(port_file: Path | None, dev_key_file: Path | None, sets: tuple[str
 @settings_options
 def gateway(port_file: Path | None, sets: tuple[str, ...], config_file: Path | None) -> None:
     """Run the HTTP gateway; settings: table [gateway]."""
-    from thaw.gateway.scheduler_client import use_identity
     from thaw.gateway.server import serve
 
     config = GatewayConfig.load(flags=parse_sets(sets), config_file=config_file)
     _logging("gateway", config)
-    # Its certificate for the scheduler; without one the gateway does not start.
-    use_identity(internal_identity(config, GATEWAY))
+    # Its certificate for the scheduler, checked before serving: without one the
+    # gateway does not start.
+    internal_identity(config, GATEWAY)
     eventloop.run(serve(config, port_file), use_uvloop=config.uvloop)
 
 

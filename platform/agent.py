@@ -27,6 +27,7 @@ from thaw.core.errors import (
     NotFound,
     ThawError,
 )
+from thaw.core.pki import Identity
 from thaw.core.spec import extract_bundle
 from thaw.platform.activation import ActivationBudget
 from thaw.platform.devices import DeviceBackend, Slice
@@ -94,14 +95,17 @@ class Agent:
                  fetch_bundle: Callable[[str], Awaitable[bytes]], start_timeout: float,
                  fingerprint: dict[str, str] | None = None,
                  activation: ActivationBudget | None = None,
-                 uid_range: tuple[int, int] = DEFAULT_UID_RANGE) -> None:
+                 uid_range: tuple[int, int] = DEFAULT_UID_RANGE,
+                 tls: Identity | None = None) -> None:
         self.node_id = node_id
         self.home = home
         self.run_dir = run_dir
         self.devices = devices
         self.runtime = runtime
         self.snapshots = snapshots
-        self.chunks = PeerChunks(snapshots)
+        self.chunks = PeerChunks(snapshots, tls)
+        """Chunks from peer agents, over mutual TLS with this agent's identity (`tls`;
+        None only under the insecure_internal opt-out)."""
         self.telemetry = Telemetry()
         self.logs = FunctionLogs()
         """Instances' output per function (served by the data plane's GET /logs)."""

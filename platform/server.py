@@ -36,7 +36,6 @@ from thaw.platform.cuda.api import DEFAULT_MPS_PIPE_DIRECTORY
 from thaw.platform.dataplane import DataPlane
 from thaw.platform.device_setup import open_devices
 from thaw.platform.devices import shm_root
-from thaw.platform.peers import PeerChunks
 from thaw.platform.process import ProcessRuntime
 from thaw.platform.runtime import Runtime
 from thaw.platform.sandbox.areas import parse_uid_range
@@ -170,8 +169,7 @@ class AgentServer:
                            devices=devices, runtime=runtime, fingerprint=fingerprint,
                            snapshots=snapshots, fetch_bundle=self._fetch_bundle,
                            start_timeout=cfg.start_timeout, activation=activation,
-                           uid_range=parse_uid_range(cfg.sandbox_uids))
-        self.agent.chunks = PeerChunks(snapshots, tls)  # peer fetches present the agent's
+                           uid_range=parse_uid_range(cfg.sandbox_uids), tls=tls)
 
         server = internal_server(tls)
         agent_pb2_grpc.add_AgentServicer_to_server(AgentService(self.agent), server)
