@@ -51,8 +51,11 @@ def scheduler(port_file: Path | None, dev_key_file: Path | None, sets: tuple[str
 
 @click.command(epilog=SETTINGS_HELP)
 @click.option("--port-file", type=click.Path(path_type=Path), help="Write the bound port here.")
+@click.option("--function-port-file", type=click.Path(path_type=Path),
+              help="Write the function origin's bound port here.")
 @settings_options
-def gateway(port_file: Path | None, sets: tuple[str, ...], config_file: Path | None) -> None:
+def gateway(port_file: Path | None, function_port_file: Path | None, sets: tuple[str, ...],
+            config_file: Path | None) -> None:
     """Run the HTTP gateway; settings: table [gateway]."""
     from thaw.gateway.server import serve
 
@@ -61,7 +64,7 @@ def gateway(port_file: Path | None, sets: tuple[str, ...], config_file: Path | N
     # Its certificate for the scheduler, checked before serving: without one the
     # gateway does not start.
     internal_identity(config, GATEWAY)
-    eventloop.run(serve(config, port_file), use_uvloop=config.uvloop)
+    eventloop.run(serve(config, port_file, function_port_file), use_uvloop=config.uvloop)
 
 
 @click.command(epilog=SETTINGS_HELP)
@@ -109,6 +112,9 @@ class LocalPlatform:
         self.agents = agents
         self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
         self.url = ""
+        """The gateway: the dashboard and the API."""
+        self.function_url = ""
+        """The function origin: function URLs (/fn/<tenant>/<name>)."""
         self.key = ""
         self.scheduler_address = ""
 
@@ -145,11 +151,21 @@ class LocalPlatform:
                 agent_proc = self._start(f"agent {node_id}", [
                     "agent", "--port-file", str(ports / f"agent-{node_id}")], agent_env)
                 _wait_for_file(ports / f"agent-{node_id}", agent_proc, f"agent {node_id}")
-            gw = self._start("gateway", ["gateway", "--port-file", str(ports / "gateway")], {
-                **env, "THAW_SCHEDULER_ADDRESS": address, **self._gateway_port_env()})
-            port = _wait_for_file(ports / "gateway", gw, "gateway")
-        self.url = f"http://127.0.0.1:{port}"
+        self._start_gateway({})
         self.key = (self.home / "dev-key").read_text().strip()
+
+    def _start_gateway(self, env: dict[str, str]) -> None:
+        """Start the gateway; `url` and `function_url` once both its ports are bound."""
+        with tempfile.TemporaryDirectory() as tmp:
+            ports = Path(tmp)
+            gw = self._start("gateway", [
+                "gateway", "--port-file", str(ports / "gateway"),
+                "--function-port-file", str(ports / "functions")], {
+                "THAW_HOME": str(self.home), "THAW_SCHEDULER_ADDRESS": self.scheduler_address,
+                **self._gateway_port_env(), **env})
+            self.url = f"http://127.0.0.1:{_wait_for_file(ports / 'gateway', gw, 'gateway')}"
+            port = _wait_for_file(ports / "functions", gw, "gateway")
+            self.function_url = f"http://127.0.0.1:{port}"
 
     @property
     def sandboxed(self) -> bool:
@@ -183,12 +199,7 @@ class LocalPlatform:
                     proc.wait()
             del self.procs[index]
             break
-        with tempfile.TemporaryDirectory() as tmp:
-            port_file = Path(tmp) / "gateway"
-            gw = self._start("gateway", ["gateway", "--port-file", str(port_file)], {
-                "THAW_HOME": str(self.home), "THAW_SCHEDULER_ADDRESS": self.scheduler_address,
-                **self._gateway_port_env(), **(env or {})})
-            self.url = f"http://127.0.0.1:{_wait_for_file(port_file, gw, 'gateway')}"
+        self._start_gateway(env or {})
 
     def stop(self) -> None:
         # Front to back: stop taking requests, drain the node, then the control plane.
@@ -234,12 +245,13 @@ def up(port: int | None, examples: bool, host_devices: str | None) -> None:
         platform.start()
         click.echo(f"\nthaw is up (data in {home})\n")
         click.echo(f"  dashboard     {platform.url}/")
+        click.echo(f"  functions     {platform.function_url}/fn/<tenant>/<name>")
         click.echo(f"  API key       {platform.key}")
         click.echo(f"  certificates  {home / PKI_FOLDER} (internal mutual TLS)")
         click.echo("  instances     " + (
             "sandboxed, a uid per tenant (docs/isolation.md)" if platform.sandboxed else
             "NOT sandboxed: run as root for sandboxes (development only)"))
-        click.echo(f"  metrics       {platform.url}/metrics\n")
+        click.echo(f"  metrics       {platform.url}/metrics (the operator's key)\n")
         if examples:
             client = Client(platform.url, platform.key, timeout=30)
             for name in ("echo", "embed"):
@@ -258,7 +270,7 @@ def up(port: int | None, examples: bool, host_devices: str | None) -> None:
                            f"{fn['start_mode']} starts]{note}")
             click.echo("\ntry:\n  curl -s -H 'Authorization: Bearer "
                        f"{platform.key}' -d '{{\"texts\": [\"hello world\"]}}' "
-                       f"{platform.url}/fn/dev/embed | head -c 300\n")
+                       f"{platform.function_url}/fn/dev/embed | head -c 300\n")
         click.echo("Ctrl-C stops everything.")
         while all(proc.poll() is None for _n, proc in platform.procs):
             time.sleep(0.5)
