@@ -45,6 +45,11 @@ def test_thaw_up_deploys_examples_and_stops_cleanly(tmp_path: Path) -> None:
         embed = re.search(r"embed\s+(http://\S+/fn/dev/embed)\s+\[ready, restore starts\]",
                           out)
         assert dashboard and key and echo and embed, out
+        functions = re.search(r"functions\s+(http://127\.0\.0\.1:\d+)/fn/", out)
+        assert functions and echo.group(1).startswith(functions.group(1)), out
+        assert functions.group(1) != dashboard.group(1)  # an origin of their own
+        sandboxed = "sandboxed, a uid per tenant" if os.geteuid() == 0 else "NOT sandboxed"
+        assert re.search(rf"instances\s+{sandboxed}", out), out
         assert (tmp_path / "home" / "dev-key").read_text().strip() == key.group(1)
         headers = {"Authorization": f"Bearer {key.group(1)}"}
         resp = httpx.post(echo.group(1), json={"hi": 1}, headers=headers, timeout=60)
