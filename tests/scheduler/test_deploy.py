@@ -90,7 +90,8 @@ def test_k8s_ports_match_the_configured_ones() -> None:
 
     scheduler_port = int(env["THAW_SCHEDULER_LISTEN"].rsplit(":", 1)[1])
     assert ports("thaw-scheduler") == {scheduler_port}
-    assert ports("thaw-gateway") == {int(env["THAW_GATEWAY_PORT"])}
+    assert ports("thaw-gateway") == {int(env["THAW_GATEWAY_PORT"]),
+                                     int(env["THAW_FUNCTION_PORT"])}
     assert ports("thaw-agent") == {int(env["THAW_AGENT_PORT"]), int(env["THAW_DATA_PORT"])}
     assert ports("thaw-postgres") == {5432}
     # Clients reach the scheduler and PostgreSQL through their Services.
@@ -98,6 +99,15 @@ def test_k8s_ports_match_the_configured_ones() -> None:
     assert host in services and services[host]["spec"]["ports"][0]["targetPort"] == int(port)
     assert services["thaw-gateway"]["spec"]["ports"][0]["targetPort"] == int(
         env["THAW_GATEWAY_PORT"])
+    # Function URLs have a Service (an address, an origin) of their own.
+    assert services["thaw-functions"]["spec"]["ports"][0]["targetPort"] == int(
+        env["THAW_FUNCTION_PORT"])
+    assert services["thaw-functions"]["spec"]["selector"] == \
+        services["thaw-gateway"]["spec"]["selector"]
+    agent = container(workloads["thaw-agent"])
+    assert agent["securityContext"] == {"privileged": True}  # its instances' sandboxes
+    assert all("securityContext" not in container(workloads[name])
+               for name in ("thaw-scheduler", "thaw-gateway"))
     db_url = next(e["value"] for e in container(workloads["thaw-scheduler"])["env"]
                   if e["name"] == "THAW_DATABASE_URL")
     assert db_url.startswith("postgresql+psycopg://") and "@thaw-postgres:5432/" in db_url
@@ -149,7 +159,13 @@ def test_compose_runs_a_two_agent_cluster_on_postgres() -> None:
     assert scheduler["THAW_SCHEDULER_LISTEN"].endswith(":7070")
     assert scheduler["THAW_DATABASE_URL"] == "postgresql+psycopg://thaw:thaw@postgres:5432/thaw"
     gateway_port = services["gateway"]["environment"]["THAW_GATEWAY_PORT"]
-    assert services["gateway"]["ports"] == [f"8000:{gateway_port}"]
+    function_port = services["gateway"]["environment"]["THAW_FUNCTION_PORT"]
+    assert function_port != gateway_port  # function URLs on an origin of their own
+    assert services["gateway"]["ports"] == [f"8000:{gateway_port}", f"8001:{function_port}"]
+    for agent in ("agent1", "agent2"):
+        # Its instances' sandboxes need mounts, namespaces and uid changes.
+        assert services[agent]["privileged"] is True
+    assert not any(services[name].get("privileged") for name in ("scheduler", "gateway"))
     for agent in ("agent1", "agent2"):
         env = services[agent]["environment"]
         # Each agent advertises its own service name, reachable from the others.

@@ -83,7 +83,8 @@ def test_only_the_platforms_pods_reach_its_internal_ports() -> None:
         "thaw-agent": {int(env["THAW_AGENT_PORT"]): {"thaw-scheduler", "thaw-agent"},
                        int(env["THAW_DATA_PORT"]): {"thaw-gateway"}},
         "thaw-postgres": {5432: {"thaw-scheduler"}},
-        "thaw-gateway": {int(env["THAW_GATEWAY_PORT"]): {"*"}},
+        "thaw-gateway": {int(env["THAW_GATEWAY_PORT"]): {"*"},
+                         int(env["THAW_FUNCTION_PORT"]): {"*"}},
     }
     # Every pod of the namespace is under the default deny (no other namespace's).
     assert {o["metadata"]["namespace"] for o in k8s_objects()
