@@ -6,6 +6,7 @@ import os
 import sys
 
 import click
+import structlog
 
 from thaw.core.errors import ThawError
 from thaw.ops.audit import audit
@@ -36,6 +37,9 @@ EXIT_ERROR = 1
               help="Use [profiles.NAME] of the config file.")
 def cli(profile: str) -> None:
     """thaw: serverless GPU functions whose cold start is a snapshot restore."""
+    # Log records of the CLI's own process go to stderr: stdout is the command's output
+    # (`thaw bench` prints JSON there). The services configure their own logging.
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=sys.stderr))
     if profile:
         os.environ["THAW_PROFILE"] = profile  # read by ops/config.py credentials()
 
