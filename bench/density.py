@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 
 from thaw.bench.platform import PlatformFactory
+from thaw.core.httptls import local_client_context
 from thaw.core.spec import pack_bundle
 
 MiB = 1024 * 1024
@@ -38,9 +39,11 @@ def _copy(src: Path, dest: Path, name: str) -> Path:
     return dest
 
 
-def _instance_memory(node_url: str) -> dict[str, tuple[float, float]]:
-    """instance id -> (USS bytes, RSS bytes) from the agent's telemetry."""
-    text = httpx.get(f"{node_url}/metrics", timeout=60).text
+def _instance_memory(node_url: str, home: Path) -> dict[str, tuple[float, float]]:
+    """instance id -> (USS bytes, RSS bytes) from the agent's telemetry (its data
+    plane serves the gateway's certificate only: presented from `home`'s PKI)."""
+    tls = local_client_context(home)
+    text = httpx.get(f"{node_url}/metrics", timeout=60, verify=tls or True).text
     uss: dict[str, float] = {}
     rss: dict[str, float] = {}
     for line in text.splitlines():
@@ -87,7 +90,7 @@ def run_density_bench(function: str, functions: int = 50, warm: int = 20,
             start_kind = resp.headers.get("X-Thaw-Start")
             time.sleep(SETTLE_SECONDS)
             node = http.get("/v1/nodes").json()["nodes"][0]
-            memory = _instance_memory(node["data_url"])
+            memory = _instance_memory(node["data_url"], Path(tmp) / "home")
             uss = [memory[i][0] for i in instances if i in memory]
             rss = [memory[i][1] for i in instances if i in memory]
             http.close()

@@ -23,6 +23,7 @@ direct calls, so both sides pay the same client cost.
 from __future__ import annotations
 
 import asyncio
+import ssl
 import statistics
 import tempfile
 import time
@@ -35,6 +36,7 @@ import httpx
 import psutil
 
 from thaw.bench.platform import PlatformFactory
+from thaw.core.httptls import local_client_context
 from thaw.core.spec import pack_bundle
 
 NULL_FUNCTION = '''
@@ -66,11 +68,13 @@ def _percentile(samples: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def _locate(http: httpx.Client, instance_id: str) -> tuple[str, str]:
+def _locate(http: httpx.Client, instance_id: str,
+            tls: ssl.SSLContext | None) -> tuple[str, str]:
     """(the unix socket the instance serves on, its URL on the node's data plane)."""
     nodes = http.get("/v1/nodes").json()["nodes"]
     for node in nodes:
-        listed = httpx.get(f"{node['data_url']}/v1/instances", timeout=10).json()
+        listed = httpx.get(f"{node['data_url']}/v1/instances", timeout=10,
+                           verify=tls or True).json()
         for inst in listed["instances"]:
             if inst["id"] == instance_id:
                 for conn in psutil.Process(inst["pid"]).net_connections(kind="unix"):
@@ -108,12 +112,17 @@ async def _load(call: Callable[[], Awaitable[None]], clients: int,
 
 
 async def _measure(url: str, key: str, socket_path: str, agent_url: str, requests: int,
-                   concurrency: int, duration: float) -> dict[str, Any]:
+                   concurrency: int, duration: float,
+                   tls: ssl.SSLContext | None = None) -> dict[str, Any]:
     direct_session = aiohttp.ClientSession(
         connector=aiohttp.UnixConnector(path=socket_path, limit=0))
     platform_session = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=0),
         headers={"Authorization": f"Bearer {key}"})
+    # The data plane serves only the gateway's certificate (mutual TLS): the direct
+    # calls to the agent present it, as the gateway does.
+    agent_session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0, ssl=tls or True))
 
     async def direct() -> None:
         async with direct_session.post("http://instance/invoke", data=b"") as resp:
@@ -122,7 +131,7 @@ async def _measure(url: str, key: str, socket_path: str, agent_url: str, request
                 raise RuntimeError(f"direct call answered {resp.status}")
 
     async def via_agent() -> None:
-        async with platform_session.post(agent_url, data=b"") as resp:
+        async with agent_session.post(agent_url, data=b"") as resp:
             await resp.read()
             if resp.status != 200:
                 raise RuntimeError(f"agent call answered {resp.status}")
@@ -151,6 +160,7 @@ async def _measure(url: str, key: str, socket_path: str, agent_url: str, request
     finally:
         await direct_session.close()
         await platform_session.close()
+        await agent_session.close()
 
     direct_p50, platform_p50 = statistics.median(direct_ms), statistics.median(platform_ms)
     direct_p99, platform_p99 = _percentile(direct_ms, 0.99), _percentile(platform_ms, 0.99)
@@ -195,9 +205,10 @@ def run_overhead_bench(requests: int = 5000, concurrency: int = 64,
                 deployed.raise_for_status()
                 first = http.post("/fn/dev/null", content=b"")
                 first.raise_for_status()
-                socket_path, agent_url = _locate(http, first.headers["X-Thaw-Instance"])
+                tls = local_client_context(Path(tmp) / "home")
+                socket_path, agent_url = _locate(http, first.headers["X-Thaw-Instance"], tls)
                 result = asyncio.run(_measure(local.url, local.key, socket_path, agent_url,
-                                              requests, concurrency, duration))
+                                              requests, concurrency, duration, tls))
                 metrics = http.get("/metrics").text
         finally:
             local.stop()

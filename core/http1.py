@@ -8,12 +8,18 @@ the warm path aiohttp's client costs about a quarter of a millisecond a call
 warm call crosses two such hops. Both ends are ours and speak plain HTTP/1.1
 (Content-Length or chunked answers), so the client needs little: write the request in
 one go, read the head, then the body whole or as it arrives.
+
+With an ssl context (core/httptls.py client_ssl_context) it speaks mutual TLS to
+https:// URLs only, and verifies `server_hostname` (the component it means to reach)
+on the server's certificate, whatever address it dials; the handshake is paid once
+per kept connection. Without one it speaks plaintext to http:// URLs only.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 import time
 from collections.abc import Mapping
 from urllib.parse import urlsplit
@@ -171,31 +177,48 @@ def _parse_head(head: bytes) -> tuple[int, CIMultiDict[str]]:
 
 
 class NodeClient:
-    def __init__(self, connect_timeout: float = CONNECT_TIMEOUT_SECONDS) -> None:
+    def __init__(self, connect_timeout: float = CONNECT_TIMEOUT_SECONDS,
+                 tls: ssl.SSLContext | None = None,
+                 server_hostname: str | None = None) -> None:
+        if tls is not None and not server_hostname:
+            raise ValueError("a TLS client verifies a name: give server_hostname")
         self.connect_timeout = connect_timeout
+        self.tls = tls
+        self.server_hostname = server_hostname if tls is not None else None
+        self._scheme = "https" if tls is not None else "http"
         self._idle: dict[Target, list[_Connection]] = {}
         self._targets: dict[str, tuple[tuple[str, int], str]] = {}
 
     def _target(self, url: str) -> tuple[tuple[str, int], str]:
-        """((host, port), path) of an http:// URL, parsed once per URL."""
+        """((host, port), path) of an http:// URL (https:// with TLS), parsed once per
+        URL."""
         found = self._targets.get(url)
         if found is None:
             parts = urlsplit(url)
-            if parts.scheme != "http" or not parts.hostname:
-                raise NodeConnectionError(f"not an http:// URL: {url!r}")
+            if parts.scheme != self._scheme or not parts.hostname:
+                if parts.scheme in ("http", "https") and parts.hostname:
+                    # Never plaintext where TLS is configured, and the reverse.
+                    raise NodeConnectionError(
+                        f"{url!r} is {parts.scheme}:// but this client speaks "
+                        f"{self._scheme}:// only ("
+                        + ("internal calls use mutual TLS)" if self.tls is not None
+                           else "it has no certificate: insecure_internal)"))
+                raise NodeConnectionError(f"not an {self._scheme}:// URL: {url!r}")
             path = parts.path or "/"
             if parts.query:
                 path += f"?{parts.query}"
             if any(c.isspace() or ord(c) < 0x20 for c in path):
                 raise NodeConnectionError(f"not a valid request target: {path!r}")
-            found = ((parts.hostname, parts.port or 80), path)
+            found = ((parts.hostname,
+                      parts.port or (443 if self.tls is not None else 80)), path)
             if len(self._targets) > 10_000:
                 self._targets.clear()
             self._targets[url] = found
         return found
 
     async def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> NodeAnswer:
-        """Send a POST to an http:// URL; returns once the answer's head has arrived."""
+        """Send a POST to an http:// (with TLS: https://) URL; returns once the
+        answer's head has arrived."""
         key, path = self._target(url)
         return await self._post(key, f"{key[0]}:{key[1]}", path, body, headers)
 
@@ -248,7 +271,8 @@ class NodeClient:
                         raise
                 else:
                     reader, writer = await asyncio.open_connection(
-                        key[0], key[1], limit=MAX_HEAD_BYTES)
+                        key[0], key[1], limit=MAX_HEAD_BYTES, ssl=self.tls,
+                        server_hostname=self.server_hostname)
         except (OSError, TimeoutError) as exc:
             where = key if isinstance(key, str) else f"{key[0]}:{key[1]}"
             raise NodeConnectionError(

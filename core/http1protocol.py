@@ -25,6 +25,7 @@ from thaw.core.http1messages import (
     _Sent,
     error_response,
 )
+from thaw.core.httptls import peer_component
 
 log = structlog.get_logger()
 
@@ -55,8 +56,13 @@ class HTTPProtocol(asyncio.Protocol):
                  keepalive: float = KEEPALIVE_SECONDS,
                  connections: set[HTTPProtocol] | None = None,
                  claim: Claim | None = None,
-                 fallback: Callable[[], asyncio.Protocol] | None = None) -> None:
+                 fallback: Callable[[], asyncio.Protocol] | None = None,
+                 callers: frozenset[str] | None = None) -> None:
         self._router = router
+        # With TLS: the components whose certificates are served; another's requests
+        # are refused with 403 at their head (`_forbidden`, judged once per connection).
+        self._callers = callers
+        self._forbidden: str | None = None
         self._claim = claim
         self._fallback = fallback
         self._max_body = max_body
@@ -100,6 +106,12 @@ class HTTPProtocol(asyncio.Protocol):
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self._transport = cast(asyncio.Transport, transport)
         self._peer = transport.get_extra_info("peername")
+        if self._callers is not None:
+            caller = peer_component(transport)
+            if caller not in self._callers:
+                self._forbidden = (
+                    f"the {caller or 'unknown'} component's certificate may not call "
+                    f"this server; callers: {', '.join(sorted(self._callers)) or 'none'}")
         if self._connections is not None:
             self._connections.add(self)
         self._arm_idle_timer()
@@ -169,6 +181,8 @@ class HTTPProtocol(asyncio.Protocol):
         self._raw_headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        if self._forbidden is not None:
+            raise _Reject(403, self._forbidden)
         headers = self._headers = {
             name.decode("latin-1").lower(): value.decode("latin-1")
             for name, value in self._raw_headers}
@@ -377,7 +391,8 @@ class HTTPProtocol(asyncio.Protocol):
         if self._transport is None or self._closed or self._refused:
             return
         self._refused = True  # the parser is in error: nothing more is read
-        code = {413: "payload_too_large"}.get(status, "bad_request")
+        code = {403: "permission_denied", 413: "payload_too_large"}.get(status,
+                                                                        "bad_request")
         refusal = error_response(status, code, message)
         if self._serving is None and not self._pending:
             self._send(refusal, keep_alive=False)

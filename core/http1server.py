@@ -23,7 +23,10 @@ What it serves, and what it does not:
 - with `claim` and `fallback` (HTTPServer), requests it does not claim, and protocol
   upgrades (WebSocket), are handed with their connection to another server's protocol
   (aiohttp's), from their first byte; without them, upgrades get 400;
-- no TLS.
+- TLS when given an ssl context (core/httptls.py: mutual TLS under the platform's CA;
+  the handshake refuses a client without a certificate from it), and then, with
+  `callers`, only those components' certificates are served: another's requests get
+  403 at their head and the connection closes.
 
 This module is the listening socket; each connection is an `HTTPProtocol`
 (core/http1protocol.py), and requests, answers and routes are core/http1messages.py's.
@@ -32,6 +35,7 @@ This module is the listening socket; each connection is an `HTTPProtocol`
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Callable
 
 from thaw.core.http1messages import (
@@ -69,13 +73,22 @@ class HTTPServer:
     With `claim` and `fallback`, it answers only the requests `claim` accepts (judged on
     the head) and hands every other connection, from that request's first byte, to the
     protocol `fallback()` makes (another server's, e.g. aiohttp's): the hot route is
-    served here, the rest of an API by a full framework, on one port."""
+    served here, the rest of an API by a full framework, on one port.
+
+    With `tls` (core/httptls.py server_ssl_context) it speaks TLS only; `callers` then
+    names the components (core/pki.py) whose client certificates it serves."""
 
     def __init__(self, router: Router, max_body: int = MAX_BODY_BYTES,
                  claim: Claim | None = None,
-                 fallback: Callable[[], asyncio.Protocol] | None = None) -> None:
+                 fallback: Callable[[], asyncio.Protocol] | None = None,
+                 tls: ssl.SSLContext | None = None,
+                 callers: frozenset[str] | None = None) -> None:
         if (claim is None) != (fallback is None):
             raise ValueError("claim and fallback go together")
+        if callers is not None and tls is None:
+            raise ValueError("callers are told apart by their certificates: give tls")
+        self.tls = tls
+        self.callers = callers
         self.router = router
         self.max_body = max_body
         self.claim = claim
@@ -87,8 +100,9 @@ class HTTPServer:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             lambda: HTTPProtocol(self.router, self.max_body, connections=self._connections,
-                                 claim=self.claim, fallback=self.fallback),
-            host, port)
+                                 claim=self.claim, fallback=self.fallback,
+                                 callers=self.callers),
+            host, port, ssl=self.tls)
         return int(self._server.sockets[0].getsockname()[1])
 
     async def close(self, grace: float = 5.0) -> None:

@@ -37,7 +37,7 @@ from thaw.gateway.invoke import invoke
 from thaw.gateway.leases import LeasePool
 from thaw.gateway.login_guard import FailedLogins
 from thaw.gateway.metrics import GatewayMetrics
-from thaw.gateway.nodeclient import NodeClient
+from thaw.gateway.nodeclient import node_client
 from thaw.gateway.origins import (
     FUNCTION_ORIGIN_KEY,
     FunctionOrigin,
@@ -322,9 +322,11 @@ async def index(request: web.Request) -> web.FileResponse:
 
 async def _components(app: web.Application) -> AsyncIterator[None]:
     config, metrics = app[CONFIG_KEY], app[METRICS_KEY]
-    scheduler = app.get(SCHEDULER_OVERRIDE_KEY) or SchedulerClient(
-        config.scheduler_address, internal_identity(config, GATEWAY))
-    nodes = NodeClient(CONNECT_TIMEOUT_SECONDS)
+    override = app.get(SCHEDULER_OVERRIDE_KEY)
+    # A stand-in scheduler (tests) hands out its own nodes' URLs, plaintext.
+    tls = internal_identity(config, GATEWAY) if override is None else None
+    scheduler = override or SchedulerClient(config.scheduler_address, tls)
+    nodes = node_client(tls, CONNECT_TIMEOUT_SECONDS)
 
     def breaker_changed(kind: str, name: str, state: BreakerState) -> None:
         metrics.set_breaker_state(kind, name, state.value)

@@ -58,10 +58,11 @@ def _node_urls(nodes: list[scheduler_pb2.NodeInfo]) -> list[str]:
 
 
 async def _node_lines(session: aiohttp.ClientSession, url: str, function: str,
-                      tail: int) -> list[dict[str, Any]]:
+                      tail: int, server_hostname: str | None) -> list[dict[str, Any]]:
     try:
         async with session.get(f"{url}/logs", params={"function": function,
                                                       "tail": str(tail)},
+                               server_hostname=server_hostname,
                                timeout=aiohttp.ClientTimeout(
                                    total=NODE_LOGS_TIMEOUT_SECONDS)) as resp:
             if resp.status != 200:
@@ -74,10 +75,12 @@ async def _node_lines(session: aiohttp.ClientSession, url: str, function: str,
 
 
 async def _follow_node(session: aiohttp.ClientSession, url: str, function: str,
-                       since: float, queue: asyncio.Queue[dict[str, Any]]) -> None:
+                       since: float, queue: asyncio.Queue[dict[str, Any]],
+                       server_hostname: str | None) -> None:
     try:
         async with session.get(f"{url}/logs", params={
                 "function": function, "since": repr(since), "follow": "1", "tail": "0"},
+                server_hostname=server_hostname,
                 timeout=aiohttp.ClientTimeout(total=None,
                                               sock_connect=NODE_LOGS_TIMEOUT_SECONDS)) as resp:
             async for raw in resp.content:
@@ -97,7 +100,9 @@ async def function_logs(request: web.Request) -> web.StreamResponse:
     function = f"{p.tenant}/{name}"
     urls = _node_urls(await gw.scheduler.list_nodes())
     session = request.app[SESSION_KEY]
-    per_node = await asyncio.gather(*(_node_lines(session, u, function, tail) for u in urls))
+    name_checked = gw.nodes.server_hostname
+    per_node = await asyncio.gather(*(_node_lines(session, u, function, tail, name_checked)
+                                      for u in urls))
     lines = sorted((ln for found in per_node for ln in found),
                    key=lambda ln: (ln["time"], ln["seq"]))[-tail:] if tail else []
     for ln in lines:
@@ -113,7 +118,8 @@ async def function_logs(request: web.Request) -> web.StreamResponse:
     # repeat at the seam; better than one lost.
     since = lines[-1]["time"] if lines else time.time()
     queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=1000)
-    followers = [asyncio.create_task(_follow_node(session, u, function, since, queue))
+    followers = [asyncio.create_task(_follow_node(session, u, function, since, queue,
+                                                  name_checked))
                  for u in urls]
     sent = {(ln["instance"], ln["time"], ln["line"]) for ln in lines[-50:]}
     try:
@@ -133,7 +139,11 @@ async def function_logs(request: web.Request) -> web.StreamResponse:
 
 
 async def _session(app: web.Application):  # type: ignore[no-untyped-def]
-    session = aiohttp.ClientSession()
+    # The data planes' TLS is the invocation client's: its context (the gateway's
+    # certificate, the platform's CA) and the agent's name checked on every node.
+    nodes = app[GATEWAY_KEY].nodes
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(
+        ssl=nodes.tls if nodes.tls is not None else True))
     app[SESSION_KEY] = session
     yield
     with contextlib.suppress(Exception):

@@ -4,6 +4,11 @@ proxied to the instance's unix socket, streamed both ways. Served by core/http1s
 
 Routes: `POST /v1/instances/{instance}/invoke[/{path}]`, `GET /v1/instances`,
 `GET /logs`, `GET /healthz`, `GET /metrics`.
+
+Every route is mutual TLS under the platform's CA, like the agent's gRPC port: a client
+without a certificate from it never completes the handshake, and only the gateway's
+certificate is served (`DATA_PLANE_CALLERS`; another component's gets 403). Under the
+development opt-out (`insecure_internal`, no identity) it is plaintext on loopback only.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from urllib.parse import quote, unquote
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from thaw.core.errors import InvalidArgument
+from thaw.core.grpcutil import is_loopback
 from thaw.core.http1 import NodeAnswer, NodeClient, NodeConnectionError
 from thaw.core.http1server import (
     HTTPServer,
@@ -26,6 +33,8 @@ from thaw.core.http1server import (
     error_response,
     json_response,
 )
+from thaw.core.httptls import DATA_PLANE_CALLERS, server_ssl_context
+from thaw.core.pki import Identity
 from thaw.platform.agent import Agent
 from thaw.platform.instances import Instance, InstanceState
 from thaw.platform.telemetry import TelemetryCollector
@@ -49,10 +58,14 @@ def _instance_target(tail: str, query: str) -> str:
 
 
 class DataPlane:
-    """The routes, over the agent; `start()` listens, `close()` stops."""
+    """The routes, over the agent; `start()` listens, `close()` stops. `tls`: the
+    agent's identity, which the listener presents and whose CA it trusts; None only
+    under insecure_internal."""
 
-    def __init__(self, agent: Agent) -> None:
+    def __init__(self, agent: Agent, tls: Identity | None) -> None:
         self.agent = agent
+        self.scheme = "https" if tls is not None else "http"
+        """Of the URL the node advertises (data_url)."""
         # Keep-alive connections to the instances' unix sockets: the hot path never
         # reconnects.
         self.instances_http = NodeClient()
@@ -64,10 +77,19 @@ class DataPlane:
         router.add("GET", "/logs", self.function_logs)
         router.add("GET", "/healthz", self.healthz)
         router.add("GET", "/metrics", self.metrics)
-        self.server = HTTPServer(router)
+        if tls is None:
+            self.server = HTTPServer(router)
+        else:
+            self.server = HTTPServer(router, tls=server_ssl_context(tls),
+                                     callers=DATA_PLANE_CALLERS)
         self._logs_task: asyncio.Task[None] | None = None
 
     async def start(self, host: str, port: int) -> int:
+        if self.server.tls is None and not is_loopback(f"{host}:{port}"):
+            raise InvalidArgument(
+                f"insecure_internal serves the data plane in plaintext with no credential: "
+                f"it listens on loopback only, not {host}; give the agent certificates "
+                "(`thaw pki init`) to listen there", field="insecure_internal")
         self._logs_task = asyncio.create_task(self.agent.logs.run())
         return await self.server.start(host, port)
 

@@ -179,12 +179,16 @@ class AgentServer:
         await mark_serving(health, "thaw.v1.Agent")
         self._grpc = server
 
-        self._dataplane = DataPlane(self.agent)
+        self._dataplane = DataPlane(self.agent, tls)
         self.data_port = await self._dataplane.start(cfg.agent_host, cfg.data_port)
         await self._register()
         self._heartbeat = asyncio.create_task(self._heartbeat_loop())
         log.info("agent ready", node=self.node_id, control_port=self.control_port,
                  data_port=self.data_port)
+
+    def _data_scheme(self) -> str:
+        assert self._dataplane is not None
+        return self._dataplane.scheme
 
     def _devices(self) -> list[scheduler_pb2.DeviceInfo]:
         assert self.agent is not None
@@ -202,7 +206,8 @@ class AgentServer:
         cfg = self.config
         request = scheduler_pb2.RegisterRequest(
             node_id=self.node_id, control_address=f"{cfg.agent_host}:{self.control_port}",
-            data_url=f"http://{cfg.agent_host}:{self.data_port}", devices=self._devices(),
+            data_url=f"{self._data_scheme()}://{cfg.agent_host}:{self.data_port}",
+            devices=self._devices(),
             instance_ids=list(self.agent.instances), runtime=cfg.runtime)
         async for attempt in AsyncRetrying(
                 retry=retry_if_exception_type(ThawError), wait=wait_fixed(REGISTER_RETRY_SECONDS),

@@ -11,6 +11,7 @@ import httpx
 
 from tests.conftest import FIXTURES, RunningPlatform
 from tests.tls import sync_channel
+from thaw.core.httptls import local_client_context
 from thaw.ops.services import LocalPlatform
 
 
@@ -31,8 +32,10 @@ def test_agent_enforces_max_concurrency(platform: RunningPlatform) -> None:
     instance = first.headers["X-Thaw-Instance"]
     node = platform.http.get("/v1/nodes").json()["nodes"][0]
     url = f"{node['data_url']}/v1/instances/{instance}/invoke"
+    # The data plane serves the gateway's certificate only (mutual TLS).
+    tls = local_client_context(platform.platform.home)
     with ThreadPoolExecutor(3) as pool:
-        calls = [pool.submit(httpx.post, url, json={"seconds": 1.5}, timeout=30)
+        calls = [pool.submit(httpx.post, url, json={"seconds": 1.5}, timeout=30, verify=tls)
                  for _ in range(3)]
         statuses = sorted(c.result().status_code for c in calls)
     # max_concurrency = 2: the third concurrent call is refused, not queued inside.
@@ -67,7 +70,8 @@ def test_node_telemetry_as_prometheus_metrics(platform: RunningPlatform) -> None
     assert platform.deploy(FIXTURES / "sleep").json()["state"] == "ready"
     instance = platform.invoke("sleep", {"seconds": 0}).headers["X-Thaw-Instance"]
     node = platform.http.get("/v1/nodes").json()["nodes"][0]
-    text = httpx.get(f"{node['data_url']}/metrics", timeout=30).text
+    text = httpx.get(f"{node['data_url']}/metrics", timeout=30,
+                     verify=local_client_context(platform.platform.home)).text
     assert "thaw_node_cpu_percent" in text and "thaw_node_memory_used_bytes" in text
     assert 'thaw_device_memory_capacity_bytes{device="host0"' in text
     rss = [line for line in text.splitlines()

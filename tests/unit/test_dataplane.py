@@ -76,7 +76,7 @@ async def plane(tmp_path: Path) -> AsyncIterator[tuple[str, Instance, StandIn]]:
         instances={inst.id: inst}, node_id="node", telemetry=SimpleNamespace(latest=None),
         logs=SimpleNamespace(run=follow_nothing, close=lambda: None),
         fail_instance=fail_instance)
-    dataplane = DataPlane(agent)
+    dataplane = DataPlane(agent, None)
     port = await dataplane.start("127.0.0.1", 0)
     try:
         yield f"http://127.0.0.1:{port}/v1/instances/{inst.id}/invoke", inst, stand_in
