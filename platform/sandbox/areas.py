@@ -59,18 +59,63 @@ def parse_uid_range(text: str) -> tuple[int, int]:
     return low, high
 
 
+# Host-wide record of which agent holds which sandbox uid: one file per uid naming its
+# holder (the agent's home). A uid is one tenant's on the whole machine, even where
+# several agents (or platforms) run on it with overlapping ranges. In /run: gone at boot,
+# with every process that could still hold a uid.
+CLAIMS_DIR = Path("/run/thaw/sandbox-uids")
+
+
+class UidClaims:
+    """Claims of sandbox uids on this machine (CLAIMS_DIR). A claim whose holder's home
+    no longer exists (an agent of a platform that was removed) is taken over."""
+
+    def __init__(self, folder: Path, holder: Path) -> None:
+        self.folder = folder
+        self.holder = str(holder.resolve())
+
+    def claim(self, uid: int) -> bool:
+        """Claim `uid` for this holder: True if it is (now) ours."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.folder, 0o700)
+        path = self.folder / str(uid)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            try:
+                holder = path.read_text()
+            except OSError:
+                return False
+            if holder == self.holder:
+                return True
+            if holder and Path(holder).exists():
+                return False
+            # Its holder is gone: take the uid over.
+            temp = path.with_name(f".{uid}.{uuid.uuid4().hex[:6]}")
+            temp.write_text(self.holder)
+            os.replace(temp, path)
+            return path.read_text() == self.holder  # another agent may have won
+
+        with os.fdopen(fd, "w") as handle:
+            handle.write(self.holder)
+        return True
+
+
 class TenantAreas:
     """Gives each tenant a uid from `uid_range` and its folders. With `owned` false (an
-    unsandboxed runtime) the folders stay the agent's own and uids are only names."""
+    unsandboxed runtime) the folders stay the agent's own and uids are only names; with
+    `owned`, every uid is also claimed machine-wide (UidClaims), so no two agents on one
+    machine give a uid to two tenants."""
 
     def __init__(self, *, home: Path, run_dir: Path, uid_range: tuple[int, int],
-                 owned: bool) -> None:
+                 owned: bool, claims_dir: Path = CLAIMS_DIR) -> None:
         self.home = home
         self.run_dir = run_dir
         self.uid_range = uid_range
         self.owned = owned
         self._file = home / "sandbox" / "uids.json"
         self._lock = threading.Lock()
+        self._claims = UidClaims(claims_dir, home) if owned else None
         self._uids: dict[str, int] = self._load()
         self._made: dict[str, TenantArea] = {}
 
@@ -82,8 +127,13 @@ class TenantAreas:
         except (OSError, ValueError) as exc:
             raise ThawError(f"cannot read the tenant uid table {self._file}: {exc}") from exc
         low, high = self.uid_range
-        return {str(k): int(v) for k, v in data.items()
+        kept = {str(k): int(v) for k, v in data.items()
                 if isinstance(v, int) and low <= v <= high}
+        if self._claims is not None:
+            # A uid another agent took meanwhile is given up: its tenant gets a new one
+            # (and its area is made that uid's) on first use.
+            kept = {k: v for k, v in kept.items() if self._claims.claim(v)}
+        return kept
 
     def uid(self, tenant: str) -> int:
         """The tenant's uid, allocated (and written down) on first use."""
@@ -93,7 +143,8 @@ class TenantAreas:
                 return known
             low, high = self.uid_range
             taken = set(self._uids.values())
-            free = next((u for u in range(low, high + 1) if u not in taken), None)
+            free = next((u for u in range(low, high + 1) if u not in taken
+                         and (self._claims is None or self._claims.claim(u))), None)
             if free is None:
                 raise ThawError(f"no free sandbox uid left in {low}-{high} "
                                 f"({len(taken)} tenants on this node)")

@@ -19,6 +19,7 @@ from thaw.core.http1 import NodeClient, NodeConnectionError
 from thaw.core.unixpeer import check_peer
 from thaw.platform.sandbox.areas import (
     TenantAreas,
+    UidClaims,
     open_tenant_file,
     parse_uid_range,
     seal_output,
@@ -160,3 +161,36 @@ def check_both_peers(folder: Path) -> None:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         os.close(ready_r)
+
+
+def test_two_agents_on_one_machine_never_share_a_uid(tmp_path: Path) -> None:
+    claims = tmp_path / "claims"
+    first_home, second_home = tmp_path / "a", tmp_path / "b"
+    first_home.mkdir()
+    second_home.mkdir()
+    first = UidClaims(claims, first_home)
+    second = UidClaims(claims, second_home)
+    assert first.claim(200000) and first.claim(200000)  # its own, again
+    assert not second.claim(200000)
+    assert second.claim(200001)
+    # An agent whose home is gone (a removed platform) leaves its uids to others.
+    shutil.rmtree(first_home)
+    assert second.claim(200000)
+    assert (claims / "200000").read_text() == str(second_home.resolve())
+
+
+@as_root
+def test_an_agent_allocates_around_uids_another_agent_holds(tmp_path: Path) -> None:
+    claims = tmp_path / "claims"
+    first = TenantAreas(home=tmp_path / "a", run_dir=tmp_path / "ra", uid_range=(200000, 200009),
+                        owned=True, claims_dir=claims)
+    second = TenantAreas(home=tmp_path / "b", run_dir=tmp_path / "rb",
+                         uid_range=(200000, 200009), owned=True, claims_dir=claims)
+    (tmp_path / "a").mkdir(exist_ok=True)
+    (tmp_path / "b").mkdir(exist_ok=True)
+    assert first.area("acme").uid == 200000
+    assert second.area("globex").uid == 200001  # 200000 is the other agent's tenant's
+    # Restarted, each keeps its own.
+    again = TenantAreas(home=tmp_path / "a", run_dir=tmp_path / "ra",
+                        uid_range=(200000, 200009), owned=True, claims_dir=claims)
+    assert again.uid("acme") == 200000
