@@ -1,6 +1,8 @@
 """The sandbox launcher: run as root, it walls one process off and execs it.
 
-    python -I -S launcher.py '<plan JSON>' PROGRAM ARG...
+    python -I -S launcher.py PLAN PROGRAM ARG...
+
+(PLAN: the plan, marshal-encoded then hex; the agent's own, see plan.py.)
 
 In order: new mount, IPC (kept where MPS needs the host's), UTS and network
 namespaces (the last holding only its own loopback, or connected to the outside by the
@@ -24,19 +26,22 @@ the seccomp filter is compiled by libseccomp, not by hand."""
 
 from __future__ import annotations
 
+# Only modules that load in microseconds (no re, enum or typing): the launcher's own
+# start is part of every fresh start.
+import _socket
 import ctypes
-import ctypes.util
 import errno
 import fcntl
-import json
+import marshal
 import os
 import resource
-import signal
-import socket
 import stat
 import struct
 import sys
-from typing import Any
+
+TYPE_CHECKING = False  # typing itself takes milliseconds to import
+if TYPE_CHECKING:
+    from typing import Any
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUTS = 0x04000000
@@ -55,6 +60,7 @@ MS_REC = 16384
 MS_PRIVATE = 1 << 18
 MNT_DETACH = 2
 PR_SET_PDEATHSIG = 1
+SIGKILL = 9  # the same number on every Linux architecture (no `signal` import: enum)
 PR_CAPBSET_DROP = 24
 PR_SET_NO_NEW_PRIVS = 38
 SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}
@@ -122,10 +128,9 @@ def _mount(source: str | None, target: str, fstype: str | None, flags: int,
 
 
 def load_libseccomp() -> Any:
-    """libseccomp (Debian's libseccomp2); SandboxError when absent."""
-    name = ctypes.util.find_library("seccomp") or "libseccomp.so.2"
+    """libseccomp (Debian's libseccomp2), by its soname; SandboxError when absent."""
     try:
-        lib = ctypes.CDLL(name, use_errno=True)
+        lib = ctypes.CDLL("libseccomp.so.2", use_errno=True)
     except OSError as exc:
         raise SandboxError(f"libseccomp is not installed ({exc}); install libseccomp2") from exc
     lib.seccomp_init.restype = ctypes.c_void_p
@@ -200,10 +205,13 @@ def _bind(root: str, source: str, *, read_only: bool, dest: str | None = None,
 
 
 def _loopback_up() -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+    sock = _socket.socket(_socket.AF_INET, _socket.SOCK_DGRAM)
+    try:
         request = struct.pack("16sh", b"lo", 0)
-        flags = struct.unpack("16sh", fcntl.ioctl(sock, SIOCGIFFLAGS, request))[1]
-        fcntl.ioctl(sock, SIOCSIFFLAGS, struct.pack("16sh", b"lo", flags | IFF_UP))
+        flags = struct.unpack("16sh", fcntl.ioctl(sock.fileno(), SIOCGIFFLAGS, request))[1]
+        fcntl.ioctl(sock.fileno(), SIOCSIFFLAGS, struct.pack("16sh", b"lo", flags | IFF_UP))
+    finally:
+        sock.close()
 
 
 def _write(path: str, text: str, mode: int = 0o644) -> None:
@@ -281,7 +289,7 @@ def drop_privileges(uid: int, gid: int, parent: int) -> None:
     os.setresuid(uid, uid, uid)
     if os.getuid() != uid or os.geteuid() != uid:
         raise SandboxError("the uid did not change")
-    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    _libc.prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0)
     if os.getppid() != parent:
         raise SandboxError("the agent exited while the sandbox was being built")
     _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
@@ -332,14 +340,23 @@ def enter(plan: dict[str, Any]) -> None:
     os.chdir(plan.get("workdir") or "/tmp")
 
 
+def decode_plan(text: str) -> dict[str, Any]:
+    """The plan from its argument (plan.py: encode_plan). marshal, not json: json
+    imports re, which would double the launcher's start; the plan is the agent's own."""
+    plan = marshal.loads(bytes.fromhex(text))
+    if not isinstance(plan, dict):
+        raise ValueError("the sandbox plan is not a mapping")
+    return plan
+
+
 def main(argv: list[str]) -> int:
     if len(argv) < 3:
-        sys.stderr.write("usage: launcher.py PLAN_JSON PROGRAM [ARG...]\n")
+        sys.stderr.write("usage: launcher.py PLAN PROGRAM [ARG...]\n")
         return 2
     try:
-        enter(json.loads(argv[1]))
+        enter(decode_plan(argv[1]))
         os.execv(argv[2], argv[2:])
-    except (SandboxError, OSError, ValueError, KeyError) as exc:
+    except (SandboxError, OSError, ValueError, KeyError, EOFError, TypeError) as exc:
         sys.stderr.write(f"thaw sandbox: {exc}\n")
         sys.stderr.flush()
     return EXIT_SETUP_FAILED

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import glob
 import json
+import marshal
 import os
 import subprocess
 import sys
@@ -129,9 +130,14 @@ def _unique(paths: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(paths))
 
 
+def encode_plan(plan: Mapping[str, object]) -> str:
+    """The plan as the launcher's argument: marshal (which the launcher reads without
+    importing anything), as hex."""
+    return marshal.dumps(dict(plan)).hex()
+
+
 def launcher_command(plan: Mapping[str, object], program: Sequence[str]) -> list[str]:
     """The command that runs `program` in the sandbox `plan` describes: the launcher
     under the agent's own interpreter, isolated (-I -S: no site, no environment)."""
-    return [sys.executable, "-I", "-S", LAUNCHER,
-            json.dumps(plan, separators=(",", ":")), *program]
+    return [sys.executable, "-I", "-S", LAUNCHER, encode_plan(plan), *program]
 
