@@ -10,6 +10,7 @@ import grpc
 from thaw.core.errors import ThawError
 from thaw.core.grpcutil import encode_error, servicer_method, status_for
 from thaw.platform.agent import Agent
+from thaw.platform.gc import CHUNKS, Freed, GcPolicy, InFlight, NodeCollector, build_key
 from thaw.platform.peers import read_chunks
 from thaw.platform.snapshot_passes import CountingSource, progress_for, report, verify_chunks
 from thaw.proto import agent_pb2, agent_pb2_grpc
@@ -18,18 +19,31 @@ from thaw.proto import agent_pb2, agent_pb2_grpc
 class AgentService(agent_pb2_grpc.AgentServicer):
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
+        self.in_flight = InFlight()
+        """The bundles and builds of the requests running now: garbage collection
+        leaves them alone."""
+        self.collector = NodeCollector(
+            agent.home, in_flight=self.in_flight,
+            live_instances=lambda: list(agent.instances),
+            live_pids=lambda: [*(i.pid for i in agent.instances.values() if i.pid),
+                               *(t.process.proc.pid
+                                 for t in agent.templates.templates.values())])
 
     @servicer_method
     async def BuildSnapshot(self, request: agent_pb2.BuildSnapshotRequest,
                             context: grpc.aio.ServicerContext
                             ) -> agent_pb2.BuildSnapshotResponse:
-        return await self.agent.build_snapshot(request)
+        spec = request.function
+        with self.in_flight.using(spec.bundle_digest,
+                                  build_key(spec.tenant, spec.name, spec.version)):
+            return await self.agent.build_snapshot(request)
 
     @servicer_method
     async def StartInstance(self, request: agent_pb2.StartInstanceRequest,
                             context: grpc.aio.ServicerContext
                             ) -> agent_pb2.StartInstanceResponse:
-        return await self.agent.start_instance(request)
+        with self.in_flight.using(request.function.bundle_digest):
+            return await self.agent.start_instance(request)
 
     @servicer_method
     async def StopInstance(self, request: agent_pb2.StopInstanceRequest,
@@ -41,7 +55,8 @@ class AgentService(agent_pb2_grpc.AgentServicer):
     async def PrepareTemplate(self, request: agent_pb2.PrepareTemplateRequest,
                               context: grpc.aio.ServicerContext
                               ) -> agent_pb2.PrepareTemplateResponse:
-        seconds = await self.agent.prepare_template(request.function, request.manifest)
+        with self.in_flight.using(request.function.bundle_digest):
+            seconds = await self.agent.prepare_template(request.function, request.manifest)
         return agent_pb2.PrepareTemplateResponse(seconds=seconds)
 
     async def FetchChunks(self, request: agent_pb2.FetchChunksRequest,
@@ -73,8 +88,20 @@ class AgentService(agent_pb2_grpc.AgentServicer):
     async def CollectGarbage(self, request: agent_pb2.CollectGarbageRequest,
                              context: grpc.aio.ServicerContext
                              ) -> agent_pb2.CollectGarbageResponse:
-        removed, freed = await self.agent.collect_garbage(list(request.keep))
-        return agent_pb2.CollectGarbageResponse(removed_chunks=removed, freed_bytes=freed)
+        """Snapshots no kept manifest names (unless skip_chunks), then, with `files`,
+        the node's files (platform/gc.py)."""
+        removed, chunk_bytes = 0, 0
+        if not request.skip_chunks:
+            removed, chunk_bytes = await self.agent.collect_garbage(list(request.keep))
+        freed = [Freed(CHUNKS, removed, chunk_bytes)]
+        if request.files:
+            freed += await self.collector.collect(GcPolicy(
+                keep_bundles=frozenset(request.keep_bundles),
+                log_max_age=max(0.0, request.log_max_age_seconds)))
+        return agent_pb2.CollectGarbageResponse(
+            removed_chunks=removed, freed_bytes=sum(f.bytes for f in freed),
+            freed=[agent_pb2.GarbageFreed(kind=f.kind, items=f.items, bytes=f.bytes)
+                   for f in freed])
 
     async def PrewarmProgress(self, request: agent_pb2.SnapshotRequest,
                               context: grpc.aio.ServicerContext
