@@ -28,6 +28,13 @@ class InvalidBundle(InvalidArgument):
     code = "invalid_bundle"
 
 
+class BundleTooLarge(InvalidBundle):
+    """A bundle passes one of its size limits (packed or unpacked bytes, file count,
+    compression ratio, thaw.toml's size); the message names the limit."""
+
+    code = "bundle_too_large"
+
+
 class NotFound(ThawError):
     """The named function, instance, snapshot, chunk or node does not exist."""
 

@@ -1,27 +1,62 @@
-"""The function contract (DESIGN.md §3): thaw.toml, parsed and validated.
+"""The function contract (DESIGN.md §3): thaw.toml, validated against one schema.
 
-Every problem names the key at fault (`resources.gpu_memory`, `handler`, ...).
+The schema is the pydantic models below (`ThawToml`): the document as written, with
+bounds on every value; `parse_spec` turns a valid one into the typed FunctionSpec the
+platform passes around. Every problem names the key at fault (`resources.gpu_memory`,
+`scaling.timeout`, ...). The JSON Schema of the models is served at
+GET /v1/schema/thaw.toml and kept in docs/thaw-toml.schema.json (`python -m
+thaw.core.spec` writes it). Limits that depend on the platform (the tenant's quota, the
+largest node) are checked by the scheduler at deploy (scheduler/deploy_limits.py).
+
+Bundles (the tarball around thaw.toml) are core/bundle.py; their names are re-exported
+here for the callers that import them from this module.
 """
 
 from __future__ import annotations
 
-import io
+import json
 import re
-import tarfile
+import sys
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import tomllib
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+)
 
+from thaw.core.bundle import (
+    MAX_BUNDLE_BYTES,
+    MAX_BUNDLE_FILES,
+    BundleLimits,
+    BundleScan,
+    extract_bundle,
+    pack_bundle,
+    scan_bundle,
+)
 from thaw.core.errors import InvalidBundle
 from thaw.core.units import parse_duration, parse_size
 
-# Names become URL path segments and directory names on nodes.
-NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
-HANDLER_PATTERN = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
-# Upload bound: bundles carry code, not weights (weights come from packages/images).
-MAX_BUNDLE_BYTES = 64 * 1024 * 1024
-MAX_BUNDLE_FILES = 10_000
+__all__ = [
+    "MAX_BUNDLE_BYTES", "MAX_BUNDLE_FILES", "BundleLimits", "BundleScan", "Batching",
+    "FunctionSpec", "Limits", "Resources", "Runtime", "Scaling", "ThawToml",
+    "extract_bundle", "pack_bundle", "parse_spec", "pin_runtime_image", "read_bundle",
+    "scan_bundle", "thaw_toml_schema",
+]
+
+# Names become URL path segments, header values and directory names on nodes. `\Z`,
+# not `$`: `$` also matches before a final newline.
+NAME_REGEX = "^[a-z0-9][a-z0-9-]{0,62}$"
+NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}\Z")
+HANDLER_REGEX = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
+HANDLER_PATTERN = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*\Z")
+MAX_HANDLER_LENGTH = 255
 # `[runtime] image`: a docker reference pinned to the local image id,
 # `[repository[:tag]]@sha256:<64 hex>` (docker's reference grammar, simplified). The id
 # is the image's config digest as the engine reports it (`docker image inspect`), not
@@ -29,13 +64,26 @@ MAX_BUNDLE_FILES = 10_000
 _IMAGE_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 _IMAGE_DOMAIN = r"(?:[A-Za-z0-9][A-Za-z0-9.-]*(?::[0-9]+)?/)?"
 _IMAGE_NAME = rf"{_IMAGE_DOMAIN}{_IMAGE_COMPONENT}(?:/{_IMAGE_COMPONENT})*"
-IMAGE_ID_PATTERN = re.compile(r"^sha256:[0-9a-f]{64}$")
+IMAGE_ID_PATTERN = re.compile(r"^sha256:[0-9a-f]{64}\Z")
 IMAGE_PATTERN = re.compile(
-    rf"^(?:{_IMAGE_NAME}(?::\w[\w.-]{{0,127}})?)?@(sha256:[0-9a-f]{{64}})$")
+    rf"^(?:{_IMAGE_NAME}(?::\w[\w.-]{{0,127}})?)?@(sha256:[0-9a-f]{{64}})\Z")
 MAX_IMAGE_REFERENCE = 512
 # Ceiling of a function's own request body limit: a body is held whole in the
 # gateway's memory and the instance's. The gateway's max_body_bytes caps it further.
 MAX_BODY_LIMIT_BYTES = 1024**3
+# Bounds of the document alone. What a deploy may ask for beyond them depends on the
+# platform (quota, largest node) and is the scheduler's check at deploy.
+MAX_GPU_MEMORY_BYTES = 1024**4          # no GPU has 1 TiB; a typo, not a request
+MAX_MEMORY_BYTES = 64 * 1024**4
+MAX_MIN_INSTANCES = 100                 # always-on instances of one function
+MAX_MAX_INSTANCES = 1000
+MAX_CONCURRENCY = 10_000
+MAX_TIMEOUT_SECONDS = 24 * 3600.0
+MAX_SCALEDOWN_SECONDS = 30 * 24 * 3600.0
+MAX_BATCH_SIZE = 1024
+MAX_BATCH_WAIT_MS = 10_000.0
+# tomllib recurses per nesting level of arrays and inline tables.
+_MAX_TOML_NESTING_ERRORS = (RecursionError, MemoryError)
 
 
 @dataclass(frozen=True)
@@ -122,144 +170,220 @@ class FunctionSpec:
         )
 
 
-def _int(table: dict[str, Any], key: str, where: str, default: int, lo: int, hi: int) -> int:
-    value = table.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise InvalidBundle(f"{where}.{key} must be an integer in [{lo}, {hi}], got {value!r}",
-                            field=f"{where}.{key}")
-    return value
+# ---- the schema: thaw.toml as written -------------------------------------------------
+
+_SIZE_STRING = r"^\s*[0-9]+(\.[0-9]+)?\s*([kKmMgGtT][iI]?[bB]?|[bB])?\s*$"
+_DURATION_STRING = r"^\s*[0-9]+(\.[0-9]+)?\s*(ms|s|m|min|h)?\s*$"
+
+
+def _size(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ValueError(f"must be a size like 512MiB or a number of bytes, got {value!r}")
+    return parse_size(value)
+
+
+def _duration(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ValueError(f"must be a duration like 60s or a number of seconds, got {value!r}")
+    return parse_duration(value)
+
+
+def _size_schema(lo: int, hi: int, what: str) -> WithJsonSchema:
+    return WithJsonSchema({
+        "anyOf": [{"type": "integer", "minimum": lo, "maximum": hi},
+                  {"type": "string", "pattern": _SIZE_STRING}],
+        "description": f"{what}: bytes, or a size like 512MiB or 2GiB "
+                       f"(from {lo} to {hi} bytes)"})
+
+
+def _duration_schema(lo: float, hi: float, what: str, *, exclusive: bool) -> WithJsonSchema:
+    number: dict[str, Any] = {"type": "number", "maximum": hi,
+                              ("exclusiveMinimum" if exclusive else "minimum"): lo}
+    return WithJsonSchema({
+        "anyOf": [number, {"type": "string", "pattern": _DURATION_STRING}],
+        "description": f"{what}: seconds, or a duration like 500ms, 60s, 5m, 1h "
+                       f"(finite, {'over' if exclusive else 'from'} {lo:g} to {hi:g} s)"})
+
+
+Size = Annotated[int, BeforeValidator(_size)]
+Duration = Annotated[float, BeforeValidator(_duration)]
+
+
+class _Table(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True,
+                              allow_inf_nan=False)
+
+
+class ResourcesDoc(_Table):
+    """[resources]"""
+
+    gpu_memory: Annotated[Size, _size_schema(0, MAX_GPU_MEMORY_BYTES, "Slice size; 0 = CPU-only")
+                          ] = Field(default=0, ge=0, le=MAX_GPU_MEMORY_BYTES)
+    gpu_compute: int = Field(default=0, ge=0, le=100,
+                             description="Percent of SMs (MPS); 0 = unspecified")
+    memory: Annotated[Size, _size_schema(
+        0, MAX_MEMORY_BYTES, "Host memory beyond the restored state; 0 = no limit")
+                      ] = Field(default=0, ge=0, le=MAX_MEMORY_BYTES)
+
+
+class ScalingDoc(_Table):
+    """[scaling]"""
+
+    min_instances: int = Field(default=0, ge=0, le=MAX_MIN_INSTANCES,
+                               description="Instances kept warm; also within the tenant's quota")
+    max_instances: int = Field(default=4, ge=1, le=MAX_MAX_INSTANCES)
+    target_concurrency: int = Field(default=4, ge=1, le=MAX_CONCURRENCY)
+    max_concurrency: int = Field(default=8, ge=1, le=MAX_CONCURRENCY)
+    scaledown_window: Annotated[Duration, _duration_schema(
+        0, MAX_SCALEDOWN_SECONDS, "Idle time before an instance stops", exclusive=False)
+                                ] = Field(default=60.0, ge=0, le=MAX_SCALEDOWN_SECONDS)
+    timeout: Annotated[Duration, _duration_schema(
+        0, MAX_TIMEOUT_SECONDS, "Per invocation, from placement", exclusive=True)
+                       ] = Field(default=300.0, gt=0, le=MAX_TIMEOUT_SECONDS)
+
+
+class SnapshotDoc(_Table):
+    """[snapshot]"""
+
+    enabled: bool = Field(default=True, description="False: every cold start runs setup()")
+
+
+class BatchingDoc(_Table):
+    """[batching]"""
+
+    max_batch_size: int = Field(default=1, ge=1, le=MAX_BATCH_SIZE)
+    max_batch_wait_ms: float = Field(default=0.0, ge=0, le=MAX_BATCH_WAIT_MS)
+
+
+class LimitsDoc(_Table):
+    """[limits]"""
+
+    max_body: Annotated[Size, Field(ge=1, le=MAX_BODY_LIMIT_BYTES), _size_schema(
+        1, MAX_BODY_LIMIT_BYTES, "Largest request body; absent = the gateway's max_body_bytes")
+                        ] | None = None
+
+
+class RuntimeDoc(_Table):
+    """[runtime]"""
+
+    image: str = Field(default="", max_length=MAX_IMAGE_REFERENCE,
+                       description="'repository[:tag]@sha256:<image id>' (thaw deploy IMAGE "
+                                   "writes it); empty = the node's environment")
+    network: Literal["none", "egress"] = "none"
+
+    @field_validator("network", mode="before")
+    @classmethod
+    def _network(cls, value: object) -> object:
+        if value not in NETWORKS:
+            raise ValueError(f"must be one of {', '.join(NETWORKS)}, got {value!r}")
+        return value
+
+    @field_validator("image")
+    @classmethod
+    def _image(cls, value: str) -> str:
+        if value and not IMAGE_PATTERN.match(value):
+            raise ValueError(
+                "must be an image reference pinned to its local image id, "
+                "'repository[:tag]@sha256:<64 hex>' (`thaw deploy IMAGE` writes it), "
+                f"got {value!r}")
+        return value
+
+
+class ThawToml(_Table):
+    """A function's thaw.toml (DESIGN.md §3)."""
+
+    model_config = ConfigDict(title="thaw.toml")
+
+    name: str = Field(pattern=NAME_REGEX, description="1-63 lower-case letters, digits or '-'")
+    handler: str = Field(pattern=HANDLER_REGEX, max_length=MAX_HANDLER_LENGTH,
+                         description="module:Class")
+    resources: ResourcesDoc = ResourcesDoc()
+    scaling: ScalingDoc = ScalingDoc()
+    snapshot: SnapshotDoc = SnapshotDoc()
+    batching: BatchingDoc = BatchingDoc()
+    limits: LimitsDoc = LimitsDoc()
+    runtime: RuntimeDoc = RuntimeDoc()
+
+
+def _problem(error: Any) -> InvalidBundle:
+    """The first validation error as an InvalidBundle naming its key."""
+    key = ".".join(str(part) for part in error["loc"]) or "thaw.toml"
+    kind = error["type"]
+    if kind == "value_error":
+        detail = str(error["ctx"]["error"])
+    elif kind == "missing":
+        detail = "is required"
+    elif kind == "extra_forbidden":
+        return InvalidBundle(f"thaw.toml has unknown key {key!r}", field=key)
+    elif kind == "string_pattern_mismatch" and key == "name":
+        detail = "must be 1-63 lower-case letters, digits or '-'"
+    elif kind == "string_pattern_mismatch" and key == "handler":
+        detail = "must look like 'module:Class'"
+    elif kind in ("model_type", "model_attributes_type", "dict_type"):
+        detail = "must be a table"
+    else:
+        detail = str(error["msg"]).replace("Input should be", "must be")
+    shown = error.get("input")
+    got = "" if kind == "missing" or f"{shown!r}" in detail else f", got {shown!r}"
+    joint = " " if detail.startswith(("must", "is ")) else ": "
+    return InvalidBundle(f"{key}{joint}{detail}{got}", field=key)
 
 
 def parse_spec(text: str) -> FunctionSpec:
-    """Parse and validate a thaw.toml document."""
+    """Validate a thaw.toml document against the schema and return its FunctionSpec."""
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise InvalidBundle(f"thaw.toml is not valid TOML: {exc}", field="thaw.toml") from exc
-    known = {"name", "handler", "resources", "scaling", "snapshot", "batching", "limits",
-             "runtime"}
-    unknown = sorted(set(doc) - known)
-    if unknown:
-        raise InvalidBundle(f"thaw.toml has unknown key {unknown[0]!r}", field=unknown[0])
-    name = doc.get("name")
-    if not isinstance(name, str) or not NAME_PATTERN.match(name):
-        raise InvalidBundle(
-            f"name must be 1-63 lower-case letters, digits or '-', got {name!r}", field="name")
-    handler = doc.get("handler")
-    if not isinstance(handler, str) or not HANDLER_PATTERN.match(handler):
-        raise InvalidBundle(f"handler must look like 'module:Class', got {handler!r}",
-                            field="handler")
-
-    res = doc.get("resources", {})
-    if not isinstance(res, dict):
-        raise InvalidBundle("resources must be a table", field="resources")
+    except _MAX_TOML_NESTING_ERRORS as exc:
+        raise InvalidBundle("thaw.toml nests arrays or tables too deeply",
+                            field="thaw.toml") from exc
     try:
-        gpu_memory = parse_size(res.get("gpu_memory", 0))
-    except ValueError as exc:
-        raise InvalidBundle(f"resources.gpu_memory: {exc}", field="resources.gpu_memory") from exc
-    try:
-        memory = parse_size(res.get("memory", 0))
-    except ValueError as exc:
-        raise InvalidBundle(f"resources.memory: {exc}", field="resources.memory") from exc
-    unknown_res = sorted(set(res) - {"gpu_memory", "gpu_compute", "memory"})
-    if unknown_res:
-        raise InvalidBundle(f"resources has unknown key {unknown_res[0]!r}",
-                            field=f"resources.{unknown_res[0]}")
-    resources = Resources(gpu_memory=gpu_memory,
-                          gpu_compute=_int(res, "gpu_compute", "resources", 0, 0, 100),
-                          memory=memory)
-
-    sc = doc.get("scaling", {})
-    if not isinstance(sc, dict):
-        raise InvalidBundle("scaling must be a table", field="scaling")
-    durations = {}
-    for key, default in (("scaledown_window", 60.0), ("timeout", 300.0)):
-        try:
-            durations[key] = parse_duration(sc.get(key, default))
-        except ValueError as exc:
-            raise InvalidBundle(f"scaling.{key}: {exc}", field=f"scaling.{key}") from exc
-    if durations["timeout"] <= 0:
-        raise InvalidBundle("scaling.timeout must be positive", field="scaling.timeout")
-    scaling = Scaling(
-        min_instances=_int(sc, "min_instances", "scaling", 0, 0, 1000),
-        max_instances=_int(sc, "max_instances", "scaling", 4, 1, 1000),
-        target_concurrency=_int(sc, "target_concurrency", "scaling", 4, 1, 10_000),
-        max_concurrency=_int(sc, "max_concurrency", "scaling", 8, 1, 10_000),
-        **durations,
-    )
-    if scaling.min_instances > scaling.max_instances:
+        valid = ThawToml.model_validate(doc)
+    except ValidationError as exc:
+        raise _problem(exc.errors()[0]) from exc
+    sc, bt = valid.scaling, valid.batching
+    if sc.min_instances > sc.max_instances:
         raise InvalidBundle("scaling.min_instances must not exceed scaling.max_instances",
                             field="scaling.min_instances")
-    if scaling.target_concurrency > scaling.max_concurrency:
+    if sc.target_concurrency > sc.max_concurrency:
         raise InvalidBundle("scaling.target_concurrency must not exceed max_concurrency",
                             field="scaling.target_concurrency")
-
-    snap = doc.get("snapshot", {})
-    if not isinstance(snap, dict) or not isinstance(snap.get("enabled", True), bool):
-        raise InvalidBundle("snapshot must be a table with a boolean 'enabled'",
-                            field="snapshot.enabled")
-    bt = doc.get("batching", {})
-    if not isinstance(bt, dict):
-        raise InvalidBundle("batching must be a table", field="batching")
-    wait = bt.get("max_batch_wait_ms", 0)
-    if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not 0 <= wait <= 10_000:
-        raise InvalidBundle(f"batching.max_batch_wait_ms must be a number in [0, 10000], "
-                            f"got {wait!r}", field="batching.max_batch_wait_ms")
-    batching = Batching(max_batch_size=_int(bt, "max_batch_size", "batching", 1, 1, 1024),
-                        max_batch_wait_ms=float(wait))
-    if batching.max_batch_size > scaling.max_concurrency:
+    if bt.max_batch_size > sc.max_concurrency:
         raise InvalidBundle("batching.max_batch_size must not exceed scaling.max_concurrency "
                             "(a batch is made of concurrent calls)",
                             field="batching.max_batch_size")
-    return FunctionSpec(name=name, handler=handler, resources=resources, scaling=scaling,
-                        snapshot=snap.get("enabled", True), batching=batching,
-                        limits=_limits(doc.get("limits", {})),
-                        runtime=_runtime(doc.get("runtime", {})))
+    res = valid.resources
+    return FunctionSpec(
+        name=valid.name, handler=valid.handler,
+        resources=Resources(gpu_memory=res.gpu_memory, gpu_compute=res.gpu_compute,
+                            memory=res.memory),
+        scaling=Scaling(min_instances=sc.min_instances, max_instances=sc.max_instances,
+                        target_concurrency=sc.target_concurrency,
+                        max_concurrency=sc.max_concurrency,
+                        scaledown_window=sc.scaledown_window, timeout=sc.timeout),
+        snapshot=valid.snapshot.enabled,
+        batching=Batching(max_batch_size=bt.max_batch_size,
+                          max_batch_wait_ms=float(bt.max_batch_wait_ms)),
+        limits=Limits(max_body=valid.limits.max_body or 0),
+        runtime=Runtime(image=valid.runtime.image, network=valid.runtime.network))
 
 
-def _limits(table: object) -> Limits:
-    if not isinstance(table, dict):
-        raise InvalidBundle("limits must be a table", field="limits")
-    unknown = sorted(set(table) - {"max_body"})
-    if unknown:
-        raise InvalidBundle(f"limits.{unknown[0]} is not a known key (known: max_body)",
-                            field=f"limits.{unknown[0]}")
-    if "max_body" not in table:
-        return Limits()
-    raw = table["max_body"]
-    try:
-        max_body = parse_size(raw)
-    except (ValueError, TypeError) as exc:
-        raise InvalidBundle(f"limits.max_body: {exc}", field="limits.max_body") from exc
-    if not 1 <= max_body <= MAX_BODY_LIMIT_BYTES:
-        raise InvalidBundle(
-            f"limits.max_body must be from 1 byte to {MAX_BODY_LIMIT_BYTES} bytes (1GiB), "
-            f"got {raw!r}; leave it out for the gateway's max_body_bytes",
-            field="limits.max_body")
-    return Limits(max_body=max_body)
+def thaw_toml_schema() -> dict[str, Any]:
+    """The JSON Schema of thaw.toml (served at GET /v1/schema/thaw.toml)."""
+    schema = ThawToml.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["description"] = (
+        "A thaw function's thaw.toml. Also checked at deploy: min_instances within the "
+        "tenant's quota, gpu_memory and memory within the largest node; "
+        "min_instances <= max_instances, target_concurrency <= max_concurrency, "
+        "max_batch_size <= max_concurrency.")
+    return schema
 
 
-def _runtime(table: object) -> Runtime:
-    if not isinstance(table, dict):
-        raise InvalidBundle("runtime must be a table", field="runtime")
-    unknown = sorted(set(table) - {"image", "network"})
-    if unknown:
-        raise InvalidBundle(f"runtime has unknown key {unknown[0]!r}",
-                            field=f"runtime.{unknown[0]}")
-    network = table.get("network", "none")
-    if network not in NETWORKS:
-        raise InvalidBundle(f"runtime.network must be one of {', '.join(NETWORKS)}, "
-                            f"got {network!r}", field="runtime.network")
-    image = table.get("image", "")
-    if image == "":
-        return Runtime(network=network)
-    if (not isinstance(image, str) or len(image) > MAX_IMAGE_REFERENCE
-            or not IMAGE_PATTERN.match(image)):
-        raise InvalidBundle(
-            f"runtime.image must be an image reference pinned to its local image id, "
-            f"'repository[:tag]@sha256:<64 hex>' (`thaw deploy IMAGE` writes it), "
-            f"got {image!r}", field="runtime.image")
-    return Runtime(image=image, network=network)
+def schema_text() -> str:
+    """The schema as docs/thaw-toml.schema.json holds it."""
+    return json.dumps(thaw_toml_schema(), indent=2, sort_keys=True) + "\n"
 
 
 def pin_runtime_image(text: str, image: str) -> str:
@@ -285,69 +409,20 @@ def pin_runtime_image(text: str, image: str) -> str:
         f"is {image}: remove [runtime] from the image's thaw.toml", field="runtime.image")
 
 
-def read_bundle(data: bytes) -> FunctionSpec:
-    """Validate an uploaded bundle (a tar, optionally gzip'd) and return its spec.
+def read_bundle(data: bytes, limits: BundleLimits | None = None) -> FunctionSpec:
+    """Validate an uploaded bundle (core/bundle.py's limits, read as a stream) and
+    return the spec of its thaw.toml."""
+    scan = scan_bundle(data, limits or BundleLimits())
+    return spec_of(scan)
 
-    Rejects what could escape the extraction folder (absolute paths, `..`, links,
-    devices) so that a node can unpack it safely.
-    """
-    if not data:
-        raise InvalidBundle("the bundle is empty", field="bundle")
-    if len(data) > MAX_BUNDLE_BYTES:
-        raise InvalidBundle(f"the bundle is larger than {MAX_BUNDLE_BYTES} bytes",
-                            field="bundle")
+
+def spec_of(scan: BundleScan) -> FunctionSpec:
     try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
-            members = tar.getmembers()
-            if len(members) > MAX_BUNDLE_FILES:
-                raise InvalidBundle(f"the bundle has more than {MAX_BUNDLE_FILES} files",
-                                    field="bundle")
-            toml_member = None
-            for member in members:
-                name = member.name.removeprefix("./")
-                if name.startswith("/") or ".." in name.split("/"):
-                    raise InvalidBundle(f"unsafe path in bundle: {member.name!r}",
-                                        field="bundle")
-                if not (member.isfile() or member.isdir()):
-                    raise InvalidBundle(
-                        f"bundle may hold only files and folders: {member.name!r}",
-                        field="bundle")
-                if name == "thaw.toml":
-                    toml_member = member
-            if toml_member is None:
-                raise InvalidBundle("the bundle has no thaw.toml at its root",
-                                    field="thaw.toml")
-            handle = tar.extractfile(toml_member)
-            assert handle is not None
-            raw = handle.read()
-    except (tarfile.TarError, EOFError, OSError) as exc:
-        raise InvalidBundle(f"the bundle is not a readable tar archive: {exc}",
-                            field="bundle") from exc
-    try:
-        text = raw.decode()
+        text = scan.toml.decode()
     except UnicodeDecodeError as exc:
         raise InvalidBundle("thaw.toml is not UTF-8", field="thaw.toml") from exc
     return parse_spec(text)
 
 
-def extract_bundle(data: bytes, dest: str) -> None:
-    """Unpack a bundle already accepted by read_bundle."""
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
-        tar.extractall(dest, filter="data")
-
-
-def pack_bundle(folder: str) -> bytes:
-    """A gzip'd tarball of a bundle folder, thaw.toml at its root (used by CLI and tests)."""
-    import os
-
-    buf = io.BytesIO()
-    skip = {"__pycache__", ".git", ".venv", ".thaw"}
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        for root, dirs, files in os.walk(folder):
-            dirs[:] = sorted(d for d in dirs if d not in skip)
-            for fname in sorted(files):
-                if fname.endswith(".pyc"):
-                    continue
-                path = os.path.join(root, fname)
-                tar.add(path, arcname=os.path.relpath(path, folder), recursive=False)
-    return buf.getvalue()
+if __name__ == "__main__":
+    sys.stdout.write(schema_text())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 _SIZE_UNITS = {
@@ -20,13 +21,18 @@ def parse_size(value: str | int | float) -> int:
     if isinstance(value, bool):
         raise ValueError(f"not a size: {value!r}")
     if isinstance(value, (int, float)):
+        if not math.isfinite(value):
+            raise ValueError(f"size must be a finite number: {value!r}")
         if value < 0:
             raise ValueError(f"size must not be negative: {value!r}")
         return int(value)
     match = _NUMBER_UNIT.match(value)
     if not match or match.group(2).lower() not in _SIZE_UNITS:
         raise ValueError(f"not a size: {value!r} (use e.g. 512MiB, 2GiB, 0)")
-    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+    nbytes = float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+    if not math.isfinite(nbytes):  # hundreds of digits overflow a float
+        raise ValueError(f"size must be a finite number: {value!r}")
+    return int(nbytes)
 
 
 def parse_duration(value: str | int | float) -> float:
@@ -34,13 +40,18 @@ def parse_duration(value: str | int | float) -> float:
     if isinstance(value, bool):
         raise ValueError(f"not a duration: {value!r}")
     if isinstance(value, (int, float)):
+        if not math.isfinite(value):
+            raise ValueError(f"duration must be a finite number: {value!r}")
         if value < 0:
             raise ValueError(f"duration must not be negative: {value!r}")
         return float(value)
     match = _NUMBER_UNIT.match(value)
     if not match or match.group(2).lower() not in _DURATION_UNITS:
         raise ValueError(f"not a duration: {value!r} (use e.g. 500ms, 60s, 5m)")
-    return float(match.group(1)) * _DURATION_UNITS[match.group(2).lower()]
+    seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2).lower()]
+    if not math.isfinite(seconds):  # hundreds of digits overflow a float
+        raise ValueError(f"duration must be a finite number: {value!r}")
+    return seconds
 
 
 def format_size(n: int) -> str:

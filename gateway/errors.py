@@ -94,6 +94,7 @@ class IdempotencyKeyReused(errors.InvalidArgument):
 
 STATUS: dict[type[errors.ThawError], int] = {
     PayloadTooLarge: 413,
+    errors.BundleTooLarge: 413,
     IdempotencyKeyReused: 422,
     InvocationExpired: 410,
     InvocationFinished: 409,
