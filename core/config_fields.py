@@ -94,6 +94,10 @@ class SchedulerFields(_Fields):
     """How often autoscaling and scale-to-zero run."""
     metrics_listen: str = Field("", pattern=r"^$|^.+:\d{1,5}$")
     """host:port serving the scheduler's Prometheus metrics at /metrics; empty = off."""
+    gc_interval: float = Field(600.0, ge=0, le=7 * 86_400, allow_inf_nan=False)
+    """Seconds between garbage collections on every node (0 = only `thaw node gc`)."""
+    gc_log_age: float = Field(86_400.0, ge=0, le=365 * 86_400, allow_inf_nan=False)
+    """Seconds a node keeps the log of an instance that ended (then collected)."""
 
 
 class PolicyFields(_Fields):

@@ -123,19 +123,23 @@ class Tiers:
         pinned = sorted(i for i, n in live.items() if key in n.pinned.snapshot_keys)
         return disk, pinned
 
+    async def kept_manifests(self) -> list[manifest_pb2.SnapshotManifest]:
+        """The snapshots nodes must keep: current functions' and, for rollbacks, those
+        of the last RETAINED_VERSIONS versions (the others are marked collected)."""
+        store = self.s.store
+        manifests = await store.run(store.live_manifests)
+        for m in await store.run(self.s.versions.retained_manifests):
+            if m not in manifests:
+                manifests.append(m)
+        return [manifest_pb2.SnapshotManifest.FromString(m) for m in manifests]
+
     async def collect_garbage(self) -> int:
         """Tell every node which snapshots are still in use; the rest of their chunks,
         templates and host-memory copies go. Skipped while a build is writing chunks
         that no manifest names yet."""
         if self.s.builds:
             return 0
-        store = self.s.store
-        manifests = await store.run(store.live_manifests)
-        # The snapshots of the last RETAINED_VERSIONS versions stay, for rollbacks.
-        for m in await store.run(self.s.versions.retained_manifests):
-            if m not in manifests:
-                manifests.append(m)
-        keep = [manifest_pb2.SnapshotManifest.FromString(m) for m in manifests]
+        keep = await self.kept_manifests()
         freed = 0
         for node in self.s.live_nodes():
             try:
