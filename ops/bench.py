@@ -96,3 +96,29 @@ def density(function: str, functions: int, warm: int, as_json: bool) -> None:
 
     click.echo(json.dumps(run_density_bench(function, functions, warm,
                                                 platform=_local_platform)))
+
+
+@bench.command()
+@click.option("--duration", default=120.0, show_default=True,
+              help="Seconds of soak (each lane goes on until it has tried each of its "
+                   "bad inputs once).")
+@click.option("--concurrency", default=8, show_default=True,
+              help="Clients mixing valid calls with bad input.")
+@click.option("--slow", default=8, show_default=True,
+              help="Slow or silent connections (slowloris) held at once.")
+@click.option("--slow-hold", default=30.0, show_default=True,
+              help="Seconds a slow connection is held before the bench lets go of it.")
+@click.option("--function", "function", default="examples/echo", show_default=True,
+              type=click.Path(exists=True, file_okay=False),
+              help="Bundle folder of the valid calls' first function.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (the only format for now).")
+def soak(duration: float, concurrency: int, slow: int, slow_hold: float, function: str,
+         as_json: bool) -> None:
+    """Valid calls mixed with bad input (oversized heads, slow clients, deep JSON,
+    malformed bundles, bad thaw.toml, webhooks to private addresses, bad keys); calls
+    by status, the services' RSS and descriptors before and after, and the goals."""
+    from thaw.bench.soak import SoakSettings, run_soak_bench
+
+    settings = SoakSettings(duration=duration, concurrency=concurrency, slow=slow,
+                            slow_hold=slow_hold)
+    click.echo(json.dumps(run_soak_bench(function, settings, platform=_local_platform)))
