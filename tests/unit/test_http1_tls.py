@@ -9,10 +9,12 @@ import asyncio
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from tests.tls import platform_identity
+from thaw.core.errors import InvalidArgument
 from thaw.core.http1 import NodeClient, NodeConnectionError
 from thaw.core.http1server import HTTPServer, Request, Response, Router
 from thaw.core.httptls import (
@@ -22,6 +24,7 @@ from thaw.core.httptls import (
     server_ssl_context,
 )
 from thaw.core.pki import AGENT, GATEWAY, PKI_FOLDER, SCHEDULER, ensure_pki
+from thaw.platform.dataplane import DataPlane
 
 
 async def _echo(request: Request) -> Response:
@@ -145,3 +148,20 @@ def test_callers_need_tls(home: Path) -> None:
 def test_a_local_context_is_none_without_a_pki(tmp_path: Path, home: Path) -> None:
     assert local_client_context(tmp_path / "nothing") is None
     assert isinstance(local_client_context(home), ssl.SSLContext)
+
+
+def _stand_in_agent() -> object:
+    return SimpleNamespace(instances={}, node_id="node",
+                           telemetry=SimpleNamespace(latest=None),
+                           logs=SimpleNamespace(close=lambda: None))
+
+
+async def test_a_plaintext_data_plane_listens_on_loopback_only(home: Path) -> None:
+    plain = DataPlane(_stand_in_agent(), None)  # type: ignore[arg-type]
+    assert plain.scheme == "http"
+    with pytest.raises(InvalidArgument) as refused:
+        await plain.start("0.0.0.0", 0)
+    assert refused.value.field == "insecure_internal"
+    secure = DataPlane(_stand_in_agent(), platform_identity(home, AGENT))  # type: ignore[arg-type]
+    assert secure.scheme == "https"
+    assert secure.server.tls is not None and secure.server.callers == frozenset({GATEWAY})
