@@ -4,8 +4,10 @@ name is its key: THAW_<KEY> in the environment, KEY in the config file's table."
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -44,6 +46,23 @@ def parse_host_devices(value: str) -> list[int]:
             raise ValueError(f"bad device count in {part!r} (use e.g. 2x8GiB)")
         sizes.extend([parse_size(size)] * int(count))
     return sizes
+
+
+_HOST_NAME = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)"
+                        r"(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
+
+
+def webhook_allow_entry(entry: str) -> str:
+    """An entry of webhook_allow, normalised: an IP network (CIDR; an address is a /32
+    or /128) or a host name, lower case."""
+    text = entry.strip().lower().rstrip(".")
+    try:
+        return str(ipaddress.ip_network(text, strict=False))
+    except ValueError:
+        pass
+    if not _HOST_NAME.match(text):
+        raise ValueError(f"{entry!r} is neither a host name nor an IP network (CIDR)")
+    return text
 
 
 class _Fields(BaseSettings):
@@ -197,6 +216,9 @@ class GatewayFields(_Fields):
     """Deliveries tried per webhook (exponential backoff between them)."""
     webhook_backoff_seconds: float = Field(1.0, gt=0, le=600)
     """Wait before the second webhook delivery; it doubles for each one after."""
+    webhook_allow: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Cloud metadata addresses stay refused whatever this says (gateway/stored/targets.py).
+    """Webhook hosts and networks let through the deny list (e.g. hooks.corp, 10.8.0.0/16)."""
     operator_tenant: str = Field("dev", pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
     # The operator sees nodes, events, all tenants and quotas; `thaw up`'s dev key is in "dev".
     """The tenant whose admin keys are the platform operator's."""
@@ -208,6 +230,16 @@ class GatewayFields(_Fields):
     """Bad or unknown API keys one address may send within auth_failure_window; 0 = off."""
     auth_failure_window: float = Field(60.0, gt=0, le=86_400)
     """Seconds auth_failure_limit counts over; past it: 429 until the oldest failure leaves."""
+
+    @field_validator("webhook_allow", mode="before")
+    @classmethod
+    def _split_allow(cls, value: Any) -> Any:
+        return _url_list(value)
+
+    @field_validator("webhook_allow")
+    @classmethod
+    def _hosts_or_networks(cls, value: list[str]) -> list[str]:
+        return [webhook_allow_entry(entry) for entry in value]
 
     @field_validator("function_port")
     @classmethod

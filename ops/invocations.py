@@ -67,7 +67,7 @@ def inv() -> None:
 @click.argument("invocation_id", metavar="ID")
 @click.option("--json", "as_json", is_flag=True, help="Print the API's JSON document.")
 def inv_get(invocation_id: str, as_json: bool) -> None:
-    """Status, timings and result of invocation ID."""
+    """Status, timings, webhook delivery and result of invocation ID (also `show`)."""
     doc = _get(Client(), invocation_id)
     if as_json:
         click.echo(json.dumps(doc, indent=2))
@@ -86,8 +86,8 @@ def inv_get(invocation_id: str, as_json: bool) -> None:
         lines.append(("error", f"{doc['error']['code']}: {doc['error']['message']}"))
     hook = doc.get("webhook")
     if hook:
-        lines.append(("webhook", f"{hook['url']} ({hook['state']}, {hook['attempts']} "
-                                 f"attempts{', ' + hook['error'] if hook.get('error') else ''})"))
+        lines.append(("webhook", hook["url"]))
+        lines.append(("delivery", _delivery(hook)))
     if "result_status" in doc:
         lines.append(("answer", f"{doc['result_status']} {doc.get('result_content_type', '')}"
                                 f" ({format_size(doc.get('result_bytes', 0))})"))
@@ -99,6 +99,23 @@ def inv_get(invocation_id: str, as_json: bool) -> None:
     elif "result_status" in doc:
         # Not JSON, or too large to inline: the raw answer is a command away.
         click.echo(f"(`thaw inv result {doc['id']}` prints the answer as it is)")
+
+
+inv.add_command(inv_get, "show")
+
+
+def _delivery(hook: dict[str, Any]) -> str:
+    """A webhook's delivery state: e.g. `pending, 2 attempts, last answer 503, next at
+    ...: the receiver answered 503`."""
+    parts = [hook["state"], f"{hook['attempts']} attempt{'' if hook['attempts'] == 1 else 's'}"]
+    if hook.get("last_status"):
+        parts.append(f"last answer {hook['last_status']}")
+    if hook.get("last_attempt_at"):
+        parts.append(f"last tried {_when(hook['last_attempt_at'])}")
+    if hook.get("next_attempt_at"):
+        parts.append(f"next at {_when(hook['next_attempt_at'])}")
+    error = f": {hook['error']}" if hook.get("error") else ""
+    return ", ".join(parts) + error
 
 
 @inv.command("ls")

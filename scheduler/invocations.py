@@ -149,7 +149,9 @@ def to_proto(row: models.Invocation, with_bodies: bool, now: float
         finished_at=row.finished_at or 0.0, expires_at=row.expires_at or 0.0,
         start=row.start_kind, webhook_claimed_by=row.webhook_claimed_by or "",
         webhook_claim_until=row.webhook_claim_until or 0.0,
-        webhook_next_at=row.webhook_next_at or 0.0)
+        webhook_next_at=row.webhook_next_at or 0.0,
+        webhook_last_status=row.webhook_last_status or 0,
+        webhook_last_at=row.webhook_last_at or 0.0)
 
 
 def effective_state(row: models.Invocation, now: float) -> InvocationState:
@@ -384,12 +386,13 @@ class InvocationStore:
 
     def record_webhook(self, invocation_id: str, state: str, attempts: int, error: str,
                        gateway_id: str = "", retry_in: float = 0.0,
-                       claim_seconds: float = 0.0) -> invocations_pb2.Invocation:
+                       claim_seconds: float = 0.0, last_status: int = 0
+                       ) -> invocations_pb2.Invocation:
         """A delivery attempt's outcome. With `gateway_id`, only while that replica
         holds the claim (else the row is returned as it is: its webhook_claimed_by
         tells the caller it lost it). Pending: the next attempt is due `retry_in`
         seconds from now and the claim is extended by `claim_seconds`; delivered or
-        failed: the claim ends."""
+        failed: the claim ends. `last_status`: the receiver's answer (0 = none)."""
         if state not in WEBHOOK_STATES:
             raise InvalidArgument("webhook state must be pending, delivered or failed",
                                   field="state")
@@ -408,6 +411,9 @@ class InvocationStore:
             row.webhook_state = state
             row.webhook_attempts = attempts
             row.webhook_error = error
+            if attempts:
+                row.webhook_last_status = last_status
+                row.webhook_last_at = now
             if state == "pending":
                 row.webhook_next_at = now + retry_in if retry_in else None
                 if claim_seconds:

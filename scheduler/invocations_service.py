@@ -9,11 +9,15 @@ from thaw.core.errors import InvalidArgument
 from thaw.core.grpcutil import servicer_method
 from thaw.proto import invocations_pb2, invocations_pb2_grpc
 from thaw.scheduler.invocations import Completion, InvocationState, InvocationStore
+from thaw.scheduler.webhook_secrets import WebhookSecrets
 
 
 class InvocationsService(invocations_pb2_grpc.InvocationsServicer):
-    def __init__(self, invocations: InvocationStore) -> None:
+    def __init__(self, invocations: InvocationStore,
+                 webhook_secrets: WebhookSecrets | None = None) -> None:
         self.invocations = invocations
+        self.webhook_secrets = webhook_secrets or WebhookSecrets(invocations.store,
+                                                                 invocations.clock)
         self.run = invocations.store.run
 
     @servicer_method
@@ -91,7 +95,8 @@ class InvocationsService(invocations_pb2_grpc.InvocationsServicer):
                             context: grpc.aio.ServicerContext) -> invocations_pb2.Invocation:
         return await self.run(self.invocations.record_webhook, request.id, request.state,
                               request.attempts, request.error, request.gateway_id,
-                              request.retry_in_seconds, request.claim_seconds)
+                              request.retry_in_seconds, request.claim_seconds,
+                              request.last_status)
 
     @servicer_method
     async def ClaimWebhooks(self, request: invocations_pb2.ClaimWebhooksRequest,
@@ -107,3 +112,9 @@ class InvocationsService(invocations_pb2_grpc.InvocationsServicer):
                     ) -> invocations_pb2.SweepInvocationsResponse:
         expired, deleted = await self.run(self.invocations.sweep)
         return invocations_pb2.SweepInvocationsResponse(expired=expired, deleted=deleted)
+
+    @servicer_method
+    async def GetWebhookSecret(self, request: invocations_pb2.WebhookSecretRequest,
+                               context: grpc.aio.ServicerContext
+                               ) -> invocations_pb2.WebhookSecret:
+        return await self.run(self.webhook_secrets.get, request.tenant, request.rotate)

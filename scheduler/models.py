@@ -187,6 +187,9 @@ class Invocation(Base):
     webhook_claim_until: Mapped[float | None] = mapped_column(Float, nullable=True)
     webhook_next_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     """When the next delivery attempt is due (the backoff), for whoever takes it over."""
+    webhook_last_status: Mapped[int] = mapped_column(Integer, default=0)
+    """The receiver's HTTP status at the last attempt; 0 = no answer (or none yet)."""
+    webhook_last_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     idempotency_key: Mapped[str | None] = mapped_column(String(255), nullable=True)
     request_digest: Mapped[str] = mapped_column(String(64), default="")
     key_id: Mapped[str] = mapped_column(String(64), default="")
@@ -196,6 +199,20 @@ class Invocation(Base):
     started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     expires_at: Mapped[float | None] = mapped_column(Float, nullable=True, index=True)
+
+
+class WebhookSecret(Base):
+    """A tenant's webhook signing secret (Standard Webhooks `whsec_<base64>`): the
+    gateway signs every delivery with it (scheduler/webhook_secrets.py)."""
+
+    __tablename__ = "webhook_secrets"
+
+    tenant_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    secret: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[float] = mapped_column(Float, default=_now)
+    previous_secret: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    """The secret before the last rotation: it still signs until previous_until."""
+    previous_until: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 # ---- usage (metering) -----------------------------------------------------------------

@@ -21,6 +21,10 @@ EXAMPLES = REPO / "examples"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 # Markers whose tests must run in CI: a skip there is a failure.
 MUST_RUN_IN_CI = ("docker", "postgres", "browser", "sandbox")
+# Tests' webhook receivers listen on loopback, which the webhook deny list refuses by
+# default: every platform and replica the tests start has it on the operator's
+# allow-list (tests of the deny list itself set their own).
+os.environ.setdefault("THAW_WEBHOOK_ALLOW", "127.0.0.1")
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -1,5 +1,6 @@
 """The gateway's client of the scheduler's Invocations service (the stored
-invocations' table: create, claim, renew, complete, webhooks, sweep)."""
+invocations' table: create, claim, renew, complete, webhooks and their signing
+secrets, sweep)."""
 
 from __future__ import annotations
 
@@ -66,12 +67,22 @@ class InvocationsClient:
 
     async def record_webhook(self, invocation_id: str, state: str, attempts: int,
                              error: str, gateway_id: str = "", retry_in: float = 0.0,
-                             claim_seconds: float = 0.0) -> invocations_pb2.Invocation:
+                             claim_seconds: float = 0.0, last_status: int = 0
+                             ) -> invocations_pb2.Invocation:
         return await grpc_call(self._stub.RecordWebhook(
             invocations_pb2.WebhookDeliveryRequest(
                 id=invocation_id, state=state, attempts=attempts, error=error,
                 gateway_id=gateway_id, retry_in_seconds=retry_in,
-                claim_seconds=claim_seconds), timeout=RPC_TIMEOUT))
+                claim_seconds=claim_seconds, last_status=last_status),
+            timeout=RPC_TIMEOUT))
+
+    async def webhook_secret(self, tenant: str, rotate: bool = False
+                             ) -> invocations_pb2.WebhookSecret:
+        """The tenant's webhook signing secret (made on first use); a new one with
+        `rotate`."""
+        return await grpc_call(self._stub.GetWebhookSecret(
+            invocations_pb2.WebhookSecretRequest(tenant=tenant, rotate=rotate),
+            timeout=RPC_TIMEOUT))
 
     async def claim_webhooks(self, gateway_id: str, limit: int, claim_seconds: float
                              ) -> list[invocations_pb2.Invocation]:

@@ -8,7 +8,6 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 
 from thaw.core.errors import InvalidArgument, NotFound
@@ -24,7 +23,10 @@ from thaw.gateway.request import prefer_wait
 from thaw.gateway.state import GATEWAY_KEY
 from thaw.gateway.stored.client import InvocationsClient
 from thaw.gateway.stored.runner import RUNNER_KEY, InvocationRunner
+from thaw.gateway.stored.signing_routes import OPENAPI_PATHS as SIGNING_PATHS
+from thaw.gateway.stored.signing_routes import add_signing_routes
 from thaw.gateway.stored.views import accepted, expired, invocation_json, stored_answer
+from thaw.gateway.stored.webhooks import delivery_session
 from thaw.proto import scheduler_pb2
 
 
@@ -103,7 +105,7 @@ async def list_invocations(request: web.Request) -> web.Response:
 
 async def _worker(app: web.Application) -> AsyncIterator[None]:
     gw = app[GATEWAY_KEY]
-    session = aiohttp.ClientSession()
+    session = delivery_session()
     runner = InvocationRunner(gw, InvocationsClient(gw.scheduler.channel), session)
     app[RUNNER_KEY] = runner
     loops = [asyncio.get_running_loop().create_task(coro) for coro in (
@@ -125,6 +127,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/invocations/{id}", get_invocation)
     app.router.add_get("/v1/invocations/{id}/result", get_result)
     app.router.add_post("/v1/invocations/{id}/cancel", cancel_invocation)
+    add_signing_routes(app)
 
 
 # ---- OpenAPI --------------------------------------------------------------------------
@@ -198,4 +201,5 @@ OPENAPI_PATHS: dict[str, Any] = {
             **COMMON_ERRORS,
             "409": _error("The invocation already finished."),
             "410": _error("The invocation expired (result_ttl_seconds).")}}},
+    **SIGNING_PATHS,
 }

@@ -15,13 +15,20 @@ import uuid
 
 from aiohttp import web
 
+from thaw.core.errors import PermissionDenied
 from thaw.gateway.caller import may_read_invocation
 from thaw.gateway.dispatch import Call, Exchange
 from thaw.gateway.errors import IdempotencyKeyReused
-from thaw.gateway.request import IDEMPOTENCY_HEADER, INVOCATION_HEADER, InvokeRequest
+from thaw.gateway.request import (
+    IDEMPOTENCY_HEADER,
+    INVOCATION_HEADER,
+    WEBHOOK_HEADER,
+    InvokeRequest,
+)
 from thaw.gateway.state import Gateway
 from thaw.gateway.stored.outcome import finish_exchange, run
 from thaw.gateway.stored.runner import RUNNER_KEY
+from thaw.gateway.stored.targets import WebhookGuard
 from thaw.gateway.stored.views import accepted, stored_answer
 from thaw.proto import invocations_pb2, scheduler_pb2
 
@@ -62,6 +69,17 @@ def check_same_request(found: invocations_pb2.Invocation,
             field=IDEMPOTENCY_HEADER)
 
 
+async def check_webhook(p: scheduler_pb2.Principal, url: str, guard: WebhookGuard) -> None:
+    """A webhook is for callers with an API key (an anonymous caller of a public
+    function would make the platform send requests wherever it liked), to an address
+    the deny list lets through (checked again at each delivery)."""
+    if not p.key_id:
+        raise PermissionDenied(f"{WEBHOOK_HEADER} needs an API key: anonymous calls of a "
+                               "public function cannot ask for a webhook",
+                               field=WEBHOOK_HEADER)
+    await guard.check(url)
+
+
 async def submit(request: web.Request, gw: Gateway, p: scheduler_pb2.Principal,
                  call: Call, ask: InvokeRequest) -> web.StreamResponse:
     """Answer a function-URL call that is a stored invocation (`ask.stored`): 202 at
@@ -69,6 +87,8 @@ async def submit(request: web.Request, gw: Gateway, p: scheduler_pb2.Principal,
     303 (sync) pointing to its result. A repeated Idempotency-Key gets the first
     request's invocation."""
     runner = request.app[RUNNER_KEY]
+    if ask.webhook:
+        await check_webhook(p, ask.webhook, runner.webhooks.guard)
     limit = ask.wait_limit(gw.config.sync_wait_seconds)
     late_status = 202 if ask.respond_async else 303
     record = record_of(call, p, ask.webhook, ask.idempotency_key)

@@ -48,6 +48,10 @@ def invocation_json(inv: invocations_pb2.Invocation) -> dict[str, Any]:
     if inv.webhook_url:
         out["webhook"] = {"url": inv.webhook_url, "state": inv.webhook_state or "waiting",
                           "attempts": inv.webhook_attempts,
+                          "last_status": inv.webhook_last_status or None,
+                          "last_attempt_at": _time(inv.webhook_last_at),
+                          "next_attempt_at": _time(inv.webhook_next_at)
+                          if inv.webhook_state == "pending" else None,
                           "error": inv.webhook_error or None}
     if inv.state in ("succeeded", "failed"):
         out["result_status"] = inv.result_status

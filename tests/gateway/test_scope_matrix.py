@@ -37,6 +37,8 @@ ROUTES: dict[tuple[str, str], str] = {
     ("GET", "/v1/invocations/{id}/result"): "any",
     ("POST", "/v1/invocations/{id}/cancel"): "any",
     ("POST", "/v1/invocations/{id}/priority"): "admin",
+    # The webhook signing secret: whoever holds it can forge deliveries.
+    ("GET", "/v1/webhooks/secret"): "admin", ("POST", "/v1/webhooks/secret/rotate"): "admin",
     ("POST", "/v1/tenants"): "operator", ("GET", "/v1/tenants"): "operator",
     ("PUT", "/v1/tenants/{tenant}/quota"): "operator",
     ("POST", "/v1/keys"): "admin", ("GET", "/v1/keys"): "admin",

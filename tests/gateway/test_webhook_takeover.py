@@ -58,7 +58,9 @@ def test_a_killed_gateways_webhook_is_delivered_by_another(
     # replica's attempts (3 in all, not a fresh count of 1), and the replica, dead
     # before its second attempt was due, could not have made the third.
     assert delivered == {"url": receiver.url, "state": "delivered", "attempts": 3,
-                         "error": None}, delivered
+                         "error": None, "last_status": 204, "next_attempt_at": None,
+                         "last_attempt_at": delivered["last_attempt_at"]}, delivered
+    assert delivered["last_attempt_at"] >= first["last_attempt_at"] > 0
     assert len(receiver.received) == 3
     assert {payload["id"] for _, payload in receiver.received} == {invocation_id}
     assert receiver.received[-1][1]["result"] == {"calls": 0, "value": "orphan"}
