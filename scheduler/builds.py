@@ -19,6 +19,7 @@ from thaw.core.errors import (
 )
 from thaw.core.spec import read_bundle
 from thaw.proto import agent_pb2, manifest_pb2
+from thaw.scheduler.deploy_limits import check_fleet, check_quota
 from thaw.scheduler.events import EventKind
 from thaw.scheduler.fleet import Fleet
 from thaw.scheduler.instances import Instances
@@ -45,7 +46,10 @@ class Builds:
         """Deploy a new immutable version. A function already serving keeps serving its
         active version while the new one builds; the switch is atomic (versions.py)."""
         s = self.s
-        spec = read_bundle(bundle)
+        # Off the loop: reading a bundle decompresses up to its unpacked limit.
+        spec = await asyncio.to_thread(read_bundle, bundle)
+        check_quota(spec, await s.quotas.quota_of(tenant))
+        check_fleet(spec, s.nodes.values())
         digest = await asyncio.to_thread(s.bundles.put, bundle)
         if spec.snapshot:
             fn, version = await s.store.run(s.versions.deploy, tenant, spec, digest,

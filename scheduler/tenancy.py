@@ -388,6 +388,11 @@ class QuotaLedger:
         self._quotas[tenant] = found
         return found
 
+    async def quota_of(self, tenant: str) -> TenantRecord | None:
+        """The tenant's quota as the ledger holds it (None: no such tenant); the
+        deploy's admission checks min_instances against it (deploy_limits.py)."""
+        return await self._quota(tenant)
+
     async def claim(self, tenant: str, instance_id: str, need: int,
                     pools: Iterable[FunctionPool]) -> None:
         """Count a new instance of `tenant` against its quota, or raise QuotaExceeded.
