@@ -20,7 +20,8 @@ functions are deployed and warm (`start`), every second while the soak runs (`pe
 and after it, once the bench's own connections are closed and the services' descriptors
 are back to their start or SETTLE_S has passed (`end`). The goals of a platform that
 holds: no 5xx (nor dropped connection) for a valid call; RSS of the gateway and every
-agent grown less than RSS_GROWTH_GOAL; their descriptors not grown.
+agent grown less than RSS_GROWTH_GOAL; their descriptors not grown. The report ends
+with each function's state, where an accepted bad bundle shows what it became.
 """
 
 from __future__ import annotations
@@ -359,6 +360,22 @@ def run_soak_bench(echo: str = "examples/echo", settings: SoakSettings | None = 
             tally = _Tally()
             times = asyncio.run(_soak(target, settings, watch, tally))
             alive = {name: proc.poll() is None for name, proc in local.procs}
+            functions = _functions(local)
         finally:
             local.stop()
-    return report(settings, times, tally, watch, alive)
+    out = report(settings, times, tally, watch, alive)
+    out["functions"] = functions
+    return out
+
+
+def _functions(local: SoakPlatform) -> dict[str, dict[str, Any]] | None:
+    """Each function's state and warm instances after the soak: what an accepted bad
+    bundle became (None when the gateway no longer answers)."""
+    try:
+        resp = httpx.get(f"{local.url}/v1/functions", timeout=30,
+                         headers={"Authorization": f"Bearer {local.key}"})
+        listed = resp.json()["functions"]
+    except (httpx.HTTPError, ValueError, KeyError):
+        return None
+    return {fn["name"]: {"state": fn["state"], "warm_instances": fn["warm_instances"]}
+            for fn in listed}

@@ -75,6 +75,9 @@ def test_soak_counts_add_up_and_cover_every_bad_input(soak_run: tuple) -> None: 
     assert calls["answered"] == numeric
     assert out["elapsed_s"] >= out["duration_s"] == 2.0
     assert out["concurrency"] == 2 and out["slow_connections"] == 1
+    functions = out["functions"]
+    assert functions["echo"]["state"] == functions["soak-sum"]["state"] == "ready"
+    assert functions["echo"]["warm_instances"] >= 1
 
 
 def test_soak_reports_the_figures_it_sampled(soak_run: tuple) -> None:  # type: ignore[type-arg]
