@@ -73,6 +73,7 @@ SAMPLE_INTERVAL_S = 1.0
 DEPLOY_INTERVAL_S = 1.0
 RSS_GROWTH_GOAL = 0.10
 VALID_TIMEOUT_S = 60.0
+ERROR_PAUSE_S = 0.1
 
 
 class SoakPlatform(Platform, Protocol):
@@ -162,6 +163,8 @@ class _Valid:
                     await resp.read()
         except (aiohttp.ClientError, TimeoutError) as exc:
             status = f"error_{type(exc).__name__}"
+            # A gateway that is down refuses at once: do not spin on the shared cores.
+            await asyncio.sleep(ERROR_PAUSE_S)
         tally.valid_result(name, status)
 
 
