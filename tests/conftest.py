@@ -21,10 +21,12 @@ EXAMPLES = REPO / "examples"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 # Markers whose tests must run in CI: a skip there is a failure.
 MUST_RUN_IN_CI = ("docker", "postgres", "browser", "sandbox")
-# Tests' webhook receivers listen on loopback, which the webhook deny list refuses by
-# default: every platform and replica the tests start has it on the operator's
-# allow-list (tests of the deny list itself set their own).
-os.environ.setdefault("THAW_WEBHOOK_ALLOW", "127.0.0.1")
+# Tests' webhook receivers listen on this loopback address, which the webhook deny list
+# refuses by default: every platform and replica the tests start has it (and only it:
+# 127.0.0.1, where the platform's own ports are, stays refused) on the operator's
+# allow-list. Tests of the deny list itself set their own.
+WEBHOOK_RECEIVER_HOST = "127.0.0.2"
+os.environ.setdefault("THAW_WEBHOOK_ALLOW", WEBHOOK_RECEIVER_HOST)
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -17,7 +17,7 @@ import httpx
 import pytest
 from aiohttp import web
 
-from tests.conftest import RunningPlatform
+from tests.conftest import WEBHOOK_RECEIVER_HOST, RunningPlatform
 from tests.gateway.conftest import (
     ASYNC,
     BUNDLES,
@@ -188,7 +188,8 @@ def test_bad_inputs_name_their_field(platform: RunningPlatform, jobs: str) -> No
 # ---- webhooks -------------------------------------------------------------------------
 
 class Receiver:
-    """An HTTP server on 127.0.0.1 that fails the first `failures` deliveries."""
+    """An HTTP server on WEBHOOK_RECEIVER_HOST (a loopback address on the test
+    platforms' webhook allow-list) that fails the first `failures` deliveries."""
 
     def __init__(self, failures: int) -> None:
         self.failures = failures
@@ -213,10 +214,10 @@ class Receiver:
             app.router.add_post("/hook", self._handle)
             self._runner = web.AppRunner(app)
             await self._runner.setup()
-            site = web.TCPSite(self._runner, "127.0.0.1", 0)
+            site = web.TCPSite(self._runner, WEBHOOK_RECEIVER_HOST, 0)
             await site.start()
             port = self._runner.addresses[0][1]
-            self.url = f"http://127.0.0.1:{port}/hook"
+            self.url = f"http://{WEBHOOK_RECEIVER_HOST}:{port}/hook"
             self._ready.set()
 
         self._loop.run_until_complete(start())

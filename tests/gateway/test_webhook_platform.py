@@ -139,3 +139,16 @@ def test_the_default_deny_list_refuses_at_submission_saying_only_not_allowed(
             {"code": "webhook_not_allowed", "message": "the webhook URL is not allowed",
              "field": "X-Thaw-Webhook"}, sort_keys=True)}, answers
         assert receiver.raw == []
+
+
+def test_the_platforms_own_address_stays_refused_beside_the_allow_list(
+        platform: RunningPlatform) -> None:
+    # The session platform allows only the receivers' loopback address (127.0.0.2):
+    # its own API on 127.0.0.1 is not a webhook target.
+    jobs = deploy_once(platform, BUNDLES / "jobs")
+    assert platform.url.startswith("http://127.0.0.1:")
+    for url in (f"{platform.url}/v1/functions", f"{platform.url}/metrics",
+                "http://127.0.0.3:9/hook"):
+        resp = platform.invoke(jobs, {}, headers={**ASYNC, "X-Thaw-Webhook": url})
+        assert resp.status_code == 400, (url, resp.text)
+        assert resp.json()["error"]["code"] == "webhook_not_allowed"
