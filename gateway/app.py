@@ -23,8 +23,9 @@ from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from thaw.core.config import GatewayConfig
-from thaw.core.errors import InvalidArgument, InvalidBundle, ThawError
+from thaw.core.errors import BundleTooLarge, InvalidArgument, InvalidBundle, ThawError
 from thaw.core.pki import GATEWAY, internal_identity
+from thaw.core.units import format_size
 from thaw.gateway import openai_api, routes
 from thaw.gateway.admission import FunctionQueues
 from thaw.gateway.auth import Authenticator, require, require_operator
@@ -162,10 +163,19 @@ async def read_bundle_upload(request: web.Request) -> bytes:
         except (HttpProcessingError, ValueError, AssertionError) as exc:
             # aiohttp's multipart reader raises these on a malformed body.
             raise InvalidBundle(f"malformed multipart body: {exc}", field="bundle") from exc
+    if request.content_length is not None and request.content_length > limit:
+        raise _bundle_too_large(limit)
     body = await request.read()
     if not body:
         raise InvalidBundle("send the bundle tarball as the request body", field="bundle")
+    if len(body) > limit:
+        raise _bundle_too_large(limit)
     return body
+
+
+def _bundle_too_large(limit: int) -> BundleTooLarge:
+    return BundleTooLarge(f"the bundle is larger than {format_size(limit)} packed (the "
+                          "gateway's max_bundle_bytes)", field="bundle")
 
 
 async def _bundle_part(request: web.Request, limit: int) -> bytes:
@@ -176,8 +186,7 @@ async def _bundle_part(request: web.Request, limit: int) -> bytes:
             while chunk := await part.read_chunk():
                 data.extend(chunk)
                 if len(data) > limit:
-                    raise InvalidBundle(f"the bundle is larger than {limit} bytes",
-                                        field="bundle")
+                    raise _bundle_too_large(limit)
             return bytes(data)
     raise InvalidBundle("multipart upload has no 'bundle' part", field="bundle")
 

@@ -24,6 +24,7 @@ from thaw.gateway import (
     logs,
     priority,
     snapshots,
+    spec_schema,
     tenancy,
     usage,
     versions,
@@ -51,6 +52,7 @@ FEATURES: tuple[Feature, ...] = (
     alerts,
     priority,
     versions,
+    spec_schema,
 )
 
 

@@ -20,6 +20,7 @@ from tests.gateway.tenancy_helpers import new_tenant, unique
 ROUTES: dict[tuple[str, str], str] = {
     ("GET", "/"): "public", ("GET", "/healthz"): "public", ("GET", "/readyz"): "public",
     ("GET", "/openapi.json"): "public", ("GET", "/static/{file}"): "public",
+    ("GET", "/v1/schema/thaw.toml"): "public",
     ("GET", "/metrics"): "operator",
     ("POST", "/v1/functions"): "deploy", ("GET", "/v1/functions"): "any",
     ("GET", "/v1/functions/{name}"): "any", ("DELETE", "/v1/functions/{name}"): "deploy",
