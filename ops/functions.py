@@ -20,7 +20,10 @@ from thaw.ops.output import console, print_table
 @click.command()
 @click.argument("target", metavar="PATH|IMAGE")
 @click.option("--no-wait", is_flag=True, help="Return once uploaded, before the snapshot build.")
-def deploy(target: str, no_wait: bool) -> None:
+@click.option("--dry-run", is_flag=True,
+              help="Check the bundle and thaw.toml here (the schema, the bundle limits), "
+                   "print what would be deployed, upload nothing.")
+def deploy(target: str, no_wait: bool, dry_run: bool) -> None:
     """Upload a function and print its URL.
 
     PATH is a bundle folder (with thaw.toml). Anything else is an IMAGE on the local
@@ -29,12 +32,19 @@ def deploy(target: str, no_wait: bool) -> None:
     is uploaded with [runtime] image pinned to the image's id, and the function runs
     in that image on nodes with THAW_RUNTIME=docker (which must have the image).
 
-    A progress bar shows the upload (bytes, speed), then the snapshot build."""
+    A progress bar shows the upload (bytes, speed), then the snapshot build.
+    --dry-run checks everything that can be checked here and uploads nothing
+    (docs/thaw-toml.md)."""
     from thaw.ops.client import DEPLOY_TIMEOUT
     from thaw.ops.image_deploy import bundle_from_folder, bundle_from_image, deploy_target
     from thaw.ops.progress import transfer_progress, upload_pieces
 
     found = deploy_target(target)
+    if dry_run:
+        from thaw.ops.deploy_check import dry_run as check
+
+        check(found)
+        return
     if isinstance(found, Path):
         bundle, label = bundle_from_folder(found), found.name
     else:
