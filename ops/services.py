@@ -117,6 +117,8 @@ class LocalPlatform:
         """The function origin: function URLs (/fn/<tenant>/<name>)."""
         self.key = ""
         self.scheduler_address = ""
+        self.agent_ports: dict[str, tuple[str, str]] = {}
+        """Each agent's bound (control, data) ports, by node id."""
 
     def _start(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
         # Own session: a terminal's Ctrl-C reaches only `thaw up`, which then stops the
@@ -143,16 +145,45 @@ class LocalPlatform:
             self.scheduler_address = address
             for index in range(self.agents):
                 node_id = "local" if self.agents == 1 else f"node{index}"
-                agent_env = {**env, "THAW_SCHEDULER_ADDRESS": address, "THAW_AGENT_PORT": "0",
-                             "THAW_DATA_PORT": "0", "THAW_NODE_ID": node_id,
-                             **self.sandbox_env()}
-                if self.host_devices:
-                    agent_env["THAW_HOST_DEVICES"] = self.host_devices
-                agent_proc = self._start(f"agent {node_id}", [
-                    "agent", "--port-file", str(ports / f"agent-{node_id}")], agent_env)
-                _wait_for_file(ports / f"agent-{node_id}", agent_proc, f"agent {node_id}")
+                self._start_agent(node_id, "0", "0")
         self._start_gateway({})
         self.key = (self.home / "dev-key").read_text().strip()
+
+    def _start_agent(self, node_id: str, control_port: str, data_port: str) -> None:
+        """Start the agent of `node_id` on these ports ("0": any free) and wait until it
+        has bound them and registered; `agent_ports` then holds its ports."""
+        env = {"THAW_HOME": str(self.home), "THAW_SCHEDULER_ADDRESS": self.scheduler_address,
+               "THAW_AGENT_PORT": control_port, "THAW_DATA_PORT": data_port,
+               "THAW_NODE_ID": node_id, **self.sandbox_env()}
+        if self.host_devices:
+            env["THAW_HOST_DEVICES"] = self.host_devices
+        with tempfile.TemporaryDirectory() as tmp:
+            port_file = Path(tmp) / f"agent-{node_id}"
+            proc = self._start(f"agent {node_id}", [
+                "agent", "--port-file", str(port_file)], env)
+            control, data = _wait_for_file(port_file, proc, f"agent {node_id}").split()
+        self.agent_ports[node_id] = (control, data)
+
+    def restart_agent(self, node_id: str = "local", kill: bool = False) -> None:
+        """Stop the agent of `node_id` (SIGTERM, or SIGKILL with `kill`) and start a new
+        one with the same node id on the same ports, as a supervisor restarting it would;
+        returns once the new agent has registered. Its node must stay usable."""
+        name = f"agent {node_id}"
+        for index, (proc_name, proc) in enumerate(self.procs):
+            if proc_name != name:
+                continue
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+                try:
+                    proc.wait(SHUTDOWN_GRACE_SECONDS)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            del self.procs[index]
+            break
+        else:
+            raise ValueError(f"no agent {node_id!r} in this platform")
+        self._start_agent(node_id, *self.agent_ports[node_id])
 
     def _start_gateway(self, env: dict[str, str]) -> None:
         """Start the gateway; `url` and `function_url` once both its ports are bound."""

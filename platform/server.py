@@ -9,6 +9,7 @@ import hashlib
 import os
 import signal
 import socket
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -49,6 +50,8 @@ log = structlog.get_logger()
 REGISTER_RETRY_SECONDS = 0.5
 # In-flight requests get this long to finish on SIGTERM before instances are stopped.
 DRAIN_SECONDS = 30.0
+# Longest the shutdown waits to tell the scheduler that the agent stops.
+STOPPING_NOTICE_SECONDS = 3.0
 
 
 def telemetry_message(sample: NodeSample) -> agent_pb2.NodeTelemetry:
@@ -132,6 +135,8 @@ class AgentServer:
         self._channel: grpc.aio.Channel | None = None
         self._registry: scheduler_pb2_grpc.NodeRegistryStub | None = None
         self._heartbeat: asyncio.Task[None] | None = None
+        self.boot_id = uuid.uuid4().hex
+        """This process's incarnation: the scheduler tells a restart from a retry by it."""
 
     async def _fetch_bundle(self, digest: str) -> bytes:
         assert self._registry is not None
@@ -208,7 +213,8 @@ class AgentServer:
             node_id=self.node_id, control_address=f"{cfg.agent_host}:{self.control_port}",
             data_url=f"{self._data_scheme()}://{cfg.agent_host}:{self.data_port}",
             devices=self._devices(),
-            instance_ids=list(self.agent.instances), runtime=cfg.runtime)
+            instance_ids=list(self.agent.instances), runtime=cfg.runtime,
+            boot_id=self.boot_id)
         async for attempt in AsyncRetrying(
                 retry=retry_if_exception_type(ThawError), wait=wait_fixed(REGISTER_RETRY_SECONDS),
                 before_sleep=_log_unreachable, reraise=True):
@@ -231,14 +237,33 @@ class AgentServer:
                     node_id=self.node_id, devices=self._devices(),
                     instance_ids=list(self.agent.instances), exited=exited, pinned=pinned,
                     disk_bytes=self.agent.snapshots.disk.stored_bytes(),
-                    telemetry=telemetry), timeout=10))
+                    telemetry=telemetry, boot_id=self.boot_id), timeout=10))
                 if resp.reregister:
                     interval = await self._register()
             except ThawError as exc:
                 self.agent.exited[:0] = exited  # report them next time
                 log.warning("heartbeat failed", error=str(exc))
 
+    async def _say_stopping(self) -> None:
+        """Tell the scheduler this agent stops, so its node waits as "restarting"
+        instead of being written off as lost when its calls fail meanwhile."""
+        if self._registry is None:
+            return
+        try:
+            await call(self._registry.Heartbeat(scheduler_pb2.HeartbeatRequest(
+                node_id=self.node_id, boot_id=self.boot_id, stopping=True),
+                timeout=STOPPING_NOTICE_SECONDS))
+        except ThawError as exc:
+            log.warning("could not tell the scheduler the agent stops", error=str(exc))
+
     async def stop(self) -> None:
+        if self._heartbeat is not None:
+            # Before the notice: a heartbeat after it would bring the node back.
+            self._heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat
+            self._heartbeat = None
+            await self._say_stopping()
         if self.agent is not None:
             self.agent.draining = True
             deadline = asyncio.get_running_loop().time() + DRAIN_SECONDS

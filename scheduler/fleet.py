@@ -40,32 +40,62 @@ class Fleet:
         self.instances = instances
 
     async def register(self, req: scheduler_pb2.RegisterRequest) -> None:
+        """Idempotent: a node id is one node. The same agent registering again changes
+        nothing; another agent process under that id (a restart) gets a fresh channel
+        (the old one may sit in reconnect backoff and would fail calls to the new
+        agent), and the instances it no longer runs are forgotten."""
         s = self.s
-        old = s.nodes.get(req.node_id)
-        if old is not None and old.control_address != req.control_address:
-            await old.client.close()
-            old = None
-        node = old or NodeView(id=req.node_id, control_address=req.control_address,
-                               data_url=req.data_url,
-                               client=s.agent_client(req.control_address))
+        node = s.nodes.get(req.node_id)
+        restarted = node is not None and bool(req.boot_id) and node.boot_id != req.boot_id
+        if node is not None and (restarted or node.control_address != req.control_address):
+            s.spawn(node.client.close())
+            node.client = s.agent_client(req.control_address)
+            node.control_address = req.control_address
+        if node is None:
+            node = NodeView(id=req.node_id, control_address=req.control_address,
+                            data_url=req.data_url, client=s.agent_client(req.control_address))
+        was = node.state
         node.data_url, node.devices = req.data_url, list(req.devices)
         node.runtime = req.runtime or PROCESS_RUNTIME
+        node.boot_id = req.boot_id
         _move(node, NodeState.CORDONED if node.cordoned else NodeState.READY)
         node.last_heartbeat = s.clock()
         s.nodes[req.node_id] = node
         await s.store.run(s.store.upsert_node, req.node_id, req.control_address,
                           req.data_url, json.dumps([d.id for d in req.devices]))
+        if node.state is not NodeState.READY:  # the upsert wrote "ready"
+            await s.store.run(s.store.set_node_state, node.id, node.state.value)
         await self._reconcile_reported(node, set(req.instance_ids))
         node.take_report(list(req.devices))
         self.observe_pressure(node)
         s.nodes_changed.set()
         s.room.fire()
-        s.events.emit(EventKind.NODE_REGISTERED, f"node {node.id} registered",
+        how = ("re-registered: its agent restarted" if restarted
+               else f"registered (was {was.value})" if was is NodeState.LOST else "registered")
+        s.events.emit(EventKind.NODE_REGISTERED, f"node {node.id} {how}",
                       node_id=node.id, devices=len(req.devices),
-                      instances=len(req.instance_ids), runtime=node.runtime)
+                      instances=len(req.instance_ids), runtime=node.runtime,
+                      restarted=str(restarted).lower())
         log.info("node registered", node=req.node_id, data_url=req.data_url,
                  devices=len(req.devices), instances=len(req.instance_ids),
-                 runtime=node.runtime)
+                 runtime=node.runtime, restarted=restarted)
+
+    async def stopping(self, node: NodeView) -> None:
+        """The node's agent is shutting down (SIGTERM: a restart, or a node going
+        away): no new work goes there, its instances are forgotten now (the agent stops
+        them after its drain), and the node is RESTARTING until its agent registers
+        again; reconcile writes it off as lost after node_timeout without a word."""
+        if node.state is NodeState.RESTARTING:
+            return
+        _move(node, NodeState.RESTARTING)
+        await self.s.store.run(self.s.store.set_node_state, node.id, node.state.value)
+        for inst in self.s.instances_on(node.id):
+            await self.instances.forget(inst.id, f"its agent on node {node.id} is stopping")
+        self.s.nodes_changed.set()
+        self.s.events.emit(EventKind.NODE_REGISTERED,
+                           f"node {node.id} restarting: its agent is stopping",
+                           node_id=node.id, state=NodeState.RESTARTING.value)
+        log.warning("node restarting", node=node.id)
 
     async def _reconcile_reported(self, node: NodeView, reported: set[str]) -> None:
         """Match the instances a (re-)registering node runs with what the scheduler
@@ -125,9 +155,15 @@ class Fleet:
         """Returns False when the node must register again."""
         s = self.s
         node = s.nodes.get(req.node_id)
-        if node is None:
-            return False
+        if node is None or (req.boot_id and node.boot_id and req.boot_id != node.boot_id):
+            return False  # unknown, or an agent process other than the one registered
         node.last_heartbeat = s.clock()
+        node.conditions = list(req.conditions)
+        if req.stopping:
+            await self.stopping(node)
+            return True
+        if node.state is NodeState.RESTARTING:
+            return False  # its agent changed its mind: it registers again
         node.take_report(list(req.devices))
         node.pinned = req.pinned
         node.disk_bytes = req.disk_bytes
@@ -205,6 +241,11 @@ class Fleet:
         """Write the node off: its instances are gone, new work goes elsewhere."""
         if node.state is NodeState.LOST:
             return
+        if (node.state is NodeState.RESTARTING
+                and self.heartbeat_age(node) <= self.s.timeouts.node_timeout):
+            # Said it restarts: reconcile writes it off if it does not come back.
+            log.info("restarting node not written off", node=node.id, reason=reason)
+            return
         _move(node, NodeState.LOST)
         self.s.pressure.forget(node.id)
         log.error("node lost", node=node.id, reason=reason)
@@ -218,7 +259,8 @@ class Fleet:
     async def probe(self, node: NodeView, why: str) -> None:
         """A call to the node failed: if its agent no longer answers, it is lost now
         rather than after node_timeout."""
-        if node.id in self.s.probing or node.state is NodeState.LOST:
+        if node.id in self.s.probing or node.state in (NodeState.LOST,
+                                                        NodeState.RESTARTING):
             return
         self.s.probing.add(node.id)
         try:
@@ -235,7 +277,7 @@ class Fleet:
         if node is None:
             raise NotFound(f"no node {node_id!r}", field="node_id")
         node.cordoned = cordoned
-        if node.state is not NodeState.LOST:
+        if node.state not in (NodeState.LOST, NodeState.RESTARTING):
             target = NodeState.CORDONED if cordoned else NodeState.READY
             _move(node, target)
             await self.s.store.run(self.s.store.set_node_state, node.id, target.value)

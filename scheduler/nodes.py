@@ -125,6 +125,15 @@ class NodeView:
     disk_bytes: int = 0
     pinned: scheduler_pb2.PinnedTierInfo = field(default_factory=scheduler_pb2.PinnedTierInfo)
     """The node's pinned-tier accounting, from its last heartbeat."""
+    boot_id: str = ""
+    """The registered agent process's incarnation (RegisterRequest.boot_id): another
+    one registering under this node id means the agent restarted."""
+    conditions: list[scheduler_pb2.NodeCondition] = field(default_factory=list)
+    """What the node's last heartbeat said is wrong with it (disk full, read-only)."""
+
+    def storage_fault(self) -> scheduler_pb2.NodeCondition | None:
+        """The first condition that keeps the node from storing builds and chunks."""
+        return self.conditions[0] if self.conditions else None
 
     def runs(self, image: str) -> bool:
         """Can the node run a function with this `[runtime] image` ("" = none)?"""

@@ -44,6 +44,7 @@ class SnapshotState(str, enum.Enum):
 class NodeState(str, enum.Enum):
     READY = "ready"
     CORDONED = "cordoned"  # serves its instances, gets no new ones
+    RESTARTING = "restarting"  # its agent said it stops: back when it registers again
     LOST = "lost"
 
 
@@ -75,9 +76,16 @@ _SNAPSHOT_MOVES = {
     SnapshotState.QUARANTINED: set(),
 }
 _NODE_MOVES = {
-    NodeState.READY: {NodeState.LOST, NodeState.READY, NodeState.CORDONED},
-    NodeState.CORDONED: {NodeState.READY, NodeState.LOST, NodeState.CORDONED},
-    NodeState.LOST: {NodeState.READY, NodeState.CORDONED},
+    NodeState.READY: {NodeState.LOST, NodeState.READY, NodeState.CORDONED,
+                      NodeState.RESTARTING},
+    NodeState.CORDONED: {NodeState.READY, NodeState.LOST, NodeState.CORDONED,
+                         NodeState.RESTARTING},
+    # Registered again (READY, or CORDONED when an operator cordoned it), or silent
+    # past node_timeout (LOST); a second notice that it stops is the same restart.
+    NodeState.RESTARTING: {NodeState.READY, NodeState.CORDONED, NodeState.LOST,
+                           NodeState.RESTARTING},
+    # A lost node's agent that speaks again only to say it stops.
+    NodeState.LOST: {NodeState.READY, NodeState.CORDONED, NodeState.RESTARTING},
 }
 _INSTANCE_MOVES = {
     InstanceState.STARTING: {InstanceState.READY, InstanceState.GONE},
