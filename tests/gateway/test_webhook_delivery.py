@@ -7,12 +7,15 @@ recorded in words that say nothing of the network behind them."""
 from __future__ import annotations
 
 import base64
+import datetime
 import hashlib
 import hmac
 import json
 import socket
+import ssl
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -262,3 +265,75 @@ async def test_the_delivery_session_pools_no_connections() -> None:
         assert not session.trust_env
     finally:
         await session.close()
+
+
+def _tls_pair(tmp_path: Path, name: str) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """(server context with a certificate for `name`, client context trusting its CA)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    def cert(subject: str, key: ec.EllipticCurvePrivateKey, issuer: str,
+             signer: ec.EllipticCurvePrivateKey, ca: bool) -> x509.Certificate:
+        now = datetime.datetime.now(datetime.timezone.utc)
+        builder = (x509.CertificateBuilder()
+                   .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+                   .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(minutes=5))
+                   .not_valid_after(now + datetime.timedelta(hours=1))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None),
+                                  critical=True))
+        if not ca:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName([x509.DNSName(subject)]), critical=False)
+        return builder.sign(signer, hashes.SHA256())
+
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(
+        ec.SECP256R1())
+    ca = cert("test ca", ca_key, "test ca", ca_key, ca=True)
+    leaf = cert(name, key, "test ca", ca_key, ca=False)
+    pem = serialization.Encoding.PEM
+    (tmp_path / "ca.pem").write_bytes(ca.public_bytes(pem))
+    (tmp_path / "leaf.pem").write_bytes(leaf.public_bytes(pem))
+    (tmp_path / "leaf.key").write_bytes(key.private_bytes(
+        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(tmp_path / "leaf.pem", tmp_path / "leaf.key")
+    client = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+    return server, client
+
+
+@pytest.mark.parametrize("certified", ["receiver.test", "other.test"])
+async def test_https_goes_to_the_checked_address_and_verifies_the_url_s_name(
+        tmp_path: Path, certified: str) -> None:
+    server_ctx, client_ctx = _tls_pair(tmp_path, certified)
+    recorder = Recorder([204])
+    app = web.Application()
+    app.router.add_post("/hook", recorder.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_ctx).start()
+    port = runner.addresses[0][1]
+    config = settings("127.0.0.1", attempts=1)
+    guard = WebhookGuard(config.webhook_allow,
+                         resolver=resolver({"receiver.test": [["127.0.0.1"]]}))
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True,
+                                                                   ssl=client_ctx))
+    client = FakeInvocations(new_secret())
+    try:
+        await Webhooks(client, "gw_test", config, session, guard).deliver(  # type: ignore[arg-type]
+            finished(f"https://receiver.test:{port}/hook"))
+    finally:
+        await session.close()
+        await runner.cleanup()
+    if certified == "receiver.test":
+        assert client.records[-1]["state"] == "delivered", client.records
+        [(headers, _)] = recorder.got
+        assert headers["Host"] == f"receiver.test:{port}"
+    else:
+        # A certificate for another name: the TLS check is against the URL's host,
+        # though the connection went to an address.
+        assert client.records[-1]["error"] == UNREACHABLE
+        assert recorder.got == []
