@@ -15,6 +15,14 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from thaw.core.http1limits import (
+    BODY_TIMEOUT_SECONDS,
+    HEADER_TIMEOUT_SECONDS,
+    IDLE_TIMEOUT_SECONDS,
+    MAX_HEAD_BYTES,
+    MAX_HEADERS,
+    MAX_LINE_BYTES,
+)
 from thaw.core.units import parse_size
 
 # The alert rules of gateway/alerts, by name (alerts_overrides keys must be one of
@@ -176,6 +184,29 @@ class GatewayFields(_Fields):
     """Largest invocation body accepted (413 past it)."""
     max_bundle_bytes: int = Field(64 * 1024 * 1024, gt=0)
     """Largest bundle upload accepted."""
+    # Bounds on what a client sends and how slowly (docs/limits.md); both listeners,
+    # fast lane and aiohttp, hold them.
+    max_request_line_bytes: int = Field(MAX_LINE_BYTES, ge=256, le=1024 * 1024)
+    """Longest request target (path and query) accepted; 431 past it."""
+    max_header_bytes: int = Field(MAX_LINE_BYTES, ge=256, le=1024 * 1024)
+    """Longest single header (name and value) accepted; 431 past it."""
+    max_headers: int = Field(MAX_HEADERS, ge=8, le=10_000)
+    """Most headers one request may carry; 431 past it."""
+    max_head_bytes: int = Field(MAX_HEAD_BYTES, ge=1024, le=16 * 1024 * 1024)
+    """Largest whole request head (request line and headers); 431 past it."""
+    header_timeout_seconds: float = Field(HEADER_TIMEOUT_SECONDS, gt=0, le=3600)
+    """Seconds to send a request's head (a new connection: from its opening); then closed."""
+    idle_timeout_seconds: float = Field(IDLE_TIMEOUT_SECONDS, gt=0, le=3600)
+    """Seconds a kept-alive connection may wait for its next request before it closes."""
+    body_timeout_seconds: float = Field(BODY_TIMEOUT_SECONDS, gt=0, le=3600)
+    """Seconds a request body may pause between two reads; then 408 and closed."""
+    max_connections_per_address: int = Field(256, ge=0, le=1_000_000)
+    # Counted by the socket's peer: behind a proxy every client shares its address.
+    """Open connections one client address may hold (both ports together); 0 = no cap."""
+    max_json_bytes: int = Field(1024 * 1024, gt=0)
+    """Largest JSON body the gateway parses (API and OpenAI routes); 413 past it."""
+    max_json_depth: int = Field(64, ge=1, le=512)
+    """Deepest nesting of arrays and objects in a JSON body; 400 past it."""
     rate_limit_rpm: float = Field(0.0, ge=0)
     """Requests per minute per API key, per replica (token bucket); 0 = no limit."""
     rate_limit_burst: int = Field(0, ge=0)

@@ -15,6 +15,7 @@ from typing import Any, cast
 import httptools
 import structlog
 
+from thaw.core.http1limits import LINGER_SECONDS, AddressCap, HTTPLimits, refusal_bytes
 from thaw.core.http1messages import (
     Claim,
     Request,
@@ -29,8 +30,11 @@ from thaw.core.httptls import peer_component
 
 log = structlog.get_logger()
 
-# aiohttp's default keep-alive timeout: an idle connection is closed after this long.
+# aiohttp's former keep-alive timeout: an idle connection is closed after this long.
 KEEPALIVE_SECONDS = 75.0
+# Where a connection is (what its timer guards): a request's head or body arriving,
+# or between requests (idle, or its requests being answered).
+_HEAD, _BODY, _BETWEEN = "head", "body", "between"
 MAX_BODY_BYTES = 256 * 1024 * 1024
 # Bodies up to this size go out with their head in one write (one syscall).
 SINGLE_WRITE_MAX_BYTES = 256 * 1024
@@ -57,8 +61,19 @@ class HTTPProtocol(asyncio.Protocol):
                  connections: set[HTTPProtocol] | None = None,
                  claim: Claim | None = None,
                  fallback: Callable[[], asyncio.Protocol] | None = None,
-                 callers: frozenset[str] | None = None) -> None:
+                 callers: frozenset[str] | None = None,
+                 limits: HTTPLimits | None = None,
+                 cap: AddressCap | None = None) -> None:
         self._router = router
+        # Head sizes, timeouts (core/http1limits.py); `cap`: connections per address.
+        self._limits = limits or HTTPLimits(idle_timeout=keepalive)
+        self._cap = cap
+        self._phase = _BETWEEN
+        self._timer_phase = ""
+        self._head_size = 0
+        self._header_count = 0
+        self._head_received = 0
+        self._body_seen = 0.0
         # With TLS: the components whose certificates are served; another's requests
         # are refused with 403 at their head (`_forbidden`, judged once per connection).
         self._callers = callers
@@ -66,7 +81,7 @@ class HTTPProtocol(asyncio.Protocol):
         self._claim = claim
         self._fallback = fallback
         self._max_body = max_body
-        self._keepalive = keepalive
+        self._keepalive = self._limits.idle_timeout
         self._connections = connections
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
@@ -106,6 +121,11 @@ class HTTPProtocol(asyncio.Protocol):
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self._transport = cast(asyncio.Transport, transport)
         self._peer = transport.get_extra_info("peername")
+        if self._cap is not None and not self._cap.admit(transport):
+            self._refused = True  # past its address's cap: told, then closed
+            self._transport.write(refusal_bytes(self._cap.most))
+            self._linger()
+            return
         if self._callers is not None:
             caller = peer_component(transport)
             if caller not in self._callers:
@@ -114,10 +134,13 @@ class HTTPProtocol(asyncio.Protocol):
                     f"this server; callers: {', '.join(sorted(self._callers)) or 'none'}")
         if self._connections is not None:
             self._connections.add(self)
-        self._arm_idle_timer()
+        # A new connection has header_timeout to send its first head.
+        self._arm_timer(_HEAD, self._limits.header_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
+        if self._cap is not None and self._transport is not None:
+            self._cap.release(self._transport)
         if self._connections is not None:
             self._connections.discard(self)
         self._disarm_idle_timer()
@@ -129,7 +152,7 @@ class HTTPProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return
-        self._disarm_idle_timer()
+        continued = self._phase == _HEAD  # a head begun in an earlier chunk
         if self._claim is not None:
             self._chunk = data
             self._completed_here = False
@@ -151,6 +174,28 @@ class HTTPProtocol(asyncio.Protocol):
                 self._reject(400, "malformed request")
         except httptools.HttpParserError as exc:
             self._reject(400, f"malformed request: {exc}")
+        else:
+            self._after_chunk(len(data), continued)
+
+    def _after_chunk(self, size: int, continued: bool) -> None:
+        """Bound the head still arriving and arm the timer the connection's phase
+        needs, once a chunk is parsed."""
+        phase = self._phase
+        if phase == _HEAD:
+            if continued:  # the whole chunk is head (httptools holds a partial header)
+                self._head_received += size
+                if self._head_received > self._limits.max_head_bytes:
+                    self._reject(431, "the request head is larger than "
+                                      f"{self._limits.max_head_bytes} bytes")
+                    return
+            if self._timer_phase != _HEAD:  # from the head's first chunk on
+                self._arm_timer(_HEAD, self._limits.header_timeout)
+        elif phase == _BODY:
+            self._body_seen = self._loop.time()
+            if self._timer_phase != _BODY:
+                self._arm_timer(_BODY, self._limits.body_timeout)
+        elif self._idle_timer is not None:
+            self._disarm_idle_timer()  # answering; idle again once answered
 
     def pause_writing(self) -> None:
         if self._write_ready is None or self._write_ready.done():
@@ -167,6 +212,8 @@ class HTTPProtocol(asyncio.Protocol):
             self._in_message = True
             self._aligned = not self._completed_here
             self._raw = [self._chunk] if self._aligned else []
+        self._phase = _HEAD
+        self._head_size = self._header_count = self._head_received = 0
         self._url = b""
         self._raw_headers = []
         self._body = []
@@ -174,13 +221,29 @@ class HTTPProtocol(asyncio.Protocol):
 
     def on_url(self, url: bytes) -> None:
         self._url += url
+        if len(self._url) > self._limits.max_request_line_bytes:
+            raise _Reject(431, "the request target is longer than "
+                               f"{self._limits.max_request_line_bytes} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         # Decoded all at once when the head is complete: one callback per header is on
         # every request's path, so it only keeps the bytes.
         self._raw_headers.append((name, value))
+        size = len(name) + len(value)
+        self._head_size += size
+        self._header_count += 1
+        limits = self._limits
+        if size > limits.max_header_bytes:
+            raise _Reject(431, f"the header {name[:64].decode('latin-1')!r} is longer "
+                               f"than {limits.max_header_bytes} bytes")
+        if self._header_count > limits.max_headers:
+            raise _Reject(431, f"the request has more than {limits.max_headers} headers")
+        if self._head_size + len(self._url) > limits.max_head_bytes:
+            raise _Reject(431, f"the request head is larger than {limits.max_head_bytes} "
+                               "bytes")
 
     def on_headers_complete(self) -> None:
+        self._phase = _BODY
         if self._forbidden is not None:
             raise _Reject(403, self._forbidden)
         headers = self._headers = {
@@ -219,6 +282,7 @@ class HTTPProtocol(asyncio.Protocol):
         self._body.append(body)
 
     def on_message_complete(self) -> None:
+        self._phase = _BETWEEN
         self._in_message = False
         self._completed_here = True
         self._raw = []
@@ -245,7 +309,7 @@ class HTTPProtocol(asyncio.Protocol):
                 request, keep_alive = self._pending.popleft()
                 if isinstance(request, Response):  # a refusal, after the answers before it
                     self._send(request, keep_alive=False)
-                    self._close()
+                    self._linger()
                     return
                 keep_alive = await self._answer(request, keep_alive)
                 if not keep_alive:
@@ -391,15 +455,26 @@ class HTTPProtocol(asyncio.Protocol):
         if self._transport is None or self._closed or self._refused:
             return
         self._refused = True  # the parser is in error: nothing more is read
-        code = {403: "permission_denied", 413: "payload_too_large"}.get(status,
+        code = {403: "permission_denied", 408: "request_timeout",
+                413: "payload_too_large", 431: "headers_too_large"}.get(status,
                                                                         "bad_request")
         refusal = error_response(status, code, message)
         if self._serving is None and not self._pending:
             self._send(refusal, keep_alive=False)
-            self._close()
+            self._linger()
             return
         self._pending.append((refusal, False))
         self._transport.pause_reading()
+
+    def _linger(self) -> None:
+        """Close after a refusal once the client has had LINGER_SECONDS to stop
+        sending: what it sends meanwhile is dropped (`_refused`), so a close with its
+        bytes unread (a reset) does not destroy the answer on its way."""
+        self._disarm_idle_timer()
+        if self._transport is None or self._closed:
+            return
+        self._transport.resume_reading()
+        self._idle_timer = self._loop.call_later(LINGER_SECONDS, self._close)
 
     def _close(self) -> None:
         if self._transport is not None and not self._closed:
@@ -413,12 +488,36 @@ class HTTPProtocol(asyncio.Protocol):
 
     def _arm_idle_timer(self) -> None:
         if self._idle_timer is None and not self._closed:
-            self._idle_timer = self._loop.call_later(self._keepalive, self._close)
+            self._arm_timer(_BETWEEN, self._keepalive)
+
+    def _arm_timer(self, phase: str, seconds: float) -> None:
+        """One timer per connection, guarding the phase it is in (see _timed_out)."""
+        self._disarm_idle_timer()
+        if not self._closed:
+            self._timer_phase = phase
+            self._idle_timer = self._loop.call_later(seconds, self._timed_out)
 
     def _disarm_idle_timer(self) -> None:
         if self._idle_timer is not None:
             self._idle_timer.cancel()
             self._idle_timer = None
+        self._timer_phase = ""
+
+    def _timed_out(self) -> None:
+        """The connection's timer ran out: idle, or its head or body too slow."""
+        phase, self._idle_timer, self._timer_phase = self._timer_phase, None, ""
+        if phase == _BODY:
+            left = self._body_seen + self._limits.body_timeout - self._loop.time()
+            if left > 0:  # a byte came since: the wait counts from it
+                self._arm_timer(_BODY, left)
+                return
+        if phase == _BETWEEN or self._phase == _BETWEEN:
+            self._close()  # nothing of a request arrived: no answer owed
+            return
+        which = "head" if phase == _HEAD else "body"
+        limit = (self._limits.header_timeout if phase == _HEAD
+                 else self._limits.body_timeout)
+        self._reject(408, f"the request's {which} did not arrive within {limit:g} s")
 
 
 async def _close_iterator(chunks: AsyncIterator[bytes]) -> None:

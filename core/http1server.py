@@ -10,7 +10,13 @@ budget of a warm call is 1 ms for both hops together (`thaw bench overhead`).
 What it serves, and what it does not:
 - HTTP/1.1 with keep-alive (HTTP/1.0 and `Connection: close` close after the answer),
   request bodies by Content-Length or chunked, `Expect: 100-continue`, a bound on the
-  body (413) and on the head (431 or 400 from the parser);
+  body (413) and on the head: the request target, each header, their number and the
+  whole head (431; core/http1limits.py), 400 for what the parser refuses;
+- timeouts (HTTPLimits): a head must arrive within header_timeout (a new connection's
+  from its opening), a body may not pause longer than body_timeout (408 for either, if
+  part of the request came; then the connection closes), a kept-alive connection
+  closes after idle_timeout without a request; with `cap` (AddressCap), an address
+  past its open connections is answered 429 and closed at once;
 - requests on a connection are answered one at a time, in order (pipelining works; a
   request that arrives while another is handled waits, and reading pauses; a refusal
   of a malformed one comes after the answers before it);
@@ -38,6 +44,7 @@ import asyncio
 import ssl
 from collections.abc import Callable
 
+from thaw.core.http1limits import AddressCap, HTTPLimits
 from thaw.core.http1messages import (
     SENT,
     Answer,
@@ -76,13 +83,19 @@ class HTTPServer:
     served here, the rest of an API by a full framework, on one port.
 
     With `tls` (core/httptls.py server_ssl_context) it speaks TLS only; `callers` then
-    names the components (core/pki.py) whose client certificates it serves."""
+    names the components (core/pki.py) whose client certificates it serves.
+
+    `limits` bound each connection's heads and pauses (core/http1limits.py; defaults
+    when None). `cap` counts connections per address; a connection handed to
+    `fallback` must be released from the cap by the protocol it goes to."""
 
     def __init__(self, router: Router, max_body: int = MAX_BODY_BYTES,
                  claim: Claim | None = None,
                  fallback: Callable[[], asyncio.Protocol] | None = None,
                  tls: ssl.SSLContext | None = None,
-                 callers: frozenset[str] | None = None) -> None:
+                 callers: frozenset[str] | None = None,
+                 limits: HTTPLimits | None = None,
+                 cap: AddressCap | None = None) -> None:
         if (claim is None) != (fallback is None):
             raise ValueError("claim and fallback go together")
         if callers is not None and tls is None:
@@ -93,6 +106,8 @@ class HTTPServer:
         self.max_body = max_body
         self.claim = claim
         self.fallback = fallback
+        self.limits = limits or HTTPLimits()
+        self.cap = cap
         self._server: asyncio.AbstractServer | None = None
         self._connections: set[HTTPProtocol] = set()
 
@@ -101,7 +116,8 @@ class HTTPServer:
         self._server = await loop.create_server(
             lambda: HTTPProtocol(self.router, self.max_body, connections=self._connections,
                                  claim=self.claim, fallback=self.fallback,
-                                 callers=self.callers),
+                                 callers=self.callers, limits=self.limits,
+                                 cap=self.cap),
             host, port, ssl=self.tls)
         return int(self._server.sockets[0].getsockname()[1])
 

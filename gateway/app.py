@@ -35,6 +35,7 @@ from thaw.gateway.config import GatewaySettings
 from thaw.gateway.dispatch import Dispatcher
 from thaw.gateway.errors import error_body, error_response
 from thaw.gateway.invoke import invoke
+from thaw.gateway.jsonbody import JSON_ROUTES_KEY, json_limits_middleware, json_routes
 from thaw.gateway.leases import LeasePool
 from thaw.gateway.login_guard import FailedLogins
 from thaw.gateway.metrics import GatewayMetrics
@@ -46,6 +47,7 @@ from thaw.gateway.origins import (
     on_response_prepare,
 )
 from thaw.gateway.ratelimit import KeyRateLimiter
+from thaw.gateway.request import BODY_TIMEOUT_KEY
 from thaw.gateway.scheduler_client import SchedulerClient
 from thaw.gateway.snapshots import snapshot_pass
 from thaw.gateway.state import (
@@ -371,12 +373,16 @@ def make_app(config: GatewayConfig, metrics: GatewayMetrics | None = None,
              scheduler: SchedulerClient | None = None) -> web.Application:
     """`scheduler`: a stand-in for tests; by default a client of config's address."""
     settings = GatewaySettings.of(config)
+    # json_limits_middleware first: the JSON routes' handlers, and errors_middleware's
+    # observation of them, get the request whose body it read and checked.
     app = web.Application(
-        middlewares=[errors_middleware, function_origin_middleware],
+        middlewares=[json_limits_middleware, errors_middleware, function_origin_middleware],
         client_max_size=max(settings.max_body_bytes, settings.max_bundle_bytes))
     app.on_response_prepare.append(on_response_prepare)
     app[FUNCTION_ORIGIN_KEY] = FunctionOrigin()
     app[CONFIG_KEY] = settings
+    app[BODY_TIMEOUT_KEY] = settings.body_timeout_seconds
+    app[JSON_ROUTES_KEY] = json_routes(routes.build_document())
     app[METRICS_KEY] = metrics or GatewayMetrics()
     if scheduler is not None:
         app[SCHEDULER_OVERRIDE_KEY] = scheduler

@@ -12,6 +12,7 @@ dispatch `Call` built from it) and never looks at the raw headers again:
 
 from __future__ import annotations
 
+import asyncio
 import math
 from dataclasses import dataclass
 from urllib.parse import quote, urlsplit
@@ -19,6 +20,7 @@ from urllib.parse import quote, urlsplit
 from aiohttp import web
 
 from thaw.core.errors import InvalidArgument
+from thaw.core.http1limits import BODY_TIMEOUT_SECONDS
 from thaw.gateway.errors import PayloadTooLarge
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
@@ -37,6 +39,10 @@ PATH_SAFE = "/:@!$&'()*+,;=-._~"
 # Request headers the function's handler may see.
 CALL_HEADERS = ("Content-Type", "Accept", IDEMPOTENCY_HEADER)
 SSE_ACCEPT = "text/event-stream"
+# A body read ahead of the route (gateway/jsonbody.py), which read_body hands back.
+PREREAD_BODY_KEY = web.RequestKey("preread_body", bytes)
+# The app's body_timeout_seconds (set by app.make_app), here where bodies are read.
+BODY_TIMEOUT_KEY = web.AppKey("body_timeout", float)
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,18 +183,33 @@ def forwarded_path(request: web.Request) -> str:
 
 async def read_body(request: web.Request, limit: int, described: str = "") -> bytes:
     """The whole body, refusing it (413) as soon as it is known to pass `limit`
-    (from Content-Length before reading, else as a chunked body arrives)."""
+    (from Content-Length before reading, else as it arrives), and closing the
+    connection (408) when it pauses longer than body_timeout_seconds."""
     described = described or f"this gateway's limit of {limit} bytes (max_body_bytes)"
     too_large = PayloadTooLarge(f"the request body is larger than {described}",
                                 field="body")
     length = request.content_length
-    if length is not None:
-        if length > limit:
-            raise too_large
-        return await request.read()
-    body = bytearray()
-    while chunk := await request.content.readany():
-        body.extend(chunk)
+    if length is not None and length > limit:
+        raise too_large
+    body: bytes | None = request.get(PREREAD_BODY_KEY)
+    if body is None and getattr(request, "content", None) is None:
+        body = await request.read()  # the fast lane's: read whole before the route
+    if body is not None:
         if len(body) > limit:
             raise too_large
-    return bytes(body)
+        return body
+    pause = request.app.get(BODY_TIMEOUT_KEY, BODY_TIMEOUT_SECONDS)
+    received = bytearray()
+    while True:
+        try:
+            async with asyncio.timeout(pause):
+                chunk = await request.content.readany()
+        except TimeoutError:
+            raise web.HTTPRequestTimeout(
+                text=f"the request body paused longer than {pause:g} s "
+                     "(body_timeout_seconds)") from None
+        if not chunk:
+            return bytes(received)
+        received.extend(chunk)
+        if len(received) > limit:
+            raise too_large

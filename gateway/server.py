@@ -5,7 +5,9 @@ sandboxed) and the function origin's (function URLs and invocation results only,
 the functions answer them; gateway/origins.py). On each, two servers: plain function
 calls take the fast lane (gateway/lane.py, on core/http1server.py); every other
 request, and its connection, goes to aiohttp's server for the app (gateway/app.py).
-`fast_lane = false` in [gateway] serves everything with aiohttp."""
+`fast_lane = false` in [gateway] serves everything with aiohttp. Both servers hold
+clients to the same bounds (gateway/limits.py): head sizes, timeouts, and one cap on
+connections per address shared by both ports."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import structlog
 from aiohttp import web
 
 from thaw.core.config import GatewayConfig
+from thaw.core.http1limits import AddressCap
 from thaw.core.http1server import SENT, Answer, HTTPServer, Request, Response, Router
 from thaw.gateway.app import errors_middleware, make_app
 from thaw.gateway.invoke import invoke
@@ -29,6 +32,7 @@ from thaw.gateway.lane import (
     function_of,
     head_headers,
 )
+from thaw.gateway.limits import address_cap, aiohttp_protocol, http_limits
 from thaw.gateway.origins import (
     FUNCTION_ORIGIN_KEY,
     ON_FUNCTION_ORIGIN_KEY,
@@ -50,11 +54,13 @@ async def serve(config: GatewayConfig, port_file: Path | None = None,
     app = make_app(config)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_SECONDS)
     await runner.setup()
-    main, port = await _listen(app, runner, config.gateway_host, config.gateway_port)
+    cap = address_cap(config)
+    main, port = await _listen(app, runner, config.gateway_host, config.gateway_port,
+                               cap=cap)
     log.info("gateway listening", url=f"http://{config.gateway_host}:{port}")
     function_host = config.function_host or config.gateway_host
     functions, function_port = await _listen(app, runner, function_host,
-                                             config.function_listen_port, True)
+                                             config.function_listen_port, True, cap)
     if function_port == port:  # two hosts, one port number: requests not told apart
         raise OSError(f"the function origin got port {port}, the gateway's too; set "
                       "function_port to another one")
@@ -83,17 +89,21 @@ async def serve(config: GatewayConfig, port_file: Path | None = None,
 
 
 async def _listen(app: web.Application, runner: web.AppRunner, host: str, port: int,
-                  function_origin: bool = False) -> tuple[Listener, int]:
+                  function_origin: bool = False, cap: AddressCap | None = None
+                  ) -> tuple[Listener, int]:
     """One listener of the app (fast lane in front of aiohttp, or aiohttp alone) and
     the port it bound."""
     server = runner.server
     assert server is not None  # set up
-    if app[CONFIG_KEY].fast_lane:
-        most = min(LANE_MAX_BODY_BYTES, app[CONFIG_KEY].max_body_bytes)
+    config = app[CONFIG_KEY]
+    aiohttp_connection = aiohttp_protocol(server, config, cap)
+    if config.fast_lane:
+        most = min(LANE_MAX_BODY_BYTES, config.max_body_bytes)
         lane = HTTPServer(lane_router(app, function_origin), most, claim=claims(most),
-                          fallback=server)
+                          fallback=aiohttp_connection, limits=http_limits(config),
+                          cap=cap)
         return lane, await lane.start(host, port)
-    plain = await asyncio.get_running_loop().create_server(server, host, port)
+    plain = await asyncio.get_running_loop().create_server(aiohttp_connection, host, port)
     return plain, int(plain.sockets[0].getsockname()[1])
 
 
