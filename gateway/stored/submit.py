@@ -69,14 +69,19 @@ def check_same_request(found: invocations_pb2.Invocation,
             field=IDEMPOTENCY_HEADER)
 
 
-async def check_webhook(p: scheduler_pb2.Principal, url: str, guard: WebhookGuard) -> None:
-    """A webhook is for callers with an API key (an anonymous caller of a public
-    function would make the platform send requests wherever it liked), to an address
-    the deny list lets through (checked again at each delivery)."""
-    if not p.key_id:
+def refuse_anonymous_webhook(p: scheduler_pb2.Principal, url: str) -> None:
+    """A webhook is for callers with an API key: an anonymous caller of a public
+    function would make the platform send requests wherever it liked (403)."""
+    if url and not p.key_id:
         raise PermissionDenied(f"{WEBHOOK_HEADER} needs an API key: anonymous calls of a "
                                "public function cannot ask for a webhook",
                                field=WEBHOOK_HEADER)
+
+
+async def check_webhook(p: scheduler_pb2.Principal, url: str, guard: WebhookGuard) -> None:
+    """A webhook from a caller with an API key, to an address the deny list lets
+    through (checked again at each delivery)."""
+    refuse_anonymous_webhook(p, url)
     await guard.check(url)
 
 

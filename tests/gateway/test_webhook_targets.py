@@ -156,3 +156,23 @@ def test_ipv6_targets_are_bracketed_for_the_connection_and_host_header() -> None
     literal = run(guard.check(f"http://[{PUBLIC_V6}]:8080/hook"))
     assert isinstance(literal, Target)
     assert literal.host_header == f"[{PUBLIC_V6}]:8080"
+
+
+def test_only_callers_with_a_key_may_ask_for_a_webhook() -> None:
+    from thaw.core.errors import PermissionDenied
+    from thaw.gateway.stored.submit import check_webhook, refuse_anonymous_webhook
+    from thaw.proto import scheduler_pb2
+
+    anonymous = scheduler_pb2.Principal(tenant="acme", key_id="", scopes=["invoke"])
+    keyed = scheduler_pb2.Principal(tenant="acme", key_id="key_1", scopes=["invoke"])
+    with pytest.raises(PermissionDenied) as caught:
+        refuse_anonymous_webhook(anonymous, "https://hooks.example/in")
+    assert caught.value.field == "X-Thaw-Webhook"
+    refuse_anonymous_webhook(anonymous, "")  # no webhook asked: nothing to refuse
+    refuse_anonymous_webhook(keyed, "https://hooks.example/in")
+    guard = WebhookGuard(resolver=no_dns())  # type: ignore[arg-type]
+    with pytest.raises(PermissionDenied):  # refused before any lookup
+        run(check_webhook(anonymous, f"https://{PUBLIC_V4}/in", guard))
+    run(check_webhook(keyed, f"https://{PUBLIC_V4}/in", guard))
+    with pytest.raises(WebhookNotAllowed):
+        run(check_webhook(keyed, "http://127.0.0.1/in", guard))
