@@ -48,6 +48,7 @@ WEBHOOK_ERROR_CHARS = 500
 
 UNREACHABLE = "the receiver could not be reached"
 NO_SECRET = "the webhook signing secret could not be read; retrying"
+DELIVERY_FAILED = "the delivery failed"
 
 
 class _NotOurs(Exception):
@@ -107,6 +108,12 @@ class Webhooks:
                 except _AttemptFailed as exc:
                     status = exc.status
                     raise
+                except WebhookNotAllowed:
+                    raise
+                except Exception as exc:  # a bug: its text is for the log, not the tenant
+                    log.exception("webhook attempt failed unexpectedly",
+                                  invocation=invocation_id)
+                    raise _AttemptFailed(DELIVERY_FAILED) from exc
 
             def backoff(state: RetryCallState) -> float:
                 return float(min(first * 2 ** (tries - 1), WEBHOOK_MAX_BACKOFF_SECONDS))

@@ -25,7 +25,12 @@ from aiohttp import web
 from thaw.core.config import GatewayConfig
 from thaw.gateway.stored.signing import new_secret
 from thaw.gateway.stored.targets import NOT_ALLOWED, WebhookGuard, WebhookNotAllowed
-from thaw.gateway.stored.webhooks import UNREACHABLE, Webhooks, delivery_session
+from thaw.gateway.stored.webhooks import (
+    DELIVERY_FAILED,
+    UNREACHABLE,
+    Webhooks,
+    delivery_session,
+)
 from thaw.proto import invocations_pb2
 
 PUBLIC = "93.184.215.14"
@@ -337,3 +342,15 @@ async def test_https_goes_to_the_checked_address_and_verifies_the_url_s_name(
         # though the connection went to an address.
         assert client.records[-1]["error"] == UNREACHABLE
         assert recorder.got == []
+
+
+async def test_an_unexpected_error_is_recorded_in_general_words(
+        receiver: tuple[Recorder, int]) -> None:
+    recorder, port = receiver
+    # A secret that is no whsec_ secret makes signing raise a ValueError whose text
+    # must not reach the tenant.
+    client = FakeInvocations("not-a-secret")
+    await deliver(f"http://127.0.0.1:{port}/hook", settings("127.0.0.1", attempts=2), client)
+    assert [r["error"] for r in client.records] == [DELIVERY_FAILED, DELIVERY_FAILED]
+    assert client.records[-1]["state"] == "failed"
+    assert recorder.got == []
