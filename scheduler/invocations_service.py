@@ -1,5 +1,6 @@
 """The `Invocations` gRPC service: the edge over the stored invocations
-(invocations.InvocationStore), one method per RPC."""
+(invocations.InvocationStore) and the tenants' webhook signing secrets
+(webhook_secrets.WebhookSecrets), one method per RPC."""
 
 from __future__ import annotations
 
