@@ -124,12 +124,15 @@ class GarbageCollector:
         """What every node is asked to keep now. Chunks are left alone while a build
         writes chunks that no manifest names yet; everything else is collected."""
         store = self.s.store
-        keep = await self.tiers.kept_manifests()
+        building = bool(self.s.builds)
+        # While building, retention is left as it is too (kept_manifests marks the
+        # versions past it collected): the next round does both.
+        keep = [] if building else await self.tiers.kept_manifests()
         rows = await store.run(version_rows, store)
         digests = bundles_to_keep(rows, running_versions(self.s))
         return agent_pb2.CollectGarbageRequest(
             keep=keep, files=True, keep_bundles=sorted(digests),
-            log_max_age_seconds=self.log_max_age, skip_chunks=bool(self.s.builds))
+            log_max_age_seconds=self.log_max_age, skip_chunks=building)
 
     def targets(self, node_id: str = "") -> list[NodeView]:
         if not node_id:
