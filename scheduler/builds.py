@@ -5,6 +5,7 @@ back, and deleting. The DB side of versions is versions.py."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import structlog
@@ -14,14 +15,17 @@ from thaw.core.errors import (
     FunctionUnavailable,
     ImageNotOnNode,
     InvalidArgument,
+    NodeFault,
     NotFound,
     ThawError,
+    Unavailable,
 )
+from thaw.core.logs import bound_reason
 from thaw.core.spec import read_bundle
 from thaw.proto import agent_pb2, manifest_pb2
 from thaw.scheduler.deploy_limits import check_fleet, check_quota
 from thaw.scheduler.events import EventKind
-from thaw.scheduler.fleet import Fleet
+from thaw.scheduler.fleet import NODE_WAIT_SECONDS, Fleet
 from thaw.scheduler.instances import Instances
 from thaw.scheduler.nodes import NodeView
 from thaw.scheduler.plane_state import PlaneState, build_key, fn_name, spec_message
@@ -32,6 +36,9 @@ from thaw.scheduler.tiers import Tiers
 from thaw.scheduler.versions import VersionRecord, as_function
 
 log = structlog.get_logger()
+# Nodes a snapshot build may be interrupted on (its agent died or went away) before
+# the version fails; the scheduler's build_attempts setting replaces it.
+BUILD_ATTEMPTS = 3
 
 
 class Builds:
@@ -121,15 +128,13 @@ class Builds:
         name = fn_name(fn)
         snapshot_id = ""
         lacking: dict[str, str] = {}  # docker nodes whose engine lacks the image -> why
+        interrupted: dict[str, str] = {}  # nodes whose agent the build lost -> why
         try:
             await self.fleet.wait_for_node()
             while True:
                 # An image function builds on a docker node that has its image.
                 self.fleet.check_runtime(fn)
-                nodes = [n for n in s.runnable_nodes(fn) if n.id not in lacking]
-                if not nodes:
-                    raise self.fleet.image_missing(fn, lacking)
-                node = min(nodes, key=lambda n: (n.starts_in_flight, n.id))
+                node = await self._build_node(fn, lacking, interrupted)
                 snapshot_id = await s.store.run(s.store.create_snapshot, fn.id,
                                                 fn.version, node.id)
                 node.starts_in_flight += 1
@@ -146,10 +151,16 @@ class Builds:
                     lacking[node.id] = str(exc)
                     log.warning("image not on node; building on another", node=node.id,
                                 function=name, error=str(exc))
+                except (Unavailable, NodeFault) as exc:
+                    # The node, not the function: its agent died or went away mid-build.
+                    why = await self._build_interrupted(fn, node, exc, interrupted)
+                    await s.store.run(s.store.finish_snapshot, snapshot_id,
+                                      SnapshotState.FAILED, reason=why)
+                    snapshot_id = ""
                 finally:
                     node.starts_in_flight -= 1
         except (ThawError, asyncio.TimeoutError) as exc:
-            reason = f"snapshot build failed: {exc}"
+            reason = bound_reason(f"snapshot build failed: {exc}")
             if snapshot_id:
                 await s.store.run(s.store.finish_snapshot, snapshot_id,
                                   SnapshotState.FAILED, reason=reason)
@@ -174,15 +185,16 @@ class Builds:
             s.spawn(self.tiers.collect_garbage())  # snapshots past the retained versions
         elif resp.stage == "capture":
             where = f" at {resp.attribute_path}" if resp.attribute_path else ""
-            reason = (f"state cannot be snapshotted{where}: {resp.reason}; "
-                      "runs with fresh starts")
+            reason = bound_reason(f"state cannot be snapshotted{where}: {resp.reason}; "
+                                  "runs with fresh starts")
             await s.store.run(s.store.finish_snapshot, snapshot_id, SnapshotState.FAILED,
                               reason=reason)
             updated = await s.store.run(s.versions.activate, fn.id, fn.version,
                                         start_mode="fresh", reason=reason)
             log.warning("snapshot not possible", function=name, reason=reason)
         else:
-            reason = f"{resp.stage} failed: {resp.reason}"
+            # The agent bounds what it sends; an older or hostile one is cut here too.
+            reason = bound_reason(f"{resp.stage} failed: {resp.reason}")
             await s.store.run(s.store.finish_snapshot, snapshot_id, SnapshotState.FAILED,
                               reason=reason)
             return await self._build_failed(fn, reason)
@@ -192,6 +204,57 @@ class Builds:
             return await s.store.run(s.store.get_function_by_id, fn.id)
         self.switched(updated)
         return updated
+
+    def build_attempts(self) -> int:
+        """How many nodes a build may be interrupted on before it fails: the
+        scheduler's build_attempts setting where it has one."""
+        return max(1, int(getattr(self.s.policy, "build_attempts", BUILD_ATTEMPTS)))
+
+    async def _build_node(self, fn: FunctionRecord, lacking: dict[str, str],
+                          interrupted: dict[str, str]) -> NodeView:
+        """The node to build on: the least busy runnable one, preferring nodes this
+        build was not interrupted on; waits for one while interrupted nodes are away."""
+        s = self.s
+        deadline = s.clock() + NODE_WAIT_SECONDS
+        while True:
+            nodes = [n for n in s.runnable_nodes(fn) if n.id not in lacking]
+            if nodes:
+                fresh = [n for n in nodes if n.id not in interrupted]
+                return min(fresh or nodes, key=lambda n: (n.starts_in_flight, n.id))
+            if not interrupted:
+                raise self.fleet.image_missing(fn, lacking)
+            remaining = deadline - s.clock()
+            if remaining <= 0:
+                raise NodeFault("no node left to build on: " + "; ".join(
+                    interrupted.values()))
+            s.nodes_changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(s.nodes_changed.wait(), remaining)
+
+    async def _build_interrupted(self, fn: FunctionRecord, node: NodeView, exc: ThawError,
+                                 interrupted: dict[str, str]) -> str:
+        """Record a build the node lost (its agent died, stopped or went away): the node
+        is written off at once if its agent no longer answers, and the build goes on
+        elsewhere; past build_attempts it fails, naming every interruption."""
+        s = self.s
+        alive = await node.client.alive()
+        why = (f"interrupted on node {node.id}: "
+               + ("its agent died" if not alive else "its agent went away") + f" ({exc})")
+        interrupted[node.id] = why
+        if not alive:
+            await self.fleet.mark_lost(node, f"its agent died during a build ({exc})")
+        attempts = self.build_attempts()
+        if len(interrupted) >= attempts:
+            raise NodeFault(f"snapshot build interrupted {len(interrupted)} times "
+                            f"(build_attempts = {attempts}): " + "; ".join(
+                                interrupted.values()))
+        s.events.emit(EventKind.BUILD_RETRIED,
+                      f"{fn_name(fn)} version {fn.version}: build {why}; retrying on "
+                      f"another node (attempt {len(interrupted) + 1} of {attempts})",
+                      node_id=node.id, function=fn_name(fn), version=str(fn.version))
+        log.warning("build interrupted; retrying", node=node.id, function=fn_name(fn),
+                    error=str(exc), attempt=len(interrupted) + 1, attempts=attempts)
+        return why
 
     async def _build_failed(self, fn: FunctionRecord, reason: str) -> FunctionRecord:
         updated = await self.s.store.run(self.s.versions.fail, fn.id, fn.version, reason)

@@ -40,6 +40,9 @@ class EventKind(str, enum.Enum):
     EVENTS_LOST = "events_lost"            # a subscriber fell behind the log
     VERSION_ACTIVATED = "version_activated"  # a deploy or rollback switched versions
     BUILD_FAILED = "build_failed"          # a version's build failed (the old one serves)
+    BUILD_RETRIED = "build_retried"        # its node's agent died mid-build: built elsewhere
+    NODE_CONDITION = "node_condition"      # a node's disk filled, went read-only, or recovered
+    CHUNK_REPAIRED = "chunk_repaired"      # a corrupt chunk was fetched again or rebuilt
     PRIORITY_CHANGED = "priority_changed"  # an operator re-prioritized a queued invocation
 
 
