@@ -19,6 +19,7 @@ from thaw.core.http1limits import (
     BODY_TIMEOUT_SECONDS,
     HEADER_TIMEOUT_SECONDS,
     IDLE_TIMEOUT_SECONDS,
+    MAX_GATEWAY_LINE_BYTES,
     MAX_HEAD_BYTES,
     MAX_HEADERS,
     MAX_LINE_BYTES,
@@ -186,7 +187,7 @@ class GatewayFields(_Fields):
     """Largest bundle upload accepted."""
     # Bounds on what a client sends and how slowly (docs/limits.md); both listeners,
     # fast lane and aiohttp, hold them.
-    max_request_line_bytes: int = Field(MAX_LINE_BYTES, ge=256, le=1024 * 1024)
+    max_request_line_bytes: int = Field(MAX_LINE_BYTES, ge=256, le=MAX_GATEWAY_LINE_BYTES)
     """Longest request target (path and query) accepted; 431 past it."""
     max_header_bytes: int = Field(MAX_LINE_BYTES, ge=256, le=1024 * 1024)
     """Longest single header (name and value) accepted; 431 past it."""

@@ -58,6 +58,17 @@ class HTTPLimits:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
 
 
+# The longest request target httptools' URL parser takes (it refuses longer ones).
+MAX_URL_BYTES = 65535
+# A gateway's max_request_line_bytes stays this far below MAX_URL_BYTES: the data
+# plane's own prefix goes in front of the path the gateway forwards.
+MAX_GATEWAY_LINE_BYTES = 32 * 1024
+# For a server only platform components call (the node's data plane, behind mutual
+# TLS): any head the gateway forwards.
+FORWARDED_LIMITS = HTTPLimits(max_request_line_bytes=MAX_URL_BYTES,
+                              max_head_bytes=4 * 1024 * 1024)
+
+
 class AddressCap:
     """At most `most` open connections per client address, counted across every
     listener that shares this object.

@@ -44,7 +44,7 @@ import asyncio
 import ssl
 from collections.abc import Callable
 
-from thaw.core.http1limits import AddressCap, HTTPLimits
+from thaw.core.http1limits import FORWARDED_LIMITS, AddressCap, HTTPLimits
 from thaw.core.http1messages import (
     SENT,
     Answer,
@@ -85,9 +85,10 @@ class HTTPServer:
     With `tls` (core/httptls.py server_ssl_context) it speaks TLS only; `callers` then
     names the components (core/pki.py) whose client certificates it serves.
 
-    `limits` bound each connection's heads and pauses (core/http1limits.py; defaults
-    when None). `cap` counts connections per address; a connection handed to
-    `fallback` must be released from the cap by the protocol it goes to."""
+    `limits` bound each connection's heads and pauses (core/http1limits.py; None:
+    FORWARDED_LIMITS, for a server only platform components call). `cap` counts
+    connections per address; a connection handed to `fallback` must be released from
+    the cap by the protocol it goes to."""
 
     def __init__(self, router: Router, max_body: int = MAX_BODY_BYTES,
                  claim: Claim | None = None,
@@ -106,7 +107,7 @@ class HTTPServer:
         self.max_body = max_body
         self.claim = claim
         self.fallback = fallback
-        self.limits = limits or HTTPLimits()
+        self.limits = limits or FORWARDED_LIMITS
         self.cap = cap
         self._server: asyncio.AbstractServer | None = None
         self._connections: set[HTTPProtocol] = set()
