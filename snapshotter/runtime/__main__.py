@@ -20,11 +20,11 @@ import os
 import socket
 import sys
 import time
-import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
+from .bounded import print_exception
 from .capture import CaptureError, capture
 from .events import (
     Captured,
@@ -76,7 +76,7 @@ def stage(name: Stage) -> Iterator[None]:
         )
         raise StageFailed(name, exc.reason, exc.attribute_path) from exc
     except (Exception, SystemExit) as exc:
-        traceback.print_exc()
+        print_exception()
         raise StageFailed(name, describe_exception(exc)) from exc
 
 

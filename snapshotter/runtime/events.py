@@ -16,6 +16,10 @@ import os
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
+# describe_exception is re-exported: every failure words its reason with it.
+from .bounded import MAX_REASON_CHARS, cut
+from .bounded import describe_exception as describe_exception
+
 
 class ExitCode(enum.IntEnum):
     """Process exit codes of the runtime. The node agent maps them to instance states;
@@ -61,11 +65,6 @@ _STAGE_EXIT_CODES = {
 Timings = dict[str, float]
 
 
-def describe_exception(exc: BaseException) -> str:
-    """The `reason` form used in every failure: `<ExcType>: <message>`."""
-    return f"{type(exc).__name__}: {exc}"
-
-
 # --- instance -> agent -------------------------------------------------------------
 
 
@@ -87,6 +86,15 @@ class Failed:
     reason: str
     # Only for capture failures: which part of the handler could not be snapshotted.
     attribute_path: str | None = None
+
+    def __post_init__(self) -> None:
+        # Bounded on both sides: what the instance sends, and what the agent reads
+        # from a process that may write anything on its status descriptor.
+        if isinstance(self.reason, str):
+            object.__setattr__(self, "reason", cut(self.reason, MAX_REASON_CHARS))
+        if isinstance(self.attribute_path, str):
+            object.__setattr__(self, "attribute_path",
+                               cut(self.attribute_path, MAX_REASON_CHARS))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,16 +170,22 @@ def parse_event(line: bytes | str) -> Event:
     """The agent side of `event_to_line`; raises ValueError on anything else."""
     record = json.loads(line)
     if not isinstance(record, dict):
-        raise ValueError(f"status event is not a JSON object: {line!r}")
+        raise ValueError(f"status event is not a JSON object: {_quote(line)}")
     cls = _EVENT_TYPES.get(record.pop("event", None))
     if cls is None:
-        raise ValueError(f"unknown status event: {line!r}")
+        raise ValueError(f"unknown status event: {_quote(line)}")
     if cls is Failed:
         record["stage"] = Stage(record["stage"])
     try:
         return cls(**record)
     except TypeError as exc:
-        raise ValueError(f"malformed {cls.event} event: {line!r}") from exc
+        raise ValueError(f"malformed {cls.event} event: {_quote(line)}") from exc
+
+
+def _quote(line: bytes | str) -> str:
+    """A bad line as an error quotes it: the start only (it came from a process that
+    may write anything)."""
+    return repr(line[:200]) + (f"... [{len(line) - 200} more]" if len(line) > 200 else "")
 
 
 class StatusChannel:

@@ -21,12 +21,12 @@ import socketserver
 import stat
 import sys
 import time
-import traceback
 from collections.abc import Callable
 from types import FrameType
 from typing import Any, NoReturn
 from urllib.parse import unquote
 
+from .bounded import print_exception
 from .events import ExitCode, describe_exception
 from .handler import InvalidInput, Invoker, Payload, Request, Stream, encode_json
 
@@ -236,7 +236,7 @@ class InvokeRequestHandler(http.server.BaseHTTPRequestHandler):
             if isinstance(exc, MemoryError) or is_device_out_of_memory(exc):
                 self._out_of_memory(exc)
             if status >= 500:
-                traceback.print_exc()
+                print_exception()
             self._send(status, "application/json", error_body(code, describe_exception(exc)))
             return
         if isinstance(reply, Payload):
@@ -302,7 +302,7 @@ class InvokeRequestHandler(http.server.BaseHTTPRequestHandler):
                 raise
             except Exception as exc:
                 # Headers are gone; the failure becomes the stream's last item.
-                traceback.print_exc()
+                print_exception()
                 error = error_body(_HANDLER_ERROR[1], describe_exception(exc))
                 write(b"event: error\ndata: " + error + b"\n\n" if sse else error + b"\n")
             else:

@@ -25,11 +25,11 @@ import socket
 import sys
 import threading
 import time
-import traceback
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import NoReturn
 
+from .bounded import print_exception
 from .capture import CaptureError, capture
 from .events import (
     BuildRequest,
@@ -151,7 +151,7 @@ class Template:
             try:
                 self._spawn(conn)
             except OSError:
-                traceback.print_exc()
+                print_exception()
             finally:
                 conn.close()
 
@@ -210,7 +210,7 @@ class Template:
             code = _build_in_child(request, self._handler_class, self._modules,
                                    StatusChannel(conn.sendall), go_read)
         except BaseException:
-            traceback.print_exc()
+            print_exception()
         finally:
             sys.stdout.flush()
             sys.stderr.flush()
@@ -230,7 +230,7 @@ class Template:
                 os._exit(code)
             code = _restore_and_serve(request, StatusChannel(conn.sendall), conn, go_read)
         except BaseException:
-            traceback.print_exc()
+            print_exception()
         finally:
             sys.stdout.flush()
             sys.stderr.flush()
@@ -269,7 +269,7 @@ def _build_in_child(request: BuildRequest, handler_class: type, modules: list[st
         channel.emit(Failed(Stage.CAPTURE, exc.reason, exc.attribute_path))
         return Stage.CAPTURE.exit_code
     except BaseException as exc:  # setup() may even sys.exit(): a failed setup
-        traceback.print_exc()
+        print_exception()
         _wait_for_template(go_read)
         channel.emit(Failed(stage_now, describe_exception(exc)))
         return stage_now.exit_code
@@ -309,7 +309,7 @@ def _restore_and_serve(
         stage = Stage.SERVE
         server = bind_server(request.socket, invoker)
     except Exception as exc:
-        traceback.print_exc()
+        print_exception()
         _wait_for_template(go_read)
         channel.emit(Failed(stage, describe_exception(exc)))
         return stage.exit_code
@@ -361,7 +361,7 @@ def run_template(snapshot_json: int | str, control: str, status: StatusChannel,
         handler_class = import_handler()
         watch.after_import(str(getattr(handler_class, "__module__", "")) or "handler")
     except Exception as exc:
-        traceback.print_exc()
+        print_exception()
         status.emit(Failed(Stage.IMPORT, describe_exception(exc)))
         return ExitCode.IMPORT_FAILED
     elapsed = time.perf_counter() - started
