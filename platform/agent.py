@@ -27,6 +27,7 @@ from thaw.core.errors import (
     NotFound,
     ThawError,
 )
+from thaw.core.logs import MAX_REASON_CHARS, bound_reason, cut
 from thaw.core.pki import Identity
 from thaw.core.spec import extract_bundle
 from thaw.platform.activation import ActivationBudget
@@ -87,6 +88,18 @@ log = structlog.get_logger()
 DEFAULT_UID_RANGE = (200000, 265535)
 # Where a build's output is moved (out of its tenant's reach) before it is read.
 SEALED_BUILDS = ".sealed"
+
+
+def _text(value: object, default: str) -> str:
+    """A field of a status event as text (the instance may send any JSON there)."""
+    return value if isinstance(value, str) and value else default
+
+
+def _build_failed(stage: str, reason: object, attribute_path: str = ""
+                  ) -> agent_pb2.BuildSnapshotResponse:
+    return agent_pb2.BuildSnapshotResponse(
+        ok=False, stage=cut(stage, 64), reason=bound_reason(reason),
+        attribute_path=cut(attribute_path, MAX_REASON_CHARS))
 
 
 class Agent:
@@ -178,16 +191,14 @@ class Agent:
                     event = await self.runtime.build_in_template(
                         template.control, BuildRequest(str(out), log_path, spec.version),
                         self.start_timeout)
-                except ThawError as exc:
-                    return agent_pb2.BuildSnapshotResponse(ok=False, stage="setup",
-                                                           reason=str(exc))
+                except (ThawError, ValueError) as exc:  # ValueError: a line past the limit
+                    return _build_failed("setup", exc)
             if event is None:
                 event = await self._build_fresh(spec, bundle, out, log_path)
             if event.get("event") != Captured.event:
-                return agent_pb2.BuildSnapshotResponse(
-                    ok=False, stage=event.get("stage", "setup"),
-                    reason=event.get("reason", "unknown"),
-                    attribute_path=event.get("attribute_path") or "")
+                return _build_failed(_text(event.get("stage"), "setup"),
+                                     _text(event.get("reason"), "unknown"),
+                                     _text(event.get("attribute_path"), ""))
             try:
                 # Out of the tenant's reach and checked before the agent reads it.
                 await asyncio.to_thread(seal_output, out, sealed.parent)
@@ -195,7 +206,7 @@ class Agent:
                     self.snapshots.store_capture, sealed, function=name,
                     version=spec.version)
             except (OSError, ThawError) as exc:
-                return agent_pb2.BuildSnapshotResponse(ok=False, stage="store", reason=str(exc))
+                return _build_failed("store", exc)
             log.info("snapshot built", function=name, version=spec.version,
                      host_bytes=manifest.host.size, stored_bytes=stored,
                      setup_s=round(manifest.setup_seconds, 3))
@@ -212,8 +223,11 @@ class Agent:
             build_spec(spec, bundle, out=out, log_path=log_path), spec))
         try:
             return await proc.next_event(self.start_timeout)
-        except ThawError as exc:
-            return {"event": "failed", "stage": "setup", "reason": str(exc)}
+        except (ThawError, ValueError) as exc:
+            # ValueError: a status line past the reader's limit, or not JSON. The build
+            # may still be writing: killed, so that waiting for it cannot hang.
+            await proc.kill()
+            return {"event": "failed", "stage": "setup", "reason": bound_reason(exc)}
         finally:
             await proc.proc.wait()
 
