@@ -1,6 +1,7 @@
 """Snapshots and node drains for the CLI: GET /v1/snapshots, GET /v1/snapshots/{name},
 POST /v1/functions/{name}/verify (and prewarm's progress stream, see app.py's
-prewarm_function), POST /v1/nodes/{node}/drain.
+prewarm_function), POST /v1/nodes/{node}/drain, POST /v1/nodes/gc and
+/v1/nodes/{node}/gc.
 
 Verify and prewarm run on each node holding the snapshot in turn and report
 progress; with `Accept: application/x-ndjson` every progress message is a line
@@ -173,12 +174,33 @@ async def drain_node(request: web.Request) -> web.Response:
                               "finishing": reply.finishing})
 
 
+# A collection walks each node's bundles, builds and logs (scheduler/gc.py's limit).
+GC_TIMEOUT_SECONDS = 1800.0
+
+
+def garbage_json(g: scheduler_pb2.NodeGarbage) -> dict[str, Any]:
+    return {"node": g.node_id, "freed_bytes": g.freed_bytes, "error": g.error,
+            "freed": [{"kind": f.kind, "items": f.items, "bytes": f.bytes}
+                      for f in g.freed]}
+
+
+async def collect_garbage(request: web.Request) -> web.Response:
+    """Garbage collection now on one node (`{node}`) or every live node."""
+    gw = request.app[GATEWAY_KEY]
+    require_operator(await _principal(request), gw.config)
+    reply = await call(_stub(request).CollectGarbage(scheduler_pb2.NodeGcRequest(
+        node_id=request.match_info.get("node", "")), timeout=GC_TIMEOUT_SECONDS))
+    return web.json_response({"nodes": [garbage_json(g) for g in reply.nodes]})
+
+
 def add_routes(app: web.Application) -> None:
     r = app.router
     r.add_get("/v1/snapshots", list_snapshots)
     r.add_get("/v1/snapshots/{name}", get_snapshot)
     r.add_post("/v1/functions/{name}/verify", verify_function)
     r.add_post("/v1/nodes/{node}/drain", drain_node)
+    r.add_post("/v1/nodes/gc", collect_garbage)
+    r.add_post("/v1/nodes/{node}/gc", collect_garbage)
 
 
 _NAME_PARAM = {"name": "name", "in": "path", "required": True,
@@ -230,4 +252,16 @@ OPENAPI_PATHS: dict[str, Any] = {
             "node": {"type": "object"}, "stopped": {"type": "integer"},
             "finishing": {"type": "integer"}}}, "The node, draining."),
             **_errors(401, 403, 404, 503)}}},
+    "/v1/nodes/gc": {"post": {
+        "summary": "Collect garbage on every live node now (operator): bundles and "
+                   "snapshots no kept version uses, unpack folders, build leftovers, "
+                   "old instance logs. Each node's bytes freed are also an event.",
+        "responses": {"200": _json(_GARBAGE, "What each node freed."),
+                      **_errors(401, 403, 503)}}},
+    "/v1/nodes/{node}/gc": {"post": {
+        "summary": "Collect garbage on one node now (operator).",
+        "parameters": [{"name": "node", "in": "path", "required": True,
+                        "schema": {"type": "string"}}],
+        "responses": {"200": _json(_GARBAGE, "What the node freed."),
+                      **_errors(401, 403, 404, 503)}}},
 }

@@ -28,6 +28,7 @@ from thaw.scheduler.builds import Builds
 from thaw.scheduler.bundles import BundleStore
 from thaw.scheduler.events import EventKind, EventLog
 from thaw.scheduler.fleet import NO_DOCKER_NODE, NODE_WAIT_SECONDS, Fleet
+from thaw.scheduler.gc import GarbageCollector
 from thaw.scheduler.instances import Instances
 from thaw.scheduler.leasing import LeaseGrant, Leasing
 from thaw.scheduler.nodes import AgentClient, NodeView
@@ -53,7 +54,7 @@ class ControlPlane:
                  policy: PolicyConfig | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  agent_client: Callable[[str], AgentClient] = AgentClient,
-                 events: EventLog | None = None) -> None:
+                 events: EventLog | None = None, gc_log_age: float = 86_400.0) -> None:
         self.state = s = PlaneState(
             store=store, bundles=bundles,
             timeouts=Timeouts(heartbeat_interval, node_timeout, build_timeout, acquire_wait),
@@ -66,6 +67,7 @@ class ControlPlane:
         self.builds = Builds(s, self.fleet, self.instances, self.tiers)
         self.leasing = Leasing(s, self.fleet, self.instances, self.starts, self.builds)
         self.reconciler = Reconciler(s, self.fleet, self.instances, self.starts)
+        self.gc = GarbageCollector(s, self.tiers, log_max_age=gc_log_age)
         # The shared state, under the names the service, the operator passes and the
         # tests read (the same objects, never rebound).
         self.store: Store = s.store

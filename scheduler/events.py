@@ -44,6 +44,7 @@ class EventKind(str, enum.Enum):
     NODE_CONDITION = "node_condition"      # a node's disk filled, went read-only, or recovered
     CHUNK_REPAIRED = "chunk_repaired"      # a corrupt chunk was fetched again or rebuilt
     PRIORITY_CHANGED = "priority_changed"  # an operator re-prioritized a queued invocation
+    GARBAGE_COLLECTED = "garbage_collected"  # a node's garbage collected: bytes freed by kind
 
 
 @dataclass(frozen=True)

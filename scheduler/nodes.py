@@ -70,6 +70,11 @@ class AgentClient:
         return await call(self._stub.CollectGarbage(
             agent_pb2.CollectGarbageRequest(keep=keep), timeout=timeout))
 
+    async def collect(self, request: agent_pb2.CollectGarbageRequest,
+                      timeout: float) -> agent_pb2.CollectGarbageResponse:
+        """Garbage collection with every option of the request (scheduler/gc.py)."""
+        return await call(self._stub.CollectGarbage(request, timeout=timeout))
+
     async def snapshot_pass(self, kind: str, manifest: SnapshotManifest, peers: list[str],
                             timeout: float = 1800.0
                             ) -> AsyncIterator[agent_pb2.SnapshotProgress]:

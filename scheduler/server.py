@@ -82,7 +82,8 @@ class SchedulerServer:
             self.store, BundleStore(cfg.home / "scheduler" / "bundles"),
             heartbeat_interval=cfg.heartbeat_interval, node_timeout=cfg.node_timeout,
             build_timeout=cfg.build_timeout, acquire_wait=cfg.acquire_wait,
-            policy=self.policy, agent_client=functools.partial(AgentClient, tls=tls))
+            policy=self.policy, agent_client=functools.partial(AgentClient, tls=tls),
+            gc_log_age=cfg.gc_log_age)
         await self.control.recover()
         server = internal_server(tls)
         scheduler_pb2_grpc.add_SchedulerServicer_to_server(SchedulerService(self.control), server)
@@ -102,6 +103,7 @@ class SchedulerServer:
         self._server = server
         self._tasks.append(asyncio.create_task(
             self.control.reconcile_forever(cfg.reconcile_interval)))
+        self._tasks.append(asyncio.create_task(self.control.gc.run_forever(cfg.gc_interval)))
         if cfg.metrics_listen:
             host, _, port = cfg.metrics_listen.rpartition(":")
             # Restore failures by fault, events by kind (scheduler/events.py).

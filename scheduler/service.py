@@ -266,6 +266,13 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         reply.node.CopyFrom(self._node_info(self.control.nodes[request.node_id]))
         return reply
 
+    @servicer_method
+    async def CollectGarbage(self, request: scheduler_pb2.NodeGcRequest,
+                             context: grpc.aio.ServicerContext
+                             ) -> scheduler_pb2.NodeGcResponse:
+        return scheduler_pb2.NodeGcResponse(
+            nodes=await self.control.gc.collect(request.node_id))
+
     def _node_info(self, node: NodeView) -> scheduler_pb2.NodeInfo:
         pressure = self.control.pressure
         return scheduler_pb2.NodeInfo(

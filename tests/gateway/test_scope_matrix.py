@@ -48,6 +48,8 @@ ROUTES: dict[tuple[str, str], str] = {
     ("GET", "/v1/snapshots"): "deploy", ("GET", "/v1/snapshots/{name}"): "deploy",
     ("POST", "/v1/functions/{name}/verify"): "deploy",
     ("POST", "/v1/nodes/{node}/drain"): "operator",
+    ("POST", "/v1/nodes/gc"): "operator",
+    ("POST", "/v1/nodes/{node}/gc"): "operator",
     ("GET", "/v1/alerts"): "operator",
     ("GET", "/v1/functions/{name}/versions"): "deploy",
     ("POST", "/v1/functions/{name}/rollback"): "deploy",
