@@ -33,7 +33,7 @@ from thaw.gateway.breaker import Breakers, BreakerState
 from thaw.gateway.caller import principal_of
 from thaw.gateway.config import GatewaySettings
 from thaw.gateway.dispatch import Dispatcher
-from thaw.gateway.errors import error_body, error_response
+from thaw.gateway.errors import PayloadTooLarge, error_body, error_response
 from thaw.gateway.invoke import invoke
 from thaw.gateway.jsonbody import JSON_ROUTES_KEY, json_limits_middleware, json_routes
 from thaw.gateway.leases import LeasePool
@@ -47,7 +47,7 @@ from thaw.gateway.origins import (
     on_response_prepare,
 )
 from thaw.gateway.ratelimit import KeyRateLimiter
-from thaw.gateway.request import BODY_TIMEOUT_KEY
+from thaw.gateway.request import BODY_TIMEOUT_KEY, read_body
 from thaw.gateway.scheduler_client import SchedulerClient
 from thaw.gateway.snapshots import snapshot_pass
 from thaw.gateway.state import (
@@ -167,7 +167,10 @@ async def read_bundle_upload(request: web.Request) -> bytes:
             raise InvalidBundle(f"malformed multipart body: {exc}", field="bundle") from exc
     if request.content_length is not None and request.content_length > limit:
         raise _bundle_too_large(limit)
-    body = await request.read()
+    try:  # read_body: within body_timeout_seconds between two reads
+        body = await read_body(request, limit)
+    except PayloadTooLarge:
+        raise _bundle_too_large(limit) from None
     if not body:
         raise InvalidBundle("send the bundle tarball as the request body", field="bundle")
     if len(body) > limit:
@@ -185,7 +188,17 @@ async def _bundle_part(request: web.Request, limit: int) -> bytes:
     async for part in reader:
         if isinstance(part, aiohttp.BodyPartReader) and part.name == "bundle":
             data = bytearray()
-            while chunk := await part.read_chunk():
+            pause = request.app[CONFIG_KEY].body_timeout_seconds
+            while True:
+                try:
+                    async with asyncio.timeout(pause):
+                        chunk = await part.read_chunk()
+                except TimeoutError:
+                    raise web.HTTPRequestTimeout(
+                        text=f"the bundle paused longer than {pause:g} s "
+                             "(body_timeout_seconds)") from None
+                if not chunk:
+                    break
                 data.extend(chunk)
                 if len(data) > limit:
                     raise _bundle_too_large(limit)

@@ -42,6 +42,13 @@ _SQUARE = bytes.maketrans(b"{}", b"[]")
 # count of brackets so far, is the depth at each bracket.
 _TWICE_OPENS = bytes.maketrans(b"[]", b"\x02\x00")
 JSON_ROUTES_KEY = web.AppKey("json_routes", frozenset)
+# Where no settings are at hand (`loads`): the max_json_depth setting's default
+# (core/config_fields.py GatewayFields), which it must equal.
+MAX_JSON_DEPTH = 64
+
+
+class JSONTooDeep(ValueError):
+    """JSON that nests deeper than allowed: a ValueError, as malformed JSON is."""
 
 
 def _brackets(body: bytes) -> bytes:
@@ -111,6 +118,18 @@ def parse_json(body: bytes, max_bytes: int, max_depth: int, field: str = "body")
         return json.loads(body)
     except (ValueError, RecursionError) as exc:
         raise InvalidArgument(f"the body is not JSON: {exc}", field=field) from exc
+
+
+def loads(data: str | bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """json.loads for JSON from outside the gateway that did not come through a JSON
+    route (a WebSocket message, a function's answer): nesting past `max_depth` raises
+    JSONTooDeep, a ValueError like any malformed JSON, never a RecursionError."""
+    # Scanned as the parser reads it: bytes in UTF-16 or UTF-32 decoded first.
+    text = data if isinstance(data, str) else data.decode(json.detect_encoding(data),
+                                                          "surrogatepass")
+    if nests_deeper_than(text.encode("utf-8", "surrogatepass"), max_depth):
+        raise JSONTooDeep(f"JSON nests deeper than {max_depth} levels")
+    return json.loads(text)
 
 
 def json_routes(document: Mapping[str, Any]) -> frozenset[tuple[str, str]]:

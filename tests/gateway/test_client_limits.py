@@ -32,8 +32,10 @@ from thaw.core.http1limits import AddressCap, HTTPLimits
 from thaw.gateway.app import make_app
 from thaw.gateway.config import GatewaySettings
 from thaw.gateway.jsonbody import (
+    MAX_JSON_DEPTH,
     check_json,
     json_routes,
+    loads,
     nesting_depth,
     nests_deeper_than,
     parse_json,
@@ -307,6 +309,21 @@ def test_the_bounded_parser() -> None:
             parse_json(body, 100, 2)
         assert status_word in str(caught.value), body
     check_json(b"[[1]]", 100, 2)  # within both: no error
+
+
+def test_loads_refuses_deep_json_as_a_value_error() -> None:
+    assert loads('{"a": [1]}') == {"a": [1]}
+    assert loads(json.dumps([[["x"]]]).encode("utf-16")) == [[["x"]]]
+    for deep in ("[" * 100_000 + "]" * 100_000, ("[" * 100).encode("utf-16-le"),
+                 ("[" * 100 + "]" * 100).encode("utf-32")):
+        with pytest.raises(ValueError, match="deeper than 64"):
+            loads(deep)
+    assert loads("[[1]]", max_depth=2) == [[1]]
+    with pytest.raises(ValueError):
+        loads("[[1]]", max_depth=1)
+    with pytest.raises(ValueError):  # malformed, as json.loads says
+        loads(b"[1,")
+    assert GatewaySettings.load().max_json_depth == MAX_JSON_DEPTH
 
 
 def test_http_limits_refuse_nonsense() -> None:
