@@ -12,8 +12,9 @@ import pytest
 
 from .conftest import subprocess_env
 
-RUNTIME_MODULES = ["__main__", "batching", "capture", "device_slice", "events", "forksafe",
-                   "gpuinfo", "handler", "restore", "server", "snapshot", "template"]
+RUNTIME_MODULES = ["__main__", "batching", "bounded", "capture", "device_slice", "events",
+                   "forksafe", "gpuinfo", "handler", "restore", "server", "snapshot",
+                   "template"]
 
 PROBE = """
 import importlib, json, sys
