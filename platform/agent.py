@@ -21,6 +21,7 @@ from typing import Any
 import structlog
 
 from thaw.core.errors import (
+    CorruptChunk,
     FingerprintMismatch,
     InstanceFailed,
     NodeFault,
@@ -31,6 +32,7 @@ from thaw.core.logs import MAX_REASON_CHARS, bound_reason, cut
 from thaw.core.pki import Identity
 from thaw.core.spec import extract_bundle
 from thaw.platform.activation import ActivationBudget
+from thaw.platform.chunk_repair import refetch_corrupt
 from thaw.platform.devices import DeviceBackend, Slice
 from thaw.platform.instances import Instance, InstanceState
 from thaw.platform.launch import (
@@ -133,6 +135,8 @@ class Agent:
         self._slices: dict[str, Slice] = {}
         """Instance id -> the slice allocated for it."""
         self.exited: list[scheduler_pb2.InstanceExit] = []
+        self.repaired: list[str] = []
+        """Corrupt chunks fetched again since the last heartbeat (it reports them)."""
         self._watchers: set[asyncio.Task[None]] = set()
         self.draining = False
         for sub in ("bundles", "builds", "logs"):
@@ -283,7 +287,8 @@ class Agent:
                 await self._allocate_slice(inst, spec, restore,
                                            req.manifest.device.size if restore else None)
             if restore:
-                timings = await self._restore(inst, spec, req.manifest, list(req.peers))
+                timings = await self._restore_or_repair(inst, spec, req.manifest,
+                                                        list(req.peers))
             else:
                 timings = await self._start_fresh(inst, spec)
         except BaseException as exc:
@@ -364,6 +369,21 @@ class Agent:
             raise InstanceFailed(f"{stage} failed: {reason}")
         t = event.timings
         return [("import", float(t.get("import", 0.0))), ("setup", float(t.get("setup", 0.0)))]
+
+    async def _restore_or_repair(self, inst: Instance, spec: agent_pb2.FunctionSpec,
+                                 manifest: manifest_pb2.SnapshotManifest,
+                                 peers: list[str]) -> list[tuple[str, float]]:
+        """_restore; a chunk found corrupt on this node is fetched again from a peer and
+        the restore tried once more (chunk_repair.py); heartbeats report the repair."""
+        try:
+            return await self._restore(inst, spec, manifest, peers)
+        except CorruptChunk as exc:
+            repaired = await refetch_corrupt(self.snapshots, self.chunks, manifest, peers,
+                                             exc, self.node_id)
+            if repaired is None:
+                raise
+            self.repaired.append(repaired)
+            return await self._restore(inst, spec, manifest, peers)
 
     async def _restore(self, inst: Instance, spec: agent_pb2.FunctionSpec,
                        manifest: manifest_pb2.SnapshotManifest,

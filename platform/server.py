@@ -228,6 +228,7 @@ class AgentServer:
         while True:
             await asyncio.sleep(interval)
             exited = self.agent.take_exited()
+            repaired, self.agent.repaired = self.agent.repaired, []
             try:
                 pinned = await asyncio.to_thread(self._pinned_info)
                 telemetry = telemetry_message(await asyncio.to_thread(
@@ -237,11 +238,13 @@ class AgentServer:
                     node_id=self.node_id, devices=self._devices(),
                     instance_ids=list(self.agent.instances), exited=exited, pinned=pinned,
                     disk_bytes=self.agent.snapshots.disk.stored_bytes(),
-                    telemetry=telemetry, boot_id=self.boot_id), timeout=10))
+                    telemetry=telemetry, boot_id=self.boot_id, repaired=repaired),
+                    timeout=10))
                 if resp.reregister:
                     interval = await self._register()
             except ThawError as exc:
                 self.agent.exited[:0] = exited  # report them next time
+                self.agent.repaired[:0] = repaired
                 log.warning("heartbeat failed", error=str(exc))
 
     async def _say_stopping(self) -> None:

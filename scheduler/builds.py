@@ -256,6 +256,21 @@ class Builds:
                     error=str(exc), attempt=len(interrupted) + 1, attempts=attempts)
         return why
 
+    async def rebuild_snapshot(self, fn: FunctionRecord, why: str
+                               ) -> asyncio.Task[FunctionRecord]:
+        """Build the snapshot of the serving version again from its stored bundle (its
+        snapshot was quarantined for corrupt data no node could repair); it serves
+        with fresh starts meanwhile and restores again once the build is done."""
+        s = self.s
+        bundle = await asyncio.to_thread(s.bundles.get, fn.bundle_digest)
+        rebuilding = await s.store.run(s.versions.begin_rebuild, fn.id, fn.version)
+        s.events.emit(EventKind.CHUNK_REPAIRED,
+                      f"{fn_name(fn)} version {fn.version}: rebuilding its snapshot ({why})",
+                      function=fn_name(fn), version=str(fn.version), how="rebuild")
+        log.warning("rebuilding a corrupt snapshot", function=fn_name(fn),
+                    version=fn.version, reason=why)
+        return self._start_build(as_function(fn, rebuilding), bundle)
+
     async def _build_failed(self, fn: FunctionRecord, reason: str) -> FunctionRecord:
         updated = await self.s.store.run(self.s.versions.fail, fn.id, fn.version, reason)
         serving = updated is not None and updated.state is FunctionState.READY

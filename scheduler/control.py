@@ -83,6 +83,8 @@ class ControlPlane:
         self.holders: dict[str, set[str]] = s.holders
         self._room: Broadcast = s.room
         self._background: set[asyncio.Task[object]] = s.background
+        # Snapshots quarantined for corrupt chunks are rebuilt by the reconcile loop.
+        self.reconciler.builds = self.builds
 
     @property
     def heartbeat_interval(self) -> float:

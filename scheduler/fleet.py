@@ -181,6 +181,10 @@ class Fleet:
             log.warning("node recovered", node=node.id)
         for exited in req.exited:
             await self.instances.forget(exited.instance_id, f"exited: {exited.reason}")
+        for repaired in req.repaired:
+            s.events.emit(EventKind.CHUNK_REPAIRED, repaired, node_id=node.id,
+                          how="fetched again")
+            log.warning("corrupt chunk repaired", node=node.id, what=repaired)
         self.observe_pressure(node)
         s.room.fire()
         return True

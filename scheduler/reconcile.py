@@ -6,12 +6,14 @@ CRITICAL memory pressure. Also the recovery after a scheduler restart."""
 from __future__ import annotations
 
 import asyncio
+import re
 
 import structlog
 
 from thaw.core.errors import ThawError
 from thaw.proto import manifest_pb2
 from thaw.scheduler.autoscale import IdleInstanceView, scale_down
+from thaw.scheduler.builds import Builds
 from thaw.scheduler.events import EventKind
 from thaw.scheduler.fleet import Fleet
 from thaw.scheduler.instances import Instances
@@ -28,6 +30,10 @@ log = structlog.get_logger()
 # After a restart, how many heartbeat intervals (beyond node_timeout) the scheduler
 # waits for nodes to report the instances the DB knows as live before ending them.
 ADOPT_GRACE_HEARTBEATS = 2
+# A function's reason after its snapshot was quarantined for a chunk whose bytes no
+# longer match their digest (scheduler/starts.py _quarantine, blobstore's CorruptChunk).
+CORRUPT_QUARANTINE = re.compile(
+    r"^snapshot quarantined .*\bchunk [0-9a-f]+ is (corrupt|truncated|\d+ bytes)\b")
 # After a start to keep min_instances warm fails (no room, node refused), the
 # reconcile loop waits this long before trying that function again.
 WARM_RETRY_SECONDS = 10.0
@@ -35,11 +41,16 @@ WARM_RETRY_SECONDS = 10.0
 
 class Reconciler:
     def __init__(self, state: PlaneState, fleet: Fleet, instances: Instances,
-                 starts: Starts) -> None:
+                 starts: Starts, builds: Builds | None = None) -> None:
         self.s = state
         self.fleet = fleet
         self.instances = instances
         self.starts = starts
+        self.builds = builds
+        """Rebuilds snapshots quarantined for corrupt data (None: they stay fresh)."""
+        self._rebuilt: set[tuple[str, int]] = set()
+        """Versions rebuilt once already: a snapshot corrupt again stays quarantined
+        (no rebuild loop)."""
 
     async def reconcile_once(self) -> None:
         """Mark silent nodes lost; end instances no node reclaimed after a restart;
@@ -66,9 +77,26 @@ class Reconciler:
         for fn in functions.values():
             if fn.state is FunctionState.READY and fn.spec.scaling.min_instances > 0:
                 self._keep_warm(fn)
+            if fn.state is FunctionState.READY and fn.start_mode == "fresh":
+                await self._rebuild_corrupt(fn)
         if any(s.pressure.node_level(n.id) >= PressureLevel.CRITICAL
                for n in s.live_nodes()):
             await self._evict_idle_snapshots(now)
+
+    async def _rebuild_corrupt(self, fn: FunctionRecord) -> None:
+        """A serving version whose snapshot was quarantined for corrupt chunks (no node
+        held a good copy to fetch again) gets its snapshot rebuilt, once."""
+        if (self.builds is None or not fn.spec.snapshot
+                or not CORRUPT_QUARANTINE.search(fn.reason)
+                or (fn.id, fn.version) in self._rebuilt
+                or any(key.startswith(f"{fn.id}@") for key in self.s.builds)):
+            return
+        self._rebuilt.add((fn.id, fn.version))
+        try:
+            await self.builds.rebuild_snapshot(fn, fn.reason)
+        except ThawError as exc:
+            log.warning("corrupt snapshot not rebuilt", function=f"{fn.tenant}/{fn.name}",
+                        error=str(exc))
 
     def _idle_window(self, inst: InstanceView, window: float) -> float:
         """scaledown_window, halved under PRESSURE on the instance's device and zero

@@ -4,6 +4,7 @@ its own (setup raised) is never retried. Control plane over SQLite, fake agents.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -102,3 +103,42 @@ async def test_a_build_that_fails_by_itself_is_not_retried(
     assert fn.state is FunctionState.FAILED and "no weights" in fn.reason
     assert first.builds == ["1"] and other.builds == []
     assert messages(cluster, EventKind.BUILD_RETRIED) == []
+
+
+async def quarantine_corrupt(cluster: Cluster, fn_id: str, version: int) -> None:
+    store = cluster.control.store
+    await store.run(store.set_function_state, fn_id, version, FunctionState.READY,
+                    "snapshot quarantined after a failed restore: chunk 5e17a0 is corrupt: "
+                    "its bytes hash to 0f00; runs with fresh starts", "fresh")
+
+
+async def test_a_snapshot_quarantined_for_corrupt_chunks_is_rebuilt_once(
+        cluster: Cluster, tmp_path: Path) -> None:
+    agent = await add(cluster, "n0")
+    fn = await cluster.control.create_function("dev", bundle(tmp_path), wait=True)
+    await quarantine_corrupt(cluster, fn.id, fn.version)
+    await cluster.control.reconcile_once()
+    await asyncio.gather(*cluster.control.state.builds.values())  # the rebuild
+    rebuilt = await cluster.control.get_function("dev", "built")
+    assert (rebuilt.state, rebuilt.start_mode) == (FunctionState.READY, "restore")
+    assert rebuilt.snapshot_id != fn.snapshot_id and agent.builds == ["1", "1"]
+    (event,) = messages(cluster, EventKind.CHUNK_REPAIRED)
+    assert "dev/built version 1: rebuilding its snapshot" in event
+
+    # Corrupt again: it stays on fresh starts (no rebuild loop).
+    await quarantine_corrupt(cluster, fn.id, fn.version)
+    await cluster.control.reconcile_once()
+    assert not cluster.control.state.builds
+    assert agent.builds == ["1", "1"]
+    assert (await cluster.control.get_function("dev", "built")).start_mode == "fresh"
+
+
+async def test_other_quarantines_are_not_rebuilt(cluster: Cluster, tmp_path: Path) -> None:
+    agent = await add(cluster, "n0")
+    fn = await cluster.control.create_function("dev", bundle(tmp_path), wait=True)
+    store = cluster.control.store
+    await store.run(store.set_function_state, fn.id, fn.version, FunctionState.READY,
+                    "snapshot quarantined after a failed restore: it failed the same way "
+                    "on n0 and n1; runs with fresh starts", "fresh")
+    await cluster.control.reconcile_once()
+    assert not cluster.control.state.builds and agent.builds == ["1"]
