@@ -7,12 +7,15 @@ from __future__ import annotations
 import gzip
 import io
 import tarfile
+import time
 
 import httpx
 
 from tests.conftest import RunningPlatform
 from thaw.core.spec import thaw_toml_schema
 
+# Agents heartbeat every 2 s; a loaded machine may delay the first.
+HEARTBEAT_WAIT_SECONDS = 30.0
 APP = b"class H:\n    def __call__(self, request):\n        return request\n"
 
 
@@ -71,6 +74,18 @@ def test_bad_thaw_toml_values_are_400_with_the_key(platform: RunningPlatform) ->
         name = toml.split('"')[1]
         if "\\" not in name:
             assert platform.http.get(f"/v1/functions/{name}").status_code == 404
+
+
+def test_memory_past_the_largest_node_is_400(platform: RunningPlatform) -> None:
+    # The node's memory comes with its heartbeats: wait for one to have arrived.
+    deadline = time.monotonic() + HEARTBEAT_WAIT_SECONDS
+    while not any(n["telemetry"]["memory_total_bytes"] > 0
+                  for n in platform.http.get("/v1/nodes").json()["nodes"]):
+        assert time.monotonic() < deadline, "no heartbeat with the node's memory"
+        time.sleep(0.2)
+    toml = b'name = "big-mem"\nhandler = "app:H"\n[resources]\nmemory = "32TiB"\n'
+    error = _error(_deploy(platform, _bundle(toml)), 400)
+    assert error["field"] == "resources.memory" and "largest node" in error["message"]
 
 
 def test_bad_bundles_are_400_or_413_naming_the_limit(platform: RunningPlatform) -> None:
