@@ -50,7 +50,7 @@ from thaw.platform.launch import (
     memory_env,
     restore_spec,
 )
-from thaw.platform.logs import RUNTIME, FunctionLogs
+from thaw.platform.logs import MAX_BUILD_LOG_BYTES, RUNTIME, FunctionLogs
 from thaw.platform.peers import PeerChunks
 from thaw.platform.process import ProcessWatch, log_tail
 from thaw.platform.restore_faults import restore_fault
@@ -185,6 +185,8 @@ class Agent:
             os.chown(out, area.uid, area.gid)
         sealed = self.home / "builds" / SEALED_BUILDS / build_id
         log_path = str(area.logs / f"build-{spec.tenant}-{spec.name}-{spec.version}.log")
+        # The build's output joins the function's logs, at most MAX_BUILD_LOG_BYTES.
+        self.logs.watch(build_id, name, log_path, max_bytes=MAX_BUILD_LOG_BYTES)
         try:
             template = await self.templates.with_code(spec)
             event: dict[str, Any] | None = None
@@ -217,6 +219,7 @@ class Agent:
             return agent_pb2.BuildSnapshotResponse(ok=True, manifest=manifest,
                                                    stored_bytes=stored)
         finally:
+            await self.logs.unwatch_in_thread(build_id)
             await asyncio.to_thread(remove_quietly, out)
             await asyncio.to_thread(remove_quietly, sealed)
 

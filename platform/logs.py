@@ -31,6 +31,13 @@ MAX_LINE_BYTES = 4096
 POLL_SECONDS = 0.2
 # Read at most this much of one file per poll: one flood does not stall the others.
 READ_BYTES_PER_POLL = 256 * 1024
+# Output of one build kept and shown: past it the build's lines are dropped (one line
+# says so). Bounded so a build printing in a loop costs the node a known amount.
+MAX_BUILD_LOG_BYTES = 1024 * 1024
+# A followed log file on disk past this size is emptied once read (as logrotate's
+# copytruncate): its writers append with O_APPEND, so they go on at its new start.
+# docs/limits.md ("Logs and failure reasons") states both bounds.
+MAX_LOG_FILE_BYTES = 16 * 1024 * 1024
 
 OUTPUT = "output"
 RUNTIME = "runtime"
@@ -56,6 +63,16 @@ class _Followed:
     path: str
     offset: int = 0
     partial: bytes = b""
+    budget: int | None = None
+    """Bytes still kept of this file's output (None: no bound but the ring's)."""
+
+
+@dataclass(frozen=True)
+class _Read:
+    data: bytes
+    emptied: int = 0
+    """The file was past MAX_LOG_FILE_BYTES and emptied: how many bytes were not read."""
+    truncated: bool = False
 
 
 @dataclass
@@ -124,13 +141,22 @@ class FunctionLogs:
 
     # ---- instances' log files ------------------------------------------------------
 
-    def watch(self, instance_id: str, function: str, path: str) -> None:
-        """Follow an instance's log file from its current end (a new file: from 0)."""
+    def watch(self, instance_id: str, function: str, path: str,
+              max_bytes: int | None = None) -> None:
+        """Follow an instance's (or a build's) log file from its current end (a new
+        file: from 0), keeping at most `max_bytes` of what it writes."""
         try:
             offset = os.path.getsize(path)
         except OSError:
             offset = 0
-        self._followed[instance_id] = _Followed(function, path, offset)
+        self._followed[instance_id] = _Followed(function, path, offset, budget=max_bytes)
+
+    async def unwatch_in_thread(self, instance_id: str) -> None:
+        """unwatch(), with the last read off the event loop."""
+        followed = self._followed.pop(instance_id, None)
+        if followed is not None:
+            read = await asyncio.to_thread(_read_from, followed.path, followed.offset)
+            self._take(instance_id, followed, read, final=True)
 
     def unwatch(self, instance_id: str) -> None:
         """Read what the instance wrote last, then stop following its file."""
@@ -151,16 +177,17 @@ class FunctionLogs:
             return
         reads = await asyncio.to_thread(
             lambda: [_read_from(f.path, offset) for _, f, offset in todo])
-        for (instance_id, followed, offset), data in zip(todo, reads, strict=True):
+        for (instance_id, followed, offset), read in zip(todo, reads, strict=True):
             # Unwatched meanwhile (its last lines were read then) or already read on.
             if self._followed.get(instance_id) is followed and followed.offset == offset:
-                self._take(instance_id, followed, data, final=False)
+                self._take(instance_id, followed, read, final=False)
 
     def _read_new(self, instance_id: str, followed: _Followed, final: bool) -> None:
         self._take(instance_id, followed, _read_from(followed.path, followed.offset), final)
 
-    def _take(self, instance_id: str, followed: _Followed, data: bytes, final: bool) -> None:
-        followed.offset += len(data)
+    def _take(self, instance_id: str, followed: _Followed, read: _Read, final: bool) -> None:
+        data = read.data
+        followed.offset = 0 if read.truncated else followed.offset + len(data)
         data = followed.partial + data
         complete, _, rest = data.rpartition(b"\n")
         if final and rest:
@@ -168,9 +195,24 @@ class FunctionLogs:
         elif not complete and len(rest) > MAX_LINE_BYTES:
             complete, rest = rest, b""  # a line with no end: keep it as it comes
         followed.partial = rest
+        spent = False
+        if complete and followed.budget is not None:
+            if len(complete) > followed.budget:
+                spent = followed.budget > 0
+                complete = complete[:followed.budget]
+            followed.budget -= len(complete)
         if complete:
             self.append(followed.function, instance_id, OUTPUT,
                         complete.decode(errors="replace"))
+        if spent:
+            self.append(followed.function, instance_id, RUNTIME,
+                        "output past this point is not kept (at most "
+                        f"{MAX_BUILD_LOG_BYTES // 1024} KiB per build)")
+        if read.truncated:
+            followed.partial = b""
+            self.append(followed.function, instance_id, RUNTIME,
+                        f"log file passed {MAX_LOG_FILE_BYTES // (1024 * 1024)} MiB and was "
+                        f"emptied ({read.emptied} bytes of output not read)")
 
     async def run(self, interval: float = POLL_SECONDS) -> None:
         """Read the followed files until cancelled."""
@@ -180,12 +222,25 @@ class FunctionLogs:
             await asyncio.sleep(interval)
 
 
-def _read_from(path: str, offset: int) -> bytes:
-    """What a log file holds past `offset` (at most READ_BYTES_PER_POLL)."""
+def _read_from(path: str, offset: int) -> _Read:
+    """What a log file holds past `offset` (at most READ_BYTES_PER_POLL); a file past
+    MAX_LOG_FILE_BYTES is emptied after this read (blocking: call from a thread)."""
     try:
         # In the tenant's area: a link or FIFO planted there is never followed.
         with open(open_tenant_file(path), "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
             handle.seek(offset)
-            return handle.read(READ_BYTES_PER_POLL)
+            data = handle.read(READ_BYTES_PER_POLL)
     except OSError:
-        return b""
+        return _Read(b"")
+    if size <= MAX_LOG_FILE_BYTES:
+        return _Read(data)
+    try:
+        fd = open_tenant_file(path, os.O_WRONLY)
+        try:
+            os.ftruncate(fd, 0)
+        finally:
+            os.close(fd)
+    except OSError:  # not ours to empty (a read-only area): read on
+        return _Read(data)
+    return _Read(data, emptied=max(0, size - offset - len(data)), truncated=True)

@@ -6,6 +6,7 @@ runtime prints a bounded traceback without locals."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import threading
@@ -85,6 +86,14 @@ def test_big_failing_build_does_not_stall_the_node(platform: RunningPlatform,
     assert [n["state"] for n in nodes] == ["ready"], nodes
     lost = p.http.get("/v1/events", params={"kind": "node_lost", "after": after}).json()
     assert lost["events"] == [], lost
+
+    # The build's output is in the function's logs (the agent followed it), bounded.
+    logs_reply = p.http.get("/v1/functions/setup-raises-big/logs", params={"tail": "1000"})
+    assert logs_reply.status_code == 200, logs_reply.text
+    lines = [json.loads(ln)["line"] for ln in logs_reply.text.splitlines() if ln]
+    assert "read 41943040 bytes" in lines, lines[:20]
+    assert any(ln.startswith("RuntimeError: b'") for ln in lines), lines[-5:]
+    assert sum(len(ln) for ln in lines) < 64 * 1024
 
     # The build's log in the tenant's area holds a bounded traceback, not the data.
     logs = list((p.platform.home / "agent" / "local" / "logs").glob(

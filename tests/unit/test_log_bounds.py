@@ -9,6 +9,7 @@ import asyncio
 import io
 import json
 import logging
+import os
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -217,3 +218,57 @@ def test_build_failures_are_bounded_responses() -> None:
     assert len(resp.reason) <= core_logs.MAX_REASON_CHARS + 40
     assert len(resp.attribute_path) <= core_logs.MAX_REASON_CHARS + 40
     assert len(resp.SerializeToString()) < 3 * core_logs.MAX_REASON_CHARS
+
+
+# ---- function logs on the node (platform/logs.py) ----------------------------------------
+
+
+def test_a_builds_output_is_kept_up_to_its_bound(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from thaw.platform import logs as node_logs
+
+    monkeypatch.setattr(node_logs, "READ_BYTES_PER_POLL", 1 << 30)
+    path = tmp_path / "build.log"
+    path.write_bytes(b"")
+    logs = node_logs.FunctionLogs(max_lines=100_000)
+    logs.watch("b1", "t/f", str(path), max_bytes=node_logs.MAX_BUILD_LOG_BYTES)
+    line = b"o" * 999 + b"\n"
+    with open(path, "ab") as handle:
+        handle.write(line * 3000)  # about 3 MiB
+    logs.poll()
+    with open(path, "ab") as handle:
+        handle.write(b"later\n")
+    asyncio.run(logs.unwatch_in_thread("b1"))
+    kept = logs.lines("t/f")
+    output = [ln for ln in kept if ln.stream == node_logs.OUTPUT]
+    assert sum(len(ln.line) + 1 for ln in output) <= node_logs.MAX_BUILD_LOG_BYTES + 1
+    assert len(output) >= node_logs.MAX_BUILD_LOG_BYTES // 1000 - 1
+    notes = [ln.line for ln in kept if ln.stream == node_logs.RUNTIME]
+    assert len(notes) == 1 and "not kept" in notes[0]
+    assert "later" not in {ln.line for ln in output}
+
+
+def test_a_log_file_past_its_bound_is_emptied_and_followed_on(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from thaw.platform import logs as node_logs
+
+    monkeypatch.setattr(node_logs, "MAX_LOG_FILE_BYTES", 10_000)
+    path = tmp_path / "inst.log"
+    path.write_bytes(b"")
+    logs = node_logs.FunctionLogs()
+    logs.watch("i1", "t/f", str(path))
+    # O_APPEND, as the runtimes open instance logs: writes go on at the new start.
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    try:
+        os.write(fd, b"x" * 99 + b"\n" + b"y" * 20_000 + b"\n")
+        asyncio.run(logs.poll_in_thread())
+        assert path.stat().st_size == 0
+        os.write(fd, b"after\n")
+        asyncio.run(logs.poll_in_thread())
+    finally:
+        os.close(fd)
+    lines = logs.lines("t/f")
+    assert [ln.line for ln in lines if ln.stream == node_logs.OUTPUT][-1] == "after"
+    notes = [ln.line for ln in lines if ln.stream == node_logs.RUNTIME]
+    assert len(notes) == 1 and "emptied" in notes[0]
+    assert path.read_bytes() == b"after\n"
