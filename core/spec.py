@@ -82,8 +82,6 @@ MAX_TIMEOUT_SECONDS = 24 * 3600.0
 MAX_SCALEDOWN_SECONDS = 30 * 24 * 3600.0
 MAX_BATCH_SIZE = 1024
 MAX_BATCH_WAIT_MS = 10_000.0
-# tomllib recurses per nesting level of arrays and inline tables.
-_MAX_TOML_NESTING_ERRORS = (RecursionError, MemoryError)
 
 
 @dataclass(frozen=True)
@@ -190,7 +188,7 @@ def _duration(value: object) -> float:
 
 def _size_schema(lo: int, hi: int, what: str) -> WithJsonSchema:
     return WithJsonSchema({
-        "anyOf": [{"type": "integer", "minimum": lo, "maximum": hi},
+        "anyOf": [{"type": "number", "minimum": lo, "maximum": hi},
                   {"type": "string", "pattern": _SIZE_STRING}],
         "description": f"{what}: bytes, or a size like 512MiB or 2GiB "
                        f"(from {lo} to {hi} bytes)"})
@@ -335,7 +333,7 @@ def parse_spec(text: str) -> FunctionSpec:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise InvalidBundle(f"thaw.toml is not valid TOML: {exc}", field="thaw.toml") from exc
-    except _MAX_TOML_NESTING_ERRORS as exc:
+    except RecursionError as exc:  # tomllib recurses once per nested array or table
         raise InvalidBundle("thaw.toml nests arrays or tables too deeply",
                             field="thaw.toml") from exc
     try:
