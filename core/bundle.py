@@ -258,13 +258,17 @@ class _Walk:
         if not path:
             raise InvalidBundle("the bundle's root cannot be a symlink", field="bundle")
         target = member.linkname
-        parts = path.split("/")[:-1] + target.split("/")
-        resolved = None if target.startswith("/") or not target else self.resolve(parts)
-        if resolved is None:
+        # Where the link really is (its folder may be reached through another link):
+        # later paths through it are resolved from there.
+        folder = self.resolve(path.split("/")[:-1])
+        resolved = None
+        if folder is not None and target and not target.startswith("/"):
+            resolved = self.resolve([*folder, *target.split("/")])
+        if folder is None or resolved is None:
             raise InvalidBundle(
                 f"bundle may hold only files and folders, and links that stay inside it: "
                 f"{path!r} points to {target!r}", field=where)
-        self.links[path] = resolved
+        self.links["/".join([*folder, path.rsplit("/", 1)[-1]])] = resolved
 
 
 def _members(tar: tarfile.TarFile, walk: _Walk,

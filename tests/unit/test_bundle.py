@@ -150,6 +150,10 @@ def test_links_must_stay_inside_the_bundle() -> None:
     chained = _tar(_file("thaw.toml", TOML), _file("a/b/f", b""), link("a/b/up", "../.."),
                    link("escape", "a/b/up/.."))
     assert _refused(chained).field == "bundle/escape"
+    # A link made through another link is where it really is: pkg/up, not lib/up.
+    aliased = _tar(_file("thaw.toml", TOML), _file("pkg/f", b""), link("lib", "pkg"),
+                   link("lib/up", ".."), link("escape", "pkg/up/.."))
+    assert _refused(aliased).field == "bundle/escape"
 
 
 def test_unsafe_and_repeated_paths_are_refused() -> None:
