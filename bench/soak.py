@@ -9,11 +9,14 @@ at once for `duration` seconds:
   bad input answered at once (bench/soak_inputs.py: oversized and many headers, deep
   and huge JSON on the JSON routes, webhooks to loopback, metadata and private
   addresses, bad keys);
-- `slow` slow or silent connections (slowloris), each held at most `slow_hold` s;
+- `slow` slow or silent connections (slowloris), each held at most `slow_hold` s
+  (longer than the gateway's header_timeout_seconds, 30 by default, so that a
+  connection the platform would close is seen closed);
 - one deployer sending malformed bundles and bad thaw.toml values one after another.
 
-Each lane goes on past `duration` only until it has tried each of its kinds once, and
-every attempt is bounded by its own timeouts, so a run ends.
+Each kind of bad input is tried at least once, past `duration` if need be; a slow
+connection starts only while it can be held to its end by `duration` (or is the first
+of its kind), and every attempt is bounded by its own timeouts, so a run ends.
 
 The service processes' RSS and open descriptors are sampled (psutil, by pid) once the
 functions are deployed and warm (`start`), every second while the soak runs (`peak`),
@@ -181,16 +184,24 @@ async def _mixed_lane(valid: _Valid, kinds: dict[str, Attempt], target: Target,
 
 
 async def _serial_lane(kinds: dict[str, Attempt], target: Target, tally: _Tally,
-                       deadline: float, gap: float, start: int = 0) -> None:
-    """One kind after another (from `start` in the order of `kinds`) until the deadline,
-    and at least once each."""
+                       deadline: float, tried: set[str], *, gap: float = 0.0,
+                       reserve: float = 0.0, start: int = 0) -> None:
+    """One kind after another, from `start` in the order of `kinds`, at least `gap`
+    seconds apart. Kinds no lane sharing `tried` has tried yet go first, whatever the
+    time; after them a new attempt starts only when it can end by the deadline
+    (`reserve`: the longest one attempt takes)."""
     loop = asyncio.get_running_loop()
     order = list(kinds)
     order = order[start % len(order):] + order[:start % len(order)]
     for turn in itertools.count():
-        kind = order[turn % len(order)]
-        if turn >= len(order) and loop.time() >= deadline:
+        untried = [k for k in order if k not in tried]
+        if untried:
+            kind = untried[0]
+        elif loop.time() + reserve < deadline:
+            kind = order[turn % len(order)]
+        else:
             return
+        tried.add(kind)
         began = loop.time()
         tally.bad_result(kind, await kinds[kind](target))
         await asyncio.sleep(max(0.0, gap - (loop.time() - began)))
@@ -222,7 +233,7 @@ class SoakSettings:
     duration: float = 120.0
     concurrency: int = 8
     slow: int = 8
-    slow_hold: float = 30.0
+    slow_hold: float = 45.0
 
 
 async def _soak(target: Target, settings: SoakSettings, watch: _Watch,
@@ -249,14 +260,16 @@ async def _soak(target: Target, settings: SoakSettings, watch: _Watch,
         began = loop.time()
         deadline = began + settings.duration
         schedule, tried = itertools.cycle(quick), set[str]()
-        slow = slow_kinds(settings.slow_hold)
+        slow, slow_tried = slow_kinds(settings.slow_hold), set[str]()
         try:
             await asyncio.gather(
                 *(_mixed_lane(valid, quick, target, tally, deadline, schedule, tried)
                   for _ in range(settings.concurrency)),
-                *(_serial_lane(slow, target, tally, deadline, 0.0, i)
+                *(_serial_lane(slow, target, tally, deadline, slow_tried,
+                               reserve=settings.slow_hold, start=i)
                   for i in range(settings.slow)),
-                _serial_lane(deploys, target, tally, deadline, DEPLOY_INTERVAL_S))
+                _serial_lane(deploys, target, tally, deadline, set(),
+                             gap=DEPLOY_INTERVAL_S))
         finally:
             stop.set()
             await sampler

@@ -100,14 +100,14 @@ def density(function: str, functions: int, warm: int, as_json: bool) -> None:
 
 @bench.command()
 @click.option("--duration", default=120.0, show_default=True,
-              help="Seconds of soak (each lane goes on until it has tried each of its "
-                   "bad inputs once).")
+              help="Seconds of soak (longer if need be to try each bad input once).")
 @click.option("--concurrency", default=8, show_default=True,
               help="Clients mixing valid calls with bad input.")
 @click.option("--slow", default=8, show_default=True,
               help="Slow or silent connections (slowloris) held at once.")
-@click.option("--slow-hold", default=30.0, show_default=True,
-              help="Seconds a slow connection is held before the bench lets go of it.")
+@click.option("--slow-hold", default=45.0, show_default=True,
+              help="Seconds a slow connection is held before the bench lets go of it "
+                   "(longer than the gateway's header_timeout_seconds).")
 @click.option("--function", "function", default="examples/echo", show_default=True,
               type=click.Path(exists=True, file_okay=False),
               help="Bundle folder of the valid calls' first function.")

@@ -14,7 +14,15 @@ from click.testing import CliRunner
 
 from thaw.bench import soak
 from thaw.bench.soak import SoakSettings, run_soak_bench, sample_process
-from thaw.bench.soak_inputs import bundles, exchange, hold_slow, quick_kinds, slow_kinds
+from thaw.bench.soak_inputs import (
+    Attempt,
+    Target,
+    bundles,
+    exchange,
+    hold_slow,
+    quick_kinds,
+    slow_kinds,
+)
 from thaw.ops.bench import bench
 from thaw.ops.services import LocalPlatform
 
@@ -186,3 +194,26 @@ def test_cli_soak_prints_the_report(monkeypatch: pytest.MonkeyPatch) -> None:
     assert result.exit_code == 0, result.output
     assert json.loads(result.output) == {"goals": {}}
     assert seen["settings"] == SoakSettings(duration=5.0, concurrency=3, slow=2, slow_hold=4.0)
+
+
+def test_serial_lanes_try_each_kind_once_past_the_deadline() -> None:
+    done: list[str] = []
+
+    def attempt(kind: str) -> Attempt:
+        async def run(target: object) -> str:
+            done.append(kind)
+            return "400"
+        return run
+
+    kinds = {k: attempt(k) for k in ("a", "b", "c")}
+    tally = soak._Tally()
+    target = Target("127.0.0.1", 1, 2, "key", "dev", "echo")
+
+    async def lanes() -> None:
+        tried: set[str] = set()
+        await asyncio.gather(*(soak._serial_lane(kinds, target, tally, 0.0, tried,
+                                                 reserve=1.0, start=i) for i in range(2)))
+
+    asyncio.run(lanes())
+    assert sorted(done) == ["a", "b", "c"]
+    assert tally.bad == {k: Counter({"400": 1}) for k in kinds}
