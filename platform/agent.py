@@ -28,10 +28,11 @@ from thaw.core.errors import (
     NotFound,
     ThawError,
 )
-from thaw.core.logs import MAX_REASON_CHARS, bound_reason, cut
+from thaw.core.logs import bound_reason
 from thaw.core.pki import Identity
 from thaw.core.spec import extract_bundle
 from thaw.platform.activation import ActivationBudget
+from thaw.platform.build_failures import build_failed, event_text
 from thaw.platform.chunk_repair import refetch_corrupt
 from thaw.platform.devices import DeviceBackend, Slice
 from thaw.platform.instances import Instance, InstanceState
@@ -90,18 +91,6 @@ log = structlog.get_logger()
 DEFAULT_UID_RANGE = (200000, 265535)
 # Where a build's output is moved (out of its tenant's reach) before it is read.
 SEALED_BUILDS = ".sealed"
-
-
-def _text(value: object, default: str) -> str:
-    """A field of a status event as text (the instance may send any JSON there)."""
-    return value if isinstance(value, str) and value else default
-
-
-def _build_failed(stage: str, reason: object, attribute_path: str = ""
-                  ) -> agent_pb2.BuildSnapshotResponse:
-    return agent_pb2.BuildSnapshotResponse(
-        ok=False, stage=cut(stage, 64), reason=bound_reason(reason),
-        attribute_path=cut(attribute_path, MAX_REASON_CHARS))
 
 
 class Agent:
@@ -198,13 +187,13 @@ class Agent:
                         template.control, BuildRequest(str(out), log_path, spec.version),
                         self.start_timeout)
                 except (ThawError, ValueError) as exc:  # ValueError: a line past the limit
-                    return _build_failed("setup", exc)
+                    return build_failed("setup", exc)
             if event is None:
                 event = await self._build_fresh(spec, bundle, out, log_path)
             if event.get("event") != Captured.event:
-                return _build_failed(_text(event.get("stage"), "setup"),
-                                     _text(event.get("reason"), "unknown"),
-                                     _text(event.get("attribute_path"), ""))
+                return build_failed(event_text(event.get("stage"), "setup"),
+                                    event_text(event.get("reason"), "unknown"),
+                                    event_text(event.get("attribute_path"), ""))
             try:
                 # Out of the tenant's reach and checked before the agent reads it.
                 await asyncio.to_thread(seal_output, out, sealed.parent)
@@ -212,7 +201,7 @@ class Agent:
                     self.snapshots.store_capture, sealed, function=name,
                     version=spec.version)
             except (OSError, ThawError) as exc:
-                return _build_failed("store", exc)
+                return build_failed("store", exc)
             log.info("snapshot built", function=name, version=spec.version,
                      host_bytes=manifest.host.size, stored_bytes=stored,
                      setup_s=round(manifest.setup_seconds, 3))

@@ -211,9 +211,11 @@ def test_a_build_with_an_unreadable_status_line_is_killed_and_failed(tmp_path: P
 
 
 def test_build_failures_are_bounded_responses() -> None:
-    from thaw.platform.agent import _build_failed
+    from thaw.platform.build_failures import build_failed, event_text
 
-    resp = _build_failed("setup", "z" * 1_000_000, "p" * 1_000_000)
+    assert event_text(None, "setup") == "setup" and event_text(7, "x") == "x"
+    assert event_text("capture", "setup") == "capture"
+    resp = build_failed("setup", "z" * 1_000_000, "p" * 1_000_000)
     assert not resp.ok and resp.stage == "setup"
     assert len(resp.reason) <= core_logs.MAX_REASON_CHARS + 40
     assert len(resp.attribute_path) <= core_logs.MAX_REASON_CHARS + 40
