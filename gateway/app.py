@@ -386,10 +386,10 @@ def make_app(config: GatewayConfig, metrics: GatewayMetrics | None = None,
              scheduler: SchedulerClient | None = None) -> web.Application:
     """`scheduler`: a stand-in for tests; by default a client of config's address."""
     settings = GatewaySettings.of(config)
-    # json_limits_middleware first: the JSON routes' handlers, and errors_middleware's
-    # observation of them, get the request whose body it read and checked.
+    # json_limits_middleware last: a JSON route's body is checked just before its
+    # handler, once the origin serves the route.
     app = web.Application(
-        middlewares=[json_limits_middleware, errors_middleware, function_origin_middleware],
+        middlewares=[errors_middleware, function_origin_middleware, json_limits_middleware],
         client_max_size=max(settings.max_body_bytes, settings.max_bundle_bytes))
     app.on_response_prepare.append(on_response_prepare)
     app[FUNCTION_ORIGIN_KEY] = FunctionOrigin()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import operator
+import warnings
 from collections.abc import Awaitable, Callable, Mapping
 from itertools import accumulate, count
 from typing import Any
@@ -149,9 +150,7 @@ async def json_limits_middleware(
         request: web.Request,
         handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    """Read and check a JSON route's body before its handler runs (the outermost
-    middleware: the handler, and the middlewares after this one, get the request
-    whose body is read)."""
+    """Read and check a JSON route's body before its handler runs."""
     if request.method not in BODY_METHODS or not request.can_read_body:
         return await handler(request)
     resource = request.match_info.route.resource
@@ -180,18 +179,24 @@ async def _read_checked(request: web.Request) -> web.Request:
     length = request.content_length
     if length is not None and length > limit:  # refused before a byte is read
         raise _too_large(limit)
-    # A clone with the JSON limit: aiohttp refuses a body past it as it arrives, and
-    # keeps what it read for the handler's request.read() / request.json().
-    bounded = request.clone(client_max_size=limit)
+    received = bytearray()
     try:
         async with asyncio.timeout(config.body_timeout_seconds):
-            body = await bounded.read()
-    except web.HTTPRequestEntityTooLarge as exc:
-        raise _too_large(limit) from exc
+            while chunk := await request.content.readany():
+                received.extend(chunk)
+                if len(received) > limit:  # refused as it arrives
+                    raise _too_large(limit)
     except TimeoutError as exc:
         raise BodyTimeout(f"the JSON body did not arrive within "
                           f"{config.body_timeout_seconds:g} s (body_timeout_seconds)",
                           field="body") from exc
+    body = bytes(received)
     check_json(body, limit, depth)
-    bounded[PREREAD_BODY_KEY] = body
-    return bounded
+    # Back into the request's stream, so that the route reads it as it came, and sees
+    # a body to read (request.can_read_body). aiohttp deprecates unread_data for
+    # parsers that peek; here the whole body goes back, unchanged.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        request.content.unread_data(body)
+    request[PREREAD_BODY_KEY] = body
+    return request

@@ -143,4 +143,16 @@ def test_every_json_route_bounds_depth_and_size(platform: RunningPlatform,
     status, body = send(port, request_bytes(
         "POST", "/v1/embeddings", headers, b'{"model": "no-such-model", "input": "x"}'))
     assert status == 404 and body["error"]["code"] == "not_found"
+    # A route that reads the body itself (request.json()) gets it whole, sent either
+    # way: no such invocation, rather than a body it did not see.
+    valid = b'{"priority": 50}'
+    status, body = send(port, request_bytes("POST", "/v1/invocations/nope/priority",
+                                            headers, valid))
+    assert status == 404, body
+    chunked = (b"POST /v1/invocations/nope/priority HTTP/1.1\r\nHost: x\r\n"
+               + f"Authorization: Bearer {platform.key}\r\n".encode()
+               + b"Transfer-Encoding: chunked\r\n\r\n"
+               + b"%x\r\n%b\r\n0\r\n\r\n" % (len(valid), valid))
+    status, body = send(port, chunked)
+    assert status == 404, body
     assert gw.proc.poll() is None
