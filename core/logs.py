@@ -17,6 +17,7 @@ from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 import structlog
+from google.protobuf.message import Message
 
 # Characters of one logged value (a failure's reason, a tenant's message).
 MAX_VALUE_CHARS = 4096
@@ -126,6 +127,10 @@ def bound_value(value: Any) -> Any:
             return f"<unprintable {type(value).__name__}>"
     if isinstance(value, (Mapping, list, tuple, set, frozenset)):
         return value if _small(value, MAX_VALUE_CHARS) >= 0 else _short_repr.repr(value)
+    if isinstance(value, Message):
+        # A message's repr is its text format: seconds for one holding a bundle.
+        size = value.ByteSize()
+        return value if size <= MAX_VALUE_CHARS // 4 else f"<{type(value).__name__}: {size} bytes>"
     return value
 
 

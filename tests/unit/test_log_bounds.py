@@ -81,6 +81,10 @@ def test_bound_value_cuts_strings_bytes_containers_and_exceptions() -> None:
     assert core_logs.bound_value(small) is small
     big = core_logs.bound_value({"a": "b" * 100_000, "c": list(range(10))})
     assert isinstance(big, str) and len(big) < 1000
+    request = agent_pb2.BuildSnapshotRequest(bundle=b"\0" * (1 << 20))
+    assert core_logs.bound_value(request) == f"<BuildSnapshotRequest: {request.ByteSize()} bytes>"
+    small_request = agent_pb2.BuildSnapshotRequest(bundle=b"tiny")
+    assert core_logs.bound_value(small_request) is small_request
     exc = core_logs.bound_value(ValueError("v" * 100_000))
     assert exc.startswith("ValueError: v") and len(exc) < core_logs.MAX_VALUE_CHARS + 50
 
