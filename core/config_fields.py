@@ -30,7 +30,7 @@ from thaw.core.units import parse_size
 # them; the rules' module asserts that its table matches).
 ALERT_RULES = ("device_pressure", "pinned_pressure", "queue_depth", "restore_failures",
                "snapshot_quarantined", "node_down", "error_rate", "p99_latency",
-               "api_key_expiring")
+               "api_key_expiring", "node_storage")
 
 PressureLevel = Literal["pressure", "critical", "emergency"]
 
@@ -429,6 +429,8 @@ class AgentFields(_Fields):
     """Host-memory (pinned) tier capacity."""
     shm_dir: Path = Path("/dev/shm")
     """tmpfs where slices and restored arenas live."""
+    storage_min_free: str = "256MiB"
+    """Free space under which a data directory (home, shm_dir) counts as full (507)."""
     runtime: str = Field("process", pattern="^(process|docker)$")
     """Where instances run: processes on this machine, or docker containers."""
     instance_python: str = Field("", max_length=4096)
@@ -469,7 +471,7 @@ class AgentFields(_Fields):
         return value
 
     @field_validator("pinned_capacity", "cuda_reserve", "cuda_instance_overhead",
-                     "sandbox_tmp_size")
+                     "sandbox_tmp_size", "storage_min_free")
     @classmethod
     def _check_pinned(cls, value: str) -> str:
         parse_size(value)

@@ -136,6 +136,12 @@ class OutOfMemory(ThawError):
     code = "out_of_memory"
 
 
+class InsufficientStorage(ThawError):
+    """A node's data directory is full or read-only: nothing is written there."""
+
+    code = "insufficient_storage"
+
+
 class QuotaExceeded(ThawError):
     """Starting another instance would take the tenant past its quota (instances or
     slice memory); its warm instances keep serving. `retry_after`: seconds after which

@@ -113,6 +113,7 @@ STATUS: dict[type[errors.ThawError], int] = {
     errors.NoCapacity: 503,
     errors.Unavailable: 503,
     errors.OutOfMemory: 503,
+    errors.InsufficientStorage: 507,
     errors.DeadlineExceeded: 504,
     errors.InstanceFailed: 502,
     BadFunctionAnswer: 502,

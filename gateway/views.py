@@ -74,6 +74,9 @@ def node_json(node: scheduler_pb2.NodeInfo) -> dict[str, Any]:
                    "lock": node.pinned.lock, "lock_refusal": node.pinned.lock_refusal,
                    "dead_bytes": node.pinned.dead_bytes},
         "pressure": node.pressure or "normal",
+        "conditions": [{"type": c.type, "path": c.path, "message": c.message,
+                        "free_bytes": c.free_bytes, "total_bytes": c.total_bytes}
+                       for c in node.conditions],
         "pressures": [{"resource": p.resource, "level": p.level,
                        "used_fraction": round(p.used_fraction, 4)} for p in node.pressures],
         "telemetry": {

@@ -76,6 +76,7 @@ from thaw.platform.sandbox.areas import (
 )
 from thaw.platform.slice_fill import fill_slice, slice_handover
 from thaw.platform.snapshots import NodeSnapshots, ReadersWriter
+from thaw.platform.storage import StorageHealth
 from thaw.platform.telemetry import NodeSample, SliceSample, Telemetry
 from thaw.platform.templates import Template, TemplatePool
 from thaw.proto import agent_pb2, manifest_pb2, scheduler_pb2
@@ -126,6 +127,8 @@ class Agent:
         self.exited: list[scheduler_pb2.InstanceExit] = []
         self.repaired: list[str] = []
         """Corrupt chunks fetched again since the last heartbeat (it reports them)."""
+        self.storage: StorageHealth | None = None
+        """Whether the node's data directories are writable (None: not checked)."""
         self._watchers: set[asyncio.Task[None]] = set()
         self.draining = False
         for sub in ("bundles", "builds", "logs"):
@@ -162,6 +165,8 @@ class Agent:
                              ) -> agent_pb2.BuildSnapshotResponse:
         spec = req.function
         name = f"{spec.tenant}/{spec.name}"
+        if self.storage is not None:
+            self.storage.refuse_writes(f"building {name}")  # 507 before writing anything
         bundle = await self.ensure_bundle(spec.bundle_digest, req.bundle or None)
         if spec.image and not self.runtime.capabilities.runs_images:
             return agent_pb2.BuildSnapshotResponse(ok=False, stage="runtime",
@@ -367,6 +372,10 @@ class Agent:
                                  peers: list[str]) -> list[tuple[str, float]]:
         """_restore; a chunk found corrupt on this node is fetched again from a peer and
         the restore tried once more (chunk_repair.py); heartbeats report the repair."""
+        if self.storage is not None and self.storage.conditions:
+            missing = await asyncio.to_thread(self.chunks.missing, manifest)
+            if missing:  # they would be written here: the scheduler restores elsewhere
+                self.storage.refuse_writes(f"fetching the chunks of {spec.tenant}/{spec.name}")
         try:
             return await self._restore(inst, spec, manifest, peers)
         except CorruptChunk as exc:

@@ -42,6 +42,7 @@ from thaw.platform.runtime import Runtime
 from thaw.platform.sandbox.areas import parse_uid_range
 from thaw.platform.sandbox.plan import SandboxSettings
 from thaw.platform.snapshots import NodeSnapshots
+from thaw.platform.storage import StorageHealth
 from thaw.platform.telemetry import NodeSample, pinned_tier_info
 from thaw.proto import agent_pb2, agent_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 
@@ -184,6 +185,8 @@ class AgentServer:
         await mark_serving(health, "thaw.v1.Agent")
         self._grpc = server
 
+        self.agent.storage = StorageHealth(self.node_id, [home, shm],
+                                           parse_size(cfg.storage_min_free))
         self._dataplane = DataPlane(self.agent, tls)
         self.data_port = await self._dataplane.start(cfg.agent_host, cfg.data_port)
         await self._register()
@@ -206,15 +209,24 @@ class AgentServer:
         snaps = self.agent.snapshots
         return pinned_tier_info(snaps.pinned.usage(), snaps.pinned_keys())
 
+    async def _storage_conditions(self) -> list[scheduler_pb2.NodeCondition]:
+        """The data directories checked now (off the loop: statvfs and a write)."""
+        assert self.agent is not None
+        if self.agent.storage is None:
+            return []
+        found = await asyncio.to_thread(self.agent.storage.check)
+        return [c.message_pb() for c in found]
+
     async def _register(self) -> float:
         assert self._registry is not None and self.agent is not None
         cfg = self.config
+        conditions = await self._storage_conditions()
         request = scheduler_pb2.RegisterRequest(
             node_id=self.node_id, control_address=f"{cfg.agent_host}:{self.control_port}",
             data_url=f"{self._data_scheme()}://{cfg.agent_host}:{self.data_port}",
             devices=self._devices(),
             instance_ids=list(self.agent.instances), runtime=cfg.runtime,
-            boot_id=self.boot_id)
+            boot_id=self.boot_id, conditions=conditions)
         async for attempt in AsyncRetrying(
                 retry=retry_if_exception_type(ThawError), wait=wait_fixed(REGISTER_RETRY_SECONDS),
                 before_sleep=_log_unreachable, reraise=True):
@@ -234,12 +246,13 @@ class AgentServer:
                 telemetry = telemetry_message(await asyncio.to_thread(
                     self.agent.sample_telemetry))
                 telemetry.mps_active = self.agent.devices.compute_shares_enforced()
+                conditions = await self._storage_conditions()
                 resp = await call(self._registry.Heartbeat(scheduler_pb2.HeartbeatRequest(
                     node_id=self.node_id, devices=self._devices(),
                     instance_ids=list(self.agent.instances), exited=exited, pinned=pinned,
                     disk_bytes=self.agent.snapshots.disk.stored_bytes(),
-                    telemetry=telemetry, boot_id=self.boot_id, repaired=repaired),
-                    timeout=10))
+                    telemetry=telemetry, boot_id=self.boot_id, repaired=repaired,
+                    conditions=conditions), timeout=10))
                 if resp.reregister:
                     interval = await self._register()
             except ThawError as exc:

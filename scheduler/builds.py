@@ -14,6 +14,7 @@ from thaw.core.errors import (
     DeadlineExceeded,
     FunctionUnavailable,
     ImageNotOnNode,
+    InsufficientStorage,
     InvalidArgument,
     NodeFault,
     NotFound,
@@ -41,6 +42,27 @@ log = structlog.get_logger()
 BUILD_ATTEMPTS = 3
 
 
+def storage_refusal(nodes: list[NodeView], refused: dict[str, str]
+                    ) -> InsufficientStorage | None:
+    """When every one of `nodes` (at least one) is full or read-only (by its last
+    heartbeat, or by its refusal in `refused` naming insufficient storage), the 507
+    naming each node and directory; else None."""
+    why = {}
+    for node in nodes:
+        fault = node.storage_fault()
+        if fault is not None:
+            why[node.id] = (f"insufficient storage on node {node.id}: {fault.path} is "
+                            f"{fault.type.replace('_', '-')} ({fault.message})")
+        elif "insufficient storage" in refused.get(node.id, ""):
+            why[node.id] = refused[node.id]
+        else:
+            return None
+    if not why:
+        return None
+    return InsufficientStorage("; ".join(why.values()) + "; nothing can be built",
+                               field="node")
+
+
 class Builds:
     def __init__(self, state: PlaneState, fleet: Fleet, instances: Instances,
                  tiers: Tiers) -> None:
@@ -57,6 +79,10 @@ class Builds:
         spec = await asyncio.to_thread(read_bundle, bundle)
         check_quota(spec, await s.quotas.quota_of(tenant))
         check_fleet(spec, s.nodes.values())
+        refused = storage_refusal(
+            [n for n in s.ready_nodes() if n.runs(spec.runtime.image)], {})
+        if refused is not None:
+            raise refused  # 507 now, not a build that fails writing
         digest = await asyncio.to_thread(s.bundles.put, bundle)
         if spec.snapshot:
             fn, version = await s.store.run(s.versions.deploy, tenant, spec, digest,
@@ -151,6 +177,12 @@ class Builds:
                     lacking[node.id] = str(exc)
                     log.warning("image not on node; building on another", node=node.id,
                                 function=name, error=str(exc))
+                except InsufficientStorage as exc:
+                    # Its disk filled since its last heartbeat: another node builds.
+                    await s.store.run(s.store.finish_snapshot, snapshot_id,
+                                      SnapshotState.FAILED, reason=str(exc))
+                    snapshot_id = ""
+                    lacking[node.id] = str(exc)
                 except (Unavailable, NodeFault) as exc:
                     # The node, not the function: its agent died or went away mid-build.
                     why = await self._build_interrupted(fn, node, exc, interrupted)
@@ -217,10 +249,14 @@ class Builds:
         s = self.s
         deadline = s.clock() + NODE_WAIT_SECONDS
         while True:
-            nodes = [n for n in s.runnable_nodes(fn) if n.id not in lacking]
+            nodes = [n for n in s.runnable_nodes(fn)
+                     if n.id not in lacking and n.storage_fault() is None]
             if nodes:
                 fresh = [n for n in nodes if n.id not in interrupted]
                 return min(fresh or nodes, key=lambda n: (n.starts_in_flight, n.id))
+            storage = storage_refusal(s.runnable_nodes(fn), lacking)
+            if storage is not None:
+                raise storage
             if not interrupted:
                 raise self.fleet.image_missing(fn, lacking)
             remaining = deadline - s.clock()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Iterable
 
 import structlog
 
@@ -58,6 +59,7 @@ class Fleet:
         node.data_url, node.devices = req.data_url, list(req.devices)
         node.runtime = req.runtime or PROCESS_RUNTIME
         node.boot_id = req.boot_id
+        self.take_conditions(node, req.conditions)
         _move(node, NodeState.CORDONED if node.cordoned else NodeState.READY)
         node.last_heartbeat = s.clock()
         s.nodes[req.node_id] = node
@@ -158,7 +160,6 @@ class Fleet:
         if node is None or (req.boot_id and node.boot_id and req.boot_id != node.boot_id):
             return False  # unknown, or an agent process other than the one registered
         node.last_heartbeat = s.clock()
-        node.conditions = list(req.conditions)
         if req.stopping:
             await self.stopping(node)
             return True
@@ -168,6 +169,7 @@ class Fleet:
         node.pinned = req.pinned
         node.disk_bytes = req.disk_bytes
         node.telemetry = req.telemetry
+        self.take_conditions(node, req.conditions)
         if node.state is NodeState.LOST:
             _move(node, NodeState.CORDONED if node.cordoned else NodeState.READY)
             await s.store.run(s.store.set_node_state, node.id, node.state.value)
@@ -188,6 +190,28 @@ class Fleet:
         self.observe_pressure(node)
         s.room.fire()
         return True
+
+    def take_conditions(self, node: NodeView,
+                        conditions: Iterable[scheduler_pb2.NodeCondition]) -> None:
+        """The node's storage conditions as reported; a change is an event (a full or
+        read-only data directory, or all clear again)."""
+        new = list(conditions)
+        before = {(c.type, c.path) for c in node.conditions}
+        node.conditions = new
+        if {(c.type, c.path) for c in new} == before:
+            return
+        for c in new:
+            if (c.type, c.path) not in before:
+                message = f"node {node.id}: {c.path} is {c.type.replace('_', '-')} ({c.message})"
+                self.s.events.emit(EventKind.NODE_CONDITION, message, node_id=node.id,
+                                   condition=c.type, path=c.path)
+                log.error("node storage condition", node=node.id, condition=c.type,
+                          path=c.path, detail=c.message)
+        if not new:
+            self.s.events.emit(EventKind.NODE_CONDITION,
+                               f"node {node.id}: storage is writable again",
+                               node_id=node.id, condition="ok")
+            log.warning("node storage writable again", node=node.id)
 
     def observe_pressure(self, node: NodeView) -> None:
         readings = [Reading(device_resource(d.id), used, d.capacity_bytes)

@@ -281,7 +281,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             instances=self.control.node_instances(node.id), disk_bytes=node.disk_bytes,
             last_heartbeat_age_seconds=self.control.heartbeat_age(node),
             pressure=pressure.node_level(node.id).label, telemetry=node.telemetry,
-            runtime=node.runtime,
+            runtime=node.runtime, conditions=node.conditions,
             pressures=[scheduler_pb2.ResourcePressure(
                 resource=resource, level=state.level.label, used_fraction=state.fraction,
                 used_bytes=state.used, capacity_bytes=state.capacity)

@@ -99,6 +99,22 @@ def node_down(rule: Rule, view: ClusterView) -> list[Breach] | None:
     return out
 
 
+def node_storage(rule: Rule, view: ClusterView) -> list[Breach] | None:
+    """A node's data directory full or read-only (its heartbeats' conditions): it
+    refuses builds and chunk writes with 507 until someone frees or remounts it."""
+    if view.nodes is None:
+        return None
+    out = []
+    for node in view.nodes:
+        if node.state == "lost":
+            continue  # node_down speaks for it; its last conditions are stale
+        for c in node.conditions:
+            out.append(Breach(f"{node.id}:{c.path}", c.type,
+                              f"node {node.id}: {c.path} is {c.type.replace('_', '-')} "
+                              f"({c.message}); builds and chunk writes there are refused"))
+    return out
+
+
 def error_rate(rule: Rule, view: ClusterView) -> list[Breach] | None:
     if view.calls is None:
         return None
@@ -145,7 +161,7 @@ RULES: dict[str, Callable[[Rule, ClusterView], list[Breach] | None]] = {
     "queue_depth": queue_depth, "restore_failures": restore_failures,
     "snapshot_quarantined": snapshot_quarantined, "node_down": node_down,
     "error_rate": error_rate, "p99_latency": p99_latency,
-    "api_key_expiring": api_key_expiring,
+    "api_key_expiring": api_key_expiring, "node_storage": node_storage,
 }
 assert tuple(RULES) == ALERT_RULES
 
@@ -167,6 +183,8 @@ def rules_from_settings(s: GatewayConfig) -> list[Rule]:
         Rule("p99_latency", "warning", s.alerts_p99_seconds, p99_latency,
              min_requests=s.alerts_min_requests, window=s.alerts_window),
         Rule("api_key_expiring", "warning", s.alerts_key_expiry_days, api_key_expiring),
+        # On unless alerts_overrides turns it off: any condition is a breach.
+        Rule("node_storage", "critical", 1, node_storage),
     ]
     out = []
     for rule in made:
