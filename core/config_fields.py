@@ -116,6 +116,8 @@ class SchedulerFields(_Fields):
     """A node silent this long is marked lost and its instances with it."""
     build_timeout: float = Field(900.0, gt=0)
     """Longest a snapshot build may take."""
+    build_attempts: int = Field(3, ge=1, le=20)
+    """Nodes a snapshot build may be interrupted on (its agent died) before it fails."""
     acquire_wait: float = Field(600.0, gt=0)
     """Longest an invocation waits for an instance (queue + cold start)."""
     reconcile_interval: float = Field(1.0, gt=0)

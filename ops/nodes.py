@@ -45,8 +45,9 @@ def pinned_lock_note(pinned: dict[str, Any]) -> str:
 def node_ls(as_json: bool) -> None:
     """Nodes with their runtime (process or docker: only docker nodes run image
     functions), devices, pinned tier and instances; a note under the table for each
-    node whose pinned tier is not page-locked, and why, and for each node where
-    gpu_compute shares are not enforced (no MPS daemon)."""
+    node whose pinned tier is not page-locked, and why, for each node where
+    gpu_compute shares are not enforced (no MPS daemon), and for each data directory
+    of a node that is full or read-only."""
     nodes = Client().request("GET", "/v1/nodes").json()["nodes"]
     if as_json:
         print_table(nodes, [], True)
@@ -70,6 +71,9 @@ def node_ls(as_json: bool) -> None:
             click.echo(f"{n['id']}: {note}")
         if n.get("mps_active") is False:  # absent: a gateway too old to say
             click.echo(f"{n['id']}: {GPU_COMPUTE_NOT_ENFORCED} (no MPS daemon)")
+        for c in n.get("conditions", []):
+            click.echo(f"{n['id']}: {c['path']} is {c['type'].replace('_', '-')} "
+                       f"({c['message']}): builds and chunk writes refused (507)")
 
 
 @node.command("cordon")

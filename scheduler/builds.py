@@ -37,9 +37,6 @@ from thaw.scheduler.tiers import Tiers
 from thaw.scheduler.versions import VersionRecord, as_function
 
 log = structlog.get_logger()
-# Nodes a snapshot build may be interrupted on (its agent died or went away) before
-# the version fails; the scheduler's build_attempts setting replaces it.
-BUILD_ATTEMPTS = 3
 
 
 def storage_refusal(nodes: list[NodeView], refused: dict[str, str]
@@ -238,9 +235,9 @@ class Builds:
         return updated
 
     def build_attempts(self) -> int:
-        """How many nodes a build may be interrupted on before it fails: the
-        scheduler's build_attempts setting where it has one."""
-        return max(1, int(getattr(self.s.policy, "build_attempts", BUILD_ATTEMPTS)))
+        """How many nodes a build may be interrupted on before it fails (the
+        scheduler's build_attempts setting)."""
+        return self.s.policy.build_attempts
 
     async def _build_node(self, fn: FunctionRecord, lacking: dict[str, str],
                           interrupted: dict[str, str]) -> NodeView:

@@ -8,13 +8,23 @@ import asyncio
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
+
 from tests.scheduler.conftest import Cluster, FakeAgent
 from thaw.core.errors import Unavailable
 from thaw.core.spec import pack_bundle
 from thaw.proto import agent_pb2, manifest_pb2, scheduler_pb2
-from thaw.scheduler.builds import BUILD_ATTEMPTS
 from thaw.scheduler.events import EventKind
+from thaw.scheduler.policy import PolicyConfig
 from thaw.scheduler.states import FunctionState, NodeState
+
+# The scheduler's build_attempts setting in these tests (its default is 3).
+ATTEMPTS = 2
+
+
+@pytest.fixture
+def policy() -> PolicyConfig:
+    return PolicyConfig.load(flags={"build_attempts": str(ATTEMPTS)})
 
 
 @dataclass
@@ -77,20 +87,20 @@ async def test_a_build_whose_agent_dies_is_built_on_another_node(
     assert cluster.control.nodes["n0"].state is NodeState.LOST  # written off at once
     (retried,) = messages(cluster, EventKind.BUILD_RETRIED)
     assert "dev/built version 1: build interrupted on node n0: its agent died" in retried
-    assert f"attempt 2 of {BUILD_ATTEMPTS}" in retried
+    assert f"attempt 2 of {ATTEMPTS}" in retried
     assert messages(cluster, EventKind.BUILD_FAILED) == []
 
 
 async def test_a_build_interrupted_build_attempts_times_fails_with_the_reasons(
         cluster: Cluster, tmp_path: Path) -> None:
-    agents = [await add(cluster, f"n{i}", dies=True) for i in range(BUILD_ATTEMPTS + 1)]
+    agents = [await add(cluster, f"n{i}", dies=True) for i in range(ATTEMPTS + 1)]
     fn = await cluster.control.create_function("dev", bundle(tmp_path), wait=True)
     assert fn.state is FunctionState.FAILED
-    assert [len(a.builds) for a in agents] == [1] * BUILD_ATTEMPTS + [0]  # bounded
-    assert f"interrupted {BUILD_ATTEMPTS} times (build_attempts = {BUILD_ATTEMPTS})" in (
+    assert [len(a.builds) for a in agents] == [1] * ATTEMPTS + [0]  # bounded
+    assert f"interrupted {ATTEMPTS} times (build_attempts = {ATTEMPTS})" in (
         fn.reason)
-    assert all(f"node n{i}: its agent died" in fn.reason for i in range(BUILD_ATTEMPTS))
-    assert len(messages(cluster, EventKind.BUILD_RETRIED)) == BUILD_ATTEMPTS - 1
+    assert all(f"node n{i}: its agent died" in fn.reason for i in range(ATTEMPTS))
+    assert len(messages(cluster, EventKind.BUILD_RETRIED)) == ATTEMPTS - 1
     (failed,) = messages(cluster, EventKind.BUILD_FAILED)
     assert "interrupted" in failed
 
