@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import subprocess
 import tempfile
 from collections import Counter
@@ -77,6 +78,9 @@ DEPLOY_INTERVAL_S = 1.0
 RSS_GROWTH_GOAL = 0.10
 VALID_TIMEOUT_S = 60.0
 ERROR_PAUSE_S = 0.1
+# Bad input comes from another loopback address than the valid calls (all of 127/8
+# is the loopback interface on Linux), as an attacker's would.
+BAD_SOURCE = "127.0.0.2"
 
 
 class SoakPlatform(Platform, Protocol):
@@ -102,6 +106,8 @@ def sample_process(pid: int) -> tuple[int, int]:
 @dataclass
 class _Tally:
     valid: Counter[str] = field(default_factory=Counter)
+    valid_errors: Counter[str] = field(default_factory=Counter)
+    """Valid calls not answered 200: "<status> <error code>" (the gateway's JSON error)."""
     valid_by_function: dict[str, Counter[str]] = field(default_factory=dict)
     bad: dict[str, Counter[str]] = field(default_factory=dict)
 
@@ -134,6 +140,14 @@ class _Watch:
         return taken
 
 
+def _error_code(body: bytes) -> str:
+    try:
+        code = json.loads(body)["error"]["code"]
+    except (ValueError, KeyError, TypeError):
+        return "-"
+    return str(code)
+
+
 class _Valid:
     """The valid calls: each function with a payload and the answer it must give."""
 
@@ -163,7 +177,7 @@ class _Valid:
                     if not isinstance(body, dict) or body.get(expect[0]) != expect[1]:
                         status = "200_wrong_answer"
                 else:
-                    await resp.read()
+                    tally.valid_errors[f"{status} {_error_code(await resp.read())}"] += 1
         except (aiohttp.ClientError, TimeoutError) as exc:
             status = f"error_{type(exc).__name__}"
             # A gateway that is down refuses at once: do not spin on the shared cores.
@@ -323,7 +337,8 @@ def report(settings: SoakSettings, times: dict[str, float], tally: _Tally, watch
         "slow_hold_s": settings.slow_hold,
         "calls": {"sent": valid_total + bad_total, "answered": answered,
                   "valid": valid_total, "bad": bad_total},
-        "valid": {"by_status": dict(tally.valid),
+        "valid": {"by_status": dict(tally.valid), "errors": dict(tally.valid_errors),
+                  "served_fraction": round(tally.valid.get("200", 0) / max(valid_total, 1), 4),
                   "by_function": {f: dict(c) for f, c in tally.valid_by_function.items()}},
         "bad": {"by_status": dict(bad_by_status),
                 "by_kind": {k: dict(c) for k, c in sorted(tally.bad.items())},
@@ -369,9 +384,10 @@ def run_soak_bench(echo: str = "examples/echo", settings: SoakSettings | None = 
                 _deploy_valid(http, echo_dir)
                 _deploy_valid(http, sum_dir)
             api, fn = urlsplit(local.url), urlsplit(local.function_url or local.url)
-            target = Target(host=api.hostname or "127.0.0.1", api_port=api.port or 80,
-                            function_port=fn.port or 80, key=local.key, tenant="dev",
-                            function=echo_name)
+            host = api.hostname or "127.0.0.1"
+            target = Target(host=host, api_port=api.port or 80, function_port=fn.port or 80,
+                            key=local.key, tenant="dev", function=echo_name,
+                            source=BAD_SOURCE if host == "127.0.0.1" else None)
             watch = _Watch(sampler, {name: proc.pid for name, proc in local.procs})
             tally = _Tally()
             times = asyncio.run(_soak(target, settings, watch, tally))

@@ -59,6 +59,10 @@ class Target:
     key: str
     tenant: str
     function: str
+    source: str | None = None
+    """The local address bad input comes from (None: any). Another address than the
+    valid calls', as an attacker's would be: the per-address bounds (connection cap,
+    failed logins) fall on it and not on the valid client."""
 
 
 Attempt = Callable[[Target], Awaitable[str]]
@@ -73,11 +77,17 @@ def _request(method: str, path: str, headers: list[tuple[str, str]],
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
-async def exchange(host: str, port: int, data: bytes) -> str:
-    """Send `data` on a new connection and return the answer's status."""
+async def _connect(host: str, port: int, source: str | None
+                   ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    local = (source, 0) if source else None
+    return await asyncio.wait_for(asyncio.open_connection(host, port, local_addr=local),
+                                  CONNECT_TIMEOUT)
+
+
+async def exchange(host: str, port: int, data: bytes, source: str | None = None) -> str:
+    """Send `data` on a new connection (from `source`) and return the answer's status."""
     try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port),
-                                                CONNECT_TIMEOUT)
+        reader, writer = await _connect(host, port, source)
     except (OSError, TimeoutError):
         return "connect_failed"
     try:
@@ -115,13 +125,12 @@ async def _close(writer: asyncio.StreamWriter) -> None:
 
 
 async def hold_slow(host: str, port: int, first: bytes, trickle: bytes,
-                    hold: float) -> str:
+                    hold: float, source: str | None = None) -> str:
     """A slow client: `first`, then one byte of `trickle` every TRICKLE_INTERVAL (none
     when empty: a silent client), for at most `hold` seconds. The platform should
     answer (408) or close it before that; `open` when it did neither."""
     try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port),
-                                                CONNECT_TIMEOUT)
+        reader, writer = await _connect(host, port, source)
     except (OSError, TimeoutError):
         return "connect_failed"
     loop = asyncio.get_running_loop()
@@ -152,6 +161,10 @@ async def hold_slow(host: str, port: int, first: bytes, trickle: bytes,
         await _close(writer)
 
 
+async def _send(t: Target, port: int, data: bytes) -> str:
+    return await exchange(t.host, port, data, t.source)
+
+
 def _auth(t: Target) -> list[tuple[str, str]]:
     return [("Authorization", f"Bearer {t.key}")]
 
@@ -166,19 +179,19 @@ def _json_headers(t: Target) -> list[tuple[str, str]]:
 
 async def header_oversized(t: Target) -> str:
     headers = [*_auth(t), ("X-Pad", "a" * OVERSIZED_HEAD_BYTES)]
-    return await exchange(t.host, t.function_port, _request("POST", _fn_path(t), headers,
+    return await _send(t, t.function_port, _request("POST", _fn_path(t), headers,
                                                             b"{}"))
 
 
 async def headers_many(t: Target) -> str:
     headers = [*_auth(t), *((f"X-N{i}", "1") for i in range(MANY_HEADERS))]
-    return await exchange(t.host, t.function_port, _request("POST", _fn_path(t), headers,
+    return await _send(t, t.function_port, _request("POST", _fn_path(t), headers,
                                                             b"{}"))
 
 
 async def request_line_oversized(t: Target) -> str:
     path = f"{_fn_path(t)}?q={'a' * OVERSIZED_HEAD_BYTES}"
-    return await exchange(t.host, t.function_port, _request("POST", path, _auth(t), b"{}"))
+    return await _send(t, t.function_port, _request("POST", path, _auth(t), b"{}"))
 
 
 def _json_routes(t: Target) -> list[tuple[str, str]]:
@@ -209,18 +222,18 @@ _huge_routes = _RouteCycle()
 
 async def json_deep(t: Target) -> str:
     method, path = _deep_routes.next(t)
-    return await exchange(t.host, t.api_port, _request(method, path, _json_headers(t), _DEEP))
+    return await _send(t, t.api_port, _request(method, path, _json_headers(t), _DEEP))
 
 
 async def json_huge(t: Target) -> str:
     method, path = _huge_routes.next(t)
-    return await exchange(t.host, t.api_port, _request(method, path, _json_headers(t), _HUGE))
+    return await _send(t, t.api_port, _request(method, path, _json_headers(t), _HUGE))
 
 
 def _webhook(url: str) -> Attempt:
     async def attempt(t: Target) -> str:
         headers = [*_json_headers(t), ("X-Thaw-Webhook", url.format(port=t.api_port))]
-        return await exchange(t.host, t.function_port,
+        return await _send(t, t.function_port,
                               _request("POST", _fn_path(t), headers, b'{"soak": true}'))
     return attempt
 
@@ -228,7 +241,7 @@ def _webhook(url: str) -> Attempt:
 def _key(value: str | None) -> Attempt:
     async def attempt(t: Target) -> str:
         headers = [] if value is None else [("Authorization", value)]
-        return await exchange(t.host, t.function_port,
+        return await _send(t, t.function_port,
                               _request("POST", _fn_path(t), headers, b"{}"))
     return attempt
 
@@ -318,7 +331,7 @@ def bundles() -> dict[str, bytes]:
 def deploy(bundle: bytes) -> Attempt:
     async def attempt(t: Target) -> str:
         headers = [*_auth(t), ("Content-Type", "application/gzip")]
-        return await exchange(t.host, t.api_port,
+        return await _send(t, t.api_port,
                               _request("POST", "/v1/functions", headers, bundle))
     return attempt
 
@@ -345,19 +358,20 @@ def slow_kinds(hold: float) -> dict[str, Attempt]:
     """Slow and silent clients (slowloris), each held at most `hold` seconds: on the
     function origin, and a silent one on the gateway's own port."""
     async def silent(t: Target) -> str:
-        return await hold_slow(t.host, t.function_port, b"", b"", hold)
+        return await hold_slow(t.host, t.function_port, b"", b"", hold, t.source)
 
     async def silent_api(t: Target) -> str:
-        return await hold_slow(t.host, t.api_port, b"", b"", hold)
+        return await hold_slow(t.host, t.api_port, b"", b"", hold, t.source)
 
     async def slow_head(t: Target) -> str:
         first = f"POST {_fn_path(t)} HTTP/1.1\r\nHost: 127.0.0.1\r\n".encode()
-        return await hold_slow(t.host, t.function_port, first, b"X-Slow: abcdefghij", hold)
+        return await hold_slow(t.host, t.function_port, first, b"X-Slow: abcdefghij", hold,
+                               t.source)
 
     async def slow_body(t: Target) -> str:
         first = _request("POST", _fn_path(t), _auth(t)).replace(
             b"Content-Length: 0", b"Content-Length: 4096")
-        return await hold_slow(t.host, t.function_port, first, b"0", hold)
+        return await hold_slow(t.host, t.function_port, first, b"0", hold, t.source)
 
     return {"slow_silent": silent, "slow_silent_api": silent_api, "slow_head": slow_head,
             "slow_body": slow_body}

@@ -69,6 +69,10 @@ def test_soak_counts_add_up_and_cover_every_bad_input(soak_run: tuple) -> None: 
     calls, valid, bad = out["calls"], out["valid"], out["bad"]
     assert calls["valid"] == sum(valid["by_status"].values()) > 0
     assert set(valid["by_function"]) == {"echo", "soak-sum"}
+    assert sum(valid["errors"].values()) == sum(
+        n for s, n in valid["by_status"].items() if s.isdigit() and s != "200")
+    assert valid["served_fraction"] == round(valid["by_status"].get("200", 0)
+                                             / calls["valid"], 4)
     assert sum(sum(c.values()) for c in valid["by_function"].values()) == calls["valid"]
     every_kind = set(quick_kinds()) | set(slow_kinds(1.0)) | set(bundles())
     assert set(bad["by_kind"]) == every_kind == set(bad["refused"])
@@ -147,7 +151,10 @@ async def _serve(handler: object) -> tuple[asyncio.Server, int]:
 
 def test_raw_clients_report_what_the_connection_did() -> None:
     async def scenario() -> list[str]:
+        peers: list[str] = []
+
         async def answer_431(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            peers.append(writer.get_extra_info("peername")[0])
             await reader.readline()
             writer.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\n\r\n")
             await writer.drain()
@@ -167,9 +174,11 @@ def test_raw_clients_report_what_the_connection_did() -> None:
         line = b"GET / HTTP/1.1\r\n"
         for handler in (answer_431, close_unanswered):
             server, port = await _serve(handler)
-            results.append(await exchange("127.0.0.1", port, line))
-            results.append(await hold_slow("127.0.0.1", port, line, b"ab", 0.5))
+            for source in (None, "127.0.0.2"):
+                results.append(await exchange("127.0.0.1", port, line, source))
+                results.append(await hold_slow("127.0.0.1", port, line, b"ab", 0.5, source))
             server.close()
+        results.extend(peers)
         server, port = await _serve(never)
         results.append(await hold_slow("127.0.0.1", port, b"", b"", 0.3))
         for writer in held:
@@ -177,7 +186,9 @@ def test_raw_clients_report_what_the_connection_did() -> None:
         server.close()
         return results
 
-    assert asyncio.run(scenario()) == ["431", "431", "closed", "closed", "open"]
+    assert asyncio.run(scenario()) == [
+        "431", "431", "431", "431", "closed", "closed", "closed", "closed",
+        "127.0.0.1", "127.0.0.1", "127.0.0.2", "127.0.0.2", "open"]
 
 
 def test_cli_soak_prints_the_report(monkeypatch: pytest.MonkeyPatch) -> None:
