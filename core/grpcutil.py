@@ -16,6 +16,7 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from thaw.core import errors
+from thaw.core.logs import bound_reason
 from thaw.core.pki import Identity, allowed_callers, common_name, component_of
 
 # Bundles and manifests travel in single messages; 4 MiB (gRPC's default) is too small
@@ -100,8 +101,8 @@ def servicer_method(
                 raise
             structlog.get_logger().exception("unexpected error in servicer",
                                              method=fn.__name__)
-            internal = errors.ThawError(f"internal error in {fn.__name__}: "
-                                        f"{type(exc).__name__}: {exc}")
+            internal = errors.ThawError(bound_reason(f"internal error in {fn.__name__}: "
+                                                     f"{type(exc).__name__}: {exc}"))
             await context.abort(grpc.StatusCode.INTERNAL, encode_error(internal))
             raise
 

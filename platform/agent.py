@@ -513,7 +513,8 @@ class Agent:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(inst.socket)
         self.instances.pop(inst.id, None)
-        self.logs.unwatch(inst.id)
+        # Its last lines are read from disk: off the event loop.
+        await self.logs.unwatch_in_thread(inst.id)
         self.logs.append(inst.function, inst.id, RUNTIME,
                          f"instance {inst.id} ended: {inst.exit_reason}")
 

@@ -91,12 +91,27 @@ class RuntimeProcess:
         except TimeoutError as exc:
             await self.kill()
             raise DeadlineExceeded(f"instance did not report within {timeout:.0f}s") from exc
+        except ValueError as exc:  # a status line past the reader's limit
+            await self.kill()
+            raise InstanceFailed("instance wrote a status line too long to read") from exc
         if not line:
             code = await self.proc.wait()
             tail = log_tail(self.log_path)
             raise InstanceFailed(f"instance exited ({describe_exit(code)}) before it was "
                                  f"ready" + (f"; last output:\n{tail}" if tail else ""))
-        event: dict[str, Any] = json.loads(line)
+        return await self._decode(line)
+
+    async def _decode(self, line: bytes) -> dict[str, Any]:
+        """A status line as its record; a line that is not a JSON object ends the
+        instance (it is not speaking the runtime's protocol)."""
+        try:
+            event = json.loads(line)
+        except ValueError:
+            event = None
+        if not isinstance(event, dict):
+            await self.kill()
+            raise InstanceFailed(f"instance wrote a status line that is not a JSON object: "
+                                 f"{line[:200]!r}")
         return event
 
     async def next_status(self, timeout: float) -> StatusEvent:
@@ -323,14 +338,25 @@ async def _ask_template(control_socket: str, request: SpawnRequest | BuildReques
         while True:
             try:
                 line = await asyncio.wait_for(reader.readline(), timeout)
-            except TimeoutError as exc:
+            except (TimeoutError, ValueError) as exc:
                 if pid:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)
+                if isinstance(exc, ValueError):  # past the reader's limit
+                    raise InstanceFailed(f"{what} wrote an answer too long to read") from exc
                 raise DeadlineExceeded(f"{what} did not finish within {timeout:.0f}s") from exc
             if not line:
                 return pid, None
-            event: dict[str, Any] = json.loads(line)
+            try:
+                event: dict[str, Any] = json.loads(line)
+            except ValueError:
+                event = {}
+            if not isinstance(event, dict) or not event:
+                if pid:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                raise InstanceFailed(f"{what} answered with something other than a JSON "
+                                     f"object: {line[:200]!r}")
             if event.get("event") == "spawned":
                 pid = int(event["pid"])
                 continue
