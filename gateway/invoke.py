@@ -25,7 +25,7 @@ from thaw.gateway.priority import call_knobs
 from thaw.gateway.relay import done_within, relay
 from thaw.gateway.request import call_headers, forwarded_path, parse_invoke, read_body
 from thaw.gateway.state import FUNCTION_KEY, GATEWAY_KEY, START_KEY
-from thaw.gateway.stored.submit import adopt_late, submit
+from thaw.gateway.stored.submit import adopt_late, refuse_anonymous_webhook, submit
 
 
 async def invoke(request: web.Request) -> web.StreamResponse:
@@ -36,6 +36,9 @@ async def invoke(request: web.Request) -> web.StreamResponse:
         # Not 403: another tenant's function names are not disclosed.
         raise NotFound(f"function {tenant}/{name} not found", field="name")
     ask = parse_invoke(request)
+    # Refused for anonymous callers whatever the call's kind (a streamed call never
+    # reaches submit, which checks it too).
+    refuse_anonymous_webhook(p, ask.webhook)
     # The function's own body limit (thaw.toml [limits] max_body), capped by the
     # gateway's.
     priority, limit, described = await call_knobs(request, gw, p, tenant, name)

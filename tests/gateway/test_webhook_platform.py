@@ -105,7 +105,10 @@ def test_anonymous_callers_of_a_public_function_cannot_set_a_webhook(
         assert anonymous.post(url, json={"x": 1}).status_code == 200  # public indeed
         for how in ({"headers": {**ASYNC, "X-Thaw-Webhook": receiver.url}},
                     {"headers": {"X-Thaw-Webhook": receiver.url}},
-                    {"headers": ASYNC, "params": {"webhook": receiver.url}}):
+                    {"headers": ASYNC, "params": {"webhook": receiver.url}},
+                    # A streamed call, which is never stored, is refused all the same.
+                    {"headers": {"X-Thaw-Webhook": receiver.url,
+                                 "Accept": "text/event-stream"}}):
             resp = anonymous.post(url, json={"x": 1}, **how)  # type: ignore[arg-type]
             assert resp.status_code == 403, (how, resp.text)
             assert resp.json()["error"]["field"] == "X-Thaw-Webhook"
