@@ -163,6 +163,22 @@ def test_a_head_too_large_in_total_is_answered_431_before_it_ends(
         assert answer.startswith(b"HTTP/1.1 431"), answer[:80]
 
 
+def test_aiohttp_alone_refuses_a_header_that_never_ends(
+        gateway: Callable[..., Served]) -> None:
+    gw = gateway(fast_lane=False, max_header_bytes=1024)
+    with connect(gw.port) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nX-Endless: ")
+        for _ in range(512):
+            try:
+                sock.sendall(b"v" * 1024)
+            except (BrokenPipeError, ConnectionResetError):
+                break
+        answer = closed_within_guard(sock)
+    # aiohttp answers a head it could not parse as HTTP/1.0.
+    assert answer.split(b" ", 2)[1] == b"431", answer[:80]
+    assert b"headers_too_large" in answer
+
+
 def test_after_a_hand_off_aiohttp_answers_431_too(gateway: Callable[..., Served]) -> None:
     """A connection the lane handed to aiohttp (an API request) keeps the bounds on
     its next request, answered by aiohttp's parser."""
