@@ -251,7 +251,8 @@ class _Walk:
                     "earlier in the bundle", field=where)
         elif not member.isdir():
             raise InvalidBundle(f"bundle may hold only files and folders (and links "
-                                f"inside it): {path!r} is a device or FIFO", field=where)
+                                f"inside it): {path!r} is a device, FIFO or other special file",
+                                field=where)
         return path
 
     def _check_symlink(self, member: tarfile.TarInfo, path: str, where: str) -> None:
