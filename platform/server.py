@@ -42,7 +42,7 @@ from thaw.platform.runtime import Runtime
 from thaw.platform.sandbox.areas import parse_uid_range
 from thaw.platform.sandbox.plan import SandboxSettings
 from thaw.platform.snapshots import NodeSnapshots
-from thaw.platform.storage import StorageHealth
+from thaw.platform.storage import StorageCondition, StorageHealth
 from thaw.platform.telemetry import NodeSample, pinned_tier_info
 from thaw.proto import agent_pb2, agent_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 
@@ -53,6 +53,9 @@ REGISTER_RETRY_SECONDS = 0.5
 DRAIN_SECONDS = 30.0
 # Longest the shutdown waits to tell the scheduler that the agent stops.
 STOPPING_NOTICE_SECONDS = 3.0
+# Longest a registration waits for the storage check, so that it reports a full or
+# read-only disk from the start (heartbeats never wait: they send the last answer).
+STORAGE_CHECK_WAIT_SECONDS = 5.0
 
 
 def telemetry_message(sample: NodeSample) -> agent_pb2.NodeTelemetry:
@@ -136,6 +139,7 @@ class AgentServer:
         self._channel: grpc.aio.Channel | None = None
         self._registry: scheduler_pb2_grpc.NodeRegistryStub | None = None
         self._heartbeat: asyncio.Task[None] | None = None
+        self._storage_check: asyncio.Task[list[StorageCondition]] | None = None
         self.boot_id = uuid.uuid4().hex
         """This process's incarnation: the scheduler tells a restart from a retry by it."""
 
@@ -209,18 +213,26 @@ class AgentServer:
         snaps = self.agent.snapshots
         return pinned_tier_info(snaps.pinned.usage(), snaps.pinned_keys())
 
-    async def _storage_conditions(self) -> list[scheduler_pb2.NodeCondition]:
-        """The data directories checked now (off the loop: statvfs and a write)."""
+    async def _storage_conditions(self, wait: float = 0.0) -> list[scheduler_pb2.NodeCondition]:
+        """The data directories' conditions: a check (statvfs and a test write, off the
+        loop) is started unless one runs, and awaited up to `wait` seconds; otherwise
+        the last one's answer, so a disk that stalls never holds up a heartbeat."""
         assert self.agent is not None
-        if self.agent.storage is None:
+        storage = self.agent.storage
+        if storage is None:
             return []
-        found = await asyncio.to_thread(self.agent.storage.check)
-        return [c.message_pb() for c in found]
+        check = self._storage_check
+        if check is None or check.done():
+            check = self._storage_check = asyncio.create_task(asyncio.to_thread(storage.check))
+        if wait > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(check), wait)
+        return [c.message_pb() for c in storage.conditions]
 
     async def _register(self) -> float:
         assert self._registry is not None and self.agent is not None
         cfg = self.config
-        conditions = await self._storage_conditions()
+        conditions = await self._storage_conditions(wait=STORAGE_CHECK_WAIT_SECONDS)
         request = scheduler_pb2.RegisterRequest(
             node_id=self.node_id, control_address=f"{cfg.agent_host}:{self.control_port}",
             data_url=f"{self._data_scheme()}://{cfg.agent_host}:{self.data_port}",
@@ -290,6 +302,9 @@ class AgentServer:
             self._heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._heartbeat
+        if self._storage_check is not None:
+            with contextlib.suppress(Exception):
+                await self._storage_check  # a thread cannot be cancelled: let it end
         if self._dataplane is not None:
             await self._dataplane.close()
         if self._grpc is not None:
