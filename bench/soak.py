@@ -21,10 +21,12 @@ of its kind), and every attempt is bounded by its own timeouts, so a run ends.
 The service processes' RSS and open descriptors are sampled (psutil, by pid) once the
 functions are deployed and warm (`start`), every second while the soak runs (`peak`),
 and after it, once the bench's own connections are closed and the services' descriptors
-are back to their start or SETTLE_S has passed (`end`). The goals of a platform that
-holds: no 5xx (nor dropped connection) for a valid call; RSS of the gateway and every
-agent grown less than RSS_GROWTH_GOAL; their descriptors not grown. The report ends
-with each function's state, where an accepted bad bundle shows what it became.
+are back to their start or SETTLE_S has passed (`end`); growth from the middle of the
+soak to the end tells what keeps growing from what a first pass allocates. The goals of
+a platform that holds: no 5xx (nor dropped connection) for a valid call; RSS of the
+gateway and every agent grown less than RSS_GROWTH_GOAL; their descriptors not grown.
+The report ends with each function's state, where an accepted bad bundle shows what it
+became.
 """
 
 from __future__ import annotations
@@ -127,6 +129,9 @@ class _Watch:
     pids: dict[str, int]
     start: dict[str, tuple[int, int]] = field(default_factory=dict)
     peak_rss: dict[str, int] = field(default_factory=dict)
+    mid: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """Halfway through the soak: growth from here to the end is what keeps growing
+    (a leak), not what a first pass through new code paths allocates once."""
     end: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def take(self) -> dict[str, tuple[int, int]]:
@@ -221,9 +226,12 @@ async def _serial_lane(kinds: dict[str, Attempt], target: Target, tally: _Tally,
         await asyncio.sleep(max(0.0, gap - (loop.time() - began)))
 
 
-async def _sampling(watch: _Watch, stop: asyncio.Event) -> None:
+async def _sampling(watch: _Watch, stop: asyncio.Event, midpoint: float) -> None:
+    loop = asyncio.get_running_loop()
     while not stop.is_set():
-        await asyncio.to_thread(watch.take)
+        taken = await asyncio.to_thread(watch.take)
+        if not watch.mid and loop.time() >= midpoint:
+            watch.mid = taken
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), SAMPLE_INTERVAL_S)
 
@@ -270,9 +278,9 @@ async def _soak(target: Target, settings: SoakSettings, watch: _Watch,
         await asyncio.gather(*(warm_lane() for _ in range(settings.concurrency)))
         watch.start = await asyncio.to_thread(watch.take)
         stop = asyncio.Event()
-        sampler = asyncio.create_task(_sampling(watch, stop))
         began = loop.time()
         deadline = began + settings.duration
+        sampler = asyncio.create_task(_sampling(watch, stop, began + settings.duration / 2))
         schedule, tried = itertools.cycle(quick), set[str]()
         slow, slow_tried = slow_kinds(settings.slow_hold), set[str]()
         try:
@@ -320,6 +328,10 @@ def report(settings: SoakSettings, times: dict[str, float], tally: _Tally, watch
         services[name] = {"alive": alive.get(name, False), "measured": True,
                           "rss_start_bytes": rss0, "rss_end_bytes": rss1,
                           "rss_peak_bytes": watch.peak_rss[name],
+                          "rss_mid_bytes": watch.mid[name][0] if name in watch.mid else None,
+                          "rss_growth_second_half": (
+                              round((rss1 - watch.mid[name][0]) / watch.mid[name][0], 4)
+                              if name in watch.mid else None),
                           "rss_growth": round((rss1 - rss0) / rss0, 4),
                           "fds_start": fds0, "fds_end": fds1, "fds_growth": fds1 - fds0}
     judged = [n for n in services if n == "gateway" or n.startswith("agent")]

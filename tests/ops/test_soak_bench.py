@@ -103,6 +103,11 @@ def test_soak_reports_the_figures_it_sampled(soak_run: tuple) -> None:  # type: 
         assert (figures["rss_start_bytes"], figures["fds_start"]) in seen
         assert (figures["rss_end_bytes"], figures["fds_end"]) == seen[-1]
         assert figures["rss_peak_bytes"] == max(rss for rss, _ in seen)
+        assert (figures["rss_mid_bytes"], figures["rss_growth_second_half"]) == (None, None) or (
+            figures["rss_mid_bytes"] in [rss for rss, _ in seen]
+            and figures["rss_growth_second_half"] == round(
+                (figures["rss_end_bytes"] - figures["rss_mid_bytes"])
+                / figures["rss_mid_bytes"], 4))
         assert figures["rss_start_bytes"] > 1 << 20 and figures["fds_start"] > 3
         assert figures["rss_growth"] == round(
             (figures["rss_end_bytes"] - figures["rss_start_bytes"])
