@@ -150,6 +150,7 @@ class _Agent:
     def __init__(self, snapshots: NodeSnapshots) -> None:
         self.node_id = "local"
         self.snapshots = snapshots
+        self.home = snapshots.shm_dir  # the service's garbage collector is made with it
 
 
 async def agent_pass(snapshots: NodeSnapshots, snap: manifest_pb2.SnapshotManifest

@@ -112,12 +112,14 @@ def test_container_spec_from_a_launch_spec() -> None:
 def test_container_spec_follows_the_sandbox_and_limits_of_the_spec() -> None:
     from dataclasses import replace
 
-    spec = replace(fresh(), sandbox=SandboxPolicy(network="bridge", read_only_rootfs=False,
+    spec = replace(fresh(), sandbox=SandboxPolicy(network="egress", read_only_rootfs=False,
                                                   cap_drop=("NET_RAW",)),
                    limits=Limits(memory_bytes=0, pids=64), image="repo:1@sha256:abc",
                    secrets={"HF_TOKEN": "s3cret"})
     kwargs = container_kwargs(spec, SETTINGS, LAYOUT)
+    # egress: the engine's bridge (from which the host's loopback is out of reach).
     assert kwargs["network_mode"] == "bridge" and kwargs["read_only"] is False
+    assert container_kwargs(fresh(), SETTINGS, LAYOUT)["network_mode"] == "none"
     assert kwargs["cap_drop"] == ["NET_RAW"] and kwargs["pids_limit"] == 64
     assert kwargs["mem_limit"] == SETTINGS.default_memory_bytes
     assert kwargs["image"] == "sha256:abc"

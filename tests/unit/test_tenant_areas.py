@@ -30,8 +30,9 @@ as_root = pytest.mark.skipif(os.geteuid() != 0, reason="changing owners needs ro
 
 def areas(tmp_path: Path, owned: bool = False, uid_range: tuple[int, int] = (200000, 200002)
           ) -> TenantAreas:
+    # Claims of its own: the machine's may hold these uids for platforms running now.
     return TenantAreas(home=tmp_path / "home", run_dir=tmp_path / "run",
-                       uid_range=uid_range, owned=owned)
+                       uid_range=uid_range, owned=owned, claims_dir=tmp_path / "claims")
 
 
 def test_each_tenant_keeps_its_own_uid_across_restarts(tmp_path: Path) -> None:
