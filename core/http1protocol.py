@@ -73,6 +73,7 @@ class HTTPProtocol(asyncio.Protocol):
         self._head_size = 0
         self._header_count = 0
         self._head_received = 0
+        self._begun = 0  # messages begun on the connection
         self._body_seen = 0.0
         # With TLS: the components whose certificates are served; another's requests
         # are refused with 403 at their head (`_forbidden`, judged once per connection).
@@ -152,7 +153,9 @@ class HTTPProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return
-        continued = self._phase == _HEAD  # a head begun in an earlier chunk
+        # A head begun in an earlier chunk (the same one still, after parsing: see
+        # _after_chunk).
+        continued = self._begun if self._phase == _HEAD else -1
         if self._claim is not None:
             self._chunk = data
             self._completed_here = False
@@ -177,12 +180,13 @@ class HTTPProtocol(asyncio.Protocol):
         else:
             self._after_chunk(len(data), continued)
 
-    def _after_chunk(self, size: int, continued: bool) -> None:
+    def _after_chunk(self, size: int, continued: int) -> None:
         """Bound the head still arriving and arm the timer the connection's phase
-        needs, once a chunk is parsed."""
+        needs, once a chunk is parsed (`continued`: the count of messages begun when
+        the chunk came, if a head was arriving then)."""
         phase = self._phase
         if phase == _HEAD:
-            if continued:  # the whole chunk is head (httptools holds a partial header)
+            if continued == self._begun:  # all head (httptools holds a partial header)
                 self._head_received += size
                 if self._head_received > self._limits.max_head_bytes:
                     self._reject(431, "the request head is larger than "
@@ -213,6 +217,7 @@ class HTTPProtocol(asyncio.Protocol):
             self._aligned = not self._completed_here
             self._raw = [self._chunk] if self._aligned else []
         self._phase = _HEAD
+        self._begun += 1
         self._head_size = self._header_count = self._head_received = 0
         self._url = b""
         self._raw_headers = []

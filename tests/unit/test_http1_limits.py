@@ -79,3 +79,37 @@ def test_the_cap_counts_each_connection_once_per_address() -> None:
     for transport in (a2, a3, b1):
         cap.release(transport)
     assert cap.open_from("10.0.0.1") == cap.open_from("10.0.0.2") == 0
+
+
+async def test_a_pipelined_head_is_not_charged_for_the_body_before_it() -> None:
+    """A head split over reads, then one read with its end, a body far larger than
+    max_head_bytes and the next request's head begun: both answered."""
+    router = Router()
+
+    async def echo_size(request: Request) -> Response:
+        return Response(200, str(len(request.body)).encode(), {})
+
+    router.add("POST", "/x", echo_size)
+    server = HTTPServer(router, limits=HTTPLimits(max_head_bytes=4096))
+    port = await server.start("127.0.0.1", 0)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        body = b"b" * 100_000
+        writer.write(b"POST /x HTTP/1.1\r\nHost: x\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.05)  # its own read, most likely (either way it must pass)
+        writer.write(b"Content-Length: %d\r\n\r\n%b" % (len(body), body)
+                     + b"POST /x HTTP/1.1\r\nHost: x\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(b"Content-Length: 2\r\n\r\nhi")
+        await writer.drain()
+        answers = b""
+        while answers.count(b"HTTP/1.1 200") < 2:
+            chunk = await asyncio.wait_for(reader.read(65536), 20)
+            assert chunk, answers
+            answers += chunk
+        assert answers.endswith(b"2") and b"100000" in answers
+        writer.close()
+    finally:
+        await server.close(1.0)
