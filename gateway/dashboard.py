@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
-import json
 import time
 import weakref
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ import structlog
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from thaw.core.errors import InvalidArgument, NotFound, ThawError
+from thaw.gateway import jsonbody
 from thaw.gateway.auth import is_operator
 from thaw.gateway.caller import client_address, reads_all_invocations
 from thaw.gateway.errors import error_body
@@ -185,7 +185,7 @@ async def _authenticate(request: web.Request, ws: web.WebSocketResponse
                       "the first message must be JSON text {\"key\": \"<API key>\"}")
         return None
     try:
-        hello = json.loads(msg.data)
+        hello = jsonbody.loads(msg.data)
         key = hello["key"] if isinstance(hello, dict) else None
     except (ValueError, KeyError):
         key = None
@@ -263,7 +263,7 @@ async def _read_client(ws: web.WebSocketResponse, view: ClientView) -> None:
         if msg.type != WSMsgType.TEXT:
             continue
         with contextlib.suppress(ValueError):
-            said = json.loads(msg.data)
+            said = jsonbody.loads(msg.data)
             if isinstance(said, dict) and isinstance(said.get("select"), str):
                 view.selected = said["select"][:MAX_NAME_LENGTH]
 

@@ -29,6 +29,7 @@ from cachetools import TTLCache
 
 from thaw.core.errors import InvalidArgument, NotFound, ThawError
 from thaw.core.spec import NAME_PATTERN
+from thaw.gateway import jsonbody
 from thaw.gateway.admit import admit, new_call
 from thaw.gateway.dispatch import Exchange, Settlement, StreamBroken
 from thaw.gateway.errors import BadFunctionAnswer
@@ -168,7 +169,7 @@ def _is_binding_refusal(status: int, body: bytes) -> bool:
     if status != 400:
         return False
     try:
-        error = json.loads(body)["error"]
+        error = jsonbody.loads(body)["error"]
         return bool(error["code"] == "invalid_argument"
                     and str(error["message"]).startswith(PREDICT_BINDING_PREFIX))
     except (ValueError, KeyError, TypeError):
@@ -235,7 +236,7 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
                 contracts.pop(key, None)  # redeployed with another contract: probe again
             return web.Response(status=ex.status, body=answer, headers=headers)
     try:
-        result = json.loads(answer)
+        result = jsonbody.loads(answer)
     except ValueError as exc:
         raise BadFunctionAnswer(f"function {model} answered with invalid JSON: {exc}") from exc
     headers.pop("Content-Type", None)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from thaw.core.errors import ThawError
 from thaw.core.priority import PRIORITY_DEFAULT
+from thaw.gateway import jsonbody
 from thaw.gateway.dispatch import Call, Exchange
 from thaw.gateway.errors import PayloadTooLarge, error_body, status_of
 from thaw.gateway.relay import answer_headers
@@ -45,7 +46,7 @@ def answer_outcome(status: int, content_type: str, body: bytes, start: str) -> O
         return Outcome(True, status, content_type, body, start=start)
     code, message = "function_error", f"the function answered {status}"
     with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
-        err = json.loads(body)["error"]
+        err = jsonbody.loads(body)["error"]
         code, message = str(err["code"]), str(err.get("message", message))
     return Outcome(False, status, content_type, body, code, message, start)
 

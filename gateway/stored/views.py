@@ -4,11 +4,11 @@ to them, and a stored result answered as the function gave it."""
 from __future__ import annotations
 
 import base64
-import json
 from typing import Any
 
 from aiohttp import web
 
+from thaw.gateway import jsonbody
 from thaw.gateway.errors import InvocationCancelled, InvocationExpired
 from thaw.gateway.request import INVOCATION_HEADER
 from thaw.proto import invocations_pb2
@@ -65,7 +65,7 @@ def invocation_json(inv: invocations_pb2.Invocation) -> dict[str, Any]:
 def inline_result(out: dict[str, Any], content_type: str, body: bytes) -> None:
     if content_type.split(";")[0].strip().lower() in JSON_TYPES:
         try:
-            out["result"] = json.loads(body)
+            out["result"] = jsonbody.loads(body)
             return
         except ValueError:
             pass

@@ -98,6 +98,8 @@ class Request:
             return json.loads(self.body)
         except ValueError as exc:
             raise InvalidInput(f"request body is not valid JSON: {exc}") from exc
+        except RecursionError as exc:
+            raise InvalidInput("request body nests too deeply to parse") from exc
 
     def __repr__(self) -> str:
         return f"<Request {self.method} {self.path!r} {len(self.body)} bytes>"
@@ -202,6 +204,8 @@ class Invoker:
             inputs = json.loads(body)
         except ValueError as exc:
             raise InvalidInput(f"request body is not valid JSON: {exc}") from exc
+        except RecursionError as exc:
+            raise InvalidInput("request body nests too deeply to parse") from exc
         if not isinstance(inputs, dict):
             raise InvalidInput(
                 f"predict() takes a JSON object of keyword arguments, got {type(inputs).__name__}"
