@@ -179,6 +179,10 @@ class Agent:
             os.chown(out, area.uid, area.gid)
         sealed = self.home / "builds" / SEALED_BUILDS / build_id
         log_path = str(area.logs / f"build-{spec.tenant}-{spec.name}-{spec.version}.log")
+        # A second build of this version (a rollback, a corrupt snapshot rebuilt) starts
+        # a new log: the last one may belong to another uid than this build writes as.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(log_path)
         # The build's output joins the function's logs, at most MAX_BUILD_LOG_BYTES.
         self.logs.watch(build_id, name, log_path, max_bytes=MAX_BUILD_LOG_BYTES)
         try:
