@@ -218,6 +218,13 @@ _PASS_SUMMARY = {"type": "object", "properties": {
     "bytes": {"type": "integer"}, "seconds": {"type": "number"},
     "bad": {"type": "array", "items": {"type": "object"}},
     "errors": {"type": "array", "items": {"type": "object"}}}}
+_GARBAGE = {"type": "object", "properties": {"nodes": {"type": "array", "items": {
+    "type": "object", "properties": {
+        "node": {"type": "string"}, "freed_bytes": {"type": "integer"},
+        "error": {"type": "string"},
+        "freed": {"type": "array", "items": {"type": "object", "properties": {
+            "kind": {"type": "string"}, "items": {"type": "integer"},
+            "bytes": {"type": "integer"}}}}}}}}}
 
 OPENAPI_PATHS: dict[str, Any] = {
     "/v1/snapshots": {"get": {
