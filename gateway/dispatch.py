@@ -77,6 +77,16 @@ class NodeUnreachable(InstanceFailed):
     code = "node_unreachable"
 
 
+class NodeRefused(NodeUnreachable):
+    """The node refused the connection: nothing was sent, so any call may go again (an
+    agent restarting behind a lease the gateway still held)."""
+
+
+def _refused(exc: BaseException) -> bool:
+    return isinstance(exc, ConnectionRefusedError) or isinstance(
+        exc.__cause__, ConnectionRefusedError)
+
+
 # Errors of placement or of the call that say the function itself is broken (its
 # instances crash, hang, or fail to start); they count against its circuit.
 FUNCTION_FAILURES = (InstanceFailed, SnapshotError)
@@ -331,14 +341,16 @@ class Dispatcher:
             try:
                 exchange = await self._send(call, lease, start, stages, function_permit,
                                             started)
-            except NodeUnreachable:
+            except NodeUnreachable as exc:
                 # The node died with the call on it: the handler may or may not have
                 # run. Only a call the client marked idempotent is sent again, once,
-                # to a fresh instance (the scheduler has written that one off).
-                if IDEMPOTENCY_HEADER not in call.headers:
+                # to a fresh instance (the scheduler has written that one off); a
+                # connection the node refused carried nothing, so any call may.
+                if IDEMPOTENCY_HEADER not in call.headers and not isinstance(exc, NodeRefused):
                     raise
-                log.info("node lost mid-call; retrying an idempotent call",
-                         function=call.function, node=lease.node_id)
+                log.info("node lost mid-call; sending the call again",
+                         function=call.function, node=lease.node_id,
+                         refused=isinstance(exc, NodeRefused))
                 lease, start, stages = await self._lease(call, reuse=False)
                 exchange = await self._send(call, lease, start, stages, function_permit,
                                             started)
@@ -471,8 +483,8 @@ class Dispatcher:
             self.node_breakers.record(node, node_permit, False)
             why = str(exc) or "no answer within the function's timeout"
             self.lost(lease, f"node {node} unreachable: {why}")
-            raise NodeUnreachable(f"the instance's node {node} could not be reached: "
-                                  f"{why}") from exc
+            kind = NodeRefused if _refused(exc) else NodeUnreachable
+            raise kind(f"the instance's node {node} could not be reached: {why}") from exc
         return Exchange(self, call, lease, upstream, start, stages, function_permit,
                         node_permit, started, sent)
 

@@ -271,6 +271,13 @@ class AgentServer:
                 self.agent.exited[:0] = exited  # report them next time
                 self.agent.repaired[:0] = repaired
                 log.warning("heartbeat failed", error=str(exc))
+            except Exception:  # noqa: BLE001 - the loop must outlive any one failure
+                # Anything unexpected (a sample that raised, a bad answer) is logged and
+                # the next heartbeat goes as usual: a node whose heartbeats stopped
+                # would be written off as lost with all its instances.
+                self.agent.exited[:0] = exited
+                self.agent.repaired[:0] = repaired
+                log.exception("heartbeat failed unexpectedly")
 
     async def _say_stopping(self) -> None:
         """Tell the scheduler this agent stops, so its node waits as "restarting"

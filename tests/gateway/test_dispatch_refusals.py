@@ -12,10 +12,11 @@ from typing import Any
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from thaw.core.http1 import NodeConnectionError
 from thaw.gateway import dispatch
 from thaw.gateway.admission import FunctionQueues
 from thaw.gateway.breaker import Breakers
-from thaw.gateway.dispatch import Call, Dispatcher
+from thaw.gateway.dispatch import Call, Dispatcher, NodeUnreachable
 from thaw.gateway.errors import InstanceBusy
 from thaw.gateway.metrics import GatewayMetrics
 from thaw.proto import scheduler_pb2
@@ -45,13 +46,16 @@ def refusal(code: str) -> FakeAnswer:
 
 
 class FakeNodes:
-    def __init__(self, answers: list[FakeAnswer]) -> None:
+    def __init__(self, answers: list[Any]) -> None:
         self.answers = answers
         self.sent: list[str] = []
 
     async def post(self, url: str, body: bytes, headers: dict[str, str]) -> FakeAnswer:
         self.sent.append(url)
-        return self.answers.pop(0)
+        answer = self.answers.pop(0)
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
 
 
 class FakeLeases:
@@ -86,7 +90,7 @@ class FakeLeases:
         asyncio.get_running_loop().create_task(coro)
 
 
-def dispatcher(answers: list[FakeAnswer]) -> tuple[Dispatcher, FakeNodes, FakeLeases]:
+def dispatcher(answers: list[Any]) -> tuple[Dispatcher, FakeNodes, FakeLeases]:
     nodes, leases = FakeNodes(answers), FakeLeases()
     d = Dispatcher(leases, nodes, FunctionQueues(10, 5),  # type: ignore[arg-type]
                    Breakers("function", 5, 1.0), Breakers("node", 5, 1.0),
@@ -149,3 +153,24 @@ async def test_an_answer_that_is_no_refusal_is_returned_as_it_is() -> None:
     d, nodes, _ = dispatcher([answer])
     ex = await d.open(call())
     assert ex.upstream is answer and len(nodes.sent) == 1
+
+
+def refused_connection() -> NodeConnectionError:
+    error = NodeConnectionError("cannot connect to node: [Errno 111] Connection refused")
+    error.__cause__ = ConnectionRefusedError(111, "Connection refused")
+    return error
+
+
+async def test_a_refused_connection_goes_again_to_a_fresh_lease() -> None:
+    # Nothing was sent: any call may go again (an agent restarting behind a kept lease).
+    ok = FakeAnswer(200, b'{"ok": true}')
+    d, nodes, leases = dispatcher([refused_connection(), ok])
+    ex = await d.open(call())
+    assert ex.status == 200 and ex.lease.lease_id == "l2" and leases.lost == ["l1"]
+
+
+async def test_a_connection_lost_mid_call_is_not_sent_again_unless_idempotent() -> None:
+    d, nodes, _ = dispatcher([ConnectionResetError("reset"), FakeAnswer(200, b"{}")])
+    with pytest.raises(NodeUnreachable):
+        await d.open(call())
+    assert len(nodes.sent) == 1
