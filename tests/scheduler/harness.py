@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 
+from thaw.core.httptls import local_client_context
 from thaw.core.pki import PKI_FOLDER, ensure_pki
 from thaw.ops.services import _die_with_parent, _wait_for_file
 
@@ -100,7 +101,7 @@ class ProcessCluster:
                 "THAW_HOST_DEVICES": self.host_devices})
             ports = _wait_for_file(port_file, agent.proc, f"agent {node_id}").split()
             self.agents[node_id] = agent
-            self.data_urls[node_id] = f"http://127.0.0.1:{ports[1]}"
+            self.data_urls[node_id] = f"https://127.0.0.1:{ports[1]}"
         port_file = self.home / "ports" / "gateway"
         self.gateway = self._start("gateway", ["gateway", "--port-file", str(port_file)], {
             "THAW_SCHEDULER_ADDRESS": self.scheduler_address, "THAW_GATEWAY_PORT": "0"})
@@ -115,7 +116,9 @@ class ProcessCluster:
         return {n["id"]: n for n in http.get("/v1/nodes").raise_for_status().json()["nodes"]}
 
     def agent_instances(self, node_id: str) -> list[dict]:
-        reply = httpx.get(f"{self.data_urls[node_id]}/v1/instances", timeout=10)
+        # The data plane serves the gateway's certificate only (mutual TLS).
+        reply = httpx.get(f"{self.data_urls[node_id]}/v1/instances", timeout=10,
+                          verify=local_client_context(self.home))
         return list(reply.raise_for_status().json()["instances"])
 
     def logs(self) -> str:
