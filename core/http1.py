@@ -238,13 +238,24 @@ class NodeClient:
         head.append("\r\n")
         request_head = "".join(head).encode("latin-1")
         conn = self._reusable(key)
+        stale: _StaleConnection | None = None
         if conn is not None:
-            with contextlib.suppress(_StaleConnection):
+            try:
                 return await self._exchange(conn, request_head, body)
-            # The node closed this idle connection as it was reused; the request
-            # goes again, once, on a fresh connection.
+            except _StaleConnection as exc:
+                # The node closed this idle connection as it was reused; the request
+                # goes again, once, on a fresh connection.
+                stale = exc
         try:
-            return await self._exchange(await self._connect(key), request_head, body)
+            fresh = await self._connect(key)
+        except NodeConnectionError as exc:
+            if stale is None:
+                raise
+            # The kept connection may have carried the request before it broke: this
+            # is no refusal of a request never sent (its cause is the broken one).
+            raise NodeConnectionError(f"{stale}; then {exc}") from stale
+        try:
+            return await self._exchange(fresh, request_head, body)
         except _StaleConnection as exc:
             raise NodeConnectionError(str(exc)) from exc
 

@@ -131,7 +131,16 @@ def test_a_call_in_flight_on_a_killed_node_is_retried_only_if_idempotent(
                                                        {"Idempotency-Key": "k-1"}))]
         for caller in callers:
             caller.start()
-        time.sleep(1.0)  # both calls are running on node0's instance
+        # Both calls running on node0's instance (a call not yet sent when the node
+        # dies is sent elsewhere whatever its kind: nothing of it ran).
+        node0 = next(n for n in p.http.get("/v1/nodes").json()["nodes"] if n["id"] == "node0")
+        tls = local_client_context(local.home)
+        deadline = time.monotonic() + 60
+        while sum(i["inflight"] for i in httpx.get(
+                f"{node0['data_url']}/v1/instances", verify=tls, timeout=10
+        ).json()["instances"]) < 2:
+            assert time.monotonic() < deadline, "the two calls never ran at once"
+            time.sleep(0.05)
         agent0 = next(proc for name, proc in local.procs if name == "agent node0")
         agent0.send_signal(signal.SIGKILL)
         for caller in callers:

@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 from tests.conftest import FIXTURES, RunningPlatform, bundle
+from thaw.platform.sandbox.plan import python_paths
 
 pytestmark = [pytest.mark.sandbox,
               pytest.mark.skipif(os.geteuid() != 0, reason="kernel sandboxes need root")]
@@ -114,7 +115,9 @@ def test_a_tenant_cannot_touch_another_tenant_or_the_platform(
                       if "class Attacker" in p.read_text(errors="replace"))
     seen = [path for key, paths in found.items() if key.startswith("walk") for path in paths]
     assert seen, found
-    python = (os.path.realpath(sys.base_prefix) + "/", os.path.realpath(sys.prefix) + "/")
+    # The read-only Python environment: the interpreter's prefixes and the thaw
+    # runtime package (outside them in an editable install), as the sandbox binds them.
+    python = tuple(p + "/" for p in python_paths(sys.executable))
     for path in seen:
         assert (path.startswith((str(own_bundle) + "/", *python))
                 or f"/{found['uid']}/" in path), path

@@ -140,3 +140,43 @@ async def test_headers_are_read_case_insensitively_with_repeats(server) -> None:
     assert answer.headers["x-seen"] == "seen" and answer.headers["X-SEEN"] == "seen"
     assert answer.headers["Content-Type"] == "application/octet-stream"
     await client.close()
+
+
+async def test_a_kept_connection_that_breaks_is_no_refusal_even_if_the_next_is_refused(
+        ) -> None:
+    # The node answers one call on a kept connection, takes the second and dies: the
+    # second may have run, so its error must not read as a refused (never sent) call.
+    from thaw.core.http1 import NodeClient as Http1Client
+    from thaw.core.http1 import NodeConnectionError
+
+    calls = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal calls
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length")))
+            await reader.readexactly(length)
+            calls += 1
+            if calls == 2:
+                server.close()  # no new connections: they are refused
+                writer.close()
+                return
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+            await writer.drain()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = Http1Client()
+    try:
+        first = await client.post(f"http://127.0.0.1:{port}/x", b"{}", {})
+        assert first.status == 200 and await first.read() == b"{}"
+        first.release()
+        with pytest.raises(NodeConnectionError) as raised:
+            await client.post(f"http://127.0.0.1:{port}/x", b"{}", {})
+        assert calls == 2  # the node took the second call
+        assert not isinstance(raised.value.__cause__, ConnectionRefusedError)
+    finally:
+        await client.close()
+        server.close()
