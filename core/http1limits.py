@@ -1,7 +1,7 @@
 """The bounds an HTTP/1.1 server holds its clients to (core/http1protocol.py; the
 gateway sets its aiohttp listener to the same, gateway/limits.py): the size of a
-request's head, how long a connection may take to send one, how long it may sit idle,
-and how many connections one address may hold open.
+request's head, how long a connection may take to send one, how long it may sit idle
+or take over its body, and how many connections one address may hold open.
 
 Why each: a head is kept in memory until it is complete, so an unbounded one grows
 the server without end; a connection that sends nothing, or a head a byte at a time
@@ -25,6 +25,9 @@ HEADER_TIMEOUT_SECONDS = 30.0
 # a node's data plane (it drops kept connections well before this).
 IDLE_TIMEOUT_SECONDS = 75.0
 BODY_TIMEOUT_SECONDS = 60.0
+# A body trickled a byte at a time never pauses long: this bounds the whole of it
+# (a 32 MiB body needs about 110 KiB/s).
+BODY_DEADLINE_SECONDS = 300.0
 # After a refusal (431, 413, 408, the cap's 429) what the client still sends is read and
 # dropped this long before the close: closing with its bytes unread would send a
 # reset, which can destroy the answer before the client reads it.
@@ -51,6 +54,9 @@ class HTTPLimits:
     body_timeout: float = BODY_TIMEOUT_SECONDS
     """Seconds a request's body may go without a byte; then 408 and the connection
     closes."""
+    body_deadline: float = BODY_DEADLINE_SECONDS
+    """Seconds a request's whole body may take from the end of its head; then 408 and
+    the connection closes."""
 
     def __post_init__(self) -> None:
         for name in self.__dataclass_fields__:

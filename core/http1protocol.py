@@ -75,6 +75,7 @@ class HTTPProtocol(asyncio.Protocol):
         self._head_received = 0
         self._begun = 0  # messages begun on the connection
         self._body_seen = 0.0
+        self._body_began = 0.0  # its head's end: body_deadline counts from it
         # With TLS: the components whose certificates are served; another's requests
         # are refused with 403 at their head (`_forbidden`, judged once per connection).
         self._callers = callers
@@ -197,7 +198,7 @@ class HTTPProtocol(asyncio.Protocol):
         elif phase == _BODY:
             self._body_seen = self._loop.time()
             if self._timer_phase != _BODY:
-                self._arm_timer(_BODY, self._limits.body_timeout)
+                self._arm_timer(_BODY, self._body_wait())
         elif self._idle_timer is not None:
             self._disarm_idle_timer()  # answering; idle again once answered
 
@@ -249,6 +250,7 @@ class HTTPProtocol(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._phase = _BODY
+        self._body_began = self._loop.time()
         if self._forbidden is not None:
             raise _Reject(403, self._forbidden)
         headers = self._headers = {
@@ -508,21 +510,33 @@ class HTTPProtocol(asyncio.Protocol):
             self._idle_timer = None
         self._timer_phase = ""
 
+    def _body_wait(self) -> float:
+        """Seconds the body may still take from its last byte: body_timeout, or less
+        once the whole body's deadline is nearer."""
+        limits = self._limits
+        return min(limits.body_timeout,
+                   self._body_began + limits.body_deadline - self._body_seen)
+
     def _timed_out(self) -> None:
         """The connection's timer ran out: idle, or its head or body too slow."""
         phase, self._idle_timer, self._timer_phase = self._timer_phase, None, ""
+        limits = self._limits
         if phase == _BODY:
-            left = self._body_seen + self._limits.body_timeout - self._loop.time()
+            left = self._body_seen + self._body_wait() - self._loop.time()
             if left > 0:  # a byte came since: the wait counts from it
                 self._arm_timer(_BODY, left)
                 return
         if phase == _BETWEEN or self._phase == _BETWEEN:
             self._close()  # nothing of a request arrived: no answer owed
             return
-        which = "head" if phase == _HEAD else "body"
-        limit = (self._limits.header_timeout if phase == _HEAD
-                 else self._limits.body_timeout)
-        self._reject(408, f"the request's {which} did not arrive within {limit:g} s")
+        if phase == _HEAD:
+            message = f"the request's head did not arrive within {limits.header_timeout:g} s"
+        elif self._loop.time() >= self._body_began + limits.body_deadline:
+            message = (f"the request's body did not arrive whole within "
+                       f"{limits.body_deadline:g} s (body_deadline_seconds)")
+        else:
+            message = f"the request's body did not arrive within {limits.body_timeout:g} s"
+        self._reject(408, message)
 
 
 async def _close_iterator(chunks: AsyncIterator[bytes]) -> None:

@@ -47,7 +47,7 @@ from thaw.gateway.origins import (
     on_response_prepare,
 )
 from thaw.gateway.ratelimit import KeyRateLimiter
-from thaw.gateway.request import BODY_TIMEOUT_KEY, read_body
+from thaw.gateway.request import BODY_DEADLINE_KEY, BODY_TIMEOUT_KEY, BodyClock, read_body
 from thaw.gateway.scheduler_client import SchedulerClient
 from thaw.gateway.snapshots import snapshot_pass
 from thaw.gateway.state import (
@@ -167,7 +167,7 @@ async def read_bundle_upload(request: web.Request) -> bytes:
             raise InvalidBundle(f"malformed multipart body: {exc}", field="bundle") from exc
     if request.content_length is not None and request.content_length > limit:
         raise _bundle_too_large(limit)
-    try:  # read_body: within body_timeout_seconds between two reads
+    try:  # read_body: within body_timeout_seconds and body_deadline_seconds
         body = await read_body(request, limit)
     except PayloadTooLarge:
         raise _bundle_too_large(limit) from None
@@ -188,15 +188,9 @@ async def _bundle_part(request: web.Request, limit: int) -> bytes:
     async for part in reader:
         if isinstance(part, aiohttp.BodyPartReader) and part.name == "bundle":
             data = bytearray()
-            pause = request.app[CONFIG_KEY].body_timeout_seconds
+            clock = BodyClock(request.app)
             while True:
-                try:
-                    async with asyncio.timeout(pause):
-                        chunk = await part.read_chunk()
-                except TimeoutError:
-                    raise web.HTTPRequestTimeout(
-                        text=f"the bundle paused longer than {pause:g} s "
-                             "(body_timeout_seconds)") from None
+                chunk = await clock.next(part.read_chunk, "the bundle")
                 if not chunk:
                     break
                 data.extend(chunk)
@@ -395,6 +389,7 @@ def make_app(config: GatewayConfig, metrics: GatewayMetrics | None = None,
     app[FUNCTION_ORIGIN_KEY] = FunctionOrigin()
     app[CONFIG_KEY] = settings
     app[BODY_TIMEOUT_KEY] = settings.body_timeout_seconds
+    app[BODY_DEADLINE_KEY] = settings.body_deadline_seconds
     app[JSON_ROUTES_KEY] = json_routes(routes.build_document())
     app[METRICS_KEY] = metrics or GatewayMetrics()
     if scheduler is not None:

@@ -7,8 +7,9 @@ max_field_size, max_headers), but answers a head past them with a plain-text 400
 handler here answers 431 with the gateway's JSON error instead. aiohttp has one timer
 for a connection waiting for a head, new or kept alive: it is set to the shorter of
 header_timeout_seconds and idle_timeout_seconds, so neither wait is ever exceeded.
-Bodies are read by the routes within body_timeout_seconds (gateway/request.py
-`read_body`, gateway/jsonbody.py).
+Bodies are read by the routes within body_timeout_seconds between two reads and
+body_deadline_seconds in all (gateway/request.py `read_body`, gateway/jsonbody.py);
+a body refused unread is read and dropped for LINGER_SECONDS before the close.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ def http_limits(config: GatewayConfig) -> HTTPLimits:
         max_head_bytes=config.max_head_bytes,
         header_timeout=config.header_timeout_seconds,
         idle_timeout=config.idle_timeout_seconds,
-        body_timeout=config.body_timeout_seconds)
+        body_timeout=config.body_timeout_seconds,
+        body_deadline=config.body_deadline_seconds)
 
 
 def address_cap(config: GatewayConfig) -> AddressCap | None:
@@ -112,7 +114,8 @@ def aiohttp_protocol(server: web.Server, config: GatewayConfig, cap: AddressCap 
     options: dict[str, Any] = {
         "loop": loop, "access_log": None, "keepalive_timeout": wait,
         "max_line_size": config.max_request_line_bytes,
-        "max_field_size": config.max_header_bytes, "max_headers": config.max_headers}
+        "max_field_size": config.max_header_bytes, "max_headers": config.max_headers,
+        "lingering_time": LINGER_SECONDS}
 
     def make() -> asyncio.Protocol:
         return _LimitedHandler(server, cap, **options)

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from urllib.parse import quote, urlsplit
 
 from aiohttp import web
 
 from thaw.core.errors import InvalidArgument
-from thaw.core.http1limits import BODY_TIMEOUT_SECONDS
+from thaw.core.http1limits import BODY_DEADLINE_SECONDS, BODY_TIMEOUT_SECONDS
 from thaw.gateway.errors import PayloadTooLarge
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
@@ -43,6 +44,8 @@ SSE_ACCEPT = "text/event-stream"
 PREREAD_BODY_KEY = web.RequestKey("preread_body", bytes)
 # The app's body_timeout_seconds (set by app.make_app), here where bodies are read.
 BODY_TIMEOUT_KEY = web.AppKey("body_timeout", float)
+# The app's body_deadline_seconds: the most a whole body may take, however steadily.
+BODY_DEADLINE_KEY = web.AppKey("body_deadline", float)
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,7 +187,8 @@ def forwarded_path(request: web.Request) -> str:
 async def read_body(request: web.Request, limit: int, described: str = "") -> bytes:
     """The whole body, refusing it (413) as soon as it is known to pass `limit`
     (from Content-Length before reading, else as it arrives), and closing the
-    connection (408) when it pauses longer than body_timeout_seconds."""
+    connection (408) when it pauses longer than body_timeout_seconds or has not all
+    come within body_deadline_seconds (see `BodyClock`)."""
     described = described or f"this gateway's limit of {limit} bytes (max_body_bytes)"
     too_large = PayloadTooLarge(f"the request body is larger than {described}",
                                 field="body")
@@ -198,18 +202,41 @@ async def read_body(request: web.Request, limit: int, described: str = "") -> by
         if len(body) > limit:
             raise too_large
         return body
-    pause = request.app.get(BODY_TIMEOUT_KEY, BODY_TIMEOUT_SECONDS)
+    clock = BodyClock(request.app)
     received = bytearray()
     while True:
-        try:
-            async with asyncio.timeout(pause):
-                chunk = await request.content.readany()
-        except TimeoutError:
-            raise web.HTTPRequestTimeout(
-                text=f"the request body paused longer than {pause:g} s "
-                     "(body_timeout_seconds)") from None
+        chunk = await clock.next(request.content.readany, "the request body")
         if not chunk:
             return bytes(received)
         received.extend(chunk)
         if len(received) > limit:
             raise too_large
+
+
+class BodyClock:
+    """The time a body being read has left: body_timeout_seconds from its last chunk,
+    and body_deadline_seconds in all from when its reading began (a body trickled a
+    byte at a time never pauses long). One timer per read, as without the deadline."""
+
+    __slots__ = ("_end", "_loop", "deadline", "pause")
+
+    def __init__(self, app: web.Application) -> None:
+        self.pause = app.get(BODY_TIMEOUT_KEY, BODY_TIMEOUT_SECONDS)
+        self.deadline = app.get(BODY_DEADLINE_KEY, BODY_DEADLINE_SECONDS)
+        self._loop = asyncio.get_running_loop()
+        self._end = self._loop.time() + self.deadline
+
+    async def next(self, read: Callable[[], Awaitable[bytes]], what: str) -> bytes:
+        """The next chunk `read` gives (b"" at the end); 408 (web.HTTPRequestTimeout,
+        aiohttp then closes the connection) once either bound is past."""
+        now = self._loop.time()
+        try:
+            async with asyncio.timeout_at(min(now + self.pause, self._end)):
+                return await read()
+        except TimeoutError:
+            if self._loop.time() >= self._end:
+                text = (f"{what} did not arrive whole within {self.deadline:g} s "
+                        "(body_deadline_seconds)")
+            else:
+                text = f"{what} paused longer than {self.pause:g} s (body_timeout_seconds)"
+            raise web.HTTPRequestTimeout(text=text) from None

@@ -19,12 +19,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.gateway.limits_helpers import (
+    GUARD_SECONDS,
     big_json,
     closed_within_guard,
     connect,
     deep_json,
     filled,
     read_answer,
+    read_until_closed,
     request_bytes,
     send,
 )
@@ -218,6 +220,29 @@ def test_a_body_that_stops_is_answered_408(gateway: Callable[..., Served]) -> No
                      b"\r\nContent-Length: 100\r\n\r\n{\"a\"")
         answer = closed_within_guard(sock)
         assert answer.startswith(b"HTTP/1.1 408"), answer[:80]
+
+
+def test_a_body_trickled_past_its_deadline_is_answered_408(
+        gateway: Callable[..., Served]) -> None:
+    # Never a pause near body_timeout_seconds: only the whole body's deadline cuts it
+    # (aiohttp's routes: tests/gateway/test_body_deadline.py).
+    gw = gateway(body_deadline_seconds=1)
+    with connect(gw.port) as sock:
+        sock.sendall(b"POST /fn/t/f HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer thaw_t"
+                     b"\r\nContent-Length: 100000\r\n\r\n")
+        sock.settimeout(0.05)
+        answer = b""
+        for _ in range(int(GUARD_SECONDS / 0.05)):  # a byte at a time until answered
+            try:
+                answer = sock.recv(65536)
+            except TimeoutError:
+                sock.sendall(b"x")
+                continue
+            break
+        sock.settimeout(GUARD_SECONDS)
+        answer += read_until_closed(sock)  # returns once the gateway closed
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:80]
+    assert b"body_deadline_seconds" in answer
 
 
 @pytest.mark.parametrize("fast_lane", LANES)
