@@ -168,7 +168,13 @@ class LocalPlatform:
         """Stop the agent of `node_id` (SIGTERM, or SIGKILL with `kill`) and start a new
         one with the same node id on the same ports, as a supervisor restarting it would;
         returns once the new agent has registered. Its node must stay usable."""
-        name = f"agent {node_id}"
+        if not self._stop_one(f"agent {node_id}", kill):
+            raise ValueError(f"no agent {node_id!r} in this platform")
+        self._start_agent(node_id, *self.agent_ports[node_id])
+
+    def _stop_one(self, name: str, kill: bool) -> bool:
+        """Stop the service `name` (SIGTERM, SIGKILL after the grace, or SIGKILL at once
+        with `kill`) and forget it; False if there is none."""
         for index, (proc_name, proc) in enumerate(self.procs):
             if proc_name != name:
                 continue
@@ -180,10 +186,8 @@ class LocalPlatform:
                     proc.kill()
                     proc.wait()
             del self.procs[index]
-            break
-        else:
-            raise ValueError(f"no agent {node_id!r} in this platform")
-        self._start_agent(node_id, *self.agent_ports[node_id])
+            return True
+        return False
 
     def _start_gateway(self, env: dict[str, str]) -> None:
         """Start the gateway; `url` and `function_url` once both its ports are bound."""
@@ -218,18 +222,7 @@ class LocalPlatform:
         """Stop the gateway (SIGTERM, or SIGKILL with `kill`) and start a new one on
         the same scheduler; `url` changes when the port was 0. What the gateway hands
         to the scheduler (stored invocations) must survive this."""
-        for index, (name, proc) in enumerate(self.procs):
-            if name != "gateway":
-                continue
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
-                try:
-                    proc.wait(SHUTDOWN_GRACE_SECONDS)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-            del self.procs[index]
-            break
+        self._stop_one("gateway", kill)
         self._start_gateway(env or {})
 
     def stop(self) -> None:
