@@ -205,8 +205,7 @@ class GatewayFields(_Fields):
     body_timeout_seconds: float = Field(BODY_TIMEOUT_SECONDS, gt=0, le=3600)
     """Seconds a request body may pause between two reads; then 408 and closed."""
     body_deadline_seconds: float = Field(BODY_DEADLINE_SECONDS, gt=0, le=86_400)
-    """Seconds a whole request body may take to arrive, however steadily; then 408 and
-    closed."""
+    """Seconds a whole request body may take to arrive, however steadily (408, closed)."""
     max_connections_per_address: int = Field(256, ge=0, le=1_000_000)
     # Counted by the socket's peer: behind a proxy every client shares its address.
     """Open connections one client address may hold (both ports together); 0 = no cap."""
