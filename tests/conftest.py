@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import uuid
@@ -66,6 +67,18 @@ class RunningPlatform:
                               **kwargs)  # type: ignore[arg-type]
 
 
+@contextlib.contextmanager
+def running(local: LocalPlatform) -> Iterator[RunningPlatform]:
+    """`local` started, as a RunningPlatform; stopped after, whatever happened."""
+    try:
+        local.start()
+        platform = RunningPlatform(local)
+        yield platform
+        platform.http.close()
+    finally:
+        local.stop()
+
+
 def tenant_exchange(home: Path, tenant: str = "dev", node_id: str = "local") -> Path:
     """A new folder a test and its tenant's functions both see at the same path: inside
     the tenant's area on the node (its log folder, which every sandbox of the tenant
@@ -93,11 +106,5 @@ def exchange(platform: RunningPlatform) -> Path:
 @pytest.fixture(scope="session")
 def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningPlatform]:
     home = tmp_path_factory.mktemp("thaw-home")
-    local = LocalPlatform(home, gateway_port=0, host_devices="2x4GiB")
-    try:
-        local.start()
-        running = RunningPlatform(local)
-        yield running
-        running.http.close()
-    finally:
-        local.stop()
+    with running(LocalPlatform(home, gateway_port=0, host_devices="2x4GiB")) as platform:
+        yield platform

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import RunningPlatform
+from tests.conftest import RunningPlatform, running
 from thaw.ops.services import LocalPlatform
 from thaw.platform import images
 
@@ -75,11 +75,5 @@ def host_site_packages() -> str:
 def docker_platform(tmp_path_factory: pytest.TempPathFactory,
                     base_image: str) -> Iterator[RunningPlatform]:
     home = tmp_path_factory.mktemp("thaw-docker-home")
-    local = DockerPlatform(home, base_image, host_site_packages())
-    try:
-        local.start()
-        running = RunningPlatform(local)
-        yield running
-        running.http.close()
-    finally:
-        local.stop()
+    with running(DockerPlatform(home, base_image, host_site_packages())) as platform:
+        yield platform

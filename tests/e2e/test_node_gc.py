@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from tests.conftest import EXAMPLES, RunningPlatform
+from tests.conftest import EXAMPLES, RunningPlatform, running
 from thaw.ops.cli import cli
 from thaw.ops.services import LocalPlatform
 
@@ -26,14 +26,9 @@ def gc_platform(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     # Logs of ended instances go at the first collection; none runs on its own.
     monkeypatch.setenv("THAW_GC_LOG_AGE", "0")
     monkeypatch.setenv("THAW_GC_INTERVAL", "0")
-    local = LocalPlatform(tmp_path / "home", gateway_port=0, host_devices="1x2GiB")
-    try:
-        local.start()
-        running = RunningPlatform(local)
-        yield running
-        running.http.close()
-    finally:
-        local.stop()
+    with running(LocalPlatform(tmp_path / "home", gateway_port=0,
+                               host_devices="1x2GiB")) as platform:
+        yield platform
 
 
 def _write(path: Path) -> None:
