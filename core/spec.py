@@ -45,7 +45,8 @@ from thaw.core.units import parse_duration, parse_size
 
 __all__ = [
     "MAX_BUNDLE_BYTES", "MAX_BUNDLE_FILES", "BundleLimits", "BundleScan", "Batching",
-    "FunctionSpec", "Limits", "Resources", "Runtime", "Scaling", "ThawToml",
+    "FunctionSpec", "Limits", "Resources", "Runtime", "Scaling", "ThawToml", "VolumeMount",
+    "check_env_name", "check_mount_path",
     "extract_bundle", "pack_bundle", "parse_spec", "pin_runtime_image", "read_bundle",
     "scan_bundle", "thaw_toml_schema",
 ]
@@ -82,6 +83,25 @@ MAX_TIMEOUT_SECONDS = 24 * 3600.0
 MAX_SCALEDOWN_SECONDS = 30 * 24 * 3600.0
 MAX_BATCH_SIZE = 1024
 MAX_BATCH_WAIT_MS = 10_000.0
+# Environment variables a function sets (`[env]`) or receives (`secrets`): POSIX names.
+# The runtime's own (THAW_*), the dynamic loader's (LD_*) and those that decide which
+# interpreter and packages run are the platform's.
+ENV_NAME_REGEX = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
+ENV_NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}\Z")
+RESERVED_ENV_PREFIXES = ("THAW_", "LD_")
+RESERVED_ENV_NAMES = frozenset({
+    "PATH", "PYTHONHOME", "PYTHONPATH", "PYTHONSTARTUP", "PYTHONSAFEPATH",
+    "PYTHONNOUSERSITE", "PYTHONEXECUTABLE", "PYTHONPLATLIBDIR", "VIRTUAL_ENV"})
+MAX_ENV_ENTRIES = 64
+MAX_ENV_VALUE = 4096
+MAX_SECRETS = 32
+MAX_VOLUMES = 8
+MAX_MOUNT_PATH = 255
+# Where a volume may not be mounted: the system's folders (bound read-only in the
+# sandbox, the image's own in a container) and the runtime's scratch space.
+RESERVED_MOUNT_ROOTS = ("/proc", "/sys", "/dev", "/etc", "/usr", "/bin", "/sbin", "/lib",
+                        "/lib32", "/lib64", "/libx32", "/boot", "/run", "/tmp", "/var",
+                        "/root", "/opt/thaw")
 
 
 @dataclass(frozen=True)
@@ -140,6 +160,14 @@ class Runtime:
 
 
 @dataclass(frozen=True)
+class VolumeMount:
+    path: str
+    """Where the volume appears in the instance, read-only (an absolute path)."""
+    volume: str
+    """The tenant's volume (`thaw volume create NAME`)."""
+
+
+@dataclass(frozen=True)
 class FunctionSpec:
     name: str
     handler: str
@@ -150,6 +178,16 @@ class FunctionSpec:
     batching: Batching = field(default_factory=Batching)
     limits: Limits = field(default_factory=Limits)
     runtime: Runtime = field(default_factory=Runtime)
+    secrets: tuple[str, ...] = ()
+    """Names of the tenant's secrets the function receives as environment variables."""
+    env: tuple[tuple[str, str], ...] = ()
+    """Plain environment variables (`[env]`), as (name, value) pairs in file order."""
+    volumes: tuple[VolumeMount, ...] = ()
+    """Volumes mounted read-only (`[volumes]`), in file order."""
+
+    @property
+    def env_map(self) -> dict[str, str]:
+        return dict(self.env)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -165,6 +203,9 @@ class FunctionSpec:
             batching=Batching(**data.get("batching", {})),
             limits=Limits(**data.get("limits", {})),
             runtime=Runtime(**data.get("runtime", {})),
+            secrets=tuple(data.get("secrets", ())),
+            env=tuple((str(k), str(v)) for k, v in data.get("env", ())),
+            volumes=tuple(VolumeMount(**m) for m in data.get("volumes", ())),
         )
 
 
@@ -287,6 +328,31 @@ class RuntimeDoc(_Table):
         return value
 
 
+def check_env_name(name: str, what: str = "name") -> str:
+    """`name` as an environment variable a function may have, or ValueError saying why."""
+    if not ENV_NAME_PATTERN.match(name):
+        raise ValueError(f"{what} must be letters, digits or '_' (not first a digit), "
+                         f"1-128 characters, got {name!r}")
+    if name.upper().startswith(RESERVED_ENV_PREFIXES) or name.upper() in RESERVED_ENV_NAMES:
+        raise ValueError(f"{what} {name!r} is reserved for the platform")
+    return name
+
+
+def check_mount_path(path: str) -> str:
+    """`path` as a volume's mount point, or ValueError saying why."""
+    if not path.startswith("/") or len(path) > MAX_MOUNT_PATH or "\0" in path:
+        raise ValueError(f"must be an absolute path of at most {MAX_MOUNT_PATH} "
+                         f"characters, got {path!r}")
+    parts = path.split("/")[1:]
+    if any(part in ("", ".", "..") for part in parts):
+        raise ValueError(f"must be a plain absolute path (no '.', '..', '//' or trailing "
+                         f"'/'), got {path!r}")
+    for root in RESERVED_MOUNT_ROOTS:
+        if path == root or path.startswith(root + "/"):
+            raise ValueError(f"{path!r} is under {root}, which is the system's")
+    return path
+
+
 class ThawToml(_Table):
     """A function's thaw.toml (DESIGN.md §3)."""
 
@@ -301,6 +367,50 @@ class ThawToml(_Table):
     batching: BatchingDoc = BatchingDoc()
     limits: LimitsDoc = LimitsDoc()
     runtime: RuntimeDoc = RuntimeDoc()
+    secrets: list[str] = Field(
+        default_factory=list, max_length=MAX_SECRETS,
+        description="Names of the tenant's secrets (`thaw secret set NAME`) the function "
+                    "receives as environment variables of the same names")
+    env: dict[str, Annotated[str, Field(max_length=MAX_ENV_VALUE)]] = Field(
+        default_factory=dict, max_length=MAX_ENV_ENTRIES,
+        description="Plain environment variables; THAW_*, LD_*, PATH and the variables "
+                    "that choose Python's interpreter and packages are the platform's")
+    volumes: dict[str, str] = Field(
+        default_factory=dict, max_length=MAX_VOLUMES,
+        description='Volumes mounted read-only: "/mount/path" = "volume-name" '
+                    "(`thaw volume create`); not under the system's folders")
+
+    @field_validator("secrets")
+    @classmethod
+    def _secrets(cls, value: list[str]) -> list[str]:
+        for name in value:
+            check_env_name(name, "a secret's name")
+        if len(set(value)) != len(value):
+            raise ValueError("names a secret twice")
+        return value
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, text in value.items():
+            check_env_name(name, "a variable's name")
+            if "\0" in text:
+                raise ValueError(f"the value of {name} holds a NUL character")
+        return value
+
+    @field_validator("volumes")
+    @classmethod
+    def _volumes(cls, value: dict[str, str]) -> dict[str, str]:
+        for path, volume in value.items():
+            check_mount_path(path)
+            if not NAME_PATTERN.match(volume):
+                raise ValueError(f"the volume at {path} must be named with 1-63 lower-case "
+                                 f"letters, digits or '-', got {volume!r}")
+        paths = sorted(value)
+        for first, second in zip(paths, paths[1:], strict=False):
+            if second.startswith(first + "/"):
+                raise ValueError(f"mounts {second} inside {first}")
+        return value
 
 
 def _problem(error: Any) -> InvalidBundle:
@@ -322,7 +432,9 @@ def _problem(error: Any) -> InvalidBundle:
     else:
         detail = str(error["msg"]).replace("Input should be", "must be")
     shown = error.get("input")
-    got = "" if kind == "missing" or f"{shown!r}" in detail else f", got {shown!r}"
+    said = kind == "missing" or f"{shown!r}" in detail or (
+        kind == "value_error" and "got " in detail)
+    got = "" if said else f", got {shown!r}"
     joint = " " if detail.startswith(("must", "is ")) else ": "
     return InvalidBundle(f"{key}{joint}{detail}{got}", field=key)
 
@@ -351,6 +463,10 @@ def parse_spec(text: str) -> FunctionSpec:
         raise InvalidBundle("batching.max_batch_size must not exceed scaling.max_concurrency "
                             "(a batch is made of concurrent calls)",
                             field="batching.max_batch_size")
+    both = set(valid.secrets) & set(valid.env)
+    if both:
+        raise InvalidBundle(f"env sets {sorted(both)[0]}, which is also a secret's name",
+                            field=f"env.{sorted(both)[0]}")
     res = valid.resources
     return FunctionSpec(
         name=valid.name, handler=valid.handler,
@@ -364,7 +480,9 @@ def parse_spec(text: str) -> FunctionSpec:
         batching=Batching(max_batch_size=bt.max_batch_size,
                           max_batch_wait_ms=float(bt.max_batch_wait_ms)),
         limits=Limits(max_body=valid.limits.max_body or 0),
-        runtime=Runtime(image=valid.runtime.image, network=valid.runtime.network))
+        runtime=Runtime(image=valid.runtime.image, network=valid.runtime.network),
+        secrets=tuple(valid.secrets), env=tuple(valid.env.items()),
+        volumes=tuple(VolumeMount(path, volume) for path, volume in valid.volumes.items()))
 
 
 def thaw_toml_schema() -> dict[str, Any]:

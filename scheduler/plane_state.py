@@ -42,7 +42,8 @@ def spec_message(fn: FunctionRecord) -> agent_pb2.FunctionSpec:
         timeout_seconds=s.scaling.timeout, snapshot_enabled=s.snapshot,
         memory_limit_bytes=s.resources.memory, max_batch_size=s.batching.max_batch_size,
         max_batch_wait_ms=s.batching.max_batch_wait_ms, image=s.runtime.image,
-        network=s.runtime.network)
+        network=s.runtime.network, env=dict(s.env),
+        volumes=[agent_pb2.VolumeMount(path=m.path, name=m.volume) for m in s.volumes])
 
 
 def fn_name(fn: FunctionRecord) -> str:
