@@ -59,6 +59,11 @@ _MEMBER_OVERHEAD = 4 * tarfile.BLOCKSIZE + 2 * MAX_PATH_BYTES
 _TAR_TAIL = tarfile.RECORDSIZE * 2
 _HEADER_TYPES = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE,
                  tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK)
+# What pack_bundle writes into every member and gzip header: a bundle's bytes depend
+# on its files' paths, contents and executable bits only (a redeploy of an unchanged
+# folder has the same digest and builds nothing).
+PACK_MTIME = 0
+PACK_COMPRESSLEVEL = 9
 _SKIPPED_WHEN_PACKING = frozenset({"__pycache__", ".git", ".venv", ".thaw"})
 _READ_CHUNK = 1024 * 1024
 
@@ -357,11 +362,16 @@ def pack_bundle(folder: str, limits: BundleLimits = DEFAULT_LIMITS) -> bytes:
 
     Refuses, naming the path, what a reader would refuse (special files, links out of
     the folder, past a limit) before compressing more of it; symlinks that stay
-    inside are kept as links."""
+    inside are kept as links. Reproducible: members in sorted order, times, owners
+    and modes normalised (_reproducible), gzip's header without time or name."""
     root = os.path.realpath(folder)
     buf = io.BytesIO()
     members, unpacked = 0, 0
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+    # gzip's header carries a time and a file name: both fixed, so the same folder
+    # packs to the same bytes (and digest) every time.
+    with (gzip.GzipFile(filename="", mode="wb", fileobj=buf, mtime=0,
+                        compresslevel=PACK_COMPRESSLEVEL) as packed,
+          tarfile.open(fileobj=packed, mode="w", format=tarfile.PAX_FORMAT) as tar):
         for here, dirs, files in os.walk(folder):
             kept = sorted(d for d in dirs if d not in _SKIPPED_WHEN_PACKING)
             # os.walk lists a symlink to a folder among the folders: it is packed as
@@ -393,7 +403,7 @@ def pack_bundle(folder: str, limits: BundleLimits = DEFAULT_LIMITS) -> bytes:
                 if unpacked > limits.unpacked_bytes:
                     raise _too_large(f"{folder} holds more than its limit (at {rel})",
                                      limits.unpacked_bytes, "unpacked_bytes", where)
-                tar.add(path, arcname=rel, recursive=False)
+                tar.add(path, arcname=rel, recursive=False, filter=_reproducible)
     data = buf.getvalue()
     if len(data) > limits.packed_bytes:
         raise _too_large(f"{folder} packs to {format_size(len(data))}",
@@ -407,6 +417,21 @@ def _add_link(tar: tarfile.TarFile, path: str, rel: str, root: str, where: str) 
         raise InvalidBundle(f"{rel} is a symlink to {os.readlink(path)}, outside the "
                             "bundle folder: copy what it points to into the folder",
                             field=where)
-    info = tar.gettarinfo(path, arcname=rel)
+    info = _reproducible(tar.gettarinfo(path, arcname=rel))
     info.linkname = os.path.relpath(resolved, os.path.dirname(os.path.join(root, rel)))
     tar.addfile(info)
+
+
+def _reproducible(info: tarfile.TarInfo) -> tarfile.TarInfo:
+    """The member as every machine and every checkout packs it: what only says when
+    or by whom a file was written (times, owners) is fixed, and the mode keeps only
+    whether the file is executable, so a digest changes only with content."""
+    info.mtime = PACK_MTIME
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    if info.issym():
+        info.mode = 0o777
+    else:
+        info.mode = 0o755 if info.mode & 0o111 else 0o644
+    info.pax_headers = {}
+    return info
