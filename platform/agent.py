@@ -1,4 +1,5 @@
-"""The node agent's bookkeeping: bundles, snapshot builds, instances, tiers.
+"""The node agent's bookkeeping: instances and tiers; bundles and snapshot builds are
+builds.py's, behind ensure_bundle and build_snapshot.
 
 Edges call into this (control.py for gRPC, dataplane.py for HTTP); instances are run
 by the node's runtime (the `Runtime` protocol, runtime.py) from the LaunchSpecs of
@@ -11,9 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import os
-import shutil
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -28,18 +27,15 @@ from thaw.core.errors import (
     NotFound,
     ThawError,
 )
-from thaw.core.logs import bound_reason
 from thaw.core.pki import Identity
-from thaw.core.spec import extract_bundle
 from thaw.platform.activation import ActivationBudget
-from thaw.platform.build_failures import build_failed, event_text
+from thaw.platform.builds import Builds
 from thaw.platform.chunk_repair import refetch_corrupt
 from thaw.platform.devices import DeviceBackend, Slice
 from thaw.platform.instances import Instance, InstanceState
 from thaw.platform.launch import (
     IMAGE_ENVIRONMENT_FIELDS,
     IMAGE_NEEDS_DOCKER,
-    build_spec,
     check_image,
     code_digest,
     fresh_spec,
@@ -51,13 +47,11 @@ from thaw.platform.launch import (
     memory_env,
     restore_spec,
 )
-from thaw.platform.logs import MAX_BUILD_LOG_BYTES, RUNTIME, FunctionLogs
+from thaw.platform.logs import RUNTIME, FunctionLogs
 from thaw.platform.peers import PeerChunks
 from thaw.platform.process import ProcessWatch, log_tail
 from thaw.platform.restore_faults import restore_fault
 from thaw.platform.runtime import (
-    BuildRequest,
-    Captured,
     Failed,
     LaunchSpec,
     MemoryLimitHit,
@@ -68,12 +62,7 @@ from thaw.platform.runtime import (
     SpawnRequest,
     TemplateReady,
 )
-from thaw.platform.sandbox.areas import (
-    TenantAreas,
-    make_readable,
-    remove_quietly,
-    seal_output,
-)
+from thaw.platform.sandbox.areas import TenantAreas
 from thaw.platform.slice_fill import fill_slice, slice_handover
 from thaw.platform.snapshots import NodeSnapshots, ReadersWriter
 from thaw.platform.storage import StorageHealth
@@ -90,8 +79,6 @@ __all__ = [
 log = structlog.get_logger()
 # Tenant uids on a node (sandbox_uids): far above any login or system user.
 DEFAULT_UID_RANGE = (200000, 265535)
-# Where a build's output is moved (out of its tenant's reach) before it is read.
-SEALED_BUILDS = ".sealed"
 
 
 class Agent:
@@ -137,104 +124,28 @@ class Agent:
         self.areas = TenantAreas(home=home, run_dir=run_dir, uid_range=uid_range,
                                  owned=runtime.capabilities.uid_per_tenant)
         """Each tenant's uid and writable folders (sockets, logs, build outputs)."""
+        self.builds = Builds(home=home, runtime=runtime, areas=self.areas,
+                             snapshots=snapshots, logs=self.logs, fetch_bundle=fetch_bundle,
+                             start_timeout=start_timeout)
+        """Bundles and snapshot builds (builds.py)."""
         self.templates = TemplatePool(
             runtime=runtime, areas=self.areas, start_timeout=start_timeout,
             ensure_bundle=self.ensure_bundle, spawn_task=self._spawn_task)
+        self.builds.templates = self.templates
 
-    # ---- bundles ----------------------------------------------------------------
+    # ---- bundles and builds (builds.py) ---------------------------------------------
 
     async def ensure_bundle(self, digest: str, data: bytes | None = None) -> Path:
-        target = self.home / "bundles" / digest
-        if target.exists():
-            return target
-        if data is None:
-            data = await self.fetch_bundle(digest)
-        staging = self.home / "bundles" / f".{digest}-{uuid.uuid4().hex[:8]}"
-        await asyncio.to_thread(extract_bundle, data, str(staging))
-        # Instances read it under their tenants' uids (same digest, same files).
-        await asyncio.to_thread(make_readable, staging)
-        try:
-            os.replace(staging, target)
-        except OSError:
-            shutil.rmtree(staging, ignore_errors=True)  # another start won the race
-        return target
-
-    # ---- builds ------------------------------------------------------------------
+        """The bundle unpacked under <home>/bundles/<digest> (fetched if need be)."""
+        return await self.builds.ensure_bundle(digest, data)
 
     async def build_snapshot(self, req: agent_pb2.BuildSnapshotRequest
                              ) -> agent_pb2.BuildSnapshotResponse:
-        spec = req.function
-        name = f"{spec.tenant}/{spec.name}"
+        """Run the function's setup() and store its snapshot (builds.py)."""
         if self.storage is not None:
-            self.storage.refuse_writes(f"building {name}")  # 507 before writing anything
-        bundle = await self.ensure_bundle(spec.bundle_digest, req.bundle or None)
-        if spec.image and not self.runtime.capabilities.runs_images:
-            return agent_pb2.BuildSnapshotResponse(ok=False, stage="runtime",
-                                                   reason=IMAGE_NEEDS_DOCKER)
-        build_id = f"{spec.tenant}-{spec.name}-{spec.version}-{uuid.uuid4().hex[:6]}"
-        area = await asyncio.to_thread(self.areas.area, spec.tenant)
-        out = area.builds / build_id
-        out.mkdir()
-        if self.areas.owned:
-            os.chown(out, area.uid, area.gid)
-        sealed = self.home / "builds" / SEALED_BUILDS / build_id
-        log_path = str(area.logs / f"build-{spec.tenant}-{spec.name}-{spec.version}.log")
-        # A second build of this version (a rollback, a corrupt snapshot rebuilt) starts
-        # a new log: the last one may belong to another uid than this build writes as.
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(log_path)
-        # The build's output joins the function's logs, at most MAX_BUILD_LOG_BYTES.
-        self.logs.watch(build_id, name, log_path, max_bytes=MAX_BUILD_LOG_BYTES)
-        try:
-            template = await self.templates.with_code(spec)
-            event: dict[str, Any] | None = None
-            if template is not None:
-                # Same code as a running template: fork it, skip the imports (where
-                # the runtime builds in templates at all).
-                try:
-                    event = await self.runtime.build_in_template(
-                        template.control, BuildRequest(str(out), log_path, spec.version),
-                        self.start_timeout)
-                except (ThawError, ValueError) as exc:  # ValueError: a line past the limit
-                    return build_failed("setup", exc)
-            if event is None:
-                event = await self._build_fresh(spec, bundle, out, log_path)
-            if event.get("event") != Captured.event:
-                return build_failed(event_text(event.get("stage"), "setup"),
-                                    event_text(event.get("reason"), "unknown"),
-                                    event_text(event.get("attribute_path"), ""))
-            try:
-                # Out of the tenant's reach and checked before the agent reads it.
-                await asyncio.to_thread(seal_output, out, sealed.parent)
-                manifest, stored = await asyncio.to_thread(
-                    self.snapshots.store_capture, sealed, function=name,
-                    version=spec.version)
-            except (OSError, ThawError) as exc:
-                return build_failed("store", exc)
-            log.info("snapshot built", function=name, version=spec.version,
-                     host_bytes=manifest.host.size, stored_bytes=stored,
-                     setup_s=round(manifest.setup_seconds, 3))
-            return agent_pb2.BuildSnapshotResponse(ok=True, manifest=manifest,
-                                                   stored_bytes=stored)
-        finally:
-            await self.logs.unwatch_in_thread(build_id)
-            await asyncio.to_thread(remove_quietly, out)
-            await asyncio.to_thread(remove_quietly, sealed)
-
-    async def _build_fresh(self, spec: agent_pb2.FunctionSpec, bundle: Path, out: Path,
-                           log_path: str) -> dict[str, Any]:
-        check_image(spec, self.runtime.capabilities)
-        proc = await self.runtime.launch(self._as_tenant(
-            build_spec(spec, bundle, out=out, log_path=log_path), spec))
-        try:
-            return await proc.next_event(self.start_timeout)
-        except (ThawError, ValueError) as exc:
-            # ValueError: a status line past the reader's limit, or not JSON. The build
-            # may still be writing: killed, so that waiting for it cannot hang.
-            await proc.kill()
-            return {"event": "failed", "stage": "setup", "reason": bound_reason(exc)}
-        finally:
-            await proc.proc.wait()
+            # 507 before writing anything.
+            self.storage.refuse_writes(f"building {req.function.tenant}/{req.function.name}")
+        return await self.builds.build_snapshot(req)
 
     def _as_tenant(self, launch: LaunchSpec, spec: agent_pb2.FunctionSpec) -> LaunchSpec:
         """The launch under its tenant's uid, its area writable (where the runtime

@@ -18,7 +18,7 @@ import pytest
 import structlog
 
 from thaw.core import logs as core_logs
-from thaw.platform.agent import Agent
+from thaw.platform.builds import Builds
 from thaw.proto import agent_pb2
 from thaw.snapshotter.runtime import bounded
 from thaw.snapshotter.runtime.events import Failed, Stage, event_to_line, parse_event
@@ -206,7 +206,7 @@ def test_a_build_with_an_unreadable_status_line_is_killed_and_failed(tmp_path: P
             runs_images=False)),
         start_timeout=5.0, _as_tenant=lambda launch, spec: launch)
     spec = agent_pb2.FunctionSpec(tenant="dev", name="f", version="1", handler="app:H")
-    event = asyncio.run(asyncio.wait_for(Agent._build_fresh(
+    event = asyncio.run(asyncio.wait_for(Builds._build_fresh(
         agent, spec, tmp_path, tmp_path / "out", str(tmp_path / "build.log")),  # type: ignore[arg-type]
         timeout=10))
     assert build.killed.is_set()
