@@ -37,6 +37,7 @@ from thaw.scheduler.policy import PolicyConfig
 from thaw.scheduler.pools import Broadcast, FunctionPool, InstanceView
 from thaw.scheduler.pressure import PressureTracker
 from thaw.scheduler.reconcile import ADOPT_GRACE_HEARTBEATS, WARM_RETRY_SECONDS, Reconciler
+from thaw.scheduler.secrets import SecretStore
 from thaw.scheduler.starts import START_RPC_TIMEOUT, Starts
 from thaw.scheduler.store import FunctionRecord, InstanceRecord, Store
 from thaw.scheduler.tenancy import QuotaLedger
@@ -54,12 +55,13 @@ class ControlPlane:
                  policy: PolicyConfig | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  agent_client: Callable[[str], AgentClient] = AgentClient,
-                 events: EventLog | None = None, gc_log_age: float = 86_400.0) -> None:
+                 events: EventLog | None = None, gc_log_age: float = 86_400.0,
+                 secrets: SecretStore | None = None) -> None:
         self.state = s = PlaneState(
             store=store, bundles=bundles,
             timeouts=Timeouts(heartbeat_interval, node_timeout, build_timeout, acquire_wait),
             policy=policy or PolicyConfig.load(), clock=clock, agent_client=agent_client,
-            events=events or EventLog())
+            events=events or EventLog(), secrets=secrets)
         self.instances = Instances(s)
         self.fleet = Fleet(s, self.instances)
         self.tiers = Tiers(s)

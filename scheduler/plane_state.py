@@ -18,6 +18,7 @@ from thaw.scheduler.nodes import AgentClient, NodeView
 from thaw.scheduler.policy import PolicyConfig
 from thaw.scheduler.pools import Broadcast, FunctionPool, InstanceView, RoomTurn
 from thaw.scheduler.pressure import PressureTracker, Thresholds
+from thaw.scheduler.secrets import SecretStore
 from thaw.scheduler.states import NodeState
 from thaw.scheduler.store import FunctionRecord, InstanceRecord, Store
 from thaw.scheduler.tenancy import QuotaLedger
@@ -63,6 +64,8 @@ class PlaneState:
     clock: Callable[[], float]
     agent_client: Callable[[str], AgentClient]
     events: EventLog
+    secrets: SecretStore | None = None
+    """The tenants' secrets (scheduler/secrets.py); None: a function naming any fails."""
     pressure: PressureTracker = field(init=False)
     versions: VersionStore = field(init=False)
     quotas: QuotaLedger = field(init=False)

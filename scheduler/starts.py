@@ -20,6 +20,7 @@ from thaw.scheduler.plane_state import PlaneState, fn_name, spec_message
 from thaw.scheduler.pools import FunctionPool, InstanceView
 from thaw.scheduler.pressure import PressureLevel
 from thaw.scheduler.restore_book import Fault, RestoreBook, failure_signature, fault_of
+from thaw.scheduler.secrets_delivery import with_secrets
 from thaw.scheduler.states import FunctionState, InstanceState, NodeState, SnapshotState
 from thaw.scheduler.store import FunctionRecord, new_id
 from thaw.scheduler.tiers import Tiers
@@ -264,8 +265,10 @@ class Starts:
         kind = agent_pb2.START_RESTORE if manifest is not None else agent_pb2.START_FRESH
         peers = [nodes[h].control_address for h in sorted(holders)
                  if h != node.id and h in nodes and nodes[h].state is not NodeState.LOST]
+        # Read at each start: a rotated secret reaches the next instance.
+        function = await with_secrets(self.s, fn, spec_message(fn))
         return await node.client.start_instance(agent_pb2.StartInstanceRequest(
-            instance_id=instance_id, function=spec_message(fn), kind=kind,
+            instance_id=instance_id, function=function, kind=kind,
             manifest=manifest, peers=peers), timeout=START_RPC_TIMEOUT)
 
     async def _restore_failed(self, fn: FunctionRecord, node: NodeView, fault: Fault,
