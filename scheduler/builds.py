@@ -30,6 +30,7 @@ from thaw.scheduler.fleet import NODE_WAIT_SECONDS, Fleet
 from thaw.scheduler.instances import Instances
 from thaw.scheduler.nodes import NodeView
 from thaw.scheduler.plane_state import PlaneState, build_key, fn_name, spec_message
+from thaw.scheduler.secrets_delivery import check_secrets_exist, with_secrets
 from thaw.scheduler.starts import START_RPC_TIMEOUT
 from thaw.scheduler.states import FunctionState, InstanceState, SnapshotState, VersionState
 from thaw.scheduler.store import FunctionRecord
@@ -76,6 +77,7 @@ class Builds:
         spec = await asyncio.to_thread(read_bundle, bundle)
         check_quota(spec, await s.quotas.quota_of(tenant))
         check_fleet(spec, s.nodes.values())
+        await check_secrets_exist(s, tenant, spec.secrets)
         refused = storage_refusal(
             [n for n in s.ready_nodes() if n.runs(spec.runtime.image)], {})
         if refused is not None:
@@ -163,8 +165,9 @@ class Builds:
                 node.starts_in_flight += 1
                 try:
                     resp = await node.client.build_snapshot(
-                        agent_pb2.BuildSnapshotRequest(function=spec_message(fn),
-                                                       bundle=bundle),
+                        agent_pb2.BuildSnapshotRequest(
+                            function=await with_secrets(s, fn, spec_message(fn)),
+                            bundle=bundle),
                         timeout=s.timeouts.build_timeout)
                     break
                 except ImageNotOnNode as exc:
