@@ -206,14 +206,19 @@ async def create_function(request: web.Request) -> web.Response:
     require(p, "deploy")
     bundle = await read_bundle_upload(request)
     wait = request.query.get("wait", "false").lower() in ("1", "true", "yes")
+    force = request.query.get("force", "false").lower() in ("1", "true", "yes")
     try:
-        fn = await gw.scheduler.create_function(p.tenant, bundle, wait)
+        fn = await gw.scheduler.create_function(p.tenant, bundle, wait, force)
     except ThawError:
         gw.metrics.deploys.labels("rejected").inc()
         raise
-    gw.metrics.deploys.labels(fn.state).inc()
-    gw.leases.forget_function(f"{fn.tenant}/{fn.name}")
+    gw.metrics.deploys.labels("unchanged" if fn.unchanged else fn.state).inc()
     body = function_json(request, fn)
+    body["unchanged"] = fn.unchanged
+    if fn.unchanged:
+        # The bundle it serves already: that version is kept, nothing was created.
+        return web.json_response(body, status=200)
+    gw.leases.forget_function(f"{fn.tenant}/{fn.name}")
     return web.json_response(body, status=201, headers={"Location": f"/v1/functions/{fn.name}"})
 
 

@@ -274,6 +274,10 @@ def _core_document() -> dict[str, Any]:
                         "when there is none."),
                     "parameters": [{"name": "wait", "in": "query", "required": False,
                                     "description": "Answer after the snapshot build.",
+                                    "schema": {"type": "boolean"}},
+                                   {"name": "force", "in": "query", "required": False,
+                                    "description": "A new version (and build) even "
+                                                   "when the bundle is the one serving.",
                                     "schema": {"type": "boolean"}}],
                     "requestBody": {"required": True, "content": {
                         "application/gzip": {"schema": {"type": "string",
@@ -284,7 +288,12 @@ def _core_document() -> dict[str, Any]:
                             "type": "object", "required": ["bundle"],
                             "properties": {"bundle": {"type": "string",
                                                       "format": "binary"}}}}}},
-                    "responses": {"201": _json(_ref("Function"), "Deployed."),
+                    "responses": {"201": _json(_ref("Function"), "Deployed: a new "
+                                               "version (`unchanged` false)."),
+                                  "200": _json(_ref("Function"), "The bundle the function "
+                                               "serves already (same digest): its "
+                                               "version is kept, nothing is built "
+                                               "(`unchanged` true)."),
                                   **_errors(400, 401, 403, 413, 503, 504)}},
                 "get": {"summary": "This tenant's functions", "responses": {
                     "200": _json({"type": "object", "required": ["functions"],
@@ -410,7 +419,10 @@ def _schemas() -> dict[str, Any]:
                                             "description": "The version serving."},
                          "latest_build": {"type": "object", "nullable": True,
                                           "description": "The newest deploy's version "
-                                                         "(see /versions)."}}},
+                                                         "(see /versions)."},
+                         "unchanged": {"type": "boolean",
+                                       "description": "Deploy answers only: the bundle "
+                                                      "was the one serving, kept."}}},
         "Model": {"type": "object", "required": ["id", "object", "created", "owned_by"],
                   "properties": {"id": {"type": "string"}, "object": {"type": "string"},
                                  "created": {"type": "integer"},

@@ -34,10 +34,11 @@ class SchedulerClient:
         principal: scheduler_pb2.Principal = resp.principal
         return principal
 
-    async def create_function(self, tenant: str, bundle: bytes, wait: bool
-                              ) -> scheduler_pb2.FunctionInfo:
+    async def create_function(self, tenant: str, bundle: bytes, wait: bool,
+                              force: bool = False) -> scheduler_pb2.FunctionInfo:
         return await call(self._stub.CreateFunction(
-            scheduler_pb2.CreateFunctionRequest(tenant=tenant, bundle=bundle, wait=wait),
+            scheduler_pb2.CreateFunctionRequest(tenant=tenant, bundle=bundle, wait=wait,
+                                                force=force),
             timeout=CREATE_TIMEOUT))
 
     async def get_function(self, tenant: str, name: str) -> scheduler_pb2.FunctionInfo:

@@ -23,7 +23,10 @@ from thaw.ops.output import console, print_table
 @click.option("--dry-run", is_flag=True,
               help="Check the bundle and thaw.toml here (the schema, the bundle limits), "
                    "print what would be deployed, upload nothing.")
-def deploy(target: str, no_wait: bool, dry_run: bool) -> None:
+@click.option("--force", is_flag=True,
+              help="A new version even when the bundle is the one serving (it is "
+                   "built again); without it an unchanged folder keeps its version.")
+def deploy(target: str, no_wait: bool, dry_run: bool, force: bool) -> None:
     """Upload a function and print its URL.
 
     PATH is a bundle folder (with thaw.toml). Anything else is an IMAGE on the local
@@ -31,6 +34,10 @@ def deploy(target: str, no_wait: bool, dry_run: bool) -> None:
     org.thaw.bundle names (default /app) and the packages the code needs: its folder
     is uploaded with [runtime] image pinned to the image's id, and the function runs
     in that image on nodes with THAW_RUNTIME=docker (which must have the image).
+
+    Bundles pack reproducibly, so redeploying an unchanged folder (thaw.toml
+    included) prints "unchanged, version N kept" and builds nothing (--force builds
+    a new version anyway).
 
     A progress bar shows the upload (bytes, speed), then the snapshot build.
     --dry-run checks everything that can be checked here and uploads nothing
@@ -63,11 +70,20 @@ def deploy(target: str, no_wait: bool, dry_run: bool) -> None:
                 progress.update(task, description="building the snapshot (setup, capture)")
 
         fn = Client().request(
-            "POST", "/v1/functions", params={"wait": str(not no_wait).lower()},
+            "POST", "/v1/functions",
+            params={"wait": str(not no_wait).lower(), "force": str(force).lower()},
             content=pieces(), timeout=DEPLOY_TIMEOUT,
             headers={"Content-Type": "application/gzip",
                      "Content-Length": str(len(bundle))}).json()
     seconds = uploaded[0] if uploaded else 0.0
+    if fn.get("unchanged"):
+        # The same bytes as the serving version (bundles pack reproducibly).
+        click.echo(f"uploaded {format_size(len(bundle))} in {seconds:.2f}s, nothing to "
+                   "build", err=True)
+        console.print(f"[bold]{fn['name']}[/] unchanged, version {fn['version']} kept "
+                      f"(nothing built): {fn['state']} ({fn['start_mode']} starts)")
+        click.echo(fn["url"])
+        return
     click.echo(f"uploaded {format_size(len(bundle))} in {seconds:.2f}s, built in "
                f"{time.perf_counter() - started - seconds:.1f}s", err=True)
     console.print(f"[bold]{fn['name']}[/] v{fn['version']}: {fn['state']} "

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from dataclasses import dataclass
 
 import structlog
 
@@ -24,6 +25,7 @@ from thaw.core.errors import (
 from thaw.core.logs import bound_reason
 from thaw.core.spec import read_bundle
 from thaw.proto import agent_pb2, manifest_pb2
+from thaw.scheduler.bundles import bundle_digest
 from thaw.scheduler.deploy_limits import check_fleet, check_quota
 from thaw.scheduler.events import EventKind
 from thaw.scheduler.fleet import NODE_WAIT_SECONDS, Fleet
@@ -61,6 +63,15 @@ def storage_refusal(nodes: list[NodeView], refused: dict[str, str]
                                field="node")
 
 
+@dataclass(frozen=True)
+class Deployed:
+    """What a deploy did: the function afterwards, and whether the bundle was the
+    one it serves already (then no version was made and nothing built)."""
+
+    function: FunctionRecord
+    unchanged: bool = False
+
+
 class Builds:
     def __init__(self, state: PlaneState, fleet: Fleet, instances: Instances,
                  tiers: Tiers) -> None:
@@ -70,11 +81,26 @@ class Builds:
         self.tiers = tiers
 
     async def create_function(self, tenant: str, bundle: bytes, wait: bool) -> FunctionRecord:
+        """Deploy (see `deploy`); the function as it is afterwards."""
+        return (await self.deploy(tenant, bundle, wait)).function
+
+    async def deploy(self, tenant: str, bundle: bytes, wait: bool, force: bool = False
+                     ) -> Deployed:
         """Deploy a new immutable version. A function already serving keeps serving its
-        active version while the new one builds; the switch is atomic (versions.py)."""
+        active version while the new one builds; the switch is atomic (versions.py).
+        The bundle the function serves already (same digest) is no new version: it is
+        kept, nothing is built, and the answer says unchanged; `force` makes it a new
+        version all the same (built again: say, on nodes that changed since)."""
         s = self.s
         # Off the loop: reading a bundle decompresses up to its unpacked limit.
         spec = await asyncio.to_thread(read_bundle, bundle)
+        digest = await asyncio.to_thread(bundle_digest, bundle)
+        kept = None if force else await s.store.run(s.versions.keep_unchanged, tenant,
+                                                    spec.name, digest)
+        if kept is not None:
+            log.info("redeploy unchanged; version kept", function=f"{tenant}/{spec.name}",
+                     version=kept.version, digest=digest)
+            return Deployed(kept, unchanged=True)
         check_quota(spec, await s.quotas.quota_of(tenant))
         check_fleet(spec, s.nodes.values())
         await check_secrets_exist(s, tenant, spec.secrets)
@@ -82,7 +108,7 @@ class Builds:
             [n for n in s.ready_nodes() if n.runs(spec.runtime.image)], {})
         if refused is not None:
             raise refused  # 507 now, not a build that fails writing
-        digest = await asyncio.to_thread(s.bundles.put, bundle)
+        await asyncio.to_thread(s.bundles.put, bundle)
         if spec.snapshot:
             fn, version = await s.store.run(s.versions.deploy, tenant, spec, digest,
                                             "restore", True)
@@ -97,8 +123,8 @@ class Builds:
         if version.state is VersionState.BUILDING:
             task = self._start_build(as_function(fn, version), bundle)
             if wait:
-                return await asyncio.shield(task)
-        return fn
+                return Deployed(await asyncio.shield(task))
+        return Deployed(fn)
 
     def _start_build(self, target: FunctionRecord, bundle: bytes
                      ) -> asyncio.Task[FunctionRecord]:

@@ -10,13 +10,19 @@ from pathlib import Path
 from thaw.core.errors import NotFound
 
 
+def bundle_digest(data: bytes) -> str:
+    """A bundle's content address: the sha256 of its bytes, hex (what `put` files it
+    under and versions record)."""
+    return hashlib.sha256(data).hexdigest()
+
+
 class BundleStore:
     def __init__(self, root: Path) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
 
     def put(self, data: bytes) -> str:
-        digest = hashlib.sha256(data).hexdigest()
+        digest = bundle_digest(data)
         path = self.root / f"{digest}.tar"
         if not path.exists():
             fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-")

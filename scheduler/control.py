@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 from thaw.core.priority import PRIORITY_DEFAULT
 from thaw.proto import scheduler_pb2
-from thaw.scheduler.builds import Builds
+from thaw.scheduler.builds import Builds, Deployed
 from thaw.scheduler.bundles import BundleStore
 from thaw.scheduler.events import EventKind, EventLog
 from thaw.scheduler.fleet import NO_DOCKER_NODE, NODE_WAIT_SECONDS, Fleet
@@ -154,6 +154,10 @@ class ControlPlane:
 
     async def create_function(self, tenant: str, bundle: bytes, wait: bool) -> FunctionRecord:
         return await self.builds.create_function(tenant, bundle, wait)
+
+    async def deploy(self, tenant: str, bundle: bytes, wait: bool, force: bool = False
+                     ) -> Deployed:
+        return await self.builds.deploy(tenant, bundle, wait, force)
 
     async def get_function(self, tenant: str, name: str) -> FunctionRecord:
         return await self.builds.get_function(tenant, name)

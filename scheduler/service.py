@@ -85,8 +85,11 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
     @servicer_method
     async def CreateFunction(self, request: scheduler_pb2.CreateFunctionRequest,
                              context: grpc.aio.ServicerContext) -> scheduler_pb2.FunctionInfo:
-        fn = await self.control.create_function(request.tenant, request.bundle, request.wait)
-        return await function_info(self.control, fn)
+        deployed = await self.control.deploy(request.tenant, request.bundle, request.wait,
+                                             request.force)
+        info = await function_info(self.control, deployed.function)
+        info.unchanged = deployed.unchanged
+        return info
 
     @servicer_method
     async def GetFunction(self, request: scheduler_pb2.FunctionRequest,

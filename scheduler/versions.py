@@ -162,6 +162,24 @@ class VersionStore:
             return _function(fn), _version(row, None)
         return self.store._tx(tx)
 
+    def keep_unchanged(self, tenant: str, name: str, bundle_digest: str
+                       ) -> FunctionRecord | None:
+        """A redeploy of the bundle the function serves now (same digest: same files,
+        thaw.toml included): the serving version is kept and nothing is recorded or
+        built; a build of another version still running is superseded, since the
+        tenant asked for what serves. None when it is a change (another digest, or
+        the function is not serving: failed, building its first version, deleted)."""
+        def tx(s: Session) -> FunctionRecord | None:
+            fn = s.scalar(select(models.Function).where(
+                models.Function.tenant_id == tenant, models.Function.name == name))
+            if (fn is None or fn.state != FunctionState.READY.value
+                    or fn.bundle_digest != bundle_digest):
+                return None
+            self._supersede_builds(s, fn.id, f"a redeploy of v{fn.version} (unchanged)")
+            s.flush()
+            return _function(fn)
+        return self.store._tx(tx)
+
     def activate(self, function_id: str, version: int, *, start_mode: str,
                  reason: str = "", snapshot_id: str | None = None,
                  after_build: bool = True) -> FunctionRecord | None:

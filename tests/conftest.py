@@ -57,8 +57,13 @@ class RunningPlatform:
         self.http = httpx.Client(base_url=self.url, timeout=600,
                                  headers={"Authorization": f"Bearer {self.key}"})
 
-    def deploy(self, folder: Path, wait: bool = True) -> httpx.Response:
-        return self.http.post("/v1/functions", params={"wait": str(wait).lower()},
+    def deploy(self, folder: Path, wait: bool = True, force: bool = True) -> httpx.Response:
+        """POST the folder's bundle. `force` (the tests' default): every deploy is a
+        new version, so a test starts from a fresh build whatever an earlier test on
+        the shared platform deployed; False deploys as `thaw deploy` does (an
+        unchanged folder keeps its version: tests/e2e/test_unchanged_redeploy.py)."""
+        return self.http.post("/v1/functions", params={"wait": str(wait).lower(),
+                                                       "force": str(force).lower()},
                               content=bundle(folder),
                               headers={"Content-Type": "application/gzip"})
 

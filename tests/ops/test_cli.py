@@ -57,7 +57,8 @@ def deployed(env: dict[str, str]) -> dict[str, str]:
 
 
 def test_deploy_prints_the_url_and_shows_the_upload(env: dict[str, str]) -> None:
-    result = thaw(env, "deploy", str(FIXTURES / "prints"))
+    # --force: a build whatever the shared platform had of it (else "unchanged").
+    result = thaw(env, "deploy", "--force", str(FIXTURES / "prints"))
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1].endswith("/fn/dev/prints")
     assert "prints v" in result.stdout and "ready" in result.stdout
