@@ -385,6 +385,13 @@ function deploy(file) {
     progress.value = 100;
     let body = {};
     try { body = JSON.parse(xhr.responseText); } catch { /* not JSON */ }
+    if (xhr.status === 200 && body.unchanged) {
+      // The bundle it serves already: nothing was built.
+      uploading.className = "done";
+      uploading.textContent = `${body.name} unchanged, version ${body.version} kept`;
+      select(body.name);
+      return;
+    }
     if (xhr.status !== 201) {
       uploading.className = "failed";
       uploading.textContent = `Rejected: ${body.error ? body.error.message : xhr.status}`;
