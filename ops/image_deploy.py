@@ -70,17 +70,21 @@ class ImageBundle:
     """Where the bundle folder was in the image."""
     data: bytes
     """The gzip'd tarball to upload."""
+    archive: Path | None = None
+    """The `docker save` archive it came from, which goes up first
+    (upload_image_archive); None for an image on the local engine."""
 
 
 def deploy_target(argument: str) -> Path | str:
-    """A folder (deployed as a bundle) or else an image reference (looked up on the
-    local engine by bundle_from_image)."""
+    """A folder (deployed as a bundle) or else an image: a file is a `docker save`
+    archive, anything else a reference on the local engine (both read by
+    bundle_from_image)."""
     path = Path(argument)
     if path.is_dir():
         return path
-    if path.exists():
-        raise ThawError(f"{argument} is a file: deploy a bundle folder (with thaw.toml) or "
-                        "an image")
+    if path.exists() and not path.is_file():
+        raise ThawError(f"{argument} is neither a folder nor a file: deploy a bundle "
+                        "folder (with thaw.toml), an image archive or an image")
     return argument
 
 
@@ -175,28 +179,99 @@ def _copy_out(client: Any, image: Any, reference: str, bundle_path: str,
     return dest / posixpath.basename(bundle_path.rstrip("/"))
 
 
-def bundle_from_image(reference: str, client: Any = None) -> ImageBundle:
-    """The bundle inside image `reference` on the local engine, its thaw.toml pinned
-    to the image's id, packed and checked as the gateway will check it."""
-    client = client or _engine(reference)
-    image = _find_image(client, reference)
-    labels = image.labels or {}
-    bundle_path = str(labels.get(BUNDLE_LABEL) or DEFAULT_BUNDLE_PATH)
+def _bundle_path(labels: Any, reference: str) -> str:
+    bundle_path = str((labels or {}).get(BUNDLE_LABEL) or DEFAULT_BUNDLE_PATH)
     if not posixpath.isabs(bundle_path) or posixpath.normpath(bundle_path) == "/":
         raise ThawError(f"label {BUNDLE_LABEL} of image {reference} must be an absolute "
                         f"folder other than /, got {bundle_path!r}")
-    bundle_path = posixpath.normpath(bundle_path)
+    return posixpath.normpath(bundle_path)
+
+
+def _pack_pinned(folder: Path, pinned: str, reference: str, bundle_path: str) -> bytes:
+    """The bundle folder taken out of an image, its thaw.toml pinned, packed."""
+    toml = folder / "thaw.toml"
+    if not toml.is_file():
+        raise ThawError(f"image {reference} has no thaw.toml in {bundle_path} (the "
+                        f"bundle folder; label {BUNDLE_LABEL} names another)")
+    toml.write_text(pin_runtime_image(toml.read_text(), pinned))
+    return pack_bundle(str(folder))
+
+
+def bundle_from_image(reference: str, client: Any = None) -> ImageBundle:
+    """The bundle inside image `reference` (an image on the local engine, or a
+    `docker save` archive file), its thaw.toml pinned to the image's id, packed and
+    checked as the gateway will check it."""
+    if Path(reference).is_file():
+        return bundle_from_archive(Path(reference))
+    client = client or _engine(reference)
+    image = _find_image(client, reference)
+    bundle_path = _bundle_path(image.labels, reference)
     pinned = pinned_reference(reference, image)
     with tempfile.TemporaryDirectory(prefix="thaw-image-bundle-") as tmp:
         folder = _copy_out(client, image, reference, bundle_path, Path(tmp))
-        toml = folder / "thaw.toml"
-        if not toml.is_file():
-            raise ThawError(f"image {reference} has no thaw.toml in {bundle_path} (the "
-                            f"bundle folder; label {BUNDLE_LABEL} names another)")
-        toml.write_text(pin_runtime_image(toml.read_text(), pinned))
-        data = pack_bundle(str(folder))
+        data = _pack_pinned(folder, pinned, reference, bundle_path)
     read_bundle(data)  # fail here, with the key at fault, before uploading
     return ImageBundle(pinned, bundle_path, data)
+
+
+def archive_reference(image: Any) -> str:
+    """`<first tag>@<image id>` of an archive's image, or `@<image id>` untagged."""
+    tags = [t for t in image.repo_tags if IMAGE_PATTERN.match(f"{t}@{image.image_id}")]
+    return f"{tags[0]}@{image.image_id}" if tags else f"@{image.image_id}"
+
+
+def bundle_from_archive(path: Path, limit: int = MAX_ARCHIVE_BYTES) -> ImageBundle:
+    """The bundle inside the image a `docker save` archive holds (read as a stream,
+    ops/image_archive.py), pinned to the image's id (its config's digest, checked)."""
+    from thaw.core.image_archive import read_image
+    from thaw.ops.image_archive import bundle_tree, write_tree
+
+    image = read_image(path)
+    bundle_path = _bundle_path(image.labels, path.name)
+    pinned = archive_reference(image)
+    tree = bundle_tree(path, image, bundle_path, limit)
+    if not tree:
+        raise ThawError(
+            f"image archive {path.name} has no {bundle_path}: put the bundle folder "
+            f"(with thaw.toml) there, or name its path with the label {BUNDLE_LABEL}")
+    with tempfile.TemporaryDirectory(prefix="thaw-archive-bundle-") as tmp:
+        folder = Path(tmp) / posixpath.basename(bundle_path)
+        write_tree(tree, folder)
+        data = _pack_pinned(folder, pinned, f"archive {path.name}", bundle_path)
+    read_bundle(data)
+    return ImageBundle(pinned, bundle_path, data, archive=path)
+
+
+def upload_image_archive(bundle: ImageBundle, client: Any = None) -> bool:
+    """Send the archive `bundle` came from to the platform (`PUT /v1/images/<id>`,
+    streamed from the file, a progress bar), unless the platform has it already.
+    True when it was sent; False for an image not from an archive, or one already
+    stored."""
+    archive = bundle.archive
+    if archive is None:
+        return False
+    from thaw.ops.client import DEPLOY_TIMEOUT, Client
+    from thaw.ops.image_archive import archive_pieces
+    from thaw.ops.progress import transfer_progress
+
+    client = client or Client()
+    image_id = bundle.image.rpartition("@")[2]
+    if client.request("GET", f"/v1/images/{image_id}").json().get("stored"):
+        return False
+    size = archive.stat().st_size
+    with transfer_progress(transient=True) as progress:
+        task = progress.add_task(f"uploading {archive.name}", total=size)
+
+        def pieces() -> Iterator[bytes]:
+            for piece in archive_pieces(archive):
+                yield piece
+                progress.advance(task, len(piece))
+
+        client.request("PUT", f"/v1/images/{image_id}", content=pieces(),
+                       timeout=DEPLOY_TIMEOUT,
+                       headers={"Content-Type": "application/x-tar",
+                                "Content-Length": str(size)})
+    return True
 
 
 def unpinned_image(folder: Path) -> str:

@@ -14,7 +14,12 @@ from tests.conftest import FIXTURES, RunningPlatform
 from tests.ops.test_cli import cli_env, thaw
 from thaw.core.errors import InvalidBundle, ThawError
 from thaw.core.spec import pack_bundle, parse_spec, pin_runtime_image
-from thaw.ops.image_deploy import deploy_target, pinned_reference, unpinned_image
+from thaw.ops.image_deploy import (
+    bundle_from_image,
+    deploy_target,
+    pinned_reference,
+    unpinned_image,
+)
 
 IMAGE_ID = "sha256:" + "ab" * 32
 PINNED = f"tenant/app:v1@{IMAGE_ID}"
@@ -25,9 +30,11 @@ def test_a_folder_is_a_bundle_anything_else_an_image(tmp_path: Path) -> None:
     assert deploy_target(str(tmp_path)) == tmp_path
     assert deploy_target("tenant/app:v1") == "tenant/app:v1"
     assert deploy_target(str(tmp_path / "missing")) == str(tmp_path / "missing")
+    # A file is an image archive (`docker save`): one that is not is refused as such.
     (tmp_path / "file.txt").write_text("x")
-    with pytest.raises(ThawError, match="file.txt is a file: deploy a bundle folder"):
-        deploy_target(str(tmp_path / "file.txt"))
+    assert deploy_target(str(tmp_path / "file.txt")) == str(tmp_path / "file.txt")
+    with pytest.raises(ThawError, match="file.txt is not a docker save archive"):
+        bundle_from_image(str(tmp_path / "file.txt"))
 
 
 def test_cli_folder_without_thaw_toml_is_one_line(tmp_path: Path) -> None:
