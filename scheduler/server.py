@@ -19,6 +19,7 @@ from thaw.core.pki import SCHEDULER, internal_identity
 from thaw.proto import (
     invocations_pb2_grpc,
     scheduler_pb2_grpc,
+    secrets_pb2_grpc,
     tenancy_pb2_grpc,
     usage_pb2_grpc,
 )
@@ -30,6 +31,8 @@ from thaw.scheduler.invocations_service import InvocationsService
 from thaw.scheduler.key_audit import BOOTSTRAP, AuditedTenancyService, issue_entry, record_issue
 from thaw.scheduler.nodes import AgentClient
 from thaw.scheduler.policy import PolicyConfig
+from thaw.scheduler.secrets import open_secret_store
+from thaw.scheduler.secrets_service import SecretsService
 from thaw.scheduler.service import NodeRegistryService, SchedulerService
 from thaw.scheduler.store import ALL_SCOPES, Store
 from thaw.scheduler.usage import MeteringService, UsageStore
@@ -78,12 +81,14 @@ class SchedulerServer:
         self.store = Store(engine)
         if self.dev_key_file is not None:
             await self.store.run(ensure_dev_key, self.store, self.dev_key_file)
+        # The key is read (or made, once) before anything may need a secret's value.
+        secrets = await asyncio.to_thread(open_secret_store, self.store, cfg.home)
         self.control = ControlPlane(
             self.store, BundleStore(cfg.home / "scheduler" / "bundles"),
             heartbeat_interval=cfg.heartbeat_interval, node_timeout=cfg.node_timeout,
             build_timeout=cfg.build_timeout, acquire_wait=cfg.acquire_wait,
             policy=self.policy, agent_client=functools.partial(AgentClient, tls=tls),
-            gc_log_age=cfg.gc_log_age)
+            gc_log_age=cfg.gc_log_age, secrets=secrets)
         await self.control.recover()
         server = internal_server(tls)
         scheduler_pb2_grpc.add_SchedulerServicer_to_server(SchedulerService(self.control), server)
@@ -95,11 +100,14 @@ class SchedulerServer:
             MeteringService(UsageStore(self.store)), server)
         tenancy_pb2_grpc.add_TenancyServicer_to_server(
             AuditedTenancyService(self.store, self.control.quotas), server)
+        secrets_pb2_grpc.add_SecretsServicer_to_server(
+            SecretsService(secrets, self.control), server)
         health = add_health(server)
         self.port = add_secure_port(server, cfg.scheduler_listen, tls)
         await server.start()
         await mark_serving(health, "thaw.v1.Scheduler", "thaw.v1.NodeRegistry",
                            "thaw.v1.Metering", "thaw.v1.Tenancy", "thaw.v1.Invocations")
+        await mark_serving(health, "thaw.v1.Secrets")
         self._server = server
         self._tasks.append(asyncio.create_task(
             self.control.reconcile_forever(cfg.reconcile_interval)))
