@@ -4,9 +4,11 @@ Per gateway replica: each replica sees only the invocations it served, and the
 numbers start afresh when it restarts. Prometheus (/metrics) is where figures of the
 whole fleet are summed; this is the second-by-second view of one edge.
 
-The hot path only appends one small record to a bounded deque (`record`); the
-Server-Timing text is parsed, windows pruned and percentiles computed when a dashboard
-asks (`function_summary`, about once a second per open dashboard).
+The hot path only appends one small record to a bounded deque (`record`) and, at
+most once a bucket, drops the calls past the window of every function, so that what is
+kept follows the window whether a dashboard asks or not (a function no longer called
+is forgotten); the Server-Timing text is parsed and percentiles computed when a
+dashboard asks (`function_summary`, about once a second per open dashboard).
 """
 
 from __future__ import annotations
@@ -112,14 +114,19 @@ class FunctionStats:
         self.window = window
         self.bucket = bucket
         self._calls: dict[str, deque[Invocation]] = {}
+        self._swept = clock()
 
     def record(self, function: str, request_id: str, status: int, start: str,
                server_timing: str, ms: float) -> None:
         calls = self._calls.get(function)
         if calls is None:
             calls = self._calls[function] = deque(maxlen=MAX_KEPT_PER_FUNCTION)
-        calls.append(Invocation(request_id, function, self.clock(), status, start,
-                                server_timing, ms))
+        now = self.clock()
+        calls.append(Invocation(request_id, function, now, status, start, server_timing, ms))
+        if now - self._swept >= self.bucket:
+            self._swept = now
+            for name in list(self._calls):
+                self._prune(name, now)
 
     def _prune(self, function: str, now: float) -> deque[Invocation] | None:
         calls = self._calls.get(function)
