@@ -31,6 +31,9 @@ from thaw.core.unixpeer import check_peer
 # Must stay below the data plane's keep-alive timeout (aiohttp's default, 75 s): an
 # idle connection is dropped here before the node closes it under a request.
 IDLE_SECONDS = 30.0
+# How often kept connections past IDLE_SECONDS are looked for and closed: one is closed
+# at most IDLE_SECONDS + SWEEP_SECONDS after its last use.
+SWEEP_SECONDS = IDLE_SECONDS / 2
 CONNECT_TIMEOUT_SECONDS = 5.0
 MAX_HEAD_BYTES = 64 * 1024
 READ_CHUNK_BYTES = 64 * 1024
@@ -187,6 +190,7 @@ class NodeClient:
         self.server_hostname = server_hostname if tls is not None else None
         self._scheme = "https" if tls is not None else "http"
         self._idle: dict[Target, list[_Connection]] = {}
+        self._sweeper: asyncio.TimerHandle | None = None
         self._targets: dict[str, tuple[tuple[str, int], str]] = {}
 
     def _target(self, url: str) -> tuple[tuple[str, int], str]:
@@ -334,6 +338,30 @@ class NodeClient:
     def _put_back(self, conn: _Connection) -> None:
         conn.idle_since = time.monotonic()
         self._idle.setdefault(conn.key, []).append(conn)
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().call_later(
+                SWEEP_SECONDS, self._sweep)
+
+    def _sweep(self) -> None:
+        """Close the kept connections idle past IDLE_SECONDS: the next call would only
+        discard them, and until it comes they hold a descriptor here and a connection
+        at the node. One timer for the whole client, armed while any is kept."""
+        self._sweeper = None
+        now = time.monotonic()
+        for key in list(self._idle):
+            kept = []
+            for conn in self._idle[key]:
+                if conn.usable(now):
+                    kept.append(conn)
+                else:
+                    conn.close()
+            if kept:
+                self._idle[key] = kept
+            else:
+                del self._idle[key]
+        if self._idle:
+            self._sweeper = asyncio.get_running_loop().call_later(
+                SWEEP_SECONDS, self._sweep)
 
     def forget(self, key: Target) -> None:
         """Close the idle connections to a target that is gone (an instance stopped)."""
@@ -341,6 +369,9 @@ class NodeClient:
             conn.close()
 
     async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         for idle in self._idle.values():
             for conn in idle:
                 conn.close()
