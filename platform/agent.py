@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import os
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -32,6 +33,13 @@ from thaw.platform.activation import ActivationBudget
 from thaw.platform.builds import Builds
 from thaw.platform.chunk_repair import refetch_corrupt
 from thaw.platform.devices import DeviceBackend, Slice
+from thaw.platform.environments_build import Environments
+from thaw.platform.environments_launch import (
+    LaunchEnvironments,
+    default_environments,
+    environment_fingerprint,
+    snapshot_environment,
+)
 from thaw.platform.instances import Instance, InstanceState
 from thaw.platform.launch import (
     IMAGE_ENVIRONMENT_FIELDS,
@@ -56,6 +64,7 @@ from thaw.platform.runtime import (
     LaunchSpec,
     MemoryLimitHit,
     ProcessHandle,
+    PythonEnv,
     Ready,
     Runtime,
     SliceGrant,
@@ -88,7 +97,8 @@ class Agent:
                  fingerprint: dict[str, str] | None = None,
                  activation: ActivationBudget | None = None,
                  uid_range: tuple[int, int] = DEFAULT_UID_RANGE,
-                 tls: Identity | None = None) -> None:
+                 tls: Identity | None = None,
+                 environments: Environments | None = None) -> None:
         self.node_id = node_id
         self.home = home
         self.run_dir = run_dir
@@ -124,9 +134,16 @@ class Agent:
         self.areas = TenantAreas(home=home, run_dir=run_dir, uid_range=uid_range,
                                  owned=runtime.capabilities.uid_per_tenant)
         """Each tenant's uid and writable folders (sockets, logs, build outputs)."""
+        self.environments = LaunchEnvironments(
+            environments or default_environments(home, runtime, uid_range),
+            runtime.capabilities)
+        """Per-function Python environments (environments*.py; None of them on a
+        runtime without them)."""
+        self._instance_envs: dict[str, str] = {}
+        """Instance id -> the key of the environment it runs in (kept from collection)."""
         self.builds = Builds(home=home, runtime=runtime, areas=self.areas,
                              snapshots=snapshots, logs=self.logs, fetch_bundle=fetch_bundle,
-                             start_timeout=start_timeout)
+                             start_timeout=start_timeout, environments=self.environments)
         """Bundles and snapshot builds (builds.py)."""
         self.templates = TemplatePool(
             runtime=runtime, areas=self.areas, start_timeout=start_timeout,
@@ -161,10 +178,25 @@ class Agent:
                                manifest: manifest_pb2.SnapshotManifest) -> float:
         started = time.perf_counter()
         await self.chunks.ensure(manifest, [])
+        python_env = await self._snapshot_env(spec, manifest, "template")
         async with self.shm.reading():
             mat = await asyncio.to_thread(self.snapshots.materialize, manifest)
-            await self.templates.ensure(spec, manifest, mat)
+            await self.templates.ensure(spec, manifest, mat, python_env)
         return time.perf_counter() - started
+
+    def _env_progress(self, spec: agent_pb2.FunctionSpec, source: str) -> Callable[[str], None]:
+        """Environment steps (resolving, installing, cached) as lines of the function's
+        logs."""
+        return functools.partial(self.logs.append, f"{spec.tenant}/{spec.name}", source,
+                                 RUNTIME)
+
+    async def _snapshot_env(self, spec: agent_pb2.FunctionSpec,
+                            manifest: manifest_pb2.SnapshotManifest, source: str
+                            ) -> PythonEnv | None:
+        env = await self.environments.for_snapshot(
+            snapshot_environment(manifest), f"{spec.tenant}/{spec.name}",
+            self._env_progress(spec, source))
+        return await asyncio.to_thread(self.environments.python_env, env)
 
     # ---- instances -------------------------------------------------------------------
 
@@ -265,11 +297,16 @@ class Agent:
                            ) -> list[tuple[str, float]]:
         bundle = await self.ensure_bundle(spec.bundle_digest)
         check_image(spec, self.runtime.capabilities)
+        env = await self.environments.for_bundle(bundle, inst.function,
+                                                 self._env_progress(spec, inst.id), spec.image)
+        python_env = await asyncio.to_thread(self.environments.python_env, env)
+        self._use_env(inst, python_env)
         grant = (SliceGrant(inst.slice_id, inst.slice_device, inst.slice_bytes)
                  if inst.slice_id else None)
-        proc = await self.runtime.launch(self._as_tenant(fresh_spec(
-            spec, bundle, instance_id=inst.id, socket=inst.socket, log_path=inst.log_path,
-            grant=grant), spec))
+        launch = fresh_spec(spec, bundle, instance_id=inst.id, socket=inst.socket,
+                            log_path=inst.log_path, grant=grant)
+        proc = await self.runtime.launch(self._as_tenant(
+            dataclasses.replace(launch, python_env=python_env), spec))
         inst.pid = proc.pid
         inst.process = proc
         event = await proc.next_status(self.start_timeout)
@@ -308,7 +345,12 @@ class Agent:
             raise FingerprintMismatch(
                 f"snapshot is of version {manifest.fingerprint.function_version}, "
                 f"not {spec.version}", field="fingerprint.function_version")
-        check_fingerprint(manifest, image_fingerprint(self.fingerprint, spec, manifest))
+        env = await self.environments.for_snapshot(
+            snapshot_environment(manifest), inst.function, self._env_progress(spec, inst.id))
+        check_fingerprint(manifest, image_fingerprint(
+            environment_fingerprint(self.fingerprint, env), spec, manifest))
+        python_env = await asyncio.to_thread(self.environments.python_env, env)
+        self._use_env(inst, python_env)
         await self.chunks.ensure(manifest, peers)
         sl = self._slices.get(inst.id)
         # The memfds must stay open until the instance has them: no eviction or garbage
@@ -316,7 +358,7 @@ class Agent:
         async with self.shm.reading():
             mat = await asyncio.to_thread(self.snapshots.materialize, manifest)
             started = time.perf_counter()
-            template = await self.templates.ensure(spec, manifest, mat)
+            template = await self.templates.ensure(spec, manifest, mat, python_env)
             template_s = time.perf_counter() - started
             started = time.perf_counter()
             request = SpawnRequest(instance_id=inst.id, socket=inst.socket,
@@ -324,7 +366,7 @@ class Agent:
                                    env=memory_env(spec))
             waited = 0.0
             if sl is None:
-                pid = await self._spawn(inst, spec, request, template)
+                pid = await self._spawn(inst, spec, request, template, python_env)
             else:
                 # Admitted among the restores sharing the slice's link, from the fill
                 # until the instance is up: the wait is the start's queue stage.
@@ -339,23 +381,25 @@ class Agent:
                         fds["slice"] = slice_fd
                     request = dataclasses.replace(request, fds=fds, slice=descriptor,
                                                   env={**request.env, **sl.instance_env()})
-                    pid = await self._spawn(inst, spec, request, template)
+                    pid = await self._spawn(inst, spec, request, template, python_env)
         inst.pid = pid
         return [("queue", waited), ("fetch", mat.seconds), ("template", template_s),
                 ("restore", time.perf_counter() - started)]
 
     async def _spawn(self, inst: Instance, spec: agent_pb2.FunctionSpec,
-                     request: SpawnRequest, template: Template) -> int:
+                     request: SpawnRequest, template: Template,
+                     python_env: PythonEnv | None) -> int:
         """Fork the instance from its template, or restore it without a fork where the
         template may not fork; returns its pid."""
         if template.fork_safe:
             pid, _ready = await self.runtime.spawn(template.control, request,
                                                    self.start_timeout)
             return pid
-        return await self._restore_unforked(inst, spec, request, template)
+        return await self._restore_unforked(inst, spec, request, template, python_env)
 
     async def _restore_unforked(self, inst: Instance, spec: agent_pb2.FunctionSpec,
-                                request: SpawnRequest, template: Template) -> int:
+                                request: SpawnRequest, template: Template,
+                                python_env: PythonEnv | None) -> int:
         """Restore in a fresh interpreter that imports the function and then takes the
         same spawn request (and descriptors) a template would: for a snapshot whose
         template may not fork. Returns the instance's pid."""
@@ -372,8 +416,8 @@ class Agent:
                               log_path=inst.log_path, grant=grant)
         # Its imports initialise CUDA before any request comes: the slice's environment
         # (its GPU, an MPS share) must be there from the start.
-        proc = await self.runtime.launch(self._as_tenant(
-            dataclasses.replace(launch, env={**launch.env, **request.env}), spec))
+        proc = await self.runtime.launch(self._as_tenant(dataclasses.replace(
+            launch, env={**launch.env, **request.env}, python_env=python_env), spec))
         inst.process = proc
         inst.pid = proc.pid
         event = await proc.next_status(self.start_timeout)
@@ -416,6 +460,7 @@ class Agent:
         if inst.pid:
             await self.runtime.stop(inst.process or ProcessHandle(inst.pid), reason)
         self._slices.pop(inst.id, None)
+        self._instance_envs.pop(inst.id, None)
         if inst.slice_id:
             # A GPU release zeroes the slice and waits for it: off the event loop.
             try:
@@ -470,8 +515,27 @@ class Agent:
         """Forget every snapshot not in `keep`: its template, host-memory copies and
         the disk chunks no kept manifest shares."""
         await self.templates.collect({manifest_key(m) for m in keep})
+        await self.collect_environments(keep)
         async with self.shm.writing():
             return await asyncio.to_thread(self.snapshots.collect_garbage, keep)
+
+    def _use_env(self, inst: Instance, python_env: PythonEnv | None) -> None:
+        if python_env is not None:
+            self._instance_envs[inst.id] = python_env.key
+
+    def environments_in_use(self, keep: list[manifest_pb2.SnapshotManifest]) -> set[str]:
+        """Environments a kept snapshot, a live instance or a template runs in."""
+        return ({m.environment.key for m in keep if m.environment.key}
+                | set(self._instance_envs.values()) | self.templates.environment_keys())
+
+    async def collect_environments(self, keep: list[manifest_pb2.SnapshotManifest]
+                                   ) -> list[str]:
+        """Remove the node's environments that nothing in use runs in (`thaw env gc`,
+        and every garbage collection); returns their keys."""
+        envs = self.environments.environments
+        if envs is None:
+            return []
+        return await asyncio.to_thread(envs.collect, self.environments_in_use(keep))
 
     def sample_telemetry(self) -> NodeSample:
         """Blocking (psutil): call from a thread."""

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import functools
 import os
 import shutil
 import uuid
@@ -20,9 +22,10 @@ from thaw.core.errors import ThawError
 from thaw.core.logs import bound_reason
 from thaw.core.spec import extract_bundle
 from thaw.platform.build_failures import build_failed, event_text
+from thaw.platform.environments_launch import LaunchEnvironments, recorded
 from thaw.platform.launch import IMAGE_NEEDS_DOCKER, build_spec, check_image, in_area
-from thaw.platform.logs import MAX_BUILD_LOG_BYTES, FunctionLogs
-from thaw.platform.runtime import BuildRequest, Captured, LaunchSpec, Runtime
+from thaw.platform.logs import MAX_BUILD_LOG_BYTES, RUNTIME, FunctionLogs
+from thaw.platform.runtime import BuildRequest, Captured, LaunchSpec, PythonEnv, Runtime
 from thaw.platform.sandbox.areas import (
     TenantAreas,
     make_readable,
@@ -45,7 +48,7 @@ class Builds:
     def __init__(self, *, home: Path, runtime: Runtime, areas: TenantAreas,
                  snapshots: NodeSnapshots, logs: FunctionLogs,
                  fetch_bundle: Callable[[str], Awaitable[bytes]],
-                 start_timeout: float) -> None:
+                 start_timeout: float, environments: LaunchEnvironments) -> None:
         self.home = home
         self.runtime = runtime
         self.areas = areas
@@ -53,6 +56,8 @@ class Builds:
         self.logs = logs
         self.fetch_bundle = fetch_bundle
         self.start_timeout = start_timeout
+        self.environments = environments
+        """The function's own Python environment, where its bundle asks for one."""
         self.templates: TemplatePool | None = None
         """The agent's templates (a build of running code forks one); set by the agent,
         whose pool itself unpacks bundles through `ensure_bundle`."""
@@ -96,7 +101,14 @@ class Builds:
         # The build's output joins the function's logs, at most MAX_BUILD_LOG_BYTES.
         self.logs.watch(build_id, name, log_path, max_bytes=MAX_BUILD_LOG_BYTES)
         try:
-            template = (await self.templates.with_code(spec)
+            # The resolve and install steps join the function's logs.
+            progress = functools.partial(self.logs.append, name, build_id, RUNTIME)
+            try:
+                env = await self.environments.for_bundle(bundle, name, progress, spec.image)
+                python_env = await asyncio.to_thread(self.environments.python_env, env)
+            except ThawError as exc:
+                return build_failed("environment", exc)
+            template = (await self.templates.with_code(spec, env.key if env else "")
                         if self.templates is not None else None)
             event: dict[str, Any] | None = None
             if template is not None:
@@ -109,7 +121,7 @@ class Builds:
                 except (ThawError, ValueError) as exc:  # ValueError: a line past the limit
                     return build_failed("setup", exc)
             if event is None:
-                event = await self._build_fresh(spec, bundle, out, log_path)
+                event = await self._build_fresh(spec, bundle, out, log_path, python_env)
             if event.get("event") != Captured.event:
                 return build_failed(event_text(event.get("stage"), "setup"),
                                     event_text(event.get("reason"), "unknown"),
@@ -122,6 +134,9 @@ class Builds:
                     version=spec.version)
             except (OSError, ThawError) as exc:
                 return build_failed("store", exc)
+            if env is not None:
+                # A restore on any node rebuilds this very environment from its lock.
+                manifest.environment.CopyFrom(recorded(env))
             log.info("snapshot built", function=name, version=spec.version,
                      host_bytes=manifest.host.size, stored_bytes=stored,
                      setup_s=round(manifest.setup_seconds, 3))
@@ -133,10 +148,12 @@ class Builds:
             await asyncio.to_thread(remove_quietly, sealed)
 
     async def _build_fresh(self, spec: agent_pb2.FunctionSpec, bundle: Path, out: Path,
-                           log_path: str) -> dict[str, Any]:
+                           log_path: str, python_env: PythonEnv | None = None
+                           ) -> dict[str, Any]:
         check_image(spec, self.runtime.capabilities)
+        launch = build_spec(spec, bundle, out=out, log_path=log_path)
         proc = await self.runtime.launch(self._as_tenant(
-            build_spec(spec, bundle, out=out, log_path=log_path), spec))
+            dataclasses.replace(launch, python_env=python_env), spec))
         try:
             return await proc.next_event(self.start_timeout)
         except (ThawError, ValueError) as exc:

@@ -31,10 +31,13 @@ from thaw.platform.runtime import (
     Exited,
     InstanceHandle,
     InstanceStats,
+    LaunchMode,
     LaunchSpec,
     RuntimeCapabilities,
+    SandboxPolicy,
     SpawnRequest,
     StatusEvent,
+    ToolRun,
     describe_exit,
     exit_event,
     parse_status,
@@ -187,7 +190,7 @@ class ProcessRuntime:
         self.sandbox = sandbox
         self.capabilities = RuntimeCapabilities(
             runs_images=False, template_per_tenant=sandbox is not None,
-            uid_per_tenant=sandbox is not None)
+            uid_per_tenant=sandbox is not None, python_environments=True)
         self._companions: set[asyncio.Task[None]] = set()
         """One per sandbox with egress: stops its slirp4netns when the sandbox ends."""
 
@@ -225,6 +228,65 @@ class ProcessRuntime:
         """Instances run the agent's own Python: nothing to add to its fingerprint."""
         return {}
 
+    async def run_tool(self, tool: ToolRun) -> tuple[int, str]:
+        """Run a node tool (the environment builder's uv) to its end: sandboxed under
+        `tool.uid` like an instance where this runtime sandboxes, else as the agent's
+        user. Returns (exit status, the tail of its output); a run past `tool.timeout`
+        is killed and answers DeadlineExceeded."""
+        env = {**base_environment(os.environ), **tool.env}
+        read_fd, write_fd = os.pipe()
+        passed = [write_fd]
+        command = list(tool.argv)
+        sync: socket.socket | None = None
+        proc: asyncio.subprocess.Process | None = None
+        slirp: asyncio.subprocess.Process | None = None
+        try:
+            if self.sandbox is not None:
+                spec = LaunchSpec(mode=LaunchMode.BUILD, bundle="", handler="", log_path="",
+                                  instance_id="tool", cwd=tool.workdir,
+                                  sandbox=SandboxPolicy(network=tool.network, uid=tool.uid,
+                                                        gid=tool.uid, writable=tool.writable))
+                plan = await asyncio.to_thread(build_plan, spec, self.sandbox, self.python, env)
+                plan["read_only"] = [*plan["read_only"], *tool.read_only]  # type: ignore[misc]
+                if tool.network == "egress":
+                    sync, sync_child = socket.socketpair()
+                    passed.append(os.dup(sync_child.fileno()))
+                    sync_child.close()
+                    plan["sync_fd"] = passed[-1]
+                command = launcher_command(plan, command)
+            proc = await asyncio.create_subprocess_exec(
+                *command, stdin=asyncio.subprocess.DEVNULL, stdout=write_fd, stderr=write_fd,
+                pass_fds=tuple(passed), start_new_session=True, preexec_fn=_die_with_parent,
+                env=env, cwd=tool.workdir or None)
+            close_fds(passed)
+            passed = []
+            if sync is not None:
+                # slirp4netns's own messages are dropped: it outlives the output pipe.
+                quiet = os.open(os.devnull, os.O_WRONLY)
+                try:
+                    with sync:
+                        slirp = await network.connect(proc.pid, sync, quiet)
+                finally:
+                    os.close(quiet)
+            output = await asyncio.wait_for(
+                asyncio.to_thread(_read_tail, read_fd, tool.max_output), tool.timeout)
+            return await proc.wait(), output
+        except TimeoutError as exc:
+            raise DeadlineExceeded(f"{tool.argv[0]} did not finish within "
+                                   f"{tool.timeout:.0f}s") from exc
+        finally:
+            if proc is not None and proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                await proc.wait()
+            if slirp is not None:
+                await network.stop(slirp)
+            if sync is not None:
+                sync.close()
+            close_fds(passed)
+            with contextlib.suppress(OSError):
+                os.close(read_fd)
+
     async def launch(self, spec: LaunchSpec) -> RuntimeProcess:
         """Start the runtime as `spec` says. Limits are the agent's to apply here
         (RLIMIT_DATA per process); an image function's image cannot run here: the agent
@@ -246,10 +308,16 @@ class ProcessRuntime:
                                                   spec.snapshot.snapshot_json)
                 passed.append(meta_fd)
                 extra += ["--snapshot-fd", str(meta_fd)]
-            command = [self.python, "-m", RUNTIME_MODULE, *spec.command(), *extra,
+            python = self.python
+            if spec.python_env is not None:
+                # The function's own environment: its interpreter, and the runtime
+                # package on its path (the environment has only the function's packages).
+                python = spec.python_env.python
+                env["PYTHONPATH"] = spec.python_env.runtime_path
+            command = [python, "-m", RUNTIME_MODULE, *spec.command(), *extra,
                        "--status-fd", str(write_fd)]
             if self.sandbox is not None:
-                plan = await asyncio.to_thread(build_plan, spec, self.sandbox, self.python, env)
+                plan = await asyncio.to_thread(build_plan, spec, self.sandbox, python, env)
                 if plan["network"] == "egress":
                     sync, sync_child = socket.socketpair()
                     passed.append(os.dup(sync_child.fileno()))
@@ -435,6 +503,15 @@ async def terminate(pid: int, grace: float = STOP_GRACE_SECONDS) -> None:
         await watch.done.wait()
     finally:
         watch.close()
+
+
+def _read_tail(fd: int, limit: int) -> str:
+    """Everything written to the pipe `fd` until its writers close it, keeping only the
+    last `limit` bytes (blocking: from a thread)."""
+    tail = b""
+    while chunk := os.read(fd, 65536):
+        tail = (tail + chunk)[-limit:]
+    return tail.decode(errors="replace")
 
 
 def ensure_dir(path: Path) -> Path:

@@ -39,11 +39,11 @@ from thaw.snapshotter.runtime.events import (
 
 __all__ = [
     "BuildRequest", "Captured", "ChildExited", "DeviceRequest", "Exited", "Failed",
-    "InstanceEvent", "InstanceStats", "LaunchMode", "LaunchSpec", "LaunchedInstance",
+    "InstanceEvent", "InstanceStats", "LaunchMode", "LaunchSpec", "LaunchedInstance", "PythonEnv",
     "Limits", "MemoryLimitHit", "Mount", "MountKind", "ProcessHandle", "Ready", "Runtime",
     "RuntimeCapabilities", "SandboxPolicy", "SliceDescriptor", "SliceGrant", "SnapshotFiles",
     "Spawned",
-    "SpawnRequest", "Stage", "StatusEvent", "TemplateReady", "describe_exit",
+    "SpawnRequest", "Stage", "StatusEvent", "TemplateReady", "ToolRun", "describe_exit",
     "exit_event", "parse_status", "spawn_request",
 ]
 
@@ -141,6 +141,42 @@ class Mount:
 
 
 @dataclass(frozen=True)
+class PythonEnv:
+    """A function's own virtualenv (platform/environments_build.py), as a launch uses
+    it: the interpreter, what a sandbox binds read-only for it, and where the thaw
+    runtime is (the environment holds only the function's packages)."""
+
+    key: str
+    python: str
+    """The environment's interpreter (<env>/bin/python)."""
+    paths: tuple[str, ...]
+    """Host folders it needs, bound read-only: the environment, the Python installation
+    it was made from, the runtime's folder."""
+    runtime_path: str
+    """A folder holding only the thaw.snapshotter.runtime package (stdlib-only), put on
+    the instance's PYTHONPATH."""
+
+
+@dataclass(frozen=True)
+class ToolRun:
+    """A node tool run to its end in a sandbox of its own (the environment builder's
+    uv): no tenant code, a uid of its own, only the folders named here."""
+
+    argv: tuple[str, ...]
+    uid: int
+    """Its uid and gid (ignored where the runtime does not sandbox)."""
+    writable: tuple[str, ...] = ()
+    read_only: tuple[str, ...] = ()
+    """Besides the system's and the agent's Python folders."""
+    network: str = "none"
+    env: Mapping[str, str] = field(default_factory=dict)
+    workdir: str = ""
+    timeout: float = 600.0
+    max_output: int = 64 * 1024
+    """Bytes of its output kept (the last ones)."""
+
+
+@dataclass(frozen=True)
 class LaunchSpec:
     """Everything one instance (or build, or template) is started with."""
 
@@ -173,6 +209,8 @@ class LaunchSpec:
     """An image function's pinned image (`repo:tag@sha256:<id>`): it runs there."""
     cwd: str = ""
     """Working directory; empty: the bundle."""
+    python_env: PythonEnv | None = None
+    """The function's own Python environment; None: the node's base environment."""
 
     @property
     def workdir(self) -> str:
@@ -343,6 +381,9 @@ class RuntimeCapabilities:
     uid_per_tenant: bool = False
     """Instances run under their tenant's uid: the agent makes each tenant's writable
     folders that uid's (platform/sandbox/areas.py)."""
+    python_environments: bool = False
+    """Functions may run in Python environments of their own (LaunchSpec.python_env;
+    platform/environments.py)."""
 
 
 class InstanceHandle(Protocol):

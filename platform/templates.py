@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -28,6 +29,7 @@ from thaw.platform.launch import code_digest, in_area, instance_env, template_sp
 from thaw.platform.runtime import (
     Exited,
     LaunchedInstance,
+    PythonEnv,
     Runtime,
     TemplateReady,
     exit_event,
@@ -56,6 +58,8 @@ class Template:
     fork): its instances then start as fresh interpreters in restore mode."""
     unsafe_reason: str = ""
     """Why it is not fork-safe, e.g. "torch initialised CUDA at import (module x)"."""
+    env_key: str = ""
+    """The function's own Python environment it runs in ("" : the node's)."""
 
     @property
     def running(self) -> bool:
@@ -103,20 +107,23 @@ class TemplatePool:
         self._code_digests[spec.bundle_digest] = code
         return code
 
-    async def with_code(self, spec: agent_pb2.FunctionSpec) -> Template | None:
-        """A running template that imported exactly this bundle's code and handler."""
-        key = self._by_code.get(await self._code_key(spec))
+    async def with_code(self, spec: agent_pb2.FunctionSpec, env_key: str = ""
+                        ) -> Template | None:
+        """A running template that imported exactly this bundle's code and handler, in
+        the Python environment `env_key` ("": the node's)."""
+        key = self._by_code.get(await self._code_key(spec, env_key))
         template = self.templates.get(key) if key else None
         if template is None or not template.running:
             return None
         return template
 
-    async def _code_key(self, spec: agent_pb2.FunctionSpec) -> tuple[str, ...]:
+    async def _code_key(self, spec: agent_pb2.FunctionSpec, env_key: str
+                        ) -> tuple[str, ...]:
         code = await self.code_digest(spec)
         if self.runtime.capabilities.template_per_tenant:
             # A template's sandbox is its tenant's: another tenant's build never forks it.
-            return (code, spec.handler, spec.tenant, spec.network or "none")
-        return (code, spec.handler)
+            return (code, spec.handler, env_key, spec.tenant, spec.network or "none")
+        return (code, spec.handler, env_key)
 
     async def key(self, spec: agent_pb2.FunctionSpec,
                   manifest: manifest_pb2.SnapshotManifest) -> str:
@@ -132,12 +139,16 @@ class TemplatePool:
         if spec.network == "egress":
             # The template's network namespace is its forks': one per network.
             h.update(b"network:egress\n")
+        if manifest.environment.key:
+            # The interpreter and packages it imported are the environment's.
+            h.update(f"environment:{manifest.environment.key}\n".encode())
         h.update("\n".join(manifest.modules).encode())
         h.update(json.dumps(instance_env(spec, per_function=False), sort_keys=True).encode())
         return h.hexdigest()[:24]
 
     async def ensure(self, spec: agent_pb2.FunctionSpec,
-                     manifest: manifest_pb2.SnapshotManifest, mat: Materialized) -> Template:
+                     manifest: manifest_pb2.SnapshotManifest, mat: Materialized,
+                     python_env: PythonEnv | None = None) -> Template:
         """The template for this snapshot, started if need be: a running one, or,
         where its imports initialised CUDA, the stopped record of one whose
         `fork_safe` is False (never spawn from it: start a restore-mode instance)."""
@@ -147,7 +158,7 @@ class TemplatePool:
         if template is None or (template.fork_safe and not template.running):
             task = self._starts.get(key)
             if task is None:
-                task = asyncio.create_task(self._start(key, spec, mat))
+                task = asyncio.create_task(self._start(key, spec, mat, python_env))
                 self._starts[key] = task
                 task.add_done_callback(lambda _t: self._starts.pop(key, None))
             template = await asyncio.shield(task)
@@ -159,31 +170,34 @@ class TemplatePool:
         return template
 
     async def _start(self, key: str, spec: agent_pb2.FunctionSpec,
-                     mat: Materialized) -> Template:
+                     mat: Materialized, python_env: PythonEnv | None) -> Template:
         bundle = await self._ensure_bundle(spec.bundle_digest)
         area = await asyncio.to_thread(self.areas.area, spec.tenant)
         control = str(area.run / f"t-{key[:16]}.sock")
         with contextlib.suppress(FileNotFoundError):
             os.unlink(control)
         log_path = str(area.logs / f"template-{spec.tenant}-{spec.name}.log")
-        proc = await self.runtime.launch(in_area(template_spec(
-            spec, bundle, key=key, snapshot_json=mat.snapshot_json, control=control,
-            log_path=log_path), area, self.runtime.capabilities))
+        launch = template_spec(spec, bundle, key=key, snapshot_json=mat.snapshot_json,
+                               control=control, log_path=log_path)
+        proc = await self.runtime.launch(in_area(
+            dataclasses.replace(launch, python_env=python_env), area,
+            self.runtime.capabilities))
         event = await proc.next_event(self.start_timeout)
         ready = parse_status(event)
         if not isinstance(ready, TemplateReady):
             await proc.kill()
             raise InstanceFailed(f"template failed: {event.get('reason', event)}")
         seconds = float(ready.timings.get("import", 0.0))
+        env_key = python_env.key if python_env is not None else ""
         template = Template(key, proc, control, seconds, fork_safe=ready.fork_safe,
-                            unsafe_reason=ready.unsafe_reason)
+                            unsafe_reason=ready.unsafe_reason, env_key=env_key)
         if not template.fork_safe:
             await self._stop(template)
             self.fork_unsafe[key] = template
             return template
         self._spawn_task(self._follow(template))
         self.templates[key] = template
-        self._by_code[await self._code_key(spec)] = key
+        self._by_code[await self._code_key(spec, env_key)] = key
         log.info("template ready", function=f"{spec.tenant}/{spec.name}", pid=proc.pid,
                  import_s=round(seconds, 3))
         return template
@@ -234,6 +248,10 @@ class TemplatePool:
             del self.fork_unsafe[key]
             self._users.pop(key, None)
         self._unsafe_told &= keep
+
+    def environment_keys(self) -> set[str]:
+        """The Python environments running templates use."""
+        return {t.env_key for t in self.templates.values() if t.env_key}
 
     async def close(self) -> None:
         for template in self.templates.values():

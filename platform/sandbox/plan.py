@@ -101,7 +101,11 @@ def build_plan(spec: LaunchSpec, settings: SandboxSettings, python: str,
     if policy.uid <= 0 or policy.gid <= 0:
         raise InstanceFailed("a sandboxed launch needs the tenant's uid and gid "
                              "(LaunchSpec.sandbox.uid/gid)")
-    read_only = [*SYSTEM_PATHS, *python_paths(python), *settings.read_only_paths,
+    # A function's own environment is named by its paths, never probed: running its
+    # interpreter outside the sandbox would run the .pth files its packages carry.
+    interpreter = (list(spec.python_env.paths) if spec.python_env is not None
+                   else list(python_paths(python)))
+    read_only = [*SYSTEM_PATHS, *interpreter, *settings.read_only_paths,
                  *_library_paths(env)]
     if spec.bundle:
         read_only.append(spec.bundle)

@@ -1,0 +1,398 @@
+"""A node's per-function Python environments: resolved and built with uv, once per lock.
+
+Resolving (`uv pip compile`, pins with hashes) and installing (`uv pip install
+--require-hashes`) both take wheels only (`--no-build`: no package's code runs while
+an environment is made) and run as node tools in a sandbox of their own under the
+builder uid (`ProcessRuntime.run_tool`), seeing only the index and their staging
+folder. An environment is built in a staging folder, then made the agent's and
+read-only, and only then renamed to <root>/<key>: a half-built one is never used, and
+no tenant can change one that another tenant's functions run in. Resolutions are kept
+per node (<root>/.locks) so fresh starts do not resolve again. docs/environments.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from thaw.core.errors import InstanceFailed
+from thaw.platform.environments import (
+    Dependencies,
+    environment_key,
+    lock_pins,
+    node_platform,
+    node_python,
+    resolution_key,
+)
+from thaw.platform.runtime import PythonEnv, ToolRun
+
+log = structlog.get_logger()
+# The environment's record, beside its packages (read by `thaw env ls`).
+RECORD = "thaw-env.json"
+LOCK_FILE = "thaw-lock.txt"
+# Bytes of the resolver's or installer's output kept for a failure's reason.
+MAX_TOOL_OUTPUT = 4096
+# Prefixes of the staging folders a build works in (collected when no build runs).
+STAGING_PREFIXES = (".env-", ".resolve-")
+
+Progress = Callable[[str], None]
+ToolRunner = Callable[[ToolRun], Awaitable[tuple[int, str]]]
+
+
+@dataclass(frozen=True)
+class EnvSettings:
+    """How environments are made on this node (core/config_fields.py: env_*)."""
+
+    index_url: str = ""
+    """The package index: an URL, or a local folder of wheels (a path or file://);
+    empty: uv's default index."""
+    build_timeout: float = 900.0
+    """Seconds a resolve and an install may take, each."""
+    max_bytes: int = 16 << 30
+    """Largest environment installed (its folder's size)."""
+    builder_uid: int = 199999
+    """The uid uv runs as: outside the tenants' range (sandbox_uids)."""
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str]) -> EnvSettings:
+        """The index from THAW_ENV_INDEX_URL, else the machine's UV_INDEX_URL or
+        PIP_INDEX_URL."""
+        index = (environ.get("THAW_ENV_INDEX_URL") or environ.get("UV_INDEX_URL")
+                 or environ.get("PIP_INDEX_URL") or "")
+        return cls(index_url=index)
+
+    def local_index(self) -> str:
+        """The folder of a local index (no network needed), or ""."""
+        url = self.index_url
+        path = url.removeprefix("file://")
+        return path if path.startswith("/") else ""
+
+    def index_args(self) -> list[str]:
+        local = self.local_index()
+        if local:
+            # A PEP 503 simple/ tree, or a flat folder of wheels.
+            if os.path.isdir(os.path.join(local, "simple")):
+                return ["--index-url", f"file://{local}/simple"]
+            return ["--no-index", "--find-links", local]
+        return ["--index-url", self.index_url] if self.index_url else []
+
+
+@dataclass(frozen=True)
+class Environment:
+    """A built environment on this node."""
+
+    key: str
+    path: Path
+    python: str
+    """The interpreter's full version ("3.11.7")."""
+    platform: str
+    lock: str
+    source: str
+    packages: int
+    size_bytes: int
+
+
+class Environments:
+    """Environments under `root` (<agent home>/envs): one folder per key, built once."""
+
+    def __init__(self, root: Path, settings: EnvSettings, run_tool: ToolRunner) -> None:
+        self.root = root
+        self.settings = settings
+        self.run_tool = run_tool
+        self.platform = node_platform()
+        for sub in ("", ".locks", ".used"):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+        self._building: dict[str, asyncio.Lock] = {}
+        self.users: dict[str, set[str]] = {}
+        """Environment key -> functions (tenant/name) that used it since the agent
+        started."""
+        self._runtime_path: str | None = None
+
+    # ---- resolving -----------------------------------------------------------------
+
+    async def resolve(self, deps: Dependencies, progress: Progress) -> str:
+        """The lock of `deps`, resolved once per node for these requests, Python,
+        platform and index. InstanceFailed with the resolver's message."""
+        name = resolution_key(deps, self.platform, self.settings.index_url)
+        cached = self.root / ".locks" / f"{name}.txt"
+        if cached.is_file():
+            return await asyncio.to_thread(cached.read_text)
+        progress(f"resolving {len(deps.requirements)} requirements from {deps.source} "
+                 f"for Python {deps.python}")
+        work = await asyncio.to_thread(self._workdir, "resolve")
+        try:
+            (work / "requirements.in").write_text(deps.request_text())
+            await self._run(["pip", "compile", str(work / "requirements.in"), "-o",
+                             str(work / "lock.txt"), "--generate-hashes", "--no-header",
+                             "--no-annotate", "--python-version", deps.python,
+                             "--python-platform", self.platform, "--no-build",
+                             *self.settings.index_args()], work, "resolving the environment")
+            lock = (work / "lock.txt").read_text()
+        finally:
+            await asyncio.to_thread(_remove, work)
+        staged = cached.with_suffix(f".{uuid.uuid4().hex[:6]}")
+        staged.write_text(lock)
+        os.replace(staged, cached)
+        return lock
+
+    # ---- building ------------------------------------------------------------------
+
+    async def ensure(self, lock: str, python: str, progress: Progress, *,
+                     source: str = "", function: str = "") -> Environment:
+        """The environment of `lock` for Python `python` (major.minor, or the full
+        version a manifest recorded), built if this node has none; concurrent callers
+        for one key build it once."""
+        want = ".".join(python.split(".")[:2])
+        key = environment_key(lock, want, self.platform)
+        async with self._building.setdefault(key, asyncio.Lock()):
+            found = await asyncio.to_thread(self.get, key)
+            if found is not None:
+                progress(f"environment {key[:12]} cached")
+            else:
+                found = await self._build(key, lock, want, source, progress)
+        self.touch(key, function)
+        return found
+
+    async def _build(self, key: str, lock: str, python: str, source: str,
+                     progress: Progress) -> Environment:
+        started = time.perf_counter()
+        pins = lock_pins(lock)
+        progress(f"installing {len(pins)} packages into environment {key[:12]}")
+        staging = await asyncio.to_thread(self._workdir, f"env-{key[:12]}")
+        try:
+            (staging / LOCK_FILE).write_text(lock)
+            env_dir = staging / "env"
+            await self._run(["venv", "--relocatable", "--python", self._interpreter(python),
+                             str(env_dir)], staging, "creating the environment's virtualenv")
+            await self._run(["pip", "install", "--python", str(env_dir / "bin" / "python"),
+                             "--no-deps", "--require-hashes", "--no-build",
+                             "--link-mode", "copy", "-r", str(staging / LOCK_FILE),
+                             *self.settings.index_args()], staging, "installing the environment")
+            size = await asyncio.to_thread(_folder_size, env_dir)
+            if size > self.settings.max_bytes:
+                raise InstanceFailed(f"the environment is {size} bytes installed, more than "
+                                     f"the node's env_max_size ({self.settings.max_bytes})")
+            os.replace(staging / LOCK_FILE, env_dir / LOCK_FILE)
+            env = Environment(key=key, path=self.root / key, python=_venv_version(env_dir),
+                              platform=self.platform, lock=lock, source=source,
+                              packages=len(pins), size_bytes=size)
+            (env_dir / RECORD).write_text(json.dumps(_record(env)))
+            await asyncio.to_thread(_seal, env_dir)
+            os.replace(env_dir, self.root / key)
+        finally:
+            await asyncio.to_thread(_remove, staging)
+        progress(f"environment {key[:12]} ready in {time.perf_counter() - started:.1f} s")
+        log.info("environment built", key=key, packages=len(pins), size=size)
+        return env
+
+    def _interpreter(self, python: str) -> str:
+        """This node's own interpreter for its version, else a version uv finds among
+        the node's (it downloads none)."""
+        if python == node_python():
+            return str(getattr(sys, "_base_executable", "") or sys.executable)
+        return python
+
+    async def _run(self, args: list[str], work: Path, what: str) -> None:
+        """uv with `args`, sandboxed under the builder uid; InstanceFailed carrying the
+        tail of its output when it fails."""
+        uv = shutil.which("uv", path=os.path.dirname(sys.executable)) or "uv"
+        cache = self.root / ".uv-cache"
+        uid = self.settings.builder_uid
+        await asyncio.to_thread(_owned_folder, cache, uid)
+        local = self.settings.local_index()
+        tool = ToolRun(
+            argv=(uv, *args, "--no-config", "--quiet"), uid=uid,
+            writable=(str(work), str(cache)), read_only=(local,) if local else (),
+            network="none" if local else "egress",
+            env={"UV_CACHE_DIR": str(cache), "UV_NO_PROGRESS": "1", "HOME": "/tmp",
+                 "UV_PYTHON_DOWNLOADS": "never"},
+            workdir=str(work), timeout=self.settings.build_timeout,
+            max_output=MAX_TOOL_OUTPUT)
+        code, output = await self.run_tool(tool)
+        if code != 0:
+            why = output.strip() or f"uv exited with status {code}"
+            raise InstanceFailed(f"{what} failed: {why}")
+
+    def _workdir(self, what: str) -> Path:
+        """A staging folder only the builder may write (blocking)."""
+        work = self.root / f".{what}-{uuid.uuid4().hex[:8]}"
+        _owned_folder(work, self.settings.builder_uid)
+        return work
+
+    # ---- using and listing ---------------------------------------------------------
+
+    def get(self, key: str) -> Environment | None:
+        """The built environment `key`, None if this node has none (blocking)."""
+        try:
+            record = json.loads((self.root / key / RECORD).read_text())
+            return Environment(key=key, path=self.root / key, python=record["python"],
+                               platform=record["platform"], lock=record["lock"],
+                               source=record.get("source", ""),
+                               packages=int(record["packages"]),
+                               size_bytes=int(record["size_bytes"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def python_env(self, env: Environment) -> PythonEnv:
+        """How a launch runs in `env` (blocking the first time: the runtime's copy)."""
+        runtime = self.runtime_path()
+        paths = (str(env.path), _venv_base_prefix(env.path), runtime)
+        return PythonEnv(key=env.key, python=str(env.path / "bin" / "python"),
+                         paths=tuple(p for p in paths if p), runtime_path=runtime)
+
+    def runtime_path(self) -> str:
+        """A folder holding a copy of the thaw runtime package only (it imports the
+        standard library alone), made once per agent start from the agent's own."""
+        if self._runtime_path is None:
+            import thaw.snapshotter.runtime as runtime
+
+            target = self.root / f".runtime-{uuid.uuid4().hex[:8]}"
+            package = target / "thaw" / "snapshotter"
+            shutil.copytree(Path(runtime.__path__[0]), package / "runtime",
+                            ignore=shutil.ignore_patterns("__pycache__"))
+            (package / "__init__.py").write_text("")
+            _seal(target)
+            for old in self.root.glob(".runtime-*"):
+                if old != target:
+                    _remove(old)
+            self._runtime_path = str(target)
+        return self._runtime_path
+
+    def touch(self, key: str, function: str) -> None:
+        """Note that `function` uses environment `key` now (`thaw env ls`)."""
+        if function:
+            self.users.setdefault(key, set()).add(function)
+        with contextlib.suppress(OSError):
+            (self.root / ".used" / key).touch()
+
+    def listing(self) -> list[dict[str, object]]:
+        """Every environment of the node: key, python, packages, size, the functions
+        that used it since the agent started, last used (blocking)."""
+        found: list[dict[str, object]] = []
+        for path in sorted(self.root.iterdir()):
+            env = None if path.name.startswith(".") else self.get(path.name)
+            if env is None:
+                continue
+            try:
+                used = (self.root / ".used" / env.key).stat().st_mtime
+            except OSError:
+                used = 0.0
+            found.append({"key": env.key, "python": env.python, "packages": env.packages,
+                          "size_bytes": env.size_bytes, "source": env.source,
+                          "functions": sorted(self.users.get(env.key, ())),
+                          "last_used": used})
+        return found
+
+    def collect(self, keep: set[str]) -> list[str]:
+        """Remove every environment whose key is not in `keep` (those in use) and not
+        being built, and what failed builds left; returns the keys removed (blocking)."""
+        building = any(lock.locked() for lock in self._building.values())
+        removed = []
+        for path in list(self.root.iterdir()):
+            name = path.name
+            if name.startswith(STAGING_PREFIXES):
+                if not building:
+                    _remove(path)
+                continue
+            if name.startswith(".") or name in keep:
+                continue
+            lock = self._building.get(name)
+            if lock is not None and lock.locked():
+                continue
+            _remove(path)
+            with contextlib.suppress(OSError):
+                (self.root / ".used" / name).unlink()
+            self.users.pop(name, None)
+            removed.append(name)
+        if removed:
+            log.info("environments collected", keys=removed)
+        return removed
+
+
+def _record(env: Environment) -> dict[str, object]:
+    return {"key": env.key, "python": env.python, "platform": env.platform,
+            "lock": env.lock, "source": env.source, "packages": env.packages,
+            "size_bytes": env.size_bytes}
+
+
+def _owned_folder(path: Path, uid: int) -> None:
+    path.mkdir(mode=0o755, exist_ok=True)
+    if os.geteuid() == 0:
+        os.chown(path, uid, uid)
+
+
+def _venv_config(env_dir: Path) -> dict[str, str]:
+    config = {}
+    with contextlib.suppress(OSError):
+        for line in (env_dir / "pyvenv.cfg").read_text().splitlines():
+            name, sep, value = line.partition("=")
+            if sep:
+                config[name.strip()] = value.strip()
+    return config
+
+
+def _venv_version(env_dir: Path) -> str:
+    """The interpreter's version from pyvenv.cfg, never by running it: the .pth files
+    of the environment's packages would run outside any sandbox."""
+    return _venv_config(env_dir).get("version_info", "")
+
+
+def _venv_base_prefix(env_dir: Path) -> str:
+    """The installation the environment was made from (pyvenv.cfg's home is its bin)."""
+    home = _venv_config(env_dir).get("home", "")
+    return os.path.realpath(os.path.dirname(home)) if home else ""
+
+
+def _folder_size(path: Path) -> int:
+    total = 0
+    for dirpath, _dirs, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+    return total
+
+
+def _seal(path: Path) -> None:
+    """Owned by the agent and read-only for everyone: readable and, for folders and
+    programs, searchable or runnable by tenant uids."""
+    uid, gid = os.geteuid(), os.getegid()
+    for dirpath, dirs, files in os.walk(path, topdown=False):
+        for name in [*dirs, *files]:
+            _seal_one(os.path.join(dirpath, name), uid, gid)
+    _seal_one(str(path), uid, gid)
+
+
+def _seal_one(full: str, uid: int, gid: int) -> None:
+    st = os.lstat(full)
+    if os.path.islink(full):
+        os.lchown(full, uid, gid)
+        return
+    os.chown(full, uid, gid)
+    runnable = os.path.isdir(full) or st.st_mode & 0o111
+    os.chmod(full, 0o555 if runnable else 0o444)
+
+
+def _remove(path: Path) -> None:
+    """Remove a folder, also one made read-only by _seal."""
+    if not path.is_dir() or path.is_symlink():
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        return
+    for dirpath, dirs, _files in os.walk(path):
+        for name in dirs:
+            with contextlib.suppress(OSError):
+                os.chmod(os.path.join(dirpath, name), 0o755)
+    with contextlib.suppress(OSError):
+        os.chmod(path, 0o755)
+    shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,111 @@
+"""Which environment a launch runs in: the one its snapshot recorded (rebuilt from that
+lock on any node), the one its bundle's dependency file resolves to (builds and fresh
+starts), or none (the node's base environment); and what a restore of it is checked
+against."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+from pathlib import Path
+
+from thaw.core.errors import InstanceFailed
+from thaw.platform.environments import lock_pins, read_dependencies
+from thaw.platform.environments_build import (
+    Environment,
+    Environments,
+    EnvSettings,
+    Progress,
+)
+from thaw.platform.runtime import PythonEnv, RuntimeCapabilities
+from thaw.proto import manifest_pb2
+
+# Why a node cannot give a function an environment of its own.
+ENVIRONMENTS_NEED_PROCESS_RUNTIME = (
+    "this node's runtime runs no per-function Python environments (the process runtime "
+    "does; an image function brings its packages in its image)")
+
+
+class LaunchEnvironments:
+    """The agent's side of environments: one per launch, or None for the base one."""
+
+    def __init__(self, environments: Environments | None,
+                 capabilities: RuntimeCapabilities) -> None:
+        self.environments = environments
+        self.capabilities = capabilities
+
+    async def for_bundle(self, bundle: Path, function: str, progress: Progress,
+                         image: str = "") -> Environment | None:
+        """The environment the bundle's dependency file asks for (resolved, built or
+        cached), None without one. InvalidBundle for a bad file, InstanceFailed for a
+        failed resolve or install (with uv's message)."""
+        if image:
+            return None  # an image carries its own packages
+        deps = await asyncio.to_thread(read_dependencies, bundle)
+        if deps is None:
+            return None
+        envs = self._required()
+        lock = await envs.resolve(deps, progress)
+        return await envs.ensure(lock, deps.python, progress, source=deps.source,
+                                 function=function)
+
+    async def for_snapshot(self, recorded: manifest_pb2.Environment | None, function: str,
+                           progress: Progress) -> Environment | None:
+        """The environment a snapshot was taken in, rebuilt from its lock where this
+        node lacks it; None for a snapshot of the base environment."""
+        if recorded is None or not recorded.key:
+            return None
+        env = await self._required().ensure(recorded.lock, recorded.python, progress,
+                                            source=recorded.source, function=function)
+        if env.key != recorded.key:
+            raise InstanceFailed(f"the snapshot's lock names environment "
+                                 f"{recorded.key}, this node builds it as {env.key} (another "
+                                 f"platform: {recorded.platform})")
+        return env
+
+    def python_env(self, env: Environment | None) -> PythonEnv | None:
+        if env is None or self.environments is None:
+            return None
+        return self.environments.python_env(env)
+
+    def _required(self) -> Environments:
+        if self.environments is None or not self.capabilities.python_environments:
+            raise InstanceFailed(ENVIRONMENTS_NEED_PROCESS_RUNTIME)
+        return self.environments
+
+
+def recorded(env: Environment) -> manifest_pb2.Environment:
+    """What a snapshot records of its environment, for a restore on any node."""
+    return manifest_pb2.Environment(key=env.key, python=env.python, platform=env.platform,
+                                    lock=env.lock, source=env.source)
+
+
+def snapshot_environment(manifest: manifest_pb2.SnapshotManifest
+                         ) -> manifest_pb2.Environment | None:
+    return manifest.environment if manifest.HasField("environment") else None
+
+
+def environment_fingerprint(local: dict[str, str], env: Environment | None
+                            ) -> dict[str, str]:
+    """What a restore in `env` is checked against: the node's device facts, and the
+    environment's Python, torch and numpy (its pins), never the node's own."""
+    if env is None:
+        return local
+    pins = lock_pins(env.lock)
+    return {**local, "python": env.python, "torch": pins.get("torch", ""),
+            "numpy": pins.get("numpy", "")}
+
+
+def default_environments(home: Path, runtime: object, uid_range: tuple[int, int]
+                         ) -> Environments | None:
+    """The node's environments under <home>/envs, built with the runtime's sandboxed
+    tools (`run_tool`) by the uid just below the tenants' range; None on a runtime
+    that runs no tools. The index comes from THAW_ENV_INDEX_URL, UV_INDEX_URL or
+    PIP_INDEX_URL (EnvSettings.from_environ)."""
+    run_tool = getattr(runtime, "run_tool", None)
+    if run_tool is None:
+        return None
+    settings = dataclasses.replace(EnvSettings.from_environ(os.environ),
+                                   builder_uid=uid_range[0] - 1)
+    return Environments(home / "envs", settings, run_tool)
