@@ -15,6 +15,7 @@ from pathlib import Path
 from thaw.core.errors import InstanceFailed
 from thaw.platform.devices import DeviceBackend
 from thaw.platform.runtime import (
+    BuildRequest,
     LaunchMode,
     LaunchSpec,
     Limits,
@@ -22,11 +23,13 @@ from thaw.platform.runtime import (
     SandboxPolicy,
     SliceGrant,
     SnapshotFiles,
+    SpawnRequest,
 )
 from thaw.platform.sandbox.areas import TenantArea
 from thaw.proto import agent_pb2, manifest_pb2
 from thaw.snapshotter.runtime.forksafe import NVML_CHECK_ENV
 from thaw.snapshotter.runtime.gpuinfo import nvml_compute_capability
+from thaw.snapshotter.runtime.secretenv import secret_names_env
 from thaw.snapshotter.runtime.server import MEMORY_LIMIT_ENV
 
 # Why a node without containers cannot run a function that names an image (thaw.toml
@@ -124,13 +127,46 @@ def check_image(spec: agent_pb2.FunctionSpec, capabilities: RuntimeCapabilities)
         raise InstanceFailed(f"runtime: {IMAGE_NEEDS_DOCKER}")
 
 
+def function_env(spec: agent_pb2.FunctionSpec) -> dict[str, str]:
+    """The function's own variables (thaw.toml [env]); never a template's."""
+    return dict(spec.env)
+
+
+def function_secrets(spec: agent_pb2.FunctionSpec) -> dict[str, str]:
+    """The function's secrets, as the scheduler filled them for this start or build;
+    only ever in an instance's environment (never a template's, a command line, a
+    sandbox plan or a log)."""
+    return dict(spec.secrets)
+
+
+def spawn_request_for(spec: agent_pb2.FunctionSpec, *, instance_id: str, socket: str,
+                      log: str, fds: dict[str, int]) -> SpawnRequest:
+    """What a template is asked to fork an instance of `spec` with: its memory budget
+    and [env], and its secrets, all set in the child before on_restore runs."""
+    return SpawnRequest(instance_id=instance_id, socket=socket, log=log, fds=fds,
+                        env={**memory_env(spec), **function_env(spec)},
+                        secrets=function_secrets(spec))
+
+
+def template_build_request(spec: agent_pb2.FunctionSpec, *, out: str, log: str
+                           ) -> BuildRequest:
+    """What a template is asked to build `spec`'s snapshot with: its [env] and its
+    secrets for setup(), the secrets gone before the capture."""
+    return BuildRequest(out, log, spec.version, env=function_env(spec),
+                        secrets=function_secrets(spec))
+
+
 def _base(spec: agent_pb2.FunctionSpec, mode: LaunchMode, bundle: Path, log_path: str,
           instance_id: str, per_function: bool = True) -> LaunchSpec:
+    env = instance_env(spec, per_function)
+    if per_function:
+        env.update(function_env(spec))
     return LaunchSpec(
         mode=mode, bundle=str(bundle), handler=spec.handler, log_path=log_path,
         instance_id=instance_id,
         function=f"{spec.tenant}/{spec.name}" if per_function else "",
-        version=spec.version, env=instance_env(spec, per_function),
+        version=spec.version, env=env,
+        secrets=function_secrets(spec) if per_function else {},
         limits=Limits(memory_bytes=spec.memory_limit_bytes), image=spec.image,
         cwd=str(bundle),
         sandbox=SandboxPolicy(network="egress" if spec.network == "egress" else "none"))
@@ -145,8 +181,11 @@ def fresh_spec(spec: agent_pb2.FunctionSpec, bundle: Path, *, instance_id: str,
 
 def build_spec(spec: agent_pb2.FunctionSpec, bundle: Path, *, out: Path,
                log_path: str) -> LaunchSpec:
-    """A build that runs setup() and writes a snapshot to `out`."""
-    return replace(_base(spec, LaunchMode.BUILD, bundle, log_path, out.name), out=str(out))
+    """A build that runs setup() and writes a snapshot to `out` (the secrets named so
+    that the runtime removes them before the capture)."""
+    base = _base(spec, LaunchMode.BUILD, bundle, log_path, out.name)
+    return replace(base, out=str(out),
+                   env={**base.env, **secret_names_env(function_secrets(spec))})
 
 
 def template_spec(spec: agent_pb2.FunctionSpec, bundle: Path, *, key: str,

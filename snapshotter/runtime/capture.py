@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from . import secretenv
 from .events import describe_exception
 from .gpuinfo import capability_text, nvml_gpu_facts, read_proc_driver
 from .snapshot import (
@@ -373,6 +374,9 @@ def capture(
     written."""
     now = clock or time.perf_counter
     started = now()
+    # Values in the environment stay out of what is pickled (os.environ itself, if
+    # the handler holds it); restores get the current ones (secretenv.py).
+    secretenv.forget()
     out_dir.mkdir(parents=True, exist_ok=True)
     # An older build's snapshot.json must not vouch for files this one rewrites.
     (out_dir / SNAPSHOT_FILE).unlink(missing_ok=True)

@@ -294,7 +294,10 @@ class SpawnRequest:
     slice: SliceDescriptor | None = None
     env: dict[str, str] = dataclasses.field(default_factory=dict)
     """Set in the instance before it restores (before anything initialises CUDA there):
-    what its slice needs, e.g. CUDA_VISIBLE_DEVICES and an MPS thread percentage."""
+    what its slice needs, e.g. CUDA_VISIBLE_DEVICES and an MPS thread percentage, and
+    the function's thaw.toml [env]."""
+    secrets: dict[str, str] = dataclasses.field(default_factory=dict, repr=False)
+    """The function's secrets, current: set after `env`, before on_restore runs."""
 
     def fd(self, name: str) -> int | None:
         return self.fds.get(name)
@@ -305,7 +308,7 @@ class SpawnRequest:
         record: dict[str, Any] = {"op": self.op, "instance_id": self.instance_id,
                                   "socket": self.socket, "log": self.log, "fds": names,
                                   "slice": self.slice.to_record() if self.slice else None,
-                                  "env": self.env}
+                                  "env": self.env, "secrets": self.secrets}
         line = json.dumps(record, separators=(",", ":")).encode() + b"\n"
         return line, [self.fds[name] for name in names]
 
@@ -338,9 +341,9 @@ class SpawnRequest:
         for name in ("socket", "log"):
             if not isinstance(getattr(request, name), str):
                 raise ValueError(f"spawn request field {name!r} must be a path string")
-        if not isinstance(request.env, dict) or not all(
-                isinstance(k, str) and isinstance(v, str) for k, v in request.env.items()):
-            raise ValueError("spawn request field 'env' must map names to strings")
+        for name in ("env", "secrets"):
+            if not _str_map(getattr(request, name)):
+                raise ValueError(f"spawn request field {name!r} must map names to strings")
         for name in ("snapshot_json", "pickle"):
             if name not in request.fds:
                 raise ValueError(f"spawn request carries no {name!r} descriptor")
@@ -359,6 +362,10 @@ class BuildRequest:
     out: str
     log: str
     function_version: str = ""
+    env: dict[str, str] = dataclasses.field(default_factory=dict)
+    """The function's thaw.toml [env], set before setup() runs."""
+    secrets: dict[str, str] = dataclasses.field(default_factory=dict, repr=False)
+    """The function's secrets, set for setup() and removed before the capture."""
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> BuildRequest:
@@ -368,7 +375,15 @@ class BuildRequest:
             raise ValueError(f"malformed build request: {exc}") from exc
         if not isinstance(request.out, str) or not isinstance(request.log, str):
             raise ValueError("build request fields 'out' and 'log' must be path strings")
+        if not _str_map(request.env) or not _str_map(request.secrets):
+            raise ValueError("build request fields 'env' and 'secrets' must map names to "
+                             "strings")
         return request
+
+
+def _str_map(value: object) -> bool:
+    return isinstance(value, dict) and all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items())
 
 
 def receive_message(conn: Any, max_bytes: int) -> tuple[bytes, list[int]]:
@@ -377,7 +392,7 @@ def receive_message(conn: Any, max_bytes: int) -> tuple[bytes, list[int]]:
     ValueError (nothing left open) past `max_bytes` or when ancillary data was cut."""
     import socket
 
-    data = b""
+    data = bytearray()
     fds: list[int] = []
     try:
         while b"\n" not in data:
@@ -395,7 +410,7 @@ def receive_message(conn: Any, max_bytes: int) -> tuple[bytes, list[int]]:
     except BaseException:
         close_fds(fds)
         raise
-    return data.partition(b"\n")[0], fds
+    return bytes(data.partition(b"\n")[0]), fds
 
 
 def close_fds(fds: Iterable[int]) -> None:

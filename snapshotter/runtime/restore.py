@@ -29,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from . import secretenv
 from .events import SliceDescriptor, SpawnRequest, close_fds
 from .snapshot import (
     BYTEARRAY_TAG,
@@ -329,8 +330,9 @@ def restore_request(request: SpawnRequest) -> Restored:
     mappings made from them stay)."""
     global received
     received = request
-    # Before the slice is opened: CUDA reads these when it initialises.
-    os.environ.update(request.env)
+    # Before the slice is opened: CUDA reads these when it initialises. The secrets
+    # too, before on_restore: it sees their current values.
+    secretenv.apply(request.env, request.secrets)
     try:
         meta = SnapshotMeta.load(request.fds["snapshot_json"])
         device = (DeviceMemory(request.slice, request.fd("slice"))

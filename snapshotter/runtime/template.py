@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import NoReturn
 
+from . import secretenv
 from .bounded import print_exception
 from .capture import CaptureError, capture
 from .events import (
@@ -60,7 +61,9 @@ PR_SET_PDEATHSIG = 1
 # How long a connection may take to send its spawn line. The template serves spawns one
 # at a time, so a silent client must not stall it for longer than this.
 SPAWN_READ_TIMEOUT_S = 10.0
-MAX_SPAWN_REQUEST_BYTES = 64 * 1024
+# A spawn or build line carries the function's [env] and secrets (thaw.toml allows 32
+# secrets of up to 64 KiB each, JSON-escaped here): room for all of them.
+MAX_SPAWN_REQUEST_BYTES = 16 * 1024 * 1024
 CONTROL_BACKLOG = 128
 
 # Module names that are never importable by name.
@@ -257,6 +260,7 @@ def _build_in_child(request: BuildRequest, handler_class: type, modules: list[st
     stage_now = Stage.SETUP
     try:
         _redirect_output(request.log)
+        secretenv.apply(request.env, request.secrets)
         started = time.perf_counter()
         handler = create_handler(handler_class)
         timings["setup"] = time.perf_counter() - started

@@ -88,7 +88,8 @@ def test_spawn_request_round_trip_and_validation() -> None:
     assert SpawnRequest.from_message(line, fds) == request_with_slice
     # The line names no file: only the instance's own socket and log.
     record = json.loads(line)
-    assert set(record) == {"op", "instance_id", "socket", "log", "fds", "slice", "env"}
+    assert set(record) == {"op", "instance_id", "socket", "log", "fds", "slice", "env",
+                           "secrets"}
     for bad, descriptors in (
             (b"", []), (b"[]", []), (b'{"op": "kill"}', []),
             (b'{"op": "spawn", "socket": "/s"}', []),
