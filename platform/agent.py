@@ -52,8 +52,8 @@ from thaw.platform.launch import (
     instance_env,
     limit_memory,
     local_fingerprint,
-    memory_env,
     restore_spec,
+    spawn_request_for,
 )
 from thaw.platform.logs import RUNTIME, FunctionLogs
 from thaw.platform.peers import PeerChunks
@@ -361,9 +361,8 @@ class Agent:
             template = await self.templates.ensure(spec, manifest, mat, python_env)
             template_s = time.perf_counter() - started
             started = time.perf_counter()
-            request = SpawnRequest(instance_id=inst.id, socket=inst.socket,
-                                   log=inst.log_path, fds=mat.descriptors(),
-                                   env=memory_env(spec))
+            request = spawn_request_for(spec, instance_id=inst.id, socket=inst.socket,
+                                        log=inst.log_path, fds=mat.descriptors())
             waited = 0.0
             if sl is None:
                 pid = await self._spawn(inst, spec, request, template, python_env)

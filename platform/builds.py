@@ -23,9 +23,15 @@ from thaw.core.logs import bound_reason
 from thaw.core.spec import extract_bundle
 from thaw.platform.build_failures import build_failed, event_text
 from thaw.platform.environments_launch import LaunchEnvironments, recorded
-from thaw.platform.launch import IMAGE_NEEDS_DOCKER, build_spec, check_image, in_area
+from thaw.platform.launch import (
+    IMAGE_NEEDS_DOCKER,
+    build_spec,
+    check_image,
+    in_area,
+    template_build_request,
+)
 from thaw.platform.logs import MAX_BUILD_LOG_BYTES, RUNTIME, FunctionLogs
-from thaw.platform.runtime import BuildRequest, Captured, LaunchSpec, PythonEnv, Runtime
+from thaw.platform.runtime import Captured, LaunchSpec, PythonEnv, Runtime
 from thaw.platform.sandbox.areas import (
     TenantAreas,
     make_readable,
@@ -116,7 +122,8 @@ class Builds:
                 # the runtime builds in templates at all).
                 try:
                     event = await self.runtime.build_in_template(
-                        template.control, BuildRequest(str(out), log_path, spec.version),
+                        template.control,
+                        template_build_request(spec, out=str(out), log=log_path),
                         self.start_timeout)
                 except (ThawError, ValueError) as exc:  # ValueError: a line past the limit
                     return build_failed("setup", exc)

@@ -192,8 +192,9 @@ class LaunchSpec:
     version: str = ""
     """The function version a build stamps into its snapshot."""
     env: Mapping[str, str] = field(default_factory=dict)
-    secrets: Mapping[str, str] = field(default_factory=dict)
-    """Secret values, added to the environment after `env`."""
+    secrets: Mapping[str, str] = field(default_factory=dict, repr=False)
+    """Secret values, added to the environment after `env`; never in a repr, a
+    command line or a sandbox plan."""
     socket: str = ""
     """The unix socket a fresh or restored instance serves on."""
     control: str = ""
