@@ -459,6 +459,12 @@ class AgentFields(_Fields):
     """process runtime: open files per instance process (RLIMIT_NOFILE)."""
     sandbox_read_only_paths: str = Field("", max_length=65536)
     """process runtime: host folders (os.pathsep-separated) every sandbox sees read-only."""
+    env_index_url: str = Field("", max_length=4096)
+    """Package index of per-function environments (URL, wheel folder); empty: UV_INDEX_URL."""
+    env_build_timeout: float = Field(900.0, gt=0, le=86_400, allow_inf_nan=False)
+    """Seconds a per-function environment's resolve, and its install, may each take."""
+    env_max_size: str = "16GiB"
+    """Largest per-function environment a node installs (docs/environments.md)."""
 
     # The size fields' constraint: each parses as a size (parse_size, parse_host_devices).
     @field_validator("host_devices")
@@ -476,7 +482,7 @@ class AgentFields(_Fields):
         return value
 
     @field_validator("pinned_capacity", "cuda_reserve", "cuda_instance_overhead",
-                     "sandbox_tmp_size", "storage_min_free")
+                     "sandbox_tmp_size", "storage_min_free", "env_max_size")
     @classmethod
     def _check_pinned(cls, value: str) -> str:
         parse_size(value)

@@ -139,8 +139,6 @@ class Agent:
             runtime.capabilities)
         """Per-function Python environments (environments*.py; None of them on a
         runtime without them)."""
-        self._instance_envs: dict[str, str] = {}
-        """Instance id -> the key of the environment it runs in (kept from collection)."""
         self.builds = Builds(home=home, runtime=runtime, areas=self.areas,
                              snapshots=snapshots, logs=self.logs, fetch_bundle=fetch_bundle,
                              start_timeout=start_timeout, environments=self.environments)
@@ -300,7 +298,7 @@ class Agent:
         env = await self.environments.for_bundle(bundle, inst.function,
                                                  self._env_progress(spec, inst.id), spec.image)
         python_env = await asyncio.to_thread(self.environments.python_env, env)
-        self._use_env(inst, python_env)
+        self.environments.hold(inst.id, env)
         grant = (SliceGrant(inst.slice_id, inst.slice_device, inst.slice_bytes)
                  if inst.slice_id else None)
         launch = fresh_spec(spec, bundle, instance_id=inst.id, socket=inst.socket,
@@ -350,7 +348,7 @@ class Agent:
         check_fingerprint(manifest, image_fingerprint(
             environment_fingerprint(self.fingerprint, env), spec, manifest))
         python_env = await asyncio.to_thread(self.environments.python_env, env)
-        self._use_env(inst, python_env)
+        self.environments.hold(inst.id, env)
         await self.chunks.ensure(manifest, peers)
         sl = self._slices.get(inst.id)
         # The memfds must stay open until the instance has them: no eviction or garbage
@@ -459,7 +457,7 @@ class Agent:
         if inst.pid:
             await self.runtime.stop(inst.process or ProcessHandle(inst.pid), reason)
         self._slices.pop(inst.id, None)
-        self._instance_envs.pop(inst.id, None)
+        self.environments.release(inst.id)
         if inst.slice_id:
             # A GPU release zeroes the slice and waits for it: off the event loop.
             try:
@@ -518,14 +516,10 @@ class Agent:
         async with self.shm.writing():
             return await asyncio.to_thread(self.snapshots.collect_garbage, keep)
 
-    def _use_env(self, inst: Instance, python_env: PythonEnv | None) -> None:
-        if python_env is not None:
-            self._instance_envs[inst.id] = python_env.key
-
     def environments_in_use(self, keep: list[manifest_pb2.SnapshotManifest]) -> set[str]:
-        """Environments a kept snapshot, a live instance or a template runs in."""
+        """Environments a kept snapshot, a live instance, a build or a template runs in."""
         return ({m.environment.key for m in keep if m.environment.key}
-                | set(self._instance_envs.values()) | self.templates.environment_keys())
+                | set(self.environments.in_use.values()) | self.templates.environment_keys())
 
     async def collect_environments(self, keep: list[manifest_pb2.SnapshotManifest]
                                    ) -> list[str]:

@@ -114,6 +114,7 @@ class Builds:
                 python_env = await asyncio.to_thread(self.environments.python_env, env)
             except ThawError as exc:
                 return build_failed("environment", exc)
+            self.environments.hold(build_id, env)
             template = (await self.templates.with_code(spec, env.key if env else "")
                         if self.templates is not None else None)
             event: dict[str, Any] | None = None
@@ -150,6 +151,7 @@ class Builds:
             return agent_pb2.BuildSnapshotResponse(ok=True, manifest=manifest,
                                                    stored_bytes=stored)
         finally:
+            self.environments.release(build_id)
             await self.logs.unwatch_in_thread(build_id)
             await asyncio.to_thread(remove_quietly, out)
             await asyncio.to_thread(remove_quietly, sealed)

@@ -10,7 +10,9 @@ import dataclasses
 import os
 from pathlib import Path
 
+from thaw.core.config import AgentConfig
 from thaw.core.errors import InstanceFailed
+from thaw.core.units import parse_size
 from thaw.platform.environments import lock_pins, read_dependencies
 from thaw.platform.environments_build import (
     Environment,
@@ -34,6 +36,9 @@ class LaunchEnvironments:
                  capabilities: RuntimeCapabilities) -> None:
         self.environments = environments
         self.capabilities = capabilities
+        self.in_use: dict[str, str] = {}
+        """Owner (an instance or a build) -> the key of the environment it runs in:
+        garbage collection keeps these."""
 
     async def for_bundle(self, bundle: Path, function: str, progress: Progress,
                          image: str = "") -> Environment | None:
@@ -63,6 +68,14 @@ class LaunchEnvironments:
                                  f"{recorded.key}, this node builds it as {env.key} (another "
                                  f"platform: {recorded.platform})")
         return env
+
+    def hold(self, owner: str, env: Environment | None) -> None:
+        """`owner` runs in `env` until `release(owner)`."""
+        if env is not None:
+            self.in_use[owner] = env.key
+
+    def release(self, owner: str) -> None:
+        self.in_use.pop(owner, None)
 
     def python_env(self, env: Environment | None) -> PythonEnv | None:
         if env is None or self.environments is None:
@@ -97,15 +110,25 @@ def environment_fingerprint(local: dict[str, str], env: Environment | None
             "numpy": pins.get("numpy", "")}
 
 
-def default_environments(home: Path, runtime: object, uid_range: tuple[int, int]
-                         ) -> Environments | None:
+def environment_settings(cfg: AgentConfig, uid_range: tuple[int, int]) -> EnvSettings:
+    """The agent's env_* settings; the index falls back to the machine's UV_INDEX_URL
+    or PIP_INDEX_URL; the builder's uid is the one just below the tenants' range."""
+    fallback = EnvSettings.from_environ(os.environ).index_url
+    return EnvSettings(index_url=cfg.env_index_url or fallback,
+                       build_timeout=cfg.env_build_timeout,
+                       max_bytes=parse_size(cfg.env_max_size), builder_uid=uid_range[0] - 1)
+
+
+def default_environments(home: Path, runtime: object, uid_range: tuple[int, int],
+                         settings: EnvSettings | None = None) -> Environments | None:
     """The node's environments under <home>/envs, built with the runtime's sandboxed
-    tools (`run_tool`) by the uid just below the tenants' range; None on a runtime
-    that runs no tools. The index comes from THAW_ENV_INDEX_URL, UV_INDEX_URL or
-    PIP_INDEX_URL (EnvSettings.from_environ)."""
+    tools (`run_tool`); None on a runtime that runs no tools. Without `settings`: the
+    index from THAW_ENV_INDEX_URL, UV_INDEX_URL or PIP_INDEX_URL and the builder uid
+    just below the tenants' range."""
     run_tool = getattr(runtime, "run_tool", None)
     if run_tool is None:
         return None
-    settings = dataclasses.replace(EnvSettings.from_environ(os.environ),
-                                   builder_uid=uid_range[0] - 1)
+    if settings is None:
+        settings = dataclasses.replace(EnvSettings.from_environ(os.environ),
+                                       builder_uid=uid_range[0] - 1)
     return Environments(home / "envs", settings, run_tool)
