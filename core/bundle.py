@@ -85,6 +85,15 @@ class BundleLimits:
 DEFAULT_LIMITS = BundleLimits()
 
 
+def limits_for(packed_bytes: int) -> BundleLimits:
+    """The limits of a bundle allowed up to `packed_bytes` packed (a tenant's
+    max_bundle_bytes past the default): its unpacked bound grows in proportion, so a
+    large bundle of weights that hardly compress still unpacks."""
+    packed = max(packed_bytes, MAX_BUNDLE_BYTES)
+    return BundleLimits(packed_bytes=packed, unpacked_bytes=max(
+        MAX_UNPACKED_BYTES, packed * (MAX_UNPACKED_BYTES // MAX_BUNDLE_BYTES)))
+
+
 @dataclass(frozen=True)
 class BundleScan:
     """What reading a bundle found: its thaw.toml and its size."""

@@ -59,6 +59,8 @@ CALLERS: dict[str, frozenset[str]] = {
     "/thaw.v1.Metering/": frozenset({GATEWAY}),
     "/thaw.v1.NodeRegistry/": frozenset({AGENT}),
     "/thaw.v1.Secrets/": frozenset({GATEWAY}),
+    "/thaw.v1.Volumes/GetBlob": frozenset({AGENT}),
+    "/thaw.v1.Volumes/": frozenset({GATEWAY}),
     # Peer fetch of snapshot chunks is the only agent-to-agent call.
     "/thaw.v1.Agent/FetchChunks": frozenset({AGENT}),
     "/thaw.v1.Agent/": frozenset({SCHEDULER}),

@@ -28,6 +28,7 @@ from thaw.gateway import (
     tenancy,
     usage,
     versions,
+    volumes,
 )
 from thaw.gateway.openapi import document_with
 from thaw.gateway.stored import routes as stored
@@ -53,6 +54,7 @@ FEATURES: tuple[Feature, ...] = (
     priority,
     versions,
     spec_schema,
+    volumes,
 )
 
 

@@ -25,6 +25,7 @@ from thaw.ops.snapshots import snapshot
 from thaw.ops.tenants import key, tenant
 from thaw.ops.top import top
 from thaw.ops.usage import usage
+from thaw.ops.volumes import volume
 from thaw.ops.webhooks import webhook
 
 # Exit codes: 1 = the platform said no (a ThawError), 2 = bad usage (click's own).
@@ -52,6 +53,7 @@ fn.add_command(fn_logs)
 for command in (key, tenant, audit):  # tenancy: ops/tenants.py, ops/audit.py
     cli.add_command(command)
 cli.add_command(webhook)  # ops/webhooks.py
+cli.add_command(volume)  # ops/volumes.py
 
 
 def main() -> None:

@@ -77,6 +77,7 @@ from thaw.platform.snapshots import NodeSnapshots, ReadersWriter
 from thaw.platform.storage import StorageHealth
 from thaw.platform.telemetry import NodeSample, SliceSample, Telemetry
 from thaw.platform.templates import Template, TemplatePool
+from thaw.platform.volumes import NodeVolumes, with_volumes
 from thaw.proto import agent_pb2, manifest_pb2, scheduler_pb2
 from thaw.snapshotter.manifest import check_fingerprint, manifest_key
 
@@ -147,6 +148,8 @@ class Agent:
             runtime=runtime, areas=self.areas, start_timeout=start_timeout,
             ensure_bundle=self.ensure_bundle, spawn_task=self._spawn_task)
         self.builds.templates = self.templates
+        self.volumes: NodeVolumes | None = None
+        """Model volumes (volumes.py), set by the server that can fetch their chunks."""
 
     # ---- bundles and builds (builds.py) ---------------------------------------------
 
@@ -303,6 +306,7 @@ class Agent:
                  if inst.slice_id else None)
         launch = fresh_spec(spec, bundle, instance_id=inst.id, socket=inst.socket,
                             log_path=inst.log_path, grant=grant)
+        launch = await with_volumes(self.volumes, launch, spec, self.runtime.capabilities)
         proc = await self.runtime.launch(self._as_tenant(
             dataclasses.replace(launch, python_env=python_env), spec))
         inst.pid = proc.pid

@@ -18,6 +18,7 @@ from typing import Any
 
 import structlog
 
+from thaw.core.bundle import limits_for
 from thaw.core.errors import ThawError
 from thaw.core.logs import bound_reason
 from thaw.core.spec import extract_bundle
@@ -40,6 +41,7 @@ from thaw.platform.sandbox.areas import (
 )
 from thaw.platform.snapshots import NodeSnapshots
 from thaw.platform.templates import TemplatePool
+from thaw.platform.volumes import NodeVolumes, with_volumes
 from thaw.proto import agent_pb2
 
 log = structlog.get_logger()
@@ -64,6 +66,8 @@ class Builds:
         self.start_timeout = start_timeout
         self.environments = environments
         """The function's own Python environment, where its bundle asks for one."""
+        self.volumes: NodeVolumes | None = None
+        """Model volumes (volumes.py) a build mounts, set with the agent's."""
         self.templates: TemplatePool | None = None
         """The agent's templates (a build of running code forks one); set by the agent,
         whose pool itself unpacks bundles through `ensure_bundle`."""
@@ -75,7 +79,8 @@ class Builds:
         if data is None:
             data = await self.fetch_bundle(digest)
         staging = self.home / "bundles" / f".{digest}-{uuid.uuid4().hex[:8]}"
-        await asyncio.to_thread(extract_bundle, data, str(staging))
+        # The scheduler read it under its tenant's limits: unpacked under the same.
+        await asyncio.to_thread(extract_bundle, data, str(staging), limits_for(len(data)))
         # Instances read it under their tenants' uids (same digest, same files).
         await asyncio.to_thread(make_readable, staging)
         try:
@@ -115,8 +120,9 @@ class Builds:
             except ThawError as exc:
                 return build_failed("environment", exc)
             self.environments.hold(build_id, env)
+            # A template's sandbox has no volumes: a function with some builds fresh.
             template = (await self.templates.with_code(spec, env.key if env else "")
-                        if self.templates is not None else None)
+                        if self.templates is not None and not spec.volumes else None)
             event: dict[str, Any] | None = None
             if template is not None:
                 # Same code as a running template: fork it, skip the imports (where
@@ -161,6 +167,7 @@ class Builds:
                            ) -> dict[str, Any]:
         check_image(spec, self.runtime.capabilities)
         launch = build_spec(spec, bundle, out=out, log_path=log_path)
+        launch = await with_volumes(self.volumes, launch, spec, self.runtime.capabilities)
         proc = await self.runtime.launch(self._as_tenant(
             dataclasses.replace(launch, python_env=python_env), spec))
         try:

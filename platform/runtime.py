@@ -126,6 +126,7 @@ class MountKind(str, enum.Enum):
     BUNDLE = "bundle"  # the function's code, read-only
     OUTPUT = "output"  # a build's snapshot folder, writable
     SOCKET = "socket"  # a unix socket the instance binds
+    VOLUME = "volume"  # a materialised model volume, read-only, at its own path
 
 
 @dataclass(frozen=True)
@@ -134,10 +135,16 @@ class Mount:
 
     path: str
     kind: MountKind
+    target: str = ""
+    """Where the instance sees it, when not at `path` (a volume at its thaw.toml path)."""
 
     @property
     def read_only(self) -> bool:
-        return self.kind is MountKind.BUNDLE
+        return self.kind in (MountKind.BUNDLE, MountKind.VOLUME)
+
+    @property
+    def inside(self) -> str:
+        return self.target or self.path
 
 
 @dataclass(frozen=True)
@@ -210,6 +217,9 @@ class LaunchSpec:
     """An image function's pinned image (`repo:tag@sha256:<id>`): it runs there."""
     cwd: str = ""
     """Working directory; empty: the bundle."""
+    volumes: tuple[tuple[str, str], ...] = ()
+    """(host folder, path inside) of each model volume, mounted read-only
+    (platform/volumes.py)."""
     python_env: PythonEnv | None = None
     """The function's own Python environment; None: the node's base environment."""
 
@@ -247,6 +257,7 @@ class LaunchSpec:
         if self.out:
             found.append(Mount(self.out, MountKind.OUTPUT))
         found += [Mount(p, MountKind.SOCKET) for p in (self.socket, self.control) if p]
+        found += [Mount(host, MountKind.VOLUME, inside) for host, inside in self.volumes]
         return tuple(found)
 
     @classmethod

@@ -44,6 +44,7 @@ from thaw.platform.sandbox.plan import SandboxSettings
 from thaw.platform.snapshots import NodeSnapshots
 from thaw.platform.storage import StorageCondition, StorageHealth
 from thaw.platform.telemetry import NodeSample, pinned_tier_info
+from thaw.platform.volumes import NodeVolumes, blob_fetcher
 from thaw.proto import agent_pb2, agent_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 
 log = structlog.get_logger()
@@ -180,6 +181,8 @@ class AgentServer:
                            snapshots=snapshots, fetch_bundle=self._fetch_bundle,
                            start_timeout=cfg.start_timeout, activation=activation,
                            uid_range=parse_uid_range(cfg.sandbox_uids), tls=tls)
+        self.agent.volumes = self.agent.builds.volumes = NodeVolumes(
+            home / "volumes", blob_fetcher(self._channel))
 
         server = internal_server(tls)
         agent_pb2_grpc.add_AgentServicer_to_server(AgentService(self.agent), server)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import structlog
 
+from thaw.core.bundle import MAX_BUNDLE_BYTES, BundleLimits
 from thaw.core.errors import (
     DeadlineExceeded,
     FunctionUnavailable,
@@ -38,6 +39,7 @@ from thaw.scheduler.states import FunctionState, InstanceState, SnapshotState, V
 from thaw.scheduler.store import FunctionRecord
 from thaw.scheduler.tiers import Tiers
 from thaw.scheduler.versions import VersionRecord, as_function
+from thaw.scheduler.volumes import check_mounts, fill_mounts
 
 log = structlog.get_logger()
 
@@ -84,8 +86,8 @@ class Builds:
         """Deploy (see `deploy`); the function as it is afterwards."""
         return (await self.deploy(tenant, bundle, wait)).function
 
-    async def deploy(self, tenant: str, bundle: bytes, wait: bool, force: bool = False
-                     ) -> Deployed:
+    async def deploy(self, tenant: str, bundle: bytes, wait: bool, force: bool = False,
+                     limits: BundleLimits | None = None) -> Deployed:
         """Deploy a new immutable version. A function already serving keeps serving its
         active version while the new one builds; the switch is atomic (versions.py).
         The bundle the function serves already (same digest) is no new version: it is
@@ -93,7 +95,7 @@ class Builds:
         version all the same (built again: say, on nodes that changed since)."""
         s = self.s
         # Off the loop: reading a bundle decompresses up to its unpacked limit.
-        spec = await asyncio.to_thread(read_bundle, bundle)
+        spec = await asyncio.to_thread(read_bundle, bundle, limits)
         digest = await asyncio.to_thread(bundle_digest, bundle)
         kept = None if force else await s.store.run(s.versions.keep_unchanged, tenant,
                                                     spec.name, digest)
@@ -104,6 +106,7 @@ class Builds:
         check_quota(spec, await s.quotas.quota_of(tenant))
         check_fleet(spec, s.nodes.values())
         await check_secrets_exist(s, tenant, spec.secrets)
+        await s.store.run(check_mounts, s.store, tenant, spec)
         refused = storage_refusal(
             [n for n in s.ready_nodes() if n.runs(spec.runtime.image)], {})
         if refused is not None:
@@ -192,8 +195,10 @@ class Builds:
                 try:
                     resp = await node.client.build_snapshot(
                         agent_pb2.BuildSnapshotRequest(
-                            function=await with_secrets(s, fn, spec_message(fn)),
-                            bundle=bundle),
+                            function=await fill_mounts(
+                                s.store, await with_secrets(s, fn, spec_message(fn))),
+                            # Past one message's cap, the agent fetches it.
+                            bundle=bundle if len(bundle) <= MAX_BUNDLE_BYTES else b""),
                         timeout=s.timeouts.build_timeout)
                     break
                 except ImageNotOnNode as exc:

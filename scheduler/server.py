@@ -22,7 +22,9 @@ from thaw.proto import (
     secrets_pb2_grpc,
     tenancy_pb2_grpc,
     usage_pb2_grpc,
+    volumes_pb2_grpc,
 )
+from thaw.scheduler.blobs import Blobs, ChunkDisk
 from thaw.scheduler.bundles import BundleStore
 from thaw.scheduler.control import ControlPlane
 from thaw.scheduler.db import make_engine, upgrade
@@ -36,6 +38,8 @@ from thaw.scheduler.secrets_service import SecretsService
 from thaw.scheduler.service import NodeRegistryService, SchedulerService
 from thaw.scheduler.store import ALL_SCOPES, Store
 from thaw.scheduler.usage import MeteringService, UsageStore
+from thaw.scheduler.volumes import Volumes
+from thaw.scheduler.volumes_service import VolumesService
 
 log = structlog.get_logger()
 DEV_TENANT = "dev"
@@ -100,13 +104,17 @@ class SchedulerServer:
             MeteringService(UsageStore(self.store)), server)
         tenancy_pb2_grpc.add_TenancyServicer_to_server(
             AuditedTenancyService(self.store, self.control.quotas), server)
+        blobs = Blobs(self.store, ChunkDisk(cfg.home / "scheduler" / "blobs"))
+        volumes_pb2_grpc.add_VolumesServicer_to_server(
+            VolumesService(blobs, Volumes(self.store, blobs), self.control), server)
         secrets_pb2_grpc.add_SecretsServicer_to_server(
             SecretsService(secrets, self.control), server)
         health = add_health(server)
         self.port = add_secure_port(server, cfg.scheduler_listen, tls)
         await server.start()
         await mark_serving(health, "thaw.v1.Scheduler", "thaw.v1.NodeRegistry",
-                           "thaw.v1.Metering", "thaw.v1.Tenancy", "thaw.v1.Invocations")
+                           "thaw.v1.Metering", "thaw.v1.Tenancy", "thaw.v1.Invocations",
+                           "thaw.v1.Volumes")
         await mark_serving(health, "thaw.v1.Secrets")
         self._server = server
         self._tasks.append(asyncio.create_task(

@@ -24,6 +24,7 @@ from thaw.scheduler.secrets_delivery import with_secrets
 from thaw.scheduler.states import FunctionState, InstanceState, NodeState, SnapshotState
 from thaw.scheduler.store import FunctionRecord, new_id
 from thaw.scheduler.tiers import Tiers
+from thaw.scheduler.volumes import fill_mounts
 from thaw.snapshotter.manifest import has_device_arena, manifest_key
 
 log = structlog.get_logger()
@@ -266,7 +267,8 @@ class Starts:
         peers = [nodes[h].control_address for h in sorted(holders)
                  if h != node.id and h in nodes and nodes[h].state is not NodeState.LOST]
         # Read at each start: a rotated secret reaches the next instance.
-        function = await with_secrets(self.s, fn, spec_message(fn))
+        function = await fill_mounts(self.s.store,
+                                     await with_secrets(self.s, fn, spec_message(fn)))
         return await node.client.start_instance(agent_pb2.StartInstanceRequest(
             instance_id=instance_id, function=function, kind=kind,
             manifest=manifest, peers=peers), timeout=START_RPC_TIMEOUT)

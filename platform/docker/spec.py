@@ -128,7 +128,7 @@ def container_mounts(spec: LaunchSpec, layout: ContainerLayout,
     mounts += [BindMount(site, site, read_only=True) for site in site_packages(spec, settings)]
     for mount in spec.mounts():
         if mount.kind is not MountKind.SOCKET:
-            mounts.append(BindMount(mount.path, mount.path, read_only=mount.read_only))
+            mounts.append(BindMount(mount.inside, mount.path, read_only=mount.read_only))
     if layout.run_dir:
         mounts.append(BindMount(layout.run_dir, layout.run_private, read_only=False))
     if settings.device == "cuda" and settings.mps_pipe_directory:

@@ -250,6 +250,8 @@ def build_root(plan: dict[str, Any]) -> str:
             _bind(root, path, read_only=True)
     for path in plan["writable"]:
         _bind(root, path, read_only=False)
+    for source, inside in plan.get("volumes", []):
+        _bind(root, source, read_only=True, dest=inside)
     etc = root + "/etc"
     os.makedirs(etc, exist_ok=True)
     for path in plan.get("etc", []):

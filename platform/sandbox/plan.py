@@ -127,7 +127,9 @@ def build_plan(spec: LaunchSpec, settings: SandboxSettings, python: str,
             "devices": devices, "tmp_bytes": settings.tmp_bytes,
             "max_processes": settings.max_processes,
             "max_open_files": settings.max_open_files, "network": policy.network,
-            "workdir": spec.workdir}
+            "workdir": spec.workdir,
+            # Model volumes: (host folder, path inside), bound read-only.
+            "volumes": [[host, inside] for host, inside in spec.volumes]}
 
 
 def _unique(paths: Sequence[str]) -> list[str]:

@@ -54,6 +54,13 @@ ROUTES: dict[tuple[str, str], str] = {
     ("GET", "/v1/functions/{name}/versions"): "deploy",
     ("POST", "/v1/functions/{name}/rollback"): "deploy",
     ("GET", "/v1/live"): "public",  # a WebSocket: the key is its first message
+    # Volumes and chunked uploads (gateway/volumes.py).
+    ("POST", "/v1/blobs/missing"): "deploy", ("PUT", "/v1/blobs/{digest}"): "deploy",
+    ("POST", "/v1/volumes"): "deploy", ("GET", "/v1/volumes"): "any",
+    ("GET", "/v1/volumes/{name}"): "any", ("DELETE", "/v1/volumes/{name}"): "deploy",
+    ("POST", "/v1/volumes/{name}/commit"): "deploy",
+    ("POST", "/v1/functions/chunked"): "deploy", ("GET", "/v1/storage"): "any",
+    ("PUT", "/v1/tenants/{tenant}/storage-quota"): "operator",
 }
 # Which callers each requirement admits.
 ADMITS = {"public": {"none", "invoke", "deploy", "admin", "operator"},
@@ -70,7 +77,8 @@ def _url(path: str, tenant: str) -> str:
     values = {"name": unique("nothing"), "model": unique("nothing"), "path": "x",
               "node": unique("node"), "action": "cordon", "file": "dashboard.js",
               "tenant": tenant if path.startswith("/fn/") else unique("nobody"),
-              "id": ("inv_" + "0" * 32) if "/invocations/" in path else unique("key")}
+              "id": ("inv_" + "0" * 32) if "/invocations/" in path else unique("key"),
+              "digest": "0" * 64}
     return PARAM.sub(lambda m: values[m.group(1)], path)
 
 
