@@ -188,6 +188,8 @@ class GatewayFields(_Fields):
     """Largest invocation body accepted (413 past it)."""
     max_bundle_bytes: int = Field(64 * 1024 * 1024, gt=0)
     """Largest bundle upload accepted."""
+    max_image_archive_bytes: int = Field(16 * 1024**3, gt=0)
+    """Largest image archive (`thaw deploy image.tar`) one tenant may upload; 413 past it."""
     # Bounds on what a client sends and how slowly (docs/limits.md); both listeners,
     # fast lane and aiohttp, hold them.
     max_request_line_bytes: int = Field(MAX_LINE_BYTES, ge=256, le=MAX_GATEWAY_LINE_BYTES)

@@ -61,6 +61,9 @@ CALLERS: dict[str, frozenset[str]] = {
     "/thaw.v1.Secrets/": frozenset({GATEWAY}),
     "/thaw.v1.Volumes/GetBlob": frozenset({AGENT}),
     "/thaw.v1.Volumes/": frozenset({GATEWAY}),
+    # Image archives: uploaded through the gateway, fetched by the nodes that load them.
+    "/thaw.v1.Images/Fetch": frozenset({AGENT}),
+    "/thaw.v1.Images/": frozenset({GATEWAY}),
     # Peer fetch of snapshot chunks is the only agent-to-agent call.
     "/thaw.v1.Agent/FetchChunks": frozenset({AGENT}),
     "/thaw.v1.Agent/": frozenset({SCHEDULER}),

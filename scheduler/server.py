@@ -17,6 +17,7 @@ from thaw.core.config import SchedulerConfig
 from thaw.core.grpcutil import add_health, add_secure_port, internal_server, mark_serving
 from thaw.core.pki import SCHEDULER, internal_identity
 from thaw.proto import (
+    images_pb2_grpc,
     invocations_pb2_grpc,
     scheduler_pb2_grpc,
     secrets_pb2_grpc,
@@ -28,6 +29,7 @@ from thaw.scheduler.blobs import Blobs, ChunkDisk
 from thaw.scheduler.bundles import BundleStore
 from thaw.scheduler.control import ControlPlane
 from thaw.scheduler.db import make_engine, upgrade
+from thaw.scheduler.images import ImageStore, ImagesService
 from thaw.scheduler.invocations import InvocationStore
 from thaw.scheduler.invocations_service import InvocationsService
 from thaw.scheduler.key_audit import BOOTSTRAP, AuditedTenancyService, issue_entry, record_issue
@@ -107,6 +109,8 @@ class SchedulerServer:
         blobs = Blobs(self.store, ChunkDisk(cfg.home / "scheduler" / "blobs"))
         volumes_pb2_grpc.add_VolumesServicer_to_server(
             VolumesService(blobs, Volumes(self.store, blobs), self.control), server)
+        images_pb2_grpc.add_ImagesServicer_to_server(
+            ImagesService(ImageStore(cfg.home / "scheduler" / "images")), server)
         secrets_pb2_grpc.add_SecretsServicer_to_server(
             SecretsService(secrets, self.control), server)
         health = add_health(server)
@@ -114,7 +118,7 @@ class SchedulerServer:
         await server.start()
         await mark_serving(health, "thaw.v1.Scheduler", "thaw.v1.NodeRegistry",
                            "thaw.v1.Metering", "thaw.v1.Tenancy", "thaw.v1.Invocations",
-                           "thaw.v1.Volumes")
+                           "thaw.v1.Volumes", "thaw.v1.Images")
         await mark_serving(health, "thaw.v1.Secrets")
         self._server = server
         self._tasks.append(asyncio.create_task(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import os
 import shutil
 import signal
@@ -41,6 +42,7 @@ from thaw.platform.docker.spec import (
     memory_limit,
     site_packages,
 )
+from thaw.platform.image_load import ImageLoader, loader_for
 from thaw.platform.process import ProcessWatch, RuntimeProcess, process_stats, terminate
 from thaw.platform.runtime import (
     BuildRequest,
@@ -90,8 +92,12 @@ class DockerRuntime:
                  template_instances: int = TEMPLATE_INSTANCES,
                  pids_limit: int = PIDS_LIMIT, tmpfs_tmp: str = TMPFS_TMP,
                  uid_base: int = UID_BASE, own_uids: bool | None = None,
-                 mps_pipe_directory: str = "") -> None:
+                 mps_pipe_directory: str = "", image_loader: ImageLoader | None = None
+                 ) -> None:
         self.client = client
+        # Loads an image function's missing image from its uploaded archive; without
+        # one, a missing image fails the start.
+        self.image_loader = image_loader
         self.node_id = node_id
         self.agent_id = uuid.uuid4().hex[:12]
         self.state_dir = state_dir / self.agent_id
@@ -150,6 +156,8 @@ class DockerRuntime:
                       state_dir=cfg.home / "agent" / node_id / "containers",
                       device=cfg.device,
                       env_site_packages=[p for p in site.split(os.pathsep) if p])
+        runtime.image_loader = loader_for(cfg, client, cfg.home / "agent" / node_id,
+                                          runtime._engine)
         runtime.remove_stale_containers()
         return runtime
 
@@ -224,6 +232,17 @@ class DockerRuntime:
             raise InstanceFailed(f"docker engine: {exc}") from exc
         self._images_seen.add(image_id)
 
+    async def _ensure_image(self, image_id: str, reference: str) -> None:
+        """The image on this engine: loaded from its uploaded archive when missing."""
+        check = functools.partial(self._check_image, image_id, reference)
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._executor, check)
+        except ImageNotOnNode:
+            if self.image_loader is None:
+                raise
+            await self.image_loader.ensure(image_id, reference, self.node_id)
+            await asyncio.get_running_loop().run_in_executor(self._executor, check)
+
     async def launch(self, spec: LaunchSpec) -> RuntimeProcess:
         """Start a container running the in-instance runtime as `spec` says.
 
@@ -234,9 +253,7 @@ class DockerRuntime:
         gets every GPU. `image` (an image function's pinned reference) replaces the
         base image (package docstring, "Image functions")."""
         if spec.image:
-            await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._check_image, spec.image.rpartition("@")[2],
-                spec.image)
+            await self._ensure_image(spec.image.rpartition("@")[2], spec.image)
         name = container_name(self.node_id, spec.mode.value, uuid.uuid4().hex[:10])
         c, layout = await asyncio.to_thread(
             prepare_container, spec, name, self._allocate_uid(), self.state_dir,
@@ -391,6 +408,9 @@ class DockerRuntime:
     async def close(self) -> None:
         """Remove every container this runtime started that is still there."""
         import docker.errors
+
+        if self.image_loader is not None:
+            await self.image_loader.close()
 
         containers = list(self._containers.values())
         for c in containers:
