@@ -37,6 +37,8 @@ from thaw.proto import images_pb2, images_pb2_grpc
 # seconds for a large one, on top of the upload itself.
 UPLOAD_TIMEOUT = 3600.0
 LOOKUP_TIMEOUT = 30.0
+# Pieces sent to the scheduler stay well below gRPC's 4 MiB message limit.
+PIECE_BYTES = 1024 * 1024
 ARCHIVE_TYPES = ("application/x-tar", "application/gzip", "application/octet-stream")
 
 
@@ -80,7 +82,8 @@ async def put_image(request: web.Request) -> web.Response:
                                           size=length, max_bytes=limit)
         try:
             while chunk := await clock.next(request.content.readany, "the image archive"):
-                yield images_pb2.ImageUploadPiece(data=chunk)
+                for start in range(0, len(chunk), PIECE_BYTES):
+                    yield images_pb2.ImageUploadPiece(data=chunk[start:start + PIECE_BYTES])
         except BaseException as exc:
             failed.append(exc)
             raise
