@@ -172,14 +172,20 @@ async def deploy_chunked(request: web.Request) -> web.Response:
     sha256 = body.get("sha256")
     if not isinstance(sha256, str):
         raise InvalidArgument("sha256 (of the whole bundle) is required", field="sha256")
-    wait = request.query.get("wait", "false").lower() in ("1", "true", "yes")
+    wait, force = (request.query.get(k, "false").lower() in ("1", "true", "yes")
+                   for k in ("wait", "force"))
     fn = await call(_stub(request).CreateFunctionFromBlobs(
         volumes_pb2.CreateFunctionFromBlobsRequest(
             tenant=p.tenant, chunks=_strings(body, "chunks"), sha256=sha256,
-            size=_int(body, "size", "size"), wait=wait), timeout=DEPLOY_TIMEOUT))
+            size=_int(body, "size", "size"), wait=wait, force=force),
+        timeout=DEPLOY_TIMEOUT))
+    body = function_json(request, fn)
+    body["unchanged"] = fn.unchanged
+    if fn.unchanged:
+        # As POST /v1/functions: the bundle it serves already, that version kept.
+        return web.json_response(body, status=200)
     gw.leases.forget_function(f"{fn.tenant}/{fn.name}")
-    return web.json_response(function_json(request, fn), status=201,
-                             headers={"Location": f"/v1/functions/{fn.name}"})
+    return web.json_response(body, status=201, headers={"Location": f"/v1/functions/{fn.name}"})
 
 
 async def get_storage(request: web.Request) -> web.Response:
@@ -303,13 +309,15 @@ OPENAPI_PATHS: dict[str, Any] = {
                       **_errors(400, 401, 403, 404, 409)}}},
     "/v1/functions/chunked": {"post": {
         "summary": "Deploy a bundle uploaded as chunks (past the single-request cap)",
-        "parameters": [{"name": "wait", "in": "query", "required": False,
-                        "schema": {"type": "boolean"}}],
+        "parameters": [{"name": name, "in": "query", "required": False,
+                        "schema": {"type": "boolean"}} for name in ("wait", "force")],
         "requestBody": _body({"type": "object", "required": ["chunks", "sha256", "size"],
                               "properties": {"chunks": {"type": "array", "items": _DIGEST},
                                              "sha256": _DIGEST,
                                              "size": {"type": "integer", "minimum": 1}}}),
         "responses": {"201": _json({"$ref": "#/components/schemas/Function"}, "Deployed."),
+                      "200": _json({"$ref": "#/components/schemas/Function"},
+                                   "The bundle the function serves already: kept."),
                       **_errors(400, 401, 403, 413, 503)}}},
     "/v1/storage": {"get": {
         "summary": "The tenant's stored bytes and storage limits",

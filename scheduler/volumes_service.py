@@ -146,7 +146,7 @@ class VolumesService(volumes_pb2_grpc.VolumesServicer):
         bundle = await asyncio.to_thread(self.reassemble, request)
         # Read under the tenant's limits: past the default, as large as its quota.
         deployed = await self.control.builds.deploy(request.tenant, bundle, request.wait,
-                                                    limits=limits_for(len(bundle)))
+                                                    request.force, limits_for(len(bundle)))
         info = await function_info(self.control, deployed.function)
         info.unchanged = deployed.unchanged
         return info

@@ -21,7 +21,7 @@ from thaw.core.bundle import MAX_BUNDLE_BYTES, limits_for
 from thaw.core.errors import ThawError
 from thaw.core.spec import pack_bundle
 from thaw.ops.client import Client
-from thaw.ops.uploads import CHUNK_BYTES, file_pieces, put_volume, upload_pieces
+from thaw.ops.uploads import CHUNK_BYTES, file_pieces, pack_large, put_volume, upload_pieces
 from thaw.ops.uploads import deploy_chunked as deploy_chunks
 
 VOLUME = "e2e-weights"
@@ -198,6 +198,8 @@ def test_a_bundle_past_the_single_request_cap_deploys_through_chunks(
                               json={"max_bundle_bytes": "256MiB"})
     assert quota.status_code == 200, quota.text
     try:
+        # Packed under the tenant's quota now: the same bytes (packing is reproducible).
+        assert pack_large(client, folder) == bundle
         report = deploy_chunks(client, bundle)
         assert report.chunks_sent == 0  # the refused attempt had sent them all
         fn = report.result
@@ -205,6 +207,8 @@ def test_a_bundle_past_the_single_request_cap_deploys_through_chunks(
         answer = platform.invoke("e2e-big-bundle", {})
         assert answer.status_code == 200, answer.text
         assert answer.json()["sha"] == hashlib.sha256(blob).hexdigest()
+        again = deploy_chunks(client, bundle).result
+        assert again["unchanged"] is True and again["version"] == fn["version"]
     finally:
         platform.http.put("/v1/tenants/dev/storage-quota", json={})
         platform.http.delete("/v1/functions/e2e-big-bundle")
