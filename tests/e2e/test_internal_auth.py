@@ -19,21 +19,23 @@ import grpc
 import pytest
 
 from tests.conftest import RunningPlatform
-from tests.tls import every_method, sync_channel
+from tests.tls import client_streaming, every_method, sync_channel
 from thaw.core.grpcutil import channel_options
 from thaw.core.pki import COMPONENTS, PKI_FOLDER, allowed_callers, ensure_pki
 from thaw.proto import scheduler_pb2, scheduler_pb2_grpc, tenancy_pb2, tenancy_pb2_grpc
 
 CALL_TIMEOUT = 10.0
 SCHEDULER_SERVICES = ("/thaw.v1.Scheduler/", "/thaw.v1.NodeRegistry/", "/thaw.v1.Tenancy/",
-                      "/thaw.v1.Invocations/", "/thaw.v1.Metering/")
+                      "/thaw.v1.Invocations/", "/thaw.v1.Metering/", "/thaw.v1.Images/")
 HEALTH = "/grpc.health.v1.Health/Check"
 
 
 def status_of(channel: grpc.Channel, path: str, streams: bool) -> grpc.StatusCode:
     """Call `path` with an empty request (a valid message of every type); its status."""
     try:
-        if streams:
+        if path in client_streaming():
+            channel.stream_unary(path)(iter([b""]), timeout=CALL_TIMEOUT)
+        elif streams:
             for _message in channel.unary_stream(path)(b"", timeout=CALL_TIMEOUT):
                 pass
         else:

@@ -173,7 +173,7 @@ def test_every_method_has_its_callers_and_nothing_else_is_callable() -> None:
     methods = [path for path, _streams in every_method()]
     assert {m.rsplit("/", 1)[0] for m in methods} == {
         "/thaw.v1.Scheduler", "/thaw.v1.NodeRegistry", "/thaw.v1.Tenancy",
-        "/thaw.v1.Invocations", "/thaw.v1.Metering", "/thaw.v1.Agent",
+        "/thaw.v1.Invocations", "/thaw.v1.Metering", "/thaw.v1.Agent", "/thaw.v1.Images",
         "/thaw.v1.Volumes"}
     for method in methods:
         assert pki.allowed_callers(method), f"{method} is callable by no component"
@@ -181,6 +181,8 @@ def test_every_method_has_its_callers_and_nothing_else_is_callable() -> None:
     assert pki.allowed_callers("/thaw.v1.NodeRegistry/Register") == {"agent"}
     assert pki.allowed_callers("/thaw.v1.Agent/StartInstance") == {"scheduler"}
     assert pki.allowed_callers("/thaw.v1.Agent/FetchChunks") == {"agent"}
+    assert pki.allowed_callers("/thaw.v1.Images/Upload") == {"gateway"}
+    assert pki.allowed_callers("/thaw.v1.Images/Fetch") == {"agent"}
     assert pki.allowed_callers("/thaw.v1.Volumes/PutBlob") == {"gateway"}
     assert pki.allowed_callers("/thaw.v1.Volumes/GetBlob") == {"agent"}
     assert pki.allowed_callers("/grpc.health.v1.Health/Check") == set(pki.COMPONENTS)
