@@ -122,6 +122,9 @@ def _apply(tree: dict[str, _Entry], layer: _Layer) -> None:
         drop(folder, keep_self=True)
     for path in layer.removed:
         drop(path, keep_self=False)
+    for path, entry in layer.entries.items():
+        if entry.kind != "dir":  # a file or link replaces a folder and all in it
+            drop(path, keep_self=False)
     tree.update(layer.entries)
 
 
@@ -153,6 +156,7 @@ def bundle_tree(path: Path, image: ArchiveImage, folder: str,
 def write_tree(tree: dict[str, _Entry], dest: Path) -> None:
     """The merged folder under `dest` (paths already relative and normalised)."""
     dest.mkdir(parents=True, exist_ok=True)
+    root = dest.resolve()
     for rel in sorted(tree):
         if not rel:
             continue
@@ -161,6 +165,10 @@ def write_tree(tree: dict[str, _Entry], dest: Path) -> None:
         if ".." in Path(rel).parts:
             raise ThawError(f"bundle entry {rel!r} leaves the bundle folder")
         target.parent.mkdir(parents=True, exist_ok=True)
+        # A link the folder holds must not lead a later entry outside it.
+        if not target.parent.resolve().is_relative_to(root):
+            raise ThawError(f"bundle entry {rel!r} is under a link that leaves the bundle "
+                            "folder")
         if entry.kind == "dir":
             target.mkdir(exist_ok=True)
         elif entry.kind == "link":

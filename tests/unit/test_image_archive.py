@@ -151,3 +151,30 @@ def test_archive_without_the_bundle_folder(tmp_path: Path) -> None:
     data, _ = docker_archive([tar_of({"app/app.py": b""})])
     with pytest.raises(ThawError, match="has no thaw.toml in /app"):
         bundle_from_archive(write(tmp_path / "image.tar", data))
+
+
+def test_a_file_replaces_a_lower_folder(tmp_path: Path) -> None:
+    lower = tar_of({"app/thaw.toml": b"t", "app/lib": None, "app/lib/a.py": b"a"})
+    upper = tar_of({"app/lib": b"now a file"})
+    data, _ = docker_archive([lower, upper])
+    path = write(tmp_path / "image.tar", data)
+    tree = bundle_tree(path, read_image(path), "/app", 1 << 20)
+    assert {k: v.data for k, v in tree.items()} == {"thaw.toml": b"t", "lib": b"now a file"}
+
+
+def test_a_link_cannot_lead_entries_out_of_the_folder(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        link = tarfile.TarInfo("app/escape")
+        link.type, link.linkname = tarfile.SYMTYPE, str(outside)
+        tar.addfile(link)
+        for name, body in (("app/escape/pwned", b"x"), ("app/thaw.toml", b"t")):
+            info = tarfile.TarInfo(name)
+            info.size = len(body)
+            tar.addfile(info, io.BytesIO(body))
+    data, _ = docker_archive([buf.getvalue()])
+    with pytest.raises(ThawError, match="under a link that leaves the bundle folder"):
+        bundle_from_archive(write(tmp_path / "image.tar", data))
+    assert not list(outside.iterdir())
