@@ -18,15 +18,27 @@ Each kind of bad input is tried at least once, past `duration` if need be; a slo
 connection starts only while it can be held to its end by `duration` (or is the first
 of its kind), and every attempt is bounded by its own timeouts, so a run ends.
 
-The service processes' RSS and open descriptors are sampled (psutil, by pid) once the
-functions are deployed and warm (`start`), every second while the soak runs (`peak`),
-and after it, once the bench's own connections are closed and the services' descriptors
-are back to their start or SETTLE_S has passed (`end`); growth from the middle of the
-soak to the end tells what keeps growing from what a first pass allocates. The goals of
-a platform that holds: no 5xx (nor dropped connection) for a valid call; RSS of the
-gateway and every agent grown less than RSS_GROWTH_GOAL; their descriptors not grown.
-The report ends with each function's state, where an accepted bad bundle shows what it
-became.
+The first part of the run (`warmup`: WARMUP_FRACTION of it, at least WARMUP_MIN_S,
+never more than half) is a warm-up running the same mix: a service's first pass through
+each path imports modules lazily, fills caches and bounded tables (the dashboard's
+rolling window of calls, gateway/stats.py) and grows malloc's arenas, once. The
+services are measured (bench/soak_watch.py) at two quiet points reached the same way:
+the bench's own connections closed, then `drain` seconds for the services' kept
+connections to go idle and be closed (POOL_DRAIN_S: the node client's idle limit and
+sweep, core/http1.py), then until their descriptor counts hold still (at most SETTLE_S
+more). One comes after the warm-up (`start`: the soak then runs the same mix for the
+rest of `duration`), one after the soak (`end`). At each: RSS, every open descriptor
+described (kinds, and which ones appeared or went), and the heap's figures from inside
+each service (bench/soak_probe.py: objects the collector tracks, pymalloc blocks,
+malloc's bytes in use, modules imported), which tell a leak from a heap that is
+reused. RSS and descriptors are also sampled every second (`peak`, and `mid`, halfway
+through the measured part: growth from there to the end is what keeps growing). RSS
+and the heap once the functions are deployed, before the warm-up (`ready`), are
+reported too: what the warm-up grew. The goals of a platform that holds: no 5xx (nor
+dropped connection) for a valid call; RSS of the gateway and every agent grown less
+than RSS_GROWTH_GOAL from start to end; their descriptors not grown; their heap
+(objects tracked, malloc's bytes in use) grown less than HEAP_GROWTH_GOAL. The report
+ends with each function's state, where an accepted bad bundle shows what it became.
 """
 
 from __future__ import annotations
@@ -35,10 +47,12 @@ import asyncio
 import contextlib
 import itertools
 import json
+import os
 import subprocess
+import sys
 import tempfile
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -46,10 +60,21 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import httpx
-import psutil
 
+from thaw.bench import soak_probe
 from thaw.bench.platform import Platform
 from thaw.bench.soak_inputs import Attempt, Target, bundles, deploy, quick_kinds, slow_kinds
+from thaw.bench.soak_watch import (
+    Sample,
+    Sampler,
+    Watch,
+    fds_report,
+    growth,
+    heap_report,
+    sample_process,
+    settle,
+)
+from thaw.core.http1 import IDLE_SECONDS, SWEEP_SECONDS
 from thaw.core.spec import pack_bundle, parse_spec
 
 SUM_APP = '''
@@ -69,15 +94,23 @@ scaledown_window = "600s"
 '''
 # Valid calls per bad input in the mixed lanes: mostly valid traffic, as in production.
 VALID_PER_BAD = 3
-# Seconds of valid calls before the start sample: connections, leases and caches made
-# once are not growth.
-WARMUP_S = 3.0
-# Longest wait after the soak for the services' descriptors to come back to the start.
+# The warm-up: this part of the duration, at least WARMUP_MIN_S, at most half of it
+# (the measured part is never shorter than the warm-up).
+WARMUP_FRACTION = 0.2
+WARMUP_MIN_S = 20.0
+WARMUP_MAX_FRACTION = 0.5
+# After each part, the time for the services' kept connections (gateway to node, agent
+# to instance) to pass the node client's idle limit and be swept, plus a second.
+POOL_DRAIN_S = IDLE_SECONDS + SWEEP_SECONDS + 1.0
+# Then the longest wait for the services' descriptor counts to hold still: QUIET_SAMPLES
+# samples half a second apart with the same counts.
 SETTLE_S = 15.0
+QUIET_SAMPLES = 4
 SAMPLE_INTERVAL_S = 1.0
 # Least time between two deploys of the deployer: an accepted bad bundle builds.
 DEPLOY_INTERVAL_S = 1.0
 RSS_GROWTH_GOAL = 0.10
+HEAP_GROWTH_GOAL = 0.10
 VALID_TIMEOUT_S = 60.0
 ERROR_PAUSE_S = 0.1
 # Bad input comes from another loopback address than the valid calls (all of 127/8
@@ -96,15 +129,6 @@ class SoakPlatformFactory(Protocol):
     def __call__(self, home: Path, host_devices: str) -> SoakPlatform: ...
 
 
-Sampler = Callable[[int], tuple[int, int]]
-"""pid -> (RSS in bytes, open file descriptors)."""
-
-
-def sample_process(pid: int) -> tuple[int, int]:
-    proc = psutil.Process(pid)
-    return proc.memory_info().rss, proc.num_fds()
-
-
 @dataclass
 class _Tally:
     valid: Counter[str] = field(default_factory=Counter)
@@ -119,30 +143,6 @@ class _Tally:
     def valid_result(self, function: str, status: str) -> None:
         self.valid[status] += 1
         self.valid_by_function.setdefault(function, Counter())[status] += 1
-
-
-@dataclass
-class _Watch:
-    """Samples of each watched service: name -> pid, and what was measured."""
-
-    sampler: Sampler
-    pids: dict[str, int]
-    start: dict[str, tuple[int, int]] = field(default_factory=dict)
-    peak_rss: dict[str, int] = field(default_factory=dict)
-    mid: dict[str, tuple[int, int]] = field(default_factory=dict)
-    """Halfway through the soak: growth from here to the end is what keeps growing
-    (a leak), not what a first pass through new code paths allocates once."""
-    end: dict[str, tuple[int, int]] = field(default_factory=dict)
-
-    def take(self) -> dict[str, tuple[int, int]]:
-        taken = {}
-        for name, pid in self.pids.items():
-            try:
-                taken[name] = self.sampler(pid)
-            except psutil.Error:
-                continue  # it died: `alive` says so
-            self.peak_rss[name] = max(self.peak_rss.get(name, 0), taken[name][0])
-        return taken
 
 
 def _error_code(body: bytes) -> str:
@@ -226,7 +226,7 @@ async def _serial_lane(kinds: dict[str, Attempt], target: Target, tally: _Tally,
         await asyncio.sleep(max(0.0, gap - (loop.time() - began)))
 
 
-async def _sampling(watch: _Watch, stop: asyncio.Event, midpoint: float) -> None:
+async def _sampling(watch: Watch, stop: asyncio.Event, midpoint: float) -> None:
     loop = asyncio.get_running_loop()
     while not stop.is_set():
         taken = await asyncio.to_thread(watch.take)
@@ -236,18 +236,18 @@ async def _sampling(watch: _Watch, stop: asyncio.Event, midpoint: float) -> None
             await asyncio.wait_for(stop.wait(), SAMPLE_INTERVAL_S)
 
 
-async def _settle(watch: _Watch) -> float:
-    """Wait (at most SETTLE_S) until no service holds more descriptors than at start;
-    the seconds waited."""
-    loop = asyncio.get_running_loop()
-    began = loop.time()
-    while loop.time() - began < SETTLE_S:
-        now = await asyncio.to_thread(watch.take)
-        if all(now[n][1] <= watch.start[n][1] for n in now if n in watch.start):
-            break
-        await asyncio.sleep(0.5)
-    watch.end = await asyncio.to_thread(watch.take)
-    return loop.time() - began
+class _Quiet:
+    """Whether the services' descriptor counts have not changed for QUIET_SAMPLES."""
+
+    def __init__(self) -> None:
+        self.last: dict[str, int] = {}
+        self.same = 0
+
+    def __call__(self, now: dict[str, Sample]) -> bool:
+        counts = {name: sample.fds for name, sample in now.items()}
+        self.same = self.same + 1 if counts == self.last else 0
+        self.last = counts
+        return self.same >= QUIET_SAMPLES - 1
 
 
 @dataclass(frozen=True)
@@ -256,48 +256,77 @@ class SoakSettings:
     concurrency: int = 8
     slow: int = 8
     slow_hold: float = 45.0
+    warmup: float | None = None
+    """Seconds of warm-up (None: WARMUP_FRACTION of the duration, at least
+    WARMUP_MIN_S); never more than WARMUP_MAX_FRACTION of the duration."""
+    drain: float = POOL_DRAIN_S
+    """Seconds waited after each part before the quiet point is looked for."""
+
+    def warmup_seconds(self) -> float:
+        wanted = (max(WARMUP_MIN_S, WARMUP_FRACTION * self.duration)
+                  if self.warmup is None else self.warmup)
+        return max(0.0, min(wanted, WARMUP_MAX_FRACTION * self.duration))
 
 
-async def _soak(target: Target, settings: SoakSettings, watch: _Watch,
-                tally: _Tally) -> dict[str, float]:
+async def _quiet(watch: Watch, drain: float) -> float:
+    """Wait `drain` seconds, then until the services' descriptor counts hold still (at
+    most SETTLE_S); the seconds waited."""
+    await asyncio.sleep(drain)
+    return drain + await settle(watch, _Quiet(), SETTLE_S)
+
+
+async def _phase(target: Target, settings: SoakSettings, seconds: float,
+                 tally: _Tally) -> float:
+    """The mix for `seconds` (longer if need be to try each bad input once), on
+    connections of its own that are closed when it ends; the seconds it ran."""
     loop = asyncio.get_running_loop()
     quick = quick_kinds()
     deploys = {kind: deploy(tarball) for kind, tarball in bundles().items()}
     connector = aiohttp.TCPConnector(limit=settings.concurrency)
+    began = loop.time()
     async with aiohttp.ClientSession(
             connector=connector, timeout=aiohttp.ClientTimeout(total=VALID_TIMEOUT_S),
             headers={"Authorization": f"Bearer {target.key}"}) as session:
         valid = _Valid(session, f"http://{target.host}:{target.function_port}",
                        target.tenant, target.function)
-        warm_until = loop.time() + WARMUP_S
-        warm = _Tally()
-
-        async def warm_lane() -> None:
-            while loop.time() < warm_until:
-                await valid.call(warm)
-        await asyncio.gather(*(warm_lane() for _ in range(settings.concurrency)))
-        watch.start = await asyncio.to_thread(watch.take)
-        stop = asyncio.Event()
-        began = loop.time()
-        deadline = began + settings.duration
-        sampler = asyncio.create_task(_sampling(watch, stop, began + settings.duration / 2))
+        deadline = began + seconds
         schedule, tried = itertools.cycle(quick), set[str]()
         slow, slow_tried = slow_kinds(settings.slow_hold), set[str]()
-        try:
-            await asyncio.gather(
-                *(_mixed_lane(valid, quick, target, tally, deadline, schedule, tried)
-                  for _ in range(settings.concurrency)),
-                *(_serial_lane(slow, target, tally, deadline, slow_tried,
-                               reserve=settings.slow_hold, start=i)
-                  for i in range(settings.slow)),
-                _serial_lane(deploys, target, tally, deadline, set(),
-                             gap=DEPLOY_INTERVAL_S))
-        finally:
-            stop.set()
-            await sampler
-        elapsed = loop.time() - began
-    settle = await _settle(watch)
-    return {"elapsed_s": elapsed, "settle_s": settle}
+        await asyncio.gather(
+            *(_mixed_lane(valid, quick, target, tally, deadline, schedule, tried)
+              for _ in range(settings.concurrency)),
+            *(_serial_lane(slow, target, tally, deadline, slow_tried,
+                           reserve=settings.slow_hold, start=i)
+              for i in range(settings.slow)),
+            _serial_lane(deploys, target, tally, deadline, set(), gap=DEPLOY_INTERVAL_S))
+    return loop.time() - began
+
+
+async def _soak(target: Target, settings: SoakSettings, watch: Watch, tally: _Tally,
+                functions: Callable[[], dict[str, Any] | None]) -> dict[str, float]:
+    loop = asyncio.get_running_loop()
+    warmup = settings.warmup_seconds()
+    watch.ready = await asyncio.to_thread(watch.take, True)
+    watch.heap_ready = await asyncio.to_thread(watch.probe)
+    warmed = await _phase(target, settings, warmup, tally) if warmup else 0.0
+    quiet = await _quiet(watch, settings.drain)
+    watch.start = await asyncio.to_thread(watch.take, True)
+    watch.heap_start = await asyncio.to_thread(watch.probe)
+    watch.functions["start"] = await asyncio.to_thread(functions)
+    measured = settings.duration - warmup
+    stop = asyncio.Event()
+    sampler = asyncio.create_task(_sampling(watch, stop, loop.time() + measured / 2))
+    try:
+        elapsed = await _phase(target, settings, measured, tally)
+    finally:
+        stop.set()
+        await sampler
+    settled = await _quiet(watch, settings.drain)
+    watch.end = await asyncio.to_thread(watch.take, True)
+    watch.heap_end = await asyncio.to_thread(watch.probe)
+    watch.functions["end"] = await asyncio.to_thread(functions)
+    return {"warmup_elapsed_s": warmed, "quiet_s": quiet, "elapsed_s": elapsed,
+            "settle_s": settled}
 
 
 def _is_5xx(status: str) -> bool:
@@ -311,7 +340,29 @@ def _refused(kind: str, outcomes: Counter[str]) -> bool:
     return all(s in ok or (len(s) == 3 and s.startswith("4")) for s in outcomes)
 
 
-def report(settings: SoakSettings, times: dict[str, float], tally: _Tally, watch: _Watch,
+def _service(sample0: Sample, sample1: Sample, watch: Watch, name: str) -> dict[str, Any]:
+    rss0, fds0, rss1, fds1 = sample0.rss, sample0.fds, sample1.rss, sample1.fds
+    mid = watch.mid[name].rss if name in watch.mid else None
+    ready = watch.ready[name].rss if name in watch.ready else None
+    return {"rss_ready_bytes": ready, "rss_start_bytes": rss0, "rss_end_bytes": rss1,
+            "rss_peak_bytes": watch.peak_rss[name], "rss_mid_bytes": mid,
+            "rss_growth_second_half": growth(mid, rss1) if mid is not None else None,
+            "rss_growth_from_ready": growth(ready, rss1) if ready is not None else None,
+            "rss_growth": growth(rss0, rss1),
+            "fds_start": fds0, "fds_end": fds1, "fds_growth": fds1 - fds0,
+            **fds_report(sample0, sample1),
+            "heap": heap_report(watch.heap_start.get(name), watch.heap_end.get(name),
+                                watch.heap_ready.get(name))}
+
+
+def _heap_growth(heap: dict[str, Any]) -> float | None:
+    """The larger growth of the objects the collector tracks and of malloc's bytes in
+    use (the figures a leak of Python objects or of native memory makes grow)."""
+    figures = [heap[k]["growth"] for k in ("gc_objects", "malloc_in_use_bytes") if k in heap]
+    return max(figures) if heap.get("measured") and figures else None
+
+
+def report(settings: SoakSettings, times: dict[str, float], tally: _Tally, watch: Watch,
            alive: dict[str, bool]) -> dict[str, Any]:
     valid_total = sum(tally.valid.values())
     bad_by_status: Counter[str] = Counter()
@@ -324,25 +375,22 @@ def report(settings: SoakSettings, times: dict[str, float], tally: _Tally, watch
         if name not in watch.start or name not in watch.end:
             services[name] = {"alive": alive.get(name, False), "measured": False}
             continue
-        (rss0, fds0), (rss1, fds1) = watch.start[name], watch.end[name]
         services[name] = {"alive": alive.get(name, False), "measured": True,
-                          "rss_start_bytes": rss0, "rss_end_bytes": rss1,
-                          "rss_peak_bytes": watch.peak_rss[name],
-                          "rss_mid_bytes": watch.mid[name][0] if name in watch.mid else None,
-                          "rss_growth_second_half": (
-                              round((rss1 - watch.mid[name][0]) / watch.mid[name][0], 4)
-                              if name in watch.mid else None),
-                          "rss_growth": round((rss1 - rss0) / rss0, 4),
-                          "fds_start": fds0, "fds_end": fds1, "fds_growth": fds1 - fds0}
+                          **_service(watch.start[name], watch.end[name], watch, name)}
     judged = [n for n in services if n == "gateway" or n.startswith("agent")]
     valid_5xx = sum(n for s, n in tally.valid.items() if _is_5xx(s))
     valid_dropped = sum(n for s, n in tally.valid.items() if s.startswith("error_"))
     wrong = tally.valid.get("200_wrong_answer", 0)
     rss_growth = {n: services[n].get("rss_growth") for n in judged}
     fds_growth = {n: services[n].get("fds_growth") for n in judged}
+    heap_growth = {n: _heap_growth(services[n].get("heap", {})) for n in judged}
     return {
         "duration_s": settings.duration,
-        "elapsed_s": round(times["elapsed_s"], 2),
+        "warmup_seconds": settings.warmup_seconds(),
+        "warmup_elapsed_s": round(times["warmup_elapsed_s"], 2),
+        "quiet_s": round(times["quiet_s"], 2),
+        "measured_elapsed_s": round(times["elapsed_s"], 2),
+        "elapsed_s": round(times["warmup_elapsed_s"] + times["elapsed_s"], 2),
         "settle_s": round(times["settle_s"], 2),
         "concurrency": settings.concurrency,
         "slow_connections": settings.slow,
@@ -356,6 +404,8 @@ def report(settings: SoakSettings, times: dict[str, float], tally: _Tally, watch
                 "by_kind": {k: dict(c) for k, c in sorted(tally.bad.items())},
                 "refused": {k: _refused(k, c) for k, c in sorted(tally.bad.items())}},
         "services": services,
+        "functions_at": {"start": watch.functions.get("start"),
+                         "end": watch.functions.get("end")},
         "goals": {
             "valid_no_5xx": {"ok": valid_5xx == 0 and valid_dropped == 0 and wrong == 0,
                              "5xx": valid_5xx, "dropped": valid_dropped,
@@ -365,6 +415,9 @@ def report(settings: SoakSettings, times: dict[str, float], tally: _Tally, watch
                 "growth": rss_growth},
             "no_fd_growth": {"ok": all(g is not None and g <= 0 for g in fds_growth.values()),
                              "growth": fds_growth},
+            "heap_growth_under_10pct": {
+                "ok": all(g is not None and g < HEAP_GROWTH_GOAL for g in heap_growth.values()),
+                "growth": heap_growth},
             "services_alive": {"ok": all(alive.values()), "alive": alive},
         },
     }
@@ -377,9 +430,34 @@ def _deploy_valid(http: httpx.Client, folder: Path) -> None:
         raise RuntimeError(f"{folder} did not deploy: {resp.status_code} {resp.text}")
 
 
+@contextlib.contextmanager
+def _probed_services(folder: Path) -> Iterator[Path]:
+    """While in it, the services a platform starts load the heap probe (a
+    `sitecustomize` on their PYTHONPATH) and answer in the folder yielded."""
+    site, answers = folder / "site", folder / "answers"
+    site.mkdir(parents=True)
+    answers.mkdir()
+    (site / "sitecustomize.py").write_text(soak_probe.sitecustomize_source())
+    saved = os.environ.get("PYTHONPATH", "")
+    added = {soak_probe.PROBE_ENV: str(answers), soak_probe.SAVED_PYTHONPATH_ENV: saved,
+             "PYTHONPATH": os.pathsep.join(filter(None, [str(site), saved]))}
+    before = {key: os.environ.get(key) for key in added}
+    os.environ.update(added)
+    try:
+        yield answers
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def run_soak_bench(echo: str = "examples/echo", settings: SoakSettings | None = None, *,
-                   platform: SoakPlatformFactory,
-                   sampler: Sampler = sample_process) -> dict[str, Any]:
+                   platform: SoakPlatformFactory, sampler: Sampler = sample_process,
+                   probe: bool = sys.platform == "linux") -> dict[str, Any]:
+    """The soak against a private platform from `platform`; with `probe`, its
+    services answer the heap probe (bench/soak_probe.py)."""
     settings = settings or SoakSettings()
     echo_dir = Path(echo).resolve()
     echo_name = parse_spec((echo_dir / "thaw.toml").read_text()).name
@@ -389,7 +467,12 @@ def run_soak_bench(echo: str = "examples/echo", settings: SoakSettings | None = 
         (sum_dir / "app.py").write_text(SUM_APP)
         (sum_dir / "thaw.toml").write_text(SUM_TOML)
         local = platform(Path(tmp) / "home", "2x8GiB")
-        local.start()
+        answers = None
+        if probe:
+            with _probed_services(Path(tmp) / "probe") as answers:
+                local.start()
+        else:
+            local.start()
         try:
             with httpx.Client(base_url=local.url, timeout=600,
                               headers={"Authorization": f"Bearer {local.key}"}) as http:
@@ -400,9 +483,10 @@ def run_soak_bench(echo: str = "examples/echo", settings: SoakSettings | None = 
             target = Target(host=host, api_port=api.port or 80, function_port=fn.port or 80,
                             key=local.key, tenant="dev", function=echo_name,
                             source=BAD_SOURCE if host == "127.0.0.1" else None)
-            watch = _Watch(sampler, {name: proc.pid for name, proc in local.procs})
+            watch = Watch(sampler, {name: proc.pid for name, proc in local.procs}, answers)
             tally = _Tally()
-            times = asyncio.run(_soak(target, settings, watch, tally))
+            times = asyncio.run(_soak(target, settings, watch, tally,
+                                      lambda: _functions(local)))
             alive = {name: proc.poll() is None for name, proc in local.procs}
             functions = _functions(local)
         finally:
