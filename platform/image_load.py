@@ -174,8 +174,13 @@ class ImageLoader:
 
 def loader_for(config: AgentConfig, client: Any, home: Path,
                run: Callable[[Callable[[], Any]], Any] | None = None) -> ImageLoader:
-    """The agent's loader: archives from its scheduler, temporary files under `home`."""
-    return ImageLoader(client, SchedulerArchives(config), home / "image-loads", run)
+    """The agent's loader: archives from its scheduler, temporary files under `home`
+    (those a killed agent left there are removed: only this node's agent loads)."""
+    loader = ImageLoader(client, SchedulerArchives(config), home / "image-loads", run)
+    for leftover in loader.tmp_dir.glob(".load-*.tar"):
+        with contextlib.suppress(FileNotFoundError):
+            leftover.unlink()
+    return loader
 
 
 __all__ = ["ArchiveSource", "ImageLoader", "SchedulerArchives", "loader_for"]

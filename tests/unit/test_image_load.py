@@ -126,3 +126,16 @@ def test_a_malformed_image_id_is_refused(tmp_path: Path) -> None:
     load = loader(tmp_path, {}, FakeEngine())
     with pytest.raises(Exception, match="sha256:<64 lowercase hex>"):
         asyncio.run(load.ensure("sha256:nope", "app@sha256:nope", "n1"))
+
+
+def test_the_agent_removes_loads_a_killed_agent_left(tmp_path: Path) -> None:
+    from thaw.core.config import AgentConfig
+    from thaw.platform.image_load import loader_for
+
+    loads = tmp_path / "image-loads"
+    loads.mkdir()
+    (loads / ".load-0123456789abcdef-deadbeef.tar").write_bytes(b"half an archive")
+    (loads / "kept.txt").write_text("not ours")
+    load = loader_for(AgentConfig(home=tmp_path), FakeEngine(), tmp_path)
+    assert load.tmp_dir == loads
+    assert sorted(p.name for p in loads.iterdir()) == ["kept.txt"]
