@@ -23,6 +23,7 @@ from thaw.gateway import (
     dashboard,
     logs,
     priority,
+    secrets,
     snapshots,
     spec_schema,
     tenancy,
@@ -54,6 +55,7 @@ FEATURES: tuple[Feature, ...] = (
     priority,
     versions,
     spec_schema,
+    secrets,
     volumes,
 )
 
