@@ -28,6 +28,21 @@ SERVICE_START_SECONDS = 60.0
 # agent's drain (platform/server.py DRAIN_SECONDS) of short requests.
 SHUTDOWN_GRACE_SECONDS = 40.0
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+# The examples `thaw up` deploys, with the modules each imports beyond the standard
+# library: they run in this virtualenv (the base environment), where those come
+# from the `examples` extra; one whose modules are missing is skipped, saying so.
+UP_EXAMPLES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("echo", ()),
+    ("embed", ("torch", "sentence_transformers")),
+    ("tinylm", ("torch",)),
+)
+
+
+def missing_modules(modules: tuple[str, ...]) -> list[str]:
+    """Those of `modules` this interpreter cannot import (found without importing)."""
+    import importlib.util
+
+    return [m for m in modules if importlib.util.find_spec(m) is None]
 
 
 def _logging(component: str, config: SchedulerConfig | GatewayConfig | AgentConfig) -> None:
@@ -239,11 +254,28 @@ class LocalPlatform:
         self.procs.clear()
 
 
+def _print_tries(key: str, function_url: str, deployed: list[str]) -> None:
+    """A curl line for each example that serves (its function URL, the dev key)."""
+    auth = f"curl -s -H 'Authorization: Bearer {key}'"
+    lines = []
+    if "embed" in deployed:
+        lines.append(f"{auth} -d '{{\"texts\": [\"hello world\"]}}' "
+                     f"{function_url}/fn/dev/embed | head -c 300")
+    elif "echo" in deployed:
+        lines.append(f"{auth} -d '{{\"hello\": \"world\"}}' {function_url}/fn/dev/echo")
+    if "tinylm" in deployed:
+        lines.append(f"{auth} -H 'Content-Type: application/json' -d '{{\"model\": "
+                     f"\"tinylm\", \"messages\": [{{\"role\": \"user\", \"content\": "
+                     f"\"hi\"}}]}}' {function_url}/v1/chat/completions")
+    if lines:
+        click.echo("\ntry:\n" + "".join(f"  {line}\n" for line in lines))
+
+
 @click.command()
 @click.option("--port", type=int, default=None,
               help="Gateway port (0 = any free); default: the gateway_port setting (8000).")
 @click.option("--examples/--no-examples", default=True, show_default=True,
-              help="Deploy examples/echo and examples/embed.")
+              help="Deploy examples/echo, examples/embed and examples/tinylm.")
 @click.option("--host-devices", default=None, help="Virtual devices, e.g. 2x8GiB.")
 def up(port: int | None, examples: bool, host_devices: str | None) -> None:
     """Start the whole local platform (SQLite, process runtime, host device, data in
@@ -278,10 +310,16 @@ def up(port: int | None, examples: bool, host_devices: str | None) -> None:
         click.echo(f"  metrics       {platform.url}/metrics (the operator's key)\n")
         if examples:
             client = Client(platform.url, platform.key, timeout=30)
-            for name in ("echo", "embed"):
+            deployed: list[str] = []
+            for name, modules in UP_EXAMPLES:
                 folder = EXAMPLES / name
                 if not folder.exists():
                     click.echo(f"  (examples/{name} not found next to the package; skipped)")
+                    continue
+                lacking = missing_modules(modules)
+                if lacking:
+                    click.echo(f"  examples/{name} skipped: needs {', '.join(lacking)} "
+                               "(pip install 'thaw[examples]')")
                     continue
                 click.echo(f"  deploying examples/{name} (snapshot build)…")
                 try:
@@ -290,11 +328,13 @@ def up(port: int | None, examples: bool, host_devices: str | None) -> None:
                     click.echo(f"    failed: {exc}")
                     continue
                 note = f" — {fn['reason']}" if fn.get("reason") else ""
+                if fn.get("unchanged"):
+                    note += f" (unchanged, version {fn['version']} kept)"
                 click.echo(f"  {name:<8} {fn['url']}   [{fn['state']}, "
                            f"{fn['start_mode']} starts]{note}")
-            click.echo("\ntry:\n  curl -s -H 'Authorization: Bearer "
-                       f"{platform.key}' -d '{{\"texts\": [\"hello world\"]}}' "
-                       f"{platform.function_url}/fn/dev/embed | head -c 300\n")
+                if fn.get("state") == "ready":
+                    deployed.append(name)
+            _print_tries(platform.key, platform.function_url, deployed)
         click.echo("Ctrl-C stops everything.")
         while all(proc.poll() is None for _n, proc in platform.procs):
             time.sleep(0.5)

@@ -1,5 +1,6 @@
-"""`thaw up` (what `make up` runs): starts everything, deploys the examples, prints
-their URLs and the dev key, serves, and Ctrl-C leaves no process behind."""
+"""`thaw up` (what `make up` runs): starts everything, deploys the examples (echo,
+embed, tinylm), prints their URLs and the dev key, serves, and Ctrl-C leaves no
+process behind."""
 
 from __future__ import annotations
 
@@ -44,7 +45,9 @@ def test_thaw_up_deploys_examples_and_stops_cleanly(tmp_path: Path) -> None:
         echo = re.search(r"echo\s+(http://\S+/fn/dev/echo)\s+\[ready, restore starts\]", out)
         embed = re.search(r"embed\s+(http://\S+/fn/dev/embed)\s+\[ready, restore starts\]",
                           out)
-        assert dashboard and key and echo and embed, out
+        tinylm = re.search(r"tinylm\s+(http://\S+/fn/dev/tinylm)\s+\[ready, restore starts\]",
+                           out)
+        assert dashboard and key and echo and embed and tinylm, out
         functions = re.search(r"functions\s+(http://127\.0\.0\.1:\d+)/fn/", out)
         assert functions and echo.group(1).startswith(functions.group(1)), out
         assert functions.group(1) != dashboard.group(1)  # an origin of their own
@@ -55,6 +58,13 @@ def test_thaw_up_deploys_examples_and_stops_cleanly(tmp_path: Path) -> None:
         resp = httpx.post(echo.group(1), json={"hi": 1}, headers=headers, timeout=60)
         assert resp.status_code == 200 and resp.json()["echo"] == {"hi": 1}
         assert resp.headers["X-Thaw-Start"] == "restore"
+        # The README's OpenAI example: tinylm on the function origin's OpenAI routes.
+        chat = httpx.post(functions.group(1) + "/v1/chat/completions", headers=headers,
+                          json={"model": "tinylm", "max_tokens": 4,
+                                "messages": [{"role": "user", "content": "hi"}]},
+                          timeout=60)
+        assert chat.status_code == 200, chat.text
+        assert chat.json()["object"] == "chat.completion", chat.json()
         page = httpx.get(dashboard.group(1) + "/", timeout=10)
         assert page.status_code == 200 and "thaw" in page.text
 
