@@ -13,13 +13,13 @@ from thaw.ops.audit import audit
 from thaw.ops.bench import bench
 from thaw.ops.config import CREDENTIALS_HELP, login
 from thaw.ops.doctor import doctor
+from thaw.ops.environments import env
 from thaw.ops.functions import deploy, fn, invoke
 from thaw.ops.images import image
 from thaw.ops.invocations import inv
 from thaw.ops.logs import fn_logs
 from thaw.ops.nodes import node
 from thaw.ops.pki import pki
-from thaw.ops.secrets import secret
 from thaw.ops.services import agent, gateway, scheduler, up
 from thaw.ops.settings import config_group
 from thaw.ops.snapshots import snapshot
@@ -54,8 +54,8 @@ fn.add_command(fn_logs)
 for command in (key, tenant, audit):  # tenancy: ops/tenants.py, ops/audit.py
     cli.add_command(command)
 cli.add_command(webhook)  # ops/webhooks.py
-cli.add_command(secret)  # ops/secrets.py
 cli.add_command(volume)  # ops/volumes.py
+cli.add_command(env)  # ops/environments.py
 
 
 def main() -> None:

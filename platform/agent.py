@@ -38,6 +38,7 @@ from thaw.platform.environments_launch import (
     LaunchEnvironments,
     default_environments,
     environment_fingerprint,
+    environments_reply,
     snapshot_environment,
 )
 from thaw.platform.instances import Instance, InstanceState
@@ -532,7 +533,18 @@ class Agent:
         envs = self.environments.environments
         if envs is None:
             return []
-        return await asyncio.to_thread(envs.collect, self.environments_in_use(keep))
+        return list(await asyncio.to_thread(envs.collect, self.environments_in_use(keep)))
+
+    async def environments_reply(self, request: agent_pb2.EnvironmentsRequest
+                                 ) -> agent_pb2.EnvironmentsResponse:
+        """`thaw env ls` on this node; with `collect`, `thaw env gc` first."""
+        envs = self.environments.environments
+        if envs is None:
+            return agent_pb2.EnvironmentsResponse()
+        in_use = self.environments_in_use([])
+        removed = (await asyncio.to_thread(envs.collect, self.environments_in_use(
+            list(request.keep))) if request.collect else {})
+        return await asyncio.to_thread(environments_reply, envs, removed, in_use)
 
     def sample_telemetry(self) -> NodeSample:
         """Blocking (psutil): call from a thread."""

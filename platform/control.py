@@ -85,6 +85,13 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         return agent_pb2.EvictResponse(bytes=await self.agent.evict(request.manifest))
 
     @servicer_method
+    async def Environments(self, request: agent_pb2.EnvironmentsRequest,
+                           context: grpc.aio.ServicerContext
+                           ) -> agent_pb2.EnvironmentsResponse:
+        """The node's Python environments; with `collect`, unused ones removed first."""
+        return await self.agent.environments_reply(request)
+
+    @servicer_method
     async def CollectGarbage(self, request: agent_pb2.CollectGarbageRequest,
                              context: grpc.aio.ServicerContext
                              ) -> agent_pb2.CollectGarbageResponse:

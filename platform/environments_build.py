@@ -103,6 +103,17 @@ class Environment:
     size_bytes: int
 
 
+@dataclass(frozen=True)
+class ListedEnvironment:
+    """An environment as `thaw env ls` shows it."""
+
+    env: Environment
+    functions: tuple[str, ...]
+    """Functions (tenant/name) that used it since the agent started."""
+    last_used: float
+    """Unix time; 0: never."""
+
+
 class Environments:
     """Environments under `root` (<agent home>/envs): one folder per key, built once."""
 
@@ -276,10 +287,10 @@ class Environments:
         with contextlib.suppress(OSError):
             (self.root / ".used" / key).touch()
 
-    def listing(self) -> list[dict[str, object]]:
-        """Every environment of the node: key, python, packages, size, the functions
-        that used it since the agent started, last used (blocking)."""
-        found: list[dict[str, object]] = []
+    def listing(self) -> list[ListedEnvironment]:
+        """Every environment of the node, with the functions that used it since the
+        agent started and when it was last used (blocking)."""
+        found: list[ListedEnvironment] = []
         for path in sorted(self.root.iterdir()):
             env = None if path.name.startswith(".") else self.get(path.name)
             if env is None:
@@ -288,17 +299,16 @@ class Environments:
                 used = (self.root / ".used" / env.key).stat().st_mtime
             except OSError:
                 used = 0.0
-            found.append({"key": env.key, "python": env.python, "packages": env.packages,
-                          "size_bytes": env.size_bytes, "source": env.source,
-                          "functions": sorted(self.users.get(env.key, ())),
-                          "last_used": used})
+            found.append(ListedEnvironment(env, tuple(sorted(self.users.get(env.key, ()))),
+                                           used))
         return found
 
-    def collect(self, keep: set[str]) -> list[str]:
+    def collect(self, keep: set[str]) -> dict[str, int]:
         """Remove every environment whose key is not in `keep` (those in use) and not
-        being built, and what failed builds left; returns the keys removed (blocking)."""
+        being built, and what failed builds left; returns the keys removed and the
+        bytes each held (blocking)."""
         building = any(lock.locked() for lock in self._building.values())
-        removed = []
+        removed: dict[str, int] = {}
         for path in list(self.root.iterdir()):
             name = path.name
             if name.startswith(STAGING_PREFIXES):
@@ -310,13 +320,14 @@ class Environments:
             lock = self._building.get(name)
             if lock is not None and lock.locked():
                 continue
+            env = self.get(name)
             _remove(path)
             with contextlib.suppress(OSError):
                 (self.root / ".used" / name).unlink()
             self.users.pop(name, None)
-            removed.append(name)
+            removed[name] = env.size_bytes if env is not None else 0
         if removed:
-            log.info("environments collected", keys=removed)
+            log.info("environments collected", keys=sorted(removed))
         return removed
 
 

@@ -21,7 +21,7 @@ from thaw.platform.environments_build import (
     Progress,
 )
 from thaw.platform.runtime import PythonEnv, RuntimeCapabilities
-from thaw.proto import manifest_pb2
+from thaw.proto import agent_pb2, manifest_pb2
 
 # Why a node cannot give a function an environment of its own.
 ENVIRONMENTS_NEED_PROCESS_RUNTIME = (
@@ -86,6 +86,18 @@ class LaunchEnvironments:
         if self.environments is None or not self.capabilities.python_environments:
             raise InstanceFailed(ENVIRONMENTS_NEED_PROCESS_RUNTIME)
         return self.environments
+
+
+def environments_reply(envs: Environments, removed: dict[str, int], in_use: set[str]
+                       ) -> agent_pb2.EnvironmentsResponse:
+    """`thaw env ls` of this node, after what a collection `removed` (blocking)."""
+    return agent_pb2.EnvironmentsResponse(
+        environments=[agent_pb2.EnvironmentInfo(
+            key=e.env.key, python=e.env.python, packages=e.env.packages,
+            size_bytes=e.env.size_bytes, source=e.env.source, functions=e.functions,
+            last_used=e.last_used, in_use=e.env.key in in_use)
+            for e in envs.listing()],
+        removed=sorted(removed), freed_bytes=sum(removed.values()))
 
 
 def recorded(env: Environment) -> manifest_pb2.Environment:

@@ -75,6 +75,11 @@ class AgentClient:
         """Garbage collection with every option of the request (scheduler/gc.py)."""
         return await call(self._stub.CollectGarbage(request, timeout=timeout))
 
+    async def environments(self, request: agent_pb2.EnvironmentsRequest,
+                           timeout: float) -> agent_pb2.EnvironmentsResponse:
+        """The node's Python environments, collected first with `request.collect`."""
+        return await call(self._stub.Environments(request, timeout=timeout))
+
     async def snapshot_pass(self, kind: str, manifest: SnapshotManifest, peers: list[str],
                             timeout: float = 1800.0
                             ) -> AsyncIterator[agent_pb2.SnapshotProgress]:

@@ -13,6 +13,7 @@ from thaw.core.priority import PRIORITY_DEFAULT, PRIORITY_MAX, PRIORITY_MIN, val
 from thaw.proto import agent_pb2, scheduler_pb2, scheduler_pb2_grpc
 from thaw.scheduler import snapshots
 from thaw.scheduler.control import ControlPlane
+from thaw.scheduler.environments import node_environments
 from thaw.scheduler.events import Event, EventKind
 from thaw.scheduler.nodes import NodeView, compute_unenforced
 from thaw.scheduler.priority import set_function_priority
@@ -275,6 +276,13 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
                              ) -> scheduler_pb2.NodeGcResponse:
         return scheduler_pb2.NodeGcResponse(
             nodes=await self.control.gc.collect(request.node_id))
+
+    @servicer_method
+    async def NodeEnvironments(self, request: scheduler_pb2.NodeEnvironmentsRequest,
+                               context: grpc.aio.ServicerContext
+                               ) -> scheduler_pb2.NodeEnvironmentsResponse:
+        return scheduler_pb2.NodeEnvironmentsResponse(nodes=await node_environments(
+            self.control.gc, request.node_id, request.collect))
 
     def _node_info(self, node: NodeView) -> scheduler_pb2.NodeInfo:
         pressure = self.control.pressure

@@ -149,3 +149,38 @@ def test_a_requirement_the_index_lacks_fails_the_build_with_the_resolvers_messag
     assert fn["state"] == "failed", fn
     assert "resolving the environment failed" in fn["reason"], fn
     assert "nosuchpkg" in fn["reason"], fn  # uv's own words name the package
+
+
+def test_env_ls_lists_and_env_gc_removes_only_unused_environments(
+        two_nodes: RunningPlatform, tmp_path: Path) -> None:
+    p = two_nodes
+    keep = p.deploy(function(tmp_path / "k", "gc-keep", "attrs==0.0.1\n")).json()
+    drop = p.deploy(function(tmp_path / "d", "gc-drop", "attrs==0.0.2\nthawtiny\n")).json()
+    assert keep["state"] == drop["state"] == "ready", (keep, drop)
+    assert p.invoke("gc-drop").status_code == 200
+
+    def listed() -> dict[str, dict[str, object]]:
+        reply = p.http.get("/v1/nodes/environments")
+        assert reply.status_code == 200, reply.text
+        return {f"{n['node']}/{e['key']}": e for n in reply.json()["nodes"]
+                for e in n["environments"]}
+
+    envs = listed()
+    dropped = {k for k, e in envs.items() if "dev/gc-drop" in e["functions"]}  # type: ignore[operator]
+    kept = {k for k, e in envs.items() if "dev/gc-keep" in e["functions"]}  # type: ignore[operator]
+    assert dropped and kept and not dropped & kept
+    assert all(envs[k]["packages"] == 2 and envs[k]["size_bytes"] > 0 for k in dropped)
+
+    # While gc-drop's instance lives, its environment is in use and stays.
+    reply = p.http.post("/v1/nodes/environments/gc").json()
+    assert not any(k.split("/")[1] in n["removed"] for n in reply["nodes"] for k in dropped)
+    assert p.http.delete("/v1/functions/gc-drop").status_code in (200, 204)
+    wait_for(lambda: not any(e["in_use"] for k, e in listed().items() if k in dropped),
+             "gc-drop's instance to stop")
+    reply = p.http.post("/v1/nodes/environments/gc").json()
+    removed = {f"{n['node']}/{key}" for n in reply["nodes"] for key in n["removed"]}
+    assert dropped <= removed, reply
+    assert not kept & removed
+    after = listed()
+    assert not dropped & set(after) and kept <= set(after)
+    assert p.invoke("gc-keep").json()["version"] == "0.0.1"

@@ -201,8 +201,8 @@ async def test_concurrent_builds_of_one_lock_build_it_once_and_seal_it(tmp_path:
     assert (runtime / "thaw" / "snapshotter" / "runtime" / "__main__.py").is_file()
     assert str(env.path) in python_env.paths and python_env.runtime_path in python_env.paths
     [listed] = envs.listing()
-    assert listed["key"] == env.key and listed["packages"] == 1
-    assert listed["functions"] == ["dev/f0", "dev/f1", "dev/f2"]
+    assert listed.env == env and listed.last_used > 0
+    assert listed.functions == ("dev/f0", "dev/f1", "dev/f2")
 
 
 async def test_a_failed_resolve_carries_the_resolvers_message(tmp_path: Path) -> None:
@@ -228,7 +228,7 @@ async def test_collection_removes_only_environments_not_in_use(tmp_path: Path) -
         Dependencies(("attrs==0.0.1",), PY, "r"), lambda _l: None), PY, lambda _l: None)
     new = await envs.ensure(await envs.resolve(
         Dependencies(("attrs==0.0.2",), PY, "r"), lambda _l: None), PY, lambda _l: None)
-    assert envs.collect({new.key}) == [old.key]
+    assert envs.collect({new.key}) == {old.key: old.size_bytes}
     assert not old.path.exists() and new.path.is_dir()
     assert envs.get(new.key) is not None and envs.get(old.key) is None
 
