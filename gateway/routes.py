@@ -24,6 +24,7 @@ from thaw.gateway import (
     environments,
     logs,
     priority,
+    secrets,
     snapshots,
     spec_schema,
     tenancy,
@@ -56,6 +57,7 @@ FEATURES: tuple[Feature, ...] = (
     priority,
     versions,
     spec_schema,
+    secrets,
     volumes,
 )
 

@@ -20,6 +20,7 @@ from thaw.ops.invocations import inv
 from thaw.ops.logs import fn_logs
 from thaw.ops.nodes import node
 from thaw.ops.pki import pki
+from thaw.ops.secrets import secret
 from thaw.ops.services import agent, gateway, scheduler, up
 from thaw.ops.settings import config_group
 from thaw.ops.snapshots import snapshot
@@ -54,6 +55,7 @@ fn.add_command(fn_logs)
 for command in (key, tenant, audit):  # tenancy: ops/tenants.py, ops/audit.py
     cli.add_command(command)
 cli.add_command(webhook)  # ops/webhooks.py
+cli.add_command(secret)  # ops/secrets.py
 cli.add_command(volume)  # ops/volumes.py
 cli.add_command(env)  # ops/environments.py
 
