@@ -2,8 +2,9 @@
 encrypted; docs/secrets.md):
 
 - `PUT /v1/secrets/{name}` {"value": "..."}: create or replace (201 / 200). A new
-  value drains the running instances of the functions that use it; the answer names
-  those functions and how many instances.
+  value drains the running instances of the functions that use it (and this
+  replica's kept leases on them); the answer names those functions and how many
+  instances.
 - `GET /v1/secrets`: names, times and versions; never a value.
 - `DELETE /v1/secrets/{name}[?force=true]`: 409 naming the functions whose thaw.toml
   lists it, unless forced.
@@ -89,6 +90,11 @@ async def set_secret(request: web.Request) -> web.Response:
     reply = await call(_stub(request).Set(secrets_pb2.SetSecretRequest(
         tenant=tenant, name=request.match_info["name"], value=value),
         timeout=SECRETS_TIMEOUT))
+    if reply.info.version > 1:
+        # Leases kept here would keep calling the drained instances (old value) until
+        # released; other replicas let theirs go within lease_max_age.
+        for name in reply.functions:
+            request.app[GATEWAY_KEY].leases.forget_function(f"{tenant}/{name}")
     return web.json_response(
         {**info_json(reply.info), "functions": list(reply.functions),
          "drained": reply.drained},

@@ -22,11 +22,13 @@ def secret_names_env(secrets: Mapping[str, str]) -> dict[str, str]:
     return {SECRET_NAMES_ENV: ",".join(sorted(secrets))} if secrets else {}
 
 
-def apply(env: Mapping[str, str], secrets: Mapping[str, str]) -> None:
-    """Put a spawn's or a build's variables, then its secrets, into os.environ."""
+def apply(env: Mapping[str, str], secrets: Mapping[str, str], *,
+          before_capture: bool = False) -> None:
+    """Put a spawn's or a build's variables, then its secrets, into os.environ; for a
+    build (`before_capture`) with their names, for `forget`."""
     os.environ.update(env)
-    if secrets:
-        os.environ.update(secrets)
+    os.environ.update(secrets)
+    if before_capture:
         os.environ.update(secret_names_env(secrets))
 
 

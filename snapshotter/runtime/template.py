@@ -260,7 +260,7 @@ def _build_in_child(request: BuildRequest, handler_class: type, modules: list[st
     stage_now = Stage.SETUP
     try:
         _redirect_output(request.log)
-        secretenv.apply(request.env, request.secrets)
+        secretenv.apply(request.env, request.secrets, before_capture=True)
         started = time.perf_counter()
         handler = create_handler(handler_class)
         timings["setup"] = time.perf_counter() - started

@@ -115,7 +115,7 @@ class Holder:
 
 def test_secrets_leave_the_environment_before_a_capture(tmp_path: Path,
                                                         clean_environ: None) -> None:
-    secretenv.apply({"MODE": "fast"}, {"API_TOKEN": VALUE})
+    secretenv.apply({"MODE": "fast"}, {"API_TOKEN": VALUE}, before_capture=True)
     assert os.environ["API_TOKEN"] == VALUE
     assert os.environ[secretenv.SECRET_NAMES_ENV] == "API_TOKEN"
     capture(Holder(), tmp_path / "snap", modules=[], timings={})

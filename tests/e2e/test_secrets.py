@@ -1,0 +1,242 @@
+"""A secret on the real platform (sandboxed process runtime): it reaches the function's
+environment on a fresh start, a build's setup() and a restore (on_restore sees it),
+a new value drains the running instances so the next call and on_restore see it, and
+the value is nowhere else: not in any file of the data directory (the DB, logs,
+snapshots, blobstore, agent folders), not in the services' logs (debug level), not in
+any API answer or audit entry, not in the events. The functions answer hashes of what
+they see, never the value."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from click.testing import CliRunner
+
+from tests.conftest import RunningPlatform, bundle, running
+from thaw.ops.cli import cli
+from thaw.ops.services import LocalPlatform
+
+pytestmark = pytest.mark.sandbox
+
+APP = '''
+import hashlib
+import os
+
+
+def digest():
+    value = os.environ.get("PROBE_TOKEN")
+    return hashlib.sha256(value.encode()).hexdigest() if value is not None else None
+
+
+class Probe:
+    def setup(self):
+        self.setup_digest = digest()
+        self.restored_digest = None
+
+    def on_restore(self):
+        self.restored_digest = digest()
+
+    def __call__(self, request):
+        return {"digest": digest(), "setup_digest": self.setup_digest,
+                "restored_digest": self.restored_digest, "mode": os.environ.get("MODE"),
+                "names": os.environ.get("THAW_SECRET_NAMES"), "pid": os.getpid()}
+'''
+
+
+def probe_bundle(tmp: Path, name: str, snapshot: bool, secret: str = "PROBE_TOKEN") -> Path:
+    folder = tmp / name
+    folder.mkdir()
+    (folder / "app.py").write_text(APP)
+    (folder / "thaw.toml").write_text(textwrap.dedent(f'''\
+        name = "{name}"
+        handler = "app:Probe"
+        secrets = ["{secret}"]
+
+        [env]
+        MODE = "probe"
+
+        [snapshot]
+        enabled = {"true" if snapshot else "false"}
+
+        [resources]
+        gpu_memory = 0
+        '''))
+    return folder
+
+
+def sha(value: str) -> str:
+    return hashlib.sha256(value.encode()).hexdigest()
+
+
+class Seen:
+    """Every answer body the test got from the API, to search for the value."""
+
+    def __init__(self, http: httpx.Client) -> None:
+        self.http = http
+        self.bodies: list[bytes] = []
+
+    def __call__(self, method: str, path: str, **kwargs: object) -> httpx.Response:
+        resp = self.http.request(method, path, **kwargs)  # type: ignore[arg-type]
+        self.bodies.append(resp.content + str(resp.headers).encode())
+        return resp
+
+
+@pytest.fixture
+def platform_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    monkeypatch.setenv("THAW_LOG_LEVEL", "debug")
+    yield tmp_path / "home"
+
+
+def files_holding(root: Path, needles: list[bytes]) -> list[str]:
+    found = []
+    for here, _dirs, names in os.walk(root):
+        for name in names:
+            path = Path(here) / name
+            if path.is_symlink() or not path.is_file():
+                continue
+            try:
+                data = path.read_bytes()
+            except OSError:
+                continue
+            if any(n in data for n in needles):
+                found.append(str(path.relative_to(root)))
+    return found
+
+
+def test_a_secret_reaches_its_function_and_nowhere_else(
+        platform_home: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    first = "v1-" + secrets.token_urlsafe(24)
+    second = "v2-" + secrets.token_urlsafe(24)
+    with running(LocalPlatform(platform_home, gateway_port=0,
+                               host_devices="1x1GiB")) as platform:
+        api = Seen(platform.http)
+        _check_the_secret_path(platform, api, tmp_path, first, second)
+        audit = api("GET", "/v1/audit", params={"limit": 200})
+        assert audit.status_code == 200, audit.text
+        actions = [(e["action"], e["target"]) for e in audit.json()["entries"]]
+        assert ("secret.set", "PROBE_TOKEN") in actions
+        assert ("secret.delete", "UNUSED") in actions
+        events = api("GET", "/v1/events", params={"limit": 1000})
+        assert events.status_code == 200
+        listed = api("GET", "/v1/secrets")
+        assert [s["name"] for s in listed.json()["secrets"]] == ["PROBE_TOKEN"]
+    logs = capfd.readouterr()
+    needles = [v.encode() for v in (first, second)]
+    for body in api.bodies:
+        assert not any(n in body for n in needles), body[:300]
+    assert not any(n in (logs.out + logs.err).encode() for n in needles)
+    assert "secret set" in logs.out + logs.err  # the scheduler's log names, no value
+    # Every file the platform wrote: the DB (and its WAL), the services' and the
+    # instances' logs, snapshots, the blobstore, the agent's folders.
+    assert files_holding(platform_home, needles) == []
+    assert (platform_home / "scheduler" / "secrets.key").stat().st_mode & 0o777 == 0o600
+
+
+def command_lines_holding(needle: bytes) -> list[str]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue  # gone meanwhile
+        if needle in argv or needle.hex().encode() in argv:
+            found.append(pid)
+    return found
+
+
+def _check_the_secret_path(platform: RunningPlatform, api: Seen, tmp: Path, first: str,
+                           second: str) -> None:
+    restored = probe_bundle(tmp, "probe-restore", snapshot=True)
+    fresh = probe_bundle(tmp, "probe-fresh", snapshot=False)
+
+    def deploy(folder: Path) -> httpx.Response:
+        return api("POST", "/v1/functions", params={"wait": "true"},
+                   content=bundle(folder), headers={"Content-Type": "application/gzip"})
+
+    def call(name: str) -> httpx.Response:
+        resp = api("POST", f"/fn/dev/{name}", json={})
+        assert resp.status_code == 200, resp.text
+        return resp
+
+    # Naming a secret the tenant lacks: refused at deploy, naming it.
+    refused = deploy(restored)
+    assert refused.status_code == 400, refused.text
+    error = refused.json()["error"]
+    assert error["field"] == "secrets" and "PROBE_TOKEN" in error["message"]
+
+    made = api("PUT", "/v1/secrets/PROBE_TOKEN", json={"value": first})
+    assert made.status_code == 201, made.text
+    assert set(made.json()) == {"name", "created_at", "updated_at", "version", "functions",
+                                "drained"}
+    assert made.headers["Cache-Control"] == "no-store"
+    assert api("PUT", "/v1/secrets/UNUSED", json={"value": "x"}).status_code == 201
+
+    for folder in (restored, fresh):
+        resp = deploy(folder)
+        assert resp.status_code == 201, resp.text
+
+    fresh_answer = call("probe-fresh")
+    assert fresh_answer.headers["X-Thaw-Start"] == "fresh"
+    body = fresh_answer.json()
+    assert (body["digest"], body["setup_digest"], body["mode"]) == (
+        sha(first), sha(first), "probe")
+
+    restore_answer = call("probe-restore")
+    assert restore_answer.headers["X-Thaw-Start"] == "restore"
+    body = restore_answer.json()
+    # setup() ran in the build with the value; the restore got it before on_restore;
+    # the list of names the build removed before its capture is not in the instance.
+    assert (body["digest"], body["restored_digest"], body["setup_digest"]) == (
+        sha(first), sha(first), sha(first))
+    assert body["mode"] == "probe" and body["names"] is None
+    old_pid = body["pid"]
+    # Both instances (and the template) are up: no command line on the machine holds
+    # the value (the sandbox launcher's plan travels in argv).
+    assert command_lines_holding(first.encode()) == []
+
+    rotated = api("PUT", "/v1/secrets/PROBE_TOKEN", json={"value": second})
+    assert rotated.status_code == 200, rotated.text
+    doc = rotated.json()
+    assert doc["version"] == 2 and sorted(doc["functions"]) == ["probe-fresh",
+                                                                 "probe-restore"]
+    assert doc["drained"] >= 2
+
+    after = call("probe-restore")
+    body = after.json()
+    assert after.headers["X-Thaw-Start"] == "restore" and body["pid"] != old_pid
+    assert (body["digest"], body["restored_digest"]) == (sha(second), sha(second))
+    assert body["setup_digest"] == sha(first)  # setup() ran once, at the build
+    again = call("probe-fresh").json()
+    assert (again["digest"], again["setup_digest"]) == (sha(second), sha(second))
+
+    # Deleting a secret in use: 409 naming the functions; UNUSED goes.
+    in_use = api("DELETE", "/v1/secrets/PROBE_TOKEN")
+    assert in_use.status_code == 409, in_use.text
+    assert in_use.json()["error"]["code"] == "secret_in_use"
+    assert "probe-fresh" in in_use.json()["error"]["message"]
+    assert api("DELETE", "/v1/secrets/UNUSED").status_code == 200
+    assert api("DELETE", "/v1/secrets/UNUSED").status_code == 404
+
+    # The CLI: a value from stdin or a file, never argv; ls shows no value.
+    env = {"THAW_URL": platform.url, "THAW_API_KEY": platform.key}
+    runner = CliRunner()
+    result = runner.invoke(cli, ["secret", "set", "CLI_ONE"], input=first + "\n", env=env)
+    assert result.exit_code == 0, result.output
+    value_file = tmp / "value.txt"
+    value_file.write_text(second)
+    result = runner.invoke(cli, ["secret", "set", "CLI_ONE", "--from-file",
+                                 str(value_file)], env=env)
+    assert result.exit_code == 0 and "version 2" in result.output, result.output
+    value_file.unlink()
+    listing = runner.invoke(cli, ["secret", "ls"], env=env)
+    assert listing.exit_code == 0 and "CLI_ONE" in listing.output
+    assert first not in listing.output and second not in listing.output
+    result = runner.invoke(cli, ["secret", "rm", "CLI_ONE"], env=env)
+    assert result.exit_code == 0, result.output
