@@ -122,3 +122,19 @@ def soak(duration: float, concurrency: int, slow: int, slow_hold: float, functio
     settings = SoakSettings(duration=duration, concurrency=concurrency, slow=slow,
                             slow_hold=slow_hold)
     click.echo(json.dumps(run_soak_bench(function, settings, platform=_local_platform)))
+
+
+@bench.command("env")
+@click.option("--rounds", default=5, show_default=True, help="Restores of each kind.")
+@click.option("--index", default="", help="Package index or wheel folder to measure "
+              "(default: a local folder of small wheels the bench writes).")
+@click.option("--requirement", "requirements", multiple=True,
+              help="A requirement to install from --index (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (the only format for now).")
+def env_bench(rounds: int, index: str, requirements: tuple[str, ...], as_json: bool) -> None:
+    """Per-function environments: build cold and cached, and restores of a function in
+    its own environment vs the base one (docs/environments.md)."""
+    from thaw.bench.environments import run_environment_bench
+
+    click.echo(json.dumps(run_environment_bench(
+        rounds, index, list(requirements) or None, platform=_local_platform)))
