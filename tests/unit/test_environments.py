@@ -263,3 +263,25 @@ def test_a_sandbox_plan_binds_the_environment_without_running_its_interpreter(
     read_only = plan["read_only"]
     assert isinstance(read_only, list)
     assert {"/envs/k", "/py", "/rt", "/b"} <= set(read_only)
+
+
+async def test_a_package_without_a_wheel_is_refused_by_name_and_never_built(
+        tmp_path: Path) -> None:
+    import io
+    import tarfile
+
+    envs, _calls = make_envs(tmp_path)
+    marker = tmp_path / "setup-ran"
+    sdist = envs.settings.local_index() + "/sdistonly-1.0.tar.gz"
+    with tarfile.open(sdist, "w:gz") as archive:
+        for name, text in {
+                "sdistonly-1.0/PKG-INFO": "Metadata-Version: 2.1\nName: sdistonly\nVersion: 1.0\n",
+                "sdistonly-1.0/setup.py": f"open({str(marker)!r}, 'w').write('ran')\n"}.items():
+            data = text.encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    with pytest.raises(InstanceFailed, match="resolving the environment failed") as info:
+        await envs.resolve(Dependencies(("sdistonly==1.0",), PY, "r"), lambda _l: None)
+    assert "sdistonly" in info.value.message and "wheel" in info.value.message
+    assert not marker.exists()  # its setup.py never ran
