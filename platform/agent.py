@@ -198,7 +198,7 @@ class Agent:
         env = await self.environments.for_snapshot(
             snapshot_environment(manifest), f"{spec.tenant}/{spec.name}",
             self._env_progress(spec, source))
-        return await asyncio.to_thread(self.environments.python_env, env)
+        return self.environments.python_env(env)
 
     # ---- instances -------------------------------------------------------------------
 
@@ -301,7 +301,7 @@ class Agent:
         check_image(spec, self.runtime.capabilities)
         env = await self.environments.for_bundle(bundle, inst.function,
                                                  self._env_progress(spec, inst.id), spec.image)
-        python_env = await asyncio.to_thread(self.environments.python_env, env)
+        python_env = self.environments.python_env(env)
         self.environments.hold(inst.id, env)
         grant = (SliceGrant(inst.slice_id, inst.slice_device, inst.slice_bytes)
                  if inst.slice_id else None)
@@ -352,7 +352,7 @@ class Agent:
             snapshot_environment(manifest), inst.function, self._env_progress(spec, inst.id))
         check_fingerprint(manifest, image_fingerprint(
             environment_fingerprint(self.fingerprint, env), spec, manifest))
-        python_env = await asyncio.to_thread(self.environments.python_env, env)
+        python_env = self.environments.python_env(env)
         self.environments.hold(inst.id, env)
         await self.chunks.ensure(manifest, peers)
         sl = self._slices.get(inst.id)

@@ -116,7 +116,7 @@ class Builds:
             progress = functools.partial(self.logs.append, name, build_id, RUNTIME)
             try:
                 env = await self.environments.for_bundle(bundle, name, progress, spec.image)
-                python_env = await asyncio.to_thread(self.environments.python_env, env)
+                python_env = self.environments.python_env(env)
             except ThawError as exc:
                 return build_failed("environment", exc)
             self.environments.hold(build_id, env)

@@ -101,6 +101,8 @@ class Environment:
     source: str
     packages: int
     size_bytes: int
+    base_prefix: str = ""
+    """The Python installation it was made from (its pyvenv.cfg's home, less bin/)."""
 
 
 @dataclass(frozen=True)
@@ -129,6 +131,11 @@ class Environments:
         """Environment key -> functions (tenant/name) that used it since the agent
         started."""
         self._runtime_path: str | None = None
+        self._known: dict[str, Environment] = {}
+        """Environments found or built since the agent started: a restore in one
+        touches no disk."""
+        self._last_used: dict[str, float] = {}
+        self.runtime_path()  # made now, at the agent's start: no launch waits for it
 
     # ---- resolving -----------------------------------------------------------------
 
@@ -160,18 +167,25 @@ class Environments:
     # ---- building ------------------------------------------------------------------
 
     async def ensure(self, lock: str, python: str, progress: Progress, *,
-                     source: str = "", function: str = "") -> Environment:
+                     source: str = "", function: str = "",
+                     say_cached: bool = True) -> Environment:
         """The environment of `lock` for Python `python` (major.minor, or the full
         version a manifest recorded), built if this node has none; concurrent callers
-        for one key build it once."""
+        for one key build it once. `say_cached`: a found one is a progress line too."""
         want = ".".join(python.split(".")[:2])
         key = environment_key(lock, want, self.platform)
-        async with self._building.setdefault(key, asyncio.Lock()):
-            found = await asyncio.to_thread(self.get, key)
-            if found is not None:
-                progress(f"environment {key[:12]} cached")
-            else:
-                found = await self._build(key, lock, want, source, progress)
+        found = self._known.get(key)
+        if found is None:
+            async with self._building.setdefault(key, asyncio.Lock()):
+                found = await asyncio.to_thread(self.get, key)
+                if found is None:
+                    found = await self._build(key, lock, want, source, progress)
+                    say_cached = False
+                self._known[key] = found
+                # The last-used marker survives the agent; later uses are in memory.
+                await asyncio.to_thread(self._mark_used, key)
+        if say_cached:
+            progress(f"environment {key[:12]} cached")
         self.touch(key, function)
         return found
 
@@ -197,7 +211,8 @@ class Environments:
             os.replace(staging / LOCK_FILE, env_dir / LOCK_FILE)
             env = Environment(key=key, path=self.root / key, python=_venv_version(env_dir),
                               platform=self.platform, lock=lock, source=source,
-                              packages=len(pins), size_bytes=size)
+                              packages=len(pins), size_bytes=size,
+                              base_prefix=_venv_base_prefix(env_dir))
             (env_dir / RECORD).write_text(json.dumps(_record(env)))
             await asyncio.to_thread(_seal, env_dir)
             os.replace(env_dir, self.root / key)
@@ -251,14 +266,15 @@ class Environments:
                                platform=record["platform"], lock=record["lock"],
                                source=record.get("source", ""),
                                packages=int(record["packages"]),
-                               size_bytes=int(record["size_bytes"]))
+                               size_bytes=int(record["size_bytes"]),
+                               base_prefix=_venv_base_prefix(self.root / key))
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
     def python_env(self, env: Environment) -> PythonEnv:
-        """How a launch runs in `env` (blocking the first time: the runtime's copy)."""
+        """How a launch runs in `env` (no disk access)."""
         runtime = self.runtime_path()
-        paths = (str(env.path), _venv_base_prefix(env.path), runtime)
+        paths = (str(env.path), env.base_prefix, runtime)
         return PythonEnv(key=env.key, python=str(env.path / "bin" / "python"),
                          paths=tuple(p for p in paths if p), runtime_path=runtime)
 
@@ -284,6 +300,9 @@ class Environments:
         """Note that `function` uses environment `key` now (`thaw env ls`)."""
         if function:
             self.users.setdefault(key, set()).add(function)
+        self._last_used[key] = time.time()
+
+    def _mark_used(self, key: str) -> None:
         with contextlib.suppress(OSError):
             (self.root / ".used" / key).touch()
 
@@ -299,6 +318,7 @@ class Environments:
                 used = (self.root / ".used" / env.key).stat().st_mtime
             except OSError:
                 used = 0.0
+            used = max(used, self._last_used.get(env.key, 0.0))
             found.append(ListedEnvironment(env, tuple(sorted(self.users.get(env.key, ()))),
                                            used))
         return found
@@ -325,6 +345,8 @@ class Environments:
             with contextlib.suppress(OSError):
                 (self.root / ".used" / name).unlink()
             self.users.pop(name, None)
+            self._known.pop(name, None)
+            self._last_used.pop(name, None)
             removed[name] = env.size_bytes if env is not None else 0
         if removed:
             log.info("environments collected", keys=sorted(removed))

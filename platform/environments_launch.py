@@ -61,8 +61,10 @@ class LaunchEnvironments:
         node lacks it; None for a snapshot of the base environment."""
         if recorded is None or not recorded.key:
             return None
+        # A restore says nothing of an environment it finds: only of one it builds.
         env = await self._required().ensure(recorded.lock, recorded.python, progress,
-                                            source=recorded.source, function=function)
+                                            source=recorded.source, function=function,
+                                            say_cached=False)
         if env.key != recorded.key:
             raise InstanceFailed(f"the snapshot's lock names environment "
                                  f"{recorded.key}, this node builds it as {env.key} (another "
@@ -78,6 +80,7 @@ class LaunchEnvironments:
         self.in_use.pop(owner, None)
 
     def python_env(self, env: Environment | None) -> PythonEnv | None:
+        """How a launch runs in `env` (None: the base environment); no disk access."""
         if env is None or self.environments is None:
             return None
         return self.environments.python_env(env)
