@@ -232,14 +232,17 @@ class Environments:
     async def _run(self, args: list[str], work: Path, what: str) -> None:
         """uv with `args`, sandboxed under the builder uid; InstanceFailed carrying the
         tail of its output when it fails."""
-        uv = shutil.which("uv", path=os.path.dirname(sys.executable)) or "uv"
+        uv = uv_program()
         cache = self.root / ".uv-cache"
         uid = self.settings.builder_uid
         await asyncio.to_thread(_owned_folder, cache, uid)
         local = self.settings.local_index()
+        # The sandbox sees the system's and the agent's Python folders; uv may be
+        # elsewhere (a user's installation), so its folder is bound too.
+        read_only = (os.path.dirname(os.path.realpath(uv)), *((local,) if local else ()))
         tool = ToolRun(
             argv=(uv, *args, "--no-config", "--quiet"), uid=uid,
-            writable=(str(work), str(cache)), read_only=(local,) if local else (),
+            writable=(str(work), str(cache)), read_only=read_only,
             network="none" if local else "egress",
             env={"UV_CACHE_DIR": str(cache), "UV_NO_PROGRESS": "1", "HOME": "/tmp",
                  "UV_PYTHON_DOWNLOADS": "never"},
@@ -351,6 +354,20 @@ class Environments:
         if removed:
             log.info("environments collected", keys=sorted(removed))
         return removed
+
+
+def uv_program() -> str:
+    """The uv binary installed with thaw (the `uv` package), else the one on PATH."""
+    try:
+        from uv import find_uv_bin
+
+        return str(find_uv_bin())
+    except (ImportError, FileNotFoundError):
+        found = shutil.which("uv")
+        if found is None:
+            raise InstanceFailed("uv is not installed on this node: per-function "
+                                 "environments are built with it") from None
+        return found
 
 
 def _record(env: Environment) -> dict[str, object]:
