@@ -22,6 +22,7 @@ from thaw.gateway import (
     audit,
     dashboard,
     environments,
+    images,
     logs,
     priority,
     secrets,
@@ -59,6 +60,7 @@ FEATURES: tuple[Feature, ...] = (
     spec_schema,
     secrets,
     volumes,
+    images,
 )
 
 
