@@ -37,6 +37,7 @@ from thaw.platform.cuda.api import DEFAULT_MPS_PIPE_DIRECTORY
 from thaw.platform.dataplane import DataPlane
 from thaw.platform.device_setup import open_devices
 from thaw.platform.devices import shm_root
+from thaw.platform.environments_launch import default_environments, environment_settings
 from thaw.platform.process import ProcessRuntime
 from thaw.platform.runtime import Runtime
 from thaw.platform.sandbox.areas import parse_uid_range
@@ -176,11 +177,15 @@ class AgentServer:
         # Instances may run another Python than the agent (docker images): restores
         # are checked against the instances' environment.
         fingerprint = {**local_fingerprint(devices), **runtime.fingerprint()}
+        uid_range = parse_uid_range(cfg.sandbox_uids)
+        # Per-function Python environments, made as the env_* settings say.
+        environments = default_environments(home, runtime, uid_range,
+                                            environment_settings(cfg, uid_range))
         self.agent = Agent(node_id=self.node_id, home=home, run_dir=shm / "run",
                            devices=devices, runtime=runtime, fingerprint=fingerprint,
                            snapshots=snapshots, fetch_bundle=self._fetch_bundle,
                            start_timeout=cfg.start_timeout, activation=activation,
-                           uid_range=parse_uid_range(cfg.sandbox_uids), tls=tls)
+                           uid_range=uid_range, tls=tls, environments=environments)
         self.agent.volumes = self.agent.builds.volumes = NodeVolumes(
             home / "volumes", blob_fetcher(self._channel))
 
