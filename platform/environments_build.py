@@ -328,8 +328,8 @@ class Environments:
 
     def collect(self, keep: set[str]) -> dict[str, int]:
         """Remove every environment whose key is not in `keep` (those in use) and not
-        being built, and what failed builds left; returns the keys removed and the
-        bytes each held (blocking)."""
+        being built, what failed builds left and uv's download cache; returns the keys
+        removed and the bytes each held (blocking)."""
         building = any(lock.locked() for lock in self._building.values())
         removed: dict[str, int] = {}
         for path in list(self.root.iterdir()):
@@ -351,6 +351,10 @@ class Environments:
             self._known.pop(name, None)
             self._last_used.pop(name, None)
             removed[name] = env.size_bytes if env is not None else 0
+        if not building:
+            # uv's download cache only speeds up builds (environments hold copies):
+            # without one running, it goes too, so it never grows without bound.
+            _remove(self.root / ".uv-cache")
         if removed:
             log.info("environments collected", keys=sorted(removed))
         return removed

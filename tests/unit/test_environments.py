@@ -228,7 +228,9 @@ async def test_collection_removes_only_environments_not_in_use(tmp_path: Path) -
         Dependencies(("attrs==0.0.1",), PY, "r"), lambda _l: None), PY, lambda _l: None)
     new = await envs.ensure(await envs.resolve(
         Dependencies(("attrs==0.0.2",), PY, "r"), lambda _l: None), PY, lambda _l: None)
+    assert (envs.root / ".uv-cache").is_dir()
     assert envs.collect({new.key}) == {old.key: old.size_bytes}
+    assert not (envs.root / ".uv-cache").exists()  # rebuilt on the next build
     assert not old.path.exists() and new.path.is_dir()
     assert envs.get(new.key) is not None and envs.get(old.key) is None
 
