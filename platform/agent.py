@@ -463,6 +463,8 @@ class Agent:
             await self.runtime.stop(inst.process or ProcessHandle(inst.pid), reason)
         self._slices.pop(inst.id, None)
         self.environments.release(inst.id)
+        if self.volumes is not None:
+            self.volumes.release(inst.id)
         if inst.slice_id:
             # A GPU release zeroes the slice and waits for it: off the event loop.
             try:

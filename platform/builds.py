@@ -158,6 +158,8 @@ class Builds:
                                                    stored_bytes=stored)
         finally:
             self.environments.release(build_id)
+            if self.volumes is not None:
+                self.volumes.release(build_id)
             await self.logs.unwatch_in_thread(build_id)
             await asyncio.to_thread(remove_quietly, out)
             await asyncio.to_thread(remove_quietly, sealed)

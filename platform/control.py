@@ -13,6 +13,7 @@ from thaw.platform.agent import Agent
 from thaw.platform.gc import CHUNKS, Freed, GcPolicy, InFlight, NodeCollector, build_key
 from thaw.platform.peers import read_chunks
 from thaw.platform.snapshot_passes import CountingSource, progress_for, report, verify_chunks
+from thaw.platform.volumes import VOLUMES
 from thaw.proto import agent_pb2, agent_pb2_grpc
 
 
@@ -105,6 +106,9 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             freed += await self.collector.collect(GcPolicy(
                 keep_bundles=frozenset(request.keep_bundles),
                 log_max_age=max(0.0, request.log_max_age_seconds)))
+            if self.agent.volumes is not None:
+                # Materialised volumes no instance holds, idle past the hour.
+                freed.append(Freed(VOLUMES, *await self.agent.volumes.collect()))
         return agent_pb2.CollectGarbageResponse(
             removed_chunks=removed, freed_bytes=sum(f.bytes for f in freed),
             freed=[agent_pb2.GarbageFreed(kind=f.kind, items=f.items, bytes=f.bytes)

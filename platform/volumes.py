@@ -14,11 +14,13 @@ anything it did not upload itself.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -36,7 +38,11 @@ log = structlog.get_logger()
 
 # Fetches of one chunk before it is refused as damaged (the first answer and one more).
 FETCH_ATTEMPTS = 2
+# A materialised manifest no instance holds is kept this long for the next start.
+IDLE_SECONDS = 3600.0
 EMPTY = "empty"
+# The kind a node's garbage collection reports for them (GarbageFreed.kind).
+VOLUMES = "volumes"
 _HEX = frozenset("0123456789abcdef")
 
 FetchBlob = Callable[[str, str], Awaitable[bytes]]
@@ -84,6 +90,10 @@ class NodeVolumes:
         self._making: dict[str, asyncio.Lock] = {}
         self.fetched = 0
         """Chunks fetched since start (refetches included)."""
+        self.holders: dict[str, set[str]] = {}
+        """Instance or build id -> the manifest folders it has mounted."""
+        self.last_used: dict[str, float] = {}
+        """Manifest folder name -> when its last holder let go (monotonic time)."""
 
     def folder(self, digest: str) -> Path:
         return self.root / (digest or EMPTY)
@@ -113,6 +123,7 @@ class NodeVolumes:
             except BaseException:
                 await asyncio.to_thread(_remove, staging)
                 raise
+            self.last_used[target.name] = time.monotonic()
             log.info("volume materialised", manifest=digest[:12], tenant=tenant)
         return target
 
@@ -157,7 +168,42 @@ class NodeVolumes:
                 raise InstanceFailed(f"volume {volume.name} at {volume.path}: "
                                      f"{exc.message}") from exc
             mounts.append((str(folder), volume.path))
+        self.holders.setdefault(launch.instance_id, set()).update(
+            Path(host).name for host, _inside in mounts)
         return dataclasses.replace(launch, volumes=tuple(mounts))
+
+    def release(self, holder: str) -> None:
+        """The instance or build `holder` ended: its folders may be collected later."""
+        now = time.monotonic()
+        for name in self.holders.pop(holder, ()):
+            self.last_used[name] = now
+
+    async def collect(self, idle_seconds: float = IDLE_SECONDS) -> tuple[int, int]:
+        """Remove the materialised folders no live instance or build holds and none
+        has used for `idle_seconds` (a later start fetches them again); (folders,
+        bytes) freed. Staging folders left by a crash go too."""
+        held = {name for names in self.holders.values() for name in names}
+        now = time.monotonic()
+        chosen = []
+        for entry in await asyncio.to_thread(_entries, self.root):
+            name = entry.name
+            if name.startswith("."):
+                making = name[1:].split("-", 1)[0]
+                if not self._making.get(making, asyncio.Lock()).locked():
+                    chosen.append(entry)
+            elif name not in self.last_used:
+                # First seen (made before this agent started): its idle time starts now.
+                self.last_used[name] = now
+            elif name not in held and now - self.last_used[name] > idle_seconds \
+                    and not self._making.get(name, asyncio.Lock()).locked():
+                chosen.append(entry)
+        freed = 0
+        for entry in chosen:
+            freed += await asyncio.to_thread(_remove, entry)
+            self.last_used.pop(entry.name, None)
+        if chosen:
+            log.info("volumes collected", folders=len(chosen), bytes=freed)
+        return len(chosen), freed
 
 
 def _seal(root: Path) -> None:
@@ -168,12 +214,25 @@ def _seal(root: Path) -> None:
             os.chmod(folder, 0o555)
 
 
-def _remove(path: Path) -> None:
+def _entries(root: Path) -> list[Path]:
+    try:
+        return sorted(p for p in root.iterdir() if p.is_dir())
+    except FileNotFoundError:
+        return []
+
+
+def _remove(path: Path) -> int:
+    """Delete a (sealed) folder; the bytes its files held."""
     if not path.exists():
-        return
-    for folder, _dirs, _files in os.walk(path):
+        return 0
+    freed = 0
+    for folder, _dirs, files in os.walk(path):
         os.chmod(folder, 0o755)
+        for name in files:
+            with contextlib.suppress(OSError):
+                freed += os.lstat(os.path.join(folder, name)).st_size
     shutil.rmtree(path, ignore_errors=True)
+    return freed
 
 
 async def with_volumes(volumes: NodeVolumes | None, launch: LaunchSpec,

@@ -165,3 +165,37 @@ def test_the_client_chunker_and_paths(tmp_path: Path) -> None:
     (tmp_path / "d" / "sub" / "f.bin").write_bytes(os.urandom(10_000))
     with pytest.raises(ThawError, match="changed"):
         pieces[0].read()
+
+
+def test_idle_folders_are_collected_and_held_ones_kept(tmp_path: Path) -> None:
+    sched = FakeScheduler()
+    one = sched.manifest({"a.bin": b"one"})
+    two = sched.manifest({"b.bin": b"two!"})
+    volumes = NodeVolumes(tmp_path / "v", sched.fetch)
+    launch = LaunchSpec(mode=LaunchMode.FRESH, bundle="/b", handler="a:B",
+                        log_path="/l", instance_id="inst-1")
+    sandboxed = RuntimeCapabilities(uid_per_tenant=True)
+
+    def spec(digest: str) -> agent_pb2.FunctionSpec:
+        return agent_pb2.FunctionSpec(tenant="acme", volumes=[
+            agent_pb2.VolumeMount(path="/m", name="v", manifest_digest=digest)])
+
+    asyncio.run(with_volumes(volumes, launch, spec(one), sandboxed))
+    asyncio.run(with_volumes(volumes, replace(launch, instance_id="inst-2"), spec(two),
+                             sandboxed))
+    (tmp_path / "v" / ".left-by-a-crash").mkdir()
+    volumes.release("inst-2")
+    # Held by inst-1: kept; let go by inst-2 but not yet idle: kept; the crash's
+    # staging folder: removed.
+    assert asyncio.run(volumes.collect(idle_seconds=3600)) == (1, 0)
+    assert (tmp_path / "v" / one).is_dir() and (tmp_path / "v" / two).is_dir()
+    assert asyncio.run(volumes.collect(idle_seconds=0)) == (1, 4)
+    assert (tmp_path / "v" / one).is_dir() and not (tmp_path / "v" / two).exists()
+    volumes.release("inst-1")
+    assert asyncio.run(volumes.collect(idle_seconds=0)) == (1, 3)
+    assert not any((tmp_path / "v").iterdir())
+    # A folder made before this agent started is kept for one idle period first.
+    again = NodeVolumes(tmp_path / "v", sched.fetch)
+    asyncio.run(volumes.ensure("acme", one))
+    assert asyncio.run(again.collect(idle_seconds=0)) == (0, 0)
+    assert asyncio.run(again.collect(idle_seconds=0)) == (1, 3)
