@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from tests.conftest import RunningPlatform
+from tests.gateway.tenancy_helpers import new_tenant
 from tests.ops.test_cli import cli_env, thaw
 from thaw.core.bundle import MAX_BUNDLE_BYTES, limits_for
 from thaw.core.errors import ThawError
@@ -219,3 +220,27 @@ def test_storage_routes_need_their_scopes(platform: RunningPlatform) -> None:
     assert anonymous.status_code == 401
     usage = platform.http.get("/v1/storage").json()
     assert usage["max_storage_bytes"] > 0 and usage["stored_bytes"] >= 0
+
+
+def test_storage_is_per_tenant_and_bounded_by_its_quota(platform: RunningPlatform) -> None:
+    tenant = new_tenant(platform)
+    first, second = b"a" * 1000, b"b" * 1000
+    digests = [hashlib.sha256(d).hexdigest() for d in (first, second)]
+    # The operator's tenant stores the first chunk; the new tenant still lacks it.
+    assert platform.http.put(f"/v1/blobs/{digests[0]}", content=first).status_code in (
+        200, 201)
+    missing = tenant.http.post("/v1/blobs/missing", json={"digests": digests}).json()
+    assert missing["missing"] == digests
+    quota = platform.http.put(f"/v1/tenants/{tenant.tenant}/storage-quota",
+                              json={"max_storage_bytes": 1500})
+    assert quota.status_code == 200 and quota.json()["max_storage_bytes"] == 1500
+    assert tenant.http.put(f"/v1/blobs/{digests[0]}", content=first).status_code == 201
+    refused = tenant.http.put(f"/v1/blobs/{digests[1]}", content=second)
+    assert refused.status_code == 507, refused.text
+    assert refused.json()["error"]["field"] == "max_storage_bytes"
+    assert "max_storage_bytes" in refused.json()["error"]["message"]
+    assert tenant.http.get("/v1/storage").json()["stored_bytes"] == 1000
+    # Only the operator sets quotas.
+    assert tenant.http.put(f"/v1/tenants/{tenant.tenant}/storage-quota",
+                           json={}).status_code == 403
+    tenant.http.close()
