@@ -75,7 +75,7 @@ from thaw.bench.soak_watch import (
     settle,
 )
 from thaw.core.http1 import IDLE_SECONDS, SWEEP_SECONDS
-from thaw.core.spec import pack_bundle, parse_spec
+from thaw.core.spec import FunctionSpec, pack_bundle, parse_spec
 
 SUM_APP = '''
 class Sum:
@@ -87,6 +87,7 @@ name = "soak-sum"
 handler = "app:Sum"
 
 [scaling]
+min_instances = 1
 max_instances = 1
 target_concurrency = 16
 max_concurrency = 32
@@ -102,6 +103,13 @@ WARMUP_MAX_FRACTION = 0.5
 # After each part, the time for the services' kept connections (gateway to node, agent
 # to instance) to pass the node client's idle limit and be swept, plus a second.
 POOL_DRAIN_S = IDLE_SECONDS + SWEEP_SECONDS + 1.0
+# The platform at rest: each valid function back to its min_instances, which it reaches
+# within its scaledown_window of its last call; waited for at most that window plus
+# REST_MARGIN_S (the scheduler's scale-down pass), polled every REST_POLL_S.
+REST_MARGIN_S = 30.0
+REST_POLL_S = 1.0
+# A function that takes longer to scale down is reported not at rest (`at_rest`).
+REST_LONGEST_S = 180.0
 # Then the longest wait for the services' descriptor counts to hold still: QUIET_SAMPLES
 # samples half a second apart with the same counts.
 SETTLE_S = 15.0
@@ -268,11 +276,48 @@ class SoakSettings:
         return max(0.0, min(wanted, WARMUP_MAX_FRACTION * self.duration))
 
 
-async def _quiet(watch: Watch, drain: float) -> float:
-    """Wait `drain` seconds, then until the services' descriptor counts hold still (at
-    most SETTLE_S); the seconds waited."""
+Listing = dict[str, dict[str, Any]] | None
+"""The platform's functions: name -> state and warm instances (None: no answer)."""
+
+
+@dataclass(frozen=True)
+class Rest:
+    """The platform at rest: each valid function (name -> min_instances) with no more
+    warm instances than its floor. Reached within `longest` seconds of the last call
+    (the longest scaledown_window and the scale-down pass); an instance more or less
+    holds descriptors of its own (its process's pidfd, connections), so the two quiet
+    points are compared at rest."""
+
+    floors: dict[str, int]
+    longest: float
+    functions: Callable[[], Listing]
+
+    def holds(self, listed: Listing) -> bool:
+        return listed is not None and all(
+            name in listed and listed[name]["warm_instances"] <= floor
+            for name, floor in self.floors.items())
+
+
+def _rest_within(specs: tuple[FunctionSpec, ...]) -> float:
+    """Seconds after the last call by which every function that can scale down has."""
+    windows = [spec.scaling.scaledown_window for spec in specs
+               if spec.scaling.min_instances < spec.scaling.max_instances]
+    return min(REST_LONGEST_S, max(windows, default=0.0) + REST_MARGIN_S)
+
+
+async def _quiet(watch: Watch, drain: float, rest: Rest) -> tuple[float, bool, Listing]:
+    """Wait `drain` seconds and until the platform is at rest (at most `rest.longest`
+    from the start), then until the services' descriptor counts hold still (at most
+    SETTLE_S more); the seconds waited, whether it was at rest, and its functions."""
+    loop = asyncio.get_running_loop()
+    began = loop.time()
     await asyncio.sleep(drain)
-    return drain + await settle(watch, _Quiet(), SETTLE_S)
+    listed = await asyncio.to_thread(rest.functions)
+    while not rest.holds(listed) and loop.time() - began < rest.longest:
+        await asyncio.sleep(REST_POLL_S)
+        listed = await asyncio.to_thread(rest.functions)
+    await settle(watch, _Quiet(), SETTLE_S)
+    return loop.time() - began, rest.holds(listed), listed
 
 
 async def _phase(target: Target, settings: SoakSettings, seconds: float,
@@ -303,16 +348,16 @@ async def _phase(target: Target, settings: SoakSettings, seconds: float,
 
 
 async def _soak(target: Target, settings: SoakSettings, watch: Watch, tally: _Tally,
-                functions: Callable[[], dict[str, Any] | None]) -> dict[str, float]:
+                rest: Rest) -> dict[str, float]:
     loop = asyncio.get_running_loop()
     warmup = settings.warmup_seconds()
     watch.ready = await asyncio.to_thread(watch.take, True)
     watch.heap_ready = await asyncio.to_thread(watch.probe)
     warmed = await _phase(target, settings, warmup, tally) if warmup else 0.0
-    quiet = await _quiet(watch, settings.drain)
+    quiet, watch.at_rest["start"], watch.functions["start"] = await _quiet(
+        watch, settings.drain, rest)
     watch.start = await asyncio.to_thread(watch.take, True)
     watch.heap_start = await asyncio.to_thread(watch.probe)
-    watch.functions["start"] = await asyncio.to_thread(functions)
     measured = settings.duration - warmup
     stop = asyncio.Event()
     sampler = asyncio.create_task(_sampling(watch, stop, loop.time() + measured / 2))
@@ -321,10 +366,10 @@ async def _soak(target: Target, settings: SoakSettings, watch: Watch, tally: _Ta
     finally:
         stop.set()
         await sampler
-    settled = await _quiet(watch, settings.drain)
+    settled, watch.at_rest["end"], watch.functions["end"] = await _quiet(
+        watch, settings.drain, rest)
     watch.end = await asyncio.to_thread(watch.take, True)
     watch.heap_end = await asyncio.to_thread(watch.probe)
-    watch.functions["end"] = await asyncio.to_thread(functions)
     return {"warmup_elapsed_s": warmed, "quiet_s": quiet, "elapsed_s": elapsed,
             "settle_s": settled}
 
@@ -390,7 +435,8 @@ def report(settings: SoakSettings, times: dict[str, float], tally: _Tally, watch
         "warmup_elapsed_s": round(times["warmup_elapsed_s"], 2),
         "quiet_s": round(times["quiet_s"], 2),
         "measured_elapsed_s": round(times["elapsed_s"], 2),
-        "elapsed_s": round(times["warmup_elapsed_s"] + times["elapsed_s"], 2),
+        "elapsed_s": round(round(times["warmup_elapsed_s"], 2)
+                           + round(times["elapsed_s"], 2), 2),
         "settle_s": round(times["settle_s"], 2),
         "concurrency": settings.concurrency,
         "slow_connections": settings.slow,
@@ -406,6 +452,7 @@ def report(settings: SoakSettings, times: dict[str, float], tally: _Tally, watch
         "services": services,
         "functions_at": {"start": watch.functions.get("start"),
                          "end": watch.functions.get("end")},
+        "at_rest": {"start": watch.at_rest.get("start"), "end": watch.at_rest.get("end")},
         "goals": {
             "valid_no_5xx": {"ok": valid_5xx == 0 and valid_dropped == 0 and wrong == 0,
                              "5xx": valid_5xx, "dropped": valid_dropped,
@@ -460,7 +507,9 @@ def run_soak_bench(echo: str = "examples/echo", settings: SoakSettings | None = 
     services answer the heap probe (bench/soak_probe.py)."""
     settings = settings or SoakSettings()
     echo_dir = Path(echo).resolve()
-    echo_name = parse_spec((echo_dir / "thaw.toml").read_text()).name
+    echo_spec = parse_spec((echo_dir / "thaw.toml").read_text())
+    specs = (echo_spec, parse_spec(SUM_TOML))
+    echo_name = echo_spec.name
     with tempfile.TemporaryDirectory(prefix="thaw-soak-") as tmp:
         sum_dir = Path(tmp) / "sum"
         sum_dir.mkdir()
@@ -485,8 +534,9 @@ def run_soak_bench(echo: str = "examples/echo", settings: SoakSettings | None = 
                             source=BAD_SOURCE if host == "127.0.0.1" else None)
             watch = Watch(sampler, {name: proc.pid for name, proc in local.procs}, answers)
             tally = _Tally()
-            times = asyncio.run(_soak(target, settings, watch, tally,
-                                      lambda: _functions(local)))
+            rest = Rest({spec.name: spec.scaling.min_instances for spec in specs},
+                        _rest_within(specs), lambda: _functions(local))
+            times = asyncio.run(_soak(target, settings, watch, tally, rest))
             alive = {name: proc.poll() is None for name, proc in local.procs}
             functions = _functions(local)
         finally:

@@ -171,8 +171,9 @@ class Watch:
     heap_start: dict[str, dict[str, Any]] = field(default_factory=dict)
     heap_end: dict[str, dict[str, Any]] = field(default_factory=dict)
     functions: dict[str, Any] = field(default_factory=dict)
-    """The platform's functions (state, warm instances) at `start` and at `end`: an
-    instance more or less holds descriptors (its pidfd, its connections) of its own."""
+    """The platform's functions (state, warm instances) at `start` and at `end`."""
+    at_rest: dict[str, bool] = field(default_factory=dict)
+    """Whether the platform was at rest (soak.Rest) at `start` and at `end`."""
 
     def take(self, describe: bool = False) -> dict[str, Sample]:
         taken = {}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import socket
 from collections import Counter
 from collections.abc import Iterator
@@ -35,6 +36,7 @@ from thaw.bench.soak_watch import (
     list_fds,
     sample_process,
 )
+from thaw.core.spec import parse_spec
 from thaw.ops.bench import bench
 from thaw.ops.services import LocalPlatform
 
@@ -62,15 +64,23 @@ class RecordedPlatform(LocalPlatform):
 
 
 @pytest.fixture(scope="module")
-def soak_run() -> Iterator[tuple[dict[str, object], RecordingSampler, dict[str, int]]]:
+def soak_run(tmp_path_factory: pytest.TempPathFactory
+             ) -> Iterator[tuple[dict[str, object], RecordingSampler, dict[str, int]]]:
     made: list[RecordedPlatform] = []
+    # The echo example, scaled down after a second idle: the quiet points wait for it.
+    echo = tmp_path_factory.mktemp("soak") / "echo"
+    shutil.copytree(REPO / "examples" / "echo", echo)
+    toml = (echo / "thaw.toml").read_text()
+    assert 'scaledown_window = "60s"' in toml
+    (echo / "thaw.toml").write_text(toml.replace('scaledown_window = "60s"',
+                                                 'scaledown_window = "1s"'))
 
     def factory(home: Path, host_devices: str) -> RecordedPlatform:
         made.append(RecordedPlatform(home, gateway_port=0, host_devices=host_devices))
         return made[-1]
 
     sampler = RecordingSampler()
-    out = run_soak_bench(str(REPO / "examples" / "echo"),
+    out = run_soak_bench(str(echo),
                          SoakSettings(duration=2.0, concurrency=2, slow=1, slow_hold=1.0,
                                       warmup=1.0, drain=0.0),
                          platform=factory, sampler=sampler)
@@ -102,7 +112,10 @@ def test_soak_counts_add_up_and_cover_every_bad_input(soak_run: tuple) -> None: 
     assert out["concurrency"] == 2 and out["slow_connections"] == 1
     functions = out["functions"]
     assert functions["echo"]["state"] == functions["soak-sum"]["state"] == "ready"
-    assert functions["echo"]["warm_instances"] >= 1
+    # Listed after the end's quiet point, at rest: echo (scaled down after a second
+    # idle) at its floor of none, soak-sum (min_instances = 1) warm.
+    assert functions["echo"]["warm_instances"] == 0
+    assert functions["soak-sum"]["warm_instances"] == 1
 
 
 def test_soak_reports_the_figures_it_sampled(soak_run: tuple) -> None:  # type: ignore[type-arg]
@@ -156,9 +169,12 @@ def test_soak_reports_the_figures_it_sampled(soak_run: tuple) -> None:  # type: 
         assert all(n > 0 for n in heap["warmup_types_grown"].values())
     # The functions at both quiet points, as the API lists them (an instance more holds
     # descriptors of its own).
+    # Both at rest: echo scaled down to none, soak-sum at its one.
+    assert out["at_rest"] == {"start": True, "end": True}
     for point in ("start", "end"):
-        assert set(out["functions_at"][point]) == {"echo", "soak-sum"}
-        assert out["functions_at"][point]["echo"]["state"] == "ready"
+        assert out["functions_at"][point] == {
+            "echo": {"state": "ready", "warm_instances": 0},
+            "soak-sum": {"state": "ready", "warm_instances": 1}}
     assert out["warmup_seconds"] == 1.0
     assert out["warmup_elapsed_s"] >= 1.0 and out["measured_elapsed_s"] >= 1.0
     assert out["elapsed_s"] == round(out["warmup_elapsed_s"] + out["measured_elapsed_s"], 2)
@@ -393,3 +409,18 @@ def test_heap_figures_count_what_the_collector_tracks() -> None:
     assert isinstance(figures["allocated_blocks"], int) and figures["allocated_blocks"] > 0
     in_use = figures["malloc_in_use_bytes"]
     assert in_use is None or (isinstance(in_use, int) and in_use > 0)
+
+
+def test_the_platform_is_at_rest_with_each_function_at_its_floor() -> None:
+    rest = soak.Rest({"echo": 0, "soak-sum": 1}, 90.0, lambda: None)
+    assert rest.holds({"echo": {"warm_instances": 0}, "soak-sum": {"warm_instances": 1},
+                       "other": {"warm_instances": 5}})
+    assert not rest.holds({"echo": {"warm_instances": 1}, "soak-sum": {"warm_instances": 1}})
+    assert not rest.holds({"soak-sum": {"warm_instances": 0}})  # echo not listed
+    assert not rest.holds(None)  # no answer
+    echo = parse_spec('name = "echo"\nhandler = "a:B"\n[scaling]\nscaledown_window = "60s"\n')
+    pinned = parse_spec(soak.SUM_TOML)  # min_instances = max_instances: never scales down
+    assert soak._rest_within((echo, pinned)) == 60.0 + soak.REST_MARGIN_S
+    assert soak._rest_within((pinned,)) == soak.REST_MARGIN_S
+    slow = parse_spec('name = "s"\nhandler = "a:B"\n[scaling]\nscaledown_window = "3600s"\n')
+    assert soak._rest_within((slow,)) == soak.REST_LONGEST_S
