@@ -18,15 +18,16 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import BigInteger, Float, Integer, String, select
+from sqlalchemy import BigInteger, Float, Integer, String, or_, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from thaw.core.errors import AlreadyExists, InvalidArgument, NotFound
 from thaw.core.spec import NAME_PATTERN, FunctionSpec
 from thaw.proto import agent_pb2
 from thaw.scheduler.blobs import Blobs, check_digest
-from thaw.scheduler.models import Base
-from thaw.scheduler.store import Store
+from thaw.scheduler.models import Base, Function, FunctionVersion
+from thaw.scheduler.states import FunctionState, VersionState
+from thaw.scheduler.store import Store, spec_from_json
 from thaw.scheduler.tenancy import check_tenant_id
 
 MAX_VOLUME_FILES = 100_000
@@ -228,8 +229,7 @@ class Volumes:
         """Remove a volume no function mounts (409 naming one that does), and the
         chunks of the tenant no other volume names (past the upload grace)."""
         volume = self.get(tenant, name)
-        users = sorted(fn.name for fn in self.store.list_functions(tenant)
-                       if name in mounts_of(fn.spec))
+        users = mounted_by(self.store, tenant, name)
         if users:
             raise AlreadyExists(f"volume {name} is mounted by function {users[0]}"
                                 + (f" and {len(users) - 1} more" if len(users) > 1 else "")
@@ -250,6 +250,22 @@ class Volumes:
         self.blobs.forget(tenant, self.blobs.unreferenced(
             tenant, keep, time.time() - UPLOAD_GRACE_SECONDS))
         return volume
+
+
+def mounted_by(store: Store, tenant: str, name: str) -> list[str]:
+    """The functions of the tenant (not deleted) whose serving version, or a version
+    building now, mounts volume `name`."""
+    def tx(s: Session) -> list[str]:
+        rows = s.execute(
+            select(Function.name, FunctionVersion.spec_json)
+            .join(FunctionVersion, FunctionVersion.function_id == Function.id)
+            .where(Function.tenant_id == tenant,
+                   Function.state != FunctionState.DELETED.value,
+                   or_(FunctionVersion.version == Function.version,
+                       FunctionVersion.state == VersionState.BUILDING.value)))
+        return sorted({fn for fn, spec_json in rows
+                       if name in mounts_of(spec_from_json(spec_json))})
+    return store._tx(tx)
 
 
 def current_digests(store: Store, tenant: str) -> dict[str, str]:

@@ -178,12 +178,22 @@ def test_mounts_are_checked_filled_and_keep_a_volume(store: Store, volumes: Volu
     filled = asyncio.run(fill_mounts(store, message))
     assert filled.volumes[0].manifest_digest == made.manifest_digest
 
-    VersionStore(store).deploy("acme", spec, "0" * 64, "fresh", False)
+    versions = VersionStore(store)
+    versions.deploy("acme", spec, "0" * 64, "fresh", False)
     with pytest.raises(AlreadyExists) as err:
         volumes.delete("acme", "weights")
     assert err.value.field == "volume" and "reader" in err.value.message
     fn = store.get_function("acme", "reader")
     store.set_function_state(fn.id, fn.version, FunctionState.DELETED, "deleted")
+    # A version building now counts too, while the serving one mounts nothing.
+    plain = parse_spec('name = "later"\nhandler = "app:Reader"\n')
+    versions.deploy("acme", plain, "1" * 64, "fresh", False)
+    versions.deploy("acme", parse_spec(_spec("weights").replace("reader", "later")),
+                    "2" * 64, "restore", True)
+    with pytest.raises(AlreadyExists, match="later"):
+        volumes.delete("acme", "weights")
+    later = store.get_function("acme", "later")
+    store.set_function_state(later.id, later.version, FunctionState.DELETED, "deleted")
     volumes.delete("acme", "weights")
     with pytest.raises(NotFound):
         volumes.get("acme", "weights")
