@@ -164,13 +164,14 @@ class VolumesService(volumes_pb2_grpc.VolumesServicer):
         sizes = self.blobs.held(request.tenant, request.chunks)
         if sum(sizes.get(d, 0) for d in request.chunks) > limit:
             raise bundle_too_large(sum(sizes.get(d, 0) for d in request.chunks), limit)
-        bundle = bytearray()
+        parts, whole = [], hashlib.sha256()
         for digest in request.chunks:
-            bundle += self.blobs.read(request.tenant, check_digest(digest, "chunks"))
-        if hashlib.sha256(bundle).hexdigest() != request.sha256 or len(bundle) != request.size:
+            parts.append(self.blobs.read(request.tenant, check_digest(digest, "chunks")))
+            whole.update(parts[-1])
+        if whole.hexdigest() != request.sha256 or sum(map(len, parts)) != request.size:
             raise InvalidArgument("the chunks do not reassemble into a bundle of that size "
                                   "and sha256", field="sha256")
-        return bytes(bundle)
+        return b"".join(parts)
 
 
 def bundle_too_large(size: int, limit: int) -> BundleTooLarge:

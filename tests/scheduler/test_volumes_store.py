@@ -9,12 +9,20 @@ import asyncio
 import hashlib
 import json
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 
-from thaw.core.errors import AlreadyExists, InsufficientStorage, InvalidArgument, NotFound
+from thaw.core.bundle import MAX_BUNDLE_BYTES
+from thaw.core.errors import (
+    AlreadyExists,
+    BundleTooLarge,
+    InsufficientStorage,
+    InvalidArgument,
+    NotFound,
+)
 from thaw.core.spec import parse_spec
-from thaw.proto import agent_pb2
+from thaw.proto import agent_pb2, volumes_pb2
 from thaw.scheduler.blobs import DEFAULT_MAX_STORAGE_BYTES, Blobs, ChunkDisk
 from thaw.scheduler.states import FunctionState
 from thaw.scheduler.store import Store
@@ -28,6 +36,7 @@ from thaw.scheduler.volumes import (
     check_mounts,
     fill_mounts,
 )
+from thaw.scheduler.volumes_service import VolumesService
 
 
 def sha(data: bytes) -> str:
@@ -197,3 +206,28 @@ def test_mounts_are_checked_filled_and_keep_a_volume(store: Store, volumes: Volu
     volumes.delete("acme", "weights")
     with pytest.raises(NotFound):
         volumes.get("acme", "weights")
+
+
+def test_a_chunked_bundle_is_reassembled_within_the_tenant_quota(
+        store: Store, blobs: Blobs, volumes: Volumes) -> None:
+    service = VolumesService(blobs, volumes, cast(Any, None))
+    parts = [b"p" * 1000, b"q" * 10]
+    for part in parts:
+        blobs.put("acme", sha(part), part)
+    whole = b"".join(parts)
+
+    def request(**fields: Any) -> volumes_pb2.CreateFunctionFromBlobsRequest:
+        base: dict[str, Any] = {"tenant": "acme", "chunks": [sha(p) for p in parts],
+                                "sha256": sha(whole), "size": len(whole)}
+        return volumes_pb2.CreateFunctionFromBlobsRequest(**{**base, **fields})
+
+    assert service.reassemble(request()) == whole
+    with pytest.raises(InvalidArgument) as err:
+        service.reassemble(request(sha256=sha(b"other")))
+    assert err.value.field == "sha256"
+    with pytest.raises(InvalidArgument):
+        service.reassemble(request(chunks=[sha(parts[1]), sha(parts[0])]))
+    with pytest.raises(NotFound):
+        service.reassemble(request(tenant="other"))
+    with pytest.raises(BundleTooLarge, match="max_bundle_bytes"):
+        service.reassemble(request(size=MAX_BUNDLE_BYTES + 1))

@@ -66,7 +66,8 @@ class FakeScheduler:
 
 def test_a_manifest_is_assembled_once_read_only(tmp_path: Path) -> None:
     sched = FakeScheduler()
-    files = {"config.json": b'{"dim": 4}', "weights/model.bin": bytes(range(256)) * 3}
+    files = {"config.json": b'{"dim": 4}', "weights/model.bin": bytes(range(256)) * 3,
+             "empty.txt": b""}
     digest = sched.manifest(files)
     volumes = NodeVolumes(tmp_path / "volumes", sched.fetch)
     folder = asyncio.run(volumes.ensure("acme", digest))
