@@ -204,7 +204,7 @@ def test_a_build_with_an_unreadable_status_line_is_killed_and_failed(tmp_path: P
     agent = SimpleNamespace(
         runtime=SimpleNamespace(launch=launch, capabilities=SimpleNamespace(
             runs_images=False)),
-        start_timeout=5.0, _as_tenant=lambda launch, spec: launch)
+        start_timeout=5.0, volumes=None, _as_tenant=lambda launch, spec: launch)
     spec = agent_pb2.FunctionSpec(tenant="dev", name="f", version="1", handler="app:H")
     event = asyncio.run(asyncio.wait_for(Builds._build_fresh(
         agent, spec, tmp_path, tmp_path / "out", str(tmp_path / "build.log")),  # type: ignore[arg-type]
