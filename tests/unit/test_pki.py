@@ -174,7 +174,7 @@ def test_every_method_has_its_callers_and_nothing_else_is_callable() -> None:
     assert {m.rsplit("/", 1)[0] for m in methods} == {
         "/thaw.v1.Scheduler", "/thaw.v1.NodeRegistry", "/thaw.v1.Tenancy",
         "/thaw.v1.Invocations", "/thaw.v1.Metering", "/thaw.v1.Agent", "/thaw.v1.Images",
-        "/thaw.v1.Volumes"}
+        "/thaw.v1.Volumes", "/thaw.v1.Secrets"}
     for method in methods:
         assert pki.allowed_callers(method), f"{method} is callable by no component"
     assert pki.allowed_callers("/thaw.v1.Tenancy/CreateKey") == {"gateway"}
