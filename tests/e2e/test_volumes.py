@@ -244,3 +244,70 @@ def test_storage_is_per_tenant_and_bounded_by_its_quota(platform: RunningPlatfor
     assert tenant.http.put(f"/v1/tenants/{tenant.tenant}/storage-quota",
                            json={}).status_code == 403
     tenant.http.close()
+
+
+HF_APP = '''
+import os
+
+import torch
+from transformers import AutoModel, AutoTokenizer
+
+
+class Embed:
+    def setup(self):
+        path = "/models/tiny-bert"  # a local folder in the volume: nothing downloaded
+        self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.model = AutoModel.from_pretrained(path, local_files_only=True).eval()
+
+    def __call__(self, request):
+        with torch.no_grad():
+            out = self.model(**self.tok("hello world", return_tensors="pt"))
+        return {"sum": float(out.last_hidden_state.sum()), "hf_home": os.environ["HF_HOME"]}
+'''
+
+
+def _tiny_bert(folder: Path) -> float:
+    """A small random BERT and its tokenizer saved as from_pretrained reads them; the
+    sum of its output for "hello world"."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    torch.manual_seed(SEED)
+    folder.mkdir(parents=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "hello", "world"]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizer(str(folder / "vocab.txt")).save_pretrained(str(folder))
+    model = BertModel(BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
+                                 num_attention_heads=2, intermediate_size=64)).eval()
+    model.save_pretrained(str(folder))
+    tok = BertTokenizer.from_pretrained(str(folder))
+    with torch.no_grad():
+        return float(model(**tok("hello world", return_tensors="pt")).last_hidden_state.sum())
+
+
+def test_from_pretrained_loads_offline_from_a_volume(platform: RunningPlatform,
+                                                     tmp_path: Path) -> None:
+    want = _tiny_bert(tmp_path / "upload" / "tiny-bert")
+    http = platform.http
+    assert http.post("/v1/volumes", json={"name": "e2e-hf"}).status_code == 201
+    put_volume(Client(platform.url, platform.key), "e2e-hf", tmp_path / "upload" / "tiny-bert",
+               prefix="tiny-bert")
+    folder = tmp_path / "e2e-hf-embed"
+    folder.mkdir()
+    (folder / "app.py").write_text(HF_APP)
+    (folder / "thaw.toml").write_text(
+        'name = "e2e-hf-embed"\nhandler = "app:Embed"\n[resources]\ngpu_memory = 0\n'
+        'memory = "2GiB"\n[volumes]\n"/models" = "e2e-hf"\n'
+        '[env]\nHF_HOME = "/models/hf-home"\nHF_HUB_OFFLINE = "1"\n'
+        'TRANSFORMERS_OFFLINE = "1"\n')
+    try:
+        made = platform.deploy(folder)
+        assert made.status_code == 201 and made.json()["state"] == "ready", made.text
+        answer = platform.invoke("e2e-hf-embed", {})
+        assert answer.status_code == 200, answer.text
+        assert answer.headers["X-Thaw-Start"] == "restore"
+        assert answer.json()["hf_home"] == "/models/hf-home"
+        assert abs(answer.json()["sum"] - want) < 1e-3
+    finally:
+        http.delete("/v1/functions/e2e-hf-embed")
+        http.delete("/v1/volumes/e2e-hf")
