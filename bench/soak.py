@@ -19,9 +19,10 @@ connection starts only while it can be held to its end by `duration` (or is the 
 of its kind), and every attempt is bounded by its own timeouts, so a run ends.
 
 The first part of the run (`warmup`: WARMUP_FRACTION of it, at least WARMUP_MIN_S,
-never more than half) is a warm-up running the same mix: a service's first pass through
-each path imports modules lazily, fills caches and bounded tables (the dashboard's
-rolling window of calls, gateway/stats.py) and grows malloc's arenas, once. The
+then by WARMUP_STEP_S steps while the heap still grows, never more than half) is a
+warm-up running the same mix: a service's first pass through each path imports
+modules lazily, fills caches and bounded tables (the dashboard's rolling window of
+calls, gateway/stats.py, at the pace of the calls) and grows malloc's arenas, once. The
 services are measured (bench/soak_watch.py) at two quiet points reached the same way:
 the bench's own connections closed, then `drain` seconds for the services' kept
 connections to go idle and be closed (POOL_DRAIN_S: the node client's idle limit and
@@ -52,7 +53,7 @@ import subprocess
 import sys
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -100,6 +101,11 @@ VALID_PER_BAD = 3
 WARMUP_FRACTION = 0.2
 WARMUP_MIN_S = 20.0
 WARMUP_MAX_FRACTION = 0.5
+# Past its set part, the warm-up goes on by steps of WARMUP_STEP_S while the objects the
+# collector tracks in the gateway or an agent grew more than WARMUP_STEADY over the
+# last step (a bounded table still filling), within WARMUP_MAX_FRACTION of the duration.
+WARMUP_STEP_S = 15.0
+WARMUP_STEADY = 0.01
 # After each part, the time for the services' kept connections (gateway to node, agent
 # to instance) to pass the node client's idle limit and be swept, plus a second.
 POOL_DRAIN_S = IDLE_SECONDS + SWEEP_SECONDS + 1.0
@@ -321,9 +327,10 @@ async def _quiet(watch: Watch, drain: float, rest: Rest) -> tuple[float, bool, L
 
 
 async def _phase(target: Target, settings: SoakSettings, seconds: float,
-                 tally: _Tally) -> float:
-    """The mix for `seconds` (longer if need be to try each bad input once), on
-    connections of its own that are closed when it ends; the seconds it ran."""
+                 tally: _Tally, every_kind: bool = True) -> float:
+    """The mix for `seconds` (with `every_kind`, longer if need be to try each bad input
+    once; without, no slow connection that cannot be held to its end), on connections
+    of its own that are closed when it ends; the seconds it ran."""
     loop = asyncio.get_running_loop()
     quick = quick_kinds()
     deploys = {kind: deploy(tarball) for kind, tarball in bundles().items()}
@@ -335,15 +342,17 @@ async def _phase(target: Target, settings: SoakSettings, seconds: float,
         valid = _Valid(session, f"http://{target.host}:{target.function_port}",
                        target.tenant, target.function)
         deadline = began + seconds
-        schedule, tried = itertools.cycle(quick), set[str]()
-        slow, slow_tried = slow_kinds(settings.slow_hold), set[str]()
+        slow = slow_kinds(settings.slow_hold)
+        schedule = itertools.cycle(quick)
+        tried, slow_tried, deployed = (set[str](), set[str](), set[str]()) if every_kind else (
+            set(quick), set(slow), set(deploys))
         await asyncio.gather(
             *(_mixed_lane(valid, quick, target, tally, deadline, schedule, tried)
               for _ in range(settings.concurrency)),
             *(_serial_lane(slow, target, tally, deadline, slow_tried,
                            reserve=settings.slow_hold, start=i)
               for i in range(settings.slow)),
-            _serial_lane(deploys, target, tally, deadline, set(), gap=DEPLOY_INTERVAL_S))
+            _serial_lane(deploys, target, tally, deadline, deployed, gap=DEPLOY_INTERVAL_S))
     return loop.time() - began
 
 
@@ -354,11 +363,25 @@ async def _soak(target: Target, settings: SoakSettings, watch: Watch, tally: _Ta
     watch.ready = await asyncio.to_thread(watch.take, True)
     watch.heap_ready = await asyncio.to_thread(watch.probe)
     warmed = await _phase(target, settings, warmup, tally) if warmup else 0.0
+    # Bounded tables fill at the pace of the calls: while the heap still grows, and the
+    # cap leaves room, the warm-up goes on a step at a time.
+    cap = WARMUP_MAX_FRACTION * settings.duration
+    stepping = warmup > 0 and warmup + WARMUP_STEP_S <= cap
+    before = await asyncio.to_thread(watch.probe) if stepping else {}
+    while before:
+        warmed += await _phase(target, settings, WARMUP_STEP_S, tally, every_kind=False)
+        warmup += WARMUP_STEP_S
+        after = await asyncio.to_thread(watch.probe)
+        watch.warmup_growth = heap_steps(before, after, judged(watch.pids))
+        if warmup_steady(watch.warmup_growth) or warmup + WARMUP_STEP_S > cap:
+            break
+        before = after
     quiet, watch.at_rest["start"], watch.functions["start"] = await _quiet(
         watch, settings.drain, rest)
     watch.start = await asyncio.to_thread(watch.take, True)
     watch.heap_start = await asyncio.to_thread(watch.probe)
     measured = settings.duration - warmup
+    watch.warmup_used = warmup
     stop = asyncio.Event()
     sampler = asyncio.create_task(_sampling(watch, stop, loop.time() + measured / 2))
     try:
@@ -372,6 +395,24 @@ async def _soak(target: Target, settings: SoakSettings, watch: Watch, tally: _Ta
     watch.heap_end = await asyncio.to_thread(watch.probe)
     return {"warmup_elapsed_s": warmed, "quiet_s": quiet, "elapsed_s": elapsed,
             "settle_s": settled}
+
+
+def judged(services: Iterable[str]) -> list[str]:
+    """The services the goals judge: the gateway and every agent."""
+    return [n for n in services if n == "gateway" or n.startswith("agent")]
+
+
+def heap_steps(before: dict[str, dict[str, Any]], after: dict[str, dict[str, Any]],
+               names: list[str]) -> dict[str, float | None]:
+    """Growth of the objects the collector tracks from one probe to the next, per
+    service (None: not probed both times)."""
+    return {n: growth(before[n]["gc_objects"], after[n]["gc_objects"])
+            if n in before and n in after else None for n in names}
+
+
+def warmup_steady(steps: dict[str, float | None]) -> bool:
+    """Whether no judged service's heap grew more than WARMUP_STEADY over a step."""
+    return bool(steps) and all(g is not None and g <= WARMUP_STEADY for g in steps.values())
 
 
 def _is_5xx(status: str) -> bool:
@@ -422,16 +463,20 @@ def report(settings: SoakSettings, times: dict[str, float], tally: _Tally, watch
             continue
         services[name] = {"alive": alive.get(name, False), "measured": True,
                           **_service(watch.start[name], watch.end[name], watch, name)}
-    judged = [n for n in services if n == "gateway" or n.startswith("agent")]
+    judged_names = judged(services)
     valid_5xx = sum(n for s, n in tally.valid.items() if _is_5xx(s))
     valid_dropped = sum(n for s, n in tally.valid.items() if s.startswith("error_"))
     wrong = tally.valid.get("200_wrong_answer", 0)
-    rss_growth = {n: services[n].get("rss_growth") for n in judged}
-    fds_growth = {n: services[n].get("fds_growth") for n in judged}
-    heap_growth = {n: _heap_growth(services[n].get("heap", {})) for n in judged}
+    rss_growth = {n: services[n].get("rss_growth") for n in judged_names}
+    fds_growth = {n: services[n].get("fds_growth") for n in judged_names}
+    heap_growth = {n: _heap_growth(services[n].get("heap", {})) for n in judged_names}
     return {
         "duration_s": settings.duration,
-        "warmup_seconds": settings.warmup_seconds(),
+        "warmup_seconds": watch.warmup_used,
+        "warmup_planned_s": settings.warmup_seconds(),
+        "warmup_steady": (warmup_steady(watch.warmup_growth) if watch.warmup_growth
+                          else None),
+        "warmup_last_step_growth": watch.warmup_growth,
         "warmup_elapsed_s": round(times["warmup_elapsed_s"], 2),
         "quiet_s": round(times["quiet_s"], 2),
         "measured_elapsed_s": round(times["elapsed_s"], 2),

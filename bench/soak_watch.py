@@ -172,6 +172,10 @@ class Watch:
     heap_end: dict[str, dict[str, Any]] = field(default_factory=dict)
     functions: dict[str, Any] = field(default_factory=dict)
     """The platform's functions (state, warm instances) at `start` and at `end`."""
+    warmup_used: float = 0.0
+    """Seconds of the duration the warm-up took (its set part and any steps)."""
+    warmup_growth: dict[str, float | None] = field(default_factory=dict)
+    """The heap's growth over the warm-up's last step, per judged service."""
     at_rest: dict[str, bool] = field(default_factory=dict)
     """Whether the platform was at rest (soak.Rest) at `start` and at `end`."""
 

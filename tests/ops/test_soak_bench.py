@@ -175,7 +175,9 @@ def test_soak_reports_the_figures_it_sampled(soak_run: tuple) -> None:  # type: 
         assert out["functions_at"][point] == {
             "echo": {"state": "ready", "warm_instances": 0},
             "soak-sum": {"state": "ready", "warm_instances": 1}}
-    assert out["warmup_seconds"] == 1.0
+    # A warm-up of one second in a run of two: no room for a step.
+    assert out["warmup_seconds"] == out["warmup_planned_s"] == 1.0
+    assert out["warmup_steady"] is None and out["warmup_last_step_growth"] == {}
     assert out["warmup_elapsed_s"] >= 1.0 and out["measured_elapsed_s"] >= 1.0
     assert out["elapsed_s"] == round(out["warmup_elapsed_s"] + out["measured_elapsed_s"], 2)
     goals = out["goals"]
@@ -223,7 +225,7 @@ def test_goals_fail_on_a_5xx_growth_or_a_dead_service() -> None:
     # The larger of the two heap figures' growth: malloc's 20% for the gateway.
     assert goals["heap_growth_under_10pct"] == {
         "ok": False, "growth": {"gateway": 0.2, "agent local": 0.01}}
-    assert out["warmup_seconds"] == 0.5  # never more than half the duration
+    assert out["warmup_planned_s"] == 0.5  # never more than half the duration
     assert out["elapsed_s"] == 1.5
     assert goals["services_alive"]["ok"] is False
     assert out["bad"]["refused"] == {"header_oversized": True, "slow_silent": False}
@@ -424,3 +426,20 @@ def test_the_platform_is_at_rest_with_each_function_at_its_floor() -> None:
     assert soak._rest_within((pinned,)) == soak.REST_MARGIN_S
     slow = parse_spec('name = "s"\nhandler = "a:B"\n[scaling]\nscaledown_window = "3600s"\n')
     assert soak._rest_within((slow,)) == soak.REST_LONGEST_S
+
+
+def test_the_warm_up_goes_on_while_a_judged_heap_still_grows() -> None:
+    before = {"gateway": {"gc_objects": 1000}, "agent local": {"gc_objects": 500},
+              "scheduler": {"gc_objects": 10}}
+    filling = {"gateway": {"gc_objects": 1100}, "agent local": {"gc_objects": 501},
+               "scheduler": {"gc_objects": 99}}
+    names = soak.judged(["scheduler", "agent local", "gateway"])
+    assert names == ["agent local", "gateway"]  # the scheduler is reported, not judged
+    steps = soak.heap_steps(before, filling, names)
+    assert steps == {"agent local": 0.002, "gateway": 0.1}
+    assert not soak.warmup_steady(steps)
+    full = {"gateway": {"gc_objects": 1105}, "agent local": {"gc_objects": 499}}
+    assert soak.warmup_steady(soak.heap_steps(filling, full, names))
+    assert not soak.warmup_steady(soak.heap_steps(filling, {"gateway": {"gc_objects": 1}},
+                                                  names))  # the agent did not answer
+    assert not soak.warmup_steady({})
