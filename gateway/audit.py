@@ -60,10 +60,13 @@ CLOSE_GRACE_SECONDS = 5.0
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 # Invocation traffic (the OpenAI-compatible routes call functions); cancelling an
 # invocation or raising its priority is audited (invocation.cancel, .priority).
-NOT_AUDITED_PREFIXES = ("/v1/chat/", "/v1/completions", "/v1/embeddings")
+# Chunk uploads are the transfer under a volume commit or a chunked deploy, which are
+# audited (volume.commit, function.deploy): one entry per 8 MiB would flood the log.
+NOT_AUDITED_PREFIXES = ("/v1/chat/", "/v1/completions", "/v1/embeddings", "/v1/blobs/")
 # Actions named otherwise than <noun>.<verb by method> (see action_of).
 ACTIONS: dict[tuple[str, str], str] = {
     ("POST", "/v1/functions"): "function.deploy",
+    ("POST", "/v1/functions/chunked"): "function.deploy",
     ("POST", "/v1/functions/{name}/prewarm"): "snapshot.prewarm",
     ("POST", "/v1/functions/{name}/evict"): "snapshot.evict",
     ("POST", "/v1/keys"): "key.create",

@@ -25,6 +25,11 @@ from thaw.gateway.audit import action_of, audited, outcome_of
     ("POST", "/v1/tenants", "tenant.create"),
     ("PUT", "/v1/tenants/acme/quota", "tenant.quota"),
     ("POST", "/v1/invocations/inv_1/cancel", "invocation.cancel"),
+    ("POST", "/v1/volumes", "volume.create"),
+    ("POST", "/v1/volumes/weights/commit", "volume.commit"),
+    ("DELETE", "/v1/volumes/weights", "volume.delete"),
+    ("POST", "/v1/functions/chunked", "function.deploy"),
+    ("PUT", "/v1/tenants/acme/storage-quota", "tenant.storage-quota"),
 ])
 async def test_actions_are_named_from_the_route(method: str, path: str, action: str) -> None:
     app = make_app(GatewayConfig())
@@ -43,6 +48,9 @@ def test_reads_and_invocation_traffic_are_not_audited() -> None:
     assert not audited("POST", "/v1/chat/completions")
     assert not audited("POST", "/v1/embeddings")
     assert audited("DELETE", "/v1/functions/x")
+    # Chunks are the transfer under an audited commit or chunked deploy.
+    assert not audited("PUT", "/v1/blobs/" + "0" * 64)
+    assert not audited("POST", "/v1/blobs/missing")
 
 
 def test_outcomes() -> None:
