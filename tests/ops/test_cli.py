@@ -4,11 +4,14 @@ outputs, credentials from the config file, errors as one line with exit code 1."
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import queue
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,8 +53,9 @@ def env(platform: RunningPlatform, tmp_path: Path) -> dict[str, str]:
 
 @pytest.fixture
 def deployed(env: dict[str, str]) -> dict[str, str]:
+    # --force: new versions, fresh instances, as each test using these expects.
     for bundle in ("prints", "stream_rt", "weights"):
-        result = thaw(env, "deploy", str(FIXTURES / bundle))
+        result = thaw(env, "deploy", "--force", str(FIXTURES / bundle))
         assert result.returncode == 0, result.stderr
     return env
 
@@ -99,17 +103,24 @@ def test_fn_logs_follow_shows_new_lines(deployed: dict[str, str],
     proc = subprocess.Popen([sys.executable, "-m", "thaw.ops", "fn", "logs", "prints", "-f",
                              "--tail", "0"], env=deployed, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
+    # The follow starts from when the gateway opens it (--tail 0), which the test
+    # cannot see: a line printed before then is not new. So the function prints
+    # again until the follow shows one of its lines (a warm instance answers within
+    # milliseconds, well before a freshly started CLI is connected).
+    assert proc.stdout is not None
+    printed: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [printed.put(ln) for ln in proc.stdout or ()],
+                     daemon=True).start()
     try:
-        time.sleep(1.0)  # the follow is open before the line is printed
-        assert platform.invoke("prints", {"tag": "followed"}).status_code == 200
         deadline = time.monotonic() + FOLLOW_WAIT
         seen = ""
-        assert proc.stdout is not None
         while "prints: hello followed" not in seen:
             assert time.monotonic() < deadline, f"not followed; saw {seen!r}"
-            line = proc.stdout.readline()
-            assert line, f"the follow ended: {proc.stderr.read() if proc.stderr else ''}"
-            seen += line
+            assert proc.poll() is None, f"the follow ended: {seen!r}"
+            assert platform.invoke("prints", {"tag": "followed"}).status_code == 200
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    seen += printed.get(timeout=1.0)
     finally:
         proc.terminate()
         proc.wait(10)
