@@ -26,7 +26,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from thaw.core.bundle import MAX_BUNDLE_BYTES
-from thaw.core.errors import InsufficientStorage, InvalidArgument, NotFound
+from thaw.core.errors import BundleTooLarge, InsufficientStorage, InvalidArgument, NotFound
 from thaw.core.units import format_size
 from thaw.scheduler.models import Base, Tenant
 from thaw.scheduler.store import Store
@@ -262,3 +262,22 @@ class Blobs:
             row.max_bundle_bytes = max_bundle_bytes
         self.store._tx(tx)
         return self.usage(tenant)
+
+
+def max_bundle_bytes(store: Store, tenant: str) -> int:
+    """The tenant's max_bundle_bytes (the default where none is set)."""
+    def tx(s: Session) -> int:
+        quota = s.get(StorageQuotaRow, tenant)
+        if quota is None or quota.max_bundle_bytes is None:
+            return DEFAULT_MAX_BUNDLE_BYTES
+        return quota.max_bundle_bytes
+    return store._tx(tx)
+
+
+def check_bundle_size(store: Store, tenant: str, size: int) -> None:
+    """A bundle past the tenant's max_bundle_bytes is refused (413, naming it), however
+    it came (one request or chunks)."""
+    limit = max_bundle_bytes(store, tenant)
+    if size > limit:
+        raise BundleTooLarge(f"the bundle is {format_size(size)}, past the tenant's quota "
+                             f"(max_bundle_bytes={format_size(limit)})", field="bundle")

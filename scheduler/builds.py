@@ -26,6 +26,7 @@ from thaw.core.errors import (
 from thaw.core.logs import bound_reason
 from thaw.core.spec import read_bundle
 from thaw.proto import agent_pb2, manifest_pb2
+from thaw.scheduler.blobs import check_bundle_size
 from thaw.scheduler.bundles import bundle_digest
 from thaw.scheduler.deploy_limits import check_fleet, check_quota
 from thaw.scheduler.events import EventKind
@@ -106,6 +107,7 @@ class Builds:
         check_quota(spec, await s.quotas.quota_of(tenant))
         check_fleet(spec, s.nodes.values())
         await check_secrets_exist(s, tenant, spec.secrets)
+        await s.store.run(check_bundle_size, s.store, tenant, len(bundle))
         await s.store.run(check_mounts, s.store, tenant, spec)
         refused = storage_refusal(
             [n for n in s.ready_nodes() if n.runs(spec.runtime.image)], {})

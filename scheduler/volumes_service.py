@@ -11,14 +11,14 @@ from collections.abc import AsyncIterator
 import grpc
 
 from thaw.core.bundle import limits_for
-from thaw.core.errors import BundleTooLarge, InvalidArgument, ThawError
+from thaw.core.errors import InvalidArgument, ThawError
 from thaw.core.grpcutil import encode_error, servicer_method, status_for
-from thaw.core.units import format_size
 from thaw.proto import scheduler_pb2, volumes_pb2, volumes_pb2_grpc
 from thaw.scheduler.blobs import (
     MAX_DIGESTS_PER_CALL,
     Blobs,
     StorageUsage,
+    check_bundle_size,
     check_digest,
 )
 from thaw.scheduler.control import ControlPlane
@@ -53,6 +53,7 @@ def _limit(value: int) -> int | None:
 class VolumesService(volumes_pb2_grpc.VolumesServicer):
     def __init__(self, blobs: Blobs, volumes: Volumes, control: ControlPlane) -> None:
         self.blobs = blobs
+        self.store = blobs.store
         self.volumes = volumes
         self.control = control
 
@@ -158,12 +159,10 @@ class VolumesService(volumes_pb2_grpc.VolumesServicer):
         if not request.chunks or len(request.chunks) > MAX_DIGESTS_PER_CALL:
             raise InvalidArgument(f"a chunked bundle names 1 to {MAX_DIGESTS_PER_CALL} "
                                   "chunks", field="chunks")
-        limit = self.blobs.usage(request.tenant).max_bundle_bytes
-        if request.size > limit:
-            raise bundle_too_large(request.size, limit)
+        check_bundle_size(self.store, request.tenant, request.size)
         sizes = self.blobs.held(request.tenant, request.chunks)
-        if sum(sizes.get(d, 0) for d in request.chunks) > limit:
-            raise bundle_too_large(sum(sizes.get(d, 0) for d in request.chunks), limit)
+        check_bundle_size(self.store, request.tenant,
+                          sum(sizes.get(d, 0) for d in request.chunks))
         parts, whole = [], hashlib.sha256()
         for digest in request.chunks:
             parts.append(self.blobs.read(request.tenant, check_digest(digest, "chunks")))
@@ -172,9 +171,4 @@ class VolumesService(volumes_pb2_grpc.VolumesServicer):
             raise InvalidArgument("the chunks do not reassemble into a bundle of that size "
                                   "and sha256", field="sha256")
         return b"".join(parts)
-
-
-def bundle_too_large(size: int, limit: int) -> BundleTooLarge:
-    return BundleTooLarge(f"the bundle is {format_size(size)}, past the tenant's quota "
-                          f"(max_bundle_bytes={format_size(limit)})", field="bundle")
 

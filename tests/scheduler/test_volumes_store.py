@@ -23,7 +23,12 @@ from thaw.core.errors import (
 )
 from thaw.core.spec import parse_spec
 from thaw.proto import agent_pb2, volumes_pb2
-from thaw.scheduler.blobs import DEFAULT_MAX_STORAGE_BYTES, Blobs, ChunkDisk
+from thaw.scheduler.blobs import (
+    DEFAULT_MAX_STORAGE_BYTES,
+    Blobs,
+    ChunkDisk,
+    check_bundle_size,
+)
 from thaw.scheduler.states import FunctionState
 from thaw.scheduler.store import Store
 from thaw.scheduler.tenancy import create_tenant
@@ -100,6 +105,12 @@ def test_storage_is_bounded_by_the_tenant_quota(blobs: Blobs, store: Store) -> N
     assert blobs.put("acme", sha(first), first)[0] is False  # held already: no charge
     blobs.set_quota("acme", None, None)
     assert blobs.put("acme", sha(second), second) == (True, 2000)
+    # max_bundle_bytes bounds every deploy of the tenant, in one request or chunks.
+    check_bundle_size(store, "acme", MAX_BUNDLE_BYTES)
+    blobs.set_quota("acme", None, 10_000)
+    with pytest.raises(BundleTooLarge, match="max_bundle_bytes"):
+        check_bundle_size(store, "acme", 10_001)
+    blobs.set_quota("acme", None, None)
     with pytest.raises(InvalidArgument):
         blobs.set_quota("acme", 0, None)
 
