@@ -18,7 +18,7 @@ from thaw.ops.output import console, print_table
 
 
 @click.command()
-@click.argument("target", metavar="PATH|IMAGE")
+@click.argument("target", metavar="PATH|IMAGE|ARCHIVE")
 @click.option("--no-wait", is_flag=True, help="Return once uploaded, before the snapshot build.")
 @click.option("--dry-run", is_flag=True,
               help="Check the bundle and thaw.toml here (the schema, the bundle limits), "
@@ -34,6 +34,9 @@ def deploy(target: str, no_wait: bool, dry_run: bool, force: bool) -> None:
     org.thaw.bundle names (default /app) and the packages the code needs: its folder
     is uploaded with [runtime] image pinned to the image's id, and the function runs
     in that image on nodes with THAW_RUNTIME=docker (which must have the image).
+    A file is an ARCHIVE, what `docker save` writes (plain or gzip'd): its bundle
+    folder is read from its layers, and the archive is uploaded once so that each
+    docker node lacking the image loads it (docs/images.md).
 
     Bundles pack reproducibly, so redeploying an unchanged folder (thaw.toml
     included) prints "unchanged, version N kept" and builds nothing (--force builds
@@ -43,7 +46,12 @@ def deploy(target: str, no_wait: bool, dry_run: bool, force: bool) -> None:
     --dry-run checks everything that can be checked here and uploads nothing
     (docs/thaw-toml.md)."""
     from thaw.ops.client import DEPLOY_TIMEOUT
-    from thaw.ops.image_deploy import bundle_from_folder, bundle_from_image, deploy_target
+    from thaw.ops.image_deploy import (
+        bundle_from_folder,
+        bundle_from_image,
+        deploy_target,
+        upload_image_archive,
+    )
     from thaw.ops.progress import transfer_progress, upload_pieces
 
     found = deploy_target(target)
@@ -58,6 +66,7 @@ def deploy(target: str, no_wait: bool, dry_run: bool, force: bool) -> None:
         from_image = bundle_from_image(found)
         bundle, label = from_image.data, found
         click.echo(f"{from_image.bundle_path} of {from_image.image}", err=True)
+        upload_image_archive(from_image)
     uploaded: list[float] = []
     started = time.perf_counter()
     with transfer_progress(transient=True) as progress:

@@ -23,6 +23,7 @@ import pytest
 from tests.conftest import RunningPlatform
 from tests.docker.conftest import DockerPlatform, agent_containers
 from tests.docker.test_image_deploy import IMAGE_MODULE_DIR, build_image
+from tests.ops.test_cli import cli_env, thaw
 from thaw.core.errors import ThawError
 from thaw.ops.client import Client
 from thaw.ops.image_deploy import bundle_from_image, upload_image_archive
@@ -107,6 +108,31 @@ def test_deploy_archive_loads_the_image_on_the_node(
     # The archive's temporary copy on the node is gone.
     loads = docker_platform.platform.home / "agent" / "local" / "image-loads"
     assert loads.is_dir() and not list(loads.iterdir())
+
+
+def test_thaw_deploy_of_an_archive_uploads_it_and_the_node_loads_it(
+        docker_platform: RunningPlatform, docker_client: Any, base_image: str,
+        tmp_path: Path, image_tags: list[str]) -> None:
+    tag = f"{REPOSITORY}-cli:v1"
+    image_tags.append(tag)
+    image_id = build_image(docker_client, base_image, tmp_path / "ctx", tag, "by-cli",
+                           toml='name = "archivecli"\nhandler = "app:FromImage"\n')
+    archive = save(docker_client, image_id, tmp_path / "image.tar", gz=False)
+    docker_client.images.remove(image_id, force=True)
+
+    env = cli_env(tmp_path, docker_platform.url, docker_platform.key)
+    result = thaw(env, "deploy", str(archive))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1].endswith("/fn/dev/archivecli")
+    assert f"/srv/fn of {tag}@{image_id}" in result.stderr
+    assert docker_client.images.get(image_id).id == image_id
+    answer = docker_platform.invoke("archivecli")
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["value"] == "by-cli"
+    # Deployed again: the platform has the archive, the bundle is unchanged.
+    again = thaw(env, "deploy", str(archive))
+    assert again.returncode == 0, again.stderr
+    assert "unchanged" in again.stdout
 
 
 def test_a_tampered_archive_is_refused(docker_platform: RunningPlatform, docker_client: Any,
