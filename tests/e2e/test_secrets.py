@@ -139,6 +139,11 @@ def test_a_secret_reaches_its_function_and_nowhere_else(
     # Every file the platform wrote: the DB (and its WAL), the services' and the
     # instances' logs, snapshots, the blobstore, the agent's folders.
     assert files_holding(platform_home, needles) == []
+    # The search reads what it must: the DB (names are kept in clear) and the snapshot's
+    # chunks (setup() kept the value's hash on the handler: snapshotted).
+    assert any("thaw.db" in f for f in files_holding(platform_home, [b"PROBE_TOKEN"]))
+    in_snapshots = files_holding(platform_home, [sha(first).encode()])
+    assert in_snapshots and all(f.startswith("agent/") for f in in_snapshots), in_snapshots
     assert (platform_home / "scheduler" / "secrets.key").stat().st_mode & 0o777 == 0o600
 
 
