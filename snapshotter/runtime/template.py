@@ -232,6 +232,8 @@ class Template:
             if os.getppid() != self._pid:  # the template died before prctl took effect
                 os._exit(code)
             code = _restore_and_serve(request, StatusChannel(conn.sendall), conn, go_read)
+        except SystemExit as stop:  # SIGTERM (exit_on_sigterm): the agent's polite stop
+            code = stop.code if isinstance(stop.code, int) else code
         except BaseException:
             print_exception()
         finally:

@@ -106,6 +106,7 @@ def test_instance_is_its_own_session_and_logs_to_its_file(
         time.sleep(0.02)
     assert not alive(instance.pid)  # reaped by the template (SIGCHLD ignored)
     assert not Path(instance.socket).exists()  # removed on a clean stop
+    assert "Traceback" not in instance.log.read_text()  # a stop is not a failure
 
 
 def test_malformed_spawn_request_is_refused(counter_template: TemplateHandle) -> None:
