@@ -33,9 +33,10 @@ from thaw.scheduler.tenancy import check_tenant_id
 MAX_VOLUME_FILES = 100_000
 MAX_PATH_BYTES = 1024
 MAX_NAME_BYTES = 255
-# Chunks written since this long ago are kept by a volume's removal even when no
-# manifest names them: an upload in progress has sent them and not yet committed.
-UPLOAD_GRACE_SECONDS = 3600.0
+# Chunks written since this long ago are kept by a collection even when no manifest
+# names them: an upload in progress (a day is room for a slow one) has sent them and
+# not committed yet, and a bundle redeployed soon after dedupes against them.
+UPLOAD_GRACE_SECONDS = 86_400.0
 
 
 class VolumeRow(Base):
@@ -223,7 +224,9 @@ class Volumes:
                 len(every)
             row.updated_at = now
             return _volume(row)
-        return self.store._tx(tx)
+        made = self.store._tx(tx)
+        self.collect_chunks(tenant)  # the chunks of files just replaced, past the grace
+        return made
 
     def delete(self, tenant: str, name: str) -> Volume:
         """Remove a volume no function mounts (409 naming one that does), and the
@@ -241,15 +244,22 @@ class Volumes:
             if row is not None:
                 s.delete(row)
         self.store._tx(tx)
-        keep: set[str] = set()
-        for other in self.all(tenant):
-            if other.manifest_digest:
-                keep.add(other.manifest_digest)
-                keep.update(d for f in self.manifest(tenant, other.manifest_digest)
-                            for d in f.chunks)
-        self.blobs.forget(tenant, self.blobs.unreferenced(
-            tenant, keep, time.time() - UPLOAD_GRACE_SECONDS))
+        self.collect_chunks(tenant)
         return volume
+
+    def collect_chunks(self, tenant: str, grace: float = UPLOAD_GRACE_SECONDS) -> int:
+        """Remove the tenant's chunks no current volume manifest names and that were
+        stored more than `grace` seconds ago (an upload in progress has sent them and
+        not committed yet; a chunked bundle is kept in the bundle store once deployed);
+        the bytes freed. Run after each commit, removal and chunked deploy."""
+        keep: set[str] = set()
+        for volume in self.all(tenant):
+            if volume.manifest_digest:
+                keep.add(volume.manifest_digest)
+                keep.update(d for f in self.manifest(tenant, volume.manifest_digest)
+                            for d in f.chunks)
+        return self.blobs.forget(tenant, self.blobs.unreferenced(
+            tenant, keep, time.time() - grace))
 
 
 def mounted_by(store: Store, tenant: str, name: str) -> list[str]:

@@ -148,6 +148,8 @@ class VolumesService(volumes_pb2_grpc.VolumesServicer):
         # Read under the tenant's limits: past the default, as large as its quota.
         deployed = await self.control.builds.deploy(request.tenant, bundle, request.wait,
                                                     request.force, limits_for(len(bundle)))
+        # Its chunks are kept for a redeploy within the grace, then collected.
+        await asyncio.to_thread(self.volumes.collect_chunks, request.tenant)
         info = await function_info(self.control, deployed.function)
         info.unchanged = deployed.unchanged
         return info

@@ -242,3 +242,24 @@ def test_a_chunked_bundle_is_reassembled_within_the_tenant_quota(
         service.reassemble(request(tenant="other"))
     with pytest.raises(BundleTooLarge, match="max_bundle_bytes"):
         service.reassemble(request(size=MAX_BUNDLE_BYTES + 1))
+
+
+def test_chunks_no_manifest_names_are_collected_past_the_grace(
+        volumes: Volumes, blobs: Blobs) -> None:
+    volumes.create("acme", "w")
+    old = _upload(blobs, "acme", b"o" * 1500)
+    first = volumes.commit("acme", "w", [VolumeFile("f", 1500, 0o644, old.chunks)])
+    new = _upload(blobs, "acme", b"n" * 700)
+    pending = _upload(blobs, "acme", b"p" * 10)  # sent, not committed yet
+    volumes.commit("acme", "w", [VolumeFile("f", 700, 0o644, new.chunks)])
+    # Within the grace nothing goes: the replaced file's chunks, the old manifest and
+    # the upload in progress stay.
+    assert blobs.missing("acme", [*old.chunks, *pending.chunks,
+                                  first.manifest_digest]) == []
+    first_manifest = len(canonical(volumes.manifest("acme", first.manifest_digest)))
+    assert volumes.collect_chunks("acme", grace=-1) == 1500 + 10 + first_manifest
+    assert blobs.missing("acme", [*old.chunks, *pending.chunks]) == [*old.chunks,
+                                                                     *pending.chunks]
+    current = volumes.get("acme", "w")
+    assert blobs.missing("acme", [*new.chunks, current.manifest_digest]) == []
+    assert [f.path for f in volumes.manifest("acme", current.manifest_digest)] == ["f"]
