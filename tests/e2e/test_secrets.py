@@ -1,5 +1,6 @@
 """A secret on the real platform (sandboxed process runtime): it reaches the function's
-environment on a fresh start, a build's setup() and a restore (on_restore sees it),
+environment on a fresh start, a build's setup() and a restore, forked from a template
+or in a fresh interpreter (on_restore sees it),
 a new value drains the running instances so the next call and on_restore see it, and
 the value is nowhere else: not in any file of the data directory (the DB, logs,
 snapshots, blobstore, agent folders), not in the services' logs (debug level), not in
@@ -20,7 +21,7 @@ import lz4.block
 import pytest
 from click.testing import CliRunner
 
-from tests.conftest import RunningPlatform, bundle, running
+from tests.conftest import FIXTURES, RunningPlatform, bundle, running
 from thaw.ops.cli import cli
 from thaw.ops.services import LocalPlatform
 
@@ -69,6 +70,17 @@ def probe_bundle(tmp: Path, name: str, snapshot: bool, secret: str = "PROBE_TOKE
         [resources]
         gpu_memory = 0
         '''))
+    return folder
+
+
+def unforked_bundle(tmp: Path, name: str) -> Path:
+    """probe_bundle whose module initialises (fake) CUDA at import: its template may
+    not fork, so its restores run in fresh interpreters (restore mode)."""
+    folder = probe_bundle(tmp, name, snapshot=True)
+    (folder / "fake_gpu.py").write_bytes(
+        (FIXTURES / "cuda_at_import" / "fake_gpu.py").read_bytes())
+    (folder / "app.py").write_text("import fake_gpu\n\nHAS_GPU = bool(fake_gpu."
+                                   "cupy_or_fake().cuda.is_available())\n" + APP)
     return folder
 
 
@@ -163,6 +175,7 @@ def _check_the_secret_path(platform: RunningPlatform, api: Seen, tmp: Path, firs
                            second: str) -> None:
     restored = probe_bundle(tmp, "probe-restore", snapshot=True)
     fresh = probe_bundle(tmp, "probe-fresh", snapshot=False)
+    unforked = unforked_bundle(tmp, "probe-unforked")
 
     def deploy(folder: Path) -> httpx.Response:
         return api("POST", "/v1/functions", params={"wait": "true"},
@@ -186,7 +199,7 @@ def _check_the_secret_path(platform: RunningPlatform, api: Seen, tmp: Path, firs
     assert made.headers["Cache-Control"] == "no-store"
     assert api("PUT", "/v1/secrets/UNUSED", json={"value": "x"}).status_code == 201
 
-    for folder in (restored, fresh):
+    for folder in (restored, fresh, unforked):
         resp = deploy(folder)
         assert resp.status_code == 201, resp.text
 
@@ -205,6 +218,12 @@ def _check_the_secret_path(platform: RunningPlatform, api: Seen, tmp: Path, firs
         sha(first), sha(first), sha(first))
     assert body["mode"] == "probe" and body["names"] is None
     old_pid = body["pid"]
+    lone = call("probe-unforked")
+    assert lone.headers["X-Thaw-Start"] == "restore"
+    assert (lone.json()["digest"], lone.json()["restored_digest"]) == (sha(first),
+                                                                       sha(first))
+    log = api("GET", "/v1/functions/probe-unforked/logs", params={"tail": 1000}).text
+    assert "restores in a fresh interpreter" in log
     # Both instances (and the template) are up: no command line on the machine holds
     # the value (the sandbox launcher's plan travels in argv).
     assert command_lines_holding(first.encode()) == []
@@ -212,9 +231,9 @@ def _check_the_secret_path(platform: RunningPlatform, api: Seen, tmp: Path, firs
     rotated = api("PUT", "/v1/secrets/PROBE_TOKEN", json={"value": second})
     assert rotated.status_code == 200, rotated.text
     doc = rotated.json()
-    assert doc["version"] == 2 and sorted(doc["functions"]) == ["probe-fresh",
-                                                                 "probe-restore"]
-    assert doc["drained"] >= 2
+    assert doc["version"] == 2 and sorted(doc["functions"]) == [
+        "probe-fresh", "probe-restore", "probe-unforked"]
+    assert doc["drained"] >= 3
 
     after = call("probe-restore")
     body = after.json()
@@ -223,12 +242,14 @@ def _check_the_secret_path(platform: RunningPlatform, api: Seen, tmp: Path, firs
     assert body["setup_digest"] == sha(first)  # setup() ran once, at the build
     again = call("probe-fresh").json()
     assert (again["digest"], again["setup_digest"]) == (sha(second), sha(second))
+    lone = call("probe-unforked").json()
+    assert (lone["digest"], lone["restored_digest"]) == (sha(second), sha(second))
 
     # Deleting a secret in use: 409 naming the functions; UNUSED goes.
     in_use = api("DELETE", "/v1/secrets/PROBE_TOKEN")
     assert in_use.status_code == 409, in_use.text
     assert in_use.json()["error"]["code"] == "secret_in_use"
-    assert "probe-fresh" in in_use.json()["error"]["message"]
+    assert "probe-fresh, probe-restore, probe-unforked" in in_use.json()["error"]["message"]
     assert api("DELETE", "/v1/secrets/UNUSED").status_code == 200
     assert api("DELETE", "/v1/secrets/UNUSED").status_code == 404
 
