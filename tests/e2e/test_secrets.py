@@ -1,6 +1,7 @@
 """A secret on the real platform (sandboxed process runtime): it reaches the function's
-environment on a fresh start, a build's setup() and a restore, forked from a template
-or in a fresh interpreter (on_restore sees it),
+environment on a fresh start, a build's setup() (also one forked from a running
+template) and a restore, forked from a template or in a fresh interpreter (on_restore
+sees it),
 a new value drains the running instances so the next call and on_restore see it, and
 the value is nowhere else: not in any file of the data directory (the DB, logs,
 snapshots, blobstore, agent folders), not in the services' logs (debug level), not in
@@ -31,6 +32,8 @@ APP = '''
 import hashlib
 import os
 
+IMPORTED_IN = os.getpid()
+
 
 def digest():
     value = os.environ.get("PROBE_TOKEN")
@@ -40,6 +43,8 @@ def digest():
 class Probe:
     def setup(self):
         self.setup_digest = digest()
+        self.setup_mode = os.environ.get("MODE")
+        self.forked_for_setup = os.getpid() != IMPORTED_IN
         self.restored_digest = None
 
     def on_restore(self):
@@ -47,6 +52,7 @@ class Probe:
 
     def __call__(self, request):
         return {"digest": digest(), "setup_digest": self.setup_digest,
+                "setup_mode": self.setup_mode, "forked_for_setup": self.forked_for_setup,
                 "restored_digest": self.restored_digest, "mode": os.environ.get("MODE"),
                 "names": os.environ.get("THAW_SECRET_NAMES"), "pid": os.getpid()}
 '''
@@ -233,6 +239,7 @@ def _check_the_secret_path(platform: RunningPlatform, api: Seen, tmp: Path, firs
     doc = rotated.json()
     assert doc["version"] == 2 and sorted(doc["functions"]) == [
         "probe-fresh", "probe-restore", "probe-unforked"]
+    assert body["forked_for_setup"] is False  # the first build imported the module
     assert doc["drained"] >= 3
 
     after = call("probe-restore")
@@ -245,11 +252,20 @@ def _check_the_secret_path(platform: RunningPlatform, api: Seen, tmp: Path, firs
     lone = call("probe-unforked").json()
     assert (lone["digest"], lone["restored_digest"]) == (sha(second), sha(second))
 
+    # A copy of running code builds in its template (setup() in a fork of it): the
+    # build request carries [env] and the current value.
+    copy = probe_bundle(tmp, "probe-copy", snapshot=True)
+    assert deploy(copy).status_code == 201
+    built = call("probe-copy").json()
+    assert built["forked_for_setup"] is True and built["setup_mode"] == "probe"
+    assert (built["setup_digest"], built["restored_digest"]) == (sha(second), sha(second))
+
     # Deleting a secret in use: 409 naming the functions; UNUSED goes.
     in_use = api("DELETE", "/v1/secrets/PROBE_TOKEN")
     assert in_use.status_code == 409, in_use.text
     assert in_use.json()["error"]["code"] == "secret_in_use"
-    assert "probe-fresh, probe-restore, probe-unforked" in in_use.json()["error"]["message"]
+    assert "probe-copy, probe-fresh, probe-restore, probe-unforked" in in_use.json()[
+        "error"]["message"]
     assert api("DELETE", "/v1/secrets/UNUSED").status_code == 200
     assert api("DELETE", "/v1/secrets/UNUSED").status_code == 404
 
