@@ -543,9 +543,13 @@ class Agent:
         envs = self.environments.environments
         if envs is None:
             return agent_pb2.EnvironmentsResponse()
+        removed: dict[str, int] = {}
+        if request.collect:
+            # As garbage collection does: templates of snapshots no longer kept first.
+            await self.templates.collect({manifest_key(m) for m in request.keep})
+            removed = await asyncio.to_thread(envs.collect, self.environments_in_use(
+                list(request.keep)))
         in_use = self.environments_in_use([])
-        removed = (await asyncio.to_thread(envs.collect, self.environments_in_use(
-            list(request.keep))) if request.collect else {})
         return await asyncio.to_thread(environments_reply, envs, removed, in_use)
 
     def sample_telemetry(self) -> NodeSample:

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import os
+import re
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -174,13 +177,49 @@ def test_env_ls_lists_and_env_gc_removes_only_unused_environments(
     # While gc-drop's instance lives, its environment is in use and stays.
     reply = p.http.post("/v1/nodes/environments/gc").json()
     assert not any(k.split("/")[1] in n["removed"] for n in reply["nodes"] for k in dropped)
+    # An environment nothing uses (say, left by an earlier run of the agent) goes.
+    home = p.platform.home
+    node, key = next(iter(dropped)).split("/")
+    orphan = home / "agent" / node / "envs" / ("f" * 32)
+    shutil.copytree(home / "agent" / node / "envs" / key, orphan, symlinks=True)
+    assert f"{node}/{'f' * 32}" in listed()
+    reply = p.http.post("/v1/nodes/environments/gc", params={"node": node}).json()
+    [answer] = reply["nodes"]
+    assert answer["removed"] == ["f" * 32] and answer["freed_bytes"] > 0, reply
+    assert not orphan.exists()
+    # Once gc-drop is deleted, its environment goes with its snapshot.
     assert p.http.delete("/v1/functions/gc-drop").status_code in (200, 204)
     wait_for(lambda: not any(e["in_use"] for k, e in listed().items() if k in dropped),
              "gc-drop's instance to stop")
     reply = p.http.post("/v1/nodes/environments/gc").json()
     removed = {f"{n['node']}/{key}" for n in reply["nodes"] for key in n["removed"]}
-    assert dropped <= removed, reply
-    assert not kept & removed
+    assert not kept & removed, reply
     after = listed()
     assert not dropped & set(after) and kept <= set(after)
     assert p.invoke("gc-keep").json()["version"] == "0.0.1"
+
+
+def test_the_env_commands_print_each_nodes_environments(two_nodes: RunningPlatform,
+                                                        tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    p = two_nodes
+    assert p.deploy(function(tmp_path / "a", "cli-env", "attrs==0.0.1\n")).json()[
+        "state"] == "ready"
+    env = {**os.environ, "THAW_URL": p.url, "THAW_API_KEY": p.key, "HOME": str(tmp_path)}
+
+    def thaw(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "thaw.ops", *args], env=env, text=True,
+                              capture_output=True, timeout=300, check=False)
+
+    listed = thaw("env", "ls", "--json")
+    assert listed.returncode == 0, listed.stderr
+    nodes = json.loads(listed.stdout)["nodes"]
+    assert any("dev/cli-env" in e["functions"] for n in nodes for e in n["environments"])
+    table = thaw("env", "ls")
+    assert table.returncode == 0 and "dev/cli-env" in table.stdout, table
+    collected = thaw("env", "gc")
+    assert collected.returncode == 0, collected.stderr
+    assert all(re.match(r"node\d: removed .* kept$", line)
+               for line in collected.stdout.splitlines()), collected.stdout
