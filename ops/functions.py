@@ -7,11 +7,13 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import click
 import httpx
 
-from thaw.core.errors import ThawError
+from thaw.core.bundle import MAX_BUNDLE_BYTES
+from thaw.core.errors import BundleTooLarge, ThawError
 from thaw.core.units import format_size
 from thaw.ops.client import Client
 from thaw.ops.output import console, print_table
@@ -45,14 +47,13 @@ def deploy(target: str, no_wait: bool, dry_run: bool, force: bool) -> None:
     A progress bar shows the upload (bytes, speed), then the snapshot build.
     --dry-run checks everything that can be checked here and uploads nothing
     (docs/thaw-toml.md)."""
-    from thaw.ops.client import DEPLOY_TIMEOUT
     from thaw.ops.image_deploy import (
         bundle_from_folder,
         bundle_from_image,
         deploy_target,
         upload_image_archive,
     )
-    from thaw.ops.progress import transfer_progress, upload_pieces
+    from thaw.ops.uploads import deploy_chunked, pack_large
 
     found = deploy_target(target)
     if dry_run:
@@ -61,7 +62,13 @@ def deploy(target: str, no_wait: bool, dry_run: bool, force: bool) -> None:
         check(found)
         return
     if isinstance(found, Path):
-        bundle, label = bundle_from_folder(found), found.name
+        try:
+            bundle = bundle_from_folder(found)
+        except BundleTooLarge:
+            # Past the single request's cap: packed under the tenant's max_bundle_bytes
+            # and sent as chunks the platform lacks (docs/volumes.md).
+            bundle = pack_large(Client(), found)
+        label = found.name
     else:
         from_image = bundle_from_image(found)
         bundle, label = from_image.data, found
@@ -69,21 +76,15 @@ def deploy(target: str, no_wait: bool, dry_run: bool, force: bool) -> None:
         upload_image_archive(from_image)
     uploaded: list[float] = []
     started = time.perf_counter()
-    with transfer_progress(transient=True) as progress:
-        task = progress.add_task(f"uploading {label}", total=len(bundle))
-
-        def pieces() -> Iterator[bytes]:
-            yield from upload_pieces(bundle, progress, task)
-            uploaded.append(time.perf_counter() - started)
-            if not no_wait:
-                progress.update(task, description="building the snapshot (setup, capture)")
-
-        fn = Client().request(
-            "POST", "/v1/functions",
-            params={"wait": str(not no_wait).lower(), "force": str(force).lower()},
-            content=pieces(), timeout=DEPLOY_TIMEOUT,
-            headers={"Content-Type": "application/gzip",
-                     "Content-Length": str(len(bundle))}).json()
+    if len(bundle) > MAX_BUNDLE_BYTES:
+        report = deploy_chunked(Client(), bundle, wait=not no_wait, force=force,
+                                on_uploaded=lambda: uploaded.append(
+                                    time.perf_counter() - started))
+        click.echo(f"sent {report.chunks_sent} of {report.chunks_total} chunks "
+                   f"({format_size(report.bytes_sent)})", err=True)
+        fn = report.result
+    else:
+        fn = _deploy_whole(bundle, label, no_wait, force, uploaded, started)
     seconds = uploaded[0] if uploaded else 0.0
     if fn.get("unchanged"):
         # The same bytes as the serving version (bundles pack reproducibly).
@@ -107,6 +108,30 @@ def deploy(target: str, no_wait: bool, dry_run: bool, force: bool) -> None:
                       f"version {fn['version']} still serves")
     if fn["state"] == "failed" or latest.get("state") == "failed":
         sys.exit(1)
+
+
+def _deploy_whole(bundle: bytes, label: str, no_wait: bool, force: bool,
+                  uploaded: list[float], started: float) -> Any:
+    """One POST of the whole bundle under a progress bar; the upload's seconds are
+    appended to `uploaded` once its last byte is sent."""
+    from thaw.ops.client import DEPLOY_TIMEOUT
+    from thaw.ops.progress import transfer_progress, upload_pieces
+
+    with transfer_progress(transient=True) as progress:
+        task = progress.add_task(f"uploading {label}", total=len(bundle))
+
+        def pieces() -> Iterator[bytes]:
+            yield from upload_pieces(bundle, progress, task)
+            uploaded.append(time.perf_counter() - started)
+            if not no_wait:
+                progress.update(task, description="building the snapshot (setup, capture)")
+
+        return Client().request(
+            "POST", "/v1/functions",
+            params={"wait": str(not no_wait).lower(), "force": str(force).lower()},
+            content=pieces(), timeout=DEPLOY_TIMEOUT,
+            headers={"Content-Type": "application/gzip",
+                     "Content-Length": str(len(bundle))}).json()
 
 
 @click.command()

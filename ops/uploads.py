@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from thaw.core.errors import InvalidArgument, ThawError
+from thaw.core.errors import BundleTooLarge, InvalidArgument, ThawError
 from thaw.ops.client import DEPLOY_TIMEOUT, Client
 from thaw.ops.progress import transfer_progress
 
@@ -189,12 +189,16 @@ def put_volume(client: Client, name: str, path: Path, prefix: str = "",
 
 
 def deploy_chunked(client: Client, bundle: bytes, wait: bool = True,
-                   force: bool = False) -> UploadReport:
+                   force: bool = False,
+                   on_uploaded: Callable[[], None] | None = None) -> UploadReport:
     """Deploy a packed bundle past the single-request cap: its chunks the tenant lacks
     are sent, then the scheduler reassembles and deploys it (within the tenant's
-    max_bundle_bytes). `report.result` is the function's JSON, as a plain deploy's."""
+    max_bundle_bytes). `report.result` is the function's JSON, as a plain deploy's;
+    `on_uploaded` is called once every chunk is there, before the deploy waits."""
     pieces = bytes_pieces(bundle)
     report = upload_pieces(client, pieces, "bundle")
+    if on_uploaded is not None:
+        on_uploaded()
     report.result = client.request(
         "POST", "/v1/functions/chunked",
         params={"wait": str(wait).lower(), "force": str(force).lower()},
@@ -212,7 +216,14 @@ def pack_large(client: Client, folder: Path) -> bytes:
 
     if not (folder / "thaw.toml").exists():
         raise ThawError(f"{folder} has no thaw.toml (a bundle folder needs one)")
-    limits = limits_for(int(client.request("GET", "/v1/storage").json()["max_bundle_bytes"]))
-    data = pack_bundle(str(folder), limits)
+    quota = int(client.request("GET", "/v1/storage").json()["max_bundle_bytes"])
+    limits = limits_for(quota)
+    try:
+        data = pack_bundle(str(folder), limits)
+    except BundleTooLarge as exc:
+        raise BundleTooLarge(
+            f"{exc.message}; that is the tenant's max_bundle_bytes (an operator raises "
+            f"it: thaw volume quota TENANT --max-bundle SIZE)",
+            field="max_bundle_bytes") from exc
     read_bundle(data, limits)  # refused here, with the key at fault, before uploading
     return data

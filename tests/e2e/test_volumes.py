@@ -195,6 +195,10 @@ def test_a_bundle_past_the_single_request_cap_deploys_through_chunks(
     # Through chunks: past the tenant's default quota, refused naming it.
     with pytest.raises(ThawError, match="max_bundle_bytes"):
         deploy_chunks(client, bundle)
+    env = cli_env(tmp_path, platform.url, platform.key)
+    refused = thaw(env, "deploy", str(folder))
+    assert refused.returncode != 0
+    assert "max_bundle_bytes" in refused.stderr, refused.stderr
     quota = platform.http.put("/v1/tenants/dev/storage-quota",
                               json={"max_bundle_bytes": "256MiB"})
     assert quota.status_code == 200, quota.text
@@ -210,6 +214,12 @@ def test_a_bundle_past_the_single_request_cap_deploys_through_chunks(
         assert answer.json()["sha"] == hashlib.sha256(blob).hexdigest()
         again = deploy_chunks(client, bundle).result
         assert again["unchanged"] is True and again["version"] == fn["version"]
+        # `thaw deploy` of the folder takes the same road: nothing left to send.
+        by_cli = thaw(env, "deploy", str(folder))
+        assert by_cli.returncode == 0, by_cli.stderr
+        chunks = len(bundle) // CHUNK_BYTES + 1
+        assert f"sent 0 of {chunks} chunks" in by_cli.stderr, by_cli.stderr
+        assert f"unchanged, version {fn['version']} kept" in by_cli.stdout
     finally:
         platform.http.put("/v1/tenants/dev/storage-quota", json={})
         platform.http.delete("/v1/functions/e2e-big-bundle")
