@@ -38,7 +38,6 @@ from thaw.platform.environments_launch import (
     LaunchEnvironments,
     default_environments,
     environment_fingerprint,
-    environments_reply,
     snapshot_environment,
 )
 from thaw.platform.instances import Instance, InstanceState
@@ -523,34 +522,16 @@ class Agent:
         async with self.shm.writing():
             return await asyncio.to_thread(self.snapshots.collect_garbage, keep)
 
-    def environments_in_use(self, keep: list[manifest_pb2.SnapshotManifest]) -> set[str]:
-        """Environments a kept snapshot, a live instance, a build or a template runs in."""
-        return ({m.environment.key for m in keep if m.environment.key}
-                | set(self.environments.in_use.values()) | self.templates.environment_keys())
-
     async def collect_environments(self, keep: list[manifest_pb2.SnapshotManifest]
                                    ) -> list[str]:
         """Remove the node's environments that nothing in use runs in (`thaw env gc`,
         and every garbage collection); returns their keys."""
-        envs = self.environments.environments
-        if envs is None:
-            return []
-        return list(await asyncio.to_thread(envs.collect, self.environments_in_use(keep)))
+        return list(await self.environments.collect(keep, self.templates.environment_keys()))
 
     async def environments_reply(self, request: agent_pb2.EnvironmentsRequest
                                  ) -> agent_pb2.EnvironmentsResponse:
         """`thaw env ls` on this node; with `collect`, `thaw env gc` first."""
-        envs = self.environments.environments
-        if envs is None:
-            return agent_pb2.EnvironmentsResponse()
-        removed: dict[str, int] = {}
-        if request.collect:
-            # As garbage collection does: templates of snapshots no longer kept first.
-            await self.templates.collect({manifest_key(m) for m in request.keep})
-            removed = await asyncio.to_thread(envs.collect, self.environments_in_use(
-                list(request.keep)))
-        in_use = self.environments_in_use([])
-        return await asyncio.to_thread(environments_reply, envs, removed, in_use)
+        return await self.environments.reply(request, self.templates)
 
     def sample_telemetry(self) -> NodeSample:
         """Blocking (psutil): call from a thread."""

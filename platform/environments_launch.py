@@ -21,7 +21,9 @@ from thaw.platform.environments_build import (
     Progress,
 )
 from thaw.platform.runtime import PythonEnv, RuntimeCapabilities
+from thaw.platform.templates import TemplatePool
 from thaw.proto import agent_pb2, manifest_pb2
+from thaw.snapshotter.manifest import manifest_key
 
 # Why a node cannot give a function an environment of its own.
 ENVIRONMENTS_NEED_PROCESS_RUNTIME = (
@@ -84,6 +86,36 @@ class LaunchEnvironments:
         if env is None or self.environments is None:
             return None
         return self.environments.python_env(env)
+
+    def in_use_keys(self, keep: list[manifest_pb2.SnapshotManifest],
+                    template_keys: set[str]) -> set[str]:
+        """Environments a kept snapshot, a live instance, a build or a template (of
+        `template_keys`) runs in."""
+        return ({m.environment.key for m in keep if m.environment.key}
+                | set(self.in_use.values()) | template_keys)
+
+    async def collect(self, keep: list[manifest_pb2.SnapshotManifest],
+                      template_keys: set[str]) -> dict[str, int]:
+        """Remove the node's environments nothing in use runs in; their keys and the
+        bytes each held."""
+        if self.environments is None:
+            return {}
+        return await asyncio.to_thread(self.environments.collect,
+                                       self.in_use_keys(keep, template_keys))
+
+    async def reply(self, request: agent_pb2.EnvironmentsRequest,
+                    templates: TemplatePool) -> agent_pb2.EnvironmentsResponse:
+        """`thaw env ls` on this node; with `collect`, `thaw env gc` first."""
+        if self.environments is None:
+            return agent_pb2.EnvironmentsResponse()
+        removed: dict[str, int] = {}
+        if request.collect:
+            # As garbage collection does: templates of snapshots no longer kept first.
+            await templates.collect({manifest_key(m) for m in request.keep})
+            removed = await self.collect(list(request.keep), templates.environment_keys())
+        in_use = self.in_use_keys([], templates.environment_keys())
+        return await asyncio.to_thread(environments_reply, self.environments, removed,
+                                       in_use)
 
     def _required(self) -> Environments:
         if self.environments is None or not self.capabilities.python_environments:
