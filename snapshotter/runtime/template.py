@@ -220,7 +220,7 @@ class Template:
             os._exit(code)
 
     def _run_child(self, request: SpawnRequest, conn: socket.socket, go_read: int) -> NoReturn:
-        code = ExitCode.RESTORE_FAILED
+        code: int = ExitCode.RESTORE_FAILED
         try:
             self._listener.close()
             if self._status.fd is not None and self._status.fd > 2:
