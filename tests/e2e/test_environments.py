@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -202,7 +203,6 @@ def test_env_ls_lists_and_env_gc_removes_only_unused_environments(
 def test_the_env_commands_print_each_nodes_environments(two_nodes: RunningPlatform,
                                                         tmp_path: Path) -> None:
     import subprocess
-    import sys
 
     p = two_nodes
     assert p.deploy(function(tmp_path / "a", "cli-env", "attrs==0.0.1\n")).json()[
@@ -223,3 +223,24 @@ def test_the_env_commands_print_each_nodes_environments(two_nodes: RunningPlatfo
     assert collected.returncode == 0, collected.stderr
     assert all(re.match(r"node\d: removed .* kept$", line)
                for line in collected.stdout.splitlines()), collected.stdout
+
+
+@pytest.mark.parametrize("kind", ["pyproject.toml", "cog.yaml"])
+def test_pyproject_and_cog_dependencies_build_the_same_way(
+        two_nodes: RunningPlatform, tmp_path: Path, kind: str) -> None:
+    p = two_nodes
+    name = f"deps-{kind.split('.')[0]}"
+    folder = function(tmp_path / "a", name, None)
+    python = f"{sys.version_info.major}.{sys.version_info.minor}"
+    if kind == "pyproject.toml":
+        (folder / kind).write_text('[project]\nname = "m"\nversion = "1"\n'
+                                   f'requires-python = ">={python}"\n'
+                                   'dependencies = ["attrs==0.0.2", "thawtiny==1.0"]\n')
+    else:
+        (folder / kind).write_text(f'build:\n  python_version: "{python}"\n'
+                                   '  python_packages:\n    - "attrs==0.0.2"\n'
+                                   '    - "thawtiny>=1"\n')
+    fn = p.deploy(folder).json()
+    assert fn["state"] == "ready", fn
+    assert any(f"requirements from {kind}" in line for line in log_lines(p, name))
+    assert p.invoke(name).json()["version"] == "0.0.2"
