@@ -154,8 +154,11 @@ def python_for(requires: str, default_python: str) -> str:
     except InvalidSpecifier as exc:
         raise InvalidBundle(f"pyproject.toml: requires-python {requires!r} is not a "
                             "version specifier", field="project.requires-python") from exc
-    if spec.contains(f"{default_python}.0", prereleases=True) or \
-            spec.contains(f"{default_python}.99", prereleases=True):
+    # The node's own Python is known to the patch; another is taken as any patch.
+    candidates = ([".".join(map(str, sys.version_info[:3]))]
+                  if default_python == node_python()
+                  else [f"{default_python}.0", f"{default_python}.99"])
+    if any(spec.contains(version, prereleases=True) for version in candidates):
         return default_python
     raise InvalidBundle(f"pyproject.toml: requires-python {requires!r} excludes this "
                         f"node's Python {default_python}", field="project.requires-python")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -95,8 +96,9 @@ def test_pyproject_dependencies_and_requires_python(tmp_path: Path) -> None:
         'dependencies = ["attrs==0.0.2", "thawtiny"]\n'))
     assert read_dependencies(folder) == Dependencies(("attrs==0.0.2", "thawtiny"), PY,
                                                      "pyproject.toml")
+    newer_patch = ".".join(map(str, (*sys.version_info[:2], sys.version_info[2] + 1)))
     excluded = bundle_with(tmp_path / "x", pyproject_toml=(
-        '[project]\nrequires-python = "<3.0"\ndependencies = ["attrs"]\n'))
+        f'[project]\nrequires-python = ">={newer_patch}"\ndependencies = ["attrs"]\n'))
     with pytest.raises(InvalidBundle, match="excludes this node's Python") as info:
         read_dependencies(excluded)
     assert info.value.field == "project.requires-python"
