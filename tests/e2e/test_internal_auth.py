@@ -26,7 +26,8 @@ from thaw.proto import scheduler_pb2, scheduler_pb2_grpc, tenancy_pb2, tenancy_p
 
 CALL_TIMEOUT = 10.0
 SCHEDULER_SERVICES = ("/thaw.v1.Scheduler/", "/thaw.v1.NodeRegistry/", "/thaw.v1.Tenancy/",
-                      "/thaw.v1.Invocations/", "/thaw.v1.Metering/", "/thaw.v1.Images/")
+                      "/thaw.v1.Invocations/", "/thaw.v1.Metering/", "/thaw.v1.Images/",
+                      "/thaw.v1.Secrets/", "/thaw.v1.Volumes/")
 HEALTH = "/grpc.health.v1.Health/Check"
 
 
