@@ -20,7 +20,7 @@ import shutil
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,6 +135,11 @@ class Environments:
         """Environments found or built since the agent started: a restore in one
         touches no disk."""
         self._last_used: dict[str, float] = {}
+        self._locks: dict[str, str] = {}
+        """Resolutions read or made since the agent started (<root>/.locks)."""
+        self._running = 0
+        """Resolves and builds in flight: while any runs, staging folders and uv's
+        cache stay (collect)."""
         self.runtime_path()  # made now, at the agent's start: no launch waits for it
 
     # ---- resolving -----------------------------------------------------------------
@@ -144,24 +149,31 @@ class Environments:
         platform and index. InstanceFailed with the resolver's message."""
         name = resolution_key(deps, self.platform, self.settings.index_url)
         cached = self.root / ".locks" / f"{name}.txt"
-        if cached.is_file():
-            return await asyncio.to_thread(cached.read_text)
+        known = self._locks.get(name) or await asyncio.to_thread(_read_or_none, cached)
+        if known is not None:
+            self._locks[name] = known
+            return known
         progress(f"resolving {len(deps.requirements)} requirements from {deps.source} "
                  f"for Python {deps.python}")
+        with self._busy():
+            lock = await self._resolve(deps, cached)
+        self._locks[name] = lock
+        return lock
+
+    async def _resolve(self, deps: Dependencies, cached: Path) -> str:
         work = await asyncio.to_thread(self._workdir, "resolve")
         try:
-            (work / "requirements.in").write_text(deps.request_text())
+            await asyncio.to_thread((work / "requirements.in").write_text,
+                                    deps.request_text())
             await self._run(["pip", "compile", str(work / "requirements.in"), "-o",
                              str(work / "lock.txt"), "--generate-hashes", "--no-header",
                              "--no-annotate", "--python-version", deps.python,
                              "--python-platform", self.platform, "--no-build",
                              *self.settings.index_args()], work, "resolving the environment")
-            lock = (work / "lock.txt").read_text()
+            lock = await asyncio.to_thread((work / "lock.txt").read_text)
         finally:
             await asyncio.to_thread(_remove, work)
-        staged = cached.with_suffix(f".{uuid.uuid4().hex[:6]}")
-        staged.write_text(lock)
-        os.replace(staged, cached)
+        await asyncio.to_thread(_write_atomically, cached, lock)
         return lock
 
     # ---- building ------------------------------------------------------------------
@@ -179,7 +191,8 @@ class Environments:
             async with self._building.setdefault(key, asyncio.Lock()):
                 found = await asyncio.to_thread(self.get, key)
                 if found is None:
-                    found = await self._build(key, lock, want, source, progress)
+                    with self._busy():
+                        found = await self._build(key, lock, want, source, progress)
                     say_cached = False
                 self._known[key] = found
                 # The last-used marker survives the agent; later uses are in memory.
@@ -196,7 +209,7 @@ class Environments:
         progress(f"installing {len(pins)} packages into environment {key[:12]}")
         staging = await asyncio.to_thread(self._workdir, f"env-{key[:12]}")
         try:
-            (staging / LOCK_FILE).write_text(lock)
+            await asyncio.to_thread((staging / LOCK_FILE).write_text, lock)
             env_dir = staging / "env"
             await self._run(["venv", "--relocatable", "--python", self._interpreter(python),
                              str(env_dir)], staging, "creating the environment's virtualenv")
@@ -204,22 +217,31 @@ class Environments:
                              "--no-deps", "--require-hashes", "--no-build",
                              "--link-mode", "copy", "-r", str(staging / LOCK_FILE),
                              *self.settings.index_args()], staging, "installing the environment")
-            size = await asyncio.to_thread(_folder_size, env_dir)
-            if size > self.settings.max_bytes:
-                raise InstanceFailed(f"the environment is {size} bytes installed, more than "
-                                     f"the node's env_max_size ({self.settings.max_bytes})")
-            os.replace(staging / LOCK_FILE, env_dir / LOCK_FILE)
-            env = Environment(key=key, path=self.root / key, python=_venv_version(env_dir),
-                              platform=self.platform, lock=lock, source=source,
-                              packages=len(pins), size_bytes=size,
-                              base_prefix=_venv_base_prefix(env_dir))
-            (env_dir / RECORD).write_text(json.dumps(_record(env)))
-            await asyncio.to_thread(_seal, env_dir)
-            os.replace(env_dir, self.root / key)
+            env = await asyncio.to_thread(self._finish, staging, key, lock, source,
+                                          len(pins))
         finally:
             await asyncio.to_thread(_remove, staging)
         progress(f"environment {key[:12]} ready in {time.perf_counter() - started:.1f} s")
-        log.info("environment built", key=key, packages=len(pins), size=size)
+        log.info("environment built", key=key, packages=len(pins), size=env.size_bytes)
+        return env
+
+    def _finish(self, staging: Path, key: str, lock: str, source: str,
+                packages: int) -> Environment:
+        """The installed environment checked against the size bound, recorded, sealed
+        and moved into place (blocking)."""
+        env_dir = staging / "env"
+        size = _folder_size(env_dir)
+        if size > self.settings.max_bytes:
+            raise InstanceFailed(f"the environment is {size} bytes installed, more than "
+                                 f"the node's env_max_size ({self.settings.max_bytes})")
+        os.replace(staging / LOCK_FILE, env_dir / LOCK_FILE)
+        env = Environment(key=key, path=self.root / key, python=_venv_version(env_dir),
+                          platform=self.platform, lock=lock, source=source,
+                          packages=packages, size_bytes=size,
+                          base_prefix=_venv_base_prefix(env_dir))
+        (env_dir / RECORD).write_text(json.dumps(_record(env)))
+        _seal(env_dir)
+        os.replace(env_dir, self.root / key)
         return env
 
     def _interpreter(self, python: str) -> str:
@@ -252,6 +274,14 @@ class Environments:
         if code != 0:
             why = output.strip() or f"uv exited with status {code}"
             raise InstanceFailed(f"{what} failed: {why}")
+
+    @contextlib.contextmanager
+    def _busy(self) -> Iterator[None]:
+        self._running += 1
+        try:
+            yield
+        finally:
+            self._running -= 1
 
     def _workdir(self, what: str) -> Path:
         """A staging folder only the builder may write (blocking)."""
@@ -330,7 +360,7 @@ class Environments:
         """Remove every environment whose key is not in `keep` (those in use) and not
         being built, what failed builds left and uv's download cache; returns the keys
         removed and the bytes each held (blocking)."""
-        building = any(lock.locked() for lock in self._building.values())
+        building = self._running > 0 or any(lock.locked() for lock in self._building.values())
         removed: dict[str, int] = {}
         for path in list(self.root.iterdir()):
             name = path.name
@@ -378,6 +408,19 @@ def _record(env: Environment) -> dict[str, object]:
     return {"key": env.key, "python": env.python, "platform": env.platform,
             "lock": env.lock, "source": env.source, "packages": env.packages,
             "size_bytes": env.size_bytes}
+
+
+def _read_or_none(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return None
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    staged = path.with_suffix(f".{uuid.uuid4().hex[:6]}")
+    staged.write_text(text)
+    os.replace(staged, path)
 
 
 def _owned_folder(path: Path, uid: int) -> None:
