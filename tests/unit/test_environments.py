@@ -289,3 +289,28 @@ async def test_a_package_without_a_wheel_is_refused_by_name_and_never_built(
         await envs.resolve(Dependencies(("sdistonly==1.0",), PY, "r"), lambda _l: None)
     assert "sdistonly" in info.value.message and "wheel" in info.value.message
     assert not marker.exists()  # its setup.py never ran
+
+
+async def test_collection_while_a_resolve_runs_leaves_its_folders(tmp_path: Path) -> None:
+    index = fake_attrs_index(tmp_path / "index")
+    runtime = ProcessRuntime()
+    started, go = asyncio.Event(), asyncio.Event()
+
+    async def gated(tool):  # type: ignore[no-untyped-def]
+        started.set()
+        await go.wait()
+        return await runtime.run_tool(tool)
+
+    envs = Environments(tmp_path / "envs", EnvSettings(index_url=str(index)),
+                        gated)  # type: ignore[arg-type]
+    resolving = asyncio.create_task(envs.resolve(
+        Dependencies(("attrs==0.0.1",), PY, "r"), lambda _l: None))
+    await started.wait()
+    staging = [p for p in envs.root.iterdir() if p.name.startswith(".resolve-")]
+    assert len(staging) == 1
+    assert await asyncio.to_thread(envs.collect, set()) == {}
+    assert staging[0].is_dir() and (envs.root / ".uv-cache").is_dir()
+    go.set()
+    assert "attrs==0.0.1" in await resolving
+    assert await asyncio.to_thread(envs.collect, set()) == {}
+    assert not staging[0].exists() and not (envs.root / ".uv-cache").exists()
