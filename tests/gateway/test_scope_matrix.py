@@ -61,6 +61,14 @@ ROUTES: dict[tuple[str, str], str] = {
     ("POST", "/v1/volumes/{name}/commit"): "deploy",
     ("POST", "/v1/functions/chunked"): "deploy", ("GET", "/v1/storage"): "any",
     ("PUT", "/v1/tenants/{tenant}/storage-quota"): "operator",
+    # Secrets (gateway/secrets.py): values go in, names come out.
+    ("PUT", "/v1/secrets/{name}"): "deploy", ("GET", "/v1/secrets"): "deploy",
+    ("DELETE", "/v1/secrets/{name}"): "deploy",
+    # Image archives (gateway/images.py).
+    ("PUT", "/v1/images/{image_id}"): "deploy", ("GET", "/v1/images/{image_id}"): "deploy",
+    # The nodes' per-function Python environments.
+    ("GET", "/v1/nodes/environments"): "operator",
+    ("POST", "/v1/nodes/environments/gc"): "operator",
 }
 # Which callers each requirement admits.
 ADMITS = {"public": {"none", "invoke", "deploy", "admin", "operator"},
@@ -78,7 +86,7 @@ def _url(path: str, tenant: str) -> str:
               "node": unique("node"), "action": "cordon", "file": "dashboard.js",
               "tenant": tenant if path.startswith("/fn/") else unique("nobody"),
               "id": ("inv_" + "0" * 32) if "/invocations/" in path else unique("key"),
-              "digest": "0" * 64}
+              "digest": "0" * 64, "image_id": "sha256:" + "0" * 64}
     return PARAM.sub(lambda m: values[m.group(1)], path)
 
 
