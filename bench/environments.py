@@ -88,7 +88,9 @@ def _bundle(folder: Path, name: str, requirements: list[str] | None) -> bytes:
     folder.mkdir(parents=True)
     (folder / "thaw.toml").write_text(
         f'name = "{name}"\nhandler = "app:Bench"\n[scaling]\nscaledown_window = "0s"\n')
-    (folder / "app.py").write_text(HANDLER)
+    # Code of its own per function: each deploy builds its snapshot (no template of
+    # the same code to fork), so only the environment is shared.
+    (folder / "app.py").write_text(f"# {name}\n{HANDLER}")
     if requirements is not None:
         (folder / "requirements.txt").write_text("".join(f"{r}\n" for r in requirements))
     return pack_bundle(str(folder))
