@@ -318,6 +318,8 @@ OPENAPI_PATHS: dict[str, Any] = {
         "responses": {"201": _json({"$ref": "#/components/schemas/Function"}, "Deployed."),
                       "200": _json({"$ref": "#/components/schemas/Function"},
                                    "The bundle the function serves already: kept."),
+                      "404": _json({"$ref": "#/components/schemas/Error"},
+                                   "A chunk it names is not stored for the tenant."),
                       **_errors(400, 401, 403, 413, 503)}}},
     "/v1/storage": {"get": {
         "summary": "The tenant's stored bytes and storage limits",
@@ -328,5 +330,5 @@ OPENAPI_PATHS: dict[str, Any] = {
         "requestBody": _body({"type": "object", "properties": {
             "max_storage_bytes": _LIMIT, "max_bundle_bytes": _LIMIT}}),
         "responses": {"200": _json(_STORAGE, "The tenant's limits now."),
-                      **_errors(400, 401, 403)}}},
+                      **_errors(400, 401, 403, 404)}}},
 }

@@ -13,8 +13,8 @@ import pytest
 from .conftest import subprocess_env
 
 RUNTIME_MODULES = ["__main__", "batching", "bounded", "capture", "device_slice", "events",
-                   "forksafe", "gpuinfo", "handler", "restore", "server", "snapshot",
-                   "template"]
+                   "forksafe", "gpuinfo", "handler", "restore", "secretenv", "server",
+                   "snapshot", "template"]
 
 PROBE = """
 import importlib, json, sys
