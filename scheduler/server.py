@@ -29,7 +29,7 @@ from thaw.scheduler.blobs import Blobs, ChunkDisk
 from thaw.scheduler.bundles import BundleStore
 from thaw.scheduler.control import ControlPlane
 from thaw.scheduler.db import make_engine, upgrade
-from thaw.scheduler.images import ImageStore, ImagesService
+from thaw.scheduler.images import ImagesService, ImageStore
 from thaw.scheduler.invocations import InvocationStore
 from thaw.scheduler.invocations_service import InvocationsService
 from thaw.scheduler.key_audit import BOOTSTRAP, AuditedTenancyService, issue_entry, record_issue
