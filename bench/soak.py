@@ -5,10 +5,10 @@ A private local platform (its own THAW_HOME, port 0) serves two functions: the e
 bundle (examples/echo) and a small one that sums numbers. Three kinds of client run
 at once for `duration` seconds:
 
-- `concurrency` clients, each calling a valid function VALID_PER_BAD times for every
-  bad input answered at once (bench/soak_inputs.py: oversized and many headers, deep
-  and huge JSON on the JSON routes, webhooks to loopback, metadata and private
-  addresses, bad keys);
+- `concurrency` clients (bench/soak_lanes.py), each calling a valid function
+  VALID_PER_BAD times for every bad input answered at once (bench/soak_inputs.py:
+  oversized and many headers, deep and huge JSON on the JSON routes, webhooks to
+  loopback, metadata and private addresses, bad keys);
 - `slow` slow or silent connections (slowloris), each held at most `slow_hold` s
   (longer than the gateway's header_timeout_seconds, 30 by default, so that a
   connection the platform would close is seen closed);
@@ -47,14 +47,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import json
 import os
 import subprocess
 import sys
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -64,7 +63,8 @@ import httpx
 
 from thaw.bench import soak_probe
 from thaw.bench.platform import Platform
-from thaw.bench.soak_inputs import Attempt, Target, bundles, deploy, quick_kinds, slow_kinds
+from thaw.bench.soak_inputs import Target, bundles, deploy, quick_kinds, slow_kinds
+from thaw.bench.soak_lanes import VALID_TIMEOUT_S, Tally, Valid, mixed_lane, serial_lane
 from thaw.bench.soak_watch import (
     Sample,
     Sampler,
@@ -94,8 +94,6 @@ target_concurrency = 16
 max_concurrency = 32
 scaledown_window = "600s"
 '''
-# Valid calls per bad input in the mixed lanes: mostly valid traffic, as in production.
-VALID_PER_BAD = 3
 # The warm-up: this part of the duration, at least WARMUP_MIN_S, at most half of it
 # (the measured part is never shorter than the warm-up).
 WARMUP_FRACTION = 0.2
@@ -125,8 +123,6 @@ SAMPLE_INTERVAL_S = 1.0
 DEPLOY_INTERVAL_S = 1.0
 RSS_GROWTH_GOAL = 0.10
 HEAP_GROWTH_GOAL = 0.10
-VALID_TIMEOUT_S = 60.0
-ERROR_PAUSE_S = 0.1
 # Bad input comes from another loopback address than the valid calls (all of 127/8
 # is the loopback interface on Linux), as an attacker's would.
 BAD_SOURCE = "127.0.0.2"
@@ -141,103 +137,6 @@ class SoakPlatform(Platform, Protocol):
 
 class SoakPlatformFactory(Protocol):
     def __call__(self, home: Path, host_devices: str) -> SoakPlatform: ...
-
-
-@dataclass
-class _Tally:
-    valid: Counter[str] = field(default_factory=Counter)
-    valid_errors: Counter[str] = field(default_factory=Counter)
-    """Valid calls not answered 200: "<status> <error code>" (the gateway's JSON error)."""
-    valid_by_function: dict[str, Counter[str]] = field(default_factory=dict)
-    bad: dict[str, Counter[str]] = field(default_factory=dict)
-
-    def bad_result(self, kind: str, status: str) -> None:
-        self.bad.setdefault(kind, Counter())[status] += 1
-
-    def valid_result(self, function: str, status: str) -> None:
-        self.valid[status] += 1
-        self.valid_by_function.setdefault(function, Counter())[status] += 1
-
-
-def _error_code(body: bytes) -> str:
-    try:
-        code = json.loads(body)["error"]["code"]
-    except (ValueError, KeyError, TypeError):
-        return "-"
-    return str(code)
-
-
-class _Valid:
-    """The valid calls: each function with a payload and the answer it must give."""
-
-    def __init__(self, session: aiohttp.ClientSession, base: str, tenant: str,
-                 echo: str) -> None:
-        self.session = session
-        self.base = base
-        self.tenant = tenant
-        self.echo = echo
-        self.turn = 0
-
-    async def call(self, tally: _Tally) -> None:
-        self.turn += 1
-        n = self.turn
-        payload: dict[str, object]
-        expect: tuple[str, object]
-        if n % 2:
-            name, payload, expect = self.echo, {"n": n}, ("echo", {"n": n})
-        else:
-            name, payload, expect = "soak-sum", {"numbers": [n, 1, 2]}, ("sum", n + 3)
-        try:
-            async with self.session.post(f"{self.base}/fn/{self.tenant}/{name}",
-                                         json=payload) as resp:
-                status = str(resp.status)
-                if resp.status == 200:
-                    body = await resp.json(content_type=None)
-                    if not isinstance(body, dict) or body.get(expect[0]) != expect[1]:
-                        status = "200_wrong_answer"
-                else:
-                    tally.valid_errors[f"{status} {_error_code(await resp.read())}"] += 1
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            status = f"error_{type(exc).__name__}"
-            # A gateway that is down refuses at once: do not spin on the shared cores.
-            await asyncio.sleep(ERROR_PAUSE_S)
-        tally.valid_result(name, status)
-
-
-async def _mixed_lane(valid: _Valid, kinds: dict[str, Attempt], target: Target,
-                      tally: _Tally, deadline: float, schedule: itertools.cycle[str],
-                      tried: set[str]) -> None:
-    loop = asyncio.get_running_loop()
-    while loop.time() < deadline or tried != set(kinds):
-        for _ in range(VALID_PER_BAD):
-            await valid.call(tally)
-        kind = next(schedule)
-        tried.add(kind)
-        tally.bad_result(kind, await kinds[kind](target))
-
-
-async def _serial_lane(kinds: dict[str, Attempt], target: Target, tally: _Tally,
-                       deadline: float, tried: set[str], *, gap: float = 0.0,
-                       reserve: float = 0.0, start: int = 0) -> None:
-    """One kind after another, from `start` in the order of `kinds`, at least `gap`
-    seconds apart. Kinds no lane sharing `tried` has tried yet go first, whatever the
-    time; after them a new attempt starts only when it can end by the deadline
-    (`reserve`: the longest one attempt takes)."""
-    loop = asyncio.get_running_loop()
-    order = list(kinds)
-    order = order[start % len(order):] + order[:start % len(order)]
-    for turn in itertools.count():
-        untried = [k for k in order if k not in tried]
-        if untried:
-            kind = untried[0]
-        elif loop.time() + reserve < deadline:
-            kind = order[turn % len(order)]
-        else:
-            return
-        tried.add(kind)
-        began = loop.time()
-        tally.bad_result(kind, await kinds[kind](target))
-        await asyncio.sleep(max(0.0, gap - (loop.time() - began)))
 
 
 async def _sampling(watch: Watch, stop: asyncio.Event, midpoint: float) -> None:
@@ -327,7 +226,7 @@ async def _quiet(watch: Watch, drain: float, rest: Rest) -> tuple[float, bool, L
 
 
 async def _phase(target: Target, settings: SoakSettings, seconds: float,
-                 tally: _Tally, every_kind: bool = True) -> float:
+                 tally: Tally, every_kind: bool = True) -> float:
     """The mix for `seconds` (with `every_kind`, longer if need be to try each bad input
     once; without, no slow connection that cannot be held to its end), on connections
     of its own that are closed when it ends; the seconds it ran."""
@@ -339,7 +238,7 @@ async def _phase(target: Target, settings: SoakSettings, seconds: float,
     async with aiohttp.ClientSession(
             connector=connector, timeout=aiohttp.ClientTimeout(total=VALID_TIMEOUT_S),
             headers={"Authorization": f"Bearer {target.key}"}) as session:
-        valid = _Valid(session, f"http://{target.host}:{target.function_port}",
+        valid = Valid(session, f"http://{target.host}:{target.function_port}",
                        target.tenant, target.function)
         deadline = began + seconds
         slow = slow_kinds(settings.slow_hold)
@@ -347,16 +246,16 @@ async def _phase(target: Target, settings: SoakSettings, seconds: float,
         tried, slow_tried, deployed = (set[str](), set[str](), set[str]()) if every_kind else (
             set(quick), set(slow), set(deploys))
         await asyncio.gather(
-            *(_mixed_lane(valid, quick, target, tally, deadline, schedule, tried)
+            *(mixed_lane(valid, quick, target, tally, deadline, schedule, tried)
               for _ in range(settings.concurrency)),
-            *(_serial_lane(slow, target, tally, deadline, slow_tried,
+            *(serial_lane(slow, target, tally, deadline, slow_tried,
                            reserve=settings.slow_hold, start=i)
               for i in range(settings.slow)),
-            _serial_lane(deploys, target, tally, deadline, deployed, gap=DEPLOY_INTERVAL_S))
+            serial_lane(deploys, target, tally, deadline, deployed, gap=DEPLOY_INTERVAL_S))
     return loop.time() - began
 
 
-async def _soak(target: Target, settings: SoakSettings, watch: Watch, tally: _Tally,
+async def _soak(target: Target, settings: SoakSettings, watch: Watch, tally: Tally,
                 rest: Rest) -> dict[str, float]:
     loop = asyncio.get_running_loop()
     warmup = settings.warmup_seconds()
@@ -448,7 +347,7 @@ def _heap_growth(heap: dict[str, Any]) -> float | None:
     return max(figures) if heap.get("measured") and figures else None
 
 
-def report(settings: SoakSettings, times: dict[str, float], tally: _Tally, watch: Watch,
+def report(settings: SoakSettings, times: dict[str, float], tally: Tally, watch: Watch,
            alive: dict[str, bool]) -> dict[str, Any]:
     valid_total = sum(tally.valid.values())
     bad_by_status: Counter[str] = Counter()
@@ -578,7 +477,7 @@ def run_soak_bench(echo: str = "examples/echo", settings: SoakSettings | None = 
                             key=local.key, tenant="dev", function=echo_name,
                             source=BAD_SOURCE if host == "127.0.0.1" else None)
             watch = Watch(sampler, {name: proc.pid for name, proc in local.procs}, answers)
-            tally = _Tally()
+            tally = Tally()
             rest = Rest({spec.name: spec.scaling.min_instances for spec in specs},
                         _rest_within(specs), lambda: _functions(local))
             times = asyncio.run(_soak(target, settings, watch, tally, rest))

@@ -26,6 +26,7 @@ from thaw.bench.soak_inputs import (
     quick_kinds,
     slow_kinds,
 )
+from thaw.bench.soak_lanes import Tally, serial_lane
 from thaw.bench.soak_watch import (
     Sample,
     Watch,
@@ -199,7 +200,7 @@ def test_soak_reports_the_figures_it_sampled(soak_run: tuple) -> None:  # type: 
 
 
 def test_goals_fail_on_a_5xx_growth_or_a_dead_service() -> None:
-    tally = soak._Tally()
+    tally = Tally()
     tally.valid_result("echo", "200")
     tally.valid_result("echo", "502")
     tally.bad_result("slow_silent", "open")
@@ -305,12 +306,12 @@ def test_serial_lanes_try_each_kind_once_past_the_deadline() -> None:
         return run
 
     kinds = {k: attempt(k) for k in ("a", "b", "c")}
-    tally = soak._Tally()
+    tally = Tally()
     target = Target("127.0.0.1", 1, 2, "key", "dev", "echo")
 
     async def lanes() -> None:
         tried: set[str] = set()
-        await asyncio.gather(*(soak._serial_lane(kinds, target, tally, 0.0, tried,
+        await asyncio.gather(*(serial_lane(kinds, target, tally, 0.0, tried,
                                                  reserve=1.0, start=i) for i in range(2)))
 
     asyncio.run(lanes())
