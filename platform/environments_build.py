@@ -20,7 +20,7 @@ import shutil
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +35,7 @@ from thaw.platform.environments import (
     node_python,
     resolution_key,
 )
+from thaw.platform.environments_index import IndexPlan, local_path, machine_indexes, plan_indexes
 from thaw.platform.runtime import PythonEnv, ToolRun
 
 log = structlog.get_logger()
@@ -57,6 +58,8 @@ class EnvSettings:
     index_url: str = ""
     """The package index: an URL, or a local folder of wheels (a path or file://);
     empty: uv's default index."""
+    extra_index_urls: tuple[str, ...] = ()
+    """Further indexes (pip's extra-index-url), searched before `index_url`."""
     build_timeout: float = 900.0
     """Seconds a resolve and an install may take, each."""
     max_bytes: int = 16 << 30
@@ -65,27 +68,28 @@ class EnvSettings:
     """The uid uv runs as: outside the tenants' range (sandbox_uids)."""
 
     @classmethod
-    def from_environ(cls, environ: Mapping[str, str]) -> EnvSettings:
-        """The index from THAW_ENV_INDEX_URL, else the machine's UV_INDEX_URL or
-        PIP_INDEX_URL."""
-        index = (environ.get("THAW_ENV_INDEX_URL") or environ.get("UV_INDEX_URL")
-                 or environ.get("PIP_INDEX_URL") or "")
-        return cls(index_url=index)
+    def from_environ(cls, environ: Mapping[str, str],
+                     pip_files: Sequence[Path] | None = None) -> EnvSettings:
+        """The index from THAW_ENV_INDEX_URL, else the machine's: UV_INDEX_URL, else
+        pip's (PIP_INDEX_URL, PIP_EXTRA_INDEX_URL, pip's configuration `pip_files`,
+        by default the ones pip reads)."""
+        if environ.get("THAW_ENV_INDEX_URL"):
+            return cls(index_url=environ["THAW_ENV_INDEX_URL"])
+        index, extras = machine_indexes(environ, pip_files)
+        return cls(index_url=index, extra_index_urls=extras)
 
     def local_index(self) -> str:
-        """The folder of a local index (no network needed), or ""."""
-        url = self.index_url
-        path = url.removeprefix("file://")
-        return path if path.startswith("/") else ""
+        """The folder of the primary index where it is local (no network), or ""."""
+        return local_path(self.index_url)
 
-    def index_args(self) -> list[str]:
-        local = self.local_index()
-        if local:
-            # A PEP 503 simple/ tree, or a flat folder of wheels.
-            if os.path.isdir(os.path.join(local, "simple")):
-                return ["--index-url", f"file://{local}/simple"]
-            return ["--no-index", "--find-links", local]
-        return ["--index-url", self.index_url] if self.index_url else []
+    def index_plan(self) -> IndexPlan:
+        """uv's index options, the local folders to bind and whether uv needs the
+        network (reads the local folders: blocking)."""
+        return plan_indexes(self.index_url, self.extra_index_urls)
+
+    def index_name(self) -> str:
+        """The indexes as one string (a resolution's key covers them)."""
+        return "\0".join((self.index_url, *self.extra_index_urls))
 
 
 @dataclass(frozen=True)
@@ -147,7 +151,7 @@ class Environments:
     async def resolve(self, deps: Dependencies, progress: Progress) -> str:
         """The lock of `deps`, resolved once per node for these requests, Python,
         platform and index. InstanceFailed with the resolver's message."""
-        name = resolution_key(deps, self.platform, self.settings.index_url)
+        name = resolution_key(deps, self.platform, self.settings.index_name())
         cached = self.root / ".locks" / f"{name}.txt"
         known = self._locks.get(name) or await asyncio.to_thread(_read_or_none, cached)
         if known is not None:
@@ -168,8 +172,8 @@ class Environments:
             await self._run(["pip", "compile", str(work / "requirements.in"), "-o",
                              str(work / "lock.txt"), "--generate-hashes", "--no-header",
                              "--no-annotate", "--python-version", deps.python,
-                             "--python-platform", self.platform, "--no-build",
-                             *self.settings.index_args()], work, "resolving the environment")
+                             "--python-platform", self.platform, "--no-build"], work,
+                            "resolving the environment", indexes=True)
             lock = await asyncio.to_thread((work / "lock.txt").read_text)
         finally:
             await asyncio.to_thread(_remove, work)
@@ -215,8 +219,8 @@ class Environments:
                              str(env_dir)], staging, "creating the environment's virtualenv")
             await self._run(["pip", "install", "--python", str(env_dir / "bin" / "python"),
                              "--no-deps", "--require-hashes", "--no-build",
-                             "--link-mode", "copy", "-r", str(staging / LOCK_FILE),
-                             *self.settings.index_args()], staging, "installing the environment")
+                             "--link-mode", "copy", "-r", str(staging / LOCK_FILE)],
+                            staging, "installing the environment", indexes=True)
             env = await asyncio.to_thread(self._finish, staging, key, lock, source,
                                           len(pins))
         finally:
@@ -251,23 +255,30 @@ class Environments:
             return str(getattr(sys, "_base_executable", "") or sys.executable)
         return python
 
-    async def _run(self, args: list[str], work: Path, what: str) -> None:
-        """uv with `args`, sandboxed under the builder uid; InstanceFailed carrying the
-        tail of its output when it fails."""
+    async def _run(self, args: list[str], work: Path, what: str, *,
+                   indexes: bool = False) -> None:
+        """uv with `args` (and the node's index options where `indexes`), sandboxed
+        under the builder uid; InstanceFailed carrying the tail of its output when it
+        fails."""
         uv = uv_program()
         cache = self.root / ".uv-cache"
         uid = self.settings.builder_uid
         await asyncio.to_thread(_owned_folder, cache, uid)
-        local = self.settings.local_index()
+        plan = (await asyncio.to_thread(self.settings.index_plan) if indexes
+                else IndexPlan(args=(), local_folders=(), network=False))
         # The sandbox sees the system's and the agent's Python folders; uv may be
         # elsewhere (a user's installation), so its folder is bound too.
-        read_only = (os.path.dirname(os.path.realpath(uv)), *((local,) if local else ()))
+        read_only = (os.path.dirname(os.path.realpath(uv)), *plan.local_folders)
         tool = ToolRun(
-            argv=(uv, *args, "--no-config", "--quiet"), uid=uid,
+            argv=(uv, *args, *plan.args, "--no-config", "--quiet"), uid=uid,
             writable=(str(work), str(cache)), read_only=read_only,
-            network="none" if local else "egress",
+            network="egress" if plan.network else "none",
+            # A remote index is trusted through the machine's certificate store (the
+            # sandbox binds /etc/ssl): an operator's TLS proxy's CA is there. Both
+            # names: UV_SYSTEM_CERTS for current uv, UV_NATIVE_TLS for older ones.
             env={"UV_CACHE_DIR": str(cache), "UV_NO_PROGRESS": "1", "HOME": "/tmp",
-                 "UV_PYTHON_DOWNLOADS": "never"},
+                 "UV_PYTHON_DOWNLOADS": "never", "UV_SYSTEM_CERTS": "1",
+                 "UV_NATIVE_TLS": "1"},
             workdir=str(work), timeout=self.settings.build_timeout,
             max_output=MAX_TOOL_OUTPUT)
         code, output = await self.run_tool(tool)

@@ -158,10 +158,13 @@ def environment_fingerprint(local: dict[str, str], env: Environment | None
 
 
 def environment_settings(cfg: AgentConfig, uid_range: tuple[int, int]) -> EnvSettings:
-    """The agent's env_* settings; the index falls back to the machine's UV_INDEX_URL
-    or PIP_INDEX_URL; the builder's uid is the one just below the tenants' range."""
-    fallback = EnvSettings.from_environ(os.environ).index_url
-    return EnvSettings(index_url=cfg.env_index_url or fallback,
+    """The agent's env_* settings; the index falls back to the machine's (UV_INDEX_URL,
+    else pip's configuration: EnvSettings.from_environ); the builder's uid is the one
+    just below the tenants' range."""
+    fallback = (EnvSettings(index_url=cfg.env_index_url) if cfg.env_index_url
+                else EnvSettings.from_environ(os.environ))
+    return EnvSettings(index_url=fallback.index_url,
+                       extra_index_urls=fallback.extra_index_urls,
                        build_timeout=cfg.env_build_timeout,
                        max_bytes=parse_size(cfg.env_max_size), builder_uid=uid_range[0] - 1)
 
@@ -170,7 +173,7 @@ def default_environments(home: Path, runtime: object, uid_range: tuple[int, int]
                          settings: EnvSettings | None = None) -> Environments | None:
     """The node's environments under <home>/envs, built with the runtime's sandboxed
     tools (`run_tool`); None on a runtime that runs no tools. Without `settings`: the
-    index from THAW_ENV_INDEX_URL, UV_INDEX_URL or PIP_INDEX_URL and the builder uid
+    index from THAW_ENV_INDEX_URL, else the machine's (UV_INDEX_URL, pip's) and the builder uid
     just below the tenants' range."""
     run_tool = getattr(runtime, "run_tool", None)
     if run_tool is None:
