@@ -24,26 +24,21 @@ from dataclasses import dataclass
 
 from yarl import URL
 
+from thaw.core.addresses import (
+    METADATA_ADDRESSES,
+    IPAddress,
+    IPNetwork,
+    forms_of,
+    is_denied,
+)
 from thaw.core.errors import InvalidArgument
 from thaw.gateway.request import WEBHOOK_HEADER
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 Resolver = Callable[[str, int], Awaitable[list[str]]]
 """(host, port) -> the addresses the host resolves to, as text."""
 
 # A name that does not resolve within this long is refused (as "not allowed").
 RESOLVE_TIMEOUT_SECONDS = 5.0
-# Instance metadata services (AWS, GCP and Azure share 169.254.169.254; AWS's IPv6
-# one; ECS task metadata; Alibaba; Oracle's legacy one): never a webhook's target,
-# whatever the allow-list says.
-METADATA_ADDRESSES = frozenset(ipaddress.ip_address(a) for a in (
-    "169.254.169.254", "fd00:ec2::254", "169.254.170.2", "169.254.170.23",
-    "100.100.100.200", "192.0.0.192"))
-# IPv6 prefixes that carry an IPv4 address in their last 32 bits (NAT64, RFC 6052
-# and RFC 8215; IPv4-compatible, RFC 4291 2.5.5.1).
-_V4_IN_LAST_32 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"),
-                  ipaddress.ip_network("::/96"))
 NOT_ALLOWED = "the webhook URL is not allowed"
 
 
@@ -85,41 +80,6 @@ async def system_resolver(host: str, port: int) -> list[str]:
     infos = await asyncio.get_running_loop().getaddrinfo(
         host, port, type=socket.SOCK_STREAM)
     return [str(info[4][0]) for info in infos]
-
-
-def embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
-    """The IPv4 address an IPv6 one stands for or tunnels to, if any."""
-    if ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    if ip.sixtofour is not None:
-        return ip.sixtofour
-    if ip.teredo is not None:
-        return ip.teredo[1]
-    if any(ip in net for net in _V4_IN_LAST_32) and int(ip) > 1:
-        return ipaddress.IPv4Address(int(ip) & 0xFFFF_FFFF)
-    return None
-
-
-def _public(ip: IPAddress) -> bool:
-    return ip.is_global and not (ip.is_multicast or ip.is_private or ip.is_loopback
-                                 or ip.is_link_local or ip.is_unspecified
-                                 or ip.is_reserved)
-
-
-def forms_of(ip: IPAddress) -> list[IPAddress]:
-    """The address and any IPv4 address it carries: each must pass."""
-    if isinstance(ip, ipaddress.IPv6Address):
-        inner = embedded_ipv4(ip)
-        if ip.ipv4_mapped is not None:
-            return [ip.ipv4_mapped]  # it is that IPv4 address, nothing else
-        if inner is not None:
-            return [ip, inner]
-    return [ip]
-
-
-def is_denied(ip: IPAddress) -> bool:
-    """On the deny list, before the allow-list is consulted."""
-    return any(form in METADATA_ADDRESSES or not _public(form) for form in forms_of(ip))
 
 
 @dataclass(frozen=True)
