@@ -31,10 +31,14 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 # The examples `thaw up` deploys, with the modules each imports beyond the standard
 # library: they run in this virtualenv (the base environment), where those come
 # from the `examples` extra; one whose modules are missing is skipped, saying so.
+# withdeps brings its own requirements.txt: the node builds its environment from the
+# machine's package index (docs/environments.md); without one reachable it is not
+# deployed, saying so, and the others are.
 UP_EXAMPLES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("echo", ()),
     ("embed", ("torch", "sentence_transformers")),
     ("tinylm", ("torch",)),
+    ("withdeps", ()),
 )
 
 
@@ -254,6 +258,20 @@ class LocalPlatform:
         self.procs.clear()
 
 
+def _failed_example(name: str, folder: Path, reason: str) -> str:
+    """One line saying an example's build failed and why (uv's message, on one line);
+    for one with a requirements.txt, where its packages come from."""
+    why = " ".join(reason.split())
+    if len(why) > 400:
+        why = why[:400] + "…"
+    line = f"  {name:<8} not deployed: its build failed: {why or 'no reason given'}"
+    if (folder / "requirements.txt").exists():
+        line += ("\n           (its requirements.txt is installed from this machine's "
+                 "package index: set THAW_ENV_INDEX_URL or pip's index-url; "
+                 "docs/environments.md)")
+    return line
+
+
 def _print_tries(key: str, function_url: str, deployed: list[str]) -> None:
     """A curl line for each example that serves (its function URL, the dev key)."""
     auth = f"curl -s -H 'Authorization: Bearer {key}'"
@@ -267,6 +285,8 @@ def _print_tries(key: str, function_url: str, deployed: list[str]) -> None:
         lines.append(f"{auth} -H 'Content-Type: application/json' -d '{{\"model\": "
                      f"\"tinylm\", \"messages\": [{{\"role\": \"user\", \"content\": "
                      f"\"hi\"}}]}}' {function_url}/v1/chat/completions")
+    if "withdeps" in deployed:
+        lines.append(f"{auth} -d '{{\"sizes\": [123456789]}}' {function_url}/fn/dev/withdeps")
     if lines:
         click.echo("\ntry:\n" + "".join(f"  {line}\n" for line in lines))
 
@@ -275,7 +295,7 @@ def _print_tries(key: str, function_url: str, deployed: list[str]) -> None:
 @click.option("--port", type=int, default=None,
               help="Gateway port (0 = any free); default: the gateway_port setting (8000).")
 @click.option("--examples/--no-examples", default=True, show_default=True,
-              help="Deploy examples/echo, examples/embed and examples/tinylm.")
+              help="Deploy examples/echo, embed, tinylm and withdeps.")
 @click.option("--host-devices", default=None, help="Virtual devices, e.g. 2x8GiB.")
 def up(port: int | None, examples: bool, host_devices: str | None) -> None:
     """Start the whole local platform (SQLite, process runtime, host device, data in
@@ -326,6 +346,9 @@ def up(port: int | None, examples: bool, host_devices: str | None) -> None:
                     fn = client.deploy(read_bundle_dir(folder), wait=True)
                 except (httpx.HTTPError, Exception) as exc:  # keep the platform up
                     click.echo(f"    failed: {exc}")
+                    continue
+                if fn.get("state") == "failed":
+                    click.echo(_failed_example(name, folder, str(fn.get("reason") or "")))
                     continue
                 note = f" — {fn['reason']}" if fn.get("reason") else ""
                 if fn.get("unchanged"):

@@ -1,5 +1,6 @@
 """`thaw up` (what `make up` runs): starts everything, deploys the examples (echo,
-embed, tinylm), prints their URLs and the dev key, serves, and Ctrl-C leaves no
+embed, tinylm, and withdeps in an environment of its own built from the machine's
+package index), prints their URLs and the dev key, serves, and Ctrl-C leaves no
 process behind."""
 
 from __future__ import annotations
@@ -17,12 +18,20 @@ import psutil
 import pytest
 
 from tests.conftest import REPO
+from thaw.platform.environments_build import EnvSettings
 
 UP_TIMEOUT = 240.0
 
 
 @pytest.mark.slow
 def test_thaw_up_deploys_examples_and_stops_cleanly(tmp_path: Path) -> None:
+    # examples/withdeps installs humanize from the machine's package index: a machine
+    # without one configured cannot pass this test, and says so (no skip: CI has one).
+    machine = EnvSettings.from_environ(os.environ)
+    if not (machine.index_url or machine.extra_index_urls):
+        pytest.fail("no package index configured on this machine (THAW_ENV_INDEX_URL, "
+                    "UV_INDEX_URL, PIP_INDEX_URL or pip's index-url/extra-index-url): "
+                    "examples/withdeps needs one holding humanize 4.16.0")
     env = {**os.environ, "THAW_HOME": str(tmp_path / "home")}
     proc = subprocess.Popen([sys.executable, "-m", "thaw.ops", "up", "--port", "0"],
                             cwd=REPO, env=env, stdout=subprocess.PIPE,
@@ -48,6 +57,10 @@ def test_thaw_up_deploys_examples_and_stops_cleanly(tmp_path: Path) -> None:
         tinylm = re.search(r"tinylm\s+(http://\S+/fn/dev/tinylm)\s+\[ready, restore starts\]",
                            out)
         assert dashboard and key and echo and embed and tinylm, out
+        assert "withdeps not deployed" not in out, out
+        withdeps = re.search(r"withdeps\s+(http://\S+/fn/dev/withdeps)\s+"
+                             r"\[ready, restore starts\]", out)
+        assert withdeps, out
         functions = re.search(r"functions\s+(http://127\.0\.0\.1:\d+)/fn/", out)
         assert functions and echo.group(1).startswith(functions.group(1)), out
         assert functions.group(1) != dashboard.group(1)  # an origin of their own
@@ -58,6 +71,11 @@ def test_thaw_up_deploys_examples_and_stops_cleanly(tmp_path: Path) -> None:
         resp = httpx.post(echo.group(1), json={"hi": 1}, headers=headers, timeout=60)
         assert resp.status_code == 200 and resp.json()["echo"] == {"hi": 1}
         assert resp.headers["X-Thaw-Start"] == "restore"
+        # withdeps runs with its own humanize, which the base environment lacks.
+        sizes = httpx.post(withdeps.group(1), json={"sizes": [123456789]}, headers=headers,
+                           timeout=60)
+        assert sizes.status_code == 200, sizes.text
+        assert sizes.json() == {"sizes": ["117.7 MiB"], "humanize": "4.16.0"}, sizes.json()
         # The README's OpenAI example: tinylm on the function origin's OpenAI routes.
         chat = httpx.post(functions.group(1) + "/v1/chat/completions", headers=headers,
                           json={"model": "tinylm", "max_tokens": 4,
