@@ -320,6 +320,20 @@ class AlertRuleOptions(BaseModel):
     """Least seconds between two FIRING notices of one alert; None = alerts_cooldown."""
 
 
+_INDEX_HOST = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9][A-Za-z0-9.-]*)(:[0-9]{1,5})?$")
+
+
+def index_host_entry(entry: str) -> str:
+    """An entry of env_index_hosts: a network (CIDR), or a host with an optional port."""
+    entry = entry.strip()
+    if "/" in entry:
+        return str(ipaddress.ip_network(entry, strict=False))
+    match = _INDEX_HOST.match(entry)
+    if match is None or not 0 < int((match.group(2) or ":443")[1:]) < 65536:
+        raise ValueError(f"{entry!r} is not a host, host:port or network")
+    return entry.lower()
+
+
 def _url_list(value: Any) -> Any:
     # Env values may be a JSON list or plain comma-separated URLs.
     if isinstance(value, str):
@@ -467,6 +481,9 @@ class AgentFields(_Fields):
     """Seconds a per-function environment's resolve, and its install, may each take."""
     env_max_size: str = "16GiB"
     """Largest per-function environment a node installs (docs/environments.md)."""
+    env_index_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Metadata endpoints stay refused whatever this says (core/addresses.py).
+    """Environment builds' proxy may also reach these hosts ([host]:port) and networks."""
 
     # The size fields' constraint: each parses as a size (parse_size, parse_host_devices).
     @field_validator("host_devices")
@@ -474,6 +491,16 @@ class AgentFields(_Fields):
     def _check_devices(cls, value: str) -> str:
         parse_host_devices(value)
         return value
+
+    @field_validator("env_index_hosts", mode="before")
+    @classmethod
+    def _split_index_hosts(cls, value: Any) -> Any:
+        return _url_list(value)
+
+    @field_validator("env_index_hosts")
+    @classmethod
+    def _index_hosts(cls, value: list[str]) -> list[str]:
+        return [index_host_entry(entry) for entry in value]
 
     @field_validator("sandbox_uids")
     @classmethod
