@@ -37,6 +37,8 @@ from thaw.platform.environments import (
 )
 from thaw.platform.environments_index import IndexPlan, local_path, machine_indexes, plan_indexes
 from thaw.platform.runtime import PythonEnv, ToolRun
+from thaw.platform.sandbox.index_access import index_access
+from thaw.platform.sandbox.index_proxy import Allowance, allowance_of
 
 log = structlog.get_logger()
 # The environment's record, beside its packages (read by `thaw env ls`).
@@ -46,6 +48,8 @@ LOCK_FILE = "thaw-lock.txt"
 MAX_TOOL_OUTPUT = 4096
 # Prefixes of the staging folders a build works in (collected when no build runs).
 STAGING_PREFIXES = (".env-", ".resolve-")
+# uv's own default index, where the node names none (its hosts are what the proxy allows).
+DEFAULT_INDEX = "https://pypi.org/simple"
 
 Progress = Callable[[str], None]
 ToolRunner = Callable[[ToolRun], Awaitable[tuple[int, str]]]
@@ -66,6 +70,9 @@ class EnvSettings:
     """Largest environment installed (its folder's size)."""
     builder_uid: int = 199999
     """The uid uv runs as: outside the tenants' range (sandbox_uids)."""
+    index_hosts: tuple[str, ...] = ()
+    """Further hosts ([host]:port) and networks the index proxy may reach (env_index_hosts:
+    an index's files host)."""
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str],
@@ -86,6 +93,12 @@ class EnvSettings:
         """uv's index options, the local folders to bind and whether uv needs the
         network (reads the local folders: blocking)."""
         return plan_indexes(self.index_url, self.extra_index_urls)
+
+    def allowance(self) -> Allowance:
+        """What uv may reach through the index proxy: the URL indexes' hosts (uv's
+        default one, PyPI, where none is named) and `index_hosts`."""
+        urls = (self.index_url or DEFAULT_INDEX, *self.extra_index_urls)
+        return allowance_of(urls, self.index_hosts)
 
     def index_name(self) -> str:
         """The indexes as one string (a resolution's key covers them)."""
@@ -269,10 +282,11 @@ class Environments:
         # The sandbox sees the system's and the agent's Python folders; uv may be
         # elsewhere (a user's installation), so its folder is bound too.
         read_only = (os.path.dirname(os.path.realpath(uv)), *plan.local_folders)
+        # No network of its own: a remote index is reached through the agent's index
+        # proxy only (platform/sandbox/index_access.py).
         tool = ToolRun(
             argv=(uv, *args, *plan.args, "--no-config", "--quiet"), uid=uid,
-            writable=(str(work), str(cache)), read_only=read_only,
-            network="egress" if plan.network else "none",
+            writable=(str(work), str(cache)), read_only=read_only, network="none",
             # A remote index is trusted through the machine's certificate store (the
             # sandbox binds /etc/ssl): an operator's TLS proxy's CA is there. Both
             # names: UV_SYSTEM_CERTS for current uv, UV_NATIVE_TLS for older ones.
@@ -281,9 +295,17 @@ class Environments:
                  "UV_NATIVE_TLS": "1"},
             workdir=str(work), timeout=self.settings.build_timeout,
             max_output=MAX_TOOL_OUTPUT)
-        code, output = await self.run_tool(tool)
+        refused: tuple[str, ...] = ()
+        if plan.network:
+            async with index_access(tool, self.settings.allowance()) as (proxied, proxy):
+                code, output = await self.run_tool(proxied)
+                refused = tuple(proxy.refusals)
+        else:
+            code, output = await self.run_tool(tool)
         if code != 0:
             why = output.strip() or f"uv exited with status {code}"
+            if refused:
+                why += f" (the index proxy refused: {'; '.join(refused[-3:])})"
             raise InstanceFailed(f"{what} failed: {why}")
 
     @contextlib.contextmanager

@@ -166,7 +166,8 @@ def environment_settings(cfg: AgentConfig, uid_range: tuple[int, int]) -> EnvSet
     return EnvSettings(index_url=fallback.index_url,
                        extra_index_urls=fallback.extra_index_urls,
                        build_timeout=cfg.env_build_timeout,
-                       max_bytes=parse_size(cfg.env_max_size), builder_uid=uid_range[0] - 1)
+                       max_bytes=parse_size(cfg.env_max_size), builder_uid=uid_range[0] - 1,
+                       index_hosts=tuple(cfg.env_index_hosts))
 
 
 def default_environments(home: Path, runtime: object, uid_range: tuple[int, int],
