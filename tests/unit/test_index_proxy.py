@@ -4,6 +4,7 @@ reach, by CONNECT or an absolute http:// GET; everything else refused with a sta
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator
@@ -283,3 +284,50 @@ def test_allowance_of_index_urls_and_operator_entries() -> None:
     assert split_host_port("[::1]", 443) == ("::1", 443)
     with pytest.raises(ValueError):
         split_host_port("host:0", 443)
+
+
+async def test_an_environment_build_reaches_a_url_index_only_through_the_proxy(
+        tmp_path: Path) -> None:
+    """Environments hand uv a run with no network, behind the relay; what the proxy
+    refused is named in the failed build's reason. A local index gets no relay."""
+    from thaw.core.errors import InstanceFailed
+    from thaw.platform.environments import Dependencies, node_python
+    from thaw.platform.environments_build import Environments, EnvSettings
+    from thaw.platform.runtime import ToolRun
+    from thaw.platform.sandbox.index_access import RELAY
+
+    runs: list[ToolRun] = []
+    answers: list[bytes] = []
+
+    async def run_tool(tool: ToolRun) -> tuple[int, str]:
+        runs.append(tool)
+        if tool.argv[3] == RELAY:  # what uv would do: ask the proxy for another host
+            reader, writer = await asyncio.open_unix_connection(tool.argv[4])
+            writer.write(b"CONNECT evil.example:443 HTTP/1.1\r\n\r\n")
+            answers.append(await reader.readuntil(b"\r\n\r\n"))
+            writer.close()
+        return 1, "network error"
+
+    settings = EnvSettings(index_url="https://mirror.example/simple",
+                           index_hosts=("files.example",))
+    assert settings.allowance().hosts == {("mirror.example", 443), ("files.example", 443)}
+    assert EnvSettings().allowance().hosts == {("pypi.org", 443),
+                                               ("files.pythonhosted.org", 443)}
+    envs = Environments(tmp_path / "envs", settings, run_tool)
+    deps = Dependencies(("thawtiny==1.0",), node_python(), "requirements.txt")
+    with pytest.raises(InstanceFailed, match="the index proxy refused: 403 evil.example:443"):
+        await envs.resolve(deps, lambda _line: None)
+    (tool,) = runs
+    assert tool.network == "none"
+    assert tool.argv[3] == RELAY and "--index-url" in tool.argv
+    assert tool.argv[tool.argv.index("--index-url") + 1] == "https://mirror.example/simple"
+    assert os.path.dirname(tool.argv[4]) in tool.read_only
+    assert not os.path.exists(tool.argv[4])  # the proxy's folder goes with the run
+    assert answers[0].startswith(b"HTTP/1.1 403 ")
+
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    local = Environments(tmp_path / "envs2", EnvSettings(index_url=str(wheels)), run_tool)
+    with pytest.raises(InstanceFailed, match="network error"):
+        await local.resolve(deps, lambda _line: None)
+    assert runs[-1].network == "none" and RELAY not in runs[-1].argv
