@@ -350,7 +350,9 @@ class Agent:
         env = await self.environments.for_snapshot(
             snapshot_environment(manifest), inst.function, self._env_progress(spec, inst.id))
         check_fingerprint(manifest, image_fingerprint(
-            environment_fingerprint(self.fingerprint, env), spec, manifest))
+            environment_fingerprint(self.fingerprint, env,
+                                    self.runtime.capabilities.environments_on_own_python),
+            spec, manifest))
         python_env = self.environments.python_env(env)
         self.environments.hold(inst.id, env)
         await self.chunks.ensure(manifest, peers)

@@ -341,8 +341,11 @@ class Environments:
         """How a launch runs in `env` (no disk access)."""
         runtime = self.runtime_path()
         paths = (str(env.path), env.base_prefix, runtime)
+        minor = ".".join(env.python.split(".")[:2])
         return PythonEnv(key=env.key, python=str(env.path / "bin" / "python"),
-                         paths=tuple(p for p in paths if p), runtime_path=runtime)
+                         paths=tuple(p for p in paths if p), runtime_path=runtime,
+                         version=env.python,
+                         site_packages=str(env.path / "lib" / f"python{minor}" / "site-packages"))
 
     def runtime_path(self) -> str:
         """A folder holding a copy of the thaw runtime package only (it imports the

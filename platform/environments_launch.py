@@ -27,8 +27,8 @@ from thaw.snapshotter.manifest import manifest_key
 
 # Why a node cannot give a function an environment of its own.
 ENVIRONMENTS_NEED_PROCESS_RUNTIME = (
-    "this node's runtime runs no per-function Python environments (the process runtime "
-    "does; an image function brings its packages in its image)")
+    "this node's runtime runs no per-function Python environments (the process and "
+    "docker runtimes do; an image function brings its packages in its image)")
 
 
 class LaunchEnvironments:
@@ -146,14 +146,17 @@ def snapshot_environment(manifest: manifest_pb2.SnapshotManifest
     return manifest.environment if manifest.HasField("environment") else None
 
 
-def environment_fingerprint(local: dict[str, str], env: Environment | None
-                            ) -> dict[str, str]:
+def environment_fingerprint(local: dict[str, str], env: Environment | None,
+                            own_python: bool = False) -> dict[str, str]:
     """What a restore in `env` is checked against: the node's device facts, and the
-    environment's Python, torch and numpy (its pins), never the node's own."""
+    environment's Python, torch and numpy (its pins), never the node's own. With
+    `own_python` (RuntimeCapabilities.environments_on_own_python) the Python is the
+    runtime's (`local`'s): its interpreter runs the environment's packages."""
     if env is None:
         return local
     pins = lock_pins(env.lock)
-    return {**local, "python": env.python, "torch": pins.get("torch", ""),
+    python = local.get("python", "") if own_python else env.python
+    return {**local, "python": python, "torch": pins.get("torch", ""),
             "numpy": pins.get("numpy", "")}
 
 

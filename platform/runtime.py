@@ -162,6 +162,11 @@ class PythonEnv:
     runtime_path: str
     """A folder holding only the thaw.snapshotter.runtime package (stdlib-only), put on
     the instance's PYTHONPATH."""
+    version: str = ""
+    """The interpreter's version it was made with ("3.11.7")."""
+    site_packages: str = ""
+    """Its packages' folder: what a runtime that runs its own interpreter (docker's
+    image Python) mounts and puts on PYTHONPATH instead."""
 
 
 @dataclass(frozen=True)
@@ -396,6 +401,10 @@ class RuntimeCapabilities:
     python_environments: bool = False
     """Functions may run in Python environments of their own (LaunchSpec.python_env;
     platform/environments.py)."""
+    environments_on_own_python: bool = False
+    """Instances in an environment run this runtime's own interpreter (an image's
+    python3) with the environment's packages on PYTHONPATH: restores are checked
+    against that interpreter's version, not the one the environment was made with."""
 
 
 class InstanceHandle(Protocol):

@@ -81,9 +81,13 @@ Environments
     The base image (images.py) has python3 only. `env_site_packages` mounts host
     package folders (e.g. the agent's virtualenv) read-only at the same paths, after
     /opt/thaw on PYTHONPATH (their .pth files are not run); their C extensions load
-    when the image's Python has the same minor version. The image's Python, not the
-    agent's, is what a snapshot's fingerprint names: `fingerprint()` says so to the
-    agent.
+    when the image's Python has the same minor version. A function with its own
+    environment (LaunchSpec.python_env, built on the host by `run_tool`: the process
+    runtime's sandboxed uv) gets that environment's site-packages there instead of
+    `env_site_packages`, and a start refuses an environment made for another minor
+    version than the image's (docs/environments.md, "Runtimes"). The image's Python,
+    not the agent's, is what a snapshot's fingerprint names: `fingerprint()` says so
+    to the agent, for environments too (capabilities.environments_on_own_python).
 
 Image functions
     A function whose thaw.toml names `[runtime] image` (pinned: `repo:tag@sha256:<id>`,

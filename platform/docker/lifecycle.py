@@ -21,6 +21,7 @@ import structlog
 from thaw.core.config import AgentConfig
 from thaw.core.errors import ImageNotOnNode, InstanceFailed, ThawError
 from thaw.core.eventloop import read_pipe_file
+from thaw.core.units import parse_size
 from thaw.platform import images
 from thaw.platform.docker.containers import (
     ContainerProcess,
@@ -43,7 +44,13 @@ from thaw.platform.docker.spec import (
     site_packages,
 )
 from thaw.platform.image_load import ImageLoader, loader_for
-from thaw.platform.process import ProcessWatch, RuntimeProcess, process_stats, terminate
+from thaw.platform.process import (
+    ProcessRuntime,
+    ProcessWatch,
+    RuntimeProcess,
+    process_stats,
+    terminate,
+)
 from thaw.platform.runtime import (
     BuildRequest,
     InstanceHandle,
@@ -53,8 +60,11 @@ from thaw.platform.runtime import (
     Limits,
     RuntimeCapabilities,
     SpawnRequest,
+    ToolRun,
     spawn_request,
 )
+from thaw.platform.sandbox.areas import parse_uid_range
+from thaw.platform.sandbox.plan import SandboxSettings
 
 log = structlog.get_logger()
 
@@ -80,10 +90,15 @@ class DockerRuntime:
     `env_site_packages` are host folders (e.g. a virtualenv's site-packages) mounted
     read-only at the same paths and put on PYTHONPATH, for functions needing packages:
     the image's Python must have the same minor version as the one they were built
-    for."""
+    for. A function with its own environment gets its site-packages instead; `tools`
+    runs the environment builder's uv on the host (run_tool)."""
 
     name = "docker"
-    capabilities = RuntimeCapabilities(runs_images=True, template_per_tenant=True)
+    # Environments are built on the host (run_tool) and run by the image's python3 with
+    # their site-packages on PYTHONPATH (docs/environments.md, "Runtimes").
+    capabilities = RuntimeCapabilities(runs_images=True, template_per_tenant=True,
+                                       python_environments=True,
+                                       environments_on_own_python=True)
 
     def __init__(self, client: Any, *, image: str, node_id: str, state_dir: Path,
                  device: str = "host", env_site_packages: Sequence[str] = (),
@@ -92,9 +107,13 @@ class DockerRuntime:
                  template_instances: int = TEMPLATE_INSTANCES,
                  pids_limit: int = PIDS_LIMIT, tmpfs_tmp: str = TMPFS_TMP,
                  uid_base: int = UID_BASE, own_uids: bool | None = None,
-                 mps_pipe_directory: str = "", image_loader: ImageLoader | None = None
-                 ) -> None:
+                 mps_pipe_directory: str = "", image_loader: ImageLoader | None = None,
+                 tools: ProcessRuntime | None = None) -> None:
         self.client = client
+        # Node tools (the environment builder's uv) run on the host, in the process
+        # runtime's sandbox where the agent is root, as they do on a process node.
+        self.tools = tools or ProcessRuntime(
+            sandbox=SandboxSettings() if os.geteuid() == 0 else None)
         # Loads an image function's missing image from its uploaded archive; without
         # one, a missing image fails the start.
         self.image_loader = image_loader
@@ -155,11 +174,28 @@ class DockerRuntime:
         runtime = cls(client, image=image, node_id=node_id,
                       state_dir=cfg.home / "agent" / node_id / "containers",
                       device=cfg.device,
-                      env_site_packages=[p for p in site.split(os.pathsep) if p])
+                      env_site_packages=[p for p in site.split(os.pathsep) if p],
+                      tools=tool_runtime(cfg))
         runtime.image_loader = loader_for(cfg, client, cfg.home / "agent" / node_id,
                                           runtime._engine)
         runtime.remove_stale_containers()
         return runtime
+
+    async def run_tool(self, tool: ToolRun) -> tuple[int, str]:
+        """Run a node tool (the environment builder's uv) on the host: the process
+        runtime's run_tool (ProcessRuntime.run_tool)."""
+        return await self.tools.run_tool(tool)
+
+    def _check_environment(self, spec: LaunchSpec) -> None:
+        """A function's environment runs on the image's python3: its compiled packages
+        need the same minor version as the Python it was made with."""
+        env = spec.python_env
+        if env is None or spec.image or not self.python_version or not env.version:
+            return
+        made, image = (".".join(v.split(".")[:2]) for v in (env.version, self.python_version))
+        if made != image:
+            raise InstanceFailed(f"environment {env.key[:12]} is for Python {made}; this "
+                                 f"node's image {self.image} has Python {image}")
 
     # ---- engine calls -------------------------------------------------------------
 
@@ -254,6 +290,7 @@ class DockerRuntime:
         base image (package docstring, "Image functions")."""
         if spec.image:
             await self._ensure_image(spec.image.rpartition("@")[2], spec.image)
+        self._check_environment(spec)
         name = container_name(self.node_id, spec.mode.value, uuid.uuid4().hex[:10])
         c, layout = await asyncio.to_thread(
             prepare_container, spec, name, self._allocate_uid(), self.state_dir,
@@ -450,6 +487,17 @@ class DockerRuntime:
         """What an instance's environment contributes to a snapshot's fingerprint: the
         image's Python, not the agent's (the agent checks restores against it)."""
         return {"python": self.python_version} if self.python_version else {}
+
+
+def tool_runtime(cfg: AgentConfig) -> ProcessRuntime:
+    """Where a docker node runs its tools: the process runtime's sandbox (tmp size and
+    uid range as configured; no GPU) when the agent is root and the sandbox is on,
+    else as the agent's user (uv runs no package code: wheels only)."""
+    if cfg.sandbox == "off" or os.geteuid() != 0:
+        return ProcessRuntime(sandbox=None)
+    return ProcessRuntime(sandbox=SandboxSettings(
+        uid_range=parse_uid_range(cfg.sandbox_uids),
+        tmp_bytes=parse_size(cfg.sandbox_tmp_size)))
 
 
 def _remove_container(container: Any) -> None:

@@ -94,8 +94,13 @@ class BindMount:
 
 def site_packages(spec: LaunchSpec, settings: ContainerSettings) -> tuple[str, ...]:
     """Host package folders for a container: none in an image function's image (its
-    packages are the image's; the host's would shadow them)."""
-    return () if spec.image else settings.env_site_packages
+    packages are the image's; the host's would shadow them); a function's own
+    environment's site-packages instead of the node's (the image's python3 runs it)."""
+    if spec.image:
+        return ()
+    if spec.python_env is not None:
+        return (spec.python_env.site_packages,) if spec.python_env.site_packages else ()
+    return settings.env_site_packages
 
 
 def memory_limit(spec: LaunchSpec, settings: ContainerSettings) -> int:
