@@ -305,7 +305,7 @@ class Environments:
         if code != 0:
             why = output.strip() or f"uv exited with status {code}"
             if refused:
-                why += f" (the index proxy refused: {'; '.join(refused[-3:])})"
+                why += f" (the index proxy refused: {'; '.join(dict.fromkeys(refused[-3:]))})"
             raise InstanceFailed(f"{what} failed: {why}")
 
     @contextlib.contextmanager
