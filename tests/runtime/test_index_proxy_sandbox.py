@@ -116,6 +116,9 @@ async def test_uv_reaches_a_url_index_through_the_proxy_and_nothing_else(
         workdir=str(work), timeout=300)
     async with index_access(tool, allowance) as (proxied, proxy):
         assert proxied.network == "none"
+        # The socket's folder: the builder's alone (the agent is root).
+        held = os.stat(os.path.dirname(proxied.argv[4]))
+        assert (held.st_uid, held.st_mode & 0o777) == (BUILDER, 0o700)
         code, output = await runtime.run_tool(proxied)
         assert code == 0, output
         assert "thawtiny==1.0" in (work / "lock.txt").read_text()
