@@ -23,6 +23,23 @@ from thaw.platform.environments_build import EnvSettings
 UP_TIMEOUT = 240.0
 
 
+def up_output(proc: subprocess.Popen[str], timeout: float) -> str:
+    """What `thaw up` printed up to its ready line (asserted there within `timeout`)."""
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    assert proc.stdout is not None
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if "Ctrl-C stops everything" in line:
+            break
+    out = "".join(lines)
+    assert "Ctrl-C stops everything" in out, out
+    return out
+
+
 @pytest.mark.slow
 def test_thaw_up_deploys_examples_and_stops_cleanly(tmp_path: Path) -> None:
     # examples/withdeps installs humanize from the machine's package index: a machine
@@ -36,19 +53,8 @@ def test_thaw_up_deploys_examples_and_stops_cleanly(tmp_path: Path) -> None:
     proc = subprocess.Popen([sys.executable, "-m", "thaw.ops", "up", "--port", "0"],
                             cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True)
-    lines: list[str] = []
     try:
-        deadline = time.monotonic() + UP_TIMEOUT
-        assert proc.stdout is not None
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if "Ctrl-C stops everything" in line:
-                break
-        out = "".join(lines)
-        assert "Ctrl-C stops everything" in out, out
+        out = up_output(proc, UP_TIMEOUT)
         dashboard = re.search(r"dashboard\s+(http://127\.0\.0\.1:\d+)/", out)
         key = re.search(r"API key\s+(thaw_\S+)", out)
         echo = re.search(r"echo\s+(http://\S+/fn/dev/echo)\s+\[ready, restore starts\]", out)

@@ -2,8 +2,8 @@
 warning about undeclared data, and installed into a fresh virtualenv outside the
 checkout (no extras: no torch) it runs `thaw up`: the scheduler migrates its
 database, the gateway serves the dashboard's assets, and the examples' files are
-there (echo is deployed and restores; the torch examples are skipped by name, which
-they are only when their folders were found)."""
+there (echo, and withdeps in its own environment, are deployed; the torch examples
+are skipped by name, which they are only when their folders were found)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
-import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +23,7 @@ import httpx
 import pytest
 
 from tests.conftest import REPO
+from tests.e2e.test_up import up_output
 
 # Building takes seconds; installing the dependencies (from pip's index and the
 # machine's find-links, no torch) a minute or two; `thaw up` with echo under a minute.
@@ -128,19 +128,8 @@ def test_thaw_up_runs_from_the_wheel_in_a_fresh_virtualenv(outside: Path, wheel:
     proc = subprocess.Popen([str(venv / "bin" / "thaw"), "up", "--port", "0"], cwd=outside,
                             env=_env(home), stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True, start_new_session=True)
-    lines: list[str] = []
     try:
-        deadline = time.monotonic() + UP_TIMEOUT
-        assert proc.stdout is not None
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if "Ctrl-C stops everything" in line:
-                break
-        out = "".join(lines)
-        assert "Ctrl-C stops everything" in out, out
+        out = up_output(proc, UP_TIMEOUT)
         dashboard = re.search(r"dashboard\s+(http://127\.0\.0\.1:\d+)/", out)
         key = re.search(r"API key\s+(thaw_\S+)", out)
         echo = re.search(r"echo\s+(http://\S+/fn/dev/echo)\s+\[ready, restore starts\]", out)
@@ -165,7 +154,7 @@ def test_thaw_up_runs_from_the_wheel_in_a_fresh_virtualenv(outside: Path, wheel:
             got = httpx.get(f"{dashboard.group(1)}/static/{asset}", timeout=10)
             assert got.status_code == 200 and len(got.content) > 100, asset
         fns = httpx.get(dashboard.group(1) + "/v1/functions", headers=headers, timeout=10)
-        assert [f["name"] for f in fns.json()["functions"]] == ["echo"]
+        assert [f["name"] for f in fns.json()["functions"]] == ["echo", "withdeps"]
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)
@@ -174,4 +163,4 @@ def test_thaw_up_runs_from_the_wheel_in_a_fresh_virtualenv(outside: Path, wheel:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-    assert proc.returncode == 0, "".join(lines)
+    assert proc.returncode == 0, out
