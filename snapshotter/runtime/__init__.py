@@ -5,10 +5,12 @@ them), so any Python >= 3.10 environment can run it from a read-only mount. All 
 inside the package are relative: it works under whatever name it is mounted as.
 
 Entry point: `python -m thaw.snapshotter.runtime {fresh,build,template,restore} ...`.
-The agent side uses the records re-exported here to talk to it.
+The agent side uses the records re-exported here to talk to it; a handler may import
+`HTTPError` and `InvalidInput` from here (errors.py) to answer with a status of its own.
 """
 
 from .capture import CaptureError, capture
+from .errors import HTTPError, InvalidInput
 from .events import (
     Captured,
     Event,
@@ -34,7 +36,9 @@ __all__ = [
     "ExitCode",
     "Failed",
     "Fingerprint",
+    "HTTPError",
     "HandlerRef",
+    "InvalidInput",
     "Invoker",
     "Ready",
     "Request",

@@ -19,13 +19,16 @@ from pathlib import Path
 from typing import Any
 
 from .batching import Batcher
+from .signature import call_defaults
 
 JSON_CONTENT_TYPE = "application/json"
 BYTES_CONTENT_TYPE = "application/octet-stream"
 
 
 class InvalidInput(ValueError):
-    """The caller sent a body the handler cannot take (answered with 400)."""
+    """The caller sent a body the handler cannot take: not JSON, or keys predict() does
+    not take (the runtime's own check, answered 400 invalid_argument). A handler that
+    refuses an input itself raises errors.InvalidInput (422) instead."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,6 +179,10 @@ class Invoker:
                 self._signature = None
         elif not callable(handler):
             raise TypeError(f"{type(handler).__name__} defines neither predict() nor __call__()")
+        # Arguments whose default is an `Input(...)`: the value it stands for is passed,
+        # never the Input object (the gateway fills them too where it checks the call).
+        self._input_defaults, self._input_required = (
+            call_defaults(self._predict) if self._predict is not None else ({}, frozenset()))
         # With batching on, the handler takes one list (of input dicts for predict(),
         # of Requests for __call__) and returns a list of results.
         target = self._predict if self._predict is not None else handler
@@ -189,12 +196,20 @@ class Invoker:
         if self._predict is None:
             return to_reply(self.handler(request))  # type: ignore[operator]
         inputs = self._parse_inputs(request.body)
+        if self._input_defaults or self._input_required:
+            inputs = self._with_input_defaults(inputs)
         if self._signature is not None:
             try:
                 self._signature.bind(**inputs)
             except TypeError as exc:
                 raise InvalidInput(f"predict(): {exc}") from exc
         return to_reply(self._predict(**inputs))
+
+    def _with_input_defaults(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        missing = sorted(self._input_required - inputs.keys())
+        if missing:
+            raise InvalidInput(f"predict(): missing required argument {missing[0]!r}")
+        return {**self._input_defaults, **inputs}
 
     @staticmethod
     def _parse_inputs(body: bytes) -> dict[str, Any]:

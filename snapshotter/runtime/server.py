@@ -27,6 +27,7 @@ from typing import Any, NoReturn
 from urllib.parse import unquote
 
 from .bounded import print_exception
+from .errors import TENANT_ERROR_HEADER, TENANT_ERROR_VALUE, HTTPError, tenant_error_body
 from .events import ExitCode, describe_exception
 from .handler import InvalidInput, Invoker, Payload, Request, Stream, encode_json
 
@@ -51,6 +52,9 @@ _ERROR_TABLE: dict[type[Exception], tuple[int, str]] = {
     MemoryError: (507, "out_of_memory"),
 }
 _HANDLER_ERROR = (500, "handler_error")
+# An HTTPError (errors.py) is answered with its own status and marked as the handler's
+# choice, not a failure of the function.
+_TENANT_MARK = f"{TENANT_ERROR_HEADER}: {TENANT_ERROR_VALUE}\r\n"
 
 _HEALTHY = encode_json({"status": "ok"})
 _SSE_DONE = b"event: done\ndata: {}\n\n"
@@ -228,6 +232,10 @@ class InvokeRequestHandler(http.server.BaseHTTPRequestHandler):
         started = time.perf_counter()
         try:
             reply = self.server.invoker.invoke(request)
+        except HTTPError as exc:
+            self._send(exc.status, "application/json", encode_json(tenant_error_body(exc)),
+                       _TENANT_MARK)
+            return
         except Exception as exc:
             status, code = next(
                 (mapped for kind, mapped in _ERROR_TABLE.items() if isinstance(exc, kind)),
@@ -302,8 +310,11 @@ class InvokeRequestHandler(http.server.BaseHTTPRequestHandler):
                 raise
             except Exception as exc:
                 # Headers are gone; the failure becomes the stream's last item.
-                print_exception()
-                error = error_body(_HANDLER_ERROR[1], describe_exception(exc))
+                if isinstance(exc, HTTPError):
+                    error = encode_json(tenant_error_body(exc))
+                else:
+                    print_exception()
+                    error = error_body(_HANDLER_ERROR[1], describe_exception(exc))
                 write(b"event: error\ndata: " + error + b"\n\n" if sse else error + b"\n")
             else:
                 if sse:
