@@ -59,6 +59,7 @@ from thaw.gateway.state import (
     RECEIVED_KEY,
     REQUEST_ID_KEY,
     START_KEY,
+    TENANT_ERROR_KEY,
     Gateway,
 )
 from thaw.gateway.stats import STATS_KEY
@@ -136,7 +137,8 @@ def _observe(request: web.Request, status: int, code: str, started: float,
         stats = request.app.get(STATS_KEY)
         if stats is not None:  # the dashboard's live figures (gateway/stats.py)
             stats.record(function, request[REQUEST_ID_KEY], status, start, server_timing,
-                         (time.perf_counter() - started) * 1000)
+                         (time.perf_counter() - started) * 1000,
+                         tenant_error=request.get(TENANT_ERROR_KEY, False))
     if code:
         metrics.errors.labels(code).inc()
     elapsed_ms = round((time.perf_counter() - started) * 1000, 3)

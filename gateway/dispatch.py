@@ -50,6 +50,12 @@ INSTANCE_LOST_STATUSES = frozenset((502, 504, 507))
 # retry once on a fresh lease; their bodies are small JSON.
 REFUSAL_STATUSES = frozenset((429, 503))
 REFUSAL_CODES = frozenset(("instance_unavailable", "instance_busy"))
+# Set by the in-instance runtime on an error a handler raised on purpose (HTTPError,
+# InvalidInput: snapshotter/runtime/errors.py, which names the same header). Such an
+# answer is the function working: never a refusal, never a failure. The runtime refuses
+# to mark INSTANCE_LOST_STATUSES, and a marked one is still taken for lost.
+TENANT_ERROR_HEADER = "X-Thaw-Error"
+TENANT_ERROR_VALUE = "tenant"
 # A slot can stay busy on the node a moment after the scheduler freed it (the node
 # finishes a call whose client left): retries back off from this, doubling, this often.
 BUSY_RETRY_SECONDS = 0.05
@@ -182,6 +188,12 @@ class Exchange:
     @property
     def content_type(self) -> str:
         return self.upstream.headers.get("Content-Type", "")
+
+    @property
+    def tenant_error(self) -> bool:
+        """The handler answered this error itself (TENANT_ERROR_HEADER)."""
+        return (self.upstream.status >= 400
+                and self.upstream.headers.get(TENANT_ERROR_HEADER) == TENANT_ERROR_VALUE)
 
     @property
     def buffered(self) -> bool:
@@ -354,7 +366,7 @@ class Dispatcher:
                 lease, start, stages = await self._lease(call, reuse=False)
                 exchange = await self._send(call, lease, start, stages, function_permit,
                                             started)
-            if exchange.status in REFUSAL_STATUSES:
+            if exchange.status in REFUSAL_STATUSES and not exchange.tenant_error:
                 exchange = await self._past_refusals(call, exchange, function_permit,
                                                      started)
             log.debug("dispatched", function=call.function, node=exchange.lease.node_id,
@@ -389,7 +401,7 @@ class Dispatcher:
             if state.outcome is None or state.outcome.failed:
                 return False  # an error of placement or of the node: raised as it is
             ex: Exchange = state.outcome.result()
-            if ex.status not in REFUSAL_STATUSES:
+            if ex.status not in REFUSAL_STATUSES or ex.tenant_error:
                 return False
             code = await self._refusal_code(ex)
             if code is None:

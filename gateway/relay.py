@@ -10,13 +10,14 @@ from typing import Any
 from aiohttp import web
 
 from thaw.core.errors import ThawError
-from thaw.gateway.dispatch import Exchange, Settlement, StreamBroken
+from thaw.gateway.dispatch import TENANT_ERROR_HEADER, Exchange, Settlement, StreamBroken
 from thaw.gateway.lane import stream_response
 from thaw.gateway.sse import error_chunk
-from thaw.gateway.state import ERROR_CODE_KEY
+from thaw.gateway.state import ERROR_CODE_KEY, TENANT_ERROR_KEY
 
-# Headers of the node's answer the client gets.
-PASSTHROUGH_HEADERS = ("Content-Type", "Cache-Control", "X-Thaw-Instance")
+# Headers of the node's answer the client gets (X-Thaw-Error tells an error the handler
+# raised itself from the platform's).
+PASSTHROUGH_HEADERS = ("Content-Type", "Cache-Control", "X-Thaw-Instance", TENANT_ERROR_HEADER)
 
 
 def answer_headers(ex: Exchange, buffered: bool) -> dict[str, str]:
@@ -35,6 +36,8 @@ def answer_headers(ex: Exchange, buffered: bool) -> dict[str, str]:
 
 async def relay(request: web.Request, ex: Exchange) -> web.StreamResponse:
     """Answer the client with the node's answer, as it arrives."""
+    if ex.tenant_error:
+        request[TENANT_ERROR_KEY] = True
     if ex.buffered:
         body = await ex.read()
         return web.Response(status=ex.status, body=body, headers=answer_headers(ex, True))

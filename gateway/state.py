@@ -44,3 +44,6 @@ START_KEY = web.RequestKey("start", str)
 """warm | restore | fresh, once an instance is leased."""
 ERROR_CODE_KEY = web.RequestKey("error_code", str)
 """The code of an error sent inside a stream (the status was 200 by then)."""
+TENANT_ERROR_KEY = web.RequestKey("tenant_error", bool)
+"""The answer is an error the handler chose (X-Thaw-Error: tenant): counted by its
+status, never as a failure of the function (gateway/stats.py, the alerts)."""

@@ -56,6 +56,9 @@ class Invocation:
     server_timing: str
     ms: float
     """What the gateway measured, from the request's arrival to its end."""
+    tenant_error: bool = False
+    """An error the handler chose to answer (HTTPError, InvalidInput): its status is
+    kept, but it is the function working, not failing."""
 
     @property
     def cold(self) -> bool:
@@ -63,7 +66,8 @@ class Invocation:
 
     @property
     def error(self) -> bool:
-        return self.status >= 500
+        """A failure of the function or the platform (error rates, the alerts)."""
+        return self.status >= 500 and not self.tenant_error
 
     def stages(self) -> dict[str, float]:
         """Milliseconds per Server-Timing stage ("total" left out)."""
@@ -117,12 +121,13 @@ class FunctionStats:
         self._swept = clock()
 
     def record(self, function: str, request_id: str, status: int, start: str,
-               server_timing: str, ms: float) -> None:
+               server_timing: str, ms: float, tenant_error: bool = False) -> None:
         calls = self._calls.get(function)
         if calls is None:
             calls = self._calls[function] = deque(maxlen=MAX_KEPT_PER_FUNCTION)
         now = self.clock()
-        calls.append(Invocation(request_id, function, now, status, start, server_timing, ms))
+        calls.append(Invocation(request_id, function, now, status, start, server_timing, ms,
+                                tenant_error))
         if now - self._swept >= self.bucket:
             self._swept = now
             for name in list(self._calls):
