@@ -1,0 +1,69 @@
+"""Errors a handler raises on purpose, through the whole path on a LocalPlatform (a
+sandboxed instance importing them from the runtime package): the caller gets the
+handler's status and error body, the breaker stays closed however many there are, and
+a crash stays a 500 whose traceback is in the function's logs and not in the answer."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+from tests.conftest import FIXTURES, RunningPlatform
+
+NAME = "tenant-errors-rt"
+# More than the function breaker's threshold (breaker_failures, 5 by default) of each.
+ROUNDS = 12
+
+
+def test_tenant_errors_reach_the_caller_and_leave_the_breaker_closed(
+        platform: RunningPlatform) -> None:
+    assert platform.deploy(FIXTURES / "tenant_errors_rt").status_code == 201
+
+    for _ in range(ROUNDS):
+        invalid = platform.invoke(NAME, {"kind": "invalid"})
+        assert invalid.status_code == 422, invalid.text
+        assert invalid.headers["X-Thaw-Error"] == "tenant"
+        assert invalid.json() == {"error": {"code": "invalid_input", "field": "prompt",
+                                            "message": "prompt must not be empty"}}
+        for status in (404, 429, 500, 503):
+            answer = platform.invoke(NAME, {"kind": "http", "status": status})
+            assert answer.status_code == status, answer.text
+            assert answer.headers["X-Thaw-Error"] == "tenant"
+            assert answer.json() == {"error": {"code": "http_error",
+                                               "message": f"answered {status} on purpose"}}
+
+    # Still serving: no circuit opened, the warm instance kept.
+    ok = platform.invoke(NAME, {"kind": "ok"})
+    assert ok.status_code == 200 and ok.json() == {"ok": True}, ok.text
+    assert ok.headers["X-Thaw-Start"] == "warm"
+    metrics = platform.http.get("/metrics").text
+    assert not re.search(rf'thaw_circuit_state\{{[^}}]*name="dev/{NAME}"[^}}]*\}} [12]',
+                         metrics), metrics
+    # Metrics keep the status the caller got (a series per start kind).
+    counted = sum(float(m.group(1)) for m in re.finditer(
+        rf'thaw_invocations_total\{{(?=[^}}]*function="dev/{NAME}")(?=[^}}]*status="422")'
+        rf'[^}}]*\}} (\S+)', metrics))
+    assert counted == ROUNDS, metrics
+
+
+def test_a_crash_is_a_500_with_its_traceback_only_in_the_logs(
+        platform: RunningPlatform) -> None:
+    assert platform.deploy(FIXTURES / "tenant_errors_rt").status_code == 201
+    crash = platform.invoke(NAME, {"kind": "crash"})
+    assert crash.status_code == 500, crash.text
+    assert "X-Thaw-Error" not in crash.headers
+    assert crash.json() == {"error": {
+        "code": "handler_error", "message": "RuntimeError: the handler failed inside crunch()"}}
+    assert "Traceback" not in crash.text
+
+    lines: list[str] = []
+    for _ in range(100):
+        reply = platform.http.get(f"/v1/functions/{NAME}/logs", params={"tail": "1000"})
+        assert reply.status_code == 200, reply.text
+        lines = [json.loads(line)["line"] for line in reply.text.splitlines() if line]
+        if any("the handler failed inside crunch()" in line for line in lines):
+            break
+        time.sleep(0.1)
+    assert any(line.startswith("Traceback") for line in lines), lines
+    assert any("the handler failed inside crunch()" in line for line in lines), lines
