@@ -7,9 +7,15 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import time
+from pathlib import Path
 
-from tests.conftest import FIXTURES, RunningPlatform
+import pytest
+
+from tests.conftest import FIXTURES, RunningPlatform, running
+from tests.wheels import fake_attrs_index
+from thaw.ops.services import LocalPlatform
 
 NAME = "tenant-errors-rt"
 # More than the function breaker's threshold (breaker_failures, 5 by default) of each.
@@ -67,3 +73,28 @@ def test_a_crash_is_a_500_with_its_traceback_only_in_the_logs(
         time.sleep(0.1)
     assert any(line.startswith("Traceback") for line in lines), lines
     assert any("the handler failed inside crunch()" in line for line in lines), lines
+
+
+def test_a_function_in_its_own_environment_imports_them_too(
+        tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
+    # Its environment holds its own packages and a copy of the runtime package alone
+    # (docs/environments.md): the errors come with that copy.
+    index = fake_attrs_index(tmp_path_factory.mktemp("index"))
+    index.chmod(0o755)  # the builder's uid reads it
+    folder = tmp_path / "own-env"
+    shutil.copytree(FIXTURES / "tenant_errors_rt", folder)
+    (folder / "requirements.txt").write_text("thawtiny==1.0\n")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("THAW_ENV_INDEX_URL", str(index))
+        home = tmp_path_factory.mktemp("thaw-home")
+        with running(LocalPlatform(home, gateway_port=0, host_devices="1x2GiB")) as p:
+            fn = p.deploy(folder).json()
+            assert fn["state"] == "ready", fn
+            envs = home / "agent" / "local" / "envs"
+            assert [e for e in envs.iterdir() if not e.name.startswith(".")], "no environment"
+            invalid = p.invoke(NAME, {"kind": "invalid"})
+            assert invalid.status_code == 422, invalid.text
+            assert invalid.headers["X-Thaw-Error"] == "tenant"
+            assert invalid.json()["error"]["field"] == "prompt"
+            teapot = p.invoke(NAME, {"kind": "http", "status": 418})
+            assert teapot.status_code == 418, teapot.text
