@@ -68,7 +68,8 @@ def build_manifest(capture: Mapping[str, Any], *, function: str, version: str,
             **{k: str(fp.get(k) or "") for k in FINGERPRINT_FIELDS}),
         setup_seconds=float(timings.get("setup", 0.0)),
         import_seconds=float(timings.get("import", 0.0)),
-        capture_seconds=float(timings.get("capture", 0.0)))
+        capture_seconds=float(timings.get("capture", 0.0)),
+        input_schema=str(capture.get("input_schema") or ""))
 
 
 def capture_json(manifest: manifest_pb2.SnapshotManifest) -> dict[str, Any]:
@@ -85,6 +86,7 @@ def capture_json(manifest: manifest_pb2.SnapshotManifest) -> dict[str, Any]:
         "device_size": manifest.device.size,
         "timings": {"import": manifest.import_seconds, "setup": manifest.setup_seconds,
                     "capture": manifest.capture_seconds},
+        "input_schema": manifest.input_schema,
     }
 
 

@@ -30,6 +30,7 @@ from typing import Any
 from . import secretenv
 from .events import describe_exception
 from .gpuinfo import capability_text, nvml_gpu_facts, read_proc_driver
+from .signature import handler_schema
 from .snapshot import (
     BYTEARRAY_TAG,
     BYTES_TAG,
@@ -393,6 +394,7 @@ def capture(
         timings=dict(timings),
         host_size=host_size,
         device_size=device_size,
+        input_schema=handler_schema(handler),
     )
     meta.dump(out_dir / SNAPSHOT_FILE)
     return meta

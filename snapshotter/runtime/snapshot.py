@@ -114,6 +114,8 @@ class SnapshotMeta:
     host_size: int
     device_size: int
     format: int = FORMAT_VERSION
+    input_schema: str = ""
+    """predict()'s input schema as JSON (signature.py); "": none."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -124,6 +126,7 @@ class SnapshotMeta:
             "timings": self.timings,
             "host_size": self.host_size,
             "device_size": self.device_size,
+            "input_schema": self.input_schema,
         }
 
     @classmethod
@@ -139,6 +142,7 @@ class SnapshotMeta:
             timings=dict(record.get("timings", {})),
             host_size=int(record["host_size"]),
             device_size=int(record["device_size"]),
+            input_schema=str(record.get("input_schema") or ""),
         )
 
     @classmethod
