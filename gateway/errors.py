@@ -92,7 +92,15 @@ class IdempotencyKeyReused(errors.InvalidArgument):
     code = "idempotency_key_reused"
 
 
+class InputRejected(errors.InvalidArgument):
+    """A call's JSON body does not match the function's typed inputs; `field` is the
+    path of the input at fault ("text", "items.2")."""
+
+    code = "invalid_input"
+
+
 STATUS: dict[type[errors.ThawError], int] = {
+    InputRejected: 422,
     PayloadTooLarge: 413,
     errors.BundleTooLarge: 413,
     IdempotencyKeyReused: 422,

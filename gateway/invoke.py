@@ -21,7 +21,8 @@ from aiohttp import web
 
 from thaw.core.errors import NotFound
 from thaw.gateway.admit import admit, new_call
-from thaw.gateway.priority import call_knobs
+from thaw.gateway.inputs import checked_body
+from thaw.gateway.priority import call_knobs, function_knobs
 from thaw.gateway.relay import done_within, relay
 from thaw.gateway.request import call_headers, forwarded_path, parse_invoke, read_body
 from thaw.gateway.state import FUNCTION_KEY, GATEWAY_KEY, START_KEY
@@ -43,6 +44,9 @@ async def invoke(request: web.Request) -> web.StreamResponse:
     # gateway's.
     priority, limit, described = await call_knobs(request, gw, p, tenant, name)
     body = await read_body(request, limit, described)
+    # Typed inputs are checked here, before any instance is touched (422 on a mismatch).
+    knobs = await function_knobs(request, gw, tenant, name)
+    body = await checked_body(knobs.input_schema, body)
     call = new_call(request, tenant, name, forwarded_path(request), body,
                     call_headers(request), ask.timeout, priority)
     request[FUNCTION_KEY] = call.function

@@ -52,6 +52,8 @@ class FunctionKnobs:
     """The function's default priority; None: the key's."""
     max_body: int
     """Its thaw.toml `limits.max_body` in bytes; 0: the gateway's max_body_bytes."""
+    input_schema: str = ""
+    """Its active version's input schema (JSON text, gateway/inputs.py); "": none."""
 
 
 def knobs_of(fn: scheduler_pb2.FunctionInfo) -> FunctionKnobs:
@@ -59,7 +61,8 @@ def knobs_of(fn: scheduler_pb2.FunctionInfo) -> FunctionKnobs:
         max_body = config_of(fn.config_json).max_body
     except ValueError:
         max_body = 0  # a config this gateway cannot read: the gateway's limit holds
-    return FunctionKnobs(priority=fn.priority or None, max_body=max_body)
+    return FunctionKnobs(priority=fn.priority or None, max_body=max_body,
+                         input_schema=fn.input_schema)
 
 
 class FunctionDefaults:
@@ -125,6 +128,12 @@ async def call_priority(request: web.Request, gw: Gateway, p: scheduler_pb2.Prin
         return asked
     knobs = await _defaults(request.app).get(gw.scheduler, tenant, name)
     return _priority(None, p, knobs)
+
+
+async def function_knobs(request: web.Request, gw: Gateway, tenant: str, name: str
+                         ) -> FunctionKnobs:
+    """tenant/name's cached knobs (one scheduler look per DEFAULT_CACHE_SECONDS)."""
+    return await _defaults(request.app).get(gw.scheduler, tenant, name)
 
 
 async def call_knobs(request: web.Request, gw: Gateway, p: scheduler_pb2.Principal,

@@ -144,6 +144,9 @@ class ControlPlane:
     async def snapshot_bytes(self, fn: FunctionRecord) -> int:
         return await self.tiers.snapshot_bytes(fn)
 
+    async def snapshot_facts(self, fn: FunctionRecord) -> tuple[int, str]:
+        return await self.tiers.snapshot_facts(fn)
+
     async def snapshot_tiers(self, fn: FunctionRecord) -> tuple[list[str], list[str]]:
         return await self.tiers.snapshot_tiers(fn)
 

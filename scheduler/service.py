@@ -52,13 +52,14 @@ def version_info(v: VersionRecord, fn: FunctionRecord) -> scheduler_pb2.VersionI
 
 async def _function_fields(control: ControlPlane, fn: FunctionRecord
                            ) -> scheduler_pb2.FunctionInfo:
+    snapshot_bytes, input_schema = await control.snapshot_facts(fn)
     return scheduler_pb2.FunctionInfo(
         tenant=fn.tenant, name=fn.name, version=str(fn.version), state=fn.state.value,
         reason=fn.reason, start_mode=fn.start_mode, handler=fn.handler,
-        bundle_digest=fn.bundle_digest, snapshot_bytes=await control.snapshot_bytes(fn),
+        bundle_digest=fn.bundle_digest, snapshot_bytes=snapshot_bytes,
         config_json=json.dumps(fn.spec.to_dict()), created_at=fn.created_at,
         updated_at=fn.updated_at, warm_instances=control.warm_count(fn.id),
-        priority=fn.priority or 0)
+        priority=fn.priority or 0, input_schema=input_schema)
 
 
 def request_priority(priority: int) -> int:

@@ -5,6 +5,7 @@ restore, and garbage collection of what no kept version uses."""
 from __future__ import annotations
 
 import structlog
+from cachetools import LRUCache
 
 from thaw.core.errors import FunctionUnavailable, NotFound, ThawError
 from thaw.proto import manifest_pb2
@@ -15,6 +16,10 @@ from thaw.scheduler.store import FunctionRecord
 from thaw.snapshotter.manifest import manifest_key
 
 log = structlog.get_logger()
+
+# Input schemas by snapshot id: a function's record is read far more often than a
+# manifest changes (never, once ready), and a manifest is worth parsing once.
+_SCHEMAS: LRUCache[str, str] = LRUCache(maxsize=4096)
 
 
 class Tiers:
@@ -104,10 +109,22 @@ class Tiers:
         return [n.id for n in targets], total
 
     async def snapshot_bytes(self, fn: FunctionRecord) -> int:
+        return (await self.snapshot_facts(fn))[0]
+
+    async def snapshot_facts(self, fn: FunctionRecord) -> tuple[int, str]:
+        """The active snapshot's stored bytes and the input schema its build read
+        (docs/function-api.md; "" for none), from one read of its record."""
         if not fn.snapshot_id:
-            return 0
+            return 0, ""
         store = self.s.store
-        return (await store.run(store.get_snapshot, fn.snapshot_id)).stored_bytes
+        snap = await store.run(store.get_snapshot, fn.snapshot_id)
+        schema = _SCHEMAS.get(snap.id)
+        if schema is None:
+            schema = (manifest_pb2.SnapshotManifest.FromString(snap.manifest).input_schema
+                      if snap.state is SnapshotState.READY and snap.manifest else "")
+            if snap.state is SnapshotState.READY:
+                _SCHEMAS[snap.id] = schema  # a ready snapshot's manifest never changes
+        return snap.stored_bytes, schema
 
     async def snapshot_tiers(self, fn: FunctionRecord) -> tuple[list[str], list[str]]:
         """(nodes whose disk tier holds the active snapshot, nodes whose pinned tier
