@@ -34,6 +34,9 @@ log = structlog.get_logger()
 
 # Distinct schemas kept as validators (one per function version in use).
 CHECKER_CACHE_ENTRIES = 1024
+# The largest schema used (the runtime writes none larger: signature.py
+# MAX_SCHEMA_BYTES; a larger one came from elsewhere and is ignored).
+MAX_SCHEMA_BYTES = 64 * 1024
 # Bodies past this are checked in a worker thread, off the event loop.
 INLINE_CHECK_BYTES = 256 * 1024
 
@@ -148,18 +151,27 @@ def _adapter(schema: dict[str, Any], patterns: bool) -> tuple[TypeAdapter[Any], 
     return TypeAdapter(inputs), defaults
 
 
+def read_schema(schema_json: str) -> dict[str, Any] | None:
+    """An input schema as a dict; None for "", for one past MAX_SCHEMA_BYTES or not
+    an object schema (the function is then treated as declaring none)."""
+    if not schema_json or len(schema_json) > MAX_SCHEMA_BYTES:
+        return None
+    try:
+        schema = json.loads(schema_json)
+    except (ValueError, RecursionError):
+        log.warning("function input schema is not readable JSON; calls are not checked")
+        return None
+    if not isinstance(schema, dict) or schema.get("type") != "object":
+        return None
+    return schema
+
+
 @functools.lru_cache(maxsize=CHECKER_CACHE_ENTRIES)
 def checker_of(schema_json: str) -> InputChecker | None:
     """The validator of one input schema (JSON text); None for "" or a schema this
     gateway cannot use (the calls then go through unchecked, as without a schema)."""
-    if not schema_json:
-        return None
-    try:
-        schema = json.loads(schema_json)
-    except ValueError:
-        log.warning("function input schema is not JSON; calls are not checked")
-        return None
-    if not isinstance(schema, dict) or schema.get("type") != "object":
+    schema = read_schema(schema_json)
+    if schema is None:
         return None
     try:
         adapter, defaults = _adapter(schema, patterns=True)

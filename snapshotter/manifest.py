@@ -19,6 +19,7 @@ from thaw.snapshotter.runtime.gpuinfo import (
     driver_version_text,
     family_name,
 )
+from thaw.snapshotter.runtime.signature import MAX_SCHEMA_BYTES
 from thaw.snapshotter.runtime.snapshot import Fingerprint as RuntimeFingerprint
 
 MANIFEST_FORMAT = 1
@@ -51,6 +52,13 @@ def chunk_dicts(arena: manifest_pb2.Arena) -> list[dict[str, Any]]:
             for c in arena.chunks]
 
 
+def _bounded_schema(value: object) -> str:
+    # snapshot.json is written inside the tenant's instance: a schema past what the
+    # runtime writes is not carried to every gateway.
+    text = value if isinstance(value, str) else ""
+    return text if len(text.encode()) <= MAX_SCHEMA_BYTES else ""
+
+
 def build_manifest(capture: Mapping[str, Any], *, function: str, version: str,
                    pickle: manifest_pb2.Arena, host: manifest_pb2.Arena,
                    device: manifest_pb2.Arena) -> manifest_pb2.SnapshotManifest:
@@ -69,7 +77,7 @@ def build_manifest(capture: Mapping[str, Any], *, function: str, version: str,
         setup_seconds=float(timings.get("setup", 0.0)),
         import_seconds=float(timings.get("import", 0.0)),
         capture_seconds=float(timings.get("capture", 0.0)),
-        input_schema=str(capture.get("input_schema") or ""))
+        input_schema=_bounded_schema(capture.get("input_schema")))
 
 
 def capture_json(manifest: manifest_pb2.SnapshotManifest) -> dict[str, Any]:

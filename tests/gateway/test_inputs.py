@@ -107,3 +107,28 @@ def test_large_bodies_are_checked_too() -> None:
     schema = json.dumps({"type": "object", "properties": {"t": {"type": "string"}}})
     assert rejected(json.dumps({"t": 5, "pad": text}).encode(), schema).field == "t"
     assert json.loads(check(json.dumps({"t": text}).encode(), schema))["t"] == text
+
+
+def test_oversized_or_absurdly_deep_schemas_check_nothing() -> None:
+    # The schema is written inside the tenant's instance: the gateway must not choke.
+    deep = ('{"type": "object", "properties": {"a": '
+            + '{"type": "array", "items": ' * 3000 + "{}" + "}" * 3000 + "}}")
+    assert checker_of(deep) is None
+    huge = json.dumps({"type": "object", "properties": {"a": {"description": "d" * 70_000}}})
+    assert checker_of(huge) is None
+
+
+def test_the_manifest_carries_only_a_bounded_schema() -> None:
+    from thaw.proto import manifest_pb2
+    from thaw.snapshotter.manifest import build_manifest, capture_json
+
+    arena = manifest_pb2.Arena()
+
+    def built(schema: object) -> manifest_pb2.SnapshotManifest:
+        return build_manifest({"input_schema": schema}, function="t/f", version="1",
+                              pickle=arena, host=arena, device=arena)
+
+    assert built(SCHEMA).input_schema == SCHEMA
+    assert capture_json(built(SCHEMA))["input_schema"] == SCHEMA
+    assert built("x" * 70_000).input_schema == ""
+    assert built(["not", "text"]).input_schema == ""
