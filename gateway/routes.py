@@ -24,6 +24,7 @@ from thaw.gateway import (
     environments,
     images,
     logs,
+    oip,
     priority,
     secrets,
     snapshots,
@@ -61,6 +62,7 @@ FEATURES: tuple[Feature, ...] = (
     secrets,
     volumes,
     images,
+    oip,
 )
 
 

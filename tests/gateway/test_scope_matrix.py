@@ -69,6 +69,11 @@ ROUTES: dict[tuple[str, str], str] = {
     # The nodes' per-function Python environments.
     ("GET", "/v1/nodes/environments"): "operator",
     ("POST", "/v1/nodes/environments/gc"): "operator",
+    # Open Inference v2 (gateway/oip.py): health public, models as /v1/models.
+    ("GET", "/v2"): "public", ("GET", "/v2/health/live"): "public",
+    ("GET", "/v2/health/ready"): "public",
+    ("GET", "/v2/models/{name}"): "invoke", ("GET", "/v2/models/{name}/ready"): "invoke",
+    ("POST", "/v2/models/{name}/infer"): "invoke",
 }
 # Which callers each requirement admits.
 ADMITS = {"public": {"none", "invoke", "deploy", "admin", "operator"},
