@@ -29,13 +29,13 @@ test: $(STAMP) lint
 	$(BIN)/python -m pytest -ra $(PYTEST_ARGS)
 
 # Packages held to `mypy --strict` (every package of thaw; examples and tests are not).
-STRICT_PACKAGES := core blobstore snapshotter platform scheduler gateway ops bench
+STRICT_PACKAGES := core blobstore snapshotter platform scheduler gateway ops bench client
 # The folders of thaw.<folder>. mypy does not see the editable install's import hook
 # (thaw.<folder> -> <folder>/), and import-linter names a namespace package (platform,
 # proto) after its folder's path: both read the packages through this tree of links,
 # $(THAW_TREE)/thaw/<folder> -> <folder>, so mypy types the strict packages' imports of
 # each other and every module is thaw.<folder>.<...> to import-linter.
-FOLDERS := core proto gateway scheduler platform snapshotter blobstore ops bench
+FOLDERS := core proto gateway scheduler platform snapshotter blobstore ops bench client
 THAW_TREE := $(VENV)/thaw-tree
 
 # ruff, strict mypy, then the import contracts of .importlinter: the

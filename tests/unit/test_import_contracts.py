@@ -16,7 +16,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 FOLDERS = ("core", "proto", "gateway", "scheduler", "platform", "snapshotter", "blobstore",
-           "ops", "bench")
+           "ops", "bench", "client")
 LAYERS = "Layers: ops > bench > gateway"
 
 
