@@ -178,8 +178,11 @@ def _invoke_operation(summary: str, with_path: bool) -> dict[str, Any]:
                                         "max_body (or the gateway's max_body_bytes); "
                                         "refused before it is read when Content-Length "
                                         "says so."),
-            "422": _json(_ref("Error"), "The Idempotency-Key was used for a different "
-                                        "request."),
+            "422": _json(_ref("Error"), "The body does not match the function's typed "
+                                        "inputs (code invalid_input; `field` is the "
+                                        "input's path, see /fn/{tenant}/{name}/"
+                                        "openapi.json), or the Idempotency-Key was used "
+                                        "for a different request."),
             "404": {"description": "Not found, or the handler has no such sub-path.",
                     "content": {JSON: {"schema": _ref("Error")}}},
             "405": {"description": "The handler does not take this method.",

@@ -22,6 +22,7 @@ from thaw.gateway import (
     audit,
     dashboard,
     environments,
+    fndocs,
     images,
     logs,
     oip,
@@ -63,6 +64,7 @@ FEATURES: tuple[Feature, ...] = (
     volumes,
     images,
     oip,
+    fndocs,
 )
 
 

@@ -4,7 +4,7 @@ in defaults, and serves the function's OpenAPI document (docs/function-api.md)."
 
 from __future__ import annotations
 
-from tests.conftest import FIXTURES, RunningPlatform
+from tests.conftest import EXAMPLES, FIXTURES, RunningPlatform
 
 
 def warm_instances(platform: RunningPlatform, name: str) -> int:
@@ -35,3 +35,42 @@ def test_typed_function_checks_calls_at_the_gateway(platform: RunningPlatform) -
     assert ok.json() == {"out": "hi-hi", "tags": None, "calls": 1}
     again = platform.invoke("typed-rt", {"text": "a", "n": 3, "sep": " ", "tags": ["x"]})
     assert again.json() == {"out": "a a a", "tags": ["x"], "calls": 2}
+
+
+def test_typed_function_serves_its_openapi_document_and_docs_page(
+        platform: RunningPlatform) -> None:
+    assert platform.deploy(FIXTURES / "typed_rt").status_code == 201
+    resp = platform.http.get("/fn/dev/typed-rt/openapi.json")
+    assert resp.status_code == 200, resp.text
+    doc = resp.json()
+    assert doc["openapi"].startswith("3.")
+    call = doc["paths"]["/fn/dev/typed-rt"]["post"]
+    schema = call["requestBody"]["content"]["application/json"]["schema"]
+    assert list(schema["properties"]) == ["text", "n", "sep", "tags"]
+    assert schema["required"] == ["text"]
+    assert schema["properties"]["n"] == {"type": "integer", "default": 2, "minimum": 1,
+                                         "maximum": 5}
+    assert schema["properties"]["text"]["description"] == "Text to repeat"
+    assert "422" in call["responses"]
+
+    page = platform.http.get("/fn/dev/typed-rt/docs")
+    assert page.status_code == 200 and page.headers["Content-Type"].startswith("text/html")
+    assert "<td>text</td>" in page.text and "Text to repeat" in page.text
+    assert "<script" not in page.text
+
+    # Without a key: as for calling it, 401.
+    assert platform.http.get("/fn/dev/typed-rt/openapi.json",
+                             headers={"Authorization": ""}).status_code == 401
+    assert platform.http.get("/fn/dev/no-such-fn/openapi.json").status_code == 404
+    assert platform.http.get("/fn/other/typed-rt/openapi.json").status_code == 404
+
+
+def test_untyped_function_is_not_checked_and_documents_a_free_body(
+        platform: RunningPlatform) -> None:
+    assert platform.deploy(EXAMPLES / "echo").status_code == 201
+    doc = platform.http.get("/fn/dev/echo/openapi.json").json()
+    body = doc["paths"]["/fn/dev/echo"]["post"]["requestBody"]
+    assert body["content"]["application/json"]["schema"] == {}
+    assert "422" not in doc["paths"]["/fn/dev/echo"]["post"]["responses"]
+    # Any body reaches it, as before typed inputs existed.
+    assert platform.invoke("echo", [1, "two"]).json()["echo"] == [1, "two"]

@@ -33,6 +33,8 @@ ROUTES: dict[tuple[str, str], str] = {
     ("POST", "/v1/chat/completions"): "invoke", ("POST", "/v1/completions"): "invoke",
     ("POST", "/v1/embeddings"): "invoke",
     ("POST", "/fn/{tenant}/{name}"): "invoke", ("POST", "/fn/{tenant}/{name}/{path}"): "invoke",
+    ("GET", "/fn/{tenant}/{name}/openapi.json"): "invoke",
+    ("GET", "/fn/{tenant}/{name}/docs"): "invoke",
     # Stored invocations: any key (an invoke-only key sees its own only).
     ("GET", "/v1/invocations"): "any", ("GET", "/v1/invocations/{id}"): "any",
     ("GET", "/v1/invocations/{id}/result"): "any",
