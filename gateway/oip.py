@@ -161,8 +161,7 @@ async def infer(request: web.Request) -> web.StreamResponse:
         headers = answer_headers(ex, buffered=True)
         status = ex.status
     headers.pop("Content-Type", None)
-    if status != 200:
-        request[ERROR_CODE_KEY] = "function_error"
+    if status != 200:  # counted by its status, as a function URL's answer is
         return v2_error(status, _function_error(status, answer), headers)
     try:
         result = jsonbody.loads(answer)
