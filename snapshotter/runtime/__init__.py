@@ -26,6 +26,7 @@ from .events import (
     parse_event,
 )
 from .handler import HandlerRef, Invoker, Request
+from .inputs import Input
 from .restore import RestoreError, restore_handler
 from .snapshot import Fingerprint, SnapshotMeta, StorageEntry
 
@@ -38,6 +39,7 @@ __all__ = [
     "Fingerprint",
     "HTTPError",
     "HandlerRef",
+    "Input",
     "InvalidInput",
     "Invoker",
     "Ready",
