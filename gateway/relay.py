@@ -23,6 +23,9 @@ PASSTHROUGH_HEADERS = ("Content-Type", "Cache-Control", "X-Thaw-Instance", TENAN
 def answer_headers(ex: Exchange, buffered: bool) -> dict[str, str]:
     upstream = ex.upstream.headers
     headers = {h: upstream[h] for h in PASSTHROUGH_HEADERS if h in upstream}
+    if ex.tenant_error and "Retry-After" in upstream:
+        # A handler's own 429/503 says when to retry (HTTPError(retry_after=...)).
+        headers["Retry-After"] = upstream["Retry-After"]
     headers["X-Thaw-Start"] = ex.start
     headers["X-Thaw-Node"] = ex.lease.node_id
     if ex.lease.version:

@@ -13,6 +13,7 @@ Standard library only: this module is imported inside every instance.
 from __future__ import annotations
 
 import http
+import math
 
 # Response header the runtime sets on an answer a handler chose (one of the errors
 # below); the gateway's dispatch.py TENANT_ERROR_HEADER reads the same name.
@@ -30,11 +31,13 @@ MAX_STATUS = 599
 
 class HTTPError(Exception):
     """Answer the call with `status` (400-599 but RESERVED_STATUSES) and `detail` as the
-    error message; `field` names the input at fault, if one is."""
+    error message; `field` names the input at fault, if one is; `retry_after` (seconds,
+    for a 429 or 503) is sent as Retry-After, which clients wait for before retrying."""
 
     code = "http_error"
 
-    def __init__(self, status: int, detail: str = "", field: str | None = None) -> None:
+    def __init__(self, status: int, detail: str = "", field: str | None = None, *,
+                 retry_after: float | None = None) -> None:
         if isinstance(status, bool) or not isinstance(status, int):
             raise TypeError(f"HTTPError status must be an int, got {type(status).__name__}")
         if not MIN_STATUS <= status <= MAX_STATUS or status in RESERVED_STATUSES:
@@ -43,16 +46,28 @@ class HTTPError(Exception):
                              f"{reserved} (kept by the platform), got {status}")
         if field is not None and not isinstance(field, str):
             raise TypeError(f"HTTPError field must be a str, got {type(field).__name__}")
+        if retry_after is not None and (
+                isinstance(retry_after, bool) or not isinstance(retry_after, (int, float))
+                or not math.isfinite(retry_after) or retry_after < 0):
+            raise ValueError(f"HTTPError retry_after must be a number of seconds >= 0, "
+                             f"got {retry_after!r}")
         super().__init__(status, detail, field)
         self.status = status
         self.detail = str(detail)
         self.field = field
+        self.retry_after = retry_after
 
     def __str__(self) -> str:
         return self.detail
 
-    def __reduce__(self) -> tuple[type, tuple[int, str, str | None]]:
-        return (type(self), (self.status, self.detail, self.field))
+    def __reduce__(self) -> tuple[object, ...]:
+        # The instance's __dict__ goes along: a subclass's own attributes survive.
+        return (_rebuild, (type(self), self.status, self.detail, self.field,
+                           self.retry_after), self.__dict__)
+
+    def retry_after_header(self) -> str | None:
+        """Whole seconds, rounded up (HTTP allows no fractions); None without one."""
+        return None if self.retry_after is None else str(math.ceil(self.retry_after))
 
 
 class InvalidInput(HTTPError, ValueError):
@@ -64,8 +79,13 @@ class InvalidInput(HTTPError, ValueError):
     def __init__(self, message: str = "", field: str | None = None) -> None:
         super().__init__(422, message, field)
 
-    def __reduce__(self) -> tuple[type, tuple[str, str | None]]:  # type: ignore[override]
-        return (type(self), (self.detail, self.field))
+
+def _rebuild(cls: type[HTTPError], status: int, detail: str, field: str | None,
+             retry_after: float | None) -> HTTPError:
+    """Unpickle without calling a subclass's own __init__ (its arguments differ)."""
+    exc = cls.__new__(cls)
+    HTTPError.__init__(exc, status, detail, field, retry_after=retry_after)
+    return exc
 
 
 def tenant_error_body(exc: HTTPError) -> dict[str, dict[str, str]]:

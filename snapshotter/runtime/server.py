@@ -233,8 +233,11 @@ class InvokeRequestHandler(http.server.BaseHTTPRequestHandler):
         try:
             reply = self.server.invoker.invoke(request)
         except HTTPError as exc:
+            retry_after = exc.retry_after_header()
+            extra = _TENANT_MARK if retry_after is None else (
+                f"{_TENANT_MARK}Retry-After: {retry_after}\r\n")
             self._send(exc.status, "application/json", encode_json(tenant_error_body(exc)),
-                       _TENANT_MARK)
+                       extra)
             return
         except Exception as exc:
             status, code = next(

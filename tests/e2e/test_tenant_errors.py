@@ -39,6 +39,10 @@ def test_tenant_errors_reach_the_caller_and_leave_the_breaker_closed(
             assert answer.json() == {"error": {"code": "http_error",
                                                "message": f"answered {status} on purpose"}}
 
+        busy = platform.invoke(NAME, {"kind": "busy"})
+        assert busy.status_code == 503 and busy.headers["Retry-After"] == "3", busy.text
+        assert busy.json()["error"]["message"] == "the model is reloading"
+
     # Still serving: no circuit opened, the warm instance kept.
     ok = platform.invoke(NAME, {"kind": "ok"})
     assert ok.status_code == 200 and ok.json() == {"ok": True}, ok.text

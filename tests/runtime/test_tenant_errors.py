@@ -53,6 +53,20 @@ def test_http_error_answers_its_status(client: Client, status: int) -> None:
                                          "message": f"answered {status} on purpose"}}
 
 
+def test_retry_after_is_sent_in_whole_seconds(client: Client) -> None:
+    response = client.invoke({"kind": "busy"})
+    assert response.status == 503
+    assert response.headers["retry-after"] == "3"
+    assert response.headers[MARK] == "tenant"
+    assert "retry-after" not in client.invoke({"kind": "http", "status": 503}).headers
+
+
+@pytest.mark.parametrize("retry_after", [-1, float("nan"), float("inf"), "3", True])
+def test_retry_after_must_be_seconds(retry_after: object) -> None:
+    with pytest.raises(ValueError, match="retry_after"):
+        HTTPError(503, "no", retry_after=retry_after)  # type: ignore[arg-type]
+
+
 def test_http_error_without_detail_says_the_status_phrase(client: Client) -> None:
     response = client.invoke({"kind": "bare", "status": 404})
     assert response.status == 404
@@ -130,3 +144,14 @@ def test_invalid_input_is_a_value_error_and_survives_pickling() -> None:
     http = pickle.loads(pickle.dumps(HTTPError(409, "taken", field="name")))
     assert tenant_error_body(http) == {"error": {"code": "http_error", "message": "taken",
                                                  "field": "name"}}
+    busy = pickle.loads(pickle.dumps(Overloaded("gpu0")))
+    assert (type(busy), busy.status, busy.retry_after, busy.device) == (
+        Overloaded, 503, 1.5, "gpu0")
+
+
+class Overloaded(HTTPError):
+    """A tenant's own subclass, with arguments and attributes of its own."""
+
+    def __init__(self, device: str) -> None:
+        super().__init__(503, f"{device} is full", retry_after=1.5)
+        self.device = device
