@@ -148,16 +148,22 @@ class AsyncClient:
 class AsyncFunction:
     """As thaw.client.Function."""
 
-    def __init__(self, client: AsyncClient, name: str) -> None:
+    def __init__(self, client: AsyncClient, name: str,
+                 sub_path: str = "") -> None:
         self.client = client
         self.name = name
+        self.sub_path = sub_path.strip("/")
         self._url: str | None = None
+
+    def at(self, sub_path: str) -> AsyncFunction:
+        """The same function called at a sub-path: /fn/TENANT/NAME/SUB_PATH."""
+        return AsyncFunction(self.client, self.name, sub_path)
 
     async def url(self) -> str:
         """The function's URL as the API reports it (the function origin)."""
         if self._url is None:
             doc = (await self.client.request("GET", f"/v1/functions/{self.name}")).json()
-            self._url = str(doc["url"])
+            self._url = str(doc["url"]) + (f"/{self.sub_path}" if self.sub_path else "")
         return self._url
 
     async def call(self, **inputs: Any) -> Any:

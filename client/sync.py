@@ -156,17 +156,22 @@ class Client:
 class Function:
     """A deployed function: JSON in (its keyword arguments), JSON out."""
 
-    def __init__(self, client: Client, name: str) -> None:
+    def __init__(self, client: Client, name: str, sub_path: str = "") -> None:
         self.client = client
         self.name = name
+        self.sub_path = sub_path.strip("/")
         self._url: str | None = None
+
+    def at(self, sub_path: str) -> Function:
+        """The same function called at a sub-path: /fn/TENANT/NAME/SUB_PATH."""
+        return Function(self.client, self.name, sub_path)
 
     @property
     def url(self) -> str:
         """The function's URL as the API reports it (the function origin)."""
         if self._url is None:
             doc = self.client.request("GET", f"/v1/functions/{self.name}").json()
-            self._url = str(doc["url"])
+            self._url = str(doc["url"]) + (f"/{self.sub_path}" if self.sub_path else "")
         return self._url
 
     def call(self, **inputs: Any) -> Any:

@@ -69,7 +69,20 @@ def main() -> None:
         exc.show()
         sys.exit(exc.exit_code)
     except ThawError as exc:
-        click.echo(f"error: {exc.message}", err=True)
+        # str(): an API error reads "404: no function named 'x'" (thaw.client.errors).
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_ERROR)
+    except OSError as exc:
+        where = f": {exc.filename}" if exc.filename else ""
+        click.echo(f"error: {exc.strerror or exc}{where}", err=True)
+        sys.exit(EXIT_ERROR)
+    except Exception as exc:
+        # A bug, not a refusal: one line without the exception's class, the traceback
+        # on request.
+        if os.environ.get("THAW_DEBUG"):
+            raise
+        click.echo(f"error: unexpected failure: {exc or 'no detail'} (THAW_DEBUG=1 "
+                   "shows the traceback)", err=True)
         sys.exit(EXIT_ERROR)
 
 

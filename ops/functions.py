@@ -12,8 +12,9 @@ from typing import Any
 import click
 import httpx
 
+from thaw.client.sse import EventReader
 from thaw.core.bundle import MAX_BUNDLE_BYTES
-from thaw.core.errors import BundleTooLarge, ThawError
+from thaw.core.errors import BundleTooLarge
 from thaw.core.units import format_size
 from thaw.ops.client import Client
 from thaw.ops.output import console, print_table
@@ -86,27 +87,47 @@ def deploy(target: str, no_wait: bool, dry_run: bool, force: bool) -> None:
     else:
         fn = _deploy_whole(bundle, label, no_wait, force, uploaded, started)
     seconds = uploaded[0] if uploaded else 0.0
+    _report(fn, len(bundle), seconds, time.perf_counter() - started - seconds, no_wait)
+
+
+def _report(fn: dict[str, Any], size: int, upload_seconds: float, build_seconds: float,
+            no_wait: bool) -> None:
+    """What the deploy did, in words: kept unchanged, queued (--no-wait), built and
+    serving, or failed (exit 1) and which version serves instead. The URL is the last
+    line of stdout whenever the function has one."""
+    name, version = fn["name"], fn["version"]
     if fn.get("unchanged"):
         # The same bytes as the serving version (bundles pack reproducibly).
-        click.echo(f"uploaded {format_size(len(bundle))} in {seconds:.2f}s, nothing to "
+        click.echo(f"uploaded {format_size(size)} in {upload_seconds:.2f}s, nothing to "
                    "build", err=True)
-        console.print(f"[bold]{fn['name']}[/] unchanged, version {fn['version']} kept "
+        console.print(f"[bold]{name}[/] unchanged, version {version} kept "
                       f"(nothing built): {fn['state']} ({fn['start_mode']} starts)")
         click.echo(fn["url"])
         return
-    click.echo(f"uploaded {format_size(len(bundle))} in {seconds:.2f}s, built in "
-               f"{time.perf_counter() - started - seconds:.1f}s", err=True)
-    console.print(f"[bold]{fn['name']}[/] v{fn['version']}: {fn['state']} "
-                  f"({fn['start_mode']} starts)")
+    latest = fn.get("latest_build") or {}
+    if no_wait and fn["state"] != "failed" and latest.get("state") != "failed":
+        click.echo(f"uploaded {format_size(size)} in {upload_seconds:.2f}s; the snapshot "
+                   "build goes on without this command", err=True)
+        building = latest.get("version", version)
+        console.print(f"[bold]{name}[/] v{building}: uploaded, {latest.get('state') or fn['state']}"
+                      f" (not waited for: `thaw fn status {name}` shows when it is ready)")
+        click.echo(fn["url"])
+        return
+    click.echo(f"uploaded {format_size(size)} in {upload_seconds:.2f}s, built in "
+               f"{build_seconds:.1f}s", err=True)
+    console.print(f"[bold]{name}[/] v{version}: {fn['state']} ({fn['start_mode']} starts)")
     if fn.get("reason"):
         console.print(f"  {fn['reason']}")
     click.echo(fn["url"])
-    latest = fn.get("latest_build") or {}
     if latest.get("state") == "failed" and fn["state"] == "ready":
         # A redeploy whose build failed: the version that served before still does.
         console.print(f"  version {latest['version']} failed to build: {latest['reason']}; "
-                      f"version {fn['version']} still serves")
+                      f"version {version} still serves")
     if fn["state"] == "failed" or latest.get("state") == "failed":
+        click.echo(f"error: the deploy failed: the build of {name} did not finish "
+                   f"(`thaw fn logs {name}` shows its output)"
+                   + ("" if fn["state"] == "ready" else "; no version of it serves"),
+                   err=True)
         sys.exit(1)
 
 
@@ -136,7 +157,13 @@ def _deploy_whole(bundle: bytes, label: str, no_wait: bool, force: bool,
 
 @click.command()
 @click.argument("name")
-@click.option("--data", "-d", default="{}", help="JSON body to send.")
+@click.option("--data", "-d", default="{}", metavar="JSON|@FILE|-",
+              help="The body: JSON text, @FILE for a file's bytes, - for stdin. "
+                   "Default: {}.")
+@click.option("--path", "sub_path", default="", metavar="SUB",
+              help="Call the function's sub-path SUB (/fn/TENANT/NAME/SUB).")
+@click.option("--header", "-H", "header_lines", multiple=True, metavar="K:V",
+              help="A request header, e.g. -H 'Content-Type: text/plain' (repeatable).")
 @click.option("--stream", is_flag=True, help="Ask for Server-Sent Events and print them.")
 @click.option("--priority", type=click.IntRange(1, 100), default=None,
               help="1-100 (X-Thaw-Priority, up to the key's priority_max): the call's "
@@ -145,34 +172,63 @@ def _deploy_whole(bundle: bytes, label: str, no_wait: bool, force: bool,
 @click.option("--async", "run_async", is_flag=True,
               help="Queue the call and return at once (Prefer: respond-async): prints "
                    "the invocation's id and URL; see `thaw inv`.")
-def invoke(name: str, data: str, stream: bool, priority: int | None, run_async: bool) -> None:
-    """Call function NAME of your tenant with a JSON body."""
+def invoke(name: str, data: str, sub_path: str, header_lines: tuple[str, ...],
+           stream: bool, priority: int | None, run_async: bool) -> None:
+    """Call function NAME of your tenant (POST, a JSON body unless -H says otherwise)."""
     if stream and run_async:
         raise click.UsageError("--stream and --async exclude each other (an async "
                                "invocation's result is its whole output: thaw inv result)")
+    body = read_body(data)
+    headers = {"Content-Type": "application/json", **parse_headers(header_lines)}
     client = Client(timeout=600)
     fns = {f["name"]: f for f in client.request("GET", "/v1/functions").json()["functions"]}
     if name not in fns:
         raise click.ClickException(f"no function named {name!r}")
     path = "/fn/" + fns[name]["url"].split("/fn/", 1)[1]
-    headers = {"Content-Type": "application/json"}
+    if sub_path.strip("/"):
+        path += "/" + sub_path.strip("/")
     if priority is not None:
         headers["X-Thaw-Priority"] = str(priority)
     if run_async:
         from thaw.ops.invocations import submit_async
 
-        submit_async(client, path, data.encode(), headers)
+        submit_async(client, path, body, headers)
         return
     if stream:
         headers["Accept"] = "text/event-stream"
-        with client.stream("POST", path, content=data.encode(), headers=headers) as resp:
+        with client.stream("POST", path, content=body, headers=headers) as resp:
             print_stream(resp)
             click.echo(f"# start={resp.headers.get('X-Thaw-Start')}", err=True)
         return
-    resp = client.request("POST", path, content=data.encode(), headers=headers)
+    resp = client.request("POST", path, content=body, headers=headers)
     click.echo(resp.text.rstrip("\n"))
     click.echo(f"# start={resp.headers.get('X-Thaw-Start')} "
                f"timing={resp.headers.get('Server-Timing')}", err=True)
+
+
+def read_body(data: str) -> bytes:
+    """-d's body: `-` is stdin, `@FILE` a file's bytes, anything else the text itself."""
+    if data == "-":
+        return sys.stdin.buffer.read()
+    if data.startswith("@"):
+        path = Path(data[1:]).expanduser()
+        try:
+            return path.read_bytes()
+        except OSError as exc:
+            raise click.BadParameter(f"cannot read {path}: {exc.strerror or exc}",
+                                     param_hint="'--data'") from exc
+    return data.encode()
+
+
+def parse_headers(lines: tuple[str, ...]) -> dict[str, str]:
+    """-H 'Key: value' lines as a dict; a line without a colon or a name is refused."""
+    headers: dict[str, str] = {}
+    for line in lines:
+        key, sep, value = line.partition(":")
+        if not sep or not key.strip() or any(c.isspace() for c in key.strip()):
+            raise click.BadParameter(f"{line!r} is not K:V", param_hint="'--header'")
+        headers[key.strip()] = value.strip()
+    return headers
 
 
 def print_stream(resp: httpx.Response) -> None:
@@ -182,21 +238,13 @@ def print_stream(resp: httpx.Response) -> None:
         for line in resp.iter_lines():
             click.echo(line)
         return
-    event, data = "message", []
+    reader = EventReader()
     for line in resp.iter_lines():
-        if line.startswith("event:"):
-            event = line[6:].strip()
-        elif line.startswith("data:"):
-            data.append(line[5:].removeprefix(" "))
-        elif not line:
-            payload, data = "\n".join(data), []
-            if event == "error":
-                raise ThawError(f"the function failed midway: {payload}")
-            if event == "done":
-                return
-            if payload:
-                click.echo(payload)
-            event = "message"
+        payload = reader.feed(line)
+        if reader.done:
+            return
+        if payload is not None:
+            click.echo(payload)
 
 
 @click.group()
