@@ -292,3 +292,15 @@ def test_async_function_call_and_stream() -> None:
             return await fn.call(a=1), [e async for e in fn.stream()]
 
     assert asyncio.run(run()) == ({"a": 1}, ["x", "y"])
+
+
+def test_a_sub_path_is_called_under_the_function_url() -> None:
+    seen: list[str] = []
+
+    def route(request: httpx.Request) -> httpx.Response:
+        seen.append(str(request.url))
+        return httpx.Response(200, text="ok", headers={"Content-Type": "text/plain"})
+
+    fn = routed(route).function("embed")
+    assert fn.at("/v1/completions/").call() == "ok"
+    assert seen == [f"{FN_URL}/v1/completions"] and fn.url == FN_URL
