@@ -6,15 +6,25 @@ from __future__ import annotations
 
 import socket
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import click
 import pytest
+import structlog
 
 from thaw.client.credentials import DEV_URL_FILE, credentials, gateway_url
 from thaw.ops import cli as cli_module
 from thaw.ops.functions import _report, parse_headers, read_body
+
+
+@pytest.fixture(autouse=True)
+def keep_structlog() -> Iterator[None]:
+    """cli() points structlog at this test's captured stderr: put back what was."""
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
 
 
 @pytest.fixture()
@@ -139,3 +149,39 @@ def test_a_bug_is_one_line_without_its_class(clean_env: Path,
     monkeypatch.setenv("THAW_DEBUG", "1")
     with pytest.raises(KeyError):
         cli_module.main()
+
+
+def test_invoke_with_a_sub_path_a_header_and_a_file_body(
+        platform: Any, tmp_path: Path) -> None:
+    import json
+    import os
+    import subprocess
+
+    from tests.conftest import FIXTURES
+
+    assert platform.deploy(FIXTURES / "echo_rt", force=False).status_code in (200, 201)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("THAW_")}
+    env.update({"THAW_URL": platform.url, "THAW_API_KEY": platform.key,
+                "THAW_HOME": str(tmp_path / "none"),
+                "THAW_CONFIG_FILE": str(tmp_path / "absent.toml")})
+    (tmp_path / "body.json").write_text('{"from": "file"}')
+
+    def thaw(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "thaw.ops", *args], env=env,
+                              input=stdin, capture_output=True, text=True, timeout=300)
+
+    result = thaw("invoke", "echo-rt", "--path", "/a/b", "-d", f"@{tmp_path / 'body.json'}",
+                  "-H", "Content-Type: application/json; charset=utf-8")
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout)
+    assert answer["path"] == "/a/b" and answer["json"] == {"from": "file"}
+    assert {k.lower(): v for k, v in answer["headers"].items()}["content-type"] == (
+        "application/json; charset=utf-8")
+
+    piped = thaw("invoke", "echo-rt", "-d", "-", stdin='{"from": "stdin"}')
+    assert piped.returncode == 0, piped.stderr
+    assert json.loads(piped.stdout)["json"] == {"from": "stdin"}
+
+    missing = thaw("invoke", "no-such-function")
+    assert missing.returncode == 1
+    assert missing.stderr.strip() == "Error: no function named 'no-such-function'"
