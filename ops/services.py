@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 import httpx
 
+from thaw.client.credentials import DEV_URL_FILE
 from thaw.core import eventloop
 from thaw.core.config import AgentConfig, GatewayConfig, SchedulerConfig, default_home
 from thaw.core.logs import configure_logging
@@ -102,12 +103,14 @@ def agent(port_file: Path | None, sets: tuple[str, ...], config_file: Path | Non
     eventloop.run(serve(config, port_file), use_uvloop=config.uvloop)
 
 
-def _wait_for_file(path: Path, proc: subprocess.Popen[bytes], what: str) -> str:
+def _wait_for_file(path: Path, proc: subprocess.Popen[bytes], what: str,
+                   log: Path | None = None) -> str:
     deadline = time.monotonic() + SERVICE_START_SECONDS
     while time.monotonic() < deadline:
         if proc.poll() is not None:
+            where = f"see {log}" if log else "see its log above"
             raise click.ClickException(f"the {what} exited with code {proc.returncode}; "
-                                       "see its log above")
+                                       f"{where}")
         if path.exists() and path.read_text().strip():
             return path.read_text().strip()
         time.sleep(0.05)
@@ -120,12 +123,19 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
 
 
+# Under $THAW_HOME: `thaw up`'s services log here, one file each.
+SERVICE_LOGS = "service-logs"
+
+
 class LocalPlatform:
     """The scheduler, an agent and the gateway as child processes of `thaw up`."""
 
     def __init__(self, home: Path, gateway_port: int | None, host_devices: str | None,
-                 agents: int = 1) -> None:
+                 agents: int = 1, log_dir: Path | None = None) -> None:
         self.home = home
+        self.log_dir = log_dir
+        """Where each service's output goes (<name>.log); None: this process's own
+        stdout and stderr."""
         self.gateway_port = gateway_port
         self.host_devices = host_devices
         self.agents = agents
@@ -142,11 +152,27 @@ class LocalPlatform:
     def _start(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
         # Own session: a terminal's Ctrl-C reaches only `thaw up`, which then stops the
         # services in order; PDEATHSIG covers `thaw up` itself being killed.
-        proc = subprocess.Popen([sys.executable, "-m", "thaw.ops", *args],
-                                env={**os.environ, **env}, preexec_fn=_die_with_parent,
-                                start_new_session=True)
+        log = self.log_of(name)
+        output = None
+        if log is not None:
+            log.parent.mkdir(parents=True, exist_ok=True)
+            output = open(log, "ab")  # noqa: SIM115 (the child holds it; closed below)
+        try:
+            proc = subprocess.Popen([sys.executable, "-m", "thaw.ops", *args],
+                                    env={**os.environ, **env}, preexec_fn=_die_with_parent,
+                                    start_new_session=True, stdout=output,
+                                    stderr=subprocess.STDOUT if output else None)
+        finally:
+            if output is not None:
+                output.close()
         self.procs.append((name, proc))
         return proc
+
+    def log_of(self, name: str) -> Path | None:
+        """The file service `name` ("scheduler", "agent local", ...) logs to, if any."""
+        if self.log_dir is None:
+            return None
+        return self.log_dir / (name.replace(" ", "-") + ".log")
 
     def start(self) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
@@ -160,7 +186,9 @@ class LocalPlatform:
                 "scheduler", "--port-file", str(ports / "scheduler"),
                 "--dev-key-file", str(self.home / "dev-key")],
                 {**env, "THAW_SCHEDULER_LISTEN": "127.0.0.1:0"})
-            address = f"127.0.0.1:{_wait_for_file(ports / 'scheduler', sched, 'scheduler')}"
+            bound = _wait_for_file(ports / "scheduler", sched, "scheduler",
+                                   self.log_of("scheduler"))
+            address = f"127.0.0.1:{bound}"
             self.scheduler_address = address
             for index in range(self.agents):
                 node_id = "local" if self.agents == 1 else f"node{index}"
@@ -180,7 +208,8 @@ class LocalPlatform:
             port_file = Path(tmp) / f"agent-{node_id}"
             proc = self._start(f"agent {node_id}", [
                 "agent", "--port-file", str(port_file)], env)
-            control, data = _wait_for_file(port_file, proc, f"agent {node_id}").split()
+            control, data = _wait_for_file(port_file, proc, f"agent {node_id}",
+                                           self.log_of(f"agent {node_id}")).split()
         self.agent_ports[node_id] = (control, data)
 
     def restart_agent(self, node_id: str = "local", kill: bool = False) -> None:
@@ -217,8 +246,9 @@ class LocalPlatform:
                 "--function-port-file", str(ports / "functions")], {
                 "THAW_HOME": str(self.home), "THAW_SCHEDULER_ADDRESS": self.scheduler_address,
                 **self._gateway_port_env(), **env})
-            self.url = f"http://127.0.0.1:{_wait_for_file(ports / 'gateway', gw, 'gateway')}"
-            port = _wait_for_file(ports / "functions", gw, "gateway")
+            bound = _wait_for_file(ports / "gateway", gw, "gateway", self.log_of("gateway"))
+            self.url = f"http://127.0.0.1:{bound}"
+            port = _wait_for_file(ports / "functions", gw, "gateway", self.log_of("gateway"))
             self.function_url = f"http://127.0.0.1:{port}"
 
     @property
@@ -297,13 +327,22 @@ def _print_tries(key: str, function_url: str, deployed: list[str]) -> None:
 @click.option("--examples/--no-examples", default=True, show_default=True,
               help="Deploy examples/echo, embed, tinylm and withdeps.")
 @click.option("--host-devices", default=None, help="Virtual devices, e.g. 2x8GiB.")
-def up(port: int | None, examples: bool, host_devices: str | None) -> None:
+@click.option("--log-to-terminal", is_flag=True,
+              help="The services' logs on this terminal's stderr, mixed with the banner "
+                   "(default: each in $THAW_HOME/service-logs/<service>.log).")
+def up(port: int | None, examples: bool, host_devices: str | None,
+       log_to_terminal: bool) -> None:
     """Start the whole local platform (SQLite, process runtime, host device, data in
-    $THAW_HOME or ./.thaw), deploy the examples, print their URLs; Ctrl-C stops it."""
+    $THAW_HOME or ./.thaw), deploy the examples, print their URLs; Ctrl-C stops it.
+
+    The banner (URLs, the API key) is the only thing on stdout; the services log to
+    files under $THAW_HOME/service-logs. Later CLI calls default to this gateway's URL
+    (--port included) and key."""
     from thaw.ops.client import Client, read_bundle_dir
 
     home = default_home()
-    platform = LocalPlatform(home, port, host_devices)
+    log_dir = None if log_to_terminal else home / SERVICE_LOGS
+    platform = LocalPlatform(home, port, host_devices, log_dir=log_dir)
     stopping = False
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -319,6 +358,9 @@ def up(port: int | None, examples: bool, host_devices: str | None) -> None:
     signal.signal(signal.SIGINT, on_signal)
     try:
         platform.start()
+        # Later CLI calls without THAW_URL default to this gateway (the port may be
+        # one given with --port, or any free one).
+        (home / DEV_URL_FILE).write_text(platform.url + "\n")
         click.echo(f"\nthaw is up (data in {home})\n")
         click.echo(f"  dashboard     {platform.url}/")
         click.echo(f"  functions     {platform.function_url}/fn/<tenant>/<name>")
@@ -327,7 +369,10 @@ def up(port: int | None, examples: bool, host_devices: str | None) -> None:
         click.echo("  instances     " + (
             "sandboxed, a uid per tenant (docs/isolation.md)" if platform.sandboxed else
             "NOT sandboxed: run as root for sandboxes (development only)"))
-        click.echo(f"  metrics       {platform.url}/metrics (the operator's key)\n")
+        click.echo(f"  metrics       {platform.url}/metrics (the operator's key)")
+        click.echo("  service logs  " + (f"{log_dir}/ (scheduler, agent-local, gateway .log)"
+                                         if log_dir else "on stderr"))
+        click.echo("")
         if examples:
             client = Client(platform.url, platform.key, timeout=30)
             deployed: list[str] = []
@@ -343,7 +388,7 @@ def up(port: int | None, examples: bool, host_devices: str | None) -> None:
                     continue
                 click.echo(f"  deploying examples/{name} (snapshot build)…")
                 try:
-                    fn = client.deploy(read_bundle_dir(folder), wait=True)
+                    fn = client.deploy_bundle(read_bundle_dir(folder), wait=True)
                 except (httpx.HTTPError, Exception) as exc:  # keep the platform up
                     click.echo(f"    failed: {exc}")
                     continue
@@ -362,7 +407,9 @@ def up(port: int | None, examples: bool, host_devices: str | None) -> None:
         while all(proc.poll() is None for _n, proc in platform.procs):
             time.sleep(0.5)
         dead = [n for n, p in platform.procs if p.poll() is not None]
-        click.echo(f"{', '.join(dead)} exited; shutting down", err=True)
+        logs = [str(platform.log_of(n)) for n in dead if platform.log_of(n)]
+        click.echo(f"{', '.join(dead)} exited; shutting down"
+                   + (f" (see {', '.join(logs)})" if logs else ""), err=True)
     except KeyboardInterrupt:
         click.echo("\nstopping…")
     finally:
