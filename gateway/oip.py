@@ -23,8 +23,9 @@ from thaw.core.spec import NAME_PATTERN
 from thaw.gateway import jsonbody
 from thaw.gateway.admit import admit, new_call
 from thaw.gateway.errors import BadFunctionAnswer, retry_after_header, status_of
+from thaw.gateway.inputs import checked_body
 from thaw.gateway.oip_tensors import InferRequest, outputs_of, parse_infer
-from thaw.gateway.priority import call_priority, check_body_size
+from thaw.gateway.priority import call_priority, check_body_size, function_knobs
 from thaw.gateway.relay import answer_headers
 from thaw.gateway.request import TIMEOUT_HEADER, client_timeout, read_body
 from thaw.gateway.state import (
@@ -151,6 +152,9 @@ async def infer(request: web.Request) -> web.StreamResponse:
     timeout = client_timeout(request.headers.get(TIMEOUT_HEADER))
     forwarded, infer_request = await _read_request(request)
     await check_body_size(request, gw, p.tenant, name, len(forwarded))
+    # A typed handler's schema applies to the body it gets (422 naming the field).
+    knobs = await function_knobs(request, gw, p.tenant, name)
+    forwarded = await checked_body(knobs.input_schema, forwarded)
     priority = await call_priority(request, gw, p, p.tenant, name)
     call = new_call(request, p.tenant, name, f"/v2/models/{name}/infer", forwarded,
                     {"Content-Type": JSON, "Accept": JSON}, timeout, priority)
@@ -294,6 +298,8 @@ OPENAPI_PATHS: dict[str, Any] = {
             "408": _error("The body paused longer than body_timeout_seconds."),
             "413": _error("The body is larger than max_json_bytes, or than the "
                           "function's [limits] max_body."),
+            "422": _error("The body the handler would get does not fit its typed "
+                          "inputs (docs/function-api.md)."),
             "500": _error("The handler raised."),
             "502": _error("The instance failed, or the handler's answer is not "
                           "tensors."),

@@ -131,3 +131,18 @@ def test_a_deploy_only_key_is_403(platform: RunningPlatform, v2: httpx.Client) -
 
 def test_the_function_origin_still_refuses_the_management_api(v2: httpx.Client) -> None:
     assert v2.get("/v1/functions").status_code == 404
+
+
+def test_a_typed_handlers_schema_checks_the_body_it_gets(v2: httpx.Client,
+                                                         platform: RunningPlatform) -> None:
+    resp = platform.deploy(FIXTURES / "tensor_typed")
+    assert resp.status_code == 201 and resp.json()["state"] == "ready", resp.text
+    ints = {"name": "m", "shape": [2, 2], "datatype": "INT64", "data": [1, 2, 3, 4]}
+    ok = v2.post("/v2/models/tensor-typed/infer", json={"inputs": [ints]})
+    assert ok.status_code == 200, ok.text
+    assert ok.json()["outputs"] == [{"name": "m", "shape": [2], "datatype": "INT64",
+                                     "data": [3, 7]}]
+    # parameters are no argument of this predict(): refused before any instance runs.
+    extra = v2.post("/v2/models/tensor-typed/infer",
+                    json={"inputs": [ints], "parameters": {"k": 1}})
+    assert extra.status_code == 422 and "parameters" in extra.json()["error"], extra.text
