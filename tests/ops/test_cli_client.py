@@ -185,3 +185,24 @@ def test_invoke_with_a_sub_path_a_header_and_a_file_body(
     missing = thaw("invoke", "no-such-function")
     assert missing.returncode == 1
     assert missing.stderr.strip() == "Error: no function named 'no-such-function'"
+
+
+def test_deploy_no_wait_says_the_build_was_not_waited_for(
+        platform: Any, tmp_path: Path) -> None:
+    import os
+    import subprocess
+
+    from tests.conftest import FIXTURES
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("THAW_")}
+    env.update({"THAW_URL": platform.url, "THAW_API_KEY": platform.key,
+                "THAW_HOME": str(tmp_path / "none"),
+                "THAW_CONFIG_FILE": str(tmp_path / "absent.toml"), "COLUMNS": "200"})
+    result = subprocess.run([sys.executable, "-m", "thaw.ops", "deploy", "--no-wait",
+                             "--force", str(FIXTURES / "prints")], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "(not waited for: `thaw fn status prints` shows when it is ready)" in result.stdout
+    assert result.stdout.strip().splitlines()[-1].endswith("/fn/dev/prints")
+    assert "build goes on without this command" in result.stderr
+    assert "built in" not in result.stderr
