@@ -1,7 +1,9 @@
 """Function URLs: `POST /fn/{tenant}/{name}[/{path}]` (DESIGN.md §9).
 
 The body reaches the handler as sent (JSON or raw bytes, up to the function's
-`[limits] max_body`, capped by the gateway's max_body_bytes); the
+`[limits] max_body`, capped by the gateway's max_body_bytes), except that a function
+with typed inputs gets only calls that match them, with defaults filled in
+(gateway/inputs.py; docs/function-api.md); the
 answer comes back as the handler gave it: a complete body, or a stream (SSE with
 `Accept: text/event-stream`, else NDJSON) relayed chunk by chunk as it is produced.
 `X-Thaw-Timeout: <seconds>` is the client's own deadline: past it the answer is 504.
