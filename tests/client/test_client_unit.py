@@ -304,3 +304,39 @@ def test_a_sub_path_is_called_under_the_function_url() -> None:
     fn = routed(route).function("embed")
     assert fn.at("/v1/completions/").call() == "ok"
     assert seen == [f"{FN_URL}/v1/completions"] and fn.url == FN_URL
+
+
+def test_a_bundle_past_the_cap_goes_as_the_chunks_the_tenant_lacks(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import hashlib
+
+    import thaw.core.bundle
+    from thaw.client import protocol
+
+    monkeypatch.setattr(thaw.core.bundle, "MAX_BUNDLE_BYTES", 8)
+    monkeypatch.setattr(protocol, "CHUNK_BYTES", 4)
+    bundle = b"aaaabbbbaaaacc"  # chunks aaaa, bbbb, aaaa (the same twice), cc
+    digest = {c: hashlib.sha256(c).hexdigest() for c in (b"aaaa", b"bbbb", b"cc")}
+    seen: list[tuple[str, str, bytes]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append((request.method, request.url.path, request.content))
+        if request.url.path == "/v1/blobs/missing":
+            asked = json.loads(request.content)["digests"]
+            assert asked == [digest[b"aaaa"], digest[b"bbbb"], digest[b"cc"]]
+            return httpx.Response(200, json={"missing": [digest[b"bbbb"], digest[b"cc"]]})
+        if request.method == "PUT":
+            return httpx.Response(204)
+        assert request.url.params["force"] == "true" and request.url.params["wait"] == "true"
+        return httpx.Response(201, json={"name": "big", "version": 1})
+
+    client = Client(URL, "k", transport=httpx.MockTransport(handler))
+    assert client.deploy_bundle(bundle, force=True) == {"name": "big", "version": 1}
+    assert [(m, p) for m, p, _ in seen[1:3]] == [
+        ("PUT", f"/v1/blobs/{digest[b'bbbb']}"), ("PUT", f"/v1/blobs/{digest[b'cc']}")]
+    assert [body for _, _, body in seen[1:3]] == [b"bbbb", b"cc"]
+    method, path, body = seen[3]
+    assert (method, path) == ("POST", "/v1/functions/chunked") and len(seen) == 4
+    assert json.loads(body) == {
+        "chunks": [digest[b"aaaa"], digest[b"bbbb"], digest[b"aaaa"], digest[b"cc"]],
+        "sha256": hashlib.sha256(bundle).hexdigest(), "size": len(bundle)}
