@@ -19,6 +19,7 @@ from thaw.gateway.inputs import read_schema
 from thaw.gateway.openapi import JSON, _errors, _json
 from thaw.gateway.priority import function_knobs
 from thaw.gateway.state import GATEWAY_KEY
+from thaw.snapshotter.runtime.signature import OUTPUT_KEY
 
 ERROR_SCHEMA: dict[str, Any] = {
     "type": "object", "required": ["error"], "properties": {"error": {
@@ -48,11 +49,18 @@ def function_document(tenant: str, name: str, schema: dict[str, Any] | None,
                         "application/octet-stream": {"schema": {"type": "string",
                                                                 "format": "binary"}}}}
     else:
+        inputs = {k: v for k, v in schema.items() if k != OUTPUT_KEY}
         body = {"required": bool(schema.get("required")),
-                "content": {JSON: {"schema": schema}}}
+                "content": {JSON: {"schema": inputs}}}
+    answer: dict[str, Any] = {"description": "The function's answer (JSON, bytes, or a "
+                                             "stream)."}
+    output = schema.get(OUTPUT_KEY) if schema is not None else None
+    if isinstance(output, dict):
+        answer = {"description": "The function's answer, as its return type says.",
+                  "content": {JSON: {"schema": output}}}
     error = {"description": "", "content": {JSON: {"schema": ERROR_SCHEMA}}}
     responses: dict[str, Any] = {
-        "200": {"description": "The function's answer (JSON, bytes, or a stream)."},
+        "200": answer,
         **{status: {**error, "description": answer["description"]}
            for status, answer in _errors(401, 403, 404, 413, 429, 502, 503, 504).items()},
         "500": {**error, "description": "The handler raised."}}
@@ -129,6 +137,9 @@ def docs_page(tenant: str, name: str, schema: dict[str, Any] | None) -> str:
         inputs = ("<table border=\"1\"><thead><tr><th>Input</th><th>Type</th>"
                   "<th>Required</th><th>Default</th><th>Limits</th><th>Description</th>"
                   "</tr></thead><tbody>" + "".join(rows) + "</tbody></table>")
+    output = schema.get(OUTPUT_KEY) if schema is not None else None
+    if output is not None:
+        inputs += f"<p>Returns: {e(_type_text(output))}</p>"
     example = e(f"curl -X POST -H 'Authorization: Bearer $THAW_KEY' "
                 f"-H 'Content-Type: application/json' -d '{{...}}' <this origin>/fn/"
                 f"{tenant}/{name}")

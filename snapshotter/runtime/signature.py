@@ -25,6 +25,9 @@ from typing import Any
 from .batching import BATCH_SIZE_ENV
 from .inputs import MISSING, Input
 
+# The return hint's schema rides in the input schema under this key, which JSON Schema
+# validators ignore (gateway/fndocs.py shows it as the answer's schema).
+OUTPUT_KEY = "x-thaw-output"
 # A schema past this is left out (the manifest and every gateway carry it).
 MAX_SCHEMA_BYTES = 64 * 1024
 
@@ -146,7 +149,21 @@ def signature_schema(func: Any) -> dict[str, Any] | None:
                                 "additionalProperties": extra}
     if required:
         document["required"] = required
+    output = _output_schema(hints.get("return", inspect.Parameter.empty))
+    if output is not None:
+        document[OUTPUT_KEY] = output
     return document
+
+
+def _output_schema(hint: Any) -> dict[str, Any] | None:
+    """The return hint's schema, for the function's documents only (answers are not
+    checked); None when there is none or it has no JSON form (a generator, bytes)."""
+    if hint is inspect.Parameter.empty or hint is None or hint is type(None):
+        return None
+    try:
+        return type_schema(hint)
+    except UnsupportedType:
+        return None
 
 
 def _batching() -> bool:

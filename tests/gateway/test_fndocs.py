@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 from thaw.gateway.fndocs import docs_page, function_document
-from thaw.gateway.inputs import read_schema
+from thaw.gateway.inputs import checked_body, read_schema
 from thaw.snapshotter.runtime.inputs import Input
 from thaw.snapshotter.runtime.signature import handler_schema
 
@@ -44,3 +45,18 @@ def test_the_page_lists_inputs_and_escapes_what_the_tenant_wrote() -> None:
     assert "<td>tags</td><td>array of string or null</td>" in page
     assert "<script>" not in page and "&lt;script&gt;" in page
     assert "no typed inputs" in docs_page("acme", "raw", None)
+
+
+def test_the_return_type_is_the_answer_schema_and_not_an_input() -> None:
+    class Returns:
+        def predict(self, x: int) -> list[str]: ...
+
+    schema = read_schema(handler_schema(Returns()))
+    op = function_document("acme", "r", schema, "x")["paths"]["/fn/acme/r"]["post"]
+    body = op["requestBody"]["content"]["application/json"]["schema"]
+    assert "x-thaw-output" not in body and body["required"] == ["x"]
+    assert op["responses"]["200"]["content"]["application/json"]["schema"] == {
+        "type": "array", "items": {"type": "string"}}
+    assert "Returns: array of string" in docs_page("acme", "r", schema)
+    # The gateway's check ignores it: any answer shape, the inputs still checked.
+    assert asyncio.run(checked_body(handler_schema(Returns()), b'{"x": 1}')) == b'{"x": 1}'

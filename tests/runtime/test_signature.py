@@ -4,6 +4,7 @@ runtime passing `Input` defaults' values, never the Input objects."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from typing import Any, Literal, Optional
 
 import pytest
@@ -12,6 +13,7 @@ from thaw.snapshotter.runtime.handler import InvalidInput, Invoker, Request
 from thaw.snapshotter.runtime.inputs import Input
 from thaw.snapshotter.runtime.signature import (
     MAX_SCHEMA_BYTES,
+    OUTPUT_KEY,
     UnsupportedType,
     handler_schema,
     signature_schema,
@@ -143,3 +145,17 @@ def test_the_runtime_passes_input_defaults_not_input_objects() -> None:
     assert body["n"] == 1 and body["pick"] == "x"
     with pytest.raises(InvalidInput, match="'word'"):
         invoker.invoke(Request("POST", "", "", {}, b'{"text": "t"}'))
+
+
+def test_the_return_hint_rides_along_for_the_documents_only() -> None:
+    class Listing:
+        def predict(self, x: int) -> list[float]:
+            return [float(x)]
+
+    class Streaming:
+        def predict(self, x: int) -> Iterator[str]:
+            yield str(x)
+
+    assert json.loads(handler_schema(Listing()))[OUTPUT_KEY] == {
+        "type": "array", "items": {"type": "number"}}
+    assert OUTPUT_KEY not in json.loads(handler_schema(Streaming()))
