@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import os
 import types
 import typing
@@ -140,7 +141,7 @@ def signature_schema(func: Any) -> dict[str, Any] | None:
             _constrain(schema, spec)
         if default is MISSING or default is inspect.Parameter.empty:
             required.append(name)
-        elif isinstance(default, _JSON_SCALARS) or default == [] or default == {}:
+        elif _is_json(default):
             schema["default"] = default
         properties[name] = schema
     if not typed:
@@ -170,6 +171,20 @@ def _batching() -> bool:
     try:
         return int(os.environ.get(BATCH_SIZE_ENV, "1") or 1) > 1
     except ValueError:
+        return False
+
+
+def _is_json(value: Any) -> bool:
+    """A default the schema can state (and the gateway fill in): JSON as it is."""
+    if isinstance(value, float):
+        return math.isfinite(value)  # JSON has no NaN or infinity
+    if isinstance(value, _JSON_SCALARS):
+        return True
+    if not isinstance(value, (list, dict)):
+        return False  # a tuple or set would reach the handler as a list
+    try:
+        return bool(json.loads(json.dumps(value, allow_nan=False)) == value)
+    except (TypeError, ValueError, RecursionError):
         return False
 
 

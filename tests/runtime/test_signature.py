@@ -159,3 +159,17 @@ def test_the_return_hint_rides_along_for_the_documents_only() -> None:
     assert json.loads(handler_schema(Listing()))[OUTPUT_KEY] == {
         "type": "array", "items": {"type": "number"}}
     assert OUTPUT_KEY not in json.loads(handler_schema(Streaming()))
+
+
+def test_defaults_are_stated_only_when_json_keeps_them_as_they_are() -> None:
+    class Defaults:
+        def predict(self, sizes: list[int] = [1024], pair: tuple[int, ...] = (1, 2),  # noqa: B006
+                    table: dict[str, Any] = {"a": [1]}, odd: Any = object(),  # noqa: B006,B008
+                    limit: float = float("inf")) -> None: ...
+
+    props = json.loads(handler_schema(Defaults()))["properties"]
+    assert props["sizes"]["default"] == [1024] and props["table"]["default"] == {"a": [1]}
+    # Left to the handler's own default: JSON would turn a tuple into a list.
+    assert "default" not in props["pair"] and "default" not in props["odd"]
+    assert "default" not in props["limit"]
+    assert "required" not in json.loads(handler_schema(Defaults()))
