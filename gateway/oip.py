@@ -70,6 +70,16 @@ def _model_name(request: web.Request) -> str:
     return name
 
 
+def _check_version(request: web.Request, fn: scheduler_pb2.FunctionInfo) -> None:
+    """A versioned route names the active version (the one that serves): any other
+    is 404, as an earlier version serves only after a rollback."""
+    version = request.match_info.get("version")
+    if version is not None and version != fn.version:
+        serving = f"version {fn.version} serves" if fn.version else "no version serves"
+        raise NotFound(f"model {fn.name!r} version {version!r} is not served ({serving})",
+                       field="version")
+
+
 async def _function(request: web.Request) -> scheduler_pb2.FunctionInfo:
     """The caller's tenant's function named in the path (404 for another tenant's)."""
     gw = request.app[GATEWAY_KEY]
@@ -78,6 +88,7 @@ async def _function(request: web.Request) -> scheduler_pb2.FunctionInfo:
     fn = await gw.scheduler.get_function(p.tenant, name)
     if fn.state == "deleted":
         raise NotFound(f"model {name!r} not found", field="name")
+    _check_version(request, fn)
     return fn
 
 
@@ -149,6 +160,8 @@ async def infer(request: web.Request) -> web.StreamResponse:
     gw = request.app[GATEWAY_KEY]
     p = await admit(request, gw)
     name = _model_name(request)
+    if "version" in request.match_info:
+        _check_version(request, await gw.scheduler.get_function(p.tenant, name))
     timeout = client_timeout(request.headers.get(TIMEOUT_HEADER))
     forwarded, infer_request = await _read_request(request)
     await check_body_size(request, gw, p.tenant, name, len(forwarded))
@@ -189,6 +202,9 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/v2/models/{name}", model_metadata)
     r.add_get("/v2/models/{name}/ready", model_ready)
     r.add_post("/v2/models/{name}/infer", infer)
+    r.add_get("/v2/models/{name}/versions/{version}", model_metadata)
+    r.add_get("/v2/models/{name}/versions/{version}/ready", model_ready)
+    r.add_post("/v2/models/{name}/versions/{version}/infer", infer)
 
 
 # ---- OpenAPI ------------------------------------------------------------------------
@@ -212,6 +228,9 @@ TENSOR = {"type": "object", "required": ["name", "shape", "datatype", "data"],
               "parameters": {"type": "object"},
               "data": {"description": "Row-major elements, flat or nested to the "
                                       "shape."}}}
+VERSION_PARAM = {"name": "version", "in": "path", "required": True,
+                 "description": "The function's active version (any other: 404).",
+                 "schema": {"type": "string"}}
 
 
 def _error(description: str) -> dict[str, Any]:
@@ -310,3 +329,14 @@ OPENAPI_PATHS: dict[str, Any] = {
             "507": _error("The instance ran out of memory."),
             **KEYED_ERRORS}}},
 }
+
+
+def _versioned(operation: dict[str, Any]) -> dict[str, Any]:
+    return {**operation, "summary": operation["summary"] + " (the active version)",
+            "parameters": [NAME_PARAM, VERSION_PARAM]}
+
+
+OPENAPI_PATHS.update({
+    f"/v2/models/{{name}}/versions/{{version}}{tail}": {
+        method: _versioned(OPENAPI_PATHS[f"/v2/models/{{name}}{tail}"][method])}
+    for tail, method in (("", "get"), ("/ready", "get"), ("/infer", "post"))})

@@ -67,6 +67,21 @@ def test_infer_maps_tensors_to_the_handler_and_back(v2: httpx.Client) -> None:
     assert outputs["names"]["datatype"] == "BYTES"
 
 
+def test_versioned_routes_serve_the_active_version_only(v2: httpx.Client) -> None:
+    (active,) = v2.get(f"/v2/models/{NAME}").json()["versions"]
+    base = f"/v2/models/{NAME}/versions/{active}"
+    assert v2.get(base).json()["versions"] == [active]
+    assert v2.get(f"{base}/ready").status_code == 200
+    resp = v2.post(f"{base}/infer", json=infer_body())
+    assert resp.status_code == 200 and resp.json()["model_version"] == active, resp.text
+    other = f"/v2/models/{NAME}/versions/{int(active) + 100}"
+    for method, path in (("GET", other), ("GET", f"{other}/ready"),
+                         ("POST", f"{other}/infer")):
+        refused = v2.request(method, path, json=infer_body())
+        assert refused.status_code == 404, (path, refused.text)
+        assert f"version {active} serves" in refused.json()["error"]
+
+
 def test_parameters_reach_the_handler_and_outputs_can_be_chosen(v2: httpx.Client) -> None:
     resp = v2.post(f"/v2/models/{NAME}/infer", json=infer_body(
         parameters={"scale": 0.5}, outputs=[{"name": "doubled"}]))

@@ -76,6 +76,9 @@ ROUTES: dict[tuple[str, str], str] = {
     ("GET", "/v2/health/ready"): "public",
     ("GET", "/v2/models/{name}"): "invoke", ("GET", "/v2/models/{name}/ready"): "invoke",
     ("POST", "/v2/models/{name}/infer"): "invoke",
+    ("GET", "/v2/models/{name}/versions/{version}"): "invoke",
+    ("GET", "/v2/models/{name}/versions/{version}/ready"): "invoke",
+    ("POST", "/v2/models/{name}/versions/{version}/infer"): "invoke",
 }
 # Which callers each requirement admits.
 ADMITS = {"public": {"none", "invoke", "deploy", "admin", "operator"},
@@ -93,7 +96,7 @@ def _url(path: str, tenant: str) -> str:
               "node": unique("node"), "action": "cordon", "file": "dashboard.js",
               "tenant": tenant if path.startswith("/fn/") else unique("nobody"),
               "id": ("inv_" + "0" * 32) if "/invocations/" in path else unique("key"),
-              "digest": "0" * 64, "image_id": "sha256:" + "0" * 64}
+              "digest": "0" * 64, "image_id": "sha256:" + "0" * 64, "version": "1"}
     return PARAM.sub(lambda m: values[m.group(1)], path)
 
 
