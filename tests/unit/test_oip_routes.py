@@ -117,3 +117,17 @@ async def test_server_readiness_is_a_4xx_when_the_scheduler_is_away() -> None:
     (b'{"error": 5}', '{"error": 5}')])
 def test_a_functions_error_message_is_carried_over(answer: bytes, message: str) -> None:
     assert oip._function_error(500, answer) == message
+
+
+async def test_a_versioned_route_serves_the_active_version_only() -> None:
+    fn = scheduler_pb2.FunctionInfo(tenant="acme", name="m", version="2", state="ready")
+    app = web.Application()
+    app[GATEWAY_KEY] = SimpleNamespace(scheduler=FakeScheduler(fn))  # type: ignore[assignment]
+    for version, status in (("2", 200), ("1", 404), ("x", 404)):
+        request = make_mocked_request("GET", f"/v2/models/m/versions/{version}", app=app,
+                                      match_info={"name": "m", "version": version})
+        response = await oip.model_metadata(request)
+        assert response.status == status, version
+        if status == 404:
+            assert body(response) == {
+                "error": f"model 'm' version {version!r} is not served (version 2 serves)"}
