@@ -35,6 +35,7 @@ from thaw.gateway import jsonbody
 from thaw.gateway.auth import is_operator
 from thaw.gateway.caller import client_address, reads_all_invocations
 from thaw.gateway.errors import error_body
+from thaw.gateway.inputs import read_schema
 from thaw.gateway.openapi import PUBLIC, _json, _ref
 from thaw.gateway.state import CONFIG_KEY, GATEWAY_KEY
 from thaw.gateway.stats import STATS_KEY, FunctionStats
@@ -138,6 +139,8 @@ async def build_snapshot(request: web.Request, p: scheduler_pb2.Principal,
         body["stats"] = stats.function_summary(f"{fn.tenant}/{fn.name}",
                                                charts=fn.name == selected)
         body["snapshot_tiers"] = snapshot_tiers(fn)
+        # The selected function's typed inputs (docs/function-api.md), for its form.
+        body["inputs"] = read_schema(fn.input_schema) if fn.name == selected else None
         out_functions.append(body)
     snapshot: dict[str, Any] = {
         "type": "snapshot", "time": round(time.time(), 3), "tenant": p.tenant,

@@ -245,7 +245,58 @@ function renderDetail(f) {
   box.textContent = "";
   for (const [label, value] of figures) box.append(el("div", {}, el("b", {text: value}), el("span", {text: label})));
   updateCharts(f);
+  renderInputs(f);
   if (state.features.logs && state.logsFor !== f.name) startLogs(f.name);
+}
+
+// ---- typed inputs (docs/function-api.md) ---------------------------------------------------
+
+function inputType(p) {
+  if (Array.isArray(p.enum)) return "one of " + p.enum.map((v) => JSON.stringify(v)).join(", ");
+  if (Array.isArray(p.anyOf)) return p.anyOf.map(inputType).join(" or ");
+  if (p.type === "array") return p.items && p.items.type ? `array of ${p.items.type}` : "array";
+  return p.type || "any";
+}
+
+const INPUT_LIMITS = [["minimum", "≥ "], ["maximum", "≤ "], ["minLength", "min length "],
+                      ["maxLength", "max length "], ["pattern", "matches "]];
+
+// An example body: each input's default, else a value of its type.
+function exampleValue(p) {
+  if ("default" in p) return p.default;
+  if (Array.isArray(p.enum) && p.enum.length) return p.enum[0];
+  if (Array.isArray(p.anyOf) && p.anyOf.length) return exampleValue(p.anyOf[0]);
+  return {string: "", integer: p.minimum ?? 0, number: p.minimum ?? 0, boolean: false,
+          array: [], object: {}}[p.type] ?? null;
+}
+
+// The selected function's inputs as a table, and the invoke box prefilled with an
+// example body once per function (what the user typed for it is kept).
+function renderInputs(f) {
+  const table = $("#inputs");
+  const tbody = table.querySelector("tbody");
+  tbody.textContent = "";
+  const schema = f.inputs;
+  const props = schema && schema.properties && typeof schema.properties === "object"
+    ? schema.properties : null;
+  table.hidden = !props;
+  if (!props) return;
+  const required = new Set(Array.isArray(schema.required) ? schema.required : []);
+  const example = {};
+  for (const [name, raw] of Object.entries(props)) {
+    const p = raw && typeof raw === "object" ? raw : {};
+    const limits = INPUT_LIMITS.filter(([k]) => k in p).map(([k, t]) => t + JSON.stringify(p[k]));
+    tbody.append(el("tr", {},
+      el("td", {}, el("code", {text: name})), el("td", {text: inputType(p)}),
+      el("td", {text: required.has(name) ? "yes" : "no"}),
+      el("td", {text: "default" in p ? JSON.stringify(p.default) : ""}),
+      el("td", {text: limits.join("; ")}), el("td", {text: p.description || ""})));
+    example[name] = exampleValue(p);
+  }
+  if (state.inputsFor !== f.name) {
+    state.inputsFor = f.name;
+    $("#invoke-body").value = JSON.stringify(example, null, 2);
+  }
 }
 
 // Widths are shares of the call's whole time as the gateway measured it: what no stage

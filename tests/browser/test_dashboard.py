@@ -176,3 +176,34 @@ def test_sign_in_deploy_invoke_and_watch(platform: RunningPlatform, browser: obj
     assert problems == []
     assert page.evaluate("window.cspViolations || []") == []
     page.close()
+
+
+def test_typed_inputs_shown_and_prefilled(platform: RunningPlatform, browser: object,
+                                          removed_after: list[str]) -> None:
+    """A typed function's inputs are listed beside the invoke box, which starts with an
+    example body; a wrong input shows the gateway's 422 naming it."""
+    from playwright.sync_api import Browser, expect
+
+    assert isinstance(browser, Browser)
+    removed_after.append("typed-rt")
+    assert platform.deploy(FIXTURES / "typed_rt").status_code == 201
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.set_default_timeout(UI_WAIT_MS)
+    page.goto(platform.url)
+    page.fill("#key", platform.key)
+    page.click("#signin-form button[type=submit]")
+    page.locator("#functions tbody tr[data-name='typed-rt']").click()
+    rows = page.locator("#inputs tbody tr")
+    expect(rows).to_have_count(4)
+    expect(rows.first).to_contain_text("Text to repeat")
+    expect(rows.nth(1)).to_contain_text("≥ 1; ≤ 5")
+    body = page.locator("#invoke-body").input_value()
+    assert '"n": 2' in body and '"text": ""' in body
+
+    page.click("#invoke-form button[type=submit]")
+    expect(page.locator("#invoke-result")).to_contain_text('"calls": 1')
+    page.fill("#invoke-body", '{"text": "hi", "n": 7}')
+    page.click("#invoke-form button[type=submit]")
+    expect(page.locator("#invoke-meta")).to_contain_text("422")
+    expect(page.locator("#invoke-result")).to_contain_text('"field": "n"')
+    page.close()
