@@ -46,6 +46,7 @@ from thaw.gateway.origins import (
     function_origin_middleware,
     on_response_prepare,
 )
+from thaw.gateway.priority import remember_function
 from thaw.gateway.ratelimit import KeyRateLimiter
 from thaw.gateway.request import BODY_DEADLINE_KEY, BODY_TIMEOUT_KEY, BodyClock, read_body
 from thaw.gateway.scheduler_client import SchedulerClient
@@ -215,6 +216,7 @@ async def create_function(request: web.Request) -> web.Response:
         gw.metrics.deploys.labels("rejected").inc()
         raise
     gw.metrics.deploys.labels("unchanged" if fn.unchanged else fn.state).inc()
+    remember_function(request.app, fn)
     body = function_json(request, fn)
     body["unchanged"] = fn.unchanged
     if fn.unchanged:

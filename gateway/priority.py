@@ -130,6 +130,12 @@ async def call_priority(request: web.Request, gw: Gateway, p: scheduler_pb2.Prin
     return _priority(None, p, knobs)
 
 
+def remember_function(app: web.Application, fn: scheduler_pb2.FunctionInfo) -> None:
+    """Refresh tenant/name's cached knobs from a record just read (a deploy's answer):
+    this replica then checks calls against the version now serving at once."""
+    _defaults(app).remember(fn)
+
+
 async def function_knobs(request: web.Request, gw: Gateway, tenant: str, name: str
                          ) -> FunctionKnobs:
     """tenant/name's cached knobs (one scheduler look per DEFAULT_CACHE_SECONDS)."""

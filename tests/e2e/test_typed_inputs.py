@@ -4,6 +4,9 @@ in defaults, and serves the function's OpenAPI document (docs/function-api.md)."
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 from tests.conftest import EXAMPLES, FIXTURES, RunningPlatform
 
 
@@ -74,3 +77,19 @@ def test_untyped_function_is_not_checked_and_documents_a_free_body(
     assert "422" not in doc["paths"]["/fn/dev/echo"]["post"]["responses"]
     # Any body reaches it, as before typed inputs existed.
     assert platform.invoke("echo", [1, "two"]).json()["echo"] == [1, "two"]
+
+
+def test_a_redeploy_checks_against_the_new_signature_at_once(
+        platform: RunningPlatform, tmp_path: Path) -> None:
+    assert platform.deploy(FIXTURES / "typed_rt").status_code == 201
+    assert platform.invoke("typed-rt", {"text": "a", "n": 7}).status_code == 422
+    wider = tmp_path / "typed_rt"
+    shutil.copytree(FIXTURES / "typed_rt", wider)
+    app = wider / "app.py"
+    app.write_text(app.read_text().replace("le=5", "le=9"))
+    assert platform.deploy(wider).status_code == 201
+    # The replica that served the deploy knows the new schema without waiting for its
+    # cache to expire.
+    ok = platform.invoke("typed-rt", {"text": "a", "n": 7})
+    assert ok.status_code == 200, ok.text
+    assert ok.json()["out"] == "-".join("a" * 7)
