@@ -173,3 +173,20 @@ def test_defaults_are_stated_only_when_json_keeps_them_as_they_are() -> None:
     assert "default" not in props["pair"] and "default" not in props["odd"]
     assert "default" not in props["limit"]
     assert "required" not in json.loads(handler_schema(Defaults()))
+
+
+def test_pydantic_fields_are_read_like_input() -> None:
+    from pydantic import Field
+
+    class Fields:
+        def predict(self, a: int = Field(default=3, ge=1, le=5, description="d"),
+                    b: str = Field(description="req", pattern="^x", max_length=4,
+                                   json_schema_extra={"choices": ["xa", "xb"]})) -> None: ...
+
+    schema = json.loads(handler_schema(Fields()))
+    assert schema["required"] == ["b"]
+    assert schema["properties"]["a"] == {"type": "integer", "default": 3, "minimum": 1,
+                                         "maximum": 5, "description": "d"}
+    assert schema["properties"]["b"] == {"type": "string", "description": "req",
+                                         "pattern": "^x", "maxLength": 4,
+                                         "enum": ["xa", "xb"]}
