@@ -68,9 +68,18 @@ class InputChecker:
                           ensure_ascii=False).encode()
 
 
+def _path(loc: tuple[int | str, ...]) -> str:
+    # The input's name, then list indexes; the other strings pydantic adds name the
+    # branch of a union tried (`x.int`), which is no part of the caller's body.
+    if not loc:
+        return ""
+    return ".".join([str(loc[0]), *(str(p) for p in loc[1:] if isinstance(p, int))])
+
+
 def _rejection(exc: ValidationError) -> InputRejected:
-    first = exc.errors(include_url=False)[0]
-    where = ".".join(str(part) for part in first.get("loc", ()))
+    errors = exc.errors(include_url=False)
+    first = errors[0]
+    where = _path(tuple(first.get("loc", ())))
     kind = first.get("type", "")
     if not where or kind in ("json_invalid", "json_type"):
         if kind == "json_invalid":
@@ -82,7 +91,10 @@ def _rejection(exc: ValidationError) -> InputRejected:
         return InputRejected(f"input {where!r} is required", field=where)
     if kind == "extra_forbidden":
         return InputRejected(f"the function takes no input {where!r}", field=where)
-    return InputRejected(f"input {where!r}: {first['msg']}", field=where)
+    # A union refused on every branch: each branch's reason.
+    reasons = list(dict.fromkeys(e["msg"] for e in errors
+                                 if _path(tuple(e.get("loc", ()))) == where))
+    return InputRejected(f"input {where!r}: {'; or '.join(reasons)}", field=where)
 
 
 def _constraints(schema: dict[str, Any], base: Any) -> dict[str, Any]:

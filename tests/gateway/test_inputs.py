@@ -132,3 +132,15 @@ def test_the_manifest_carries_only_a_bounded_schema() -> None:
     assert capture_json(built(SCHEMA))["input_schema"] == SCHEMA
     assert built("x" * 70_000).input_schema == ""
     assert built(["not", "text"]).input_schema == ""
+
+
+def test_a_union_refused_on_every_branch_names_the_input_and_each_reason() -> None:
+    class Either:
+        def predict(self, x: int | str = Input(max_length=2),
+                    grid: list[list[int]] | None = None) -> None: ...
+
+    schema = handler_schema(Either())
+    exc = rejected(b'{"x": "abc"}', schema)
+    assert exc.field == "x"
+    assert "valid integer" in exc.message and "at most 2 characters" in exc.message
+    assert rejected(b'{"x": 1, "grid": [[1], [2, "a"]]}', schema).field == "grid.1.1"
