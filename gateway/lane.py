@@ -38,6 +38,9 @@ FN_PREFIX = "/fn/"
 # route refuses one past the function's own limit from its Content-Length alone,
 # before the body is sent.
 LANE_MAX_BODY_BYTES = 1024 * 1024
+# Sub-paths of a function URL that aiohttp serves with their own route, not the
+# function's (gateway/predictions.py: cog's /fn/{tenant}/{name}/predictions).
+OWN_ROUTE_SUB_PATHS = frozenset({"predictions"})
 # Request headers that send a call to aiohttp's route (stored invocations).
 _HANDED_OFF_HEADERS = (PREFER_HEADER.lower(), IDEMPOTENCY_HEADER.lower(),
                        WEBHOOK_HEADER.lower())
@@ -59,7 +62,10 @@ def claims(max_body: int = LANE_MAX_BODY_BYTES) -> Claim:
     """The lane's claim (see HTTPServer): which requests it answers."""
 
     def claim(method: str, path: str, headers: dict[str, str]) -> bool:
-        if method != "POST" or "%" in path or function_of(path) is None:
+        found = function_of(path)
+        if method != "POST" or "%" in path or found is None:
+            return False
+        if found[2] in OWN_ROUTE_SUB_PATHS:
             return False
         length = headers.get("content-length")
         if length is None or not length.isdigit() or int(length) > max_body:

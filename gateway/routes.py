@@ -26,6 +26,7 @@ from thaw.gateway import (
     images,
     logs,
     oip,
+    predictions,
     priority,
     secrets,
     snapshots,
@@ -65,6 +66,7 @@ FEATURES: tuple[Feature, ...] = (
     images,
     oip,
     fndocs,
+    predictions,
 )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -29,7 +30,11 @@ from thaw.ops.output import console, print_table
 @click.option("--force", is_flag=True,
               help="A new version even when the bundle is the one serving (it is "
                    "built again); without it an unchanged folder keeps its version.")
-def deploy(target: str, no_wait: bool, dry_run: bool, force: bool) -> None:
+@click.option("--name", default=None,
+              help="The function's name, for a cog folder (cog.yaml, no thaw.toml; "
+                   "default: the folder's name).")
+def deploy(target: str, no_wait: bool, dry_run: bool, force: bool, name: str | None
+           ) -> None:
     """Upload a function and print its URL.
 
     PATH is a bundle folder (with thaw.toml). Anything else is an IMAGE on the local
@@ -47,16 +52,33 @@ def deploy(target: str, no_wait: bool, dry_run: bool, force: bool) -> None:
 
     A progress bar shows the upload (bytes, speed), then the snapshot build.
     --dry-run checks everything that can be checked here and uploads nothing
-    (docs/thaw-toml.md)."""
+    (docs/thaw-toml.md).
+
+    A cog folder (cog.yaml and predict.py, no thaw.toml) deploys as it is: thaw.toml
+    is written into the packed copy, named after the folder or --name (docs/cog.md)."""
+    from thaw.ops.cog_bundle import as_bundle, gpu_note
+    from thaw.ops.image_deploy import deploy_target
+
+    with contextlib.ExitStack() as stack:
+        found = deploy_target(target)
+        if isinstance(found, Path):
+            note = gpu_note(found)
+            if note:
+                click.echo(note, err=True)
+            found = stack.enter_context(as_bundle(found, name))
+        elif name is not None:
+            raise click.UsageError("--name is for a cog folder (cog.yaml, no thaw.toml)")
+        _deploy_found(found, no_wait, dry_run, force)
+
+
+def _deploy_found(found: Any, no_wait: bool, dry_run: bool, force: bool) -> None:
     from thaw.ops.image_deploy import (
         bundle_from_folder,
         bundle_from_image,
-        deploy_target,
         upload_image_archive,
     )
     from thaw.ops.uploads import deploy_chunked, pack_large
 
-    found = deploy_target(target)
     if dry_run:
         from thaw.ops.deploy_check import dry_run as check
 

@@ -67,6 +67,23 @@ def as_input(default: Any) -> Input | None:
     return Input(value, description=getattr(default, "description", None), **found)
 
 
+def _admits_none(hint: Any) -> bool:
+    if hint is inspect.Parameter.empty or hint is Any or hint is None or hint is type(None):
+        return True
+    return typing.get_origin(hint) in (typing.Union, types.UnionType) and type(
+        None) in typing.get_args(hint)
+
+
+def read_input(default: Any, hint: Any) -> Input | None:
+    """`as_input`, with cog's rule for its own `Input()`: no default given (None) on
+    a type that does not admit None means the argument is required."""
+    spec = as_input(default)
+    if (spec is not None and spec.default is None and not _admits_none(hint)
+            and type(default).__module__.split(".")[0] == "cog"):
+        spec.default = MISSING
+    return spec
+
+
 def type_schema(hint: Any) -> dict[str, Any]:
     """The JSON Schema of one type hint; raises UnsupportedType."""
     if hint is inspect.Parameter.empty or hint is Any or hint is object:
@@ -132,8 +149,8 @@ def signature_schema(func: Any) -> dict[str, Any] | None:
             continue
         if param.kind in (param.POSITIONAL_ONLY, param.VAR_POSITIONAL):
             continue  # not reachable from a JSON object's keys
-        spec = as_input(param.default)
         hint = hints.get(name, inspect.Parameter.empty)
+        spec = read_input(param.default, hint)
         typed = typed or spec is not None or hint is not inspect.Parameter.empty
         schema = type_schema(hint)
         default = spec.default if spec is not None else param.default
@@ -209,10 +226,14 @@ def call_defaults(func: Any) -> tuple[dict[str, Any], frozenset[str]]:
         parameters = inspect.signature(func).parameters
     except (TypeError, ValueError):
         return {}, frozenset()
+    try:
+        hints = typing.get_type_hints(func)
+    except (TypeError, ValueError, NameError):
+        hints = {}
     defaults: dict[str, Any] = {}
     required: set[str] = set()
     for name, param in parameters.items():
-        spec = as_input(param.default)
+        spec = read_input(param.default, hints.get(name, inspect.Parameter.empty))
         if spec is None:
             continue
         if spec.required:

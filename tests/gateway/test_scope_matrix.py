@@ -79,6 +79,10 @@ ROUTES: dict[tuple[str, str], str] = {
     ("GET", "/v2/models/{name}/versions/{version}"): "invoke",
     ("GET", "/v2/models/{name}/versions/{version}/ready"): "invoke",
     ("POST", "/v2/models/{name}/versions/{version}/infer"): "invoke",
+    # cog/Replicate predictions (gateway/predictions.py): calls, and stored invocations.
+    ("POST", "/fn/{tenant}/{name}/predictions"): "invoke",
+    ("POST", "/v1/models/{tenant}/{name}/predictions"): "invoke",
+    ("GET", "/v1/predictions/{id}"): "any", ("POST", "/v1/predictions/{id}/cancel"): "any",
 }
 # Which callers each requirement admits.
 ADMITS = {"public": {"none", "invoke", "deploy", "admin", "operator"},
@@ -95,7 +99,8 @@ def _url(path: str, tenant: str) -> str:
     values = {"name": unique("nothing"), "model": unique("nothing"), "path": "x",
               "node": unique("node"), "action": "cordon", "file": "dashboard.js",
               "tenant": tenant if path.startswith("/fn/") else unique("nobody"),
-              "id": ("inv_" + "0" * 32) if "/invocations/" in path else unique("key"),
+              "id": ("inv_" + "0" * 32) if "/invocations/" in path or "/predictions/" in path
+              else unique("key"),
               "digest": "0" * 64, "image_id": "sha256:" + "0" * 64, "version": "1"}
     return PARAM.sub(lambda m: values[m.group(1)], path)
 
