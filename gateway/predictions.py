@@ -7,7 +7,9 @@ through the one invocation path (admission, `Dispatcher.open`, the answer read).
 answer is a prediction in cog's shape: id, status, input, output, error, logs, metrics,
 times, urls.
 
-A call is sync unless it asks `Prefer: respond-async`: then it is a stored invocation
+A call to cog's route is sync unless it asks `Prefer: respond-async`; one to
+Replicate's is async unless it asks `Prefer: wait[=N]`, as Replicate's API is. An
+async call is a stored invocation
 (gateway/stored/), created at once and read back in the same shape at
 `GET /v1/predictions/{id}` and cancelled at `POST /v1/predictions/{id}/cancel`. A sync
 call whose answer does not start within the wait limit becomes a stored invocation too
@@ -201,7 +203,7 @@ async def create_prediction(request: web.Request) -> web.StreamResponse:
     created_status = 201 if request.path.startswith("/v1/") else 200
     base, model = _base(request), f"{tenant}/{name}"
     runner = request.app[RUNNER_KEY]
-    if ask.respond_async:
+    if ask.respond_async or (created_status == 201 and not _asks_wait(request)):
         record = record_of(call, p, "", ask.idempotency_key)
         inv, made = await runner.client.create(record)
         if not made:
@@ -250,6 +252,16 @@ async def create_prediction(request: web.Request) -> web.StreamResponse:
                           f"the function's answer is not valid JSON: {exc}", created,
                           started, completed)
     return web.json_response(body, status=created_status)
+
+
+def _asks_wait(request: web.Request) -> bool:
+    """`Prefer: wait` or `wait=N`: Replicate's create is async without it."""
+    for value in request.headers.getall("Prefer", ()):
+        for pref in value.split(","):
+            token = pref.split(";")[0].split("=")[0].strip().lower()
+            if token == "wait":
+                return True
+    return False
 
 
 def raise_rejected(answer: bytes) -> None:
@@ -362,9 +374,9 @@ ID_PARAM = [{"name": "id", "in": "path", "required": True, "schema": {"type": "s
              "description": "A stored prediction's id (inv_...)."}]
 CREATE = {
     "summary": "Run a prediction: {\"input\": {...}} answered in cog's shape",
-    "description": "Sync by default (`Prefer: wait`); `Prefer: respond-async` stores "
-                   "it and answers 202 at once (poll GET /v1/predictions/{id}). See "
-                   "docs/cog.md.",
+    "description": "cog's route is sync by default, Replicate's only with `Prefer: "
+                   "wait[=N]`; an async one is stored and answered 202 at once (poll "
+                   "GET /v1/predictions/{id}). See docs/cog.md.",
     "tags": ["predictions"], "parameters": PARAMS,
     "requestBody": {"required": True, "content": {JSON: {"schema": {
         "type": "object", "properties": {"input": {"type": "object"}}}}}},
