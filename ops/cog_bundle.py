@@ -86,9 +86,10 @@ def as_bundle(folder: Path, name: str | None) -> Iterator[Path]:
         yield copy
 
 
-def gpu_note(folder: Path) -> str:
-    """What a cog folder's `build.gpu: true` means here: no GPU size is guessed, so
-    the function runs without a slice until thaw.toml's [resources] names one."""
+def build_notes(folder: Path) -> str:
+    """What a cog folder's build asks that thaw does differently: `gpu: true` (no
+    size is guessed: no slice until thaw.toml's [resources] names one), and
+    python_packages (an environment of exactly those, so cog must be among them)."""
     if not is_cog_folder(folder):
         return ""
     try:
@@ -96,8 +97,19 @@ def gpu_note(folder: Path) -> str:
     except (OSError, yaml.YAMLError):
         return ""
     build = data.get("build") if isinstance(data, dict) else None
-    if isinstance(build, dict) and build.get("gpu") is True:
-        return ("cog.yaml asks build.gpu: true, which names no size: this deploy gets "
-                "no GPU slice. Add a thaw.toml with [resources] gpu_memory to give it "
-                "one (docs/cog.md).")
-    return ""
+    if not isinstance(build, dict):
+        return ""
+    notes = []
+    if build.get("gpu") is True:
+        notes.append("cog.yaml asks build.gpu: true, which names no size: this deploy "
+                     "gets no GPU slice. Add a thaw.toml with [resources] gpu_memory to "
+                     "give it one (docs/cog.md).")
+    packages = build.get("python_packages")
+    if isinstance(packages, list) and packages and not any(
+            isinstance(p, str) and re.match(r"cog(?![\w.-])", p.strip().lower())
+            for p in packages):
+        notes.append("cog.yaml lists build.python_packages: the function gets an "
+                     "environment of exactly those, without the platform's cog; list "
+                     "\"cog\" there too (the node's package index must serve it), or "
+                     "drop the list to run in the base environment (docs/cog.md).")
+    return "\n".join(notes)

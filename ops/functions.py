@@ -56,13 +56,13 @@ def deploy(target: str, no_wait: bool, dry_run: bool, force: bool, name: str | N
 
     A cog folder (cog.yaml and predict.py, no thaw.toml) deploys as it is: thaw.toml
     is written into the packed copy, named after the folder or --name (docs/cog.md)."""
-    from thaw.ops.cog_bundle import as_bundle, gpu_note
+    from thaw.ops.cog_bundle import as_bundle, build_notes
     from thaw.ops.image_deploy import deploy_target
 
     with contextlib.ExitStack() as stack:
         found = deploy_target(target)
         if isinstance(found, Path):
-            note = gpu_note(found)
+            note = build_notes(found)
             if note:
                 click.echo(note, err=True)
             found = stack.enter_context(as_bundle(found, name))

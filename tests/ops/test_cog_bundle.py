@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 import pytest
 
-from thaw.ops.cog_bundle import as_bundle, function_name, gpu_note, handler_of
+from thaw.ops.cog_bundle import as_bundle, build_notes, function_name, handler_of
 
 
 def _cog(folder: Path, yaml_text: str = 'predict: "predict.py:Predictor"\n') -> Path:
@@ -53,5 +53,17 @@ def test_cog_yaml_predict_and_names_are_checked(tmp_path: Path) -> None:
 
 def test_gpu_true_is_reported_not_sized(tmp_path: Path) -> None:
     folder = _cog(tmp_path / "g", 'build:\n  gpu: true\npredict: "predict.py:Predictor"\n')
-    assert "no GPU slice" in gpu_note(folder)
-    assert gpu_note(_cog(tmp_path / "c")) == ""
+    assert "no GPU slice" in build_notes(folder)
+    assert build_notes(_cog(tmp_path / "c")) == ""
+
+
+def test_python_packages_without_cog_are_reported(tmp_path: Path) -> None:
+    lacking = _cog(tmp_path / "p", 'build:\n  python_packages: ["numpy==2.0"]\n'
+                                   'predict: "predict.py:Predictor"\n')
+    assert 'list "cog" there too' in build_notes(lacking)
+    listed = _cog(tmp_path / "q", 'build:\n  python_packages: ["cog==0.23.1", "numpy"]\n'
+                                  'predict: "predict.py:Predictor"\n')
+    assert build_notes(listed) == ""
+    cogger = _cog(tmp_path / "r", 'build:\n  python_packages: ["cogs-extra"]\n'
+                                  'predict: "predict.py:Predictor"\n')
+    assert 'list "cog" there too' in build_notes(cogger)
