@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .batching import Batcher
-from .signature import call_defaults
+from .signature import call_defaults, predict_of
 
 JSON_CONTENT_TYPE = "application/json"
 BYTES_CONTENT_TYPE = "application/octet-stream"
@@ -169,8 +169,7 @@ class Invoker:
 
     def __init__(self, handler: object) -> None:
         self.handler = handler
-        predict = getattr(handler, "predict", None)
-        self._predict = predict if callable(predict) else None
+        self._predict = predict_of(handler)
         self._signature: inspect.Signature | None = None
         if self._predict is not None:
             try:

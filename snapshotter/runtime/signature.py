@@ -205,10 +205,22 @@ def _is_json(value: Any) -> bool:
         return False
 
 
+def predict_of(handler: object) -> Any:
+    """The method a call runs: predict(), or run() on a cog `BaseRunner` that defines
+    run() (cog's own predict() there only forwards to it, taking *args/**kwargs, so
+    its signature says nothing); None when there is neither."""
+    if getattr(type(handler), "_run_owner", None) is not None:
+        run = getattr(handler, "run", None)
+        if callable(run):
+            return run
+    predict = getattr(handler, "predict", None)
+    return predict if callable(predict) else None
+
+
 def handler_schema(handler: object) -> str:
     """The handler's input schema as JSON text; "" when it has none (no predict(), no
     types, a type with no schema, or a schema past MAX_SCHEMA_BYTES)."""
-    predict = getattr(handler, "predict", None)
+    predict = predict_of(handler)
     if not callable(predict) or _batching():
         return ""  # a batching predict() takes a list of calls, not their arguments
     try:

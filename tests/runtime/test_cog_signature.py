@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from thaw.snapshotter.runtime.handler import InvalidInput, Invoker, Request, create_handler
-from thaw.snapshotter.runtime.signature import signature_schema
+from thaw.snapshotter.runtime.signature import handler_schema, predict_of, signature_schema
 
 cog = pytest.importorskip("cog")
 
@@ -45,3 +45,21 @@ def test_a_cog_predictor_runs_setup_once_and_gets_its_defaults() -> None:
     assert handler.calls == 1  # type: ignore[attr-defined]
     with pytest.raises(InvalidInput, match="text"):
         invoker.invoke(Request("POST", "", "", {}, b'{"n": 1}'))
+
+
+class Runner(cog.BaseRunner):  # type: ignore[misc]
+    """cog's newer form: run() in place of predict()."""
+
+    def run(self, prompt: str = cog.Input(description="Prompt"),
+            n: int = cog.Input(default=3, ge=1)) -> str:
+        return prompt * n
+
+
+def test_a_cog_runner_is_called_through_run() -> None:
+    handler = create_handler(Runner)
+    schema = handler_schema(handler)
+    assert '"prompt"' in schema and '"default": 3' in schema and '"minimum": 1' in schema
+    reply = Invoker(handler).invoke(Request("POST", "", "", {}, b'{"prompt": "x"}'))
+    assert getattr(reply, "body", None) == b'"xxx"'
+    # A predict()-defining class still runs predict(), not cog's bridge.
+    assert predict_of(create_handler(Predictor)).__name__ == "predict"

@@ -12,9 +12,9 @@ import pytest
 
 from .conftest import subprocess_env
 
-RUNTIME_MODULES = ["__main__", "batching", "bounded", "capture", "device_slice", "events",
-                   "forksafe", "gpuinfo", "handler", "restore", "secretenv", "server",
-                   "snapshot", "template"]
+RUNTIME_MODULES = ["__main__", "batching", "bounded", "capture", "device_slice", "errors", "events",
+                   "forksafe", "gpuinfo", "handler", "inputs", "restore", "secretenv", "server",
+                   "signature", "snapshot", "template"]
 
 PROBE = """
 import importlib, json, sys
