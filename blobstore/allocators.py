@@ -33,6 +33,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from thaw.core.errors import OutOfMemory, ThawError
+from thaw.core.memfd import add_seals
 
 from .pagelock import CudaHostRegistrar, LockRefused, MlockLocker, PageLocker
 
@@ -237,7 +238,7 @@ class MemfdAllocator:
             raise ThawError("a view of a pinned region outlived its fill: it cannot be "
                             "sealed") from exc
         try:
-            fcntl.fcntl(region.fd, fcntl.F_ADD_SEALS, SEALS)
+            add_seals(region.fd, SEALS)
             mapping = mmap.mmap(region.fd, region.size, flags=mmap.MAP_SHARED,
                                 prot=mmap.PROT_READ)
         except OSError as exc:

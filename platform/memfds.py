@@ -11,6 +11,8 @@ import mmap
 import os
 from collections.abc import Callable
 
+from thaw.core.memfd import add_seals
+
 # Linux 5.14+; the mmap module gained the constant only in Python 3.13.
 MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
 
@@ -45,7 +47,7 @@ class SealedMemfd:
                             mm.madvise(MADV_POPULATE_WRITE)
                         with memoryview(mm) as view:
                             fill(view)
-            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, ARENA_SEALS)
+            add_seals(self.fd, ARENA_SEALS)
         except BaseException:
             os.close(self.fd)
             raise
