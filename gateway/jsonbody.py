@@ -133,6 +133,20 @@ def loads(data: str | bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
     return json.loads(text)
 
 
+def error_message(status: int, answer: bytes) -> str:
+    """The message of an error answer: {"error": {"message"}} (the gateway's or the
+    runtime's), {"error": "..."} (Open Inference's), else its text."""
+    try:
+        error = loads(answer)["error"]
+        message = error["message"] if isinstance(error, dict) else error
+        if isinstance(message, str):
+            return message
+    except (ValueError, KeyError, TypeError):
+        pass
+    text = answer[:500].decode("utf-8", "replace").strip()
+    return text or f"the function answered {status}"
+
+
 def json_routes(document: Mapping[str, Any]) -> frozenset[tuple[str, str]]:
     """(METHOD, path template) of every operation in an OpenAPI document whose request
     body is JSON only."""

@@ -132,20 +132,6 @@ async def model_ready(request: web.Request) -> web.StreamResponse:
 
 # ---- inference ----------------------------------------------------------------------
 
-def _function_error(status: int, answer: bytes) -> str:
-    """The message of a function's error answer (the gateway's or the runtime's
-    {"error": {"message"}}, a v2 {"error": "..."}, else its text)."""
-    try:
-        error = jsonbody.loads(answer)["error"]
-        message = error["message"] if isinstance(error, dict) else error
-        if isinstance(message, str):
-            return message
-    except (ValueError, KeyError, TypeError):
-        pass
-    text = answer[:500].decode("utf-8", "replace").strip()
-    return text or f"the function answered {status}"
-
-
 async def _read_request(request: web.Request) -> tuple[bytes, InferRequest]:
     gw = request.app[GATEWAY_KEY]
     config = request.app[CONFIG_KEY]
@@ -179,7 +165,7 @@ async def infer(request: web.Request) -> web.StreamResponse:
         status = ex.status
     headers.pop("Content-Type", None)
     if status != 200:  # counted by its status, as a function URL's answer is
-        return v2_error(status, _function_error(status, answer), headers)
+        return v2_error(status, jsonbody.error_message(status, answer), headers)
     try:
         result = jsonbody.loads(answer)
     except ValueError as exc:

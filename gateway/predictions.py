@@ -112,19 +112,6 @@ def _decode_output(content_type: str, body: bytes) -> Any:
     return body.decode("utf-8", "replace")
 
 
-def _error_message(status: int, answer: bytes) -> str:
-    """The message of an error answer ({"error": {"message"}} or its text)."""
-    try:
-        error = jsonbody.loads(answer)["error"]
-        message = error["message"] if isinstance(error, dict) else error
-        if isinstance(message, str):
-            return message
-    except (ValueError, KeyError, TypeError):
-        pass
-    text = answer[:500].decode("utf-8", "replace").strip()
-    return text or f"the function answered {status}"
-
-
 def prediction(base: str, pid: str, model: str, version: str, status: str,
                inputs: Any, output: Any = None, error: str | None = None,
                created: float = 0.0, started: float = 0.0, completed: float = 0.0
@@ -157,7 +144,7 @@ def stored_prediction(base: str, inv: invocations_pb2.Invocation) -> dict[str, A
     elif inv.state in ("succeeded", "failed"):
         status = "failed"
         error = (inv.error_message if inv.error_code and not inv.result_body
-                 else _error_message(inv.result_status, inv.result_body))
+                 else jsonbody.error_message(inv.result_status, inv.result_body))
     return prediction(base, inv.id, f"{inv.tenant}/{inv.function}", "", status, inputs,
                       output, error, inv.created_at, inv.started_at, inv.finished_at)
 
@@ -241,7 +228,7 @@ async def create_prediction(request: web.Request) -> web.StreamResponse:
         raise_rejected(answer)
     if status != 200:
         body = prediction(base, pid, model, version, "failed", inputs, None,
-                          _error_message(status, answer), created, started, completed)
+                          jsonbody.error_message(status, answer), created, started, completed)
         return web.json_response(body, status=created_status)
     try:
         output = _decode_output(content_type, answer)
@@ -272,7 +259,7 @@ def raise_rejected(answer: bytes) -> None:
         field = str(error.get("field") or "") if isinstance(error, dict) else ""
     except (ValueError, KeyError, TypeError):
         pass
-    raise InputRejected(_error_message(422, answer), field=field or "input")
+    raise InputRejected(jsonbody.error_message(422, answer), field=field or "input")
 
 
 def _now() -> float:

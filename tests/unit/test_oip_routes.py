@@ -19,7 +19,7 @@ from thaw.core.errors import (
     ThawError,
     Unauthenticated,
 )
-from thaw.gateway import oip
+from thaw.gateway import jsonbody, oip
 from thaw.gateway.errors import RateLimited
 from thaw.gateway.state import ERROR_CODE_KEY, GATEWAY_KEY
 from thaw.proto import scheduler_pb2
@@ -116,7 +116,7 @@ async def test_server_readiness_is_a_4xx_when_the_scheduler_is_away() -> None:
     (b'{"error": "plain v2"}', "plain v2"), (b"boom\n", "boom"), (b"", "the function answered 500"),
     (b'{"error": 5}', '{"error": 5}')])
 def test_a_functions_error_message_is_carried_over(answer: bytes, message: str) -> None:
-    assert oip._function_error(500, answer) == message
+    assert jsonbody.error_message(500, answer) == message
 
 
 async def test_a_versioned_route_serves_the_active_version_only() -> None:
