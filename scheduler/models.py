@@ -293,3 +293,6 @@ class FunctionVersion(Base):
     created_at: Mapped[float] = mapped_column(Float, default=_now)
     activated_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     """When it last became the serving version (deploy or rollback)."""
+    input_schema: Mapped[str] = mapped_column(Text, default="", server_default="")
+    """The JSON Schema its build read from the handler's signature ("" for none): kept
+    here so that a version running fresh (no snapshot manifest) has one too."""
