@@ -10,7 +10,8 @@ and script included), so it must never run as the dashboard's origin:
   `X-Frame-Options: DENY` and `Referrer-Policy: no-referrer`;
 - the function origin (function_host:function_port, its own listener) serves function
   URLs and the routes that answer for an invocation (its stored status and result, the
-  OpenAI-compatible calls, the Open Inference v2 routes) as the function gave them,
+  OpenAI-compatible calls, the Open Inference v2 routes, the MCP server's tool calls)
+  as the function gave them,
   and nothing of the dashboard or the management API: a tenant's page there shares no
   origin with the dashboard.
   Function URLs the API hands out (function_json's `url`) point there.
@@ -40,8 +41,8 @@ DASHBOARD_ORIGIN_HEADERS = {**NOSNIFF, "X-Frame-Options": "DENY",
 # What the function origin serves (path prefixes); the rest is the dashboard origin's.
 FUNCTION_ORIGIN_PREFIXES = ("/fn/", "/v1/invocations/", "/v1/chat/completions",
                             "/v1/completions", "/v1/embeddings", "/v2/",
-                            "/v1/models/", "/v1/predictions/")
-FUNCTION_ORIGIN_PATHS = ("/healthz", "/v1/invocations", "/v2")
+                            "/v1/models/", "/v1/predictions/", "/files/")
+FUNCTION_ORIGIN_PATHS = ("/healthz", "/v1/invocations", "/v2", "/mcp")
 
 
 @dataclass

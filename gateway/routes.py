@@ -22,9 +22,12 @@ from thaw.gateway import (
     audit,
     dashboard,
     environments,
+    files,
     fndocs,
     images,
+    invoke,
     logs,
+    mcp,
     oip,
     predictions,
     priority,
@@ -67,6 +70,10 @@ FEATURES: tuple[Feature, ...] = (
     oip,
     fndocs,
     predictions,
+    files,
+    mcp,
+    # Last: every method but POST on a function URL, after the routes served under one.
+    invoke,
 )
 
 

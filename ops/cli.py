@@ -11,6 +11,7 @@ import structlog
 from thaw.core.errors import ThawError
 from thaw.ops.audit import audit
 from thaw.ops.bench import bench
+from thaw.ops.chat import chat
 from thaw.ops.config import CREDENTIALS_HELP, login
 from thaw.ops.doctor import doctor
 from thaw.ops.environments import env
@@ -18,6 +19,7 @@ from thaw.ops.functions import deploy, fn, invoke
 from thaw.ops.images import image
 from thaw.ops.invocations import inv
 from thaw.ops.logs import fn_logs
+from thaw.ops.mcp import mcp
 from thaw.ops.nodes import node
 from thaw.ops.pki import pki
 from thaw.ops.secrets import secret
@@ -58,6 +60,8 @@ cli.add_command(webhook)  # ops/webhooks.py
 cli.add_command(secret)  # ops/secrets.py
 cli.add_command(volume)  # ops/volumes.py
 cli.add_command(env)  # ops/environments.py
+cli.add_command(mcp)  # ops/mcp.py
+cli.add_command(chat)  # ops/chat.py
 
 
 def main() -> None:
