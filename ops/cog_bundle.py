@@ -3,8 +3,10 @@
 `thaw deploy FOLDER` of such a folder packs a copy with a thaw.toml written into it,
 never into the user's folder: the function is named after the folder (normalised to
 the name pattern) or `--name`, its handler is cog.yaml's `predict: "predict.py:
-Predictor"` as `predict:Predictor`, and cog.yaml's build.python_packages become its
-environment (the platform reads cog.yaml itself: docs/environments.md).
+Predictor"` as `predict:Predictor`, `build.gpu: true` asks a slice of COG_GPU_MEMORY,
+`concurrency.max` (1 unless set, as in cog) bounds the calls one instance serves at
+once, and cog.yaml's build.python_packages become its environment (the platform reads
+cog.yaml itself and adds its own cog: docs/environments.md).
 """
 
 from __future__ import annotations
@@ -19,8 +21,12 @@ from pathlib import Path
 import click
 import yaml
 
-from thaw.core.spec import NAME_PATTERN
+from thaw.core.spec import MAX_CONCURRENCY, NAME_PATTERN
 
+# cog's `build.gpu: true` asks a whole GPU and names no size, where thaw gives slices
+# of a size: a cog folder gets this much (a T4-class card's memory, the smallest GPU
+# Replicate serves); a folder that needs another size carries a thaw.toml.
+COG_GPU_MEMORY = "16GiB"
 _PREDICT = re.compile(r"^(?P<file>[A-Za-z0-9_./-]+)\.py:(?P<cls>[A-Za-z_][A-Za-z0-9_.]*)\Z")
 
 
@@ -45,12 +51,16 @@ def function_name(folder: Path, name: str | None) -> str:
     return derived
 
 
-def handler_of(cog_yaml: str) -> str:
-    """cog.yaml's `predict: "predict.py:Predictor"` as `predict:Predictor`."""
+def _load(cog_yaml: str) -> object:
     try:
-        data = yaml.safe_load(cog_yaml)
+        return yaml.safe_load(cog_yaml)
     except yaml.YAMLError as exc:
         raise click.UsageError(f"cog.yaml: {exc}") from exc
+
+
+def handler_of(cog_yaml: str) -> str:
+    """cog.yaml's `predict: "predict.py:Predictor"` as `predict:Predictor`."""
+    data = _load(cog_yaml)
     predict = data.get("predict") if isinstance(data, dict) else None
     if not isinstance(predict, str):
         raise click.UsageError('cog.yaml has no predict: "predict.py:Predictor" (the '
@@ -62,8 +72,37 @@ def handler_of(cog_yaml: str) -> str:
     return f"{found['file'].replace('/', '.')}:{found['cls']}"
 
 
-def thaw_toml(name: str, handler: str) -> str:
-    return f'name = "{name}"\nhandler = "{handler}"\n'
+def gpu_of(cog_yaml: str) -> bool:
+    """cog.yaml's `build.gpu` (false unless set, as in cog)."""
+    data = _load(cog_yaml)
+    build = data.get("build") if isinstance(data, dict) else None
+    gpu = build.get("gpu", False) if isinstance(build, dict) else False
+    if not isinstance(gpu, bool):
+        raise click.UsageError(f"cog.yaml build.gpu: {gpu!r} is not true or false")
+    return gpu
+
+
+def concurrency_of(cog_yaml: str) -> int:
+    """cog.yaml's `concurrency.max`: the predictions one instance runs at once (1
+    unless set, as in cog, whose predictors are not written for concurrent calls)."""
+    data = _load(cog_yaml)
+    concurrency = data.get("concurrency") if isinstance(data, dict) else None
+    if concurrency is None:
+        return 1
+    most = concurrency.get("max", 1) if isinstance(concurrency, dict) else None
+    if not isinstance(most, int) or isinstance(most, bool) or not 1 <= most <= MAX_CONCURRENCY:
+        raise click.UsageError(f"cog.yaml concurrency.max: {most!r} is not a whole number "
+                               f"from 1 to {MAX_CONCURRENCY}")
+    return most
+
+
+def thaw_toml(name: str, handler: str, gpu: bool = False, concurrency: int = 1) -> str:
+    """The thaw.toml a cog folder stands for."""
+    text = f'name = "{name}"\nhandler = "{handler}"\n'
+    if gpu:
+        text += f'\n[resources]\ngpu_memory = "{COG_GPU_MEMORY}"\n'
+    return text + (f"\n[scaling]\ntarget_concurrency = {concurrency}\n"
+                   f"max_concurrency = {concurrency}\n")
 
 
 @contextlib.contextmanager
@@ -77,7 +116,8 @@ def as_bundle(folder: Path, name: str | None) -> Iterator[Path]:
         yield folder
         return
     text = (folder / "cog.yaml").read_text(encoding="utf-8")
-    toml = thaw_toml(function_name(folder, name), handler_of(text))
+    toml = thaw_toml(function_name(folder, name), handler_of(text), gpu_of(text),
+                     concurrency_of(text))
     with tempfile.TemporaryDirectory(prefix="thaw-cog-") as tmp:
         copy = Path(tmp) / folder.resolve().name
         shutil.copytree(folder, copy, symlinks=True,
@@ -87,9 +127,8 @@ def as_bundle(folder: Path, name: str | None) -> Iterator[Path]:
 
 
 def build_notes(folder: Path) -> str:
-    """What a cog folder's build asks that thaw does differently: `gpu: true` (no
-    size is guessed: no slice until thaw.toml's [resources] names one), and
-    python_packages (an environment of exactly those, so cog must be among them)."""
+    """What a cog folder's build asks that thaw does differently: `gpu: true` names
+    no size, so the deploy says which it asks."""
     if not is_cog_folder(folder):
         return ""
     try:
@@ -99,17 +138,8 @@ def build_notes(folder: Path) -> str:
     build = data.get("build") if isinstance(data, dict) else None
     if not isinstance(build, dict):
         return ""
-    notes = []
     if build.get("gpu") is True:
-        notes.append("cog.yaml asks build.gpu: true, which names no size: this deploy "
-                     "gets no GPU slice. Add a thaw.toml with [resources] gpu_memory to "
-                     "give it one (docs/cog.md).")
-    packages = build.get("python_packages")
-    if isinstance(packages, list) and packages and not any(
-            isinstance(p, str) and re.match(r"cog(?![\w.-])", p.strip().lower())
-            for p in packages):
-        notes.append("cog.yaml lists build.python_packages: the function gets an "
-                     "environment of exactly those, without the platform's cog; list "
-                     "\"cog\" there too (the node's package index must serve it), or "
-                     "drop the list to run in the base environment (docs/cog.md).")
-    return "\n".join(notes)
+        return (f"cog.yaml asks build.gpu: true, which names no size: this deploy asks a "
+                f"{COG_GPU_MEMORY} GPU slice. For another size, add a thaw.toml with "
+                "[resources] gpu_memory (docs/cog.md).")
+    return ""

@@ -20,6 +20,7 @@ from thaw.platform.environments_build import (
     EnvSettings,
     Progress,
 )
+from thaw.platform.environments_provided import ensure_folder, provided
 from thaw.platform.runtime import PythonEnv, RuntimeCapabilities
 from thaw.platform.templates import TemplatePool
 from thaw.proto import agent_pb2, manifest_pb2
@@ -41,6 +42,9 @@ class LaunchEnvironments:
         self.in_use: dict[str, str] = {}
         """Owner (an instance or a build) -> the key of the environment it runs in:
         garbage collection keeps these."""
+        self.provided: dict[str, str] = {}
+        """Environment key -> the folder of packages the platform provides it (cog for
+        a cog.yaml environment: environments_provided.py), for those that get one."""
 
     async def for_bundle(self, bundle: Path, function: str, progress: Progress,
                          image: str = "") -> Environment | None:
@@ -54,8 +58,10 @@ class LaunchEnvironments:
             return None
         envs = self._required()
         lock = await envs.resolve(deps, progress)
-        return await envs.ensure(lock, deps.python, progress, source=deps.source,
-                                 function=function)
+        env = await envs.ensure(lock, deps.python, progress, source=deps.source,
+                                function=function)
+        await self._provide(envs, env)
+        return env
 
     async def for_snapshot(self, recorded: manifest_pb2.Environment | None, function: str,
                            progress: Progress) -> Environment | None:
@@ -71,7 +77,18 @@ class LaunchEnvironments:
             raise InstanceFailed(f"the snapshot's lock names environment "
                                  f"{recorded.key}, this node builds it as {env.key} (another "
                                  f"platform: {recorded.platform})")
+        await self._provide(self._required(), env)
         return env
+
+    async def _provide(self, envs: Environments, env: Environment) -> None:
+        """Make (once) the folder of the platform's packages `env` lacks, where its
+        dependency file gets any."""
+        if env.key in self.provided:
+            return
+        dists = provided(env.source, lock_pins(env.lock))
+        if dists:
+            folder = await asyncio.to_thread(ensure_folder, envs.root, dists)
+            self.provided[env.key] = str(folder)
 
     def hold(self, owner: str, env: Environment | None) -> None:
         """`owner` runs in `env` until `release(owner)`."""
@@ -85,7 +102,15 @@ class LaunchEnvironments:
         """How a launch runs in `env` (None: the base environment); no disk access."""
         if env is None or self.environments is None:
             return None
-        return self.environments.python_env(env)
+        python_env = self.environments.python_env(env)
+        extra = self.provided.get(env.key)
+        if extra is None:
+            return python_env
+        # After the runtime on the path; it holds only names the environment lacks,
+        # so it shadows none of the environment's own packages.
+        return dataclasses.replace(
+            python_env, paths=(*python_env.paths, extra),
+            runtime_path=os.pathsep.join((python_env.runtime_path, extra)))
 
     def in_use_keys(self, keep: list[manifest_pb2.SnapshotManifest],
                     template_keys: set[str]) -> set[str]:

@@ -8,7 +8,13 @@ from pathlib import Path
 import click
 import pytest
 
-from thaw.ops.cog_bundle import as_bundle, build_notes, function_name, handler_of
+from thaw.ops.cog_bundle import (
+    COG_GPU_MEMORY,
+    as_bundle,
+    build_notes,
+    function_name,
+    handler_of,
+)
 
 
 def _cog(folder: Path, yaml_text: str = 'predict: "predict.py:Predictor"\n') -> Path:
@@ -22,8 +28,10 @@ def test_a_cog_folder_packs_as_a_copy_with_thaw_toml(tmp_path: Path) -> None:
     folder = _cog(tmp_path / "My_Model.v2")
     with as_bundle(folder, None) as packed:
         assert packed != folder
+        # One prediction at a time per instance unless concurrency.max says more, as cog.
         assert (packed / "thaw.toml").read_text() == (
-            'name = "my-model-v2"\nhandler = "predict:Predictor"\n')
+            'name = "my-model-v2"\nhandler = "predict:Predictor"\n\n'
+            "[scaling]\ntarget_concurrency = 1\nmax_concurrency = 1\n")
         assert (packed / "predict.py").read_text() == "class Predictor: ...\n"
     assert not (folder / "thaw.toml").exists()
     with as_bundle(folder, "other") as packed:
@@ -51,19 +59,38 @@ def test_cog_yaml_predict_and_names_are_checked(tmp_path: Path) -> None:
         function_name(tmp_path, "Bad")
 
 
-def test_gpu_true_is_reported_not_sized(tmp_path: Path) -> None:
-    folder = _cog(tmp_path / "g", 'build:\n  gpu: true\npredict: "predict.py:Predictor"\n')
-    assert "no GPU slice" in build_notes(folder)
+def test_gpu_true_asks_a_slice_and_says_its_size(tmp_path: Path) -> None:
+    import tomllib
+
+    from thaw.core.spec import parse_spec
+
+    folder = _cog(tmp_path / "g", 'build:\n  gpu: true\nconcurrency:\n  max: 3\n'
+                                  'predict: "predict.py:Predictor"\n')
+    assert f"asks a {COG_GPU_MEMORY} GPU slice" in build_notes(folder)
     assert build_notes(_cog(tmp_path / "c")) == ""
+    with as_bundle(folder, None) as packed:
+        text = (packed / "thaw.toml").read_text()
+    doc = tomllib.loads(text)
+    assert doc["resources"] == {"gpu_memory": COG_GPU_MEMORY}
+    assert doc["scaling"] == {"target_concurrency": 3, "max_concurrency": 3}
+    spec = parse_spec(text)
+    assert spec.resources.gpu_memory == 16 * 1024**3
+    assert spec.scaling.max_concurrency == 3
+    with as_bundle(_cog(tmp_path / "cpu", 'build:\n  gpu: false\n'
+                                          'predict: "predict.py:Predictor"\n'), None) as cpu:
+        assert "[resources]" not in (cpu / "thaw.toml").read_text()
 
 
-def test_python_packages_without_cog_are_reported(tmp_path: Path) -> None:
+def test_bad_gpu_and_concurrency_are_refused(tmp_path: Path) -> None:
+    for i, bad in enumerate(("build:\n  gpu: yes-please\n", "concurrency:\n  max: 0\n",
+                             "concurrency:\n  max: two\n", "concurrency: 4\n")):
+        folder = _cog(tmp_path / f"b{i}", bad + 'predict: "predict.py:Predictor"\n')
+        with pytest.raises(click.UsageError, match="cog.yaml"), as_bundle(folder, None):
+            pass
+
+
+def test_python_packages_need_no_cog_of_their_own(tmp_path: Path) -> None:
+    # The platform adds its own cog to such an environment (environments_provided.py).
     lacking = _cog(tmp_path / "p", 'build:\n  python_packages: ["numpy==2.0"]\n'
                                    'predict: "predict.py:Predictor"\n')
-    assert 'list "cog" there too' in build_notes(lacking)
-    listed = _cog(tmp_path / "q", 'build:\n  python_packages: ["cog==0.23.1", "numpy"]\n'
-                                  'predict: "predict.py:Predictor"\n')
-    assert build_notes(listed) == ""
-    cogger = _cog(tmp_path / "r", 'build:\n  python_packages: ["cogs-extra"]\n'
-                                  'predict: "predict.py:Predictor"\n')
-    assert 'list "cog" there too' in build_notes(cogger)
+    assert build_notes(lacking) == ""
