@@ -35,7 +35,10 @@ from thaw.gateway.admit import admit, new_call
 from thaw.gateway.auth import require
 from thaw.gateway.caller import check_invocation_reader, principal_of, reads_all_invocations
 from thaw.gateway.errors import InputRejected, retry_after_header, status_of
+from thaw.gateway.files import carries_files, publish, resolve_inputs
 from thaw.gateway.inputs import checked_body
+from thaw.gateway.prediction_stream import PREFIX as STREAM_PREFIX
+from thaw.gateway.prediction_stream import LivePrediction, LiveStreams, serve
 from thaw.gateway.priority import call_knobs, function_knobs
 from thaw.gateway.relay import done_within
 from thaw.gateway.request import parse_invoke, read_body
@@ -55,6 +58,8 @@ BODY_KEYS = frozenset({"input", "id", "created_at", "output_file_prefix", "conte
                        "webhook", "webhook_events_filter", "webhook_completed", "stream",
                        "version"})
 # Stored invocation states as cog/Replicate name a prediction's status.
+STREAMS_KEY = web.AppKey("prediction_streams", LiveStreams)
+STREAM_ASKED = "thaw_prediction_stream"
 STATUS_OF_STATE = {"queued": "starting", "running": "processing", "succeeded": "succeeded",
                    "failed": "failed", "cancelled": "canceled"}
 
@@ -163,6 +168,9 @@ async def _read_input(request: web.Request, limit: int, described: str
     if doc.get("webhook"):
         raise InvalidArgument("predictions take no webhook here; use the function URL "
                               "with X-Thaw-Webhook", field="webhook")
+    if not isinstance(doc.get("stream", False), bool):
+        raise InvalidArgument("a prediction's stream is true or false", field="stream")
+    request[STREAM_ASKED] = doc.get("stream") is True
     inputs: dict[str, Any] = doc.get("input", {})
     return inputs, json.dumps(inputs, separators=(",", ":")).encode()
 
@@ -184,19 +192,26 @@ async def create_prediction(request: web.Request) -> web.StreamResponse:
     knobs = await function_knobs(request, gw, tenant, name)
     forwarded = await checked_body(knobs.input_schema, forwarded)
     inputs = jsonbody.loads(forwarded)  # with the defaults the check filled in
+    # File inputs given as signed URLs travel as their bytes (gateway/files.py).
+    forwarded = await resolve_inputs(request, tenant, knobs.input_schema, forwarded, limit)
     call = new_call(request, tenant, name, "", forwarded,
                     {"Content-Type": JSON, "Accept": JSON}, ask.timeout, priority)
     request[FUNCTION_KEY] = call.function
     created_status = 201 if request.path.startswith("/v1/") else 200
     base, model = _base(request), f"{tenant}/{name}"
     runner = request.app[RUNNER_KEY]
+    if request.get(STREAM_ASKED):  # runs now; its events at urls.stream
+        live = request.app[STREAMS_KEY].start(gw.dispatcher, call, model, inputs,
+                                              gw.config.max_body_bytes)
+        return web.json_response(live_body(base, live),
+                                 status=201 if created_status == 201 else 202)
     if ask.respond_async or (created_status == 201 and not _asks_wait(request)):
         record = record_of(call, p, "", ask.idempotency_key)
         inv, made = await runner.client.create(record)
         if not made:
             check_same_request(inv, record, p)
         runner.wake.set()
-        return web.json_response(stored_prediction(base, inv), status=202)
+        return web.json_response(await with_files(request, inv), status=202)
     opening = asyncio.ensure_future(gw.dispatcher.open(call))
     try:
         done = await done_within(opening, ask.wait_limit(gw.config.sync_wait_seconds))
@@ -231,7 +246,8 @@ async def create_prediction(request: web.Request) -> web.StreamResponse:
                           jsonbody.error_message(status, answer), created, started, completed)
         return web.json_response(body, status=created_status)
     try:
-        output = _decode_output(content_type, answer)
+        output = (await publish(request, tenant, answer) if carries_files(content_type)
+                  else _decode_output(content_type, answer))
         body = prediction(base, pid, model, version, "succeeded", inputs, output, None,
                           created, started, completed)
     except ValueError as exc:
@@ -239,6 +255,16 @@ async def create_prediction(request: web.Request) -> web.StreamResponse:
                           f"the function's answer is not valid JSON: {exc}", created,
                           started, completed)
     return web.json_response(body, status=created_status)
+
+
+async def with_files(request: web.Request, inv: invocations_pb2.Invocation
+                     ) -> dict[str, Any]:
+    """A stored prediction; output files, as a sync one's, by their signed URLs
+    (stored once, content-addressed: a later read renews the same file's URL)."""
+    body = stored_prediction(_base(request), inv)
+    if body["status"] == "succeeded" and carries_files(inv.result_content_type):
+        body["output"] = await publish(request, inv.tenant, inv.result_body)
+    return body
 
 
 def _asks_wait(request: web.Request) -> bool:
@@ -281,20 +307,47 @@ def _id(request: web.Request) -> str:
     return pid
 
 
+def live_body(base: str, live: LivePrediction) -> dict[str, Any]:
+    """A streaming prediction: its items so far as output, and where to stream it."""
+    body = prediction(base, live.id, live.model, live.version, live.status, live.inputs,
+                      list(live.items), live.error, live.created, live.started,
+                      live.completed)
+    body["urls"]["stream"] = f"{base}/v1/predictions/{live.id}/stream"
+    return body
+
+
+@prediction_errors
+async def stream_prediction(request: web.Request) -> web.StreamResponse:
+    """A streaming prediction's server-sent events (gateway/prediction_stream.py)."""
+    p = await _reader(request)
+    return await serve(request, request.app[STREAMS_KEY].get(p.tenant,
+                                                             request.match_info["id"]))
+
+
 @prediction_errors
 async def get_prediction(request: web.Request) -> web.StreamResponse:
     p = await _reader(request)
+    if request.match_info["id"].startswith(STREAM_PREFIX):
+        live = request.app[STREAMS_KEY].get(p.tenant, request.match_info["id"])
+        return web.json_response(live_body(_base(request), live))
     inv = await request.app[RUNNER_KEY].client.get(p.tenant, _id(request), with_bodies=True)
     check_invocation_reader(p, inv)
     if inv.state == "expired":
         raise expired(inv.id)
-    return web.json_response(stored_prediction(_base(request), inv))
+    return web.json_response(await with_files(request, inv))
 
 
 @prediction_errors
 async def cancel_prediction(request: web.Request) -> web.StreamResponse:
     """Cancels a queued or running prediction; a finished one is answered as it is."""
     p = await _reader(request)
+    if request.match_info["id"].startswith(STREAM_PREFIX):
+        streams = request.app[STREAMS_KEY]
+        live = streams.get(p.tenant, request.match_info["id"])
+        streams.cancel(live)
+        if live.task is not None:
+            await asyncio.wait({live.task})
+        return web.json_response(live_body(_base(request), live))
     gw, runner = request.app[GATEWAY_KEY], request.app[RUNNER_KEY]
     before = await runner.client.get(p.tenant, _id(request))
     check_invocation_reader(p, before)
@@ -304,7 +357,7 @@ async def cancel_prediction(request: web.Request) -> web.StreamResponse:
         await runner.client.cancel(p.tenant, before.id, gw.config.result_ttl_seconds)
         runner.cancel_local(before.id)
     inv = await runner.client.get(p.tenant, before.id, with_bodies=True)
-    return web.json_response(stored_prediction(_base(request), inv))
+    return web.json_response(await with_files(request, inv))
 
 
 def add_routes(app: web.Application) -> None:
@@ -313,6 +366,13 @@ def add_routes(app: web.Application) -> None:
     r.add_post("/v1/models/{tenant}/{name}/predictions", create_prediction)
     r.add_get("/v1/predictions/{id}", get_prediction)
     r.add_post("/v1/predictions/{id}/cancel", cancel_prediction)
+    r.add_get("/v1/predictions/{id}/stream", stream_prediction)
+    streams = app[STREAMS_KEY] = LiveStreams()
+
+    async def stop_streams(_app: web.Application) -> None:
+        await streams.close()
+
+    app.on_cleanup.append(stop_streams)
 
 
 # ---- OpenAPI ------------------------------------------------------------------------
