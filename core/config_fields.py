@@ -12,7 +12,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from thaw.core.http1limits import (
@@ -242,6 +250,16 @@ class GatewayFields(_Fields):
     """Serve plain function calls with the lean HTTP/1.1 server of gateway/lane.py."""
     sync_wait_seconds: float = Field(60.0, gt=0, le=3600)
     """Seconds a sync call holds its request; then 303 to its result URL."""
+    files_url_ttl_seconds: float = Field(3600.0, gt=0, le=7 * 86_400)
+    # A file a handler returns is stored by the gateway and answered as a signed URL
+    # (docs/function-api.md, "Files"); the file is collected once its URL expires.
+    """Seconds a function's output file and its signed URL last."""
+    files_max_bytes: int = Field(1024**3, gt=0)
+    """Bytes of output files one tenant may have stored at once; quota_exceeded past it."""
+    files_dir: str = ""
+    """Where output files and their URL signing key are kept; empty = THAW_HOME/files."""
+    max_input_files: int = Field(16, ge=1, le=1000)
+    """Most parts a multipart/form-data call may have (files and fields together)."""
     result_ttl_seconds: float = Field(86_400.0, gt=0, le=90 * 86_400)
     # Stored: async, past the wait limit, or under an Idempotency-Key; once expired,
     # GET answers 410 and the key may be used again.
@@ -361,6 +379,27 @@ class AlertFields(_Fields):
     alerts_slack_urls: Annotated[list[str], NoDecode] = Field(
         default_factory=list, json_schema_extra=_URL_SECRET)
     """Slack-compatible incoming-webhook sinks ({"text", "blocks"} payloads)."""
+    alerts_webhook_signing_key: SecretStr = SecretStr("")
+    """whsec_<base64>: the generic webhooks' notices are signed (Standard Webhooks)."""
+    alerts_pagerduty_routing_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list)
+    """PagerDuty Events API v2 routing keys: an alert triggers, then resolves, an incident."""
+    alerts_pagerduty_url: str = "https://events.pagerduty.com/v2/enqueue"
+    """Where PagerDuty events are POSTed (PagerDuty's public endpoint, or a proxy)."""
+    alerts_smtp_host: str = ""
+    """SMTP relay of the e-mail sink; "" = no e-mail."""
+    alerts_smtp_port: int = Field(587, gt=0, lt=65536)
+    """The relay's port: 587 for starttls, 465 for tls."""
+    alerts_smtp_security: Literal["starttls", "tls", "none"] = "starttls"
+    """starttls (upgrade, refused without it), tls (implicit, port 465) or none."""
+    alerts_smtp_username: str = ""
+    """Login at the relay; "" = none."""
+    alerts_smtp_password: SecretStr = SecretStr("")
+    """The login's password (never shown)."""
+    alerts_smtp_from: str = ""
+    """The e-mail sink's From address."""
+    alerts_smtp_to: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Recipients of the e-mail sink (a JSON list or comma-separated addresses)."""
     alerts_retries: int = Field(4, ge=0, le=20)
     """Retries of a failed delivery (exponential backoff) before it is given up."""
     alerts_timeout: float = Field(5.0, gt=0, le=120)
@@ -394,15 +433,30 @@ class AlertFields(_Fields):
     alerts_keys_refresh: float = Field(300.0, gt=0)
     """Seconds between two listings of every tenant's API keys (expiry is judged in days)."""
 
-    @field_validator("alerts_webhook_urls", "alerts_slack_urls", mode="before")
+    @field_validator("alerts_webhook_urls", "alerts_slack_urls",
+                     "alerts_pagerduty_routing_keys", "alerts_smtp_to", mode="before")
     @classmethod
     def _split_urls(cls, value: Any) -> Any:
         return _url_list(value)
 
-    @field_validator("alerts_webhook_urls", "alerts_slack_urls")
+    @field_validator("alerts_webhook_signing_key")
     @classmethod
-    def _http_urls(cls, value: list[str]) -> list[str]:
-        for url in value:
+    def _whsec(cls, value: SecretStr) -> SecretStr:
+        text = value.get_secret_value()
+        if text and not re.fullmatch(r"whsec_[A-Za-z0-9+/]+={0,2}", text):
+            raise ValueError("must be whsec_<base64> (`thaw webhook secret` makes one)")
+        return value
+
+    @model_validator(mode="after")
+    def _email_complete(self) -> AlertFields:
+        if self.alerts_smtp_host and not (self.alerts_smtp_from and self.alerts_smtp_to):
+            raise ValueError("alerts_smtp_host needs alerts_smtp_from and alerts_smtp_to")
+        return self
+
+    @field_validator("alerts_webhook_urls", "alerts_slack_urls", "alerts_pagerduty_url")
+    @classmethod
+    def _http_urls(cls, value: Any) -> Any:
+        for url in [value] if isinstance(value, str) else value:
             parts = urlsplit(url)
             if parts.scheme not in ("http", "https") or not parts.netloc:
                 raise ValueError(f"{url!r} is not an http(s) URL")

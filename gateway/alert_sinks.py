@@ -1,6 +1,8 @@
-"""Where alert notices go: generic JSON webhooks and Slack-compatible incoming webhooks.
+"""Where alert notices go: generic JSON webhooks (signed when a secret is set) and
+Slack-compatible incoming webhooks here; PagerDuty (gateway/alert_pagerduty.py) and
+e-mail (gateway/alert_email.py) are transports of the same kind.
 
-Each sink URL has its own bounded outbox and one sender task, so a slow or failing
+Each sink (receiver) has its own bounded outbox and one sender task, so a slow or failing
 receiver delays only its own notices (in order: a RESOLVED never overtakes its FIRING)
 and the evaluation loop never waits on the network: it only enqueues. A delivery is
 retried with exponential backoff; one given up is logged and counted.
@@ -11,21 +13,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import hashlib
+import json
+import smtplib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 import structlog
 from prometheus_client import CollectorRegistry, Counter
 from tenacity import (
     AsyncRetrying,
-    RetryError,
     retry_if_exception_type,
     stop_after_attempt,
     wait_exponential,
 )
+
+from thaw.gateway.stored.signing import signed_headers
 
 log = structlog.get_logger()
 
@@ -106,7 +112,68 @@ PAYLOADS: dict[SinkKind, Callable[[Notice], dict[str, Any]]] = {
 
 
 class DeliveryFailed(Exception):
-    """A receiver answered with a non-2xx status (retried)."""
+    """An attempt failed in a way a later one may not (a 5xx, 408 or 429, a dropped
+    connection): retried."""
+
+
+class DeliveryRefused(Exception):
+    """The receiver refused the notice itself (another 4xx, a bad address): retrying
+    cannot help, so the notice is given up at once."""
+
+
+class Transport(Protocol):
+    """How one receiver is reached. `name` is what logs and metrics may show: never
+    the receiver's URL, routing key or password (those are secrets)."""
+
+    kind: str
+    name: str
+
+    async def send(self, notice: Notice) -> None:
+        """Deliver once; raise DeliveryFailed (retried) or DeliveryRefused (not)."""
+
+
+def http_outcome(status: int, name: str) -> None:
+    """Raise what a receiver's HTTP status means for a delivery (2xx: nothing)."""
+    if status < 300:
+        return
+    if status in (408, 429) or status >= 500:
+        raise DeliveryFailed(f"{name} answered {status}")
+    raise DeliveryRefused(f"{name} answered {status}")
+
+
+def notice_id(notice: Notice) -> str:
+    """The same on every retry of one transition (a receiver drops a repeat), different
+    for the next transition of that alert."""
+    raw = f"{notice.alert}\0{notice.subject}\0{notice.state.value}\0{notice.started_at}"
+    return "alert_" + hashlib.sha256(raw.encode()).hexdigest()[:32]
+
+
+class HttpTransport:
+    """A JSON POST: the generic webhook (signed when a secret is set, as the stored
+    invocations' webhooks are: Standard Webhooks, gateway/stored/signing.py) and the
+    Slack-compatible one."""
+
+    def __init__(self, kind: SinkKind, url: str, session: aiohttp.ClientSession,
+                 timeout: float, index: int = 1, secret: str = "",
+                 clock: Callable[[], float] = time.time) -> None:
+        self.kind = kind.value
+        self.name = f"{kind.value}#{index}"
+        self._url = url
+        self._payload = PAYLOADS[kind]
+        self._session = session
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._secret = secret
+        self._clock = clock
+
+    async def send(self, notice: Notice) -> None:
+        body = json.dumps(self._payload(notice)).encode()
+        headers = {"content-type": "application/json"}
+        if self._secret:
+            headers.update(signed_headers([self._secret], notice_id(notice),
+                                          int(self._clock()), body))
+        async with self._session.post(self._url, data=body, headers=headers,
+                                      timeout=self._timeout) as resp:
+            http_outcome(resp.status, self.name)
 
 
 class SinkMetrics:
@@ -117,19 +184,21 @@ class SinkMetrics:
             ["sink", "outcome"], registry=registry)
 
 
-class Sink:
-    """One receiver URL with its outbox and sender task."""
+# What a delivery attempt may raise that a later attempt may not.
+RETRIED = (aiohttp.ClientError, asyncio.TimeoutError, DeliveryFailed, smtplib.SMTPException,
+           OSError)
 
-    def __init__(self, kind: SinkKind, url: str, session: aiohttp.ClientSession,
-                 metrics: SinkMetrics, retries: int, timeout: float,
+
+class Sink:
+    """One receiver with its outbox and sender task."""
+
+    def __init__(self, transport: Transport, metrics: SinkMetrics, retries: int,
                  backoff_first: float = BACKOFF_FIRST_SECONDS,
                  backoff_max: float = BACKOFF_MAX_SECONDS) -> None:
-        self.kind = kind
-        self.url = url
-        self._session = session
+        self.transport = transport
+        self.kind = transport.kind
         self._metrics = metrics
         self._retries = retries
-        self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._backoff_first = backoff_first
         self._backoff_max = backoff_max
         self._outbox: asyncio.Queue[Notice] = asyncio.Queue(OUTBOX_CAPACITY)
@@ -142,9 +211,9 @@ class Sink:
         try:
             self._outbox.put_nowait(notice)
         except asyncio.QueueFull:
-            self._metrics.notices.labels(self.kind.value, "dropped").inc()
+            self._metrics.notices.labels(self.kind, "dropped").inc()
             log.warning("alert notice dropped: the sink's outbox is full",
-                        sink=self.kind.value, url=self.url, alert=notice.alert)
+                        sink=self.transport.name, alert=notice.alert)
 
     async def _send_forever(self) -> None:
         while True:
@@ -155,31 +224,25 @@ class Sink:
                 self._outbox.task_done()
 
     async def deliver(self, notice: Notice) -> bool:
-        """POST the notice, retrying with backoff; False once it is given up."""
-        payload = PAYLOADS[self.kind](notice)
+        """Send the notice, retrying with backoff; False once it is given up."""
         try:
             async for attempt in AsyncRetrying(
                     stop=stop_after_attempt(self._retries + 1),
                     wait=wait_exponential(multiplier=self._backoff_first,
                                           max=self._backoff_max),
-                    retry=retry_if_exception_type(
-                        (aiohttp.ClientError, asyncio.TimeoutError, DeliveryFailed))):
+                    retry=retry_if_exception_type(RETRIED), reraise=True):
                 with attempt:
-                    await self._post(payload)
-        except RetryError as exc:
-            self._metrics.notices.labels(self.kind.value, "failed").inc()
-            log.warning("alert notice not delivered", sink=self.kind.value, url=self.url,
+                    await self.transport.send(notice)
+        except (DeliveryRefused, *RETRIED) as exc:
+            self._metrics.notices.labels(self.kind, "failed").inc()
+            # The error's text names the sink, never its URL (aiohttp's would).
+            log.warning("alert notice not delivered", sink=self.transport.name,
                         alert=notice.alert, subject=notice.subject,
-                        attempts=self._retries + 1,
-                        error=repr(exc.last_attempt.exception()))
+                        error=type(exc).__name__ if not isinstance(
+                            exc, (DeliveryFailed, DeliveryRefused)) else str(exc))
             return False
-        self._metrics.notices.labels(self.kind.value, "delivered").inc()
+        self._metrics.notices.labels(self.kind, "delivered").inc()
         return True
-
-    async def _post(self, payload: dict[str, Any]) -> None:
-        async with self._session.post(self.url, json=payload, timeout=self._timeout) as resp:
-            if resp.status >= 300:
-                raise DeliveryFailed(f"{self.url} answered {resp.status}")
 
     async def drain(self, grace: float) -> None:
         """Give the outbox up to `grace` seconds to empty, then stop the sender."""
@@ -200,11 +263,17 @@ class Sinks:
     @classmethod
     def build(cls, session: aiohttp.ClientSession, metrics: SinkMetrics,
               webhook_urls: list[str], slack_urls: list[str], retries: int,
-              timeout: float, **backoff: float) -> Sinks:
-        return cls([Sink(SinkKind.WEBHOOK, url, session, metrics, retries, timeout, **backoff)
-                    for url in webhook_urls]
-                   + [Sink(SinkKind.SLACK, url, session, metrics, retries, timeout, **backoff)
-                      for url in slack_urls])
+              timeout: float, webhook_secret: str = "",
+              others: Sequence[Transport] = (), **backoff: float) -> Sinks:
+        """The webhook and Slack sinks of these URLs (the webhooks signed with
+        `webhook_secret` when one is set), and a sink for each of `others`."""
+        transports: list[Transport] = [
+            HttpTransport(SinkKind.WEBHOOK, url, session, timeout, i, webhook_secret)
+            for i, url in enumerate(webhook_urls, 1)]
+        transports += [HttpTransport(SinkKind.SLACK, url, session, timeout, i)
+                       for i, url in enumerate(slack_urls, 1)]
+        transports += others
+        return cls([Sink(t, metrics, retries, **backoff) for t in transports])
 
     def start(self) -> None:
         for sink in self.sinks:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -13,8 +14,11 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import Gauge
 
+from thaw.core.config_fields import AlertFields
 from thaw.core.errors import Unavailable
-from thaw.gateway.alert_sinks import SinkMetrics, Sinks
+from thaw.gateway.alert_email import EmailTransport, SmtpOptions
+from thaw.gateway.alert_pagerduty import PagerDutyTransport
+from thaw.gateway.alert_sinks import SinkMetrics, Sinks, Transport
 from thaw.gateway.alerts.engine import AlertEngine
 from thaw.gateway.alerts.rules import rules_from_settings
 from thaw.gateway.alerts.sources import LiveSources
@@ -38,14 +42,34 @@ class Alerting:
 ALERTING_KEY = web.AppKey("alerting", Alerting)
 
 
+def sinks_from_settings(config: AlertFields, session: aiohttp.ClientSession,
+                        metrics: SinkMetrics, **backoff: float) -> Sinks:
+    """Every sink the settings name: webhooks (signed with alerts_webhook_signing_key when
+    set), Slack webhooks, a PagerDuty service per routing key, and e-mail."""
+    source = f"thaw-gateway@{socket.gethostname()}"
+    others: list[Transport] = [
+        PagerDutyTransport(key.get_secret_value(), session, config.alerts_timeout, source,
+                           config.alerts_pagerduty_url, i)
+        for i, key in enumerate(config.alerts_pagerduty_routing_keys, 1)]
+    if config.alerts_smtp_host:
+        others.append(EmailTransport(SmtpOptions(
+            config.alerts_smtp_host, config.alerts_smtp_port, config.alerts_smtp_from,
+            tuple(config.alerts_smtp_to), config.alerts_smtp_security,
+            config.alerts_smtp_username, config.alerts_smtp_password.get_secret_value(),
+            config.alerts_timeout)))
+    return Sinks.build(session, metrics, config.alerts_webhook_urls,
+                       config.alerts_slack_urls, config.alerts_retries,
+                       config.alerts_timeout,
+                       webhook_secret=config.alerts_webhook_signing_key.get_secret_value(),
+                       others=others, **backoff)
+
+
 async def _alerting(app: web.Application) -> AsyncIterator[None]:
     config, gw = app[CONFIG_KEY], app[GATEWAY_KEY]
     firing = Gauge("thaw_alerts_firing", "Alerts firing now, by rule", ["alert"],
                    registry=app[METRICS_KEY].registry)
     session = aiohttp.ClientSession()
-    sinks = Sinks.build(session, SinkMetrics(app[METRICS_KEY].registry),
-                        config.alerts_webhook_urls, config.alerts_slack_urls,
-                        config.alerts_retries, config.alerts_timeout)
+    sinks = sinks_from_settings(config, session, SinkMetrics(app[METRICS_KEY].registry))
     engine = AlertEngine(rules_from_settings(config),
                          LiveSources(gw, lambda: app.get(STATS_KEY),
                                      config.alerts_keys_refresh), sinks.notify,
