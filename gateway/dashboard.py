@@ -23,6 +23,7 @@ import contextlib
 import importlib
 import time
 import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -157,14 +158,21 @@ async def build_snapshot(request: web.Request, p: scheduler_pb2.Principal,
         events = await gw.scheduler.list_events(2**63 - 1, 1)
         after = max(0, events.last_seq - EVENTS_SHOWN)
         recent_events = await gw.scheduler.list_events(after, EVENTS_SHOWN)
-        snapshot["events"] = [
-            {"seq": e.seq, "time": e.time, "kind": e.kind, "message": e.message,
-             "node_id": e.node_id, "function": e.function}
-            for e in reversed(recent_events.events)]
+        snapshot["events"] = feed_events(recent_events.events)
         alerts = _alerts(request.app)
         if alerts is not None:
             snapshot["alerts"] = alerts
     return snapshot
+
+
+def feed_events(events: Iterable[scheduler_pb2.Event]) -> list[dict[str, Any]]:
+    """The events feed, newest first. The platform's own bookkeeping (actor "system":
+    scheduler/events.py Actor) is no change an operator made and is left out; GET
+    /v1/events keeps it."""
+    return [{"seq": e.seq, "time": e.time, "kind": e.kind, "message": e.message,
+             "node_id": e.node_id, "function": e.function,
+             "actor": e.attrs.get("actor", "")}
+            for e in reversed(list(events)) if e.attrs.get("actor") != "system"]
 
 
 def snapshot_tiers(fn: scheduler_pb2.FunctionInfo) -> dict[str, list[str]]:

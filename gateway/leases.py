@@ -140,7 +140,7 @@ class LeasePool:
     async def _demote(self, invocation_id: str) -> None:
         # Granted meanwhile (NotFound), or the scheduler is away: no harm either way.
         with contextlib.suppress(ThawError):
-            await self.scheduler.set_priority(invocation_id, PRIORITY_MIN)
+            await self.scheduler.set_priority(invocation_id, PRIORITY_MIN, bookkeeping=True)
 
     async def _acquire(self, tenant: str, name: str, wait: float, priority: int,
                        invocation_id: str) -> scheduler_pb2.Lease:

@@ -61,11 +61,11 @@ class SchedulerClient:
                                          priority=priority, invocation_id=invocation_id),
             timeout=wait + 30.0))
 
-    async def set_priority(self, invocation_id: str, priority: int, tenant: str = ""
-                           ) -> scheduler_pb2.SetPriorityResponse:
+    async def set_priority(self, invocation_id: str, priority: int, tenant: str = "",
+                           bookkeeping: bool = False) -> scheduler_pb2.SetPriorityResponse:
         return await call(self._stub.SetPriority(
             scheduler_pb2.SetPriorityRequest(invocation_id=invocation_id, priority=priority,
-                                             tenant=tenant),
+                                             tenant=tenant, bookkeeping=bookkeeping),
             timeout=META_TIMEOUT))
 
     async def set_function_priority(self, tenant: str, name: str, priority: int

@@ -194,9 +194,9 @@ class ControlPlane:
                       priority: int = PRIORITY_DEFAULT, invocation_id: str = "") -> LeaseGrant:
         return await self.leasing.acquire(tenant, name, wait, priority, invocation_id)
 
-    def set_priority(self, invocation_id: str, priority: int, tenant: str = ""
-                     ) -> tuple[str, int, float, int]:
-        return self.leasing.set_priority(invocation_id, priority, tenant)
+    def set_priority(self, invocation_id: str, priority: int, tenant: str = "",
+                     bookkeeping: bool = False) -> tuple[str, int, float, int]:
+        return self.leasing.set_priority(invocation_id, priority, tenant, bookkeeping)
 
     async def release(self, lease_id: str, failed: bool, reason: str) -> None:
         await self.leasing.release(lease_id, failed, reason)

@@ -44,7 +44,25 @@ class EventKind(str, enum.Enum):
     NODE_CONDITION = "node_condition"      # a node's disk filled, went read-only, or recovered
     CHUNK_REPAIRED = "chunk_repaired"      # a corrupt chunk was fetched again or rebuilt
     PRIORITY_CHANGED = "priority_changed"  # an operator re-prioritized a queued invocation
+    ACQUIRE_DEMOTED = "acquire_demoted"    # gateway bookkeeping: a call stopped waiting
     GARBAGE_COLLECTED = "garbage_collected"  # a node's garbage collected: bytes freed by kind
+
+
+class Actor(str, enum.Enum):
+    """Who an event's change came from, in its `actor` attribute where both are
+    possible: feeds show an operator's actions as changes and leave the platform's own
+    bookkeeping out (it stays in the log, and in ListEvents)."""
+
+    OPERATOR = "operator"
+    SYSTEM = "system"
+
+
+def is_bookkeeping(attrs: Iterable[tuple[str, str]]) -> bool:
+    """Whether an event (by its attributes) is the platform's own bookkeeping."""
+    return (ACTOR_ATTR, Actor.SYSTEM.value) in tuple(attrs)
+
+
+ACTOR_ATTR = "actor"
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from thaw.core.errors import DeadlineExceeded, FunctionUnavailable, NoCapacity, NotFound
 from thaw.core.priority import PRIORITY_DEFAULT, Waiter
 from thaw.scheduler.builds import Builds
-from thaw.scheduler.events import EventKind
+from thaw.scheduler.events import Actor, EventKind
 from thaw.scheduler.fleet import Fleet
 from thaw.scheduler.instances import Instances
 from thaw.scheduler.plane_state import PlaneState
@@ -165,12 +165,13 @@ class Leasing:
                 return False  # one ahead has yet to try since the change
         return True  # not queued (any more): nothing to wait for
 
-    def set_priority(self, invocation_id: str, priority: int, tenant: str = ""
-                     ) -> tuple[str, int, float, int]:
+    def set_priority(self, invocation_id: str, priority: int, tenant: str = "",
+                     bookkeeping: bool = False) -> tuple[str, int, float, int]:
         """Give a queued invocation a new priority (an operator moving it ahead):
         (tenant/name, priority, effective priority, requests ahead of it now).
         NotFound when no acquire of that invocation (of `tenant`, unless "") is
-        waiting here."""
+        waiting here. `bookkeeping`: the gateway's own step (a call that stopped
+        waiting sends its Acquire to the back), recorded as such, not as a change."""
         s = self.s
         for pool in s.pools.values():
             waiter = pool.queue.find(invocation_id)
@@ -182,10 +183,17 @@ class Leasing:
                 s.room_queue.set_priority(room, priority)
                 s.room_turns.fire()
             pool.changed.fire()
-            s.events.emit(EventKind.PRIORITY_CHANGED,
-                          f"invocation {invocation_id} of {pool.name} set to priority "
-                          f"{priority}", function=pool.name, invocation=invocation_id,
-                          priority=str(priority))
+            if bookkeeping:
+                s.events.emit(EventKind.ACQUIRE_DEMOTED,
+                              f"invocation {invocation_id} of {pool.name} stopped waiting: "
+                              "its request went to the back of the queue",
+                              function=pool.name, invocation=invocation_id,
+                              priority=str(priority), actor=Actor.SYSTEM.value)
+            else:
+                s.events.emit(EventKind.PRIORITY_CHANGED,
+                              f"invocation {invocation_id} of {pool.name} set to priority "
+                              f"{priority}", function=pool.name, invocation=invocation_id,
+                              priority=str(priority), actor=Actor.OPERATOR.value)
             return (pool.name, priority, pool.queue.effective(waiter),
                     pool.queue.rank(waiter))
         raise NotFound(f"invocation {invocation_id} is not waiting for an instance "

@@ -168,7 +168,8 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             raise InvalidArgument(f"priority must be from {PRIORITY_MIN} to {PRIORITY_MAX}, "
                                   f"got {request.priority}", field="priority")
         function, priority, effective, ahead = self.control.set_priority(
-            request.invocation_id, request.priority, request.tenant)
+            request.invocation_id, request.priority, request.tenant,
+            bookkeeping=request.bookkeeping)
         return scheduler_pb2.SetPriorityResponse(function=function, priority=priority,
                                                  effective_priority=effective, ahead=ahead)
 

@@ -45,10 +45,12 @@ class RankingScheduler(FakeScheduler):
     def __init__(self) -> None:
         super().__init__()
         self.demoted: list[tuple[str, int]] = []
+        self.bookkeeping: list[bool] = []
 
-    async def set_priority(self, invocation_id: str, priority: int, tenant: str = ""
-                           ) -> scheduler_pb2.SetPriorityResponse:
+    async def set_priority(self, invocation_id: str, priority: int, tenant: str = "",
+                           bookkeeping: bool = False) -> scheduler_pb2.SetPriorityResponse:
         self.demoted.append((invocation_id, priority))
+        self.bookkeeping.append(bookkeeping)
         return scheduler_pb2.SetPriorityResponse(priority=priority)
 
 
@@ -70,6 +72,7 @@ async def test_a_freed_lease_goes_to_the_highest_priority_waiter_fifo_within_a_l
     assert pool.queued("t/f") == 0
     # Served by hand-offs, their Acquires still wait at the scheduler: sent to the back.
     assert sorted(sched.demoted) == [(i, 1) for i in ("a10", "b50", "c90", "d50", "e90")]
+    assert sched.bookkeeping == [True] * 5  # the gateway's own step, not an operator's
     sched.gate.set()  # type: ignore[union-attr]
     await settle()
     await pool.close(1.0)

@@ -158,8 +158,8 @@ class UnreachableNodeScheduler:
     async def get_function(self, tenant: str, name: str) -> scheduler_pb2.FunctionInfo:
         return scheduler_pb2.FunctionInfo(tenant=tenant, name=name, state="ready")
 
-    async def set_priority(self, invocation_id: str, priority: int, tenant: str = ""
-                           ) -> scheduler_pb2.SetPriorityResponse:
+    async def set_priority(self, invocation_id: str, priority: int, tenant: str = "",
+                           bookkeeping: bool = False) -> scheduler_pb2.SetPriorityResponse:
         return scheduler_pb2.SetPriorityResponse(priority=priority)
 
     async def acquire(self, tenant: str, name: str, wait: float, priority: int = 0,
