@@ -139,7 +139,8 @@ class Builds:
             if event.get("event") != Captured.event:
                 return build_failed(event_text(event.get("stage"), "setup"),
                                     event_text(event.get("reason"), "unknown"),
-                                    event_text(event.get("attribute_path"), ""))
+                                    event_text(event.get("attribute_path"), ""),
+                                    event.get("input_schema"))
             try:
                 # Out of the tenant's reach and checked before the agent reads it.
                 await asyncio.to_thread(seal_output, out, sealed.parent)

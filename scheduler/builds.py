@@ -244,7 +244,8 @@ class Builds:
             # waits for it too.
             await self._prepare_template(node, fn, resp.manifest)
             updated = await s.store.run(s.versions.activate, fn.id, fn.version,
-                                        start_mode="restore", snapshot_id=snapshot_id)
+                                        start_mode="restore", snapshot_id=snapshot_id,
+                                        input_schema=resp.manifest.input_schema)
             # Its manifest is now one the collection keeps: the build is over for it.
             s.builds.pop(build_key(fn.id, fn.version), None)
             s.spawn(self.tiers.collect_garbage())  # snapshots past the retained versions
@@ -254,8 +255,10 @@ class Builds:
                                   "runs with fresh starts")
             await s.store.run(s.store.finish_snapshot, snapshot_id, SnapshotState.FAILED,
                               reason=reason)
+            # The schema the build read still checks requests of the fresh starts.
             updated = await s.store.run(s.versions.activate, fn.id, fn.version,
-                                        start_mode="fresh", reason=reason)
+                                        start_mode="fresh", reason=reason,
+                                        input_schema=resp.manifest.input_schema)
             log.warning("snapshot not possible", function=name, reason=reason)
         else:
             # The agent bounds what it sends; an older or hostile one is cut here too.

@@ -53,6 +53,10 @@ def version_info(v: VersionRecord, fn: FunctionRecord) -> scheduler_pb2.VersionI
 async def _function_fields(control: ControlPlane, fn: FunctionRecord
                            ) -> scheduler_pb2.FunctionInfo:
     snapshot_bytes, input_schema = await control.snapshot_facts(fn)
+    if not input_schema and fn.start_mode == "fresh":
+        # No snapshot manifest to read it from: the version keeps what its build read.
+        input_schema = await control.store.run(control.versions.input_schema, fn.id,
+                                               fn.version)
     return scheduler_pb2.FunctionInfo(
         tenant=fn.tenant, name=fn.name, version=str(fn.version), state=fn.state.value,
         reason=fn.reason, start_mode=fn.start_mode, handler=fn.handler,

@@ -59,6 +59,8 @@ class VersionRecord:
     snapshot_bytes: int
     created_at: float
     activated_at: float | None
+    input_schema: str = ""
+    """The JSON Schema its build read from the handler ("" for none)."""
 
     @property
     def restorable(self) -> bool:
@@ -80,7 +82,8 @@ def _version(row: models.FunctionVersion, snap: models.Snapshot | None) -> Versi
         snapshot_id=row.snapshot_id, snapshot_state=snapshot_state,
         snapshot_bytes=snap.stored_bytes if snap is not None and not row.snapshot_collected
         else 0,
-        created_at=row.created_at, activated_at=row.activated_at)
+        created_at=row.created_at, activated_at=row.activated_at,
+        input_schema=row.input_schema or "")
 
 
 def as_function(fn: FunctionRecord, v: VersionRecord) -> FunctionRecord:
@@ -182,10 +185,12 @@ class VersionStore:
 
     def activate(self, function_id: str, version: int, *, start_mode: str,
                  reason: str = "", snapshot_id: str | None = None,
-                 after_build: bool = True) -> FunctionRecord | None:
+                 after_build: bool = True, input_schema: str | None = None
+                 ) -> FunctionRecord | None:
         """Make `version` the serving one, in one transaction. After a build it must
         still be BUILDING (not superseded by a newer deploy or a rollback); returns
-        None when it was superseded or the function was deleted meanwhile."""
+        None when it was superseded or the function was deleted meanwhile. A build
+        passes the input schema it read (kept on the version, snapshot or not)."""
         def tx(s: Session) -> FunctionRecord | None:
             row = self._get_row(s, function_id, version)
             fn = s.get(models.Function, function_id)
@@ -199,6 +204,8 @@ class VersionStore:
             row.start_mode, row.reason = start_mode, reason
             if snapshot_id is not None:
                 row.snapshot_id, row.snapshot_collected = snapshot_id, False
+            if input_schema is not None:
+                row.input_schema = input_schema
             row.activated_at = time.time()
             fn.version, fn.handler, fn.spec_json = row.version, row.handler, row.spec_json
             fn.bundle_digest, fn.start_mode = row.bundle_digest, row.start_mode
@@ -269,6 +276,14 @@ class VersionStore:
             if row is not None:
                 row.start_mode, row.reason = "fresh", reason
         self.store._tx(tx)
+
+    def input_schema(self, function_id: str, version: int) -> str:
+        """The input schema `version`'s build read; "" for none (or no such version)."""
+        def tx(s: Session) -> str:
+            return s.scalar(select(models.FunctionVersion.input_schema).where(
+                models.FunctionVersion.function_id == function_id,
+                models.FunctionVersion.version == version)) or ""
+        return self.store._tx(tx)
 
     def get(self, function_id: str, version: int) -> VersionRecord:
         def tx(s: Session) -> VersionRecord:

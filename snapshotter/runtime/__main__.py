@@ -48,6 +48,7 @@ from .handler import (
 )
 from .restore import restore_request
 from .server import UnixHTTPServer, bind_server, serve_until_stopped
+from .signature import refused_schema
 from .template import SPAWN_READ_TIMEOUT_S, bind_control_socket, read_request, run_template
 
 
@@ -59,6 +60,8 @@ class StageFailed(Exception):
         self.stage = stage
         self.reason = reason
         self.attribute_path = attribute_path
+        # A refused capture still tells the handler's input schema (signature.py).
+        self.input_schema = ""
 
 
 @contextlib.contextmanager
@@ -120,14 +123,18 @@ def run_build(args: argparse.Namespace, ref: HandlerRef, status: StatusChannel) 
     handler = _import_and_setup(ref, timings)
     # sys.modules keeps insertion order: this is the order the function imported them.
     modules = [name for name in sys.modules if name not in before]
-    with stage(Stage.CAPTURE):
-        meta = capture(
-            handler,
-            Path(args.out),
-            modules=modules,
-            timings=timings,
-            function_version=args.function_version,
-        )
+    try:
+        with stage(Stage.CAPTURE):
+            meta = capture(
+                handler,
+                Path(args.out),
+                modules=modules,
+                timings=timings,
+                function_version=args.function_version,
+            )
+    except StageFailed as exc:
+        exc.input_schema = refused_schema(handler)
+        raise
     status.emit(Captured(timings, meta.host_size, meta.device_size))
     return ExitCode.OK
 
@@ -262,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = _MODES[args.mode](args, ref, status)
     except StageFailed as exc:
-        status.emit(Failed(exc.stage, exc.reason, exc.attribute_path))
+        status.emit(Failed(exc.stage, exc.reason, exc.attribute_path, exc.input_schema))
         code = exc.stage.exit_code
     finally:
         sys.stdout.flush()

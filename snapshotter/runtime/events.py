@@ -86,6 +86,9 @@ class Failed:
     reason: str
     # Only for capture failures: which part of the handler could not be snapshotted.
     attribute_path: str | None = None
+    # Only for capture failures: the handler's input schema (signature.py), which the
+    # function keeps while it runs with fresh starts; "" for none.
+    input_schema: str = ""
 
     def __post_init__(self) -> None:
         # Bounded on both sides: what the instance sends, and what the agent reads
@@ -95,6 +98,8 @@ class Failed:
         if isinstance(self.attribute_path, str):
             object.__setattr__(self, "attribute_path",
                                cut(self.attribute_path, MAX_REASON_CHARS))
+        if not isinstance(self.input_schema, str):
+            object.__setattr__(self, "input_schema", "")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,11 +161,13 @@ _EVENT_TYPES: dict[str, type[Event]] = {
 
 
 def event_to_line(event: Event) -> bytes:
-    """One JSON line; `attribute_path` is left out when it does not apply."""
+    """One JSON line; `attribute_path` and `input_schema` are left out when they do
+    not apply."""
     record: dict[str, Any] = {"event": event.event}
     for field in dataclasses.fields(event):
         value = getattr(event, field.name)
-        if value is None and field.name == "attribute_path":
+        if (value is None and field.name == "attribute_path") or (
+                value == "" and field.name == "input_schema"):
             continue
         record[field.name] = value.value if isinstance(value, enum.Enum) else value
     return json.dumps(record, separators=(",", ":")).encode() + b"\n"

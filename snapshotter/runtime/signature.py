@@ -231,6 +231,15 @@ def handler_schema(handler: object) -> str:
     return text if len(text.encode()) <= MAX_SCHEMA_BYTES else ""
 
 
+def refused_schema(handler: object) -> str:
+    """`handler_schema` for a build whose capture was refused: any error the tenant's
+    object raises reads as no schema (the build failed at capture, not here)."""
+    try:
+        return handler_schema(handler)
+    except Exception:
+        return ""
+
+
 def call_defaults(func: Any) -> tuple[dict[str, Any], frozenset[str]]:
     """For a call that bypasses the gateway's check: the values `Input` defaults stand
     for ({name: default}) and the names an `Input` marks required (no default)."""

@@ -53,6 +53,7 @@ from .forksafe import NVML_CHECK_ENV, CudaInitWatch
 from .handler import Invoker, create_handler
 from .restore import restore_request
 from .server import bind_server, exit_on_sigterm, serve_until_stopped
+from .signature import refused_schema
 from .snapshot import SnapshotMeta
 
 # From <linux/prctl.h>.
@@ -272,7 +273,8 @@ def _build_in_child(request: BuildRequest, handler_class: type, modules: list[st
                        function_version=request.function_version)
     except CaptureError as exc:
         _wait_for_template(go_read)
-        channel.emit(Failed(Stage.CAPTURE, exc.reason, exc.attribute_path))
+        channel.emit(Failed(Stage.CAPTURE, exc.reason, exc.attribute_path,
+                            refused_schema(handler)))
         return Stage.CAPTURE.exit_code
     except BaseException as exc:  # setup() may even sys.exit(): a failed setup
         print_exception()

@@ -60,3 +60,19 @@ def test_build_records_the_function_version(processes: Processes, tmp_path: Path
     fingerprint = json.loads((out / "snapshot.json").read_text())["fingerprint"]
     assert fingerprint["function_version"] == "v7"
     assert fingerprint["torch"] is None and fingerprint["numpy"] is None
+
+
+def test_refused_capture_reports_the_input_schema(
+    processes: Processes, tmp_path: Path
+) -> None:
+    """The function runs with fresh starts after a refused capture; its calls are
+    still checked against the schema its build read."""
+    process = processes.start("build", "typed_unpicklable_rt", "--out",
+                              str(tmp_path / "snapshot"))
+    event = process.event()
+    assert (event["event"], event["stage"], event["attribute_path"]) == (
+        "failed", "capture", "self.lock")
+    schema = json.loads(event["input_schema"])
+    assert list(schema["properties"]) == ["text", "n", "sep"]
+    assert schema["required"] == ["text"]
+    assert process.wait() == 12
