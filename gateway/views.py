@@ -31,7 +31,16 @@ def function_json(request: web.Request, fn: scheduler_pb2.FunctionInfo) -> dict[
         "url": function_url(request, fn.tenant, fn.name), "priority": fn.priority or None,
         "gpu_compute_unenforced_nodes": list(fn.gpu_compute_unenforced_nodes),
         "warnings": compute_warnings(fn),
+        **build_step_json(fn.latest_build),
     }
+
+
+def build_step_json(v: scheduler_pb2.VersionInfo) -> dict[str, Any]:
+    """The build's current step while the version builds: `build_step` (text, null when
+    none is known) and `build_progress` (0..1, null when the step has no measure)."""
+    return {"build_step": v.build_step or None,
+            "build_progress": (round(v.build_progress, 4) if v.HasField("build_progress")
+                               else None)}
 
 
 # What the function status and `thaw node ls` say where a gpu_compute share has no MPS
@@ -55,6 +64,7 @@ def version_json(v: scheduler_pb2.VersionInfo) -> dict[str, Any]:
         "snapshot": v.snapshot_state or None, "snapshot_bytes": v.snapshot_bytes,
         "created_at": v.created_at, "activated_at": v.activated_at or None,
         "config": config_of(v.config_json).document,
+        **build_step_json(v),
     }
 
 

@@ -18,6 +18,7 @@ from thaw.core.bundle import MAX_BUNDLE_BYTES
 from thaw.core.errors import BundleTooLarge
 from thaw.core.units import format_size
 from thaw.ops.client import Client
+from thaw.ops.deploy_progress import step_line
 from thaw.ops.output import console, print_table
 
 
@@ -158,23 +159,31 @@ def _deploy_whole(bundle: bytes, label: str, no_wait: bool, force: bool,
     """One POST of the whole bundle under a progress bar; the upload's seconds are
     appended to `uploaded` once its last byte is sent."""
     from thaw.ops.client import DEPLOY_TIMEOUT
+    from thaw.ops.deploy_progress import BuildWatch
     from thaw.ops.progress import transfer_progress, upload_pieces
 
     with transfer_progress(transient=True) as progress:
         task = progress.add_task(f"uploading {label}", total=len(bundle))
+        # While the request waits for the build, the build's current step is shown.
+        watch = BuildWatch(lambda line: progress.update(task, description=line),
+                           bundle=bundle)
 
         def pieces() -> Iterator[bytes]:
             yield from upload_pieces(bundle, progress, task)
             uploaded.append(time.perf_counter() - started)
             if not no_wait:
                 progress.update(task, description="building the snapshot (setup, capture)")
+                watch.start()
 
-        return Client().request(
-            "POST", "/v1/functions",
-            params={"wait": str(not no_wait).lower(), "force": str(force).lower()},
-            content=pieces(), timeout=DEPLOY_TIMEOUT,
-            headers={"Content-Type": "application/gzip",
-                     "Content-Length": str(len(bundle))}).json()
+        try:
+            return Client().request(
+                "POST", "/v1/functions",
+                params={"wait": str(not no_wait).lower(), "force": str(force).lower()},
+                content=pieces(), timeout=DEPLOY_TIMEOUT,
+                headers={"Content-Type": "application/gzip",
+                         "Content-Length": str(len(bundle))}).json()
+        finally:
+            watch.stop()
 
 
 @click.command()
@@ -288,7 +297,8 @@ def fn_ls(as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the function's JSON.")
 def fn_status(name: str, as_json: bool) -> None:
     """Function NAME: its serving version, state, start mode, warm instances and URL,
-    then any warning about how the nodes would run it (e.g. "gpu_compute not enforced"
+    the step of a build running now (e.g. "building v3: running setup()"), then any
+    warning about how the nodes would run it (e.g. "gpu_compute not enforced"
     where no MPS daemon applies its share)."""
     doc = Client().request("GET", f"/v1/functions/{name}").json()
     if as_json:
@@ -302,8 +312,14 @@ def fn_status(name: str, as_json: bool) -> None:
                 as_json=False)
     if doc.get("reason"):
         click.echo(f"reason: {doc['reason']}")
+    step = step_line(doc)
+    if step is not None:
+        click.echo(step)
     for warning in doc.get("warnings") or []:
         click.echo(f"warning: {warning}")
+
+
+fn.add_command(fn_status, "show")
 
 
 @fn.command("rm")

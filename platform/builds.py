@@ -23,6 +23,7 @@ from thaw.core.errors import ThawError
 from thaw.core.logs import bound_reason
 from thaw.core.spec import extract_bundle
 from thaw.platform.build_failures import build_failed, event_text
+from thaw.platform.build_steps import NodeBuildSteps
 from thaw.platform.environments_launch import LaunchEnvironments, recorded
 from thaw.platform.launch import (
     IMAGE_NEEDS_DOCKER,
@@ -71,6 +72,8 @@ class Builds:
         self.templates: TemplatePool | None = None
         """The agent's templates (a build of running code forks one); set by the agent,
         whose pool itself unpacks bundles through `ensure_bundle`."""
+        self.steps = NodeBuildSteps()
+        """Each running build's current step (its heartbeats carry them)."""
 
     async def ensure_bundle(self, digest: str, data: bytes | None = None) -> Path:
         target = self.home / "bundles" / digest
@@ -92,7 +95,18 @@ class Builds:
     async def build_snapshot(self, req: agent_pb2.BuildSnapshotRequest
                              ) -> agent_pb2.BuildSnapshotResponse:
         spec = req.function
+        key = (spec.tenant, spec.name, spec.version)
+        self.steps.set(key, "unpacking the bundle")
+        try:
+            return await self._build_snapshot(req)
+        finally:
+            self.steps.end(key)
+
+    async def _build_snapshot(self, req: agent_pb2.BuildSnapshotRequest
+                              ) -> agent_pb2.BuildSnapshotResponse:
+        spec = req.function
         name = f"{spec.tenant}/{spec.name}"
+        step = self.steps.reporter((spec.tenant, spec.name, spec.version))
         bundle = await self.ensure_bundle(spec.bundle_digest, req.bundle or None)
         if spec.image and not self.runtime.capabilities.runs_images:
             return agent_pb2.BuildSnapshotResponse(ok=False, stage="runtime",
@@ -112,8 +126,15 @@ class Builds:
         # The build's output joins the function's logs, at most MAX_BUILD_LOG_BYTES.
         self.logs.watch(build_id, name, log_path, max_bytes=MAX_BUILD_LOG_BYTES)
         try:
-            # The resolve and install steps join the function's logs.
-            progress = functools.partial(self.logs.append, name, build_id, RUNTIME)
+            # The resolve and install steps join the function's logs, and each is
+            # the build's current step.
+            append = functools.partial(self.logs.append, name, build_id, RUNTIME)
+
+            def progress(line: str) -> None:
+                append(line)
+                step(line)
+
+            step("preparing the environment")
             try:
                 env = await self.environments.for_bundle(bundle, name, progress, spec.image)
                 python_env = self.environments.python_env(env)
@@ -124,6 +145,7 @@ class Builds:
             template = (await self.templates.with_code(spec, env.key if env else "")
                         if self.templates is not None and not spec.volumes else None)
             event: dict[str, Any] | None = None
+            step("running setup() and capturing its state")
             if template is not None:
                 # Same code as a running template: fork it, skip the imports (where
                 # the runtime builds in templates at all).
@@ -141,6 +163,7 @@ class Builds:
                                     event_text(event.get("reason"), "unknown"),
                                     event_text(event.get("attribute_path"), ""),
                                     event.get("input_schema"))
+            step("storing the snapshot")
             try:
                 # Out of the tenant's reach and checked before the agent reads it.
                 await asyncio.to_thread(seal_output, out, sealed.parent)

@@ -272,7 +272,8 @@ class AgentServer:
                     instance_ids=list(self.agent.instances), exited=exited, pinned=pinned,
                     disk_bytes=self.agent.snapshots.disk.stored_bytes(),
                     telemetry=telemetry, boot_id=self.boot_id, repaired=repaired,
-                    conditions=conditions), timeout=10))
+                    conditions=conditions, building=self.agent.builds.steps.messages()),
+                    timeout=10))
                 if resp.reregister:
                     interval = await self._register()
             except ThawError as exc:

@@ -27,6 +27,7 @@ from thaw.core.logs import bound_reason
 from thaw.core.spec import read_bundle
 from thaw.proto import agent_pb2, manifest_pb2
 from thaw.scheduler.blobs import check_bundle_size
+from thaw.scheduler.build_steps import BuildSteps
 from thaw.scheduler.bundles import bundle_digest
 from thaw.scheduler.deploy_limits import check_fleet, check_quota
 from thaw.scheduler.events import EventKind
@@ -82,6 +83,8 @@ class Builds:
         self.fleet = fleet
         self.instances = instances
         self.tiers = tiers
+        self.steps = BuildSteps()
+        """The current step of each build running here (nodes' heartbeats)."""
 
     async def create_function(self, tenant: str, bundle: bytes, wait: bool) -> FunctionRecord:
         """Deploy (see `deploy`); the function as it is afterwards."""
@@ -134,9 +137,16 @@ class Builds:
     def _start_build(self, target: FunctionRecord, bundle: bytes
                      ) -> asyncio.Task[FunctionRecord]:
         key = build_key(target.id, target.version)
+        step = (target.tenant, target.name, target.version)
+        self.steps.begin(step)
         task = asyncio.create_task(self._build(target, bundle))
         self.s.builds[key] = task
-        task.add_done_callback(lambda _t: self.s.builds.pop(key, None))
+
+        def done(_t: asyncio.Task[FunctionRecord]) -> None:
+            self.s.builds.pop(key, None)
+            self.steps.end(step)
+
+        task.add_done_callback(done)
         return task
 
     def switched(self, fn: FunctionRecord) -> None:
@@ -191,6 +201,8 @@ class Builds:
                 # An image function builds on a docker node that has its image.
                 self.fleet.check_runtime(fn)
                 node = await self._build_node(fn, lacking, interrupted)
+                self.steps.set((fn.tenant, fn.name, fn.version),
+                               f"starting the build on node {node.id}", node.id)
                 snapshot_id = await s.store.run(s.store.create_snapshot, fn.id,
                                                 fn.version, node.id)
                 node.starts_in_flight += 1
@@ -242,6 +254,8 @@ class Builds:
             # Keep a template with the function's modules imported, so that the first
             # restore does not pay for imports; the switch (and a deploy that waits)
             # waits for it too.
+            self.steps.set((fn.tenant, fn.name, fn.version),
+                           f"preparing a template on node {node.id}", node.id)
             await self._prepare_template(node, fn, resp.manifest)
             updated = await s.store.run(s.versions.activate, fn.id, fn.version,
                                         start_mode="restore", snapshot_id=snapshot_id,

@@ -121,7 +121,10 @@ class ControlPlane:
 
     async def heartbeat(self, req: scheduler_pb2.HeartbeatRequest) -> bool:
         """Returns False when the node must register again."""
-        return await self.fleet.heartbeat(req)
+        known = await self.fleet.heartbeat(req)
+        if known:
+            self.builds.steps.take(req.node_id, req.building)
+        return known
 
     def heartbeat_age(self, node: NodeView) -> float:
         return self.fleet.heartbeat_age(node)

@@ -37,6 +37,7 @@ async def function_info(control: ControlPlane, fn: FunctionRecord) -> scheduler_
     latest = await control.store.run(control.versions.latest, fn.id)
     if latest is not None:
         info.latest_build.CopyFrom(version_info(latest, fn))
+        control.builds.steps.fill(info.latest_build, fn.tenant, fn.name)
     return info
 
 
@@ -139,9 +140,12 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
                            context: grpc.aio.ServicerContext
                            ) -> scheduler_pb2.ListVersionsResponse:
         fn, versions = await self.control.list_versions(request.tenant, request.name)
+        infos = [version_info(v, fn) for v in versions]
+        for info in infos:
+            self.control.builds.steps.fill(info, fn.tenant, fn.name)
         return scheduler_pb2.ListVersionsResponse(
             active_version=fn.version if fn.state is FunctionState.READY else 0,
-            versions=[version_info(v, fn) for v in versions])
+            versions=infos)
 
     @servicer_method
     async def Rollback(self, request: scheduler_pb2.RollbackRequest,

@@ -233,6 +233,7 @@ function renderDetail(f) {
   $("#detail-name").textContent = f.name;
   $("#detail-note").textContent =
     `version ${f.version} · ${f.start_mode} starts · this gateway's last ${f.stats.window_seconds / 60} min`;
+  renderBuildStep(f);
   const s = f.stats;
   const figures = [
     ["calls/s (1 min)", s.rate_per_second.toFixed(2)],
@@ -247,6 +248,27 @@ function renderDetail(f) {
   updateCharts(f);
   renderInputs(f);
   if (state.features.logs && state.logsFor !== f.name) startLogs(f.name);
+}
+
+// ---- build steps (docs/environments.md, "Build steps") -------------------------------------
+
+// A running build's current step in words, with its progress where it has one.
+function buildStepText(b) {
+  if (!b || !b.build_step) return "";
+  return b.build_step + (b.build_progress == null ? "" : ` (${pct(b.build_progress)})`);
+}
+
+// Under the function's title while one of its versions builds: that version and its step.
+function renderBuildStep(f) {
+  let line = $("#detail-build");
+  if (!line) {
+    line = el("p", {id: "detail-build", class: "muted small"});
+    $("#detail h2").after(line);
+  }
+  const b = f.latest_build;
+  const text = buildStepText(b);
+  line.hidden = !text;
+  line.textContent = text ? `building version ${b.version}: ${text}` : "";
 }
 
 // ---- typed inputs (docs/function-api.md) ---------------------------------------------------
@@ -471,7 +493,8 @@ function trackDeploy(snap) {
   const failed = build ? build.state === "failed" : f && f.state === "failed";
   const serving = f && f.state === "ready" && String(f.version) === d.version;
   if (!failed && !serving) {
-    d.line.textContent = `Building the snapshot… ${seconds}s`;
+    const now = build ? buildStepText(build) : "";
+    d.line.textContent = `Building the snapshot… ${seconds}s${now ? ": " + now : ""}`;
     return;
   }
   state.deploying = null;
