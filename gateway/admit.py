@@ -15,7 +15,7 @@ from thaw.proto import scheduler_pb2
 
 
 async def admit(request: web.Request, gw: Gateway) -> scheduler_pb2.Principal:
-    """Who is calling, allowed to invoke, within the key's rate."""
+    """Who is calling, allowed to invoke, within the key's rate and budgets."""
     if "Authorization" not in request.headers:
         # A public function's URL needs no key (rate-limited by client address).
         anonymous = await anonymous_principal(request, gw)
@@ -23,7 +23,7 @@ async def admit(request: web.Request, gw: Gateway) -> scheduler_pb2.Principal:
             return anonymous
     p = await principal_of(request)
     require(p, "invoke")
-    await gw.limiter.check(p.key_id or p.tenant)
+    await gw.limiter.admit(p)
     request[PRINCIPAL_KEY] = p
     return p
 

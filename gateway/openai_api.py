@@ -31,6 +31,7 @@ from thaw.core.errors import InvalidArgument, NotFound, ThawError
 from thaw.core.spec import NAME_PATTERN
 from thaw.gateway import jsonbody
 from thaw.gateway.admit import admit, new_call
+from thaw.gateway.budgets import StreamTokens, answer_tokens, counts_tokens
 from thaw.gateway.dispatch import Exchange, Settlement, StreamBroken
 from thaw.gateway.errors import BadFunctionAnswer
 from thaw.gateway.priority import call_priority, check_body_size
@@ -106,9 +107,22 @@ async def _generate(request: web.Request, path: str) -> web.StreamResponse:
     # The function is named inside the body: its own limit is checked once read.
     await check_body_size(request, gw, request[PRINCIPAL_KEY].tenant, model, len(body))
     stream = doc.get("stream") is True
+    # Token budgets (gateway/budgets.py): refused once spent; the answer's usage is
+    # counted after the call, read only when the caller has a token budget.
+    p = request[PRINCIPAL_KEY]
+    gw.limiter.budgets.check_tokens(p)
+    tokens = StreamTokens() if counts_tokens(p) else None
     async with await _open(request, gw, path, body, model, stream, timeout) as ex:
         if stream and ex.status == 200 and ex.content_type.startswith(SSE_CONTENT_TYPE):
-            return await _relay_openai_stream(request, ex)
+            out = await _relay_openai_stream(request, ex, tokens)
+            if tokens is not None:
+                gw.limiter.budgets.spend(p, tokens.total)
+            return out
+        if tokens is not None and ex.status == 200 and ex.buffered:
+            answer = await ex.read()
+            gw.limiter.budgets.spend(p, answer_tokens(answer))
+            return web.Response(status=ex.status, body=answer,
+                                headers=answer_headers(ex, buffered=True))
         return await relay(request, ex)
 
 
@@ -127,13 +141,18 @@ def _openai_event(event: str | None, data: str) -> bytes:
     return b"data: " + data.encode() + b"\n\n"
 
 
-async def _relay_openai_stream(request: web.Request, ex: Exchange) -> web.StreamResponse:
+async def _relay_openai_stream(request: web.Request, ex: Exchange,
+                               tokens: StreamTokens | None = None) -> web.StreamResponse:
     out = web.StreamResponse(status=200, headers=answer_headers(ex, buffered=False))
     await out.prepare(request)
     parser = EventParser()
     try:
         async for chunk in ex.chunks():
-            events = b"".join(_openai_event(e.event, e.data) for e in parser.feed(chunk))
+            found = list(parser.feed(chunk))
+            if tokens is not None:
+                for e in found:
+                    tokens.feed(e.data)
+            events = b"".join(_openai_event(e.event, e.data) for e in found)
             if events:
                 await out.write(events)
     except ThawError as exc:

@@ -1,4 +1,5 @@
-"""Requests per minute per API key, in this replica's memory (see gateway/config.py).
+"""Requests per minute per API key, in this replica's memory (see gateway/config.py),
+and each key's and tenant's own budgets (gateway/budgets.py) through `admit`.
 
 aiolimiter's leaky bucket is a token bucket turned upside down: capacity `burst`,
 draining at rpm/60 per second. Its acquire() waits for capacity; the gateway never
@@ -12,7 +13,9 @@ import math
 from aiolimiter import AsyncLimiter
 from cachetools import LRUCache
 
+from thaw.gateway.budgets import BudgetBook
 from thaw.gateway.errors import RateLimited
+from thaw.proto import scheduler_pb2
 
 # Keys tracked at once; the least recently seen beyond this start with a full bucket
 # again, which errs on the side of the caller.
@@ -24,6 +27,13 @@ class KeyRateLimiter:
         self.rpm = rpm
         self.burst = burst or max(1, math.ceil(rpm))
         self._buckets: LRUCache[str, AsyncLimiter] = LRUCache(MAX_TRACKED_KEYS)
+        self.budgets = BudgetBook()
+
+    async def admit(self, p: scheduler_pb2.Principal) -> None:
+        """The platform-wide per-minute rate, then the key's and its tenant's request
+        budgets; raises RateLimited (BudgetExceeded for a budget)."""
+        await self.check(p.key_id or p.tenant)
+        self.budgets.admit(p)
 
     @property
     def enabled(self) -> bool:

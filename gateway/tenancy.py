@@ -31,6 +31,7 @@ from thaw.core.grpcutil import call
 from thaw.core.priority import PRIORITY_DEFAULT, PRIORITY_MAX, PRIORITY_MIN, valid_priority
 from thaw.core.units import parse_size
 from thaw.gateway.auth import is_operator, require, require_operator
+from thaw.gateway.budgets import BUDGETS, budgets_json, parse_budgets
 from thaw.gateway.caller import client_address, principal_of
 from thaw.gateway.openapi import JSON, NAME, _errors, _json
 from thaw.gateway.priority import parse_function_priority, set_function_priority
@@ -76,6 +77,11 @@ class TenancyClient:
     async def create_key(self, request: tenancy_pb2.CreateKeyRequest
                          ) -> tenancy_pb2.CreateKeyResponse:
         return await call(self.stub.CreateKey(request, timeout=META_TIMEOUT))
+
+    async def set_budgets(self, tenant: str, key_id: str,
+                          budgets: scheduler_pb2.Budgets) -> scheduler_pb2.Budgets:
+        return await call(self.stub.SetBudgets(tenancy_pb2.SetBudgetsRequest(
+            tenant=tenant, key_id=key_id, budgets=budgets), timeout=META_TIMEOUT))
 
     async def list_keys(self, tenant: str) -> list[tenancy_pb2.KeyInfo]:
         resp = await call(self.stub.ListKeys(tenancy_pb2.ListKeysRequest(tenant=tenant),
@@ -200,14 +206,15 @@ def _optional_int(body: dict[str, Any], field: str, sizes: bool = False) -> int 
 def tenant_json(t: tenancy_pb2.TenantInfo) -> dict[str, Any]:
     return {"id": t.id, "created_at": t.created_at,
             "max_memory_bytes": None if t.max_memory_bytes < 0 else t.max_memory_bytes,
-            "max_instances": None if t.max_instances < 0 else t.max_instances}
+            "max_instances": None if t.max_instances < 0 else t.max_instances,
+            "budgets": budgets_json(t.budgets)}
 
 
 def key_json(k: tenancy_pb2.KeyInfo) -> dict[str, Any]:
     return {"id": k.id, "tenant": k.tenant, "name": k.name, "scopes": list(k.scopes),
             "created_at": k.created_at, "expires_at": k.expires_at or None,
             "revoked_at": k.revoked_at or None, "priority_default": k.priority_default,
-            "priority_max": k.priority_max}
+            "priority_max": k.priority_max, "budgets": budgets_json(k.budgets)}
 
 
 # ---- tenants (operator) --------------------------------------------------------------
@@ -250,6 +257,24 @@ async def set_quota(request: web.Request) -> web.Response:
     return web.json_response(tenant_json(info))
 
 
+async def set_tenant_budgets(request: web.Request) -> web.Response:
+    """PUT /v1/tenants/{tenant}/budgets: all four at once (left out or null: none),
+    shared by all the tenant's keys. The operator only: a tenant's admin limits its
+    own keys (POST /v1/keys) but not its tenant."""
+    require_operator(await _principal(request), request.app[CONFIG_KEY])
+    body = await _json_object(request)
+    unknown = set(body) - set(BUDGETS)
+    if unknown:
+        field = sorted(unknown)[0]
+        raise InvalidArgument(f"unknown field {field!r}: budgets are "
+                              f"{', '.join(BUDGETS)}", field=field)
+    tenant = request.match_info["tenant"]
+    request[ACTED_ON_KEY] = tenant
+    budgets = parse_budgets(body) or scheduler_pb2.Budgets()
+    made = await request.app[TENANCY_KEY].client.set_budgets(tenant, "", budgets)
+    return web.json_response({"id": tenant, "budgets": budgets_json(made)})
+
+
 # ---- keys (tenant admin; the operator for any tenant) --------------------------------
 
 async def create_key(request: web.Request) -> web.Response:
@@ -290,9 +315,10 @@ async def create_key(request: web.Request) -> web.Response:
             raise InvalidArgument(f"{field} must be in [{PRIORITY_MIN}, {PRIORITY_MAX}]",
                                   field=field)
         priorities[field] = value
+    budgets = parse_budgets(body)
     created = await request.app[TENANCY_KEY].client.create_key(tenancy_pb2.CreateKeyRequest(
         tenant=tenant, name=name, scopes=scopes, expires_at=float(expires_at or 0.0),
-        **priorities))
+        budgets=budgets, **priorities))
     return web.json_response({**key_json(created.info), "key": created.key}, status=201,
                              headers={"Location": f"/v1/keys/{created.info.id}",
                                       "Cache-Control": "no-store"})
@@ -375,6 +401,7 @@ def add_routes(app: web.Application) -> None:
     r.add_post("/v1/tenants", create_tenant)
     r.add_get("/v1/tenants", list_tenants)
     r.add_put("/v1/tenants/{tenant}/quota", set_quota)
+    r.add_put("/v1/tenants/{tenant}/budgets", set_tenant_budgets)
     r.add_post("/v1/keys", create_key)
     r.add_get("/v1/keys", list_keys)
     r.add_delete("/v1/keys/{id}", revoke_key)
@@ -383,8 +410,13 @@ def add_routes(app: web.Application) -> None:
 
 _LIMIT = {"oneOf": [{"type": "integer", "minimum": 0}, {"type": "string"}],
           "nullable": True}
+_BUDGET = {"type": "integer", "minimum": 0, "nullable": True}
+_BUDGETS_SCHEMA = {"type": "object", "properties": {name: _BUDGET for name in BUDGETS},
+                   "description": "rpm, rpd (requests per minute, per day), tpm, tpd "
+                                  "(tokens per minute, per day); null = none."}
 _TENANT_SCHEMA = {"type": "object", "required": ["id"], "properties": {
     "id": {"type": "string"}, "created_at": {"type": "number"},
+    "budgets": _BUDGETS_SCHEMA,
     "max_memory_bytes": {"type": "integer", "nullable": True},
     "max_instances": {"type": "integer", "nullable": True}}}
 _KEY_SCHEMA: dict[str, Any] = {
@@ -393,7 +425,8 @@ _KEY_SCHEMA: dict[str, Any] = {
     "scopes": {"type": "array", "items": {"type": "string", "enum": list(SCOPES)}},
     "created_at": {"type": "number"}, "expires_at": {"type": "number", "nullable": True},
     "revoked_at": {"type": "number", "nullable": True},
-    "priority_default": {"type": "integer"}, "priority_max": {"type": "integer"}}}
+    "priority_default": {"type": "integer"}, "priority_max": {"type": "integer"},
+    "budgets": _BUDGETS_SCHEMA}}
 _TENANT_QUERY = {"name": "tenant", "in": "query", "required": False,
                  "description": "Another tenant (the operator only).",
                  "schema": {"type": "string"}}
@@ -434,6 +467,14 @@ OPENAPI_PATHS: dict[str, Any] = {
                 "max_instances": {"type": "integer", "minimum": 0, "nullable": True}}}}}},
         "responses": {"200": _json(_TENANT_SCHEMA, "The tenant with its new quota."),
                       **_errors(400, 401, 403, 404, 429, 503)}}},
+    "/v1/tenants/{tenant}/budgets": {"put": {
+        "summary": "Set a tenant's budgets, shared by its keys (operator)",
+        "parameters": [{"name": "tenant", "in": "path", "required": True,
+                        "schema": {"type": "string"}}],
+        "requestBody": {"required": True, "content": {JSON: {"schema": _BUDGETS_SCHEMA}}},
+        "responses": {"200": _json({"type": "object", "properties": {
+            "id": {"type": "string"}, "budgets": _BUDGETS_SCHEMA}}, "The new budgets."),
+                      **_errors(400, 401, 403, 404, 429, 503)}}},
     "/v1/keys": {
         "post": {"summary": "Create an API key (tenant admin); the key is in this answer "
                             "only",
@@ -450,7 +491,8 @@ OPENAPI_PATHS: dict[str, Any] = {
                                               "minimum": PRIORITY_MIN,
                                               "maximum": PRIORITY_MAX},
                          "priority_max": {"type": "integer", "minimum": PRIORITY_MIN,
-                                          "maximum": PRIORITY_MAX}}}}}},
+                                          "maximum": PRIORITY_MAX},
+                         **{name: _BUDGET for name in BUDGETS}}}}}},
                  "responses": {"201": _json({**_KEY_SCHEMA, "required": [
                      *_KEY_SCHEMA["required"], "key"], "properties": {
                          **_KEY_SCHEMA["properties"], "key": {"type": "string"}}},

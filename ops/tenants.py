@@ -1,16 +1,36 @@
 """`thaw key create|ls|revoke` (a tenant's admin key; the operator may pass --tenant)
-and `thaw tenant create|ls|quota` (the operator: an admin key of the operator tenant)."""
+and `thaw tenant create|ls|quota|budget` (the operator: an admin key of the operator
+tenant). Budgets (--rpm, --rpd, --tpm, --tpd) are docs/limits.md's."""
 
 from __future__ import annotations
 
 import datetime
 import json
+from collections.abc import Callable
 
 import click
 
 from thaw.core.units import format_size
 from thaw.ops.client import Client
 from thaw.ops.output import print_table
+
+BUDGETS = ("rpm", "rpd", "tpm", "tpd")
+
+
+def _budget_options(fn: Callable[..., None]) -> Callable[..., None]:
+    """--rpm, --rpd (requests per minute, per day), --tpm, --tpd (tokens)."""
+    for name, said in reversed((("rpm", "Requests per minute"), ("rpd", "Requests per day"),
+                                ("tpm", "Tokens per minute (OpenAI routes)"),
+                                ("tpd", "Tokens per day (OpenAI routes)"))):
+        fn = click.option(f"--{name}", type=click.IntRange(min=0), default=None,
+                          help=f"{said}; omit or 0 = no budget.")(fn)
+    return fn
+
+
+def _budgets(b: dict[str, int | None] | None) -> str:
+    """`rpd=100 tpm=5000`, or `-` for none."""
+    shown = [f"{k}={v}" for k, v in (b or {}).items() if v]
+    return " ".join(shown) or "-"
 
 
 def _when(seconds: float | None) -> str:
@@ -39,10 +59,15 @@ def key() -> None:
               help="Seconds until the key stops working (default: never).")
 @click.option("--tenant", default=None, help="Another tenant's key (operator only).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+@_budget_options
 def key_create(name: str, scopes: tuple[str, ...], expires_in: float | None,
-               tenant: str | None, as_json: bool) -> None:
+               tenant: str | None, as_json: bool, rpm: int | None, rpd: int | None,
+               tpm: int | None, tpd: int | None) -> None:
     """Create a key. It is printed once: it cannot be shown again."""
     body: dict[str, object] = {"name": name, "scopes": list(scopes)}
+    for field, value in zip(BUDGETS, (rpm, rpd, tpm, tpd), strict=True):
+        if value:
+            body[field] = value
     if expires_in is not None:
         body["expires_in"] = expires_in
     if tenant:
@@ -53,6 +78,8 @@ def key_create(name: str, scopes: tuple[str, ...], expires_in: float | None,
         return
     click.echo(f"key id:  {made['id']} (tenant {made['tenant']}, "
                f"scopes {','.join(made['scopes'])}, expires {_when(made['expires_at'])})")
+    if any((made.get("budgets") or {}).values()):
+        click.echo(f"budgets: {_budgets(made['budgets'])}")
     click.echo(f"key:     {made['key']}")
     click.echo("Store the key now: only its SHA-256 is kept, it cannot be shown again.",
                err=True)
@@ -70,8 +97,10 @@ def key_ls(tenant: str | None, as_json: bool) -> None:
         return
     rows = [{"id": k["id"], "name": k["name"], "scopes": ",".join(k["scopes"]),
              "created": _when(k["created_at"]), "expires": _when(k["expires_at"]),
-             "revoked": _when(k["revoked_at"])} for k in keys]
-    print_table(rows, ["id", "name", "scopes", "created", "expires", "revoked"], False)
+             "revoked": _when(k["revoked_at"]), "budgets": _budgets(k.get("budgets"))}
+            for k in keys]
+    print_table(rows, ["id", "name", "scopes", "created", "expires", "revoked", "budgets"],
+                False)
 
 
 @key.command("revoke")
@@ -107,8 +136,10 @@ def tenant_ls(as_json: bool) -> None:
         return
     rows = [{"tenant": t["id"], "created": _when(t["created_at"]),
              "max memory": _limit(t["max_memory_bytes"], size=True),
-             "max instances": _limit(t["max_instances"])} for t in tenants]
-    print_table(rows, ["tenant", "created", "max memory", "max instances"], False)
+             "max instances": _limit(t["max_instances"]),
+             "budgets": _budgets(t.get("budgets"))} for t in tenants]
+    print_table(rows, ["tenant", "created", "max memory", "max instances", "budgets"],
+                False)
 
 
 @tenant.command("quota")
@@ -124,3 +155,16 @@ def tenant_quota(name: str, max_memory: str | None, max_instances: int | None) -
         "max_memory_bytes": max_memory, "max_instances": max_instances}).json()
     click.echo(f"{made['id']}: max memory {_limit(made['max_memory_bytes'], size=True)}, "
                f"max instances {_limit(made['max_instances'])}")
+
+
+@tenant.command("budget")
+@click.argument("name")
+@_budget_options
+def tenant_budget(name: str, rpm: int | None, rpd: int | None, tpm: int | None,
+                  tpd: int | None) -> None:
+    """Set NAME's budgets, shared by all its keys (all four at once: one omitted is
+    none). Past one, calls get 429 with Retry-After and the budget named."""
+    body = {field: value or None for field, value in zip(BUDGETS, (rpm, rpd, tpm, tpd),
+                                                         strict=True)}
+    made = Client().request("PUT", f"/v1/tenants/{name}/budgets", json=body).json()
+    click.echo(f"{made['id']}: budgets {_budgets(made['budgets'])}")

@@ -296,3 +296,16 @@ class FunctionVersion(Base):
     input_schema: Mapped[str] = mapped_column(Text, default="", server_default="")
     """The JSON Schema its build read from the handler's signature ("" for none): kept
     here so that a version running fresh (no snapshot manifest) has one too."""
+
+
+class Budget(Base):
+    """Requests and tokens per minute and per day (gateway/budgets.py counts them) of
+    one key, or of a whole tenant when key_id is "". 0 = no budget."""
+    __tablename__ = "budgets"
+
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), primary_key=True)
+    key_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    rpm: Mapped[int] = mapped_column(BigInteger, default=0)
+    rpd: Mapped[int] = mapped_column(BigInteger, default=0)
+    tpm: Mapped[int] = mapped_column(BigInteger, default=0)
+    tpd: Mapped[int] = mapped_column(BigInteger, default=0)

@@ -12,6 +12,8 @@ from thaw.core.grpcutil import encode_error, servicer_method, status_for
 from thaw.core.priority import PRIORITY_DEFAULT, PRIORITY_MAX, PRIORITY_MIN, valid_priority
 from thaw.proto import agent_pb2, scheduler_pb2, scheduler_pb2_grpc
 from thaw.scheduler import snapshots
+from thaw.scheduler.budgets import TENANT as TENANT_BUDGETS
+from thaw.scheduler.budgets import budgets_of
 from thaw.scheduler.control import ControlPlane
 from thaw.scheduler.environments import node_environments
 from thaw.scheduler.events import Event, EventKind
@@ -84,10 +86,13 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
                            context: grpc.aio.ServicerContext) -> scheduler_pb2.AuthenticateResponse:
         store = self.control.store
         key = await store.run(store.authenticate, request.key_sha256)
+        # Budgets travel with the principal: the gateway counts them without a lookup.
+        found = await store.run(budgets_of, store, key.tenant, [key.id, TENANT_BUDGETS])
         return scheduler_pb2.AuthenticateResponse(principal=scheduler_pb2.Principal(
             tenant=key.tenant, key_id=key.id, scopes=list(key.scopes),
             priority_default=key.priority_default, priority_max=key.priority_max,
-            expires_at=key.expires_at or 0.0))
+            expires_at=key.expires_at or 0.0, key_budgets=found[key.id],
+            tenant_budgets=found[TENANT_BUDGETS]))
 
     @servicer_method
     async def CreateFunction(self, request: scheduler_pb2.CreateFunctionRequest,

@@ -30,8 +30,8 @@ from thaw.core.grpcutil import servicer_method
 from thaw.core.priority import PRIORITY_DEFAULT, PRIORITY_MAX, PRIORITY_MIN
 from thaw.core.spec import NAME_PATTERN
 from thaw.core.units import format_size
-from thaw.proto import tenancy_pb2, tenancy_pb2_grpc
-from thaw.scheduler import models
+from thaw.proto import scheduler_pb2, tenancy_pb2, tenancy_pb2_grpc
+from thaw.scheduler import budgets, models
 from thaw.scheduler.pools import FunctionPool
 from thaw.scheduler.states import FunctionState
 from thaw.scheduler.store import ALL_SCOPES, KEY_PREFIX, Store, hash_key, new_id
@@ -475,12 +475,27 @@ class TenancyService(tenancy_pb2_grpc.TenancyServicer):
                           context: grpc.aio.ServicerContext
                           ) -> tenancy_pb2.ListTenantsResponse:
         tenants = await self.store.run(list_tenants, self.store)
-        return tenancy_pb2.ListTenantsResponse(tenants=[tenant_message(t) for t in tenants])
+        spent = await self.store.run(budgets.tenant_budgets, self.store)
+        infos = [tenant_message(t) for t in tenants]
+        for info in infos:
+            if info.id in spent:
+                info.budgets.CopyFrom(spent[info.id])
+        return tenancy_pb2.ListTenantsResponse(tenants=infos)
 
     @servicer_method
     async def GetTenant(self, request: tenancy_pb2.TenantRequest,
                         context: grpc.aio.ServicerContext) -> tenancy_pb2.TenantInfo:
-        return tenant_message(await self.store.run(get_tenant, self.store, request.id))
+        info = tenant_message(await self.store.run(get_tenant, self.store, request.id))
+        found = await self.store.run(budgets.budgets_of, self.store, request.id,
+                                     [budgets.TENANT])
+        info.budgets.CopyFrom(found[budgets.TENANT])
+        return info
+
+    @servicer_method
+    async def SetBudgets(self, request: tenancy_pb2.SetBudgetsRequest,
+                         context: grpc.aio.ServicerContext) -> scheduler_pb2.Budgets:
+        return await self.store.run(budgets.set_budgets, self.store, request.tenant,
+                                    request.key_id, request.budgets)
 
     @servicer_method
     async def SetQuota(self, request: tenancy_pb2.SetQuotaRequest,
@@ -494,18 +509,29 @@ class TenancyService(tenancy_pb2_grpc.TenancyServicer):
     @servicer_method
     async def CreateKey(self, request: tenancy_pb2.CreateKeyRequest,
                         context: grpc.aio.ServicerContext) -> tenancy_pb2.CreateKeyResponse:
+        budgets.check(request.budgets)
         info, key = await self.store.run(
             create_key, self.store, request.tenant, list(request.scopes), name=request.name,
             expires_at=request.expires_at or None,
             priority_default=request.priority_default or PRIORITY_DEFAULT,
             priority_max=request.priority_max or PRIORITY_MAX)
-        return tenancy_pb2.CreateKeyResponse(info=key_message(info), key=key)
+        made = key_message(info)
+        if request.HasField("budgets"):
+            # Checked (budgets.check) before the key was made: this cannot refuse.
+            made.budgets.CopyFrom(await self.store.run(
+                budgets.set_budgets, self.store, request.tenant, info.id, request.budgets))
+        return tenancy_pb2.CreateKeyResponse(info=made, key=key)
 
     @servicer_method
     async def ListKeys(self, request: tenancy_pb2.ListKeysRequest,
                        context: grpc.aio.ServicerContext) -> tenancy_pb2.ListKeysResponse:
         keys = await self.store.run(list_keys, self.store, request.tenant)
-        return tenancy_pb2.ListKeysResponse(keys=[key_message(k) for k in keys])
+        set_ = await self.store.run(budgets.all_key_budgets, self.store, request.tenant)
+        infos = [key_message(k) for k in keys]
+        for info in infos:
+            if info.id in set_:
+                info.budgets.CopyFrom(set_[info.id])
+        return tenancy_pb2.ListKeysResponse(keys=infos)
 
     @servicer_method
     async def RevokeKey(self, request: tenancy_pb2.RevokeKeyRequest,

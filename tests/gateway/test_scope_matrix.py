@@ -44,6 +44,7 @@ ROUTES: dict[tuple[str, str], str] = {
     ("GET", "/v1/webhooks/secret"): "admin", ("POST", "/v1/webhooks/secret/rotate"): "admin",
     ("POST", "/v1/tenants"): "operator", ("GET", "/v1/tenants"): "operator",
     ("PUT", "/v1/tenants/{tenant}/quota"): "operator",
+    ("PUT", "/v1/tenants/{tenant}/budgets"): "operator",
     ("POST", "/v1/keys"): "admin", ("GET", "/v1/keys"): "admin",
     ("DELETE", "/v1/keys/{id}"): "admin", ("GET", "/v1/audit"): "admin",
     ("GET", "/v1/usage"): "deploy", ("GET", "/v1/functions/{name}/logs"): "deploy",
