@@ -34,10 +34,11 @@ def step_line(doc: dict[str, Any]) -> str | None:
 def function_name(bundle: bytes) -> str | None:
     """The function's name from its bundle's thaw.toml; None if it cannot be read
     (the deploy itself says what is wrong)."""
+    from thaw.core.bundle import limits_for
     from thaw.core.spec import read_bundle
 
     try:
-        return read_bundle(bundle).name
+        return read_bundle(bundle, limits_for(len(bundle))).name
     except (ThawError, ValueError, OSError):
         return None
 

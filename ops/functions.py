@@ -101,9 +101,21 @@ def _deploy_found(found: Any, no_wait: bool, dry_run: bool, force: bool) -> None
     uploaded: list[float] = []
     started = time.perf_counter()
     if len(bundle) > MAX_BUNDLE_BYTES:
-        report = deploy_chunked(Client(), bundle, wait=not no_wait, force=force,
-                                on_uploaded=lambda: uploaded.append(
-                                    time.perf_counter() - started))
+        from thaw.ops.deploy_progress import BuildWatch
+
+        # While the request waits for the build, each new step is a line.
+        watch = BuildWatch(lambda line: click.echo(line, err=True), bundle=bundle)
+
+        def chunks_sent() -> None:
+            uploaded.append(time.perf_counter() - started)
+            if not no_wait:
+                watch.start()
+
+        try:
+            report = deploy_chunked(Client(), bundle, wait=not no_wait, force=force,
+                                    on_uploaded=chunks_sent)
+        finally:
+            watch.stop()
         click.echo(f"sent {report.chunks_sent} of {report.chunks_total} chunks "
                    f"({format_size(report.bytes_sent)})", err=True)
         fn = report.result

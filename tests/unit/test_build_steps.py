@@ -6,9 +6,11 @@ one short line each; and the step line `thaw deploy` and `thaw fn show` print
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 from typing import Any
 
-from thaw.ops.deploy_progress import BuildWatch, step_line
+from thaw.core.spec import pack_bundle
+from thaw.ops.deploy_progress import BuildWatch, function_name, step_line
 from thaw.platform.build_steps import MAX_STEP_CHARS, NodeBuildSteps
 
 
@@ -123,3 +125,12 @@ def test_the_deploy_watch_shows_each_new_step_once() -> None:
     watch.stop()
     assert shown == ["building v1: resolving", "building v1: running setup()"]
     assert set(client.paths) == {"/v1/functions/fn"}
+
+
+def test_the_watch_reads_the_functions_name_from_its_bundle(tmp_path: Path) -> None:
+    folder = tmp_path / "fn"
+    folder.mkdir()
+    (folder / "thaw.toml").write_text('name = "named-here"\nhandler = "app:H"\n')
+    (folder / "app.py").write_text("class H:\n    def __call__(self, r):\n        return {}\n")
+    assert function_name(pack_bundle(str(folder))) == "named-here"
+    assert function_name(b"not a bundle") is None
