@@ -24,6 +24,7 @@ from thaw.gateway import jsonbody
 from thaw.gateway.admit import admit, new_call
 from thaw.gateway.errors import BadFunctionAnswer, retry_after_header, status_of
 from thaw.gateway.inputs import checked_body
+from thaw.gateway.oip_binary import HEADER, OCTETS, attach_inputs, binary_answer, split_body
 from thaw.gateway.oip_tensors import InferRequest, outputs_of, parse_infer
 from thaw.gateway.priority import call_priority, check_body_size, function_knobs
 from thaw.gateway.relay import answer_headers
@@ -136,7 +137,13 @@ async def _read_request(request: web.Request) -> tuple[bytes, InferRequest]:
     gw = request.app[GATEWAY_KEY]
     config = request.app[CONFIG_KEY]
     body = await read_body(request, gw.config.max_body_bytes)
-    doc = jsonbody.parse_json(body, config.max_json_bytes, config.max_json_depth)
+    # The JSON header, and any binary tensor data after it (gateway/oip_binary.py); a
+    # body without the header is all JSON, bounded as every JSON route's is.
+    header = request.headers.get(HEADER)
+    text, binary = split_body(body, header, config.max_json_bytes)
+    doc = jsonbody.parse_json(text, config.max_json_bytes, config.max_json_depth)
+    if header is not None:
+        attach_inputs(doc, binary)
     infer = parse_infer(doc)
     return json.dumps(infer.handler_body(), separators=(",", ":")).encode(), infer
 
@@ -177,6 +184,11 @@ async def infer(request: web.Request) -> web.StreamResponse:
                             "outputs": [t.json() for t in outputs]}
     if infer_request.id is not None:
         body["id"] = infer_request.id
+    packed = binary_answer(body, outputs, infer_request.binary_outputs(outputs))
+    if packed is not None:
+        data, header_length = packed
+        headers[HEADER] = str(header_length)
+        return web.Response(body=data, headers={**headers, "Content-Type": OCTETS})
     return web.json_response(body, headers=headers)
 
 
@@ -214,6 +226,12 @@ TENSOR = {"type": "object", "required": ["name", "shape", "datatype", "data"],
               "parameters": {"type": "object"},
               "data": {"description": "Row-major elements, flat or nested to the "
                                       "shape."}}}
+BINARY_BODY = {
+    "schema": {"type": "string", "format": "binary"},
+    "description": "The binary tensor data extension: a JSON header of "
+                   "Inference-Header-Content-Length bytes, then the data of the inputs "
+                   "(outputs) with parameters.binary_data_size, in order "
+                   "(docs/open-inference.md)."}
 VERSION_PARAM = {"name": "version", "in": "path", "required": True,
                  "description": "The function's active version (any other: 404).",
                  "schema": {"type": "string"}}
@@ -290,14 +308,16 @@ OPENAPI_PATHS: dict[str, Any] = {
                 "outputs": {"type": "array", "items": {
                     "type": "object", "required": ["name"],
                     "properties": {"name": {"type": "string"},
-                                   "parameters": {"type": "object"}}}}}}}}},
+                                   "parameters": {"type": "object"}}}}}}},
+            OCTETS: BINARY_BODY}},
         "responses": {
             "200": {"description": "The outputs.", "content": {JSON: {"schema": {
                 "type": "object", "required": ["model_name", "outputs"],
                 "properties": {"model_name": {"type": "string"},
                                "model_version": {"type": "string"},
                                "id": {"type": "string"},
-                               "outputs": {"type": "array", "items": TENSOR}}}}}},
+                               "outputs": {"type": "array", "items": TENSOR}}}},
+                OCTETS: BINARY_BODY}},
             "400": _error("A malformed request (the message names the input or output "
                           "at fault), or the handler refused the inputs."),
             "408": _error("The body paused longer than body_timeout_seconds."),

@@ -174,6 +174,14 @@ class InferRequest:
     inputs: tuple[Tensor, ...]
     parameters: dict[str, Any]
     outputs: tuple[str, ...]  # the outputs asked for, in order; () = all
+    binary: frozenset[str] = frozenset()
+    """Outputs asked as binary data (gateway/oip_binary.py)."""
+    binary_all: bool = False
+    """The request's `parameters.binary_data_output`: every output as binary data."""
+
+    def binary_outputs(self, outputs: list[Tensor]) -> frozenset[str]:
+        """The names of `outputs` to answer as binary data."""
+        return frozenset(t.name for t in outputs) if self.binary_all else self.binary
 
     def handler_body(self) -> dict[str, Any]:
         """The JSON body the handler reads."""
@@ -199,8 +207,10 @@ def _input(raw: Any, index: int) -> Tensor:
     name = _name(raw.get("name"), f"{field}.name", _bad_request)
     parameters = _object(raw.get("parameters"), f"{field}.parameters")
     if "binary_data_size" in parameters:
-        raise InvalidArgument(f"input {name!r}: binary tensor data is not supported; "
-                              "send the data as JSON", field=f"{field}.parameters")
+        raise InvalidArgument(f"input {name!r}: binary data needs the "
+                              "Inference-Header-Content-Length header (the JSON "
+                              "header's length); send it, or the data as JSON",
+                              field=f"{field}.parameters")
     for key in ("shape", "datatype", "data"):
         if key not in raw:
             raise InvalidArgument(f"input {name!r}: {key!r} is required",
@@ -208,13 +218,15 @@ def _input(raw: Any, index: int) -> Tensor:
     return tensor(name, raw["shape"], raw["datatype"], raw["data"], field, _bad_request)
 
 
-def _requested_outputs(raw: Any) -> tuple[str, ...]:
+def _requested_outputs(raw: Any) -> tuple[tuple[str, ...], frozenset[str]]:
+    """The outputs asked for, and those of them asked as binary data."""
     if raw is None:
-        return ()
+        return (), frozenset()
     if not isinstance(raw, list) or len(raw) > MAX_TENSORS:
         raise InvalidArgument(f"'outputs' must be a list of at most {MAX_TENSORS} "
                               "objects with a name", field="outputs")
     names: list[str] = []
+    binary: set[str] = set()
     for index, item in enumerate(raw):
         if not isinstance(item, dict):
             raise InvalidArgument(f"outputs[{index}] must be an object with a name",
@@ -224,7 +236,17 @@ def _requested_outputs(raw: Any) -> tuple[str, ...]:
             raise InvalidArgument(f"output {name!r} is asked for twice",
                                   field=f"outputs[{index}].name")
         names.append(name)
-    return tuple(names)
+        parameters = _object(item.get("parameters"), f"outputs[{index}].parameters")
+        if _flag(parameters, "binary_data", f"outputs[{index}].parameters.binary_data"):
+            binary.add(name)
+    return tuple(names), frozenset(binary)
+
+
+def _flag(parameters: dict[str, Any], key: str, field: str) -> bool:
+    value = parameters.get(key, False)
+    if not isinstance(value, bool):
+        raise InvalidArgument(f"{key} must be true or false", field=field)
+    return value
 
 
 def parse_infer(doc: Any) -> InferRequest:
@@ -246,8 +268,12 @@ def parse_infer(doc: Any) -> InferRequest:
             raise InvalidArgument(f"input {t.name!r} is given twice",
                                   field=f"inputs[{index}].name")
         seen.add(t.name)
-    return InferRequest(request_id, inputs, _object(doc.get("parameters"), "parameters"),
-                        _requested_outputs(doc.get("outputs")))
+    parameters = _object(doc.get("parameters"), "parameters")
+    binary_all = _flag(parameters, "binary_data_output", "parameters.binary_data_output")
+    # The protocol's own parameter, not the model's: the handler does not get it.
+    parameters = {k: v for k, v in parameters.items() if k != "binary_data_output"}
+    names, binary = _requested_outputs(doc.get("outputs"))
+    return InferRequest(request_id, inputs, parameters, names, binary, binary_all)
 
 
 def infer_datatype(flat: list[Any]) -> str | None:

@@ -382,7 +382,8 @@ PREDICTION = {"type": "object", "required": [
         "started_at": {"type": ["string", "null"]},
         "completed_at": {"type": ["string", "null"]},
         "urls": {"type": "object", "properties": {"get": {"type": "string"},
-                                                  "cancel": {"type": "string"}}}}}
+                                                  "cancel": {"type": "string"},
+                                                  "stream": {"type": "string"}}}}}
 
 
 # The gateway's JSON-body checks run before the route and answer its own form.
@@ -412,7 +413,8 @@ CREATE = {
                    "GET /v1/predictions/{id}). See docs/cog.md.",
     "tags": ["predictions"], "parameters": PARAMS,
     "requestBody": {"required": True, "content": {JSON: {"schema": {
-        "type": "object", "properties": {"input": {"type": "object"}}}}}},
+        "type": "object", "properties": {"input": {"type": "object"},
+                                         "stream": {"type": "boolean"}}}}}},
     "responses": {
         "200": _answer("The prediction, finished (succeeded or failed)."),
         "201": _answer("The prediction, finished (Replicate's route)."),
@@ -443,4 +445,15 @@ OPENAPI_PATHS: dict[str, Any] = {
         "tags": ["predictions"], "parameters": ID_PARAM,
         "responses": {"200": _answer("The prediction, canceled or finished."),
                       **READ_ERRORS}}},
+    "/v1/predictions/{id}/stream": {"get": {
+        "summary": "A streaming prediction's output as server-sent events",
+        "description": "For a prediction created with \"stream\": true (an id "
+                       "stream_..., its urls.stream): `output` events, then `error` "
+                       "where it failed, then `done`. See docs/cog.md.",
+        "tags": ["predictions"], "parameters": ID_PARAM,
+        "responses": {"200": {"description": "The events, as the prediction runs.",
+                              "content": {"text/event-stream": {
+                                  "schema": {"type": "string"}}}},
+                      "404": _error("No such streaming prediction on this gateway "
+                                    "for this key."), **KEYED}}},
 }

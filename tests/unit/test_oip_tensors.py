@@ -64,7 +64,7 @@ def test_scalar_and_empty_shapes() -> None:
     (tensor(shape=(10**9, 0), data=()), "inputs[0].shape", "too large to nest"),
     ({"name": "x", "shape": [1], "datatype": "FP32"}, "inputs[0].data", "'data' is required"),
     ({**tensor(), "parameters": {"binary_data_size": 16}}, "inputs[0].parameters",
-     "binary tensor data is not supported"),
+     "needs the Inference-Header-Content-Length header"),
     ({**tensor(), "name": ""}, "inputs[0].name", "'name' must be"),
 ])
 def test_a_bad_input_is_refused_naming_it(bad: dict[str, Any], field: str,
