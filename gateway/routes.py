@@ -22,10 +22,8 @@ from thaw.gateway import (
     audit,
     dashboard,
     environments,
-    files,
     fndocs,
     images,
-    invoke,
     logs,
     mcp,
     oip,
@@ -70,10 +68,7 @@ FEATURES: tuple[Feature, ...] = (
     oip,
     fndocs,
     predictions,
-    files,
     mcp,
-    # Last: every method but POST on a function URL, after the routes served under one.
-    invoke,
 )
 
 
