@@ -11,15 +11,21 @@ a new step, and the end of one (progress 1), are always kept.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 from thaw.proto import scheduler_pb2
 
 # A step's progress is recorded at most this often (seconds).
 MIN_PROGRESS_INTERVAL = 0.25
+# How often a build's install step counts the packages installed so far (seconds).
+INSTALL_COUNT_SECONDS = 0.5
 # Steps are one line of text at most this long (a resolver's message goes to the logs).
 MAX_STEP_CHARS = 200
 
@@ -89,3 +95,55 @@ class NodeBuildSteps:
                                         version=int(version) if version.isdigit() else 0,
                                         step=step.text, progress=step.progress)
                 for (tenant, name, version), step in list(self._steps.items())]
+
+
+class StepLines:
+    """A build's progress lines (an environment's resolve and install): each goes to
+    `log` and becomes the build's current step; `measure` sets how far that step is
+    without a line (a count of packages installed is no log line)."""
+
+    def __init__(self, log: Callable[[str], None], report: StepReporter) -> None:
+        self.log = log
+        self.report = report
+        self.line = ""
+
+    def __call__(self, line: str) -> None:
+        self.line = line
+        self.log(line)
+        self.report(line)
+
+    def measure(self, fraction: float) -> None:
+        self.report(self.line, fraction)
+
+
+def installed_count(env_dir: Path) -> int:
+    """Packages installed so far into the virtualenv at `env_dir` (their .dist-info
+    folders; blocking)."""
+    return sum(1 for site in env_dir.glob("lib/python*/site-packages")
+               for entry in os.scandir(site) if entry.name.endswith(".dist-info"))
+
+
+@contextlib.asynccontextmanager
+async def counting_installs(progress: Callable[[str], None], env_dir: Path, total: int
+                            ) -> AsyncIterator[None]:
+    """While the body installs `total` packages into `env_dir`, the build's step (where
+    `progress` is one: StepLines) measures how many are in, every
+    INSTALL_COUNT_SECONDS; a failed count is skipped, never the build's failure."""
+    if not isinstance(progress, StepLines) or total <= 0:
+        yield
+        return
+
+    async def count() -> None:
+        while True:
+            await asyncio.sleep(INSTALL_COUNT_SECONDS)
+            with contextlib.suppress(OSError):
+                done = await asyncio.to_thread(installed_count, env_dir)
+                progress.measure(min(done, total) / total)
+
+    task = asyncio.create_task(count())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

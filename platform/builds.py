@@ -23,7 +23,7 @@ from thaw.core.errors import ThawError
 from thaw.core.logs import bound_reason
 from thaw.core.spec import extract_bundle
 from thaw.platform.build_failures import build_failed, event_text
-from thaw.platform.build_steps import NodeBuildSteps
+from thaw.platform.build_steps import NodeBuildSteps, StepLines
 from thaw.platform.environments_launch import LaunchEnvironments, recorded
 from thaw.platform.launch import (
     IMAGE_NEEDS_DOCKER,
@@ -128,12 +128,8 @@ class Builds:
         try:
             # The resolve and install steps join the function's logs, and each is
             # the build's current step.
-            append = functools.partial(self.logs.append, name, build_id, RUNTIME)
-
-            def progress(line: str) -> None:
-                append(line)
-                step(line)
-
+            progress = StepLines(
+                functools.partial(self.logs.append, name, build_id, RUNTIME), step)
             step("preparing the environment")
             try:
                 env = await self.environments.for_bundle(bundle, name, progress, spec.image)

@@ -27,6 +27,7 @@ from pathlib import Path
 import structlog
 
 from thaw.core.errors import InstanceFailed
+from thaw.platform.build_steps import counting_installs
 from thaw.platform.environments import (
     Dependencies,
     environment_key,
@@ -230,10 +231,12 @@ class Environments:
             env_dir = staging / "env"
             await self._run(["venv", "--relocatable", "--python", self._interpreter(python),
                              str(env_dir)], staging, "creating the environment's virtualenv")
-            await self._run(["pip", "install", "--python", str(env_dir / "bin" / "python"),
-                             "--no-deps", "--require-hashes", "--no-build",
-                             "--link-mode", "copy", "-r", str(staging / LOCK_FILE)],
-                            staging, "installing the environment", indexes=True)
+            async with counting_installs(progress, env_dir, len(pins)):
+                await self._run(["pip", "install", "--python",
+                                 str(env_dir / "bin" / "python"), "--no-deps",
+                                 "--require-hashes", "--no-build", "--link-mode", "copy",
+                                 "-r", str(staging / LOCK_FILE)],
+                                staging, "installing the environment", indexes=True)
             env = await asyncio.to_thread(self._finish, staging, key, lock, source,
                                           len(pins))
         finally:
