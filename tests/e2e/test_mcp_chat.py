@@ -190,3 +190,27 @@ def test_thaw_chat_ends_cleanly_on_ctrl_d(deployed: RunningPlatform) -> None:
             term.proc.kill()
             term.proc.wait()
         os.close(term.fd)
+
+
+def test_mcp_tool_calls_are_admitted_as_invocations(deployed: RunningPlatform) -> None:
+    """Each MCP message is admitted as a call is: the key's budgets hold it (429 naming
+    the budget), and a stateless message needs no session."""
+    made = deployed.http.post("/v1/keys", json={"scopes": ["invoke"], "name": "mcp-rpd",
+                                                "rpd": 2})
+    assert made.status_code == 201, made.text
+    headers = {"Accept": "application/json, text/event-stream",
+               "Authorization": f"Bearer {made.json()['key']}"}
+    message = {"jsonrpc": "2.0", "id": 7, "method": "tools/call",
+               "params": {"name": "typed-rt", "arguments": {"text": "ab"}}}
+    for _ in range(2):
+        answer = httpx.post(f"{deployed.url}/mcp", json=message, headers=headers,
+                            timeout=WAIT_SECONDS)
+        assert answer.status_code == 200, answer.text
+        result = answer.json()["result"]
+        assert result["structuredContent"]["out"] == "ab-ab", result
+        assert not result.get("isError"), result
+    over = httpx.post(f"{deployed.url}/mcp", json=message, headers=headers,
+                      timeout=WAIT_SECONDS)
+    assert over.status_code == 429, over.text
+    assert over.json()["error"]["field"] == "rpd"
+    assert int(over.headers["Retry-After"]) >= 1
