@@ -23,6 +23,7 @@ from aiohttp import web
 
 from thaw.core.errors import NotFound
 from thaw.gateway.admit import admit, new_call
+from thaw.gateway.files import carries_files, file_answer, form_body, resolve_inputs
 from thaw.gateway.inputs import checked_body
 from thaw.gateway.priority import call_knobs, function_knobs
 from thaw.gateway.relay import done_within, relay
@@ -48,7 +49,10 @@ async def invoke(request: web.Request) -> web.StreamResponse:
     body = await read_body(request, limit, described)
     # Typed inputs are checked here, before any instance is touched (422 on a mismatch).
     knobs = await function_knobs(request, gw, tenant, name)
+    if knobs.input_schema:  # a form's fields and files as typed inputs (gateway/files.py)
+        body = await form_body(request, knobs.input_schema, body)
     body = await checked_body(knobs.input_schema, body)
+    body = await resolve_inputs(request, p.tenant, knobs.input_schema, body, limit)
     call = new_call(request, tenant, name, forwarded_path(request), body,
                     call_headers(request), ask.timeout, priority)
     request[FUNCTION_KEY] = call.function
@@ -66,4 +70,6 @@ async def invoke(request: web.Request) -> web.StreamResponse:
         return await adopt_late(request, gw, p, call, opening)
     async with opening.result() as ex:
         request[START_KEY] = ex.start
+        if carries_files(ex.content_type):  # paths returned: stored, answered as URLs
+            return await file_answer(request, tenant, ex)
         return await relay(request, ex)

@@ -41,7 +41,7 @@ DASHBOARD_ORIGIN_HEADERS = {**NOSNIFF, "X-Frame-Options": "DENY",
 # What the function origin serves (path prefixes); the rest is the dashboard origin's.
 FUNCTION_ORIGIN_PREFIXES = ("/fn/", "/v1/invocations/", "/v1/chat/completions",
                             "/v1/completions", "/v1/embeddings", "/v2/",
-                            "/v1/models/", "/v1/predictions/")
+                            "/v1/models/", "/v1/predictions/", "/files/")
 FUNCTION_ORIGIN_PATHS = ("/healthz", "/v1/invocations", "/v2", "/mcp")
 
 

@@ -35,6 +35,7 @@ from thaw.gateway.admit import admit, new_call
 from thaw.gateway.auth import require
 from thaw.gateway.caller import check_invocation_reader, principal_of, reads_all_invocations
 from thaw.gateway.errors import InputRejected, retry_after_header, status_of
+from thaw.gateway.files import carries_files, publish, resolve_inputs
 from thaw.gateway.inputs import checked_body
 from thaw.gateway.prediction_stream import PREFIX as STREAM_PREFIX
 from thaw.gateway.prediction_stream import LivePrediction, LiveStreams, serve
@@ -191,6 +192,8 @@ async def create_prediction(request: web.Request) -> web.StreamResponse:
     knobs = await function_knobs(request, gw, tenant, name)
     forwarded = await checked_body(knobs.input_schema, forwarded)
     inputs = jsonbody.loads(forwarded)  # with the defaults the check filled in
+    # File inputs given as signed URLs travel as their bytes (gateway/files.py).
+    forwarded = await resolve_inputs(request, tenant, knobs.input_schema, forwarded, limit)
     call = new_call(request, tenant, name, "", forwarded,
                     {"Content-Type": JSON, "Accept": JSON}, ask.timeout, priority)
     request[FUNCTION_KEY] = call.function
@@ -208,7 +211,7 @@ async def create_prediction(request: web.Request) -> web.StreamResponse:
         if not made:
             check_same_request(inv, record, p)
         runner.wake.set()
-        return web.json_response(stored_prediction(base, inv), status=202)
+        return web.json_response(await with_files(request, inv), status=202)
     opening = asyncio.ensure_future(gw.dispatcher.open(call))
     try:
         done = await done_within(opening, ask.wait_limit(gw.config.sync_wait_seconds))
@@ -243,7 +246,8 @@ async def create_prediction(request: web.Request) -> web.StreamResponse:
                           jsonbody.error_message(status, answer), created, started, completed)
         return web.json_response(body, status=created_status)
     try:
-        output = _decode_output(content_type, answer)
+        output = (await publish(request, tenant, answer) if carries_files(content_type)
+                  else _decode_output(content_type, answer))
         body = prediction(base, pid, model, version, "succeeded", inputs, output, None,
                           created, started, completed)
     except ValueError as exc:
@@ -251,6 +255,16 @@ async def create_prediction(request: web.Request) -> web.StreamResponse:
                           f"the function's answer is not valid JSON: {exc}", created,
                           started, completed)
     return web.json_response(body, status=created_status)
+
+
+async def with_files(request: web.Request, inv: invocations_pb2.Invocation
+                     ) -> dict[str, Any]:
+    """A stored prediction; output files, as a sync one's, by their signed URLs
+    (stored once, content-addressed: a later read renews the same file's URL)."""
+    body = stored_prediction(_base(request), inv)
+    if body["status"] == "succeeded" and carries_files(inv.result_content_type):
+        body["output"] = await publish(request, inv.tenant, inv.result_body)
+    return body
 
 
 def _asks_wait(request: web.Request) -> bool:
@@ -320,7 +334,7 @@ async def get_prediction(request: web.Request) -> web.StreamResponse:
     check_invocation_reader(p, inv)
     if inv.state == "expired":
         raise expired(inv.id)
-    return web.json_response(stored_prediction(_base(request), inv))
+    return web.json_response(await with_files(request, inv))
 
 
 @prediction_errors
@@ -343,7 +357,7 @@ async def cancel_prediction(request: web.Request) -> web.StreamResponse:
         await runner.client.cancel(p.tenant, before.id, gw.config.result_ttl_seconds)
         runner.cancel_local(before.id)
     inv = await runner.client.get(p.tenant, before.id, with_bodies=True)
-    return web.json_response(stored_prediction(_base(request), inv))
+    return web.json_response(await with_files(request, inv))
 
 
 def add_routes(app: web.Application) -> None:

@@ -22,6 +22,7 @@ from thaw.gateway import (
     audit,
     dashboard,
     environments,
+    files,
     fndocs,
     images,
     logs,
@@ -68,6 +69,7 @@ FEATURES: tuple[Feature, ...] = (
     oip,
     fndocs,
     predictions,
+    files,
     mcp,
 )
 

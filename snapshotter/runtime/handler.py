@@ -19,6 +19,17 @@ from pathlib import Path
 from typing import Any
 
 from .batching import Batcher
+from .files import (
+    FILES_CONTENT_TYPE,
+    FileInputError,
+    HasFiles,
+    Scratch,
+    after_stream,
+    file_params,
+    is_file_value,
+    materialise,
+    with_markers,
+)
 from .signature import call_defaults, predict_of
 
 JSON_CONTENT_TYPE = "application/json"
@@ -136,6 +147,8 @@ def _jsonable(value: Any) -> Any:
         return tolist()
     if isinstance(value, (set, frozenset)):
         return list(value)
+    if is_file_value(value):
+        raise HasFiles  # a path in the answer: to_reply sends it as a file
     raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
@@ -154,14 +167,24 @@ _NOTHING = object()
 def to_reply(result: Any) -> Reply:
     """Map a handler's return value to a reply (the table in DESIGN.md §3)."""
     if isinstance(result, _JSON_TYPES):
-        return Payload(JSON_CONTENT_TYPE, encode_json(result))
+        return _json_payload(result)
     if isinstance(result, _BYTES_TYPES):
         return Payload(BYTES_CONTENT_TYPE, bytes(result))
     if isinstance(result, Iterator):
         first = next(result, _NOTHING)
         items = iter(()) if first is _NOTHING else itertools.chain((first,), result)
         return Stream(items, getattr(result, "close", None))
-    return Payload(JSON_CONTENT_TYPE, encode_json(result))
+    return _json_payload(result)
+
+
+def _json_payload(result: Any) -> Payload:
+    """JSON, or, when paths are in it, FILES_CONTENT_TYPE with the files inside
+    (files.py; the check costs nothing until the encoder meets a value it cannot
+    encode)."""
+    try:
+        return Payload(JSON_CONTENT_TYPE, encode_json(result))
+    except HasFiles:
+        return Payload(FILES_CONTENT_TYPE, encode_json(with_markers(result)))
 
 
 class Invoker:
@@ -186,6 +209,8 @@ class Invoker:
         # of Requests for __call__) and returns a list of results.
         target = self._predict if self._predict is not None else handler
         self._batcher = Batcher.from_env(target)  # type: ignore[arg-type]
+        # Parameters that take files (a path in the instance's /tmp; files.py).
+        self._files = file_params(self._predict) if self._predict is not None else {}
 
     def invoke(self, request: Request) -> Reply:
         """Raises InvalidInput for a bad request; anything else is the handler's."""
@@ -202,7 +227,18 @@ class Invoker:
                 self._signature.bind(**inputs)
             except TypeError as exc:
                 raise InvalidInput(f"predict(): {exc}") from exc
-        return to_reply(self._predict(**inputs))
+        if not self._files:
+            return to_reply(self._predict(**inputs))
+        try:
+            inputs, scratch = materialise(inputs, self._files)
+        except FileInputError as exc:
+            raise InvalidInput(str(exc)) from None
+        try:
+            reply = to_reply(self._predict(**inputs))
+        except BaseException:
+            scratch.cleanup()
+            raise
+        return _after_reply(reply, scratch)
 
     def _with_input_defaults(self, inputs: dict[str, Any]) -> dict[str, Any]:
         missing = sorted(self._input_required - inputs.keys())
@@ -225,3 +261,12 @@ class Invoker:
                 f"predict() takes a JSON object of keyword arguments, got {type(inputs).__name__}"
             )
         return inputs
+
+
+def _after_reply(reply: Reply, scratch: Scratch) -> Reply:
+    """The reply, with the call's input files removed once it is sent (a stream's
+    when its items end or stop)."""
+    if isinstance(reply, Stream):
+        return dataclasses.replace(reply, items=after_stream(reply.items, scratch.cleanup))
+    scratch.cleanup()
+    return reply

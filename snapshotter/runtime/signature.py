@@ -6,7 +6,8 @@ object schema whose properties are the keyword arguments. The gateway checks eve
 call against it before an instance is touched (gateway/inputs.py), so the schema
 uses only what that check understands: type string/integer/number/boolean/array/
 object, `items`, `anyOf` with null (Optional), `enum` (Literal, choices), minimum/
-maximum, minLength/maxLength, pattern, default, description.
+maximum, minLength/maxLength, pattern, default, description. A file (pathlib.Path,
+cog's Path or File) is {"type": "string", "format": "uri"}, as cog writes it.
 
 Handlers without type hints and without `Input` defaults get no schema: their calls
 go through unchecked, as before. `__call__(request)` handlers take a request, not
@@ -24,6 +25,7 @@ import typing
 from typing import Any
 
 from .batching import BATCH_SIZE_ENV
+from .files import FILE_SCHEMA, is_file_type
 from .inputs import MISSING, Input
 
 # The return hint's schema rides in the input schema under this key, which JSON Schema
@@ -90,6 +92,8 @@ def type_schema(hint: Any) -> dict[str, Any]:
         return {}
     if hint in _SCALARS:
         return dict(_SCALARS[hint])
+    if is_file_type(hint):
+        return dict(FILE_SCHEMA)  # pathlib.Path, cog's Path and File (files.py)
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin is typing.Literal:
