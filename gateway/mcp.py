@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -52,6 +53,10 @@ ENVELOPE_BYTES = 64 * 1024
 the arguments themselves are held to the function's own body limit."""
 
 _MANAGER_KEY = web.AppKey("mcp_manager", StreamableHTTPSessionManager)
+# The SDK logs each stateless exchange's transport at info ("Terminating session:
+# None"): one line per message beside the gateway's own request line. Its warnings
+# and errors still show.
+_SDK_CHATTY_LOGGERS = ("mcp.server.streamable_http", "mcp.server.streamable_http_manager")
 
 
 def _request(ctx: ServerRequestContext[Any, Any]) -> web.Request:
@@ -168,6 +173,8 @@ async def _run_manager(app: web.Application) -> AsyncIterator[None]:
     """The SDK's session manager, run in a task of its own for the app's lifetime (its
     task group must be entered and left by one task)."""
     gw = app[GATEWAY_KEY]
+    for name in _SDK_CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
     manager = StreamableHTTPSessionManager(
         make_server(), json_response=True, stateless=True,
         max_request_body_size=gw.config.max_body_bytes + ENVELOPE_BYTES)

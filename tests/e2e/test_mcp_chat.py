@@ -214,3 +214,31 @@ def test_mcp_tool_calls_are_admitted_as_invocations(deployed: RunningPlatform) -
     assert over.status_code == 429, over.text
     assert over.json()["error"]["field"] == "rpd"
     assert int(over.headers["Retry-After"]) >= 1
+
+
+def test_thaw_chat_with_tinylm(deployed: RunningPlatform) -> None:
+    """The example model behind the OpenAI routes: an answer streams in and the prompt
+    comes back."""
+    resp = deployed.deploy(EXAMPLES / "tinylm")
+    assert resp.status_code == 201, resp.text
+    env = {**os.environ, "THAW_URL": deployed.url, "THAW_API_KEY": deployed.key,
+           "TERM": "dumb"}
+    term = Terminal([sys.executable, "-m", "thaw.ops.cli", "chat", "tinylm",
+                     "--max-tokens", "12", "--temperature", "0"], env)
+    try:
+        term.expect("> ")
+        term.send("hello\r")
+        echoed = term.expect("hello\r\n")  # the terminal's echo of the line typed
+        assert echoed
+        answer = term.expect("\r\n> ")
+        # Random weights: noise, but as many characters as tokens asked (one a token,
+        # an end-of-sequence token may stop it sooner), and no error.
+        text = answer.removesuffix("\r\n> ")
+        assert "error" not in text and 0 < len(text) <= 12, repr(answer)
+        term.send("/exit\r")
+        assert term.proc.wait(timeout=WAIT_SECONDS) == 0
+    finally:
+        if term.proc.poll() is None:
+            term.proc.kill()
+            term.proc.wait()
+        os.close(term.fd)
