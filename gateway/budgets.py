@@ -11,25 +11,32 @@ answer reports (`usage.prompt_tokens + usage.completion_tokens`, or `total_token
 counted after the call: a call is refused once a token budget is spent, so the call
 that crosses it completes and the next is refused.
 
-Counts live in this replica's memory, like the per-minute limiter's
-(gateway/ratelimit.py): with several replicas each counts what it served, and a
-restarted replica starts its windows empty (docs/limits.md says what holds).
+Minute windows live in this replica's memory, like the per-minute limiter's
+(gateway/ratelimit.py): with several replicas each counts what it served. Day windows
+are shared: every SYNC_SECONDS each replica adds what it counted to the scheduler's
+day totals (scheduler/budgets.py) and takes back every replica's, so a day's budget
+holds across replicas and restarts to within what the replicas serve in one sync
+interval (docs/limits.md says what holds).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import structlog
 from cachetools import LRUCache
 
-from thaw.core.errors import InvalidArgument
+from thaw.core.errors import InvalidArgument, ThawError
 from thaw.gateway.errors import RateLimited
-from thaw.proto import scheduler_pb2
+from thaw.proto import scheduler_pb2, tenancy_pb2
+
+log = structlog.get_logger()
 
 MINUTE = 60.0
 DAY = 86400.0
@@ -45,6 +52,10 @@ BUDGETS: dict[str, tuple[float, str, str]] = {
 }
 REQUEST_BUDGETS = ("rpm", "rpd")
 TOKEN_BUDGETS = ("tpm", "tpd")
+DAY_BUDGETS = ("rpd", "tpd")
+# How often a replica adds its day counts to the scheduler's and takes the totals.
+SYNC_SECONDS = 2.0
+Sync = Callable[[list[tenancy_pb2.BudgetCount]], Awaitable[list[tenancy_pb2.BudgetCount]]]
 
 
 class BudgetExceeded(RateLimited):
@@ -78,28 +89,90 @@ def window(length: float, now: float) -> tuple[int, float]:
     return index, (index + 1) * length - now
 
 
+class _Count:
+    """One budget's count in one window: `base` is the total the scheduler last
+    answered (every replica's, day windows only), `sending` what this replica has
+    sent since and not yet seen answered, `unsent` what it counted after that."""
+
+    __slots__ = ("index", "base", "sending", "unsent", "synced")
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.base = self.sending = self.unsent = 0
+        self.synced = False
+
+    @property
+    def total(self) -> int:
+        return self.base + self.sending + self.unsent
+
+
 class BudgetBook:
-    """This replica's counts of every budget's current window."""
+    """This replica's counts of every budget's current window (day windows joined
+    with the other replicas' through `sync`)."""
 
     def __init__(self, clock: Callable[[], float] = time.time,
                  max_counters: int = MAX_COUNTERS) -> None:
         self.clock = clock
-        # (subject, budget) -> [window index, count in it]
-        self._counts: LRUCache[tuple[str, str], list[int]] = LRUCache(max_counters)
+        self._counts: LRUCache[tuple[str, str], _Count] = LRUCache(max_counters)
 
     def used(self, counter: str, budget: str, now: float | None = None) -> int:
         """What is counted against `budget` of `counter` in the current window."""
         index, _ = window(BUDGETS[budget][0], self.clock() if now is None else now)
         found = self._counts.get((counter, budget))
-        return found[1] if found is not None and found[0] == index else 0
+        return found.total if found is not None and found.index == index else 0
 
     def _add(self, counter: str, budget: str, amount: int, now: float) -> None:
         index, _ = window(BUDGETS[budget][0], now)
         found = self._counts.get((counter, budget))
-        if found is None or found[0] != index:
-            self._counts[(counter, budget)] = [index, amount]
-        else:
-            found[1] += amount
+        if found is None or found.index < index:
+            found = _Count(index)
+            self._counts[(counter, budget)] = found
+        found.unsent += amount
+
+    async def sync(self, add: Sync) -> None:
+        """Send the day counts made since the last sync (and ask the totals of those
+        not yet known here); take every replica's totals back. On failure the counts
+        are kept for the next try."""
+        today, _ = window(DAY, self.clock())
+        batch: list[tuple[_Count, int]] = []
+        asked: list[tenancy_pb2.BudgetCount] = []
+        for (counter, budget), c in list(self._counts.items()):
+            if budget not in DAY_BUDGETS or c.index < today - 1 \
+                    or (c.synced and not c.unsent):
+                continue
+            sent, c.sending, c.unsent = c.unsent, c.sending + c.unsent, 0
+            batch.append((c, sent))
+            asked.append(tenancy_pb2.BudgetCount(counter=counter, budget=budget,
+                                                 window=c.index, count=sent))
+        if not asked:
+            return
+        try:
+            totals = await add(asked)
+        except BaseException:
+            for c, sent in batch:
+                c.sending -= sent
+                c.unsent += sent
+            raise
+        for (c, sent), total in zip(batch, totals, strict=True):
+            c.sending -= sent
+            c.base = max(c.base, total.count - c.sending)
+            c.synced = True
+
+    async def follow(self, add: Sync,
+                     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+        """Forever: sync every SYNC_SECONDS (started with the gateway)."""
+        failing = False
+        while True:
+            try:
+                await self.sync(add)
+            except ThawError as exc:
+                if not failing:  # once per outage
+                    log.warning("budget day counts not shared; this replica counts "
+                                "alone until the scheduler answers", error=exc.message)
+                failing = True
+            else:
+                failing = False
+            await sleep(SYNC_SECONDS)
 
     def _refusal(self, s: Subject, budget: str, now: float) -> BudgetExceeded:
         length, _, said = BUDGETS[budget]

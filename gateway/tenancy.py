@@ -12,7 +12,8 @@ proto/tenancy.proto does the storing).
 A route where the operator acts on another tenant says which in ACTED_ON_KEY: the
 audit log files the entry under that tenant, so its admins see it too.
 Revoked keys leave every replica's auth cache within about a second (the
-revocation feed, started here: Authenticator.follow_revocations).
+revocation feed, started here: Authenticator.follow_revocations); budgets' day counts
+are shared with the other replicas every few seconds (BudgetBook.follow, started here).
 """
 
 from __future__ import annotations
@@ -82,6 +83,12 @@ class TenancyClient:
                           budgets: scheduler_pb2.Budgets) -> scheduler_pb2.Budgets:
         return await call(self.stub.SetBudgets(tenancy_pb2.SetBudgetsRequest(
             tenant=tenant, key_id=key_id, budgets=budgets), timeout=META_TIMEOUT))
+
+    async def add_budget_usage(self, counts: list[tenancy_pb2.BudgetCount]
+                               ) -> list[tenancy_pb2.BudgetCount]:
+        resp = await call(self.stub.AddBudgetUsage(tenancy_pb2.BudgetUsage(counts=counts),
+                                                   timeout=REVOCATION_TIMEOUT))
+        return list(resp.counts)
 
     async def list_keys(self, tenant: str) -> list[tenancy_pb2.KeyInfo]:
         resp = await call(self.stub.ListKeys(tenancy_pb2.ListKeysRequest(tenant=tenant),
@@ -387,12 +394,15 @@ async def _tenancy(app: web.Application) -> AsyncIterator[None]:
     gw = app[GATEWAY_KEY]
     client = TenancyClient(tenancy_pb2_grpc.TenancyStub(gw.scheduler.channel))
     app[TENANCY_KEY] = Tenancy(client)
-    revocations = asyncio.get_running_loop().create_task(
-        gw.auth.follow_revocations(client.revoked_keys))
+    loop = asyncio.get_running_loop()
+    revocations = loop.create_task(gw.auth.follow_revocations(client.revoked_keys))
+    # Budgets' day counts, shared with the other replicas (gateway/budgets.py).
+    budget_days = loop.create_task(gw.limiter.budgets.follow(client.add_budget_usage))
     yield
-    revocations.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await revocations
+    for task in (revocations, budget_days):
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 def add_routes(app: web.Application) -> None:

@@ -6,17 +6,22 @@ keys together. A budget of 0 is no budget; a row of four zeros is dropped. The
 gateway reads both with the key's principal (Authenticate), so its hot path makes no
 DB round trip: a change reaches a gateway when its cached principal expires
 (gateway/auth.py AUTH_CACHE_SECONDS), or at once for a key made with its budgets.
+
+The day windows' counts of every gateway meet here (`add_usage`, a few seconds
+apart per gateway), so a day's budget holds across replicas and restarts.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-from sqlalchemy import select
+import grpc
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from thaw.core.errors import InvalidArgument, NotFound
-from thaw.proto import scheduler_pb2
+from thaw.core.grpcutil import servicer_method
+from thaw.proto import scheduler_pb2, tenancy_pb2
 from thaw.scheduler import models
 from thaw.scheduler.store import Store
 
@@ -95,3 +100,62 @@ def all_key_budgets(store: Store, tenant: str) -> dict[str, scheduler_pb2.Budget
             models.Budget.tenant_id == tenant, models.Budget.key_id != TENANT))
         return {r.key_id: _message(r) for r in rows}
     return store._tx(tx)
+
+
+# Day counts older than this many days are dropped when counts are added.
+USAGE_KEPT_DAYS = 2
+DAY_BUDGETS = ("rpd", "tpd")
+
+
+def add_usage(store: Store, counts: list[tenancy_pb2.BudgetCount]
+              ) -> list[tenancy_pb2.BudgetCount]:
+    """Add each count to its day's total (all gateways together) and answer the
+    totals, in the order asked. An added count is atomic (count = count + n), so two
+    gateways adding at once lose nothing."""
+    for c in counts:
+        if c.budget not in DAY_BUDGETS:
+            raise InvalidArgument(f"budget must be one of {', '.join(DAY_BUDGETS)}",
+                                  field="budget")
+        if c.count < 0 or not c.counter or len(c.counter) > 200:
+            raise InvalidArgument("a count is a counter and a number >= 0", field="count")
+
+    def tx(s: Session) -> list[tenancy_pb2.BudgetCount]:
+        out = []
+        for c in counts:
+            where = (models.BudgetUsage.counter == c.counter,
+                     models.BudgetUsage.budget == c.budget, models.BudgetUsage.day == c.window)
+            if c.count:
+                done = s.execute(update(models.BudgetUsage).where(*where).values(
+                    count=models.BudgetUsage.count + c.count))
+                if not getattr(done, "rowcount", 0):
+                    s.add(models.BudgetUsage(counter=c.counter, budget=c.budget,
+                                             day=c.window, count=c.count))
+                    s.flush()
+            total = s.scalar(select(models.BudgetUsage.count).where(*where)) or 0
+            out.append(tenancy_pb2.BudgetCount(counter=c.counter, budget=c.budget,
+                                               window=c.window, count=total))
+        if counts:
+            newest = max(c.window for c in counts)
+            s.execute(delete(models.BudgetUsage).where(
+                models.BudgetUsage.day < newest - USAGE_KEPT_DAYS))
+        return out
+    return store._tx(tx)
+
+
+class BudgetMethods:
+    """The Tenancy service's budget methods (scheduler/tenancy.py's TenancyService
+    takes them from here)."""
+
+    store: Store
+
+    @servicer_method
+    async def SetBudgets(self, request: tenancy_pb2.SetBudgetsRequest,
+                         context: grpc.aio.ServicerContext) -> scheduler_pb2.Budgets:
+        return await self.store.run(set_budgets, self.store, request.tenant,
+                                    request.key_id, request.budgets)
+
+    @servicer_method
+    async def AddBudgetUsage(self, request: tenancy_pb2.BudgetUsage,
+                             context: grpc.aio.ServicerContext) -> tenancy_pb2.BudgetUsage:
+        totals = await self.store.run(add_usage, self.store, list(request.counts))
+        return tenancy_pb2.BudgetUsage(counts=totals)

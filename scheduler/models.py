@@ -309,3 +309,16 @@ class Budget(Base):
     rpd: Mapped[int] = mapped_column(BigInteger, default=0)
     tpm: Mapped[int] = mapped_column(BigInteger, default=0)
     tpd: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class BudgetUsage(Base):
+    """What the gateways counted against a day budget (rpd, tpd) in one UTC day,
+    all replicas together, so that a day survives a gateway's restart."""
+    __tablename__ = "budget_usage"
+
+    counter: Mapped[str] = mapped_column(String(200), primary_key=True)
+    """"key:<id>" or "tenant:<name>"."""
+    budget: Mapped[str] = mapped_column(String(8), primary_key=True)
+    day: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    """The UTC day: unix seconds // 86400."""
+    count: Mapped[int] = mapped_column(BigInteger, default=0)

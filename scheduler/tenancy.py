@@ -30,7 +30,7 @@ from thaw.core.grpcutil import servicer_method
 from thaw.core.priority import PRIORITY_DEFAULT, PRIORITY_MAX, PRIORITY_MIN
 from thaw.core.spec import NAME_PATTERN
 from thaw.core.units import format_size
-from thaw.proto import scheduler_pb2, tenancy_pb2, tenancy_pb2_grpc
+from thaw.proto import tenancy_pb2, tenancy_pb2_grpc
 from thaw.scheduler import budgets, models
 from thaw.scheduler.pools import FunctionPool
 from thaw.scheduler.states import FunctionState
@@ -457,7 +457,7 @@ def audit_message(e: AuditEntry) -> tenancy_pb2.AuditEntry:
                                   actor_tenant=e.actor_tenant)
 
 
-class TenancyService(tenancy_pb2_grpc.TenancyServicer):
+class TenancyService(budgets.BudgetMethods, tenancy_pb2_grpc.TenancyServicer):
     """Who may call what is the gateway's business (operator, tenant admin); this
     service trusts its caller, like the Scheduler service does."""
 
@@ -490,12 +490,6 @@ class TenancyService(tenancy_pb2_grpc.TenancyServicer):
                                      [budgets.TENANT])
         info.budgets.CopyFrom(found[budgets.TENANT])
         return info
-
-    @servicer_method
-    async def SetBudgets(self, request: tenancy_pb2.SetBudgetsRequest,
-                         context: grpc.aio.ServicerContext) -> scheduler_pb2.Budgets:
-        return await self.store.run(budgets.set_budgets, self.store, request.tenant,
-                                    request.key_id, request.budgets)
 
     @servicer_method
     async def SetQuota(self, request: tenancy_pb2.SetQuotaRequest,

@@ -1,4 +1,5 @@
-"""budgets: requests and tokens per minute and per day of a key or a tenant
+"""budgets: requests and tokens per minute and per day of a key or a tenant, and the
+day windows' counts of all gateways
 
 Revision ID: 0012
 Revises: 0011
@@ -23,7 +24,15 @@ def upgrade() -> None:
         sa.Column('tpm', sa.BigInteger(), nullable=False, server_default='0'),
         sa.Column('tpd', sa.BigInteger(), nullable=False, server_default='0'),
     )
+    op.create_table(
+        'budget_usage',
+        sa.Column('counter', sa.String(200), primary_key=True),
+        sa.Column('budget', sa.String(8), primary_key=True),
+        sa.Column('day', sa.BigInteger(), primary_key=True),
+        sa.Column('count', sa.BigInteger(), nullable=False, server_default='0'),
+    )
 
 
 def downgrade() -> None:
+    op.drop_table('budget_usage')
     op.drop_table('budgets')
