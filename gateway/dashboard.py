@@ -49,6 +49,7 @@ STATIC = Path(__file__).parent / "static"
 # The files /static/{file} serves: the page's own and the vendored library's.
 STATIC_FILES: dict[str, tuple[Path, str]] = {
     "dashboard.js": (STATIC / "dashboard.js", "text/javascript"),
+    "inputs_form.js": (STATIC / "inputs_form.js", "text/javascript"),
     "dashboard.css": (STATIC / "dashboard.css", "text/css"),
     "uPlot.iife.min.js": (STATIC / "vendor" / "uPlot.iife.min.js", "text/javascript"),
     "uPlot.min.css": (STATIC / "vendor" / "uPlot.min.css", "text/css"),

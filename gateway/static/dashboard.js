@@ -302,7 +302,7 @@ function renderInputs(f) {
   const props = schema && schema.properties && typeof schema.properties === "object"
     ? schema.properties : null;
   table.hidden = !props;
-  if (!props) return;
+  if (!props) { renderInputsForm(f); return; }
   const required = new Set(Array.isArray(schema.required) ? schema.required : []);
   const example = {};
   for (const [name, raw] of Object.entries(props)) {
@@ -319,6 +319,7 @@ function renderInputs(f) {
     state.inputsFor = f.name;
     $("#invoke-body").value = JSON.stringify(example, null, 2);
   }
+  renderInputsForm(f);  // inputs_form.js
 }
 
 // Widths are shares of the call's whole time as the gateway measured it: what no stage
@@ -514,9 +515,11 @@ function trackDeploy(snap) {
 
 // ---- invoke ------------------------------------------------------------------------------
 
+// Posts `body` to the selected function and shows the answer; returns its status and its
+// JSON (null when it is not JSON), or null when there was no answer.
 async function invokeSelected(body) {
   const f = state.snapshot && state.snapshot.functions.find((x) => x.name === state.selected);
-  if (!f) return;
+  if (!f) return null;
   const meta = $("#invoke-meta");
   const out = $("#invoke-result");
   meta.textContent = "";
@@ -530,11 +533,15 @@ async function invokeSelected(body) {
                   ["Server-Timing", resp.headers.get("Server-Timing") || "—"],
                   ["round trip", ms(performance.now() - started)]];
     for (const [k, v] of rows) meta.append(el("dt", {text: k}), el("dd", {text: v}));
-    try { out.textContent = JSON.stringify(JSON.parse(text), null, 2); } catch { out.textContent = text; }
+    let json = null;
+    try { json = JSON.parse(text); } catch { /* not JSON */ }
+    out.textContent = json === null ? text : JSON.stringify(json, null, 2);
     // The call is metered: GET /v1/usage sends this gateway's waiting records first.
     if (state.features.usage) loadUsage();
+    return {status: resp.status, json};
   } catch (err) {
     out.textContent = `request failed: ${err}`;
+    return null;
   }
 }
 
