@@ -63,8 +63,6 @@ REFUSAL_RETRIES = 5
 # Answers up to this size with a Content-Length are read whole and sent in one write;
 # larger ones are relayed as they arrive.
 BUFFER_MAX_BYTES = 1024 * 1024
-# Request headers the handler sees (the data plane passes the same ones on).
-FORWARDED_HEADERS = ("Content-Type", "Accept")
 # The node ends every call within the function's timeout (it kills the handler then);
 # past that plus this grace the gateway stops waiting for the node's answer, so a
 # node that never ends a response cannot hold a client (or a shutdown) forever.
@@ -471,7 +469,7 @@ class Dispatcher:
             raise
         sent = time.perf_counter()
         url = f"{lease.data_url}/v1/instances/{lease.instance_id}/invoke{call.path}"
-        headers = {h: call.headers[h] for h in FORWARDED_HEADERS if h in call.headers}
+        headers = dict(call.headers)  # as the edge chose them (request.call_headers)
         headers["X-Request-ID"] = call.request_id
         try:
             remaining = call.remaining()

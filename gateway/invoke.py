@@ -1,4 +1,8 @@
-"""Function URLs: `POST /fn/{tenant}/{name}[/{path}]` (DESIGN.md §9).
+"""Function URLs: `/fn/{tenant}/{name}[/{path}]` (DESIGN.md §9), every method a
+`__call__` handler may take (docs/function-api.md, "Full HTTP"): its method, sub-path,
+query and headers (gateway/request.py:call_headers) reach the handler; a typed
+(`predict()`) function takes POST only (405 for another method, before any instance
+is touched).
 
 The body reaches the handler as sent (JSON or raw bytes, up to the function's
 `[limits] max_body`, capped by the gateway's max_body_bytes), except that a function
@@ -18,13 +22,16 @@ limit) is handed to gateway/stored/, which runs it through the same path.
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from aiohttp import web
 
 from thaw.core.errors import NotFound
 from thaw.gateway.admit import admit, new_call
+from thaw.gateway.errors import error_body
 from thaw.gateway.files import carries_files, file_answer, form_body, resolve_inputs
 from thaw.gateway.inputs import checked_body
+from thaw.gateway.openapi import _invoke_operation
 from thaw.gateway.priority import call_knobs, function_knobs
 from thaw.gateway.relay import done_within, relay
 from thaw.gateway.request import call_headers, forwarded_path, parse_invoke, read_body
@@ -49,6 +56,9 @@ async def invoke(request: web.Request) -> web.StreamResponse:
     body = await read_body(request, limit, described)
     # Typed inputs are checked here, before any instance is touched (422 on a mismatch).
     knobs = await function_knobs(request, gw, tenant, name)
+    if knobs.input_schema and request.method != "POST":
+        return method_not_allowed(f"{tenant}/{name} takes typed inputs: call it with "
+                                  f"POST and a JSON body, not {request.method}")
     if knobs.input_schema:  # a form's fields and files as typed inputs (gateway/files.py)
         body = await form_body(request, knobs.input_schema, body)
     body = await checked_body(knobs.input_schema, body)
@@ -73,3 +83,38 @@ async def invoke(request: web.Request) -> web.StreamResponse:
         if carries_files(ex.content_type):  # paths returned: stored, answered as URLs
             return await file_answer(request, tenant, ex)
         return await relay(request, ex)
+
+
+def method_not_allowed(message: str) -> web.Response:
+    """405, in the gateway's error shape, with the one method allowed."""
+    return web.json_response(error_body("method_not_allowed", message, "method"),
+                             status=405, headers={"Allow": "POST"})
+
+
+# The methods a function URL takes besides POST (app.py's route) and HEAD (answered as
+# GET would be, without the body; an OpenAPI document names no HEAD).
+OTHER_METHODS = ("GET", "PUT", "PATCH", "DELETE", "OPTIONS")
+_PATHS = ("/fn/{tenant}/{name}", "/fn/{tenant}/{name}/{path:.*}")
+_BODILESS = ("get", "delete", "options")
+
+
+def add_routes(app: web.Application) -> None:
+    """Every method but POST on a function URL, registered after the routes other
+    features serve under it (openapi.json, docs, predictions), which match first."""
+    for path in _PATHS:
+        for method in (*OTHER_METHODS, "HEAD"):
+            app.router.add_route(method, path, invoke)
+
+
+def _operation(method: str, with_path: bool) -> dict[str, Any]:
+    operation = _invoke_operation(f"Call a function with {method.upper()} (a __call__ "
+                                  "handler; a typed function answers 405)", with_path)
+    if method in _BODILESS:
+        operation.pop("requestBody", None)
+    return operation
+
+
+OPENAPI_PATHS: dict[str, Any] = {
+    path: {m.lower(): _operation(m.lower(), with_path) for m in OTHER_METHODS}
+    for path, with_path in (("/fn/{tenant}/{name}", False),
+                            ("/fn/{tenant}/{name}/{path}", True))}

@@ -110,6 +110,12 @@ class LaneRequest(MutableMapping[Any, Any]):
         self._query: MultiDictProxy[str] | None = None
 
     @property
+    def raw_headers(self) -> tuple[tuple[bytes, bytes], ...]:
+        """The head's headers as bytes, like aiohttp's (a repeated one joined)."""
+        return tuple((k.encode("latin-1"), v.encode("latin-1"))
+                     for k, v in self.raw.headers.items())
+
+    @property
     def query(self) -> MultiDictProxy[str]:
         if self._query is None:
             self._query = MultiDictProxy(MultiDict(

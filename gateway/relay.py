@@ -15,14 +15,30 @@ from thaw.gateway.lane import stream_response
 from thaw.gateway.sse import error_chunk
 from thaw.gateway.state import ERROR_CODE_KEY, TENANT_ERROR_KEY
 
-# Headers of the node's answer the client gets (X-Thaw-Error tells an error the handler
-# raised itself from the platform's).
+# The platform's headers of the node's answer the client gets (X-Thaw-Error tells an
+# error the handler raised itself from the platform's); every other X-Thaw-* is the
+# platform's own and stays behind.
 PASSTHROUGH_HEADERS = ("Content-Type", "Cache-Control", "X-Thaw-Instance", TENANT_ERROR_HEADER)
+_PLATFORM_KEPT = frozenset(("x-thaw-instance", TENANT_ERROR_HEADER.lower()))
+# Headers of the node's answer never passed on: each hop's framing, what the gateway
+# sets itself, and cookies (every tenant's functions share the function origin;
+# docs/function-api.md). The runtime drops the same from a handler's Response.
+DROPPED_ANSWER_HEADERS = frozenset((
+    "connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade",
+    "proxy-connection", "proxy-authenticate", "proxy-authorization", "content-length",
+    "date", "server", "server-timing", "set-cookie", "retry-after"))
 
 
 def answer_headers(ex: Exchange, buffered: bool) -> dict[str, str]:
     upstream = ex.upstream.headers
-    headers = {h: upstream[h] for h in PASSTHROUGH_HEADERS if h in upstream}
+    headers: dict[str, str] = {}
+    for name, value in upstream.items():
+        lower = name.lower()
+        if lower in DROPPED_ANSWER_HEADERS or (
+                lower.startswith("x-thaw-") and lower not in _PLATFORM_KEPT):
+            continue
+        previous = headers.get(name)
+        headers[name] = value if previous is None else f"{previous}, {value}"
     if ex.tenant_error and "Retry-After" in upstream:
         # A handler's own 429/503 says when to retry (HTTPError(retry_after=...)).
         headers["Retry-After"] = upstream["Retry-After"]

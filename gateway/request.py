@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from urllib.parse import quote, urlsplit
 
@@ -37,8 +37,24 @@ MAX_WEBHOOK_CHARS = 2048
 MAX_CLIENT_TIMEOUT_SECONDS = 86_400.0
 # Characters left as they are when a sub-path is encoded again (RFC 3986 pchar and /).
 PATH_SAFE = "/:@!$&'()*+,;=-._~"
-# Request headers the function's handler may see.
+# Request headers the rest of the gateway reads from a call's headers by these names
+# (every other header the handler sees is named in lower case).
 CALL_HEADERS = ("Content-Type", "Accept", IDEMPOTENCY_HEADER)
+_CANONICAL = {h.lower(): h for h in CALL_HEADERS}
+# Request headers a handler never sees: hop-by-hop ones (RFC 9110 §7.6.1, and every
+# Proxy-*), each hop's own framing (its length and host are the node's), credentials
+# (the caller's API key, cookies of the function origin) and the platform's own.
+HOP_BY_HOP_REQUEST_HEADERS = frozenset((
+    "connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade"))
+FRAMING_REQUEST_HEADERS = frozenset(("content-length", "host", "expect"))
+CREDENTIAL_HEADERS = frozenset(("authorization", "cookie"))
+_DROPPED = HOP_BY_HOP_REQUEST_HEADERS | FRAMING_REQUEST_HEADERS | CREDENTIAL_HEADERS
+PLATFORM_HEADER_PREFIX = "x-thaw-"
+# The method of a call other than POST, which the gateway sends on in this header (its
+# hop to the node, and the node's to the instance, are POSTs; the runtime reads it).
+METHOD_HEADER = "X-Thaw-Method"
+# Headers the gateway sends beside a call's own: its request id, the method.
+MAX_FORWARDED_HEADERS = 100
 SSE_ACCEPT = "text/event-stream"
 # A body read ahead of the route (gateway/jsonbody.py), which read_body hands back.
 PREREAD_BODY_KEY = web.RequestKey("preread_body", bytes)
@@ -170,9 +186,39 @@ def idempotency_key_of(key: str | None) -> str:
 
 
 def call_headers(request: web.Request) -> dict[str, str]:
-    """The request headers the handler sees."""
-    headers = request.headers
-    return {h: headers[h] for h in CALL_HEADERS if h in headers}
+    """The request headers the handler sees, a repeated one joined with ", ", plus
+    the method when it is not POST (METHOD_HEADER). Each is within the gateway's head
+    limits already (its listeners refused a larger one with 431)."""
+    # The head's own bytes, read as Latin-1 by both servers (aiohttp's parsed headers
+    # are UTF-8 text, the fast lane's Latin-1): the handler gets the bytes sent.
+    headers = forwarded_headers((name.decode("latin-1"), value.decode("latin-1"))
+                                for name, value in request.raw_headers)
+    if request.method != "POST":
+        headers[METHOD_HEADER] = request.method
+    return headers
+
+
+def forwarded_headers(items: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """`items` less those a handler never sees (see _DROPPED; and any header the
+    Connection header names as hop-by-hop)."""
+    pairs = list(items)
+    listed = {token.strip().lower() for name, value in pairs
+              if name.lower() == "connection" for token in value.split(",")}
+    out: dict[str, str] = {}
+    for name, value in pairs:
+        lower = name.lower()
+        if (lower in _DROPPED or lower in listed or lower.startswith("proxy-")
+                or lower.startswith(PLATFORM_HEADER_PREFIX)):
+            continue
+        key = _CANONICAL.get(lower, lower)
+        previous = out.get(key)
+        out[key] = value if previous is None else f"{previous}, {value}"
+    if len(out) > MAX_FORWARDED_HEADERS:
+        raise InvalidArgument(f"a call may send its function at most "
+                              f"{MAX_FORWARDED_HEADERS} headers, got {len(out)}",
+                              field="headers")
+    return out
+
 
 
 def forwarded_path(request: web.Request) -> str:

@@ -25,6 +25,7 @@ from thaw.gateway import (
     files,
     fndocs,
     images,
+    invoke,
     logs,
     mcp,
     oip,
@@ -71,6 +72,8 @@ FEATURES: tuple[Feature, ...] = (
     predictions,
     files,
     mcp,
+    # Last: every method but POST on a function URL, after the routes served under one.
+    invoke,
 )
 
 

@@ -2,7 +2,8 @@
 proxied to the instance's unix socket, streamed both ways. Served by core/http1server.py
 (not aiohttp: this hop is on every invocation's path; see that module).
 
-Routes: `POST /v1/instances/{instance}/invoke[/{path}]`, `GET /v1/instances`,
+Routes: `POST /v1/instances/{instance}/invoke[/{path}]` (the call's own method, when
+not POST, rides in X-Thaw-Method, as the gateway sent it), `GET /v1/instances`,
 `GET /logs`, `GET /healthz`, `GET /metrics`.
 
 Every route is mutual TLS under the platform's CA, like the agent's gRPC port: a client
@@ -39,9 +40,12 @@ from thaw.platform.agent import Agent
 from thaw.platform.instances import Instance, InstanceState
 from thaw.platform.telemetry import TelemetryCollector
 
-# Headers passed from the client to the handler and back.
-FORWARDED_REQUEST_HEADERS = ("Content-Type", "Accept", "X-Request-ID")
-_FORWARDED = tuple((h, h.lower()) for h in FORWARDED_REQUEST_HEADERS)
+# Request headers of the gateway's call that stay at this hop (each hop's framing);
+# every other one goes on to the handler (the gateway chose them:
+# gateway/request.py:call_headers).
+UNFORWARDED_REQUEST_HEADERS = frozenset((
+    "connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade",
+    "content-length", "host", "expect"))
 # After a broken connection, how long to wait for the exit watcher's reason.
 EXIT_REASON_WAIT_SECONDS = 1.0
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length",
@@ -115,8 +119,9 @@ class DataPlane:
             return error_response(429, "instance_busy",
                                   f"instance {instance_id} is at max_concurrency "
                                   f"({inst.max_concurrency})")
-        headers = {name: request.headers[key] for name, key in _FORWARDED
-                   if key in request.headers}
+        headers = {name: value for name, value in request.headers.items()
+                   if name not in UNFORWARDED_REQUEST_HEADERS
+                   and not name.startswith("proxy-")}
         await inst.slots.acquire()
         inst.inflight += 1
         relay: _Relay | None = None
@@ -129,8 +134,7 @@ class DataPlane:
                 upstream = await self.instances_http.post_unix(
                     inst.socket, _instance_target(tail, request.query_string),
                     request.body, headers)
-                out_headers = {k: v for k, v in upstream.headers.items()
-                               if k.lower() not in HOP_BY_HOP}
+                out_headers = answer_headers(upstream)
                 out_headers["X-Thaw-Instance"] = inst.id
                 if upstream.content_length is not None:
                     try:
@@ -233,6 +237,18 @@ class _Relay:
         self._upstream.release()
         self._inst.inflight -= 1
         self._inst.slots.release()
+
+
+def answer_headers(upstream: NodeAnswer) -> dict[str, str]:
+    """The instance's answer headers the gateway gets: this hop's framing left out, a
+    repeated one (a handler's Response may repeat a name) joined with ", "."""
+    out: dict[str, str] = {}
+    for name, value in upstream.headers.items():
+        if name.lower() in HOP_BY_HOP:
+            continue
+        previous = out.get(name)
+        out[name] = value if previous is None else f"{previous}, {value}"
+    return out
 
 
 async def _exit_reason(inst: Instance, exc: Exception) -> str:

@@ -6,7 +6,8 @@ inside the package are relative: it works under whatever name it is mounted as.
 
 Entry point: `python -m thaw.snapshotter.runtime {fresh,build,template,restore} ...`.
 The agent side uses the records re-exported here to talk to it; a handler may import
-`HTTPError` and `InvalidInput` from here (errors.py) to answer with a status of its own.
+`HTTPError` and `InvalidInput` from here (errors.py) to answer with a status of its own,
+and `Response` (response.py) to choose its answer's status, headers and content type.
 """
 
 from .capture import CaptureError, capture
@@ -27,6 +28,7 @@ from .events import (
 )
 from .handler import HandlerRef, Invoker, Request
 from .inputs import Input
+from .response import Response
 from .restore import RestoreError, restore_handler
 from .snapshot import Fingerprint, SnapshotMeta, StorageEntry
 
@@ -44,6 +46,7 @@ __all__ = [
     "Invoker",
     "Ready",
     "Request",
+    "Response",
     "RestoreError",
     "SnapshotMeta",
     "Spawned",

@@ -12,6 +12,7 @@ import importlib
 import inspect
 import itertools
 import json
+import mimetypes
 import os
 import sys
 from collections.abc import Iterator
@@ -30,10 +31,12 @@ from .files import (
     materialise,
     with_markers,
 )
+from .response import Response
 from .signature import call_defaults, predict_of
 
 JSON_CONTENT_TYPE = "application/json"
 BYTES_CONTENT_TYPE = "application/octet-stream"
+TEXT_CONTENT_TYPE = "text/plain; charset=utf-8"
 
 
 class InvalidInput(ValueError):
@@ -125,6 +128,9 @@ class Payload:
 
     content_type: str
     body: bytes
+    status: int = 200
+    headers: tuple[tuple[str, str], ...] = ()
+    """A Response's own headers, checked (response.py)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,9 +140,24 @@ class Stream:
 
     items: Iterator[Any]
     close: Any  # the generator's close(), or None: run on client disconnect
+    status: int = 200
+    headers: tuple[tuple[str, str], ...] = ()
+    content_type: str | None = None
+    """A Response's stream: its content type, and its items written as they are
+    (bytes, str as UTF-8, anything else a JSON line); None: NDJSON or SSE by Accept."""
 
 
-Reply = Payload | Stream
+@dataclasses.dataclass(frozen=True)
+class FileReply:
+    """A Response whose body is a file: sent whole with its length."""
+
+    path: str
+    content_type: str
+    status: int = 200
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+Reply = Payload | Stream | FileReply
 
 
 def _jsonable(value: Any) -> Any:
@@ -166,6 +187,8 @@ _NOTHING = object()
 
 def to_reply(result: Any) -> Reply:
     """Map a handler's return value to a reply (the table in DESIGN.md §3)."""
+    if isinstance(result, Response):
+        return response_reply(result)
     if isinstance(result, _JSON_TYPES):
         return _json_payload(result)
     if isinstance(result, _BYTES_TYPES):
@@ -185,6 +208,33 @@ def _json_payload(result: Any) -> Payload:
         return Payload(JSON_CONTENT_TYPE, encode_json(result))
     except HasFiles:
         return Payload(FILES_CONTENT_TYPE, encode_json(with_markers(result)))
+
+
+def response_reply(response: Response) -> Reply:
+    """A Response's reply: its body as the plain value's would be, with its status,
+    headers and content type (a file's guessed from its name)."""
+    body, status, headers = response.body, response.status, response.headers
+    path = response.file_path
+    if path is not None:
+        content_type = response.content_type or (
+            mimetypes.guess_type(path)[0] or BYTES_CONTENT_TYPE)
+        return FileReply(path, content_type, status, headers)
+    if isinstance(body, str):
+        return Payload(response.content_type or TEXT_CONTENT_TYPE, body.encode(), status,
+                       headers)
+    if isinstance(body, _BYTES_TYPES):
+        return Payload(response.content_type or BYTES_CONTENT_TYPE, bytes(body), status,
+                       headers)
+    if isinstance(body, Iterator):
+        first = next(body, _NOTHING)
+        items = iter(()) if first is _NOTHING else itertools.chain((first,), body)
+        return Stream(items, getattr(body, "close", None), status, headers,
+                      response.content_type or BYTES_CONTENT_TYPE)
+    payload = _json_payload(body)
+    content_type = payload.content_type
+    if content_type == JSON_CONTENT_TYPE and response.content_type:
+        content_type = response.content_type
+    return Payload(content_type, payload.body, status, headers)
 
 
 class Invoker:
@@ -211,6 +261,12 @@ class Invoker:
         self._batcher = Batcher.from_env(target)  # type: ignore[arg-type]
         # Parameters that take files (a path in the instance's /tmp; files.py).
         self._files = file_params(self._predict) if self._predict is not None else {}
+
+    @property
+    def any_method(self) -> bool:
+        """Whether the handler takes every HTTP method (`__call__`); predict() takes
+        its inputs from a POST's JSON body only."""
+        return self._predict is None
 
     def invoke(self, request: Request) -> Reply:
         """Raises InvalidInput for a bad request; anything else is the handler's."""

@@ -29,12 +29,20 @@ from urllib.parse import unquote
 from .bounded import print_exception
 from .errors import TENANT_ERROR_HEADER, TENANT_ERROR_VALUE, HTTPError, tenant_error_body
 from .events import ExitCode, describe_exception
-from .handler import InvalidInput, Invoker, Payload, Request, Stream, encode_json
+from .handler import FileReply, InvalidInput, Invoker, Payload, Request, Stream, encode_json
 
 # Limits on what a client may send before we give up on the connection; the same
 # bounds as http.client uses for responses.
 MAX_LINE_BYTES = 65536
-MAX_HEADERS = 100
+# The gateway forwards at most its own limit (100) of a client's headers, plus its own.
+MAX_HEADERS = 128
+# The method a call was made with, which the gateway and the node send on in this
+# header (every hop, this one too, is a POST); the handler never sees it among the
+# headers.
+METHOD_HEADER = "x-thaw-method"
+# Statuses whose answers have no body (RFC 9110 §6.4.1).
+_NO_BODY_STATUSES = frozenset((204, 304))
+FILE_CHUNK_BYTES = 1024 * 1024
 
 # Below this a response is sent as one buffer (one syscall); above it, head and body go
 # in two writes so a large bytes result is not copied just to prepend the head.
@@ -160,8 +168,16 @@ class InvokeRequestHandler(http.server.BaseHTTPRequestHandler):
             if method != b"POST":
                 self._send_error(405, "method_not_allowed", "use POST to invoke")
                 return
+            verb = headers.pop(METHOD_HEADER, "") or "POST"
+            if not verb.isalpha() or not verb.isupper():
+                raise _BadRequest(400, "malformed method")
+            if verb != "POST" and not self.server.invoker.any_method:
+                self._send(405, "application/json", error_body(
+                    "method_not_allowed", f"this function's predict() takes POST, not "
+                    f"{verb}"), "Allow: POST\r\n")
+                return
             request = Request(
-                "POST",
+                verb,
                 unquote(raw_path[7:].decode("latin-1")),
                 raw_query.decode("latin-1"),
                 headers,
@@ -252,10 +268,22 @@ class InvokeRequestHandler(http.server.BaseHTTPRequestHandler):
             return
         if isinstance(reply, Payload):
             elapsed_ms = (time.perf_counter() - started) * 1000.0
-            self._send(
-                200, reply.content_type, reply.body, f"Server-Timing: run;dur={elapsed_ms:.3f}\r\n"
-            )
+            timing = f"Server-Timing: run;dur={elapsed_ms:.3f}\r\n"
+            if reply.status == 200 and not reply.headers:
+                self._send(200, reply.content_type, reply.body, timing)
+                return
+            body = b"" if reply.status in _NO_BODY_STATUSES else reply.body
+            self._send(reply.status, reply.content_type, body,
+                       timing + _own_headers(reply.status, reply.headers))
+        elif isinstance(reply, FileReply):
+            self._send_file(reply, request.method == "HEAD")
         else:
+            if request.method == "HEAD" or reply.status in _NO_BODY_STATUSES:
+                # No body goes out: the generator is not run on.
+                if reply.close is not None:
+                    reply.close()
+                reply = Stream(iter(()), None, reply.status, reply.headers,
+                               reply.content_type)
             sse = SSE_CONTENT_TYPE in request.headers.get("accept", "")
             self._stream(reply, sse)
 
@@ -291,13 +319,46 @@ class InvokeRequestHandler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(head)
             self.wfile.write(body)
 
+    def _send_file(self, reply: FileReply, head_only: bool) -> None:
+        """A file's bytes with their length; a file that cannot be read is the
+        handler's failure (500, its reason in the tenant's log)."""
+        try:
+            handle = open(reply.path, "rb")  # noqa: SIM115 - closed below
+        except OSError as exc:
+            print(f"thaw runtime: the Response's file cannot be read: {exc}",
+                  file=sys.stderr)
+            self._send_error(500, _HANDLER_ERROR[1],
+                             f"the Response's file cannot be read: {exc.strerror}")
+            return
+        with handle:
+            size = 0 if head_only or reply.status in _NO_BODY_STATUSES else (
+                os.fstat(handle.fileno()).st_size)
+            connection = "Connection: close\r\n" if self.close_connection else ""
+            self.wfile.write((
+                f"HTTP/1.1 {reply.status} {_REASONS.get(reply.status, '')}\r\n"
+                f"Content-Type: {reply.content_type}\r\nContent-Length: {size}\r\n"
+                f"{_own_headers(reply.status, reply.headers)}{connection}\r\n"
+            ).encode("latin-1"))
+            while size > 0:
+                chunk = handle.read(min(FILE_CHUNK_BYTES, size))
+                if not chunk:
+                    # The file shrank after its length went out: the answer cannot
+                    # be completed, so the connection is cut.
+                    self.close_connection = True
+                    raise ConnectionAbortedError("the Response's file shrank while sent")
+                self.wfile.write(chunk)
+                size -= len(chunk)
+
     def _stream(self, reply: Stream, sse: bool) -> None:
         # HTTP/1.0 has no chunked encoding: such a client reads until we close.
         chunked = self.request_version == "HTTP/1.1"
         if not chunked:
             self.close_connection = True
-        content_type = SSE_CONTENT_TYPE if sse else NDJSON_CONTENT_TYPE
-        head = f"HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nCache-Control: no-cache\r\n"
+        raw = reply.content_type is not None
+        content_type = reply.content_type or (SSE_CONTENT_TYPE if sse else NDJSON_CONTENT_TYPE)
+        head = (f"HTTP/1.1 {reply.status} {_REASONS.get(reply.status, '')}\r\n"
+                f"Content-Type: {content_type}\r\nCache-Control: no-cache\r\n"
+                f"{_own_headers(reply.status, reply.headers)}")
         if chunked:
             head += "Transfer-Encoding: chunked\r\n"
         if self.close_connection:
@@ -307,11 +368,24 @@ class InvokeRequestHandler(http.server.BaseHTTPRequestHandler):
             self.wfile.write((head + "\r\n").encode("latin-1"))
             try:
                 for item in reply.items:
+                    if raw:
+                        data = raw_chunk(item)
+                        if data:
+                            write(data)
+                        continue
                     data = encode_json(item)
                     write(b"data: " + data + b"\n\n" if sse else data + b"\n")
             except (ConnectionError, TimeoutError):
                 raise
             except Exception as exc:
+                if raw:
+                    # A stream of the handler's own format has no place for an error:
+                    # the connection is cut before its end, which the client sees.
+                    print_exception()
+                    self.close_connection = True
+                    if reply.close is not None:
+                        reply.close()
+                    return
                 # Headers are gone; the failure becomes the stream's last item.
                 if isinstance(exc, HTTPError):
                     error = encode_json(tenant_error_body(exc))
@@ -335,6 +409,23 @@ class InvokeRequestHandler(http.server.BaseHTTPRequestHandler):
         if not chunked:
             return wfile.write
         return lambda data: wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+
+
+def raw_chunk(item: Any) -> bytes:
+    """One item of a Response's stream on the wire: bytes as they are, str as UTF-8,
+    anything else as a JSON line."""
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        return bytes(item)
+    if isinstance(item, str):
+        return item.encode()
+    return encode_json(item) + b"\n"
+
+
+def _own_headers(status: int, headers: tuple[tuple[str, str], ...]) -> str:
+    """A Response's headers as head lines; an error status it chose is marked as the
+    handler's own answer, like an HTTPError."""
+    lines = "".join(f"{name}: {value}\r\n" for name, value in headers)
+    return lines + _TENANT_MARK if status >= 400 else lines
 
 
 def bind_server(path: str, invoker: Invoker) -> UnixHTTPServer:
