@@ -4,9 +4,9 @@ key) served by core/http1server.py instead of aiohttp, on the gateway's one port
 Why: aiohttp's server (its request and response objects, router and payload writer)
 costs about 0.15 ms a call on a two-core machine, a sixth of the 1 ms the platform may
 add to a warm call (`thaw bench overhead`). Everything else, and every function call
-that needs more than the plain path (no key: a public function; `Prefer`,
-`Idempotency-Key`, a webhook; a chunked body or one over 1 MiB; anything with
-`%` escapes in its path), is handed to aiohttp with its connection, untouched. A
+that needs more than the plain path (a method other than POST; no key: a public
+function; `Prefer`, `Idempotency-Key`, a webhook; a chunked body or one over 1 MiB;
+anything with `%` escapes in its path), is handed to aiohttp with its connection, untouched. A
 connection stays with aiohttp once handed over: a client that sends API requests and
 function calls on one keep-alive connection gets aiohttp's (slower, same) answers to
 the calls after its first API request.
