@@ -22,6 +22,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import functools
 import json
 import math
 from collections.abc import AsyncIterator
@@ -47,6 +48,8 @@ log = structlog.get_logger()
 
 FILES_PATH = "/files/"
 JSON = "application/json"
+# Bodies past this are parsed in a worker thread, off the event loop.
+INLINE_PARSE_BYTES = 256 * 1024
 # Expired files are swept at most this often (sooner with a shorter TTL).
 SWEEP_SECONDS = 300.0
 
@@ -79,6 +82,7 @@ def files_of(request: web.Request) -> Files:
 # ---- inputs ---------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=1024)
 def file_fields(schema_json: str) -> dict[str, bool]:
     """The inputs of a schema that take files: name -> whether it takes a list."""
     if '"uri"' not in schema_json:
@@ -189,9 +193,9 @@ def _signed_token(value: str) -> str | None:
 
 async def _resolve_value(files: Files, tenant: str, name: str, value: Any,
                          budget: list[int]) -> Any:
-    if not isinstance(value, str) or value.startswith("data:"):
-        return value
-    token = _signed_token(value)
+    if value is None or (isinstance(value, str) and value.startswith("data:")):
+        return value  # None: an Optional file left empty (the schema check allowed it)
+    token = _signed_token(value) if isinstance(value, str) else None
     if token is None:
         raise InputRejected(f"input {name!r} takes a file: a data: URI, a part of a "
                             "multipart/form-data body, or a file URL this platform "
@@ -219,13 +223,14 @@ async def resolve_inputs(request: web.Request, tenant: str, schema_json: str,
     """The call's JSON body with each file input given as a signed URL replaced by a
     data: URI of its bytes (within `limit` bytes in all); other values as they are.
     InputRejected (422) names an input given a URL that is not a live signed URL of
-    the caller's tenant, or any other URL (never fetched). Functions without file
-    inputs pay one substring test."""
+    the caller's tenant, any other URL (never fetched) or a value that is no file.
+    Functions without file inputs pay one substring test (file_fields)."""
     fields = file_fields(schema_json)
-    if not fields or b'"http' not in body:  # no URL given: data: URIs go on as sent
+    if not fields:
         return body
     try:
-        inputs = jsonbody.loads(body)
+        inputs = (await asyncio.to_thread(jsonbody.loads, body)
+                  if len(body) > INLINE_PARSE_BYTES else jsonbody.loads(body))
     except ValueError:
         return body  # the input check answers for it
     if not isinstance(inputs, dict):

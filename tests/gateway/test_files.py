@@ -275,6 +275,8 @@ async def test_a_signed_url_as_an_input_travels_as_its_bytes_for_its_tenant_only
     elsewhere = await client.post("/resolve/acme", data=json.dumps(
         {"img": "https://example.com/cat.png"}))
     assert elsewhere.status == 422 and "not fetched" in (await elsewhere.json())["message"]
+    path = await client.post("/resolve/acme", data=json.dumps({"img": "/etc/passwd"}))
+    assert path.status == 422 and (await path.json())["field"] == "img"
     lookalike = await client.post("/resolve/acme", data=json.dumps(
         {"img": "https://example.com/files/cat.png"}))
     assert lookalike.status == 422
