@@ -20,7 +20,7 @@ from thaw.platform.environments_build import (
     EnvSettings,
     Progress,
 )
-from thaw.platform.environments_provided import ensure_folder, provided
+from thaw.platform.environments_provided import PROVIDED_FOR, folder_for
 from thaw.platform.runtime import PythonEnv, RuntimeCapabilities
 from thaw.platform.templates import TemplatePool
 from thaw.proto import agent_pb2, manifest_pb2
@@ -44,7 +44,7 @@ class LaunchEnvironments:
         garbage collection keeps these."""
         self.provided: dict[str, str] = {}
         """Environment key -> the folder of packages the platform provides it (cog for
-        a cog.yaml environment: environments_provided.py), for those that get one."""
+        a cog.yaml environment: environments_provided.py); "" where it gets none."""
 
     async def for_bundle(self, bundle: Path, function: str, progress: Progress,
                          image: str = "") -> Environment | None:
@@ -83,12 +83,10 @@ class LaunchEnvironments:
     async def _provide(self, envs: Environments, env: Environment) -> None:
         """Make (once) the folder of the platform's packages `env` lacks, where its
         dependency file gets any."""
-        if env.key in self.provided:
-            return
-        dists = provided(env.source, lock_pins(env.lock))
-        if dists:
-            folder = await asyncio.to_thread(ensure_folder, envs.root, dists)
-            self.provided[env.key] = str(folder)
+        if env.key in self.provided or env.source not in PROVIDED_FOR:
+            return  # known, or a file the platform provides nothing for (no lock read)
+        self.provided[env.key] = await asyncio.to_thread(folder_for, envs.root, env.source,
+                                                         env.lock)
 
     def hold(self, owner: str, env: Environment | None) -> None:
         """`owner` runs in `env` until `release(owner)`."""
@@ -104,7 +102,7 @@ class LaunchEnvironments:
             return None
         python_env = self.environments.python_env(env)
         extra = self.provided.get(env.key)
-        if extra is None:
+        if not extra:
             return python_env
         # After the runtime on the path; it holds only names the environment lacks,
         # so it shadows none of the environment's own packages.

@@ -26,6 +26,7 @@ import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from thaw.platform.environments import lock_pins
 from thaw.platform.environments_build import _remove, _seal
 
 # The dependency file whose environments get the platform's packages, and which.
@@ -71,6 +72,14 @@ def provided(source: str, pins: Mapping[str, str]) -> list[metadata.Distribution
     if not roots or any(normalize(r) in pins for r in roots):
         return []
     return [d for d in closure(roots) if normalize(d.metadata["Name"]) not in pins]
+
+
+def folder_for(root: Path, source: str, lock: str) -> str:
+    """The folder of what an environment from `source` with `lock` gets from the
+    platform, made under `root` where missing; "" where it gets nothing (blocking:
+    reads the installed distributions' metadata)."""
+    dists = provided(source, lock_pins(lock))
+    return str(ensure_folder(root, dists)) if dists else ""
 
 
 def folder_name(dists: list[metadata.Distribution]) -> str:
