@@ -29,7 +29,8 @@ WAIT_SECONDS = 300
 
 @pytest.fixture(scope="module")
 def deployed(platform: RunningPlatform) -> RunningPlatform:
-    for folder in (FIXTURES / "typed_rt", EXAMPLES / "echo", FIXTURES / "chat_echo"):
+    for folder in (FIXTURES / "typed_rt", EXAMPLES / "echo", FIXTURES / "chat_echo",
+                   FIXTURES / "typed_small"):
         resp = platform.deploy(folder)
         assert resp.status_code == 201, resp.text
     return platform
@@ -73,6 +74,16 @@ def test_mcp_over_http_lists_and_calls_the_tenants_typed_functions(
     # The tool list schema is the function's input schema.
     described = deployed.http.get("/fn/dev/typed-rt/openapi.json").json()
     assert described["paths"]["/fn/dev/typed-rt"]["post"]["requestBody"]
+
+
+def test_mcp_tool_arguments_are_held_to_the_function_s_body_limit(
+        deployed: RunningPlatform) -> None:
+    _, (small, large) = asyncio.run(_over_http(
+        deployed.url, deployed.key,
+        [("typed-small", {"text": "abc"}), ("typed-small", {"text": "x" * 300})]))
+    assert not small.is_error and small.structured_content == {"length": 3}, small
+    # typed-small's [limits] max_body is 256 bytes: as POST /fn/... would answer 413.
+    assert large.is_error and "larger than" in large.content[0].text, large
 
 
 def test_mcp_is_per_tenant_and_needs_a_key(deployed: RunningPlatform) -> None:
