@@ -47,8 +47,11 @@ _CANONICAL = {h.lower(): h for h in CALL_HEADERS}
 HOP_BY_HOP_REQUEST_HEADERS = frozenset((
     "connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade"))
 FRAMING_REQUEST_HEADERS = frozenset(("content-length", "host", "expect"))
+# The call's id, which dispatch sends itself (the client's, once checked, or a new one).
+REQUEST_ID_HEADER = "x-request-id"
 CREDENTIAL_HEADERS = frozenset(("authorization", "cookie"))
-_DROPPED = HOP_BY_HOP_REQUEST_HEADERS | FRAMING_REQUEST_HEADERS | CREDENTIAL_HEADERS
+_DROPPED = (HOP_BY_HOP_REQUEST_HEADERS | FRAMING_REQUEST_HEADERS | CREDENTIAL_HEADERS
+            | {REQUEST_ID_HEADER})
 PLATFORM_HEADER_PREFIX = "x-thaw-"
 # The method of a call other than POST, which the gateway sends on in this header (its
 # hop to the node, and the node's to the instance, are POSTs; the runtime reads it).

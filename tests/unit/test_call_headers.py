@@ -20,7 +20,8 @@ def test_hop_by_hop_credentials_and_platform_headers_are_left_out() -> None:
             ("Proxy-Authorization", "Basic x"), ("Proxy-Foo", "y"),
             ("Content-Length", "3"), ("Host", "gw"), ("Expect", "100-continue"),
             ("X-Thaw-Timeout", "5"), ("X-Thaw-Method", "DELETE"),
-            ("Idempotency-Key", "k1"), ("User-Agent", "curl/8")]
+            ("Idempotency-Key", "k1"), ("User-Agent", "curl/8"),
+            ("X-Request-ID", "the gateway sends its own")]
     assert forwarded_headers(sent) == {
         "Content-Type": "application/json", "Accept": "*/*", "x-custom": "a, b",
         "Idempotency-Key": "k1", "user-agent": "curl/8"}
