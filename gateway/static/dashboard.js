@@ -16,7 +16,7 @@ const $ = (sel) => document.querySelector(sel);
 const state = {
   key: "", tenant: "", operator: false, ws: null, signedIn: false, closing: false,
   snapshot: null, selected: "", charts: {}, chartFor: "", deploying: null,
-  features: {logs: false, usage: false}, logs: null, logsFor: "", usageAt: 0,
+  features: {logs: false, usage: false}, logs: null, logsFor: "", usageAt: 0, keysAt: 0,
 };
 
 // ---- formatting -------------------------------------------------------------------
@@ -216,6 +216,7 @@ function renderFunctions(snap) {
   renderDetail(snap.functions.find((f) => f.name === state.selected));
   renderRecent(snap.recent);
   if (state.features.usage && Date.now() - state.usageAt > 30000) loadUsage();
+  if (Date.now() - state.keysAt > 30000) loadKeys();
 }
 
 // The server sends chart series for the selected function only.
@@ -625,6 +626,43 @@ async function loadUsage() {
     box.append(table);
   } catch (err) {
     box.textContent = `usage unavailable: ${err.message}`;
+  }
+}
+
+// ---- keys: the tenant's API keys and their budgets (an admin key only) -----------------------
+
+function budgetText(b) {
+  const set = Object.entries(b || {}).filter(([, v]) => v).map(([k, v]) => `${k}=${v}`);
+  return set.length ? set.join(" ") : "—";
+}
+
+async function loadKeys() {
+  state.keysAt = Date.now();
+  const panel = $("#keys-panel");
+  const box = $("#keys");
+  try {
+    const resp = await api("/v1/keys");
+    // Only a tenant's admin keys may list keys: the panel stays hidden for the others.
+    if (resp.status === 403) { panel.hidden = true; return; }
+    const body = await resp.json();
+    panel.hidden = false;
+    box.textContent = "";
+    if (!resp.ok) { box.textContent = body.error ? body.error.message : `HTTP ${resp.status}`; return; }
+    const live = (body.keys || []).filter((k) => !k.revoked_at);
+    if (!live.length) { box.append(el("p", {class: "muted", text: "No live keys."})); return; }
+    const table = el("table", {}, el("thead", {}, el("tr", {},
+      ...["key", "scopes", "budgets"].map((h) => el("th", {text: h})))));
+    const tbody = el("tbody");
+    for (const k of live) {
+      tbody.append(el("tr", {"data-key": k.id},
+        el("td", {text: k.name ? `${k.name} (${k.id})` : k.id}),
+        el("td", {text: k.scopes.join(",")}),
+        el("td", {class: "budgets", text: budgetText(k.budgets)})));
+    }
+    table.append(tbody);
+    box.append(el("p", {class: "muted small", text: "budgets: r = requests, t = tokens, per minute / day"}), table);
+  } catch (err) {
+    box.textContent = `keys unavailable: ${err.message}`;
   }
 }
 
