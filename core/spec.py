@@ -41,6 +41,7 @@ from thaw.core.bundle import (
     scan_bundle,
 )
 from thaw.core.errors import InvalidBundle
+from thaw.core.http_spec import Http, HttpDoc
 from thaw.core.units import parse_duration, parse_size
 
 __all__ = [
@@ -184,6 +185,8 @@ class FunctionSpec:
     """Plain environment variables (`[env]`), as (name, value) pairs in file order."""
     volumes: tuple[VolumeMount, ...] = ()
     """Volumes mounted read-only (`[volumes]`), in file order."""
+    http: Http = field(default_factory=Http)
+    """Cross-origin access (`[http]`, core/http_spec.py)."""
 
     @property
     def env_map(self) -> dict[str, str]:
@@ -206,6 +209,7 @@ class FunctionSpec:
             secrets=tuple(data.get("secrets", ())),
             env=tuple((str(k), str(v)) for k, v in data.get("env", ())),
             volumes=tuple(VolumeMount(**m) for m in data.get("volumes", ())),
+            http=Http.from_dict(data.get("http", {})),
         )
 
 
@@ -367,6 +371,7 @@ class ThawToml(_Table):
     batching: BatchingDoc = BatchingDoc()
     limits: LimitsDoc = LimitsDoc()
     runtime: RuntimeDoc = RuntimeDoc()
+    http: HttpDoc = HttpDoc()
     secrets: list[str] = Field(
         default_factory=list, max_length=MAX_SECRETS,
         description="Names of the tenant's secrets (`thaw secret set NAME`) the function "
@@ -482,7 +487,8 @@ def parse_spec(text: str) -> FunctionSpec:
         limits=Limits(max_body=valid.limits.max_body or 0),
         runtime=Runtime(image=valid.runtime.image, network=valid.runtime.network),
         secrets=tuple(valid.secrets), env=tuple(valid.env.items()),
-        volumes=tuple(VolumeMount(path, volume) for path, volume in valid.volumes.items()))
+        volumes=tuple(VolumeMount(path, volume) for path, volume in valid.volumes.items()),
+        http=valid.http.spec())
 
 
 def thaw_toml_schema() -> dict[str, Any]:

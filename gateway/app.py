@@ -26,7 +26,7 @@ from thaw.core.config import GatewayConfig
 from thaw.core.errors import BundleTooLarge, InvalidArgument, InvalidBundle, ThawError
 from thaw.core.pki import GATEWAY, internal_identity
 from thaw.core.units import format_size
-from thaw.gateway import openai_api, routes
+from thaw.gateway import cors, openai_api, routes
 from thaw.gateway.admission import FunctionQueues
 from thaw.gateway.auth import Authenticator, require, require_operator
 from thaw.gateway.breaker import Breakers, BreakerState
@@ -395,6 +395,7 @@ def make_app(config: GatewayConfig, metrics: GatewayMetrics | None = None,
         middlewares=[errors_middleware, function_origin_middleware, json_limits_middleware],
         client_max_size=max(settings.max_body_bytes, settings.max_bundle_bytes))
     app.on_response_prepare.append(on_response_prepare)
+    cors.install(app)
     app[FUNCTION_ORIGIN_KEY] = FunctionOrigin()
     app[CONFIG_KEY] = settings
     app[BODY_TIMEOUT_KEY] = settings.body_timeout_seconds
