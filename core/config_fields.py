@@ -133,6 +133,8 @@ class SchedulerFields(_Fields):
     """How often autoscaling and scale-to-zero run."""
     metrics_listen: str = Field("", pattern=r"^$|^.+:\d{1,5}$")
     """host:port serving the scheduler's Prometheus metrics at /metrics; empty = off."""
+    scheduler_health_listen: str = Field("", pattern=r"^$|^(.+:)?\d{1,5}$")
+    """port or host:port (a port alone: loopback) serving /livez and /readyz; empty = off."""
     gc_interval: float = Field(600.0, ge=0, le=7 * 86_400, allow_inf_nan=False)
     """Seconds between garbage collections on every node (0 = only `thaw node gc`)."""
     gc_log_age: float = Field(86_400.0, ge=0, le=365 * 86_400, allow_inf_nan=False)
@@ -493,6 +495,8 @@ class AgentFields(_Fields):
     """gRPC control port (0 picks a free one)."""
     data_port: int = Field(7072, ge=0, le=65535)
     """HTTP data-plane port (0 picks a free one)."""
+    agent_health_listen: str = Field("", pattern=r"^$|^(.+:)?\d{1,5}$")
+    """port or host:port (a port alone: loopback) serving /livez and /readyz; empty = off."""
     scheduler_address: str = Field("127.0.0.1:7070", pattern=r"^.+:\d{1,5}$")
     """host:port of the scheduler's gRPC server."""
     device: str = Field("host", pattern="^(host|cuda)$")

@@ -42,7 +42,7 @@ DASHBOARD_ORIGIN_HEADERS = {**NOSNIFF, "X-Frame-Options": "DENY",
 FUNCTION_ORIGIN_PREFIXES = ("/fn/", "/v1/invocations/", "/v1/chat/completions",
                             "/v1/completions", "/v1/embeddings", "/v2/",
                             "/v1/models/", "/v1/predictions/", "/files/")
-FUNCTION_ORIGIN_PATHS = ("/healthz", "/v1/invocations", "/v2", "/mcp")
+FUNCTION_ORIGIN_PATHS = ("/healthz", "/livez", "/v1/invocations", "/v2", "/mcp")
 
 
 @dataclass

@@ -24,6 +24,7 @@ from thaw.gateway import (
     environments,
     files,
     fndocs,
+    health,
     images,
     invoke,
     logs,
@@ -52,6 +53,7 @@ class Feature(Protocol):
 
 
 FEATURES: tuple[Feature, ...] = (
+    health,
     stored,
     tenancy,
     audit,

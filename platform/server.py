@@ -28,6 +28,7 @@ from thaw.core.grpcutil import (
     mark_serving,
     secure_channel,
 )
+from thaw.core.health_http import HealthServer
 from thaw.core.pki import AGENT, SCHEDULER, internal_identity
 from thaw.core.units import parse_size
 from thaw.platform.activation import activation_budget
@@ -138,6 +139,10 @@ class AgentServer:
         self.agent: Agent | None = None
         self._grpc: grpc.aio.Server | None = None
         self._dataplane: DataPlane | None = None
+        self.health_port = 0
+        self._health: HealthServer | None = None
+        self.registered = False
+        """Registered with the scheduler (and not told to register again since)."""
         self._channel: grpc.aio.Channel | None = None
         self._registry: scheduler_pb2_grpc.NodeRegistryStub | None = None
         self._heartbeat: asyncio.Task[None] | None = None
@@ -203,6 +208,10 @@ class AgentServer:
         self.data_port = await self._dataplane.start(cfg.agent_host, cfg.data_port)
         await self._register()
         self._heartbeat = asyncio.create_task(self._heartbeat_loop())
+        if cfg.agent_health_listen:
+            self._health = HealthServer("agent", health,
+                                        {"registration": self._registration_check})
+            self.health_port = await self._health.start(cfg.agent_health_listen)
         log.info("agent ready", node=self.node_id, control_port=self.control_port,
                  data_port=self.data_port)
 
@@ -252,7 +261,13 @@ class AgentServer:
                 before_sleep=_log_unreachable, reraise=True):
             with attempt:
                 resp = await call(self._registry.Register(request, timeout=10))
+        self.registered = True
         return resp.heartbeat_interval_seconds or 2.0
+
+    async def _registration_check(self) -> str | None:
+        if not self.registered:
+            return "not registered with the scheduler"
+        return None
 
     async def _heartbeat_loop(self) -> None:
         assert self._registry is not None and self.agent is not None
@@ -275,6 +290,7 @@ class AgentServer:
                     conditions=conditions, building=self.agent.builds.steps.messages()),
                     timeout=10))
                 if resp.reregister:
+                    self.registered = False
                     interval = await self._register()
             except ThawError as exc:
                 self.agent.exited[:0] = exited  # report them next time
@@ -301,6 +317,9 @@ class AgentServer:
             log.warning("could not tell the scheduler the agent stops", error=str(exc))
 
     async def stop(self) -> None:
+        if self._health is not None:
+            await self._health.close()
+            self._health = None
         if self._heartbeat is not None:
             # Before the notice: a heartbeat after it would bring the node back.
             self._heartbeat.cancel()

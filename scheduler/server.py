@@ -15,6 +15,7 @@ from prometheus_client import start_http_server
 
 from thaw.core.config import SchedulerConfig
 from thaw.core.grpcutil import add_health, add_secure_port, internal_server, mark_serving
+from thaw.core.health_http import HealthServer
 from thaw.core.pki import SCHEDULER, internal_identity
 from thaw.proto import (
     images_pb2_grpc,
@@ -29,6 +30,7 @@ from thaw.scheduler.blobs import Blobs, ChunkDisk
 from thaw.scheduler.bundles import BundleStore
 from thaw.scheduler.control import ControlPlane
 from thaw.scheduler.db import make_engine, upgrade
+from thaw.scheduler.health import database_check
 from thaw.scheduler.images import ImagesService, ImageStore
 from thaw.scheduler.invocations import InvocationStore
 from thaw.scheduler.invocations_service import InvocationsService
@@ -77,6 +79,8 @@ class SchedulerServer:
         self.store: Store | None = None
         self.metrics_port = 0
         self._metrics: WSGIServer | None = None
+        self.health_port = 0
+        self._health: HealthServer | None = None
 
     async def start(self) -> int:
         cfg = self.config
@@ -130,10 +134,17 @@ class SchedulerServer:
             self._metrics, _ = start_http_server(int(port), addr=host,
                                                  registry=self.control.events.registry)
             self.metrics_port = self._metrics.server_port
+        if cfg.scheduler_health_listen:
+            self._health = HealthServer("scheduler", health,
+                                        {"database": database_check(engine)})
+            self.health_port = await self._health.start(cfg.scheduler_health_listen)
         log.info("scheduler listening", port=self.port, db=cfg.db_url().split("@")[-1])
         return self.port
 
     async def stop(self) -> None:
+        if self._health is not None:
+            await self._health.close()
+            self._health = None
         if self._metrics is not None:
             await asyncio.to_thread(self._metrics.shutdown)
             self._metrics.server_close()
