@@ -15,7 +15,9 @@ RETAINED_VERSIONS most recent ready versions besides the active one
 from __future__ import annotations
 
 import json
+import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, replace
 
 from sqlalchemy import func, select
@@ -37,6 +39,9 @@ from thaw.scheduler.store import FunctionRecord, Store, _function, new_id, spec_
 # Ready versions kept restorable besides the active one (their snapshots are not
 # garbage-collected, so a rollback to them is instant).
 RETAINED_VERSIONS = 3
+# Ready versions' input schemas kept in memory (a ready version's never changes): a
+# function running fresh reads its schema with every record the scheduler answers.
+SCHEMA_CACHE_ENTRIES = 1024
 
 
 def check_version_move(current: VersionState, target: VersionState) -> None:
@@ -96,6 +101,8 @@ def as_function(fn: FunctionRecord, v: VersionRecord) -> FunctionRecord:
 class VersionStore:
     def __init__(self, store: Store) -> None:
         self.store = store
+        self._schemas: OrderedDict[tuple[str, int], str] = OrderedDict()
+        self._schemas_lock = threading.Lock()  # read from the store's worker threads
 
     def _get_row(self, s: Session, function_id: str, version: int) -> models.FunctionVersion:
         row = s.scalar(select(models.FunctionVersion).where(
@@ -279,11 +286,26 @@ class VersionStore:
 
     def input_schema(self, function_id: str, version: int) -> str:
         """The input schema `version`'s build read; "" for none (or no such version)."""
-        def tx(s: Session) -> str:
-            return s.scalar(select(models.FunctionVersion.input_schema).where(
+        key = (function_id, version)
+        with self._schemas_lock:
+            cached = self._schemas.get(key)
+            if cached is not None:
+                self._schemas.move_to_end(key)
+                return cached
+
+        def tx(s: Session) -> tuple[str, str]:
+            row = s.execute(select(models.FunctionVersion.input_schema,
+                                   models.FunctionVersion.state).where(
                 models.FunctionVersion.function_id == function_id,
-                models.FunctionVersion.version == version)) or ""
-        return self.store._tx(tx)
+                models.FunctionVersion.version == version)).first()
+            return ("", "") if row is None else (row[0] or "", row[1])
+        schema, state = self.store._tx(tx)
+        if state == VersionState.READY.value:
+            with self._schemas_lock:
+                self._schemas[key] = schema
+                while len(self._schemas) > SCHEMA_CACHE_ENTRIES:
+                    self._schemas.popitem(last=False)
+        return schema
 
     def get(self, function_id: str, version: int) -> VersionRecord:
         def tx(s: Session) -> VersionRecord:

@@ -25,3 +25,26 @@ def test_activate_keeps_the_schema_on_the_version(store: Store) -> None:
     versions.activate(fn.id, 1, start_mode="fresh", after_build=False)
     assert [v.input_schema for v in versions.all(fn.id)] == ["", SCHEMA]
     assert versions.input_schema(fn.id, 99) == ""
+
+
+def test_a_ready_versions_schema_is_read_once(store: Store) -> None:
+    versions = VersionStore(store)
+    spec = FunctionSpec(name="cached", handler="app:H")
+    fn, _v1 = versions.deploy("dev", spec, "c" * 64, "restore", True)
+    # Still building: not kept (its build may yet record one).
+    assert versions.input_schema(fn.id, 1) == ""
+    versions.activate(fn.id, 1, start_mode="fresh", input_schema=SCHEMA)
+    assert versions.input_schema(fn.id, 1) == SCHEMA
+    reads: list[object] = []
+    real_tx = store._tx
+
+    def counting(tx: object) -> object:
+        reads.append(tx)
+        return real_tx(tx)  # type: ignore[arg-type]
+
+    store._tx = counting  # type: ignore[method-assign]
+    try:
+        assert versions.input_schema(fn.id, 1) == SCHEMA
+    finally:
+        store._tx = real_tx  # type: ignore[method-assign]
+    assert reads == []
