@@ -59,7 +59,7 @@ BODY_KEYS = frozenset({"input", "id", "created_at", "output_file_prefix", "conte
                        "version"})
 # Stored invocation states as cog/Replicate name a prediction's status.
 STREAMS_KEY = web.AppKey("prediction_streams", LiveStreams)
-STREAM_ASKED = "thaw_prediction_stream"
+STREAM_ASKED = web.RequestKey("prediction_stream", bool)
 STATUS_OF_STATE = {"queued": "starting", "running": "processing", "succeeded": "succeeded",
                    "failed": "failed", "cancelled": "canceled"}
 
