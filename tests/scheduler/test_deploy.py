@@ -88,11 +88,19 @@ def test_k8s_ports_match_the_configured_ones() -> None:
     def ports(name: str) -> set[int]:
         return {p["containerPort"] for p in container(workloads[name])["ports"]}
 
+    def health_port(name: str, key: str) -> int:
+        # The health listener's port, set on the container (core/health_http.py).
+        value = next(e["value"] for e in container(workloads[name])["env"]
+                     if e["name"] == key)
+        return int(value.rsplit(":", 1)[1])
+
     scheduler_port = int(env["THAW_SCHEDULER_LISTEN"].rsplit(":", 1)[1])
-    assert ports("thaw-scheduler") == {scheduler_port}
+    assert ports("thaw-scheduler") == {
+        scheduler_port, health_port("thaw-scheduler", "THAW_SCHEDULER_HEALTH_LISTEN")}
     assert ports("thaw-gateway") == {int(env["THAW_GATEWAY_PORT"]),
                                      int(env["THAW_FUNCTION_PORT"])}
-    assert ports("thaw-agent") == {int(env["THAW_AGENT_PORT"]), int(env["THAW_DATA_PORT"])}
+    assert ports("thaw-agent") == {int(env["THAW_AGENT_PORT"]), int(env["THAW_DATA_PORT"]),
+                                   health_port("thaw-agent", "THAW_AGENT_HEALTH_LISTEN")}
     assert ports("thaw-postgres") == {5432}
     # Clients reach the scheduler and PostgreSQL through their Services.
     host, port = env["THAW_SCHEDULER_ADDRESS"].split(":")

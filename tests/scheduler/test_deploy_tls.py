@@ -128,3 +128,16 @@ def test_kustomize_builds_with_the_certificates_and_refuses_without(tmp_path: Pa
                if o["kind"] in ("Deployment", "DaemonSet")
                for v in o["spec"]["template"]["spec"]["volumes"] if "secret" in v}
     assert mounted == {s["metadata"]["name"] for s in tls}
+
+
+def test_probes_ask_the_health_endpoints() -> None:
+    """Liveness asks /livez (no dependency), readiness /readyz, each on a plain-HTTP
+    port the container declares (the gateway's own, the others' health listener)."""
+    workloads = {**by_kind("Deployment"), **by_kind("DaemonSet")}
+    for name in ("thaw-scheduler", "thaw-gateway", "thaw-agent"):
+        c = container(workloads[name])
+        declared = {p["name"] for p in c["ports"]} | {p["containerPort"] for p in c["ports"]}
+        for probe, path in (("livenessProbe", "/livez"), ("readinessProbe", "/readyz")):
+            get = c[probe]["httpGet"]
+            assert get["path"] == path, f"{name} {probe}"
+            assert get["port"] in declared, f"{name} {probe}"
