@@ -107,7 +107,7 @@ class LaunchEnvironments:
         # After the runtime on the path; it holds only names the environment lacks,
         # so it shadows none of the environment's own packages.
         return dataclasses.replace(
-            python_env, paths=(*python_env.paths, extra),
+            python_env, paths=(*python_env.paths, extra), provided=(extra,),
             runtime_path=os.pathsep.join((python_env.runtime_path, extra)))
 
     def in_use_keys(self, keep: list[manifest_pb2.SnapshotManifest],

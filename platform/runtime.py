@@ -167,6 +167,9 @@ class PythonEnv:
     site_packages: str = ""
     """Its packages' folder: what a runtime that runs its own interpreter (docker's
     image Python) mounts and puts on PYTHONPATH instead."""
+    provided: tuple[str, ...] = ()
+    """Folders of packages the platform provides to it (a cog.yaml environment's cog:
+    environments_provided.py), after its own packages on the path."""
 
 
 @dataclass(frozen=True)

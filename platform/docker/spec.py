@@ -95,11 +95,13 @@ class BindMount:
 def site_packages(spec: LaunchSpec, settings: ContainerSettings) -> tuple[str, ...]:
     """Host package folders for a container: none in an image function's image (its
     packages are the image's; the host's would shadow them); a function's own
-    environment's site-packages instead of the node's (the image's python3 runs it)."""
+    environment's site-packages instead of the node's (the image's python3 runs it),
+    then the folders the platform provides to that environment."""
     if spec.image:
         return ()
     if spec.python_env is not None:
-        return (spec.python_env.site_packages,) if spec.python_env.site_packages else ()
+        own = (spec.python_env.site_packages,) if spec.python_env.site_packages else ()
+        return (*own, *spec.python_env.provided)
     return settings.env_site_packages
 
 

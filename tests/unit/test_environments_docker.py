@@ -80,3 +80,13 @@ def test_a_failed_example_is_one_clear_line(tmp_path: Path) -> None:
                             "environment failed: × No solution found ╰─▶ humanize was")
     assert first.endswith("…") and len(first) < 480
     assert "package index" in hint and "docs/environments.md" in hint
+
+
+def test_a_container_gets_the_folders_the_platform_provides_after_its_environment() -> None:
+    provided = "/home/agent/local/envs/.provided-1234"
+    spec = replace(fresh(), python_env=replace(ENV, provided=(provided,)))
+    kwargs = container_kwargs(spec, SETTINGS, LAYOUT)
+    # After the environment's own packages: its pins win over anything provided.
+    assert kwargs["environment"]["PYTHONPATH"].split(":") == ["/opt/thaw", SITE, provided]
+    mounts = {m["Target"]: (m["Source"], m["ReadOnly"]) for m in kwargs["mounts"]}
+    assert mounts[provided] == (provided, True)
