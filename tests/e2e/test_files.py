@@ -3,7 +3,8 @@ expiry is seen without a long wait): a typed handler takes a Path from a
 multipart/form-data call, from a data: URI and from a URL the platform signed, and
 returns a Path whose URL downloads its bytes without a key until it expires (then 403,
 and the file is collected); a cog predictor takes and returns cog.Path through
-/predictions (docs/function-api.md, "Files"; docs/cog.md)."""
+/predictions and the real Replicate client (docs/function-api.md, "Files";
+docs/cog.md)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+import replicate
+from replicate.helpers import FileOutput
 
 from tests.conftest import FIXTURES, RunningPlatform, running
 from tests.ops.test_cli import cli_env, thaw
@@ -132,3 +135,16 @@ def test_a_cog_predictor_takes_and_returns_cog_paths(platform: RunningPlatform,
 
     missing = platform.http.post(url, json={"input": {"upper": True}})
     assert missing.status_code == 422 and missing.json()["field"] == "input.text"
+
+    # The real Replicate client: a file sent as a data URI, the output read as a file.
+    client = replicate.Client(api_token=platform.key, base_url=platform.url)
+    source = tmp_path / "in.txt"
+    source.write_bytes(b"from replicate")
+    with source.open("rb") as handle:
+        result = client.run("dev/cog-files", input={"text": handle},
+                            file_encoding_strategy="base64")
+    # The client wraps only https URLs in a FileOutput; this platform's are http.
+    assert isinstance(result, str) and not isinstance(result, FileOutput)
+    assert download(result).content == b"FROM REPLICATE"
+    wrapped = FileOutput(result, client)  # what an https deployment's caller gets
+    assert wrapped.read() == b"FROM REPLICATE"
