@@ -47,9 +47,11 @@ class RestoreStats:
 
 
 def store_arena(disk: DiskTier, buffer: BytesLike, chunk_size: int = CHUNK_SIZE,
-                workers: int | None = None) -> list[ChunkRef]:
+                workers: int | None = None,
+                stored: Callable[[int], None] | None = None) -> list[ChunkRef]:
     """Split `buffer` into `chunk_size` chunks and store each on `disk` (dedupe, LZ4
-    where it pays); returns the refs in arena order, ready for the manifest."""
+    where it pays); returns the refs in arena order, ready for the manifest.
+    `stored(length)` is called from the worker threads as each chunk is stored."""
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise InvalidArgument(f"chunk_size must be an integer >= 1, got {chunk_size!r}",
                               field="chunk_size")
@@ -61,10 +63,12 @@ def store_arena(disk: DiskTier, buffer: BytesLike, chunk_size: int = CHUNK_SIZE,
         def store(span: tuple[int, int]) -> ChunkRef:
             start, end = span
             with arena[start:end] as piece:
-                stored = disk.put(piece)
-            return ChunkRef(digest=stored.digest, offset=start, length=end - start,
-                            stored_length=stored.stored_length,
-                            compression=stored.compression)
+                put = disk.put(piece)
+            if stored is not None:
+                stored(end - start)
+            return ChunkRef(digest=put.digest, offset=start, length=end - start,
+                            stored_length=put.stored_length,
+                            compression=put.compression)
 
         try:
             return run_bounded(store, spans, threads)

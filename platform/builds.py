@@ -165,7 +165,9 @@ class Builds:
                 await asyncio.to_thread(seal_output, out, sealed.parent)
                 manifest, stored = await asyncio.to_thread(
                     self.snapshots.store_capture, sealed, function=name,
-                    version=spec.version)
+                    version=spec.version,
+                    progress=lambda done, total: step("storing the snapshot",
+                                                      done / total if total else None))
             except (OSError, ThawError) as exc:
                 return build_failed("store", exc)
             if env is not None:

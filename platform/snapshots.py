@@ -14,7 +14,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,13 +84,30 @@ class _Materialized:
     text: str
 
 
-def _store_file(disk: DiskTier, path: Path) -> tuple[int, list[ChunkRef]]:
+def _store_file(disk: DiskTier, path: Path, stored: Callable[[int], None] | None = None
+                ) -> tuple[int, list[ChunkRef]]:
     size = path.stat().st_size if path.exists() else 0
     if size == 0:
         return 0, []
     with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0,
                                                access=mmap.ACCESS_READ) as mm:
-        return size, store_arena(disk, mm)
+        return size, store_arena(disk, mm, stored=stored)
+
+
+class _StoreProgress:
+    """Bytes stored of a capture's arenas, reported as (done, total) in order: chunks
+    finish on several threads, so the sum and the report are taken under one lock."""
+
+    def __init__(self, total: int, report: Callable[[int, int], object]) -> None:
+        self.total = total
+        self.report = report
+        self.done = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, length: int) -> None:
+        with self._lock:
+            self.done += length
+            self.report(self.done, self.total)
 
 
 def arena_key(arena: manifest_pb2.Arena) -> str:
@@ -120,15 +137,23 @@ class NodeSnapshots:
         """Arena key (content) -> its memfd, shared by every snapshot with that arena."""
         self.prewarmed: dict[str, manifest_pb2.SnapshotManifest] = {}
 
-    def store_capture(self, out_dir: Path, *, function: str, version: str
+    def store_capture(self, out_dir: Path, *, function: str, version: str,
+                      progress: Callable[[int, int], object] | None = None
                       ) -> tuple[manifest_pb2.SnapshotManifest, int]:
-        """Chunk a build's output into the disk tier; returns (manifest, stored bytes)."""
+        """Chunk a build's output into the disk tier; returns (manifest, stored bytes).
+        `progress(done, total)` follows the bytes stored of all its arenas."""
         capture: dict[str, Any] = json.loads((out_dir / "snapshot.json").read_text())
         before = self.disk.stored_bytes()
+        files = (("pickle", "state.pickle"), ("host", "host.arena"),
+                 ("device", "device.arena"))
+        stored = None
+        if progress is not None:
+            total = sum((out_dir / f).stat().st_size for _, f in files
+                        if (out_dir / f).exists())
+            stored = _StoreProgress(total, progress)
         arenas = {}
-        for name, filename in (("pickle", "state.pickle"), ("host", "host.arena"),
-                               ("device", "device.arena")):
-            size, chunks = _store_file(self.disk, out_dir / filename)
+        for name, filename in files:
+            size, chunks = _store_file(self.disk, out_dir / filename, stored)
             arenas[name] = arena_message(size, chunks)
         manifest = build_manifest(capture, function=function, version=version, **arenas)
         return manifest, max(0, self.disk.stored_bytes() - before)
