@@ -263,9 +263,14 @@ def carries_files(content_type: str) -> bool:
 
 async def publish(request: web.Request, tenant: str, body: bytes) -> Any:
     """An answer of FILES_CONTENT_TYPE as its JSON value, each file stored and
-    replaced by its signed URL."""
-    files = files_of(request)
+    replaced by its signed URL on the function origin the request names."""
     base = function_base_url(request, request.app[CONFIG_KEY].public_url)
+    return await publish_value(files_of(request), base, tenant, body)
+
+
+async def publish_value(files: Files, base: str, tenant: str, body: bytes) -> Any:
+    """`publish` without a request: `base` is the function origin's URL (the
+    operator's public_url, say), for work that runs apart from a call."""
     value = jsonbody.loads(body)
 
     async def walk(node: Any) -> Any:
@@ -301,6 +306,15 @@ async def file_answer(request: web.Request, tenant: str, ex: Exchange) -> web.Re
     headers.pop("Content-Type", None)
     value = await publish(request, tenant, body)
     return web.json_response(value, status=ex.status, headers=headers,
+                             dumps=lambda v: json.dumps(v, ensure_ascii=False))
+
+
+async def stored_file_answer(request: web.Request, tenant: str, status: int,
+                             body: bytes, headers: dict[str, str]) -> web.Response:
+    """A stored invocation's result that carries files (its content type says so),
+    answered as a sync call's: JSON with their URLs, `headers` added."""
+    value = await publish(request, tenant, body)
+    return web.json_response(value, status=status or 200, headers=headers,
                              dumps=lambda v: json.dumps(v, ensure_ascii=False))
 
 

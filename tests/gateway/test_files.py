@@ -26,6 +26,7 @@ from thaw.gateway.files import (
     file_fields,
     form_to_inputs,
     get_file,
+    publish_value,
     resolve_inputs,
 )
 from thaw.gateway.filestore import FileSigner, FileStore, FileUrlRefused, load_key
@@ -348,3 +349,19 @@ def test_a_file_input_that_is_no_data_uri_is_the_callers_bad_input() -> None:
         def predict(self, n: int) -> list[int]:
             return [n]
     assert _call(Invoker(Plain()), {"n": 1}).content_type == "application/json"
+
+
+async def test_an_answer_with_files_gets_a_signed_url_per_file(files: Files) -> None:
+    marker = {FILE_MARKER: {"name": "a.txt", "type": "text/plain",
+                            "data": base64.b64encode(b"one").decode()}}
+    body = json.dumps({"first": marker, "all": [marker, 3], "n": {"x": 1}}).encode()
+    value = await publish_value(files, "https://fn.example", "acme", body)
+    assert value["n"] == {"x": 1} and value["all"][1] == 3
+    assert value["first"] == value["all"][0]  # the same file is stored once
+    token = value["first"].removeprefix("https://fn.example/files/")
+    signed = files.signer.verify(token)
+    assert signed.tenant == "acme"
+    assert files.store.read("acme", signed.file_id)[1] == b"one"
+    broken = json.dumps({FILE_MARKER: {"name": "b", "data": "@@"}}).encode()
+    with pytest.raises(ThawError, match="base64"):
+        await publish_value(files, "https://fn.example", "acme", broken)
