@@ -456,7 +456,7 @@ class AlertFields(_Fields):
     def _whsec(cls, value: SecretStr) -> SecretStr:
         text = value.get_secret_value()
         if text and not re.fullmatch(r"whsec_[A-Za-z0-9+/]+={0,2}", text):
-            raise ValueError("must be whsec_<base64> (`thaw webhook secret` makes one)")
+            raise ValueError("must be whsec_<base64 of 24 to 64 random bytes>")
         return value
 
     @model_validator(mode="after")
