@@ -84,6 +84,8 @@ ROUTES: dict[tuple[str, str], str] = {
     ("POST", "/fn/{tenant}/{name}/predictions"): "invoke",
     ("POST", "/v1/models/{tenant}/{name}/predictions"): "invoke",
     ("GET", "/v1/predictions/{id}"): "any", ("POST", "/v1/predictions/{id}/cancel"): "any",
+    # The MCP server (gateway/mcp.py): its tools are calls.
+    ("POST", "/mcp"): "invoke",
 }
 # Which callers each requirement admits.
 ADMITS = {"public": {"none", "invoke", "deploy", "admin", "operator"},
