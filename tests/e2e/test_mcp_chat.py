@@ -227,6 +227,13 @@ def test_mcp_tool_calls_are_admitted_as_invocations(deployed: RunningPlatform) -
     assert int(over.headers["Retry-After"]) >= 1
 
 
+def test_mcp_is_served_on_the_function_origin_too(deployed: RunningPlatform) -> None:
+    names, results = asyncio.run(_over_http(
+        deployed.platform.function_url, deployed.key, [("typed-rt", {"text": "fo"})]))
+    assert "typed-rt" in names
+    assert results[0].structured_content["out"] == "fo-fo", results[0]
+
+
 def test_thaw_chat_with_tinylm(deployed: RunningPlatform) -> None:
     """The example model behind the OpenAI routes: an answer streams in and the prompt
     comes back."""
