@@ -37,7 +37,13 @@ from thaw.core.errors import InvalidArgument, NotFound, ThawError
 from thaw.gateway import jsonbody
 from thaw.gateway.dispatch import Exchange
 from thaw.gateway.errors import InputRejected, PayloadTooLarge
-from thaw.gateway.filestore import FileSigner, FileStore, FileUrlRefused, load_key
+from thaw.gateway.filestore import (
+    FileSigner,
+    FilesQuotaExceeded,
+    FileStore,
+    FileUrlRefused,
+    load_key,
+)
 from thaw.gateway.multipart import Part, is_form, parse_form
 from thaw.gateway.origins import function_base_url
 from thaw.gateway.relay import answer_headers
@@ -50,6 +56,8 @@ FILES_PATH = "/files/"
 JSON = "application/json"
 # Bodies past this are parsed in a worker thread, off the event loop.
 INLINE_PARSE_BYTES = 256 * 1024
+# Room for an answer's JSON around its files' base64 (names, other values).
+MARKER_SLACK_BYTES = 1024 * 1024
 # Expired files are swept at most this often (sooner with a shorter TTL).
 SWEEP_SECONDS = 300.0
 
@@ -300,7 +308,14 @@ async def _store_one(files: Files, tenant: str, base: str, marker: dict[str, Any
 
 async def file_answer(request: web.Request, tenant: str, ex: Exchange) -> web.Response:
     """A function call's answer that carries files: JSON with their URLs, the
-    platform's headers as relay.py gives them."""
+    platform's headers as relay.py gives them. An answer larger than the tenant's
+    files_max_bytes could hold (base64 and all) is refused before it is read."""
+    files = files_of(request)
+    length = ex.upstream.content_length
+    if length is not None and length > files.store.max_bytes * 4 // 3 + MARKER_SLACK_BYTES:
+        raise FilesQuotaExceeded(
+            f"the function returned files of about {length * 3 // 4} bytes, more than "
+            f"files_max_bytes ({files.store.max_bytes}) holds", field="output")
     body = await ex.read()
     headers = answer_headers(ex, True)
     headers.pop("Content-Type", None)

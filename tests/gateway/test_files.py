@@ -10,19 +10,21 @@ import json
 import pathlib
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import cog
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient, TestServer, make_mocked_request
 
 from thaw.core.errors import InvalidArgument, NotFound, QuotaExceeded, ThawError
+from thaw.gateway.dispatch import Exchange
 from thaw.gateway.errors import InputRejected, error_response
 from thaw.gateway.files import (
     FILES_KEY,
     Files,
     data_uri,
+    file_answer,
     file_fields,
     form_to_inputs,
     get_file,
@@ -365,3 +367,34 @@ async def test_an_answer_with_files_gets_a_signed_url_per_file(files: Files) -> 
     broken = json.dumps({FILE_MARKER: {"name": "b", "data": "@@"}}).encode()
     with pytest.raises(ThawError, match="base64"):
         await publish_value(files, "https://fn.example", "acme", broken)
+
+
+class _Upstream:
+    def __init__(self, length: int) -> None:
+        self.content_length = length
+        self.headers = {"Content-Type": FILES_CONTENT_TYPE}
+
+
+class _Exchange:
+    """The parts of dispatch.Exchange that file_answer reads."""
+
+    def __init__(self, body: bytes, length: int | None = None) -> None:
+        self.upstream = _Upstream(len(body) if length is None else length)
+        self.body = body
+        self.reads = 0
+
+    async def read(self) -> bytes:
+        self.reads += 1
+        return self.body
+
+
+async def test_an_answer_too_large_for_the_quota_is_refused_unread(
+        files: Files, tmp_path: Path) -> None:
+    app = web.Application()
+    app[FILES_KEY] = Files(FileStore(tmp_path / "small", 1000, Clock()), files.signer,
+                           60.0, 8)
+    request = make_mocked_request("POST", "/fn/acme/f", app=app)
+    huge = _Exchange(b"", length=10 * 1024 * 1024)
+    with pytest.raises(QuotaExceeded, match="files_max_bytes"):
+        await file_answer(request, "acme", cast(Exchange, huge))
+    assert huge.reads == 0
