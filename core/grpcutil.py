@@ -16,6 +16,7 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from thaw.core import errors
+from thaw.core.grpctrace import TraceClient, TraceServer
 from thaw.core.logs import bound_reason
 from thaw.core.pki import Identity, allowed_callers, common_name, component_of
 
@@ -157,9 +158,10 @@ def secure_channel(address: str, tls: Identity | None, peer: str) -> grpc.aio.Ch
     host or IP the address names. `tls` None: plaintext, the development opt-out.
     Keep the channel: the handshake is paid once per connection, not per call."""
     if tls is None:
-        return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS,
+                                         interceptors=[TraceClient()])
     return grpc.aio.secure_channel(address, _channel_credentials(tls),
-                                   options=channel_options(peer))
+                                   options=channel_options(peer), interceptors=[TraceClient()])
 
 
 def channel_options(peer: str) -> list[tuple[str, Any]]:
@@ -242,7 +244,9 @@ class CallerCheck(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 def internal_server(tls: Identity | None) -> grpc.aio.Server:
     """A gRPC server for internal services: with `tls`, every call's certificate is
     checked against CALLERS (CallerCheck); add its port with `add_secure_port`."""
-    interceptors = [CallerCheck()] if tls is not None else []
+    interceptors: list[grpc.aio.ServerInterceptor] = [TraceServer()]
+    if tls is not None:
+        interceptors.insert(0, CallerCheck())
     return grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=interceptors)
 
 

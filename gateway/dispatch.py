@@ -29,6 +29,7 @@ from tenacity import AsyncRetrying, RetryCallState
 
 from thaw.core.errors import DeadlineExceeded, InstanceFailed, SnapshotError, ThawError
 from thaw.core.priority import PRIORITY_DEFAULT
+from thaw.gateway import tracing
 from thaw.gateway.admission import FunctionQueues
 from thaw.gateway.breaker import Breakers, Permit
 from thaw.gateway.errors import CircuitOpen, InstanceBusy
@@ -174,6 +175,10 @@ class Exchange:
         """perf_counter when the call was admitted (Server-Timing's total)."""
         self.sent = sent
         """perf_counter when the request went to the node (the "run" stage)."""
+        self.opened = time.perf_counter()
+        """perf_counter when the answer's head arrived (the run span's end)."""
+        self.run_span = ""
+        """The id of the span the node's request carried as its parent (tracing)."""
         self.settled = False
         self.give_up_at = node_give_up_at(lease)
         self.bytes_out = 0
@@ -300,6 +305,7 @@ class Exchange:
             d.function_breakers.record(function, self.function_permit, True)
             d.leases.done_with(function, self.lease)
         d.metrics.observe_stage("run", time.perf_counter() - self.sent)
+        tracing.settled(self, how.value)
         if d.on_settled is not None:
             d.on_settled(self, how)
 
@@ -471,6 +477,7 @@ class Dispatcher:
         url = f"{lease.data_url}/v1/instances/{lease.instance_id}/invoke{call.path}"
         headers = dict(call.headers)  # as the edge chose them (request.call_headers)
         headers["X-Request-ID"] = call.request_id
+        run_span = tracing.hop_headers(headers)
         try:
             remaining = call.remaining()
             if remaining is None:
@@ -495,8 +502,10 @@ class Dispatcher:
             self.lost(lease, f"node {node} unreachable: {why}")
             kind = NodeRefused if _refused(exc) else NodeUnreachable
             raise kind(f"the instance's node {node} could not be reached: {why}") from exc
-        return Exchange(self, call, lease, upstream, start, stages, function_permit,
-                        node_permit, started, sent)
+        exchange = Exchange(self, call, lease, upstream, start, stages, function_permit,
+                            node_permit, started, sent)
+        exchange.run_span = run_span
+        return exchange
 
     async def _post(self, url: str, body: bytes, headers: dict[str, str],
                     lease: scheduler_pb2.Lease) -> NodeAnswer:

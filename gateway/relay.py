@@ -10,6 +10,8 @@ from typing import Any
 from aiohttp import web
 
 from thaw.core.errors import ThawError
+from thaw.core.tracing import TRACEPARENT
+from thaw.gateway import tracing
 from thaw.gateway.dispatch import TENANT_ERROR_HEADER, Exchange, Settlement, StreamBroken
 from thaw.gateway.lane import stream_response
 from thaw.gateway.sse import error_chunk
@@ -47,6 +49,9 @@ def answer_headers(ex: Exchange, buffered: bool) -> dict[str, str]:
     if ex.lease.version:
         headers["X-Thaw-Version"] = str(ex.lease.version)  # the version that answered
     headers["Server-Timing"] = ex.server_timing(total=buffered)
+    trace = tracing.CURRENT.get()
+    if trace is not None:  # the call's trace (a stream's head is sent from here)
+        headers[TRACEPARENT] = trace.traceparent()
     if not buffered:
         # Tell a buffering reverse proxy (nginx) to pass the stream on as it comes.
         headers["X-Accel-Buffering"] = "no"

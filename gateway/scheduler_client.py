@@ -9,6 +9,7 @@ import grpc
 
 from thaw.core.grpcutil import call, secure_channel
 from thaw.core.pki import SCHEDULER, Identity
+from thaw.gateway import tracing
 from thaw.proto import scheduler_pb2, scheduler_pb2_grpc
 
 # Metadata calls are quick; Acquire may wait for a cold start (its own deadline).
@@ -59,7 +60,7 @@ class SchedulerClient:
         return await call(self._stub.Acquire(
             scheduler_pb2.AcquireRequest(tenant=tenant, name=name, wait_seconds=wait,
                                          priority=priority, invocation_id=invocation_id),
-            timeout=wait + 30.0))
+            timeout=wait + 30.0, metadata=tracing.grpc_metadata()))
 
     async def set_priority(self, invocation_id: str, priority: int, tenant: str = "",
                            bookkeeping: bool = False) -> scheduler_pb2.SetPriorityResponse:

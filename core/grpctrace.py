@@ -1,0 +1,92 @@
+"""W3C trace context over internal gRPC: a server interceptor that takes a call's
+`traceparent`/`tracestate` metadata into core/tracing.py's REMOTE context (and the
+log context, so the scheduler's and the agent's log lines of a call carry its trace
+id), and a client interceptor that passes that context on to the calls made while
+serving it (the scheduler's StartInstance to an agent during a cold start, an agent's
+chunk fetches from its peers). A call without the metadata is served untouched: the
+handler is not even wrapped.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+import structlog
+
+from thaw.core.tracing import REMOTE, TRACEPARENT, TRACESTATE, TraceParent, parse_traceparent
+
+
+def _metadata_parent(metadata: Any) -> TraceParent | None:
+    value = state = None
+    for key, item in metadata or ():
+        if key == TRACEPARENT:
+            value = item
+        elif key == TRACESTATE:
+            state = item
+    return parse_traceparent(value if isinstance(value, str) else None,
+                             state if isinstance(state, str) else None)
+
+
+def _in_trace(behavior: Callable[..., Any], parent: TraceParent) -> Callable[..., Any]:
+    """`behavior` run with `parent` as the remote context, of the same kind (grpc.aio
+    tells a coroutine handler from a generator one)."""
+    if inspect.iscoroutinefunction(behavior):
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            REMOTE.set(parent)
+            with structlog.contextvars.bound_contextvars(trace_id=parent.trace_id):
+                return await behavior(request, context)
+        return unary
+
+    async def streaming(request: Any, context: grpc.aio.ServicerContext
+                        ) -> AsyncIterator[Any]:
+        REMOTE.set(parent)
+        with structlog.contextvars.bound_contextvars(trace_id=parent.trace_id):
+            responses = behavior(request, context)
+            if inspect.isasyncgen(responses):
+                async for message in responses:
+                    yield message
+            else:
+                for message in responses:
+                    yield message
+    return streaming
+
+
+class TraceServer(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Serve a call that carries trace context inside it (REMOTE, the log context)."""
+
+    async def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails],
+                                     Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        parent = _metadata_parent(handler_call_details.invocation_metadata)
+        if parent is None:
+            return handler
+        kinds = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
+        traced: grpc.RpcMethodHandler = handler._replace(**{
+            kind: _in_trace(getattr(handler, kind), parent)
+            for kind in kinds if getattr(handler, kind) is not None})
+        return traced
+
+
+class TraceClient(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    """Pass the remote context being served on to a unary call made meanwhile, unless
+    the caller set its own."""
+
+    async def intercept_unary_unary(self, continuation: Callable[..., Any],
+                                    client_call_details: grpc.aio.ClientCallDetails,
+                                    request: Any) -> Any:
+        parent = REMOTE.get()
+        if parent is not None:
+            given = list(client_call_details.metadata or ())
+            if not any(key == TRACEPARENT for key, _ in given):
+                given.extend(parent.headers().items())
+                client_call_details = client_call_details._replace(
+                    metadata=grpc.aio.Metadata(*given))
+        return await continuation(client_call_details, request)

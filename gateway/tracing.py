@@ -1,0 +1,269 @@
+"""One call's trace at the gateway: the caller's `traceparent` read (or a new trace
+begun) at the edge, the context handed to each hop (gRPC metadata to the scheduler,
+headers to the node's data plane and on to the instance), and the call's spans made
+when its exchange settles, from the measurements the gateway already has (its clock,
+the stages a lease brings back, the spans the instance returns with its answer).
+docs/tracing.md.
+
+The call's context lives in a ContextVar: the route sets it, and the tasks the route
+starts (the dispatch of the call) inherit it, so no signature on the invocation path
+changes. The finished trace goes to the process's TraceSink (the ring that
+GET /v1/traces reads, and OTLP export when configured).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import os
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+from thaw.core.tracing import (
+    DEFAULT_TRACES_KEPT,
+    TRACEPARENT,
+    TRACESTATE,
+    Attribute,
+    OtlpExport,
+    SpanRecord,
+    Trace,
+    TraceParent,
+    TraceRing,
+    TraceSink,
+    instance_spans,
+    new_span_id,
+    new_trace_id,
+    parse_traceparent,
+)
+
+if TYPE_CHECKING:
+    from thaw.gateway.dispatch import Exchange
+
+# The instance's spans ride its answer in this header (snapshotter/runtime/trace.py
+# names the same); the gateway's relay never passes X-Thaw-* headers on.
+SPANS_HEADER = "X-Thaw-Spans"
+# Settings read once per process (docs/tracing.md): tracing off entirely, and how many
+# traces the gateway keeps for GET /v1/traces and the dashboard.
+ENABLED_ENV = "THAW_TRACING"
+KEPT_ENV = "THAW_TRACES_KEPT"
+# A cold start's stages by the component that measured them (the rest are the agent's).
+SCHEDULER_STAGES = frozenset(("queue", "placement"))
+
+
+class CallTrace:
+    """The trace context of one call through the gateway, and its spans' ids."""
+
+    __slots__ = ("trace_id", "root_id", "flags", "state", "remote_parent", "begun_ns",
+                 "begun", "tenant", "name", "finished")
+
+    def __init__(self, parent: TraceParent | None) -> None:
+        if parent is None:
+            self.trace_id, self.flags, self.state, self.remote_parent = (
+                new_trace_id(), 1, "", "")
+        else:
+            self.trace_id, self.flags, self.state, self.remote_parent = (
+                parent.trace_id, parent.flags, parent.state, parent.span_id)
+        self.root_id = new_span_id()
+        self.begun_ns = time.time_ns()
+        self.begun = time.perf_counter()
+        self.tenant = ""
+        self.name = ""
+        self.finished = False
+
+    def traceparent(self, span_id: str | None = None) -> str:
+        """The header naming this call's root span (or `span_id`) as the parent."""
+        return f"00-{self.trace_id}-{span_id or self.root_id}-{self.flags:02x}"
+
+    def hop(self, span_id: str) -> dict[str, str]:
+        """Headers (or gRPC metadata) for the next hop, under `span_id`."""
+        out = {TRACEPARENT: self.traceparent(span_id)}
+        if self.state:
+            out[TRACESTATE] = self.state
+        return out
+
+    def wall_ns(self, perf: float) -> int:
+        """A perf_counter reading as Unix nanoseconds (the gateway's two clocks are
+        tied once, when the call began)."""
+        return self.begun_ns + int((perf - self.begun) * 1e9)
+
+    def admitted(self, tenant: str, name: str) -> None:
+        """The caller may call tenant/name: from here the trace is kept."""
+        self.tenant, self.name = tenant, name
+
+
+CURRENT: contextvars.ContextVar[CallTrace | None] = contextvars.ContextVar(
+    "thaw_call_trace", default=None)
+
+_sink: TraceSink | None = None
+_enabled: bool | None = None
+
+
+def enabled() -> bool:
+    global _enabled
+    if _enabled is None:
+        _enabled = os.environ.get(ENABLED_ENV, "true").lower() not in ("0", "false", "off",
+                                                                         "no")
+    return _enabled
+
+
+def sink() -> TraceSink:
+    """The process's sink: a ring of THAW_TRACES_KEPT traces (default 1000), and OTLP
+    export when OTEL_EXPORTER_OTLP_ENDPOINT is set."""
+    global _sink
+    if _sink is None:
+        raw = os.environ.get(KEPT_ENV, str(DEFAULT_TRACES_KEPT))
+        try:
+            kept = int(raw)
+            if kept < 0:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"{KEPT_ENV} must be an integer >= 0, not {raw!r}") from None
+        _sink = TraceSink(TraceRing(kept), OtlpExport.from_env())
+    return _sink
+
+
+def set_sink(new: TraceSink | None, tracing_on: bool | None = None) -> None:
+    """Replace the process's sink (tests; None: read the environment again)."""
+    global _sink, _enabled
+    _sink = new
+    _enabled = tracing_on
+
+
+def begin(headers: Mapping[str, str]) -> CallTrace | None:
+    """The call's trace: the caller's when its traceparent is valid, else a new one
+    (the route sets it as CURRENT). None when tracing is off."""
+    if not enabled():
+        return None
+    return CallTrace(parse_traceparent(headers.get(TRACEPARENT), headers.get(TRACESTATE)))
+
+
+def admitted(tenant: str, name: str) -> None:
+    """The current call's caller may call tenant/name: its trace is kept from here
+    (an unauthenticated call leaves no trace in a tenant's list)."""
+    trace = CURRENT.get()
+    if trace is not None:
+        trace.admitted(tenant, name)
+
+
+def hop_headers(headers: dict[str, str]) -> str:
+    """Add the trace context of a request to a node to `headers`; the new span's id
+    (the data plane's call: its `run` span, parent of the instance's spans), or ""."""
+    trace = CURRENT.get()
+    if trace is None:
+        return ""
+    span_id = new_span_id()
+    headers.update(trace.hop(span_id))
+    return span_id
+
+
+def grpc_metadata() -> tuple[tuple[str, str], ...] | None:
+    """The current call's context as gRPC metadata for the scheduler (its Acquire and
+    the cold start it makes), under the call's root span; None without one."""
+    trace = CURRENT.get()
+    if trace is None:
+        return None
+    return tuple(trace.hop(trace.root_id).items())
+
+
+def _attributes(ex: Exchange) -> dict[str, Attribute]:
+    return {"thaw.function": ex.call.function, "thaw.version": int(ex.lease.version),
+            "thaw.instance": ex.lease.instance_id, "thaw.start": ex.start,
+            "thaw.node": ex.lease.node_id}
+
+
+def exchange_spans(trace: CallTrace, ex: Exchange, settled: float, how: str
+                   ) -> list[SpanRecord]:
+    """The spans of a settled exchange, from its measurements: admission (arrival to
+    dispatch), acquire (dispatch to the request's send: the queue, placement and the
+    start's stages the lease carries, laid end to end in the order they ran; placement
+    is the part of the wait no reported stage covers), run (the request to the answer's
+    head) with the instance's own spans under it, relay (the answer to the client)."""
+    attrs = _attributes(ex)
+    wall = trace.wall_ns
+    root = trace.root_id
+    status = ex.status
+    error = "" if status < 500 else f"status {status}"
+    spans = [
+        SpanRecord(f"invoke {ex.call.function}", root, trace.remote_parent,
+                   trace.begun_ns, wall(settled), "gateway",
+                   {**attrs, "http.response.status_code": status,
+                    "thaw.request_id": ex.call.request_id, "thaw.outcome": how},
+                   error, "server"),
+        SpanRecord("admission", new_span_id(), root, trace.begun_ns, wall(ex.started),
+                   "gateway", attrs),
+    ]
+    acquire_id = new_span_id()
+    spans.append(SpanRecord("acquire", acquire_id, root, wall(ex.started), wall(ex.sent),
+                            "gateway", attrs, kind="client"))
+    scheduled = [(s, d) for s, d in ex.stages if s in SCHEDULER_STAGES]
+    started = [(s, d) for s, d in ex.stages if s not in SCHEDULER_STAGES]
+    at = ex.started
+    component = "gateway" if ex.start == "warm" else "scheduler"
+    for stage, seconds in scheduled:
+        spans.append(SpanRecord(stage, new_span_id(), acquire_id, wall(at),
+                                wall(at + seconds), component, attrs))
+        at += seconds
+    if started:  # a cold start: placement, then the agent's start and its stages
+        reported = sum(seconds for _, seconds in ex.stages)
+        placement = max(ex.sent - ex.started - reported, 0.0)
+        spans.append(SpanRecord("placement", new_span_id(), acquire_id, wall(at),
+                                wall(at + placement), "scheduler",
+                                {**attrs, "thaw.measured": "unreported remainder"}))
+        at += placement
+        start_id = new_span_id()
+        total = sum(seconds for _, seconds in started)
+        spans.append(SpanRecord(f"start {ex.start}", start_id, acquire_id, wall(at),
+                                wall(at + total), "agent", attrs, kind="server"))
+        for stage, seconds in started:
+            spans.append(SpanRecord(stage, new_span_id(), start_id, wall(at),
+                                    wall(at + seconds), "agent", attrs))
+            at += seconds
+    run_id = ex.run_span or new_span_id()
+    spans.append(SpanRecord("run", run_id, root, wall(ex.sent), wall(ex.opened), "gateway",
+                            attrs, error, "client"))
+    carried = ex.upstream.headers.get(SPANS_HEADER)
+    if carried:
+        spans.extend(instance_spans(carried, run_id))
+    spans.append(SpanRecord("relay", new_span_id(), root, wall(ex.opened), wall(settled),
+                            "gateway", attrs))
+    return spans
+
+
+def settled(ex: Exchange, how: str) -> None:
+    """Record the call's trace once its exchange settles (the first one to settle: a
+    call refused and sent again records the exchange that answered)."""
+    trace = CURRENT.get()
+    if trace is None or trace.finished or not trace.tenant:
+        return
+    trace.finished = True
+    spans = exchange_spans(trace, ex, time.perf_counter(), how)
+    sink().record(Trace(trace.trace_id, ex.call.tenant, ex.call.function,
+                        trace.remote_parent, spans))
+
+
+def failed(trace: CallTrace | None, code: str, status: int) -> None:
+    """Record a call that ended before any exchange settled (a refusal, a deadline, no
+    instance): its root and admission spans, the error named."""
+    if trace is None or trace.finished or not trace.tenant:
+        return
+    trace.finished = True
+    now = time.time_ns()
+    function = f"{trace.tenant}/{trace.name}"
+    attrs: dict[str, Attribute] = {"thaw.function": function}
+    spans = [SpanRecord(f"invoke {function}", trace.root_id, trace.remote_parent,
+                        trace.begun_ns, now, "gateway",
+                        {**attrs, "http.response.status_code": status}, code, "server")]
+    sink().record(Trace(trace.trace_id, trace.tenant, function, trace.remote_parent, spans))
+
+
+def unsettled(trace: CallTrace | None, status: int) -> None:
+    """A call answered without an exchange (stored for later: 202): its root span."""
+    if trace is None or trace.finished or not trace.tenant:
+        return
+    trace.finished = True
+    function = f"{trace.tenant}/{trace.name}"
+    spans = [SpanRecord(f"invoke {function}", trace.root_id, trace.remote_parent,
+                        trace.begun_ns, time.time_ns(), "gateway",
+                        {"thaw.function": function, "http.response.status_code": status},
+                        kind="server")]
+    sink().record(Trace(trace.trace_id, trace.tenant, function, trace.remote_parent, spans))
