@@ -17,7 +17,7 @@ import contextvars
 import os
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from thaw.core.tracing import (
     DEFAULT_TRACES_KEPT,
@@ -36,8 +36,23 @@ from thaw.core.tracing import (
     parse_traceparent,
 )
 
-if TYPE_CHECKING:
-    from thaw.gateway.dispatch import Exchange
+
+class Exchange(Protocol):
+    """What the spans are made from: gateway/dispatch.py's Exchange (named here by its
+    shape, so that dispatch may import this module)."""
+
+    call: Any
+    lease: Any
+    upstream: Any
+    start: str
+    stages: list[tuple[str, float]]
+    started: float
+    sent: float
+    opened: float
+    run_span: str
+
+    @property
+    def status(self) -> int: ...
 
 # The instance's spans ride its answer in this header (snapshotter/runtime/trace.py
 # names the same); the gateway's relay never passes X-Thaw-* headers on.
