@@ -30,6 +30,7 @@ from .bounded import print_exception
 from .errors import TENANT_ERROR_HEADER, TENANT_ERROR_VALUE, HTTPError, tenant_error_body
 from .events import ExitCode, describe_exception
 from .handler import FileReply, InvalidInput, Invoker, Payload, Request, Stream, encode_json
+from .trace import call_context, spans_header
 
 # Limits on what a client may send before we give up on the connection; the same
 # bounds as http.client uses for responses.
@@ -246,12 +247,18 @@ class InvokeRequestHandler(http.server.BaseHTTPRequestHandler):
 
     def _invoke(self, request: Request) -> None:
         started = time.perf_counter()
+        carried = ""  # the handler's own spans, when it has any (trace.py)
         try:
-            reply = self.server.invoker.invoke(request)
+            with call_context(request.headers) as spans:
+                try:
+                    reply = self.server.invoker.invoke(request)
+                finally:
+                    carried = spans_header(spans)
         except HTTPError as exc:
             retry_after = exc.retry_after_header()
             extra = _TENANT_MARK if retry_after is None else (
                 f"{_TENANT_MARK}Retry-After: {retry_after}\r\n")
+            extra += carried
             self._send(exc.status, "application/json", encode_json(tenant_error_body(exc)),
                        extra)
             return
@@ -268,7 +275,7 @@ class InvokeRequestHandler(http.server.BaseHTTPRequestHandler):
             return
         if isinstance(reply, Payload):
             elapsed_ms = (time.perf_counter() - started) * 1000.0
-            timing = f"Server-Timing: run;dur={elapsed_ms:.3f}\r\n"
+            timing = f"Server-Timing: run;dur={elapsed_ms:.3f}\r\n{carried}"
             if reply.status == 200 and not reply.headers:
                 self._send(200, reply.content_type, reply.body, timing)
                 return
