@@ -2,13 +2,18 @@
 instances' output per function (platform/logs.py, served at the data plane's
 GET /logs); this merges them for the caller's tenant, oldest first, as NDJSON,
 and with follow=true keeps the connection open and passes new lines on as the
-nodes send them."""
+nodes send them.
+
+`?request=ID` (and `GET /v1/invocations/{id}/logs` for a stored invocation, whose id
+is its request id) answers one call's lines: what its handler printed while it ran
+(`request` on each line; docs/logs.md)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
+import re
 import time
 from typing import Any
 
@@ -16,10 +21,11 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from thaw.core.errors import InvalidArgument
+from thaw.core.errors import InvalidArgument, NotFound
 from thaw.gateway.caller import principal_of, require_logs
 from thaw.gateway.openapi import _errors
 from thaw.gateway.state import GATEWAY_KEY
+from thaw.gateway.stored.runner import RUNNER_KEY
 from thaw.proto import scheduler_pb2
 
 log = structlog.get_logger()
@@ -32,10 +38,16 @@ MAX_TAIL = 10_000
 # A node's data plane that does not answer a logs request within this is skipped.
 NODE_LOGS_TIMEOUT_SECONDS = 10.0
 SESSION_KEY = web.AppKey("logs_session", aiohttp.ClientSession)
+# Request ids as the gateway keeps them (gateway/app.py REQUEST_ID_PATTERN) and stored
+# invocations' ids.
+REQUEST_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# A call keeps at most this many lines on its node, its truncation line included
+# (platform/calllogs.py MAX_CALL_LINES); a call's lines come whole by default.
+CALL_MAX_LINES = 10_000
 
 
-def _tail(request: web.Request) -> int:
-    raw = request.query.get("tail", str(DEFAULT_TAIL))
+def _tail(request: web.Request, default: int = DEFAULT_TAIL) -> int:
+    raw = request.query.get("tail", str(default))
     try:
         tail = int(raw)
     except ValueError as exc:
@@ -57,11 +69,23 @@ def _node_urls(nodes: list[scheduler_pb2.NodeInfo]) -> list[str]:
     return [n.data_url for n in nodes if n.state != "lost" and n.data_url]
 
 
+def _request_id(request: web.Request) -> str:
+    """The call asked for with ?request= ("" for none)."""
+    given = request.query.get("request", "")
+    if given and not REQUEST_PATTERN.match(given):
+        raise InvalidArgument("request must be a request id (X-Request-ID)",
+                              field="request")
+    return given
+
+
 async def _node_lines(session: aiohttp.ClientSession, url: str, function: str,
-                      tail: int, server_hostname: str | None) -> list[dict[str, Any]]:
+                      tail: int, server_hostname: str | None, call: str = ""
+                      ) -> list[dict[str, Any]]:
+    params = {"function": function, "tail": str(tail)}
+    if call:
+        params["request"] = call
     try:
-        async with session.get(f"{url}/logs", params={"function": function,
-                                                      "tail": str(tail)},
+        async with session.get(f"{url}/logs", params=params,
                                server_hostname=server_hostname,
                                timeout=aiohttp.ClientTimeout(
                                    total=NODE_LOGS_TIMEOUT_SECONDS)) as resp:
@@ -95,13 +119,39 @@ async def function_logs(request: web.Request) -> web.StreamResponse:
     p = await principal_of(request)
     require_logs(p)
     name = request.match_info["name"]
-    tail, follow = _tail(request), _flag(request, "follow")
+    call = _request_id(request)
+    tail = _tail(request, CALL_MAX_LINES if call else DEFAULT_TAIL)
+    follow = _flag(request, "follow")
+    if call and follow:
+        raise InvalidArgument("follow cannot be combined with request: a call's lines "
+                              "are read once it has printed them", field="follow")
     await gw.scheduler.get_function(p.tenant, name)  # 404 for another tenant's name
-    function = f"{p.tenant}/{name}"
+    return await _answer(request, f"{p.tenant}/{name}", tail, follow, call)
+
+
+async def invocation_logs(request: web.Request) -> web.StreamResponse:
+    """A stored invocation's lines: its id is the request id its call ran under."""
+    p = await principal_of(request)
+    require_logs(p)
+    invocation_id = request.match_info["id"]
+    if not invocation_id.startswith("inv_") or not REQUEST_PATTERN.match(invocation_id):
+        raise NotFound(f"invocation {invocation_id[:80]} not found", field="id")
+    runner = request.app.get(RUNNER_KEY)
+    if runner is None:
+        raise NotFound(f"invocation {invocation_id} not found", field="id")
+    inv = await runner.client.get(p.tenant, invocation_id)  # 404 for another tenant's
+    return await _answer(request, f"{p.tenant}/{inv.function}",
+                         _tail(request, CALL_MAX_LINES), False, inv.id)
+
+
+async def _answer(request: web.Request, function: str, tail: int, follow: bool,
+                  call: str) -> web.StreamResponse:
+    gw = request.app[GATEWAY_KEY]
     urls = _node_urls(await gw.scheduler.list_nodes())
     session = request.app[SESSION_KEY]
     name_checked = gw.nodes.server_hostname
-    per_node = await asyncio.gather(*(_node_lines(session, u, function, tail, name_checked)
+    per_node = await asyncio.gather(*(_node_lines(session, u, function, tail, name_checked,
+                                                  call)
                                       for u in urls))
     lines = sorted((ln for found in per_node for ln in found),
                    key=lambda ln: (ln["time"], ln["seq"]))[-tail:] if tail else []
@@ -153,6 +203,7 @@ async def _session(app: web.Application):  # type: ignore[no-untyped-def]
 def add_routes(app: web.Application) -> None:
     app.cleanup_ctx.append(_session)
     app.router.add_get("/v1/functions/{name}/logs", function_logs)
+    app.router.add_get("/v1/invocations/{id}/logs", invocation_logs)
 
 
 OPENAPI_PATHS: dict[str, Any] = {
@@ -160,8 +211,11 @@ OPENAPI_PATHS: dict[str, Any] = {
         "summary": "A function's logs (its instances' output and the runtime's records "
                    "of them), merged across nodes, oldest first.",
         "description": "NDJSON, one object a line: time (unix seconds), function, "
-                       "instance, stream (output | runtime), line. With follow=true the "
-                       "connection stays open and new lines follow as they are printed.",
+                       "instance, stream (output | runtime), line, request (the request "
+                       "id of the call that printed it; \"\" outside calls). With "
+                       "follow=true the connection stays open and new lines follow as "
+                       "they are printed. With request=ID only that call's lines come "
+                       "(all of them unless tail says fewer).",
         "parameters": [
             {"name": "name", "in": "path", "required": True,
              "schema": {"type": "string", "pattern": "^[a-z0-9][a-z0-9-]{0,62}$"}},
@@ -170,6 +224,24 @@ OPENAPI_PATHS: dict[str, Any] = {
                 "default": DEFAULT_TAIL}},
             {"name": "follow", "in": "query", "schema": {"type": "boolean",
                                                         "default": False}},
+            {"name": "request", "in": "query", "schema": {
+                "type": "string", "pattern": REQUEST_PATTERN.pattern}},
+        ],
+        "responses": {
+            "200": {"description": "Log lines as NDJSON.",
+                    "content": {NDJSON: {"schema": {"type": "string"}}}},
+            **_errors(400, 401, 403, 404, 503),
+        },
+    }},
+    "/v1/invocations/{id}/logs": {"get": {
+        "summary": "What a stored invocation's handler printed while it ran.",
+        "description": "NDJSON as GET /v1/functions/{name}/logs?request=ID, for the "
+                       "invocation's function and request id (its id).",
+        "parameters": [
+            {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}},
+            {"name": "tail", "in": "query", "schema": {
+                "type": "integer", "minimum": 0, "maximum": MAX_TAIL,
+                "default": CALL_MAX_LINES}},
         ],
         "responses": {
             "200": {"description": "Log lines as NDJSON.",

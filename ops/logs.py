@@ -1,5 +1,6 @@
-"""`thaw fn logs NAME [-f] [--tail N]`: what a function's instances printed, merged
-across nodes (GET /v1/functions/{name}/logs, NDJSON)."""
+"""`thaw fn logs NAME [-f] [--tail N] [--request ID]`: what a function's instances
+printed, merged across nodes, or what one call printed (GET
+/v1/functions/{name}/logs, NDJSON)."""
 
 from __future__ import annotations
 
@@ -21,12 +22,26 @@ def format_line(entry: dict[str, object]) -> str:
 @click.command("logs")
 @click.argument("name")
 @click.option("--follow", "-f", is_flag=True, help="Keep printing new lines (Ctrl-C stops).")
-@click.option("--tail", default=100, show_default=True, help="Lines from the end to show first.")
+@click.option("--tail", type=int, default=None,
+              help="Lines from the end to show first [default: 100; a call's: all].")
+@click.option("--request", "request_id", default=None, metavar="ID",
+              help="Only the lines one call printed: its X-Request-ID (a stored "
+                   "invocation's id is its request id).")
 @click.option("--json", "as_json", is_flag=True, help="Print the NDJSON lines as they come.")
-def fn_logs(name: str, follow: bool, tail: int, as_json: bool) -> None:
+def fn_logs(name: str, follow: bool, tail: int | None, request_id: str | None,
+            as_json: bool) -> None:
     """Function NAME's logs: its instances' stdout/stderr and, marked *, the runtime's
-    records of them (started, ready, ended), oldest first."""
-    params = {"tail": str(tail), "follow": "true" if follow else "false"}
+    records of them (started, ready, ended), oldest first. With --request, exactly
+    what the handler printed while it served that call."""
+    if request_id and follow:
+        raise click.UsageError("--follow cannot be combined with --request")
+    params = {"follow": "true" if follow else "false"}
+    if tail is not None:
+        params["tail"] = str(tail)
+    elif not request_id:
+        params["tail"] = "100"
+    if request_id:
+        params["request"] = request_id
     # A followed stream may stay quiet for hours: no read timeout then.
     client = Client(timeout=60.0)
     try:

@@ -174,7 +174,8 @@ class DataPlane:
 
     async def function_logs(self, request: Request) -> Response | Streaming:
         """A function's kept log lines as NDJSON: ?function=tenant/name&since=<unix s>
-        &tail=<n>&follow=1 (follow: then each new line, until the caller leaves)."""
+        &tail=<n>&follow=1 (follow: then each new line, until the caller leaves);
+        &request=<id>: one call's lines (platform/calllogs.py)."""
         logs = self.agent.logs
         query = request.query
         function = query.get("function", "")
@@ -188,7 +189,8 @@ class DataPlane:
         ndjson = {"Content-Type": "application/x-ndjson"}
         if query.get("follow", "") not in ("1", "true", "yes"):
             body = "".join(json.dumps(ln.as_dict()) + "\n"
-                           for ln in logs.lines(function, since, tail=tail))
+                           for ln in logs.lines(function, since, tail=tail,
+                                                request=query.get("request", "")))
             return Response(200, body.encode(), ndjson)
 
         async def follow() -> AsyncIterator[bytes]:

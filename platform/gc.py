@@ -15,7 +15,8 @@ extracts it again rather than losing it half-way), and deleted in a thread.
 Layout under the agent's home: bundles/<digest>/ and bundles/.<digest>-<tag>/
 (Agent.ensure_bundle), builds/<tenant uid>/<build id>/ and builds/.sealed/<build id>/
 (Agent.build_snapshot), logs/<tenant uid>/<instance id>.log, build-<key>.log,
-template-<tenant>-<name>.log.
+template-<tenant>-<name>.log. Calls' own lines are kept in the agent's memory, not in
+files; `select_call_logs` is their retention (platform/calllogs.py applies it).
 """
 
 from __future__ import annotations
@@ -185,6 +186,33 @@ def select_logs(logs: Iterable[LogFile], *, live: Collection[str], building: Col
         ended = max(entry.mtime, last_live.get(key, 0.0))
         if now - ended >= max_age:
             chosen.append(entry.path)
+    return chosen
+
+
+@dataclass(frozen=True)
+class CallLogEntry:
+    """One call's kept lines, as the per-call log retention sees them."""
+
+    request: str
+    last_time: float
+    """When the call last printed (or its lines were truncated)."""
+    bytes: int
+
+
+def select_call_logs(calls: Iterable[CallLogEntry], *, now: float, max_age: float,
+                     max_bytes: int) -> list[str]:
+    """The calls of one function whose lines go (platform/calllogs.py): those that last
+    printed more than `max_age` ago, then the oldest until the rest hold at most
+    `max_bytes`. Returns their request ids."""
+    ordered = sorted(calls, key=lambda c: c.last_time)
+    chosen = [c.request for c in ordered if now - c.last_time > max_age]
+    kept = [c for c in ordered if now - c.last_time <= max_age]
+    total = sum(c.bytes for c in kept)
+    for c in kept:
+        if total <= max_bytes:
+            break
+        chosen.append(c.request)
+        total -= c.bytes
     return chosen
 
 

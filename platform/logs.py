@@ -7,19 +7,25 @@ kept): the process runtime by inheriting the descriptors, templates' children by
 dup2, containers through `>>log 2>&1`. One task follows those files here; their
 lines carry stream "output". The agent's own records of an instance (started,
 failed, stopped) carry stream "runtime".
+
+A line the runtime marked as printed during a call (CALL_MARK, request id,
+CALL_SEPARATOR, then the text) is kept with the mark stripped and the request id as
+its `request` field, in the ring and in the node's per-call logs (platform/calllogs.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from thaw.platform.calllogs import TRUNCATED_TEXT, CallLogRetention, CallLogs
 from thaw.platform.sandbox.areas import open_tenant_file
 
 # Lines kept per function on a node: the newest win. Bounded so a chatty function
@@ -39,6 +45,15 @@ MAX_BUILD_LOG_BYTES = 1024 * 1024
 # docs/limits.md ("Logs and failure reasons") states both bounds.
 MAX_LOG_FILE_BYTES = 16 * 1024 * 1024
 
+# How often the per-call logs' retention is applied (besides on each add past a
+# function's byte total).
+CALL_LOGS_COLLECT_SECONDS = 60.0
+# The runtime's mark ahead of a call's line (snapshotter/runtime/calllog.py MARK and
+# SEPARATOR: keep them in sync), and the longest request id it carries.
+CALL_MARK = "\x1fthaw-call:"
+CALL_SEPARATOR = "\x1f"
+MAX_REQUEST_ID_CHARS = 128
+
 OUTPUT = "output"
 RUNTIME = "runtime"
 
@@ -52,6 +67,8 @@ class LogLine:
     instance: str
     stream: str
     line: str
+    request: str = ""
+    """The request id of the call that printed it ("" outside calls)."""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -85,9 +102,13 @@ class FunctionLogs:
     """Per-function ring buffers and the follower of instances' log files."""
 
     def __init__(self, max_lines: int = DEFAULT_MAX_LINES,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 retention: CallLogRetention | None = None) -> None:
         self.max_lines = max_lines
         self._clock = clock
+        self.calls: CallLogs[LogLine] = CallLogs(
+            retention if retention is not None else CallLogRetention.from_env())
+        self._collected = clock()
         self._buffers: dict[str, _Buffer] = {}
         self._followed: dict[str, _Followed] = {}
         self._seq = 0
@@ -106,16 +127,50 @@ class FunctionLogs:
             self._seq += 1
             buf.lines.append(LogLine(self._seq, now, function, instance, stream,
                                      raw[:MAX_LINE_BYTES]))
+        self._wake(buf)
+
+    @staticmethod
+    def _wake(buf: _Buffer) -> None:
         # Wake the followers, then arm the event again for the next lines.
         buf.changed.set()
         buf.changed = asyncio.Event()
 
+    def _append_output(self, function: str, instance: str, text: str) -> None:
+        """An instance's output: each line the runtime marked is filed under its call
+        too, with the mark stripped."""
+        buf = self._buffer(function)
+        now = self._clock()
+        for raw in text.splitlines() or [""]:
+            request, raw = split_call_mark(raw)
+            self._seq += 1
+            line = LogLine(self._seq, now, function, instance, OUTPUT,
+                           raw[:MAX_LINE_BYTES], request)
+            buf.lines.append(line)
+            if request:
+                self.calls.add(function, request, line, line.line, now,
+                               functools.partial(self._truncated, function, instance,
+                                                 request, now))
+        self._wake(buf)
+
+    def _truncated(self, function: str, instance: str, request: str, now: float
+                   ) -> LogLine:
+        self._seq += 1
+        line = LogLine(self._seq, now, function, instance, RUNTIME, TRUNCATED_TEXT, request)
+        self._buffer(function).lines.append(line)
+        return line
+
     def lines(self, function: str, since: float = 0.0, after_seq: int = 0,
-              tail: int | None = None) -> list[LogLine]:
-        buf = self._buffers.get(function)
-        if buf is None:
-            return []
-        found = [ln for ln in buf.lines if ln.time >= since and ln.seq > after_seq]
+              tail: int | None = None, request: str = "") -> list[LogLine]:
+        """The kept lines of a function or, with `request`, of one of its calls (kept
+        apart from the ring, so a busy function's ring does not push them out)."""
+        if request:
+            kept: Iterable[LogLine] = self.calls.lines(function, request)
+        else:
+            buf = self._buffers.get(function)
+            if buf is None:
+                return []
+            kept = buf.lines
+        found = [ln for ln in kept if ln.time >= since and ln.seq > after_seq]
         return found[-tail:] if tail is not None else found
 
     async def follow(self, function: str, since: float = 0.0, tail: int | None = None
@@ -202,8 +257,8 @@ class FunctionLogs:
                 complete = complete[:followed.budget]
             followed.budget -= len(complete)
         if complete:
-            self.append(followed.function, instance_id, OUTPUT,
-                        complete.decode(errors="replace"))
+            self._append_output(followed.function, instance_id,
+                                complete.decode(errors="replace"))
         if spent:
             self.append(followed.function, instance_id, RUNTIME,
                         "output past this point is not kept (at most "
@@ -219,7 +274,22 @@ class FunctionLogs:
         while True:
             with contextlib.suppress(Exception):
                 await self.poll_in_thread()
+            now = self._clock()
+            if now - self._collected >= CALL_LOGS_COLLECT_SECONDS:
+                self._collected = now
+                self.calls.collect(now)
             await asyncio.sleep(interval)
+
+
+def split_call_mark(raw: str) -> tuple[str, str]:
+    """(request id, text) of a line of output; ("", the line) when it is unmarked or
+    its mark is malformed (then it is kept whole, as printed)."""
+    if not raw.startswith(CALL_MARK):
+        return "", raw
+    request, sep, text = raw[len(CALL_MARK):].partition(CALL_SEPARATOR)
+    if not sep or not request or len(request) > MAX_REQUEST_ID_CHARS:
+        return "", raw
+    return request, text
 
 
 def _read_from(path: str, offset: int) -> _Read:

@@ -26,6 +26,7 @@ from types import FrameType
 from typing import Any, NoReturn
 from urllib.parse import unquote
 
+from . import calllog
 from .bounded import print_exception
 from .errors import TENANT_ERROR_HEADER, TENANT_ERROR_VALUE, HTTPError, tenant_error_body
 from .events import ExitCode, describe_exception
@@ -41,6 +42,8 @@ MAX_HEADERS = 128
 # header (every hop, this one too, is a POST); the handler never sees it among the
 # headers.
 METHOD_HEADER = "x-thaw-method"
+# The call's id, which the gateway sends on every call: what its lines are marked with.
+REQUEST_ID_HEADER = "x-request-id"
 # Statuses whose answers have no body (RFC 9110 §6.4.1).
 _NO_BODY_STATUSES = frozenset((204, 304))
 FILE_CHUNK_BYTES = 1024 * 1024
@@ -184,7 +187,8 @@ class InvokeRequestHandler(http.server.BaseHTTPRequestHandler):
                 headers,
                 body,
             )
-            self._invoke(request)
+            with calllog.calling(headers.get(REQUEST_ID_HEADER)):
+                self._invoke(request)
         elif raw_path == b"/healthz":
             if method != b"GET":
                 self._send_error(405, "method_not_allowed", "use GET for /healthz")
@@ -488,6 +492,7 @@ def serve_until_stopped(server: UnixHTTPServer, announce: Callable[[], object]) 
     try:
         exit_on_sigterm()
         cap_own_memory()
+        calllog.install()
         announce()
         server.serve_forever(poll_interval=1.0)
     except KeyboardInterrupt:

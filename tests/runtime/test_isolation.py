@@ -14,7 +14,7 @@ from .conftest import subprocess_env
 
 RUNTIME_MODULES = ["__main__", "batching", "bounded", "capture", "device_slice", "errors", "events",
                    "forksafe", "gpuinfo", "handler", "inputs", "restore", "secretenv", "server",
-                   "signature", "snapshot", "template", "files"]
+                   "signature", "snapshot", "template", "files", "calllog"]
 
 PROBE = """
 import importlib, json, sys
