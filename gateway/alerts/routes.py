@@ -14,7 +14,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import Gauge
 
-from thaw.core.config_fields import AlertFields
+from thaw.core.config_alerts import AlertFields
 from thaw.core.errors import Unavailable
 from thaw.gateway.alert_email import EmailTransport, SmtpOptions
 from thaw.gateway.alert_pagerduty import PagerDutyTransport
