@@ -13,7 +13,7 @@ import asyncio
 import smtplib
 import ssl
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email.message import EmailMessage
 from email.utils import formatdate
 from typing import Literal
@@ -37,7 +37,8 @@ class SmtpOptions:
     recipients: tuple[str, ...]
     security: SmtpSecurity = "starttls"
     username: str = ""
-    password: str = ""
+    password: str = field(default="", repr=False)
+    """Never in a repr (logs, tracebacks)."""
     timeout: float = 10.0
     ssl_context: ssl.SSLContext | None = None
     """Trust for the relay's certificate; None = the system's CAs."""

@@ -310,6 +310,7 @@ async def test_email_with_starttls_and_login(tmp_path: Path,
     assert counted(metrics, "email", "delivered") == 1
     assert counted(metrics, "email", "failed") == 2
     assert PASSWORD not in repr(logs)
+    assert PASSWORD not in repr(SmtpOptions("h", 1, "f", ("t",), password=PASSWORD))
 
 
 def test_settings_build_every_sink_and_hide_their_secrets() -> None:
