@@ -165,6 +165,7 @@ async function discoverFeatures() {
     const doc = await (await fetch("/openapi.json")).json();
     state.features.logs = "/v1/functions/{name}/logs" in doc.paths;
     state.features.usage = "/v1/usage" in doc.paths;
+    state.features.traces = "/v1/traces" in doc.paths;
   } catch { /* keep the defaults */ }
   $("#usage-panel").hidden = !state.features.usage;
   if (!state.features.logs) {
@@ -222,6 +223,7 @@ function renderFunctions(snap) {
 // The server sends chart series for the selected function only.
 function select(name) {
   state.selected = name;
+  if (state.features.traces) loadTraces(name);
   if (state.ws && state.ws.readyState === WebSocket.OPEN && state.signedIn) {
     state.ws.send(JSON.stringify({select: name}));
   }
@@ -533,7 +535,12 @@ async function invokeSelected(body) {
     const rows = [["status", resp.status], ["X-Thaw-Start", resp.headers.get("X-Thaw-Start") || "—"],
                   ["Server-Timing", resp.headers.get("Server-Timing") || "—"],
                   ["round trip", ms(performance.now() - started)]];
+    const traceparent = resp.headers.get("traceparent");
+    if (traceparent) rows.push(["trace", traceparent.split("-")[1]]);
     for (const [k, v] of rows) meta.append(el("dt", {text: k}), el("dd", {text: v}));
+    if (state.features.traces && traceparent) {
+      showTrace(traceparent.split("-")[1]).then(() => loadTraces(f.name));
+    }
     let json = null;
     try { json = JSON.parse(text); } catch { /* not JSON */ }
     out.textContent = json === null ? text : JSON.stringify(json, null, 2);
@@ -544,6 +551,77 @@ async function invokeSelected(body) {
     out.textContent = `request failed: ${err}`;
     return null;
   }
+}
+
+// ---- traces: an invocation's spans as a waterfall (GET /v1/traces, docs/tracing.md) ---------
+
+const COMPONENT_COLORS = {gateway: "#3b7dd8", scheduler: "#9aa5b1", agent: "#f2a541",
+                          instance: "#3aa675"};
+
+async function loadTraces(name) {
+  $("#trace-panel").hidden = false;
+  const tbody = $("#traces tbody");
+  try {
+    const resp = await api(`/v1/traces?function=${encodeURIComponent(name)}&limit=10`);
+    if (!resp.ok) return;
+    const {traces} = await resp.json();
+    if (state.selected !== name) return;
+    tbody.textContent = "";
+    for (const t of traces) {
+      const row = el("tr", {"data-trace": t.trace_id},
+        el("td", {}, el("code", {text: t.trace_id.slice(0, 12)})),
+        el("td", {}, badge(t.start || "—", t.error ? "err" : t.start || "")),
+        el("td", {class: "num", text: ms(t.duration_ms)}), el("td", {class: "num", text: t.spans}));
+      row.addEventListener("click", () => showTrace(t.trace_id));
+      tbody.append(row);
+    }
+  } catch { /* the list stays as it was */ }
+}
+
+// Each span a row under its parent, its bar placed on the trace's time axis.
+async function showTrace(traceId) {
+  const box = $("#waterfall");
+  const resp = await api(`/v1/traces/${traceId}`);
+  if (!resp.ok) return;
+  const trace = await resp.json();
+  $("#trace-panel").hidden = false;
+  box.hidden = false;
+  box.dataset.trace = traceId;
+  box.textContent = "";
+  const t0 = Math.min(...trace.spans.map((s) => s.start_ns));
+  const total = Math.max(...trace.spans.map((s) => s.end_ns)) - t0 || 1;
+  const children = {};
+  const ids = new Set(trace.spans.map((s) => s.span_id));
+  for (const s of trace.spans) {
+    const parent = ids.has(s.parent_id) ? s.parent_id : "";
+    (children[parent] = children[parent] || []).push(s);
+  }
+  box.append(el("p", {class: "muted small",
+                      text: `trace ${traceId} · ${trace.function} · ${ms(total / 1e6)}`}));
+  const rows = [];
+  const walk = (parent, depth) => {
+    for (const s of (children[parent] || []).sort((a, b) => a.start_ns - b.start_ns)) {
+      rows.push([s, depth]);
+      walk(s.span_id, depth + 1);
+    }
+  };
+  walk("", 0);
+  for (const [s, depth] of rows) {
+    const left = (100 * (s.start_ns - t0) / total).toFixed(2);
+    const width = (100 * (s.end_ns - s.start_ns) / total).toFixed(2);
+    const bar = el("span", {class: `span-bar${s.error ? " err" : ""}`,
+                            style: `left:${left}%;width:${width}%;background:${COMPONENT_COLORS[s.component] || "#888"}`,
+                            title: `${s.name} (${s.component}) ${ms(s.duration_ms)}${s.error ? ` · ${s.error}` : ""}`});
+    box.append(el("div", {class: "span-row", "data-span": s.name},
+      el("span", {class: "span-name", style: `padding-left:${depth}rem`, text: s.name}),
+      el("span", {class: "span-track"}, bar),
+      el("span", {class: "span-ms", text: ms(s.duration_ms)})));
+  }
+  const legend = el("div", {class: "legend"});
+  for (const [k, c] of Object.entries(COMPONENT_COLORS)) {
+    legend.append(el("span", {}, el("i", {style: `background:${c}`}), k));
+  }
+  box.append(legend);
 }
 
 // ---- logs (live tail) ----------------------------------------------------------------------
