@@ -37,7 +37,7 @@ from thaw.platform.environments import (
     resolution_key,
 )
 from thaw.platform.environments_index import IndexPlan, local_path, machine_indexes, plan_indexes
-from thaw.platform.runtime import PythonEnv, ToolRun
+from thaw.platform.runtime import PythonEnv, ToolRun, public_names_file
 from thaw.platform.sandbox.index_access import index_access
 from thaw.platform.sandbox.index_proxy import Allowance, allowance_of
 
@@ -361,6 +361,9 @@ class Environments:
             shutil.copytree(Path(runtime.__path__[0]), package / "runtime",
                             ignore=shutil.ignore_patterns("__pycache__"))
             (package / "__init__.py").write_text("")
+            # The `thaw` package's own names (`from thaw import Input`), read lazily from
+            # the runtime copied beside them.
+            shutil.copyfile(public_names_file(), target / "thaw" / "__init__.py")
             _seal(target)
             for old in self.root.glob(".runtime-*"):
                 if old != target:

@@ -147,6 +147,16 @@ class Mount:
         return self.target or self.path
 
 
+def public_names_file() -> str:
+    """The file of the `thaw` package itself (its lazy public names: `from thaw import
+    Input`), which a runtime places beside the in-instance runtime it provides."""
+    import thaw
+
+    if not thaw.__file__:
+        raise RuntimeError("the thaw package has no __init__.py: reinstall thaw")
+    return thaw.__file__
+
+
 @dataclass(frozen=True)
 class PythonEnv:
     """A function's own virtualenv (platform/environments_build.py), as a launch uses

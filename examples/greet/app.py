@@ -5,7 +5,7 @@ input at fault), so the same function answers curl, `thaw.client`, and Replicate
 client on its predictions route (README, "One function, every client").
 """
 
-from thaw.snapshotter.runtime import Input
+from thaw import Input
 
 
 class Greeter:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from thaw.platform import images
-from thaw.platform.runtime import LaunchMode, LaunchSpec, MountKind
+from thaw.platform.runtime import LaunchMode, LaunchSpec, MountKind, public_names_file
 
 RUNTIME_MODULE = "thaw.snapshotter.runtime"
 # The repo's snapshotter/ folder, mounted read-only as thaw.snapshotter.
@@ -19,6 +19,8 @@ SNAPSHOTTER_DIR = Path(__file__).resolve().parent.parent.parent / "snapshotter"
 # Keep in sync with images.RUNTIME_ROOT (the image has the empty folder).
 RUNTIME_ROOT = images.RUNTIME_ROOT
 RUNTIME_MOUNT = f"{RUNTIME_ROOT}/thaw/snapshotter"
+# The `thaw` package's own file (`from thaw import Input, InvalidInput, ...`).
+PUBLIC_NAMES_MOUNT = f"{RUNTIME_ROOT}/thaw/__init__.py"
 # Inside every container: the private folder with the status FIFO and, for a template,
 # a copy of its snapshot.json (its module list; never a file of the snapshot store).
 STATUS_DIR = "/run/thaw/status"
@@ -130,6 +132,7 @@ def container_mounts(spec: LaunchSpec, layout: ContainerLayout,
     in-instance runtime and the status folder at fixed places. No snapshot data is
     mounted: restores get it as descriptors over their control sockets."""
     mounts = [BindMount(RUNTIME_MOUNT, str(SNAPSHOTTER_DIR), read_only=True),
+              BindMount(PUBLIC_NAMES_MOUNT, public_names_file(), read_only=True),
               BindMount(STATUS_DIR, layout.status_dir, read_only=True),
               BindMount(layout.log_dir, layout.log_private, read_only=False)]
     mounts += [BindMount(site, site, read_only=True) for site in site_packages(spec, settings)]

@@ -16,7 +16,13 @@ import pytest
 
 from tests.conftest import RunningPlatform, running
 from tests.docker.conftest import DockerPlatform, agent_containers, host_site_packages
-from tests.e2e.test_environments import environments, function, log_lines
+from tests.e2e.test_environments import (
+    check_public_names,
+    environments,
+    function,
+    log_lines,
+    public_names_in_an_environment,
+)
 from tests.wheels import fake_attrs_index
 
 pytestmark = pytest.mark.docker
@@ -74,3 +80,12 @@ def test_a_bundle_with_its_own_attrs_runs_in_containers(
     assert base["state"] == "ready", base
     answer = p.invoke("docker-base").json()
     assert answer["version"] != "0.0.1" and "/envs/" not in answer["file"], answer
+
+
+def test_from_thaw_import_works_in_containers(docker_env_platform: RunningPlatform,
+                                              tmp_path: Path) -> None:
+    # In an environment (the image's python3 with the environment's packages) and in
+    # the base one: the `thaw` package's file is mounted beside the runtime either way.
+    fn = docker_env_platform.deploy(public_names_in_an_environment(tmp_path / "pn")).json()
+    assert fn["state"] == "ready" and fn["start_mode"] == "restore", fn
+    check_public_names(docker_env_platform)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import FIXTURES as REPO_FIXTURES
 from tests.conftest import RunningPlatform, running
 from tests.wheels import fake_attrs_index
 from thaw.ops.services import LocalPlatform
@@ -244,3 +245,29 @@ def test_pyproject_and_cog_dependencies_build_the_same_way(
     assert fn["state"] == "ready", fn
     assert any(f"requirements from {kind}" in line for line in log_lines(p, name))
     assert p.invoke(name).json()["version"] == "0.0.2"
+
+
+def public_names_in_an_environment(folder: Path) -> Path:
+    """The public-names fixture with a dependency file: it runs in its own environment,
+    whose runtime copy carries the `thaw` package's names too."""
+    shutil.copytree(REPO_FIXTURES / "public_names_rt", folder,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    (folder / "requirements.txt").write_text("attrs==0.0.1\n")
+    return folder
+
+
+def check_public_names(p: RunningPlatform) -> None:
+    assert p.invoke("public-names", {"word": "hi"}).json() == {"word": "hi"}
+    bad = p.invoke("public-names", {"word": "bad"})
+    assert bad.status_code == 422 and bad.json()["error"]["message"] == "not that word", (
+        bad.text)
+    assert p.invoke("public-names", {"word": "x", "status": 418}).status_code == 418
+
+
+def test_from_thaw_import_works_in_a_functions_own_environment(
+        two_nodes: RunningPlatform, tmp_path: Path) -> None:
+    fn = two_nodes.deploy(public_names_in_an_environment(tmp_path / "pn")).json()
+    assert fn["state"] == "ready" and fn["start_mode"] == "restore", fn
+    assert any("installing 1 packages into environment" in line
+               for line in log_lines(two_nodes, "public-names"))
+    check_public_names(two_nodes)

@@ -90,3 +90,13 @@ def test_a_container_gets_the_folders_the_platform_provides_after_its_environmen
     assert kwargs["environment"]["PYTHONPATH"].split(":") == ["/opt/thaw", SITE, provided]
     mounts = {m["Target"]: (m["Source"], m["ReadOnly"]) for m in kwargs["mounts"]}
     assert mounts[provided] == (provided, True)
+
+
+def test_a_container_gets_the_thaw_packages_own_file_beside_the_runtime() -> None:
+    from thaw.platform.docker.spec import PUBLIC_NAMES_MOUNT
+    from thaw.platform.runtime import public_names_file
+
+    mounts = {m["Target"]: (m["Source"], m["ReadOnly"])
+              for m in container_kwargs(fresh(), SETTINGS, LAYOUT)["mounts"]}
+    assert mounts[PUBLIC_NAMES_MOUNT] == (public_names_file(), True)
+    assert PUBLIC_NAMES_MOUNT == "/opt/thaw/thaw/__init__.py"
