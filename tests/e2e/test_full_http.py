@@ -9,6 +9,7 @@ from __future__ import annotations
 import httpx
 
 from tests.conftest import FIXTURES, RunningPlatform
+from thaw.gateway.origins import SANDBOX_CSP
 
 NAME = "http-full"
 URL = f"/fn/dev/{NAME}"
@@ -80,6 +81,9 @@ def test_a_response_sets_status_headers_and_content_type(
         # Cookies, hop-by-hop headers and the platform's own never come from a handler.
         assert "set-cookie" not in answer.headers and "X-Thaw-Error" not in answer.headers
         assert answer.headers.get("Connection", "").lower() != "close"
+        # The gateway's port is the dashboard's origin: its sandbox, not the handler's
+        # policy, holds there.
+        assert answer.headers["Content-Security-Policy"] == SANDBOX_CSP
         assert answer.headers["X-Thaw-Start"]  # the platform's headers still there
     for answer in both(platform, "/text"):
         assert answer.headers["Content-Type"] == "text/html; charset=utf-8"
