@@ -42,6 +42,14 @@ from thaw.core.bundle import (
 )
 from thaw.core.errors import InvalidBundle
 from thaw.core.http_spec import Http, HttpDoc
+from thaw.core.schedule_spec import (
+    MAX_SCHEDULES,
+    Schedule,
+    ScheduleDoc,
+    as_list,
+    one_or_many,
+    table_key,
+)
 from thaw.core.units import parse_duration, parse_size
 
 __all__ = [
@@ -187,6 +195,8 @@ class FunctionSpec:
     """Volumes mounted read-only (`[volumes]`), in file order."""
     http: Http = field(default_factory=Http)
     """Cross-origin access (`[http]`, core/http_spec.py)."""
+    schedules: tuple[Schedule, ...] = ()
+    """Cron schedules (`[schedule]`, core/schedule_spec.py), in file order."""
 
     @property
     def env_map(self) -> dict[str, str]:
@@ -210,6 +220,7 @@ class FunctionSpec:
             env=tuple((str(k), str(v)) for k, v in data.get("env", ())),
             volumes=tuple(VolumeMount(**m) for m in data.get("volumes", ())),
             http=Http.from_dict(data.get("http", {})),
+            schedules=tuple(Schedule.from_dict(s) for s in data.get("schedules", ())),
         )
 
 
@@ -372,6 +383,9 @@ class ThawToml(_Table):
     limits: LimitsDoc = LimitsDoc()
     runtime: RuntimeDoc = RuntimeDoc()
     http: HttpDoc = HttpDoc()
+    schedule: list[ScheduleDoc] = Field(
+        default_factory=list, max_length=MAX_SCHEDULES, json_schema_extra=one_or_many,
+        description="Cron schedules: one [schedule] table, or several [[schedule]]")
     secrets: list[str] = Field(
         default_factory=list, max_length=MAX_SECRETS,
         description="Names of the tenant's secrets (`thaw secret set NAME`) the function "
@@ -384,6 +398,11 @@ class ThawToml(_Table):
         default_factory=dict, max_length=MAX_VOLUMES,
         description='Volumes mounted read-only: "/mount/path" = "volume-name" '
                     "(`thaw volume create`); not under the system's folders")
+
+    @field_validator("schedule", mode="before")
+    @classmethod
+    def _schedule(cls, value: object) -> object:
+        return as_list(value)
 
     @field_validator("secrets")
     @classmethod
@@ -456,7 +475,7 @@ def parse_spec(text: str) -> FunctionSpec:
     try:
         valid = ThawToml.model_validate(doc)
     except ValidationError as exc:
-        raise _problem(exc.errors()[0]) from exc
+        raise table_key(_problem(exc.errors()[0]), doc) from exc
     sc, bt = valid.scaling, valid.batching
     if sc.min_instances > sc.max_instances:
         raise InvalidBundle("scaling.min_instances must not exceed scaling.max_instances",
@@ -488,7 +507,7 @@ def parse_spec(text: str) -> FunctionSpec:
         runtime=Runtime(image=valid.runtime.image, network=valid.runtime.network),
         secrets=tuple(valid.secrets), env=tuple(valid.env.items()),
         volumes=tuple(VolumeMount(path, volume) for path, volume in valid.volumes.items()),
-        http=valid.http.spec())
+        http=valid.http.spec(), schedules=tuple(s.spec() for s in valid.schedule))
 
 
 def thaw_toml_schema() -> dict[str, Any]:
