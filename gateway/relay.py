@@ -45,6 +45,9 @@ def answer_headers(ex: Exchange, buffered: bool) -> dict[str, str]:
         # A handler's own 429/503 says when to retry (HTTPError(retry_after=...)).
         headers["Retry-After"] = upstream["Retry-After"]
     headers["X-Thaw-Start"] = ex.start
+    # The call's id on a streamed answer too (its head goes out before the middleware
+    # could add it): what `thaw fn logs --request` asks for.
+    headers["X-Request-ID"] = ex.call.request_id
     headers["X-Thaw-Node"] = ex.lease.node_id
     if ex.lease.version:
         headers["X-Thaw-Version"] = str(ex.lease.version)  # the version that answered
