@@ -7,6 +7,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -290,6 +291,21 @@ class GatewayFields(_Fields):
     """Bad or unknown API keys one address may send within auth_failure_window; 0 = off."""
     auth_failure_window: float = Field(60.0, gt=0, le=86_400)
     """Seconds auth_failure_limit counts over; past it: 429 until the oldest failure leaves."""
+    # Prices (docs/usage.md, "Cost"): each call's cost is computed when it is metered
+    # and stored with it, so a later change leaves the costs of earlier calls as they were.
+    price_per_call: Decimal = Field(Decimal(0), ge=0, le=1_000_000, allow_inf_nan=False)
+    """Price of one call that reached an instance; 0 = none."""
+    price_cpu_second: Decimal = Field(Decimal(0), ge=0, le=1_000_000, allow_inf_nan=False)
+    """Price of a second a call held its instance (one CPU); 0 = none."""
+    price_gpu_gib_second: Decimal = Field(Decimal(0), ge=0, le=1_000_000, allow_inf_nan=False)
+    """Price of a GiB of GPU slice memory held for a second; 0 = none."""
+    price_memory_gib_second: Decimal = Field(Decimal(0), ge=0, le=1_000_000,
+                                             allow_inf_nan=False)
+    """Price of a GiB of an instance's host-memory limit held for a second; 0 = none."""
+    price_currency: str = Field("USD", pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,15}$")
+    """The currency the prices are in (a label shown with costs)."""
+    cost_header: bool = False
+    """Send every sync call's cost in X-Thaw-Cost (else only when it asks: X-Thaw-Want-Cost: 1)."""
 
     @field_validator("webhook_allow", mode="before")
     @classmethod
