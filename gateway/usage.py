@@ -20,7 +20,9 @@ reached one used nothing and is not metered):
 - GiB-seconds = the function's slice memory (resources.gpu_memory) x wall seconds;
 - compute seconds = its compute share (resources.gpu_compute / 100; a GPU function
   that sets none has the whole device's share, 1) x wall seconds;
-- bytes in (the request body) and out (the answer bytes relayed).
+- bytes in (the request body) and out (the answer bytes relayed);
+- cost: the call priced at this gateway's prices when it is priced, in integer
+  nano-units (core/prices.py); stored with the record, so later price changes leave it.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wai
 
 from thaw.core.errors import InvalidArgument, NotFound, ThawError, Unavailable
 from thaw.core.grpcutil import call
+from thaw.core.prices import FREE, Prices, cost_nanos, money, prices_of
 from thaw.gateway.auth import require, require_operator
 from thaw.gateway.caller import principal_of
 from thaw.gateway.dispatch import Exchange, Settlement
@@ -110,6 +113,7 @@ class UsageRecord(NamedTuple):
     version: str = ""
     gpu_memory_bytes: int = 0
     compute_share: float = 0.0
+    cost_nanos: int = 0
 
     def to_proto(self) -> usage_pb2.UsageRecord:
         return usage_pb2.UsageRecord(
@@ -119,7 +123,7 @@ class UsageRecord(NamedTuple):
             ended_at=self.ended_at, wall_seconds=self.wall_seconds,
             queue_seconds=self.queue_seconds, restore_seconds=self.restore_seconds,
             gpu_memory_bytes=self.gpu_memory_bytes, compute_share=self.compute_share,
-            bytes_in=self.bytes_in, bytes_out=self.bytes_out)
+            bytes_in=self.bytes_in, bytes_out=self.bytes_out, cost_nanos=self.cost_nanos)
 
 
 @dataclass(frozen=True)
@@ -129,6 +133,8 @@ class FunctionSize:
     version: str
     gpu_memory_bytes: int
     compute_share: float
+    memory_bytes: int = 0
+    """`resources.memory`, the instance's host-memory limit; 0: none (not priced)."""
 
 
 GONE = FunctionSize("", 0, 0.0)
@@ -156,7 +162,21 @@ def size_of(config_json: str, version: str) -> FunctionSize:
     config = config_of(config_json)
     memory, percent = config.gpu_memory, config.gpu_compute
     share = percent / 100 if percent else (1.0 if memory else 0.0)
-    return FunctionSize(version, memory, min(share, 1.0))
+    resources = config.document.get("resources") if isinstance(config.document, dict) else None
+    try:
+        host = int((resources or {}).get("memory") or 0)
+    except (TypeError, ValueError, AttributeError):
+        host = 0
+    return FunctionSize(version, memory, min(share, 1.0), max(host, 0))
+
+
+def price_record(record: UsageRecord, size: FunctionSize, prices: Prices) -> UsageRecord:
+    """The record with its function's size and its cost at `prices`."""
+    return record._replace(
+        version=size.version, gpu_memory_bytes=size.gpu_memory_bytes,
+        compute_share=size.compute_share,
+        cost_nanos=cost_nanos(prices, record.wall_seconds, size.gpu_memory_bytes,
+                              size.memory_bytes))
 
 
 Sender = Callable[[list[usage_pb2.UsageRecord]], Awaitable[None]]
@@ -171,9 +191,11 @@ class UsageMeter:
     tested without a scheduler."""
 
     def __init__(self, send: Sender, size: Sizer,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 prices: Prices = FREE) -> None:
         self._send = send
         self._size = size
+        self.prices = prices
         self._clock = clock
         self._pending: deque[UsageRecord] = deque()
         self._sizes: dict[tuple[str, str], tuple[float, FunctionSize]] = {}
@@ -231,11 +253,14 @@ class UsageMeter:
         for start in range(0, len(batch), PRICE_SLICE_RECORDS):
             for r in batch[start:start + PRICE_SLICE_RECORDS]:
                 size = sizes[(r.tenant, r.function)]
-                priced.append(r._replace(
-                    version=size.version, gpu_memory_bytes=size.gpu_memory_bytes,
-                    compute_share=size.compute_share).to_proto())
+                priced.append(price_record(r, size, self.prices).to_proto())
             await asyncio.sleep(0)
         return priced
+
+    async def size_of(self, tenant: str, function: str) -> FunctionSize:
+        """A function's size, from the cache the flusher keeps (a look-up at most once
+        per SIZES_TTL_SECONDS per function)."""
+        return await self._size_cached(tenant, function)
 
     async def _size_cached(self, tenant: str, function: str) -> FunctionSize:
         key = (tenant, function)
@@ -344,19 +369,24 @@ def _row_json(row: usage_pb2.UsageRow) -> dict[str, Any]:
         "gib_seconds": round(row.gib_seconds, 6),
         "compute_seconds": round(row.compute_seconds, 6),
         "bytes_in": row.bytes_in, "bytes_out": row.bytes_out,
+        "cost": money(row.cost_nanos), "cost_nanos": row.cost_nanos,
     }
 
 
 def usage_json(reply: usage_pb2.QueryUsageResponse, tenant: str, from_time: float,
-               to_time: float, group_by: str, function: str) -> dict[str, Any]:
+               to_time: float, group_by: str, function: str,
+               prices: Prices = FREE) -> dict[str, Any]:
     """The document /v1/usage answers: rows in order (time, or function name), each
     with `key` (the function, or the period's start in ISO 8601), `start` (the period's
     start in unix seconds; null per function) and one number per metric; days and
-    hours without use are rows of zeros, so a chart's x axis has no gaps."""
+    hours without use are rows of zeros, so a chart's x axis has no gaps. Each row's
+    `cost` is exact (a decimal string; `cost_nanos` the same in nano-units), the sum of
+    the stored costs of its calls; `priced` says whether this gateway prices calls now."""
     by_time = group_by != "function"
     return {
         "tenant": tenant, "from": _iso(from_time), "to": _iso(to_time),
         "group_by": group_by, "function": function or None, "metrics": list(METRICS),
+        "currency": prices.currency, "priced": not prices.free,
         "rows": [{"key": row.key, "start": row.start if by_time else None,
                   **_row_json(row)} for row in reply.rows],
         "totals": _row_json(reply.totals),
@@ -367,9 +397,9 @@ def usage_csv(doc: dict[str, Any]) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\r\n")
     writer.writerow(["function" if doc["group_by"] == "function" else "period_start",
-                     *METRICS])
+                     *METRICS, "cost"])
     for row in doc["rows"]:
-        writer.writerow([row["key"], *(row[m] for m in METRICS)])
+        writer.writerow([row["key"], *(row[m] for m in METRICS), row["cost"]])
     return out.getvalue()
 
 
@@ -400,7 +430,8 @@ async def query_usage(request: web.Request, tenant: str, from_time: float, to_ti
     except ThawError as exc:
         log.warning("usage query without this replica's latest records", error=exc.message)
     reply = await metering.client.query(tenant, from_time, to_time, group_by, function)
-    return usage_json(reply, tenant, from_time, to_time, group_by, function)
+    return usage_json(reply, tenant, from_time, to_time, group_by, function,
+                      metering.meter.prices)
 
 
 async def usage_view(request: web.Request) -> web.Response:
@@ -444,7 +475,7 @@ async def _metering(app: web.Application) -> AsyncIterator[None]:
         fn = await gw.scheduler.get_function(tenant, name)
         return size_of(fn.config_json, fn.version)
 
-    meter = UsageMeter(client.record, size)
+    meter = UsageMeter(client.record, size, prices=prices_of(app[CONFIG_KEY]))
     app[METERING_KEY] = Metering(meter, client)
     gw.dispatcher.on_settled = meter.on_settled
     flusher = asyncio.get_running_loop().create_task(meter.run_forever())
@@ -465,10 +496,14 @@ _METRIC_SCHEMAS: dict[str, Any] = {
     m: {"type": "integer", "minimum": 0} if m in ("invocations", "errors", "cold_starts",
                                                   "bytes_in", "bytes_out")
     else {"type": "number", "minimum": 0} for m in METRICS}
+_METRIC_SCHEMAS["cost"] = {"type": "string", "pattern": r"^[0-9]+\.[0-9]{9}$",
+                           "description": "exact, in the document's currency"}
+_METRIC_SCHEMAS["cost_nanos"] = {"type": "integer", "minimum": 0}
+_COST_FIELDS = ("cost", "cost_nanos")
 _TIME_PARAM = {"type": "string", "description": "ISO 8601 or unix seconds"}
 OPENAPI_PATHS: dict[str, Any] = {"/v1/usage": {"get": {
     "summary": "Usage of your functions: invocations, wall, queue and restore seconds, "
-               "GiB-seconds of slice memory, compute seconds, bytes in and out",
+               "GiB-seconds of slice memory, compute seconds, bytes in and out, cost",
     "description": (
         "Sums per function, UTC day or UTC hour over the hours that overlap [from, to) "
         "(resolution: one hour; default: the last 24 hours). Needs the deploy scope; "
@@ -498,12 +533,15 @@ OPENAPI_PATHS: dict[str, Any] = {"/v1/usage": {"get": {
                     "group_by": {"type": "string", "enum": list(GROUPINGS)},
                     "function": {"type": "string", "nullable": True},
                     "metrics": {"type": "array", "items": {"type": "string"}},
+                    "currency": {"type": "string"},
+                    "priced": {"type": "boolean"},
                     "rows": {"type": "array", "items": {
-                        "type": "object", "required": ["key", "start", *METRICS],
+                        "type": "object",
+                        "required": ["key", "start", *METRICS, *_COST_FIELDS],
                         "properties": {"key": {"type": "string"},
                                        "start": {"type": "number", "nullable": True},
                                        **_METRIC_SCHEMAS}}},
-                    "totals": {"type": "object", "required": list(METRICS),
+                    "totals": {"type": "object", "required": [*METRICS, *_COST_FIELDS],
                                "properties": _METRIC_SCHEMAS},
                 }}},
             CSV_TYPE: {"schema": {"type": "string"}}}},

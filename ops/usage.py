@@ -14,7 +14,8 @@ from thaw.ops.output import print_table
 TIME_HELP = "ISO 8601 (2030-01-31, 2030-01-31T12:00:00Z) or unix seconds"
 
 
-def _table_row(key: str, row: dict[str, Any]) -> dict[str, object]:
+def _table_row(key: str, row: dict[str, Any], currency: str = "") -> dict[str, object]:
+    cost = {f"cost {currency}": row.get("cost", "0")} if currency else {}
     return {
         "": key, "calls": row["invocations"], "errors": row["errors"],
         "cold": row["cold_starts"], "wall s": f"{row['wall_seconds']:.3f}",
@@ -22,6 +23,7 @@ def _table_row(key: str, row: dict[str, Any]) -> dict[str, object]:
         "restore s": f"{row['restore_seconds']:.3f}",
         "GiB-s": f"{row['gib_seconds']:.3f}", "compute s": f"{row['compute_seconds']:.3f}",
         "in": format_size(row["bytes_in"]), "out": format_size(row["bytes_out"]),
+        **cost,
     }
 
 
@@ -39,7 +41,8 @@ def _table_row(key: str, row: dict[str, Any]) -> dict[str, object]:
 def usage(from_: str | None, to: str | None, group_by: str, function: str | None,
           tenant: str | None, as_json: bool, as_csv: bool) -> None:
     """What your functions used: calls, errors, cold starts, wall, queue and restore
-    seconds, GiB-seconds of slice memory, compute seconds, bytes in and out.
+    seconds, GiB-seconds of slice memory, compute seconds, bytes in and out, and cost
+    (each call priced at the operator's prices when it was metered; docs/usage.md).
 
     Sums over the UTC hours that overlap [--from, --to); a call counts in the hour it
     ended. The gateway meters every call that reached an instance."""
@@ -58,7 +61,10 @@ def usage(from_: str | None, to: str | None, group_by: str, function: str | None
     if as_json:
         click.echo(json.dumps(doc, indent=2))
         return
-    rows = [_table_row(row["key"], row) for row in doc["rows"]]
-    rows.append(_table_row("total", doc["totals"]))
+    # Cost shows once the gateway prices calls or the range holds priced calls.
+    shown = doc.get("priced") or doc["totals"].get("cost_nanos", 0) > 0
+    currency = str(doc.get("currency") or "") if shown else ""
+    rows = [_table_row(row["key"], row, currency) for row in doc["rows"]]
+    rows.append(_table_row("total", doc["totals"], currency))
     click.echo(f"{doc['tenant']}: {doc['from']} to {doc['to']}, by {doc['group_by']}")
     print_table(rows, list(rows[0]), False)

@@ -199,6 +199,36 @@ class Invocation(Base):
     started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     expires_at: Mapped[float | None] = mapped_column(Float, nullable=True, index=True)
+    source: Mapped[str] = mapped_column(String(16), default="")
+    """Empty for a caller's request; "schedule" when a schedule made it at its due time."""
+    schedule_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+
+
+class Schedule(Base):
+    """One of a function's cron schedules (`[schedule]`, scheduler/schedules.py): the
+    serving version's, with when it is next due and how its last due time went."""
+
+    __tablename__ = "schedules"
+    __table_args__ = (UniqueConstraint("tenant_id", "function_name", "position"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(64), index=True)
+    function_name: Mapped[str] = mapped_column(String(63))
+    position: Mapped[int] = mapped_column(Integer)
+    """Its place among the function's [[schedule]] tables."""
+    version: Mapped[int] = mapped_column(Integer)
+    cron: Mapped[str] = mapped_column(String(256))
+    timezone: Mapped[str] = mapped_column(String(64))
+    input_json: Mapped[str] = mapped_column(Text)
+    enabled: Mapped[bool] = mapped_column(Boolean)
+    next_run_at: Mapped[float | None] = mapped_column(Float, nullable=True, index=True)
+    """The first due time not handled yet; the compare-and-set claim of a tick."""
+    last_due_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    last_run_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    last_outcome: Mapped[str] = mapped_column(String(16), default="")
+    """started | skipped | refused (its input), for the last due time handled."""
+    last_invocation_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    updated_at: Mapped[float] = mapped_column(Float, default=_now, onupdate=_now)
 
 
 class WebhookSecret(Base):
@@ -243,6 +273,8 @@ class Usage(Base):
     compute_seconds: Mapped[float] = mapped_column(Float)
     bytes_in: Mapped[int] = mapped_column(BigInteger)
     bytes_out: Mapped[int] = mapped_column(BigInteger)
+    cost_nanos: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    """The call's cost at the metering gateway's prices (nano-units; core/prices.py)."""
 
 
 class UsageHour(Base):
@@ -265,6 +297,7 @@ class UsageHour(Base):
     compute_seconds: Mapped[float] = mapped_column(Float, default=0.0)
     bytes_in: Mapped[int] = mapped_column(BigInteger, default=0)
     bytes_out: Mapped[int] = mapped_column(BigInteger, default=0)
+    cost_nanos: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
 
 # ---- function versions (every deploy is an immutable version) -----------------------

@@ -1,6 +1,10 @@
 """Metering at the scheduler: the gateway's usage records in, sums per function and
 period out (proto/usage.proto).
 
+A record arrives priced: its cost (integer nano-units, core/prices.py) was computed by
+the gateway that metered it, at that gateway's prices, and is stored as it came, so a
+price change never rewrites the cost of calls already metered.
+
 Each record is stored once (keyed by the gateway-made usage_id, so a batch the gateway
 sends again after a lost answer is not counted twice) and, in the same transaction,
 added to its (tenant, function, UTC hour) row of usage_hourly. Queries read only the
@@ -56,6 +60,8 @@ class Sums:
     compute_seconds: float = 0.0
     bytes_in: int = 0
     bytes_out: int = 0
+    cost_nanos: int = 0
+    """Integer nano-units of the currency: summed exactly (core/prices.py)."""
 
     def add(self, other: Sums) -> None:
         for f in fields(self):
@@ -67,7 +73,7 @@ class Sums:
             cold_starts=self.cold_starts, wall_seconds=self.wall_s,
             queue_seconds=self.queue_s, restore_seconds=self.restore_s,
             gib_seconds=self.gib_seconds, compute_seconds=self.compute_seconds,
-            bytes_in=self.bytes_in, bytes_out=self.bytes_out)
+            bytes_in=self.bytes_in, bytes_out=self.bytes_out, cost_nanos=self.cost_nanos)
 
 
 SUM_COLUMNS = tuple(f.name for f in fields(Sums))
@@ -116,7 +122,7 @@ def _record_row(r: usage_pb2.UsageRecord) -> dict[str, Any]:
         "gpu_memory_bytes": r.gpu_memory_bytes, "compute_share": r.compute_share,
         "gib_seconds": r.gpu_memory_bytes / GiB * r.wall_seconds,
         "compute_seconds": r.compute_share * r.wall_seconds,
-        "bytes_in": r.bytes_in, "bytes_out": r.bytes_out,
+        "bytes_in": r.bytes_in, "bytes_out": r.bytes_out, "cost_nanos": r.cost_nanos,
     }
 
 
@@ -126,7 +132,8 @@ def _sums_of(row: dict[str, Any]) -> Sums:
                 cold_starts=int(row["start"] in COLD_STARTS), wall_s=row["wall_s"],
                 queue_s=row["queue_s"], restore_s=row["restore_s"],
                 gib_seconds=row["gib_seconds"], compute_seconds=row["compute_seconds"],
-                bytes_in=row["bytes_in"], bytes_out=row["bytes_out"])
+                bytes_in=row["bytes_in"], bytes_out=row["bytes_out"],
+                cost_nanos=row["cost_nanos"])
 
 
 def _sums_of_row(r: Any) -> Sums:

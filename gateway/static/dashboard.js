@@ -345,11 +345,13 @@ function renderRecent(recent) {
   tbody.textContent = "";
   $("#no-recent").hidden = recent.length > 0;
   for (const r of recent) {
-    tbody.append(el("tr", {"data-id": r.id},
+    const row = el("tr", {"data-id": r.id, title: "show this call's logs"},
       el("td", {text: clock(r.time), title: r.id}), el("td", {text: r.function.split("/")[1]}),
       el("td", {}, badge(String(r.status), r.status >= 500 ? "err" : r.status >= 400 ? "building" : "ok")),
       el("td", {}, badge(r.start)), el("td", {class: "num", text: ms(r.ms)}),
-      el("td", {class: "stages-cell"}, stagesBar(r.stages, r.ms))));
+      el("td", {class: "stages-cell"}, stagesBar(r.stages, r.ms)));
+    row.addEventListener("click", () => showCallLogs(r.function.split("/")[1], r.id));
+    tbody.append(row);
   }
 }
 
@@ -541,6 +543,7 @@ async function invokeSelected(body) {
     if (state.features.traces && traceparent) {
       showTrace(traceparent.split("-")[1]).then(() => loadTraces(f.name));
     }
+    showCallLogs(f.name, resp.headers.get("X-Request-ID"));
     let json = null;
     try { json = JSON.parse(text); } catch { /* not JSON */ }
     out.textContent = json === null ? text : JSON.stringify(json, null, 2);
@@ -678,6 +681,42 @@ async function startLogs(name) {
   }
 }
 
+// ---- one call's logs ------------------------------------------------------------------------
+
+// What the handler printed during one call (GET /v1/functions/{name}/logs?request=ID). The
+// node reads an instance's output a few times a second: asked again while none has come.
+const CALL_LOGS_TRIES = 12;
+const CALL_LOGS_RETRY_MS = 400;
+
+async function showCallLogs(name, requestId) {
+  const pre = $("#call-logs");
+  const stateEl = $("#call-logs-state");
+  if (!requestId) return;
+  pre.dataset.request = requestId;
+  pre.textContent = "";
+  stateEl.textContent = `request ${requestId}…`;
+  const url = `/v1/functions/${encodeURIComponent(name)}/logs?request=${encodeURIComponent(requestId)}`;
+  let lines = [];
+  for (let i = 0; i < CALL_LOGS_TRIES; i++) {
+    if (i) await new Promise((done) => setTimeout(done, CALL_LOGS_RETRY_MS));
+    if (pre.dataset.request !== requestId) return;  // another call was chosen meanwhile
+    let resp;
+    try { resp = await api(url); } catch (err) { stateEl.textContent = `unavailable: ${err.message}`; return; }
+    if (!resp.ok) {
+      const body = await resp.json().catch(() => ({}));
+      stateEl.textContent = body.error ? body.error.message : `HTTP ${resp.status}`;
+      return;
+    }
+    const found = (await resp.text()).split("\n").filter((l) => l.trim());
+    // Once lines have come, one more read picks up the ones the node had not yet read.
+    if (found.length && found.length === lines.length) break;
+    lines = found;
+  }
+  if (pre.dataset.request !== requestId) return;
+  pre.textContent = lines.map(logLine).join("");
+  stateEl.textContent = `request ${requestId}: ${lines.length} line${lines.length === 1 ? "" : "s"}`;
+}
+
 // ---- usage -----------------------------------------------------------------------------------
 
 async function loadUsage() {
@@ -692,19 +731,40 @@ async function loadUsage() {
     box.textContent = "";
     box.append(el("p", {class: "muted small", text: `last 24 h, per function (metered)`}));
     if (!rows.length) { box.append(el("p", {class: "muted", text: "No usage recorded yet."})); return; }
+    // Cost (an exact decimal string) shows once calls are priced (docs/usage.md).
+    const priced = body.priced || (body.totals && body.totals.cost_nanos > 0);
+    const cost = priced ? [["cost", `cost ${body.currency}`, costText]] : [];
     const cols = [["key", "function", (v) => v], ["invocations", "calls", (v) => v],
                   ["cold_starts", "cold", (v) => v], ["wall_seconds", "wall s", (v) => v.toFixed(2)],
-                  ["gib_seconds", "GiB·s", (v) => v.toFixed(2)]];
-    const table = el("table", {}, el("thead", {}, el("tr", {}, ...cols.map(([, h]) => el("th", {text: h})))));
-    const tbody = el("tbody");
-    for (const r of [...rows, {...body.totals, key: "total"}]) {
-      tbody.append(el("tr", {}, ...cols.map(([k, , f]) => el("td", {class: k === "key" ? "" : "num", text: f(r[k] ?? 0)}))));
-    }
-    table.append(tbody);
-    box.append(table);
+                  ["gib_seconds", "GiB·s", (v) => v.toFixed(2)], ...cost];
+    box.append(usageTable(cols, [...rows, {...body.totals, key: "total"}], "usage-by-function"));
+    if (!priced) return;
+    // Cost per UTC day over the last week.
+    const week = await api(`/v1/usage?group_by=day&from=${Math.floor(Date.now() / 1000) - 6 * 86400}`);
+    if (!week.ok) return;
+    const days = await week.json();
+    box.append(el("p", {class: "muted small", text: "per day (UTC)"}));
+    box.append(usageTable([["key", "day", (v) => v.slice(0, 10)], ["invocations", "calls", (v) => v],
+                           ["cost", `cost ${days.currency}`, costText]],
+                          days.rows || [], "usage-by-day"));
   } catch (err) {
     box.textContent = `usage unavailable: ${err.message}`;
   }
+}
+
+function costText(v) {
+  // "0.001234500" -> "0.0012345": the exact figure, without trailing zeros.
+  return String(v ?? "0").replace(/(\.\d*?)0+$/, "$1").replace(/\.$/, "");
+}
+
+function usageTable(cols, rows, id) {
+  const table = el("table", {id}, el("thead", {}, el("tr", {}, ...cols.map(([, h]) => el("th", {text: h})))));
+  const tbody = el("tbody");
+  for (const r of rows) {
+    tbody.append(el("tr", {}, ...cols.map(([k, , f]) => el("td", {class: k === "key" ? "" : "num", text: f(r[k] ?? 0)}))));
+  }
+  table.append(tbody);
+  return table;
 }
 
 // ---- keys: the tenant's API keys and their budgets (an admin key only) -----------------------
