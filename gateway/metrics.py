@@ -9,6 +9,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from thaw.gateway.stream_metrics import StreamMetrics
+
 # From a warm null call (well under a millisecond) to a cold start that imports a model.
 LATENCY_BUCKETS = (0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                    1, 2.5, 5, 10, 30, 60)
@@ -50,6 +52,8 @@ class GatewayMetrics:
         self.deploys = Counter(
             "thaw_deploys_total", "Bundles uploaded, by outcome", ["outcome"],
             registry=self.registry)
+        self.streams = StreamMetrics(self.registry)
+        """Streams' time to first token and between tokens (gateway/stream_metrics.py)."""
         # Children looked up once: labels() is a lock and a dict lookup per call.
         self._invocation_children: dict[tuple[str, str, int], Any] = {}
         self._stage_children = {stage: self.stage_seconds.labels(stage) for stage in

@@ -46,6 +46,7 @@ from thaw.gateway.state import (
     START_KEY,
     Gateway,
 )
+from thaw.gateway.stream_metrics import clock_of
 
 CHAT_PATH = "/v1/chat/completions"
 COMPLETIONS_PATH = "/v1/completions"
@@ -146,9 +147,12 @@ async def _relay_openai_stream(request: web.Request, ex: Exchange,
     out = web.StreamResponse(status=200, headers=answer_headers(ex, buffered=False))
     await out.prepare(request)
     parser = EventParser()
+    clock = clock_of(request, ex.call.function, "openai", ex.started)
     try:
         async for chunk in ex.chunks():
             found = list(parser.feed(chunk))
+            if found and clock is not None:
+                clock.tick()
             if tokens is not None:
                 for e in found:
                     tokens.feed(e.data)

@@ -12,10 +12,12 @@ from aiohttp import web
 from thaw.core.errors import ThawError
 from thaw.core.tracing import TRACEPARENT
 from thaw.gateway import tracing
+from thaw.gateway.cost import add_cost, wants_cost
 from thaw.gateway.dispatch import TENANT_ERROR_HEADER, Exchange, Settlement, StreamBroken
 from thaw.gateway.lane import stream_response
 from thaw.gateway.sse import error_chunk
 from thaw.gateway.state import ERROR_CODE_KEY, TENANT_ERROR_KEY
+from thaw.gateway.stream_metrics import clock_of, stream_kind
 
 # The platform's headers of the node's answer the client gets (X-Thaw-Error tells an
 # error the handler raised itself from the platform's); every other X-Thaw-* is the
@@ -67,13 +69,19 @@ async def relay(request: web.Request, ex: Exchange) -> web.StreamResponse:
         request[TENANT_ERROR_KEY] = True
     if ex.buffered:
         body = await ex.read()
-        return web.Response(status=ex.status, body=body, headers=answer_headers(ex, True))
+        headers = answer_headers(ex, True)
+        if wants_cost(request):
+            await add_cost(request, ex, headers)
+        return web.Response(status=ex.status, body=body, headers=headers)
     out = stream_response(request, ex.status, answer_headers(ex, False))
     if ex.upstream.content_length is not None:
         out.content_length = ex.upstream.content_length
     await out.prepare(request)
+    clock = clock_of(request, ex.call.function, stream_kind(ex.content_type), ex.started)
     try:
         async for chunk in ex.chunks():
+            if clock is not None:
+                clock.tick()
             await out.write(chunk)
     except ThawError as exc:
         # The head is sent: the failure becomes the stream's last item.
