@@ -19,7 +19,7 @@ import queue
 import random
 import re
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -92,7 +92,9 @@ def parse_traceparent(value: str | None, state: str | None = None) -> TraceParen
 REMOTE: contextvars.ContextVar[TraceParent | None] = contextvars.ContextVar(
     "thaw_remote_trace", default=None)
 
-_random = random.SystemRandom()
+# Trace and span ids need to be unique, not secret: the fast generator (seeded from
+# os.urandom), not a system call per id.
+_random = random.Random()
 
 
 def new_trace_id() -> str:
@@ -127,38 +129,56 @@ class SpanRecord:
                 "attributes": self.attributes, "error": self.error or None}
 
 
+# Builds the records of pending spans: a trace may be read on the event loop and
+# exported on the exporter's thread at once, and its span ids are made when it is built.
+_BUILD_LOCK = threading.Lock()
+
+
 @dataclass(slots=True)
 class Trace:
-    """The spans of one trace the gateway took part in, with whose it is."""
+    """The spans of one trace the gateway took part in, with whose it is. A call adds
+    its spans as `pending` builders, run when the trace is first read or exported:
+    the invocation path only stores its measurements."""
 
     trace_id: str
     tenant: str
     function: str
     remote_parent: str
     """The caller's span id ("" when the trace began here)."""
-    spans: list[SpanRecord]
+    spans: list[SpanRecord] = field(default_factory=list)
+    pending: list[Callable[[], list[SpanRecord]]] = field(default_factory=list)
+
+    def records(self) -> list[SpanRecord]:
+        """Every span, the pending ones built first (at most MAX_SPANS_PER_TRACE)."""
+        if self.pending:
+            with _BUILD_LOCK:
+                while self.pending:
+                    self.spans.extend(self.pending.pop(0)())
+                del self.spans[MAX_SPANS_PER_TRACE:]
+        return self.spans
 
     @property
     def start_ns(self) -> int:
-        return min((s.start_ns for s in self.spans), default=0)
+        return min((s.start_ns for s in self.records()), default=0)
 
     @property
     def end_ns(self) -> int:
-        return max((s.end_ns for s in self.spans), default=0)
+        return max((s.end_ns for s in self.records()), default=0)
 
     def summary(self) -> dict[str, Any]:
-        root = next((s for s in self.spans if s.parent_id == self.remote_parent), None)
+        spans = self.records()
+        root = next((s for s in spans if s.parent_id == self.remote_parent), None)
         return {"trace_id": self.trace_id, "function": self.function,
                 "start_ns": self.start_ns,
                 "duration_ms": (self.end_ns - self.start_ns) / 1e6,
-                "spans": len(self.spans),
+                "spans": len(spans),
                 "start": (root.attributes.get("thaw.start") if root else None),
-                "error": next((s.error for s in self.spans if s.error), None)}
+                "error": next((s.error for s in spans if s.error), None)}
 
     def as_json(self) -> dict[str, Any]:
         return {**self.summary(), "tenant": self.tenant,
                 "parent_span_id": self.remote_parent or None,
-                "spans": [s.as_json() for s in sorted(self.spans,
+                "spans": [s.as_json() for s in sorted(self.records(),
                                                        key=lambda s: s.start_ns)]}
 
 
@@ -186,13 +206,15 @@ class TraceRing:
         kept = self._traces.get(trace.trace_id)
         if kept is None:
             self._traces[trace.trace_id] = trace
-            trace.spans = trace.spans[:MAX_SPANS_PER_TRACE]
+            del trace.spans[MAX_SPANS_PER_TRACE:]
             while len(self._traces) > self.capacity:
                 self._traces.popitem(last=False)
             return
-        # A caller's trace may hold several calls: one entry, their spans together.
-        room = MAX_SPANS_PER_TRACE - len(kept.spans)
-        kept.spans.extend(trace.spans[:max(room, 0)])
+        # A caller's trace may hold several calls: one entry, their spans together
+        # (a call adds at least one span: past the bound, calls are left out).
+        if len(kept.spans) + len(kept.pending) < MAX_SPANS_PER_TRACE:
+            kept.spans.extend(trace.spans)
+            kept.pending.extend(trace.pending)
         self._traces.move_to_end(trace.trace_id)
 
     def get(self, trace_id: str) -> Trace | None:
@@ -258,6 +280,7 @@ class OtlpExport:
 
     def submit(self, trace: Trace) -> None:
         """Never blocks: a trace past EXPORT_QUEUE_MAX waiting is dropped and counted."""
+        # A soft bound: the count is kept without a lock across the two threads.
         if self._pending >= EXPORT_QUEUE_MAX:
             self.dropped += 1
             return
@@ -291,7 +314,7 @@ class OtlpExport:
         flags = TraceFlags(TraceFlags.SAMPLED)
         scope = InstrumentationScope("thaw")
         out = []
-        for s in trace.spans:
+        for s in trace.records():
             parent = (SpanContext(trace_id, int(s.parent_id, 16), is_remote=False,
                                   trace_flags=flags) if s.parent_id else None)
             status = (Status(StatusCode.ERROR, s.error) if s.error

@@ -54,6 +54,7 @@ class Exchange(Protocol):
     @property
     def status(self) -> int: ...
 
+
 # The instance's spans ride its answer in this header (snapshotter/runtime/trace.py
 # names the same); the gateway's relay never passes X-Thaw-* headers on.
 SPANS_HEADER = "X-Thaw-Spans"
@@ -180,29 +181,57 @@ def grpc_metadata() -> tuple[tuple[str, str], ...] | None:
     return tuple(trace.hop(trace.root_id).items())
 
 
-def _attributes(ex: Exchange) -> dict[str, Attribute]:
-    return {"thaw.function": ex.call.function, "thaw.version": int(ex.lease.version),
-            "thaw.instance": ex.lease.instance_id, "thaw.start": ex.start,
-            "thaw.node": ex.lease.node_id}
+class Settled:
+    """The measurements of a settled exchange, copied (the exchange and its answer are
+    not kept): its spans are made from them when the trace is first read or exported,
+    once (the ring and the exporter share them)."""
+
+    __slots__ = ("trace", "function", "request_id", "version", "instance", "node", "start",
+                 "stages", "status", "started", "sent", "opened", "settled", "run_span",
+                 "carried", "how", "_spans")
+
+    def __init__(self, trace: CallTrace, ex: Exchange, settled: float, how: str) -> None:
+        self.trace = trace
+        self.function: str = ex.call.function
+        self.request_id: str = ex.call.request_id
+        self.version = int(ex.lease.version)
+        self.instance: str = ex.lease.instance_id
+        self.node: str = ex.lease.node_id
+        self.start = ex.start
+        self.stages = ex.stages
+        self.status = ex.status
+        self.started, self.sent, self.opened, self.settled = (
+            ex.started, ex.sent, ex.opened, settled)
+        self.run_span = ex.run_span
+        self.carried: str = ex.upstream.headers.get(SPANS_HEADER) or ""
+        self.how = how
+        self._spans: list[SpanRecord] | None = None
+
+    def spans(self) -> list[SpanRecord]:
+        if self._spans is None:
+            self._spans = exchange_spans(self)
+        return self._spans
 
 
-def exchange_spans(trace: CallTrace, ex: Exchange, settled: float, how: str
-                   ) -> list[SpanRecord]:
+def exchange_spans(ex: Settled) -> list[SpanRecord]:
     """The spans of a settled exchange, from its measurements: admission (arrival to
     dispatch), acquire (dispatch to the request's send: the queue, placement and the
     start's stages the lease carries, laid end to end in the order they ran; placement
     is the part of the wait no reported stage covers), run (the request to the answer's
     head) with the instance's own spans under it, relay (the answer to the client)."""
-    attrs = _attributes(ex)
+    trace = ex.trace
+    attrs: dict[str, Attribute] = {
+        "thaw.function": ex.function, "thaw.version": ex.version,
+        "thaw.instance": ex.instance, "thaw.start": ex.start, "thaw.node": ex.node}
     wall = trace.wall_ns
     root = trace.root_id
     status = ex.status
     error = "" if status < 500 else f"status {status}"
     spans = [
-        SpanRecord(f"invoke {ex.call.function}", root, trace.remote_parent,
-                   trace.begun_ns, wall(settled), "gateway",
+        SpanRecord(f"invoke {ex.function}", root, trace.remote_parent,
+                   trace.begun_ns, wall(ex.settled), "gateway",
                    {**attrs, "http.response.status_code": status,
-                    "thaw.request_id": ex.call.request_id, "thaw.outcome": how},
+                    "thaw.request_id": ex.request_id, "thaw.outcome": ex.how},
                    error, "server"),
         SpanRecord("admission", new_span_id(), root, trace.begun_ns, wall(ex.started),
                    "gateway", attrs),
@@ -236,24 +265,24 @@ def exchange_spans(trace: CallTrace, ex: Exchange, settled: float, how: str
     run_id = ex.run_span or new_span_id()
     spans.append(SpanRecord("run", run_id, root, wall(ex.sent), wall(ex.opened), "gateway",
                             attrs, error, "client"))
-    carried = ex.upstream.headers.get(SPANS_HEADER)
-    if carried:
-        spans.extend(instance_spans(carried, run_id))
-    spans.append(SpanRecord("relay", new_span_id(), root, wall(ex.opened), wall(settled),
+    if ex.carried:
+        spans.extend(instance_spans(ex.carried, run_id))
+    spans.append(SpanRecord("relay", new_span_id(), root, wall(ex.opened), wall(ex.settled),
                             "gateway", attrs))
     return spans
 
 
 def settled(ex: Exchange, how: str) -> None:
     """Record the call's trace once its exchange settles (the first one to settle: a
-    call refused and sent again records the exchange that answered)."""
+    call refused and sent again records the exchange that answered). Only the
+    measurements are stored here; the spans are made when the trace is read."""
     trace = CURRENT.get()
     if trace is None or trace.finished or not trace.tenant:
         return
     trace.finished = True
-    spans = exchange_spans(trace, ex, time.perf_counter(), how)
+    measured = Settled(trace, ex, time.perf_counter(), how)
     sink().record(Trace(trace.trace_id, ex.call.tenant, ex.call.function,
-                        trace.remote_parent, spans))
+                        trace.remote_parent, pending=[measured.spans]))
 
 
 def failed(trace: CallTrace | None, code: str, status: int) -> None:
@@ -268,7 +297,8 @@ def failed(trace: CallTrace | None, code: str, status: int) -> None:
     spans = [SpanRecord(f"invoke {function}", trace.root_id, trace.remote_parent,
                         trace.begun_ns, now, "gateway",
                         {**attrs, "http.response.status_code": status}, code, "server")]
-    sink().record(Trace(trace.trace_id, trace.tenant, function, trace.remote_parent, spans))
+    sink().record(Trace(trace.trace_id, trace.tenant, function, trace.remote_parent,
+                        spans))
 
 
 def unsettled(trace: CallTrace | None, status: int) -> None:
@@ -281,4 +311,5 @@ def unsettled(trace: CallTrace | None, status: int) -> None:
                         trace.begun_ns, time.time_ns(), "gateway",
                         {"thaw.function": function, "http.response.status_code": status},
                         kind="server")]
-    sink().record(Trace(trace.trace_id, trace.tenant, function, trace.remote_parent, spans))
+    sink().record(Trace(trace.trace_id, trace.tenant, function, trace.remote_parent,
+                        spans))

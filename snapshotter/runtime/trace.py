@@ -75,7 +75,7 @@ def _api() -> Any:
 def call_context(headers: Mapping[str, str]) -> Iterator[list[dict[str, Any]] | None]:
     """Run a call inside the trace its headers name; yields the list its finished spans
     are collected in (None: the call is not traced here)."""
-    value = headers.get(TRACEPARENT)
+    value = headers.get(TRACEPARENT) if _setup is not False else None
     parsed = _parse(value) if value else None
     otel: Any = _api() if parsed is not None else False
     if not otel or parsed is None:

@@ -69,6 +69,33 @@ def test_ring_keeps_the_last_traces_per_tenant() -> None:
     assert TraceRing(0).recent() == []
 
 
+def test_pending_spans_are_built_once_and_shared() -> None:
+    built: list[int] = []
+    records = [SpanRecord("x", "a" * 16, "", 1, 2)]
+
+    def build() -> list[SpanRecord]:
+        built.append(1)
+        return records
+
+    class Once:
+        done: list[SpanRecord] | None = None
+
+        def spans(self) -> list[SpanRecord]:
+            if self.done is None:
+                self.done = build()
+            return self.done
+
+    once = Once()
+    ring = TraceRing(2)
+    first = Trace(TRACE, "t", "t/f", "", pending=[once.spans])
+    ring.add(first)
+    ring.add(Trace(TRACE, "t", "t/f", "", pending=[Once().spans]))  # the same trace
+    kept = ring.get(TRACE)
+    assert kept is first and len(kept.pending) == 2
+    assert [s.name for s in kept.records()] == ["x", "x"] and not kept.pending
+    assert first.records() is kept.spans and len(built) == 2
+
+
 def test_otlp_export_builds_sdk_spans_off_the_loop() -> None:
     exporter = InMemorySpanExporter()
     export = OtlpExport(exporter, schedule_delay_millis=10)
@@ -121,7 +148,8 @@ def test_cold_exchange_spans_come_from_the_stages() -> None:
     carried = json.dumps([{"n": "handler", "s": "f" * 16, "b": 1, "e": 2}])
     ex = _exchange("restore", [("queue", 0.5), ("fetch", 0.25), ("restore", 0.75),
                                ("prefault", 0.25)], carried)
-    spans = {s.name: s for s in tracing.exchange_spans(trace, ex, 13.0, "answered")}
+    measured = tracing.Settled(trace, ex, 13.0, "answered")
+    spans = {s.name: s for s in tracing.exchange_spans(measured)}
     root = spans["invoke t/f"]
     assert root.parent_id == PARENT and root.span_id == trace.root_id
     assert root.kind == "server" and root.attributes["http.response.status_code"] == 200
@@ -151,8 +179,8 @@ def test_cold_exchange_spans_come_from_the_stages() -> None:
 
 def test_warm_exchange_has_no_start() -> None:
     trace = _call_trace(None)
-    spans = tracing.exchange_spans(trace, _exchange("warm", [("queue", 0.0)]), 13.0,
-                                   "answered")
+    spans = tracing.exchange_spans(tracing.Settled(trace, _exchange("warm", [("queue", 0.0)]),
+                                                   13.0, "answered"))
     assert [s.name for s in spans] == ["invoke t/f", "admission", "acquire", "queue", "run",
                                        "relay"]
     assert spans[0].parent_id == "" and len(trace.trace_id) == 32
