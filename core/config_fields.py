@@ -131,6 +131,12 @@ class SchedulerFields(_Fields):
     """Seconds between garbage collections on every node (0 = only `thaw node gc`)."""
     gc_log_age: float = Field(86_400.0, ge=0, le=365 * 86_400, allow_inf_nan=False)
     """Seconds a node keeps the log of an instance that ended (then collected)."""
+    schedule_tick_seconds: float = Field(1.0, gt=0, le=60, allow_inf_nan=False)
+    """How often functions' cron schedules are looked at (docs/schedules.md)."""
+    schedule_grace_seconds: float = Field(60.0, ge=0, le=86_400, allow_inf_nan=False)
+    """A due time found later than this (the scheduler was down) is skipped, not run."""
+    schedule_clock_file: str = ""
+    """Tests only: a file holding seconds added to the clock schedules run by; empty = none."""
 
 
 class PolicyFields(_Fields):

@@ -150,6 +150,15 @@ class ControlPlane:
     async def snapshot_facts(self, fn: FunctionRecord) -> tuple[int, str]:
         return await self.tiers.snapshot_facts(fn)
 
+    async def input_schema(self, tenant: str, name: str) -> str:
+        """The input schema the function's calls are checked against ("" = none): its
+        active snapshot's, or for one running fresh the version's."""
+        fn = await self.store.run(self.store.get_function, tenant, name)
+        _, schema = await self.snapshot_facts(fn)
+        if not schema and fn.start_mode == "fresh":
+            schema = await self.store.run(self.versions.input_schema, fn.id, fn.version)
+        return schema
+
     async def snapshot_tiers(self, fn: FunctionRecord) -> tuple[list[str], list[str]]:
         return await self.tiers.snapshot_tiers(fn)
 

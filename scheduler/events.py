@@ -46,6 +46,9 @@ class EventKind(str, enum.Enum):
     PRIORITY_CHANGED = "priority_changed"  # an operator re-prioritized a queued invocation
     ACQUIRE_DEMOTED = "acquire_demoted"    # gateway bookkeeping: a call stopped waiting
     GARBAGE_COLLECTED = "garbage_collected"  # a node's garbage collected: bytes freed by kind
+    SCHEDULE_RAN = "schedule_ran"          # a cron schedule's due time made an invocation
+    SCHEDULE_SKIPPED = "schedule_skipped"  # a due time missed, or its previous run still ran
+    SCHEDULE_REFUSED = "schedule_refused"  # its input is not what the function takes
 
 
 class Actor(str, enum.Enum):

@@ -37,6 +37,8 @@ from thaw.scheduler.invocations_service import InvocationsService
 from thaw.scheduler.key_audit import BOOTSTRAP, AuditedTenancyService, issue_entry, record_issue
 from thaw.scheduler.nodes import AgentClient
 from thaw.scheduler.policy import PolicyConfig
+from thaw.scheduler.schedule_ticker import ScheduleTicker
+from thaw.scheduler.schedules import ScheduleBook
 from thaw.scheduler.secrets import open_secret_store
 from thaw.scheduler.secrets_service import SecretsService
 from thaw.scheduler.service import NodeRegistryService, SchedulerService
@@ -128,6 +130,11 @@ class SchedulerServer:
         self._tasks.append(asyncio.create_task(
             self.control.reconcile_forever(cfg.reconcile_interval)))
         self._tasks.append(asyncio.create_task(self.control.gc.run_forever(cfg.gc_interval)))
+        self.schedules = ScheduleTicker(
+            ScheduleBook(self.store), self.control.events, self.control.input_schema,
+            grace_seconds=cfg.schedule_grace_seconds, clock_file=cfg.schedule_clock_file)
+        self._tasks.append(asyncio.create_task(
+            self.schedules.run_forever(cfg.schedule_tick_seconds)))
         if cfg.metrics_listen:
             host, _, port = cfg.metrics_listen.rpartition(":")
             # Restore failures by fault, events by kind (scheduler/events.py).
