@@ -28,7 +28,7 @@ from aiohttp import web
 
 from thaw.core.errors import NotFound, ThawError
 from thaw.core.tracing import TRACEPARENT
-from thaw.gateway import traces, tracing
+from thaw.gateway import cors, traces, tracing
 from thaw.gateway.admit import admit, new_call
 from thaw.gateway.errors import error_body, error_response, status_of
 from thaw.gateway.files import carries_files, file_answer, form_body, resolve_inputs
@@ -69,6 +69,9 @@ async def invoke(request: web.Request) -> web.StreamResponse:
 async def _invoke(request: web.Request) -> web.StreamResponse:
     gw = request.app[GATEWAY_KEY]
     tenant, name = request.match_info["tenant"], request.match_info["name"]
+    preflight = await cors.check(request, gw, tenant, name)  # before any key is asked
+    if preflight is not None:
+        return preflight
     p = await admit(request, gw)
     if p.tenant != tenant:
         # Not 403: another tenant's function names are not disclosed.

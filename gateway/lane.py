@@ -72,6 +72,8 @@ def claims(max_body: int = LANE_MAX_BODY_BYTES) -> Claim:
             return False  # chunked, or large: see LANE_MAX_BODY_BYTES
         if "authorization" not in headers or "transfer-encoding" in headers:
             return False
+        if "origin" in headers:
+            return False  # a browser's call: its CORS headers are aiohttp's (gateway/cors.py)
         return not any(h in headers for h in _HANDED_OFF_HEADERS)
 
     return claim

@@ -18,6 +18,7 @@ from thaw.gateway.cors import (
     preflight_headers,
     preflight_refusal,
 )
+from thaw.gateway.lane import claims
 
 APP = "https://app.example.com"
 POLICY = Http(cors_origins=(APP,), cors_methods=("GET", "POST"),
@@ -86,3 +87,10 @@ def test_add_headers_extends_vary() -> None:
     untouched: dict[str, str] = {}
     add_headers({}, untouched)
     assert untouched == {}
+
+
+def test_the_fast_lane_leaves_browser_calls_to_aiohttp() -> None:
+    claim = claims()
+    plain = {"content-length": "2", "authorization": "Bearer k"}
+    assert claim("POST", "/fn/t/n", plain)
+    assert not claim("POST", "/fn/t/n", {**plain, "origin": APP})
