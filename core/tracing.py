@@ -214,6 +214,7 @@ class TraceRing:
         # (a call adds at least one span: past the bound, calls are left out).
         if len(kept.spans) + len(kept.pending) < MAX_SPANS_PER_TRACE:
             kept.spans.extend(trace.spans)
+            del kept.spans[MAX_SPANS_PER_TRACE:]
             kept.pending.extend(trace.pending)
         self._traces.move_to_end(trace.trace_id)
 
