@@ -67,5 +67,11 @@ def test_preflights_and_answers_of_a_deployed_function(platform: RunningPlatform
     assert bare.status_code == 200
     assert "Access-Control-Allow-Origin" not in bare.headers
     assert "Origin" not in bare.headers.get("Vary", "")
+    # ... and its OPTIONS calls, preflight-shaped or not, reach its handler (a key needed).
+    passed = httpx.options(plain_url, headers={**auth, "Origin": APP, **asks}, timeout=120)
+    assert passed.status_code == 200 and passed.json()["echo"] is None, passed.text
+    assert "Access-Control-Allow-Origin" not in passed.headers
+    assert httpx.options(plain_url, headers={"Origin": APP, **asks},
+                         timeout=60).status_code == 401
     for fn_name in (name, plain):
         platform.http.delete(f"/v1/functions/{fn_name}")
