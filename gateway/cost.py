@@ -19,6 +19,7 @@ from thaw.core.errors import ThawError
 from thaw.core.prices import cost_nanos, money
 from thaw.gateway.dispatch import Exchange
 from thaw.gateway.state import CONFIG_KEY
+from thaw.gateway.usage import METERING_KEY
 
 WANT_COST_HEADER = "X-Thaw-Want-Cost"
 COST_HEADER = "X-Thaw-Cost"
@@ -34,9 +35,6 @@ def wants_cost(request: Any) -> bool:
 async def add_cost(request: Any, ex: Exchange, headers: MutableMapping[str, str]) -> None:
     """Set X-Thaw-Cost on a whole answer's headers, when prices are set and the
     function's size is known (a function deleted meanwhile answers none)."""
-    # Imported here: gateway/usage.py imports the dispatcher this module's callers use.
-    from thaw.gateway.usage import METERING_KEY
-
     metering = request.app.get(METERING_KEY)
     if metering is None or metering.meter.prices.free:
         return

@@ -46,7 +46,6 @@ from thaw.gateway.state import (
     START_KEY,
     Gateway,
 )
-from thaw.gateway.stream_metrics import clock_of
 
 CHAT_PATH = "/v1/chat/completions"
 COMPLETIONS_PATH = "/v1/completions"
@@ -147,7 +146,7 @@ async def _relay_openai_stream(request: web.Request, ex: Exchange,
     out = web.StreamResponse(status=200, headers=answer_headers(ex, buffered=False))
     await out.prepare(request)
     parser = EventParser()
-    clock = clock_of(request, ex.call.function, "openai", ex.started)
+    clock = ex.dispatcher.metrics.streams.clock(ex.call.function, "openai", ex.started)
     try:
         async for chunk in ex.chunks():
             found = list(parser.feed(chunk))

@@ -17,7 +17,7 @@ from thaw.gateway.dispatch import TENANT_ERROR_HEADER, Exchange, Settlement, Str
 from thaw.gateway.lane import stream_response
 from thaw.gateway.sse import error_chunk
 from thaw.gateway.state import ERROR_CODE_KEY, TENANT_ERROR_KEY
-from thaw.gateway.stream_metrics import clock_of, stream_kind
+from thaw.gateway.stream_metrics import stream_kind
 
 # The platform's headers of the node's answer the client gets (X-Thaw-Error tells an
 # error the handler raised itself from the platform's); every other X-Thaw-* is the
@@ -77,7 +77,8 @@ async def relay(request: web.Request, ex: Exchange) -> web.StreamResponse:
     if ex.upstream.content_length is not None:
         out.content_length = ex.upstream.content_length
     await out.prepare(request)
-    clock = clock_of(request, ex.call.function, stream_kind(ex.content_type), ex.started)
+    clock = ex.dispatcher.metrics.streams.clock(ex.call.function,
+                                                stream_kind(ex.content_type), ex.started)
     try:
         async for chunk in ex.chunks():
             if clock is not None:

@@ -64,9 +64,11 @@ class StreamMetrics:
             ["function", "kind"], registry=registry, buckets=TBT_BUCKETS)
         self._children: dict[tuple[str, str], tuple[Any, Any]] = {}
 
-    def clock(self, function: str, kind: str, started: float) -> StreamClock:
-        """A clock for one stream of `function` (tenant/name) begun at `started`
-        (perf_counter at the call's admission)."""
+    def clock(self, function: str, kind: str | None, started: float) -> StreamClock | None:
+        """A clock for one stream of `function` (tenant/name) admitted at `started`
+        (perf_counter); None when the answer is no stream (`kind` None)."""
+        if kind is None:
+            return None
         key = (function, kind)
         children = self._children.get(key)
         if children is None:
@@ -82,15 +84,3 @@ def stream_kind(content_type: str) -> str | None:
     if content_type.startswith(NDJSON_CONTENT_TYPE):
         return "ndjson"
     return None
-
-
-def clock_of(request: Any, function: str, kind: str | None,
-             started: float) -> StreamClock | None:
-    """The clock of a relayed stream, or None (not a stream, or no metrics here)."""
-    if kind is None:
-        return None
-    # Imported here: gateway/state.py holds GatewayMetrics, which holds StreamMetrics.
-    from thaw.gateway.state import METRICS_KEY
-
-    metrics = request.app.get(METRICS_KEY)
-    return metrics.streams.clock(function, kind, started) if metrics is not None else None

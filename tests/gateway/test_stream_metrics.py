@@ -5,13 +5,9 @@ function and kind; only streams get a clock."""
 from __future__ import annotations
 
 import time
-from types import SimpleNamespace
-
-from aiohttp import web
 
 from thaw.gateway.metrics import GatewayMetrics
-from thaw.gateway.state import METRICS_KEY
-from thaw.gateway.stream_metrics import clock_of, stream_kind
+from thaw.gateway.stream_metrics import stream_kind
 
 
 def sample(metrics: GatewayMetrics, name: str, function: str, kind: str) -> float:
@@ -43,12 +39,10 @@ def test_only_streams_get_a_clock() -> None:
     assert stream_kind("text/event-stream; charset=utf-8") == "sse"
     assert stream_kind("application/x-ndjson") == "ndjson"
     assert stream_kind("application/octet-stream") is None
-    app = web.Application()
-    app[METRICS_KEY] = metrics = GatewayMetrics()
-    request = SimpleNamespace(app=app)
-    assert clock_of(request, "t/f", None, 0.0) is None
-    clock = clock_of(request, "t/f", "ndjson", time.perf_counter())
+    metrics = GatewayMetrics()
+    assert metrics.streams.clock("t/f", None, 0.0) is None
+    clock = metrics.streams.clock("t/f", stream_kind("application/x-ndjson"),
+                                  time.perf_counter())
     assert clock is not None
     clock.tick()
     assert sample(metrics, "thaw_stream_ttft_seconds_count", "t/f", "ndjson") == 1
-    assert clock_of(SimpleNamespace(app=web.Application()), "t/f", "sse", 0.0) is None
