@@ -293,13 +293,18 @@ async def publish_value(files: Files, base: str, tenant: str, body: bytes) -> An
     return await walk(value)
 
 
-async def _store_one(files: Files, tenant: str, base: str, marker: dict[str, Any]) -> str:
+def decode_marker(marker: dict[str, Any]) -> tuple[bytes, str, str]:
+    """A FILE_MARKER's file: its bytes, name and media type (ThawError for bad base64)."""
     try:
         data = base64.b64decode(str(marker.get("data", "")), validate=True)
     except (binascii.Error, ValueError) as exc:
         raise ThawError(f"the function's output file is not valid base64: {exc}") from None
     name = str(marker.get("name") or "output")
-    content_type = str(marker.get("type") or "application/octet-stream")
+    return data, name, str(marker.get("type") or "application/octet-stream")
+
+
+async def _store_one(files: Files, tenant: str, base: str, marker: dict[str, Any]) -> str:
+    data, name, content_type = decode_marker(marker)
     stored = await asyncio.to_thread(files.store.put, tenant, data, content_type, name,
                                      files.ttl)
     token = files.signer.sign(tenant, stored.file_id, math.ceil(stored.expires))
@@ -321,15 +326,6 @@ async def file_answer(request: web.Request, tenant: str, ex: Exchange) -> web.Re
     headers.pop("Content-Type", None)
     value = await publish(request, tenant, body)
     return web.json_response(value, status=ex.status, headers=headers,
-                             dumps=lambda v: json.dumps(v, ensure_ascii=False))
-
-
-async def stored_file_answer(request: web.Request, tenant: str, status: int,
-                             body: bytes, headers: dict[str, str]) -> web.Response:
-    """A stored invocation's result that carries files (its content type says so),
-    answered as a sync call's: JSON with their URLs, `headers` added."""
-    value = await publish(request, tenant, body)
-    return web.json_response(value, status=status or 200, headers=headers,
                              dumps=lambda v: json.dumps(v, ensure_ascii=False))
 
 
@@ -386,7 +382,8 @@ OPENAPI_PATHS: dict[str, Any] = {
                        "\"Files\").",
         "tags": ["functions"], "security": [],
         "parameters": [{"name": "token", "in": "path", "required": True,
-                        "schema": {"type": "string"}}],
+                        "schema": {"type": "string", "maxLength": 1024,
+                                   "pattern": r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$"}}],
         "responses": {
             "200": {"description": "The file, with its media type and "
                                    "Content-Disposition."},

@@ -44,6 +44,7 @@ from thaw.gateway.relay import done_within
 from thaw.gateway.request import parse_invoke, read_body
 from thaw.gateway.state import CONFIG_KEY, ERROR_CODE_KEY, FUNCTION_KEY, GATEWAY_KEY, START_KEY
 from thaw.gateway.stored.outcome import finish_exchange
+from thaw.gateway.stored.result_files import is_refs, links_of
 from thaw.gateway.stored.runner import RUNNER_KEY
 from thaw.gateway.stored.submit import check_same_request, record_of
 from thaw.gateway.stored.views import expired
@@ -226,7 +227,7 @@ async def create_prediction(request: web.Request) -> web.StreamResponse:
             opening.cancel()
             raise
         runner.adopt(inv.id, asyncio.ensure_future(
-            finish_exchange(opening, gw.config.max_body_bytes)))
+            finish_exchange(opening, gw.config.max_body_bytes)), tenant)
         body = stored_prediction(base, inv)
         body["status"] = "starting"  # Replicate's client polls a "starting" one
         return web.json_response(body, status=202)
@@ -259,10 +260,15 @@ async def create_prediction(request: web.Request) -> web.StreamResponse:
 
 async def with_files(request: web.Request, inv: invocations_pb2.Invocation
                      ) -> dict[str, Any]:
-    """A stored prediction; output files, as a sync one's, by their signed URLs
-    (stored once, content-addressed: a later read renews the same file's URL)."""
+    """A stored prediction; output files, as a sync one's, by signed URLs minted
+    now from the files kept with the result (gateway/stored/result_files.py)."""
     body = stored_prediction(_base(request), inv)
-    if body["status"] == "succeeded" and carries_files(inv.result_content_type):
+    if body["status"] != "succeeded":
+        return body
+    links = links_of(request)
+    if links is not None and is_refs(inv.result_content_type):
+        body["output"] = links.value(inv.tenant, inv.result_body)
+    elif carries_files(inv.result_content_type):  # stored before its files were kept
         body["output"] = await publish(request, inv.tenant, inv.result_body)
     return body
 

@@ -26,6 +26,7 @@ runs it again once the claim lapses.
 The subpackage sits above the invocation path (gateway/request.py, admit.py,
 dispatch.py, relay.py) and runs its calls through it; the path never imports it.
 Modules: client (the scheduler's Invocations service), outcome (a call read to a
-stored result), views (JSON, 202/303, stored answers), runner (the worker), submit
-(the function URL's part), routes (the management routes and OpenAPI paths).
+stored result), result_files (a stored result's output files and their URLs), views
+(JSON, 202/303, stored answers), runner (the worker), submit (the function URL's
+part), routes (the management routes and OpenAPI paths).
 """

@@ -14,8 +14,10 @@ from thaw.core.priority import PRIORITY_DEFAULT
 from thaw.gateway import jsonbody
 from thaw.gateway.dispatch import Call, Exchange
 from thaw.gateway.errors import PayloadTooLarge, error_body, status_of
+from thaw.gateway.files import Files, carries_files
 from thaw.gateway.relay import answer_headers
 from thaw.gateway.state import Gateway
+from thaw.gateway.stored.result_files import FILE_REFS_TYPE, store_files
 from thaw.proto import invocations_pb2
 
 
@@ -77,6 +79,25 @@ async def finish_exchange(opening: asyncio.Future[Exchange], limit: int) -> Outc
                 headers=tuple(answer_headers(ex, True).items()))
     except ThawError as exc:
         return error_outcome(exc, start)
+
+
+async def keep_files(files: Files | None, tenant: str, outcome: Outcome,
+                     keep_seconds: float) -> Outcome:
+    """The outcome as it is stored: a succeeded answer that carries files
+    (FILES_CONTENT_TYPE) has them put in the file store for `keep_seconds` and is
+    recorded as FILE_REFS_TYPE, read back as signed URLs (result_files.py); a file
+    that cannot be stored (a full quota, bad base64) fails the invocation."""
+    if files is None or not outcome.succeeded or not carries_files(outcome.content_type):
+        return outcome
+    try:
+        body = await asyncio.to_thread(store_files, files, tenant, outcome.body,
+                                       keep_seconds)
+    except ThawError as exc:
+        return error_outcome(exc, outcome.start)
+    except ValueError as exc:
+        return error_outcome(ThawError(f"the function's answer with files is not valid "
+                                       f"JSON: {exc}"), outcome.start)
+    return dataclasses.replace(outcome, content_type=FILE_REFS_TYPE, body=body)
 
 
 def completion(invocation_id: str, gateway_id: str, outcome: Outcome, ttl: float,

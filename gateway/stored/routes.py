@@ -19,9 +19,11 @@ from thaw.gateway.caller import (
     reads_all_invocations,
 )
 from thaw.gateway.errors import InvocationFinished
+from thaw.gateway.files import FILES_KEY
 from thaw.gateway.request import prefer_wait
 from thaw.gateway.state import GATEWAY_KEY
 from thaw.gateway.stored.client import InvocationsClient
+from thaw.gateway.stored.result_files import app_links, links_of
 from thaw.gateway.stored.runner import RUNNER_KEY, InvocationRunner
 from thaw.gateway.stored.signing_routes import OPENAPI_PATHS as SIGNING_PATHS
 from thaw.gateway.stored.signing_routes import add_signing_routes
@@ -50,7 +52,7 @@ async def get_invocation(request: web.Request) -> web.Response:
     check_invocation_reader(p, inv)
     if inv.state == "expired":
         raise expired(inv.id)
-    return web.json_response(invocation_json(inv))
+    return web.json_response(invocation_json(inv, links_of(request)))
 
 
 async def get_result(request: web.Request) -> web.Response:
@@ -65,7 +67,8 @@ async def get_result(request: web.Request) -> web.Response:
     if inv.state in ("queued", "running"):
         # Still running: come back (a client following redirects waits again).
         return accepted(inv, 303)
-    return stored_answer(await runner.client.get(p.tenant, inv.id, with_bodies=True))
+    return stored_answer(await runner.client.get(p.tenant, inv.id, with_bodies=True),
+                         links_of(request))
 
 
 async def cancel_invocation(request: web.Request) -> web.Response:
@@ -106,7 +109,10 @@ async def list_invocations(request: web.Request) -> web.Response:
 async def _worker(app: web.Application) -> AsyncIterator[None]:
     gw = app[GATEWAY_KEY]
     session = delivery_session()
-    runner = InvocationRunner(gw, InvocationsClient(gw.scheduler.channel), session)
+    # The file store is made by a later feature's startup: read when first needed.
+    runner = InvocationRunner(gw, InvocationsClient(gw.scheduler.channel), session,
+                              files=lambda: app.get(FILES_KEY),
+                              links=lambda: app_links(app))
     app[RUNNER_KEY] = runner
     loops = [asyncio.get_running_loop().create_task(coro) for coro in (
         runner.claim_forever(), runner.renew_forever(), runner.sweep_forever(),

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -23,9 +24,18 @@ from tenacity import (
 
 from thaw.core.errors import ThawError
 from thaw.gateway.config import GatewaySettings
+from thaw.gateway.files import Files
 from thaw.gateway.state import Gateway
 from thaw.gateway.stored.client import InvocationsClient
-from thaw.gateway.stored.outcome import Outcome, call_of, completion, error_outcome, run
+from thaw.gateway.stored.outcome import (
+    Outcome,
+    call_of,
+    completion,
+    error_outcome,
+    keep_files,
+    run,
+)
+from thaw.gateway.stored.result_files import KEEP_SLACK_SECONDS, Links
 from thaw.gateway.stored.webhooks import Webhooks
 from thaw.proto import invocations_pb2
 
@@ -57,13 +67,17 @@ class InvocationRunner:
     the webhooks of those it finished, and of others whose replica died."""
 
     def __init__(self, gw: Gateway, client: InvocationsClient,
-                 session: aiohttp.ClientSession) -> None:
+                 session: aiohttp.ClientSession,
+                 files: Callable[[], Files | None] = lambda: None,
+                 links: Callable[[], Links | None] = lambda: None) -> None:
         self.gw = gw
+        self.files = files
+        """The app's output file store (a getter: it is made after the runner)."""
         self.client = client
         self.session = session
         self.config: GatewaySettings = gw.config
         self.id = f"gw_{uuid.uuid4().hex[:16]}"
-        self.webhooks = Webhooks(client, self.id, self.config, session)
+        self.webhooks = Webhooks(client, self.id, self.config, session, links=links)
         self.running: dict[str, asyncio.Task[None]] = {}
         self.done_events: dict[str, asyncio.Event] = {}
         self.cut: set[str] = set()
@@ -75,14 +89,28 @@ class InvocationRunner:
 
     # -- running
 
-    def adopt(self, invocation_id: str, outcome: asyncio.Future[Outcome]) -> None:
-        """Run to its end a call this replica started, storing its outcome."""
+    def adopt(self, invocation_id: str, outcome: asyncio.Future[Outcome], tenant: str
+              ) -> asyncio.Future[Outcome]:
+        """Run to its end a call of `tenant` this replica started, storing its outcome;
+        the outcome as stored (its files kept: outcome.keep_files), for a client that
+        waits for it."""
         self.done_events.setdefault(invocation_id, asyncio.Event())
+        kept = asyncio.ensure_future(self._kept(tenant, outcome))
         self.running[invocation_id] = asyncio.get_running_loop().create_task(
-            self._finish(invocation_id, outcome))
+            self._finish(invocation_id, kept))
+        return kept
+
+    async def _kept(self, tenant: str, outcome: asyncio.Future[Outcome]) -> Outcome:
+        try:
+            result = await outcome
+        except asyncio.CancelledError:
+            outcome.cancel()
+            raise
+        return await keep_files(self.files(), tenant, result,
+                                self.config.result_ttl_seconds + KEEP_SLACK_SECONDS)
 
     def run_claimed(self, inv: invocations_pb2.Invocation) -> None:
-        self.adopt(inv.id, run(self.gw, call_of(inv)))
+        self.adopt(inv.id, run(self.gw, call_of(inv)), inv.tenant)
 
     async def _finish(self, invocation_id: str, outcome: asyncio.Future[Outcome]) -> None:
         try:

@@ -27,9 +27,10 @@ from thaw.gateway.request import (
 )
 from thaw.gateway.state import Gateway
 from thaw.gateway.stored.outcome import finish_exchange, run
+from thaw.gateway.stored.result_files import links_of
 from thaw.gateway.stored.runner import RUNNER_KEY
 from thaw.gateway.stored.targets import WebhookGuard
-from thaw.gateway.stored.views import accepted, stored_answer
+from thaw.gateway.stored.views import accepted, result_response, stored_answer
 from thaw.proto import invocations_pb2, scheduler_pb2
 
 
@@ -110,9 +111,10 @@ async def submit(request: web.Request, gw: Gateway, p: scheduler_pb2.Principal,
         inv = await runner.wait_finished(call.tenant, inv.id, limit)
         if inv.state in ("queued", "running"):
             return accepted(inv, late_status)
-        return stored_answer(await runner.client.get(call.tenant, inv.id, with_bodies=True))
-    outcome = run(gw, dataclasses.replace(call, request_id=inv.id))
-    runner.adopt(inv.id, outcome)
+        return stored_answer(await runner.client.get(call.tenant, inv.id, with_bodies=True),
+                             links_of(request))
+    outcome = runner.adopt(inv.id, run(gw, dataclasses.replace(call, request_id=inv.id)),
+                           call.tenant)
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(limit):
             await asyncio.shield(outcome)
@@ -120,11 +122,10 @@ async def submit(request: web.Request, gw: Gateway, p: scheduler_pb2.Principal,
         return accepted(inv, late_status)
     result = outcome.result()
     headers = {**dict(result.headers), INVOCATION_HEADER: inv.id}
-    if result.content_type:
-        headers["Content-Type"] = result.content_type
     if result.start:
         headers["X-Thaw-Start"] = result.start
-    return web.Response(status=result.status, body=result.body, headers=headers)
+    return result_response(call.tenant, result.status, result.content_type, result.body,
+                           headers, links_of(request))
 
 
 async def adopt_late(request: web.Request, gw: Gateway, p: scheduler_pb2.Principal,
@@ -140,5 +141,5 @@ async def adopt_late(request: web.Request, gw: Gateway, p: scheduler_pb2.Princip
         opening.cancel()
         raise
     runner.adopt(inv.id, asyncio.ensure_future(
-        finish_exchange(opening, gw.config.max_body_bytes)))
+        finish_exchange(opening, gw.config.max_body_bytes)), call.tenant)
     return accepted(inv, 303)

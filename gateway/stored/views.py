@@ -11,6 +11,7 @@ from aiohttp import web
 from thaw.gateway import jsonbody
 from thaw.gateway.errors import InvocationCancelled, InvocationExpired
 from thaw.gateway.request import INVOCATION_HEADER
+from thaw.gateway.stored.result_files import Links, is_refs
 from thaw.proto import invocations_pb2
 
 # Results up to this size are inlined in GET /v1/invocations/{id}; larger ones only
@@ -27,7 +28,10 @@ def _time(value: float) -> float | None:
     return value or None
 
 
-def invocation_json(inv: invocations_pb2.Invocation) -> dict[str, Any]:
+def invocation_json(inv: invocations_pb2.Invocation, links: Links | None = None
+                    ) -> dict[str, Any]:
+    """An invocation as JSON; a result whose files are stored gives them as URLs
+    `links` mints now (result_files.py)."""
     out: dict[str, Any] = {
         "id": inv.id, "function": inv.function, "status": inv.state,
         "priority": inv.priority, "url": invocation_url(inv.id),
@@ -57,8 +61,14 @@ def invocation_json(inv: invocations_pb2.Invocation) -> dict[str, Any]:
         out["result_status"] = inv.result_status
         out["result_content_type"] = inv.result_content_type
         out["result_bytes"] = inv.result_bytes
+        refs = links is not None and is_refs(inv.result_content_type)
+        if refs:  # answered as JSON (the result route's content type too)
+            out["result_content_type"] = "application/json"
         if inv.result_body and inv.result_bytes <= INLINE_RESULT_BYTES:
-            inline_result(out, inv.result_content_type, inv.result_body)
+            if links is not None and refs:
+                out["result"] = links.value(inv.tenant, inv.result_body)
+            else:
+                inline_result(out, inv.result_content_type, inv.result_body)
     return out
 
 
@@ -81,20 +91,31 @@ def accepted(inv: invocations_pb2.Invocation, status: int = 202) -> web.Response
         "Location": location, INVOCATION_HEADER: inv.id})
 
 
-def stored_answer(inv: invocations_pb2.Invocation) -> web.Response:
-    """An invocation's stored result, as the function answered it."""
+def stored_answer(inv: invocations_pb2.Invocation, links: Links | None = None
+                  ) -> web.Response:
+    """An invocation's stored result, as the function answered it (its files as
+    URLs `links` mints now)."""
     if inv.state == "cancelled":
         raise InvocationCancelled(f"invocation {inv.id} was cancelled; it has no result",
                                   field="id")
     if inv.state == "expired":
         raise expired(inv.id)
     headers = {INVOCATION_HEADER: inv.id}
-    if inv.result_content_type:
-        headers["Content-Type"] = inv.result_content_type
     if inv.start:
         headers["X-Thaw-Start"] = inv.start
-    return web.Response(status=inv.result_status or 200, body=inv.result_body,
-                        headers=headers)
+    return result_response(inv.tenant, inv.result_status, inv.result_content_type,
+                           inv.result_body, headers, links)
+
+
+def result_response(tenant: str, status: int, content_type: str, body: bytes,
+                    headers: dict[str, str], links: Links | None) -> web.Response:
+    """A stored (or just stored) result as the function answered it, `headers` added;
+    stored files (FILE_REFS_TYPE) as JSON with their URLs."""
+    if links is not None and is_refs(content_type):
+        return links.response(tenant, status, body, headers)
+    if content_type:
+        headers = {**headers, "Content-Type": content_type}
+    return web.Response(status=status or 200, body=body, headers=headers)
 
 
 def expired(invocation_id: str) -> InvocationExpired:

@@ -32,6 +32,7 @@ from thaw.core.errors import ThawError
 from thaw.gateway.config import GatewaySettings
 from thaw.gateway.request import INVOCATION_HEADER
 from thaw.gateway.stored.client import InvocationsClient
+from thaw.gateway.stored.result_files import Links
 from thaw.gateway.stored.signing import signed_headers
 from thaw.gateway.stored.targets import NOT_ALLOWED, WebhookGuard, WebhookNotAllowed
 from thaw.gateway.stored.views import invocation_json
@@ -77,7 +78,8 @@ class Webhooks:
     def __init__(self, client: InvocationsClient, gateway_id: str,
                  config: GatewaySettings, session: aiohttp.ClientSession,
                  guard: WebhookGuard | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 links: Callable[[], Links | None] = lambda: None) -> None:
         self.client = client
         self.id = gateway_id
         self.config = config
@@ -86,6 +88,8 @@ class Webhooks:
         connection to an address could carry another host's request."""
         self.guard = guard or WebhookGuard(config.webhook_allow)
         self.clock = clock
+        self.links = links
+        """Mints the URLs of a result's files (result_files.py), fresh per delivery."""
 
     async def deliver(self, inv: invocations_pb2.Invocation) -> None:
         """Deliver a webhook this replica holds the claim of, from the attempts already
@@ -96,7 +100,7 @@ class Webhooks:
         limit = self.config.webhook_attempts
         tries, status = made, inv.webhook_last_status
         if made < limit:
-            body = json.dumps(invocation_json(inv)).encode()
+            body = json.dumps(invocation_json(inv, self.links())).encode()
             first = self.config.webhook_backoff_seconds
 
             async def post() -> None:
