@@ -3,10 +3,12 @@ versions, nodes), shared by the routes that answer with them."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from aiohttp import web
 
+from thaw.core.schedule_spec import Schedule
 from thaw.gateway.fnconfig import config_of
 from thaw.gateway.origins import function_base_url
 from thaw.gateway.state import CONFIG_KEY
@@ -31,8 +33,22 @@ def function_json(request: web.Request, fn: scheduler_pb2.FunctionInfo) -> dict[
         "url": function_url(request, fn.tenant, fn.name), "priority": fn.priority or None,
         "gpu_compute_unenforced_nodes": list(fn.gpu_compute_unenforced_nodes),
         "warnings": compute_warnings(fn),
+        "schedules": schedules_json(config_of(fn.config_json).document),
         **build_step_json(fn.latest_build),
     }
+
+
+def schedules_json(document: dict[str, Any]) -> list[dict[str, Any]]:
+    """The serving version's cron schedules (docs/schedules.md), each with its next due
+    time (Unix seconds; null when disabled)."""
+    now = time.time()
+    shown = []
+    for entry in document.get("schedules") or ():
+        sched = Schedule.from_dict(entry)
+        shown.append({"cron": sched.cron, "timezone": sched.timezone,
+                      "enabled": sched.enabled, "input": sched.input,
+                      "next_run_at": sched.next_after(now) if sched.enabled else None})
+    return shown
 
 
 def build_step_json(v: scheduler_pb2.VersionInfo) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from thaw.ops.logs import fn_logs
 from thaw.ops.mcp import mcp
 from thaw.ops.nodes import node
 from thaw.ops.pki import pki
+from thaw.ops.schedules import schedule
 from thaw.ops.secrets import secret
 from thaw.ops.services import agent, gateway, scheduler, up
 from thaw.ops.settings import config_group
@@ -62,6 +63,7 @@ cli.add_command(volume)  # ops/volumes.py
 cli.add_command(env)  # ops/environments.py
 cli.add_command(mcp)  # ops/mcp.py
 cli.add_command(chat)  # ops/chat.py
+cli.add_command(schedule)  # ops/schedules.py
 
 
 def main() -> None:

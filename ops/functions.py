@@ -329,6 +329,19 @@ def fn_status(name: str, as_json: bool) -> None:
         click.echo(step)
     for warning in doc.get("warnings") or []:
         click.echo(f"warning: {warning}")
+    for line in schedule_lines(doc):
+        click.echo(line)
+
+
+def schedule_lines(doc: dict[str, Any]) -> list[str]:
+    """One line per cron schedule of the function (docs/schedules.md)."""
+    lines = []
+    for sched in doc.get("schedules") or []:
+        when = ("disabled" if not sched["enabled"] else "next run " + time.strftime(
+            "%Y-%m-%d %H:%M:%S UTC", time.gmtime(sched["next_run_at"])))
+        lines.append(f"schedule: {sched['cron']} ({sched['timezone']}), {when}, "
+                     f"input {json.dumps(sched['input'])}")
+    return lines
 
 
 fn.add_command(fn_status, "show")
