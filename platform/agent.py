@@ -30,6 +30,7 @@ from thaw.core.errors import (
 )
 from thaw.core.pki import Identity
 from thaw.platform.activation import ActivationBudget
+from thaw.platform.build_failures import schema_text
 from thaw.platform.builds import Builds
 from thaw.platform.chunk_repair import refetch_corrupt
 from thaw.platform.devices import DeviceBackend, Slice
@@ -255,7 +256,7 @@ class Agent:
                  start="restore" if restore else "fresh", pid=inst.pid,
                  timings={k: round(v, 4) for k, v in timings})
         return agent_pb2.StartInstanceResponse(
-            instance_id=inst.id, kind=req.kind, pid=inst.pid,
+            instance_id=inst.id, kind=req.kind, pid=inst.pid, input_schema=inst.input_schema,
             timings=[agent_pb2.Timing(stage=k, seconds=v) for k, v in timings])
 
     async def _allocate_slice(self, inst: Instance, spec: agent_pb2.FunctionSpec,
@@ -318,6 +319,7 @@ class Agent:
             stage, reason = ((event.stage.value, event.reason) if isinstance(event, Failed)
                              else ("start", "unknown"))
             raise InstanceFailed(f"{stage} failed: {reason}")
+        inst.input_schema = schema_text(event.input_schema)
         t = event.timings
         return [("import", float(t.get("import", 0.0))), ("setup", float(t.get("setup", 0.0)))]
 

@@ -64,6 +64,8 @@ class Instance:
     exited: asyncio.Event = field(default_factory=asyncio.Event)
     process: LaunchedInstance | None = None
     """The launched instance when the agent started it itself (fresh starts)."""
+    input_schema: str = ""
+    """The input schema a fresh start's Ready reported (bounded: schema_text)."""
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "state" and "state" in self.__dict__:

@@ -241,6 +241,10 @@ class Starts:
                 node.starts_in_flight -= 1
                 node.starting_ids.discard(instance_id)
         start = "restore" if resp.kind == agent_pb2.START_RESTORE else "fresh"
+        if start == "fresh" and fn.start_mode == "fresh" and resp.input_schema:
+            # A version that is never built learns its input schema from a start.
+            await s.store.run(s.versions.learn_input_schema, fn.id, fn.version,
+                              resp.input_schema)
         if start == "restore" and fn.snapshot_id and manifest is not None:
             holders.add(node.id)  # it fetched the chunks it lacked
             self.tiers.keep_pinned(node, manifest)

@@ -307,6 +307,26 @@ class VersionStore:
                     self._schemas.popitem(last=False)
         return schema
 
+    def learn_input_schema(self, function_id: str, version: int, schema: str) -> bool:
+        """Keep the input schema a fresh start of `version` reported when the version
+        has none (one that is never built, `snapshot = false`, learns it from its
+        first start); True when kept. A schema it has already is never replaced."""
+        if not schema or self.input_schema(function_id, version):
+            return False
+
+        def tx(s: Session) -> bool:
+            row = s.scalar(select(models.FunctionVersion).where(
+                models.FunctionVersion.function_id == function_id,
+                models.FunctionVersion.version == version))
+            if row is None or row.input_schema:
+                return False
+            row.input_schema = schema
+            return True
+        kept = self.store._tx(tx)
+        with self._schemas_lock:  # the cache held "" for it
+            self._schemas.pop((function_id, version), None)
+        return kept
+
     def get(self, function_id: str, version: int) -> VersionRecord:
         def tx(s: Session) -> VersionRecord:
             return self._record(s, self._get_row(s, function_id, version))

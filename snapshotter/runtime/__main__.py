@@ -112,7 +112,9 @@ def run_fresh(args: argparse.Namespace, ref: HandlerRef, status: StatusChannel) 
     with stage(Stage.SETUP):
         invoker = Invoker(handler)
     server = _bind(args.socket, invoker)
-    serve_until_stopped(server, lambda: status.emit(Ready(os.getpid(), timings)))
+    # Read here too: a function that is never built learns its schema from a start.
+    schema = refused_schema(handler)
+    serve_until_stopped(server, lambda: status.emit(Ready(os.getpid(), timings, schema)))
     return ExitCode.OK
 
 

@@ -75,6 +75,14 @@ class Ready:
     event: ClassVar[str] = "ready"
     pid: int
     timings: Timings
+    # Only for fresh starts: the handler's input schema (signature.py), which a
+    # function that is never built (`snapshot = false`) keeps from its first start;
+    # "" for none.
+    input_schema: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.input_schema, str):
+            object.__setattr__(self, "input_schema", "")
 
 
 @dataclasses.dataclass(frozen=True)
