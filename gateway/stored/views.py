@@ -61,14 +61,14 @@ def invocation_json(inv: invocations_pb2.Invocation, links: Links | None = None
         out["result_status"] = inv.result_status
         out["result_content_type"] = inv.result_content_type
         out["result_bytes"] = inv.result_bytes
-        refs = links is not None and is_refs(inv.result_content_type)
-        if refs:  # answered as JSON (the result route's content type too)
+        refs = is_refs(inv.result_content_type)
+        if refs:  # answered as JSON with URLs (by the result route too)
             out["result_content_type"] = "application/json"
         if inv.result_body and inv.result_bytes <= INLINE_RESULT_BYTES:
-            if links is not None and refs:
-                out["result"] = links.value(inv.tenant, inv.result_body)
-            else:
+            if not refs:
                 inline_result(out, inv.result_content_type, inv.result_body)
+            elif links is not None:
+                out["result"] = links.value(inv.tenant, inv.result_body)
     return out
 
 
