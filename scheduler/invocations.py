@@ -60,6 +60,10 @@ MAX_CLAIM = 256
 MAX_IDEMPOTENCY_KEY = 255
 MAX_WEBHOOK_URL = 2048
 WEBHOOK_STATES = ("pending", "delivered", "failed")
+# Who made an invocation: a client's call, or a cron schedule (scheduler/schedules.py).
+SOURCE_CALL = "call"
+SOURCE_SCHEDULE = "schedule"
+SOURCES = (SOURCE_CALL, SOURCE_SCHEDULE)
 
 
 class InvocationState(enum.Enum):
@@ -151,7 +155,8 @@ def to_proto(row: models.Invocation, with_bodies: bool, now: float
         webhook_claim_until=row.webhook_claim_until or 0.0,
         webhook_next_at=row.webhook_next_at or 0.0,
         webhook_last_status=row.webhook_last_status or 0,
-        webhook_last_at=row.webhook_last_at or 0.0)
+        webhook_last_at=row.webhook_last_at or 0.0,
+        source=row.source or SOURCE_CALL, schedule_id=row.schedule_id or "")
 
 
 def effective_state(row: models.Invocation, now: float) -> InvocationState:
@@ -245,8 +250,13 @@ class InvocationStore:
         return self.store._tx(tx)
 
     def list_recent(self, tenant: str, limit: int, state: str = "", function: str = "",
-                    key_id: str = "") -> list[invocations_pb2.Invocation]:
-        """Newest first; `key_id`: only those that API key made ("" = any key's)."""
+                    key_id: str = "", source: str = ""
+                    ) -> list[invocations_pb2.Invocation]:
+        """Newest first; `key_id`: only those that API key made ("" = any key's);
+        `source`: only a client's calls or only a schedule's runs ("" = both)."""
+        if source and source not in SOURCES:
+            raise InvalidArgument(f"source must be one of {', '.join(SOURCES)}",
+                                  field="source")
         if state:
             try:
                 InvocationState(state)
@@ -262,6 +272,10 @@ class InvocationStore:
                 q = q.where(models.Invocation.function_name == function)
             if key_id:
                 q = q.where(models.Invocation.key_id == key_id)
+            if source == SOURCE_SCHEDULE:
+                q = q.where(models.Invocation.source == SOURCE_SCHEDULE)
+            elif source:
+                q = q.where(models.Invocation.source != SOURCE_SCHEDULE)
             q = q.order_by(models.Invocation.created_at.desc()).limit(limit)
             now = self.clock()
             rows = [to_proto(r, False, now) for r in s.scalars(q)]

@@ -1,6 +1,7 @@
 """The `Invocations` gRPC service: the edge over the stored invocations
-(invocations.InvocationStore) and the tenants' webhook signing secrets
-(webhook_secrets.WebhookSecrets), one method per RPC."""
+(invocations.InvocationStore), the tenants' webhook signing secrets
+(webhook_secrets.WebhookSecrets) and their cron schedules with their last runs
+(schedules_service.py), one method per RPC."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from thaw.core.errors import InvalidArgument
 from thaw.core.grpcutil import servicer_method
 from thaw.proto import invocations_pb2, invocations_pb2_grpc
 from thaw.scheduler.invocations import Completion, InvocationState, InvocationStore
+from thaw.scheduler.schedules_service import list_schedules
 from thaw.scheduler.webhook_secrets import WebhookSecrets
 
 
@@ -40,7 +42,8 @@ class InvocationsService(invocations_pb2_grpc.InvocationsServicer):
                    context: grpc.aio.ServicerContext
                    ) -> invocations_pb2.ListInvocationsResponse:
         found = await self.run(self.invocations.list_recent, request.tenant, request.limit,
-                               request.state, request.function, request.key_id)
+                               request.state, request.function, request.key_id,
+                               request.source)
         return invocations_pb2.ListInvocationsResponse(invocations=found)
 
     @servicer_method
@@ -119,3 +122,11 @@ class InvocationsService(invocations_pb2_grpc.InvocationsServicer):
                                context: grpc.aio.ServicerContext
                                ) -> invocations_pb2.WebhookSecret:
         return await self.run(self.webhook_secrets.get, request.tenant, request.rotate)
+
+    @servicer_method
+    async def ListSchedules(self, request: invocations_pb2.ListSchedulesRequest,
+                            context: grpc.aio.ServicerContext
+                            ) -> invocations_pb2.ListSchedulesResponse:
+        found = await self.run(list_schedules, self.invocations.store,
+                               self.invocations.clock, request.tenant, request.function)
+        return invocations_pb2.ListSchedulesResponse(schedules=found)
