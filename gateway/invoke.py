@@ -34,7 +34,7 @@ from thaw.gateway.errors import error_body, error_response, status_of
 from thaw.gateway.files import carries_files, file_answer, form_body, resolve_inputs
 from thaw.gateway.inputs import checked_body
 from thaw.gateway.openapi import _invoke_operation
-from thaw.gateway.priority import call_knobs, function_knobs
+from thaw.gateway.priority import call_knobs, forget_function, function_knobs
 from thaw.gateway.relay import done_within, relay
 from thaw.gateway.request import call_headers, forwarded_path, parse_invoke, read_body
 from thaw.gateway.state import ERROR_CODE_KEY, FUNCTION_KEY, GATEWAY_KEY, START_KEY
@@ -111,6 +111,9 @@ async def _invoke(request: web.Request) -> web.StreamResponse:
         return await adopt_late(request, gw, p, call, opening)
     async with opening.result() as ex:
         request[START_KEY] = ex.start
+        if ex.start == "fresh" and not knobs.input_schema:
+            # A function never built learns its schema at its first start.
+            forget_function(request.app, tenant, name)
         if carries_files(ex.content_type):  # paths returned: stored, answered as URLs
             return await file_answer(request, tenant, ex)
         return await relay(request, ex)

@@ -82,6 +82,10 @@ class FunctionDefaults:
         fn = await scheduler.get_function(tenant, name)
         return self.remember(fn)
 
+    def forget(self, tenant: str, name: str) -> None:
+        """Read the function's knobs again on its next call."""
+        self._cache.pop(f"{tenant}/{name}", None)
+
     def remember(self, fn: scheduler_pb2.FunctionInfo) -> FunctionKnobs:
         knobs = knobs_of(fn)
         self._cache[f"{fn.tenant}/{fn.name}"] = knobs
@@ -97,6 +101,12 @@ _UNREGISTERED = FunctionDefaults()
 
 def _defaults(app: web.Application) -> FunctionDefaults:
     return app.get(DEFAULTS_KEY) or _UNREGISTERED
+
+
+def forget_function(app: web.Application, tenant: str, name: str) -> None:
+    """The function's cached knobs are stale (its first fresh start has just taught
+    the scheduler its input schema): the next call reads them again."""
+    _defaults(app).forget(tenant, name)
 
 
 def header_priority(request: web.Request, p: scheduler_pb2.Principal) -> int | None:
