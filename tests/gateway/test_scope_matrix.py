@@ -48,6 +48,7 @@ ROUTES: dict[tuple[str, str], str] = {
     ("POST", "/v1/keys"): "admin", ("GET", "/v1/keys"): "admin",
     ("DELETE", "/v1/keys/{id}"): "admin", ("GET", "/v1/audit"): "admin",
     ("GET", "/v1/usage"): "deploy", ("GET", "/v1/functions/{name}/logs"): "deploy",
+    ("GET", "/v1/invocations/{id}/logs"): "deploy",  # a call's logs, as a function's
     ("GET", "/v1/snapshots"): "deploy", ("GET", "/v1/snapshots/{name}"): "deploy",
     ("POST", "/v1/functions/{name}/verify"): "deploy",
     ("POST", "/v1/nodes/{node}/drain"): "operator",
