@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
+from . import calllog
 from .bounded import print_exception
 from .capture import CaptureError, capture
 from .events import (
@@ -263,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     faulthandler.enable()
     # The tenant's code sees a bare command line, not ours (some libraries parse argv).
     sys.argv = sys.argv[:1]
+    # Before the function's imports: what they print during a call is the call's.
+    calllog.install()
     status = (
         StatusChannel.for_fd(args.status_fd)
         if args.status_fd is not None

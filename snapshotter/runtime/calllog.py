@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import os
 import re
 import sys
 import threading
@@ -115,14 +116,32 @@ class CallTaggedWriter:
     def flush(self) -> None:
         self.inner.flush()
 
+    def after_fork(self, lock: threading.RLock) -> None:
+        """In a forked child: a fresh lock (another thread may have held the parent's
+        at the fork) and none of the parent's calls."""
+        self._lock = lock
+        self._pending = {}
+
     def __getattr__(self, name: str) -> Any:
+        if name == "inner":  # not set yet (a copy or unpickling): no recursion
+            raise AttributeError(name)
         return getattr(self.inner, name)
 
 
 def install() -> None:
-    """Wrap sys.stdout and sys.stderr (once; a forked child keeps its parent's)."""
+    """Wrap sys.stdout and sys.stderr (once; a forked child keeps its parent's). Done
+    before the function's modules are imported, so a logging handler they make holds
+    the wrapper rather than the stream under it."""
     if isinstance(sys.stdout, CallTaggedWriter) or sys.stdout is None or sys.stderr is None:
         return
     lock = threading.RLock()
     sys.stdout = CallTaggedWriter(sys.stdout, lock)
     sys.stderr = CallTaggedWriter(sys.stderr, lock)
+    os.register_at_fork(after_in_child=_after_fork)
+
+
+def _after_fork() -> None:
+    lock = threading.RLock()
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, CallTaggedWriter):
+            stream.after_fork(lock)

@@ -144,6 +144,42 @@ def test_install_wraps_both_streams_once(monkeypatch: pytest.MonkeyPatch) -> Non
     assert stderr.getvalue() == _marked("req-5", "to stderr")
 
 
+def test_a_logging_handler_made_after_install_is_attributed(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import logging
+    import sys
+
+    stderr = io.StringIO()
+    monkeypatch.setattr("sys.stdout", io.StringIO())
+    monkeypatch.setattr("sys.stderr", stderr)
+    calllog.install()  # as the runtime does before the function's imports
+    handler = logging.StreamHandler()  # what an import's basicConfig makes
+    logger = logging.getLogger("call-logs-test")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        with calling("req-6"):
+            logger.warning("from logging")
+        logger.warning("outside")
+    finally:
+        logger.removeHandler(handler)
+    assert handler.stream is sys.stderr
+    assert stderr.getvalue() == _marked("req-6", "from logging") + "outside\n"
+
+
+def test_a_forked_child_gets_a_fresh_lock_and_no_pending_lines() -> None:
+    import copy
+    import threading
+
+    out, inner = _writer()
+    with calling("req-7"):
+        out.write("unfinished")
+        lock = threading.RLock()
+        out.after_fork(lock)
+    assert inner.getvalue() == ""  # the parent's call is not the child's
+    assert copy.copy(out).inner is inner  # a copy does not recurse into __getattr__
+
+
 # ---- the agent's side ------------------------------------------------------------------
 
 def test_marks_are_parsed_and_malformed_ones_kept_whole() -> None:
