@@ -281,6 +281,14 @@ class FunctionLogs:
             await asyncio.sleep(interval)
 
 
+def strip_call_marks(text: str) -> str:
+    """An instance's raw output as printed: each line's call mark taken out (for the
+    tail of a log file quoted in a failure's reason)."""
+    if CALL_MARK not in text:
+        return text
+    return "\n".join(split_call_mark(line)[1] for line in text.split("\n"))
+
+
 def split_call_mark(raw: str) -> tuple[str, str]:
     """(request id, text) of a line of output; ("", the line) when it is unmarked or
     its mark is malformed (then it is kept whole, as printed)."""

@@ -17,7 +17,7 @@ from thaw.platform.calllogs import (
     CallLogRetention,
 )
 from thaw.platform.gc import CallLogEntry, select_call_logs
-from thaw.platform.logs import RUNTIME, FunctionLogs, split_call_mark
+from thaw.platform.logs import RUNTIME, FunctionLogs, split_call_mark, strip_call_marks
 from thaw.snapshotter.runtime import calllog
 from thaw.snapshotter.runtime.calllog import MARK, SEPARATOR, CallTaggedWriter, calling
 
@@ -181,6 +181,12 @@ def test_a_forked_child_gets_a_fresh_lock_and_no_pending_lines() -> None:
 
 
 # ---- the agent's side ------------------------------------------------------------------
+
+def test_a_log_files_tail_is_shown_without_marks() -> None:
+    tail = "setup\n" + _marked("r1", "Traceback (most recent call last):") + "  boom"
+    assert strip_call_marks(tail) == "setup\nTraceback (most recent call last):\n  boom"
+    assert strip_call_marks("plain\ntext") == "plain\ntext"
+
 
 def test_marks_are_parsed_and_malformed_ones_kept_whole() -> None:
     assert split_call_mark(_marked("r1", "x").rstrip("\n")) == ("r1", "x")
