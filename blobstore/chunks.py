@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal, TypeAlias, cast, get_args
 
+import blake3
+
 from thaw.core.errors import CorruptChunk, InvalidArgument
 
 # 4 MiB: big enough that what each chunk costs beyond its bytes (a file, an fsync, a
@@ -32,7 +34,13 @@ COMPRESSIONS: tuple[Compression, ...] = get_args(Compression)
 # (its own buffer protocol is only visible to type checkers from Python 3.12).
 BytesLike: TypeAlias = bytes | bytearray | memoryview | mmap.mmap
 
-_DIGEST = re.compile(r"[0-9a-f]{64}")
+Algorithm: TypeAlias = Literal["blake3", "sha256"]
+
+# A digest carries its algorithm, so snapshots written before BLAKE3 keep restoring and
+# verifying: "b3:<hex>" is BLAKE3-256 (every chunk written now), a bare "<hex>" is the
+# SHA-256 every chunk was named by before (read and verified, never written).
+BLAKE3_PREFIX = "b3:"
+_DIGEST = re.compile(r"(?:b3:)?[0-9a-f]{64}")
 
 
 def as_byte_view(data: BytesLike) -> memoryview:
@@ -46,22 +54,52 @@ def as_byte_view(data: BytesLike) -> memoryview:
 
 
 def digest_of(data: BytesLike) -> str:
-    """Hex SHA-256 of the raw bytes: a chunk's name everywhere in thaw."""
-    # hashlib releases the GIL for buffers over 2 KiB, so chunk hashing runs in parallel.
+    """"b3:" + hex BLAKE3-256 of the raw bytes: a new chunk's name everywhere in thaw."""
+    # One thread per chunk: callers hash many chunks at once on a pool, and blake3
+    # releases the GIL, so the pool already spreads the hashing over every core.
+    return BLAKE3_PREFIX + blake3.blake3(as_byte_view(data)).hexdigest()
+
+
+def sha256_digest_of(data: BytesLike) -> str:
+    """Hex SHA-256 of the raw bytes: how chunks were named before BLAKE3."""
+    # hashlib releases the GIL for buffers over 2 KiB.
     return hashlib.sha256(as_byte_view(data)).hexdigest()
 
 
+def algorithm_of(digest: str) -> Algorithm:
+    """Which hash a (checked) digest was made with."""
+    return "blake3" if digest.startswith(BLAKE3_PREFIX) else "sha256"
+
+
+def hex_of(digest: str) -> str:
+    """The digest's 64 hex characters, without its algorithm prefix."""
+    return digest.removeprefix(BLAKE3_PREFIX)
+
+
+def digest_with(algorithm: Algorithm, data: BytesLike) -> str:
+    """`data`'s digest in the form `algorithm` names chunks."""
+    return digest_of(data) if algorithm == "blake3" else sha256_digest_of(data)
+
+
 def check_digest(digest: str) -> str:
-    """Return `digest` if it is a lowercase hex SHA-256; it becomes a file name, so this
-    also keeps a hostile manifest from naming paths outside the store."""
+    """Return `digest` if it is "b3:" + lowercase hex BLAKE3 or a bare lowercase hex
+    SHA-256; it becomes a file name, so this also keeps a hostile manifest from naming
+    paths outside the store."""
     if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
-        raise InvalidArgument(f"not a hex SHA-256 digest: {digest!r}", field="digest")
+        raise InvalidArgument(f"not a chunk digest (b3:<hex> or sha256 hex): {digest!r}",
+                              field="digest")
     return digest
 
 
+def matches(digest: str, data: BytesLike) -> bool:
+    """Whether `data` hashes to `digest`, with the algorithm `digest` names."""
+    return digest_with(algorithm_of(check_digest(digest)), data) == digest
+
+
 def verify(digest: str, data: BytesLike) -> None:
-    """Raise CorruptChunk naming `digest` unless `data` hashes to it."""
-    actual = digest_of(data)
+    """Raise CorruptChunk naming `digest` unless `data` hashes to it (with the digest's
+    own algorithm)."""
+    actual = digest_with(algorithm_of(check_digest(digest)), data)
     if actual != digest:
         raise CorruptChunk(f"chunk {digest} is corrupt: its bytes hash to {actual}")
 
@@ -71,7 +109,8 @@ class ChunkRef:
     """One chunk of an arena: the raw bytes [offset, offset + length) hash to `digest`."""
 
     digest: str
-    """Hex SHA-256 of the raw (uncompressed) bytes."""
+    """The raw (uncompressed) bytes' digest: "b3:<hex>" (BLAKE3), or a bare hex SHA-256
+    for chunks stored before BLAKE3."""
     offset: int
     """Where the raw bytes sit in the arena."""
     length: int

@@ -1,10 +1,16 @@
 """The disk tier: content-addressed chunk files, written atomically, verified on every read.
 
-Layout: `<root>/<digest[:2]>/<digest>` for a raw chunk, `<digest>.lz4` for a compressed one
-(an LZ4 block with its raw size in front). A raw file holds exactly the chunk's bytes, so a
-restore reads it straight into its destination. Files only ever appear under their final
-name by `rename` of a fsynced temp file, so a reader never sees a torn chunk; a writer that
-dies leaves a `.tmp.<pid>.<token>` file behind, which `gc` removes.
+Layout: `<root>/blake3/<hex[:2]>/<hex>` for a raw chunk named `b3:<hex>` (BLAKE3), `<hex>.lz4`
+for a compressed one (an LZ4 block with its raw size in front). A raw file holds exactly the
+chunk's bytes, so a restore reads it straight into its destination. Files only ever appear
+under their final name by `rename` of a fsynced temp file, so a reader never sees a torn
+chunk; a writer that dies leaves a `.tmp.<pid>.<token>` file behind, which `gc` removes.
+
+Chunks written before BLAKE3 are named by their bare SHA-256 hex and sit at
+`<root>/<hex[:2]>/<hex>`: they are read and verified with SHA-256 as long as they stay
+there. Migrating one (`DiskTier.migrate`, `python -m thaw.blobstore migrate`) hard-links
+its file to its BLAKE3 name and turns the old name into a symlink to it (an alias), so
+manifests naming the SHA-256 keep restoring, now verified with BLAKE3.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Container, Iterator
+from collections.abc import Callable, Container, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -24,16 +30,28 @@ import lz4.block
 
 from thaw.core.errors import ChunkNotFound, CorruptChunk, ThawError
 
-from .chunks import BytesLike, Compression, as_byte_view, check_digest, digest_of, verify
+from .chunks import (
+    BLAKE3_PREFIX,
+    BytesLike,
+    Compression,
+    algorithm_of,
+    as_byte_view,
+    check_digest,
+    digest_of,
+    hex_of,
+    matches,
+    sha256_digest_of,
+    verify,
+)
 from .copying import copy_bytes
 
 # Keep a chunk LZ4-compressed only when that saves at least a quarter of its bytes.
-# Measured here (Xeon, 4 MiB chunks, one core): LZ4 decompresses ~8-10 GB/s and SHA-256,
-# which every read pays anyway, runs ~1.7 GB/s. Assumed: a local NVMe reads ~3 GB/s cold.
-# A compressed chunk then reads faster only if saving/3 > 1/8, i.e. a saving over ~0.35
-# cold, and never from a warm page cache; under ~25% the disk space saved is not worth
-# decompressing on every restore. Float weights save ~0% (random mantissas) and stay raw;
-# zero pages, padding and integer tables save 90%+ and are compressed.
+# Measured here (Xeon, 4 MiB chunks, one core): LZ4 decompresses ~8-10 GB/s. Assumed: a
+# local NVMe reads ~3 GB/s cold. A compressed chunk then reads faster only if
+# saving/3 > 1/8, i.e. a saving over ~0.35 cold, and never from a warm page cache; under
+# ~25% the disk space saved is not worth decompressing on every restore. Float weights
+# save ~0% (random mantissas) and stay raw; zero pages, padding and integer tables save
+# 90%+ and are compressed.
 LZ4_MIN_SAVING = 0.25
 
 # A temp file this old is stale even if a process with its writer's pid is alive (pids
@@ -42,6 +60,10 @@ STALE_TEMP_SECONDS = 3600.0
 
 _TEMP_PREFIX = ".tmp."
 _LZ4_SUFFIX = ".lz4"
+# The folder under the root that holds BLAKE3-named chunks; SHA-256 shards sit beside it
+# (not a hex name, so it can never be mistaken for one of them).
+_BLAKE3_DIR = "blake3"
+_HEX = frozenset("0123456789abcdef")
 
 # Temp files this process is writing right now, by path: process-wide, because two
 # DiskTier objects on one root (agent and CLI in one process, tests) must not gc each
@@ -58,6 +80,15 @@ class StoredChunk(NamedTuple):
     compression: Compression
 
 
+class _Found(NamedTuple):
+    """Where a chunk's file is, and the digest its bytes are verified against: the
+    chunk's own, or for a migrated SHA-256 chunk the BLAKE3 digest its alias points to."""
+
+    path: Path
+    compression: Compression
+    key: str
+
+
 class GcResult(NamedTuple):
     """What `DiskTier.gc` deleted: unreferenced chunks plus stale temp files."""
 
@@ -66,7 +97,7 @@ class GcResult(NamedTuple):
 
 
 class DiskTier:
-    """Chunk files under `root`, keyed by the SHA-256 of their raw bytes.
+    """Chunk files under `root`, keyed by the digest of their raw bytes (module docstring).
 
     Thread-safe and safe across processes sharing `root` (every change is a rename or an
     unlink). `gc` must not race with a `put` whose manifest is not yet in `referenced`:
@@ -79,20 +110,34 @@ class DiskTier:
 
     # -- writing ---------------------------------------------------------------------
 
-    def put(self, data: BytesLike) -> StoredChunk:
-        """Store `data` once under its digest; storing the same bytes again writes nothing.
+    def put(self, data: BytesLike, digest: str | None = None) -> StoredChunk:
+        """Store `data` once under its BLAKE3 digest; storing the same bytes again writes
+        nothing. An existing copy is verified first and rewritten if it is corrupt, so
+        putting the right bytes heals a damaged chunk.
 
-        An existing copy is verified first and rewritten if it is corrupt, so putting the
-        right bytes heals a damaged chunk.
+        With `digest` the bytes must hash to it (else CorruptChunk); a SHA-256 `digest`
+        (a chunk of a snapshot written before BLAKE3, fetched again from a peer) is
+        stored under BLAKE3 with the SHA-256 name as an alias, and answered under it.
         """
         raw = as_byte_view(data)
-        digest = digest_of(raw)
+        key = digest_of(raw)
+        if digest is None or digest == key:
+            return self._put_blake3(raw, key)
+        if algorithm_of(check_digest(digest)) == "blake3":
+            raise CorruptChunk(f"chunk {digest} is corrupt: its bytes hash to {key}")
+        actual = sha256_digest_of(raw)
+        if actual != digest:
+            raise CorruptChunk(f"chunk {digest} is corrupt: its bytes hash to {actual}")
+        stored = self._put_blake3(raw, key)
+        self._alias(digest, key, stored.compression)
+        return StoredChunk(digest, stored.stored_length, stored.compression)
+
+    def _put_blake3(self, raw: memoryview, digest: str) -> StoredChunk:
         found = self._locate(digest)
         if found is not None:
-            path, compression = found
             try:
-                self._read_verified(digest, path, compression)
-                return StoredChunk(digest, path.stat().st_size, compression)
+                self._read_verified(digest, found)
+                return StoredChunk(digest, found.path.stat().st_size, found.compression)
             except (CorruptChunk, ChunkNotFound):
                 pass  # rewrite it below
         payload, compression = _encode(raw)
@@ -105,12 +150,14 @@ class DiskTier:
         return StoredChunk(digest, len(payload), compression)
 
     def delete(self, digest: str) -> int:
-        """Remove a chunk; returns the bytes freed (0 if it was absent)."""
+        """Remove a chunk's name; returns the bytes freed (0 if it was absent). For a
+        migrated SHA-256 chunk only the alias goes: its BLAKE3 file may have other names,
+        and `gc` removes it once none is referenced."""
         freed = 0
         for compression in ("none", "lz4"):
             path = self._path(check_digest(digest), compression)
             try:
-                size = path.stat().st_size
+                size = path.lstat().st_size
                 path.unlink()
                 freed += size
             except FileNotFoundError:
@@ -118,21 +165,31 @@ class DiskTier:
         return freed
 
     def gc(self, referenced: Container[str]) -> GcResult:
-        """Delete every chunk not in `referenced`, and temp files no live writer owns."""
+        """Delete every chunk not in `referenced` (a BLAKE3 file is kept while a
+        referenced SHA-256 alias points to it), and temp files no live writer owns."""
         removed = freed = 0
         now = time.time()
-        for shard in self._shards():
+        aliased: set[str] = set()
+        for shard, blake3 in self._shards():
+            if blake3:
+                continue
+            for entry in _scandir(shard):
+                digest = _digest_from_name(entry.name, blake3)
+                if digest is not None and digest in referenced and entry.is_symlink():
+                    aliased.add(self._key_of(digest, Path(entry.path)))
+        for shard, blake3 in self._shards():
             for entry in _scandir(shard):
                 name = entry.name
+                digest = _digest_from_name(name, blake3)
                 try:
-                    size = entry.stat().st_size
+                    size = entry.stat(follow_symlinks=False).st_size
                     if name.startswith(_TEMP_PREFIX):
                         if not self._temp_is_stale(entry, now):
                             continue
-                    elif _digest_from_name(name) in referenced:
-                        continue
-                    elif _digest_from_name(name) is None:
+                    elif digest is None:
                         continue  # not ours: leave it alone
+                    elif digest in referenced or digest in aliased:
+                        continue
                     os.unlink(entry.path)
                 except FileNotFoundError:
                     continue  # deleted under us: nothing to free
@@ -154,7 +211,7 @@ class DiskTier:
         found = self._locate(check_digest(digest))
         if found is None:
             raise ChunkNotFound(f"chunk {digest} is not on disk")
-        return self._read_verified(digest, *found)
+        return self._read_verified(digest, found)
 
     def read_into(self, digest: str, out: memoryview) -> None:
         """Fill `out` (exactly the chunk's raw length) with the chunk's verified bytes.
@@ -165,15 +222,14 @@ class DiskTier:
         found = self._locate(check_digest(digest))
         if found is None:
             raise ChunkNotFound(f"chunk {digest} is not on disk")
-        path, compression = found
-        if compression == "lz4":
-            raw = self._read_verified(digest, path, compression)
+        if found.compression == "lz4":
+            raw = self._read_verified(digest, found)
             if len(raw) != len(out):
                 raise CorruptChunk(f"chunk {digest} is {len(raw)} bytes, expected {len(out)}")
             copy_bytes(out, raw)
             return
         try:
-            with open(path, "rb", buffering=0) as file:
+            with open(found.path, "rb", buffering=0) as file:
                 size = os.fstat(file.fileno()).st_size
                 if size != len(out):
                     raise CorruptChunk(f"chunk {digest} is {size} bytes on disk, "
@@ -183,53 +239,130 @@ class DiskTier:
             raise ChunkNotFound(f"chunk {digest} is not on disk") from exc
         except OSError as exc:
             raise ThawError(f"reading chunk {digest}: {exc}") from exc
-        verify(digest, out)
+        _verify_as(digest, found.key, out)
+
+    def prefetch(self, digest: str) -> None:
+        """Ask the kernel to start reading a chunk's file into the page cache now, without
+        waiting (POSIX_FADV_WILLNEED), so a restore's later read of it finds it there
+        while the workers verify and copy the chunks before it."""
+        found = self._locate(check_digest(digest))
+        if found is None:
+            return  # the read reports it
+        with contextlib.suppress(OSError):
+            fd = os.open(found.path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+            finally:
+                os.close(fd)
 
     def stat(self, digest: str) -> StoredChunk:
         """How a chunk is stored, without reading it."""
         found = self._locate(check_digest(digest))
         if found is None:
             raise ChunkNotFound(f"chunk {digest} is not on disk")
-        path, compression = found
         try:
-            return StoredChunk(digest, path.stat().st_size, compression)
+            return StoredChunk(digest, found.path.stat().st_size, found.compression)
         except FileNotFoundError as exc:
             raise ChunkNotFound(f"chunk {digest} is not on disk") from exc
 
     def digests(self) -> Iterator[str]:
-        """Every stored chunk's digest (temp files are not chunks)."""
-        for shard in self._shards():
+        """Every stored chunk's digest, SHA-256 aliases included (temp files are not
+        chunks)."""
+        for shard, blake3 in self._shards():
             for entry in _scandir(shard):
-                digest = _digest_from_name(entry.name)
+                digest = _digest_from_name(entry.name, blake3)
                 if digest is not None:
                     yield digest
 
+    def is_alias(self, digest: str) -> bool:
+        """Whether a SHA-256 chunk has been migrated: its name points to a BLAKE3 file."""
+        if algorithm_of(check_digest(digest)) == "blake3":
+            return False
+        return any(self._path(digest, compression).is_symlink()
+                   for compression in ("none", "lz4"))
+
     def stored_bytes(self) -> int:
-        """Bytes the chunks take on disk (after compression; temp files excluded)."""
+        """Bytes the chunks take on disk (after compression; temp files and aliases
+        excluded, a hard-linked file counted under each of its names)."""
         total = 0
-        for shard in self._shards():
+        for shard, blake3 in self._shards():
             for entry in _scandir(shard):
-                if _digest_from_name(entry.name) is not None:
+                if _digest_from_name(entry.name, blake3) is not None:
                     with contextlib.suppress(FileNotFoundError):
-                        total += entry.stat().st_size
+                        if not entry.is_symlink():
+                            total += entry.stat(follow_symlinks=False).st_size
         return total
 
     # -- internals -------------------------------------------------------------------
 
-    def _path(self, digest: str, compression: Compression) -> Path:
-        name = digest + (_LZ4_SUFFIX if compression == "lz4" else "")
-        return self.root / digest[:2] / name
+    def path_of(self, digest: str) -> Path | None:
+        """The file a stored chunk is read from (an alias's own name for a migrated
+        SHA-256 chunk), or None if it is absent."""
+        found = self._locate(check_digest(digest))
+        return None if found is None else found.path
 
-    def _locate(self, digest: str) -> tuple[Path, Compression] | None:
+    def _path(self, digest: str, compression: Compression) -> Path:
+        hexdigest = hex_of(digest)
+        name = hexdigest + (_LZ4_SUFFIX if compression == "lz4" else "")
+        if algorithm_of(digest) == "blake3":
+            return self.root / _BLAKE3_DIR / hexdigest[:2] / name
+        return self.root / hexdigest[:2] / name
+
+    def _locate(self, digest: str) -> _Found | None:
         for compression in ("none", "lz4"):
             path = self._path(digest, compression)
-            if path.exists():
-                return path, compression
+            if path.exists():  # follows an alias; a dangling one is absent
+                return _Found(path, compression, self._key_of(digest, path))
         return None
 
-    def _read_verified(self, digest: str, path: Path, compression: Compression) -> bytes:
+    def _key_of(self, digest: str, path: Path) -> str:
+        """The digest `path`'s bytes are verified against: a SHA-256 alias names its
+        BLAKE3 file, whose digest binds the same bytes (checked when it was made)."""
+        if algorithm_of(digest) == "blake3":
+            return digest
         try:
-            stored = path.read_bytes()
+            target = os.readlink(path)
+        except OSError:
+            return digest  # a plain file: not migrated
+        key = _digest_from_name(os.path.basename(target), blake3=True)
+        return digest if key is None else key
+
+    def _alias(self, digest: str, key: str, compression: Compression) -> None:
+        """Point the SHA-256 name `digest` at the BLAKE3 file of `key` (atomically, over
+        whatever file or alias had that name)."""
+        final = self._path(digest, compression)
+        target = os.path.relpath(self._path(key, compression), final.parent)
+        self._replace_with(final, lambda temp: os.symlink(target, temp))
+        stale = self._path(digest, "lz4" if compression == "none" else "none")
+        with contextlib.suppress(FileNotFoundError):
+            stale.unlink()
+
+    def migrate(self, digest: str) -> bool:
+        """Give the SHA-256 chunk `digest` its BLAKE3 name: its verified bytes' file is
+        hard-linked there (no copy) and the old name becomes an alias of it. Returns
+        False if it was migrated already. CorruptChunk / ChunkNotFound leave it as it
+        was (a restore then repairs it from a peer)."""
+        if algorithm_of(check_digest(digest)) == "blake3" or self.is_alias(digest):
+            return False
+        found = self._locate(digest)
+        if found is None:
+            raise ChunkNotFound(f"chunk {digest} is not on disk")
+        key = digest_of(self._read_verified(digest, found))
+        existing = self._locate(key)
+        if existing is not None:
+            with contextlib.suppress(CorruptChunk, ChunkNotFound):
+                self._read_verified(key, existing)
+                self._alias(digest, key, existing.compression)
+                return True
+        self._replace_with(self._path(key, found.compression),
+                           lambda temp: os.link(found.path, temp))
+        self._alias(digest, key, found.compression)
+        return True
+
+    def _read_verified(self, digest: str, found: _Found) -> bytes:
+        compression = found.compression
+        try:
+            stored = found.path.read_bytes()
         except FileNotFoundError as exc:
             raise ChunkNotFound(f"chunk {digest} is not on disk") from exc
         except OSError as exc:
@@ -242,26 +375,36 @@ class DiskTier:
                 raise CorruptChunk(f"chunk {digest} is corrupt: bad LZ4 block") from exc
         else:
             raw = stored
-        verify(digest, raw)
+        _verify_as(digest, found.key, raw)
         return raw
 
     def _write_atomic(self, final: Path, payload: BytesLike) -> None:
-        shard = final.parent
-        try:
-            shard.mkdir()
-            _fsync_dir(self.root)  # the new shard's own entry must survive a crash too
-        except FileExistsError:
-            pass
-        temp = shard / f"{_TEMP_PREFIX}{os.getpid()}.{secrets.token_hex(6)}"
-        with _WRITING_LOCK:
-            _WRITING.add(str(temp))
-        try:
+
+        def write(temp: Path) -> None:
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
                 _write_all(fd, as_byte_view(payload))
                 os.fsync(fd)
             finally:
                 os.close(fd)
+
+        self._replace_with(final, write)
+
+    def _replace_with(self, final: Path, make: Callable[[Path], None]) -> None:
+        """Make a temp entry beside `final` with `make(temp)` and rename it over `final`,
+        so `final` is never seen half made, and the rename survives a crash."""
+        shard = final.parent
+        if not shard.is_dir():
+            shard.mkdir(parents=True, exist_ok=True)
+            # The new shard's own entry (and the blake3 folder's) must survive a crash too.
+            _fsync_dir(shard.parent)
+            if shard.parent != self.root:
+                _fsync_dir(self.root)
+        temp = shard / f"{_TEMP_PREFIX}{os.getpid()}.{secrets.token_hex(6)}"
+        with _WRITING_LOCK:
+            _WRITING.add(str(temp))
+        try:
+            make(temp)
             os.replace(temp, final)
             _fsync_dir(shard)
         except OSError as exc:
@@ -284,10 +427,13 @@ class DiskTier:
                 return str(Path(entry.path)) not in _WRITING
         return not _pid_alive(pid)
 
-    def _shards(self) -> Iterator[Path]:
-        for entry in _scandir(self.root):
-            if len(entry.name) == 2 and entry.is_dir(follow_symlinks=False):
-                yield Path(entry.path)
+    def _shards(self) -> Iterator[tuple[Path, bool]]:
+        """Every shard folder, and whether it holds BLAKE3 chunks (else SHA-256 ones)."""
+        for parent, blake3 in ((self.root, False), (self.root / _BLAKE3_DIR, True)):
+            for entry in _scandir(parent):
+                if (len(entry.name) == 2 and _HEX.issuperset(entry.name)
+                        and entry.is_dir(follow_symlinks=False)):
+                    yield Path(entry.path), blake3
 
 
 def _encode(raw: memoryview) -> tuple[BytesLike, Compression]:
@@ -298,14 +444,23 @@ def _encode(raw: memoryview) -> tuple[BytesLike, Compression]:
     return raw, "none"
 
 
-def _digest_from_name(name: str) -> str | None:
-    digest = name.removesuffix(_LZ4_SUFFIX)
-    if len(digest) != 64 or name.startswith("."):
+def _digest_from_name(name: str, blake3: bool) -> str | None:
+    """The digest a chunk file in a BLAKE3 or SHA-256 shard is named for, or None for a
+    file that is not a chunk."""
+    hexdigest = name.removesuffix(_LZ4_SUFFIX)
+    if len(hexdigest) != 64 or not _HEX.issuperset(hexdigest):
         return None
-    try:
-        return check_digest(digest)
-    except ThawError:
-        return None
+    return BLAKE3_PREFIX + hexdigest if blake3 else hexdigest
+
+
+def _verify_as(digest: str, key: str, data: BytesLike) -> None:
+    """Verify `data` against `key`, naming `digest` (the chunk a manifest asked for) in
+    the error, so a repair finds the chunk by the name its snapshot uses."""
+    if key == digest:
+        verify(digest, data)
+    elif not matches(key, data):
+        raise CorruptChunk(f"chunk {digest} is corrupt: its bytes no longer hash to {key}, "
+                           f"the BLAKE3 digest it was migrated to")
 
 
 def _scandir(path: Path) -> Iterator[os.DirEntry[str]]:

@@ -18,7 +18,7 @@ from thaw.core.errors import ChunkNotFound, CorruptChunk, InvalidArgument, ThawE
 
 from .allocators import PAGE_SIZE
 from .bounded import resolve_workers, run_bounded
-from .chunks import CHUNK_SIZE, BytesLike, ChunkRef, as_byte_view, digest_of
+from .chunks import CHUNK_SIZE, BytesLike, ChunkRef, as_byte_view, matches
 from .copying import copy_bytes
 from .disk import DiskTier
 from .pinned import PinnedSpan, PinnedTier
@@ -211,13 +211,13 @@ def _restore_from_disk(ref: ChunkRef, out: memoryview, disk: DiskTier,
                 raise
         fetched = refetch(ref.digest)
         with _flat_view(fetched) as data:
-            if len(data) != ref.length or digest_of(data) != ref.digest:
+            if len(data) != ref.length or not matches(ref.digest, data):
                 raise CorruptChunk(f"chunk {ref.digest} is corrupt on disk and the "
                                    f"refetched copy does not match it either")
             copy_bytes(target, data)
             # Heal the disk copy; a failed write-back must not fail a good restore.
             with contextlib.suppress(ThawError):
-                disk.put(data)
+                disk.put(data, ref.digest)
         return ref.length
 
 

@@ -18,7 +18,8 @@ from thaw.proto import manifest_pb2
 
 log = structlog.get_logger()
 # How blobstore's CorruptChunk names the chunk (blobstore/chunks.py, disk.py, pinned.py).
-_CHUNK = re.compile(r"\bchunk ([0-9a-f]{16,128})\b")
+# A digest is "b3:<hex>" (BLAKE3) or a bare hex SHA-256 (chunks written before BLAKE3).
+_CHUNK = re.compile(r"\bchunk ((?:b3:)?[0-9a-f]{16,128})\b")
 
 
 def corrupt_digest(exc: CorruptChunk, manifest: manifest_pb2.SnapshotManifest) -> str | None:

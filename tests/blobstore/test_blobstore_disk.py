@@ -26,7 +26,8 @@ def compressible(nbytes: int) -> bytes:
 
 
 def chunk_file(tier: DiskTier, digest: str) -> Path:
-    (path,) = [p for p in (tier.root / digest[:2]).iterdir() if p.name.startswith(digest)]
+    path = tier.path_of(digest)
+    assert path is not None
     return path
 
 
@@ -51,7 +52,11 @@ def test_put_get_round_trip(tier: DiskTier) -> None:
     assert stored.digest == digest_of(data)
     assert tier.has(stored.digest)
     assert tier.get(stored.digest) == data
-    assert chunk_file(tier, stored.digest).parent.name == stored.digest[:2]
+    # BLAKE3 chunks are sharded by their hex's first two characters under root/blake3.
+    path = chunk_file(tier, stored.digest)
+    assert stored.digest.startswith("b3:")
+    assert path.parent == tier.root / "blake3" / stored.digest[3:5]
+    assert path.name == stored.digest[3:]
 
 
 def test_same_bytes_are_stored_once(tier: DiskTier) -> None:
@@ -170,7 +175,7 @@ def _dead_pid() -> int:
 
 def test_gc_removes_temp_files_of_dead_writers_but_not_live_ones(tier: DiskTier) -> None:
     kept = tier.put(weights(4096))
-    shard = tier.root / kept.digest[:2]
+    shard = chunk_file(tier, kept.digest).parent
     dead = shard / f".tmp.{_dead_pid()}.abc"
     dead.write_bytes(b"torn")
     live = shard / f".tmp.{os.getppid()}.abc"  # our parent is alive and may be writing

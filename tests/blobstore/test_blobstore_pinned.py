@@ -208,7 +208,8 @@ def test_two_snapshots_with_identical_weights_are_held_once(disk: DiskTier) -> N
 def test_prewarm_verifies_what_comes_from_disk(disk: DiskTier) -> None:
     arena = b"".join(block(i) for i in range(4))
     refs = store_arena(disk, arena, chunk_size=4 * KIB)
-    path = disk.root / refs[2].digest[:2] / refs[2].digest
+    path = disk.path_of(refs[2].digest)
+    assert path is not None
     damaged = bytearray(path.read_bytes())
     damaged[100] ^= 0xFF
     path.write_bytes(bytes(damaged))

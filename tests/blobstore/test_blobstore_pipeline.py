@@ -32,7 +32,8 @@ def arena_bytes(size: int, seed: int = 0) -> bytes:
 
 
 def flip_byte_of(disk: DiskTier, digest: str) -> None:
-    (path,) = (disk.root / digest[:2]).glob(digest + "*")
+    path = disk.path_of(digest)
+    assert path is not None
     data = bytearray(path.read_bytes())
     data[len(data) // 3] ^= 0x40
     path.write_bytes(bytes(data))

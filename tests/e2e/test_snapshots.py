@@ -109,7 +109,8 @@ def test_a_snapshot_whose_restore_fails_is_quarantined_runs_fresh_and_is_rebuilt
         assert p.deploy(FIXTURES / "weights").json()["start_mode"] == "restore"
         # Drop the host-memory copies, then flip a byte in every chunk on disk.
         p.http.post("/v1/functions/weights/evict").raise_for_status()
-        chunks = [f for f in (tmp_path / "home" / "agent").rglob("chunks/*/*") if f.is_file()]
+        chunks = [f for f in (tmp_path / "home" / "agent").rglob("chunks/blake3/*/*")
+                  if f.is_file()]
         assert chunks
         for path in chunks:
             data = bytearray(path.read_bytes())

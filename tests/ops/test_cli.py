@@ -247,7 +247,8 @@ def test_verify_names_a_corrupted_chunk(own_platform: LocalPlatform, tmp_path: P
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0xFF
     victim.write_bytes(bytes(data))
-    digest = victim.name.split(".")[0]
+    # A BLAKE3 chunk's file is named by its hex; its digest is "b3:<hex>".
+    digest = "b3:" + victim.name.split(".")[0]
 
     result = thaw(env, "snapshot", "verify", "weights")
     assert result.returncode == 3, result.stdout + result.stderr

@@ -54,7 +54,8 @@ def refs_of(arena: manifest_pb2.Arena) -> list[ChunkRef]:
 
 def corrupt_on_disk(disk: DiskTier, ref: ChunkRef) -> None:
     """Flip one byte of the chunk's file, as stored (raw or LZ4)."""
-    [path] = [p for p in disk.root.rglob(f"{ref.digest}*") if p.is_file()]
+    path = disk.path_of(ref.digest)
+    assert path is not None
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01
     path.write_bytes(bytes(data))
