@@ -105,6 +105,59 @@ class AgentClient:
         await self._channel.close()
 
 
+# The NodeView fields placement reads: setting one tells the node's on_change.
+_WATCHED = frozenset({"state", "starts_in_flight", "devices", "foreign", "slices",
+                      "pinned", "runtime"})
+
+
+class Ledger(dict[str, tuple[int, int]]):
+    """A node's slice ledger (instance id -> (device index, bytes)) that counts its
+    changes, so that what is derived from it (free memory per device, read by every
+    placement decision) is recomputed only after one."""
+
+    changes: int = 0
+    owner: NodeView | None = None
+    """The node whose ledger it is: told of each change (NodeView.changed)."""
+
+    def _changed(self) -> None:
+        self.changes += 1
+        if self.owner is not None:
+            self.owner.changed()
+
+    def __setitem__(self, key: str, value: tuple[int, int]) -> None:
+        super().__setitem__(key, value)
+        self._changed()
+
+    def __delitem__(self, key: str) -> None:
+        super().__delitem__(key)
+        self._changed()
+
+    def pop(self, key: str, *default: Any) -> Any:
+        self._changed()
+        return super().pop(key, *default)
+
+    def popitem(self) -> tuple[str, tuple[int, int]]:
+        self._changed()
+        return super().popitem()
+
+    def clear(self) -> None:
+        super().clear()
+        self._changed()
+
+    def setdefault(self, key: str, default: tuple[int, int] = (0, 0)
+                   ) -> tuple[int, int]:
+        self._changed()
+        return super().setdefault(key, default)
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        super().update(*args, **kwargs)
+        self._changed()
+
+    def __ior__(self, other: Any) -> Ledger:  # type: ignore[override,misc]
+        self.update(other)
+        return self
+
+
 @dataclass
 class NodeView:
     id: str
@@ -117,7 +170,7 @@ class NodeView:
     Only docker nodes can run image functions."""
     state: NodeState = NodeState.READY
     last_heartbeat: float = field(default_factory=time.monotonic)
-    slices: dict[str, tuple[int, int]] = field(default_factory=dict)
+    slices: dict[str, tuple[int, int]] = field(default_factory=Ledger)
     """The scheduler's ledger of slice memory: instance id -> (device index, bytes)
     for every instance it placed (or adopted) here, from the moment it is placed
     until it is stopped. It leads the node's reports, which lag by a heartbeat."""
@@ -140,6 +193,54 @@ class NodeView:
     one registering under this node id means the agent restarted."""
     conditions: list[scheduler_pb2.NodeCondition] = field(default_factory=list)
     """What the node's last heartbeat said is wrong with it (disk full, read-only)."""
+    on_change: Callable[[str], None] | None = field(default=None, repr=False,
+                                                    compare=False)
+    """Told the node's id whenever something placement reads about it changes (the
+    control plane's PlacementIndex.touch)."""
+    _free_cache: tuple[Any, ...] | None = field(default=None, repr=False, compare=False)
+    _pinned_cache: tuple[Any, ...] | None = field(default=None, repr=False, compare=False)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "slices":  # a ledger assigned whole still reports its changes
+            value = value if isinstance(value, Ledger) else Ledger(value)
+            value.owner = self
+        object.__setattr__(self, name, value)
+        if name in _WATCHED:
+            self.changed()
+
+    def changed(self) -> None:
+        """Something placement reads about the node changed (its state, starts in
+        flight, devices, ledger, pinned tier, runtime)."""
+        watch = self.__dict__.get("on_change")
+        if watch is not None:
+            watch(self.id)
+
+    def pinned_keys(self) -> frozenset[str]:
+        """The snapshot keys the node's pinned tier holds, as a set: placement asks
+        every node whether it holds a snapshot. Kept until `pinned` is replaced (a
+        heartbeat) or its key list changes length (pin / unpin)."""
+        pinned = self.pinned
+        count = len(pinned.snapshot_keys)
+        cached = self._pinned_cache
+        if cached is not None and cached[0] is pinned and cached[1] == count:
+            return cached[2]  # type: ignore[no-any-return]
+        keys = frozenset(pinned.snapshot_keys)
+        self._pinned_cache = (pinned, count, keys)
+        return keys
+
+    def pin(self, key: str) -> None:
+        """The pinned tier now holds the snapshot `key` (until the next heartbeat)."""
+        if key not in self.pinned.snapshot_keys:
+            self.pinned.snapshot_keys.append(key)
+            self._pinned_cache = None
+            self.changed()
+
+    def unpin(self, key: str) -> None:
+        """The pinned tier no longer holds the snapshot `key`."""
+        if key in self.pinned.snapshot_keys:
+            self.pinned.snapshot_keys.remove(key)
+            self._pinned_cache = None
+            self.changed()
 
     def storage_fault(self) -> scheduler_pb2.NodeCondition | None:
         """The first condition that keeps the node from storing builds and chunks."""
@@ -168,11 +269,32 @@ class NodeView:
 
     def device_free(self) -> list[int]:
         """Free slice memory per device by the ledger: what placement may use."""
+        return list(self._free()[0])
+
+    def free_sorted(self) -> tuple[int, ...]:
+        """device_free() in ascending order: placement's best fit is a bisection."""
+        return self._free()[1]
+
+    def _free(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(free per device, the same sorted), kept until the devices, the foreign
+        usage or the ledger change. The cache holds the objects it was computed from
+        and compares them by identity, so a replaced list is always noticed."""
+        slices = self.slices
+        changes = slices.changes if isinstance(slices, Ledger) else -1
+        cached = self._free_cache
+        if (cached is not None and changes >= 0 and cached[0] is self.devices
+                and cached[1] is self.foreign and cached[2] is slices
+                and cached[3] == changes):
+            result: tuple[tuple[int, ...], tuple[int, ...]] = cached[4]
+            return result
         foreign = self.foreign if len(self.foreign) == len(self.devices) else [0] * len(
             self.devices)
-        return [max(0, d.capacity_bytes - used - other)
-                for d, used, other in zip(self.devices, self.ledger_used(), foreign,
-                                          strict=True)]
+        free = tuple(max(0, d.capacity_bytes - used - other)
+                     for d, used, other in zip(self.devices, self.ledger_used(), foreign,
+                                               strict=True))
+        result = (free, tuple(sorted(free)))
+        self._free_cache = (self.devices, self.foreign, slices, changes, result)
+        return result
 
     def take_report(self, devices: list[scheduler_pb2.DeviceInfo]) -> None:
         """A heartbeat's device usage: note what the ledger does not explain."""

@@ -15,9 +15,10 @@ from thaw.proto import agent_pb2
 from thaw.scheduler.bundles import BundleStore
 from thaw.scheduler.events import EventLog
 from thaw.scheduler.nodes import AgentClient, NodeView
+from thaw.scheduler.placement_index import PlacementIndex
 from thaw.scheduler.policy import PolicyConfig
 from thaw.scheduler.pools import Broadcast, FunctionPool, InstanceView, RoomTurn
-from thaw.scheduler.pressure import PressureTracker, Thresholds
+from thaw.scheduler.pressure import PressureLevel, PressureTracker, Thresholds
 from thaw.scheduler.secrets import SecretStore
 from thaw.scheduler.states import NodeState
 from thaw.scheduler.store import FunctionRecord, InstanceRecord, Store
@@ -53,6 +54,21 @@ def fn_name(fn: FunctionRecord) -> str:
 
 def build_key(function_id: str, version: int) -> str:
     return f"{function_id}@{version}"
+
+
+class NodeMap(dict[str, NodeView]):
+    """The fleet by node id; a node put in it reports its changes to the placement
+    index (NodeView.on_change)."""
+
+    def __init__(self, level: Callable[[str], PressureLevel]) -> None:
+        super().__init__()
+        self.index = PlacementIndex(self, level)
+        """Read by Starts.choose; kept fresh by the nodes' and the pressure's changes."""
+
+    def __setitem__(self, node_id: str, node: NodeView) -> None:
+        super().__setitem__(node_id, node)
+        node.on_change = self.index.touch
+        self.index.touch(node_id)
 
 
 @dataclass
@@ -97,6 +113,8 @@ class PlaneState:
     placing: dict[str, tuple[str, str]] = field(default_factory=dict)
     """Starts in flight: instance id -> (function id, node id)."""
     started_at: float = field(init=False)
+    placement: PlacementIndex = field(init=False)
+    """The fleet indexed for placement (the index of `nodes`)."""
 
     def __post_init__(self) -> None:
         p = self.policy
@@ -106,6 +124,12 @@ class PlaneState:
         self.versions = VersionStore(self.store)
         self.quotas = QuotaLedger(self.store)
         self.room_queue = PriorityWaitQueue(p.priority_aging_rate, self.clock)
+        known = self.nodes
+        self.nodes = nodes = NodeMap(self.pressure.node_level)
+        self.placement = nodes.index
+        self.pressure.on_change = nodes.index.touch
+        for node_id, node in known.items():
+            nodes[node_id] = node
         self.started_at = self.clock()
 
     def spawn(self, coro: Awaitable[object]) -> None:

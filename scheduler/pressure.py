@@ -11,7 +11,7 @@ module is pure.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 PINNED = "pinned"
@@ -106,6 +106,11 @@ class PressureTracker:
     def __init__(self, thresholds: Thresholds) -> None:
         self.thresholds = thresholds
         self._nodes: dict[str, dict[str, ResourceState]] = {}
+        self._worst: dict[str, PressureLevel] = {}
+        """Per node, the worst level among its resources (kept by observe): placement
+        reads it for every node of every decision."""
+        self.on_change: Callable[[str], None] | None = None
+        """Told a node's id when its worst level changes (PlacementIndex.touch)."""
 
     def observe(self, node_id: str, readings: Iterable[Reading]) -> list[LevelChange]:
         """Take a node's current readings; the levels that moved, in reading order."""
@@ -119,6 +124,11 @@ class PressureTracker:
                 changes.append(LevelChange(node_id, reading.resource, state.level, level,
                                            reading.fraction))
                 state.level = level
+        worst = max((r.level for r in resources.values()), default=PressureLevel.NORMAL)
+        if self._worst.get(node_id) is not worst:
+            self._worst[node_id] = worst
+            if self.on_change is not None:
+                self.on_change(node_id)
         return changes
 
     def level(self, node_id: str, resource: str) -> PressureLevel:
@@ -127,11 +137,12 @@ class PressureTracker:
 
     def node_level(self, node_id: str) -> PressureLevel:
         """The worst level among the node's resources."""
-        return max((s.level for s in self._nodes.get(node_id, {}).values()),
-                   default=PressureLevel.NORMAL)
+        return self._worst.get(node_id, PressureLevel.NORMAL)
 
     def resources(self, node_id: str) -> dict[str, ResourceState]:
         return dict(self._nodes.get(node_id, {}))
 
     def forget(self, node_id: str) -> None:
         self._nodes.pop(node_id, None)
+        if self._worst.pop(node_id, None) is not None and self.on_change is not None:
+            self.on_change(node_id)

@@ -192,8 +192,7 @@ class Reconciler:
                     log.warning("pinned eviction failed", node=node.id, function=name,
                                 error=str(exc))
                     continue
-                if key in node.pinned.snapshot_keys:
-                    node.pinned.snapshot_keys.remove(key)
+                node.unpin(key)
                 s.events.emit(EventKind.SNAPSHOT_EVICTED,
                               f"pinned snapshot of {name} evicted from node {node.id} "
                               f"under memory pressure ({freed} bytes)",

@@ -94,8 +94,7 @@ async def snapshot_pass(control: ControlPlane, kind: str, tenant: str, name: str
             continue
         if kind == "prewarm" and last is not None and last.finished and not last.error:
             holders.add(node.id)
-            if key not in node.pinned.snapshot_keys:
-                node.pinned.snapshot_keys.append(key)
+            node.pin(key)
         if last is not None:
             log.info(f"snapshot {kind} done", function=f"{tenant}/{name}", node=node.id,
                      bytes=last.done_bytes, bad=len(last.bad), error=last.error)

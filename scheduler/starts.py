@@ -60,13 +60,7 @@ class Starts:
         is offered with no free memory, so that only what its own idle instances
         give back can hold the new slice (its usage does not grow)."""
         out = []
-        pool = self.s.pools.get(fn.id)
-        per_node: dict[str, int] = {}
-        for inst in pool.instances.values() if pool is not None else ():
-            per_node[inst.node_id] = per_node.get(inst.node_id, 0) + 1
-        for function_id, node_id in self.s.placing.values():
-            if function_id == fn.id:
-                per_node[node_id] = per_node.get(node_id, 0) + 1
+        per_node = self._per_node(fn)
         for n in self.s.runnable_nodes(fn):
             if n.id in excluded:
                 continue
@@ -81,6 +75,17 @@ class Starts:
                                  starts_in_flight=n.starts_in_flight,
                                  same_function=per_node.get(n.id, 0)))
         return out
+
+    def _per_node(self, fn: FunctionRecord) -> dict[str, int]:
+        """Node id -> instances of `fn` there, running or being started."""
+        pool = self.s.pools.get(fn.id)
+        per_node: dict[str, int] = {}
+        for inst in pool.instances.values() if pool is not None else ():
+            per_node[inst.node_id] = per_node.get(inst.node_id, 0) + 1
+        for function_id, node_id in self.s.placing.values():
+            if function_id == fn.id:
+                per_node[node_id] = per_node.get(node_id, 0) + 1
+        return per_node
 
     def _idle_instances(self) -> list[IdleInstance]:
         idle = []
@@ -99,13 +104,45 @@ class Starts:
         return {fid: max(0, p.ready_count() - p.min_instances)
                 for fid, p in self.s.pools.items()}
 
+    def choose(self, fn: FunctionRecord, key: str, holders: set[str],
+               excluded: set[str], need: int) -> NodeView | None:
+        """The node a cold start of `fn` goes to when a slice of `need` bytes fits
+        somewhere without evicting, or None: choose_node's answer over _candidates,
+        found without visiting every node. Nodes holding the snapshot (pinned or disk
+        tier) rank above every other, so they are offered to choose_node as they are;
+        of the others only the best by choose_node's order after the tier (starts in
+        flight, least left over, fewer instances of the function, node id) can win:
+        the placement index finds it, and it is offered with them."""
+        s = self.s
+        per_node = self._per_node(fn)
+        image = fn.spec.runtime.image
+        pinned_on = s.placement.pinned_on(key) if key else set()
+        offered: list[Candidate] = []
+        for node_id in sorted(pinned_on | holders):
+            n = s.nodes.get(node_id)
+            if (n is None or n.state is not NodeState.READY or node_id in excluded
+                    or not n.runs(image)
+                    or s.pressure.node_level(node_id) >= PressureLevel.EMERGENCY):
+                continue
+            offered.append(Candidate(n.id, n.device_free(), node_id in pinned_on,
+                                     node_id in holders, n.starts_in_flight,
+                                     per_node.get(node_id, 0)))
+        other = s.placement.best(need, excluded | pinned_on | holders, per_node, image)
+        if other is not None:
+            n = s.nodes[other]
+            offered.append(Candidate(n.id, n.device_free(),
+                                     starts_in_flight=n.starts_in_flight,
+                                     same_function=per_node.get(n.id, 0)))
+        chosen = choose_node(offered, need)
+        return None if chosen is None else s.nodes[chosen.node_id]
+
     async def _place(self, fn: FunctionRecord, instance_id: str, need: int, key: str,
                      holders: set[str], excluded: set[str]) -> NodeView:
         """Choose a node and charge the slice to its ledger; evict idle instances (LRU,
         never below min_instances) if nothing fits; NoRoom if that cannot help."""
-        chosen = choose_node(self._candidates(fn, key, holders, excluded), need)
+        chosen = self.choose(fn, key, holders, excluded, need)
         if chosen is not None:
-            node = self.s.nodes[chosen.node_id]
+            node = chosen
         else:
             plan = plan_eviction(self._candidates(fn, key, holders, excluded, evicting=True),
                                  self._idle_instances(), need, self._spare())

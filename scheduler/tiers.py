@@ -63,8 +63,7 @@ class Tiers:
         async def prewarm() -> None:
             try:
                 await node.client.prewarm(manifest, [])
-                if key not in node.pinned.snapshot_keys:
-                    node.pinned.snapshot_keys.append(key)
+                node.pin(key)
             except ThawError as exc:  # e.g. bigger than the tier: stays on disk
                 log.info("snapshot not kept in pinned memory", node=node.id,
                          snapshot=manifest.function, reason=str(exc))
@@ -89,8 +88,7 @@ class Tiers:
             total += resp.bytes
             seconds = max(seconds, resp.seconds)
             key = manifest_key(manifest)
-            if key not in node.pinned.snapshot_keys:
-                node.pinned.snapshot_keys.append(key)
+            node.pin(key)
         log.info("snapshot prewarmed", function=f"{tenant}/{name}",
                  nodes=[n.id for n in targets], bytes=total)
         return [n.id for n in targets], total, seconds
@@ -102,8 +100,7 @@ class Tiers:
         key = manifest_key(manifest)
         for node in targets:
             total += (await node.client.evict(manifest)).bytes
-            if key in node.pinned.snapshot_keys:
-                node.pinned.snapshot_keys.remove(key)
+            node.unpin(key)
         log.info("snapshot evicted", function=f"{tenant}/{name}",
                  nodes=[n.id for n in targets], bytes=total)
         return [n.id for n in targets], total
