@@ -167,6 +167,14 @@ def test_a_stored_invocations_lines_and_another_tenant(platform: RunningPlatform
             assert "stored line" not in denied.text
     bad = platform.http.get(f"/v1/functions/{NAME}/logs", params={"request": "a b"})
     assert bad.status_code == 400 and bad.json()["error"]["field"] == "request"
+    followed = platform.http.get(f"/v1/functions/{NAME}/logs",
+                                 params={"request": invocation, "follow": "true"})
+    assert followed.status_code == 400 and followed.json()["error"]["field"] == "follow"
+    invoke_only = platform.http.post("/v1/keys", json={"scopes": ["invoke"], "name": "inv"})
+    assert invoke_only.status_code == 201, invoke_only.text
+    refused = httpx.get(f"{platform.url}/v1/invocations/{invocation}/logs", timeout=60,
+                        headers={"Authorization": f"Bearer {invoke_only.json()['key']}"})
+    assert refused.status_code == 403, refused.text
     unknown = platform.http.get(f"/v1/functions/{NAME}/logs", params={"request": "none"})
     assert unknown.status_code == 200 and unknown.text == ""
 
