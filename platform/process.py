@@ -25,6 +25,7 @@ import structlog
 from thaw.core.errors import DeadlineExceeded, InstanceFailed, SnapshotError
 from thaw.core.eventloop import read_pipe_file
 from thaw.core.unixpeer import check_peer
+from thaw.platform.logs import strip_call_marks
 from thaw.platform.memfds import text_memfd
 from thaw.platform.runtime import (
     BuildRequest,
@@ -72,7 +73,8 @@ def log_tail(path: str, lines: int = LOG_TAIL_LINES) -> str:
             text = handle.read().decode(errors="replace")
     except OSError:
         return ""
-    return "\n".join(text.strip().splitlines()[-lines:])
+    # A call's lines carry its request id's mark in the file (platform/logs.py).
+    return strip_call_marks("\n".join(text.strip().splitlines()[-lines:]))
 
 
 @dataclass

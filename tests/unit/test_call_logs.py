@@ -6,6 +6,7 @@ import asyncio
 import contextvars
 import io
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -264,3 +265,13 @@ def test_retention_settings_are_checked_and_read_from_the_environment() -> None:
     with pytest.raises(InvalidArgument) as small:
         CallLogRetention.from_env({"THAW_CALL_LOGS_MAX_BYTES": "10"})
     assert small.value.field == "THAW_CALL_LOGS_MAX_BYTES"
+
+
+def test_a_failures_log_tail_shows_lines_as_printed_without_call_marks(
+        tmp_path: Path) -> None:
+    from thaw.platform.process import log_tail
+    from thaw.snapshotter.runtime.calllog import MARK, SEPARATOR
+
+    log = tmp_path / "instance.log"
+    log.write_text(f"importing\n{MARK}req-1{SEPARATOR}in the call\nTraceback: boom\n")
+    assert log_tail(str(log)) == "importing\nin the call\nTraceback: boom"
