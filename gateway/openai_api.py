@@ -32,6 +32,7 @@ from thaw.core.spec import NAME_PATTERN
 from thaw.gateway import jsonbody
 from thaw.gateway.admit import admit, new_call
 from thaw.gateway.budgets import StreamTokens, answer_tokens, counts_tokens
+from thaw.gateway.cost import add_cost, wants_cost
 from thaw.gateway.dispatch import Exchange, Settlement, StreamBroken
 from thaw.gateway.errors import BadFunctionAnswer
 from thaw.gateway.priority import call_priority, check_body_size
@@ -121,8 +122,10 @@ async def _generate(request: web.Request, path: str) -> web.StreamResponse:
         if tokens is not None and ex.status == 200 and ex.buffered:
             answer = await ex.read()
             gw.limiter.budgets.spend(p, answer_tokens(answer))
-            return web.Response(status=ex.status, body=answer,
-                                headers=answer_headers(ex, buffered=True))
+            headers = answer_headers(ex, buffered=True)
+            if wants_cost(request):
+                await add_cost(request, ex, headers)
+            return web.Response(status=ex.status, body=answer, headers=headers)
         return await relay(request, ex)
 
 

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 
+import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -186,3 +187,22 @@ def test_streams_feed_the_ttft_and_tbt_histograms(priced: RunningPlatform) -> No
     ttft, tbt = grew(before, after, "dev/tinylm", "openai")
     assert ttft == 1 and tbt >= 1, after
     assert not any(f == "dev/usage-metered" for _, f, _ in after)
+
+
+def test_openai_answers_carry_their_cost_when_asked(priced: RunningPlatform) -> None:
+    chat = {"model": "tinylm", "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 4, "temperature": 0}
+    ask = {"X-Thaw-Want-Cost": "1"}
+    plain = priced.http.post("/v1/chat/completions", json=chat, headers=ask)
+    assert plain.status_code == 200, plain.text
+    # tinylm's slice is 16 MiB.
+    assert nanos_of(plain.headers["X-Thaw-Cost"]) >= cost_nanos(PRICES, 0.0, 16 * 2**20)
+    assert "X-Thaw-Cost" not in priced.http.post("/v1/chat/completions", json=chat).headers
+    # A key with a token budget has its answer's tokens counted on another path.
+    made = priced.http.post("/v1/keys", json={"name": "cost-tpm", "tpm": 100000})
+    assert made.status_code == 201, made.text
+    with httpx.Client(base_url=priced.url, timeout=120,
+                      headers={"Authorization": f"Bearer {made.json()['key']}"}) as c:
+        budgeted = c.post("/v1/chat/completions", json=chat, headers=ask)
+    assert budgeted.status_code == 200, budgeted.text
+    assert nanos_of(budgeted.headers["X-Thaw-Cost"]) >= cost_nanos(PRICES, 0.0, 16 * 2**20)
