@@ -43,15 +43,52 @@ def restore(size: str, workers: int | None, device: str, as_json: bool) -> None:
 
 
 @bench.command()
+@click.option("--size", default="1.4GB", show_default=True,
+              help="Weights to load (GPT-2-medium-shaped float32 tensors).")
+@click.option("--rounds", default=2, show_default=True,
+              help="Cold and warm loads of each loader (best is reported).")
+@click.option("--workers", type=int, default=None, help="thaw's copy threads "
+              "(default: all cores).")
+@click.option("--loader", "loaders", multiple=True,
+              help="Only this peer loader (repeatable; default: all).")
+@click.option("--dir", "folder", default=None, type=click.Path(file_okay=False),
+              help="Where the weights are written (default: the temp dir; a real disk, "
+                   "not tmpfs, for cold figures).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (the only format for now).")
+def loaders(size: str, rounds: int, workers: int | None, loaders: tuple[str, ...],
+            folder: str | None, as_json: bool) -> None:
+    """The same weights loaded by thaw's snapshot restore and by the loaders users pick
+    instead (safetensors, torch.load mmap, tensorizer, Run:ai streamer,
+    fastsafetensors), page cache cold and warm."""
+    from thaw.bench.loaders import run_loaders_bench
+
+    click.echo(json.dumps(run_loaders_bench(parse_size(size), rounds, workers,
+                                            only=list(loaders) or None, folder=folder)))
+
+
+@bench.command()
 @click.option("--function", "function", default="examples/embed", show_default=True,
               type=click.Path(exists=True, file_okay=False), help="Bundle folder to measure.")
 @click.option("--rounds", default=3, show_default=True, help="Cold starts of each kind.")
+@click.option("--warm-calls", default=10, show_default=True, help="Warm calls timed.")
+@click.option("--payload", default='{"text": "hello world"}', show_default=True,
+              help="JSON body of every call.")
+@click.option("--goal", type=float, default=None,
+              help="Speedup (fresh / restore) to report as met or missed.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (the only format for now).")
-def coldstart(function: str, rounds: int, as_json: bool) -> None:
-    """Request-to-response latency through the gateway: restore vs fresh vs warm."""
+def coldstart(function: str, rounds: int, warm_calls: int, payload: str, goal: float | None,
+              as_json: bool) -> None:
+    """Request-to-response latency through the gateway: restore vs fresh vs warm, with
+    each kind's Server-Timing stages."""
     from thaw.bench.coldstart import run_coldstart_bench
 
-    click.echo(json.dumps(run_coldstart_bench(function, rounds, platform=_local_platform)))
+    try:
+        body = json.loads(payload)
+    except ValueError as exc:
+        raise click.BadParameter(f"not JSON: {exc}", param_hint="--payload") from exc
+    click.echo(json.dumps(run_coldstart_bench(function, rounds, body,
+                                              platform=_local_platform,
+                                              warm_calls=warm_calls, goal=goal)))
 
 
 @bench.command()
@@ -72,15 +109,39 @@ def overhead(requests: int, concurrency: int, duration: float, as_json: bool) ->
 
 
 @bench.command()
-@click.option("--functions", default=1000, show_default=True,
-              help="Functions placed (each with its own candidate list).")
-@click.option("--nodes", default=100, show_default=True, help="Nodes in the cluster.")
+@click.option("--functions", default=10_000, show_default=True,
+              help="Functions deployed (each with its snapshot on some nodes).")
+@click.option("--nodes", default=1_000, show_default=True, help="Nodes in the cluster.")
+@click.option("--decisions", default=20_000, show_default=True,
+              help="Placement decisions timed (random functions).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (the only format for now).")
-def placement(functions: int, nodes: int, as_json: bool) -> None:
-    """How long one placement decision takes (the scheduler's pure choose_node)."""
+def placement(functions: int, nodes: int, decisions: int, as_json: bool) -> None:
+    """How long one cold start's placement decision takes over the scheduler's own
+    in-memory state, beside the same decision on a 10-function, 10-node cluster."""
     from thaw.bench.placement import run_placement_bench
 
-    click.echo(json.dumps(run_placement_bench(functions, nodes)))
+    click.echo(json.dumps(run_placement_bench(functions, nodes, decisions)))
+
+
+@bench.command()
+@click.option("--function", "function", default="examples/echo", show_default=True,
+              type=click.Path(exists=True, file_okay=False), help="Bundle folder to call.")
+@click.option("--calls", default=1000, show_default=True,
+              help="Concurrent first calls (one connection each).")
+@click.option("--max-instances", default=4, show_default=True,
+              help="The function's [scaling] max_instances.")
+@click.option("--max-concurrency", default=16, show_default=True,
+              help="The function's [scaling] max_concurrency.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (the only format for now).")
+def burst(function: str, calls: int, max_instances: int, max_concurrency: int,
+          as_json: bool) -> None:
+    """Many concurrent first calls to a function at zero instances: latency, how many
+    were answered, restores started (from the scheduler's events), vs the same calls
+    warm."""
+    from thaw.bench.burst import run_burst_bench
+
+    click.echo(json.dumps(run_burst_bench(function, calls, max_instances, max_concurrency,
+                                          platform=_local_platform)))
 
 
 @bench.command()
