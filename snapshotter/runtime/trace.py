@@ -23,6 +23,7 @@ import contextlib
 import contextvars
 import json
 import random
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -39,6 +40,8 @@ MAX_ATTRIBUTES = 32
 _COLLECTOR: contextvars.ContextVar[list[dict[str, Any]] | None] = contextvars.ContextVar(
     "thaw_call_spans", default=None)
 _setup: Any = None
+# Calls run in threads: the first traced ones may race to install the provider.
+_SETUP_LOCK = threading.Lock()
 """None: not tried yet; False: no opentelemetry here; else the trace API module."""
 
 
@@ -58,16 +61,19 @@ def _parse(value: str) -> tuple[int, int, int] | None:
 def _api() -> Any:
     """opentelemetry.trace with the recording provider installed, or False."""
     global _setup
-    if _setup is None:
-        try:
-            from opentelemetry import trace as otel_trace
-        except ImportError:
-            _setup = False
-            return _setup
-        provider = otel_trace.get_tracer_provider()
-        if isinstance(provider, otel_trace.ProxyTracerProvider):
-            otel_trace.set_tracer_provider(_recording_provider(otel_trace))
-        _setup = otel_trace
+    if _setup is not None:
+        return _setup
+    with _SETUP_LOCK:
+        if _setup is None:
+            try:
+                from opentelemetry import trace as otel_trace
+            except ImportError:
+                _setup = False
+                return _setup
+            provider = otel_trace.get_tracer_provider()
+            if isinstance(provider, otel_trace.ProxyTracerProvider):
+                otel_trace.set_tracer_provider(_recording_provider(otel_trace))
+            _setup = otel_trace
     return _setup
 
 

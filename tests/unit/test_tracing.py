@@ -17,8 +17,11 @@ import grpc
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from thaw.core.config import GatewayConfig
+from thaw.core.errors import InvalidArgument
 from thaw.core.grpcutil import internal_server, secure_channel
 from thaw.core.tracing import (
+    DEFAULT_TRACES_KEPT,
     MAX_SPANS_PER_TRACE,
     REMOTE,
     OtlpExport,
@@ -272,12 +275,42 @@ def test_instance_without_opentelemetry_is_untouched() -> None:
     assert _run_instance("sys.modules['opentelemetry'] = None") == ""
 
 
-@pytest.mark.parametrize("kept", ["-1", "many"])
+@pytest.mark.parametrize("kept", ["-1", "many", "100001"])
 def test_traces_kept_setting_is_checked(kept: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(tracing.KEPT_ENV, kept)
-    tracing.set_sink(None)
+    monkeypatch.setenv("THAW_TRACES_KEPT", kept)
+    with pytest.raises(InvalidArgument, match="traces_kept") as err:
+        GatewayConfig.load()
+    assert err.value.field == "traces_kept"
+
+
+def test_tracing_settings_come_from_the_gateway_config(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("THAW_TRACES_KEPT", "7")
+    monkeypatch.setenv("THAW_TRACING", "false")
+    config = GatewayConfig.load()
+    assert (config.traces_kept, config.tracing) == (7, False)
     try:
-        with pytest.raises(ValueError, match=tracing.KEPT_ENV):
-            tracing.sink()
+        tracing.configure(config.tracing, config.traces_kept)
+        assert tracing.begin({}) is None
+        assert tracing.sink().ring.capacity == 7
     finally:
-        tracing.set_sink(None)
+        tracing.configure(True, DEFAULT_TRACES_KEPT)
+
+
+def test_concurrent_first_calls_install_the_instances_provider_once() -> None:
+    # A fresh interpreter: the provider is process-wide, as in an instance.
+    probe = (
+        "import logging, threading\n"
+        "logging.basicConfig()\n"
+        "from thaw.snapshotter.runtime import trace\n"
+        "gate = threading.Barrier(8)\n"
+        "def first():\n"
+        "    gate.wait(); trace._api()\n"
+        "threads = [threading.Thread(target=first) for _ in range(8)]\n"
+        "[t.start() for t in threads]; [t.join() for t in threads]\n"
+        "from opentelemetry import trace as otel\n"
+        "print(type(otel.get_tracer_provider()).__name__)\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          check=True, timeout=60)
+    assert "Overriding" not in done.stderr, done.stderr
+    assert done.stdout.strip() != "ProxyTracerProvider"
