@@ -250,6 +250,10 @@ class GatewayFields(_Fields):
     """Serve plain function calls with the lean HTTP/1.1 server of gateway/lane.py."""
     sync_wait_seconds: float = Field(60.0, gt=0, le=3600)
     """Seconds a sync call holds its request; then 303 to its result URL."""
+    tracing: bool = True
+    """Trace calls: read, pass on and answer traceparent, keep and export spans."""
+    traces_kept: int = Field(1000, ge=0, le=100_000)
+    """Recent traces kept in memory for /v1/traces and the dashboard (0 = none)."""
     files_url_ttl_seconds: float = Field(3600.0, gt=0, le=7 * 86_400)
     # A file a handler returns is stored by the gateway and answered as a signed URL
     # (docs/function-api.md, "Files"); the file is collected once its URL expires.

@@ -25,8 +25,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from thaw.core.config import GatewayConfig
 from thaw.core.errors import BundleTooLarge, InvalidArgument, InvalidBundle, ThawError
 from thaw.core.pki import GATEWAY, internal_identity
+from thaw.core.tracing import TRACEPARENT
 from thaw.core.units import format_size
-from thaw.gateway import cors, openai_api, routes
+from thaw.gateway import cors, openai_api, routes, tracing
 from thaw.gateway.admission import FunctionQueues
 from thaw.gateway.auth import Authenticator, require, require_operator
 from thaw.gateway.breaker import Breakers, BreakerState
@@ -120,6 +121,10 @@ async def errors_middleware(request: web.Request,
                 error_body(code, f"internal error: {type(exc).__name__}"), status=500)
         if not response.prepared:
             response.headers["X-Request-ID"] = request_id
+            if TRACEPARENT not in response.headers:  # the fast lane's errors too
+                traceparent = tracing.answer_traceparent(request)
+                if traceparent is not None:
+                    response.headers[TRACEPARENT] = traceparent
         _observe(request, response.status, code or request.get(ERROR_CODE_KEY, ""), started,
                  response.headers.get("Server-Timing", ""))
         return response
@@ -395,6 +400,8 @@ def make_app(config: GatewayConfig, metrics: GatewayMetrics | None = None,
         middlewares=[errors_middleware, function_origin_middleware, json_limits_middleware],
         client_max_size=max(settings.max_body_bytes, settings.max_bundle_bytes))
     app.on_response_prepare.append(on_response_prepare)
+    app.on_response_prepare.append(tracing.on_response_prepare)
+    tracing.configure(settings.tracing, settings.traces_kept)
     cors.install(app)
     app[FUNCTION_ORIGIN_KEY] = FunctionOrigin()
     app[CONFIG_KEY] = settings

@@ -26,47 +26,24 @@ from typing import Any
 
 from aiohttp import web
 
-from thaw.core.errors import NotFound, ThawError
-from thaw.core.tracing import TRACEPARENT
-from thaw.gateway import cors, traces, tracing
+from thaw.core.errors import NotFound
+from thaw.gateway import cors, tracing
 from thaw.gateway.admit import admit, new_call
-from thaw.gateway.errors import error_body, error_response, status_of
+from thaw.gateway.errors import error_body
 from thaw.gateway.files import carries_files, file_answer, form_body, resolve_inputs
 from thaw.gateway.inputs import checked_body
 from thaw.gateway.openapi import _invoke_operation
 from thaw.gateway.priority import call_knobs, forget_function, function_knobs
 from thaw.gateway.relay import done_within, relay
 from thaw.gateway.request import call_headers, forwarded_path, parse_invoke, read_body
-from thaw.gateway.state import ERROR_CODE_KEY, FUNCTION_KEY, GATEWAY_KEY, START_KEY
+from thaw.gateway.state import FUNCTION_KEY, GATEWAY_KEY, START_KEY
 from thaw.gateway.stored.submit import adopt_late, refuse_anonymous_webhook, submit
 
 
+@tracing.traced
 async def invoke(request: web.Request) -> web.StreamResponse:
     """The route, inside the call's trace (gateway/tracing.py): every answer carries
     its `traceparent`, a streamed one from relay.py's head."""
-    trace = tracing.begin(request.headers)
-    if trace is None:
-        return await _invoke(request)
-    token = tracing.CURRENT.set(trace)
-    try:
-        response = await _invoke(request)
-    except ThawError as exc:
-        # Answered here rather than by errors_middleware so that the error too
-        # carries the trace; the middleware logs and counts it by its code the same.
-        tracing.failed(trace, exc.code, status_of(exc))
-        request[ERROR_CODE_KEY] = exc.code
-        response = error_response(exc)
-    finally:
-        # The connection's task serves its next request without this call's context
-        # (the tasks this call started keep their copy).
-        tracing.CURRENT.reset(token)
-    if not response.prepared:
-        response.headers[TRACEPARENT] = trace.traceparent()
-        tracing.unsettled(trace, response.status)
-    return response
-
-
-async def _invoke(request: web.Request) -> web.StreamResponse:
     gw = request.app[GATEWAY_KEY]
     tenant, name = request.match_info["tenant"], request.match_info["name"]
     preflight = await cors.check(request, gw, tenant, name)  # before any key is asked
@@ -138,7 +115,6 @@ def add_routes(app: web.Application) -> None:
     for path in _PATHS:
         for method in (*OTHER_METHODS, "HEAD"):
             app.router.add_route(method, path, invoke)
-    traces.add_routes(app)  # the calls' traces (their own feature once routes.py lists it)
 
 
 def _operation(method: str, with_path: bool) -> dict[str, Any]:
@@ -153,4 +129,3 @@ OPENAPI_PATHS: dict[str, Any] = {
     path: {m.lower(): _operation(m.lower(), with_path) for m in OTHER_METHODS}
     for path, with_path in (("/fn/{tenant}/{name}", False),
                             ("/fn/{tenant}/{name}/{path}", True))}
-OPENAPI_PATHS.update(traces.OPENAPI_PATHS)

@@ -35,7 +35,7 @@ from mcp.server.lowlevel.server import Server
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 
 from thaw.core.errors import NotFound, ThawError, Unauthenticated
-from thaw.gateway import jsonbody
+from thaw.gateway import jsonbody, tracing
 from thaw.gateway.admit import admit, new_call
 from thaw.gateway.inputs import checked_body, read_schema
 from thaw.gateway.mcp_bridge import AIOHTTP_REQUEST, serve
@@ -141,10 +141,16 @@ async def _invoke(request: web.Request, name: str, arguments: dict[str, Any]
     call = new_call(request, p.tenant, name, "", body,
                     {"Content-Type": JSON, "Accept": JSON}, None, priority)
     request[FUNCTION_KEY] = call.function
-    async with await gw.dispatcher.open(call) as ex:
-        request[START_KEY] = ex.start
-        answer = await ex.read()
-        return ex.status, answer
+    # The SDK runs the tool outside the route's task: the call's trace is the request's.
+    token = tracing.CURRENT.set(request.get(tracing.TRACE_KEY))
+    try:
+        tracing.admitted(p.tenant, name)
+        async with await gw.dispatcher.open(call) as ex:
+            request[START_KEY] = ex.start
+            answer = await ex.read()
+            return ex.status, answer
+    finally:
+        tracing.CURRENT.reset(token)
 
 
 def make_server() -> Server[Any]:
@@ -156,6 +162,7 @@ def make_server() -> Server[Any]:
                   on_list_tools=list_tools, on_call_tool=call_tool)
 
 
+@tracing.traced
 async def mcp_view(request: web.Request) -> web.StreamResponse:
     """One MCP message (JSON-RPC over HTTP POST) from a key's holder."""
     if not request.headers.get("Authorization"):

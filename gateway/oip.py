@@ -20,7 +20,7 @@ from aiohttp import web
 
 from thaw.core.errors import NotFound, ThawError
 from thaw.core.spec import NAME_PATTERN
-from thaw.gateway import jsonbody
+from thaw.gateway import jsonbody, tracing
 from thaw.gateway.admit import admit, new_call
 from thaw.gateway.errors import BadFunctionAnswer, retry_after_header, status_of
 from thaw.gateway.inputs import checked_body
@@ -148,6 +148,7 @@ async def _read_request(request: web.Request) -> tuple[bytes, InferRequest]:
     return json.dumps(infer.handler_body(), separators=(",", ":")).encode(), infer
 
 
+@tracing.traced
 @v2_errors
 async def infer(request: web.Request) -> web.StreamResponse:
     gw = request.app[GATEWAY_KEY]
@@ -162,6 +163,7 @@ async def infer(request: web.Request) -> web.StreamResponse:
     knobs = await function_knobs(request, gw, p.tenant, name)
     forwarded = await checked_body(knobs.input_schema, forwarded)
     priority = await call_priority(request, gw, p, p.tenant, name)
+    tracing.admitted(p.tenant, name)
     call = new_call(request, p.tenant, name, f"/v2/models/{name}/infer", forwarded,
                     {"Content-Type": JSON, "Accept": JSON}, timeout, priority)
     request[FUNCTION_KEY] = call.function

@@ -29,7 +29,7 @@ from cachetools import TTLCache
 
 from thaw.core.errors import InvalidArgument, NotFound, ThawError
 from thaw.core.spec import NAME_PATTERN
-from thaw.gateway import jsonbody
+from thaw.gateway import jsonbody, tracing
 from thaw.gateway.admit import admit, new_call
 from thaw.gateway.budgets import StreamTokens, answer_tokens, counts_tokens
 from thaw.gateway.cost import add_cost, wants_cost
@@ -86,6 +86,7 @@ async def _open(request: web.Request, gw: Gateway, path: str, body: bytes, model
     headers = {"Content-Type": "application/json",
                "Accept": SSE_CONTENT_TYPE if stream else "application/json"}
     priority = await call_priority(request, gw, p, p.tenant, model)
+    tracing.admitted(p.tenant, model)
     call = new_call(request, p.tenant, model, path, body, headers, timeout, priority)
     request[FUNCTION_KEY] = call.function
     ex = await gw.dispatcher.open(call)
@@ -129,10 +130,12 @@ async def _generate(request: web.Request, path: str) -> web.StreamResponse:
         return await relay(request, ex)
 
 
+@tracing.traced
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     return await _generate(request, CHAT_PATH)
 
 
+@tracing.traced
 async def completions(request: web.Request) -> web.StreamResponse:
     return await _generate(request, COMPLETIONS_PATH)
 
@@ -229,6 +232,7 @@ def _to_openai_embeddings(result: Any, model: str, doc: dict[str, Any],
     }
 
 
+@tracing.traced
 async def embeddings(request: web.Request) -> web.StreamResponse:
     gw, doc, body, timeout = await _prepare(request)
     model = _model(doc)

@@ -30,7 +30,7 @@ from typing import Any
 from aiohttp import web
 
 from thaw.core.errors import InvalidArgument, NotFound, ThawError
-from thaw.gateway import jsonbody
+from thaw.gateway import jsonbody, tracing
 from thaw.gateway.admit import admit, new_call
 from thaw.gateway.auth import require
 from thaw.gateway.caller import check_invocation_reader, principal_of, reads_all_invocations
@@ -176,6 +176,7 @@ async def _read_input(request: web.Request, limit: int, described: str
     return inputs, json.dumps(inputs, separators=(",", ":")).encode()
 
 
+@tracing.traced
 @prediction_errors
 async def create_prediction(request: web.Request) -> web.StreamResponse:
     created = _now()
@@ -184,6 +185,7 @@ async def create_prediction(request: web.Request) -> web.StreamResponse:
     p = await admit(request, gw)
     if p.tenant != tenant:
         raise NotFound(f"function {tenant}/{name} not found", field="name")
+    tracing.admitted(tenant, name)
     ask = parse_invoke(request)
     if ask.webhook:
         raise InvalidArgument("predictions take no webhook here; use the function URL "

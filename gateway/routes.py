@@ -36,6 +36,7 @@ from thaw.gateway import (
     snapshots,
     spec_schema,
     tenancy,
+    traces,
     usage,
     versions,
     volumes,
@@ -74,6 +75,7 @@ FEATURES: tuple[Feature, ...] = (
     predictions,
     files,
     mcp,
+    traces,
     # Last: every method but POST on a function URL, after the routes served under one.
     invoke,
 )

@@ -13,12 +13,16 @@ GET /v1/traces reads, and OTLP export when configured).
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
-import os
+import functools
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any, Protocol
 
+from aiohttp import web
+
+from thaw.core.errors import ThawError
 from thaw.core.tracing import (
     DEFAULT_TRACES_KEPT,
     TRACEPARENT,
@@ -35,6 +39,7 @@ from thaw.core.tracing import (
     new_trace_id,
     parse_traceparent,
 )
+from thaw.gateway.errors import status_of
 
 
 class Exchange(Protocol):
@@ -58,10 +63,6 @@ class Exchange(Protocol):
 # The instance's spans ride its answer in this header (snapshotter/runtime/trace.py
 # names the same); the gateway's relay never passes X-Thaw-* headers on.
 SPANS_HEADER = "X-Thaw-Spans"
-# Settings read once per process (docs/tracing.md): tracing off entirely, and how many
-# traces the gateway keeps for GET /v1/traces and the dashboard.
-ENABLED_ENV = "THAW_TRACING"
-KEPT_ENV = "THAW_TRACES_KEPT"
 # A cold start's stages by the component that measured them (the rest are the agent's).
 SCHEDULER_STAGES = frozenset(("queue", "placement"))
 
@@ -109,37 +110,43 @@ class CallTrace:
 
 CURRENT: contextvars.ContextVar[CallTrace | None] = contextvars.ContextVar(
     "thaw_call_trace", default=None)
+# The call's trace on its request, for the answer's header when the route raised (the
+# middleware answers the error) and for work the route's task does not run (MCP's).
+TRACE_KEY = web.RequestKey("trace", CallTrace)
+Route = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 _sink: TraceSink | None = None
-_enabled: bool | None = None
+# The gateway's settings (core/config_fields.py: tracing, traces_kept), given by
+# make_app; a process that made no app (a unit test) traces with the defaults.
+_enabled = True
+_kept = DEFAULT_TRACES_KEPT
+
+
+def configure(on: bool, kept: int) -> None:
+    """Apply the gateway's tracing settings: tracing on or off, and how many traces
+    the ring keeps (a ring of another size is made anew; the same size is kept, so
+    apps made in one process share their traces)."""
+    global _sink, _enabled, _kept
+    _enabled, _kept = on, kept
+    if _sink is not None and _sink.ring.capacity != kept:
+        _sink = None
 
 
 def enabled() -> bool:
-    global _enabled
-    if _enabled is None:
-        _enabled = os.environ.get(ENABLED_ENV, "true").lower() not in ("0", "false", "off",
-                                                                         "no")
     return _enabled
 
 
 def sink() -> TraceSink:
-    """The process's sink: a ring of THAW_TRACES_KEPT traces (default 1000), and OTLP
-    export when OTEL_EXPORTER_OTLP_ENDPOINT is set."""
+    """The process's sink: a ring of the last `traces_kept` traces, and OTLP export
+    when OTEL_EXPORTER_OTLP_ENDPOINT is set."""
     global _sink
     if _sink is None:
-        raw = os.environ.get(KEPT_ENV, str(DEFAULT_TRACES_KEPT))
-        try:
-            kept = int(raw)
-            if kept < 0:
-                raise ValueError
-        except ValueError:
-            raise ValueError(f"{KEPT_ENV} must be an integer >= 0, not {raw!r}") from None
-        _sink = TraceSink(TraceRing(kept), OtlpExport.from_env())
+        _sink = TraceSink(TraceRing(_kept), OtlpExport.from_env())
     return _sink
 
 
-def set_sink(new: TraceSink | None, tracing_on: bool | None = None) -> None:
-    """Replace the process's sink (tests; None: read the environment again)."""
+def set_sink(new: TraceSink | None, tracing_on: bool = True) -> None:
+    """Replace the process's sink (tests; None: a new one from the settings)."""
     global _sink, _enabled
     _sink = new
     _enabled = tracing_on
@@ -313,3 +320,91 @@ def unsettled(trace: CallTrace | None, status: int) -> None:
                         kind="server")]
     sink().record(Trace(trace.trace_id, trace.tenant, function, trace.remote_parent,
                         spans))
+
+
+def traced(route: Route) -> Route:
+    """A route that calls functions, inside the call's trace: the caller's context read
+    (or a trace begun), CURRENT for the route and the tasks it starts, the answer's
+    `traceparent` naming the call's root span (a streamed answer's from its head, by
+    `on_response_prepare`; an error's from errors_middleware), and a call that ends
+    without a settled exchange recorded as its root span."""
+
+    @functools.wraps(route)
+    async def call_route(request: web.Request) -> web.StreamResponse:
+        trace = begin(request.headers)
+        if trace is None:
+            return await route(request)
+        request[TRACE_KEY] = trace
+        token = CURRENT.set(trace)
+        try:
+            response = await route(request)
+        except ThawError as exc:
+            failed(trace, exc.code, status_of(exc))
+            raise
+        finally:
+            # The connection's task serves its next request without this call's
+            # context (the tasks this call started keep their copy).
+            CURRENT.reset(token)
+        if not response.prepared:
+            response.headers[TRACEPARENT] = trace.traceparent()
+            unsettled(trace, response.status)
+        return response
+
+    return call_route
+
+
+def answer_traceparent(request: web.Request) -> str | None:
+    """The `traceparent` an answer carries: its call's root span on a traced route,
+    else a span of the caller's trace (or of a new one) for a route that calls no
+    function; None when tracing is off."""
+    if not enabled():
+        return None
+    trace = request.get(TRACE_KEY) or CURRENT.get()
+    if trace is not None:
+        return trace.traceparent()
+    parent = parse_traceparent(request.headers.get(TRACEPARENT))
+    if parent is None:
+        return f"00-{new_trace_id()}-{new_span_id()}-01"
+    return f"00-{parent.trace_id}-{new_span_id()}-{parent.flags:02x}"
+
+
+async def on_response_prepare(request: web.Request, response: web.StreamResponse) -> None:
+    """Every answer aiohttp sends carries a `traceparent` (the fast lane's answers get
+    theirs from the route and errors_middleware)."""
+    if TRACEPARENT not in response.headers:
+        value = answer_traceparent(request)
+        if value is not None:
+            response.headers[TRACEPARENT] = value
+
+
+def stored_headers(headers: dict[str, str]) -> dict[str, str]:
+    """A stored invocation's headers with the current call's context, so that its run,
+    wherever and whenever it happens, joins the caller's trace under the call's root."""
+    trace = CURRENT.get()
+    if trace is None:
+        return headers
+    kept = {k: v for k, v in headers.items() if k.lower() not in (TRACEPARENT, TRACESTATE)}
+    return {**kept, **trace.hop(trace.root_id)}
+
+
+def trace_id_of(headers: Mapping[str, str]) -> str:
+    """The trace id a stored invocation's headers carry, or ""."""
+    parent = parse_traceparent(headers.get(TRACEPARENT))
+    return parent.trace_id if parent is not None else ""
+
+
+@contextlib.contextmanager
+def stored_run(tenant: str, name: str, headers: Mapping[str, str]) -> Iterator[None]:
+    """The context in which a stored invocation's run is started (the task copies it):
+    a call of its own in the trace its headers carry (stored_headers), a new trace
+    for one that carries none (a schedule's run)."""
+    trace = begin(headers)
+    if trace is None:
+        yield
+        return
+    trace.admitted(tenant, name)
+    token = CURRENT.set(trace)
+    try:
+        yield
+    finally:
+        CURRENT.reset(token)

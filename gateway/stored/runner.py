@@ -23,6 +23,7 @@ from tenacity import (
 )
 
 from thaw.core.errors import ThawError
+from thaw.gateway import tracing
 from thaw.gateway.config import GatewaySettings
 from thaw.gateway.files import Files
 from thaw.gateway.state import Gateway
@@ -110,7 +111,9 @@ class InvocationRunner:
                                 self.config.result_ttl_seconds + KEEP_SLACK_SECONDS)
 
     def run_claimed(self, inv: invocations_pb2.Invocation) -> None:
-        self.adopt(inv.id, run(self.gw, call_of(inv)), inv.tenant)
+        call = call_of(inv)
+        with tracing.stored_run(inv.tenant, inv.function, call.headers):
+            self.adopt(inv.id, run(self.gw, call), inv.tenant)
 
     async def _finish(self, invocation_id: str, outcome: asyncio.Future[Outcome]) -> None:
         try:

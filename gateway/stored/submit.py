@@ -16,6 +16,7 @@ import uuid
 from aiohttp import web
 
 from thaw.core.errors import PermissionDenied
+from thaw.gateway import tracing
 from thaw.gateway.caller import may_read_invocation
 from thaw.gateway.dispatch import Call, Exchange
 from thaw.gateway.errors import IdempotencyKeyReused
@@ -49,7 +50,8 @@ def record_of(call: Call, p: scheduler_pb2.Principal, webhook: str, key: str
         id=f"inv_{uuid.uuid4().hex}", tenant=call.tenant, function=call.name,
         priority=call.priority, path=call.path, body=call.body,
         content_type=call.headers.get("Content-Type", ""),
-        headers_json=json.dumps(call.headers), timeout_seconds=call.timeout or 0.0,
+        headers_json=json.dumps(tracing.stored_headers(call.headers)),
+        timeout_seconds=call.timeout or 0.0,
         webhook_url=webhook, idempotency_key=key, request_digest=digest_of(call),
         key_id=p.key_id)
 
@@ -113,8 +115,9 @@ async def submit(request: web.Request, gw: Gateway, p: scheduler_pb2.Principal,
             return accepted(inv, late_status)
         return stored_answer(await runner.client.get(call.tenant, inv.id, with_bodies=True),
                              links_of(request))
-    outcome = runner.adopt(inv.id, run(gw, dataclasses.replace(call, request_id=inv.id)),
-                           call.tenant)
+    with tracing.stored_run(call.tenant, call.name, tracing.stored_headers(call.headers)):
+        outcome = runner.adopt(inv.id, run(gw, dataclasses.replace(call, request_id=inv.id)),
+                               call.tenant)
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(limit):
             await asyncio.shield(outcome)

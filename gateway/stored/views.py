@@ -8,7 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
-from thaw.gateway import jsonbody
+from thaw.gateway import jsonbody, tracing
 from thaw.gateway.errors import InvocationCancelled, InvocationExpired
 from thaw.gateway.request import INVOCATION_HEADER
 from thaw.gateway.stored.result_files import Links, is_refs
@@ -28,6 +28,14 @@ def _time(value: float) -> float | None:
     return value or None
 
 
+def _trace_id(headers_json: str) -> str:
+    try:
+        headers = jsonbody.loads(headers_json or "{}")
+    except ValueError:
+        return ""
+    return tracing.trace_id_of(headers) if isinstance(headers, dict) else ""
+
+
 def invocation_json(inv: invocations_pb2.Invocation, links: Links | None = None
                     ) -> dict[str, Any]:
     """An invocation as JSON; a result whose files are stored gives them as URLs
@@ -44,6 +52,8 @@ def invocation_json(inv: invocations_pb2.Invocation, links: Links | None = None
             "run_seconds": round(inv.finished_at - inv.started_at, 6)
             if inv.finished_at and inv.started_at else None},
         "start": inv.start or None,
+        # The trace the call began, its run's spans in it (docs/tracing.md).
+        "trace_id": _trace_id(inv.headers_json) or None,
     }
     if inv.idempotency_key:
         out["idempotency_key"] = inv.idempotency_key

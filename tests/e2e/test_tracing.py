@@ -18,11 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from aiohttp import web
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
-from tests.conftest import FIXTURES, RunningPlatform, running
+from tests.conftest import EXAMPLES, FIXTURES, RunningPlatform, running
 from thaw.ops.services import LocalPlatform
 
 NAME = "otel-spans"
@@ -222,3 +223,78 @@ def test_errors_and_both_servers_carry_traceparent(traced: RunningPlatform) -> N
     assert bad.status_code == 200
     assert CALLER_TRACE not in bad.headers["traceparent"]
     assert len(bad.headers["traceparent"].split("-")[1]) == 32
+
+
+def _in_trace(platform: RunningPlatform, response: httpx.Response, trace: str,
+              names: set[str]) -> dict[str, dict[str, Any]]:
+    """The answer named the caller's trace, and the gateway's ring holds that trace
+    with `names` among its spans (a stored run's spans once it ends)."""
+    assert response.headers["traceparent"].startswith(f"00-{trace}-"), response.headers
+    deadline = time.monotonic() + EXPORT_WAIT_SECONDS
+    while True:
+        got = platform.http.get(f"/v1/traces/{trace}")
+        spans = {s["name"]: s for s in got.json()["spans"]} if got.status_code == 200 else {}
+        if names <= set(spans) or time.monotonic() > deadline:
+            assert names <= set(spans), (got.status_code, sorted(spans))
+            return spans
+        time.sleep(0.1)
+
+
+def test_every_call_route_and_stored_call_is_traced(traced: RunningPlatform) -> None:
+    for bundle in (EXAMPLES / "tinylm", FIXTURES / "tensor_math", FIXTURES / "typed_small"):
+        made = traced.deploy(bundle)
+        assert made.status_code == 201, made.text
+    key = {"Authorization": f"Bearer {traced.key}"}
+
+    def caller(n: int) -> tuple[str, dict[str, str]]:
+        trace = f"{n:032x}"
+        return trace, {**key, "traceparent": f"00-{trace}-{CALLER_SPAN}-01"}
+
+    with httpx.Client(base_url=traced.platform.function_url, timeout=120) as fn:
+        trace, headers = caller(0xC4A7)
+        chat = fn.post("/v1/chat/completions", headers=headers, json={
+            "model": "tinylm", "max_tokens": 4,
+            "messages": [{"role": "user", "content": "hello"}]})
+        assert chat.status_code == 200, chat.text
+        spans = _in_trace(traced, chat, trace, {"invoke dev/tinylm", "run", "relay"})
+        assert spans["invoke dev/tinylm"]["parent_id"] == CALLER_SPAN
+
+        trace, headers = caller(0x0719)
+        infer = fn.post("/v2/models/tensor-math/infer", headers=headers, json={"inputs": [
+            {"name": "x", "shape": [2, 3], "datatype": "FP32", "data": [1, 2, 3, 4, 5, 6]},
+            {"name": "tag", "shape": [1], "datatype": "BYTES", "data": ["a"]}]})
+        assert infer.status_code == 200, infer.text
+        _in_trace(traced, infer, trace, {"invoke dev/tensor-math", "run"})
+
+        trace, headers = caller(0x9BED)
+        predicted = fn.post("/fn/dev/typed-small/predictions", headers=headers,
+                            json={"input": {"text": "four"}})
+        assert predicted.status_code == 200, predicted.text
+        assert predicted.json()["output"] == {"length": 4}
+        _in_trace(traced, predicted, trace, {"invoke dev/typed-small", "run"})
+
+        # Stored: the run happens in the runner's task, in the caller's trace, its
+        # root a child of the submitting call's.
+        trace, headers = caller(0xA5C)
+        accepted = fn.post("/fn/dev/typed-small", json={"text": "stored"},
+                           headers={**headers, "Prefer": "respond-async"})
+        assert accepted.status_code == 202, accepted.text
+        spans = _in_trace(traced, accepted, trace, {"run"})
+        inv = accepted.json()["id"]
+        shown = traced.http.get(f"/v1/invocations/{inv}")
+        assert shown.status_code == 200 and shown.json()["trace_id"] == trace, shown.text
+        every = traced.http.get(f"/v1/traces/{trace}").json()["spans"]
+        roots = [s for s in every if s["name"] == "invoke dev/typed-small"]
+        submitted = next(s for s in roots if s["parent_id"] == CALLER_SPAN)
+        ran = next(s for s in roots if s["parent_id"] == submitted["span_id"])
+        assert spans["run"]["parent_id"] == ran["span_id"]
+
+    # A management route: in the caller's trace, on a span of its own; without a
+    # traceparent, a new trace.
+    trace, headers = caller(0x3A7)
+    listed = traced.http.get("/v1/functions", headers={"traceparent": headers["traceparent"]})
+    assert listed.status_code == 200
+    assert listed.headers["traceparent"].startswith(f"00-{trace}-")
+    assert not listed.headers["traceparent"].endswith(f"-{CALLER_SPAN}-01")
+    fresh = traced.http.get("/v1/functions").headers["traceparent"]
+    assert len(fresh.split("-")[1]) == 32 and trace not in fresh

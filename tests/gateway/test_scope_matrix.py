@@ -49,6 +49,8 @@ ROUTES: dict[tuple[str, str], str] = {
     ("DELETE", "/v1/keys/{id}"): "admin", ("GET", "/v1/audit"): "admin",
     ("GET", "/v1/usage"): "deploy", ("GET", "/v1/functions/{name}/logs"): "deploy",
     ("GET", "/v1/invocations/{id}/logs"): "deploy",  # a call's logs, as a function's
+    # Calls' traces hold what handlers put in their spans: the logs' scopes.
+    ("GET", "/v1/traces"): "deploy", ("GET", "/v1/traces/{trace_id}"): "deploy",
     ("GET", "/v1/snapshots"): "deploy", ("GET", "/v1/snapshots/{name}"): "deploy",
     ("POST", "/v1/functions/{name}/verify"): "deploy",
     ("POST", "/v1/nodes/{node}/drain"): "operator",
@@ -105,7 +107,8 @@ def _url(path: str, tenant: str) -> str:
               "tenant": tenant if path.startswith("/fn/") else unique("nobody"),
               "id": ("inv_" + "0" * 32) if "/invocations/" in path or "/predictions/" in path
               else unique("key"),
-              "digest": "0" * 64, "image_id": "sha256:" + "0" * 64, "version": "1"}
+              "trace_id": "0" * 32, "digest": "0" * 64, "image_id": "sha256:" + "0" * 64,
+              "version": "1"}
     return PARAM.sub(lambda m: values[m.group(1)], path)
 
 
