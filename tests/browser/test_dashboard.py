@@ -160,7 +160,7 @@ def test_sign_in_deploy_invoke_and_watch(platform: RunningPlatform, browser: obj
     expect(node).to_contain_text("pinned")
     expect(node.locator(".device .free").first).to_contain_text("free of")
     expect(page.locator(f".slice[data-function='dev/{FUNCTION}']")).to_have_count(1)
-    expect(page.locator(".legend")).to_contain_text(f"dev/{FUNCTION}")
+    expect(node.locator(".legend")).to_contain_text(f"dev/{FUNCTION}")
     expect(page.locator("#events li").first).to_be_visible()
     page.screenshot(path=str(OUTPUT / "dashboard-admin.png"), full_page=True)
 
