@@ -32,6 +32,7 @@ from thaw.gateway import (
     oip,
     predictions,
     priority,
+    schedules,
     secrets,
     snapshots,
     spec_schema,
@@ -75,6 +76,7 @@ FEATURES: tuple[Feature, ...] = (
     predictions,
     files,
     mcp,
+    schedules,
     traces,
     # Last: every method but POST on a function URL, after the routes served under one.
     invoke,

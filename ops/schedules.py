@@ -1,5 +1,5 @@
 """`thaw schedule ls`: the tenant's cron schedules (docs/schedules.md), each with its
-next run, from the functions' records."""
+next run and how its last due time went (GET /v1/schedules)."""
 
 from __future__ import annotations
 
@@ -24,17 +24,21 @@ def schedule() -> None:
 
 
 @schedule.command("ls")
+@click.option("--function", "function", default="", metavar="NAME",
+              help="Only this function's schedules.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def schedule_ls(as_json: bool) -> None:
-    """Every schedule of the tenant's functions: cron, time zone, input, next run (UTC)."""
-    functions = Client().request("GET", "/v1/functions").json()["functions"]
-    rows: list[dict[str, object]] = []
-    for fn in functions:
-        for sched in fn.get("schedules") or []:
-            rows.append({"function": fn["name"], "cron": sched["cron"],
-                         "timezone": sched["timezone"], "enabled": sched["enabled"],
-                         "input": json.dumps(sched["input"]),
-                         "next_run": (sched["next_run_at"] if as_json
-                                      else utc(sched["next_run_at"]))})
-    print_table(rows, ["function", "cron", "timezone", "enabled", "next_run", "input"],
-                as_json=as_json)
+def schedule_ls(function: str, as_json: bool) -> None:
+    """Every schedule of the tenant's functions: cron, time zone, next run, last run
+    (UTC) with its outcome (skipped, refused, or the run's status) and invocation."""
+    params = {"function": function} if function else {}
+    found = Client().request("GET", "/v1/schedules", params=params).json()["schedules"]
+    if as_json:
+        click.echo(json.dumps(found, indent=2))
+        return
+    rows = [{"function": s["function"], "cron": s["cron"], "timezone": s["timezone"],
+             "enabled": s["enabled"], "next_run": utc(s["next_run_at"]),
+             "last_run": utc(s["last_run_at"]), "last_outcome": s["last_outcome"] or "-",
+             "last_invocation": s["last_invocation_id"] or "-",
+             "input": json.dumps(s["input"])} for s in found]
+    print_table(rows, ["function", "cron", "timezone", "enabled", "next_run", "last_run",
+                       "last_outcome", "last_invocation", "input"], as_json=False)

@@ -166,6 +166,7 @@ async function discoverFeatures() {
     state.features.logs = "/v1/functions/{name}/logs" in doc.paths;
     state.features.usage = "/v1/usage" in doc.paths;
     state.features.traces = "/v1/traces" in doc.paths;
+    state.features.schedules = "/v1/schedules" in doc.paths;
   } catch { /* keep the defaults */ }
   $("#usage-panel").hidden = !state.features.usage;
   if (!state.features.logs) {
@@ -251,6 +252,8 @@ function renderDetail(f) {
   updateCharts(f);
   renderInputs(f);
   if (state.features.logs && state.logsFor !== f.name) startLogs(f.name);
+  if (state.features.schedules && (state.schedulesFor !== f.name ||
+      Date.now() - state.schedulesAt > SCHEDULES_REFRESH_MS)) loadSchedules(f.name);
 }
 
 // ---- build steps (docs/environments.md, "Build steps") -------------------------------------
@@ -625,6 +628,60 @@ async function showTrace(traceId) {
     legend.append(el("span", {}, el("i", {style: `background:${c}`}), k));
   }
   box.append(legend);
+}
+
+// ---- schedules: the function's cron schedules and their recent runs (docs/schedules.md) -----
+
+const SCHEDULES_REFRESH_MS = 10000;
+const OUTCOME_BADGES = {succeeded: "ok", failed: "err", refused: "err", cancelled: "err",
+  expired: "err", skipped: "building", queued: "building", running: "building"};
+const when = (t) => (t ? new Date(t * 1000).toLocaleString() : "—");
+const seconds = (v) => (v === null || v === undefined ? "—" : `${v.toFixed(2)} s`);
+
+function outcomeBadge(outcome) {
+  return outcome ? badge(outcome, OUTCOME_BADGES[outcome] || "") : el("span", {class: "muted", text: "—"});
+}
+
+// GET /v1/schedules for the function, and its runs: GET /v1/invocations?source=schedule.
+async function loadSchedules(name) {
+  if (state.schedulesFor !== name) $("#schedule-panel").hidden = true;
+  state.schedulesFor = name;
+  state.schedulesAt = Date.now();
+  const q = encodeURIComponent(name);
+  try {
+    const [listed, runs] = await Promise.all([api(`/v1/schedules?function=${q}`),
+      api(`/v1/invocations?function=${q}&source=schedule&limit=10`)]);
+    if (!listed.ok || state.selected !== name) return;
+    const {schedules} = await listed.json();
+    const tbody = $("#schedules tbody");
+    tbody.textContent = "";
+    for (const s of schedules) {
+      const last = el("td", {text: when(s.last_run_at)});
+      if (s.last_invocation_id) last.title = s.last_invocation_id;
+      tbody.append(el("tr", {"data-schedule": s.id},
+        el("td", {}, el("code", {text: s.cron})), el("td", {text: s.timezone}),
+        el("td", {text: s.enabled ? "yes" : "no"}), el("td", {text: when(s.next_run_at)}),
+        last, el("td", {class: "outcome"}, outcomeBadge(s.last_outcome)),
+        el("td", {}, el("code", {text: JSON.stringify(s.input)}))));
+    }
+    $("#schedule-panel").hidden = schedules.length === 0;
+    if (!runs.ok) return;
+    const {invocations} = await runs.json();
+    if (state.selected !== name) return;
+    const body = $("#scheduled-runs tbody");
+    body.textContent = "";
+    $("#no-scheduled-runs").hidden = invocations.length > 0;
+    for (const r of invocations) {
+      const status = outcomeBadge(r.status);
+      if (r.error) status.title = `${r.error.code}: ${r.error.message}`;
+      body.append(el("tr", {"data-id": r.id},
+        el("td", {text: when(r.created_at)}), el("td", {}, status),
+        el("td", {}, r.start ? badge(r.start) : el("span", {class: "muted", text: "—"})),
+        el("td", {class: "num", text: seconds(r.timings.queued_seconds)}),
+        el("td", {class: "num", text: seconds(r.timings.run_seconds)}),
+        el("td", {}, el("code", {text: r.id}))));
+    }
+  } catch { /* the panel stays as it was */ }
 }
 
 // ---- logs (live tail) ----------------------------------------------------------------------

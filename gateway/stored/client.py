@@ -31,11 +31,13 @@ class InvocationsClient:
             tenant=tenant, id=invocation_id, with_bodies=with_bodies), timeout=RPC_TIMEOUT))
 
     async def list_recent(self, tenant: str, limit: int, state: str, function: str,
-                          key_id: str = "") -> list[invocations_pb2.Invocation]:
-        """`key_id`: only the invocations that key made ("" = any key's)."""
+                          key_id: str = "", source: str = ""
+                          ) -> list[invocations_pb2.Invocation]:
+        """`key_id`: only the invocations that key made ("" = any key's); `source`:
+        only "call" or only "schedule" ones ("" = both)."""
         resp = await grpc_call(self._stub.List(invocations_pb2.ListInvocationsRequest(
-            tenant=tenant, limit=limit, state=state, function=function, key_id=key_id),
-            timeout=RPC_TIMEOUT))
+            tenant=tenant, limit=limit, state=state, function=function, key_id=key_id,
+            source=source), timeout=RPC_TIMEOUT))
         return list(resp.invocations)
 
     async def claim(self, gateway_id: str, limit: int, claim_seconds: float

@@ -100,7 +100,7 @@ async def list_invocations(request: web.Request) -> web.Response:
         raise InvalidArgument(f"limit must be in [1, {MAX_LIST}]", field="limit")
     found = await request.app[RUNNER_KEY].client.list_recent(
         p.tenant, limit, request.query.get("status", ""), request.query.get("function", ""),
-        invocations_key_filter(p))
+        invocations_key_filter(p), request.query.get("source", ""))
     return web.json_response({"invocations": [invocation_json(i) for i in found]})
 
 
@@ -152,6 +152,8 @@ INVOCATION_SCHEMA: dict[str, Any] = {"type": "object", "properties": {
     "status": {"type": "string", "enum": ["queued", "running", "succeeded", "failed",
                                           "cancelled", "expired"]},
     "url": {"type": "string"}, "result_url": {"type": "string"},
+    "source": {"type": "string", "enum": ["call", "schedule"]},
+    "schedule_id": {"type": ["string", "null"]},
     "result": {}, "result_base64": {"type": "string"},
     "result_status": {"type": "integer"}, "error": {"type": "object"}}}
 COMMON_ERRORS = {"401": _error("No API key, or an unknown one."),
@@ -169,13 +171,16 @@ OPENAPI_PATHS: dict[str, Any] = {
                 "type": "integer", "minimum": 1, "maximum": MAX_LIST, "default": 100}},
             {"name": "status", "in": "query", "schema": {"type": "string", "enum": [
                 "queued", "running", "succeeded", "failed", "cancelled", "expired"]}},
-            {"name": "function", "in": "query", "schema": {"type": "string"}}],
+            {"name": "function", "in": "query", "schema": {"type": "string"}},
+            {"name": "source", "in": "query", "description": "Only a client's calls or "
+             "only a cron schedule's runs (docs/schedules.md).",
+             "schema": {"type": "string", "enum": ["call", "schedule"]}}],
         "responses": {
             "200": {"description": "Invocations, without their results.",
                     "content": {"application/json": {"schema": {
                         "type": "object", "properties": {"invocations": {
                             "type": "array", "items": INVOCATION_SCHEMA}}}}}},
-            "400": _error("A bad limit or status."),
+            "400": _error("A bad limit, status or source."),
             "401": COMMON_ERRORS["401"], "403": COMMON_ERRORS["403"]}}},
     "/v1/invocations/{id}": {"get": {
         "summary": "An invocation's status, timings and result (JSON inline, other "

@@ -52,6 +52,8 @@ def invocation_json(inv: invocations_pb2.Invocation, links: Links | None = None
             "run_seconds": round(inv.finished_at - inv.started_at, 6)
             if inv.finished_at and inv.started_at else None},
         "start": inv.start or None,
+        # Who made it: a client's call, or a cron schedule (docs/schedules.md).
+        "source": inv.source or "call", "schedule_id": inv.schedule_id or None,
         # The trace the call began, its run's spans in it (docs/tracing.md).
         "trace_id": _trace_id(inv.headers_json) or None,
     }

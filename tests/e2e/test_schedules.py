@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 
 from tests.conftest import FIXTURES, RunningPlatform, running
+from thaw.ops.cli import cli
 from thaw.ops.services import LocalPlatform
 
 NAME = "scheduled"
@@ -56,6 +58,10 @@ def setup(tmp_path_factory: pytest.TempPathFactory
                 os.environ[key] = value
 
 
+def cli_env(p: RunningPlatform) -> dict[str, str | None]:
+    return {"THAW_URL": p.url, "THAW_API_KEY": p.key, "THAW_PROFILE": None}
+
+
 def bundle(work: Path, name: str, schedule: str) -> Path:
     folder = work / f"{name}-{time.monotonic_ns()}"
     shutil.copytree(FIXTURES / "scheduled", folder)
@@ -64,7 +70,8 @@ def bundle(work: Path, name: str, schedule: str) -> Path:
 
 
 def scheduled_runs(p: RunningPlatform, name: str) -> list[dict[str, Any]]:
-    reply = p.http.get("/v1/invocations", params={"function": name})
+    """The function's invocations that its schedules made (a client's are left out)."""
+    reply = p.http.get("/v1/invocations", params={"function": name, "source": "schedule"})
     assert reply.status_code == 200, reply.text
     return list(reply.json()["invocations"])
 
@@ -102,6 +109,29 @@ def test_schedule_runs_skips_and_goes_away(setup: tuple[RunningPlatform, Clock, 
     result = p.http.get(f"/v1/invocations/{run['id']}/result")
     assert result.status_code == 200 and result.json() == {"sum": 7}, result.text
     assert [e["attrs"]["invocation"] for e in events(p, "schedule_ran")] == [run["id"]]
+
+    # The run says which schedule made it, and the schedule says how its last run went.
+    [listed] = p.http.get("/v1/schedules", params={"function": NAME}).json()["schedules"]
+    assert (listed["function"], listed["cron"], listed["input"]) == (NAME, "* * * * *",
+                                                                   {"a": 5})
+    assert listed["last_invocation_id"] == run["id"]
+    assert listed["last_outcome"] == "succeeded" and listed["last_run_at"]
+    assert listed["next_run_at"] > listed["last_run_at"]
+    got = p.http.get(f"/v1/invocations/{run['id']}").json()
+    assert (got["source"], got["schedule_id"]) == ("schedule", listed["id"])
+    # A client's stored call to the same function is a "call", kept apart by the filter.
+    call = p.http.post(f"/fn/dev/{NAME}", json={"a": 1},
+                       headers={"Prefer": "respond-async"})
+    assert call.status_code == 202, call.text
+    mine = p.http.get(f"/v1/invocations/{call.json()['id']}").json()
+    assert (mine["source"], mine["schedule_id"]) == ("call", None)
+    calls = p.http.get("/v1/invocations", params={"function": NAME, "source": "call"})
+    assert [i["id"] for i in calls.json()["invocations"]] == [mine["id"]]
+    bad = p.http.get("/v1/invocations", params={"source": "cron"})
+    assert bad.status_code == 400 and bad.json()["error"]["field"] == "source"
+    shown = CliRunner().invoke(cli, ["schedule", "ls"], env=cli_env(p))
+    assert shown.exit_code == 0, shown.output
+    assert run["id"] in shown.output and "succeeded" in shown.output, shown.output
 
     # Ten minutes the scheduler did not see: the newest due time runs, the nine
     # before it are skipped, each with its event, none piled up.

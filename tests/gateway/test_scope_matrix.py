@@ -40,6 +40,8 @@ ROUTES: dict[tuple[str, str], str] = {
     ("GET", "/v1/invocations/{id}/result"): "any",
     ("POST", "/v1/invocations/{id}/cancel"): "any",
     ("POST", "/v1/invocations/{id}/priority"): "admin",
+    # Cron schedules with their last runs (gateway/schedules.py), as a function's record.
+    ("GET", "/v1/schedules"): "any",
     # The webhook signing secret: whoever holds it can forge deliveries.
     ("GET", "/v1/webhooks/secret"): "admin", ("POST", "/v1/webhooks/secret/rotate"): "admin",
     ("POST", "/v1/tenants"): "operator", ("GET", "/v1/tenants"): "operator",
