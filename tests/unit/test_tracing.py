@@ -314,3 +314,46 @@ def test_concurrent_first_calls_install_the_instances_provider_once() -> None:
                           check=True, timeout=60)
     assert "Overriding" not in done.stderr, done.stderr
     assert done.stdout.strip() != "ProxyTracerProvider"
+
+
+def test_stored_call_carries_its_callers_context_to_its_run() -> None:
+    caller = f"00-{'ab' * 16}-{'cd' * 8}-01"
+    submitting = tracing.begin({"traceparent": caller})
+    assert submitting is not None
+    token = tracing.CURRENT.set(submitting)
+    try:
+        # A caller's own header in another case is replaced, never doubled.
+        stored = tracing.stored_headers({"Traceparent": "junk", "Accept": "x"})
+    finally:
+        tracing.CURRENT.reset(token)
+    assert stored == {"Accept": "x",
+                      "traceparent": f"00-{'ab' * 16}-{submitting.root_id}-01"}
+    assert tracing.trace_id_of(stored) == "ab" * 16
+    assert tracing.trace_id_of({}) == "" and tracing.stored_headers({"a": "b"}) == {"a": "b"}
+    with tracing.stored_run("dev", "fn", stored):
+        run = tracing.CURRENT.get()
+        assert run is not None and run.trace_id == "ab" * 16
+        assert run.remote_parent == submitting.root_id and run.tenant == "dev"
+    assert tracing.CURRENT.get() is None
+    with tracing.stored_run("dev", "fn", {}):  # a schedule's run: a trace of its own
+        own = tracing.CURRENT.get()
+        assert own is not None and own.trace_id != "ab" * 16 and own.remote_parent == ""
+
+
+def test_answers_of_routes_that_call_nothing_name_the_callers_trace() -> None:
+    def request(headers: dict[str, str]) -> Any:
+        return SimpleNamespace(headers=headers, get=lambda key, default=None: default)
+
+    caller = f"00-{'ab' * 16}-{'cd' * 8}-00"
+    answered = tracing.answer_traceparent(request({"traceparent": caller}))
+    assert answered is not None
+    version, trace_id, span_id, flags = answered.split("-")
+    assert (version, trace_id, flags) == ("00", "ab" * 16, "00") and span_id != "cd" * 8
+    fresh = tracing.answer_traceparent(request({}))
+    assert fresh is not None and parse_traceparent(fresh) is not None
+    assert "ab" * 16 not in fresh
+    tracing.set_sink(None, tracing_on=False)
+    try:
+        assert tracing.answer_traceparent(request({"traceparent": caller})) is None
+    finally:
+        tracing.set_sink(None)
