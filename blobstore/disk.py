@@ -44,6 +44,7 @@ from .chunks import (
     verify,
 )
 from .copying import copy_bytes
+from .direct import DirectRefused, is_cached, read_direct
 
 # Keep a chunk LZ4-compressed only when that saves at least a quarter of its bytes.
 # Measured here (Xeon, 4 MiB chunks, one core): LZ4 decompresses ~8-10 GB/s. Assumed: a
@@ -107,6 +108,8 @@ class DiskTier:
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        # Cleared the first time the filesystem refuses O_DIRECT (tmpfs): buffered then.
+        self._direct_reads = True
 
     # -- writing ---------------------------------------------------------------------
 
@@ -234,26 +237,26 @@ class DiskTier:
                 if size != len(out):
                     raise CorruptChunk(f"chunk {digest} is {size} bytes on disk, "
                                        f"expected {len(out)}")
-                _read_exactly(file, out, digest)
+                filled = 0
+                if self._direct_reads and not is_cached(file.fileno(), size):
+                    filled = self._read_direct(found.path, out)
+                _read_exactly(file, out, digest, filled)
         except FileNotFoundError as exc:
             raise ChunkNotFound(f"chunk {digest} is not on disk") from exc
         except OSError as exc:
             raise ThawError(f"reading chunk {digest}: {exc}") from exc
         _verify_as(digest, found.key, out)
 
-    def prefetch(self, digest: str) -> None:
-        """Ask the kernel to start reading a chunk's file into the page cache now, without
-        waiting (POSIX_FADV_WILLNEED), so a restore's later read of it finds it there
-        while the workers verify and copy the chunks before it."""
-        found = self._locate(check_digest(digest))
-        if found is None:
-            return  # the read reports it
-        with contextlib.suppress(OSError):
-            fd = os.open(found.path, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-            finally:
-                os.close(fd)
+    def _read_direct(self, path: Path, out: memoryview) -> int:
+        """Read a chunk the page cache does not hold with O_DIRECT: straight from the
+        device into `out`, no page cache copy, no readahead guessing. Returns the bytes
+        of `out` filled; the unaligned tail (and everything, where O_DIRECT is refused)
+        is left to a buffered read."""
+        try:
+            return read_direct(path, out)
+        except DirectRefused:
+            self._direct_reads = False
+            return 0
 
     def stat(self, digest: str) -> StoredChunk:
         """How a chunk is stored, without reading it."""
@@ -477,8 +480,10 @@ def _write_all(fd: int, view: memoryview) -> None:
         view = view[written:]
 
 
-def _read_exactly(file: io.FileIO, out: memoryview, digest: str) -> None:
-    filled = 0
+def _read_exactly(file: io.FileIO, out: memoryview, digest: str, filled: int = 0) -> None:
+    """Fill `out[filled:]` from the file's offset `filled` on."""
+    if filled:
+        file.seek(filled)
     while filled < len(out):
         count = file.readinto(out[filled:])
         if not count:

@@ -23,6 +23,14 @@ from .copying import copy_bytes
 from .disk import DiskTier
 from .pinned import PinnedSpan, PinnedTier
 
+# Chunk reads in flight on a restore from disk. A cold chunk is read with O_DIRECT
+# (DiskTier.read_into), one synchronous read per thread, so the device sees as many
+# requests at once as there are threads. Measured on the 2-core VM (virtio disk): 2 reads
+# in flight 0.58 GB/s, 8 1.40, 16 1.53, `dd iflag=direct` 1.0-1.6. Each thread then hashes
+# the chunk it read, so a core never waits on the disk while a read is pending elsewhere;
+# the chunks land in the destination itself, so this costs no memory.
+READS_IN_FLIGHT = 16
+
 Refetch = Callable[[str], BytesLike]
 """Fetch a chunk's raw bytes from elsewhere (a peer agent) when the local copy is bad or
 missing; the result is verified before use."""
@@ -95,19 +103,25 @@ def _drop_frame_locals(exc: BaseException | None) -> None:
 
 def restore_arena(chunks: Iterable[ChunkRef], dest: BytesLike, *, disk: DiskTier,
                   pinned: PinnedTier | None = None, workers: int | None = None,
-                  refetch: Refetch | None = None) -> RestoreStats:
+                  refetch: Refetch | None = None,
+                  reads_in_flight: int = READS_IN_FLIGHT) -> RestoreStats:
     """Write every chunk's raw bytes at its offset in `dest` (a writable buffer: a
     memoryview, bytearray or the slice's mmap).
 
     Chunks in `pinned` are copied from there (pinned for the duration); the rest come from
     `disk`, verified. A chunk that is corrupt or absent on disk is fetched through
     `refetch` if given (then verified and written back to disk), else the restore raises
-    CorruptChunk / ChunkNotFound naming the digest. On any error no worker is still
-    writing when this raises, but `dest` holds partial data: the caller must treat the
-    slice as not restored.
+    CorruptChunk / ChunkNotFound naming the digest. Chunks from disk are read, verified,
+    decompressed and copied on max(workers, reads_in_flight) threads, each stage
+    releasing the GIL, so reads overlap with the hashing of chunks already read. On any
+    error no worker is still writing when this raises, but `dest` holds partial data:
+    the caller must treat the slice as not restored.
     """
     refs = list(chunks)
     threads = resolve_workers(workers)
+    if not isinstance(reads_in_flight, int) or reads_in_flight < 1:
+        raise InvalidArgument(f"reads_in_flight must be an integer >= 1, got "
+                              f"{reads_in_flight!r}", field="reads_in_flight")
     started = time.perf_counter()
     with _flat_view(dest) as out:
         if out.readonly:
@@ -125,7 +139,8 @@ def restore_arena(chunks: Iterable[ChunkRef], dest: BytesLike, *, disk: DiskTier
             from_disk = [ref for ref in refs if ref.digest not in held]
             _copy_from_pinned(from_pinned, held, out, threads)
             refetched = run_bounded(
-                lambda ref: _restore_from_disk(ref, out, disk, refetch), from_disk, threads)
+                lambda ref: _restore_from_disk(ref, out, disk, refetch), from_disk,
+                max(threads, reads_in_flight))
     seconds = time.perf_counter() - started
     total = sum(ref.length for ref in refs)
     refetched_bytes = sum(refetched)

@@ -23,15 +23,34 @@ def bench() -> None:
 
 
 @bench.command()
-@click.option("--size", default="2GiB", show_default=True, help="State size to restore.")
+@click.option("--size", default=None,
+              help="State size to restore [default: 2GiB; 1GiB with --tier disk].")
 @click.option("--workers", type=int, default=None, help="Copy threads (default: all cores).")
 @click.option("--device", type=click.Choice(["host", "cuda"]), default="host",
               show_default=True,
               help="host: into a host slice vs a plain memcpy; cuda: into a GPU slice vs "
                    "the pinned host-to-device ceiling (needs CuPy and a GPU).")
+@click.option("--tier", type=click.Choice(["pinned", "disk"]), default="pinned",
+              show_default=True,
+              help="disk (with --cold): from the disk tier, page cache dropped, vs the "
+                   "device's O_DIRECT sequential read (dd) in the same run.")
+@click.option("--cold", is_flag=True, help="Drop the chunks' page cache first (--tier disk).")
+@click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path),
+              default=None, help="Where the disk-tier bench writes (default: the temp dir).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (the only format for now).")
-def restore(size: str, workers: int | None, device: str, as_json: bool) -> None:
-    """Restore a state from the pinned tier into a slice vs the copy it cannot beat."""
+def restore(size: str | None, workers: int | None, device: str, tier: str, cold: bool,
+            directory: Path | None, as_json: bool) -> None:
+    """Restore a state from the pinned tier into a slice vs the copy it cannot beat (or,
+    with --tier disk --cold, from the disk tier vs the device's read bandwidth)."""
+    if tier == "disk":
+        if not cold or device != "host":
+            raise click.UsageError("--tier disk is measured with --cold, into a host slice")
+        from thaw.bench.disk_restore import run_disk_restore_bench
+
+        click.echo(json.dumps(run_disk_restore_bench(parse_size(size or "1GiB"), workers,
+                                                     directory=directory)))
+        return
+    size = size or "2GiB"
     if device == "host":
         from thaw.bench.restore import run_restore_bench
 
