@@ -154,6 +154,8 @@ INVOCATION_SCHEMA: dict[str, Any] = {"type": "object", "properties": {
     "url": {"type": "string"}, "result_url": {"type": "string"},
     "source": {"type": "string", "enum": ["call", "schedule"]},
     "schedule_id": {"type": ["string", "null"]},
+    "trace_id": {"type": ["string", "null"],
+                 "description": "The trace the call began (docs/tracing.md)."},
     "result": {}, "result_base64": {"type": "string"},
     "result_status": {"type": "integer"}, "error": {"type": "object"}}}
 COMMON_ERRORS = {"401": _error("No API key, or an unknown one."),
