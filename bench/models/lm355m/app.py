@@ -8,6 +8,7 @@ being random, but the same on every start). POST {"text": "..."} or {"tokens": [
 """
 
 import os
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,7 +24,7 @@ SEED = 0
 
 
 class Block(nn.Module):
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(WIDTH)
         self.qkv = nn.Linear(WIDTH, 3 * WIDTH)
@@ -32,7 +33,7 @@ class Block(nn.Module):
         self.fc = nn.Linear(WIDTH, 4 * WIDTH)
         self.out = nn.Linear(4 * WIDTH, WIDTH)
 
-    def forward(self, x, cache):
+    def forward(self, x: torch.Tensor, cache: list[torch.Tensor]) -> torch.Tensor:
         batch, length, _ = x.shape
         q, k, v = self.qkv(self.ln_1(x)).split(WIDTH, dim=2)
         q, k, v = (t.view(batch, length, HEADS, WIDTH // HEADS).transpose(1, 2)
@@ -43,33 +44,37 @@ class Block(nn.Module):
         cache[:] = [k, v]
         attended = F.scaled_dot_product_attention(q, k, v, is_causal=length > 1)
         x = x + self.proj(attended.transpose(1, 2).reshape(batch, length, WIDTH))
-        return x + self.out(F.gelu(self.fc(self.ln_2(x)), approximate="tanh"))
+        out: torch.Tensor = x + self.out(F.gelu(self.fc(self.ln_2(x)), approximate="tanh"))
+        return out
 
 
 class GPT(nn.Module):
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__()
         self.wte = nn.Embedding(VOCAB, WIDTH)
         self.wpe = nn.Embedding(POSITIONS, WIDTH)
         self.blocks = nn.ModuleList(Block() for _ in range(LAYERS))
         self.ln_f = nn.LayerNorm(WIDTH)
 
-    def forward(self, tokens, start, caches):
+    def forward(self, tokens: torch.Tensor, start: int,
+                caches: list[list[torch.Tensor]]) -> torch.Tensor:
         positions = torch.arange(start, start + tokens.shape[1])
         x = self.wte(tokens) + self.wpe(positions)
         for block, cache in zip(self.blocks, caches, strict=True):
             x = block(x, cache)
-        return self.ln_f(x[:, -1]) @ self.wte.weight.T  # tied output embedding
+        logits: torch.Tensor = self.ln_f(x[:, -1]) @ self.wte.weight.T  # tied output embedding
+        return logits
 
 
 class LanguageModel:
-    def setup(self):
+    def setup(self) -> None:
         torch.manual_seed(SEED)
         self.model = GPT().eval()
         self.parameters = sum(p.numel() for p in self.model.parameters())
         self.setup_pid = os.getpid()
 
-    def predict(self, text=None, tokens=None):
+    def predict(self, text: str | None = None,
+                tokens: list[int] | None = None) -> dict[str, Any]:
         if tokens is None:
             if not isinstance(text, str) or not text:
                 raise ValueError("send 'text' (a non-empty string) or 'tokens'")
@@ -78,7 +83,8 @@ class LanguageModel:
                 or not all(isinstance(t, int) and 0 <= t < VOCAB for t in tokens)):
             raise ValueError(f"'tokens' must be a non-empty list of ints in [0, {VOCAB})")
         tokens = tokens[-(POSITIONS - NEW_TOKENS):]
-        caches = [[] for _ in range(LAYERS)]  # each block's keys and values so far
+        # Each block's keys and values so far.
+        caches: list[list[torch.Tensor]] = [[] for _ in range(LAYERS)]
         step = torch.tensor([tokens])
         start, generated = 0, []
         with torch.inference_mode():
