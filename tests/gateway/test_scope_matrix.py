@@ -9,11 +9,13 @@ requests name things that do not exist, so nothing is changed).
 from __future__ import annotations
 
 import re
+import time
 
 import httpx
 
 from tests.conftest import RunningPlatform
 from tests.gateway.tenancy_helpers import new_tenant, unique
+from thaw.gateway.filestore import KEY_FILE, FileSigner
 
 # The least each route needs: public < any key of the tenant < invoke | deploy < admin
 # < operator (invoke and deploy are apart: neither implies the other).
@@ -89,8 +91,15 @@ ROUTES: dict[tuple[str, str], str] = {
     ("POST", "/fn/{tenant}/{name}/predictions"): "invoke",
     ("POST", "/v1/models/{tenant}/{name}/predictions"): "invoke",
     ("GET", "/v1/predictions/{id}"): "any", ("POST", "/v1/predictions/{id}/cancel"): "any",
+    ("GET", "/v1/predictions/{id}/stream"): "any",
     # The MCP server (gateway/mcp.py): its tools are calls.
     ("POST", "/mcp"): "invoke",
+    # Every method of a function's URL is a call (gateway/invoke.py).
+    **{(method, path): "invoke" for method in ("GET", "PUT", "PATCH", "DELETE")
+       for path in ("/fn/{tenant}/{name}", "/fn/{tenant}/{name}/{path}")},
+    # A function's output file: the signed URL is the permission (gateway/files.py).
+    ("GET", "/files/{token}"): "public",
+    ("GET", "/livez"): "public",
 }
 # Which callers each requirement admits.
 ADMITS = {"public": {"none", "invoke", "deploy", "admin", "operator"},
@@ -101,15 +110,17 @@ ADMITS = {"public": {"none", "invoke", "deploy", "admin", "operator"},
 PARAM = re.compile(r"\{(\w+)\}")
 
 
-def _url(path: str, tenant: str) -> str:
+def _url(path: str, tenant: str, token: str = "") -> str:
     """The path with parameters naming things that do not exist (the caller's own
-    tenant for a function URL, so only the scope decides)."""
+    tenant for a function URL, so only the scope decides; a file URL's token signed
+    by the platform, so only its being public decides)."""
     values = {"name": unique("nothing"), "model": unique("nothing"), "path": "x",
               "node": unique("node"), "action": "cordon", "file": "dashboard.js",
               "tenant": tenant if path.startswith("/fn/") else unique("nobody"),
               "id": ("inv_" + "0" * 32) if "/invocations/" in path or "/predictions/" in path
               else unique("key"),
               "trace_id": "0" * 32, "digest": "0" * 64, "image_id": "sha256:" + "0" * 64,
+              "token": token,
               "version": "1"}
     return PARAM.sub(lambda m: values[m.group(1)], path)
 
@@ -130,6 +141,8 @@ def test_every_route_admits_exactly_the_scopes_it_needs(platform: RunningPlatfor
         assert made.status_code == 201, made.text
         callers[scope] = httpx.Client(base_url=platform.url, timeout=60, headers={
             "Authorization": f"Bearer {made.json()['key']}"})
+    key_file = next(platform.platform.home.rglob(f"files/{KEY_FILE}"))
+    token = FileSigner(key_file.read_bytes()).sign("dev", "0" * 64, int(time.time()) + 600)
     failures, checked = [], 0
     for (method, path), needs in sorted(ROUTES.items()):
         if path == "/v1/live":
@@ -137,7 +150,7 @@ def test_every_route_admits_exactly_the_scopes_it_needs(platform: RunningPlatfor
         for who, http in callers.items():
             tenant = "dev" if who == "operator" else admin.tenant
             body = {} if method in ("POST", "PUT", "PATCH") else None
-            resp = http.request(method, _url(path, tenant), json=body)
+            resp = http.request(method, _url(path, tenant, token), json=body)
             checked += 1
             allowed = who in ADMITS[needs]
             expected = "not 401/403" if allowed else ("401" if who == "none" else "403")
