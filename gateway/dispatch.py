@@ -37,6 +37,7 @@ from thaw.gateway.leases import LeasePool
 from thaw.gateway.metrics import GatewayMetrics
 from thaw.gateway.nodeclient import NodeAnswer, NodeClient
 from thaw.gateway.request import IDEMPOTENCY_HEADER
+from thaw.gateway.timing import server_timing
 from thaw.proto import agent_pb2, scheduler_pb2
 
 log = structlog.get_logger()
@@ -173,6 +174,11 @@ class Exchange:
         self.node_permit = node_permit
         self.started = started
         """perf_counter when the call was admitted (Server-Timing's total)."""
+        self.admission = 0.0
+        """Seconds from the request's arrival to `started` (set by Dispatcher.open)."""
+        self.leasing = started
+        """perf_counter when this exchange's lease was asked for (later than `started`
+        when earlier exchanges were refused)."""
         self.sent = sent
         """perf_counter when the request went to the node (the "run" stage)."""
         self.opened = time.perf_counter()
@@ -268,14 +274,10 @@ class Exchange:
             yield chunk
 
     def server_timing(self, upstream_timing: bool = True, total: bool = False) -> str:
-        parts = [f"{name};dur={seconds * 1000:.2f}" for name, seconds in self.stages]
-        timing = self.upstream.headers.get("Server-Timing") if upstream_timing else None
-        if timing:
-            parts.append(timing)
-        if total:
-            elapsed = time.perf_counter() - self.started
-            parts.append(f"total;dur={elapsed * 1000:.2f}")
-        return ", ".join(parts)
+        """Every stage of the call, adding up to `total` (gateway/timing.py)."""
+        upstream = self.upstream.headers.get("Server-Timing") if upstream_timing else None
+        return server_timing(self.stages, upstream, self.admission, self.started,
+                             self.leasing, self.sent, self.opened, total)
 
     def settle(self, how: Settlement) -> None:
         """Settle the lease and tell the breakers; idempotent."""
@@ -351,6 +353,8 @@ class Dispatcher:
         """Admit the call, lease an instance and send the request; the answer's head
         has arrived when this returns. Raises ThawError for every refusal."""
         started = time.perf_counter()
+        admission = (max(asyncio.get_running_loop().time() - call.received, 0.0)
+                     if call.received > 0 else 0.0)
         function_permit = self.function_breakers.allow(call.function)
         try:
             lease, start, stages = await self._lease(call, reuse=True)
@@ -367,12 +371,14 @@ class Dispatcher:
                 log.info("node lost mid-call; sending the call again",
                          function=call.function, node=lease.node_id,
                          refused=isinstance(exc, NodeRefused))
+                leasing = time.perf_counter()
                 lease, start, stages = await self._lease(call, reuse=False)
                 exchange = await self._send(call, lease, start, stages, function_permit,
-                                            started)
+                                            started, leasing)
             if exchange.status in REFUSAL_STATUSES and not exchange.tenant_error:
                 exchange = await self._past_refusals(call, exchange, function_permit,
                                                      started)
+            exchange.admission = admission
             log.debug("dispatched", function=call.function, node=exchange.lease.node_id,
                       instance=exchange.lease.instance_id, start=exchange.start)
             return exchange
@@ -397,8 +403,10 @@ class Dispatcher:
             if first is not None:
                 opened, first = first, None
                 return opened
+            leasing = time.perf_counter()
             lease, start, stages = await self._lease(call, reuse=False)
-            return await self._send(call, lease, start, stages, function_permit, started)
+            return await self._send(call, lease, start, stages, function_permit, started,
+                                    leasing)
 
         async def was_refused(state: RetryCallState) -> bool:
             nonlocal last_code
@@ -466,7 +474,7 @@ class Dispatcher:
 
     async def _send(self, call: Call, lease: scheduler_pb2.Lease, start: str,
                     stages: list[tuple[str, float]], function_permit: Permit | None,
-                    started: float) -> Exchange:
+                    started: float, leasing: float | None = None) -> Exchange:
         node = lease.node_id
         try:
             node_permit = self.node_breakers.allow(node)
@@ -505,6 +513,7 @@ class Dispatcher:
         exchange = Exchange(self, call, lease, upstream, start, stages, function_permit,
                             node_permit, started, sent)
         exchange.run_span = run_span
+        exchange.leasing = started if leasing is None else leasing
         return exchange
 
     async def _post(self, url: str, body: bytes, headers: dict[str, str],
