@@ -16,8 +16,9 @@ those do not cover:
 - `placement`: the wait for the lease not covered by the stages it carries (the
   scheduler's gRPC round trip and its work around them; for a lease the gateway kept,
   taking it from its pool);
-- `hop`: the data plane's round trip not covered by the instance's stages (network and
-  TLS both ways, the agent's proxying, the instance's socket, the answer's body);
+- `hop`: the data plane's round trip not covered by the stages the node sent back (the
+  instance's, and `node`, the agent's own share: platform/dataplane.py): the network
+  and TLS both ways, the node's HTTP server reading the request and writing the answer;
 - `relay`: the answer's arrival to its head being ready for the client.
 """
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
+import time
 from collections.abc import AsyncIterator
 from urllib.parse import quote, unquote
 
@@ -107,6 +109,7 @@ class DataPlane:
         await self.instances_http.close()
 
     async def invoke(self, request: Request) -> Response | Streaming:
+        began = time.perf_counter()
         instance_id, sep, rest = request.path[len(INSTANCES_PREFIX):].partition("/")
         if not sep or not (rest == "invoke" or rest.startswith("invoke/")):
             return error_response(404, "not_found", f"no route for {request.path}")
@@ -138,10 +141,13 @@ class DataPlane:
                 out_headers["X-Thaw-Instance"] = inst.id
                 if upstream.content_length is not None:
                     try:
-                        return Response(upstream.status, await upstream.read(), out_headers)
+                        body = await upstream.read()
                     finally:
                         # Read to its end: the connection goes back for the next call.
                         upstream.release()
+                    add_node_stage(out_headers, began)
+                    return Response(upstream.status, body, out_headers)
+                add_node_stage(out_headers, began)
             # A stream: the relay holds the slot (and the deadline) until it ends.
             relay = _Relay(self, inst, upstream, until)
             return Streaming(relay, upstream.status, out_headers)
@@ -239,6 +245,26 @@ class _Relay:
         self._upstream.release()
         self._inst.inflight -= 1
         self._inst.slots.release()
+
+
+def add_node_stage(headers: dict[str, str], began: float) -> None:
+    """Add the `node` stage to the answer's Server-Timing: this hop's share of the call
+    since `began` (the route, the instance's slot, its socket both ways, the answer's
+    body when read here), that is, what the instance's own stages leave of it."""
+    timing = headers.get("Server-Timing", "")
+    instance_ms = 0.0
+    for part in timing.split(","):
+        _, _, params = part.partition(";")
+        for param in params.split(";"):
+            key, _, value = param.strip().partition("=")
+            if key == "dur":
+                with contextlib.suppress(ValueError):
+                    ms = float(value)
+                    instance_ms += ms if math.isfinite(ms) and ms > 0 else 0.0
+                break
+    node_ms = max((time.perf_counter() - began) * 1000.0 - instance_ms, 0.0)
+    stage = f"node;dur={node_ms:.2f}"
+    headers["Server-Timing"] = f"{timing}, {stage}" if timing else stage
 
 
 def answer_headers(upstream: NodeAnswer) -> dict[str, str]:

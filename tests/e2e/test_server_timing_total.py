@@ -34,7 +34,7 @@ def assert_adds_up(resp: httpx.Response, start: str, lane: bool) -> dict[str, fl
     # aiohttp names itself in Server; the fast lane sends none.
     assert ("aiohttp" in resp.headers.get("Server", "")) is not lane, resp.headers
     stages, total = stages_of(resp)
-    assert {"admission", "placement", "run", "hop", "relay"} <= stages.keys(), stages
+    assert {"admission", "placement", "run", "node", "hop", "relay"} <= stages.keys(), stages
     assert abs(sum(stages.values()) - total) <= max(SHARE * total, ROUNDING_MS), (
         start, lane, stages, total)
     return stages
