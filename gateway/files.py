@@ -388,5 +388,7 @@ OPENAPI_PATHS: dict[str, Any] = {
             "200": {"description": "The file, with its media type and "
                                    "Content-Disposition."},
             "403": {"description": "The URL is malformed, forged or expired."},
-            "404": {"description": "The file is no longer stored."}}}},
+            "404": {"description": "The file is no longer stored."},
+            "431": {"description": "The URL is past the gateway's bounds on a request "
+                                   "head (docs/limits.md)."}}}},
 }
