@@ -29,6 +29,10 @@ from collections.abc import Iterable
 
 from thaw.gateway.stats import parse_server_timing
 
+# The stages of the call's way through gateway and node (the agent's data plane reports
+# `node`), beside those of the instance's start the lease carries and the instance's own.
+PATH_STAGES = frozenset(("admission", "retry", "placement", "node", "hop", "relay"))
+
 
 def _part(name: str, seconds: float) -> str:
     return f"{name};dur={seconds * 1000:.2f}"
