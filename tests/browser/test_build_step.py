@@ -5,36 +5,18 @@ line goes once the build is done."""
 
 from __future__ import annotations
 
-import os
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.browser.pages import signed_in
 from tests.conftest import RunningPlatform
 from tests.e2e.test_build_steps import gated, until
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = os.environ.get("THAW_TEST_CHROMIUM", "/usr/bin/chromium")
 UI_WAIT_MS = 60_000
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[object]:
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"no Chromium at {CHROMIUM} (set THAW_TEST_CHROMIUM)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, args=[
-            "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-            "--disable-background-networking"])
-        try:
-            yield b
-        finally:
-            b.close()
 
 
 def test_the_function_page_shows_the_build_step(platform: RunningPlatform, exchange: Path,
@@ -50,22 +32,17 @@ def test_the_function_page_shows_the_build_step(platform: RunningPlatform, excha
         doc = until(platform, name, "the setup step",
                     lambda d: "running setup()" in (d.get("build_step") or ""))
         version = doc["latest_build"]["version"]
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.set_default_timeout(UI_WAIT_MS)
-        problems: list[str] = []
-        page.on("pageerror", lambda exc: problems.append(str(exc)))
-        page.goto(platform.url)
-        page.fill("#key", platform.key)
-        page.click("#signin-form button[type=submit]")
-        page.locator(f"#functions tbody tr[data-name='{name}']").click()
-        line = page.locator("#detail-build")
-        expect(line).to_be_visible()
-        expect(line).to_have_text(
-            f"building version {version}: running setup() and capturing its state")
+        with signed_in(browser, platform.url, platform.key,
+                       wait_ms=UI_WAIT_MS) as (page, problems):
+            page.locator(f"#functions tbody tr[data-name='{name}']").click()
+            line = page.locator("#detail-build")
+            expect(line).to_be_visible()
+            expect(line).to_have_text(
+                f"building version {version}: running setup() and capturing its state")
 
-        gate.write_text("open")
-        expect(line).to_be_hidden()
-        assert problems == []
+            gate.write_text("open")
+            expect(line).to_be_hidden()
+            assert problems == []
     finally:
         gate.write_text("open")
         platform.http.delete(f"/v1/functions/{name}")

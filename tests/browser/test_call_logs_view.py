@@ -4,36 +4,16 @@ in the recent invocations list shows that call's lines instead."""
 
 from __future__ import annotations
 
-import os
 import re
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
+from tests.browser.pages import signed_in
 from tests.conftest import FIXTURES, RunningPlatform
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = os.environ.get("THAW_TEST_CHROMIUM", "/usr/bin/chromium")
-UI_WAIT_MS = 30_000
 NAME = "call-logs"
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[object]:
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"no Chromium at {CHROMIUM} (set THAW_TEST_CHROMIUM)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, args=[
-            "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-            "--disable-background-networking"])
-        try:
-            yield b
-        finally:
-            b.close()
 
 
 def test_the_invocation_view_shows_one_calls_lines(platform: RunningPlatform,
@@ -45,14 +25,7 @@ def test_the_invocation_view_shows_one_calls_lines(platform: RunningPlatform,
     earlier = platform.invoke(NAME, {"tag": "earlier", "lines": 2})
     assert earlier.status_code == 200, earlier.text
     earlier_id = earlier.headers["X-Request-ID"]
-    problems: list[str] = []
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    page.set_default_timeout(UI_WAIT_MS)
-    page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
-    try:
-        page.goto(platform.url)
-        page.fill("#key", platform.key)
-        page.click("#signin-form button[type=submit]")
+    with signed_in(browser, platform.url, platform.key) as (page, problems):
         expect(page.locator("#tenant")).to_have_text("dev")
         page.click(f"#functions tbody tr[data-name='{NAME}']")
         page.fill("#invoke-body", '{"tag": "dashboard", "lines": 3}')
@@ -75,5 +48,3 @@ def test_the_invocation_view_shows_one_calls_lines(platform: RunningPlatform,
         expect(call_logs).to_contain_text("earlier line 1")
         expect(call_logs).not_to_contain_text("dashboard")
         assert not problems, problems
-    finally:
-        page.close()

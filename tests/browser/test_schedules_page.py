@@ -6,39 +6,21 @@ the page is open appears there too."""
 
 from __future__ import annotations
 
-import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.browser.pages import signed_in
 from tests.conftest import RunningPlatform
 from tests.e2e.test_schedules import POLLS, Clock, bundle, setup, wait_runs
 
 pytestmark = pytest.mark.browser
 __all__ = ["setup"]  # the module-scoped platform with its scheduler clock
 
-CHROMIUM = os.environ.get("THAW_TEST_CHROMIUM", "/usr/bin/chromium")
 # The page reloads a function's schedules every 10 s; a loaded machine may take longer.
 UI_WAIT_MS = 60_000
 NAME = "scheduled-page"
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[object]:
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"no Chromium at {CHROMIUM} (set THAW_TEST_CHROMIUM)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, args=[
-            "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-            "--disable-background-networking"])
-        try:
-            yield b
-        finally:
-            b.close()
 
 
 def to_next_due(p: RunningPlatform, clock: Clock) -> None:
@@ -66,14 +48,7 @@ def test_the_function_page_shows_schedules_and_runs(
     to_next_due(p, clock)
     [first] = wait_runs(p, NAME, 1)
 
-    problems: list[str] = []
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    page.set_default_timeout(UI_WAIT_MS)
-    page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
-    try:
-        page.goto(p.url)
-        page.fill("#key", p.key)
-        page.click("#signin-form button[type=submit]")
+    with signed_in(browser, p.url, p.key, wait_ms=UI_WAIT_MS) as (page, problems):
         page.click(f"#functions tbody tr[data-name='{NAME}']")
         panel = page.locator("#schedule-panel")
         expect(panel).to_be_visible(timeout=UI_WAIT_MS)
@@ -96,5 +71,3 @@ def test_the_function_page_shows_schedules_and_runs(
         expect(row.locator("td").nth(4)).to_have_attribute("title", second["id"],
                                                            timeout=UI_WAIT_MS)
         assert not problems, problems
-    finally:
-        page.close()

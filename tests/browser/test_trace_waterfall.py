@@ -6,37 +6,16 @@ and a click on one draws it."""
 
 from __future__ import annotations
 
-import os
 import re
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import FIXTURES, REPO, RunningPlatform
+from tests.browser.pages import OUTPUT, signed_in
+from tests.conftest import FIXTURES, RunningPlatform
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = os.environ.get("THAW_TEST_CHROMIUM", "/usr/bin/chromium")
-OUTPUT = REPO / "test-output"
-UI_WAIT_MS = 30_000
 FUNCTION = "otel-spans"
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[object]:
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"no Chromium at {CHROMIUM} (set THAW_TEST_CHROMIUM)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, args=[
-            "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-            "--disable-background-networking"])
-        try:
-            yield b
-        finally:
-            b.close()
 
 
 def test_an_invocation_shows_as_a_waterfall(platform: RunningPlatform,
@@ -46,53 +25,47 @@ def test_an_invocation_shows_as_a_waterfall(platform: RunningPlatform,
     assert isinstance(browser, Browser)
     assert platform.deploy(FIXTURES / "otel_spans").status_code == 201
     try:
-        page = browser.new_page(viewport={"width": 1400, "height": 1400})
-        page.set_default_timeout(UI_WAIT_MS)
-        problems: list[str] = []
-        page.on("pageerror", lambda exc: problems.append(str(exc)))
-        page.goto(platform.url)
-        page.fill("#key", platform.key)
-        page.click("#signin-form button[type=submit]")
-        page.locator(f"#functions tbody tr[data-name='{FUNCTION}']").click()
-        page.click("#invoke-form button[type=submit]")
+        with signed_in(browser, platform.url, platform.key, height=1400) as (page, problems):
+            page.locator(f"#functions tbody tr[data-name='{FUNCTION}']").click()
+            page.click("#invoke-form button[type=submit]")
 
-        trace_id = page.locator("#invoke-meta dt:text-is('trace') + dd")
-        expect(trace_id).to_have_text(re.compile(r"^[0-9a-f]{32}$"))
-        waterfall = page.locator("#waterfall")
-        expect(waterfall).to_be_visible()
-        expect(waterfall).to_have_attribute("data-trace", trace_id.inner_text())
-        names = ["invoke dev/otel-spans", "admission", "acquire", "queue", "run",
-                 "handler-work", "handler-step", "relay"]
-        for name in names:
-            expect(waterfall.locator(f".span-row[data-span='{name}']")).to_have_count(1)
-        # Nested under their parents: the handler's span under run, its step under it.
-        indent = {name: waterfall.locator(f".span-row[data-span='{name}'] .span-name")
-                  .evaluate("e => parseFloat(getComputedStyle(e).paddingLeft)")
-                  for name in ("invoke dev/otel-spans", "run", "handler-work", "handler-step")}
-        assert (indent["invoke dev/otel-spans"] < indent["run"] < indent["handler-work"]
-                < indent["handler-step"])
-        # Bars on one time axis: the root spans it all, the run starts after admission.
-        def box(name: str) -> dict[str, float]:
-            found = waterfall.locator(f".span-row[data-span='{name}'] .span-bar").bounding_box()
-            assert found is not None
-            return found
-        root, admission, run, work = (box(n) for n in (
-            "invoke dev/otel-spans", "admission", "run", "handler-work"))
-        assert root["width"] > run["width"] > 0
-        assert run["x"] >= admission["x"] + admission["width"] - 1
-        assert run["x"] - 2 <= work["x"]
-        assert work["x"] + work["width"] <= run["x"] + run["width"] + 2
+            trace_id = page.locator("#invoke-meta dt:text-is('trace') + dd")
+            expect(trace_id).to_have_text(re.compile(r"^[0-9a-f]{32}$"))
+            waterfall = page.locator("#waterfall")
+            expect(waterfall).to_be_visible()
+            expect(waterfall).to_have_attribute("data-trace", trace_id.inner_text())
+            names = ["invoke dev/otel-spans", "admission", "acquire", "queue", "run",
+                     "handler-work", "handler-step", "relay"]
+            for name in names:
+                expect(waterfall.locator(f".span-row[data-span='{name}']")).to_have_count(1)
+            # Nested under their parents: the handler's span under run, its step under it.
+            indent = {name: waterfall.locator(f".span-row[data-span='{name}'] .span-name")
+                      .evaluate("e => parseFloat(getComputedStyle(e).paddingLeft)")
+                      for name in ("invoke dev/otel-spans", "run", "handler-work", "handler-step")}
+            assert (indent["invoke dev/otel-spans"] < indent["run"] < indent["handler-work"]
+                    < indent["handler-step"])
+            # Bars on one time axis: the root spans it all, the run starts after admission.
+            def box(name: str) -> dict[str, float]:
+                found = waterfall.locator(f".span-row[data-span='{name}'] .span-bar").bounding_box()
+                assert found is not None
+                return found
+            root, admission, run, work = (box(n) for n in (
+                "invoke dev/otel-spans", "admission", "run", "handler-work"))
+            assert root["width"] > run["width"] > 0
+            assert run["x"] >= admission["x"] + admission["width"] - 1
+            assert run["x"] - 2 <= work["x"]
+            assert work["x"] + work["width"] <= run["x"] + run["width"] + 2
 
-        # The list of recent traces has this call; a click on another draws that one.
-        rows = page.locator("#traces tbody tr")
-        expect(rows.first).to_have_attribute("data-trace", trace_id.inner_text())
-        page.click("#invoke-form button[type=submit]")
-        expect(rows).to_have_count(2)
-        first = rows.nth(1).get_attribute("data-trace")
-        rows.nth(1).click()
-        expect(waterfall).to_have_attribute("data-trace", first or "")
-        OUTPUT.mkdir(exist_ok=True)
-        page.locator("#trace-panel").screenshot(path=str(OUTPUT / "trace-waterfall.png"))
-        assert not problems, problems
+            # The list of recent traces has this call; a click on another draws that one.
+            rows = page.locator("#traces tbody tr")
+            expect(rows.first).to_have_attribute("data-trace", trace_id.inner_text())
+            page.click("#invoke-form button[type=submit]")
+            expect(rows).to_have_count(2)
+            first = rows.nth(1).get_attribute("data-trace")
+            rows.nth(1).click()
+            expect(waterfall).to_have_attribute("data-trace", first or "")
+            OUTPUT.mkdir(exist_ok=True)
+            page.locator("#trace-panel").screenshot(path=str(OUTPUT / "trace-waterfall.png"))
+            assert not problems, problems
     finally:
         platform.http.delete(f"/v1/functions/{FUNCTION}")
