@@ -14,10 +14,8 @@ import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from tests.gateway.sink_helpers import counted, loopback, wait_count
 from thaw.gateway.alert_sinks import AlertState, Notice, SinkMetrics, Sinks
-
-# The receiver answers every request within this; a test waiting longer is broken.
-RECEIVE_WAIT_SECONDS = 20.0
 
 
 @dataclass
@@ -30,11 +28,7 @@ class Receiver:
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def wait_for(self, count: int) -> None:
-        async def enough() -> None:
-            while len(self.accepted) < count:
-                self.arrived.clear()
-                await self.arrived.wait()
-        await asyncio.wait_for(enough(), RECEIVE_WAIT_SECONDS)
+        await wait_count(self.accepted, count, self.arrived)
 
 
 @pytest.fixture
@@ -51,16 +45,8 @@ async def receiver() -> AsyncIterator[Receiver]:
         state.arrived.set()
         return web.Response(text="ok")
 
-    app = web.Application()
-    app.router.add_post("/{path:.*}", take)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    state.url = f"http://127.0.0.1:{port}"
-    yield state
-    await runner.cleanup()
+    async with loopback(take) as state.url:
+        yield state
 
 
 FIRING = Notice("error_rate", "critical", AlertState.FIRING, "dev/boom", 0.5, 0.05,
@@ -68,10 +54,6 @@ FIRING = Notice("error_rate", "critical", AlertState.FIRING, "dev/boom", 0.5, 0.
                 1_700_000_000.0)
 RESOLVED = Notice("error_rate", "critical", AlertState.RESOLVED, "dev/boom", 0.0, 0.05,
                   FIRING.message, FIRING.started_at, 1_700_000_120.0)
-
-
-def counted(metrics: SinkMetrics, sink: str, outcome: str) -> float:
-    return metrics.notices.labels(sink, outcome)._value.get()  # type: ignore[attr-defined]
 
 
 async def test_webhook_and_slack_payloads_in_order(receiver: Receiver) -> None:

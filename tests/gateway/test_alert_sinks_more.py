@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from prometheus_client import CollectorRegistry
 
+from tests.gateway.sink_helpers import WAIT_SECONDS, counted, loopback, wait_count
 from thaw.core.config import GatewayConfig
 from thaw.gateway.alert_email import EmailTransport, SmtpOptions
 from thaw.gateway.alert_pagerduty import PagerDutyTransport, dedup_key
@@ -37,7 +38,6 @@ from thaw.gateway.alert_sinks import AlertState, Notice, SinkMetrics, Sinks
 from thaw.gateway.alerts.routes import sinks_from_settings
 from thaw.gateway.stored.signing import new_secret
 
-WAIT_SECONDS = 20.0
 ROUTING_KEY = "R0UTINGKEYsecret0123456789abcdef"
 PASSWORD = "smtp-pa55word-secret"
 
@@ -49,10 +49,6 @@ OTHER = Notice("queue_depth", "warning", AlertState.FIRING, "dev/echo", 80, 50,
                "dev/echo: 80 requests waiting", 1_700_000_010.0)
 
 
-def counted(metrics: SinkMetrics, sink: str, outcome: str) -> float:
-    return metrics.notices.labels(sink, outcome)._value.get()  # type: ignore[attr-defined]
-
-
 @dataclass
 class Http:
     url: str = ""
@@ -62,11 +58,7 @@ class Http:
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def wait_for(self, count: int) -> None:
-        async def enough() -> None:
-            while len(self.got) < count:
-                self.arrived.clear()
-                await self.arrived.wait()
-        await asyncio.wait_for(enough(), WAIT_SECONDS)
+        await wait_count(self.got, count, self.arrived)
 
 
 @pytest.fixture
@@ -78,16 +70,8 @@ async def http() -> AsyncIterator[Http]:
         state.arrived.set()
         return web.Response(status=state.status.pop(0) if state.status else 202)
 
-    app = web.Application()
-    app.router.add_post("/{path:.*}", take)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    state.url = f"http://127.0.0.1:{port}"
-    yield state
-    await runner.cleanup()
+    async with loopback(take) as state.url:
+        yield state
 
 
 @pytest.fixture
