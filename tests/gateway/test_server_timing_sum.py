@@ -8,6 +8,8 @@ import time
 
 import pytest
 
+from tests.gateway.test_dispatch_refusals import FakeAnswer, call, dispatcher, refusal
+from thaw.gateway.dispatch import Settlement
 from thaw.gateway.stats import parse_server_timing
 from thaw.gateway.timing import server_timing
 
@@ -56,3 +58,20 @@ def test_stages_reported_past_the_wait_never_make_a_negative_stage() -> None:
     stages = parse_server_timing(header)  # drops negative durations: all must be there
     assert {"placement", "hop", "relay"} <= stages.keys()
     assert stages["placement"] == 0.0 and stages["hop"] == 0.0
+
+
+async def test_an_exchange_after_refusals_reports_them_as_retry_and_adds_up() -> None:
+    ok = FakeAnswer(200, b'{"ok": true}')
+    d, _, _ = dispatcher([refusal("instance_unavailable"), ok])
+    first = await d.open(call())
+    assert first.lease.lease_id == "l2"
+    header = first.server_timing(total=True)
+    stages = parse_server_timing(header)
+    assert list(stages) == ["admission", "retry", "placement", "hop", "relay"]
+    assert sum(stages.values()) == pytest.approx(total_of(header), abs=0.05)
+    first.settle(Settlement.ANSWERED)
+
+    d, _, _ = dispatcher([FakeAnswer(200, b"{}")])
+    once = await d.open(call())
+    assert "retry" not in parse_server_timing(once.server_timing(total=True))
+
