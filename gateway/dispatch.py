@@ -113,6 +113,9 @@ class Call:
     """The client's own deadline (X-Thaw-Timeout), seconds from `received`."""
     received: float = 0.0
     """Loop time the request arrived."""
+    arrived: float = 0.0
+    """perf_counter the request arrived, for Server-Timing's `admission` (finer than
+    `received` where the loop's clock counts whole milliseconds); 0: use `received`."""
     priority: int = PRIORITY_DEFAULT
     """1-100: its place among the function's waiting calls (gateway/priority.py)."""
     key_id: str = ""
@@ -353,8 +356,11 @@ class Dispatcher:
         """Admit the call, lease an instance and send the request; the answer's head
         has arrived when this returns. Raises ThawError for every refusal."""
         started = time.perf_counter()
-        admission = (max(asyncio.get_running_loop().time() - call.received, 0.0)
-                     if call.received > 0 else 0.0)
+        if call.arrived > 0:
+            admission = max(started - call.arrived, 0.0)
+        else:
+            admission = (max(asyncio.get_running_loop().time() - call.received, 0.0)
+                         if call.received > 0 else 0.0)
         function_permit = self.function_breakers.allow(call.function)
         try:
             lease, start, stages = await self._lease(call, reuse=True)

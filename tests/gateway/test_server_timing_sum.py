@@ -4,6 +4,7 @@ stages add up to `total` (gateway/timing.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import pytest
@@ -75,3 +76,10 @@ async def test_an_exchange_after_refusals_reports_them_as_retry_and_adds_up() ->
     once = await d.open(call())
     assert "retry" not in parse_server_timing(once.server_timing(total=True))
 
+
+
+async def test_admission_is_taken_from_the_perf_counter_arrival_when_there_is_one() -> None:
+    d, _, _ = dispatcher([FakeAnswer(200, b"{}")])
+    arrived = time.perf_counter() - 0.25
+    ex = await d.open(dataclasses.replace(call(), arrived=arrived))
+    assert 0.25 <= ex.admission <= ex.started - arrived
