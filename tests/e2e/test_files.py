@@ -8,20 +8,17 @@ docs/cog.md)."""
 
 from __future__ import annotations
 
-import base64
 import shutil
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 import replicate
 from replicate.helpers import FileOutput
 
-from tests.conftest import FIXTURES, RunningPlatform, running
+from tests.conftest import FIXTURES, RunningPlatform
+from tests.e2e.files_helpers import data_uri, download, short_lived_files, until
 from tests.ops.test_cli import cli_env, thaw
-from thaw.ops.services import LocalPlatform
 
 # Long enough for a warm call and a download to happen well within it.
 TTL_SECONDS = 20
@@ -29,30 +26,8 @@ TTL_SECONDS = 20
 
 @pytest.fixture(scope="module")
 def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningPlatform]:
-    home = tmp_path_factory.mktemp("thaw-files")
-    with pytest.MonkeyPatch.context() as patch:
-        # The gateway (a child process) reads its settings from the environment.
-        patch.setenv("THAW_FILES_URL_TTL_SECONDS", str(TTL_SECONDS))
-        with running(LocalPlatform(home, gateway_port=0, host_devices="1x2GiB")) as started:
-            patch.delenv("THAW_FILES_URL_TTL_SECONDS")
-            yield started
-
-
-def data_uri(data: bytes, media: str = "text/plain") -> str:
-    return f"data:{media};base64,{base64.b64encode(data).decode()}"
-
-
-def download(url: str) -> httpx.Response:
-    return httpx.get(url, timeout=60)  # no API key: the signature is the permission
-
-
-def _until(check: object, what: str, seconds: float = 120) -> None:
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        if check():  # type: ignore[operator]
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"{what} did not happen within {seconds}s")
+    with short_lived_files(tmp_path_factory, "thaw-files", TTL_SECONDS) as started:
+        yield started
 
 
 def test_a_typed_handler_takes_and_returns_files(platform: RunningPlatform) -> None:
@@ -106,9 +81,9 @@ def test_a_typed_handler_takes_and_returns_files(platform: RunningPlatform) -> N
     # Expiry: the URL answers 403 once its TTL is past, and the file is collected.
     stored = list((platform.platform.home / "files" / "dev").rglob("*.json"))
     assert stored, "the output files are kept under THAW_HOME/files/<tenant>"
-    _until(lambda: download(url).status_code == 403, "the URL's expiry")
+    until(lambda: download(url).status_code == 403, "the URL's expiry")
     assert "expired" in download(url).json()["error"]["message"]
-    _until(lambda: not any(p.exists() for p in stored), "the expired files' collection")
+    until(lambda: not any(p.exists() for p in stored), "the expired files' collection")
 
 
 def test_a_cog_predictor_takes_and_returns_cog_paths(platform: RunningPlatform,

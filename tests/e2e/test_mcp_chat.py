@@ -12,6 +12,8 @@ import select
 import subprocess
 import sys
 import termios
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import httpx
@@ -152,11 +154,22 @@ class Terminal:
         os.write(self.fd, line.encode())
 
 
-def test_thaw_chat_streams_keeps_history_and_resets(deployed: RunningPlatform) -> None:
-    env = {**os.environ, "THAW_URL": deployed.url, "THAW_API_KEY": deployed.key,
-           "TERM": "dumb"}
-    term = Terminal([sys.executable, "-m", "thaw.ops.cli", "chat", "chat-echo"], env)
+@contextmanager
+def thaw_chat(p: RunningPlatform, *args: str) -> Iterator[Terminal]:
+    """`thaw chat ARGS` against `p` in a terminal; killed if still running after."""
+    env = {**os.environ, "THAW_URL": p.url, "THAW_API_KEY": p.key, "TERM": "dumb"}
+    term = Terminal([sys.executable, "-m", "thaw.ops.cli", "chat", *args], env)
     try:
+        yield term
+    finally:
+        if term.proc.poll() is None:
+            term.proc.kill()
+            term.proc.wait()
+        os.close(term.fd)
+
+
+def test_thaw_chat_streams_keeps_history_and_resets(deployed: RunningPlatform) -> None:
+    with thaw_chat(deployed, "chat-echo") as term:
         term.expect("> ")
         term.send("hello there\r")
         # The answer streams in as chunks; the function says what it received.
@@ -178,29 +191,16 @@ def test_thaw_chat_streams_keeps_history_and_resets(deployed: RunningPlatform) -
         term.expect("> ")
         term.send("/exit\r")
         assert term.proc.wait(timeout=WAIT_SECONDS) == 0
-    finally:
-        if term.proc.poll() is None:
-            term.proc.kill()
-            term.proc.wait()
-        os.close(term.fd)
 
 
 def test_thaw_chat_ends_cleanly_on_ctrl_d(deployed: RunningPlatform) -> None:
-    env = {**os.environ, "THAW_URL": deployed.url, "THAW_API_KEY": deployed.key,
-           "TERM": "dumb"}
-    term = Terminal([sys.executable, "-m", "thaw.ops.cli", "chat", "chat-echo"], env)
-    try:
+    with thaw_chat(deployed, "chat-echo") as term:
         term.expect("> ")
         term.send("\x03")  # Ctrl-C at the prompt: the line is dropped, a new prompt
         term.expect("> ")
         term.send("\x04")  # Ctrl-D: the end
         assert term.proc.wait(timeout=WAIT_SECONDS) == 0
         assert "Traceback" not in term.seen
-    finally:
-        if term.proc.poll() is None:
-            term.proc.kill()
-            term.proc.wait()
-        os.close(term.fd)
 
 
 def test_mcp_tool_calls_are_admitted_as_invocations(deployed: RunningPlatform) -> None:
@@ -239,11 +239,7 @@ def test_thaw_chat_with_tinylm(deployed: RunningPlatform) -> None:
     comes back."""
     resp = deployed.deploy(EXAMPLES / "tinylm")
     assert resp.status_code == 201, resp.text
-    env = {**os.environ, "THAW_URL": deployed.url, "THAW_API_KEY": deployed.key,
-           "TERM": "dumb"}
-    term = Terminal([sys.executable, "-m", "thaw.ops.cli", "chat", "tinylm",
-                     "--max-tokens", "12", "--temperature", "0"], env)
-    try:
+    with thaw_chat(deployed, "tinylm", "--max-tokens", "12", "--temperature", "0") as term:
         term.expect("> ")
         term.send("hello\r")
         echoed = term.expect("hello\r\n")  # the terminal's echo of the line typed
@@ -255,8 +251,3 @@ def test_thaw_chat_with_tinylm(deployed: RunningPlatform) -> None:
         assert "error" not in text and 0 < len(text) <= 12, repr(answer)
         term.send("/exit\r")
         assert term.proc.wait(timeout=WAIT_SECONDS) == 0
-    finally:
-        if term.proc.poll() is None:
-            term.proc.kill()
-            term.proc.wait()
-        os.close(term.fd)

@@ -17,10 +17,9 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import FIXTURES, RunningPlatform, running
-from tests.e2e.test_files import _until, data_uri, download
+from tests.conftest import FIXTURES, RunningPlatform
+from tests.e2e.files_helpers import data_uri, download, short_lived_files, until
 from tests.gateway.test_invocations import Receiver
-from thaw.ops.services import LocalPlatform
 
 # Long enough for a read and a download to happen well within it.
 TTL_SECONDS = 10
@@ -29,13 +28,8 @@ ASYNC = {"Prefer": "respond-async"}
 
 @pytest.fixture(scope="module")
 def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningPlatform]:
-    home = tmp_path_factory.mktemp("thaw-stored-files")
-    with pytest.MonkeyPatch.context() as patch:
-        # The gateway (a child process) reads its settings from the environment.
-        patch.setenv("THAW_FILES_URL_TTL_SECONDS", str(TTL_SECONDS))
-        with running(LocalPlatform(home, gateway_port=0, host_devices="1x2GiB")) as started:
-            patch.delenv("THAW_FILES_URL_TTL_SECONDS")
-            yield started
+    with short_lived_files(tmp_path_factory, "thaw-stored-files", TTL_SECONDS) as started:
+        yield started
 
 
 def _result(platform: RunningPlatform, invocation_id: str) -> httpx.Response:
@@ -82,13 +76,13 @@ def test_stored_results_answer_file_urls_fresh_on_each_read(
         assert download(_file_url(platform, inv["result"])).content == sent * 2
 
         # The webhook carries a URL too.
-        _until(lambda: receiver.received, "the webhook's delivery")
+        until(lambda: receiver.received, "the webhook's delivery")
         hooked = receiver.received[-1][1]
         assert hooked["id"] == invocation_id and hooked["status"] == "succeeded"
         assert download(_file_url(platform, hooked["result"])).content == sent * 2
 
     # The first URL expires; the result, still retained, gives a fresh one that works.
-    _until(lambda: download(first).status_code == 403, "the first URL's expiry")
+    until(lambda: download(first).status_code == 403, "the first URL's expiry")
     later = _result(platform, invocation_id)
     assert later.status_code == 200, later.text
     fresh = _file_url(platform, later.json())
@@ -129,7 +123,7 @@ def test_every_stored_answer_path_gives_urls(platform: RunningPlatform) -> None:
         nonlocal prediction
         prediction = platform.http.get(f"/v1/predictions/{pid}").json()
         return prediction["status"] in ("succeeded", "failed", "canceled")
-    _until(finished, "the prediction")
+    until(finished, "the prediction")
     assert prediction["status"] == "succeeded", prediction
     assert download(_file_url(platform, prediction["output"])).content == b"predicted"
 
