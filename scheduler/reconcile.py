@@ -33,7 +33,7 @@ ADOPT_GRACE_HEARTBEATS = 2
 # A function's reason after its snapshot was quarantined for a chunk whose bytes no
 # longer match their digest (scheduler/starts.py _quarantine, blobstore's CorruptChunk).
 CORRUPT_QUARANTINE = re.compile(
-    r"^snapshot quarantined .*\bchunk [0-9a-f]+ is (corrupt|truncated|\d+ bytes)\b")
+    r"^snapshot quarantined .*\bchunk (?:b3:)?[0-9a-f]+ is (corrupt|truncated|\d+ bytes)\b")
 # After a start to keep min_instances warm fails (no room, node refused), the
 # reconcile loop waits this long before trying that function again.
 WARM_RETRY_SECONDS = 10.0
