@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -18,6 +19,7 @@ from thaw.scheduler.events import EventKind
 from thaw.scheduler.policy import PolicyConfig
 from thaw.scheduler.states import FunctionState, NodeState
 
+A = TypeVar("A", bound=FakeAgent)
 # The scheduler's build_attempts setting in these tests (its default is 3).
 ATTEMPTS = 2
 
@@ -45,23 +47,32 @@ class BuildingAgent(FakeAgent):
         if self.setup_fails:
             return agent_pb2.BuildSnapshotResponse(ok=False, stage="setup",
                                                    reason="ValueError: no weights")
-        manifest = manifest_pb2.SnapshotManifest(
-            function=f"{request.function.tenant}/{request.function.name}",
-            version=request.function.version)
-        return agent_pb2.BuildSnapshotResponse(ok=True, manifest=manifest, stored_bytes=10)
+        return built(request)
 
     async def prepare_template(self, request: agent_pb2.PrepareTemplateRequest,
                                timeout: float) -> agent_pb2.PrepareTemplateResponse:
         return agent_pb2.PrepareTemplateResponse()
 
 
-async def add(cluster: Cluster, node_id: str, **kwargs: bool) -> BuildingAgent:
-    agent = BuildingAgent(f"{node_id}:1", **kwargs)
+def built(request: agent_pb2.BuildSnapshotRequest) -> agent_pb2.BuildSnapshotResponse:
+    """A successful build's answer: the built version's manifest."""
+    manifest = manifest_pb2.SnapshotManifest(
+        function=f"{request.function.tenant}/{request.function.name}",
+        version=request.function.version)
+    return agent_pb2.BuildSnapshotResponse(ok=True, manifest=manifest, stored_bytes=10)
+
+
+async def register(cluster: Cluster, node_id: str, agent: A) -> A:
+    """`agent` in the cluster, registered as the node `node_id`."""
     cluster.agents[agent.address] = agent
     await cluster.control.register(scheduler_pb2.RegisterRequest(
         node_id=node_id, control_address=agent.address, data_url=f"http://{node_id}",
         devices=agent.devices()))
     return agent
+
+
+async def add(cluster: Cluster, node_id: str, **kwargs: bool) -> BuildingAgent:
+    return await register(cluster, node_id, BuildingAgent(f"{node_id}:1", **kwargs))
 
 
 def bundle(tmp_path: Path) -> bytes:

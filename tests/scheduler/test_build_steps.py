@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.scheduler.conftest import Cluster, FakeAgent
-from tests.scheduler.test_build_retry import bundle
-from thaw.proto import agent_pb2, manifest_pb2, scheduler_pb2
+from tests.scheduler.test_build_retry import built, bundle, register
+from thaw.proto import agent_pb2, scheduler_pb2
 from thaw.scheduler.build_steps import WAITING, BuildSteps
 from thaw.scheduler.service import function_info
 from thaw.scheduler.states import FunctionState
@@ -35,10 +35,7 @@ class HeldAgent(FakeAgent):
                 ok=False, stage="environment",
                 reason="resolving the environment failed: No solution found when "
                        "resolving dependencies: nothing provides missing-pkg")
-        manifest = manifest_pb2.SnapshotManifest(
-            function=f"{request.function.tenant}/{request.function.name}",
-            version=request.function.version)
-        return agent_pb2.BuildSnapshotResponse(ok=True, manifest=manifest, stored_bytes=10)
+        return built(request)
 
     async def prepare_template(self, request: agent_pb2.PrepareTemplateRequest,
                                timeout: float) -> agent_pb2.PrepareTemplateResponse:
@@ -46,12 +43,8 @@ class HeldAgent(FakeAgent):
 
 
 async def add(cluster: Cluster, node_id: str, **kwargs: bool) -> HeldAgent:
-    agent = HeldAgent(f"{node_id}:1", **kwargs)  # type: ignore[arg-type]
-    cluster.agents[agent.address] = agent
-    await cluster.control.register(scheduler_pb2.RegisterRequest(
-        node_id=node_id, control_address=agent.address, data_url=f"http://{node_id}",
-        devices=agent.devices()))
-    return agent
+    return await register(cluster, node_id,
+                          HeldAgent(f"{node_id}:1", **kwargs))  # type: ignore[arg-type]
 
 
 def step(text: str, progress: float | None = None, name: str = "built",
