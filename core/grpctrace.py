@@ -9,13 +9,14 @@ handler is not even wrapped.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import grpc
 import structlog
 
+from thaw.core.grpcwrap import Around, around_each
 from thaw.core.tracing import REMOTE, TRACEPARENT, TRACESTATE, TraceParent, parse_traceparent
 
 
@@ -30,28 +31,15 @@ def _metadata_parent(metadata: Any) -> TraceParent | None:
                              state if isinstance(state, str) else None)
 
 
-def _in_trace(behavior: Callable[..., Any], parent: TraceParent) -> Callable[..., Any]:
-    """`behavior` run with `parent` as the remote context, of the same kind (grpc.aio
-    tells a coroutine handler from a generator one)."""
-    if inspect.iscoroutinefunction(behavior):
-        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            REMOTE.set(parent)
-            with structlog.contextvars.bound_contextvars(trace_id=parent.trace_id):
-                return await behavior(request, context)
-        return unary
-
-    async def streaming(request: Any, context: grpc.aio.ServicerContext
-                        ) -> AsyncIterator[Any]:
+def _in_trace(parent: TraceParent) -> Around:
+    """A call's context with `parent` as the remote context (and its trace id in the
+    log context)."""
+    @asynccontextmanager
+    async def around(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
         REMOTE.set(parent)
         with structlog.contextvars.bound_contextvars(trace_id=parent.trace_id):
-            responses = behavior(request, context)
-            if inspect.isasyncgen(responses):
-                async for message in responses:
-                    yield message
-            else:
-                for message in responses:
-                    yield message
-    return streaming
+            yield
+    return around
 
 
 class TraceServer(grpc.aio.ServerInterceptor):  # type: ignore[misc]
@@ -68,11 +56,7 @@ class TraceServer(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         parent = _metadata_parent(handler_call_details.invocation_metadata)
         if parent is None:
             return handler
-        kinds = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
-        traced: grpc.RpcMethodHandler = handler._replace(**{
-            kind: _in_trace(getattr(handler, kind), parent)
-            for kind in kinds if getattr(handler, kind) is not None})
-        return traced
+        return around_each(handler, _in_trace(parent))
 
 
 class TraceClient(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]

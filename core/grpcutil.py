@@ -5,10 +5,10 @@ internal channels and servers, mutual TLS under the platform's CA (core/pki.py).
 from __future__ import annotations
 
 import functools
-import inspect
 import ipaddress
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 import grpc
@@ -17,6 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from thaw.core import errors
 from thaw.core.grpctrace import TraceClient, TraceServer
+from thaw.core.grpcwrap import Around, around_each
 from thaw.core.logs import bound_reason
 from thaw.core.pki import Identity, allowed_callers, common_name, component_of
 
@@ -197,26 +198,13 @@ async def _check_caller(context: grpc.aio.ServicerContext, method: str) -> None:
                 f"{', '.join(sorted(allowed)) or 'none'}")))
 
 
-def _guarded(behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
-    """`behavior` (a handler's unary or streaming function) behind the caller check,
-    of the same kind: grpc.aio tells a coroutine handler from a generator one."""
-    if inspect.iscoroutinefunction(behavior):
-        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            await _check_caller(context, method)
-            return await behavior(request, context)
-        return unary
-
-    async def streaming(request: Any, context: grpc.aio.ServicerContext
-                        ) -> AsyncIterator[Any]:
+def _guarded(method: str) -> Around:
+    """A call's context that first checks its caller may call `method`."""
+    @asynccontextmanager
+    async def around(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
         await _check_caller(context, method)
-        responses = behavior(request, context)
-        if inspect.isasyncgen(responses):
-            async for message in responses:
-                yield message
-        else:
-            for message in responses:
-                yield message
-    return streaming
+        yield
+    return around
 
 
 class CallerCheck(grpc.aio.ServerInterceptor):  # type: ignore[misc]
@@ -233,12 +221,7 @@ class CallerCheck(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if handler is None:
             return handler
         method: str = handler_call_details.method
-        kinds = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
-        # grpc's handlers are named tuples: the same handler, each behaviour guarded.
-        guarded: grpc.RpcMethodHandler = handler._replace(**{
-            kind: _guarded(getattr(handler, kind), method)
-            for kind in kinds if getattr(handler, kind) is not None})
-        return guarded
+        return around_each(handler, _guarded(method))
 
 
 def internal_server(tls: Identity | None) -> grpc.aio.Server:
