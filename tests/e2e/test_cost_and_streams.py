@@ -37,21 +37,15 @@ COST = re.compile(r"^(\d+)\.(\d{9}) EUR$")
 @pytest.fixture(scope="module")
 def priced(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningPlatform]:
     """A platform whose gateway prices calls (the settings as environment variables)."""
-    before = {k: os.environ.get(k) for k in PRICE_ENV}
-    os.environ.update(PRICE_ENV)
-    try:
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in PRICE_ENV.items():
+            patch.setenv(key, value)
         home = tmp_path_factory.mktemp("thaw-priced")
         with running(LocalPlatform(home, gateway_port=0, host_devices="1x2GiB")) as p:
             for folder in (METERED, FIXTURES / "paced_stream", EXAMPLES / "tinylm"):
                 resp = p.deploy(folder)
                 assert resp.status_code == 201 and resp.json()["state"] == "ready", resp.text
             yield p
-    finally:
-        for key, value in before.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def nanos_of(header: str) -> int:

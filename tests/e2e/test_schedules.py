@@ -7,7 +7,6 @@ schedule.cron."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -45,17 +44,11 @@ def setup(tmp_path_factory: pytest.TempPathFactory
     work = tmp_path_factory.mktemp("schedules-bundles")
     clock = Clock(work / "clock")
     env = {**SETTINGS, "THAW_SCHEDULE_CLOCK_FILE": str(clock.path)}
-    before = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # the scheduler inherits them
-    try:
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in env.items():
+            patch.setenv(key, value)  # the scheduler inherits them
         with running(LocalPlatform(home, gateway_port=0, host_devices="1x4GiB")) as started:
             yield started, clock, work
-    finally:
-        for key, value in before.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def cli_env(p: RunningPlatform) -> dict[str, str | None]:

@@ -10,7 +10,6 @@ own only."""
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
 import time
 from collections.abc import Iterator
@@ -111,19 +110,13 @@ def traced(tmp_path_factory: pytest.TempPathFactory, receiver: Receiver
            ) -> Iterator[RunningPlatform]:
     """A platform whose services see the standard OpenTelemetry variables."""
     env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url, "OTEL_BSP_SCHEDULE_DELAY": "100"}
-    before = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in env.items():
+            patch.setenv(key, value)
         home = tmp_path_factory.mktemp("thaw-traced")
         with running(LocalPlatform(home, gateway_port=0, host_devices=None,
                                    log_dir=home / "logs")) as platform:
             yield platform
-    finally:
-        for key, value in before.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def _check_attributes(span: dict[str, Any], start: str) -> None:
