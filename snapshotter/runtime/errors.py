@@ -29,6 +29,17 @@ MIN_STATUS = 400
 MAX_STATUS = 599
 
 
+def check_status(status: object, what: str, low: int, high: int) -> None:
+    """Refuse a `status` given to `what` that is not an int from `low` to `high` or is
+    one the platform keeps (RESERVED_STATUSES)."""
+    if isinstance(status, bool) or not isinstance(status, int):
+        raise TypeError(f"{what} status must be an int, got {type(status).__name__}")
+    if not low <= status <= high or status in RESERVED_STATUSES:
+        reserved = ", ".join(str(s) for s in sorted(RESERVED_STATUSES))
+        raise ValueError(f"{what} status must be {low}-{high} and not "
+                         f"{reserved} (kept by the platform), got {status}")
+
+
 class HTTPError(Exception):
     """Answer the call with `status` (400-599 but RESERVED_STATUSES) and `detail` as the
     error message; `field` names the input at fault, if one is; `retry_after` (seconds,
@@ -38,12 +49,7 @@ class HTTPError(Exception):
 
     def __init__(self, status: int, detail: str = "", field: str | None = None, *,
                  retry_after: float | None = None) -> None:
-        if isinstance(status, bool) or not isinstance(status, int):
-            raise TypeError(f"HTTPError status must be an int, got {type(status).__name__}")
-        if not MIN_STATUS <= status <= MAX_STATUS or status in RESERVED_STATUSES:
-            reserved = ", ".join(str(s) for s in sorted(RESERVED_STATUSES))
-            raise ValueError(f"HTTPError status must be {MIN_STATUS}-{MAX_STATUS} and not "
-                             f"{reserved} (kept by the platform), got {status}")
+        check_status(status, "HTTPError", MIN_STATUS, MAX_STATUS)
         if field is not None and not isinstance(field, str):
             raise TypeError(f"HTTPError field must be a str, got {type(field).__name__}")
         if retry_after is not None and (

@@ -29,7 +29,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from .errors import RESERVED_STATUSES
+from .errors import check_status
 
 MIN_STATUS = 200
 MAX_STATUS = 599
@@ -65,12 +65,7 @@ class Response:
     def __init__(self, body: Any = b"", status: int = 200,
                  headers: Mapping[str, str] | Iterable[tuple[str, str]] | None = None,
                  content_type: str | None = None) -> None:
-        if isinstance(status, bool) or not isinstance(status, int):
-            raise TypeError(f"Response status must be an int, got {type(status).__name__}")
-        if not MIN_STATUS <= status <= MAX_STATUS or status in RESERVED_STATUSES:
-            reserved = ", ".join(str(s) for s in sorted(RESERVED_STATUSES))
-            raise ValueError(f"Response status must be {MIN_STATUS}-{MAX_STATUS} and not "
-                             f"{reserved} (kept by the platform), got {status}")
+        check_status(status, "Response", MIN_STATUS, MAX_STATUS)
         if content_type is not None:
             _check_header("Content-Type", content_type)
         self.body = body
