@@ -246,3 +246,35 @@ def test_a_reference_longer_than_its_chunk_is_refused(
     finally:
         devices.release(sl.id)
         snapshots.close()
+
+
+async def test_a_chunk_of_an_old_sha256_snapshot_is_fetched_from_a_peer(
+        tmp_path: Path) -> None:
+    from thaw.blobstore.chunks import sha256_digest_of
+
+    data = pattern(64 * KiB, 3)
+    old = sha256_digest_of(data)  # how snapshots stored before BLAKE3 name a chunk
+    server, address = await serve(LyingPeer({old: data}))
+    node = NodeSnapshots(DiskTier(tmp_path / "node"), PinnedTier(8 * MiB), tmp_path / "shm")
+    chunks = PeerChunks(node)
+    try:
+        assert await chunks._fetch_from(address, [old]) == len(data)
+        assert node.disk.has(old) and node.disk.get(old) == data
+        # The same name with other bytes is still refused.
+        bad = bytes([data[0] ^ 1]) + data[1:]
+        server2, address2 = await serve(LyingPeer({old: bad}))
+        try:
+            other = NodeSnapshots(DiskTier(tmp_path / "other"), PinnedTier(8 * MiB),
+                                  tmp_path / "shm2")
+            fetcher = PeerChunks(other)
+            with pytest.raises(CorruptChunk, match=old):
+                await fetcher._fetch_from(address2, [old])
+            assert not other.disk.has(old)
+            await fetcher.close()
+            other.close()
+        finally:
+            await server2.stop(None)
+    finally:
+        await chunks.close()
+        await server.stop(None)
+        node.close()
