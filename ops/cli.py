@@ -11,6 +11,7 @@ import structlog
 from thaw.core.errors import ThawError
 from thaw.ops.audit import audit
 from thaw.ops.bench import bench
+from thaw.ops.blobstore import blobstore
 from thaw.ops.chat import chat
 from thaw.ops.config import CREDENTIALS_HELP, login
 from thaw.ops.doctor import doctor
@@ -64,6 +65,7 @@ cli.add_command(env)  # ops/environments.py
 cli.add_command(mcp)  # ops/mcp.py
 cli.add_command(chat)  # ops/chat.py
 cli.add_command(schedule)  # ops/schedules.py
+cli.add_command(blobstore)  # ops/blobstore.py
 
 
 def main() -> None:
