@@ -9,14 +9,14 @@ handler is not even wrapped.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 import grpc
 import structlog
 
-from thaw.core.grpcwrap import Around, around_each
+from thaw.core.grpcwrap import Around, AroundEach
 from thaw.core.tracing import REMOTE, TRACEPARENT, TRACESTATE, TraceParent, parse_traceparent
 
 
@@ -42,21 +42,12 @@ def _in_trace(parent: TraceParent) -> Around:
     return around
 
 
-class TraceServer(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class TraceServer(AroundEach):
     """Serve a call that carries trace context inside it (REMOTE, the log context)."""
 
-    async def intercept_service(
-        self, continuation: Callable[[grpc.HandlerCallDetails],
-                                     Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        parent = _metadata_parent(handler_call_details.invocation_metadata)
-        if parent is None:
-            return handler
-        return around_each(handler, _in_trace(parent))
+    def around(self, details: grpc.HandlerCallDetails) -> Around | None:
+        parent = _metadata_parent(details.invocation_metadata)
+        return None if parent is None else _in_trace(parent)
 
 
 class TraceClient(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]

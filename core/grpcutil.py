@@ -17,7 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from thaw.core import errors
 from thaw.core.grpctrace import TraceClient, TraceServer
-from thaw.core.grpcwrap import Around, around_each
+from thaw.core.grpcwrap import Around, AroundEach
 from thaw.core.logs import bound_reason
 from thaw.core.pki import Identity, allowed_callers, common_name, component_of
 
@@ -207,21 +207,14 @@ def _guarded(method: str) -> Around:
     return around
 
 
-class CallerCheck(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class CallerCheck(AroundEach):
     """Every call needs a certificate of a component that core/pki.py CALLERS lets call
     its method: none (a plaintext connection) is UNAUTHENTICATED, the wrong component
     PERMISSION_DENIED. The TLS handshake already refused certificates of other CAs."""
 
-    async def intercept_service(
-        self, continuation: Callable[[grpc.HandlerCallDetails],
-                                     Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        method: str = handler_call_details.method
-        return around_each(handler, _guarded(method))
+    def around(self, details: grpc.HandlerCallDetails) -> Around:
+        method: str = details.method
+        return _guarded(method)
 
 
 def internal_server(tls: Identity | None) -> grpc.aio.Server:

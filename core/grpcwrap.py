@@ -1,11 +1,11 @@
 """Wrapping a grpc.aio handler's behaviours: the server interceptors (the caller check
 in core/grpcutil.py, the trace context in core/grpctrace.py) run each call of a method
-inside a context of their own."""
+inside a context of their own (AroundEach)."""
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
@@ -44,3 +44,22 @@ def around_each(handler: grpc.RpcMethodHandler, around: Around) -> grpc.RpcMetho
         kind: _wrapped(getattr(handler, kind), around)
         for kind in KINDS if getattr(handler, kind) is not None})
     return wrapped
+
+
+class AroundEach(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """A server interceptor running each call of a method inside the context `around`
+    gives for it; a method it gives none for is served untouched (not even wrapped)."""
+
+    def around(self, details: grpc.HandlerCallDetails) -> Around | None:
+        raise NotImplementedError
+
+    async def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails],
+                                     Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        around = self.around(handler_call_details)
+        return handler if around is None else around_each(handler, around)
