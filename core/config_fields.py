@@ -264,16 +264,6 @@ class GatewayFields(_Fields):
     """Where output files and their URL signing key are kept; empty = THAW_HOME/files."""
     max_input_files: int = Field(16, ge=1, le=1000)
     """Most parts a multipart/form-data call may have (files and fields together)."""
-    files_url_ttl_seconds: float = Field(3600.0, gt=0, le=7 * 86_400)
-    # A file a handler returns is stored by the gateway and answered as a signed URL
-    # (docs/function-api.md, "Files"); the file is collected once its URL expires.
-    """Seconds a function's output file and its signed URL last."""
-    files_max_bytes: int = Field(1024**3, gt=0)
-    """Bytes of output files one tenant may have stored at once; quota_exceeded past it."""
-    files_dir: str = ""
-    """Where output files and their URL signing key are kept; empty = THAW_HOME/files."""
-    max_input_files: int = Field(16, ge=1, le=1000)
-    """Most parts a multipart/form-data call may have (files and fields together)."""
     result_ttl_seconds: float = Field(86_400.0, gt=0, le=90 * 86_400)
     # Stored: async, past the wait limit, or under an Idempotency-Key; once expired,
     # GET answers 410 and the key may be used again.
