@@ -300,6 +300,9 @@ class SnapshotDoc(_Table):
     """[snapshot]"""
 
     enabled: bool = Field(default=True, description="False: every cold start runs setup()")
+    warmup: dict[str, Any] | None = Field(
+        default=None, description="An input body predict() is called with once after "
+        "setup() and before the snapshot is taken (docs/warmup.md)")
 
 
 class BatchingDoc(_Table):

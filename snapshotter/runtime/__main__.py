@@ -51,6 +51,7 @@ from .restore import restore_request
 from .server import UnixHTTPServer, bind_server, serve_until_stopped
 from .signature import refused_schema
 from .template import SPAWN_READ_TIMEOUT_S, bind_control_socket, read_request, run_template
+from .warmup import run_warmup
 
 
 class StageFailed(Exception):
@@ -124,7 +125,12 @@ def run_build(args: argparse.Namespace, ref: HandlerRef, status: StatusChannel) 
     activate_bundle(ref)
     timings: dict[str, float] = {}
     handler = _import_and_setup(ref, timings)
-    # sys.modules keeps insertion order: this is the order the function imported them.
+    with stage(Stage.WARMUP):
+        started = time.perf_counter()
+        if run_warmup(handler, ref.bundle):
+            timings["warmup"] = time.perf_counter() - started
+    # sys.modules keeps insertion order: this is the order the function imported them
+    # (the warm-up's lazy imports included, so templates import them ahead too).
     modules = [name for name in sys.modules if name not in before]
     try:
         with stage(Stage.CAPTURE):

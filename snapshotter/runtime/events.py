@@ -34,6 +34,7 @@ class ExitCode(enum.IntEnum):
     RESTORE_FAILED = 13
     SERVE_FAILED = 14
     OUT_OF_MEMORY = 15
+    WARMUP_FAILED = 16
 
 
 class Stage(str, enum.Enum):
@@ -41,6 +42,8 @@ class Stage(str, enum.Enum):
 
     IMPORT = "import"
     SETUP = "setup"
+    # The build's warm-up (warmup.py), between setup() and the capture.
+    WARMUP = "warmup"
     CAPTURE = "capture"
     RESTORE = "restore"
     # Binding the serving socket (e.g. its path is too long for AF_UNIX).
@@ -56,6 +59,7 @@ class Stage(str, enum.Enum):
 _STAGE_EXIT_CODES = {
     Stage.IMPORT: ExitCode.IMPORT_FAILED,
     Stage.SETUP: ExitCode.SETUP_FAILED,
+    Stage.WARMUP: ExitCode.WARMUP_FAILED,
     Stage.CAPTURE: ExitCode.CAPTURE_FAILED,
     Stage.RESTORE: ExitCode.RESTORE_FAILED,
     Stage.SERVE: ExitCode.SERVE_FAILED,

@@ -15,7 +15,9 @@ copied to the device here.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import errno
 import gc
 import importlib
 import io
@@ -24,6 +26,7 @@ import os
 import pickle
 import random
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -48,7 +51,6 @@ by hand, tests)."""
 
 # Mappings live as long as the process: every restored tensor points into one.
 _mappings: list[mmap.mmap] = []
-
 
 class RestoreError(Exception):
     """This snapshot cannot be restored in this process (the reason says why)."""
@@ -99,6 +101,76 @@ def _map_copy(fd: int, size: int, what: str) -> mmap.mmap:
     mapping = mmap.mmap(fd, size, access=mmap.ACCESS_COPY)
     _mappings.append(mapping)
     return mapping
+
+
+# Linux >= 5.14: fault a range's pages in, readable, without writing to them (so a
+# copy-on-write mapping stays shared). Python 3.11's mmap module lacks the constant.
+MADV_POPULATE_READ: int = getattr(mmap, "MADV_POPULATE_READ", 22)
+_libc = ctypes.CDLL(None, use_errno=True)
+_madvise = _libc.madvise
+_madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+_madvise.restype = ctypes.c_int
+
+
+def populate(mapping: mmap.mmap) -> bool:
+    """Fault every page of `mapping` in, reading only; False where the kernel refuses
+    (EINVAL: older than 5.14, or a mapping it cannot populate), which costs nothing:
+    pages then fault in on first touch as before. Called through ctypes, which
+    releases the GIL (mmap.madvise holds it), so unpickling runs meanwhile."""
+    if len(mapping) == 0:
+        return False
+    anchor = ctypes.c_char.from_buffer(mapping)
+    try:
+        address = ctypes.addressof(anchor)
+        if _madvise(address, len(mapping), MADV_POPULATE_READ) == 0:
+            return True
+    finally:
+        del anchor  # releases the export: the mapping could not be closed otherwise
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EPERM):
+        return False
+    raise OSError(code, f"madvise(MADV_POPULATE_READ): {os.strerror(code)}")
+
+
+class Prefault:
+    """Populates a mapping on a background thread: started before unpickling, joined
+    before the first call."""
+
+    def __init__(self, mapping: mmap.mmap | None,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        self._mapping = mapping
+        self._clock = clock
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        if mapping is not None and len(mapping) > 0:
+            self._thread = threading.Thread(target=self._run, name="thaw-prefault",
+                                            daemon=True)
+            self._thread.start()
+
+    @property
+    def started(self) -> bool:
+        """Whether there was anything to prefault."""
+        return self._thread is not None
+
+    def _run(self) -> None:
+        assert self._mapping is not None
+        try:
+            populate(self._mapping)
+        except BaseException as exc:  # reported on join, in the restoring thread
+            self._error = exc
+
+    def join(self) -> float:
+        """Wait for it; the seconds waited (what it added to the restore beyond the
+        unpickling it overlapped). A fault it met (EFAULT, ENOMEM: an arena the node
+        cannot back) is raised here, as a first touch would have met it."""
+        if self._thread is None:
+            return 0.0
+        started = self._clock()
+        self._thread.join()
+        waited = self._clock() - started
+        if self._error is not None:
+            raise RestoreError(f"prefaulting the host arena failed: {self._error}")
+        return waited
 
 
 def read_source(source: int | str | os.PathLike[str]) -> bytes:
@@ -265,8 +337,10 @@ def restore_handler(
     clock: Callable[[], float] = time.perf_counter,
     *,
     device: DeviceMemory | None = None,
+    prefault: bool = True,
 ) -> Restored:
-    """Map, unpickle, reseed, on_restore(). Device storages become views into `device`
+    """Map, unpickle (the host arena prefaulted meanwhile unless `prefault` is False),
+    reseed, on_restore(). Device storages become views into `device`
     (the instance's slice, already filled by the agent); `device_arena` is only checked
     for: no device storage is ever copied from host memory here. Raises RestoreError for
     snapshots that cannot be restored here; exceptions from the tenant's code propagate
@@ -293,6 +367,9 @@ def restore_handler(
             assert device is not None  # _require_torch refused a device storage without
             storages[entry.index] = device.storage(torch, entry)
     mapped = clock()
+    # Pages fault in on the side while the object graph is rebuilt, instead of one by
+    # one during the first call.
+    background = Prefault(host if prefault else None, clock)
 
     data = read_source(pickle_source)
     # Unpickling allocates a whole object graph and nothing in it is garbage yet:
@@ -306,6 +383,8 @@ def restore_handler(
         if gc_was_enabled:
             gc.enable()
     unpickled = clock()
+    prefault_s = background.join()
+    joined = clock()
 
     reseed_generators()
     on_restore = getattr(handler, "on_restore", None)
@@ -315,8 +394,10 @@ def restore_handler(
     timings = {
         "map": mapped - started,
         "unpickle": unpickled - mapped,
-        "on_restore": finished - unpickled,
+        "on_restore": finished - joined,
     }
+    if background.started:
+        timings["prefault"] = prefault_s
     return Restored(handler, timings)
 
 

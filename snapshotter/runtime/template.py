@@ -55,6 +55,7 @@ from .restore import restore_request
 from .server import bind_server, exit_on_sigterm, serve_until_stopped
 from .signature import refused_schema
 from .snapshot import SnapshotMeta
+from .warmup import run_warmup
 
 # From <linux/prctl.h>.
 PR_SET_PDEATHSIG = 1
@@ -259,6 +260,7 @@ def _build_in_child(request: BuildRequest, handler_class: type, modules: list[st
                     channel: StatusChannel, go_read: int) -> ExitCode:
     """setup() and capture in a child of the template: imports are already done."""
     before = set(sys.modules)
+    bundle = Path.cwd()  # the template runs in its bundle; setup() may move elsewhere
     timings: dict[str, float] = {"import": 0.0}
     stage_now = Stage.SETUP
     try:
@@ -267,6 +269,10 @@ def _build_in_child(request: BuildRequest, handler_class: type, modules: list[st
         started = time.perf_counter()
         handler = create_handler(handler_class)
         timings["setup"] = time.perf_counter() - started
+        stage_now = Stage.WARMUP
+        started = time.perf_counter()
+        if run_warmup(handler, bundle):
+            timings["warmup"] = time.perf_counter() - started
         stage_now = Stage.CAPTURE
         new = [name for name in sys.modules if name not in before]
         meta = capture(handler, Path(request.out), modules=modules + new, timings=timings,
