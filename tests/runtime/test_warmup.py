@@ -4,13 +4,15 @@ in the snapshot, and the modules they imported are among the template's pre-impo
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from thaw.snapshotter.runtime.warmup import WarmupConfigError, warmup_input
 
-from .conftest import Processes, build, start_template
+from .conftest import Processes, TemplateHandle, build, start_template
 
 
 def test_warmup_state_and_lazy_imports_survive_a_restore(
@@ -57,3 +59,25 @@ def test_warmup_input_is_read_from_the_bundle(tmp_path: Path) -> None:
     (tmp_path / "thaw.toml").write_text('[snapshot]\nwarmup = "go"\n')
     with pytest.raises(WarmupConfigError, match="snapshot.warmup must be a table"):
         warmup_input(tmp_path)
+
+
+def _template_build(template: TemplateHandle, out: Path, env: dict[str, str]
+                    ) -> list[dict[str, Any]]:
+    line = {"op": "build", "out": str(out), "log": str(out.parent / f"{out.name}.log"),
+            "env": env}
+    return template.request(json.dumps(line).encode() + b"\n")
+
+
+def test_a_template_build_runs_the_warmup_too(processes: Processes, tmp_path: Path) -> None:
+    """The agent builds new versions in a child of the function's template: the same
+    warm-up runs there, and fails the same way."""
+    template = start_template(processes, build(processes, "warmup_rt", tmp_path / "first"))
+    events = _template_build(template, tmp_path / "second", {})
+    assert events[-1]["event"] == "captured", events
+    assert "warmup" in events[-1]["timings"]
+    meta = json.loads((tmp_path / "second" / "snapshot.json").read_text())
+    assert "lazy_helper" in meta["modules"]
+    events = _template_build(template, tmp_path / "third", {"WARMUP_RAISES": "1"})
+    assert events[-1]["event"] == "failed" and events[-1]["stage"] == "warmup", events
+    assert "warm-up refused on purpose" in events[-1]["reason"]
+    assert not (tmp_path / "third" / "snapshot.json").exists()
