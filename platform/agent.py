@@ -325,8 +325,8 @@ class Agent:
         imported, set_up = float(t.get("import", 0.0)), float(t.get("setup", 0.0))
         # The rest of the start: its bundle and environment made ready, the process
         # launched (sandbox, interpreter) until the runtime began importing.
-        launch = max(0.0, time.perf_counter() - began - imported - set_up)
-        return [("launch", launch), ("import", imported), ("setup", set_up)]
+        launching = max(0.0, time.perf_counter() - began - imported - set_up)
+        return [("launch", launching), ("import", imported), ("setup", set_up)]
 
     async def _restore_or_repair(self, inst: Instance, spec: agent_pb2.FunctionSpec,
                                  manifest: manifest_pb2.SnapshotManifest,
