@@ -268,6 +268,7 @@ def test_from_thaw_import_works_in_a_functions_own_environment(
         two_nodes: RunningPlatform, tmp_path: Path) -> None:
     fn = two_nodes.deploy(public_names_in_an_environment(tmp_path / "pn")).json()
     assert fn["state"] == "ready" and fn["start_mode"] == "restore", fn
-    assert any("installing 1 packages into environment" in line
+    # Built here or found cached (another test of this platform pins the same attrs).
+    assert any("environment" in line and ("ready in" in line or "cached" in line)
                for line in log_lines(two_nodes, "public-names"))
     check_public_names(two_nodes)

@@ -65,6 +65,8 @@ def _values(a: dict[str, str], param: str, path: str) -> list[str]:
         return ["x"]
     if param == "image_id":
         return [a["image_id"]]
+    if param == "trace_id":
+        return [a["trace_id"]]
     return [a["function"]]
 
 
@@ -121,7 +123,9 @@ def _a_side(platform: RunningPlatform, tmp_path: Path) -> tuple[dict[str, str], 
          "key_id": key.json()["id"], "node": nodes[0]["id"], "marker": marker,
          "secret": secret,
          # An image id A could have uploaded: B is refused whether or not it exists.
-         "image_id": "sha256:" + uuid.uuid4().hex * 2}
+         "image_id": "sha256:" + uuid.uuid4().hex * 2,
+         # The trace of A's sync call (its answer's traceparent: version-trace-span-flags).
+         "trace_id": sync.headers["traceparent"].split("-")[1]}
     secrets = [name, a["sync_id"], async_id, a["key_id"], marker, platform.key,
                key.json()["key"]]
     return a, secrets
