@@ -13,6 +13,7 @@ from structlog.testing import capture_logs
 from thaw.platform.docker import DockerRuntime
 from thaw.platform.docker.spec import (
     BASE_MEMORY_BYTES,
+    PUBLIC_NAMES_MOUNT,
     RUNTIME_MOUNT,
     SNAPSHOT_FD,
     STATUS_DIR,
@@ -134,9 +135,10 @@ def test_template_containers_get_no_snapshot_files() -> None:
                          control="/dev/shm/run/t.sock", log_path="/home/logs/t.log")
     layout = LAYOUT
     mounts = {m.target: m for m in container_mounts(spec, layout, SETTINGS)}
-    # Only the runtime, the status folder, the bundle, the log and socket folders.
-    assert set(mounts) == {RUNTIME_MOUNT, STATUS_DIR, "/b", "/home/logs", "/dev/shm/run",
-                           "/venv/site-packages"}
+    # Only the runtime (and the thaw package's file beside it), the status folder, the
+    # bundle, the log and socket folders.
+    assert set(mounts) == {RUNTIME_MOUNT, PUBLIC_NAMES_MOUNT, STATUS_DIR, "/b", "/home/logs",
+                           "/dev/shm/run", "/venv/site-packages"}
     kwargs = container_kwargs(spec, SETTINGS, layout)
     [shell] = [part for part in kwargs["command"] if "exec" in part]
     # The shell opens the template's own copy of its snapshot.json (in its private
