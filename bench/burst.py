@@ -32,10 +32,10 @@ from typing import Any
 
 import httpx
 
+from thaw.bench.coldstart import _wait_cold
 from thaw.bench.platform import PlatformFactory
 from thaw.core.spec import pack_bundle
 
-SCALE_TO_ZERO_WAIT = 60.0
 CALL_TIMEOUT = 600.0
 
 
@@ -128,14 +128,6 @@ def _starts_since(http: httpx.Client, name: str, after: int) -> Counter[str]:
         if not events:
             return kinds
         after = events[-1]["seq"]
-
-
-def _wait_cold(http: httpx.Client, name: str) -> None:
-    deadline = time.monotonic() + SCALE_TO_ZERO_WAIT
-    while http.get(f"/v1/functions/{name}").json()["warm_instances"]:
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{name} did not scale to zero")
-        time.sleep(0.2)
 
 
 def _figures(latencies: list[float], statuses: Counter[int]) -> dict[str, Any]:
