@@ -376,7 +376,7 @@ class Agent:
                                         log=inst.log_path, fds=mat.descriptors())
             waited = 0.0
             if sl is None:
-                pid = await self._spawn(inst, spec, request, template, python_env)
+                pid, prefault = await self._spawn(inst, spec, request, template, python_env)
             else:
                 # Admitted among the restores sharing the slice's link, from the fill
                 # until the instance is up: the wait is the start's queue stage.
@@ -391,21 +391,28 @@ class Agent:
                         fds["slice"] = slice_fd
                     request = dataclasses.replace(request, fds=fds, slice=descriptor,
                                                   env={**request.env, **sl.instance_env()})
-                    pid = await self._spawn(inst, spec, request, template, python_env)
+                    pid, prefault = await self._spawn(inst, spec, request, template,
+                                                      python_env)
         inst.pid = pid
+        restored = time.perf_counter() - started
+        # The instance's wait on prefaulting its arena, inside the restore it reports.
+        prefault = min(prefault, restored)
         return [("queue", waited), ("fetch", mat.seconds), ("template", template_s),
-                ("restore", time.perf_counter() - started)]
+                ("restore", restored - prefault), ("prefault", prefault)]
 
     async def _spawn(self, inst: Instance, spec: agent_pb2.FunctionSpec,
                      request: SpawnRequest, template: Template,
-                     python_env: PythonEnv | None) -> int:
+                     python_env: PythonEnv | None) -> tuple[int, float]:
         """Fork the instance from its template, or restore it without a fork where the
-        template may not fork; returns its pid."""
+        template may not fork; returns its pid and the seconds its restore waited on
+        prefaulting the host arena (the runtime's `prefault` timing; 0 when unknown)."""
         if template.fork_safe:
-            pid, _ready = await self.runtime.spawn(template.control, request,
-                                                   self.start_timeout)
-            return pid
-        return await self._restore_unforked(inst, spec, request, template, python_env)
+            pid, ready = await self.runtime.spawn(template.control, request,
+                                                  self.start_timeout)
+            timings = ready.get("timings") if isinstance(ready, dict) else None
+            prefault = timings.get("prefault", 0.0) if isinstance(timings, dict) else 0.0
+            return pid, max(0.0, float(prefault)) if isinstance(prefault, (int, float)) else 0.0
+        return await self._restore_unforked(inst, spec, request, template, python_env), 0.0
 
     async def _restore_unforked(self, inst: Instance, spec: agent_pb2.FunctionSpec,
                                 request: SpawnRequest, template: Template,

@@ -53,7 +53,7 @@ def test_the_stages_add_up_to_the_total_for_every_start_and_path(
     for lane in (True, False):
         assert platform.deploy(EXAMPLES / "echo").status_code == 201
         cold = assert_adds_up(call("echo", {"n": 1}), "restore", lane)
-        assert {"queue", "restore"} <= cold.keys()
+        assert {"queue", "restore", "prefault"} <= cold.keys()
         assert_adds_up(call("echo", {"n": 2}), "warm", lane)
 
         assert platform.deploy(FIXTURES / "fresh_typed").status_code == 201
