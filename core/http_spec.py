@@ -7,6 +7,7 @@ reaches its handler like any other method.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -111,3 +112,15 @@ class HttpDoc(BaseModel):
                     cors_methods=tuple(self.cors_methods),
                     cors_headers=tuple(self.cors_headers), cors_max_age=self.cors_max_age,
                     cors_credentials=self.cors_credentials)
+
+
+def policy_of(config_json: str) -> Http | None:
+    """A function's CORS policy from its configuration document; None = no CORS
+    (also for a document this reader cannot read)."""
+    try:
+        document = json.loads(config_json or "{}")
+        table = document.get("http") if isinstance(document, dict) else None
+        policy = Http.from_dict(table) if isinstance(table, dict) else None
+    except (ValueError, TypeError):
+        return None
+    return policy if policy is not None and policy.cors_origins else None

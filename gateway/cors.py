@@ -17,41 +17,25 @@ answers preflights and notes the headers the answer must carry in the request
 (CORS_HEADERS_KEY), which `add_headers` (aiohttp's on_response_prepare, `install`)
 copies onto the answer, errors included. The fast lane (gateway/lane.py) leaves every
 call with an Origin header to aiohttp. Only calls with an Origin header (browsers)
-look the policy up, from a cache of the function's configuration (one scheduler look
-per function per POLICY_CACHE_SECONDS).
+look the policy up, in the function's cached knobs the call reads anyway
+(gateway/priority.py: one scheduler look per function per DEFAULT_CACHE_SECONDS).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import MutableMapping
 from typing import Any
 
 from aiohttp import web
-from cachetools import TTLCache
 
 from thaw.core.errors import NotFound, ThawError
 from thaw.core.http_spec import Http
 from thaw.gateway.errors import error_body
+from thaw.gateway.priority import function_knobs
 from thaw.gateway.state import Gateway
 
-POLICY_CACHE_SECONDS = 5.0
-POLICY_CACHE_ENTRIES = 10_000
 CORS_HEADERS_KEY = web.RequestKey("cors_headers", dict)
 """Headers the answer to this request must carry (set by check)."""
-_POLICIES_KEY = web.AppKey("cors_policies", TTLCache)
-
-
-def policy_of(config_json: str) -> Http | None:
-    """The function's CORS policy from its configuration document; None = no CORS
-    (also for a document this gateway cannot read)."""
-    try:
-        document = json.loads(config_json or "{}")
-        table = document.get("http") if isinstance(document, dict) else None
-        policy = Http.from_dict(table) if isinstance(table, dict) else None
-    except (ValueError, TypeError):
-        return None
-    return policy if policy is not None and policy.cors_origins else None
 
 
 class _Refused(ThawError):
@@ -109,17 +93,10 @@ def answer_headers(policy: Http, origin: str) -> dict[str, str]:
 
 async def _policy(request: web.Request, gw: Gateway, tenant: str, name: str
                   ) -> Http | None:
-    cache: TTLCache[tuple[str, str], Http | None] = request.app[_POLICIES_KEY]
-    if (tenant, name) in cache:
-        return cache[(tenant, name)]
     try:
-        fn = await gw.scheduler.get_function(tenant, name)
+        return (await function_knobs(request, gw, tenant, name)).cors
     except NotFound:
-        policy = None  # the route answers the 404 (or 401) as usual
-    else:
-        policy = policy_of(fn.config_json)
-    cache[(tenant, name)] = policy
-    return policy
+        return None  # the route answers the 404 (or 401) as usual
 
 
 async def check(request: web.Request, gw: Gateway, tenant: str, name: str
@@ -166,6 +143,5 @@ async def on_response_prepare(request: web.Request, response: web.StreamResponse
 
 
 def install(app: web.Application) -> None:
-    """The policy cache, and the headers on every answer aiohttp prepares."""
-    app[_POLICIES_KEY] = TTLCache(maxsize=POLICY_CACHE_ENTRIES, ttl=POLICY_CACHE_SECONDS)
+    """The CORS headers on every answer aiohttp prepares."""
     app.on_response_prepare.append(on_response_prepare)

@@ -26,6 +26,7 @@ from aiohttp import web
 from cachetools import TTLCache
 
 from thaw.core.errors import InvalidArgument, NotFound, PermissionDenied
+from thaw.core.http_spec import Http, policy_of
 from thaw.core.priority import PRIORITY_DEFAULT, PRIORITY_MAX, PRIORITY_MIN, valid_priority
 from thaw.gateway.auth import is_operator, require
 from thaw.gateway.caller import principal_of
@@ -54,6 +55,8 @@ class FunctionKnobs:
     """Its thaw.toml `limits.max_body` in bytes; 0: the gateway's max_body_bytes."""
     input_schema: str = ""
     """Its active version's input schema (JSON text, gateway/inputs.py); "": none."""
+    cors: Http | None = None
+    """Its CORS policy (`[http]`, gateway/cors.py); None: no CORS headers."""
 
 
 def knobs_of(fn: scheduler_pb2.FunctionInfo) -> FunctionKnobs:
@@ -62,7 +65,7 @@ def knobs_of(fn: scheduler_pb2.FunctionInfo) -> FunctionKnobs:
     except ValueError:
         max_body = 0  # a config this gateway cannot read: the gateway's limit holds
     return FunctionKnobs(priority=fn.priority or None, max_body=max_body,
-                         input_schema=fn.input_schema)
+                         input_schema=fn.input_schema, cors=policy_of(fn.config_json))
 
 
 class FunctionDefaults:

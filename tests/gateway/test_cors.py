@@ -8,13 +8,12 @@ import json
 import pytest
 
 from thaw.core.errors import InvalidBundle
-from thaw.core.http_spec import Http
+from thaw.core.http_spec import Http, policy_of
 from thaw.core.spec import FunctionSpec, parse_spec
 from thaw.gateway.cors import (
     CORS_HEADERS_KEY,
     add_headers,
     answer_headers,
-    policy_of,
     preflight_headers,
     preflight_refusal,
 )
