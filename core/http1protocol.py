@@ -116,6 +116,7 @@ class HTTPProtocol(asyncio.Protocol):
         self._completed_here = False
         self._aligned = True
         self.handed_off = False
+        self._winding = False
 
     # asyncio.Protocol
 
@@ -296,7 +297,7 @@ class HTTPProtocol(asyncio.Protocol):
         if self._closed:
             return
         url = self._parsed_url
-        keep_alive = self._parser.should_keep_alive()
+        keep_alive = self._parser.should_keep_alive() and not self._winding
         request = Request(
             self._method, url.path.decode("latin-1"),
             (url.query or b"").decode("latin-1"), self._headers,
@@ -318,7 +319,7 @@ class HTTPProtocol(asyncio.Protocol):
                     self._send(request, keep_alive=False)
                     self._linger()
                     return
-                keep_alive = await self._answer(request, keep_alive)
+                keep_alive = await self._answer(request, keep_alive and not self._winding)
                 if not keep_alive:
                     self._close()
                     return
@@ -455,6 +456,19 @@ class HTTPProtocol(asyncio.Protocol):
         protocol.connection_made(transport)
         if raw:
             protocol.data_received(raw)
+
+    def wind_down(self, linger: float) -> None:
+        """Stop keeping the connection alive, as its server closes: a request being
+        answered, or one arriving within `linger` seconds, is answered with
+        `Connection: close` and the connection closes after it; one idle that long
+        closes then. A request a client sends on a kept connection just as the server
+        closes it is lost on the way, and neither side can tell whether it ran; the
+        linger lets such a request land on a connection still open."""
+        self._winding = True
+        if self._closed or self._serving is not None or self._pending \
+                or self._phase != _BETWEEN:
+            return
+        self._arm_timer(_BETWEEN, linger)
 
     def _reject(self, status: int, message: str) -> None:
         """Refuse the request being parsed and close the connection, after the answers

@@ -122,13 +122,19 @@ class HTTPServer:
             host, port, ssl=self.tls)
         return int(self._server.sockets[0].getsockname()[1])
 
-    async def close(self, grace: float = 5.0) -> None:
+    async def close(self, grace: float = 5.0, linger: float = 0.0) -> None:
+        """Stop listening, answer what is under way, and close: each connection winds
+        down (HTTPProtocol.wind_down: its answers say `Connection: close`, and an idle
+        one closes after `linger` seconds); whatever is still open after the longer of
+        `grace` and `linger` is cut."""
         if self._server is None:
             return
         self._server.close()
-        deadline = asyncio.get_running_loop().time() + grace
-        while (any(c._serving is not None for c in self._connections)
-               and asyncio.get_running_loop().time() < deadline):
+        for conn in list(self._connections):
+            conn.wind_down(linger)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(grace, linger)
+        while self._connections and loop.time() < deadline:
             await asyncio.sleep(0.02)
         for conn in list(self._connections):
             if conn._serving is not None:

@@ -56,6 +56,10 @@ INSTANCES_PREFIX = "/v1/instances/"
 # Characters left as they are when the sub-path (decoded here) is encoded again for
 # the request line; the gateway's invoke.py PATH_SAFE is the same.
 PATH_SAFE = "/:@!$&'()*+,;=-._~"
+# As the agent stops, how long the gateway's kept connections stay open, answering
+# with `Connection: close`: a call sent on one just as it closed would be lost in
+# flight, the handler maybe run, and could not be sent again (core/http1server.py).
+CLOSE_LINGER_SECONDS = 1.0
 
 
 def _instance_target(tail: str, query: str) -> str:
@@ -101,7 +105,7 @@ class DataPlane:
 
     async def close(self) -> None:
         self.agent.logs.close()  # followers end their streams
-        await self.server.close()
+        await self.server.close(linger=CLOSE_LINGER_SECONDS)
         if self._logs_task is not None:
             self._logs_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

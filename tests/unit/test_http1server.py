@@ -8,6 +8,7 @@ import contextlib
 import json
 import socket
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -291,6 +292,35 @@ def test_close_lets_an_answer_in_progress_finish(served) -> None:  # type: ignor
     assert result["r"].status_code == 200 and result["r"].content == b"done"
     with pytest.raises(httpx.ConnectError):  # no longer accepting
         httpx.get(f"{url}/echo", timeout=2)
+
+
+def test_closing_with_a_linger_answers_a_kept_connection_then_closes_it(served) -> None:  # type: ignore[no-untyped-def]
+    """A call sent on a kept connection after close() began is answered (with
+    `Connection: close`), not cut: it may be a call the client cannot send again."""
+    loop, url, port, _, server = served
+    with httpx.Client(base_url=url) as client:
+        assert client.get("/echo").status_code == 200  # the connection is kept
+        kept = client.get("/echo").extensions["network_stream"]
+        closing = asyncio.run_coroutine_threadsafe(server.close(grace=0, linger=2), loop)
+        time.sleep(0.2)
+        late = client.post("/echo", content=b"late")
+        assert late.status_code == 200 and late.content == b"late"
+        assert late.extensions["network_stream"] is kept
+        assert late.headers["connection"] == "close"
+        closing.result(10)  # returns once the answered connection closed
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{url}/echo", timeout=2)
+
+
+def test_closing_closes_an_idle_connection_after_its_linger(served) -> None:  # type: ignore[no-untyped-def]
+    loop, _, port, _, server = served
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+    asyncio.run_coroutine_threadsafe(server.close(grace=0, linger=0.3), loop).result(10)
+    sock.settimeout(5)
+    assert sock.recv(1) == b""  # closed by the server, politely (no reset)
+    sock.close()
 
 
 def test_json_answers_are_json(served) -> None:  # type: ignore[no-untyped-def]
