@@ -142,7 +142,9 @@ class TemplatePool:
         if manifest.environment.key:
             # The interpreter and packages it imported are the environment's.
             h.update(f"environment:{manifest.environment.key}\n".encode())
-        h.update("\n".join(manifest.modules).encode())
+        # As a set: copies built fresh and copies built in a template of the same
+        # code list the same modules, maybe in another order.
+        h.update("\n".join(sorted(set(manifest.modules))).encode())
         h.update(json.dumps(instance_env(spec, per_function=False), sort_keys=True).encode())
         return h.hexdigest()[:24]
 

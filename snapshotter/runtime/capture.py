@@ -389,7 +389,9 @@ def capture(
     timings["capture"] = now() - started
     meta = SnapshotMeta(
         storages=tuple(layout.entries),
-        modules=tuple(modules),
+        # Once each, in first-import order: a build forked from a template lists the
+        # template's modules and then those setup() imported, which may repeat one.
+        modules=tuple(dict.fromkeys(modules)),
         fingerprint=_fingerprint(uses_device, function_version),
         timings=dict(timings),
         host_size=host_size,

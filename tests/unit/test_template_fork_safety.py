@@ -212,3 +212,24 @@ async def test_a_build_never_forks_another_tenants_template(bundle: Path,
     egress.network = "egress"  # the same tenant and code with another network
     assert await pool.with_code(egress) is None
     await pool.close()
+
+
+async def test_copies_listing_the_same_modules_share_one_template(bundle: Path,
+                                                                  tmp_path: Path) -> None:
+    """A copy built fresh and a copy built in that copy's template list the same
+    modules, one in another order and with a module setup() imported again: one
+    template serves both, whatever their names."""
+    pool = pool_for(FakeRuntime(safe_ready()), bundle, tmp_path)
+    fresh = manifest_pb2.SnapshotManifest(modules=["app", "torch", "tok"])
+    forked = manifest_pb2.SnapshotManifest(modules=["app", "torch", "tok", "tok"])
+    reordered = manifest_pb2.SnapshotManifest(modules=["torch", "app", "tok"])
+    copy = agent_pb2.FunctionSpec(tenant="acme", name="gpu-2", version="1",
+                                  handler="app:Gpu", bundle_digest="b1")
+    key = await pool.key(SPEC, fresh)
+    assert await pool.key(copy, forked) == key
+    assert await pool.key(copy, reordered) == key
+    other = manifest_pb2.SnapshotManifest(modules=["app", "torch"])
+    assert await pool.key(copy, other) != key  # other imports: another template
+    first = await pool.ensure(SPEC, fresh, materialized("snap1"))
+    second = await pool.ensure(copy, forked, materialized("snap2"))
+    assert second is first
