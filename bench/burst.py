@@ -18,22 +18,19 @@ docs/limits.md describes).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
-import os
 import re
 import shutil
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from thaw.bench.coldstart import _wait_cold
-from thaw.bench.platform import PlatformFactory
+from thaw.bench.platform import PlatformFactory, service_environment
 from thaw.core.spec import pack_bundle
 
 CALL_TIMEOUT = 600.0
@@ -45,22 +42,6 @@ def burst_settings(calls: int) -> dict[str, str]:
     return {"THAW_MAX_CONNECTIONS_PER_ADDRESS": str(calls + 64),
             "THAW_QUEUE_HIGH_WATER": str(calls + 64),
             "THAW_QUEUE_LOW_WATER": str(max(1, (calls + 64) // 2))}
-
-
-@contextlib.contextmanager
-def environment(values: dict[str, str]) -> Iterator[None]:
-    """These environment variables set while the platform's services start (they
-    copy the environment), as before afterwards."""
-    before = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in before.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def burst_bundle(src: Path, dest: Path, name: str, max_instances: int,
@@ -153,7 +134,7 @@ def run_burst_bench(function: str = "examples/echo", calls: int = 1000,
         folder = burst_bundle(src, Path(tmp) / "bundle", name, max_instances,
                               max_concurrency)
         local = platform(Path(tmp) / "home", "2x8GiB")
-        with environment(burst_settings(calls)):
+        with service_environment(burst_settings(calls)):
             local.start()
         try:
             http = httpx.Client(base_url=local.url, timeout=900,

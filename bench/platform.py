@@ -8,6 +8,9 @@ through its gateway and stops it.
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -29,3 +32,19 @@ class PlatformFactory(Protocol):
         """A platform, not started yet, keeping its state under `home` and serving the
         host devices `host_devices` (e.g. "2x8GiB")."""
         ...
+
+
+@contextlib.contextmanager
+def service_environment(values: dict[str, str]) -> Iterator[None]:
+    """These environment variables set while a platform's services start (they copy
+    the environment), as they were before afterwards."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -62,7 +62,7 @@ import aiohttp
 import httpx
 
 from thaw.bench import soak_probe
-from thaw.bench.platform import Platform
+from thaw.bench.platform import Platform, service_environment
 from thaw.bench.soak_inputs import Target, bundles, deploy, quick_kinds, slow_kinds
 from thaw.bench.soak_lanes import VALID_TIMEOUT_S, Tally, Valid, mixed_lane, serial_lane
 from thaw.bench.soak_watch import (
@@ -432,16 +432,8 @@ def _probed_services(folder: Path) -> Iterator[Path]:
     saved = os.environ.get("PYTHONPATH", "")
     added = {soak_probe.PROBE_ENV: str(answers), soak_probe.SAVED_PYTHONPATH_ENV: saved,
              "PYTHONPATH": os.pathsep.join(filter(None, [str(site), saved]))}
-    before = {key: os.environ.get(key) for key in added}
-    os.environ.update(added)
-    try:
+    with service_environment(added):
         yield answers
-    finally:
-        for key, value in before.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def run_soak_bench(echo: str = "examples/echo", settings: SoakSettings | None = None, *,
