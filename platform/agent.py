@@ -60,6 +60,7 @@ from thaw.platform.logs import RUNTIME, FunctionLogs
 from thaw.platform.peers import PeerChunks
 from thaw.platform.process import ProcessWatch, log_tail
 from thaw.platform.restore_faults import restore_fault
+from thaw.platform.restored import RestoredTemplates, ready_prefault, start_stages
 from thaw.platform.runtime import (
     Failed,
     LaunchSpec,
@@ -100,7 +101,8 @@ class Agent:
                  activation: ActivationBudget | None = None,
                  uid_range: tuple[int, int] = DEFAULT_UID_RANGE,
                  tls: Identity | None = None,
-                 environments: Environments | None = None) -> None:
+                 environments: Environments | None = None,
+                 restored_templates: bool = True) -> None:
         self.node_id = node_id
         self.home = home
         self.run_dir = run_dir
@@ -149,6 +151,12 @@ class Agent:
             runtime=runtime, areas=self.areas, start_timeout=start_timeout,
             ensure_bundle=self.ensure_bundle, spawn_task=self._spawn_task)
         self.builds.templates = self.templates
+        self.restored = RestoredTemplates(
+            runtime=runtime, places=self._restored_places, start_timeout=start_timeout,
+            spawn_task=self._spawn_task, exit_status=self.templates.exited,
+            enabled=restored_templates)
+        """Per snapshot, a fork of its template that restored it once: later instances
+        fork from it (restored.py)."""
         self.volumes: NodeVolumes | None = None
         """Model volumes (volumes.py), set by the server that can fetch their chunks."""
 
@@ -170,6 +178,12 @@ class Agent:
         """The launch under its tenant's uid, its area writable (where the runtime
         runs instances under tenant uids)."""
         return in_area(launch, self.areas.area(spec.tenant), self.runtime.capabilities)
+
+    def _restored_places(self, tenant: str, snapshot: str) -> tuple[str, str]:
+        """A restored template's control socket and log, in its tenant's area."""
+        area = self.areas.area(tenant)
+        return str(area.run / f"rt-{snapshot[:16]}.sock"), \
+            str(area.logs / f"restored-template-{snapshot[:16]}.log")
 
     def _spawn_task(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)
@@ -375,8 +389,11 @@ class Agent:
             request = spawn_request_for(spec, instance_id=inst.id, socket=inst.socket,
                                         log=inst.log_path, fds=mat.descriptors())
             waited = 0.0
+            self.restored.hold(inst.id, mat.key)
+            snapshot = (mat.key, manifest.device.size)
             if sl is None:
-                pid, prefault = await self._spawn(inst, spec, request, template, python_env)
+                pid, prefault, forked = await self._spawn(inst, spec, request, template,
+                                                          python_env, snapshot)
             else:
                 # Admitted among the restores sharing the slice's link, from the fill
                 # until the instance is up: the wait is the start's queue stage.
@@ -391,28 +408,33 @@ class Agent:
                         fds["slice"] = slice_fd
                     request = dataclasses.replace(request, fds=fds, slice=descriptor,
                                                   env={**request.env, **sl.instance_env()})
-                    pid, prefault = await self._spawn(inst, spec, request, template,
-                                                      python_env)
+                    pid, prefault, forked = await self._spawn(inst, spec, request, template,
+                                                              python_env, snapshot)
         inst.pid = pid
-        restored = time.perf_counter() - started
-        # The instance's wait on prefaulting its arena, inside the restore it reports.
-        prefault = min(prefault, restored)
         return [("queue", waited), ("fetch", mat.seconds), ("template", template_s),
-                ("restore", restored - prefault), ("prefault", prefault)]
+                *start_stages(time.perf_counter() - started, prefault, forked)]
 
     async def _spawn(self, inst: Instance, spec: agent_pb2.FunctionSpec,
                      request: SpawnRequest, template: Template,
-                     python_env: PythonEnv | None) -> tuple[int, float]:
-        """Fork the instance from its template, or restore it without a fork where the
-        template may not fork; returns its pid and the seconds its restore waited on
-        prefaulting the host arena (the runtime's `prefault` timing; 0 when unknown)."""
-        if template.fork_safe:
-            pid, ready = await self.runtime.spawn(template.control, request,
-                                                  self.start_timeout)
-            timings = ready.get("timings") if isinstance(ready, dict) else None
-            prefault = timings.get("prefault", 0.0) if isinstance(timings, dict) else 0.0
-            return pid, max(0.0, float(prefault)) if isinstance(prefault, (int, float)) else 0.0
-        return await self._restore_unforked(inst, spec, request, template, python_env), 0.0
+                     python_env: PythonEnv | None, snapshot: tuple[str, int]
+                     ) -> tuple[int, float, float | None]:
+        """Fork the instance from its snapshot's restored template, else from its
+        template, or restore it without a fork where the template may not fork; returns
+        its pid, the seconds its restore waited on prefaulting the host arena (the
+        runtime's `prefault` timing; 0 when unknown) and, for a fork of a restored
+        template, this start's wait for that one to start (None: no such fork)."""
+        if not template.fork_safe:
+            return await self._restore_unforked(inst, spec, request, template,
+                                                python_env), 0.0, None
+        forked = await self.restored.spawn(
+            snapshot=snapshot[0], tenant=spec.tenant, template_control=template.control,
+            request=request, device_size=snapshot[1])
+        if forked is not None:
+            self.logs.append(inst.function, inst.id, RUNTIME,
+                             f"instance {inst.id} forked from its restored template")
+            return forked.pid, ready_prefault(forked.ready), forked.restore_seconds
+        pid, ready = await self.runtime.spawn(template.control, request, self.start_timeout)
+        return pid, ready_prefault(ready), None
 
     async def _restore_unforked(self, inst: Instance, spec: agent_pb2.FunctionSpec,
                                 request: SpawnRequest, template: Template,
@@ -477,6 +499,7 @@ class Agent:
         if inst.pid:
             await self.runtime.stop(inst.process or ProcessHandle(inst.pid), reason)
         self._slices.pop(inst.id, None)
+        await self.restored.release(inst.id)
         self.environments.release(inst.id)
         if self.volumes is not None:
             self.volumes.release(inst.id)
@@ -533,6 +556,7 @@ class Agent:
     async def collect_garbage(self, keep: list[manifest_pb2.SnapshotManifest]) -> tuple[int, int]:
         """Forget every snapshot not in `keep`: its template, host-memory copies and
         the disk chunks no kept manifest shares."""
+        await self.restored.collect({manifest_key(m) for m in keep})
         await self.templates.collect({manifest_key(m) for m in keep})
         await self.collect_environments(keep)
         async with self.shm.writing():
@@ -568,6 +592,7 @@ class Agent:
                                for i in list(self.instances)), return_exceptions=True)
         for task in list(self._watchers):
             task.cancel()
+        await self.restored.close()
         await self.templates.close()
         self.devices.close()
         await self.chunks.close()

@@ -329,23 +329,31 @@ def reseed_generators() -> None:
         torch.manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
 
 
-def restore_handler(
+@dataclasses.dataclass(frozen=True)
+class Unpickled:
+    """A snapshot's host state rebuilt, before anything of one instance's own ran
+    (no reseed, no on_restore): what a restored template holds and forks."""
+
+    handler: object
+    host: mmap.mmap | None
+    """The host arena's copy-on-write mapping (None for an empty arena)."""
+    timings: dict[str, float]
+
+
+def unpickle_snapshot(
     meta: SnapshotMeta,
     pickle_source: int | str | os.PathLike[str],
     host_arena: ArenaSource,
-    device_arena: ArenaSource = None,
     clock: Callable[[], float] = time.perf_counter,
     *,
     device: DeviceMemory | None = None,
     prefault: bool = True,
-) -> Restored:
-    """Map, unpickle (the host arena prefaulted meanwhile unless `prefault` is False),
-    reseed, on_restore(). Device storages become views into `device`
-    (the instance's slice, already filled by the agent); `device_arena` is only checked
-    for: no device storage is ever copied from host memory here. Raises RestoreError for
-    snapshots that cannot be restored here; exceptions from the tenant's code propagate
-    as they are."""
-    del device_arena  # the agent put the device arena into the slice
+) -> Unpickled:
+    """Map, unpickle (the host arena prefaulted meanwhile unless `prefault` is False).
+    Device storages become views into `device` (the instance's slice, already filled
+    by the agent); no device storage is ever copied from host memory here. Runs no
+    code of the tenant's beyond what unpickling runs, and leaves no thread behind.
+    Raises RestoreError for snapshots that cannot be restored here."""
     started = clock()
     check_fingerprint(meta)
     host = map_arena(host_arena, meta.host_size, "host")
@@ -384,21 +392,46 @@ def restore_handler(
             gc.enable()
     unpickled = clock()
     prefault_s = background.join()
-    joined = clock()
+    timings = {"map": mapped - started, "unpickle": unpickled - mapped}
+    if background.started:
+        timings["prefault"] = prefault_s
+    return Unpickled(handler, host, timings)
 
+
+def finish_restore(handler: object,
+                   clock: Callable[[], float] = time.perf_counter) -> float:
+    """What each instance runs of its own once the state is there: reseed its random
+    generators, then the handler's on_restore(); the seconds that took. Exceptions from
+    the tenant's code propagate as they are."""
+    started = clock()
     reseed_generators()
     on_restore = getattr(handler, "on_restore", None)
     if callable(on_restore):
         on_restore()
-    finished = clock()
-    timings = {
-        "map": mapped - started,
-        "unpickle": unpickled - mapped,
-        "on_restore": finished - joined,
-    }
-    if background.started:
-        timings["prefault"] = prefault_s
-    return Restored(handler, timings)
+    return clock() - started
+
+
+def restore_handler(
+    meta: SnapshotMeta,
+    pickle_source: int | str | os.PathLike[str],
+    host_arena: ArenaSource,
+    device_arena: ArenaSource = None,
+    clock: Callable[[], float] = time.perf_counter,
+    *,
+    device: DeviceMemory | None = None,
+    prefault: bool = True,
+) -> Restored:
+    """Map, unpickle (the host arena prefaulted meanwhile unless `prefault` is False),
+    reseed, on_restore(): `unpickle_snapshot` then `finish_restore`. `device_arena` is
+    only checked for: the agent put the device arena into `device` before. Raises
+    RestoreError for snapshots that cannot be restored here; exceptions from the
+    tenant's code propagate as they are."""
+    del device_arena  # the agent put the device arena into the slice
+    state = unpickle_snapshot(meta, pickle_source, host_arena, clock, device=device,
+                              prefault=prefault)
+    timings = dict(state.timings)
+    timings["on_restore"] = finish_restore(state.handler, clock)
+    return Restored(state.handler, timings)
 
 
 received: SpawnRequest | None = None
@@ -423,5 +456,30 @@ def restore_request(request: SpawnRequest) -> Restored:
         if device is not None:
             device.bound_allocations(meta.device_size)
         return restored
+    finally:
+        close_fds(request.fds.values())
+
+
+def restore_forked(request: SpawnRequest, state: Unpickled,
+                   clock: Callable[[], float] = time.perf_counter) -> Restored:
+    """The part of a restore that is each instance's own, in an instance forked from a
+    restored template that already holds the snapshot's host state (`state`): the
+    request's env and secrets, its slice opened (such snapshots have no device arena:
+    the slice only bounds what the function allocates on its GPU, through the same
+    DeviceMemory as any restore), the host arena's pages faulted in (already there in
+    the template: this only maps them), reseed and on_restore(). Closes the request's
+    descriptors."""
+    global received
+    received = request
+    secretenv.apply(request.env, request.secrets)
+    try:
+        device = (DeviceMemory(request.slice, request.fd("slice"))
+                  if request.slice is not None else None)
+        background = Prefault(state.host, clock)
+        timings = {"prefault": background.join()} if background.started else {}
+        timings["on_restore"] = finish_restore(state.handler, clock)
+        if device is not None:
+            device.bound_allocations(0)
+        return Restored(state.handler, timings)
     finally:
         close_fds(request.fds.values())

@@ -15,10 +15,8 @@ and the connection closes; the instance then serves on its own socket.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import gc
 import importlib
-import json
 import os
 import signal
 import socket
@@ -55,32 +53,32 @@ from .restore import restore_request
 from .server import bind_server, exit_on_sigterm, serve_until_stopped
 from .signature import refused_schema
 from .snapshot import SnapshotMeta
+
+# Re-exported: the runtime's entry point and zygotes take them from here.
+from .spawning import (
+    MAX_SPAWN_REQUEST_BYTES as MAX_SPAWN_REQUEST_BYTES,
+)
+from .spawning import (
+    SPAWN_READ_TIMEOUT_S as SPAWN_READ_TIMEOUT_S,
+)
+from .spawning import (
+    bind_control_socket as bind_control_socket,
+)
+from .spawning import (
+    read_request as read_request,
+)
+from .spawning import (
+    redirect_output,
+    set_child_subreaper,
+    wait_for_go,
+)
+from .spawning import (
+    set_parent_death_signal as set_parent_death_signal,
+)
 from .warmup import run_warmup
-
-# From <linux/prctl.h>.
-PR_SET_PDEATHSIG = 1
-
-# How long a connection may take to send its spawn line. The template serves spawns one
-# at a time, so a silent client must not stall it for longer than this.
-SPAWN_READ_TIMEOUT_S = 10.0
-# A spawn or build line carries the function's [env] and secrets (thaw.toml allows 32
-# secrets of up to 64 KiB each, JSON-escaped here): room for all of them.
-MAX_SPAWN_REQUEST_BYTES = 16 * 1024 * 1024
-CONTROL_BACKLOG = 128
 
 # Module names that are never importable by name.
 _NOT_IMPORTABLE = ("__main__", "__mp_main__")
-
-
-def set_parent_death_signal(signum: int) -> None:
-    """Have the kernel send `signum` when our parent exits (Linux only; elsewhere the
-    supervisor must clean up). Note the kernel ties this to the parent *thread*."""
-    if not sys.platform.startswith("linux"):
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0) != 0:
-        errno = ctypes.get_errno()
-        raise OSError(errno, f"prctl(PR_SET_PDEATHSIG): {os.strerror(errno)}")
 
 
 def preimport_modules(names: Iterable[str],
@@ -101,31 +99,6 @@ def preimport_modules(names: Iterable[str],
     return failed
 
 
-def bind_control_socket(path: str) -> socket.socket:
-    if os.path.exists(path):
-        os.unlink(path)
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(path)
-    listener.listen(CONTROL_BACKLOG)
-    return listener
-
-
-def read_request(conn: socket.socket) -> SpawnRequest | BuildRequest:
-    """The request on a control connection, with the descriptors a spawn carries;
-    ValueError (its descriptors closed) for anything else."""
-    line, fds = receive_message(conn, MAX_SPAWN_REQUEST_BYTES)
-    try:
-        record = json.loads(line) if line.strip() else None
-        if isinstance(record, dict) and record.get("op") == BuildRequest.op:
-            close_fds(fds)
-            fds = []
-            return BuildRequest.from_record(record)
-        return SpawnRequest.from_message(line, fds)
-    except BaseException:
-        close_fds(fds)
-        raise
-
-
 def _read_line(conn: socket.socket) -> bytes:
     """A control connection's line, its descriptors (if any) closed unread."""
     line, fds = receive_message(conn, MAX_SPAWN_REQUEST_BYTES)
@@ -137,12 +110,16 @@ class Template:
     """The fork loop. Children never return into it: they end with os._exit."""
 
     def __init__(self, listener: socket.socket, status: StatusChannel,
-                 handler_class: type | None = None, modules: Iterable[str] = ()) -> None:
+                 handler_class: type | None = None, modules: Iterable[str] = (),
+                 adopts_orphans: bool = False) -> None:
         self._listener = listener
         self._status = status
         self._pid = os.getpid()
         self._handler_class = handler_class
         self._modules = list(modules)
+        # Whether we are our descendants' subreaper (set_child_subreaper): a restored
+        # template's instances can then become our children.
+        self._adopts_orphans = adopts_orphans
 
     def serve_forever(self) -> None:
         if threading.active_count() > 1:
@@ -233,7 +210,14 @@ class Template:
             set_parent_death_signal(signal.SIGKILL)
             if os.getppid() != self._pid:  # the template died before prctl took effect
                 os._exit(code)
-            code = _restore_and_serve(request, StatusChannel(conn.sendall), conn, go_read)
+            from .restored_template import is_restored_template_request, run_restored_template
+
+            if is_restored_template_request(request):
+                code = run_restored_template(request, StatusChannel(conn.sendall), conn,
+                                             go_read, self._pid, self._adopts_orphans)
+            else:
+                code = _restore_and_serve(request, StatusChannel(conn.sendall), conn,
+                                          go_read)
         except SystemExit as stop:  # SIGTERM (exit_on_sigterm): the agent's polite stop
             code = stop.code if isinstance(stop.code, int) else code
         except BaseException:
@@ -264,7 +248,7 @@ def _build_in_child(request: BuildRequest, handler_class: type, modules: list[st
     timings: dict[str, float] = {"import": 0.0}
     stage_now = Stage.SETUP
     try:
-        _redirect_output(request.log)
+        redirect_output(request.log)
         secretenv.apply(request.env, request.secrets, before_capture=True)
         started = time.perf_counter()
         handler = create_handler(handler_class)
@@ -278,38 +262,18 @@ def _build_in_child(request: BuildRequest, handler_class: type, modules: list[st
         meta = capture(handler, Path(request.out), modules=modules + new, timings=timings,
                        function_version=request.function_version)
     except CaptureError as exc:
-        _wait_for_template(go_read)
+        wait_for_go(go_read)
         channel.emit(Failed(Stage.CAPTURE, exc.reason, exc.attribute_path,
                             refused_schema(handler)))
         return Stage.CAPTURE.exit_code
     except BaseException as exc:  # setup() may even sys.exit(): a failed setup
         print_exception()
-        _wait_for_template(go_read)
+        wait_for_go(go_read)
         channel.emit(Failed(stage_now, describe_exception(exc)))
         return stage_now.exit_code
-    _wait_for_template(go_read)
+    wait_for_go(go_read)
     channel.emit(Captured(timings, meta.host_size, meta.device_size))
     return ExitCode.OK
-
-
-def _redirect_output(log_path: str) -> None:
-    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    os.dup2(log, 1)
-    os.dup2(log, 2)
-    os.close(log)
-    devnull = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(devnull, 0)
-    os.close(devnull)
-    # The log is a file now; line buffering keeps the tenant's prints timely in it.
-    for stream in (sys.stdout, sys.stderr):
-        reconfigure: Callable[..., None] | None = getattr(stream, "reconfigure", None)
-        if reconfigure is not None:
-            reconfigure(line_buffering=True)
-
-
-def _wait_for_template(go_read: int) -> None:
-    os.read(go_read, 1)
-    os.close(go_read)
 
 
 def _restore_and_serve(
@@ -317,19 +281,19 @@ def _restore_and_serve(
 ) -> ExitCode:
     stage = Stage.RESTORE
     try:
-        _redirect_output(request.log)
+        redirect_output(request.log)
         restored = restore_request(request)
         invoker = Invoker(restored.handler)
         stage = Stage.SERVE
         server = bind_server(request.socket, invoker)
     except Exception as exc:
         print_exception()
-        _wait_for_template(go_read)
+        wait_for_go(go_read)
         channel.emit(Failed(stage, describe_exception(exc)))
         return stage.exit_code
 
     def announce() -> None:
-        _wait_for_template(go_read)
+        wait_for_go(go_read)
         channel.emit(Ready(os.getpid(), restored.timings))
         conn.close()
 
@@ -360,8 +324,9 @@ def run_template(snapshot_json: int | str, control: str, status: StatusChannel,
     """Import, announce, fork on request; returns only on SIGTERM/SIGINT.
     `snapshot_json`: a descriptor of the snapshot.json the agent gave (or a path)."""
     set_parent_death_signal(signal.SIGKILL)
-    # Instances are reaped by the kernel; the agent watches them by pid.
-    # Reap forked instances as they end and tell the agent how each ended.
+    # Reap forked instances as they end and tell the agent how each ended; those of a
+    # restored template too, handed to us as orphans.
+    adopts_orphans = set_child_subreaper()
     signal.signal(signal.SIGCHLD, lambda _signum, _frame: _reap_children(status))
     exit_on_sigterm()
     # torch.cuda.is_available() then asks NVML rather than initialising CUDA, which
@@ -399,7 +364,7 @@ def run_template(snapshot_json: int | str, control: str, status: StatusChannel,
         else:
             Template(listener, status,
                      handler_class if isinstance(handler_class, type) else None,
-                     meta.modules).serve_forever()
+                     meta.modules, adopts_orphans).serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
