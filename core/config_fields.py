@@ -405,6 +405,14 @@ class AgentFields(_Fields):
     """Longest a fresh start, restore or template may take to become ready."""
     restored_templates: bool = True
     """Fork a snapshot's warm instances from one process that restored it (docs/density.md)."""
+    zygotes: str = Field("on", pattern="^(on|off)$")
+    """process runtime: fork templates from one zygote per Python environment and sandbox."""
+    template_memory_budget: str = "0"
+    """Memory idle templates may hold before the least recently used stop; 0 = no budget."""
+    template_min_available: str = "512MiB"
+    """Stop idle templates (least recently used first) while available memory is under this."""
+    template_idle_seconds: float = Field(60.0, ge=1.0, le=86_400, allow_inf_nan=False)
+    """An idle template unused for less than this many seconds is never stopped for memory."""
     # off runs instances as the agent's user, able to reach each other: development only.
     sandbox: str = Field("on", pattern="^(on|off)$")
     """process runtime: each instance in a sandbox under its tenant's uid (needs root)."""
@@ -454,7 +462,8 @@ class AgentFields(_Fields):
         return value
 
     @field_validator("pinned_capacity", "cuda_reserve", "cuda_instance_overhead",
-                     "sandbox_tmp_size", "storage_min_free", "env_max_size")
+                     "sandbox_tmp_size", "storage_min_free", "env_max_size",
+                     "template_memory_budget", "template_min_available")
     @classmethod
     def _check_pinned(cls, value: str) -> str:
         parse_size(value)

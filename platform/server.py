@@ -46,6 +46,7 @@ from thaw.platform.sandbox.plan import SandboxSettings
 from thaw.platform.snapshots import NodeSnapshots
 from thaw.platform.storage import StorageCondition, StorageHealth
 from thaw.platform.telemetry import NodeSample, pinned_tier_info
+from thaw.platform.template_eviction import EvictionPolicy
 from thaw.platform.volumes import NodeVolumes, blob_fetcher
 from thaw.proto import agent_pb2, agent_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 
@@ -194,6 +195,13 @@ class AgentServer:
                            restored_templates=cfg.restored_templates)
         self.agent.volumes = self.agent.builds.volumes = NodeVolumes(
             home / "volumes", blob_fetcher(self._channel))
+        # Zygotes need the process runtime: a docker template is a container of its own.
+        zygotes = cfg.zygotes == "on" and isinstance(runtime, ProcessRuntime)
+        self.agent.templates.configure(
+            eviction=EvictionPolicy(parse_size(cfg.template_memory_budget),
+                                    parse_size(cfg.template_min_available),
+                                    cfg.template_idle_seconds),
+            zygotes_home=home if zygotes else None)
 
         server = internal_server(tls)
         agent_pb2_grpc.add_AgentServicer_to_server(AgentService(self.agent), server)

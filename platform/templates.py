@@ -7,7 +7,12 @@ fork). The pool stops it as soon as it says so (it would fork nothing, and a con
 holds takes device memory no slice accounts for) and keeps its verdict: `ensure` then
 answers with a `Template` whose `fork_safe` is False, and the agent starts that
 snapshot's instances as fresh interpreters that import and then restore. Never a
-quarantine: the snapshot is fine, only forking is not."""
+quarantine: the snapshot is fine, only forking is not.
+
+With zygotes (zygotes.py), a template is forked from its environment's zygote, which
+holds the environment's imports once; without one, or where that fails, it is launched.
+Idle templates are stopped least recently used when they hold too much memory
+(template_eviction.py); the next restore starts one again."""
 
 from __future__ import annotations
 
@@ -17,32 +22,46 @@ import dataclasses
 import hashlib
 import json
 import os
-from collections.abc import Awaitable, Callable, Coroutine
+import time
+from collections.abc import Awaitable, Callable, Collection, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import structlog
 
-from thaw.core.errors import InstanceFailed
+from thaw.core.errors import DeadlineExceeded, InstanceFailed
 from thaw.platform.launch import code_digest, in_area, instance_env, template_spec
 from thaw.platform.runtime import (
     Exited,
     LaunchedInstance,
+    LaunchSpec,
     PythonEnv,
     Runtime,
     TemplateReady,
     exit_event,
     parse_status,
 )
-from thaw.platform.sandbox.areas import TenantAreas
+from thaw.platform.sandbox.areas import TenantArea, TenantAreas
 from thaw.platform.snapshots import Materialized
+from thaw.platform.template_eviction import (
+    EvictionPolicy,
+    TemplateMemory,
+    TemplateUse,
+    available_memory,
+    choose_evictions,
+    template_memory,
+)
+from thaw.platform.zygotes import ForkedTemplate, ZygotePool
 from thaw.proto import agent_pb2, manifest_pb2
 
 log = structlog.get_logger()
 # After an instance's process ends, how long to wait for its template to report the
 # exit status (it reaps the child and writes a line on its status pipe).
 EXIT_STATUS_WAIT_SECONDS = 0.5
+# How often idle templates are checked against the memory budget and the node's
+# available memory (besides after each template start).
+EVICTION_INTERVAL_SECONDS = 10.0
 
 
 @dataclass
@@ -60,6 +79,8 @@ class Template:
     """Why it is not fork-safe, e.g. "torch initialised CUDA at import (module x)"."""
     env_key: str = ""
     """The function's own Python environment it runs in ("" : the node's)."""
+    zygote: str = ""
+    """The zygote it was forked from ("": launched on its own)."""
 
     @property
     def running(self) -> bool:
@@ -71,7 +92,12 @@ class TemplatePool:
 
     def __init__(self, *, runtime: Runtime, areas: TenantAreas,
                  start_timeout: float, ensure_bundle: Callable[[str], Awaitable[Path]],
-                 spawn_task: Callable[[Coroutine[Any, Any, None]], None]) -> None:
+                 spawn_task: Callable[[Coroutine[Any, Any, None]], None],
+                 zygotes: ZygotePool | None = None,
+                 eviction: EvictionPolicy | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 measure: Callable[[int], TemplateMemory] = template_memory,
+                 available: Callable[[], int] = available_memory) -> None:
         self.runtime = runtime
         self.areas = areas
         """Each template's control socket and log are in its tenant's area."""
@@ -93,6 +119,26 @@ class TemplatePool:
         stays until none of its snapshots is kept)."""
         self._unsafe_told: set[str] = set()
         """Snapshots (manifest keys) whose fork-unsafe template was already logged."""
+        self.zygotes = zygotes
+        """Where templates fork from (None: every template is launched)."""
+        self.eviction = eviction or EvictionPolicy()
+        self._clock = clock
+        self._measure = measure
+        self._available = available
+        self._last_used: dict[str, float] = {}
+        """Template key -> when a restore or build last asked for it."""
+        self._eviction_loop = False
+        self.evicted: list[str] = []
+        """Keys of the templates stopped for memory, oldest first (for tests, logs)."""
+
+    def configure(self, *, eviction: EvictionPolicy, zygotes_home: Path | None) -> None:
+        """The agent's settings: when to stop idle templates, and whether templates fork
+        from zygotes (`zygotes_home`: the agent's home, where zygotes' bundle views
+        live; None: no zygotes)."""
+        self.eviction = eviction
+        self.zygotes = None if zygotes_home is None else ZygotePool(
+            runtime=self.runtime, home=zygotes_home, start_timeout=self.start_timeout,
+            spawn_task=self._spawn_task)
 
     async def code_digest(self, spec: agent_pb2.FunctionSpec) -> str:
         """The bundle's code digest; for an image function, of the code and the image
@@ -156,14 +202,20 @@ class TemplatePool:
         `fork_safe` is False (never spawn from it: start a restore-mode instance)."""
         key = await self.key(spec, manifest)
         self._users.setdefault(key, set()).add(mat.key)
+        self._last_used[key] = self._clock()
         template = self.fork_unsafe.get(key) or self.templates.get(key)
         if template is None or (template.fork_safe and not template.running):
             task = self._starts.get(key)
+            started = task is None
             if task is None:
-                task = asyncio.create_task(self._start(key, spec, mat, python_env))
+                task = asyncio.create_task(self._start(key, spec, manifest, mat, python_env))
                 self._starts[key] = task
                 task.add_done_callback(lambda _t: self._starts.pop(key, None))
             template = await asyncio.shield(task)
+            self._last_used[key] = self._clock()
+            if started and self.eviction.active:
+                await self.evict(keep={key})
+                self._watch_memory()
         if not template.fork_safe and mat.key not in self._unsafe_told:
             self._unsafe_told.add(mat.key)
             log.warning("template not fork-safe: instances start as fresh interpreters",
@@ -172,27 +224,32 @@ class TemplatePool:
         return template
 
     async def _start(self, key: str, spec: agent_pb2.FunctionSpec,
-                     mat: Materialized, python_env: PythonEnv | None) -> Template:
+                     manifest: manifest_pb2.SnapshotManifest, mat: Materialized,
+                     python_env: PythonEnv | None) -> Template:
         bundle = await self._ensure_bundle(spec.bundle_digest)
         area = await asyncio.to_thread(self.areas.area, spec.tenant)
         control = str(area.run / f"t-{key[:16]}.sock")
         with contextlib.suppress(FileNotFoundError):
             os.unlink(control)
         log_path = str(area.logs / f"template-{spec.tenant}-{spec.name}.log")
-        launch = template_spec(spec, bundle, key=key, snapshot_json=mat.snapshot_json,
-                               control=control, log_path=log_path)
-        proc = await self.runtime.launch(in_area(
-            dataclasses.replace(launch, python_env=python_env), area,
-            self.runtime.capabilities))
-        event = await proc.next_event(self.start_timeout)
-        ready = parse_status(event)
-        if not isinstance(ready, TemplateReady):
-            await proc.kill()
-            raise InstanceFailed(f"template failed: {event.get('reason', event)}")
+        launch = in_area(dataclasses.replace(
+            template_spec(spec, bundle, key=key, snapshot_json=mat.snapshot_json,
+                          control=control, log_path=log_path),
+            python_env=python_env), area, self.runtime.capabilities)
+        forked = await self._fork_from_zygote(launch, area, manifest)
+        proc: LaunchedInstance
+        zygote = ""
+        if forked is not None:
+            proc, ready = forked
+            zygote = forked[0].zygote
+        else:
+            proc = await self.runtime.launch(launch)
+            ready = await self._ready(proc)
         seconds = float(ready.timings.get("import", 0.0))
         env_key = python_env.key if python_env is not None else ""
         template = Template(key, proc, control, seconds, fork_safe=ready.fork_safe,
-                            unsafe_reason=ready.unsafe_reason, env_key=env_key)
+                            unsafe_reason=ready.unsafe_reason, env_key=env_key,
+                            zygote=zygote)
         if not template.fork_safe:
             await self._stop(template)
             self.fork_unsafe[key] = template
@@ -201,8 +258,36 @@ class TemplatePool:
         self.templates[key] = template
         self._by_code[await self._code_key(spec, env_key)] = key
         log.info("template ready", function=f"{spec.tenant}/{spec.name}", pid=proc.pid,
-                 import_s=round(seconds, 3))
+                 import_s=round(seconds, 3), zygote=template.zygote or None)
         return template
+
+    async def _ready(self, proc: LaunchedInstance) -> TemplateReady:
+        event = await proc.next_event(self.start_timeout)
+        ready = parse_status(event)
+        if not isinstance(ready, TemplateReady):
+            await proc.kill()
+            raise InstanceFailed(f"template failed: {event.get('reason', event)}")
+        return ready
+
+    async def _fork_from_zygote(self, launch: LaunchSpec, area: TenantArea,
+                                manifest: manifest_pb2.SnapshotManifest
+                                ) -> tuple[ForkedTemplate, TemplateReady] | None:
+        """A template forked from its environment's zygote, ready; None where there is
+        none or the forked one did not come up (the caller launches it: a template
+        that fails for a reason of its own fails there too, with its own error)."""
+        if self.zygotes is None:
+            return None
+        proc = await self.zygotes.fork_template(launch, area, list(manifest.modules))
+        if proc is None:
+            return None
+        try:
+            return proc, await self._ready(proc)
+        except (InstanceFailed, DeadlineExceeded) as exc:
+            log.warning("template forked from a zygote failed: launching it instead",
+                        zygote=proc.zygote, error=str(exc))
+            with contextlib.suppress(InstanceFailed):
+                await proc.kill()
+            return None
 
     async def _follow(self, template: Template) -> None:
         """Exit statuses of the template's instances arrive on its status pipe."""
@@ -245,11 +330,62 @@ class TemplatePool:
         for key in [k for k in self.templates if not self._users.get(k, set()) & keep]:
             template = self.templates.pop(key)
             self._users.pop(key, None)
+            self._last_used.pop(key, None)
             await self._stop(template)
+        if self.zygotes is not None:
+            await self.zygotes.prune()
         for key in [k for k in self.fork_unsafe if not self._users.get(k, set()) & keep]:
             del self.fork_unsafe[key]
             self._users.pop(key, None)
         self._unsafe_told &= keep
+
+    async def evict(self, keep: Collection[str] = ()) -> list[str]:
+        """Stop idle templates, least recently used first, while the templates hold
+        more memory than the budget or the node has less available than its floor;
+        returns their keys. Never one in `keep` (one just asked for)."""
+        running = [(k, t) for k, t in self.templates.items()
+                   if t.running and t.fork_safe and k not in self._starts]
+        if not running or not self.eviction.active:
+            return []
+        measured = await asyncio.to_thread(
+            lambda: [(k, self._measure(t.process.pid)) for k, t in running])
+        uses = [TemplateUse(k, self._last_used.get(k, 0.0), m.idle and k not in keep,
+                            m.unique_bytes) for k, m in measured]
+        now = self._clock()
+        chosen = choose_evictions(uses, self.eviction, await asyncio.to_thread(self._available),
+                                  now)
+        memory = {use.key: use.memory_bytes for use in uses}
+        for key, reason in chosen:
+            template = self.templates.pop(key, None)
+            if template is None:
+                continue
+            for code_key in [c for c, k in self._by_code.items() if k == key]:
+                del self._by_code[code_key]
+            await self._stop(template)
+            self.evicted.append(key)
+            log.info("template evicted", template=key, reason=reason,
+                     memory_mb=round(memory[key] / (1 << 20), 1),
+                     idle_s=round(now - self._last_used.get(key, now), 1),
+                     zygote=template.zygote or None)
+        if chosen and self.zygotes is not None:
+            await self.zygotes.prune()
+        return [key for key, _ in chosen]
+
+    def _watch_memory(self) -> None:
+        """Check the templates' memory every EVICTION_INTERVAL_SECONDS from now on."""
+        if self._eviction_loop:
+            return
+        self._eviction_loop = True
+
+        async def watch() -> None:
+            while True:
+                await asyncio.sleep(EVICTION_INTERVAL_SECONDS)
+                try:
+                    await self.evict()
+                except Exception:  # a failed check must not end the watch
+                    log.exception("template eviction check failed")
+
+        self._spawn_task(watch())
 
     def environment_keys(self) -> set[str]:
         """The Python environments running templates use."""
@@ -260,6 +396,8 @@ class TemplatePool:
             await self._stop(template)
         self.templates.clear()
         self.fork_unsafe.clear()
+        if self.zygotes is not None:
+            await self.zygotes.close()
 
     @staticmethod
     async def _stop(template: Template) -> None:

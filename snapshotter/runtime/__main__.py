@@ -2,7 +2,8 @@
 
 Modes: fresh (import, setup, serve), build (import, setup, capture, exit), template
 (import, then fork restored instances on request) and restore (import, then one restore
-in this process, without forking: for functions whose imports make forking unsafe).
+in this process, without forking: for functions whose imports make forking unsafe) and
+zygote (import an environment's packages, then fork templates on request: zygote.py).
 Progress goes out as status events on --status-fd (events.py); stdout and stderr are
 the tenant's.
 
@@ -52,6 +53,7 @@ from .server import UnixHTTPServer, bind_server, serve_until_stopped
 from .signature import refused_schema
 from .template import SPAWN_READ_TIMEOUT_S, bind_control_socket, read_request, run_template
 from .warmup import run_warmup
+from .zygote import run_zygote
 
 
 class StageFailed(Exception):
@@ -251,7 +253,40 @@ def build_parser() -> argparse.ArgumentParser:
     restore = add_mode("restore", "import, then restore one spawn request in this process")
     restore.add_argument("--control", required=True,
                          help="unix socket for the one spawn request (and its descriptors)")
+
+    # No bundle: a zygote serves every bundle of its environment and imports none.
+    zygote = modes.add_parser("zygote", help="import packages, then fork templates on request")
+    zygote.add_argument("--snapshot-fd", type=int, required=True,
+                        help="inherited descriptor of a JSON object listing the modules")
+    zygote.add_argument("--control", required=True, help="unix socket for template requests")
+    zygote.add_argument("--status-fd", type=int, default=None,
+                        help="inherited fd for JSON-line status events (default: stderr)")
     return parser
+
+
+def _status_channel(args: argparse.Namespace) -> StatusChannel:
+    return (
+        StatusChannel.for_fd(args.status_fd)
+        if args.status_fd is not None
+        else StatusChannel.to_stderr()
+    )
+
+
+def run_zygote_mode(args: argparse.Namespace) -> int:
+    """The zygote: no bundle, no handler; its templates find theirs per request."""
+    faulthandler.enable()
+    sys.argv = sys.argv[:1]
+    calllog.install()
+    os.set_inheritable(args.snapshot_fd, False)
+    status = _status_channel(args)
+    try:
+        code = run_zygote(args.snapshot_fd, args.control, status)
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    if code != ExitCode.OK:
+        os._exit(code)
+    return int(code)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -261,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
         value = getattr(args, name, None)
         if value is not None:
             setattr(args, name, os.path.abspath(value))
+    if args.mode == "zygote":
+        return run_zygote_mode(args)
     try:
         ref = HandlerRef.parse(args.bundle, args.handler)
     except ValueError as exc:
@@ -272,11 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.argv = sys.argv[:1]
     # Before the function's imports: what they print during a call is the call's.
     calllog.install()
-    status = (
-        StatusChannel.for_fd(args.status_fd)
-        if args.status_fd is not None
-        else StatusChannel.to_stderr()
-    )
+    status = _status_channel(args)
     try:
         code = _MODES[args.mode](args, ref, status)
     except StageFailed as exc:

@@ -1,0 +1,252 @@
+"""A zygote: one process per Python environment (and sandbox) that has imported the
+environment's heavy packages once, and forks templates from them on request, so every
+template of the environment shares those pages copy-on-write instead of importing its
+own copy.
+
+The zygote imports the modules the agent lists (a snapshot's modules of the environment,
+the function's own code left out: platform/zygotes.py), never tenant code of a bundle.
+A forked child becomes a template exactly as a launched one does (template.py's
+run_template): it enters its bundle, imports the rest of the function's modules, binds
+its control socket and reports on the status pipe it was given.
+
+Like a template, the zygote stays single-threaded and only imports: if its imports
+initialised CUDA it says so in its `template_ready` and forks nothing.
+
+Control protocol, one connection per template on the --control unix socket:
+  agent -> zygote   {"op":"template","bundle":...,"handler":...,"control":...,"env":{...}}\\n
+                    + three descriptors (SCM_RIGHTS), in order: the snapshot.json of the
+                    template, the write end of its status pipe, its log (stdout, stderr)
+  zygote -> agent   {"event":"spawned","pid":N}\\n or {"event":"failed",...}\\n
+and the connection closes; the template then reports on its status pipe. The zygote
+reports each forked template's exit on its own status channel (`child_exited`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from typing import NoReturn
+
+from .bounded import print_exception
+from .events import (
+    ChildExited,
+    ExitCode,
+    Failed,
+    Spawned,
+    Stage,
+    StatusChannel,
+    TemplateReady,
+    close_fds,
+    describe_exception,
+    event_to_line,
+    receive_message,
+)
+from .forksafe import NVML_CHECK_ENV, CudaInitWatch
+from .handler import HandlerRef, activate_bundle, import_handler_class
+from .server import exit_on_sigterm
+from .snapshot import read_descriptor
+from .template import (
+    MAX_SPAWN_REQUEST_BYTES,
+    SPAWN_READ_TIMEOUT_S,
+    bind_control_socket,
+    preimport_modules,
+    refuse_spawns,
+    run_template,
+    set_parent_death_signal,
+)
+
+TEMPLATE_OP = "template"
+# The descriptors a template request carries, in this order.
+TEMPLATE_FDS = ("snapshot", "status", "log")
+
+
+@dataclass(frozen=True)
+class TemplateRequest:
+    """What the agent asks a zygote to fork a template with."""
+
+    bundle: str
+    handler: str
+    control: str
+    env: dict[str, str]
+    """The template's own variables (its batch settings), set in the child."""
+
+    @classmethod
+    def from_line(cls, line: bytes) -> TemplateRequest:
+        record = json.loads(line)
+        if not isinstance(record, dict) or record.get("op") != TEMPLATE_OP:
+            raise ValueError("a zygote takes template requests only")
+        env = record.get("env") or {}
+        fields = (record.get("bundle"), record.get("handler"), record.get("control"))
+        if not all(isinstance(f, str) and f for f in fields) or not isinstance(env, dict) \
+                or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+            raise ValueError("a template request needs bundle, handler, control and env")
+        return cls(str(record["bundle"]), str(record["handler"]), str(record["control"]),
+                   {str(k): str(v) for k, v in env.items()})
+
+    def to_line(self) -> bytes:
+        return json.dumps({"op": TEMPLATE_OP, "bundle": self.bundle,
+                           "handler": self.handler, "control": self.control,
+                           "env": self.env}).encode() + b"\n"
+
+
+def _reap_templates(status: StatusChannel) -> None:
+    while True:
+        try:
+            pid, wait_status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        with contextlib.suppress(OSError):
+            status.emit(ChildExited(pid, os.waitstatus_to_exitcode(wait_status)))
+
+
+class Zygote:
+    """The fork loop. Children never return into it: they end with os._exit."""
+
+    def __init__(self, listener: socket.socket, status: StatusChannel) -> None:
+        self._listener = listener
+        self._status = status
+        self._pid = os.getpid()
+
+    def serve_forever(self) -> None:
+        while True:
+            conn, _ = self._listener.accept()
+            try:
+                self._fork(conn)
+            except OSError:
+                print_exception()
+            finally:
+                conn.close()
+
+    def _fork(self, conn: socket.socket) -> None:
+        conn.settimeout(SPAWN_READ_TIMEOUT_S)
+        fds: list[int] = []
+        try:
+            line, fds = receive_message(conn, MAX_SPAWN_REQUEST_BYTES)
+            request = TemplateRequest.from_line(line)
+            if len(fds) != len(TEMPLATE_FDS):
+                raise ValueError(f"a template request carries {len(TEMPLATE_FDS)} "
+                                 f"descriptors ({', '.join(TEMPLATE_FDS)}), not {len(fds)}")
+        except (ValueError, TimeoutError) as exc:
+            close_fds(fds)
+            conn.sendall(event_to_line(Failed(Stage.SPAWN, describe_exception(exc))))
+            return
+        sys.stdout.flush()
+        sys.stderr.flush()
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            close_fds(fds)
+            conn.sendall(event_to_line(Failed(Stage.SPAWN, describe_exception(exc))))
+            return
+        if pid == 0:
+            self._become_template(request, fds)
+        close_fds(fds)  # the child has its own copies
+        conn.sendall(event_to_line(Spawned(pid)))
+
+    def _become_template(self, request: TemplateRequest, fds: list[int]) -> NoReturn:
+        snapshot_fd, status_fd, log_fd = fds
+        code: int = ExitCode.IMPORT_FAILED
+        try:
+            self._listener.close()
+            if self._status.fd is not None and self._status.fd > 2:
+                os.close(self._status.fd)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.setsid()
+            # The template dies with its zygote, as a launched one dies with the agent.
+            set_parent_death_signal(signal.SIGKILL)
+            if os.getppid() != self._pid:
+                os._exit(code)
+            _adopt_output(log_fd)
+            os.environ.update(request.env)
+            ref = HandlerRef.parse(request.bundle, request.handler)
+            activate_bundle(ref)
+            code = run_template(snapshot_fd, request.control, StatusChannel.for_fd(status_fd),
+                                lambda: import_handler_class(ref))
+        except SystemExit as stop:  # SIGTERM (exit_on_sigterm): the agent's polite stop
+            code = stop.code if isinstance(stop.code, int) else ExitCode.OK
+        except BaseException:
+            print_exception()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+
+
+def _adopt_output(log_fd: int) -> None:
+    """The template's stdout and stderr are its own log, as a launched template's are."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    os.close(log_fd)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+
+
+def zygote_modules(modules_fd: int) -> list[str]:
+    """The module names the agent gave (a JSON object with "modules")."""
+    record = json.loads(read_descriptor(modules_fd))
+    names = record.get("modules") if isinstance(record, dict) else None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ValueError("the zygote's modules must be a JSON object with a 'modules' list")
+    return names
+
+
+def run_zygote(modules_fd: int, control: str, status: StatusChannel) -> ExitCode:
+    """Import, announce, fork templates on request; returns only on SIGTERM/SIGINT."""
+    set_parent_death_signal(signal.SIGKILL)
+    signal.signal(signal.SIGCHLD, lambda _signum, _frame: _reap_templates(status))
+    exit_on_sigterm()
+    # As in a template: torch.cuda.is_available() asks NVML instead of initialising CUDA.
+    os.environ.setdefault(NVML_CHECK_ENV, "1")
+    # `python -m` put the working directory first on sys.path: nothing of a bundle may
+    # be imported here, only the environment's packages.
+    cwd = os.getcwd()
+    sys.path[:] = [p for p in sys.path if p not in ("", cwd)]
+    watch = CudaInitWatch()
+    started = time.perf_counter()
+    try:
+        names = zygote_modules(modules_fd)
+        os.close(modules_fd)
+        preimport_modules(names, watch.after_import)
+    except Exception as exc:
+        print_exception()
+        status.emit(Failed(Stage.IMPORT, describe_exception(exc)))
+        return ExitCode.IMPORT_FAILED
+    elapsed = time.perf_counter() - started
+    unsafe_reason = watch.verdict()
+    # As in a template: what is imported so far is out of the collector's reach, so a
+    # collection in a template or instance does not unshare the whole import graph.
+    gc.collect()
+    gc.freeze()
+    try:
+        listener = bind_control_socket(control)
+    except OSError as exc:
+        status.emit(Failed(Stage.SERVE, describe_exception(exc)))
+        return ExitCode.SERVE_FAILED
+    status.emit(TemplateReady(os.getpid(), {"import": elapsed}, fork_safe=unsafe_reason is None,
+                              unsafe_reason=unsafe_reason or ""))
+    try:
+        if unsafe_reason is not None:
+            print(f"thaw zygote: not forking templates: {unsafe_reason}", file=sys.stderr)
+            refuse_spawns(listener, unsafe_reason)
+        else:
+            Zygote(listener, status).serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        listener.close()
+        with contextlib.suppress(OSError):
+            os.unlink(control)
+    return ExitCode.OK
