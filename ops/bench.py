@@ -168,14 +168,18 @@ def burst(function: str, calls: int, max_instances: int, max_concurrency: int,
               type=click.Path(exists=True, file_okay=False), help="Bundle folder to copy.")
 @click.option("--functions", default=50, show_default=True, help="Copies deployed.")
 @click.option("--warm", default=20, show_default=True, help="Copies kept warm.")
+@click.option("--instances", default=4, show_default=True,
+              help="Warm instances of one copy (the per-instance figure).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (the only format for now).")
-def density(function: str, functions: int, warm: int, as_json: bool) -> None:
-    """Memory each extra warm copy of a model adds on one node, and the time to bring
-    one more up from zero."""
+def density(function: str, functions: int, warm: int, instances: int, as_json: bool) -> None:
+    """Memory each extra warm instance of a model adds on one node (with and without
+    restored templates), each extra warm copy, and the time to bring one more copy up
+    from zero."""
     from thaw.bench.density import run_density_bench
 
     click.echo(json.dumps(run_density_bench(function, functions, warm,
-                                                platform=_local_platform)))
+                                            platform=_local_platform,
+                                            instances=instances)))
 
 
 @bench.command()

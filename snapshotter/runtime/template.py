@@ -10,6 +10,12 @@ Control protocol, one connection per spawn on the --control unix socket:
   template -> agent   {"event":"spawned","pid":N}\\n         (from the template)
   child -> agent      {"event":"ready",...}\\n or failed      (from the instance)
 and the connection closes; the instance then serves on its own socket.
+
+A spawn request naming the restored-template role forks a restored template instead
+(restored_template.py): a child that restores the snapshot's host state once and forks
+its instances. The template is a child subreaper, so those instances become its
+children once their short-lived parent exits: it reaps them and reports their exit
+like its own forks'.
 """
 
 from __future__ import annotations
