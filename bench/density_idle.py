@@ -46,13 +46,17 @@ ZYGOTES_ENV = "THAW_ZYGOTES"
 
 def platform_memory_bytes() -> int:
     """Sum of PSS over this process's descendants, plus the node's Shmem."""
+    return platform_pss_bytes() + _shmem_bytes()
+
+
+def platform_pss_bytes() -> int:
     total = 0
     for child in psutil.Process().children(recursive=True):
         try:
             total += int(child.memory_full_info().pss)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
-    return total + _shmem_bytes()
+    return total
 
 
 def _shmem_bytes() -> int:
@@ -63,15 +67,16 @@ def _shmem_bytes() -> int:
     return 0
 
 
-def settled_memory_bytes() -> int:
-    """`platform_memory_bytes` once two readings in a row agree (templates of the
-    functions just deployed may still be importing)."""
+def settled_memory() -> tuple[int, int]:
+    """(PSS sum, Shmem) once two readings in a row agree (templates of the functions
+    just deployed may still be importing)."""
     deadline = time.monotonic() + SETTLE_TIMEOUT_SECONDS
-    previous = platform_memory_bytes()
+    previous = (platform_pss_bytes(), _shmem_bytes())
     while True:
         time.sleep(SETTLE_POLL_SECONDS)
-        now = platform_memory_bytes()
-        if abs(now - previous) < SETTLE_TOLERANCE_BYTES or time.monotonic() > deadline:
+        now = (platform_pss_bytes(), _shmem_bytes())
+        if abs(sum(now) - sum(previous)) < SETTLE_TOLERANCE_BYTES \
+                or time.monotonic() > deadline:
             return now
         previous = now
 
@@ -121,22 +126,34 @@ def measure_idle(function: str, functions: int, *, platform: PlatformFactory,
             http = httpx.Client(base_url=local.url, timeout=900,
                                 headers={"Authorization": f"Bearer {local.key}"})
             # One function first, so the node's one-time costs (its first environment,
-            # its first template's zygote) are not counted as any function's.
-            _deploy(http, _distinct(src, Path(tmp) / "first", "idle-first", -1))
-            base = settled_memory_bytes()
+            # its zygote, the template the copies share) are not counted as any
+            # function's.
+            _deploy(http, _copy(src, Path(tmp) / "first", "idle-first"))
+            base = settled_memory()
             for i in range(functions):
                 _deploy(http, _copy(src, Path(tmp) / f"copy-{i}", f"idle-copy-{i}"))
-            copies = settled_memory_bytes()
+            copies = settled_memory()
             for i in range(functions):
                 _deploy(http, _distinct(src, Path(tmp) / f"distinct-{i}",
                                         f"idle-distinct-{i}", i))
-            distinct = settled_memory_bytes()
+            distinct = settled_memory()
             http.close()
         finally:
             local.stop()
             shutil.rmtree(Path(tmp) / "home", ignore_errors=True)
-    return {"idle_mb_per_copy": round((copies - base) / functions / MiB, 1),
-            "idle_mb_per_function": round((distinct - copies) / functions / MiB, 1)}
+
+    def per_function(after: tuple[int, int], before: tuple[int, int], part: int | None = None
+                     ) -> float:
+        parts = (0, 1) if part is None else (part,)
+        return round(sum(after[i] - before[i] for i in parts) / functions / MiB, 1)
+
+    # Shmem is the node's: other work on the machine moves it too, so it is also
+    # reported apart from the platform's own PSS.
+    return {"idle_mb_per_copy": per_function(copies, base),
+            "idle_mb_per_function": per_function(distinct, copies),
+            "idle_pss_mb_per_copy": per_function(copies, base, 0),
+            "idle_pss_mb_per_function": per_function(distinct, copies, 0),
+            "idle_shmem_mb_per_function": per_function(distinct, copies, 1)}
 
 
 def run_idle_density_bench(function: str, functions: int = 6, *,
@@ -156,6 +173,7 @@ def run_idle_density_bench(function: str, functions: int = 6, *,
         off = measure_idle(function, functions, platform=platform, zygotes="off")
         result["idle_mb_per_function_zygotes_off"] = off["idle_mb_per_function"]
         result["idle_mb_per_copy_zygotes_off"] = off["idle_mb_per_copy"]
+        result["idle_pss_mb_per_function_zygotes_off"] = off["idle_pss_mb_per_function"]
         if result["idle_mb_per_function"] > 0:
             result["idle_zygote_saving_ratio"] = round(
                 off["idle_mb_per_function"] / result["idle_mb_per_function"], 1)

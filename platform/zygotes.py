@@ -63,6 +63,8 @@ log = structlog.get_logger()
 # How long the zygote may take to tell that a template it forked ended (it reaps the
 # child and writes a line on its status pipe) before the agent takes it as killed.
 EXIT_REPORT_WAIT_SECONDS = 5.0
+# How often the agent looks whether such a template is gone meanwhile.
+EXIT_POLL_SECONDS = 0.05
 # Where a zygote's bundle links live, under the agent's home.
 BUNDLE_VIEWS = "zygote-bundles"
 _KILLED = -signal.SIGKILL
@@ -150,11 +152,29 @@ class ForkedTemplate:
         await self._reported_exit()
 
     async def _reported_exit(self) -> int:
-        try:
-            return await asyncio.wait_for(self.proc.wait(), EXIT_REPORT_WAIT_SECONDS)
-        except TimeoutError:
-            self.proc.ended(_KILLED)
-            return _KILLED
+        """Its exit code as the zygote reports it; -SIGKILL when the process is gone
+        (or a zombie) without a report, e.g. while the agent stops and no longer
+        follows the zygote's status."""
+        deadline = asyncio.get_running_loop().time() + EXIT_REPORT_WAIT_SECONDS
+        while self.proc.returncode is None:
+            if _gone(self.proc.pid) or asyncio.get_running_loop().time() > deadline:
+                # A moment for the zygote's report of a child it just reaped.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.proc.wait(), EXIT_POLL_SECONDS)
+                self.proc.ended(_KILLED)
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.proc.wait(), EXIT_POLL_SECONDS)
+        return self.proc.returncode if self.proc.returncode is not None else _KILLED
+
+
+def _gone(pid: int) -> bool:
+    """The process has ended: no such pid, or only its zombie is left."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            return handle.read().rsplit(b")", 1)[1].split()[0] == b"Z"
+    except (OSError, IndexError):
+        return True
 
 
 @dataclass
