@@ -148,6 +148,7 @@ class Zygote:
             conn.sendall(event_to_line(Failed(Stage.SPAWN, describe_exception(exc))))
             return
         if pid == 0:
+            conn.close()  # the agent's connection is the zygote's to answer
             self._become_template(request, fds)
         close_fds(fds)  # the child has its own copies
         conn.sendall(event_to_line(Spawned(pid)))
