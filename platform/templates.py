@@ -388,8 +388,9 @@ class TemplatePool:
         self._spawn_task(watch())
 
     def environment_keys(self) -> set[str]:
-        """The Python environments running templates use."""
-        return {t.env_key for t in self.templates.values() if t.env_key}
+        """The Python environments running templates (and their zygotes) use."""
+        zygotes = self.zygotes.environment_keys() if self.zygotes is not None else set()
+        return {t.env_key for t in self.templates.values() if t.env_key} | zygotes
 
     async def close(self) -> None:
         for template in self.templates.values():

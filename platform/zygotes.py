@@ -185,6 +185,8 @@ class Zygote:
     view: Path | None
     """Its bundle links (sandboxed runtimes); None: it sees the node's bundles."""
     import_seconds: float
+    env_key: str = ""
+    """The Python environment it runs ("": the node's)."""
     forked: dict[int, ForkedProcess] = field(default_factory=dict)
     """Templates it forked that still run, by pid."""
     early_exits: dict[int, int] = field(default_factory=dict)
@@ -305,7 +307,8 @@ class ZygotePool:
             mode=LaunchMode.TEMPLATE, bundle="", handler="",
             log_path=str(area.logs / f"zygote-{key[:16]}.log"),
             instance_id=f"zygote-{key[:16]}", env={NVML_CHECK_ENV: "1"}, control=control,
-            snapshot=SnapshotFiles(json.dumps({"modules": names})), limits=launch.limits,
+            snapshot=SnapshotFiles(json.dumps({"modules": names})),
+            # No function's limits: it serves every function of its environment.
             device=launch.device, sandbox=launch.sandbox, cwd=bundles_root,
             volumes=volumes, python_env=launch.python_env)
         try:
@@ -326,7 +329,8 @@ class ZygotePool:
                         reason=reason)
             return None
         seconds = float(ready.timings.get("import", 0.0))
-        zygote = Zygote(key, proc, control, view, seconds)
+        zygote = Zygote(key, proc, control, view, seconds,
+                        env_key=launch.python_env.key if launch.python_env else "")
         self.zygotes[key] = zygote
         self._spawn_task(self._follow(zygote))
         log.info("zygote ready", zygote=key, pid=proc.pid, modules=len(names),
@@ -406,9 +410,9 @@ class ZygotePool:
         if self.zygotes.get(zygote.key) is zygote:
             await self._stop(zygote)
 
-    def live_templates(self, key: str) -> int:
-        zygote = self.zygotes.get(key)
-        return len(zygote.forked) if zygote is not None else 0
+    def environment_keys(self) -> set[str]:
+        """The Python environments running zygotes use."""
+        return {z.env_key for z in self.zygotes.values() if z.env_key}
 
     async def prune(self) -> None:
         """Stop the zygotes no running template came from (the next template of their
