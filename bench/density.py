@@ -38,10 +38,10 @@ from thaw.snapshotter.runtime.restored_template import RESTORED_TEMPLATE_COMM
 MiB = 1024 * 1024
 # Telemetry is sampled on scrape; give a fresh instance's pages a moment to settle.
 SETTLE_SECONDS = 1.0
-# The per-instance copy's calls: a batch of texts long enough that concurrent calls
-# overlap (each holds its instance: max_concurrency 1), so a round of them brings more
-# instances up; at most this many rounds to reach `instances`.
-SCALE_BATCH = 64
+# The per-instance copy is scaled up by rounds of 2 * `instances` concurrent calls (of
+# the bench's payload, so each instance writes what a warm instance of it writes): at
+# zero instances they all wait for a place and each start takes one (max_concurrency
+# 1). At most this many rounds to reach `instances`.
 SCALE_ROUNDS = 20
 # The agent setting that turns restored templates off, for the reference.
 RESTORED_TEMPLATES_OFF = {"THAW_RESTORED_TEMPLATES": "false"}
@@ -102,10 +102,10 @@ def _deploy(http: httpx.Client, bundle: Path, name: str) -> None:
         raise RuntimeError(f"{name} did not deploy: {resp.json()}")
 
 
-def _scale_up(http: httpx.Client, name: str, instances: int) -> set[str]:
+def _scale_up(http: httpx.Client, name: str, instances: int,
+              payload: dict[str, Any]) -> set[str]:
     """Rounds of concurrent calls until `instances` instances answered."""
     seen: set[str] = set()
-    payload = {"texts": ["a warm instance of a model, forked or restored"] * SCALE_BATCH}
     with concurrent.futures.ThreadPoolExecutor(instances * 2) as pool:
         for _ in range(SCALE_ROUNDS):
             answers = list(pool.map(lambda _: http.post(f"/fn/dev/{name}", json=payload),
@@ -124,8 +124,8 @@ def _node_memory(http: httpx.Client, home: Path) -> dict[str, tuple[float, float
     return _instance_memory(node["data_url"], home)
 
 
-def _per_instance(src: Path, tmp: Path, instances: int, platform: PlatformFactory,
-                  label: str) -> tuple[float, dict[int, float]]:
+def _per_instance(src: Path, tmp: Path, instances: int, payload: dict[str, Any],
+                  platform: PlatformFactory, label: str) -> tuple[float, dict[int, float]]:
     """Mean USS of `instances` warm instances of one copy, and the restored templates
     running then (pid -> USS), on a platform of its own."""
     local = platform(tmp / f"home-{label}", "1x256GiB")
@@ -135,7 +135,7 @@ def _per_instance(src: Path, tmp: Path, instances: int, platform: PlatformFactor
                             headers={"Authorization": f"Bearer {local.key}"})
         name = "many"
         _deploy(http, _copy(src, tmp / f"{name}-{label}", name, instances), name)
-        seen = _scale_up(http, name, instances)
+        seen = _scale_up(http, name, instances, payload)
         memory = _node_memory(http, tmp / f"home-{label}")
         uss = [memory[i][0] for i in seen if i in memory]
         templates = _restored_templates()
@@ -157,9 +157,11 @@ def run_density_bench(function: str, functions: int = 50, warm: int = 20,
     payload = payload if payload is not None else {"texts": ["hello world"]}
     src = Path(function).resolve()
     with tempfile.TemporaryDirectory(prefix="thaw-density-") as tmp:
-        per_instance, templates = _per_instance(src, Path(tmp), instances, platform, "on")
+        per_instance, templates = _per_instance(src, Path(tmp), instances, payload,
+                                                platform, "on")
         with service_environment(RESTORED_TEMPLATES_OFF):
-            reference, _ = _per_instance(src, Path(tmp), instances, platform, "off")
+            reference, _ = _per_instance(src, Path(tmp), instances, payload, platform,
+                                         "off")
         local = platform(Path(tmp) / "home", "1x256GiB")
         local.start()
         try:
