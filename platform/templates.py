@@ -347,13 +347,15 @@ class TemplatePool:
                    if t.running and t.fork_safe and k not in self._starts]
         if not running or not self.eviction.active:
             return []
+        available = await asyncio.to_thread(self._available)
+        if not self.eviction.budget_bytes and available >= self.eviction.min_available_bytes:
+            return []  # nothing to decide: no need to read every template's pages
         measured = await asyncio.to_thread(
             lambda: [(k, self._measure(t.process.pid)) for k, t in running])
         uses = [TemplateUse(k, self._last_used.get(k, 0.0), m.idle and k not in keep,
                             m.unique_bytes) for k, m in measured]
         now = self._clock()
-        chosen = choose_evictions(uses, self.eviction, await asyncio.to_thread(self._available),
-                                  now)
+        chosen = choose_evictions(uses, self.eviction, available, now)
         memory = {use.key: use.memory_bytes for use in uses}
         for key, reason in chosen:
             template = self.templates.pop(key, None)

@@ -15,6 +15,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from tests.unit.test_template_fork_safety import FakeRuntime, materialized, safe_ready
+from thaw.core.errors import InstanceFailed
 from thaw.platform.sandbox.areas import TenantArea, TenantAreas
 from thaw.platform.template_eviction import (
     EvictionPolicy,
@@ -93,7 +94,8 @@ def bundles(tmp_path: Path) -> dict[str, Path]:
 
 def pool_with(runtime: FakeRuntime, bundles: dict[str, Path], tmp_path: Path, *,
               policy: EvictionPolicy, clock: Clock, idle: set[int] | None = None,
-              zygotes: ZygotePool | None = None) -> TemplatePool:
+              zygotes: ZygotePool | None = None,
+              measured: list[int] | None = None) -> TemplatePool:
     tasks: list[asyncio.Task[None]] = []
 
     async def ensure_bundle(digest: str) -> Path:
@@ -103,6 +105,8 @@ def pool_with(runtime: FakeRuntime, bundles: dict[str, Path], tmp_path: Path, *,
         tasks.append(asyncio.ensure_future(coro))
 
     def measure(pid: int) -> TemplateMemory:
+        if measured is not None:
+            measured.append(pid)
         return TemplateMemory(idle is None or pid in idle, 80 * MiB)
 
     areas = TenantAreas(home=tmp_path, run_dir=tmp_path, uid_range=(200000, 200009),
@@ -175,3 +179,53 @@ async def test_a_template_its_zygote_cannot_fork_is_launched(
     assert zygotes.asked == [str(bundles["d3"])]
     assert template.running and template.zygote == ""
     assert len(runtime.launched) == 1
+
+
+class FailingForkedTemplate:
+    """A template a zygote forked that dies before it is ready."""
+
+    zygote = "z1"
+
+    def __init__(self) -> None:
+        self.killed = False
+
+    async def next_event(self, timeout: float) -> dict[str, Any]:
+        raise InstanceFailed("template exited (exit code 3) before it was ready")
+
+    async def kill(self) -> None:
+        self.killed = True
+
+
+class FailingZygotes(ZygotePool):
+    def __init__(self) -> None:
+        self.forked: list[FailingForkedTemplate] = []
+
+    async def fork_template(self, launch: Any, area: TenantArea,
+                            modules: Any) -> Any:
+        self.forked.append(FailingForkedTemplate())
+        return self.forked[-1]
+
+
+async def test_a_forked_template_that_fails_is_launched_instead(
+        bundles: dict[str, Path], tmp_path: Path) -> None:
+    runtime = FakeRuntime(safe_ready())
+    zygotes = FailingZygotes()
+    pool = pool_with(runtime, bundles, tmp_path, clock=Clock(), policy=EvictionPolicy(),
+                     zygotes=zygotes)
+    with capture_logs() as logs:
+        template = await pool.ensure(spec("one", "d1"), MANIFEST, materialized("s1"))
+    assert zygotes.forked and zygotes.forked[0].killed
+    assert template.running and template.zygote == "" and len(runtime.launched) == 1
+    assert any(e["event"].startswith("template forked from a zygote failed") for e in logs)
+
+
+async def test_with_no_budget_and_memory_to_spare_no_template_is_measured(
+        bundles: dict[str, Path], tmp_path: Path) -> None:
+    runtime = FakeRuntime(safe_ready())
+    clock = Clock()
+    measured: list[int] = []
+    pool = pool_with(runtime, bundles, tmp_path, clock=clock, measured=measured,
+                     policy=EvictionPolicy(min_available_bytes=1 * MiB, idle_seconds=1.0))
+    await pool.ensure(spec("one", "d1"), MANIFEST, materialized("s1"))
+    clock.now += 60.0
+    assert await pool.evict() == [] and measured == []
