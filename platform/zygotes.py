@@ -243,6 +243,8 @@ class ZygotePool:
         self._starts: dict[str, asyncio.Task[Zygote | None]] = {}
         self.unusable: dict[str, str] = {}
         """Zygote key -> why templates of it are launched instead (no zygote)."""
+        # Views of zygotes of an earlier run of the agent (they died with it).
+        shutil.rmtree(home / BUNDLE_VIEWS, ignore_errors=True)
 
     @staticmethod
     def key(launch: LaunchSpec) -> str:
