@@ -30,6 +30,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import NoReturn
@@ -227,6 +228,10 @@ def run_zygote(modules_fd: int, control: str, status: StatusChannel) -> ExitCode
         return ExitCode.IMPORT_FAILED
     elapsed = time.perf_counter() - started
     unsafe_reason = watch.verdict()
+    if unsafe_reason is None and threading.active_count() > 1:
+        # A template goes on importing after the fork: a lock another thread held at
+        # that moment would never be released in it. Its templates launch instead.
+        unsafe_reason = f"its imports started {threading.active_count() - 1} thread(s)"
     # As in a template: what is imported so far is out of the collector's reach, so a
     # collection in a template or instance does not unshare the whole import graph.
     gc.collect()

@@ -31,7 +31,8 @@ from thaw.snapshotter.runtime.zygote import TemplateRequest
 
 
 class ZygoteProcess:
-    def __init__(self, processes: Processes, modules: list[str]) -> None:
+    def __init__(self, processes: Processes, modules: list[str],
+                 env: dict[str, str] | None = None) -> None:
         self.control = processes.socket_path("zygote")
         read_end, write_end = os.pipe()
         modules_file = processes.log_dir / "zygote-modules.json"
@@ -44,7 +45,7 @@ class ZygoteProcess:
                  "--snapshot-fd", str(modules_fd), "--control", self.control,
                  "--status-fd", str(write_end)],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                pass_fds=(write_end, modules_fd), env=subprocess_env(),
+                pass_fds=(write_end, modules_fd), env=subprocess_env(env),
                 cwd=processes.log_dir)
         os.close(write_end)
         os.close(modules_fd)
@@ -107,3 +108,25 @@ def test_templates_of_two_bundles_fork_from_one_zygote_and_serve(
         os.kill(pid, signal.SIGKILL)
         exited = zygote.events.next()
         assert exited == {"event": "child_exited", "pid": pid, "returncode": -9}, exited
+
+
+def test_a_zygote_whose_imports_started_a_thread_forks_nothing(
+        processes: Processes, tmp_path: Path) -> None:
+    packages = tmp_path / "packages"
+    packages.mkdir()
+    (packages / "starts_a_thread.py").write_text(
+        "import threading, time\n"
+        "threading.Thread(target=time.sleep, args=(3600,), daemon=True).start()\n")
+    pythonpath = os.pathsep.join(p for p in (str(packages), os.environ.get("PYTHONPATH"))
+                                 if p)
+    zygote = ZygoteProcess(processes, ["starts_a_thread"], {"PYTHONPATH": pythonpath})
+    try:
+        ready = zygote.events.next()
+        assert ready["event"] == "template_ready" and ready["fork_safe"] is False, ready
+        assert "1 thread" in ready["unsafe_reason"]
+        request = TemplateRequest(str(BUNDLES / "echo_rt"), handler_of("echo_rt"),
+                                  processes.socket_path("template"), {})
+        answers = send_control(zygote.control, request.to_line())
+        assert answers and answers[0]["event"] == "failed", answers
+    finally:
+        zygote.stop()
