@@ -39,8 +39,11 @@ MiB = 1024 * 1024
 # platform's memory to stop growing before a reading.
 SETTLE_TIMEOUT_SECONDS = 120.0
 SETTLE_POLL_SECONDS = 2.0
-# A reading counts as settled when it moved less than this since the previous one.
+# A reading counts as settled when it moved less than this since the previous one, for
+# SETTLE_READINGS readings in a row (a template still importing, a build's memory still
+# being returned, grow or shrink a reading by more).
 SETTLE_TOLERANCE_BYTES = 4 * MiB
+SETTLE_READINGS = 3
 ZYGOTES_ENV = "THAW_ZYGOTES"
 
 
@@ -68,15 +71,15 @@ def _shmem_bytes() -> int:
 
 
 def settled_memory() -> tuple[int, int]:
-    """(PSS sum, Shmem) once two readings in a row agree (templates of the functions
-    just deployed may still be importing)."""
+    """(PSS sum, Shmem) once SETTLE_READINGS readings in a row agree."""
     deadline = time.monotonic() + SETTLE_TIMEOUT_SECONDS
     previous = (platform_pss_bytes(), _shmem_bytes())
+    steady = 0
     while True:
         time.sleep(SETTLE_POLL_SECONDS)
         now = (platform_pss_bytes(), _shmem_bytes())
-        if abs(sum(now) - sum(previous)) < SETTLE_TOLERANCE_BYTES \
-                or time.monotonic() > deadline:
+        steady = steady + 1 if abs(sum(now) - sum(previous)) < SETTLE_TOLERANCE_BYTES else 0
+        if steady >= SETTLE_READINGS - 1 or time.monotonic() > deadline:
             return now
         previous = now
 
