@@ -37,7 +37,8 @@ RATE_SECONDS = 60.0
 # the instance's run): what the cold-start chart stacks, in order. "queue" is every wait
 # before the start: the scheduler's for a place and the node's activation budget's
 # (dispatch.merged_stages adds them up).
-STAGES = ("queue", "fetch", "template", "restore", "prefault", "launch", "import", "setup", "run")
+STAGES = ("queue", "fetch", "template", "restore", "fork", "prefault", "launch", "import",
+          "setup", "run")
 COLD_KINDS = ("restore", "fresh")
 
 

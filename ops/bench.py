@@ -170,16 +170,26 @@ def burst(function: str, calls: int, max_instances: int, max_concurrency: int,
 @click.option("--warm", default=20, show_default=True, help="Copies kept warm.")
 @click.option("--instances", default=4, show_default=True,
               help="Warm instances of one copy (the per-instance figure).")
+@click.option("--idle", default=6, show_default=True,
+              help="Functions deployed with no instance for idle_mb_per_function "
+                   "(zygotes on and off); 0 leaves that measurement out.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (the only format for now).")
-def density(function: str, functions: int, warm: int, instances: int, as_json: bool) -> None:
+def density(function: str, functions: int, warm: int, instances: int, idle: int,
+            as_json: bool) -> None:
     """Memory each extra warm instance of a model adds on one node (with and without
-    restored templates), each extra warm copy, and the time to bring one more copy up
-    from zero."""
+    restored templates), each extra warm copy, the time to bring one more copy up
+    from zero, and what a deployed idle function costs (with and without zygotes)."""
     from thaw.bench.density import run_density_bench
+    from thaw.bench.density_idle import run_idle_density_bench
 
-    click.echo(json.dumps(run_density_bench(function, functions, warm,
-                                            platform=_local_platform,
-                                            instances=instances)))
+    report = run_density_bench(function, functions, warm, platform=_local_platform,
+                               instances=instances)
+    if idle > 0:
+        idle_report = run_idle_density_bench(function, idle, platform=_local_platform)
+        report.update({k: v for k, v in idle_report.items()
+                       if k not in ("function", "functions")})
+        report["idle_functions"] = idle
+    click.echo(json.dumps(report))
 
 
 @bench.command()

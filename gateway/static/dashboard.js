@@ -6,9 +6,9 @@ const KEY_STORE = "thaw.key";        // sessionStorage: this tab only
 const CLOSE_UNAUTHENTICATED = 4401;  // sync with gateway/dashboard.py
 const CLOSE_AUTH_TIMEOUT = 4408;
 const RECONNECT_MS = 2000;
-const STAGES = ["queue", "fetch", "template", "restore", "prefault", "launch", "import", "setup", "run"];
+const STAGES = ["queue", "fetch", "template", "restore", "fork", "prefault", "launch", "import", "setup", "run"];
 const STAGE_COLORS = {queue: "#9aa5b1", fetch: "#f2a541", template: "#8e6cd8",
-  restore: "#2f6fde", prefault: "#7fa6ee", launch: "#5bb5c7", import: "#c75bb5", setup: "#d3343d", run: "#1f9d55"};
+  restore: "#2f6fde", fork: "#9b7fe0", prefault: "#7fa6ee", launch: "#5bb5c7", import: "#c75bb5", setup: "#d3343d", run: "#1f9d55"};
 const PALETTE = ["#2f6fde", "#1f9d55", "#d98a00", "#8e6cd8", "#d3343d", "#0f9aa8",
   "#c75bb5", "#6b7d1a", "#b4532a", "#4456a6"];
 
