@@ -52,8 +52,9 @@ from thaw.platform.template_eviction import (
     choose_evictions,
     template_memory,
 )
-from thaw.platform.zygotes import ForkedTemplate, ZygotePool
+from thaw.platform.zygotes import ForkedTemplate, ZygotePool, import_env_set
 from thaw.proto import agent_pb2, manifest_pb2
+from thaw.snapshotter.runtime.zygote import IMPORT_ENV_MARK
 
 log = structlog.get_logger()
 # After an instance's process ends, how long to wait for its template to report the
@@ -120,6 +121,9 @@ class TemplatePool:
         self._unsafe_told: set[str] = set()
         """Snapshots (manifest keys) whose fork-unsafe template was already logged."""
         self.zygotes = zygotes
+        self._import_env: dict[str, dict[str, str]] = {}
+        """Template key -> what its function's code sets in the environment as it is
+        imported (its zygote imports with those set)."""
         """Where templates fork from (None: every template is launched)."""
         self.eviction = eviction or EvictionPolicy()
         self._clock = clock
@@ -236,7 +240,7 @@ class TemplatePool:
             template_spec(spec, bundle, key=key, snapshot_json=mat.snapshot_json,
                           control=control, log_path=log_path),
             python_env=python_env), area, self.runtime.capabilities)
-        forked = await self._fork_from_zygote(launch, area, manifest)
+        forked = await self._fork_from_zygote(key, launch, area, manifest)
         proc: LaunchedInstance
         zygote = ""
         if forked is not None:
@@ -269,25 +273,44 @@ class TemplatePool:
             raise InstanceFailed(f"template failed: {event.get('reason', event)}")
         return ready
 
-    async def _fork_from_zygote(self, launch: LaunchSpec, area: TenantArea,
+    async def _fork_from_zygote(self, key: str, launch: LaunchSpec, area: TenantArea,
                                 manifest: manifest_pb2.SnapshotManifest
                                 ) -> tuple[ForkedTemplate, TemplateReady] | None:
         """A template forked from its environment's zygote, ready; None where there is
         none or the forked one did not come up (the caller launches it: a template
-        that fails for a reason of its own fails there too, with its own error)."""
+        that fails for a reason of its own fails there too, with its own error).
+
+        A function whose code sets environment variables as it is imported gets its
+        template from a zygote that imported with those set (learned from the first
+        fork's failure: zygote.py IMPORT_ENV_MARK), as a launched template, which
+        imports the function's module first, would have."""
         if self.zygotes is None:
             return None
-        proc = await self.zygotes.fork_template(launch, area, list(manifest.modules))
-        if proc is None:
-            return None
-        try:
-            return proc, await self._ready(proc)
-        except (InstanceFailed, DeadlineExceeded) as exc:
-            log.warning("template forked from a zygote failed: launching it instead",
-                        zygote=proc.zygote, error=str(exc))
-            with contextlib.suppress(InstanceFailed):
-                await proc.kill()
-            return None
+        while True:
+            import_env = self._import_env.get(key, {})
+            proc = await self.zygotes.fork_template(launch, area, list(manifest.modules),
+                                                    import_env)
+            if proc is None:
+                return None
+            try:
+                return proc, await self._ready(proc)
+            except (InstanceFailed, DeadlineExceeded) as exc:
+                with contextlib.suppress(InstanceFailed):
+                    await proc.kill()
+                learned = import_env_set(str(exc))
+                if learned is not None and key not in self._import_env:
+                    # Names only: values are the function's, never for the node's log.
+                    log.info("the function sets environment variables as it is imported: "
+                             "its template forks from a zygote that imports with them",
+                             zygote=proc.zygote, variables=sorted(learned))
+                    self._import_env[key] = learned
+                    continue
+                log.warning("template forked from a zygote failed: launching it instead",
+                            zygote=proc.zygote,
+                            error="the function changed environment variables as it "
+                                  "was imported" if learned is not None or
+                            IMPORT_ENV_MARK in str(exc) else str(exc))
+                return None
 
     async def _follow(self, template: Template) -> None:
         """Exit statuses of the template's instances arrive on its status pipe."""

@@ -57,7 +57,7 @@ from thaw.platform.runtime import (
 )
 from thaw.platform.sandbox.areas import TenantArea, open_tenant_file
 from thaw.snapshotter.runtime.forksafe import NVML_CHECK_ENV
-from thaw.snapshotter.runtime.zygote import TemplateRequest
+from thaw.snapshotter.runtime.zygote import IMPORT_ENV_MARK, TemplateRequest
 
 log = structlog.get_logger()
 # How long the zygote may take to tell that a template it forked ended (it reaps the
@@ -204,6 +204,24 @@ def zygote_modules(modules: Sequence[str], bundle: Path) -> list[str]:
     return list(dict.fromkeys(m for m in modules if m.split(".", 1)[0] not in own))
 
 
+def import_env_set(reason: str) -> dict[str, str] | None:
+    """What a forked template's failure says its function's code set in the
+    environment as it was imported (zygote.py IMPORT_ENV_MARK); None when it says
+    nothing of the kind, or removed a variable (no zygote imports with one taken away
+    that its own environment has: such a template is launched)."""
+    at = reason.find(IMPORT_ENV_MARK)
+    if at < 0:
+        return None
+    try:
+        told, _end = json.JSONDecoder().raw_decode(reason, at + len(IMPORT_ENV_MARK))
+    except ValueError:
+        return None
+    if not isinstance(told, dict) or not told or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in told.items()):
+        return None
+    return dict(told)
+
+
 def link_bundle(bundle: Path, view: Path) -> None:
     """Make `bundle` visible in a zygote's folder of bundles (hard links where the
     filesystem allows, copies elsewhere); blocking."""
@@ -247,27 +265,32 @@ class ZygotePool:
         shutil.rmtree(home / BUNDLE_VIEWS, ignore_errors=True)
 
     @staticmethod
-    def key(launch: LaunchSpec) -> str:
-        """Everything a template's confinement and interpreter are made of."""
+    def key(launch: LaunchSpec, import_env: dict[str, str] | None = None) -> str:
+        """Everything a template's confinement and interpreter are made of, and the
+        variables its imports ran with."""
         env = launch.python_env
         policy = launch.sandbox
         parts = [f"env:{env.key if env else ''}:{env.python if env else ''}",
                  f"uid:{policy.uid}:{policy.gid}", f"network:{policy.network}",
                  "writable:" + ":".join(policy.writable),
                  f"device:{','.join(launch.device.gpu_ids)}"]
+        if import_env:
+            parts.append("import-env:" + json.dumps(import_env, sort_keys=True))
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
 
     async def fork_template(self, launch: LaunchSpec, area: TenantArea,
-                            modules: Sequence[str]) -> ForkedTemplate | None:
-        """A template forked from the zygote of `launch`'s environment and sandbox,
-        not yet ready (read its status as a launched one's); None where it cannot be
-        (the caller launches it)."""
+                            modules: Sequence[str],
+                            import_env: dict[str, str] | None = None
+                            ) -> ForkedTemplate | None:
+        """A template forked from the zygote of `launch`'s environment and sandbox
+        (whose imports ran with `import_env` set), not yet ready (read its status as
+        a launched one's); None where it cannot be (the caller launches it)."""
         if launch.image or launch.volumes or launch.snapshot is None or not launch.bundle:
             return None
-        key = self.key(launch)
+        key = self.key(launch, import_env)
         if key in self.unusable:
             return None
-        zygote = await self._ensure(key, launch, area, modules)
+        zygote = await self._ensure(key, launch, area, modules, import_env or {})
         if zygote is None:
             return None
         try:
@@ -278,19 +301,19 @@ class ZygotePool:
             return None
 
     async def _ensure(self, key: str, launch: LaunchSpec, area: TenantArea,
-                      modules: Sequence[str]) -> Zygote | None:
+                      modules: Sequence[str], import_env: dict[str, str]) -> Zygote | None:
         zygote = self.zygotes.get(key)
         if zygote is not None and zygote.running:
             return zygote
         task = self._starts.get(key)
         if task is None:
-            task = asyncio.create_task(self._start(key, launch, area, modules))
+            task = asyncio.create_task(self._start(key, launch, area, modules, import_env))
             self._starts[key] = task
             task.add_done_callback(lambda _t: self._starts.pop(key, None))
         return await asyncio.shield(task)
 
     async def _start(self, key: str, launch: LaunchSpec, area: TenantArea,
-                     modules: Sequence[str]) -> Zygote | None:
+                     modules: Sequence[str], import_env: dict[str, str]) -> Zygote | None:
         bundle = Path(launch.bundle)
         bundles_root = str(bundle.parent)
         names = await asyncio.to_thread(zygote_modules, modules, bundle)
@@ -308,7 +331,8 @@ class ZygotePool:
         spec = ZygoteLaunch(
             mode=LaunchMode.TEMPLATE, bundle="", handler="",
             log_path=str(area.logs / f"zygote-{key[:16]}.log"),
-            instance_id=f"zygote-{key[:16]}", env={NVML_CHECK_ENV: "1"}, control=control,
+            instance_id=f"zygote-{key[:16]}", env={**import_env, NVML_CHECK_ENV: "1"},
+            control=control,
             snapshot=SnapshotFiles(json.dumps({"modules": names})),
             # No function's limits: it serves every function of its environment.
             device=launch.device, sandbox=launch.sandbox, cwd=bundles_root,

@@ -64,6 +64,34 @@ from .template import (
 )
 
 TEMPLATE_OP = "template"
+# How a template forked from a zygote fails when the function's code set environment
+# variables while it was imported (`os.environ["X"] = ...` before `import torch`): the
+# packages the zygote imported saw none of them, where a launched template imports the
+# function's module first. The reason carries what was set, as JSON after this mark
+# (a removed variable as null); the agent forks the template again from a zygote that
+# imported with those set, or launches it (platform/templates.py).
+IMPORT_ENV_MARK = "thaw-import-env:"
+# Past this much JSON the variables are not carried (the template is launched).
+MAX_IMPORT_ENV_CHARS = 1000
+
+
+class ImportEnvChanged(Exception):
+    """The function's import changed os.environ (see IMPORT_ENV_MARK)."""
+
+    def __init__(self, changed: dict[str, str | None]) -> None:
+        told = json.dumps(changed, sort_keys=True)
+        if len(told) > MAX_IMPORT_ENV_CHARS:
+            told = json.dumps({name: None for name in sorted(changed)[:20]})
+        super().__init__(IMPORT_ENV_MARK + told)
+
+
+def import_env_changes(before: dict[str, str]) -> dict[str, str | None]:
+    """The variables set, changed (their value) or removed (None) since `before`."""
+    now = dict(os.environ)
+    changed: dict[str, str | None] = {k: v for k, v in now.items() if before.get(k) != v}
+    changed.update({k: None for k in before if k not in now})
+    changed.pop(NVML_CHECK_ENV, None)  # the runtime's own
+    return changed
 # The descriptors a template request carries, in this order.
 TEMPLATE_FDS = ("snapshot", "status", "log")
 
@@ -172,8 +200,17 @@ class Zygote:
             os.environ.update(request.env)
             ref = HandlerRef.parse(request.bundle, request.handler)
             activate_bundle(ref)
+            before = dict(os.environ)
+
+            def import_checked() -> object:
+                handler = import_handler_class(ref)
+                changed = import_env_changes(before)
+                if changed:
+                    raise ImportEnvChanged(changed)
+                return handler
+
             code = run_template(snapshot_fd, request.control, StatusChannel.for_fd(status_fd),
-                                lambda: import_handler_class(ref))
+                                import_checked)
         except SystemExit as stop:  # SIGTERM (exit_on_sigterm): the agent's polite stop
             code = stop.code if isinstance(stop.code, int) else ExitCode.OK
         except BaseException:

@@ -89,3 +89,18 @@ def test_two_functions_fork_their_templates_from_one_zygote_and_evicted_ones_ret
     assert "template" in again.headers["Server-Timing"]
     renewed = _runtime_ancestors(again.json()["pid"])
     assert len(renewed) >= 2 and renewed[0].pid != old_template
+
+
+def test_a_function_setting_the_environment_at_import_gets_a_zygote_that_imported_so(
+        zygote_platform: RunningPlatform) -> None:
+    deployed = zygote_platform.deploy(FIXTURES / "import_env_rt")
+    assert deployed.status_code == 201, deployed.text
+    cold = zygote_platform.invoke("import-env-rt", {})
+    assert cold.status_code == 200, cold.text
+    assert cold.headers["X-Thaw-Start"] == "restore"
+    assert cold.json()["setting"] == "on"
+    assert len(_runtime_ancestors(cold.json()["pid"])) >= 2  # forked from a zygote
+    log = _agent_log(zygote_platform)
+    told = [line for line in log.splitlines()
+            if "the function sets environment variables" in line]
+    assert told and "THAW_TEST_IMPORT_SETTING" in told[0], log[-4000:]

@@ -27,6 +27,7 @@ from tests.runtime.conftest import (
     send_spawn,
     subprocess_env,
 )
+from thaw.platform.zygotes import import_env_set
 from thaw.snapshotter.runtime.zygote import TemplateRequest
 
 
@@ -130,3 +131,28 @@ def test_a_zygote_whose_imports_started_a_thread_forks_nothing(
         assert answers and answers[0]["event"] == "failed", answers
     finally:
         zygote.stop()
+
+
+def test_a_template_whose_code_sets_the_environment_at_import_says_what_it_set(
+        processes: Processes, tmp_path: Path) -> None:
+    """Its zygote's packages were imported without the variable; the template says so
+    (the agent then forks it from a zygote that imports with it set), and a zygote
+    started with it set forks the template."""
+    snapshot = build(processes, "import_env_rt", tmp_path / "snap")
+    plain = ZygoteProcess(processes, ["json"])
+    try:
+        assert plain.events.next()["event"] == "template_ready"
+        pid, status, _control = plain.fork(snapshot, processes)
+        failed = status.next()
+        assert failed["event"] == "failed" and failed["stage"] == "import", failed
+        assert import_env_set(failed["reason"]) == {"THAW_TEST_IMPORT_SETTING": "on"}
+    finally:
+        plain.stop()
+    learned = ZygoteProcess(processes, ["json"], {"THAW_TEST_IMPORT_SETTING": "on"})
+    try:
+        assert learned.events.next()["event"] == "template_ready"
+        pid, status, _control = learned.fork(snapshot, processes)
+        ready = status.next()
+        assert ready["event"] == "template_ready" and ready["pid"] == pid, ready
+    finally:
+        learned.stop()

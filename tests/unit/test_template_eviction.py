@@ -14,7 +14,12 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from tests.unit.test_template_fork_safety import FakeRuntime, materialized, safe_ready
+from tests.unit.test_template_fork_safety import (
+    FakeRuntime,
+    FakeTemplate,
+    materialized,
+    safe_ready,
+)
 from thaw.core.errors import InstanceFailed
 from thaw.platform.sandbox.areas import TenantArea, TenantAreas
 from thaw.platform.template_eviction import (
@@ -164,7 +169,7 @@ class RefusingZygotes(ZygotePool):
         self.asked: list[str] = []
 
     async def fork_template(self, launch: Any, area: TenantArea,
-                            modules: Any) -> None:
+                            modules: Any, import_env: Any = None) -> None:
         self.asked.append(launch.bundle)
         return None
 
@@ -201,7 +206,7 @@ class FailingZygotes(ZygotePool):
         self.forked: list[FailingForkedTemplate] = []
 
     async def fork_template(self, launch: Any, area: TenantArea,
-                            modules: Any) -> Any:
+                            modules: Any, import_env: Any = None) -> Any:
         self.forked.append(FailingForkedTemplate())
         return self.forked[-1]
 
@@ -229,3 +234,44 @@ async def test_with_no_budget_and_memory_to_spare_no_template_is_measured(
     await pool.ensure(spec("one", "d1"), MANIFEST, materialized("s1"))
     clock.now += 60.0
     assert await pool.evict() == [] and measured == []
+
+
+class ReadyForkedTemplate(FakeTemplate):
+    zygote = "z2"
+
+
+class ImportEnvZygotes(ZygotePool):
+    """A zygote whose forked template fails because the function's code set a variable
+    at import, unless the zygote imported with it set."""
+
+    def __init__(self) -> None:
+        self.asked: list[dict[str, str] | None] = []
+
+    async def fork_template(self, launch: Any, area: TenantArea,
+                            modules: Any, import_env: Any = None) -> Any:
+        self.asked.append(import_env)
+        if import_env == {"OMP_NUM_THREADS": "1"}:
+            return ReadyForkedTemplate(safe_ready())
+        failing = FailingForkedTemplate()
+
+        async def said(timeout: float) -> dict[str, Any]:
+            raise InstanceFailed("template failed: ImportEnvChanged: "
+                                 'thaw-import-env:{"OMP_NUM_THREADS": "1"}')
+
+        failing.next_event = said  # type: ignore[method-assign]
+        return failing
+
+
+async def test_a_function_that_sets_the_environment_at_import_forks_from_a_zygote_with_it(
+        bundles: dict[str, Path], tmp_path: Path) -> None:
+    runtime = FakeRuntime(safe_ready())
+    zygotes = ImportEnvZygotes()
+    pool = pool_with(runtime, bundles, tmp_path, clock=Clock(), policy=EvictionPolicy(),
+                     zygotes=zygotes)
+    with capture_logs() as logs:
+        template = await pool.ensure(spec("one", "d1"), MANIFEST, materialized("s1"))
+    assert zygotes.asked == [{}, {"OMP_NUM_THREADS": "1"}]
+    assert template.running and template.zygote == "z2" and runtime.launched == []
+    told = [e for e in logs if e["event"].startswith("the function sets environment")]
+    assert told and told[0]["variables"] == ["OMP_NUM_THREADS"]
+    assert '"1"' not in repr(told)  # names only, never values
