@@ -124,6 +124,9 @@ class TemplatePool:
         self._import_env: dict[str, dict[str, str]] = {}
         """Template key -> what its function's code sets in the environment as it is
         imported (its zygote imports with those set)."""
+        self._import_env_seen: dict[str, dict[str, str]] = {}
+        """Zygote key without import variables -> what the last function of that
+        confinement set as it was imported (the first guess for the next one)."""
         """Where templates fork from (None: every template is launched)."""
         self.eviction = eviction or EvictionPolicy()
         self._clock = clock
@@ -281,36 +284,46 @@ class TemplatePool:
         that fails for a reason of its own fails there too, with its own error).
 
         A function whose code sets environment variables as it is imported gets its
-        template from a zygote that imported with those set (learned from the first
-        fork's failure: zygote.py IMPORT_ENV_MARK), as a launched template, which
-        imports the function's module first, would have."""
+        template from a zygote that imported with those set, as a launched template,
+        which imports the function's module first, would have. The forked template
+        checks that its import set exactly what its zygote's imports ran with and
+        otherwise says what it set (zygote.py IMPORT_ENV_MARK); the first try is
+        what this template's function set before, else what the last function of the
+        same confinement set (functions of one environment tend to set the same)."""
         if self.zygotes is None:
             return None
-        while True:
-            import_env = self._import_env.get(key, {})
+        confinement = self.zygotes.key(launch)
+        import_env = self._import_env.get(key, self._import_env_seen.get(confinement, {}))
+        for _try in range(2):
             proc = await self.zygotes.fork_template(launch, area, list(manifest.modules),
                                                     import_env)
             if proc is None:
                 return None
             try:
-                return proc, await self._ready(proc)
+                ready = await self._ready(proc)
             except (InstanceFailed, DeadlineExceeded) as exc:
                 with contextlib.suppress(InstanceFailed):
                     await proc.kill()
                 learned = import_env_set(str(exc))
-                if learned is not None and key not in self._import_env:
-                    # Names only: values are the function's, never for the node's log.
-                    log.info("the function sets environment variables as it is imported: "
-                             "its template forks from a zygote that imports with them",
-                             zygote=proc.zygote, variables=sorted(learned))
-                    self._import_env[key] = learned
-                    continue
-                log.warning("template forked from a zygote failed: launching it instead",
-                            zygote=proc.zygote,
-                            error="the function changed environment variables as it "
-                                  "was imported" if learned is not None or
-                            IMPORT_ENV_MARK in str(exc) else str(exc))
-                return None
+                if learned is None or learned == import_env:
+                    log.warning("template forked from a zygote failed: launching it "
+                                "instead", zygote=proc.zygote,
+                                error="the function removed environment variables as it "
+                                      "was imported" if IMPORT_ENV_MARK in str(exc)
+                                else str(exc))
+                    return None
+                # Names only: the values are the function's, never for the node's log.
+                log.info("the function's import sets environment variables: its template "
+                         "forks from a zygote that imported with them",
+                         zygote=proc.zygote, variables=sorted(learned))
+                import_env = learned
+                continue
+            self._import_env[key] = import_env
+            self._import_env_seen[confinement] = import_env
+            if _try:
+                await self.zygotes.prune()  # the zygote tried first may be left unused
+            return proc, ready
+        return None
 
     async def _follow(self, template: Template) -> None:
         """Exit statuses of the template's instances arrive on its status pipe."""

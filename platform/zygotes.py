@@ -187,6 +187,8 @@ class Zygote:
     import_seconds: float
     env_key: str = ""
     """The Python environment it runs ("": the node's)."""
+    import_env: dict[str, str] = field(default_factory=dict)
+    """The variables its imports ran with, as functions' imports set them."""
     forked: dict[int, ForkedProcess] = field(default_factory=dict)
     """Templates it forked that still run, by pid."""
     early_exits: dict[int, int] = field(default_factory=dict)
@@ -208,7 +210,8 @@ def import_env_set(reason: str) -> dict[str, str] | None:
     """What a forked template's failure says its function's code set in the
     environment as it was imported (zygote.py IMPORT_ENV_MARK); None when it says
     nothing of the kind, or removed a variable (no zygote imports with one taken away
-    that its own environment has: such a template is launched)."""
+    that its own environment has: such a template is launched); {} when it set
+    nothing where the zygote expected it to."""
     at = reason.find(IMPORT_ENV_MARK)
     if at < 0:
         return None
@@ -216,7 +219,7 @@ def import_env_set(reason: str) -> dict[str, str] | None:
         told, _end = json.JSONDecoder().raw_decode(reason, at + len(IMPORT_ENV_MARK))
     except ValueError:
         return None
-    if not isinstance(told, dict) or not told or not all(
+    if not isinstance(told, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in told.items()):
         return None
     return dict(told)
@@ -356,7 +359,8 @@ class ZygotePool:
             return None
         seconds = float(ready.timings.get("import", 0.0))
         zygote = Zygote(key, proc, control, view, seconds,
-                        env_key=launch.python_env.key if launch.python_env else "")
+                        env_key=launch.python_env.key if launch.python_env else "",
+                        import_env=dict(import_env))
         self.zygotes[key] = zygote
         self._spawn_task(self._follow(zygote))
         log.info("zygote ready", zygote=key, pid=proc.pid, modules=len(names),
@@ -368,7 +372,7 @@ class ZygotePool:
         if zygote.view is not None:
             await asyncio.to_thread(link_bundle, Path(launch.bundle), zygote.view)
         request = TemplateRequest(launch.bundle, launch.handler, launch.control,
-                                  dict(launch.env))
+                                  dict(launch.env), dict(zygote.import_env))
         read_fd, write_fd = os.pipe()
         passed = [write_fd]
         try:

@@ -24,6 +24,7 @@ reports each forked template's exit on its own status channel (`child_exited`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import json
 import os
@@ -105,6 +106,10 @@ class TemplateRequest:
     control: str
     env: dict[str, str]
     """The template's own variables (its batch settings), set in the child."""
+    import_env: dict[str, str] = dataclasses.field(default_factory=dict)
+    """What the agent expects the function's import to set, as this zygote's imports
+    ran with (IMPORT_ENV_MARK): taken out before the function is imported and checked
+    to be set exactly so after."""
 
     @classmethod
     def from_line(cls, line: bytes) -> TemplateRequest:
@@ -112,17 +117,21 @@ class TemplateRequest:
         if not isinstance(record, dict) or record.get("op") != TEMPLATE_OP:
             raise ValueError("a zygote takes template requests only")
         env = record.get("env") or {}
+        import_env = record.get("import_env") or {}
         fields = (record.get("bundle"), record.get("handler"), record.get("control"))
-        if not all(isinstance(f, str) and f for f in fields) or not isinstance(env, dict) \
-                or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+        if not all(isinstance(f, str) and f for f in fields) or not all(
+                isinstance(e, dict) and all(isinstance(k, str) and isinstance(v, str)
+                                            for k, v in e.items())
+                for e in (env, import_env)):
             raise ValueError("a template request needs bundle, handler, control and env")
         return cls(str(record["bundle"]), str(record["handler"]), str(record["control"]),
-                   {str(k): str(v) for k, v in env.items()})
+                   {str(k): str(v) for k, v in env.items()},
+                   {str(k): str(v) for k, v in import_env.items()})
 
     def to_line(self) -> bytes:
         return json.dumps({"op": TEMPLATE_OP, "bundle": self.bundle,
                            "handler": self.handler, "control": self.control,
-                           "env": self.env}).encode() + b"\n"
+                           "env": self.env, "import_env": self.import_env}).encode() + b"\n"
 
 
 def _reap_templates(status: StatusChannel) -> None:
@@ -198,6 +207,8 @@ class Zygote:
                 os._exit(code)
             _adopt_output(log_fd)
             os.environ.update(request.env)
+            for name in request.import_env:  # the function's import sets them again
+                os.environ.pop(name, None)
             ref = HandlerRef.parse(request.bundle, request.handler)
             activate_bundle(ref)
             before = dict(os.environ)
@@ -205,7 +216,7 @@ class Zygote:
             def import_checked() -> object:
                 handler = import_handler_class(ref)
                 changed = import_env_changes(before)
-                if changed:
+                if changed != request.import_env:
                     raise ImportEnvChanged(changed)
                 return handler
 

@@ -102,5 +102,5 @@ def test_a_function_setting_the_environment_at_import_gets_a_zygote_that_importe
     assert len(_runtime_ancestors(cold.json()["pid"])) >= 2  # forked from a zygote
     log = _agent_log(zygote_platform)
     told = [line for line in log.splitlines()
-            if "the function sets environment variables" in line]
+            if "import sets environment variables" in line]
     assert told and "THAW_TEST_IMPORT_SETTING" in told[0], log[-4000:]

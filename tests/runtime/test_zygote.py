@@ -52,11 +52,13 @@ class ZygoteProcess:
         os.close(modules_fd)
         self.events = EventStream(read_end, lambda: self.log_path.read_text())
 
-    def fork(self, snapshot: Snapshot, processes: Processes) -> tuple[int, EventStream, str]:
+    def fork(self, snapshot: Snapshot, processes: Processes,
+             import_env: dict[str, str] | None = None) -> tuple[int, EventStream, str]:
         """A template of `snapshot`'s bundle: (its pid, its status stream, its control)."""
         control = processes.socket_path("template")
         request = TemplateRequest(str(BUNDLES / snapshot.bundle), handler_of(snapshot.bundle),
-                                  control, {"THAW_TEST_TEMPLATE_ENV": "set"})
+                                  control, {"THAW_TEST_TEMPLATE_ENV": "set"},
+                                  import_env or {})
         status_read, status_write = os.pipe()
         fds = [os.open(snapshot.snapshot_json, os.O_RDONLY), status_write,
                os.open(processes.log_dir / f"template-{snapshot.bundle}.log",
@@ -148,11 +150,19 @@ def test_a_template_whose_code_sets_the_environment_at_import_says_what_it_set(
         assert import_env_set(failed["reason"]) == {"THAW_TEST_IMPORT_SETTING": "on"}
     finally:
         plain.stop()
-    learned = ZygoteProcess(processes, ["json"], {"THAW_TEST_IMPORT_SETTING": "on"})
+    setting = {"THAW_TEST_IMPORT_SETTING": "on"}
+    learned = ZygoteProcess(processes, ["json"], setting)
     try:
         assert learned.events.next()["event"] == "template_ready"
-        pid, status, _control = learned.fork(snapshot, processes)
+        pid, status, _control = learned.fork(snapshot, processes, setting)
         ready = status.next()
         assert ready["event"] == "template_ready" and ready["pid"] == pid, ready
+        # A function that sets nothing is not served by a zygote that imported with
+        # the variable: its template says it set nothing.
+        other = build(processes, "echo_rt", tmp_path / "snap-echo")
+        pid, status, _control = learned.fork(other, processes, setting)
+        failed = status.next()
+        assert failed["event"] == "failed", failed
+        assert import_env_set(failed["reason"]) == {}
     finally:
         learned.stop()

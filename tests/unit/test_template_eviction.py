@@ -246,6 +246,7 @@ class ImportEnvZygotes(ZygotePool):
 
     def __init__(self) -> None:
         self.asked: list[dict[str, str] | None] = []
+        self.zygotes = {}
 
     async def fork_template(self, launch: Any, area: TenantArea,
                             modules: Any, import_env: Any = None) -> Any:
@@ -272,6 +273,18 @@ async def test_a_function_that_sets_the_environment_at_import_forks_from_a_zygot
         template = await pool.ensure(spec("one", "d1"), MANIFEST, materialized("s1"))
     assert zygotes.asked == [{}, {"OMP_NUM_THREADS": "1"}]
     assert template.running and template.zygote == "z2" and runtime.launched == []
-    told = [e for e in logs if e["event"].startswith("the function sets environment")]
+    told = [e for e in logs if e["event"].startswith("the function's import sets environment")]
     assert told and told[0]["variables"] == ["OMP_NUM_THREADS"]
     assert '"1"' not in repr(told)  # names only, never values
+
+
+async def test_the_next_function_of_the_confinement_first_tries_what_the_last_one_set(
+        bundles: dict[str, Path], tmp_path: Path) -> None:
+    runtime = FakeRuntime(safe_ready())
+    zygotes = ImportEnvZygotes()
+    pool = pool_with(runtime, bundles, tmp_path, clock=Clock(), policy=EvictionPolicy(),
+                     zygotes=zygotes)
+    await pool.ensure(spec("one", "d1"), MANIFEST, materialized("s1"))
+    await pool.ensure(spec("two", "d2"), MANIFEST, materialized("s2"))
+    # The second function's template is forked from the learned zygote at once.
+    assert zygotes.asked == [{}, {"OMP_NUM_THREADS": "1"}, {"OMP_NUM_THREADS": "1"}]
