@@ -42,6 +42,7 @@ class Launched:
 
 
 class RecordingRuntime:
+    name = "recording"
     capabilities = RuntimeCapabilities()
 
     def __init__(self) -> None:
