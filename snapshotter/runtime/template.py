@@ -350,10 +350,23 @@ def run_template(snapshot_json: int | str, control: str, status: StatusChannel,
         status.emit(Failed(Stage.IMPORT, describe_exception(exc)))
         return ExitCode.IMPORT_FAILED
     elapsed = time.perf_counter() - started
-    unsafe_reason = watch.verdict()
-    # Move everything imported so far out of the collector's reach: a collection in an
-    # instance would otherwise walk (and write to, so copy) every object of the
-    # template, unsharing pages of the whole import graph in each instance.
+    return announce_and_serve(
+        control, status, elapsed, watch.verdict(), "thaw template: not forking instances",
+        lambda listener: Template(listener, status,
+                                  handler_class if isinstance(handler_class, type) else None,
+                                  meta.modules, adopts_orphans).serve_forever())
+
+
+def announce_and_serve(control: str, status: StatusChannel, elapsed: float,
+                       unsafe_reason: str | None, refusing: str,
+                       serve: Callable[[socket.socket], None]) -> ExitCode:
+    """The end of a template's (or a zygote's) start, its imports done: bind the
+    control socket, say `template_ready`, then fork on request with `serve` (or, where
+    `unsafe_reason` says it may not fork, refuse every request, `refusing` in its log)
+    until SIGTERM/SIGINT."""
+    # Move everything imported so far out of the collector's reach: a collection in a
+    # fork would otherwise walk (and write to, so copy) every object imported here,
+    # unsharing pages of the whole import graph in each fork.
     gc.collect()
     gc.freeze()
     try:
@@ -365,12 +378,10 @@ def run_template(snapshot_json: int | str, control: str, status: StatusChannel,
                               unsafe_reason=unsafe_reason or ""))
     try:
         if unsafe_reason is not None:
-            print(f"thaw template: not forking instances: {unsafe_reason}", file=sys.stderr)
+            print(f"{refusing}: {unsafe_reason}", file=sys.stderr)
             refuse_spawns(listener, unsafe_reason)
         else:
-            Template(listener, status,
-                     handler_class if isinstance(handler_class, type) else None,
-                     meta.modules, adopts_orphans).serve_forever()
+            serve(listener)
     except KeyboardInterrupt:
         pass
     finally:

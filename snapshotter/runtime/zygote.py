@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import gc
 import json
 import os
 import signal
@@ -44,7 +43,6 @@ from .events import (
     Spawned,
     Stage,
     StatusChannel,
-    TemplateReady,
     close_fds,
     describe_exception,
     event_to_line,
@@ -57,9 +55,8 @@ from .snapshot import read_descriptor
 from .template import (
     MAX_SPAWN_REQUEST_BYTES,
     SPAWN_READ_TIMEOUT_S,
-    bind_control_socket,
+    announce_and_serve,
     preimport_modules,
-    refuse_spawns,
     run_template,
     set_parent_death_signal,
 )
@@ -280,27 +277,6 @@ def run_zygote(modules_fd: int, control: str, status: StatusChannel) -> ExitCode
         # A template goes on importing after the fork: a lock another thread held at
         # that moment would never be released in it. Its templates launch instead.
         unsafe_reason = f"its imports started {threading.active_count() - 1} thread(s)"
-    # As in a template: what is imported so far is out of the collector's reach, so a
-    # collection in a template or instance does not unshare the whole import graph.
-    gc.collect()
-    gc.freeze()
-    try:
-        listener = bind_control_socket(control)
-    except OSError as exc:
-        status.emit(Failed(Stage.SERVE, describe_exception(exc)))
-        return ExitCode.SERVE_FAILED
-    status.emit(TemplateReady(os.getpid(), {"import": elapsed}, fork_safe=unsafe_reason is None,
-                              unsafe_reason=unsafe_reason or ""))
-    try:
-        if unsafe_reason is not None:
-            print(f"thaw zygote: not forking templates: {unsafe_reason}", file=sys.stderr)
-            refuse_spawns(listener, unsafe_reason)
-        else:
-            Zygote(listener, status).serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        listener.close()
-        with contextlib.suppress(OSError):
-            os.unlink(control)
-    return ExitCode.OK
+    return announce_and_serve(control, status, elapsed, unsafe_reason,
+                              "thaw zygote: not forking templates",
+                              lambda listener: Zygote(listener, status).serve_forever())
