@@ -60,6 +60,7 @@ from .server import bind_server, exit_on_sigterm, serve_until_stopped
 from .snapshot import SnapshotMeta, read_descriptor
 from .spawning import (
     SPAWN_READ_TIMEOUT_S,
+    answer_forever,
     bind_control_socket,
     read_request,
     redirect_output,
@@ -125,14 +126,7 @@ class RestoredTemplate:
         if threading.active_count() > 1:
             print(f"thaw restored template: {threading.active_count()} threads running at "
                   "fork time; forked instances may deadlock", file=sys.stderr)
-        while True:
-            conn, _ = self._listener.accept()
-            try:
-                self._spawn(conn)
-            except OSError:
-                print_exception()
-            finally:
-                conn.close()
+        answer_forever(self._listener, self._spawn)
 
     def _read(self, conn: socket.socket) -> SpawnRequest:
         request = read_request(conn)

@@ -11,6 +11,7 @@ import socket
 import sys
 from collections.abc import Callable
 
+from .bounded import print_exception
 from .events import BuildRequest, SpawnRequest, close_fds, receive_message
 
 # From <linux/prctl.h>.
@@ -91,3 +92,18 @@ def redirect_output(log_path: str) -> None:
 def wait_for_go(go_read: int) -> None:
     os.read(go_read, 1)
     os.close(go_read)
+
+
+def answer_forever(listener: socket.socket, answer: Callable[[socket.socket], None]) -> None:
+    """The fork loop of a template, a restored template or a zygote: each connection
+    on the control socket is one request, answered by `answer` and closed; an OSError
+    of one (a caller gone) is printed and the next is taken. Children never return
+    into it: they end with os._exit."""
+    while True:
+        conn, _ = listener.accept()
+        try:
+            answer(conn)
+        except OSError:
+            print_exception()
+        finally:
+            conn.close()

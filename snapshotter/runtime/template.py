@@ -68,15 +68,16 @@ from .spawning import (
     SPAWN_READ_TIMEOUT_S as SPAWN_READ_TIMEOUT_S,
 )
 from .spawning import (
+    answer_forever,
+    redirect_output,
+    set_child_subreaper,
+    wait_for_go,
+)
+from .spawning import (
     bind_control_socket as bind_control_socket,
 )
 from .spawning import (
     read_request as read_request,
-)
-from .spawning import (
-    redirect_output,
-    set_child_subreaper,
-    wait_for_go,
 )
 from .spawning import (
     set_parent_death_signal as set_parent_death_signal,
@@ -134,14 +135,7 @@ class Template:
                 "an import started threads, forked instances may deadlock",
                 file=sys.stderr,
             )
-        while True:
-            conn, _ = self._listener.accept()
-            try:
-                self._spawn(conn)
-            except OSError:
-                print_exception()
-            finally:
-                conn.close()
+        answer_forever(self._listener, self._spawn)
 
     def _spawn(self, conn: socket.socket) -> None:
         conn.settimeout(SPAWN_READ_TIMEOUT_S)

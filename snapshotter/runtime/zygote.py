@@ -52,6 +52,7 @@ from .forksafe import NVML_CHECK_ENV, CudaInitWatch
 from .handler import HandlerRef, activate_bundle, import_handler_class
 from .server import exit_on_sigterm
 from .snapshot import read_descriptor
+from .spawning import answer_forever
 from .template import (
     MAX_SPAWN_REQUEST_BYTES,
     SPAWN_READ_TIMEOUT_S,
@@ -152,14 +153,7 @@ class Zygote:
         self._pid = os.getpid()
 
     def serve_forever(self) -> None:
-        while True:
-            conn, _ = self._listener.accept()
-            try:
-                self._fork(conn)
-            except OSError:
-                print_exception()
-            finally:
-                conn.close()
+        answer_forever(self._listener, self._fork)
 
     def _fork(self, conn: socket.socket) -> None:
         conn.settimeout(SPAWN_READ_TIMEOUT_S)
