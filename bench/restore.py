@@ -30,10 +30,10 @@ from pathlib import Path
 import numpy as np
 
 from thaw.blobstore import CHUNK_SIZE, DiskTier, PinnedTier, restore_arena, store_arena
-from thaw.blobstore.allocators import MADV_POPULATE_WRITE
 from thaw.blobstore.bounded import default_workers, resolve_workers
 from thaw.blobstore.copying import copy_bytes, split_ranges
 from thaw.core.errors import InvalidArgument, ThawError
+from thaw.core.memfd import MADV_POPULATE_WRITE, populate
 
 # Rounds of restore-vs-memcpy; best-of-N is taken for both sides, interleaved so both
 # see the same machine. Ten rides out noise from neighbours on a shared 2-core VM and
@@ -142,7 +142,7 @@ def _host_slice(size_bytes: int, fallback_dir: Path) -> Iterator[mmap.mmap]:
 
 def _prefault(mapping: mmap.mmap) -> None:
     try:
-        mapping.madvise(MADV_POPULATE_WRITE)
+        populate(mapping, MADV_POPULATE_WRITE)
     except OSError:  # older kernel: touch one byte per page instead
         pages = np.frombuffer(mapping, dtype=np.uint8)
         pages[:: mmap.PAGESIZE] = 0

@@ -30,10 +30,14 @@ import mmap
 import os
 from typing import Any, Protocol
 
-import numpy as np
-
 from thaw.core.errors import OutOfMemory, ThawError
-from thaw.core.memfd import add_seals
+from thaw.core.memfd import (
+    MADV_POPULATE_READ,
+    MADV_POPULATE_WRITE,
+    add_seals,
+    mapping_address,
+    populate,
+)
 
 from .pagelock import CudaHostRegistrar, LockRefused, MlockLocker, PageLocker
 
@@ -47,10 +51,6 @@ SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_S
 """Seals of a filled region: no write, no resize, and no seal added or removed later by
 whoever holds a descriptor."""
 
-# madvise advice Python 3.11's mmap module does not name (Linux >= 5.14): fault in every
-# page of a range, for writing or for reading, in one call.
-MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
-MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
 
 
 # Numbers the memfds of this process, so each region's name is its own.
@@ -127,17 +127,11 @@ def _populate(mapping: mmap.mmap, advice: int, nbytes: int) -> None:
     KVM guest: 4.4 GB/s populated vs 2.7 GB/s by faults), and a system out of memory
     shows up as OutOfMemory here instead of as a kill later."""
     try:
-        mapping.madvise(advice)
+        populate(mapping, advice)
     except OSError as exc:
         if exc.errno in (errno.ENOMEM, errno.EFAULT):
             raise OutOfMemory(f"populating {nbytes} bytes of host memory: {exc}") from exc
         # EINVAL: a kernel without populate; pages then fault in on first touch.
-
-
-def _address(mapping: mmap.mmap) -> int:
-    """Where a mapping starts (works for read-only mappings, unlike ctypes.from_buffer);
-    no export of it outlives this call."""
-    return int(np.frombuffer(mapping, dtype=np.uint8).ctypes.data)
 
 
 def _unmap(region: HostRegion) -> None:
@@ -249,7 +243,7 @@ class MemfdAllocator:
         if self._locker is None:
             _populate(mapping, MADV_POPULATE_READ, region.size)
             return
-        address = _address(mapping)
+        address = mapping_address(mapping)
         try:
             self._locker.lock(address, region.size)  # populates the pages too
         except LockRefused as refusal:

@@ -30,6 +30,7 @@ from thaw.core.errors import (
 )
 from thaw.core.pki import Identity
 from thaw.platform.activation import ActivationBudget
+from thaw.platform.background import when_quiet
 from thaw.platform.build_failures import schema_text
 from thaw.platform.builds import Builds
 from thaw.platform.chunk_repair import refetch_corrupt
@@ -541,10 +542,14 @@ class Agent:
 
     # ---- tiers ---------------------------------------------------------------------
 
-    async def prewarm(self, manifest: manifest_pb2.SnapshotManifest,
-                      peers: list[str]) -> tuple[int, float]:
-        """Move a snapshot's chunks into the pinned tier (no GPU memory is used)."""
+    async def prewarm(self, manifest: manifest_pb2.SnapshotManifest, peers: list[str],
+                      background: bool = False) -> tuple[int, float]:
+        """Move a snapshot's chunks into the pinned tier (no GPU memory is used);
+        `background`: first wait for a quiet node (platform/background.py)."""
         started = time.perf_counter()
+        if background:
+            await when_quiet(lambda: any(i.inflight or i.state is not InstanceState.READY
+                                         for i in self.instances.values()))
         await self.chunks.ensure(manifest, peers)
         nbytes = await asyncio.to_thread(self.snapshots.prewarm, manifest)
         return nbytes, time.perf_counter() - started

@@ -77,7 +77,8 @@ class AgentService(agent_pb2_grpc.AgentServicer):
     @servicer_method
     async def Prewarm(self, request: agent_pb2.SnapshotRequest,
                       context: grpc.aio.ServicerContext) -> agent_pb2.PrewarmResponse:
-        nbytes, seconds = await self.agent.prewarm(request.manifest, list(request.peers))
+        nbytes, seconds = await self.agent.prewarm(request.manifest, list(request.peers),
+                                                   background=request.background)
         return agent_pb2.PrewarmResponse(bytes=nbytes, seconds=seconds)
 
     @servicer_method

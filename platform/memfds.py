@@ -11,10 +11,7 @@ import mmap
 import os
 from collections.abc import Callable
 
-from thaw.core.memfd import add_seals
-
-# Linux 5.14+; the mmap module gained the constant only in Python 3.13.
-MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
+from thaw.core.memfd import MADV_POPULATE_WRITE, add_seals, populate
 
 # Once filled, an arena's memfd is sealed: nobody (an instance holding the descriptor
 # included) can write, grow or shrink it, or lift the seals. Instances map it MAP_PRIVATE,
@@ -44,7 +41,7 @@ class SealedMemfd:
                         # Fault the pages in up front: first-touch writes inside the copy
                         # run several times slower than the copy itself.
                         with contextlib.suppress(OSError, ValueError):
-                            mm.madvise(MADV_POPULATE_WRITE)
+                            populate(mm, MADV_POPULATE_WRITE)
                         with memoryview(mm) as view:
                             fill(view)
             add_seals(self.fd, ARENA_SEALS)

@@ -28,6 +28,7 @@ from thaw.blobstore import (
     store_arena,
 )
 from thaw.core.errors import SnapshotError
+from thaw.platform.background import in_background
 from thaw.platform.memfds import MEMFD_PREFIX, SealedMemfd
 from thaw.proto import manifest_pb2
 from thaw.snapshotter.manifest import (
@@ -237,45 +238,63 @@ class NodeSnapshots:
             raise
         return held
 
-    def drop(self, manifest: manifest_pb2.SnapshotManifest) -> None:
-        """Close the snapshot's memfds (running instances keep their mappings)."""
+    def drop(self, manifest: manifest_pb2.SnapshotManifest) -> int:
+        """Close the snapshot's memfds (running instances keep their mappings); returns
+        the bytes they held."""
         with self._lock:
             made = self._snapshots.pop(manifest_key(manifest), None)
             arena = self._arenas.pop(arena_key(manifest.host), None)
         closing = [made.meta, made.pickle] if made is not None else []
+        released = 0
         for memfd in [*closing, arena]:
-            if memfd is not None:
+            if memfd is not None and not memfd.closed:
+                released += memfd.size
                 memfd.close()
+        return released
 
     def prewarm(self, manifest: manifest_pb2.SnapshotManifest,
                 source: ChunkSource | None = None) -> int:
-        """Load every chunk of the snapshot into the pinned tier; returns bytes loaded.
-        `source`: where chunks are read (default the disk tier; a counting wrapper
-        reports progress)."""
-        refs = all_refs(manifest)
+        """Load the snapshot's chunks into the pinned tier; returns bytes loaded.
+        Chunks whose arena this node already holds as a memfd are left out: restores
+        hand that memfd over and never read them (a 1.4 GB host arena would otherwise
+        sit in host memory twice). `source`: where chunks are read (default the disk
+        tier; a counting wrapper reports progress). It runs at background priority
+        (platform/background.py): instances serving calls come first."""
+        refs = self.unheld_refs(manifest)
         before = self.pinned.usage().used
-        self.pinned.prewarm(refs, source or self.disk)
+        in_background(self.pinned.prewarm, refs, source or self.disk)
         with self._lock:
             self.prewarmed[manifest_key(manifest)] = manifest
         return max(0, self.pinned.usage().used - before)
 
+    def unheld_refs(self, manifest: manifest_pb2.SnapshotManifest) -> list[ChunkRef]:
+        """The snapshot's chunks but those of arenas held here as memfds."""
+        with self._lock:
+            made = self._snapshots.get(manifest_key(manifest))
+            host = self._arenas.get(arena_key(manifest.host))
+        arenas = ((manifest.pickle, made.pickle if made else None), (manifest.host, host),
+                  (manifest.device, None))
+        return [ChunkRef.from_dict(d) for arena, memfd in arenas
+                if memfd is None or memfd.closed for d in chunk_dicts(arena)]
+
     def evict(self, manifest: manifest_pb2.SnapshotManifest) -> int:
-        """Drop the snapshot from host memory: its pinned chunks and materialized files
-        (running instances keep their private mappings)."""
+        """Drop the snapshot from host memory: its pinned chunks and its memfds; returns
+        the bytes released (running instances keep their private mappings, and the pages
+        under them, until they exit)."""
         with self._lock:
             self.prewarmed.pop(manifest_key(manifest), None)
             still_wanted = {r.digest for m in self.prewarmed.values() for r in all_refs(m)}
         freed = self.pinned.evict(r.digest for r in all_refs(manifest)
                                   if r.digest not in still_wanted)
-        self.drop(manifest)
-        return freed
+        return freed + self.drop(manifest)
 
     def pinned_keys(self) -> list[str]:
-        """Snapshots whose chunks are all in the pinned tier."""
+        """Snapshots held in host memory: each chunk in the pinned tier or in an arena
+        memfd this node holds."""
         with self._lock:
             prewarmed = list(self.prewarmed.items())
         return [key for key, m in prewarmed
-                if all(self.pinned.has(r.digest) for r in all_refs(m))]
+                if all(self.pinned.has(r.digest) for r in self.unheld_refs(m))]
 
     def collect_garbage(self, keep: list[manifest_pb2.SnapshotManifest]) -> tuple[int, int]:
         """Drop other snapshots' host-memory copies, then delete disk chunks that no

@@ -55,9 +55,11 @@ class AgentClient:
         return await call(self._stub.PrepareTemplate(request, timeout=timeout))
 
     async def prewarm(self, manifest: SnapshotManifest, peers: list[str],
-                      timeout: float = 600.0) -> agent_pb2.PrewarmResponse:
+                      timeout: float = 600.0, *, background: bool = False
+                      ) -> agent_pb2.PrewarmResponse:
         return await call(self._stub.Prewarm(
-            agent_pb2.SnapshotRequest(manifest=manifest, peers=peers), timeout=timeout))
+            agent_pb2.SnapshotRequest(manifest=manifest, peers=peers, background=background),
+            timeout=timeout))
 
     async def evict(self, manifest: SnapshotManifest,
                     timeout: float = 60.0) -> agent_pb2.EvictResponse:

@@ -52,7 +52,9 @@ class Tiers:
 
     def keep_pinned(self, node: NodeView, manifest: manifest_pb2.SnapshotManifest) -> None:
         """Prewarm policy: a snapshot restored on a node is kept in that node's pinned
-        tier, so its next cold start there copies from host memory only. The tier is
+        tier, so its next cold start there copies from host memory only. Nobody waits
+        on it: the node runs it once its calls in flight (the restored instance's
+        first among them) have ended, at background priority. The tier is
         LRU within its capacity, so what stays is what was used most recently; under
         memory pressure the pressure states evict (see pressure.py)."""
         key = manifest_key(manifest)
@@ -62,7 +64,7 @@ class Tiers:
 
         async def prewarm() -> None:
             try:
-                await node.client.prewarm(manifest, [])
+                await node.client.prewarm(manifest, [], background=True)
                 node.pin(key)
             except ThawError as exc:  # e.g. bigger than the tier: stays on disk
                 log.info("snapshot not kept in pinned memory", node=node.id,

@@ -76,8 +76,8 @@ class RuntimeAgent(FakeAgent):
                                timeout: float) -> agent_pb2.PrepareTemplateResponse:
         return agent_pb2.PrepareTemplateResponse()
 
-    async def prewarm(self, manifest: object, peers: list[str], timeout: float = 600.0
-                      ) -> agent_pb2.PrewarmResponse:
+    async def prewarm(self, manifest: object, peers: list[str], timeout: float = 600.0,
+                      *, background: bool = False) -> agent_pb2.PrewarmResponse:
         return agent_pb2.PrewarmResponse()
 
 

@@ -57,8 +57,8 @@ class GatedAgent(FakeAgent):
         self.kept = sorted(m.version for m in keep)  # type: ignore[attr-defined]
         return agent_pb2.CollectGarbageResponse()
 
-    async def prewarm(self, manifest: object, peers: list[str], timeout: float = 60.0
-                      ) -> agent_pb2.PrewarmResponse:
+    async def prewarm(self, manifest: object, peers: list[str], timeout: float = 60.0,
+                      *, background: bool = False) -> agent_pb2.PrewarmResponse:
         return agent_pb2.PrewarmResponse()
 
     async def building(self) -> None:

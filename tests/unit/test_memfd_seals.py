@@ -1,5 +1,5 @@
 """add_seals: a transient EBUSY from F_ADD_SEALS is tried again; anything else, or an
-EBUSY that lasts, is raised."""
+EBUSY that lasts, is raised. populate: a mapping's pages faulted in by one madvise."""
 
 from __future__ import annotations
 
@@ -77,3 +77,22 @@ def test_other_errors_are_not_retried(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(OSError) as caught:
         add_seals(0, WRITE_SEALS)
     assert caught.value.errno == errno.EPERM and flaky.calls == 1
+
+
+def test_populate_faults_every_page_in_read_only_mappings_included() -> None:
+    size = 64 * mmap.PAGESIZE
+    fd = os.memfd_create("populate-test", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, size)
+        assert os.fstat(fd).st_blocks == 0  # nothing backs it yet
+        with mmap.mmap(fd, size) as writable:
+            memfd.populate(writable, memfd.MADV_POPULATE_WRITE)
+        assert os.fstat(fd).st_blocks * 512 >= size  # every page allocated
+        with mmap.mmap(fd, size, prot=mmap.PROT_READ) as readable:
+            memfd.populate(readable, memfd.MADV_POPULATE_READ)
+            # Writing into a read-only mapping is refused, and said so.
+            with pytest.raises(OSError) as refused:
+                memfd.populate(readable, memfd.MADV_POPULATE_WRITE)
+            assert refused.value.errno in (errno.EFAULT, errno.EPERM, errno.EINVAL)
+    finally:
+        os.close(fd)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import pytest
 
 from thaw.blobstore import ChunkRef, DiskTier, PinnedTier, store_arena
 from thaw.core.errors import SnapshotError
+from thaw.platform.background import BACKGROUND_NICE
 from thaw.platform.cuda import CudaDevices, InMemoryCudaApi
 from thaw.platform.devices import HostDevices
 from thaw.platform.memfds import ARENA_SEALS
@@ -78,6 +80,39 @@ def test_eviction_and_collection_close_the_memfds(snapshots: NodeSnapshots,
     snapshots.evict(kept)
     assert kept_mat.host_arena.closed
     assert not [p for p in tmp_path.rglob("*") if "arena" in p.name]  # no files
+
+
+def test_prewarm_leaves_out_the_arenas_the_node_holds_as_memfds(
+        snapshots: NodeSnapshots) -> None:
+    """A restore here made the host arena's and the pickle's memfds: prewarm copies only
+    the device arena, and the snapshot counts as held in host memory."""
+    host, device = pattern(300 * KiB, 6), pattern(200 * KiB, 7)
+    snap = manifest(snapshots.disk, host=host, device=device)
+    made = snapshots.materialize(snap)
+    assert snapshots.prewarm(snap) == len(device)
+    assert snapshots.pinned_keys() == [made.key]
+    # Once evicted (memfds closed), a prewarm loads every arena again.
+    snapshots.evict(snap)
+    assert snapshots.pinned_keys() == []
+    assert snapshots.prewarm(snap) == len(device) + len(host) + snap.pickle.size
+    assert snapshots.pinned_keys() == [made.key]
+
+
+def test_a_prewarm_runs_on_a_thread_at_background_priority(
+        snapshots: NodeSnapshots, monkeypatch: pytest.MonkeyPatch) -> None:
+    snap = manifest(snapshots.disk, host=pattern(100 * KiB, 8))
+    prewarm = snapshots.pinned.prewarm
+    seen: list[tuple[int, int]] = []
+
+    def recording(refs: list[ChunkRef], source: Any) -> int:
+        seen.append((threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0)))
+        return prewarm(refs, source)
+
+    monkeypatch.setattr(snapshots.pinned, "prewarm", recording)
+    snapshots.prewarm(snap)
+    assert seen and seen[0][0] != threading.get_native_id()
+    assert seen[0][1] == BACKGROUND_NICE
+    assert os.getpriority(os.PRIO_PROCESS, 0) != BACKGROUND_NICE  # the caller's own
 
 
 def test_a_host_slice_is_filled_with_the_device_arena_and_sent_as_its_memfd(
