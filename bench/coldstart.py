@@ -25,6 +25,7 @@ import httpx
 from thaw.bench.platform import PlatformFactory
 from thaw.core.errors import InvalidArgument
 from thaw.core.spec import pack_bundle
+from thaw.gateway.timing import PATH_STAGES
 
 # Cold calls must find no instance: wait for scale-to-zero (reconcile runs every 1 s).
 SCALE_TO_ZERO_WAIT = 120.0
@@ -71,12 +72,21 @@ def _call(http: httpx.Client, name: str, payload: Any) -> tuple[float, httpx.Res
     return elapsed, resp
 
 
+# What is not the instance's start in a call's Server-Timing: the way through gateway
+# and node, and the handler's run.
+NOT_START = PATH_STAGES | {"run", "total"}
+
+
 def _timed(elapsed: float, resp: httpx.Response) -> dict[str, Any]:
-    """One call's total beside its Server-Timing stages and what they leave out."""
+    """One call's total beside its Server-Timing stages, what they leave out, and its
+    start: the stages before the handler ran (queue, then launch, import and setup for
+    a fresh start; fetch, template, restore, fork and prefault for a restore)."""
     stages = _stages(resp.headers.get("Server-Timing", ""))
     staged = sum(v for k, v in stages.items() if k != "total")
+    start = sum(v for k, v in stages.items() if k not in NOT_START)
     return {"total_s": round(elapsed, 4), "stages_s": stages,
-            "stages_sum_s": round(staged, 4), "unaccounted_s": round(elapsed - staged, 4)}
+            "stages_sum_s": round(staged, 4), "unaccounted_s": round(elapsed - staged, 4),
+            "start_s": round(start, 4)}
 
 
 def run_coldstart_bench(function: str, rounds: int = 3,
@@ -115,7 +125,11 @@ def run_coldstart_bench(function: str, rounds: int = 3,
             calls: dict[str, list[dict[str, Any]]] = {"restore": [], "fresh": [], "warm": []}
             for _ in range(rounds):
                 for kind in ("restore", "fresh"):
-                    _wait_cold(http, names[kind])
+                    # Both at zero: a call never shares the node with the other
+                    # variant's instance (a fresh one holds its own copy of the model)
+                    # while that one is still being stopped.
+                    for other in ("restore", "fresh"):
+                        _wait_cold(http, names[other])
                     elapsed, resp = _call(http, names[kind], payload)
                     if resp.headers.get("X-Thaw-Start") != kind:
                         raise RuntimeError(f"expected a {kind} start, got "
@@ -140,6 +154,9 @@ def run_coldstart_bench(function: str, rounds: int = 3,
     restore_s = round(statistics.median(samples["restore"]), 4)
     warm_s = round(statistics.median(samples["warm"]), 4)
     speedup = round(fresh_s / restore_s, 1)
+    fresh_start_s = round(statistics.median(c["start_s"] for c in calls["fresh"]), 4)
+    restore_start_s = round(statistics.median(c["start_s"] for c in calls["restore"]), 4)
+    start_speedup = round(fresh_start_s / max(restore_start_s, 1e-4), 1)
     report: dict[str, Any] = {
         "function": str(function),
         "rounds": rounds,
@@ -148,6 +165,9 @@ def run_coldstart_bench(function: str, rounds: int = 3,
         "warm_s": round(warm_s, 4),
         "speedup": speedup,
         "restore_over_warm_s": round(restore_s - warm_s, 4),
+        "fresh_start_s": fresh_start_s,
+        "restore_start_s": restore_start_s,
+        "start_speedup": start_speedup,
         "fresh_samples_s": [round(x, 4) for x in samples["fresh"]],
         "restore_samples_s": [round(x, 4) for x in samples["restore"]],
         "warm_samples_s": [round(x, 4) for x in samples["warm"]],
@@ -156,8 +176,10 @@ def run_coldstart_bench(function: str, rounds: int = 3,
         "calls": calls,
     }
     if goal is not None:
+        # The goal is on the start (fresh start / restore start); `speedup` is of whole
+        # first calls, the handler's run included in both.
         report["speedup_goal"] = goal
-        report["goal_met"] = speedup >= goal
+        report["goal_met"] = start_speedup >= goal
     return report
 
 

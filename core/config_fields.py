@@ -405,6 +405,9 @@ class AgentFields(_Fields):
     """Longest a fresh start, restore or template may take to become ready."""
     restored_templates: bool = True
     """Fork a snapshot's warm instances from one process that restored it (docs/density.md)."""
+    restored_template_idle_seconds: float = Field(60.0, ge=0.0, le=86_400,
+                                                  allow_inf_nan=False)
+    """How long a restored template outlives its snapshot's last instance; 0 = not at all."""
     zygotes: str = Field("on", pattern="^(on|off)$")
     """process runtime: fork templates from one zygote per Python environment and sandbox."""
     template_memory_budget: str = "0"

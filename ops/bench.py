@@ -93,7 +93,8 @@ def loaders(size: str, rounds: int, workers: int | None, loaders: tuple[str, ...
 @click.option("--payload", default='{"text": "hello world"}', show_default=True,
               help="JSON body of every call.")
 @click.option("--goal", type=float, default=None,
-              help="Speedup (fresh / restore) to report as met or missed.")
+              help="Start speedup (fresh start / restore start) to report as met "
+                   "or missed.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (the only format for now).")
 def coldstart(function: str, rounds: int, warm_calls: int, payload: str, goal: float | None,
               as_json: bool) -> None:

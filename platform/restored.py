@@ -8,9 +8,12 @@ is its first fork: every instance of the snapshot, the first included, then shar
 copy of the restored state. (Restoring the first instance the usual way and starting
 the restored template beside it would hold that state twice as long as the first
 instance lives, and a snapshot that only ever has one instance pays for it most.)
-Later restores of the snapshot fork from it and restore nothing. It is stopped when the
-snapshot's last instance on the node ends, when its snapshot is collected, and with the
-agent; its instances are the template's children and outlive it.
+Later restores of the snapshot fork from it and restore nothing. It outlives the
+snapshot's last instance on the node by `linger` seconds (the agent's
+`restored_template_idle_seconds`), so a cold start within them is a fork that restores
+nothing; it is stopped then (at once where the node's memory is low), when its snapshot
+is collected, and with the agent. Its instances are the template's children and
+outlive it.
 
 Whenever a restored template cannot serve a start (turned off by the agent's
 `restored_templates` setting, a snapshot with a device arena, a runtime other than the
@@ -103,7 +106,9 @@ class RestoredTemplates:
                  spawn_task: Callable[[Coroutine[Any, Any, None]], None],
                  exit_status: Callable[[int], Awaitable[Exited | None]],
                  enabled: bool = True,
-                 wait_exit: Callable[[int], Awaitable[None]] | None = None) -> None:
+                 wait_exit: Callable[[int], Awaitable[None]] | None = None,
+                 linger: float = 0.0,
+                 memory_low: Callable[[], bool] = lambda: False) -> None:
         self.runtime = runtime
         self._places = places
         self.start_timeout = start_timeout
@@ -120,25 +125,44 @@ class RestoredTemplates:
         self._snapshot_of: dict[str, str] = {}
         self.refused: dict[str, str] = {}
         """Snapshot -> why its restored template failed (its starts restore as before)."""
+        self.linger = linger
+        """Seconds a restored template outlives its snapshot's last instance."""
+        self.memory_low = memory_low
+        """Whether the node's memory is low (then none lingers)."""
+        self._lingering: dict[str, asyncio.TimerHandle] = {}
+        """Snapshot -> the timer that stops its restored template, once it has none."""
 
     def hold(self, instance_id: str, snapshot: str) -> None:
         """The instance restores from `snapshot`: its restored template stays while it
         lives (call before spawning it)."""
+        timer = self._lingering.pop(snapshot, None)
+        if timer is not None:
+            timer.cancel()
         self._users.setdefault(snapshot, set()).add(instance_id)
         self._snapshot_of[instance_id] = snapshot
 
     async def release(self, instance_id: str) -> None:
-        """The instance ended: the last one of its snapshot stops the restored
-        template."""
+        """The instance ended: after the last one of its snapshot, the restored template
+        lingers `linger` seconds, then stops (at once if that is 0 or memory is low)."""
         snapshot = self._snapshot_of.pop(instance_id, None)
         if snapshot is None:
             return
         users = self._users.get(snapshot, set())
         users.discard(instance_id)
-        if not users:
-            self._users.pop(snapshot, None)
-            self.refused.pop(snapshot, None)
-            await self.stop(snapshot, "its snapshot's last instance ended")
+        if users:
+            return
+        self._users.pop(snapshot, None)
+        self.refused.pop(snapshot, None)
+        if self.linger > 0 and snapshot in self.running and not self.memory_low():
+            self._lingering[snapshot] = asyncio.get_running_loop().call_later(
+                self.linger, lambda: self._spawn_task(self._expire(snapshot)))
+            return
+        await self.stop(snapshot, "its snapshot's last instance ended")
+
+    async def _expire(self, snapshot: str) -> None:
+        self._lingering.pop(snapshot, None)
+        if not self._users.get(snapshot):
+            await self.stop(snapshot, f"no instance of its snapshot for {self.linger:g}s")
 
     async def spawn(self, *, snapshot: str, tenant: str, template_control: str,
                     request: SpawnRequest, device_size: int) -> Forked | None:
@@ -226,6 +250,9 @@ class RestoredTemplates:
 
     async def stop(self, snapshot: str, reason: str) -> None:
         """Stop the snapshot's restored template, if it has one; its instances go on."""
+        timer = self._lingering.pop(snapshot, None)
+        if timer is not None:
+            timer.cancel()
         rt = self.running.pop(snapshot, None)
         if rt is None or rt.state is RestoredState.STOPPED:
             return

@@ -202,6 +202,8 @@ class AgentServer:
                                     parse_size(cfg.template_min_available),
                                     cfg.template_idle_seconds),
             zygotes_home=home if zygotes else None)
+        self.agent.restored.linger = cfg.restored_template_idle_seconds
+        self.agent.restored.memory_low = self.agent.templates.memory_low
 
         server = internal_server(tls)
         agent_pb2_grpc.add_AgentServicer_to_server(AgentService(self.agent), server)

@@ -375,6 +375,13 @@ class TemplatePool:
             self._users.pop(key, None)
         self._unsafe_told &= keep
 
+    def memory_low(self) -> bool:
+        """Whether idle processes should stop now rather than linger: the templates
+        have a memory budget (a restored template that lingers keeps its template from
+        being idle for it), or the node's available memory is under the floor."""
+        floor = self.eviction.min_available_bytes
+        return self.eviction.budget_bytes > 0 or (bool(floor) and self._available() < floor)
+
     async def evict(self, keep: Collection[str] = ()) -> list[str]:
         """Stop idle templates, least recently used first, while the templates hold
         more memory than the budget or the node has less available than its floor;

@@ -3,8 +3,8 @@ snapshot's host state once (unpickled the handler over the mapped host arena) an
 warm instances of that snapshot, so that each extra instance costs only the pages it
 writes (copy-on-write) and restores nothing.
 
-It stays as fork-safe as its template: it serves nothing, starts no thread (the
-prefault thread of its restore has ended before it forks), runs no torch op, no
+It stays as fork-safe as its template: it serves nothing, starts no thread (its restore
+prefaults nothing: each instance does), runs no torch op, no
 reseed and no on_restore (those are each instance's, after the fork), and moves the
 rebuilt graph out of the collector's reach (gc.freeze) so an instance's collections do
 not copy its pages. A snapshot with a device arena is refused: its storages would be
@@ -266,8 +266,11 @@ def _restore_state(request: SpawnRequest) -> tuple[Unpickled, bytes]:
             raise RestoreError(
                 f"the snapshot has a {meta.device_size}-byte device arena: its storages "
                 "are views into one instance's slice, so its instances restore one by one")
-        return unpickle_snapshot(meta, request.fds["pickle"], request.fd("host_arena")), \
-            snapshot_json
+        # No prefault here: fork copies no page table of a mapping the template never
+        # wrote, so each instance faults the arena in for itself; the template's own
+        # pass would only add its time to every cold start's wait.
+        return unpickle_snapshot(meta, request.fds["pickle"], request.fd("host_arena"),
+                                 prefault=False), snapshot_json
     finally:
         close_fds(request.fds.values())
 

@@ -1,8 +1,9 @@
 """Warm instances of one snapshot fork from its restored template (a process that
 restored the snapshot once): the second instance restores nothing, yet every instance
 has its own on_restore, environment, id and log; killing the restored template leaves
-its instances serving and later starts restore from the template as before; it ends
-with the snapshot's last instance."""
+its instances serving and later starts restore from the template as before; it
+outlives the snapshot's last instance for a while (a cold start then only forks), then
+ends."""
 
 from __future__ import annotations
 
@@ -12,12 +13,15 @@ import re
 import shutil
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
-from tests.conftest import FIXTURES, RunningPlatform
+from tests.conftest import FIXTURES, RunningPlatform, running
+from thaw.ops.services import LocalPlatform
 from thaw.snapshotter.runtime.restored_template import RESTORED_TEMPLATE_COMM
 
 NAME = "restored-fork"
@@ -25,6 +29,7 @@ NAME = "restored-fork"
 # instance, max_concurrency = 1), so a round of N calls brings N instances up.
 HOLD_SECONDS = 2.0
 SCALE_TO_ZERO_WAIT = 120.0
+LINGER_SETTING = "THAW_RESTORED_TEMPLATE_IDLE_SECONDS"
 
 
 def _round(platform: RunningPlatform, name: str, calls: int) -> list[httpx.Response]:
@@ -112,20 +117,61 @@ def test_second_instance_forks_from_the_restored_template(platform: RunningPlatf
     assert "fork" not in _stages(fourth[0])
 
 
-def test_it_ends_with_the_snapshots_last_instance(platform: RunningPlatform,
-                                                  tmp_path: Path) -> None:
-    bundle = tmp_path / "brief"
+def _scaled_to_zero(platform: RunningPlatform, name: str) -> None:
+    deadline = time.monotonic() + SCALE_TO_ZERO_WAIT
+    while platform.http.get(f"/v1/functions/{name}").json()["warm_instances"]:
+        assert time.monotonic() < deadline, "did not scale to zero"
+        time.sleep(0.5)
+
+
+def _brief(tmp_path: Path, name: str) -> Path:
+    bundle = tmp_path / name
     shutil.copytree(FIXTURES / "restored_fork", bundle)
     toml = bundle / "thaw.toml"
     toml.write_text(toml.read_text()
-                    .replace(f'name = "{NAME}"', 'name = "restored-fork-brief"')
+                    .replace(f'name = "{NAME}"', f'name = "{name}"')
                     .replace('scaledown_window = "3600s"', 'scaledown_window = "2s"'))
-    assert platform.deploy(bundle).status_code == 201
+    return bundle
+
+
+def test_it_outlives_the_last_instance_and_the_next_cold_start_forks_from_it(
+        platform: RunningPlatform, tmp_path: Path) -> None:
+    assert platform.deploy(_brief(tmp_path, "restored-fork-brief")).status_code == 201
     answers = _round(platform, "restored-fork-brief", 2)
     restored_template = answers[0].json()["unpickled_in"]
     assert _comm(restored_template) == RESTORED_TEMPLATE_COMM
-    deadline = time.monotonic() + SCALE_TO_ZERO_WAIT
-    while platform.http.get("/v1/functions/restored-fork-brief").json()["warm_instances"]:
-        assert time.monotonic() < deadline, "did not scale to zero"
-        time.sleep(0.5)
+    _scaled_to_zero(platform, "restored-fork-brief")
+    # It lingers (restored_template_idle_seconds, 60 s by default): the next call finds
+    # no instance, and its start is a fork that restores nothing.
+    assert _comm(restored_template) == RESTORED_TEMPLATE_COMM
+    cold = platform.invoke("restored-fork-brief", {"hold": 0})
+    assert cold.status_code == 200, cold.text
+    assert cold.headers["X-Thaw-Start"] == "restore"
+    assert cold.json()["unpickled_in"] == restored_template
+    assert _stages(cold)["restore"] == 0.0 and "fork" in _stages(cold)
+
+
+@pytest.fixture(scope="module")
+def brief_linger(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningPlatform]:
+    """A platform whose restored templates outlive their last instance by 1 s."""
+    saved = os.environ.get(LINGER_SETTING)
+    os.environ[LINGER_SETTING] = "1"
+    try:
+        home = tmp_path_factory.mktemp("thaw-linger")
+        with running(LocalPlatform(home, gateway_port=0, host_devices="1x4GiB")) as platform:
+            yield platform
+    finally:
+        if saved is None:
+            os.environ.pop(LINGER_SETTING, None)
+        else:
+            os.environ[LINGER_SETTING] = saved
+
+
+def test_it_ends_once_it_has_outlived_the_last_instance(brief_linger: RunningPlatform,
+                                                        tmp_path: Path) -> None:
+    assert brief_linger.deploy(_brief(tmp_path, "restored-fork-end")).status_code == 201
+    answers = _round(brief_linger, "restored-fork-end", 2)
+    restored_template = answers[0].json()["unpickled_in"]
+    assert _comm(restored_template) == RESTORED_TEMPLATE_COMM
+    _scaled_to_zero(brief_linger, "restored-fork-end")
     _wait_gone(restored_template)

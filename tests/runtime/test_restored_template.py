@@ -35,7 +35,7 @@ def snapshots(module_processes: Processes, tmp_path_factory: pytest.TempPathFact
               ) -> dict[str, Snapshot]:
     out = tmp_path_factory.mktemp("snapshots")
     builds = [start_build(module_processes, name, out / name)
-              for name in ("on_restore_rt", "counter_rt")]
+              for name in ("on_restore_rt", "counter_rt", "numpy_rt")]
     return {started.bundle: started.snapshot() for started in builds}
 
 
@@ -113,6 +113,20 @@ def test_instances_fork_from_it_and_are_the_templates_children(
     kill_pid(instances[0]["pid"])
     assert template.process.event() == {"event": "child_exited",
                                         "pid": instances[0]["pid"], "returncode": -9}
+
+
+def test_each_instance_faults_the_host_arena_in_and_the_template_does_not(
+        snapshots: dict[str, Snapshot], processes: Processes) -> None:
+    """fork copies no page table of a mapping never written, so a prefault in the
+    restored template would be lost on its instances: only they prefault."""
+    template = start_template(processes, snapshots["numpy_rt"])
+    assert template.snapshot.folder.joinpath("host.arena").stat().st_size > 0
+    control, events = _restored_template(template, processes)
+    assert [e["event"] for e in events] == ["spawned", "ready"], events
+    assert "unpickle" in events[1]["timings"] and "prefault" not in events[1]["timings"]
+    answer = _fork(control, processes, template.snapshot)
+    assert [e["event"] for e in answer] == ["spawned", "ready"], answer
+    assert "prefault" in answer[1]["timings"]
 
 
 def test_it_refuses_another_snapshot(snapshots: dict[str, Snapshot],

@@ -215,6 +215,51 @@ async def test_it_stops_with_the_last_instance_of_its_snapshot(tmp_path: Path) -
     assert set(pool.pids()) == {"other"}
 
 
+async def test_it_lingers_after_the_last_instance_and_a_new_one_forks_from_it(
+        tmp_path: Path) -> None:
+    runtime = FakeRuntime()
+    pool, tasks = make(tmp_path, runtime)
+    pool.linger = 0.05
+    await fork(pool, "i1")
+    await pool.release("i1")
+    assert runtime.stopped == [] and pool.pids() == {"snap": RT_PID}
+    # A cold start within the linger forks from it, restoring nothing...
+    again = await fork(pool, "i2")
+    assert again.restore_seconds == 0.0
+    assert [control for control, _ in runtime.spawns].count(TEMPLATE) == 1
+    await asyncio.sleep(0.1)
+    assert runtime.stopped == []  # ...and held, it is not stopped by the earlier timer
+    await pool.release("i2")
+    for _ in range(100):  # the timer's stop runs as a task of its own
+        if runtime.stopped:
+            break
+        await asyncio.sleep(0.02)
+    assert runtime.stopped == [RT_PID] and pool.pids() == {}
+    assert len(tasks) == 2  # its watcher, and the one stop the second timer made
+
+
+async def test_it_stops_at_once_when_memory_is_low(tmp_path: Path) -> None:
+    runtime = FakeRuntime()
+    pool, _ = make(tmp_path, runtime)
+    pool.linger = 60.0
+    pool.memory_low = lambda: True
+    await fork(pool, "i1")
+    await pool.release("i1")
+    assert runtime.stopped == [RT_PID]
+
+
+async def test_a_lingering_one_is_collected_without_waiting(tmp_path: Path) -> None:
+    runtime = FakeRuntime()
+    pool, tasks = make(tmp_path, runtime)
+    pool.linger = 60.0
+    await fork(pool, "i1", snapshot="a")
+    await pool.release("i1")
+    await pool.collect(set())
+    assert runtime.stopped == [RT_PID] and pool.pids() == {}
+    await asyncio.sleep(0)
+    assert len(tasks) == 1  # only its watcher: its timer went with it, unfired
+
+
 async def test_collection_stops_the_snapshots_not_kept(tmp_path: Path) -> None:
     runtime = FakeRuntime()
     pool, _ = make(tmp_path, runtime)
