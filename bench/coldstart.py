@@ -29,6 +29,9 @@ from thaw.gateway.timing import PATH_STAGES
 
 # Cold calls must find no instance: wait for scale-to-zero (reconcile runs every 1 s).
 SCALE_TO_ZERO_WAIT = 120.0
+# Then a pause, so that a stopped instance's process has ended (a fresh one that loaded a
+# model frees it as it exits): a cold call is measured on an otherwise idle node.
+SETTLE_SECONDS = 2.0
 
 
 def _variant(src: Path, dest: Path, name: str, snapshot: bool, window: str) -> Path:
@@ -125,11 +128,11 @@ def run_coldstart_bench(function: str, rounds: int = 3,
             calls: dict[str, list[dict[str, Any]]] = {"restore": [], "fresh": [], "warm": []}
             for _ in range(rounds):
                 for kind in ("restore", "fresh"):
-                    # Both at zero: a call never shares the node with the other
-                    # variant's instance (a fresh one holds its own copy of the model)
-                    # while that one is still being stopped.
+                    # Both at zero and settled: a call never shares the node with the
+                    # other variant's instance while that one is still being stopped.
                     for other in ("restore", "fresh"):
                         _wait_cold(http, names[other])
+                    time.sleep(SETTLE_SECONDS)
                     elapsed, resp = _call(http, names[kind], payload)
                     if resp.headers.get("X-Thaw-Start") != kind:
                         raise RuntimeError(f"expected a {kind} start, got "

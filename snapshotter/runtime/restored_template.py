@@ -4,12 +4,13 @@ warm instances of that snapshot, so that each extra instance costs only the page
 writes (copy-on-write) and restores nothing.
 
 It stays as fork-safe as its template: it serves nothing, starts no thread (its restore
-prefaults nothing: each instance does), runs no torch op, no
-reseed and no on_restore (those are each instance's, after the fork), and moves the
-rebuilt graph out of the collector's reach (gc.freeze) so an instance's collections do
-not copy its pages. A snapshot with a device arena is refused: its storages would be
-views into one instance's slice (a CUDA IPC mapping on cuda, which no fork carries),
-so such snapshots restore as before, on every backend alike.
+prefaults nothing: each instance does), runs no torch op and no on_restore (each
+instance's own, after the fork); it seeds the random generators once, only to warm what
+seeding caches (each instance reseeds its own), and moves the rebuilt graph out of the
+collector's reach (gc.freeze) so an instance's collections do not copy its pages. A
+snapshot with a device arena is refused: its storages would be views into one
+instance's slice (a CUDA IPC mapping on cuda, which no fork carries), so such snapshots
+restore as before, on every backend alike.
 
 It is asked for like an instance: a spawn request to the template whose env names
 RESTORED_TEMPLATE_ROLE (`restored_template_request`), whose `socket` is the control
@@ -55,7 +56,13 @@ from .events import (
     event_to_line,
 )
 from .handler import Invoker
-from .restore import RestoreError, Unpickled, restore_forked, unpickle_snapshot
+from .restore import (
+    RestoreError,
+    Unpickled,
+    reseed_generators,
+    restore_forked,
+    unpickle_snapshot,
+)
 from .server import bind_server, exit_on_sigterm, serve_until_stopped
 from .snapshot import SnapshotMeta, read_descriptor
 from .spawning import (
@@ -288,6 +295,12 @@ def run_restored_template(request: SpawnRequest, channel: StatusChannel,
                                "template forks (no child subreaper here)")
         started = time.perf_counter()
         state, snapshot_json = _restore_state(request)
+        # Each instance reseeds its own generators after the fork. Seeding once here
+        # too only fills what that leaves cached: torch's manual_seed records the stack
+        # of its lazy per-device seeding (traceback.format_stack reads the source file
+        # of every frame into linecache), which every fork would otherwise read again
+        # (about 10 ms of each forked start).
+        reseed_generators()
         # What restoring left behind is garbage now or never: collect once and freeze
         # the rest, so instances' collections do not walk (and copy) the shared graph.
         gc.collect()

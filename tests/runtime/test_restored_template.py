@@ -35,7 +35,7 @@ def snapshots(module_processes: Processes, tmp_path_factory: pytest.TempPathFact
               ) -> dict[str, Snapshot]:
     out = tmp_path_factory.mktemp("snapshots")
     builds = [start_build(module_processes, name, out / name)
-              for name in ("on_restore_rt", "counter_rt", "numpy_rt")]
+              for name in ("on_restore_rt", "counter_rt", "numpy_rt", "random_rt")]
     return {started.bundle: started.snapshot() for started in builds}
 
 
@@ -127,6 +127,22 @@ def test_each_instance_faults_the_host_arena_in_and_the_template_does_not(
     answer = _fork(control, processes, template.snapshot)
     assert [e["event"] for e in answer] == ["spawned", "ready"], answer
     assert "prefault" in answer[1]["timings"]
+
+
+def test_instances_forked_from_it_draw_their_own_random_numbers(
+        snapshots: dict[str, Snapshot], processes: Processes) -> None:
+    """It seeds once (to warm torch's seeding caches), and each instance reseeds after
+    the fork: no two instances, nor an instance and the build, replay one draw."""
+    template = start_template(processes, snapshots["random_rt"])
+    control, events = _restored_template(template, processes)
+    assert [e["event"] for e in events] == ["spawned", "ready"], events
+    draws = []
+    for _ in range(3):
+        answer = _fork(control, processes, template.snapshot)
+        assert [e["event"] for e in answer] == ["spawned", "ready"], answer
+        draws.append(_call(answer[1]["socket"]))
+    for generator in ("random", "numpy", "torch", "uuid"):
+        assert len({draw[generator] for draw in draws}) == 3, (generator, draws)
 
 
 def test_it_refuses_another_snapshot(snapshots: dict[str, Snapshot],
