@@ -21,6 +21,7 @@ import httpx
 import pytest
 
 from tests.conftest import FIXTURES, RunningPlatform, running
+from thaw.bench.platform import service_environment
 from thaw.ops.services import LocalPlatform
 from thaw.snapshotter.runtime.restored_template import RESTORED_TEMPLATE_COMM
 
@@ -154,17 +155,10 @@ def test_it_outlives_the_last_instance_and_the_next_cold_start_forks_from_it(
 @pytest.fixture(scope="module")
 def brief_linger(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningPlatform]:
     """A platform whose restored templates outlive their last instance by 1 s."""
-    saved = os.environ.get(LINGER_SETTING)
-    os.environ[LINGER_SETTING] = "1"
-    try:
-        home = tmp_path_factory.mktemp("thaw-linger")
-        with running(LocalPlatform(home, gateway_port=0, host_devices="1x4GiB")) as platform:
-            yield platform
-    finally:
-        if saved is None:
-            os.environ.pop(LINGER_SETTING, None)
-        else:
-            os.environ[LINGER_SETTING] = saved
+    home = tmp_path_factory.mktemp("thaw-linger")
+    with service_environment({LINGER_SETTING: "1"}), \
+            running(LocalPlatform(home, gateway_port=0, host_devices="1x4GiB")) as platform:
+        yield platform
 
 
 def test_it_ends_once_it_has_outlived_the_last_instance(brief_linger: RunningPlatform,
