@@ -42,7 +42,7 @@ from thaw.platform.environments_launch import (
     environment_fingerprint,
     snapshot_environment,
 )
-from thaw.platform.instances import Instance, InstanceState
+from thaw.platform.instances import Instance, InstanceState, any_busy
 from thaw.platform.launch import (
     IMAGE_ENVIRONMENT_FIELDS,
     IMAGE_NEEDS_DOCKER,
@@ -548,8 +548,7 @@ class Agent:
         `background`: first wait for a quiet node (platform/background.py)."""
         started = time.perf_counter()
         if background:
-            await when_quiet(lambda: any(i.inflight or i.state is not InstanceState.READY
-                                         for i in self.instances.values()))
+            await when_quiet(lambda: any_busy(self.instances.values()))
         await self.chunks.ensure(manifest, peers)
         nbytes = await asyncio.to_thread(self.snapshots.prewarm, manifest)
         return nbytes, time.perf_counter() - started
@@ -572,11 +571,6 @@ class Agent:
         """Remove the node's environments that nothing in use runs in (`thaw env gc`,
         and every garbage collection); returns their keys."""
         return list(await self.environments.collect(keep, self.templates.environment_keys()))
-
-    async def environments_reply(self, request: agent_pb2.EnvironmentsRequest
-                                 ) -> agent_pb2.EnvironmentsResponse:
-        """`thaw env ls` on this node; with `collect`, `thaw env gc` first."""
-        return await self.environments.reply(request, self.templates)
 
     def sample_telemetry(self) -> NodeSample:
         """Blocking (psutil): call from a thread."""

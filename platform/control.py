@@ -91,7 +91,8 @@ class AgentService(agent_pb2_grpc.AgentServicer):
                            context: grpc.aio.ServicerContext
                            ) -> agent_pb2.EnvironmentsResponse:
         """The node's Python environments; with `collect`, unused ones removed first."""
-        return await self.agent.environments_reply(request)
+        # `thaw env ls` on this node; with `collect`, `thaw env gc` first.
+        return await self.agent.environments.reply(request, self.agent.templates)
 
     @servicer_method
     async def CollectGarbage(self, request: agent_pb2.CollectGarbageRequest,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,3 +86,9 @@ class Instance:
             raise IllegalInstanceTransition(
                 f"instance {self.id} cannot move from {self.state.value} to {target.value}")
         object.__setattr__(self, "state", target)
+
+
+def any_busy(instances: Iterable[Instance]) -> bool:
+    """Whether a call is in flight on one of `instances`, or one is not serving yet
+    (starting, restoring) or any more (draining)."""
+    return any(i.inflight or i.state is not InstanceState.READY for i in instances)

@@ -74,3 +74,14 @@ def test_background_work_raises_what_it_raised() -> None:
 
     with pytest.raises(ValueError, match="no room"):
         in_background(fails)
+
+
+def test_a_node_is_busy_while_a_call_is_in_flight_or_an_instance_is_not_serving() -> None:
+    from types import SimpleNamespace
+
+    from thaw.platform.instances import InstanceState, any_busy
+
+    serving = SimpleNamespace(inflight=0, state=InstanceState.READY)
+    assert not any_busy([serving]) and not any_busy([])
+    assert any_busy([serving, SimpleNamespace(inflight=1, state=InstanceState.READY)])
+    assert any_busy([serving, SimpleNamespace(inflight=0, state=InstanceState.RESTORING)])
